@@ -1,0 +1,223 @@
+//! The admin API on a local unix socket (mode 0600: the file permission is the
+//! authentication), used by the CLI subcommands.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::keyway::admin_server::{Admin, AdminServer};
+use proto::keyway::{self as pb};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::ca::Step;
+use crate::server::ControlPlane;
+use crate::sync;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("another process is already serving on {0}; stop it or choose another --admin-socket")]
+    InUse(PathBuf),
+    #[error("cannot create the admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket with mode 0600, replacing a stale socket file left
+/// by a crashed process but never a live one.
+pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let io = |source| SocketError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(SocketError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+pub async fn serve(
+    cp: ControlPlane,
+    listener: UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminService { cp }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+        })
+        .await
+}
+
+/// A client of the admin socket. Errors say how to fix the connection.
+pub async fn connect(path: &Path) -> Result<pb::admin_client::AdminClient<Channel>, String> {
+    let owned = path.to_owned();
+    if let Err(e) = UnixStream::connect(path).await {
+        return Err(format!(
+            "cannot reach the control plane's admin socket at {}: {e}\n\
+             is `control-plane serve` running? point at its socket with --admin-socket or KEYWAY_ADMIN_SOCKET",
+            path.display()
+        ));
+    }
+    let channel = Endpoint::from_static("http://keyway-admin")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = owned.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    Ok(pb::admin_client::AdminClient::new(channel))
+}
+
+#[derive(Debug)]
+struct AdminService {
+    cp: ControlPlane,
+}
+
+fn ttl(secs: u64, default: Duration) -> Duration {
+    if secs == 0 { default } else { Duration::from_secs(secs) }
+}
+
+impl AdminService {
+    fn status(&self) -> pb::CaStatusResponse {
+        let authority = self.cp.authority();
+        let state = authority.state();
+        let next = crate::ca::next_step(state, authority.max_svid_ttl());
+        pb::CaStatusResponse {
+            authorities: state
+                .authorities
+                .iter()
+                .map(|a| pb::CaInfo {
+                    id: a.id.clone(),
+                    state: ControlPlane::phase_name(a.phase).into(),
+                    not_before_unix: a.not_before,
+                    not_after_unix: a.not_after,
+                    upstream_signed: !state.upstream_chain.is_empty(),
+                    jwt_key_id: a.jwt_kid.clone(),
+                    cert: a.cert_der.clone(),
+                })
+                .collect(),
+            bundle_sequence: state.bundle_sequence,
+            next_step: next
+                .as_ref()
+                .map(|(s, _)| match s {
+                    Step::Prepare => "prepare".to_string(),
+                    Step::Activate => "activate".to_string(),
+                    Step::Retire(id) => format!("retire {id}"),
+                })
+                .unwrap_or_default(),
+            next_step_at_unix: next.map(|(_, at)| at).unwrap_or(0),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let req = req.into_inner();
+        let (token, expires_at_unix) = self
+            .cp
+            .create_join_token(&req.node_name, ttl(req.ttl_seconds, Duration::from_secs(600)))
+            .await?;
+        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_at_unix }))
+    }
+
+    async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> Result<Response<pb::Bundle>, Status> {
+        Ok(Response::new(sync::bundle_message(&self.cp.authority().bundle())))
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        req: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        let req = req.into_inner();
+        let issued = self
+            .cp
+            .mint_x509(&req.spiffe_id, &req.csr, ttl(req.ttl_seconds, self.cp.config().svid_ttl))
+            .await?;
+        Ok(Response::new(pb::MintX509SvidResponse {
+            cert_chain: issued.chain,
+            bundle: Some(sync::bundle_message(&self.cp.authority().bundle())),
+        }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let req = req.into_inner();
+        let (token, expires_at_unix) =
+            self.cp
+                .mint_jwt(&req.spiffe_id, &req.audience, ttl(req.ttl_seconds, self.cp.config().jwt_ttl))?;
+        Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at_unix }))
+    }
+
+    async fn ca_status(&self, _req: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn ca_prepare(&self, _req: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.cp.rotate(Step::Prepare).await?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn ca_activate(&self, _req: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.cp.rotate(Step::Activate).await?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let outcome = self.cp.apply(&req.into_inner().yaml).await?;
+        Ok(Response::new(pb::ApplyResponse {
+            changes: outcome.changes,
+            revision: outcome.revision,
+        }))
+    }
+
+    async fn list_identities(
+        &self,
+        _req: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        let reg = self.cp.registry();
+        let identities = reg
+            .identities
+            .iter()
+            .filter_map(|i| {
+                let workloads: Vec<String> = reg
+                    .workloads
+                    .iter()
+                    .filter(|w| w.identity == i.id)
+                    .map(|w| format!("{} (node {})", w.key(), w.node))
+                    .collect();
+                // Identities no workload references any more are not listed.
+                (!workloads.is_empty()).then(|| pb::IdentityInfo {
+                    identity: Some(pb::Identity {
+                        id: i.id,
+                        spiffe_id: i.spiffe_id.clone(),
+                        namespace: i.namespace.clone(),
+                        service_account: i.service_account.clone(),
+                        labels: i.labels.clone().into_iter().collect(),
+                    }),
+                    workloads,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListIdentitiesResponse { identities }))
+    }
+}

@@ -1,0 +1,468 @@
+//! The `control-plane` command line (DESIGN.md section 9). `serve` runs the
+//! server; every other subcommand is a client of the admin socket.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use proto::keyway as pb;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::ca::{CaConfig, Upstream};
+use crate::config::{Config, UpstreamFiles, duration_flag};
+use crate::server::ControlPlane;
+use crate::store::SledStore;
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/keyway/control-plane";
+
+#[derive(Debug, Parser)]
+#[command(name = "control-plane", version, about = "Keyway control plane: SPIFFE CA, identities and policy")]
+pub struct Cli {
+    /// The admin socket of a running control plane (default: DATA_DIR/admin.sock).
+    #[arg(long, global = true, env = "KEYWAY_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Join tokens for node attestation.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Mint an X509-SVID for an operator (key generated locally).
+    #[command(subcommand)]
+    X509(X509Command),
+    /// Mint a JWT-SVID for an operator.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+    /// CA status and manual two-phase rotation.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Apply Workload documents from a YAML file.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Numeric identities.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, env = "KEYWAY_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "KEYWAY_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Agent API address (TLS).
+    #[arg(long, env = "KEYWAY_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: String,
+    /// Default workload X509-SVID lifetime.
+    #[arg(long, default_value = "1h")]
+    pub svid_ttl: String,
+    #[arg(long, default_value = "24h")]
+    pub node_svid_ttl: String,
+    #[arg(long, default_value = "5m")]
+    pub jwt_ttl: String,
+    /// Lifetime of each signing CA (rotation runs at 1/2 and 5/6 of it).
+    #[arg(long, default_value = "365d")]
+    pub ca_ttl: String,
+    /// Watch a Kubernetes cluster for workloads and policy.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Sign as an intermediate of this upstream CA (PEM; its chain may follow).
+    #[arg(long, requires = "upstream_ca_key")]
+    pub upstream_ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "upstream_ca_cert")]
+    pub upstream_ca_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a single-use join token for a node.
+    Create {
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BundleFormat {
+    Pem,
+    Jwks,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    Show {
+        #[arg(long, value_enum, default_value = "pem")]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum X509Command {
+    /// Writes svid.pem, key.pem and bundle.pem into --out.
+    Mint {
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    Mint {
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        #[arg(long, default_value = "5m")]
+        ttl: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    Status,
+    Prepare,
+    Activate,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+impl ServeArgs {
+    fn config(&self, admin_socket: Option<PathBuf>) -> anyhow::Result<Config> {
+        let trust_domain = keyway_identity::spiffe_id::parse_trust_domain(&self.trust_domain)
+            .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--listen: {:?} is not HOST:PORT (e.g. 0.0.0.0:8081)", self.listen))?;
+        let d = |flag, v: &String| duration_flag(flag, v).map_err(anyhow::Error::msg);
+        let config = Config {
+            trust_domain,
+            admin_socket: admin_socket.unwrap_or_else(|| self.data_dir.join("admin.sock")),
+            data_dir: self.data_dir.clone(),
+            listen,
+            svid_ttl: d("svid-ttl", &self.svid_ttl)?,
+            node_svid_ttl: d("node-svid-ttl", &self.node_svid_ttl)?,
+            jwt_ttl: d("jwt-ttl", &self.jwt_ttl)?,
+            ca_ttl: d("ca-ttl", &self.ca_ttl)?,
+            upstream_ca: match (&self.upstream_ca_cert, &self.upstream_ca_key) {
+                (Some(cert), Some(key)) => Some(UpstreamFiles { cert: cert.clone(), key: key.clone() }),
+                _ => None,
+            },
+            kubernetes: self.kubernetes,
+        };
+        if config.ca_ttl < Duration::from_secs(6) {
+            bail!("--ca-ttl: must be at least 6s");
+        }
+        Ok(config)
+    }
+}
+
+fn load_upstream(files: &UpstreamFiles) -> anyhow::Result<Upstream> {
+    let cert_pem = std::fs::read_to_string(&files.cert)
+        .with_context(|| format!("--upstream-ca-cert: cannot read {}", files.cert.display()))?;
+    let chain = keyway_identity::pem::decode_certs(&cert_pem)
+        .map_err(|e| anyhow::anyhow!("--upstream-ca-cert {}: {e}", files.cert.display()))?;
+    let key_pem = std::fs::read_to_string(&files.key)
+        .with_context(|| format!("--upstream-ca-key: cannot read {}", files.key.display()))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem)
+        .map_err(|e| anyhow::anyhow!("--upstream-ca-key {}: {e}", files.key.display()))?;
+    let cert = keyway_identity::x509::parse(&chain[0])
+        .map_err(|e| anyhow::anyhow!("--upstream-ca-cert: {e}"))?;
+    if cert.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key) {
+        bail!("--upstream-ca-key does not belong to the first certificate in --upstream-ca-cert");
+    }
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => bail!("--upstream-ca-cert: the first certificate is not a CA (basicConstraints cA=true)"),
+    }
+    Ok(Upstream { chain, key })
+}
+
+/// Creates the data directory with mode 0700: it holds CA keys.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--data-dir: cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("--data-dir: cannot restrict {} to mode 0700", dir.display()))?;
+    Ok(())
+}
+
+async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = args.config(admin_socket)?;
+    if config.kubernetes {
+        bail!("--kubernetes: Kubernetes mode is not part of this build yet; run in standalone mode (without --kubernetes) and use `control-plane apply`");
+    }
+    let effective = config.effective_svid_ttl(config.svid_ttl);
+    if effective < config.svid_ttl {
+        warn!(
+            requested = %keyway_identity::duration::format(config.svid_ttl),
+            capped = %keyway_identity::duration::format(effective),
+            "--svid-ttl capped at 1/6 of --ca-ttl so CA rotation never outlives an SVID"
+        );
+    }
+    prepare_data_dir(&config.data_dir)?;
+    let upstream = config.upstream_ca.as_ref().map(load_upstream).transpose()?;
+    info!(
+        trust_domain = %config.trust_domain,
+        data_dir = %config.data_dir.display(),
+        listen = %config.listen,
+        admin_socket = %config.admin_socket.display(),
+        svid_ttl = %keyway_identity::duration::format(effective),
+        ca_ttl = %keyway_identity::duration::format(config.ca_ttl),
+        upstream = upstream.is_some(),
+        "starting control plane"
+    );
+    let store = Arc::new(SledStore::open(&config.data_dir)?);
+    let ca_cfg = CaConfig {
+        trust_domain: config.trust_domain.clone(),
+        ca_ttl: config.ca_ttl,
+        upstream,
+    };
+    let cp = ControlPlane::open(config.clone(), ca_cfg, store).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("--listen: cannot bind {}", config.listen))?;
+    let admin_listener = crate::admin::bind(&config.admin_socket).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agent = tokio::spawn(crate::agent_api::serve(cp.clone(), listener, stop_rx.clone()));
+    let admin = tokio::spawn(crate::admin::serve(cp.clone(), admin_listener, stop_rx.clone()));
+    let schedule = tokio::spawn({
+        let cp = cp.clone();
+        let rx = stop_rx.clone();
+        async move { cp.run_schedule(rx).await }
+    });
+    info!(listen = %config.listen, "control plane ready");
+    wait_for_signal().await;
+    info!("shutting down: draining connections (10s deadline)");
+    let _ = stop_tx.send(true);
+    let drain = async {
+        if let Ok(Err(e)) = agent.await {
+            error!(error = %e, "agent API stopped with an error");
+        }
+        let _ = admin.await;
+        let _ = schedule.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        warn!("drain deadline passed; stopping anyway");
+    }
+    let _ = std::fs::remove_file(&config.admin_socket);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", e.message(), e.code())
+}
+
+fn admin_socket(cli_value: Option<PathBuf>) -> PathBuf {
+    cli_value.unwrap_or_else(|| Path::new(DEFAULT_DATA_DIR).join("admin.sock"))
+}
+
+fn write_private(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn format_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.admin_socket.clone();
+    match cli.command {
+        Command::Serve(args) => serve(args, socket).await,
+        Command::Token(TokenCommand::Create { node, ttl }) => {
+            let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let r = c
+                .create_join_token(pb::CreateJoinTokenRequest { node_name: node, ttl_seconds: ttl.as_secs() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", r.token);
+            Ok(())
+        }
+        Command::Bundle(BundleCommand::Show { format }) => {
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let b = c.get_bundle(pb::GetBundleRequest {}).await.map_err(status_error)?.into_inner();
+            match format {
+                BundleFormat::Pem => print!(
+                    "{}",
+                    keyway_identity::pem::encode_certs(b.x509_authorities.iter().map(|c| c.as_slice()))
+                ),
+                BundleFormat::Jwks => println!("{}", String::from_utf8_lossy(&b.jwks)),
+            }
+            Ok(())
+        }
+        Command::X509(X509Command::Mint { spiffe_id, ttl, out }) => {
+            let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
+            // The key is made here and never sent anywhere: only the CSR is.
+            let (key, csr) = keyway_identity::csr::generate()?;
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let r = c
+                .mint_x509_svid(pb::MintX509SvidRequest { spiffe_id, csr, ttl_seconds: ttl.as_secs() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            std::fs::create_dir_all(&out).with_context(|| format!("--out: cannot create {}", out.display()))?;
+            let bundle = r.bundle.unwrap_or_default();
+            write_private(
+                &out.join("svid.pem"),
+                &keyway_identity::pem::encode_certs(r.cert_chain.iter().map(|c| c.as_slice())),
+                0o644,
+            )?;
+            write_private(&out.join("key.pem"), &keyway_identity::pem::encode_pkcs8_key(&key.serialize_der()), 0o600)?;
+            write_private(
+                &out.join("bundle.pem"),
+                &keyway_identity::pem::encode_certs(bundle.x509_authorities.iter().map(|c| c.as_slice())),
+                0o644,
+            )?;
+            println!("wrote {0}/svid.pem {0}/key.pem {0}/bundle.pem", out.display());
+            Ok(())
+        }
+        Command::Jwt(JwtCommand::Mint { spiffe_id, audience, ttl }) => {
+            let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let r = c
+                .mint_jwt_svid(pb::MintJwtSvidRequest { spiffe_id, audience, ttl_seconds: ttl.as_secs() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", r.token);
+            Ok(())
+        }
+        Command::Ca(cmd) => {
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let req = pb::CaStatusRequest {};
+            let status = match cmd {
+                CaCommand::Status => c.ca_status(req).await,
+                CaCommand::Prepare => c.ca_prepare(req).await,
+                CaCommand::Activate => c.ca_activate(req).await,
+            }
+            .map_err(status_error)?
+            .into_inner();
+            println!("bundle sequence: {}", status.bundle_sequence);
+            println!("{:<18} {:<9} {:<22} {:<22} {}", "ID", "STATE", "NOT BEFORE", "NOT AFTER", "JWT KID");
+            for a in &status.authorities {
+                println!(
+                    "{:<18} {:<9} {:<22} {:<22} {}",
+                    a.id,
+                    a.state,
+                    format_time(a.not_before_unix),
+                    format_time(a.not_after_unix),
+                    a.jwt_key_id
+                );
+            }
+            if !status.next_step.is_empty() {
+                println!("next step: {} at {}", status.next_step, format_time(status.next_step_at_unix));
+            }
+            Ok(())
+        }
+        Command::Apply { file } => {
+            let yaml = std::fs::read_to_string(&file).with_context(|| format!("-f: cannot read {}", file.display()))?;
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let r = c
+                .apply(pb::ApplyRequest { yaml })
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?
+                .into_inner();
+            for change in r.changes {
+                println!("{change}");
+            }
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::List { output }) => {
+            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let r = c
+                .list_identities(pb::ListIdentitiesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Output::Json => {
+                    for i in r.identities {
+                        let id = i.identity.unwrap_or_default();
+                        let labels: std::collections::BTreeMap<_, _> = id.labels.into_iter().collect();
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "id": id.id,
+                                "spiffe_id": id.spiffe_id,
+                                "namespace": id.namespace,
+                                "service_account": id.service_account,
+                                "labels": labels,
+                                "workloads": i.workloads,
+                            })
+                        );
+                    }
+                }
+                Output::Table => {
+                    println!("{:<8} {:<50} {}", "ID", "SPIFFE ID", "WORKLOADS");
+                    for i in r.identities {
+                        let id = i.identity.unwrap_or_default();
+                        println!("{:<8} {:<50} {}", id.id, id.spiffe_id, i.workloads.join(", "));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The control plane as one value: it owns the store, the CA (published via a
+//! `watch` so the TLS configs, sync streams and admin API see rotations at
+//! once), the registry snapshot, and its own serving SVID.
+//!
+//! Every operation here is what an API call does after authentication; the
+//! gRPC layers (`agent_api`, `admin`) only translate.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keyway_identity::{SpiffeId, TrustBundle, spiffe_id};
+use rustls::sign::CertifiedKey;
+use tokio::sync::{Mutex, watch};
+use tracing::{info, warn};
+
+use crate::ca::{self, Authority, CaConfig, Issued, Step};
+use crate::config::Config;
+use crate::csr;
+use crate::registry;
+use crate::store::{
+    ApplyOutcome, CaPhase, CaState, IssuanceRecord, JoinTokenRecord, NodeRecord, RegistrySnapshot,
+    Store, StoreError,
+};
+
+/// Wall-clock seconds: certificates need real time. Converted here only.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a call was refused. Each maps to the gRPC code the SPIFFE specs use.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        use tonic::Status;
+        match e {
+            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TokenRefused(p) => ApiError::PermissionDenied(format!("join token refused: {p}")),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ca::CaError> for ApiError {
+    fn from(e: ca::CaError) -> Self {
+        match e {
+            ca::CaError::AlreadyPrepared(_) | ca::CaError::NothingPrepared => {
+                ApiError::FailedPrecondition(e.to_string())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<csr::CsrError> for ApiError {
+    fn from(e: csr::CsrError) -> Self {
+        ApiError::InvalidArgument(e.to_string())
+    }
+}
+
+/// A node SVID as returned to an agent.
+#[derive(Debug, Clone)]
+pub struct NodeSvid {
+    pub spiffe_id: SpiffeId,
+    pub issued: Issued,
+    pub node: NodeRecord,
+}
+
+struct Inner {
+    cfg: Config,
+    ca_cfg: CaConfig,
+    store: Arc<dyn Store>,
+    authority: watch::Sender<Arc<Authority>>,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    /// Serialises CA state changes (rotation steps).
+    ca_lock: Mutex<()>,
+    registry: watch::Sender<Arc<RegistrySnapshot>>,
+    /// Serialises registry writes so each published snapshot is consistent.
+    registry_lock: Mutex<()>,
+    own_cert: watch::Sender<Option<Arc<CertifiedKey>>>,
+}
+
+/// The running control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("trust_domain", &self.inner.cfg.trust_domain.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Loads the CA from the store (creating it on first start), the
+    /// registry, and issues the control plane's own serving SVID.
+    pub async fn open(cfg: Config, ca_cfg: CaConfig, store: Arc<dyn Store>) -> Result<Self, ApiError> {
+        let state = match store.load_ca().await? {
+            Some(state) => {
+                info!(authorities = state.authorities.len(), sequence = state.bundle_sequence, "loaded CA");
+                state
+            }
+            None => {
+                let state = ca::initial_state(&ca_cfg, now_unix())?;
+                store.save_ca(&state).await?;
+                info!(trust_domain = %cfg.trust_domain, upstream = ca_cfg.upstream.is_some(), "created CA");
+                state
+            }
+        };
+        let authority = Arc::new(Authority::new(cfg.trust_domain.clone(), state, ca_cfg.max_svid_ttl())?);
+        let registry = Arc::new(store.registry().await?);
+        let (bundle, _) = watch::channel(authority.bundle());
+        let (authority, _) = watch::channel(authority);
+        let (registry, _) = watch::channel(registry);
+        let (own_cert, _) = watch::channel(None);
+        let cp = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                ca_cfg,
+                store,
+                authority,
+                bundle,
+                ca_lock: Mutex::new(()),
+                registry,
+                registry_lock: Mutex::new(()),
+                own_cert,
+            }),
+        };
+        cp.renew_own_svid().await?;
+        Ok(cp)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    pub fn authority(&self) -> Arc<Authority> {
+        self.inner.authority.borrow().clone()
+    }
+
+    pub fn subscribe_authority(&self) -> watch::Receiver<Arc<Authority>> {
+        self.inner.authority.subscribe()
+    }
+
+    pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.inner.bundle.subscribe()
+    }
+
+    pub fn subscribe_registry(&self) -> watch::Receiver<Arc<RegistrySnapshot>> {
+        self.inner.registry.subscribe()
+    }
+
+    pub fn own_cert(&self) -> watch::Receiver<Option<Arc<CertifiedKey>>> {
+        self.inner.own_cert.subscribe()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    fn publish_authority(&self, authority: Arc<Authority>) {
+        self.inner.bundle.send_if_modified(|b| {
+            if b.sequence() == authority.bundle().sequence() {
+                return false;
+            }
+            *b = authority.bundle();
+            true
+        });
+        self.inner.authority.send_replace(authority);
+    }
+
+    /// Issues (and logs) a certificate for `spiffe_id` from a CSR.
+    async fn issue(
+        &self,
+        csr_der: &[u8],
+        spiffe_id: &SpiffeId,
+        ttl: Duration,
+        requester: &str,
+    ) -> Result<Issued, ApiError> {
+        let public_key = csr::check(csr_der, &spiffe_id.to_string())?;
+        let now = now_unix();
+        let issued = self.authority().issue(&public_key, spiffe_id, ttl, now)?;
+        self.inner
+            .store
+            .log_issuance(&IssuanceRecord {
+                serial: issued.serial.clone(),
+                spiffe_id: spiffe_id.to_string(),
+                requester: requester.to_owned(),
+                ca_id: issued.ca_id.clone(),
+                issued_at: now,
+                not_after: issued.not_after,
+            })
+            .await?;
+        Ok(issued)
+    }
+
+    /// Issues the control plane's own serving SVID and publishes it to the
+    /// TLS listener.
+    pub async fn renew_own_svid(&self) -> Result<SystemTime, ApiError> {
+        let (key, csr_der) =
+            keyway_identity::csr::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let id = spiffe_id::control_plane_id(&self.inner.cfg.trust_domain);
+        let issued = self
+            .issue(&csr_der, &id, self.inner.cfg.node_svid_ttl, "control-plane")
+            .await?;
+        let svid = keyway_identity::Svid::new(issued.chain, key.serialize_der())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let certified = svid.certified_key().map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.inner.own_cert.send_replace(Some(certified));
+        Ok(svid.not_after())
+    }
+
+    // ---- agent API ------------------------------------------------------
+
+    /// Join-token attestation: consumes the token and issues the node SVID.
+    pub async fn attest_join_token(&self, token: &str, node: &str, csr_der: &[u8]) -> Result<NodeSvid, ApiError> {
+        spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        if token.is_empty() {
+            return Err(ApiError::InvalidArgument("join token is empty".into()));
+        }
+        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let public_key = csr::check(csr_der, &id.to_string())?;
+        let now = now_unix();
+        let issued = self
+            .authority()
+            .issue(&public_key, &id, self.inner.cfg.node_svid_ttl, now)?;
+        let record = IssuanceRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: id.to_string(),
+            requester: node.to_owned(),
+            ca_id: issued.ca_id.clone(),
+            issued_at: now,
+            not_after: issued.not_after,
+        };
+        let _guard = self.inner.registry_lock.lock().await;
+        let node_rec = self
+            .inner
+            .store
+            .consume_join_token(&crate::tokens::hash(token), node, now, &record)
+            .await?;
+        self.refresh_registry().await?;
+        info!(node, node_id = node_rec.node_id, "node attested with a join token");
+        Ok(NodeSvid {
+            spiffe_id: id,
+            issued,
+            node: node_rec,
+        })
+    }
+
+    /// The attested node record for `node`, if any.
+    pub fn node(&self, node: &str) -> Option<NodeRecord> {
+        self.inner.registry.borrow().nodes.iter().find(|n| n.name == node).cloned()
+    }
+
+    pub async fn renew_node_svid(&self, node: &str, csr_der: &[u8]) -> Result<NodeSvid, ApiError> {
+        let node_rec = self
+            .node(node)
+            .ok_or_else(|| ApiError::PermissionDenied(format!("node {node} is not attested")))?;
+        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let issued = self.issue(csr_der, &id, self.inner.cfg.node_svid_ttl, node).await?;
+        Ok(NodeSvid {
+            spiffe_id: id,
+            issued,
+            node: node_rec,
+        })
+    }
+
+    /// Signs a workload CSR for `node`, only for an identity with a Workload
+    /// placed on that node.
+    pub async fn sign_workload_csr(&self, node: &str, requested: &str, csr_der: &[u8]) -> Result<(SpiffeId, Issued), ApiError> {
+        let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let ttl = {
+            let reg = self.inner.registry.borrow();
+            let with_id: Vec<_> = reg.workloads.iter().filter(|w| w.spiffe_id == requested).collect();
+            let here: Vec<_> = with_id.iter().filter(|w| w.node == node).collect();
+            if here.is_empty() {
+                let elsewhere: std::collections::BTreeSet<&str> =
+                    with_id.iter().map(|w| w.node.as_str()).collect();
+                return Err(ApiError::PermissionDenied(if elsewhere.is_empty() {
+                    format!("no workload with identity {requested} exists; nodes get SVIDs only for workloads placed on them")
+                } else {
+                    format!(
+                        "node {node} has no workload with identity {requested} (it runs on: {}); nodes get SVIDs only for workloads placed on them",
+                        elsewhere.into_iter().collect::<Vec<_>>().join(", ")
+                    )
+                }));
+            }
+            here.iter()
+                .filter_map(|w| w.svid_ttl_secs)
+                .min()
+                .map(Duration::from_secs)
+                .unwrap_or(self.inner.cfg.svid_ttl)
+        };
+        let issued = self.issue(csr_der, &id, ttl, node).await?;
+        Ok((id, issued))
+    }
+
+    // ---- admin API ------------------------------------------------------
+
+    pub async fn create_join_token(&self, node: &str, ttl: Duration) -> Result<(String, i64), ApiError> {
+        spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let token = crate::tokens::generate().map_err(|_| ApiError::Internal("no randomness".into()))?;
+        let now = now_unix();
+        let expires_at = now + ttl.as_secs() as i64;
+        self.inner
+            .store
+            .put_join_token(
+                &crate::tokens::hash(&token),
+                &JoinTokenRecord {
+                    node: node.to_owned(),
+                    created_at: now,
+                    expires_at,
+                    consumed_at: None,
+                },
+            )
+            .await?;
+        info!(node, expires_at, "join token created");
+        Ok((token, expires_at))
+    }
+
+    /// Mints an X509-SVID for any ID in the trust domain (admin only).
+    pub async fn mint_x509(&self, requested: &str, csr_der: &[u8], ttl: Duration) -> Result<Issued, ApiError> {
+        let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        self.issue(csr_der, &id, ttl, "admin").await
+    }
+
+    pub fn mint_jwt(&self, requested: &str, audience: &[String], ttl: Duration) -> Result<(String, i64), ApiError> {
+        let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
+            return Err(ApiError::InvalidArgument(
+                "at least one non-empty audience is required (rule JWT-06)".into(),
+            ));
+        }
+        Ok(self.authority().mint_jwt(&id, audience, ttl, now_unix())?)
+    }
+
+    /// Runs one rotation step now (manual `ca prepare` / `ca activate`, or
+    /// the scheduler).
+    pub async fn rotate(&self, step: Step) -> Result<Arc<Authority>, ApiError> {
+        let _guard = self.inner.ca_lock.lock().await;
+        let current = self.authority();
+        let next_state: CaState = ca::apply_step(&self.inner.ca_cfg, current.state(), &step, now_unix())?;
+        let next = Arc::new(Authority::new(
+            self.inner.cfg.trust_domain.clone(),
+            next_state,
+            self.inner.ca_cfg.max_svid_ttl(),
+        )?);
+        self.inner.store.save_ca(next.state()).await?;
+        info!(?step, sequence = next.state().bundle_sequence, active = next.active_id(), "CA rotation step");
+        self.publish_authority(next.clone());
+        if step == Step::Activate {
+            // Serve with an SVID from the new CA from now on.
+            self.renew_own_svid().await?;
+        }
+        Ok(next)
+    }
+
+    /// Drives automatic rotation and renews the serving SVID until `shutdown`.
+    pub async fn run_schedule(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut own_renew_at = tokio::time::Instant::now() + self.inner.cfg.node_svid_ttl / 2;
+        loop {
+            let now = now_unix();
+            let next = ca::next_step(self.authority().state(), self.inner.ca_cfg.max_svid_ttl());
+            let wait_ca = next
+                .as_ref()
+                .map(|(_, due)| Duration::from_secs((*due - now).max(0) as u64))
+                .unwrap_or(Duration::from_secs(3600));
+            // Wall-clock schedules are re-evaluated at least every minute so
+            // a clock jump is noticed.
+            let wait_ca = wait_ca.min(Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(wait_ca) => {
+                    if let Some((step, due)) = ca::next_step(self.authority().state(), self.inner.ca_cfg.max_svid_ttl()) {
+                        if due <= now_unix() {
+                            if let Err(e) = self.rotate(step.clone()).await {
+                                warn!(?step, error = %e, "scheduled CA rotation step failed; retrying in a minute");
+                                tokio::time::sleep(Duration::from_secs(60).min(self.inner.ca_cfg.ca_ttl / 12)).await;
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(own_renew_at) => {
+                    match self.renew_own_svid().await {
+                        Ok(_) => own_renew_at = tokio::time::Instant::now() + self.inner.cfg.node_svid_ttl / 2,
+                        Err(e) => {
+                            warn!(error = %e, "renewing the control plane's SVID failed; retrying");
+                            own_renew_at = tokio::time::Instant::now() + Duration::from_secs(10);
+                        }
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    pub async fn apply(&self, yaml: &str) -> Result<ApplyOutcome, ApiError> {
+        let workloads = registry::parse_documents(yaml, &self.inner.cfg.trust_domain, self.inner.ca_cfg.max_svid_ttl())
+            .map_err(ApiError::InvalidArgument)?;
+        let _guard = self.inner.registry_lock.lock().await;
+        let outcome = self.inner.store.apply_workloads(workloads).await?;
+        self.refresh_registry().await?;
+        Ok(outcome)
+    }
+
+    async fn refresh_registry(&self) -> Result<(), ApiError> {
+        let snapshot = Arc::new(self.inner.store.registry().await?);
+        self.inner.registry.send_if_modified(|r| {
+            if **r == *snapshot {
+                return false;
+            }
+            *r = snapshot;
+            true
+        });
+        Ok(())
+    }
+
+    pub fn registry(&self) -> Arc<RegistrySnapshot> {
+        self.inner.registry.borrow().clone()
+    }
+
+    /// Phase names as `ca status` prints them.
+    pub fn phase_name(phase: CaPhase) -> &'static str {
+        match phase {
+            CaPhase::Prepared => "prepared",
+            CaPhase::Active => "active",
+            CaPhase::Old => "old",
+        }
+    }
+}

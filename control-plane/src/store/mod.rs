@@ -1,0 +1,286 @@
+//! Durable state behind one trait, so the embedded store (sled) and the
+//! Kubernetes store (CRDs and Secrets, for replicas) share every caller.
+//!
+//! Every method that changes state is atomic and durable when it returns: a
+//! crash (kill -9) at any point leaves either the whole change or none of it.
+
+mod sled_store;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use sled_store::SledStore;
+
+/// Bytes that must never reach a log or `Debug` output (private keys).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(#[serde(with = "b64")] pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod b64_vec {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for item in v {
+            seq.serialize_element(&STANDARD.encode(item))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// Where a signing authority is in its life (DESIGN.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaPhase {
+    /// In the bundle, not signing yet.
+    Prepared,
+    /// Signs everything new.
+    Active,
+    /// Replaced; stays in the bundle until nothing it signed can be valid.
+    Old,
+}
+
+/// One X.509 signing authority and the JWT key that rotates with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub id: String,
+    pub phase: CaPhase,
+    #[serde(with = "b64")]
+    pub cert_der: Vec<u8>,
+    pub key_pkcs8: Secret,
+    pub not_before: i64,
+    pub not_after: i64,
+    /// When it stopped signing (phase `Old`).
+    pub superseded_at: Option<i64>,
+    pub jwt_kid: String,
+    pub jwt_key_pkcs8: Secret,
+}
+
+/// All CA material, stored as one record so a rotation step is one atomic write.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CaState {
+    pub authorities: Vec<CaRecord>,
+    /// `spiffe_sequence` of the bundle; grows on every change of its contents.
+    pub bundle_sequence: u64,
+    /// With an upstream CA: the certificates above Keyway's intermediate, the
+    /// last one being the root published in the bundle.
+    #[serde(with = "b64_vec", default)]
+    pub upstream_chain: Vec<Vec<u8>>,
+}
+
+/// A join token as stored: only its SHA-256, never the token itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub node: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub consumed_at: Option<i64>,
+}
+
+/// A standalone `Workload` document after validation, with its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub selectors: Vec<String>,
+    pub svid_ttl_secs: Option<u64>,
+    /// Filled by the store on apply.
+    #[serde(default)]
+    pub identity: u32,
+    #[serde(default)]
+    pub spiffe_id: String,
+}
+
+impl WorkloadRecord {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A numeric security identity: one per (namespace, service account,
+/// identity-relevant labels), never reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    pub id: u32,
+    pub spiffe_id: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An attested node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub node_id: u16,
+    pub attested_at: i64,
+}
+
+/// One issued certificate (the issuance log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuanceRecord {
+    pub serial: String,
+    pub spiffe_id: String,
+    /// The node that asked, `admin` for the CLI, `control-plane` for itself.
+    pub requester: String,
+    pub ca_id: String,
+    pub issued_at: i64,
+    pub not_after: i64,
+}
+
+/// What an apply changed.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOutcome {
+    pub changes: Vec<String>,
+    pub revision: u64,
+}
+
+/// The registry as the rest of the control plane sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistrySnapshot {
+    pub revision: u64,
+    pub workloads: Vec<WorkloadRecord>,
+    pub identities: Vec<IdentityRecord>,
+    pub nodes: Vec<NodeRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Backend(String),
+    #[error("stored record {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("join token refused: {0}")]
+    TokenRefused(TokenProblem),
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+/// Why a join token cannot be used. The messages say what to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenProblem {
+    #[error("unknown token; create one with `control-plane token create --node NAME`")]
+    Unknown,
+    #[error("the token was already used; join tokens are single-use, create a new one")]
+    Consumed,
+    #[error("the token has expired; create a new one")]
+    Expired,
+    #[error("the token was created for another node; use --node-name matching `token create --node`")]
+    WrongNode,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Durable control-plane state.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    async fn load_ca(&self) -> StoreResult<Option<CaState>>;
+    async fn save_ca(&self, state: &CaState) -> StoreResult<()>;
+
+    async fn put_join_token(&self, token_hash: &[u8], record: &JoinTokenRecord) -> StoreResult<()>;
+    /// Consumes the token, registers the node (allocating its node id on first
+    /// attestation) and logs the node SVID, all in one atomic step. A token can
+    /// be consumed once, ever.
+    async fn consume_join_token(
+        &self,
+        token_hash: &[u8],
+        node: &str,
+        now: i64,
+        issued: &IssuanceRecord,
+    ) -> StoreResult<NodeRecord>;
+
+    async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()>;
+    async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>>;
+
+    /// Upserts workloads, allocating identities as needed; all or nothing.
+    async fn apply_workloads(&self, workloads: Vec<WorkloadRecord>) -> StoreResult<ApplyOutcome>;
+    async fn registry(&self) -> StoreResult<RegistrySnapshot>;
+}
+
+/// Labels that vary between replicas of the same workload and so must not
+/// split its identity (the same exclusions Cilium makes).
+const NON_IDENTITY_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/job-completion-index",
+];
+
+/// The labels that take part in a workload's numeric identity.
+pub fn identity_labels(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| !NON_IDENTITY_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The allocation key of an identity: canonical, so the same inputs always
+/// map to the same numeric identity.
+pub fn identity_key(namespace: &str, service_account: &str, labels: &BTreeMap<String, String>) -> String {
+    let mut key = format!("{namespace}\u{0}{service_account}");
+    for (k, v) in identity_labels(labels) {
+        key.push('\u{0}');
+        key.push_str(&k);
+        key.push('=');
+        key.push_str(&v);
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_labels_do_not_split_identity() {
+        let mut a = BTreeMap::from([("app".to_string(), "api".to_string())]);
+        let b = a.clone();
+        a.insert("pod-template-hash".into(), "abc".into());
+        assert_eq!(identity_key("ns", "sa", &a), identity_key("ns", "sa", &b));
+        assert_ne!(identity_key("ns", "sa", &a), identity_key("ns", "other", &b));
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let s = Secret(b"private".to_vec());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+    }
+}

@@ -1,0 +1,283 @@
+//! The embedded store: sled trees, JSON records, one transaction per change,
+//! flushed to disk before a call returns.
+
+use std::path::Path;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::*;
+
+const CA_KEY: &[u8] = b"state";
+const REVISION: &[u8] = b"revision";
+const NEXT_IDENTITY: &[u8] = b"next_identity";
+const NEXT_NODE_ID: &[u8] = b"next_node_id";
+
+/// sled-backed [`Store`]. One process at a time (sled locks the directory).
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    ca: sled::Tree,
+    tokens: sled::Tree,
+    workloads: sled::Tree,
+    identities: sled::Tree,
+    identity_keys: sled::Tree,
+    nodes: sled::Tree,
+    issuance: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain records to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_u64(v: Option<sled::IVec>) -> u64 {
+    v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+type TxError = ConflictableTransactionError<StoreError>;
+
+fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> StoreResult<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(backend(e)),
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store under `dir`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        let db = sled::Config::new()
+            .path(dir.join("store"))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Backend(format!(
+                        "{} is in use by another process (is a control plane already running with this --data-dir?)",
+                        dir.display()
+                    ))
+                }
+                e => backend(e),
+            })?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        Ok(Self {
+            ca: tree("ca")?,
+            tokens: tree("join_tokens")?,
+            workloads: tree("workloads")?,
+            identities: tree("identities")?,
+            identity_keys: tree("identity_keys")?,
+            nodes: tree("nodes")?,
+            issuance: tree("issuance")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SledStore {
+    async fn load_ca(&self) -> StoreResult<Option<CaState>> {
+        self.ca
+            .get(CA_KEY)
+            .map_err(backend)?
+            .map(|b| decode("ca state", &b))
+            .transpose()
+    }
+
+    async fn save_ca(&self, state: &CaState) -> StoreResult<()> {
+        self.ca.insert(CA_KEY, encode(state)).map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn put_join_token(&self, token_hash: &[u8], record: &JoinTokenRecord) -> StoreResult<()> {
+        self.tokens.insert(token_hash, encode(record)).map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &[u8],
+        node: &str,
+        now: i64,
+        issued: &IssuanceRecord,
+    ) -> StoreResult<NodeRecord> {
+        let result = (&self.tokens, &self.nodes, &self.meta, &self.issuance).transaction(
+            |(tokens, nodes, meta, issuance)| {
+                let abort = |e| Err(TxError::Abort(e));
+                let Some(raw) = tokens.get(token_hash)? else {
+                    return abort(StoreError::TokenRefused(TokenProblem::Unknown));
+                };
+                let mut token: JoinTokenRecord =
+                    decode("join token", &raw).map_err(TxError::Abort)?;
+                if token.consumed_at.is_some() {
+                    return abort(StoreError::TokenRefused(TokenProblem::Consumed));
+                }
+                if token.expires_at <= now {
+                    return abort(StoreError::TokenRefused(TokenProblem::Expired));
+                }
+                if token.node != node {
+                    return abort(StoreError::TokenRefused(TokenProblem::WrongNode));
+                }
+                token.consumed_at = Some(now);
+                tokens.insert(token_hash, encode(&token))?;
+
+                let record = match nodes.get(node.as_bytes())? {
+                    Some(raw) => {
+                        let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
+                        rec.attested_at = now;
+                        rec
+                    }
+                    None => {
+                        let next = read_u64(meta.get(NEXT_NODE_ID)?).max(1);
+                        let node_id = u16::try_from(next).map_err(|_| {
+                            TxError::Abort(StoreError::Exhausted("all 65535 node ids are in use".into()))
+                        })?;
+                        meta.insert(NEXT_NODE_ID, &(next + 1).to_be_bytes())?;
+                        NodeRecord {
+                            name: node.to_owned(),
+                            node_id,
+                            attested_at: now,
+                        }
+                    }
+                };
+                nodes.insert(node.as_bytes(), encode(&record))?;
+                let rev = read_u64(meta.get(REVISION)?) + 1;
+                meta.insert(REVISION, &rev.to_be_bytes())?;
+                issuance.insert(issued.serial.as_bytes(), encode(issued))?;
+                Ok(record)
+            },
+        );
+        let record = tx_result(result)?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()> {
+        self.issuance
+            .insert(record.serial.as_bytes(), encode(record))
+            .map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>> {
+        self.issuance
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv.map_err(backend)?;
+                decode("issuance record", &v)
+            })
+            .collect()
+    }
+
+    async fn apply_workloads(&self, workloads: Vec<WorkloadRecord>) -> StoreResult<ApplyOutcome> {
+        let result = (
+            &self.workloads,
+            &self.identities,
+            &self.identity_keys,
+            &self.meta,
+        )
+            .transaction(|(wl_tree, id_tree, key_tree, meta)| {
+                let mut changes = Vec::new();
+                let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?)
+                    .max(u64::from(keyway_common::identity::FIRST_USER));
+                let start_id = next_id;
+                for w in &workloads {
+                    let mut w = w.clone();
+                    let key = identity_key(&w.namespace, &w.service_account, &w.labels);
+                    let id = match key_tree.get(key.as_bytes())? {
+                        Some(raw) => read_u64(Some(raw)) as u32,
+                        None => {
+                            let id = u32::try_from(next_id).map_err(|_| {
+                                TxError::Abort(StoreError::Exhausted(
+                                    "numeric identities exhausted".into(),
+                                ))
+                            })?;
+                            next_id += 1;
+                            key_tree.insert(key.as_bytes(), &u64::from(id).to_be_bytes())?;
+                            let rec = IdentityRecord {
+                                id,
+                                spiffe_id: w.spiffe_id.clone(),
+                                namespace: w.namespace.clone(),
+                                service_account: w.service_account.clone(),
+                                labels: identity_labels(&w.labels),
+                            };
+                            id_tree.insert(&id.to_be_bytes(), encode(&rec))?;
+                            id
+                        }
+                    };
+                    w.identity = id;
+                    let wkey = w.key();
+                    let previous: Option<WorkloadRecord> = wl_tree
+                        .get(wkey.as_bytes())?
+                        .map(|raw| decode("workload", &raw))
+                        .transpose()
+                        .map_err(TxError::Abort)?;
+                    let verb = match previous {
+                        Some(p) if p == w => "unchanged",
+                        Some(_) => "configured",
+                        None => "created",
+                    };
+                    if verb != "unchanged" {
+                        wl_tree.insert(wkey.as_bytes(), encode(&w))?;
+                    }
+                    changes.push(format!(
+                        "workload {wkey} {verb} (identity {id}, {})",
+                        w.spiffe_id
+                    ));
+                }
+                if next_id != start_id {
+                    meta.insert(NEXT_IDENTITY, &next_id.to_be_bytes())?;
+                }
+                let mut rev = read_u64(meta.get(REVISION)?);
+                if changes.iter().any(|c| !c.contains(" unchanged ")) {
+                    rev += 1;
+                    meta.insert(REVISION, &rev.to_be_bytes())?;
+                }
+                Ok(ApplyOutcome {
+                    changes,
+                    revision: rev,
+                })
+            });
+        let outcome = tx_result(result)?;
+        self.flush().await?;
+        Ok(outcome)
+    }
+
+    async fn registry(&self) -> StoreResult<RegistrySnapshot> {
+        fn all<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, what: &str) -> StoreResult<Vec<T>> {
+            tree.iter()
+                .map(|kv| {
+                    let (_, v) = kv.map_err(backend)?;
+                    decode(what, &v)
+                })
+                .collect()
+        }
+        Ok(RegistrySnapshot {
+            revision: read_u64(self.meta.get(REVISION).map_err(backend)?),
+            workloads: all(&self.workloads, "workload")?,
+            identities: all(&self.identities, "identity")?,
+            nodes: all(&self.nodes, "node")?,
+        })
+    }
+}

@@ -1,0 +1,20 @@
+//! Join tokens: random, single-use, expiring. Only their SHA-256 is stored, so
+//! a copy of the store does not let anyone attest.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// A new token: 32 random bytes, URL-safe.
+pub fn generate() -> Result<String, ring::error::Unspecified> {
+    let mut bytes = [0u8; 32];
+    SystemRandom::new().fill(&mut bytes)?;
+    Ok(format!("kw1.{}", B64URL.encode(bytes)))
+}
+
+/// What the store keeps instead of the token.
+pub fn hash(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}

@@ -1,0 +1,20 @@
+//! What both Keyway binaries need to agree on about SPIFFE identity: the SPIFFE ID
+//! rules (with the conformance rule each check enforces), the X509-SVID leaf
+//! checks, trust bundles, and rustls verifiers that authenticate peers by SPIFFE
+//! ID instead of DNS name.
+//!
+//! Kept narrow on purpose: no I/O, no servers, no storage.
+
+pub mod bundle;
+pub mod csr;
+pub mod duration;
+pub mod pem;
+pub mod spiffe_id;
+pub mod svid;
+pub mod tls;
+pub mod x509;
+
+pub use bundle::TrustBundle;
+pub use spiffe::{SpiffeId, TrustDomain};
+pub use spiffe_id::IdError;
+pub use svid::Svid;
