@@ -1,16 +1,21 @@
 //! PEM in and out, for the files users hand to openssl and to `--trust-bundle`.
 
+fn encode(tag: &str, der: &[u8]) -> String {
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(tag, der.to_vec()), config)
+}
+
 /// PEM-encodes DER certificates, in order.
 pub fn encode_certs<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> String {
     certs
         .into_iter()
-        .map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.to_vec())))
+        .map(|der| encode("CERTIFICATE", der))
         .collect()
 }
 
 /// PEM-encodes an unencrypted PKCS#8 private key.
 pub fn encode_pkcs8_key(der: &[u8]) -> String {
-    ::pem::encode(&::pem::Pem::new("PRIVATE KEY", der.to_vec()))
+    encode("PRIVATE KEY", der)
 }
 
 /// Reads every CERTIFICATE block, in order. Errors name what was wrong.

@@ -1,0 +1,239 @@
+//! Shared harness for the workspace integration tests: control planes running
+//! in-process on real sockets (TCP on 127.0.0.1, unix sockets in a temp dir),
+//! the real binaries, and helpers that wait on events with deadlines instead
+//! of sleeping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control_plane::ca::CaConfig;
+use control_plane::config::Config;
+use control_plane::server::ControlPlane;
+use control_plane::store::SledStore;
+use keyway_identity::{TrustBundle, TrustDomain, spiffe_id};
+use tokio::sync::watch;
+
+pub const TD: &str = "example.org";
+
+pub fn trust_domain() -> TrustDomain {
+    spiffe_id::parse_trust_domain(TD).expect("valid trust domain")
+}
+
+/// Knobs for an in-process control plane.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub ca_ttl: Duration,
+    pub svid_ttl: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            ca_ttl: Duration::from_secs(365 * 86400),
+            svid_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A control plane serving its agent API on 127.0.0.1 and its admin API on a
+/// unix socket, in this process. Stops when dropped.
+pub struct InProcess {
+    pub cp: ControlPlane,
+    pub addr: String,
+    pub admin_socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+}
+
+impl InProcess {
+    pub async fn start(opts: Options) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, opts).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, opts: Options) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let admin_socket = dir.path().join("admin.sock");
+        let config = Config {
+            trust_domain: trust_domain(),
+            data_dir: dir.path().to_owned(),
+            listen: addr,
+            admin_socket: admin_socket.clone(),
+            svid_ttl: opts.svid_ttl,
+            node_svid_ttl: Duration::from_secs(86400).min(opts.ca_ttl / 6),
+            jwt_ttl: Duration::from_secs(300),
+            ca_ttl: opts.ca_ttl,
+            upstream_ca: None,
+            kubernetes: false,
+        };
+        let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
+        let ca_cfg = CaConfig {
+            trust_domain: trust_domain(),
+            ca_ttl: opts.ca_ttl,
+            upstream: None,
+        };
+        let cp = ControlPlane::open(config, ca_cfg, store).await.expect("control plane");
+        let (stop, rx) = watch::channel(false);
+        tokio::spawn(control_plane::agent_api::serve(cp.clone(), listener, rx.clone()));
+        let admin = control_plane::admin::bind(&admin_socket).await.expect("admin socket");
+        tokio::spawn(control_plane::admin::serve(cp.clone(), admin, rx));
+        Self {
+            cp,
+            addr: addr.to_string(),
+            admin_socket,
+            dir,
+            stop,
+        }
+    }
+
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.cp.authority().bundle()
+    }
+
+    /// Stops the servers and returns the data directory for a restart.
+    pub fn stop(self) -> tempfile::TempDir {
+        let _ = self.stop.send(true);
+        self.dir
+    }
+
+    pub async fn issuance_count(&self) -> usize {
+        self.cp.store().issuance_log().await.expect("issuance log").len()
+    }
+
+    pub async fn apply(&self, yaml: &str) {
+        self.cp.apply(yaml).await.expect("apply");
+    }
+
+    pub async fn token(&self, node: &str) -> String {
+        self.cp
+            .create_join_token(node, Duration::from_secs(600))
+            .await
+            .expect("token")
+            .0
+    }
+}
+
+/// A `Workload` document.
+pub fn workload_yaml(name: &str, sa: &str, node: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: keyway.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default, labels: {{ app: {name} }} }}\n\
+         spec:\n  serviceAccount: {sa}\n  node: {node}\n  ips: [\"{ip}\"]\n  selectors: [\"netns:{name}\"]\n"
+    )
+}
+
+/// Path of a workspace binary built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does this)",
+        path.display()
+    );
+    path
+}
+
+/// The real `control-plane serve` process. Killed (SIGKILL) on drop.
+pub struct Binary {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub listen: String,
+}
+
+impl Binary {
+    pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let admin_socket = data_dir.join("admin.sock");
+        let child = Command::new(bin("control-plane"))
+            .arg("serve")
+            .args(["--trust-domain", TD, "--listen", &listen])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn control-plane");
+        let b = Self {
+            child,
+            data_dir: data_dir.to_owned(),
+            admin_socket,
+            listen,
+        };
+        b.wait_ready();
+        b
+    }
+
+    /// Waits until the admin socket answers (the binary creates it last).
+    fn wait_ready(&self) {
+        wait_until(Duration::from_secs(30), "control plane admin socket", || {
+            std::os::unix::net::UnixStream::connect(&self.admin_socket).is_ok()
+        });
+    }
+
+    /// Runs a CLI subcommand against this control plane.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("control-plane"))
+            .args(args)
+            .env("KEYWAY_ADMIN_SOCKET", &self.admin_socket)
+            .output()
+            .expect("run control-plane")
+    }
+
+    /// Runs a CLI subcommand that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "control-plane {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `cond` until it holds, failing the test after `deadline`.
+pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs openssl; returns (success, combined output).
+pub fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl").args(args).output().expect("openssl is installed (scripts/setup.sh)");
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
