@@ -1,0 +1,164 @@
+//! Kill -9 at any point and restart: nothing lost, nothing duplicated, same CA.
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_plane::store::{SledStore, Store};
+use keyway_tests::{Binary, TD, bin, workload_yaml};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    let cp = Binary::spawn(&data, &[]);
+    let bundle_before = cp.ok(&["bundle", "show", "--format", "jwks"]);
+    let yaml = dir.path().join("w.yaml");
+    std::fs::write(
+        &yaml,
+        [workload_yaml("frontend", "frontend", "node-a", "10.0.0.1"), workload_yaml("api", "api", "node-b", "10.0.0.2")].join("---\n"),
+    )
+    .unwrap();
+    cp.ok(&["apply", "-f", yaml.to_str().unwrap()]);
+    let ids_before = cp.ok(&["identity", "list", "-o", "json"]);
+    let token = cp.ok(&["token", "create", "--node", "node-a"]).trim().to_owned();
+
+    // Issue in the background and kill the server mid-stream.
+    let socket = cp.admin_socket.clone();
+    let out = dir.path().join("mints");
+    let mut minters = Vec::new();
+    for i in 0..4 {
+        let socket = socket.clone();
+        let out = out.join(i.to_string());
+        minters.push(std::thread::spawn(move || {
+            let mut acknowledged = Vec::new();
+            for n in 0..40 {
+                let target = out.join(n.to_string());
+                let r = Command::new(bin("control-plane"))
+                    .args(["x509", "mint", "--spiffe-id", &format!("spiffe://{TD}/m/{i}/{n}"), "--out"])
+                    .arg(&target)
+                    .env("KEYWAY_ADMIN_SOCKET", &socket)
+                    .output()
+                    .unwrap();
+                if !r.status.success() {
+                    break;
+                }
+                acknowledged.push(target);
+            }
+            acknowledged
+        }));
+    }
+    // Kill once some issuance has been acknowledged.
+    keyway_tests::wait_until(Duration::from_secs(30), "some acknowledged mints", || {
+        std::fs::read_dir(&out).map(|d| d.count() >= 4).unwrap_or(false)
+            && walk_count(&out) >= 10
+    });
+    cp.kill9();
+    let acknowledged: Vec<_> = minters.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(!acknowledged.is_empty());
+
+    // Everything acknowledged is in the issuance log, exactly once.
+    {
+        let store = SledStore::open(&data).unwrap();
+        let log = store.issuance_log().await.unwrap();
+        let serials: HashSet<_> = log.iter().map(|r| r.serial.clone()).collect();
+        assert_eq!(serials.len(), log.len(), "no serial logged twice");
+        for dir in &acknowledged {
+            let pem = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+            let der = keyway_identity::pem::decode_certs(&pem).unwrap().remove(0);
+            let cert = keyway_identity::x509::parse(&der).unwrap();
+            let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+            assert!(serials.contains(&serial), "acknowledged SVID {} missing from the log", dir.display());
+        }
+        let _ = Arc::new(store);
+    }
+
+    // Restart: same CA, same identities, the token still unconsumed and
+    // single-use; the admin socket is private.
+    let cp = Binary::spawn(&data, &[]);
+    let mode = std::fs::metadata(&cp.admin_socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "admin socket is owner-only");
+    let data_mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(data_mode, 0o700, "data dir (CA keys) is owner-only");
+    let bundle_after = cp.ok(&["bundle", "show", "--format", "jwks"]);
+    assert_eq!(bundle_before, bundle_after, "same CA and JWT keys after kill -9");
+    assert_eq!(ids_before, cp.ok(&["identity", "list", "-o", "json"]), "identities stable");
+    // Re-applying the same documents changes nothing and allocates nothing.
+    let again = cp.ok(&["apply", "-f", yaml.to_str().unwrap()]);
+    assert!(again.lines().all(|l| l.contains("unchanged")), "{again}");
+    let _ = token;
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| std::fs::read_dir(e.path()).map(|x| x.count()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumed_join_tokens_stay_consumed_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    let cp = Binary::spawn(&data, &[]);
+    let token = cp.ok(&["token", "create", "--node", "node-a"]).trim().to_owned();
+    let bundle_pem = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_pem, cp.ok(&["bundle", "show"])).unwrap();
+    let attest = |listen: &str| {
+        Command::new(bin("node-agent"))
+            .args(["attest", "--server", listen, "--trust-domain", TD, "--node-name", "node-a", "--trust-bundle"])
+            .arg(&bundle_pem)
+            .env("KEYWAY_JOIN_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let first = attest(&cp.listen);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("/keyway/node/node-a"));
+    cp.kill9();
+    let cp = Binary::spawn(&data, &[]);
+    let second = attest(&cp.listen);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already used"), "{}", String::from_utf8_lossy(&second.stderr));
+}
+
+#[test]
+fn cli_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // No server running.
+    let r = Command::new(bin("control-plane"))
+        .args(["identity", "list"])
+        .env("KEYWAY_ADMIN_SOCKET", dir.path().join("nope.sock"))
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("is `control-plane serve` running?"));
+    // Bad flags name the flag.
+    let r = Command::new(bin("control-plane"))
+        .args(["serve", "--trust-domain", "Bad_Domain!", "--data-dir"])
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--trust-domain"));
+    let cp = Binary::spawn(&dir.path().join("cp"), &[]);
+    // A second server on the same data dir is refused, not corrupting the first.
+    let r = Command::new(bin("control-plane"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&cp.data_dir)
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    // Bad documents: nothing applied.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, workload_yaml("ok", "ok", "node-a", "10.0.0.1") + "---\n" + &workload_yaml("bad", "bad", "node-a", "10.0.0.300")).unwrap();
+    let r = cp.cli(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("spec.ips[0]"));
+    assert!(!cp.ok(&["identity", "list"]).contains("/sa/ok"), "all or nothing");
+}
