@@ -22,10 +22,7 @@ pub enum SocketError {
     #[error("another process is already serving on {0}; stop it or choose another --admin-socket")]
     InUse(PathBuf),
     #[error("cannot create the admin socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Binds the admin socket with mode 0600, replacing a stale socket file left
@@ -72,13 +69,16 @@ pub async fn connect(path: &Path) -> Result<pb::admin_client::AdminClient<Channe
             path.display()
         ));
     }
-    let channel = Endpoint::from_static("http://keyway-admin")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = owned.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    let channel =
+        Endpoint::from_static("http://keyway-admin")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = owned.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
     Ok(pb::admin_client::AdminClient::new(channel))
 }
 
@@ -88,7 +88,11 @@ struct AdminService {
 }
 
 fn ttl(secs: u64, default: Duration) -> Duration {
-    if secs == 0 { default } else { Duration::from_secs(secs) }
+    if secs == 0 {
+        default
+    } else {
+        Duration::from_secs(secs)
+    }
 }
 
 impl AdminService {
@@ -135,7 +139,10 @@ impl Admin for AdminService {
             .cp
             .create_join_token(&req.node_name, ttl(req.ttl_seconds, Duration::from_secs(600)))
             .await?;
-        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_at_unix }))
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            expires_at_unix,
+        }))
     }
 
     async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> Result<Response<pb::Bundle>, Status> {
@@ -149,7 +156,11 @@ impl Admin for AdminService {
         let req = req.into_inner();
         let issued = self
             .cp
-            .mint_x509(&req.spiffe_id, &req.csr, ttl(req.ttl_seconds, self.cp.config().svid_ttl))
+            .mint_x509(
+                &req.spiffe_id,
+                &req.csr,
+                ttl(req.ttl_seconds, self.cp.config().svid_ttl),
+            )
             .await?;
         Ok(Response::new(pb::MintX509SvidResponse {
             cert_chain: issued.chain,
@@ -162,22 +173,36 @@ impl Admin for AdminService {
         req: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
         let req = req.into_inner();
-        let (token, expires_at_unix) =
-            self.cp
-                .mint_jwt(&req.spiffe_id, &req.audience, ttl(req.ttl_seconds, self.cp.config().jwt_ttl))?;
-        Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at_unix }))
+        let (token, expires_at_unix) = self.cp.mint_jwt(
+            &req.spiffe_id,
+            &req.audience,
+            ttl(req.ttl_seconds, self.cp.config().jwt_ttl),
+        )?;
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token,
+            expires_at_unix,
+        }))
     }
 
-    async fn ca_status(&self, _req: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+    async fn ca_status(
+        &self,
+        _req: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
         Ok(Response::new(self.status()))
     }
 
-    async fn ca_prepare(&self, _req: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+    async fn ca_prepare(
+        &self,
+        _req: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
         self.cp.rotate(Step::Prepare).await?;
         Ok(Response::new(self.status()))
     }
 
-    async fn ca_activate(&self, _req: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+    async fn ca_activate(
+        &self,
+        _req: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
         self.cp.rotate(Step::Activate).await?;
         Ok(Response::new(self.status()))
     }

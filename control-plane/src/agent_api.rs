@@ -49,13 +49,21 @@ impl tonic::transport::server::Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -93,7 +101,12 @@ fn tls_incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let spiffe_id = tls::peer_spiffe_id(stream.get_ref().1.peer_certificates());
-                        let _ = tx.send(Ok(TlsConn { stream, peer: PeerInfo { addr, spiffe_id } })).await;
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                stream,
+                                peer: PeerInfo { addr, spiffe_id },
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%addr, "TLS handshake timed out"),
@@ -117,8 +130,8 @@ pub async fn serve(
     ));
     let config = tls::server_config(cp.own_cert(), verifier)?;
     let incoming = tls_incoming(listener, TlsAcceptor::from(Arc::new(config)), shutdown.clone());
-    let service = AgentApiServer::new(AgentService { cp })
-        .max_decoding_message_size(proto::MAX_AGENT_REQUEST_BYTES);
+    let service =
+        AgentApiServer::new(AgentService { cp }).max_decoding_message_size(proto::MAX_AGENT_REQUEST_BYTES);
     let mut done = shutdown;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -152,13 +165,17 @@ impl AgentService {
             .get::<PeerInfo>()
             .ok_or_else(|| Status::internal("connection has no peer information"))?;
         let id = peer.spiffe_id.as_ref().ok_or_else(|| {
-            Status::unauthenticated("this call needs the node SVID as the TLS client certificate; attest first")
+            Status::unauthenticated(
+                "this call needs the node SVID as the TLS client certificate; attest first",
+            )
         })?;
         let td = self.cp.config().trust_domain.clone();
         let node = spiffe_id::node_name_of(id, &td)
             .ok_or_else(|| Status::permission_denied(format!("{id} is not a node agent identity")))?;
         if self.cp.node(node).is_none() {
-            return Err(Status::permission_denied(format!("node {node} is not attested with this control plane")));
+            return Err(Status::permission_denied(format!(
+                "node {node} is not attested with this control plane"
+            )));
         }
         Ok(node.to_owned())
     }
@@ -170,8 +187,14 @@ impl AgentApi for AgentService {
         let addr = req.extensions().get::<PeerInfo>().map(|p| p.addr);
         let req = req.into_inner();
         let result = match req.method {
-            Some(Method::JoinToken(jt)) => self.cp.attest_join_token(&jt.token, &jt.node_name, &req.csr).await,
-            None => Err(ApiError::InvalidArgument("attestation method missing: send a join token".into())),
+            Some(Method::JoinToken(jt)) => {
+                self.cp
+                    .attest_join_token(&jt.token, &jt.node_name, &req.csr)
+                    .await
+            }
+            None => Err(ApiError::InvalidArgument(
+                "attestation method missing: send a join token".into(),
+            )),
         };
         match result {
             Ok(svid) => Ok(Response::new(pb::AttestResponse {
@@ -184,7 +207,10 @@ impl AgentApi for AgentService {
         }
     }
 
-    async fn renew_node_svid(&self, req: Request<pb::RenewNodeSvidRequest>) -> Result<Response<pb::NodeSvid>, Status> {
+    async fn renew_node_svid(
+        &self,
+        req: Request<pb::RenewNodeSvidRequest>,
+    ) -> Result<Response<pb::NodeSvid>, Status> {
         let node = self.caller_node(&req)?;
         let svid = self.cp.renew_node_svid(&node, &req.into_inner().csr).await?;
         Ok(Response::new(node_svid_message(&self.cp, svid)))

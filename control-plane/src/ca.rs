@@ -13,8 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use keyway_identity::{SpiffeId, TrustBundle, TrustDomain};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use serde_json::json;
 use time::OffsetDateTime;
@@ -129,7 +129,9 @@ pub fn new_authority(cfg: &CaConfig, now: i64, phase: CaPhase) -> Result<CaRecor
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
             if upstream_not_after <= now {
-                return Err(CaError::Upstream("the upstream CA certificate has expired".into()));
+                return Err(CaError::Upstream(
+                    "the upstream CA certificate has expired".into(),
+                ));
             }
             not_after = not_after.min(upstream_not_after);
             params.not_after = at(not_after);
@@ -230,7 +232,9 @@ pub fn apply_step(cfg: &CaConfig, state: &CaState, step: &Step, now: i64) -> Res
                 }
             }
         }
-        Step::Retire(id) => next.authorities.retain(|a| &a.id != id || a.phase != CaPhase::Old),
+        Step::Retire(id) => next
+            .authorities
+            .retain(|a| &a.id != id || a.phase != CaPhase::Old),
     }
     next.bundle_sequence += 1;
     Ok(next)
@@ -304,8 +308,13 @@ impl Authority {
             jwt,
             jwt_public,
             bundle: Arc::new(
-                TrustBundle::new(trust_domain.clone(), state.bundle_sequence, x509_authorities.clone(), Vec::new())
-                    .map_err(|e| CaError::Corrupt(e.to_string()))?,
+                TrustBundle::new(
+                    trust_domain.clone(),
+                    state.bundle_sequence,
+                    x509_authorities.clone(),
+                    Vec::new(),
+                )
+                .map_err(|e| CaError::Corrupt(e.to_string()))?,
             ),
             state,
             max_svid_ttl,
@@ -495,7 +504,12 @@ mod tests {
 
         let s2 = apply_step(&c, &s1, &Step::Activate, due).unwrap();
         assert_eq!(s2.bundle_sequence, s1.bundle_sequence + 1);
-        let old = s2.authorities.iter().find(|a| a.phase == CaPhase::Old).unwrap().clone();
+        let old = s2
+            .authorities
+            .iter()
+            .find(|a| a.phase == CaPhase::Old)
+            .unwrap()
+            .clone();
         // The new CA's own prepare (half its life) comes first; after it, the
         // old CA retires once nothing it signed can be valid: max_svid_ttl
         // after activation, or its own expiry if earlier.
@@ -504,8 +518,14 @@ mod tests {
         let s2 = apply_step(&c, &s2, &step, prep_at).unwrap();
         let (step, retire_at) = next_step(&s2, max).unwrap();
         assert_eq!(step, Step::Retire(old.id.clone()));
-        assert_eq!(retire_at, (due + max.as_secs() as i64 + BACKDATE_SECS).min(old.not_after));
-        assert!(retire_at <= old.not_after, "the old CA outlives everything it signed");
+        assert_eq!(
+            retire_at,
+            (due + max.as_secs() as i64 + BACKDATE_SECS).min(old.not_after)
+        );
+        assert!(
+            retire_at <= old.not_after,
+            "the old CA outlives everything it signed"
+        );
 
         let s3 = apply_step(&c, &s2, &step, retire_at).unwrap();
         assert_eq!(s3.bundle_sequence, s2.bundle_sequence + 1);
@@ -529,9 +549,19 @@ mod tests {
     fn manual_steps_out_of_order_are_refused_with_advice() {
         let c = cfg(600);
         let s0 = initial_state(&c, 0).unwrap();
-        assert!(apply_step(&c, &s0, &Step::Activate, 1).unwrap_err().to_string().contains("ca prepare"));
+        assert!(
+            apply_step(&c, &s0, &Step::Activate, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("ca prepare")
+        );
         let s1 = apply_step(&c, &s0, &Step::Prepare, 1).unwrap();
-        assert!(apply_step(&c, &s1, &Step::Prepare, 2).unwrap_err().to_string().contains("ca activate"));
+        assert!(
+            apply_step(&c, &s1, &Step::Prepare, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("ca activate")
+        );
     }
 
     #[test]

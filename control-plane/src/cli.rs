@@ -21,7 +21,11 @@ use crate::store::SledStore;
 const DEFAULT_DATA_DIR: &str = "/var/lib/keyway/control-plane";
 
 #[derive(Debug, Parser)]
-#[command(name = "control-plane", version, about = "Keyway control plane: SPIFFE CA, identities and policy")]
+#[command(
+    name = "control-plane",
+    version,
+    about = "Keyway control plane: SPIFFE CA, identities and policy"
+)]
 pub struct Cli {
     /// The admin socket of a running control plane (default: DATA_DIR/admin.sock).
     #[arg(long, global = true, env = "KEYWAY_ADMIN_SOCKET")]
@@ -163,10 +167,9 @@ impl ServeArgs {
     fn config(&self, admin_socket: Option<PathBuf>) -> anyhow::Result<Config> {
         let trust_domain = keyway_identity::spiffe_id::parse_trust_domain(&self.trust_domain)
             .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
-        let listen = self
-            .listen
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--listen: {:?} is not HOST:PORT (e.g. 0.0.0.0:8081)", self.listen))?;
+        let listen = self.listen.parse().map_err(|_| {
+            anyhow::anyhow!("--listen: {:?} is not HOST:PORT (e.g. 0.0.0.0:8081)", self.listen)
+        })?;
         let d = |flag, v: &String| duration_flag(flag, v).map_err(anyhow::Error::msg);
         let config = Config {
             trust_domain,
@@ -178,7 +181,10 @@ impl ServeArgs {
             jwt_ttl: d("jwt-ttl", &self.jwt_ttl)?,
             ca_ttl: d("ca-ttl", &self.ca_ttl)?,
             upstream_ca: match (&self.upstream_ca_cert, &self.upstream_ca_key) {
-                (Some(cert), Some(key)) => Some(UpstreamFiles { cert: cert.clone(), key: key.clone() }),
+                (Some(cert), Some(key)) => Some(UpstreamFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
                 _ => None,
             },
             kubernetes: self.kubernetes,
@@ -199,8 +205,8 @@ fn load_upstream(files: &UpstreamFiles) -> anyhow::Result<Upstream> {
         .with_context(|| format!("--upstream-ca-key: cannot read {}", files.key.display()))?;
     let key = rcgen::KeyPair::from_pem(&key_pem)
         .map_err(|e| anyhow::anyhow!("--upstream-ca-key {}: {e}", files.key.display()))?;
-    let cert = keyway_identity::x509::parse(&chain[0])
-        .map_err(|e| anyhow::anyhow!("--upstream-ca-cert: {e}"))?;
+    let cert =
+        keyway_identity::x509::parse(&chain[0]).map_err(|e| anyhow::anyhow!("--upstream-ca-cert: {e}"))?;
     if cert.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key) {
         bail!("--upstream-ca-key does not belong to the first certificate in --upstream-ca-cert");
     }
@@ -222,7 +228,9 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result<()> {
     let config = args.config(admin_socket)?;
     if config.kubernetes {
-        bail!("--kubernetes: Kubernetes mode is not part of this build yet; run in standalone mode (without --kubernetes) and use `control-plane apply`");
+        bail!(
+            "--kubernetes: Kubernetes mode is not part of this build yet; run in standalone mode (without --kubernetes) and use `control-plane apply`"
+        );
     }
     let effective = config.effective_svid_ttl(config.svid_ttl);
     if effective < config.svid_ttl {
@@ -274,7 +282,10 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         let _ = admin.await;
         let _ = schedule.await;
     };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         warn!("drain deadline passed; stopping anyway");
     }
     let _ = std::fs::remove_file(&config.admin_socket);
@@ -331,9 +342,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args, socket).await,
         Command::Token(TokenCommand::Create { node, ttl }) => {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let r = c
-                .create_join_token(pb::CreateJoinTokenRequest { node_name: node, ttl_seconds: ttl.as_secs() })
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    node_name: node,
+                    ttl_seconds: ttl.as_secs(),
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -341,8 +357,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bundle(BundleCommand::Show { format }) => {
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
-            let b = c.get_bundle(pb::GetBundleRequest {}).await.map_err(status_error)?.into_inner();
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let b = c
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
             match format {
                 BundleFormat::Pem => print!(
                     "{}",
@@ -356,20 +378,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
             // The key is made here and never sent anywhere: only the CSR is.
             let (key, csr) = keyway_identity::csr::generate()?;
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let r = c
-                .mint_x509_svid(pb::MintX509SvidRequest { spiffe_id, csr, ttl_seconds: ttl.as_secs() })
+                .mint_x509_svid(pb::MintX509SvidRequest {
+                    spiffe_id,
+                    csr,
+                    ttl_seconds: ttl.as_secs(),
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            std::fs::create_dir_all(&out).with_context(|| format!("--out: cannot create {}", out.display()))?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("--out: cannot create {}", out.display()))?;
             let bundle = r.bundle.unwrap_or_default();
             write_private(
                 &out.join("svid.pem"),
                 &keyway_identity::pem::encode_certs(r.cert_chain.iter().map(|c| c.as_slice())),
                 0o644,
             )?;
-            write_private(&out.join("key.pem"), &keyway_identity::pem::encode_pkcs8_key(&key.serialize_der()), 0o600)?;
+            write_private(
+                &out.join("key.pem"),
+                &keyway_identity::pem::encode_pkcs8_key(&key.serialize_der()),
+                0o600,
+            )?;
             write_private(
                 &out.join("bundle.pem"),
                 &keyway_identity::pem::encode_certs(bundle.x509_authorities.iter().map(|c| c.as_slice())),
@@ -378,11 +411,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {0}/svid.pem {0}/key.pem {0}/bundle.pem", out.display());
             Ok(())
         }
-        Command::Jwt(JwtCommand::Mint { spiffe_id, audience, ttl }) => {
+        Command::Jwt(JwtCommand::Mint {
+            spiffe_id,
+            audience,
+            ttl,
+        }) => {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let r = c
-                .mint_jwt_svid(pb::MintJwtSvidRequest { spiffe_id, audience, ttl_seconds: ttl.as_secs() })
+                .mint_jwt_svid(pb::MintJwtSvidRequest {
+                    spiffe_id,
+                    audience,
+                    ttl_seconds: ttl.as_secs(),
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -390,7 +433,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(cmd) => {
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let req = pb::CaStatusRequest {};
             let status = match cmd {
                 CaCommand::Status => c.ca_status(req).await,
@@ -400,7 +445,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(status_error)?
             .into_inner();
             println!("bundle sequence: {}", status.bundle_sequence);
-            println!("{:<18} {:<9} {:<22} {:<22} {}", "ID", "STATE", "NOT BEFORE", "NOT AFTER", "JWT KID");
+            println!(
+                "{:<18} {:<9} {:<22} {:<22} {}",
+                "ID", "STATE", "NOT BEFORE", "NOT AFTER", "JWT KID"
+            );
             for a in &status.authorities {
                 println!(
                     "{:<18} {:<9} {:<22} {:<22} {}",
@@ -412,13 +460,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if !status.next_step.is_empty() {
-                println!("next step: {} at {}", status.next_step, format_time(status.next_step_at_unix));
+                println!(
+                    "next step: {} at {}",
+                    status.next_step,
+                    format_time(status.next_step_at_unix)
+                );
             }
             Ok(())
         }
         Command::Apply { file } => {
-            let yaml = std::fs::read_to_string(&file).with_context(|| format!("-f: cannot read {}", file.display()))?;
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("-f: cannot read {}", file.display()))?;
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let r = c
                 .apply(pb::ApplyRequest { yaml })
                 .await
@@ -430,7 +485,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Identity(IdentityCommand::List { output }) => {
-            let mut c = crate::admin::connect(&admin_socket(socket)).await.map_err(anyhow::Error::msg)?;
+            let mut c = crate::admin::connect(&admin_socket(socket))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let r = c
                 .list_identities(pb::ListIdentitiesRequest {})
                 .await

@@ -23,7 +23,9 @@ pub enum CsrError {
     AsksForCa,
     #[error("the CSR asks for {0} URI SANs; an X509-SVID carries exactly one, set by the CA (rule X5-01)")]
     ExtraUriSans(usize),
-    #[error("the CSR asks for URI SAN {asked:?} but the identity is {expected:?}; the CA takes the SPIFFE ID from its records")]
+    #[error(
+        "the CSR asks for URI SAN {asked:?} but the identity is {expected:?}; the CA takes the SPIFFE ID from its records"
+    )]
     WrongUriSan { asked: String, expected: String },
 }
 
@@ -86,8 +88,7 @@ pub fn check(der: &[u8], expected_id: &str) -> Result<rcgen::SubjectPublicKeyInf
             }
         }
     }
-    rcgen::SubjectPublicKeyInfo::from_der(spki.raw)
-        .map_err(|e| CsrError::UnsupportedKey(e.to_string()))
+    rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| CsrError::UnsupportedKey(e.to_string()))
 }
 
 #[cfg(test)]
@@ -127,7 +128,10 @@ mod tests {
         let der = csr_with(|p| {
             p.subject_alt_names = vec![rcgen::SanType::URI("spiffe://td/ns/x/sa/y".try_into().unwrap())]
         });
-        assert!(matches!(check(&der, ID).unwrap_err(), CsrError::WrongUriSan { .. }));
+        assert!(matches!(
+            check(&der, ID).unwrap_err(),
+            CsrError::WrongUriSan { .. }
+        ));
     }
 
     #[test]
@@ -140,9 +144,15 @@ mod tests {
 
     #[test]
     fn garbage_and_oversize_are_refused() {
-        assert!(matches!(check(b"not a csr", ID).unwrap_err(), CsrError::Malformed(_)));
+        assert!(matches!(
+            check(b"not a csr", ID).unwrap_err(),
+            CsrError::Malformed(_)
+        ));
         assert_eq!(check(&[], ID).unwrap_err(), CsrError::Empty);
-        assert!(matches!(check(&vec![0u8; MAX_CSR_BYTES + 1], ID).unwrap_err(), CsrError::TooLarge(_)));
+        assert!(matches!(
+            check(&vec![0u8; MAX_CSR_BYTES + 1], ID).unwrap_err(),
+            CsrError::TooLarge(_)
+        ));
     }
 
     #[test]
@@ -153,6 +163,9 @@ mod tests {
             .unwrap()
             .der()
             .to_vec();
-        assert!(matches!(check(&der, ID).unwrap_err(), CsrError::UnsupportedKey(_)));
+        assert!(matches!(
+            check(&der, ID).unwrap_err(),
+            CsrError::UnsupportedKey(_)
+        ));
     }
 }

@@ -54,18 +54,24 @@ pub fn parse_documents(
     let mut out = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let n = i + 1;
-        let value = serde_yaml::Value::deserialize(de).map_err(|e| format!("document {n}: not valid YAML: {e}"))?;
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| format!("document {n}: not valid YAML: {e}"))?;
         if value.is_null() {
             continue;
         }
-        let doc: Document =
-            serde_yaml::from_value(value).map_err(|e| format!("document {n}: {e}"))?;
+        let doc: Document = serde_yaml::from_value(value).map_err(|e| format!("document {n}: {e}"))?;
         match doc.api_version.as_deref() {
             Some(API_VERSION) => {}
             Some(other) => {
-                return Err(format!("document {n}: apiVersion {other:?} is not supported; use {API_VERSION:?}"));
+                return Err(format!(
+                    "document {n}: apiVersion {other:?} is not supported; use {API_VERSION:?}"
+                ));
             }
-            None => return Err(format!("document {n}: apiVersion is missing; use {API_VERSION:?}")),
+            None => {
+                return Err(format!(
+                    "document {n}: apiVersion is missing; use {API_VERSION:?}"
+                ));
+            }
         }
         match doc.kind.as_deref() {
             Some("Workload") => out.push(workload(n, doc, td, max_ttl)?),
@@ -134,7 +140,9 @@ fn workload(
         .transpose()?;
     for (k, v) in &doc.metadata.labels {
         if k.is_empty() || k.len() > 317 || v.len() > 63 {
-            return Err(format!("{ctx}: label {k:?}={v:?} is not a valid Kubernetes label"));
+            return Err(format!(
+                "{ctx}: label {k:?}={v:?} is not a valid Kubernetes label"
+            ));
         }
     }
     Ok(WorkloadRecord {
@@ -206,16 +214,43 @@ spec: { node: node-b }
     fn errors_name_the_document_and_field() {
         let max = Duration::from_secs(86400);
         let bad_ip = GOOD.replace("10.244.1.10", "10.244.1.300");
-        assert!(parse_documents(&bad_ip, &td(), max).unwrap_err().contains("spec.ips[0]"));
+        assert!(
+            parse_documents(&bad_ip, &td(), max)
+                .unwrap_err()
+                .contains("spec.ips[0]")
+        );
         let typo = GOOD.replace("serviceAccount", "serviceAcount");
-        assert!(parse_documents(&typo, &td(), max).unwrap_err().contains("serviceAcount"));
+        assert!(
+            parse_documents(&typo, &td(), max)
+                .unwrap_err()
+                .contains("serviceAcount")
+        );
         let bad_sel = GOOD.replace("unix:uid:1000", "pid:1");
-        assert!(parse_documents(&bad_sel, &td(), max).unwrap_err().contains("selectors[1]"));
+        assert!(
+            parse_documents(&bad_sel, &td(), max)
+                .unwrap_err()
+                .contains("selectors[1]")
+        );
         let long_ttl = GOOD.replace("svidTTL: 1h", "svidTTL: 30d");
-        assert!(parse_documents(&long_ttl, &td(), max).unwrap_err().contains("svidTTL"));
-        let kind = GOOD.replace("kind: Workload\nmetadata: { name: api }", "kind: Pod\nmetadata: { name: api }");
-        assert!(parse_documents(&kind, &td(), max).unwrap_err().contains("document 2"));
+        assert!(
+            parse_documents(&long_ttl, &td(), max)
+                .unwrap_err()
+                .contains("svidTTL")
+        );
+        let kind = GOOD.replace(
+            "kind: Workload\nmetadata: { name: api }",
+            "kind: Pod\nmetadata: { name: api }",
+        );
+        assert!(
+            parse_documents(&kind, &td(), max)
+                .unwrap_err()
+                .contains("document 2")
+        );
         let upper = GOOD.replace("serviceAccount: frontend", "serviceAccount: Frontend");
-        assert!(parse_documents(&upper, &td(), max).unwrap_err().contains("service account"));
+        assert!(
+            parse_documents(&upper, &td(), max)
+                .unwrap_err()
+                .contains("service account")
+        );
     }
 }

@@ -18,8 +18,8 @@ use crate::config::Config;
 use crate::csr;
 use crate::registry;
 use crate::store::{
-    ApplyOutcome, CaPhase, CaState, IssuanceRecord, JoinTokenRecord, NodeRecord, RegistrySnapshot,
-    Store, StoreError,
+    ApplyOutcome, CaPhase, CaState, IssuanceRecord, JoinTokenRecord, NodeRecord, RegistrySnapshot, Store,
+    StoreError,
 };
 
 /// Wall-clock seconds: certificates need real time. Converted here only.
@@ -129,7 +129,11 @@ impl ControlPlane {
     pub async fn open(cfg: Config, ca_cfg: CaConfig, store: Arc<dyn Store>) -> Result<Self, ApiError> {
         let state = match store.load_ca().await? {
             Some(state) => {
-                info!(authorities = state.authorities.len(), sequence = state.bundle_sequence, "loaded CA");
+                info!(
+                    authorities = state.authorities.len(),
+                    sequence = state.bundle_sequence,
+                    "loaded CA"
+                );
                 state
             }
             None => {
@@ -139,7 +143,11 @@ impl ControlPlane {
                 state
             }
         };
-        let authority = Arc::new(Authority::new(cfg.trust_domain.clone(), state, ca_cfg.max_svid_ttl())?);
+        let authority = Arc::new(Authority::new(
+            cfg.trust_domain.clone(),
+            state,
+            ca_cfg.max_svid_ttl(),
+        )?);
         let registry = Arc::new(store.registry().await?);
         let (bundle, _) = watch::channel(authority.bundle());
         let (authority, _) = watch::channel(authority);
@@ -237,7 +245,9 @@ impl ControlPlane {
             .await?;
         let svid = keyway_identity::Svid::new(issued.chain, key.serialize_der())
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let certified = svid.certified_key().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let certified = svid
+            .certified_key()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         self.inner.own_cert.send_replace(Some(certified));
         Ok(svid.not_after())
     }
@@ -245,7 +255,12 @@ impl ControlPlane {
     // ---- agent API ------------------------------------------------------
 
     /// Join-token attestation: consumes the token and issues the node SVID.
-    pub async fn attest_join_token(&self, token: &str, node: &str, csr_der: &[u8]) -> Result<NodeSvid, ApiError> {
+    pub async fn attest_join_token(
+        &self,
+        token: &str,
+        node: &str,
+        csr_der: &[u8],
+    ) -> Result<NodeSvid, ApiError> {
         spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         if token.is_empty() {
             return Err(ApiError::InvalidArgument("join token is empty".into()));
@@ -272,7 +287,11 @@ impl ControlPlane {
             .consume_join_token(&crate::tokens::hash(token), node, now, &record)
             .await?;
         self.refresh_registry().await?;
-        info!(node, node_id = node_rec.node_id, "node attested with a join token");
+        info!(
+            node,
+            node_id = node_rec.node_id,
+            "node attested with a join token"
+        );
         Ok(NodeSvid {
             spiffe_id: id,
             issued,
@@ -282,7 +301,13 @@ impl ControlPlane {
 
     /// The attested node record for `node`, if any.
     pub fn node(&self, node: &str) -> Option<NodeRecord> {
-        self.inner.registry.borrow().nodes.iter().find(|n| n.name == node).cloned()
+        self.inner
+            .registry
+            .borrow()
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .cloned()
     }
 
     pub async fn renew_node_svid(&self, node: &str, csr_der: &[u8]) -> Result<NodeSvid, ApiError> {
@@ -291,7 +316,9 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::PermissionDenied(format!("node {node} is not attested")))?;
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let issued = self.issue(csr_der, &id, self.inner.cfg.node_svid_ttl, node).await?;
+        let issued = self
+            .issue(csr_der, &id, self.inner.cfg.node_svid_ttl, node)
+            .await?;
         Ok(NodeSvid {
             spiffe_id: id,
             issued,
@@ -301,18 +328,29 @@ impl ControlPlane {
 
     /// Signs a workload CSR for `node`, only for an identity with a Workload
     /// placed on that node.
-    pub async fn sign_workload_csr(&self, node: &str, requested: &str, csr_der: &[u8]) -> Result<(SpiffeId, Issued), ApiError> {
+    pub async fn sign_workload_csr(
+        &self,
+        node: &str,
+        requested: &str,
+        csr_der: &[u8],
+    ) -> Result<(SpiffeId, Issued), ApiError> {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let ttl = {
             let reg = self.inner.registry.borrow();
-            let with_id: Vec<_> = reg.workloads.iter().filter(|w| w.spiffe_id == requested).collect();
+            let with_id: Vec<_> = reg
+                .workloads
+                .iter()
+                .filter(|w| w.spiffe_id == requested)
+                .collect();
             let here: Vec<_> = with_id.iter().filter(|w| w.node == node).collect();
             if here.is_empty() {
                 let elsewhere: std::collections::BTreeSet<&str> =
                     with_id.iter().map(|w| w.node.as_str()).collect();
                 return Err(ApiError::PermissionDenied(if elsewhere.is_empty() {
-                    format!("no workload with identity {requested} exists; nodes get SVIDs only for workloads placed on them")
+                    format!(
+                        "no workload with identity {requested} exists; nodes get SVIDs only for workloads placed on them"
+                    )
                 } else {
                     format!(
                         "node {node} has no workload with identity {requested} (it runs on: {}); nodes get SVIDs only for workloads placed on them",
@@ -354,13 +392,23 @@ impl ControlPlane {
     }
 
     /// Mints an X509-SVID for any ID in the trust domain (admin only).
-    pub async fn mint_x509(&self, requested: &str, csr_der: &[u8], ttl: Duration) -> Result<Issued, ApiError> {
+    pub async fn mint_x509(
+        &self,
+        requested: &str,
+        csr_der: &[u8],
+        ttl: Duration,
+    ) -> Result<Issued, ApiError> {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         self.issue(csr_der, &id, ttl, "admin").await
     }
 
-    pub fn mint_jwt(&self, requested: &str, audience: &[String], ttl: Duration) -> Result<(String, i64), ApiError> {
+    pub fn mint_jwt(
+        &self,
+        requested: &str,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<(String, i64), ApiError> {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
@@ -383,7 +431,12 @@ impl ControlPlane {
             self.inner.ca_cfg.max_svid_ttl(),
         )?);
         self.inner.store.save_ca(next.state()).await?;
-        info!(?step, sequence = next.state().bundle_sequence, active = next.active_id(), "CA rotation step");
+        info!(
+            ?step,
+            sequence = next.state().bundle_sequence,
+            active = next.active_id(),
+            "CA rotation step"
+        );
         self.publish_authority(next.clone());
         if step == Step::Activate {
             // Serve with an SVID from the new CA from now on.
@@ -431,8 +484,12 @@ impl ControlPlane {
     }
 
     pub async fn apply(&self, yaml: &str) -> Result<ApplyOutcome, ApiError> {
-        let workloads = registry::parse_documents(yaml, &self.inner.cfg.trust_domain, self.inner.ca_cfg.max_svid_ttl())
-            .map_err(ApiError::InvalidArgument)?;
+        let workloads = registry::parse_documents(
+            yaml,
+            &self.inner.cfg.trust_domain,
+            self.inner.ca_cfg.max_svid_ttl(),
+        )
+        .map_err(ApiError::InvalidArgument)?;
         let _guard = self.inner.registry_lock.lock().await;
         let outcome = self.inner.store.apply_workloads(workloads).await?;
         self.refresh_registry().await?;

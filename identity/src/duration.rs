@@ -16,7 +16,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("invalid duration {s:?}: expected a number before the unit"));
+            return Err(format!(
+                "invalid duration {s:?}: expected a number before the unit"
+            ));
         }
         let n: u64 = rest[..digits]
             .parse()

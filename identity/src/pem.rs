@@ -7,10 +7,7 @@ fn encode(tag: &str, der: &[u8]) -> String {
 
 /// PEM-encodes DER certificates, in order.
 pub fn encode_certs<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> String {
-    certs
-        .into_iter()
-        .map(|der| encode("CERTIFICATE", der))
-        .collect()
+    certs.into_iter().map(|der| encode("CERTIFICATE", der)).collect()
 }
 
 /// PEM-encodes an unencrypted PKCS#8 private key.

@@ -42,7 +42,9 @@ pub enum IdError {
     TooLong,
     #[error("invalid trust domain {td:?}: longer than {MAX_TRUST_DOMAIN_BYTES} bytes (rule ID-14)")]
     TrustDomainTooLong { td: String },
-    #[error("invalid SPIFFE ID {id:?}: an SVID needs a path; the bare trust domain names the CA (rule X5-03)")]
+    #[error(
+        "invalid SPIFFE ID {id:?}: an SVID needs a path; the bare trust domain names the CA (rule X5-03)"
+    )]
     NoPath { id: String },
     #[error("SPIFFE ID {id:?} is outside the trust domain {td:?} this control plane issues for")]
     OutsideTrustDomain { id: String, td: String },
@@ -191,11 +193,7 @@ pub fn check_name(what: &'static str, value: &str) -> Result<(), IdError> {
 }
 
 /// `spiffe://TD/ns/NAMESPACE/sa/SERVICEACCOUNT`, the workload identity.
-pub fn workload_id(
-    td: &TrustDomain,
-    namespace: &str,
-    service_account: &str,
-) -> Result<SpiffeId, IdError> {
+pub fn workload_id(td: &TrustDomain, namespace: &str, service_account: &str) -> Result<SpiffeId, IdError> {
     check_name("namespace", namespace)?;
     check_name("service account", service_account)?;
     parse_svid_id(&format!("spiffe://{td}/ns/{namespace}/sa/{service_account}"))
@@ -219,7 +217,9 @@ pub fn node_name_of<'a>(id: &'a SpiffeId, td: &TrustDomain) -> Option<&'a str> {
     if !id.is_member_of(td) {
         return None;
     }
-    id.path().strip_prefix("/keyway/node/").filter(|n| !n.contains('/'))
+    id.path()
+        .strip_prefix("/keyway/node/")
+        .filter(|n| !n.contains('/'))
 }
 
 #[cfg(test)]
@@ -258,7 +258,10 @@ mod tests {
         assert!(rule("spiffe://Example.org/a").contains("ID-05"));
         assert!(rule("spiffe://exa$mple/a").contains("ID-06"));
         assert!(rule("spiffe://[fe80]/a").contains("ID-06"));
-        assert!(rule("spiffe://[::1]/a").contains("ID-04"), "IPv6 literals are excluded");
+        assert!(
+            rule("spiffe://[::1]/a").contains("ID-04"),
+            "IPv6 literals are excluded"
+        );
         // ID-08: an IPv4 literal is just another name.
         assert!(parse_svid_id("spiffe://10.0.0.1/a").is_ok());
     }
@@ -286,7 +289,10 @@ mod tests {
         let long = format!("spiffe://td/{}", "a".repeat(MAX_ID_BYTES));
         assert!(rule(&long).contains("ID-14"));
         let exact = format!("spiffe://td/{}", "a".repeat(MAX_ID_BYTES - "spiffe://td/".len()));
-        assert!(parse_svid_id(&exact).is_ok(), "2048 bytes must be accepted (ID-13)");
+        assert!(
+            parse_svid_id(&exact).is_ok(),
+            "2048 bytes must be accepted (ID-13)"
+        );
         let td = "a".repeat(256);
         assert!(rule(&format!("spiffe://{td}/x")).contains("ID-14"));
     }

@@ -25,7 +25,9 @@ pub enum SvidError {
     LeafCanSign,
     #[error("no trust bundle for trust domain {0:?}; SVIDs from it are untrusted (rule X5-17)")]
     NoBundle(String),
-    #[error("the trust bundle for {0:?} has no X.509 authorities, so nothing from it is trusted (rule BND-07)")]
+    #[error(
+        "the trust bundle for {0:?} has no X.509 authorities, so nothing from it is trusted (rule BND-07)"
+    )]
     EmptyBundle(String),
     #[error("the chain does not verify against the trust bundle: {0} (rule X5-15)")]
     Chain(String),

@@ -37,7 +37,8 @@ pub struct NodeIdentity {
 
 /// Builds a bundle from the control plane's message.
 pub fn bundle_from(msg: &pb::Bundle) -> Result<TrustBundle, ClientError> {
-    let td = spiffe_id::parse_trust_domain(&msg.trust_domain).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+    let td = spiffe_id::parse_trust_domain(&msg.trust_domain)
+        .map_err(|e| ClientError::BadResponse(e.to_string()))?;
     TrustBundle::new(td, msg.sequence, msg.x509_authorities.clone(), msg.jwks.clone())
         .map_err(|e| ClientError::BadResponse(e.to_string()))
 }
@@ -48,7 +49,8 @@ fn node_identity(msg: pb::NodeSvid, key: rcgen::KeyPair) -> Result<NodeIdentity,
         .as_ref()
         .ok_or_else(|| ClientError::BadResponse("no bundle".into()))?;
     let bundle = Arc::new(bundle_from(bundle)?);
-    let svid = Svid::new(msg.cert_chain, key.serialize_der()).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+    let svid = Svid::new(msg.cert_chain, key.serialize_der())
+        .map_err(|e| ClientError::BadResponse(e.to_string()))?;
     Ok(NodeIdentity {
         svid,
         node_id: msg.node_id,
@@ -58,7 +60,11 @@ fn node_identity(msg: pb::NodeSvid, key: rcgen::KeyPair) -> Result<NodeIdentity,
 
 /// A gRPC channel to `server` (HOST:PORT) over TLS 1.3, verifying that the
 /// server is the control plane of the bundle's trust domain.
-pub async fn channel(server: &str, bundle: BundleWatch, cert: Option<CertWatch>) -> Result<Channel, ClientError> {
+pub async fn channel(
+    server: &str,
+    bundle: BundleWatch,
+    cert: Option<CertWatch>,
+) -> Result<Channel, ClientError> {
     let td = bundle.borrow().trust_domain().clone();
     let config = tls::client_config(bundle, PeerMatch::Exact(spiffe_id::control_plane_id(&td)), cert)
         .map_err(|e| ClientError::Connect {
@@ -88,7 +94,12 @@ pub async fn channel(server: &str, bundle: BundleWatch, cert: Option<CertWatch>)
         .await
         .map_err(|e| ClientError::Connect {
             server: server.to_owned(),
-            reason: format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
+            reason: format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            ),
         })
 }
 
@@ -112,7 +123,11 @@ pub async fn attest_with_join_token(
         })
         .await?
         .into_inner();
-    node_identity(resp.svid.ok_or_else(|| ClientError::BadResponse("no SVID".into()))?, key)
+    node_identity(
+        resp.svid
+            .ok_or_else(|| ClientError::BadResponse("no SVID".into()))?,
+        key,
+    )
 }
 
 /// An mTLS client authenticated with the node SVID.
@@ -136,7 +151,11 @@ impl ControlPlaneClient {
     /// A new node SVID for a new key.
     pub async fn renew_node_svid(&mut self) -> Result<NodeIdentity, ClientError> {
         let (key, csr) = keyway_identity::csr::generate().map_err(|e| ClientError::Key(e.to_string()))?;
-        let resp = self.client.renew_node_svid(pb::RenewNodeSvidRequest { csr }).await?.into_inner();
+        let resp = self
+            .client
+            .renew_node_svid(pb::RenewNodeSvidRequest { csr })
+            .await?
+            .into_inner();
         node_identity(resp, key)
     }
 
@@ -155,7 +174,14 @@ impl ControlPlaneClient {
     }
 
     /// Opens the sync stream.
-    pub async fn sync(&mut self, known_revision: u64) -> Result<tonic::Streaming<pb::SyncResponse>, ClientError> {
-        Ok(self.client.sync(pb::SyncRequest { known_revision }).await?.into_inner())
+    pub async fn sync(
+        &mut self,
+        known_revision: u64,
+    ) -> Result<tonic::Streaming<pb::SyncResponse>, ClientError> {
+        Ok(self
+            .client
+            .sync(pb::SyncRequest { known_revision })
+            .await?
+            .into_inner())
     }
 }

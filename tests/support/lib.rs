@@ -75,10 +75,14 @@ impl InProcess {
             ca_ttl: opts.ca_ttl,
             upstream: None,
         };
-        let cp = ControlPlane::open(config, ca_cfg, store).await.expect("control plane");
+        let cp = ControlPlane::open(config, ca_cfg, store)
+            .await
+            .expect("control plane");
         let (stop, rx) = watch::channel(false);
         tokio::spawn(control_plane::agent_api::serve(cp.clone(), listener, rx.clone()));
-        let admin = control_plane::admin::bind(&admin_socket).await.expect("admin socket");
+        let admin = control_plane::admin::bind(&admin_socket)
+            .await
+            .expect("admin socket");
         tokio::spawn(control_plane::admin::serve(cp.clone(), admin, rx));
         Self {
             cp,
@@ -223,7 +227,10 @@ fn free_port() -> u16 {
 pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::yield_now();
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -231,9 +238,16 @@ pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
 
 /// Runs openssl; returns (success, combined output).
 pub fn openssl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("openssl").args(args).output().expect("openssl is installed (scripts/setup.sh)");
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed (scripts/setup.sh)");
     (
         out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }

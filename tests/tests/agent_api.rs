@@ -24,7 +24,9 @@ async fn client_for(cp: &InProcess, id: &NodeIdentity) -> ControlPlaneClient {
     let (_c, cert) = watch::channel(Some(id.svid.certified_key().unwrap()));
     // Keep the senders alive for the client's life.
     std::mem::forget((_b, _c));
-    ControlPlaneClient::connect(&cp.addr, bundle, cert).await.expect("mTLS connect")
+    ControlPlaneClient::connect(&cp.addr, bundle, cert)
+        .await
+        .expect("mTLS connect")
 }
 
 fn code(e: ClientError) -> (Code, String) {
@@ -41,28 +43,43 @@ async fn join_token_attestation_issues_a_node_svid_once() {
     let id = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-a", &token)
         .await
         .unwrap();
-    assert_eq!(id.svid.spiffe_id().to_string(), format!("spiffe://{TD}/keyway/node/node-a"));
+    assert_eq!(
+        id.svid.spiffe_id().to_string(),
+        format!("spiffe://{TD}/keyway/node/node-a")
+    );
     assert!(id.node_id >= 1);
     // The chain verifies against the bundle for client auth.
     cp.bundle()
-        .verify(id.svid.chain(), std::time::SystemTime::now(), keyway_identity::bundle::Usage::Client)
+        .verify(
+            id.svid.chain(),
+            std::time::SystemTime::now(),
+            keyway_identity::bundle::Usage::Client,
+        )
         .unwrap();
 
     let before = cp.issuance_count().await;
     // Reused token.
-    let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-a", &token).await.unwrap_err();
+    let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-a", &token)
+        .await
+        .unwrap_err();
     let (c, m) = code(err);
     assert_eq!(c, Code::PermissionDenied);
     assert!(m.contains("already used"), "{m}");
     // Unknown token.
-    let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-a", "kw1.nope").await.unwrap_err();
+    let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-a", "kw1.nope")
+        .await
+        .unwrap_err();
     assert!(code(err).1.contains("unknown token"));
     // A token for another node.
     let other = cp.token("node-b").await;
-    let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-c", &other).await.unwrap_err();
+    let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-c", &other)
+        .await
+        .unwrap_err();
     assert!(code(err).1.contains("another node"));
     // That token is still usable by its own node: the refusal consumed nothing.
-    control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-b", &other).await.unwrap();
+    control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-b", &other)
+        .await
+        .unwrap();
     assert_eq!(cp.issuance_count().await, before + 1, "refusals issue nothing");
 }
 
@@ -70,7 +87,11 @@ async fn join_token_attestation_issues_a_node_svid_once() {
 async fn expired_join_token_is_refused() {
     let cp = InProcess::start(Options::default()).await;
     let before = cp.issuance_count().await;
-    let (token, expires_at) = cp.cp.create_join_token("node-a", Duration::from_secs(1)).await.unwrap();
+    let (token, expires_at) = cp
+        .cp
+        .create_join_token("node-a", Duration::from_secs(1))
+        .await
+        .unwrap();
     // Wait for the wall clock (what expiry is measured against) to pass it.
     keyway_tests::wait_until(Duration::from_secs(5), "token expiry", || {
         ::control_plane::server::now_unix() >= expires_at
@@ -87,22 +108,42 @@ async fn expired_join_token_is_refused() {
 #[tokio::test]
 async fn nodes_get_svids_only_for_their_own_workloads() {
     let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10")).await;
-    cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.10")).await;
+    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10"))
+        .await;
+    cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.10"))
+        .await;
     let a = attest(&cp, "node-a").await;
     let mut client = client_for(&cp, &a).await;
 
-    let svid: Svid = client.sign_workload(&format!("spiffe://{TD}/ns/default/sa/frontend")).await.unwrap();
-    assert_eq!(svid.spiffe_id().to_string(), format!("spiffe://{TD}/ns/default/sa/frontend"));
+    let svid: Svid = client
+        .sign_workload(&format!("spiffe://{TD}/ns/default/sa/frontend"))
+        .await
+        .unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        format!("spiffe://{TD}/ns/default/sa/frontend")
+    );
 
     let before = cp.issuance_count().await;
-    let err = client.sign_workload(&format!("spiffe://{TD}/ns/default/sa/api")).await.unwrap_err();
+    let err = client
+        .sign_workload(&format!("spiffe://{TD}/ns/default/sa/api"))
+        .await
+        .unwrap_err();
     let (c, m) = code(err);
     assert_eq!(c, Code::PermissionDenied);
-    assert!(m.contains("node-a has no workload") && m.contains("node-b"), "{m}");
-    let err = client.sign_workload(&format!("spiffe://{TD}/ns/default/sa/nobody")).await.unwrap_err();
+    assert!(
+        m.contains("node-a has no workload") && m.contains("node-b"),
+        "{m}"
+    );
+    let err = client
+        .sign_workload(&format!("spiffe://{TD}/ns/default/sa/nobody"))
+        .await
+        .unwrap_err();
     assert_eq!(code(err).0, Code::PermissionDenied);
-    let err = client.sign_workload(&format!("spiffe://{TD}/ns/default/sa/a//b")).await.unwrap_err();
+    let err = client
+        .sign_workload(&format!("spiffe://{TD}/ns/default/sa/a//b"))
+        .await
+        .unwrap_err();
     let (c, m) = code(err);
     assert_eq!(c, Code::InvalidArgument);
     assert!(m.contains("ID-10"), "{m}");
@@ -112,7 +153,8 @@ async fn nodes_get_svids_only_for_their_own_workloads() {
 #[tokio::test]
 async fn bad_csrs_are_refused_with_reasons_and_store_nothing() {
     let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10")).await;
+    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10"))
+        .await;
     let a = attest(&cp, "node-a").await;
     let mut client = client_for(&cp, &a).await;
     let id = format!("spiffe://{TD}/ns/default/sa/frontend");
@@ -130,7 +172,10 @@ async fn bad_csrs_are_refused_with_reasons_and_store_nothing() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"garbage".to_vec(), "not valid DER"),
         (mis_signed, "signature does not verify"),
-        (csr(&|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)), "X5-08"),
+        (
+            csr(&|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)),
+            "X5-08",
+        ),
         (
             csr(&|p| {
                 p.subject_alt_names = vec![
@@ -141,28 +186,49 @@ async fn bad_csrs_are_refused_with_reasons_and_store_nothing() {
             "X5-01",
         ),
         (
-            csr(&|p| p.subject_alt_names = vec![rcgen::SanType::URI(format!("spiffe://{TD}/ns/x/sa/y").try_into().unwrap())]),
+            csr(&|p| {
+                p.subject_alt_names = vec![rcgen::SanType::URI(
+                    format!("spiffe://{TD}/ns/x/sa/y").try_into().unwrap(),
+                )]
+            }),
             "takes the SPIFFE ID from its records",
         ),
     ];
     for (der, want) in cases {
         let err = client
             .raw()
-            .sign_workload_csr(pb::SignWorkloadCsrRequest { spiffe_id: id.clone(), csr: der })
+            .sign_workload_csr(pb::SignWorkloadCsrRequest {
+                spiffe_id: id.clone(),
+                csr: der,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{want}: {}", err.message());
-        assert!(err.message().contains(want), "expected {want:?} in {:?}", err.message());
+        assert!(
+            err.message().contains(want),
+            "expected {want:?} in {:?}",
+            err.message()
+        );
     }
     // Over the message size limit: refused by the transport before any work.
     let err = client
         .raw()
-        .sign_workload_csr(pb::SignWorkloadCsrRequest { spiffe_id: id.clone(), csr: vec![0u8; 200 * 1024] })
+        .sign_workload_csr(pb::SignWorkloadCsrRequest {
+            spiffe_id: id.clone(),
+            csr: vec![0u8; 200 * 1024],
+        })
         .await
         .unwrap_err();
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "{err:?}");
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
     assert!(err.message().contains("too large"), "{}", err.message());
-    assert_eq!(cp.issuance_count().await, before, "no refused request was logged as issued");
+    assert_eq!(
+        cp.issuance_count().await,
+        before,
+        "no refused request was logged as issued"
+    );
 }
 
 #[tokio::test]
@@ -176,10 +242,14 @@ async fn calls_without_a_node_svid_are_unauthenticated() {
     assert!(err.message().contains("attest first"));
 
     // A workload SVID is a valid certificate but not a node identity.
-    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10")).await;
+    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10"))
+        .await;
     let a = attest(&cp, "node-a").await;
     let mut client = client_for(&cp, &a).await;
-    let svid = client.sign_workload(&format!("spiffe://{TD}/ns/default/sa/frontend")).await.unwrap();
+    let svid = client
+        .sign_workload(&format!("spiffe://{TD}/ns/default/sa/frontend"))
+        .await
+        .unwrap();
     let (_b, bundle) = watch::channel(cp.bundle());
     let (_c, cert) = watch::channel(Some(svid.certified_key().unwrap()));
     let mut as_workload = ControlPlaneClient::connect(&cp.addr, bundle, cert).await.unwrap();
@@ -201,7 +271,10 @@ async fn a_certificate_from_another_trust_domain_cannot_connect() {
         Err(_) => {}
         Ok(mut c) => {
             // TLS 1.3 reports client-certificate rejection on first use.
-            assert!(c.renew_node_svid().await.is_err(), "a foreign CA's SVID must be refused");
+            assert!(
+                c.renew_node_svid().await.is_err(),
+                "a foreign CA's SVID must be refused"
+            );
         }
     }
 }
@@ -221,13 +294,19 @@ async fn renewing_the_node_svid_gives_a_new_key_and_serial() {
 #[tokio::test]
 async fn sync_streams_a_snapshot_then_small_deltas() {
     let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10")).await;
-    cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.10")).await;
+    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10"))
+        .await;
+    cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.10"))
+        .await;
     let a = attest(&cp, "node-a").await;
     let mut client = client_for(&cp, &a).await;
     let mut stream = client.sync(0).await.unwrap();
 
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(first.reset && first.complete);
     let workloads: Vec<_> = first
         .updates
@@ -238,23 +317,51 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
         })
         .collect();
     assert_eq!(workloads, vec!["frontend"], "node-a sees only its own workloads");
-    assert!(first.updates.iter().any(|u| matches!(&u.kind, Some(Kind::Bundle(b)) if b.sequence >= 1)));
+    assert!(
+        first
+            .updates
+            .iter()
+            .any(|u| matches!(&u.kind, Some(Kind::Bundle(b)) if b.sequence >= 1))
+    );
 
     // A change to another node's workload sends node-a nothing; a change to
     // its own sends exactly that workload.
-    cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.11")).await;
-    cp.apply(&workload_yaml("worker", "worker", "node-a", "10.244.1.11")).await;
-    let next = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.11"))
+        .await;
+    cp.apply(&workload_yaml("worker", "worker", "node-a", "10.244.1.11"))
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(!next.reset && next.complete);
     assert!(next.revision > first.revision);
     let kinds: Vec<_> = next.updates.iter().map(|u| u.kind.clone().unwrap()).collect();
-    assert!(kinds.iter().any(|k| matches!(k, Kind::WorkloadUpsert(w) if w.name == "worker")), "{kinds:?}");
-    assert!(kinds.iter().any(|k| matches!(k, Kind::IdentityUpsert(i) if i.spiffe_id.ends_with("/sa/worker"))));
-    assert!(!kinds.iter().any(|k| matches!(k, Kind::WorkloadUpsert(w) if w.name == "api")));
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, Kind::WorkloadUpsert(w) if w.name == "worker")),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, Kind::IdentityUpsert(i) if i.spiffe_id.ends_with("/sa/worker")))
+    );
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| matches!(k, Kind::WorkloadUpsert(w) if w.name == "api"))
+    );
 
     // A CA prepare reaches the node as a bundle update with a higher sequence.
     cp.cp.rotate(::control_plane::ca::Step::Prepare).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match &msg.updates[0].kind {
         Some(Kind::Bundle(b)) => assert_eq!(b.x509_authorities.len(), 2, "prepared CA published"),
         other => panic!("expected a bundle update, got {other:?}"),

@@ -15,15 +15,26 @@ fn jwks_sequence(cp: &Binary) -> u64 {
 
 fn mint(cp: &Binary, dir: &std::path::Path, name: &str) -> Vec<Vec<u8>> {
     let out = dir.join(name);
-    cp.ok(&["x509", "mint", "--spiffe-id", &format!("spiffe://{TD}/ns/default/sa/{name}"), "--out", out.to_str().unwrap()]);
+    cp.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/ns/default/sa/{name}"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     keyway_identity::pem::decode_certs(&std::fs::read_to_string(out.join("svid.pem")).unwrap()).unwrap()
 }
 
 fn verify_with_bundle(cp: &Binary, chain: &[Vec<u8>]) -> Result<(), String> {
-    let bundle = keyway_identity::TrustBundle::from_pem(keyway_tests::trust_domain(), &cp.ok(&["bundle", "show"]))
-        .map_err(|e| e.to_string())?;
+    let bundle =
+        keyway_identity::TrustBundle::from_pem(keyway_tests::trust_domain(), &cp.ok(&["bundle", "show"]))
+            .map_err(|e| e.to_string())?;
     let chain: Vec<CertificateDer> = chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
-    bundle.verify(&chain, SystemTime::now(), Usage::Client).map(|_| ()).map_err(|e| e.to_string())
+    bundle
+        .verify(&chain, SystemTime::now(), Usage::Client)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -39,7 +50,10 @@ fn manual_rotation_keeps_old_and_new_svids_valid_during_the_overlap() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("ca prepare"));
 
     let status = cp.ok(&["ca", "prepare"]);
-    assert!(status.contains("prepared") && status.contains("active"), "{status}");
+    assert!(
+        status.contains("prepared") && status.contains("active"),
+        "{status}"
+    );
     let s1 = jwks_sequence(&cp);
     assert!(s1 > s0, "prepare grows the sequence");
     // Prepared CA is published but does not sign yet.
@@ -67,7 +81,10 @@ fn automatic_rotation_prepares_activates_and_retires() {
     // A 12s CA: prepare at ~6s, activate at ~10s, old CA retired at its
     // expiry (max SVID TTL = 2s after activation or the CA's end).
     let dir = tempfile::tempdir().unwrap();
-    let cp = Binary::spawn(&dir.path().join("cp"), &["--ca-ttl", "12s", "--svid-ttl", "2s", "--node-svid-ttl", "2s"]);
+    let cp = Binary::spawn(
+        &dir.path().join("cp"),
+        &["--ca-ttl", "12s", "--svid-ttl", "2s", "--node-svid-ttl", "2s"],
+    );
     let first = jwks_sequence(&cp);
     let old_svid = mint(&cp, dir.path(), "early");
     let mut seen = vec![first];
@@ -88,7 +105,10 @@ fn automatic_rotation_prepares_activates_and_retires() {
                 // The early SVID (2s TTL) may have expired by now; while it
                 // is valid it must verify.
                 if let Err(e) = verify_with_bundle(&cp, &old_svid) {
-                    assert!(e.contains("Expired") || e.contains("expired"), "old SVID failed for another reason: {e}");
+                    assert!(
+                        e.contains("Expired") || e.contains("expired"),
+                        "old SVID failed for another reason: {e}"
+                    );
                 }
                 new_svid_verified = true;
             }
@@ -96,7 +116,10 @@ fn automatic_rotation_prepares_activates_and_retires() {
         // Done when the old CA has left the bundle after an activation.
         saw_two_cas && !status.contains(" old ")
     });
-    assert!(seen.len() >= 4, "prepare, activate, retire each grew the sequence: {seen:?}");
+    assert!(
+        seen.len() >= 4,
+        "prepare, activate, retire each grew the sequence: {seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -105,7 +128,10 @@ async fn sync_bundle_reaches_nodes_before_the_new_ca_signs() {
     let mut bundles = cp.cp.subscribe_bundle();
     bundles.borrow_and_update();
     cp.cp.rotate(::control_plane::ca::Step::Prepare).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), bundles.changed()).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), bundles.changed())
+        .await
+        .unwrap()
+        .unwrap();
     let published = bundles.borrow_and_update().clone();
     assert_eq!(published.authorities().len(), 2);
     // The active CA has not changed yet: what it signs still chains to the

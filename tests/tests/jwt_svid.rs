@@ -25,14 +25,26 @@ fn jwt_svid_validates_against_the_jwks_bundle_with_audience_checks() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Binary::spawn(&dir.path().join("cp"), &[]);
     let id = format!("spiffe://{TD}/ns/default/sa/api");
-    let token = cp.ok(&["jwt", "mint", "--spiffe-id", &id, "--audience", "billing", "--audience", "audit"]);
+    let token = cp.ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        &id,
+        "--audience",
+        "billing",
+        "--audience",
+        "audit",
+    ]);
     let token = token.trim();
     let jwks = cp.ok(&["bundle", "show", "--format", "jwks"]);
     let bundles = jwt_bundles(&jwks);
 
     let svid = JwtSvid::parse_and_validate(token, &bundles, &["billing"]).expect("valid for its audience");
     assert_eq!(svid.spiffe_id().to_string(), id);
-    assert!(JwtSvid::parse_and_validate(token, &bundles, &["someone-else"]).is_err(), "JWT-06: wrong audience refused");
+    assert!(
+        JwtSvid::parse_and_validate(token, &bundles, &["someone-else"]).is_err(),
+        "JWT-06: wrong audience refused"
+    );
 
     // JWT-01/02/03/04: compact, header has only alg/kid/typ, ES256, typ JWT.
     let parts: Vec<&str> = token.split('.').collect();
@@ -62,7 +74,8 @@ fn jwt_svid_validates_against_the_jwks_bundle_with_audience_checks() {
 fn bundle_document_follows_the_spiffe_bundle_format() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Binary::spawn(&dir.path().join("cp"), &[]);
-    let jwks: serde_json::Value = serde_json::from_str(&cp.ok(&["bundle", "show", "--format", "jwks"])).unwrap();
+    let jwks: serde_json::Value =
+        serde_json::from_str(&cp.ok(&["bundle", "show", "--format", "jwks"])).unwrap();
     assert!(jwks["spiffe_sequence"].as_u64().unwrap() >= 1, "BND-03");
     assert!(jwks["spiffe_refresh_hint"].is_u64(), "BND-04");
     let keys = jwks["keys"].as_array().expect("BND-05");
@@ -72,7 +85,11 @@ fn bundle_document_follows_the_spiffe_bundle_format() {
     assert_eq!(jwt.len(), 1);
     for k in &x509 {
         assert!(k.get("kid").is_none(), "X5-18: x509 keys have no kid");
-        assert_eq!(k["x5c"].as_array().unwrap().len(), 1, "X5-18: exactly one x5c cert");
+        assert_eq!(
+            k["x5c"].as_array().unwrap().len(),
+            1,
+            "X5-18: exactly one x5c cert"
+        );
         assert_eq!(k["kty"], "EC", "BND-08");
     }
     for k in &jwt {
@@ -90,7 +107,14 @@ fn bundle_document_follows_the_spiffe_bundle_format() {
 fn jwt_mint_refuses_bad_ids() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Binary::spawn(&dir.path().join("cp"), &[]);
-    let r = cp.cli(&["jwt", "mint", "--spiffe-id", "spiffe://other.org/x", "--audience", "a"]);
+    let r = cp.cli(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://other.org/x",
+        "--audience",
+        "a",
+    ]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("outside the trust domain"));
 }

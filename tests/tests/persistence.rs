@@ -18,7 +18,11 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
     let yaml = dir.path().join("w.yaml");
     std::fs::write(
         &yaml,
-        [workload_yaml("frontend", "frontend", "node-a", "10.0.0.1"), workload_yaml("api", "api", "node-b", "10.0.0.2")].join("---\n"),
+        [
+            workload_yaml("frontend", "frontend", "node-a", "10.0.0.1"),
+            workload_yaml("api", "api", "node-b", "10.0.0.2"),
+        ]
+        .join("---\n"),
     )
     .unwrap();
     cp.ok(&["apply", "-f", yaml.to_str().unwrap()]);
@@ -37,7 +41,13 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
             for n in 0..40 {
                 let target = out.join(n.to_string());
                 let r = Command::new(bin("control-plane"))
-                    .args(["x509", "mint", "--spiffe-id", &format!("spiffe://{TD}/m/{i}/{n}"), "--out"])
+                    .args([
+                        "x509",
+                        "mint",
+                        "--spiffe-id",
+                        &format!("spiffe://{TD}/m/{i}/{n}"),
+                        "--out",
+                    ])
                     .arg(&target)
                     .env("KEYWAY_ADMIN_SOCKET", &socket)
                     .output()
@@ -52,8 +62,7 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
     }
     // Kill once some issuance has been acknowledged.
     keyway_tests::wait_until(Duration::from_secs(30), "some acknowledged mints", || {
-        std::fs::read_dir(&out).map(|d| d.count() >= 4).unwrap_or(false)
-            && walk_count(&out) >= 10
+        std::fs::read_dir(&out).map(|d| d.count() >= 4).unwrap_or(false) && walk_count(&out) >= 10
     });
     cp.kill9();
     let acknowledged: Vec<_> = minters.into_iter().flat_map(|t| t.join().unwrap()).collect();
@@ -70,7 +79,11 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
             let der = keyway_identity::pem::decode_certs(&pem).unwrap().remove(0);
             let cert = keyway_identity::x509::parse(&der).unwrap();
             let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
-            assert!(serials.contains(&serial), "acknowledged SVID {} missing from the log", dir.display());
+            assert!(
+                serials.contains(&serial),
+                "acknowledged SVID {} missing from the log",
+                dir.display()
+            );
         }
         let _ = Arc::new(store);
     }
@@ -84,7 +97,11 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
     assert_eq!(data_mode, 0o700, "data dir (CA keys) is owner-only");
     let bundle_after = cp.ok(&["bundle", "show", "--format", "jwks"]);
     assert_eq!(bundle_before, bundle_after, "same CA and JWT keys after kill -9");
-    assert_eq!(ids_before, cp.ok(&["identity", "list", "-o", "json"]), "identities stable");
+    assert_eq!(
+        ids_before,
+        cp.ok(&["identity", "list", "-o", "json"]),
+        "identities stable"
+    );
     // Re-applying the same documents changes nothing and allocates nothing.
     let again = cp.ok(&["apply", "-f", yaml.to_str().unwrap()]);
     assert!(again.lines().all(|l| l.contains("unchanged")), "{again}");
@@ -111,20 +128,37 @@ async fn consumed_join_tokens_stay_consumed_across_restart() {
     std::fs::write(&bundle_pem, cp.ok(&["bundle", "show"])).unwrap();
     let attest = |listen: &str| {
         Command::new(bin("node-agent"))
-            .args(["attest", "--server", listen, "--trust-domain", TD, "--node-name", "node-a", "--trust-bundle"])
+            .args([
+                "attest",
+                "--server",
+                listen,
+                "--trust-domain",
+                TD,
+                "--node-name",
+                "node-a",
+                "--trust-bundle",
+            ])
             .arg(&bundle_pem)
             .env("KEYWAY_JOIN_TOKEN", &token)
             .output()
             .unwrap()
     };
     let first = attest(&cp.listen);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert!(String::from_utf8_lossy(&first.stdout).contains("/keyway/node/node-a"));
     cp.kill9();
     let cp = Binary::spawn(&data, &[]);
     let second = attest(&cp.listen);
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already used"), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
 }
 
 #[test]
@@ -156,7 +190,13 @@ fn cli_errors_say_what_to_do() {
     assert!(!r.status.success());
     // Bad documents: nothing applied.
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, workload_yaml("ok", "ok", "node-a", "10.0.0.1") + "---\n" + &workload_yaml("bad", "bad", "node-a", "10.0.0.300")).unwrap();
+    std::fs::write(
+        &bad,
+        workload_yaml("ok", "ok", "node-a", "10.0.0.1")
+            + "---\n"
+            + &workload_yaml("bad", "bad", "node-a", "10.0.0.300"),
+    )
+    .unwrap();
     let r = cp.cli(&["apply", "-f", bad.to_str().unwrap()]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("spec.ips[0]"));

@@ -12,7 +12,16 @@ fn read_certs(path: &Path) -> Vec<Vec<u8>> {
 }
 
 fn mint(cp: &Binary, id: &str, out: &Path) {
-    cp.ok(&["x509", "mint", "--spiffe-id", id, "--ttl", "1h", "--out", out.to_str().unwrap()]);
+    cp.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        id,
+        "--ttl",
+        "1h",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -39,11 +48,16 @@ fn minted_svid_verifies_with_openssl_and_spiffe_crate() {
 
     // The key file is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(out.join("key.pem")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "key.pem must be readable by its owner only");
 
     let chain: Vec<u8> = read_certs(&out.join("svid.pem")).concat();
-    let (_, key) = keyway_identity::pem::decode_key(&std::fs::read_to_string(out.join("key.pem")).unwrap()).unwrap();
+    let (_, key) =
+        keyway_identity::pem::decode_key(&std::fs::read_to_string(out.join("key.pem")).unwrap()).unwrap();
     let svid = spiffe::X509Svid::parse_from_der(&chain, &key).expect("spiffe crate parses the SVID");
     assert_eq!(svid.spiffe_id().to_string(), id);
 }
@@ -78,17 +92,27 @@ fn x5_rules_hold_on_leaf_and_ca() {
     // X5-01: exactly one URI SAN, the SPIFFE ID. X5-03: it has a path.
     assert_eq!(uris(&leaf), vec![id.clone()]);
     // X5-04: empty subject means a critical SAN.
-    let san = leaf.extensions().iter().find(|e| matches!(e.parsed_extension(), ParsedExtension::SubjectAlternativeName(_))).unwrap();
+    let san = leaf
+        .extensions()
+        .iter()
+        .find(|e| matches!(e.parsed_extension(), ParsedExtension::SubjectAlternativeName(_)))
+        .unwrap();
     assert!(!leaf.subject().as_raw().is_empty() || san.critical, "X5-04");
     // X5-05: the CA's SPIFFE ID has no path.
     assert_eq!(uris(&ca), vec![format!("spiffe://{TD}")]);
     // X5-07 / X5-08
     assert!(ca.basic_constraints().unwrap().unwrap().value.ca, "X5-07");
-    let bc = leaf.basic_constraints().unwrap().expect("leaf has basicConstraints");
+    let bc = leaf
+        .basic_constraints()
+        .unwrap()
+        .expect("leaf has basicConstraints");
     assert!(!bc.value.ca, "X5-08");
     // X5-09: keyUsage present and critical on both.
     for c in [&leaf, &ca] {
-        assert!(c.key_usage().unwrap().expect("keyUsage present").critical, "X5-09");
+        assert!(
+            c.key_usage().unwrap().expect("keyUsage present").critical,
+            "X5-09"
+        );
     }
     let ca_ku = ca.key_usage().unwrap().unwrap().value;
     assert!(ca_ku.key_cert_sign(), "X5-10");
@@ -101,7 +125,10 @@ fn x5_rules_hold_on_leaf_and_ca() {
     // NotBefore backdated; NotAfter within the TTL and the CA's life.
     let nb = leaf.validity().not_before.timestamp();
     let na = leaf.validity().not_after.timestamp();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     assert!(nb <= now - 9 && nb >= now - 60, "NotBefore backdated about 10s");
     assert!(na <= now + 3600 && na >= now + 3500);
     assert!(na <= ca.validity().not_after.timestamp());
@@ -121,7 +148,10 @@ fn id_rules_refuse_invalid_ids_and_say_which_rule() {
         (format!("spiffe://{TD}/a?x"), "ID-03"),
         ("spiffe://EXAMPLE.org/a".to_string(), "ID-05"),
         (format!("spiffe://{TD}"), "X5-03"),
-        ("spiffe://other.org/ns/a/sa/b".to_string(), "outside the trust domain"),
+        (
+            "spiffe://other.org/ns/a/sa/b".to_string(),
+            "outside the trust domain",
+        ),
     ] {
         let r = cp.cli(&["x509", "mint", "--spiffe-id", &id, "--out", out.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&r.stderr);
@@ -138,28 +168,56 @@ fn upstream_ca_signs_keyway_as_an_intermediate() {
     let up_key = dir.path().join("up.key");
     let up_crt = dir.path().join("up.crt");
     let (ok, msg) = openssl(&[
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", up_key.to_str().unwrap(), "-out", up_crt.to_str().unwrap(),
-        "-days", "30", "-subj", "/O=Upstream/CN=Upstream Root",
-        "-addext", "basicConstraints=critical,CA:true",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        up_key.to_str().unwrap(),
+        "-out",
+        up_crt.to_str().unwrap(),
+        "-days",
+        "30",
+        "-subj",
+        "/O=Upstream/CN=Upstream Root",
+        "-addext",
+        "basicConstraints=critical,CA:true",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     assert!(ok, "{msg}");
     let cp = Binary::spawn(
         &dir.path().join("cp"),
-        &["--upstream-ca-cert", up_crt.to_str().unwrap(), "--upstream-ca-key", up_key.to_str().unwrap()],
+        &[
+            "--upstream-ca-cert",
+            up_crt.to_str().unwrap(),
+            "--upstream-ca-key",
+            up_key.to_str().unwrap(),
+        ],
     );
     let out = dir.path().join("svid");
     mint(&cp, &format!("spiffe://{TD}/ns/default/sa/api"), &out);
     let chain = read_certs(&out.join("svid.pem"));
     assert_eq!(chain.len(), 2, "leaf + Keyway intermediate");
-    assert_eq!(read_certs(&out.join("bundle.pem")), read_certs(&up_crt), "the bundle is the upstream root");
+    assert_eq!(
+        read_certs(&out.join("bundle.pem")),
+        read_certs(&up_crt),
+        "the bundle is the upstream root"
+    );
     let inter = dir.path().join("inter.pem");
     std::fs::write(&inter, keyway_identity::pem::encode_certs([chain[1].as_slice()])).unwrap();
     let leaf = dir.path().join("leaf.pem");
     std::fs::write(&leaf, keyway_identity::pem::encode_certs([chain[0].as_slice()])).unwrap();
     let (ok, msg) = openssl(&[
-        "verify", "-CAfile", up_crt.to_str().unwrap(), "-untrusted", inter.to_str().unwrap(), leaf.to_str().unwrap(),
+        "verify",
+        "-CAfile",
+        up_crt.to_str().unwrap(),
+        "-untrusted",
+        inter.to_str().unwrap(),
+        leaf.to_str().unwrap(),
     ]);
     assert!(ok, "chain through the intermediate verifies: {msg}");
 }

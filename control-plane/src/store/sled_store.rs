@@ -128,8 +128,7 @@ impl Store for SledStore {
                 let Some(raw) = tokens.get(token_hash)? else {
                     return abort(StoreError::TokenRefused(TokenProblem::Unknown));
                 };
-                let mut token: JoinTokenRecord =
-                    decode("join token", &raw).map_err(TxError::Abort)?;
+                let mut token: JoinTokenRecord = decode("join token", &raw).map_err(TxError::Abort)?;
                 if token.consumed_at.is_some() {
                     return abort(StoreError::TokenRefused(TokenProblem::Consumed));
                 }
@@ -191,16 +190,11 @@ impl Store for SledStore {
     }
 
     async fn apply_workloads(&self, workloads: Vec<WorkloadRecord>) -> StoreResult<ApplyOutcome> {
-        let result = (
-            &self.workloads,
-            &self.identities,
-            &self.identity_keys,
-            &self.meta,
-        )
-            .transaction(|(wl_tree, id_tree, key_tree, meta)| {
+        let result = (&self.workloads, &self.identities, &self.identity_keys, &self.meta).transaction(
+            |(wl_tree, id_tree, key_tree, meta)| {
                 let mut changes = Vec::new();
-                let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?)
-                    .max(u64::from(keyway_common::identity::FIRST_USER));
+                let mut next_id =
+                    read_u64(meta.get(NEXT_IDENTITY)?).max(u64::from(keyway_common::identity::FIRST_USER));
                 let start_id = next_id;
                 for w in &workloads {
                     let mut w = w.clone();
@@ -209,9 +203,7 @@ impl Store for SledStore {
                         Some(raw) => read_u64(Some(raw)) as u32,
                         None => {
                             let id = u32::try_from(next_id).map_err(|_| {
-                                TxError::Abort(StoreError::Exhausted(
-                                    "numeric identities exhausted".into(),
-                                ))
+                                TxError::Abort(StoreError::Exhausted("numeric identities exhausted".into()))
                             })?;
                             next_id += 1;
                             key_tree.insert(key.as_bytes(), &u64::from(id).to_be_bytes())?;
@@ -241,10 +233,7 @@ impl Store for SledStore {
                     if verb != "unchanged" {
                         wl_tree.insert(wkey.as_bytes(), encode(&w))?;
                     }
-                    changes.push(format!(
-                        "workload {wkey} {verb} (identity {id}, {})",
-                        w.spiffe_id
-                    ));
+                    changes.push(format!("workload {wkey} {verb} (identity {id}, {})", w.spiffe_id));
                 }
                 if next_id != start_id {
                     meta.insert(NEXT_IDENTITY, &next_id.to_be_bytes())?;
@@ -258,7 +247,8 @@ impl Store for SledStore {
                     changes,
                     revision: rev,
                 })
-            });
+            },
+        );
         let outcome = tx_result(result)?;
         self.flush().await?;
         Ok(outcome)

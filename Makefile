@@ -1,0 +1,50 @@
+# Keyway: the two commands a user needs are `make demo` and `make test`.
+# Both install what they need first (scripts/setup.sh, idempotent and fast
+# when everything is already there).
+
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+TIER_DIR := target/tiers
+# Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
+TIERS := lint unit integration
+
+.PHONY: all setup build test lint unit integration bench demo clean-tiers
+
+all: build
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+clean-tiers:
+	@rm -rf $(TIER_DIR) && mkdir -p $(TIER_DIR)
+
+# Tier: formatting and clippy with warnings denied.
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/lint
+
+# Tier: unit tests, inline next to the logic (pure, no servers).
+unit: setup
+	$(CARGO) test --workspace --lib --bins
+	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/unit
+
+# Tier: in-process integration tests: real gRPC over real sockets, real
+# crypto, the real binaries (built first), openssl and the spiffe crate.
+integration: setup
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p keyway-tests --tests
+	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/integration
+
+test: clean-tiers lint unit integration
+	@echo "tiers run: $$(ls $(TIER_DIR) | tr '\n' ' ')"
+
+bench: setup
+	$(CARGO) bench -p keyway-tests --bench issuance
+	@echo "results: bench-results/issuance.md"
+
+demo: build
+	@bash scripts/demo.sh
