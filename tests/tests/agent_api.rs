@@ -368,3 +368,31 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
     }
     let _ = Arc::new(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_issuance_completes_and_every_svid_is_logged() {
+    // Regression: concurrent flushes once deadlocked the store under load.
+    let cp = InProcess::start(Options::default()).await;
+    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10")).await;
+    let a = attest(&cp, "node-a").await;
+    let client = client_for(&cp, &a).await;
+    let before = cp.issuance_count().await;
+    let id = format!("spiffe://{TD}/ns/default/sa/frontend");
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let mut client = client.clone();
+            let id = id.clone();
+            tokio::spawn(async move { client.sign_workload(&id).await.map(|s| s.serial().to_vec()) })
+        })
+        .collect();
+    let all = async {
+        let mut serials = std::collections::HashSet::new();
+        for t in tasks {
+            serials.insert(t.await.unwrap().unwrap());
+        }
+        serials
+    };
+    let serials = tokio::time::timeout(Duration::from_secs(60), all).await.expect("issuance must not stall");
+    assert_eq!(serials.len(), 200, "200 distinct serials");
+    assert_eq!(cp.issuance_count().await, before + 200);
+}
