@@ -446,8 +446,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .into_inner();
             println!("bundle sequence: {}", status.bundle_sequence);
             println!(
-                "{:<18} {:<9} {:<22} {:<22} {}",
-                "ID", "STATE", "NOT BEFORE", "NOT AFTER", "JWT KID"
+                "{:<18} {:<9} {:<22} {:<22} JWT KID",
+                "ID", "STATE", "NOT BEFORE", "NOT AFTER"
             );
             for a in &status.authorities {
                 println!(
@@ -512,7 +512,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 Output::Table => {
-                    println!("{:<8} {:<50} {}", "ID", "SPIFFE ID", "WORKLOADS");
+                    println!("{:<8} {:<50} WORKLOADS", "ID", "SPIFFE ID");
                     for i in r.identities {
                         let id = i.identity.unwrap_or_default();
                         println!("{:<8} {:<50} {}", id.id, id.spiffe_id, i.workloads.join(", "));

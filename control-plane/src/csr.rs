@@ -75,13 +75,13 @@ pub fn check(der: &[u8], expected_id: &str) -> Result<rcgen::SubjectPublicKeyInf
                     if uris.len() > 1 {
                         return Err(CsrError::ExtraUriSans(uris.len()));
                     }
-                    if let Some(u) = uris.first() {
-                        if *u != expected_id {
-                            return Err(CsrError::WrongUriSan {
-                                asked: (*u).to_owned(),
-                                expected: expected_id.to_owned(),
-                            });
-                        }
+                    if let Some(u) = uris.first()
+                        && *u != expected_id
+                    {
+                        return Err(CsrError::WrongUriSan {
+                            asked: (*u).to_owned(),
+                            expected: expected_id.to_owned(),
+                        });
                     }
                 }
                 _ => {}

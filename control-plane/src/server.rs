@@ -460,14 +460,12 @@ impl ControlPlane {
             let wait_ca = wait_ca.min(Duration::from_secs(60));
             tokio::select! {
                 _ = tokio::time::sleep(wait_ca) => {
-                    if let Some((step, due)) = ca::next_step(self.authority().state(), self.inner.ca_cfg.max_svid_ttl()) {
-                        if due <= now_unix() {
-                            if let Err(e) = self.rotate(step.clone()).await {
+                    if let Some((step, due)) = ca::next_step(self.authority().state(), self.inner.ca_cfg.max_svid_ttl())
+                        && due <= now_unix()
+                            && let Err(e) = self.rotate(step.clone()).await {
                                 warn!(?step, error = %e, "scheduled CA rotation step failed; retrying in a minute");
                                 tokio::time::sleep(Duration::from_secs(60).min(self.inner.ca_cfg.ca_ttl / 12)).await;
                             }
-                        }
-                    }
                 }
                 _ = tokio::time::sleep_until(own_renew_at) => {
                     match self.renew_own_svid().await {

@@ -87,15 +87,15 @@ pub fn inspect_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
         return Err(SvidError::UriSanCount(uris.len()));
     }
     let spiffe_id = spiffe_id::parse_svid_id(uris[0])?;
-    if let Ok(Some(bc)) = cert.basic_constraints() {
-        if bc.value.ca {
-            return Err(SvidError::LeafIsCa);
-        }
+    if let Ok(Some(bc)) = cert.basic_constraints()
+        && bc.value.ca
+    {
+        return Err(SvidError::LeafIsCa);
     }
-    if let Ok(Some(ku)) = cert.key_usage() {
-        if ku.value.key_cert_sign() || ku.value.crl_sign() {
-            return Err(SvidError::LeafCanSign);
-        }
+    if let Ok(Some(ku)) = cert.key_usage()
+        && (ku.value.key_cert_sign() || ku.value.crl_sign())
+    {
+        return Err(SvidError::LeafCanSign);
     }
     Ok(LeafInfo {
         spiffe_id,

@@ -37,6 +37,7 @@ impl Default for Options {
     }
 }
 
+#[allow(missing_debug_implementations, reason = "test harness")]
 /// A control plane serving its agent API on 127.0.0.1 and its admin API on a
 /// unix socket, in this process. Stops when dropped.
 pub struct InProcess {
@@ -141,6 +142,7 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+#[allow(missing_debug_implementations, reason = "test harness")]
 /// The real `control-plane serve` process. Killed (SIGKILL) on drop.
 pub struct Binary {
     pub child: Child,

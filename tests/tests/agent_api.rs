@@ -373,7 +373,8 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
 async fn concurrent_issuance_completes_and_every_svid_is_logged() {
     // Regression: concurrent flushes once deadlocked the store under load.
     let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10")).await;
+    cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10"))
+        .await;
     let a = attest(&cp, "node-a").await;
     let client = client_for(&cp, &a).await;
     let before = cp.issuance_count().await;
@@ -392,7 +393,9 @@ async fn concurrent_issuance_completes_and_every_svid_is_logged() {
         }
         serials
     };
-    let serials = tokio::time::timeout(Duration::from_secs(60), all).await.expect("issuance must not stall");
+    let serials = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("issuance must not stall");
     assert_eq!(serials.len(), 200, "200 distinct serials");
     assert_eq!(cp.issuance_count().await, before + 200);
 }

@@ -57,8 +57,8 @@ fn manual_rotation_keeps_old_and_new_svids_valid_during_the_overlap() {
     let s1 = jwks_sequence(&cp);
     assert!(s1 > s0, "prepare grows the sequence");
     // Prepared CA is published but does not sign yet.
-    let still_old = mint(&cp, dir.path(), "prepared");
-    assert_eq!(still_old[0].len() > 0, true);
+    let while_prepared = mint(&cp, dir.path(), "prepared");
+    verify_with_bundle(&cp, &while_prepared).unwrap();
     verify_with_bundle(&cp, &old_svid).unwrap();
 
     let status = cp.ok(&["ca", "activate"]);
@@ -70,8 +70,22 @@ fn manual_rotation_keeps_old_and_new_svids_valid_during_the_overlap() {
     // Both verify against the current bundle.
     verify_with_bundle(&cp, &old_svid).expect("old CA's SVID still verifies");
     verify_with_bundle(&cp, &new_svid).expect("new CA's SVID verifies");
-    let issuer = |der: &[u8]| keyway_identity::x509::parse(der).unwrap().issuer().to_string();
-    let _ = issuer;
+    // The prepared CA did not sign: the SVID minted while prepared has the
+    // same issuer key as the first one, the one after activation does not.
+    let aki = |der: &[u8]| {
+        keyway_identity::x509::parse(der)
+            .unwrap()
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            })
+    };
+    assert_eq!(aki(&while_prepared[0]), aki(&old_svid[0]));
+    assert_ne!(aki(&new_svid[0]), aki(&old_svid[0]));
     let bundle = keyway_identity::pem::decode_certs(&cp.ok(&["bundle", "show"])).unwrap();
     assert_eq!(bundle.len(), 2, "old and new CA both in the bundle");
 }

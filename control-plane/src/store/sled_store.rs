@@ -43,7 +43,6 @@ fn start_flusher(db: sled::Db) -> std::sync::mpsc::Sender<FlushWaiter> {
 /// sled-backed [`Store`]. One process at a time (sled locks the directory).
 #[derive(Debug, Clone)]
 pub struct SledStore {
-    db: sled::Db,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
     ca: sled::Tree,
     tokens: sled::Tree,
@@ -113,8 +112,7 @@ impl SledStore {
             nodes: tree("nodes")?,
             issuance: tree("issuance")?,
             meta: tree("meta")?,
-            flusher: start_flusher(db.clone()),
-            db,
+            flusher: start_flusher(db),
         })
     }
 
