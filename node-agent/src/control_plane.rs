@@ -20,11 +20,17 @@ pub enum ClientError {
     #[error("cannot reach the control plane at {server}: {reason}")]
     Connect { server: String, reason: String },
     #[error("the control plane refused the call: {} ({:?})", .0.message(), .0.code())]
-    Refused(#[from] tonic::Status),
+    Refused(tonic::Status),
     #[error("the control plane's answer is unusable: {0}")]
     BadResponse(String),
     #[error("key generation failed: {0}")]
     Key(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Refused(s)
+    }
 }
 
 /// What attestation gives a node.

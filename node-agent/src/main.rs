@@ -21,9 +21,19 @@ enum Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
-    match Cli::parse() {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli {
         Cli::Attest {
             server,
             trust_bundle,
@@ -32,7 +42,9 @@ async fn main() -> anyhow::Result<()> {
             trust_domain,
         } => {
             let td = keyway_identity::spiffe_id::parse_trust_domain(&trust_domain)?;
-            let pem = std::fs::read_to_string(&trust_bundle)?;
+            let pem = std::fs::read_to_string(&trust_bundle).map_err(|e| {
+                anyhow::anyhow!("--trust-bundle: cannot read {}: {e}", trust_bundle.display())
+            })?;
             let bundle = keyway_identity::TrustBundle::from_pem(td, &pem)?;
             let id = node_agent::control_plane::attest_with_join_token(
                 &server,
