@@ -8,7 +8,7 @@ TIER_DIR := target/tiers
 # Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
 TIERS := lint unit integration
 
-.PHONY: all setup build test lint unit integration bench demo clean-tiers
+.PHONY: all setup build test lint unit integration bench demo clean-tiers print-tiers
 
 all: build
 
@@ -17,6 +17,9 @@ setup:
 
 build: setup
 	$(CARGO) build --workspace --bins
+
+print-tiers:
+	@echo $(TIERS)
 
 clean-tiers:
 	@rm -rf $(TIER_DIR) && mkdir -p $(TIER_DIR)
