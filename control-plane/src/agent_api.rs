@@ -234,6 +234,19 @@ impl AgentApi for AgentService {
         }
     }
 
+    async fn mint_workload_jwt(
+        &self,
+        req: Request<pb::MintWorkloadJwtRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let node = self.caller_node(&req)?;
+        let req = req.into_inner();
+        let (token, expires_at_unix) = self.cp.mint_workload_jwt(&node, &req.spiffe_id, &req.audience)?;
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token,
+            expires_at_unix,
+        }))
+    }
+
     type SyncStream = ReceiverStream<Result<pb::SyncResponse, Status>>;
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {

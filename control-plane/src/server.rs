@@ -326,6 +326,41 @@ impl ControlPlane {
         })
     }
 
+    /// The SVID TTL for `requested` on `node`, or why the node may not have it:
+    /// nodes get SVIDs only for identities with a Workload placed on them.
+    fn authorize_workload(&self, node: &str, requested: &str) -> Result<(SpiffeId, Duration), ApiError> {
+        let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let reg = self.inner.registry.borrow();
+        let with_id: Vec<_> = reg
+            .workloads
+            .iter()
+            .filter(|w| w.spiffe_id == requested)
+            .collect();
+        let here: Vec<_> = with_id.iter().filter(|w| w.node == node).collect();
+        if here.is_empty() {
+            let elsewhere: std::collections::BTreeSet<&str> =
+                with_id.iter().map(|w| w.node.as_str()).collect();
+            return Err(ApiError::PermissionDenied(if elsewhere.is_empty() {
+                format!(
+                    "no workload with identity {requested} exists; nodes get SVIDs only for workloads placed on them"
+                )
+            } else {
+                format!(
+                    "node {node} has no workload with identity {requested} (it runs on: {}); nodes get SVIDs only for workloads placed on them",
+                    elsewhere.into_iter().collect::<Vec<_>>().join(", ")
+                )
+            }));
+        }
+        let ttl = here
+            .iter()
+            .filter_map(|w| w.svid_ttl_secs)
+            .min()
+            .map(Duration::from_secs)
+            .unwrap_or(self.inner.cfg.svid_ttl);
+        Ok((id, ttl))
+    }
+
     /// Signs a workload CSR for `node`, only for an identity with a Workload
     /// placed on that node.
     pub async fn sign_workload_csr(
@@ -334,38 +369,20 @@ impl ControlPlane {
         requested: &str,
         csr_der: &[u8],
     ) -> Result<(SpiffeId, Issued), ApiError> {
-        let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let ttl = {
-            let reg = self.inner.registry.borrow();
-            let with_id: Vec<_> = reg
-                .workloads
-                .iter()
-                .filter(|w| w.spiffe_id == requested)
-                .collect();
-            let here: Vec<_> = with_id.iter().filter(|w| w.node == node).collect();
-            if here.is_empty() {
-                let elsewhere: std::collections::BTreeSet<&str> =
-                    with_id.iter().map(|w| w.node.as_str()).collect();
-                return Err(ApiError::PermissionDenied(if elsewhere.is_empty() {
-                    format!(
-                        "no workload with identity {requested} exists; nodes get SVIDs only for workloads placed on them"
-                    )
-                } else {
-                    format!(
-                        "node {node} has no workload with identity {requested} (it runs on: {}); nodes get SVIDs only for workloads placed on them",
-                        elsewhere.into_iter().collect::<Vec<_>>().join(", ")
-                    )
-                }));
-            }
-            here.iter()
-                .filter_map(|w| w.svid_ttl_secs)
-                .min()
-                .map(Duration::from_secs)
-                .unwrap_or(self.inner.cfg.svid_ttl)
-        };
+        let (id, ttl) = self.authorize_workload(node, requested)?;
         let issued = self.issue(csr_der, &id, ttl, node).await?;
         Ok((id, issued))
+    }
+
+    /// Mints a JWT-SVID for a workload identity placed on `node`.
+    pub fn mint_workload_jwt(
+        &self,
+        node: &str,
+        requested: &str,
+        audience: &[String],
+    ) -> Result<(String, i64), ApiError> {
+        self.authorize_workload(node, requested)?;
+        self.mint_jwt(requested, audience, self.inner.cfg.jwt_ttl)
     }
 
     // ---- admin API ------------------------------------------------------

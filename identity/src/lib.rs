@@ -8,6 +8,7 @@
 pub mod bundle;
 pub mod csr;
 pub mod duration;
+pub mod jwt;
 pub mod pem;
 pub mod spiffe_id;
 pub mod svid;

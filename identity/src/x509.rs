@@ -114,3 +114,16 @@ pub fn not_after(der: &[u8]) -> Result<SystemTime, SvidError> {
 pub fn not_before(der: &[u8]) -> Result<SystemTime, SvidError> {
     Ok(to_system_time(parse(der)?.validity().not_before))
 }
+
+/// Splits concatenated DER certificates (the Workload API's chain and bundle
+/// encoding, WL-09) into single certificates.
+pub fn split_der(concatenated: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
+    let mut rest = concatenated;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (next, _) = X509Certificate::from_der(rest).map_err(|e| SvidError::Parse(e.to_string()))?;
+        out.push(rest[..rest.len() - next.len()].to_vec());
+        rest = next;
+    }
+    Ok(out)
+}

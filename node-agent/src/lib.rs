@@ -1,5 +1,19 @@
-//! The Keyway node agent. This crate grows per DESIGN.md section 5: so far it
-//! holds the control-plane client (`control_plane`); the Workload API, SVID
-//! rotation, mutual authentication and the datapath loader come next.
+//! The Keyway node agent (DESIGN.md section 5).
+//!
+//! Module map: `agent` (wiring and the control-plane link), `control_plane`
+//! (the agent API client), `state` (the node's view from Sync), `node_svid`
+//! (the node identity on disk), `svid_cache` (workload SVIDs and rotation),
+//! `workload_api` (the SPIFFE Workload API server), `caller` (out-of-band
+//! caller attestation), `workload_client` (the CLI's Workload API client),
+//! `backoff`, `cli`.
 
+pub mod agent;
+pub mod backoff;
+pub mod caller;
+pub mod cli;
 pub mod control_plane;
+pub mod node_svid;
+pub mod state;
+pub mod svid_cache;
+pub mod workload_api;
+pub mod workload_client;

@@ -153,8 +153,12 @@ pub struct Binary {
 
 impl Binary {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
+        Self::spawn_on(data_dir, &format!("127.0.0.1:{}", free_port()), extra)
+    }
+
+    /// Like [`Binary::spawn`] on a given address (to restart in place).
+    pub fn spawn_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
+        let listen = listen.to_owned();
         let admin_socket = data_dir.join("admin.sock");
         let child = Command::new(bin("control-plane"))
             .arg("serve")
@@ -251,5 +255,103 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
+    )
+}
+
+/// A node agent running in this process: attested to `cp`, serving the
+/// Workload API on a socket in its own temp dir. Stops when dropped.
+#[allow(missing_debug_implementations, reason = "test harness")]
+pub struct Agent {
+    pub handles: node_agent::agent::AgentHandles,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+}
+
+impl Agent {
+    /// Starts an agent for `node`, attesting with a fresh join token unless
+    /// `dir` already holds a node SVID.
+    pub async fn start(cp: &InProcess, node: &str, dir: Option<tempfile::TempDir>) -> Self {
+        let token = cp.token(node).await;
+        Self::start_with(&cp.addr, &cp.bundle().to_pem(), node, Some(token), dir).await
+    }
+
+    pub async fn start_with(
+        server: &str,
+        bundle_pem: &str,
+        node: &str,
+        token: Option<String>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
+        let bundle_path = dir.path().join("trust-bundle.pem");
+        std::fs::write(&bundle_path, bundle_pem).expect("write bundle");
+        let cfg = node_agent::agent::AgentConfig {
+            server: server.to_owned(),
+            trust_domain: trust_domain(),
+            trust_bundle: bundle_path,
+            node_name: node.to_owned(),
+            data_dir: dir.path().join("data"),
+            join_token: token,
+            socket: dir.path().join("agent.sock"),
+            netns_dir: dir.path().join("netns"),
+            proc_root: PathBuf::from("/proc"),
+        };
+        let (stop, rx) = watch::channel(false);
+        let handles = node_agent::agent::start(cfg.clone(), rx.clone())
+            .await
+            .expect("agent start");
+        let listener = node_agent::workload_api::bind(&cfg.socket).expect("bind workload api");
+        let api = node_agent::workload_api::WorkloadApi::new(
+            handles.state.clone(),
+            handles.svids.clone(),
+            handles.client.clone(),
+            cfg.proc_root.clone(),
+            cfg.netns_dir.clone(),
+        );
+        tokio::spawn(node_agent::workload_api::serve(api, listener, rx));
+        Self {
+            handles,
+            socket: cfg.socket,
+            data_dir: cfg.data_dir,
+            dir,
+            stop,
+        }
+    }
+
+    /// `unix:///...` endpoint for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Waits until the agent holds an SVID for `spiffe_id`.
+    pub async fn wait_for_svid(&self, spiffe_id: &str) {
+        let mut rx = self.handles.svids.clone();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            rx.wait_for(|s| s.contains_key(spiffe_id)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no SVID for {spiffe_id} within 20s"))
+        .expect("agent running");
+    }
+
+    /// Stops the agent, keeping its directory for a restart.
+    pub fn stop(self) -> tempfile::TempDir {
+        let _ = self.stop.send(true);
+        self.dir
+    }
+}
+
+/// A Workload document whose selector matches this test process (by uid).
+pub fn workload_for_me(name: &str, sa: &str, node: &str, ttl: Option<&str>) -> String {
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0);
+    let ttl = ttl.map(|t| format!("  svidTTL: {t}\n")).unwrap_or_default();
+    format!(
+        "apiVersion: keyway.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default }}\n\
+         spec:\n  serviceAccount: {sa}\n  node: {node}\n  selectors: [\"unix:uid:{uid}\"]\n{ttl}"
     )
 }

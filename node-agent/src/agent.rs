@@ -1,0 +1,234 @@
+//! The running agent: its node identity, the link to the control plane (mTLS,
+//! Sync, node SVID renewal, reconnect with backoff), the SVID cache and the
+//! Workload API, wired together with `watch` channels. Each piece of state has
+//! one owner task.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use keyway_identity::{Svid, TrustBundle, TrustDomain};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::backoff::{Backoff, unit_random};
+use crate::control_plane::{self, ClientError, ControlPlaneClient};
+use crate::node_svid;
+use crate::state::NodeState;
+use crate::svid_cache::{SvidCache, renew_after};
+
+/// Validated `node-agent run` configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub server: String,
+    pub trust_domain: TrustDomain,
+    pub trust_bundle: PathBuf,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub join_token: Option<String>,
+    pub socket: PathBuf,
+    pub netns_dir: PathBuf,
+    pub proc_root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(String),
+    #[error("attestation failed: {0}")]
+    Attestation(ClientError),
+    #[error(transparent)]
+    Disk(#[from] node_svid::DiskError),
+    #[error("workload API socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+}
+
+/// Handles the rest of the agent reads.
+#[derive(Debug, Clone)]
+pub struct AgentHandles {
+    pub state: watch::Receiver<Arc<NodeState>>,
+    pub svids: watch::Receiver<crate::svid_cache::SvidSet>,
+    pub client: watch::Receiver<Option<ControlPlaneClient>>,
+    pub rotations: watch::Receiver<u64>,
+}
+
+/// Finds or obtains the node SVID: a stored, still-valid one first (no new
+/// token needed after a restart), else join-token attestation.
+async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Svid, AgentError> {
+    if let Some(svid) = node_svid::load_svid(&cfg.data_dir)? {
+        info!(spiffe_id = %svid.spiffe_id(), "using the stored node SVID");
+        return Ok(svid);
+    }
+    let token = cfg.join_token.as_deref().ok_or_else(|| {
+        AgentError::Config(format!(
+            "no valid node SVID in {} and no --join-token: create one with `control-plane token create --node {}`",
+            cfg.data_dir.display(),
+            cfg.node_name
+        ))
+    })?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut attempts = 0;
+    let id = loop {
+        match control_plane::attest_with_join_token(&cfg.server, bundle.clone(), &cfg.node_name, token).await
+        {
+            Ok(id) => break id,
+            // A refusal is final (the token is bad); a connection error is retried.
+            Err(e @ ClientError::Refused(_)) => return Err(AgentError::Attestation(e)),
+            Err(e) if attempts >= 20 => return Err(AgentError::Attestation(e)),
+            Err(e) => {
+                attempts += 1;
+                warn!(error = %e, "cannot reach the control plane to attest; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    };
+    node_svid::save_svid(&cfg.data_dir, &id.svid)?;
+    node_svid::save_bundle(&cfg.data_dir, &id.bundle)?;
+    info!(spiffe_id = %id.svid.spiffe_id(), node_id = id.node_id, "attested with a join token");
+    Ok(id.svid)
+}
+
+/// Starts the agent's background tasks; returns once the node identity is
+/// established. Everything stops when `shutdown` turns true.
+pub async fn start(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<AgentHandles, AgentError> {
+    node_svid::prepare_dir(&cfg.data_dir)?;
+    let initial_bundle = match node_svid::load_bundle(&cfg.data_dir, &cfg.trust_domain)? {
+        Some(b) => b,
+        None => {
+            let pem = std::fs::read_to_string(&cfg.trust_bundle).map_err(|e| {
+                AgentError::Config(format!(
+                    "--trust-bundle: cannot read {}: {e}",
+                    cfg.trust_bundle.display()
+                ))
+            })?;
+            TrustBundle::from_pem(cfg.trust_domain.clone(), &pem).map_err(|e| {
+                AgentError::Config(format!("--trust-bundle {}: {e}", cfg.trust_bundle.display()))
+            })?
+        }
+    };
+    let bundle = Arc::new(initial_bundle);
+    let svid = node_identity(&cfg, bundle.clone()).await?;
+    let certified = svid
+        .certified_key()
+        .map_err(|e| AgentError::Config(format!("node SVID unusable: {e}")))?;
+    let (bundle_tx, bundle_rx) = watch::channel(bundle);
+    let (cert_tx, cert_rx) = watch::channel(Some(certified));
+    let (state_tx, state_rx) = watch::channel(Arc::new(NodeState::default()));
+    let (client_tx, client_rx) = watch::channel(None);
+    let cache = Arc::new(SvidCache::new());
+    let handles = AgentHandles {
+        state: state_rx.clone(),
+        svids: cache.subscribe(),
+        client: client_rx.clone(),
+        rotations: cache.rotations(),
+    };
+    let link = Link {
+        cfg: cfg.clone(),
+        node_svid: svid,
+        bundle_tx,
+        bundle_rx,
+        cert_tx,
+        cert_rx,
+        state_tx,
+        client_tx,
+    };
+    tokio::spawn(link.run(shutdown.clone()));
+    tokio::spawn({
+        let cache = cache.clone();
+        let shutdown = shutdown.clone();
+        async move { cache.run(state_rx, client_rx, shutdown).await }
+    });
+    Ok(handles)
+}
+
+/// The one owner of the connection to the control plane.
+struct Link {
+    cfg: AgentConfig,
+    node_svid: Svid,
+    bundle_tx: watch::Sender<Arc<TrustBundle>>,
+    bundle_rx: watch::Receiver<Arc<TrustBundle>>,
+    cert_tx: watch::Sender<Option<Arc<CertifiedKey>>>,
+    cert_rx: watch::Receiver<Option<Arc<CertifiedKey>>>,
+    state_tx: watch::Sender<Arc<NodeState>>,
+    client_tx: watch::Sender<Option<ControlPlaneClient>>,
+}
+
+impl Link {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut logged = false;
+        loop {
+            let result = tokio::select! {
+                r = self.session(&mut backoff) => r,
+                _ = shutdown.changed() => return,
+            };
+            // A session that got connected earns a fresh log line next time.
+            if self.client_tx.send_replace(None).is_some() {
+                logged = false;
+            }
+            if let Err(e) = result
+                && !logged
+            {
+                warn!(server = %self.cfg.server, error = %e, "lost the control plane; serving cached SVIDs and reconnecting");
+                logged = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One connection: follow Sync and renew the node SVID when due.
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
+        let client =
+            ControlPlaneClient::connect(&self.cfg.server, self.bundle_rx.clone(), self.cert_rx.clone())
+                .await?;
+        let mut stream = client.clone().sync(0).await?;
+        self.client_tx.send_replace(Some(client.clone()));
+        info!(server = %self.cfg.server, "connected to the control plane");
+        let mut state = NodeState::default();
+        let mut renew_at = self.node_renew_at();
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let Some(msg) = msg? else {
+                        return Err(ClientError::Connect { server: self.cfg.server.clone(), reason: "sync stream ended".into() });
+                    };
+                    backoff.reset();
+                    if state.apply(msg) {
+                        if let Some(bundle) = &state.bundle
+                            && bundle.sequence() != self.bundle_rx.borrow().sequence() {
+                                if let Err(e) = node_svid::save_bundle(&self.cfg.data_dir, bundle) {
+                                    warn!(error = %e, "cannot store the new bundle");
+                                }
+                                self.bundle_tx.send_replace(bundle.clone());
+                            }
+                        self.state_tx.send_replace(Arc::new(state.clone()));
+                    }
+                }
+                _ = tokio::time::sleep_until(renew_at) => {
+                    match client.clone().renew_node_svid().await {
+                        Ok(id) => {
+                            node_svid::save_svid(&self.cfg.data_dir, &id.svid).map_err(|e| ClientError::Key(e.to_string()))?;
+                            let certified = id.svid.certified_key().map_err(|e| ClientError::Key(e.to_string()))?;
+                            self.cert_tx.send_replace(Some(certified));
+                            self.node_svid = id.svid;
+                            renew_at = self.node_renew_at();
+                            info!("node SVID renewed");
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "node SVID renewal failed; retrying");
+                            renew_at = tokio::time::Instant::now() + backoff.next_delay();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn node_renew_at(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + renew_after(&self.node_svid, SystemTime::now(), unit_random())
+    }
+}

@@ -1,0 +1,424 @@
+//! The SPIFFE Workload API on a unix socket (EP-*, WL-*).
+//!
+//! Callers are identified out of band (EP-10): the socket's peer credentials
+//! give a pid and uid, the pid gives the network namespace (and, in
+//! Kubernetes, the pod), and those are matched against the selectors of the
+//! Workloads placed on this node. Streams are built lazily from `watch`
+//! channels: a message is produced only when the client reads, so a client
+//! that never reads costs one pending message, not a growing queue.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::Stream;
+use proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use proto::workload::{self as pb};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::caller::{self, Caller};
+use crate::control_plane::ControlPlaneClient;
+use crate::state::NodeState;
+use crate::svid_cache::SvidSet;
+
+/// The metadata every Workload API request must carry (EP-03/EP-04).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Binds the Workload API socket. The socket is connectable by every local
+/// user (mode 0666): workloads run as many uids, and authorization happens
+/// per call by attesting the caller, not by file permissions.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is serving on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Serves the Workload API until `shutdown` turns true.
+pub async fn serve(
+    service: WorkloadApi,
+    listener: UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+        })
+        .await
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    state: watch::Receiver<Arc<NodeState>>,
+    svids: watch::Receiver<SvidSet>,
+    client: watch::Receiver<Option<ControlPlaneClient>>,
+    proc_root: PathBuf,
+    netns_dir: PathBuf,
+}
+
+impl WorkloadApi {
+    pub fn new(
+        state: watch::Receiver<Arc<NodeState>>,
+        svids: watch::Receiver<SvidSet>,
+        client: watch::Receiver<Option<ControlPlaneClient>>,
+        proc_root: PathBuf,
+        netns_dir: PathBuf,
+    ) -> Self {
+        Self {
+            state,
+            svids,
+            client,
+            proc_root,
+            netns_dir,
+        }
+    }
+
+    /// Checks the security header and identifies the caller.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let values: Vec<_> = req.metadata().get_all(SECURITY_HEADER).iter().collect();
+        if values.len() != 1 || values[0].to_str().ok() != Some("true") {
+            return Err(Status::invalid_argument("security header missing from request"));
+        }
+        if !self.state.borrow().synced {
+            return Err(Status::unavailable(
+                "the node agent is starting and has not synced with the control plane yet; retry shortly",
+            ));
+        }
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
+        Ok(caller::identify(
+            cred.pid(),
+            cred.uid(),
+            &self.proc_root,
+            &self.netns_dir,
+        ))
+    }
+
+    /// The SPIFFE IDs `caller` is entitled to, or PermissionDenied naming what
+    /// was looked at.
+    fn entitled(state: &NodeState, caller: &Caller) -> Result<Vec<String>, Status> {
+        let mut ids: Vec<String> = state
+            .workloads
+            .values()
+            .filter(|w| caller::matches(&w.selectors, caller))
+            .map(|w| w.spiffe_id.clone())
+            .collect();
+        ids.dedup();
+        if ids.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "no identity issued: no Workload on this node has a selector matching the caller \
+                 (uid {}, netns {}, pod {}); add a selector such as \"unix:uid:{}\" to the Workload",
+                caller.uid,
+                caller.netns.as_deref().unwrap_or("-"),
+                caller.pod_uid.as_deref().unwrap_or("-"),
+                caller.uid
+            )));
+        }
+        Ok(ids)
+    }
+
+    fn bundles(state: &NodeState) -> BTreeMap<String, Vec<u8>> {
+        state
+            .bundle
+            .iter()
+            .map(|b| (format!("spiffe://{}", b.trust_domain()), b.concatenated_der()))
+            .collect()
+    }
+}
+
+/// The full X509-SVID state for a caller (WL-04), or `None` while its SVIDs
+/// have not been issued yet.
+fn x509_response(
+    state: &NodeState,
+    svids: &SvidSet,
+    caller: &Caller,
+) -> Result<Option<pb::X509svidResponse>, Status> {
+    let ids = WorkloadApi::entitled(state, caller)?;
+    let Some(bundle) = state.bundle.as_ref() else {
+        return Ok(None);
+    };
+    let bundle_der = bundle.concatenated_der();
+    let now = SystemTime::now();
+    let svids: Vec<pb::X509svid> = ids
+        .iter()
+        .filter_map(|id| svids.get(id))
+        .filter(|s| s.not_after() > now)
+        .map(|s| pb::X509svid {
+            spiffe_id: s.spiffe_id().to_string(),
+            x509_svid: s.chain_der(),
+            x509_svid_key: s.key_pkcs8().to_vec(),
+            bundle: bundle_der.clone(),
+            hint: String::new(),
+        })
+        .collect();
+    if svids.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(pb::X509svidResponse {
+        svids,
+        crl: Vec::new(),
+        federated_bundles: Default::default(),
+    }))
+}
+
+/// A stream that yields `compute()` whenever the node state or the SVID set
+/// change and the result differs from what was sent last (identical updates
+/// are not pushed again). The first message goes out as soon as there is one
+/// (WL-05). An error ends the stream.
+fn watch_stream<T, F>(
+    state: watch::Receiver<Arc<NodeState>>,
+    svids: watch::Receiver<SvidSet>,
+    compute: F,
+) -> ResponseStream<T>
+where
+    T: PartialEq + Clone + Send + Sync + 'static,
+    F: Fn(&NodeState, &SvidSet) -> Result<Option<T>, Status> + Send + Sync + 'static,
+{
+    let compute = Arc::new(compute);
+    let stream = futures::stream::unfold(
+        (state, svids, None::<T>, false),
+        move |(mut state, mut svids, last, done)| {
+            let compute = compute.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let next = {
+                        let st = state.borrow_and_update().clone();
+                        let sv = svids.borrow_and_update().clone();
+                        compute(&st, &sv)
+                    };
+                    match next {
+                        Err(status) => return Some((Err(status), (state, svids, last, true))),
+                        Ok(Some(msg)) if last.as_ref() != Some(&msg) => {
+                            return Some((Ok(msg.clone()), (state, svids, Some(msg), false)));
+                        }
+                        _ => {}
+                    }
+                    tokio::select! {
+                        r = state.changed() => if r.is_err() { return None },
+                        r = svids.changed() => if r.is_err() { return None },
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(stream)
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = self.caller(&req)?;
+        Self::entitled(&self.state.borrow(), &caller)?;
+        let stream = watch_stream(self.state.clone(), self.svids.clone(), move |st, sv| {
+            x509_response(st, sv, &caller)
+        });
+        Ok(Response::new(stream))
+    }
+
+    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = self.caller(&req)?;
+        Self::entitled(&self.state.borrow(), &caller)?;
+        let stream = watch_stream(self.state.clone(), self.svids.clone(), move |st, _| {
+            Self::entitled(st, &caller)?;
+            let bundles = Self::bundles(st);
+            Ok((!bundles.is_empty()).then(|| pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: bundles.into_iter().collect(),
+            }))
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let req = req.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(|a| a.is_empty()) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let entitled = Self::entitled(&self.state.borrow(), &caller)?;
+        let ids = if req.spiffe_id.is_empty() {
+            entitled
+        } else if entitled.contains(&req.spiffe_id) {
+            vec![req.spiffe_id.clone()]
+        } else {
+            return Err(Status::permission_denied(format!(
+                "the caller is not entitled to {}; it may ask for: {}",
+                req.spiffe_id,
+                entitled.join(", ")
+            )));
+        };
+        let mut client = self
+            .client
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable("not connected to the control plane; retry shortly"))?;
+        let mut svids = Vec::new();
+        for id in ids {
+            let r = client
+                .raw()
+                .mint_workload_jwt(proto::keyway::MintWorkloadJwtRequest {
+                    spiffe_id: id.clone(),
+                    audience: req.audience.clone(),
+                })
+                .await
+                .map_err(|s| {
+                    Status::unavailable(format!(
+                        "the control plane could not mint a JWT-SVID: {}",
+                        s.message()
+                    ))
+                })?
+                .into_inner();
+            svids.push(pb::Jwtsvid {
+                spiffe_id: id,
+                svid: r.token,
+                hint: String::new(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
+    }
+
+    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let caller = self.caller(&req)?;
+        Self::entitled(&self.state.borrow(), &caller)?;
+        let stream = watch_stream(self.state.clone(), self.svids.clone(), move |st, _| {
+            Self::entitled(st, &caller)?;
+            let Some(bundle) = st.bundle.as_ref() else {
+                return Ok(None);
+            };
+            // WL-15: only jwt-svid keys.
+            let jwks = keyway_identity::jwt::jwt_only_bundle(bundle.jwks())
+                .map_err(|e| Status::internal(format!("bundle: {e}")))?;
+            Ok(Some(pb::JwtBundlesResponse {
+                bundles: [(format!("spiffe://{}", bundle.trust_domain()), jwks)]
+                    .into_iter()
+                    .collect(),
+            }))
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let _caller = self.caller(&req)?;
+        let req = req.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let bundle = self
+            .state
+            .borrow()
+            .bundle
+            .clone()
+            .ok_or_else(|| Status::unavailable("no trust bundle yet"))?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let v = keyway_identity::jwt::validate(
+            &req.svid,
+            bundle.trust_domain(),
+            bundle.jwks(),
+            &req.audience,
+            now,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(to_struct(v.claims)),
+        }))
+    }
+
+    type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        _req: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported (WL-18)",
+        ))
+    }
+
+    type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
+
+    async fn fetch_wit_bundles(
+        &self,
+        _req: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported (WL-18)",
+        ))
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
