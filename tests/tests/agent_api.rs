@@ -399,3 +399,39 @@ async fn concurrent_issuance_completes_and_every_svid_is_logged() {
     assert_eq!(serials.len(), 200, "200 distinct serials");
     assert_eq!(cp.issuance_count().await, before + 200);
 }
+
+#[tokio::test]
+async fn a_broken_or_replayed_node_svid_is_refused() {
+    let cp = InProcess::start(Options::default()).await;
+    let a = attest(&cp, "node-a").await;
+    let (_b, bundle) = watch::channel(cp.bundle());
+
+    // Replayed: node-a's certificate presented by someone without its key.
+    let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(other_key.serialize_der().into());
+    let signer = rustls::crypto::ring::sign::any_ecdsa_type(&key_der).unwrap();
+    let replayed = Arc::new(rustls::sign::CertifiedKey::new(a.svid.chain().to_vec(), signer));
+    let (_c, cert) = watch::channel(Some(replayed));
+    let refused = match ControlPlaneClient::connect(&cp.addr, bundle.clone(), cert).await {
+        Err(_) => true,
+        Ok(mut c) => c.renew_node_svid().await.is_err(),
+    };
+    assert!(
+        refused,
+        "a node certificate without its key must not authenticate"
+    );
+
+    // Broken: the certificate's signature tampered with.
+    let mut der = a.svid.chain()[0].to_vec();
+    let n = der.len() - 5;
+    der[n] ^= 0x5a;
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(a.svid.key_pkcs8().to_vec().into());
+    let signer = rustls::crypto::ring::sign::any_ecdsa_type(&key_der).unwrap();
+    let broken = Arc::new(rustls::sign::CertifiedKey::new(vec![der.into()], signer));
+    let (_d, cert) = watch::channel(Some(broken));
+    let refused = match ControlPlaneClient::connect(&cp.addr, bundle, cert).await {
+        Err(_) => true,
+        Ok(mut c) => c.renew_node_svid().await.is_err(),
+    };
+    assert!(refused, "a tampered node certificate must not authenticate");
+}

@@ -44,7 +44,13 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
             for n in 0..40 {
                 let target = out.join(n.to_string());
                 let r = Command::new(bin("control-plane"))
-                    .args(["x509", "mint", "--spiffe-id", &format!("spiffe://{TD}/m/{i}/{n}"), "--out"])
+                    .args([
+                        "x509",
+                        "mint",
+                        "--spiffe-id",
+                        &format!("spiffe://{TD}/m/{i}/{n}"),
+                        "--out",
+                    ])
                     .arg(&target)
                     .env("KEYWAY_ADMIN_SOCKET", &socket)
                     .output()

@@ -1,0 +1,248 @@
+//! The real `node-agent` binary: `run`, `svid fetch --write` feeding openssl's
+//! s_server/s_client mTLS handshake, `healthcheck`, and caller attestation by
+//! network namespace (privileged: needs root, which CI has).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keyway_tests::{Binary, TD, bin, wait_until};
+
+/// A `node-agent run` process; killed on drop.
+struct AgentProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(cp: &Binary, dir: &Path, node: &str) -> AgentProcess {
+    let token = cp.ok(&["token", "create", "--node", node]).trim().to_owned();
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
+    let socket = dir.join("agent.sock");
+    let child = Command::new(bin("node-agent"))
+        .args([
+            "run",
+            "--server",
+            &cp.listen,
+            "--trust-domain",
+            TD,
+            "--node-name",
+            node,
+        ])
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--data-dir")
+        .arg(dir.join("agent-data"))
+        .arg("--socket")
+        .arg(&socket)
+        .env("KEYWAY_JOIN_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = AgentProcess { child, socket };
+    wait_until(Duration::from_secs(30), "agent healthy", || {
+        Command::new(bin("node-agent"))
+            .args(["healthcheck", "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    agent
+}
+
+fn apply(cp: &Binary, dir: &Path, yaml: &str) {
+    let f = dir.join(format!("doc-{}.yaml", yaml.len()));
+    std::fs::write(&f, yaml).unwrap();
+    cp.ok(&["apply", "-f", f.to_str().unwrap()]);
+}
+
+fn fetch(socket: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(bin("node-agent"))
+        .args(["svid", "fetch", "--socket"])
+        .arg(socket)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn svid_fetch_write_gives_files_openssl_uses_for_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Binary::spawn(&dir.path().join("cp"), &[]);
+    apply(
+        &cp,
+        dir.path(),
+        &keyway_tests::workload_for_me("web", "web", "node-a", None),
+    );
+    let agent = start_agent(&cp, dir.path(), "node-a");
+    let out = dir.path().join("files");
+    let mut fetched = fetch(&agent.socket, &["--write", out.to_str().unwrap(), "-o", "json"]);
+    wait_until(Duration::from_secs(20), "an SVID for the caller", || {
+        if fetched.status.success() {
+            return true;
+        }
+        fetched = fetch(&agent.socket, &["--write", out.to_str().unwrap(), "-o", "json"]);
+        false
+    });
+    let line: serde_json::Value = serde_json::from_slice(&fetched.stdout).unwrap();
+    assert_eq!(line["spiffe_id"], format!("spiffe://{TD}/ns/default/sa/web"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // openssl s_server requiring a client certificate, s_client presenting one.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = |n: &str| out.join(n).to_str().unwrap().to_owned();
+    let mut server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-naccept",
+            "1",
+            "-www",
+            "-Verify",
+            "1",
+        ])
+        .args([
+            "-verify_return_error",
+            "-cert",
+            &f("svid.pem"),
+            "-key",
+            &f("key.pem"),
+            "-CAfile",
+            &f("bundle.pem"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // s_server prints ACCEPT once it listens (a probe connection would use
+    // up its single accept).
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
+    let ready = lines
+        .by_ref()
+        .take(5)
+        .map_while(Result::ok)
+        .any(|l| l.contains("ACCEPT"));
+    assert!(ready, "s_server did not start");
+    let client = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | openssl s_client -connect 127.0.0.1:{port} -brief -ign_eof -verify_return_error \
+             -cert {} -key {} -CAfile {} 2>&1",
+            f("svid.pem"),
+            f("key.pem"),
+            f("bundle.pem")
+        ))
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&client.stdout);
+    assert!(
+        text.contains("Verification: OK"),
+        "s_client verified the server: {text}"
+    );
+    assert!(
+        text.contains("TLSv1.3") || text.contains("Protocol version"),
+        "{text}"
+    );
+    assert!(
+        text.contains("HTTP/1.0 200 ok"),
+        "the mTLS session carried a request: {text}"
+    );
+}
+
+/// A network namespace for the test, removed by name on drop (even on failure).
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Self {
+        assert!(
+            nix_is_root(),
+            "this privileged test needs root (CI runs as root); it does not skip"
+        );
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Netns(name.to_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+#[test]
+fn ep10_callers_are_recognised_by_network_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new(&format!("kwt-{}", std::process::id()));
+    let cp = Binary::spawn(&dir.path().join("cp"), &[]);
+    apply(
+        &cp,
+        dir.path(),
+        &format!(
+            "apiVersion: keyway.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: pod, namespace: default }}\n\
+             spec:\n  serviceAccount: pod\n  node: node-a\n  selectors: [\"netns:{}\"]\n",
+            ns.0
+        ),
+    );
+    let agent = start_agent(&cp, dir.path(), "node-a");
+    // From inside the namespace: the SVID of the Workload that names it.
+    let inside = || {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(bin("node-agent"))
+            .args(["svid", "fetch", "-o", "json", "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .unwrap()
+    };
+    let mut out = inside();
+    wait_until(Duration::from_secs(20), "SVID inside the namespace", || {
+        if out.status.success() {
+            return true;
+        }
+        out = inside();
+        false
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["spiffe_id"], format!("spiffe://{TD}/ns/default/sa/pod"));
+    // From the host namespace: denied, with the reason.
+    let host = fetch(&agent.socket, &[]);
+    assert!(!host.status.success());
+    let err = String::from_utf8_lossy(&host.stderr);
+    assert!(err.contains("no identity issued"), "{err}");
+}
