@@ -46,8 +46,9 @@ test: clean-tiers lint unit integration
 	@echo "tiers run: $$(ls $(TIER_DIR) | tr '\n' ' ')"
 
 bench: setup
-	$(CARGO) bench -p keyway-tests --bench issuance
-	@echo "results: bench-results/issuance.md"
+	$(CARGO) build --release --bins
+	$(CARGO) bench -p keyway-tests --bench issuance --bench agent
+	@echo "results: bench-results/issuance.md bench-results/agent.md"
 
 demo: build
 	@bash scripts/demo.sh

@@ -13,7 +13,8 @@ use crate::x509::{self, SvidError};
 #[derive(Clone)]
 pub struct Svid {
     spiffe_id: SpiffeId,
-    chain: Vec<CertificateDer<'static>>,
+    // Shared: the SVID set is cloned on every rotation, the certificates need not be.
+    chain: Arc<[CertificateDer<'static>]>,
     key_pkcs8: Arc<Vec<u8>>,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -46,7 +47,11 @@ impl Svid {
         }
         Ok(Self {
             spiffe_id: info.spiffe_id,
-            chain: chain.into_iter().map(CertificateDer::from).collect(),
+            chain: chain
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect::<Vec<_>>()
+                .into(),
             key_pkcs8: Arc::new(key_pkcs8),
             not_before: info.not_before,
             not_after: info.not_after,
@@ -96,6 +101,6 @@ impl Svid {
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, rustls::Error> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()));
         let signing = rustls::crypto::ring::sign::any_ecdsa_type(&key)?;
-        Ok(Arc::new(CertifiedKey::new(self.chain.clone(), signing)))
+        Ok(Arc::new(CertifiedKey::new(self.chain.to_vec(), signing)))
     }
 }

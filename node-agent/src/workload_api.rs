@@ -186,6 +186,15 @@ fn x509_response(
     }))
 }
 
+/// A fingerprint of a message, so a stream remembers what it sent in 8 bytes
+/// rather than a copy of every SVID and key it sent.
+fn fingerprint<T: prost::Message>(msg: &T) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    msg.encode_to_vec().hash(&mut h);
+    h.finish()
+}
+
 /// A stream that yields `compute()` whenever the node state or the SVID set
 /// change and the result differs from what was sent last (identical updates
 /// are not pushed again). The first message goes out as soon as there is one
@@ -196,12 +205,12 @@ fn watch_stream<T, F>(
     compute: F,
 ) -> ResponseStream<T>
 where
-    T: PartialEq + Clone + Send + Sync + 'static,
+    T: prost::Message + Send + Sync + 'static,
     F: Fn(&NodeState, &SvidSet) -> Result<Option<T>, Status> + Send + Sync + 'static,
 {
     let compute = Arc::new(compute);
     let stream = futures::stream::unfold(
-        (state, svids, None::<T>, false),
+        (state, svids, None::<u64>, false),
         move |(mut state, mut svids, last, done)| {
             let compute = compute.clone();
             async move {
@@ -216,8 +225,11 @@ where
                     };
                     match next {
                         Err(status) => return Some((Err(status), (state, svids, last, true))),
-                        Ok(Some(msg)) if last.as_ref() != Some(&msg) => {
-                            return Some((Ok(msg.clone()), (state, svids, Some(msg), false)));
+                        Ok(Some(msg)) => {
+                            let print = fingerprint(&msg);
+                            if last != Some(print) {
+                                return Some((Ok(msg), (state, svids, Some(print), false)));
+                            }
                         }
                         _ => {}
                     }

@@ -367,3 +367,35 @@ async fn a_thousand_unread_streams_neither_stall_others_nor_grow_memory() {
     );
     drop((held, clients));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_x509_source_sees_rotations() {
+    let cp = InProcess::start(Options {
+        ca_ttl: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    cp.apply(&workload_for_me("web", "web", "node-a", Some("4s")))
+        .await;
+    let agent = Agent::start(&cp, "node-a", None).await;
+    agent.wait_for_svid(&id("web")).await;
+    let source = spiffe::X509Source::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .expect("X509Source");
+    let first = source.svid().unwrap();
+    assert_eq!(first.spiffe_id().to_string(), id("web"));
+    let mut updates = source.updated();
+    tokio::time::timeout(Duration::from_secs(15), updates.changed())
+        .await
+        .expect("a rotation within 15s")
+        .unwrap();
+    let next = source.svid().unwrap();
+    assert_ne!(
+        next.leaf().as_bytes(),
+        first.leaf().as_bytes(),
+        "the source holds the rotated SVID"
+    );
+    source.shutdown().await;
+}
