@@ -1,8 +1,7 @@
 //! The `control-plane` command line (DESIGN.md section 9). `serve` runs the
 //! server; every other subcommand is a client of the admin socket.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -315,19 +314,6 @@ fn admin_socket(cli_value: Option<PathBuf>) -> PathBuf {
     cli_value.unwrap_or_else(|| Path::new(DEFAULT_DATA_DIR).join("admin.sock"))
 }
 
-fn write_private(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
-}
-
 fn format_time(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
@@ -390,24 +376,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("--out: cannot create {}", out.display()))?;
             let bundle = r.bundle.unwrap_or_default();
-            write_private(
-                &out.join("svid.pem"),
-                &keyway_identity::pem::encode_certs(r.cert_chain.iter().map(|c| c.as_slice())),
-                0o644,
-            )?;
-            write_private(
-                &out.join("key.pem"),
-                &keyway_identity::pem::encode_pkcs8_key(&key.serialize_der()),
-                0o600,
-            )?;
-            write_private(
-                &out.join("bundle.pem"),
-                &keyway_identity::pem::encode_certs(bundle.x509_authorities.iter().map(|c| c.as_slice())),
-                0o644,
-            )?;
+            keyway_identity::pem::write_svid_dir(
+                &out,
+                &r.cert_chain,
+                &key.serialize_der(),
+                &bundle.x509_authorities,
+            )
+            .with_context(|| format!("--out: cannot write to {}", out.display()))?;
             println!("wrote {0}/svid.pem {0}/key.pem {0}/bundle.pem", out.display());
             Ok(())
         }

@@ -3,7 +3,8 @@
 //! checks, trust bundles, and rustls verifiers that authenticate peers by SPIFFE
 //! ID instead of DNS name.
 //!
-//! Kept narrow on purpose: no I/O, no servers, no storage.
+//! Kept narrow on purpose: no network, no servers, no storage (the one file
+//! writer is the SVID directory both CLIs produce).
 
 pub mod bundle;
 pub mod csr;

@@ -38,3 +38,40 @@ pub fn decode_key(text: &str) -> Result<(String, Vec<u8>), String> {
         .map(|b| (b.tag().to_owned(), b.into_contents()))
         .ok_or_else(|| "no PRIVATE KEY block found".into())
 }
+
+/// Writes `svid.pem` (the chain), `key.pem` (mode 0600) and `bundle.pem` into
+/// `dir`, creating it: the layout openssl users expect, shared by
+/// `control-plane x509 mint` and `node-agent svid fetch --write`.
+pub fn write_svid_dir(
+    dir: &std::path::Path,
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+    bundle: &[Vec<u8>],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, contents: String, mode: u32| -> std::io::Result<()> {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)?;
+        // An existing file keeps its old mode on open; set it explicitly.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        f.write_all(contents.as_bytes())
+    };
+    write("key.pem", encode_pkcs8_key(key_pkcs8), 0o600)?;
+    write(
+        "svid.pem",
+        encode_certs(chain.iter().map(|c| c.as_slice())),
+        0o644,
+    )?;
+    write(
+        "bundle.pem",
+        encode_certs(bundle.iter().map(|c| c.as_slice())),
+        0o644,
+    )
+}

@@ -62,6 +62,32 @@ fn reject(e: SvidError) -> rustls::Error {
     rustls::Error::General(e.to_string())
 }
 
+/// Checks a presented chain against the live bundle and the peer rule.
+fn verify_peer(
+    bundle: &BundleWatch,
+    peer: &PeerMatch,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<(), rustls::Error> {
+    let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
+        .chain(intermediates.iter().cloned())
+        .collect();
+    let bundle = bundle.borrow().clone();
+    let info = bundle
+        .verify(&chain, to_system_time(now), usage)
+        .map_err(reject)?;
+    peer.check(&info).map_err(reject)
+}
+
+/// Keyway speaks TLS 1.3 only; a TLS 1.2 signature is never acceptable.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
+}
+
 /// Verifies the server's SVID (used by clients).
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
@@ -89,14 +115,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
-            .chain(intermediates.iter().cloned())
-            .collect();
-        let bundle = self.bundle.borrow().clone();
-        let info = bundle
-            .verify(&chain, to_system_time(now), Usage::Server)
-            .map_err(reject)?;
-        self.peer.check(&info).map_err(reject)?;
+        verify_peer(
+            &self.bundle,
+            &self.peer,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Server,
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -106,9 +132,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -167,14 +191,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
-            .chain(intermediates.iter().cloned())
-            .collect();
-        let bundle = self.bundle.borrow().clone();
-        let info = bundle
-            .verify(&chain, to_system_time(now), Usage::Client)
-            .map_err(reject)?;
-        self.peer.check(&info).map_err(reject)?;
+        verify_peer(
+            &self.bundle,
+            &self.peer,
+            end_entity,
+            intermediates,
+            now,
+            Usage::Client,
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -184,9 +208,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(

@@ -1,7 +1,6 @@
 //! The `node-agent` command line (DESIGN.md section 9).
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -163,20 +162,6 @@ async fn wait_for_signal() {
     }
 }
 
-fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
-}
-
 fn der_certs(concatenated: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
     keyway_identity::x509::split_der(concatenated)
         .map_err(|e| anyhow::anyhow!("bad certificate in the response: {e}"))
@@ -201,22 +186,8 @@ async fn svid_fetch(socket: Option<PathBuf>, write: Option<PathBuf>, output: Out
     let chain = der_certs(&first.x509_svid)?;
     let bundle = der_certs(&first.bundle)?;
     if let Some(dir) = &write {
-        std::fs::create_dir_all(dir).with_context(|| format!("--write: cannot create {}", dir.display()))?;
-        write_file(
-            &dir.join("svid.pem"),
-            &keyway_identity::pem::encode_certs(chain.iter().map(|c| c.as_slice())),
-            0o644,
-        )?;
-        write_file(
-            &dir.join("key.pem"),
-            &keyway_identity::pem::encode_pkcs8_key(&first.x509_svid_key),
-            0o600,
-        )?;
-        write_file(
-            &dir.join("bundle.pem"),
-            &keyway_identity::pem::encode_certs(bundle.iter().map(|c| c.as_slice())),
-            0o644,
-        )?;
+        keyway_identity::pem::write_svid_dir(dir, &chain, &first.x509_svid_key, &bundle)
+            .with_context(|| format!("--write: cannot write to {}", dir.display()))?;
     }
     for s in &resp.svids {
         let leaf = der_certs(&s.x509_svid)?;

@@ -263,6 +263,7 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
 #[allow(missing_debug_implementations, reason = "test harness")]
 pub struct Agent {
     pub handles: node_agent::agent::AgentHandles,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     pub dir: tempfile::TempDir,
@@ -310,9 +311,10 @@ impl Agent {
             cfg.proc_root.clone(),
             cfg.netns_dir.clone(),
         );
-        tokio::spawn(node_agent::workload_api::serve(api, listener, rx));
+        let server = tokio::spawn(node_agent::workload_api::serve(api, listener, rx));
         Self {
             handles,
+            server,
             socket: cfg.socket,
             data_dir: cfg.data_dir,
             dir,
@@ -337,9 +339,17 @@ impl Agent {
         .expect("agent running");
     }
 
-    /// Stops the agent, keeping its directory for a restart.
-    pub fn stop(self) -> tempfile::TempDir {
+    /// Stops the agent and waits for its socket to close, keeping its
+    /// directory for a restart.
+    pub async fn stop(self) -> tempfile::TempDir {
         let _ = self.stop.send(true);
+        let abort = self.server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), self.server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         self.dir
     }
 }

@@ -246,3 +246,92 @@ fn ep10_callers_are_recognised_by_network_namespace() {
     let err = String::from_utf8_lossy(&host.stderr);
     assert!(err.contains("no identity issued"), "{err}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn uds_client(
+    socket: &Path,
+) -> proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://agent")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+}
+
+fn request() -> tonic::Request<proto::workload::X509svidRequest> {
+    let mut r = tonic::Request::new(proto::workload::X509svidRequest {});
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_unread_streams_neither_stall_others_nor_grow_agent_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Binary::spawn(&dir.path().join("cp"), &["--ca-ttl", "60s"]);
+    apply(
+        &cp,
+        dir.path(),
+        &keyway_tests::workload_for_me("web", "web", "node-a", Some("3s")),
+    );
+    let agent = start_agent(&cp, dir.path(), "node-a");
+    // A reader that sees every rotation.
+    let mut watcher = uds_client(&agent.socket)
+        .await
+        .fetch_x509svid(request())
+        .await
+        .unwrap()
+        .into_inner();
+    watcher.message().await.unwrap().unwrap();
+    // 1000 streams over 10 connections, opened and never read.
+    let mut held = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = uds_client(&agent.socket).await;
+        for _ in 0..100 {
+            held.push(c.fetch_x509svid(request()).await.unwrap().into_inner());
+        }
+        clients.push(c);
+    }
+    let pid = agent.child.id();
+    let before = rss_kib(pid);
+    // Four rotations (3s SVIDs renew about every 1.5s) while nobody reads.
+    for _ in 0..4 {
+        tokio::time::timeout(Duration::from_secs(15), watcher.message())
+            .await
+            .expect("rotation")
+            .unwrap()
+            .unwrap();
+    }
+    let after = rss_kib(pid);
+    // A well-behaved client is served at once.
+    let mut fresh = uds_client(&agent.socket).await;
+    let mut s = fresh.fetch_x509svid(request()).await.unwrap().into_inner();
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("not stalled by the unread streams")
+        .unwrap()
+        .unwrap();
+    let growth_mib = after.saturating_sub(before) / 1024;
+    assert!(
+        growth_mib < 16,
+        "agent RSS grew {growth_mib} MiB over four rotations with 1000 unread streams"
+    );
+    drop((held, clients));
+}
