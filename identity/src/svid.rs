@@ -15,7 +15,8 @@ pub struct Svid {
     spiffe_id: SpiffeId,
     // Shared: the SVID set is cloned on every rotation, the certificates need not be.
     chain: Arc<[CertificateDer<'static>]>,
-    key_pkcs8: Arc<Vec<u8>>,
+    // Zeroed when the last holder lets go (an identity leaving the node).
+    key_pkcs8: Arc<zeroize::Zeroizing<Vec<u8>>>,
     not_before: SystemTime,
     not_after: SystemTime,
     serial: Vec<u8>,
@@ -52,7 +53,7 @@ impl Svid {
                 .map(CertificateDer::from)
                 .collect::<Vec<_>>()
                 .into(),
-            key_pkcs8: Arc::new(key_pkcs8),
+            key_pkcs8: Arc::new(zeroize::Zeroizing::new(key_pkcs8)),
             not_before: info.not_before,
             not_after: info.not_after,
             serial: info.serial,

@@ -341,3 +341,75 @@ async fn spiffe_x509_source_sees_rotations() {
     );
     source.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ep12_an_agent_that_has_not_synced_answers_unavailable() {
+    use node_agent::state::NodeState;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (_state_tx, state) = tokio::sync::watch::channel(Arc::new(NodeState::default()));
+    let (_svids_tx, svids) = tokio::sync::watch::channel(Arc::new(Default::default()));
+    let (_client_tx, client) = tokio::sync::watch::channel(None);
+    let api =
+        node_agent::workload_api::WorkloadApi::new(state, svids, client, "/proc".into(), dir.path().into());
+    let socket = dir.path().join("agent.sock");
+    let listener = node_agent::workload_api::bind(&socket).unwrap();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(node_agent::workload_api::serve(api, listener, rx));
+    let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    let err = client.fetch_x509_svid().await.unwrap_err();
+    assert!(format!("{err:?}").contains("Unavailable"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_during_svid_rotation_never_breaks_verification() {
+    let cp = InProcess::start(Options {
+        ca_ttl: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    cp.apply(&workload_for_me("web", "web", "node-a", Some("4s")))
+        .await;
+    let agent = Agent::start(&cp, "node-a", None).await;
+    agent.wait_for_svid(&id("web")).await;
+    let mut raw = raw_client(&agent).await;
+    let mut stream = raw
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut checked = 0;
+    let mut rotated = false;
+    while checked < 4 {
+        let msg = tokio::time::timeout(Duration::from_secs(15), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let svid = &msg.svids[0];
+        // Every message's SVID verifies against the bundle in the same message.
+        let chain: Vec<rustls::pki_types::CertificateDer> = keyway_identity::x509::split_der(&svid.x509_svid)
+            .unwrap()
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let bundle = keyway_identity::TrustBundle::new(
+            keyway_tests::trust_domain(),
+            0,
+            keyway_identity::x509::split_der(&svid.bundle).unwrap(),
+            Vec::new(),
+        )
+        .unwrap();
+        bundle
+            .verify(&chain, SystemTime::now(), keyway_identity::bundle::Usage::Client)
+            .expect("SVID verifies against its bundle throughout the CA rotation");
+        checked += 1;
+        if !rotated {
+            cp.cp.rotate(::control_plane::ca::Step::Prepare).await.unwrap();
+            cp.cp.rotate(::control_plane::ca::Step::Activate).await.unwrap();
+            rotated = true;
+        }
+    }
+}
