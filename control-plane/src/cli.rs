@@ -310,8 +310,12 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 
-fn admin_socket(cli_value: Option<PathBuf>) -> PathBuf {
-    cli_value.unwrap_or_else(|| Path::new(DEFAULT_DATA_DIR).join("admin.sock"))
+/// A client of the admin socket named by the flag or env, or the default.
+async fn admin(
+    socket: Option<PathBuf>,
+) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    let path = socket.unwrap_or_else(|| Path::new(DEFAULT_DATA_DIR).join("admin.sock"));
+    crate::admin::connect(&path).await.map_err(anyhow::Error::msg)
 }
 
 fn format_time(unix: i64) -> String {
@@ -328,9 +332,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args, socket).await,
         Command::Token(TokenCommand::Create { node, ttl }) => {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let r = c
                 .create_join_token(pb::CreateJoinTokenRequest {
                     node_name: node,
@@ -343,9 +345,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bundle(BundleCommand::Show { format }) => {
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let b = c
                 .get_bundle(pb::GetBundleRequest {})
                 .await
@@ -364,9 +364,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
             // The key is made here and never sent anywhere: only the CSR is.
             let (key, csr) = keyway_identity::csr::generate()?;
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let r = c
                 .mint_x509_svid(pb::MintX509SvidRequest {
                     spiffe_id,
@@ -393,9 +391,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ttl,
         }) => {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let r = c
                 .mint_jwt_svid(pb::MintJwtSvidRequest {
                     spiffe_id,
@@ -409,9 +405,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(cmd) => {
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let req = pb::CaStatusRequest {};
             let status = match cmd {
                 CaCommand::Status => c.ca_status(req).await,
@@ -447,9 +441,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file } => {
             let yaml = std::fs::read_to_string(&file)
                 .with_context(|| format!("-f: cannot read {}", file.display()))?;
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let r = c
                 .apply(pb::ApplyRequest { yaml })
                 .await
@@ -461,9 +453,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Identity(IdentityCommand::List { output }) => {
-            let mut c = crate::admin::connect(&admin_socket(socket))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let mut c = admin(socket).await?;
             let r = c
                 .list_identities(pb::ListIdentitiesRequest {})
                 .await

@@ -34,12 +34,27 @@ fn id(sa: &str) -> String {
     format!("spiffe://{TD}/ns/default/sa/{sa}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spiffe_client_fetches_svids_bundles_and_jwts() {
-    let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_for_me("web", "web", "node-a", None)).await;
+/// A control plane with one Workload matching this test process ("web" on
+/// node-a, optional SVID TTL; short TTLs get a 60s CA so they are allowed)
+/// and an agent that already holds its SVID.
+async fn cp_and_agent(ttl: Option<&str>) -> (InProcess, Agent) {
+    let opts = match ttl {
+        Some(_) => Options {
+            ca_ttl: Duration::from_secs(60),
+            ..Default::default()
+        },
+        None => Options::default(),
+    };
+    let cp = InProcess::start(opts).await;
+    cp.apply(&workload_for_me("web", "web", "node-a", ttl)).await;
     let agent = Agent::start(&cp, "node-a", None).await;
     agent.wait_for_svid(&id("web")).await;
+    (cp, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_client_fetches_svids_bundles_and_jwts() {
+    let (_cp, agent) = cp_and_agent(None).await;
 
     let client = WorkloadApiClient::connect_to(agent.endpoint())
         .await
@@ -70,10 +85,7 @@ async fn spiffe_client_fetches_svids_bundles_and_jwts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ep04_requests_without_the_security_header_are_invalid() {
-    let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_for_me("web", "web", "node-a", None)).await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (_cp, agent) = cp_and_agent(None).await;
     let mut raw = raw_client(&agent).await;
     let err = raw.fetch_x509svid(pb::X509svidRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -145,15 +157,7 @@ async fn wl11_unknown_callers_are_denied_with_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_reaches_streams_with_no_gap_and_new_serials() {
     // CA TTL 60s allows SVIDs up to 10s; the workload asks for 4s.
-    let cp = InProcess::start(Options {
-        ca_ttl: Duration::from_secs(60),
-        ..Default::default()
-    })
-    .await;
-    cp.apply(&workload_for_me("web", "web", "node-a", Some("4s")))
-        .await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (_cp, agent) = cp_and_agent(Some("4s")).await;
     let mut raw = raw_client(&agent).await;
     let mut stream = raw
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
@@ -230,10 +234,7 @@ async fn control_plane_outage_keeps_valid_svids_and_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_needs_no_new_token() {
-    let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_for_me("web", "web", "node-a", None)).await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (cp, agent) = cp_and_agent(None).await;
     use std::os::unix::fs::PermissionsExt;
     let key_mode = std::fs::metadata(agent.data_dir.join("node-key.pem"))
         .unwrap()
@@ -254,10 +255,7 @@ async fn agent_restart_needs_no_new_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_that_leave_the_node_are_forgotten_and_denied() {
-    let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_for_me("web", "web", "node-a", None)).await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (cp, agent) = cp_and_agent(None).await;
     let mut raw = raw_client(&agent).await;
     let mut stream = raw
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
@@ -288,10 +286,7 @@ async fn identities_that_leave_the_node_are_forgotten_and_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_prepare_reaches_workload_bundles_before_the_new_ca_signs() {
-    let cp = InProcess::start(Options::default()).await;
-    cp.apply(&workload_for_me("web", "web", "node-a", None)).await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (cp, agent) = cp_and_agent(None).await;
     let mut raw = raw_client(&agent).await;
     let mut stream = raw
         .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
@@ -312,15 +307,7 @@ async fn a_ca_prepare_reaches_workload_bundles_before_the_new_ca_signs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spiffe_x509_source_sees_rotations() {
-    let cp = InProcess::start(Options {
-        ca_ttl: Duration::from_secs(60),
-        ..Default::default()
-    })
-    .await;
-    cp.apply(&workload_for_me("web", "web", "node-a", Some("4s")))
-        .await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (_cp, agent) = cp_and_agent(Some("4s")).await;
     let source = spiffe::X509Source::builder()
         .endpoint(agent.endpoint())
         .build()
@@ -365,15 +352,7 @@ async fn ep12_an_agent_that_has_not_synced_answers_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_rotation_during_svid_rotation_never_breaks_verification() {
-    let cp = InProcess::start(Options {
-        ca_ttl: Duration::from_secs(60),
-        ..Default::default()
-    })
-    .await;
-    cp.apply(&workload_for_me("web", "web", "node-a", Some("4s")))
-        .await;
-    let agent = Agent::start(&cp, "node-a", None).await;
-    agent.wait_for_svid(&id("web")).await;
+    let (cp, agent) = cp_and_agent(Some("4s")).await;
     let mut raw = raw_client(&agent).await;
     let mut stream = raw
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
