@@ -188,13 +188,16 @@ pub enum Step {
 pub fn next_step(state: &CaState, max_svid_ttl: Duration) -> Option<(Step, i64)> {
     let mut steps = Vec::new();
     let active = state.authorities.iter().find(|a| a.phase == CaPhase::Active)?;
-    let life = active.not_after - active.not_before;
+    // Fractions of the CA's nominal life, from when it was made (NotBefore
+    // is backdated for clock skew; that margin is not part of the schedule).
+    let made = active.not_before + BACKDATE_SECS;
+    let life = active.not_after - made;
     let prepared = state.authorities.iter().find(|a| a.phase == CaPhase::Prepared);
     match prepared {
-        None => steps.push((Step::Prepare, active.not_before + life / 2)),
+        None => steps.push((Step::Prepare, made + life / 2)),
         Some(p) => {
             let grace = (life / 3).min(3600);
-            let due = (active.not_before + life * 5 / 6).max(p.not_before + BACKDATE_SECS + grace);
+            let due = (made + life * 5 / 6).max(p.not_before + BACKDATE_SECS + grace);
             steps.push((Step::Activate, due));
         }
     }
@@ -493,14 +496,14 @@ mod tests {
         let max = c.max_svid_ttl();
         let (step, due) = next_step(&s0, max).unwrap();
         assert_eq!(step, Step::Prepare);
-        let life = 600_000 + BACKDATE_SECS;
-        assert_eq!(due, t0 - BACKDATE_SECS + life / 2);
+        let life = 600_000;
+        assert_eq!(due, t0 + life / 2);
 
         let s1 = apply_step(&c, &s0, &Step::Prepare, due).unwrap();
         assert_eq!(s1.bundle_sequence, s0.bundle_sequence + 1);
         let (step, due) = next_step(&s1, max).unwrap();
         assert_eq!(step, Step::Activate);
-        assert_eq!(due, t0 - BACKDATE_SECS + life * 5 / 6);
+        assert_eq!(due, t0 + life * 5 / 6);
 
         let s2 = apply_step(&c, &s1, &Step::Activate, due).unwrap();
         assert_eq!(s2.bundle_sequence, s1.bundle_sequence + 1);
