@@ -1,6 +1,10 @@
 //! Types the kernel programs and user space both see. `no_std` so the eBPF
 //! programs can use them; every map key and value here is `#[repr(C)]` with
-//! explicit padding so the kernel and user space agree on every byte.
+//! explicit padding fields, so the kernel and user space agree on every byte
+//! and no uninitialised padding ever becomes part of a hash key.
+//!
+//! Addresses are IPv4 in network byte order (as they sit in the packet);
+//! ports likewise. Times are `bpf_ktime_get_ns` nanoseconds.
 #![no_std]
 
 /// Numeric security identities as the datapath sees them (DESIGN.md section 2).
@@ -27,9 +31,147 @@ pub mod identity {
     }
 }
 
+/// Map names, pinned under [`PIN_DIR`] so an agent restart keeps traffic flowing.
+pub mod maps {
+    pub const PIN_DIR: &str = "/sys/fs/bpf/keyway";
+    pub const IPCACHE: &str = "KEYWAY_IPCACHE";
+    pub const IPCACHE_LPM: &str = "KEYWAY_IPCACHE_LPM";
+    pub const ENDPOINTS: &str = "KEYWAY_ENDPOINTS";
+    pub const POLICY: &str = "KEYWAY_POLICY";
+    pub const AUTH: &str = "KEYWAY_AUTH";
+    pub const AUTH_DEDUP: &str = "KEYWAY_AUTH_DEDUP";
+    pub const SIGNALS: &str = "KEYWAY_SIGNALS";
+    pub const FLOWS: &str = "KEYWAY_FLOWS";
+}
+
+/// Why a packet was dropped. Stable numbers: they travel in flow events.
+pub mod drop_reason {
+    pub const NONE: u8 = 0;
+    /// No policy entry allows the identity pair.
+    pub const POLICY_DENIED: u8 = 1;
+    /// Policy requires mutual authentication and the pair has no valid entry.
+    pub const AUTH_REQUIRED: u8 = 2;
+    /// The packet could not be parsed.
+    pub const MALFORMED: u8 = 3;
+}
+
+/// Policy direction, seen from the subject endpoint.
+pub mod direction {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+}
+
+/// Value of the ipcache (exact /32 hash, and the LPM trie for CIDRs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub node_id: u16,
+    pub _pad: [u8; 2],
+}
+
+/// A local endpoint: where to redirect packets for one of this node's pods.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointInfo {
+    /// ifindex of the pod's host-side veth.
+    pub ifindex: u32,
+    pub identity: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Policy lookup key: {subject, peer, port, proto, direction}. Port 0 and
+/// peer 0 ([`identity::UNKNOWN`]) are wildcards, looked up after the exact key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyKey {
+    pub subject: u32,
+    pub peer: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+}
+
+/// Policy verdict for a key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyValue {
+    /// 1 allow, 0 deny.
+    pub allow: u8,
+    /// 1 when the pair must be mutually authenticated.
+    pub auth_required: u8,
+    pub _pad: [u8; 2],
+    /// Which compiled rule decided (for flow records and `explain`).
+    pub rule_id: u32,
+}
+
+/// Auth map key: the pair and the node whose agent vouched for the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AuthKey {
+    pub local_id: u32,
+    pub remote_id: u32,
+    pub remote_node_id: u16,
+    pub auth_type: u8,
+    pub _pad: u8,
+}
+
+/// Auth map value: valid until this kernel time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AuthValue {
+    pub expiry_ns: u64,
+}
+
+/// Auth types.
+pub mod auth_type {
+    /// Mutual TLS between the two node agents with SVIDs.
+    pub const MTLS_SPIFFE: u8 = 1;
+}
+
+/// A missing auth entry, sent to the agent (at most once per key per interval).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AuthSignal {
+    pub key: AuthKey,
+    pub _pad: [u8; 4],
+    pub ts_ns: u64,
+}
+
+/// Flow event kinds.
+pub mod flow_kind {
+    pub const NEW: u8 = 1;
+    pub const DROP: u8 = 2;
+    pub const VERDICT_CHANGE: u8 = 3;
+}
+
+/// One per-flow event (never one per forwarded packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub kind: u8,
+    /// 1 forwarded, 0 dropped.
+    pub forwarded: u8,
+    pub drop_reason: u8,
+    pub ifindex: u32,
+    pub rule_id: u32,
+    pub _pad: [u8; 8],
+}
+
 #[cfg(test)]
 mod tests {
-    use super::identity;
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
 
     #[test]
     fn reserved_identities_are_below_user_range() {
@@ -43,5 +185,32 @@ mod tests {
             assert!(identity::is_reserved(id));
         }
         assert!(!identity::is_reserved(identity::FIRST_USER));
+    }
+
+    /// The kernel and user space share these layouts byte for byte; a
+    /// change here is an ABI change for pinned maps and must be deliberate.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(offset_of!(EndpointInfo, mac), 8);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(offset_of!(PolicyKey, port), 8);
+        assert_eq!(offset_of!(PolicyKey, proto), 10);
+        assert_eq!(offset_of!(PolicyKey, direction), 11);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(offset_of!(PolicyValue, rule_id), 4);
+        assert_eq!(size_of::<AuthKey>(), 12);
+        assert_eq!(offset_of!(AuthKey, remote_node_id), 8);
+        assert_eq!(offset_of!(AuthKey, auth_type), 10);
+        assert_eq!(size_of::<AuthValue>(), 8);
+        assert_eq!(size_of::<AuthSignal>(), 24);
+        assert_eq!(offset_of!(AuthSignal, ts_ns), 16);
+        assert_eq!(size_of::<FlowEvent>(), 48);
+        assert_eq!(offset_of!(FlowEvent, src_port), 24);
+        assert_eq!(offset_of!(FlowEvent, ifindex), 32);
+        assert_eq!(offset_of!(FlowEvent, rule_id), 36);
+        assert_eq!(offset_of!(FlowEvent, _pad), 40);
+        assert_eq!(align_of::<FlowEvent>(), 8);
     }
 }
