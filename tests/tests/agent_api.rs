@@ -366,7 +366,6 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
         Some(Kind::Bundle(b)) => assert_eq!(b.x509_authorities.len(), 2, "prepared CA published"),
         other => panic!("expected a bundle update, got {other:?}"),
     }
-    let _ = Arc::new(());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

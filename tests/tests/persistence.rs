@@ -27,8 +27,8 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
     )
     .unwrap();
     cp.ok(&["apply", "-f", yaml.to_str().unwrap()]);
-    let ids_before = cp.ok(&["identity", "list", "-o", "json"]);
     let token = cp.ok(&["token", "create", "--node", "node-a"]).trim().to_owned();
+    let ids_before = cp.ok(&["identity", "list", "-o", "json"]);
 
     // Issue in the background and kill the server mid-stream.
     let socket = cp.admin_socket.clone();
@@ -78,26 +78,6 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
     let acknowledged: Vec<_> = minters.into_iter().flat_map(|t| t.join().unwrap()).collect();
     assert!(acknowledged.len() >= 10);
 
-    // Everything acknowledged is in the issuance log, exactly once.
-    {
-        let store = SledStore::open(&data).unwrap();
-        let log = store.issuance_log().await.unwrap();
-        let serials: HashSet<_> = log.iter().map(|r| r.serial.clone()).collect();
-        assert_eq!(serials.len(), log.len(), "no serial logged twice");
-        for dir in &acknowledged {
-            let pem = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
-            let der = keyway_identity::pem::decode_certs(&pem).unwrap().remove(0);
-            let cert = keyway_identity::x509::parse(&der).unwrap();
-            let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
-            assert!(
-                serials.contains(&serial),
-                "acknowledged SVID {} missing from the log",
-                dir.display()
-            );
-        }
-        let _ = Arc::new(store);
-    }
-
     // Restart: same CA, same identities, the token still unconsumed and
     // single-use; the admin socket is private.
     let cp = Binary::spawn(&data, &[]);
@@ -115,7 +95,47 @@ async fn kill_9_during_issuance_loses_and_duplicates_nothing() {
     // Re-applying the same documents changes nothing and allocates nothing.
     let again = cp.ok(&["apply", "-f", yaml.to_str().unwrap()]);
     assert!(again.lines().all(|l| l.contains("unchanged")), "{again}");
-    let _ = token;
+    // The token created before the crash still works, once.
+    let bundle_pem = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_pem, cp.ok(&["bundle", "show"])).unwrap();
+    let attest = || {
+        Command::new(bin("node-agent"))
+            .args([
+                "attest",
+                "--server",
+                &cp.listen,
+                "--trust-domain",
+                TD,
+                "--node-name",
+                "node-a",
+            ])
+            .arg("--trust-bundle")
+            .arg(&bundle_pem)
+            .env("KEYWAY_JOIN_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    assert!(attest().status.success(), "an unconsumed token survives kill -9");
+    assert!(!attest().status.success(), "and is still single-use");
+
+    // Everything acknowledged is in the issuance log, exactly once (read
+    // with the server stopped: sled allows one process at a time).
+    cp.kill9();
+    let store = SledStore::open(&data).unwrap();
+    let log = store.issuance_log().await.unwrap();
+    let serials: HashSet<_> = log.iter().map(|r| r.serial.clone()).collect();
+    assert_eq!(serials.len(), log.len(), "no serial logged twice");
+    for dir in &acknowledged {
+        let pem = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+        let der = keyway_identity::pem::decode_certs(&pem).unwrap().remove(0);
+        let cert = keyway_identity::x509::parse(&der).unwrap();
+        let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            serials.contains(&serial),
+            "acknowledged SVID {} missing from the log",
+            dir.display()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
