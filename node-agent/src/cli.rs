@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::agent::{self, AgentConfig};
-use crate::workload_api::{self, WorkloadApi};
+use crate::workload_api;
 use crate::workload_client;
 
 #[derive(Debug, Parser)]
@@ -128,16 +128,8 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let handles = agent::start(cfg.clone(), stop_rx.clone()).await?;
-    let listener = workload_api::bind(&cfg.socket)
+    let server = workload_api::start(&cfg, &handles, stop_rx.clone())
         .with_context(|| format!("--socket: cannot serve on {}", cfg.socket.display()))?;
-    let api = WorkloadApi::new(
-        handles.state.clone(),
-        handles.svids.clone(),
-        handles.client.clone(),
-        cfg.proc_root.clone(),
-        cfg.netns_dir.clone(),
-    );
-    let server = tokio::spawn(workload_api::serve(api, listener, stop_rx.clone()));
     info!(socket = %cfg.socket.display(), "workload API serving");
     wait_for_signal().await;
     info!("shutting down");

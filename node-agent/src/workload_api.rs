@@ -68,6 +68,25 @@ pub async fn serve(
         .await
 }
 
+/// Binds `cfg.socket` and serves the Workload API for a started agent until
+/// `shutdown` turns true. The one place the server is wired to the agent's
+/// state, used by `node-agent run` and by the test harness.
+pub fn start(
+    cfg: &crate::agent::AgentConfig,
+    handles: &crate::agent::AgentHandles,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener = bind(&cfg.socket)?;
+    let api = WorkloadApi::new(
+        handles.state.clone(),
+        handles.svids.clone(),
+        handles.client.clone(),
+        cfg.proc_root.clone(),
+        cfg.netns_dir.clone(),
+    );
+    Ok(tokio::spawn(serve(api, listener, shutdown)))
+}
+
 /// The Workload API service.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {

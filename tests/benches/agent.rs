@@ -10,26 +10,12 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use keyway_tests::{Binary, TD, bin};
-use proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
-use tonic::transport::Endpoint;
+use proto::workload as pb;
 
 const STREAMS: usize = 1000;
 const WORKLOADS: usize = 1000;
 const ROTATIONS: usize = 4;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .map(|v| v.trim().to_owned())
-        })
-        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -95,26 +81,8 @@ async fn run() {
         .expect("agent");
 
     // Connect STREAMS streams over 10 connections once the agent serves us.
-    let connect = || {
-        let path = socket.clone();
-        async move {
-            let channel = Endpoint::from_static("http://agent")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-                    }
-                }))
-                .await?;
-            Ok::<_, tonic::transport::Error>(SpiffeWorkloadApiClient::new(channel))
-        }
-    };
-    let request = || {
-        let mut r = tonic::Request::new(pb::X509svidRequest {});
-        r.metadata_mut()
-            .insert("workload.spiffe.io", "true".parse().expect("ascii"));
-        r
-    };
+    let connect = || keyway_tests::raw_workload_client(&socket);
+    let request = || keyway_tests::with_security_header(pb::X509svidRequest {});
     let start = Instant::now();
     let first = loop {
         assert!(
@@ -171,7 +139,7 @@ async fn run() {
         }
         seen.entry(serial).or_default().push(at);
     }
-    let rss = rss_kib(agent.id());
+    let rss = keyway_tests::rss_kib(agent.id());
     let mut fanout = Vec::new();
     // Skip the first serial (streams opened at different times) and the last
     // (may still be arriving); measure complete rotations only.

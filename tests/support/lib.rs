@@ -303,15 +303,7 @@ impl Agent {
         let handles = node_agent::agent::start(cfg.clone(), rx.clone())
             .await
             .expect("agent start");
-        let listener = node_agent::workload_api::bind(&cfg.socket).expect("bind workload api");
-        let api = node_agent::workload_api::WorkloadApi::new(
-            handles.state.clone(),
-            handles.svids.clone(),
-            handles.client.clone(),
-            cfg.proc_root.clone(),
-            cfg.netns_dir.clone(),
-        );
-        let server = tokio::spawn(node_agent::workload_api::serve(api, listener, rx));
+        let server = node_agent::workload_api::start(&cfg, &handles, rx).expect("serve the workload API");
         Self {
             handles,
             server,
@@ -364,4 +356,48 @@ pub fn workload_for_me(name: &str, sa: &str, node: &str, ttl: Option<&str>) -> S
         "apiVersion: keyway.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default }}\n\
          spec:\n  serviceAccount: {sa}\n  node: {node}\n  selectors: [\"unix:uid:{uid}\"]\n{ttl}"
     )
+}
+
+/// A raw Workload API client on `socket` that adds no metadata, so tests can
+/// send requests with and without the security header.
+pub async fn raw_workload_client(
+    socket: &Path,
+) -> Result<
+    proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel>,
+    tonic::transport::Error,
+> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://agent")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A request carrying the Workload API security header (EP-03).
+pub fn with_security_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    r
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
 }

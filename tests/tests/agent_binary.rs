@@ -247,38 +247,14 @@ fn ep10_callers_are_recognised_by_network_namespace() {
     assert!(err.contains("no identity issued"), "{err}");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 async fn uds_client(
     socket: &Path,
 ) -> proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://agent")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+    keyway_tests::raw_workload_client(socket).await.unwrap()
 }
 
 fn request() -> tonic::Request<proto::workload::X509svidRequest> {
-    let mut r = tonic::Request::new(proto::workload::X509svidRequest {});
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    r
+    keyway_tests::with_security_header(proto::workload::X509svidRequest {})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +286,7 @@ async fn a_thousand_unread_streams_neither_stall_others_nor_grow_agent_memory() 
         clients.push(c);
     }
     let pid = agent.child.id();
-    let before = rss_kib(pid);
+    let before = keyway_tests::rss_kib(pid);
     // Four rotations (3s SVIDs renew about every 1.5s) while nobody reads.
     for _ in 0..4 {
         tokio::time::timeout(Duration::from_secs(15), watcher.message())
@@ -319,7 +295,7 @@ async fn a_thousand_unread_streams_neither_stall_others_nor_grow_agent_memory() 
             .unwrap()
             .unwrap();
     }
-    let after = rss_kib(pid);
+    let after = keyway_tests::rss_kib(pid);
     // A well-behaved client is served at once.
     let mut fresh = uds_client(&agent.socket).await;
     let mut s = fresh.fetch_x509svid(request()).await.unwrap().into_inner();

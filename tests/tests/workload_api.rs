@@ -4,31 +4,16 @@
 
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
 use keyway_tests::{Agent, InProcess, Options, TD, workload_for_me};
 use proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
 use spiffe::WorkloadApiClient;
 use tonic::Code;
-use tonic::transport::Endpoint;
 
 async fn raw_client(agent: &Agent) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = agent.socket.clone();
-    let channel = Endpoint::from_static("http://agent")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .unwrap();
-    SpiffeWorkloadApiClient::new(channel)
+    keyway_tests::raw_workload_client(&agent.socket).await.unwrap()
 }
 
-fn with_header<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    r
-}
+use keyway_tests::with_security_header as with_header;
 
 fn id(sa: &str) -> String {
     format!("spiffe://{TD}/ns/default/sa/{sa}")
