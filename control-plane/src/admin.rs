@@ -219,7 +219,8 @@ impl Admin for AdminService {
         &self,
         _req: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
-        let reg = self.cp.registry();
+        let cluster = self.cp.registry();
+        let reg = &cluster.records;
         let identities = reg
             .identities
             .iter()

@@ -262,11 +262,11 @@ impl AgentApi for AgentService {
 async fn stream_sync(cp: ControlPlane, node: String, tx: mpsc::Sender<Result<pb::SyncResponse, Status>>) {
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
-    let snapshot = registry.borrow_and_update().clone();
-    let mut view = sync::node_view(&snapshot, &node);
+    let cluster = registry.borrow_and_update().clone();
+    let mut view = sync::node_view(&cluster, &node);
     let mut updates = vec![sync::bundle_update(&bundle.borrow_and_update())];
     updates.extend(sync::full(&view));
-    let mut revision = snapshot.revision;
+    let mut revision = cluster.records.revision;
     let chunks: Vec<Vec<pb::Update>> = updates
         .chunks(sync::UPDATES_PER_MESSAGE)
         .map(|c| c.to_vec())
@@ -288,9 +288,9 @@ async fn stream_sync(cp: ControlPlane, node: String, tx: mpsc::Sender<Result<pb:
         let updates = tokio::select! {
             r = registry.changed() => {
                 if r.is_err() { return; }
-                let snapshot = registry.borrow_and_update().clone();
-                revision = snapshot.revision;
-                let next = sync::node_view(&snapshot, &node);
+                let cluster = registry.borrow_and_update().clone();
+                revision = cluster.records.revision;
+                let next = sync::node_view(&cluster, &node);
                 let d = sync::diff(&view, &next);
                 view = next;
                 d
@@ -301,12 +301,16 @@ async fn stream_sync(cp: ControlPlane, node: String, tx: mpsc::Sender<Result<pb:
             }
             _ = tx.closed() => return,
         };
-        for chunk in updates.chunks(sync::UPDATES_PER_MESSAGE) {
+        // A delta split over several messages is complete (consistent, worth
+        // acting on) only at its last message.
+        let chunks: Vec<&[pb::Update]> = updates.chunks(sync::UPDATES_PER_MESSAGE).collect();
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.into_iter().enumerate() {
             let msg = pb::SyncResponse {
                 revision,
                 reset: false,
                 updates: chunk.to_vec(),
-                complete: true,
+                complete: i == last,
             };
             if tx.send(Ok(msg)).await.is_err() {
                 return;

@@ -52,7 +52,7 @@ pub enum Command {
     /// CA status and manual two-phase rotation.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Apply Workload documents from a YAML file.
+    /// Apply Workload and KeywayNetworkPolicy documents from a YAML file (all or nothing).
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,

@@ -4,7 +4,8 @@
 //!
 //! Module map: `ca` (authorities, issuance, rotation schedule), `jwt`, `csr`
 //! (CA-side CSR checks), `store` (the `Store` trait and sled), `registry`
-//! (standalone documents), `tokens` (join tokens), `server` (the control plane
+//! (standalone documents), `policy` (KeywayNetworkPolicy and its compilation
+//! to datapath entries), `tokens` (join tokens), `server` (the control plane
 //! as one value), `sync` (per-node views and deltas), `agent_api`, `admin`,
 //! `cli`.
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod csr;
 pub mod jwt;
+pub mod policy;
 pub mod registry;
 pub mod server;
 pub mod store;

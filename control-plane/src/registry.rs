@@ -1,6 +1,7 @@
-//! Standalone-mode documents: `Workload` (DESIGN.md section 9) parsed and
-//! validated into store records. Kubernetes mode produces the same records
-//! from Pods.
+//! Standalone-mode documents: `Workload` (DESIGN.md section 9) and
+//! `KeywayNetworkPolicy` (section 4) parsed and validated into store records.
+//! Kubernetes mode produces the same records from Pods and the policy CRD
+//! ([`policy_spec`] reads the CRD's spec either way).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,7 +9,11 @@ use std::net::IpAddr;
 use keyway_identity::{TrustDomain, spiffe_id};
 use serde::Deserialize;
 
-use crate::store::WorkloadRecord;
+use crate::policy::{
+    AuthMode, Direction, Entity, NAMESPACE_LABEL, Operator, PolicySpec, PortProtocol, Protocol, Requirement,
+    Rule, SERVICE_ACCOUNT_LABEL, Selector,
+};
+use crate::store::{PolicyRecord, WorkloadRecord};
 
 pub const API_VERSION: &str = "keyway.dev/v1alpha1";
 
@@ -44,14 +49,21 @@ struct WorkloadSpec {
     svid_ttl: Option<String>,
 }
 
+/// The documents of one apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Documents {
+    pub workloads: Vec<WorkloadRecord>,
+    pub policies: Vec<PolicyRecord>,
+}
+
 /// Parses every document of a multi-document YAML file. Nothing is returned
 /// unless every document is valid: an apply is all or nothing.
 pub fn parse_documents(
     yaml: &str,
     td: &TrustDomain,
     max_ttl: std::time::Duration,
-) -> Result<Vec<WorkloadRecord>, String> {
-    let mut out = Vec::new();
+) -> Result<Documents, String> {
+    let mut out = Documents::default();
     for (i, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let n = i + 1;
         let value =
@@ -74,22 +86,32 @@ pub fn parse_documents(
             }
         }
         match doc.kind.as_deref() {
-            Some("Workload") => out.push(workload(n, doc, td, max_ttl)?),
+            Some("Workload") => out.workloads.push(workload(n, doc, td, max_ttl)?),
+            Some("KeywayNetworkPolicy") => out.policies.push(network_policy(n, doc)?),
             Some(other) => {
                 return Err(format!(
-                    "document {n}: kind {other:?} is not supported by this control plane (supported: Workload)"
+                    "document {n}: kind {other:?} is not supported by this control plane (supported: Workload, KeywayNetworkPolicy)"
                 ));
             }
             None => return Err(format!("document {n}: kind is missing")),
         }
     }
-    if out.is_empty() {
+    if out.workloads.is_empty() && out.policies.is_empty() {
         return Err("no documents found".into());
     }
     let mut seen = std::collections::BTreeSet::new();
-    for w in &out {
+    for w in &out.workloads {
         if !seen.insert(w.key()) {
             return Err(format!("workload {} appears twice in the same apply", w.key()));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &out.policies {
+        if !seen.insert(p.key()) {
+            return Err(format!(
+                "KeywayNetworkPolicy {} appears twice in the same apply",
+                p.key()
+            ));
         }
     }
     Ok(out)
@@ -159,6 +181,353 @@ fn workload(
     })
 }
 
+fn network_policy(n: usize, doc: Document) -> Result<PolicyRecord, String> {
+    let name = doc
+        .metadata
+        .name
+        .ok_or_else(|| format!("document {n} (KeywayNetworkPolicy): metadata.name is missing"))?;
+    let namespace = doc.metadata.namespace.unwrap_or_else(|| "default".into());
+    let ctx = format!("document {n} (KeywayNetworkPolicy {namespace}/{name})");
+    spiffe_id::check_name("metadata.name", &name).map_err(|e| format!("{ctx}: {e}"))?;
+    spiffe_id::check_name("metadata.namespace", &namespace).map_err(|e| format!("{ctx}: {e}"))?;
+    let spec = policy_spec(doc.spec).map_err(|e| format!("{ctx}: {e}"))?;
+    Ok(PolicyRecord {
+        namespace,
+        name,
+        spec,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPolicySpec {
+    endpoint_selector: Option<serde_yaml::Value>,
+    ingress: Option<Vec<serde_yaml::Value>>,
+    egress: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRule {
+    authentication: Option<serde_yaml::Value>,
+    from_endpoints: Option<Vec<serde_yaml::Value>>,
+    to_endpoints: Option<Vec<serde_yaml::Value>>,
+    from_entities: Option<Vec<String>>,
+    to_entities: Option<Vec<String>>,
+    to_ports: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthentication {
+    mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPortRule {
+    ports: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    port: Option<serde_yaml::Value>,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    match_expressions: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequirement {
+    key: String,
+    operator: String,
+    #[serde(default)]
+    values: Vec<String>,
+}
+
+/// Deserializes one level of the spec, naming its path in the error.
+fn level<T: for<'de> Deserialize<'de>>(path: &str, value: serde_yaml::Value) -> Result<T, String> {
+    serde_yaml::from_value(value).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Validates a KeywayNetworkPolicy spec (the same shape as a
+/// CiliumNetworkPolicy's, restricted to what Keyway enforces). Errors name
+/// the field, e.g. `spec.ingress[0].toPorts[0].ports[0].port`.
+pub fn policy_spec(spec: serde_yaml::Value) -> Result<PolicySpec, String> {
+    if spec.is_null() {
+        return Err("spec is missing".into());
+    }
+    let raw: RawPolicySpec = level("spec", spec)?;
+    let endpoint_selector = match raw.endpoint_selector {
+        Some(v) => selector("spec.endpointSelector", v)?,
+        None => {
+            return Err(
+                "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
+                    .into(),
+            );
+        }
+    };
+    let rules = |direction: Direction, list: Option<Vec<serde_yaml::Value>>| {
+        list.map(|list| {
+            list.into_iter()
+                .enumerate()
+                .map(|(i, v)| rule(&format!("spec.{}[{i}]", direction.name()), direction, v))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()
+    };
+    Ok(PolicySpec {
+        endpoint_selector,
+        ingress: rules(Direction::Ingress, raw.ingress)?,
+        egress: rules(Direction::Egress, raw.egress)?,
+    })
+}
+
+fn rule(path: &str, direction: Direction, value: serde_yaml::Value) -> Result<Rule, String> {
+    let raw: RawRule = level(path, value)?;
+    let (peers, other_peers, entities, other_entities) = match direction {
+        Direction::Ingress => ("fromEndpoints", "toEndpoints", "fromEntities", "toEntities"),
+        Direction::Egress => ("toEndpoints", "fromEndpoints", "toEntities", "fromEntities"),
+    };
+    let (endpoints, wrong_endpoints, entity_names, wrong_entities) = match direction {
+        Direction::Ingress => (
+            raw.from_endpoints,
+            raw.to_endpoints,
+            raw.from_entities,
+            raw.to_entities,
+        ),
+        Direction::Egress => (
+            raw.to_endpoints,
+            raw.from_endpoints,
+            raw.to_entities,
+            raw.from_entities,
+        ),
+    };
+    let dir = direction.name();
+    if wrong_endpoints.is_some() {
+        return Err(format!(
+            "{path}.{other_peers}: not allowed in an {dir} rule; an {dir} rule names its peers with {peers}"
+        ));
+    }
+    if wrong_entities.is_some() {
+        return Err(format!(
+            "{path}.{other_entities}: not allowed in an {dir} rule; an {dir} rule names its peers with {entities}"
+        ));
+    }
+    let authentication = match raw.authentication {
+        None => AuthMode::Disabled,
+        Some(v) => {
+            let auth: RawAuthentication = level(&format!("{path}.authentication"), v)?;
+            match auth.mode.as_deref() {
+                Some("required") => AuthMode::Required,
+                Some("disabled") => AuthMode::Disabled,
+                Some(other) => {
+                    return Err(format!(
+                        "{path}.authentication.mode: {other:?} is not a mode; use required or disabled"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "{path}.authentication.mode is missing; use required or disabled"
+                    ));
+                }
+            }
+        }
+    };
+    let endpoints = endpoints
+        .map(|list| {
+            list.into_iter()
+                .enumerate()
+                .map(|(i, v)| selector(&format!("{path}.{peers}[{i}]"), v))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let entities = entity_names
+        .map(|list| {
+            list.iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    Entity::parse(e).ok_or_else(|| {
+                        format!(
+                            "{path}.{entities}[{i}]: {e:?} is not a supported entity; use one of {}",
+                            Entity::NAMES
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let ports = raw
+        .to_ports
+        .map(|list| ports(&format!("{path}.toPorts"), list))
+        .transpose()?;
+    Ok(Rule {
+        authentication,
+        endpoints,
+        entities,
+        ports,
+    })
+}
+
+fn ports(path: &str, list: Vec<serde_yaml::Value>) -> Result<Vec<PortProtocol>, String> {
+    if list.is_empty() {
+        return Err(format!(
+            "{path} is empty; list ports, or leave toPorts out to allow every port and protocol"
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, v) in list.into_iter().enumerate() {
+        let path = format!("{path}[{i}]");
+        let rule: RawPortRule = level(&path, v)?;
+        let items = rule.ports.unwrap_or_default();
+        if items.is_empty() {
+            return Err(format!(
+                "{path}.ports is missing or empty; list at least one port"
+            ));
+        }
+        for (j, v) in items.into_iter().enumerate() {
+            let path = format!("{path}.ports[{j}]");
+            let raw: RawPort = level(&path, v)?;
+            let protocol = match raw.protocol.as_deref() {
+                None => Protocol::Any,
+                Some(p) => Protocol::parse(p).ok_or_else(|| {
+                    format!(
+                        "{path}.protocol: {p:?} is not a supported protocol; use {}",
+                        Protocol::NAMES
+                    )
+                })?,
+            };
+            let port = raw
+                .port
+                .map(|p| port_number(&format!("{path}.port"), p))
+                .transpose()?;
+            let port = match (protocol, port) {
+                (Protocol::Icmp, Some(_)) => {
+                    return Err(format!("{path}.port: ICMP has no ports; leave port out"));
+                }
+                (Protocol::Icmp, None) | (Protocol::Any, None) => 0,
+                (_, Some(p)) => p,
+                (_, None) => {
+                    return Err(format!(
+                        "{path}.port is missing; every {} rule needs a port (leave toPorts out to allow every port and protocol)",
+                        raw.protocol.as_deref().unwrap_or_default()
+                    ));
+                }
+            };
+            out.push(PortProtocol { port, protocol });
+        }
+    }
+    Ok(out)
+}
+
+fn port_number(path: &str, value: serde_yaml::Value) -> Result<u16, String> {
+    let parsed = match &value {
+        serde_yaml::Value::String(s) => s.parse::<u16>().ok(),
+        serde_yaml::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        _ => None,
+    };
+    match parsed {
+        Some(p) if p > 0 => Ok(p),
+        _ => {
+            let shown = match &value {
+                serde_yaml::Value::String(s) => format!("{s:?}"),
+                other => serde_yaml::to_string(other).unwrap_or_default().trim().to_owned(),
+            };
+            Err(format!(
+                "{path}: {shown} is not a port number (1-65535; named ports are not supported)"
+            ))
+        }
+    }
+}
+
+/// A label selector key in its stored form: `k8s:` (or `any:`) dropped.
+fn selector_key(path: &str, key: &str) -> Result<String, String> {
+    let plain = key
+        .strip_prefix("k8s:")
+        .or_else(|| key.strip_prefix("any:"))
+        .unwrap_or(key);
+    if plain.starts_with("reserved:") || key.starts_with("reserved:") {
+        return Err(format!(
+            "{path}: {key:?}: reserved identities are selected with fromEntities/toEntities ({})",
+            Entity::NAMES
+        ));
+    }
+    if plain.is_empty() || plain.contains(':') || plain.len() > 317 {
+        return Err(format!(
+            "{path}: {key:?} is not a label key (use KEY, k8s:KEY, k8s:{NAMESPACE_LABEL} or k8s:{SERVICE_ACCOUNT_LABEL})"
+        ));
+    }
+    Ok(plain.to_owned())
+}
+
+fn selector(path: &str, value: serde_yaml::Value) -> Result<Selector, String> {
+    if value.is_null() {
+        return Ok(Selector::default());
+    }
+    let raw: RawSelector = level(path, value)?;
+    let mut match_labels = BTreeMap::new();
+    for (k, v) in raw.match_labels {
+        let key = selector_key(&format!("{path}.matchLabels"), &k)?;
+        if let Some(previous) = match_labels.insert(key.clone(), v.clone())
+            && previous != v
+        {
+            return Err(format!(
+                "{path}.matchLabels: {key:?} is given twice with different values"
+            ));
+        }
+    }
+    let mut match_expressions = Vec::new();
+    for (i, v) in raw.match_expressions.into_iter().enumerate() {
+        let path = format!("{path}.matchExpressions[{i}]");
+        let raw: RawRequirement = level(&path, v)?;
+        let key = selector_key(&format!("{path}.key"), &raw.key)?;
+        let operator = match raw.operator.as_str() {
+            "In" => Operator::In,
+            "NotIn" => Operator::NotIn,
+            "Exists" => Operator::Exists,
+            "DoesNotExist" => Operator::DoesNotExist,
+            other => {
+                return Err(format!(
+                    "{path}.operator: {other:?} is not an operator; use In, NotIn, Exists or DoesNotExist"
+                ));
+            }
+        };
+        match operator {
+            Operator::In | Operator::NotIn if raw.values.is_empty() => {
+                return Err(format!(
+                    "{path}.values: {} needs at least one value",
+                    raw.operator
+                ));
+            }
+            Operator::Exists | Operator::DoesNotExist if !raw.values.is_empty() => {
+                return Err(format!("{path}.values: {} takes no values", raw.operator));
+            }
+            _ => {}
+        }
+        let mut values = raw.values;
+        values.sort();
+        values.dedup();
+        match_expressions.push(Requirement {
+            key,
+            operator,
+            values,
+        });
+    }
+    Ok(Selector {
+        match_labels,
+        match_expressions,
+    })
+}
+
 /// Selectors say how the node agent recognises a caller of the Workload API.
 fn check_selector(s: &str) -> Result<(), String> {
     if let Some(ns) = s.strip_prefix("netns:") {
@@ -203,7 +572,9 @@ spec: { node: node-b }
 
     #[test]
     fn parses_the_documented_example() {
-        let w = parse_documents(GOOD, &td(), Duration::from_secs(86400)).unwrap();
+        let w = parse_documents(GOOD, &td(), Duration::from_secs(86400))
+            .unwrap()
+            .workloads;
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].spiffe_id, "spiffe://cluster.local/ns/default/sa/frontend");
         assert_eq!(w[0].svid_ttl_secs, Some(3600));
@@ -252,5 +623,205 @@ spec: { node: node-b }
                 .unwrap_err()
                 .contains("service account")
         );
+    }
+
+    const POLICY: &str = r#"
+apiVersion: keyway.dev/v1alpha1
+kind: KeywayNetworkPolicy
+metadata: { name: api-mtls, namespace: default }
+spec:
+  endpointSelector: { matchLabels: { app: api } }
+  ingress:
+    - authentication: { mode: required }   # required | disabled
+      fromEndpoints:
+        - matchLabels: { app: frontend }
+      toPorts:
+        - ports: [{ port: "8080", protocol: TCP }]
+"#;
+
+    fn policy_err(yaml: &str) -> String {
+        parse_documents(yaml, &td(), Duration::from_secs(86400)).unwrap_err()
+    }
+
+    #[test]
+    fn parses_the_documented_policy_alongside_workloads() {
+        let docs = parse_documents(&format!("{GOOD}---{POLICY}"), &td(), Duration::from_secs(86400)).unwrap();
+        assert_eq!(docs.workloads.len(), 2);
+        assert_eq!(docs.policies.len(), 1);
+        let p = &docs.policies[0];
+        assert_eq!(p.key(), "default/api-mtls");
+        assert_eq!(p.spec.endpoint_selector.match_labels["app"], "api");
+        assert!(p.spec.egress.is_none());
+        let rule = &p.spec.ingress.as_ref().unwrap()[0];
+        assert_eq!(rule.authentication, AuthMode::Required);
+        assert_eq!(
+            rule.endpoints.as_ref().unwrap()[0].match_labels["app"],
+            "frontend"
+        );
+        assert_eq!(
+            rule.ports,
+            Some(vec![PortProtocol {
+                port: 8080,
+                protocol: Protocol::Tcp
+            }])
+        );
+        // A policy alone is a valid apply; the namespace defaults.
+        let alone = POLICY.replace(", namespace: default", "");
+        let docs = parse_documents(&alone, &td(), Duration::from_secs(86400)).unwrap();
+        assert_eq!(docs.policies[0].namespace, "default");
+        assert!(docs.workloads.is_empty());
+    }
+
+    #[test]
+    fn selector_keys_understand_the_k8s_prefix_and_pseudo_labels() {
+        let yaml = r#"
+apiVersion: keyway.dev/v1alpha1
+kind: KeywayNetworkPolicy
+metadata: { name: p, namespace: team }
+spec:
+  endpointSelector:
+    matchLabels: { "k8s:app": api }
+  ingress: []
+  egress:
+    - toEndpoints:
+        - matchLabels:
+            k8s:io.kubernetes.pod.namespace: kube-system
+            k8s:io.kubernetes.pod.serviceaccount: coredns
+          matchExpressions:
+            - { key: "k8s:tier", operator: NotIn, values: [b, a, a] }
+            - { key: debug, operator: DoesNotExist }
+      toEntities: [world, cluster]
+      toPorts:
+        - ports: [{ port: 53 }, { protocol: ICMP }, { port: 9000, protocol: SCTP }]
+"#;
+        let docs = parse_documents(yaml, &td(), Duration::from_secs(86400)).unwrap();
+        let spec = &docs.policies[0].spec;
+        assert_eq!(spec.endpoint_selector.match_labels["app"], "api");
+        assert_eq!(spec.ingress, Some(vec![]));
+        let rule = &spec.egress.as_ref().unwrap()[0];
+        let sel = &rule.endpoints.as_ref().unwrap()[0];
+        assert_eq!(sel.match_labels[NAMESPACE_LABEL], "kube-system");
+        assert_eq!(sel.match_labels[SERVICE_ACCOUNT_LABEL], "coredns");
+        assert!(sel.constrains_namespace());
+        assert_eq!(sel.match_expressions[0].key, "tier");
+        assert_eq!(sel.match_expressions[0].values, vec!["a", "b"]);
+        assert_eq!(sel.match_expressions[1].operator, Operator::DoesNotExist);
+        assert_eq!(rule.entities, Some(vec![Entity::World, Entity::Cluster]));
+        let ports = rule.ports.as_ref().unwrap();
+        assert_eq!(
+            ports[0],
+            PortProtocol {
+                port: 53,
+                protocol: Protocol::Any
+            }
+        );
+        assert_eq!(
+            ports[1],
+            PortProtocol {
+                port: 0,
+                protocol: Protocol::Icmp
+            }
+        );
+        assert_eq!(ports[2].protocol, Protocol::Sctp);
+    }
+
+    #[test]
+    fn policy_errors_name_the_document_the_policy_and_the_field() {
+        let two = format!("{GOOD}---{POLICY}");
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "port: \"8080\"",
+                "port: \"http\"",
+                &["spec.ingress[0].toPorts[0].ports[0].port", "\"http\"", "1-65535"],
+            ),
+            (
+                "port: \"8080\"",
+                "port: \"0\"",
+                &["ports[0].port: \"0\" is not a port number"],
+            ),
+            ("port: \"8080\"", "port: 70000", &["ports[0].port: 70000 is not"]),
+            (
+                "protocol: TCP",
+                "protocol: HTTP",
+                &["ports[0].protocol", "\"HTTP\"", "TCP, UDP"],
+            ),
+            (
+                "mode: required",
+                "mode: strict",
+                &["authentication.mode", "\"strict\"", "required or disabled"],
+            ),
+            (
+                "fromEndpoints:",
+                "fromEndpoint:",
+                &["spec.ingress[0]", "unknown field `fromEndpoint`"],
+            ),
+            (
+                "fromEndpoints:",
+                "toEndpoints:",
+                &["spec.ingress[0].toEndpoints", "fromEndpoints"],
+            ),
+            (
+                "matchLabels: { app: frontend }",
+                "matchLabel: { app: frontend }",
+                &["fromEndpoints[0]", "matchLabel"],
+            ),
+            (
+                "matchLabels: { app: frontend }",
+                "matchExpressions: [{ key: app, operator: Equals, values: [x] }]",
+                &[
+                    "spec.ingress[0].fromEndpoints[0].matchExpressions[0].operator",
+                    "\"Equals\"",
+                    "NotIn",
+                ],
+            ),
+            (
+                "matchLabels: { app: frontend }",
+                "matchExpressions: [{ key: app, operator: In }]",
+                &["matchExpressions[0].values", "In needs at least one value"],
+            ),
+            (
+                "matchLabels: { app: frontend }",
+                "matchLabels: { \"reserved:host\": \"\" }",
+                &["matchLabels", "fromEntities"],
+            ),
+            (
+                "endpointSelector:",
+                "podSelector:",
+                &["unknown field `podSelector`"],
+            ),
+            (
+                "- ports: [{ port: \"8080\", protocol: TCP }]",
+                "- ports: [{ protocol: TCP }]",
+                &["ports[0].port is missing"],
+            ),
+            (
+                "- ports: [{ port: \"8080\", protocol: TCP }]",
+                "- ports: [{ port: 7, protocol: ICMP }]",
+                &["ICMP has no ports"],
+            ),
+            (
+                "      fromEndpoints:",
+                "      fromEntities: [internet]\n      fromEndpoints:",
+                &["fromEntities[0]", "\"internet\""],
+            ),
+            ("name: api-mtls", "name: Api_Mtls", &["metadata.name"]),
+        ];
+        for (from, to, wants) in cases {
+            assert!(two.contains(from), "{from}");
+            let e = policy_err(&two.replacen(from, to, 1));
+            for want in wants
+                .iter()
+                .chain(&["document 3", "KeywayNetworkPolicy default/"])
+            {
+                assert!(
+                    e.contains(want),
+                    "{from} -> {to}: {e:?} does not mention {want:?}"
+                );
+            }
+        }
+        let no_selector = POLICY.replace("  endpointSelector: { matchLabels: { app: api } }\n", "");
+        assert!(policy_err(&no_selector).contains("spec.endpointSelector is missing"));
+        let twice = format!("{POLICY}---{POLICY}");
+        assert!(policy_err(&twice).contains("appears twice"));
     }
 }

@@ -18,9 +18,9 @@ use crate::config::Config;
 use crate::csr;
 use crate::registry;
 use crate::store::{
-    ApplyOutcome, CaPhase, CaState, IssuanceRecord, JoinTokenRecord, NodeRecord, RegistrySnapshot, Store,
-    StoreError,
+    ApplyOutcome, CaPhase, CaState, IssuanceRecord, JoinTokenRecord, NodeRecord, Store, StoreError,
 };
+use crate::sync::Cluster;
 
 /// Wall-clock seconds: certificates need real time. Converted here only.
 pub fn now_unix() -> i64 {
@@ -103,7 +103,8 @@ struct Inner {
     bundle: watch::Sender<Arc<TrustBundle>>,
     /// Serialises CA state changes (rotation steps).
     ca_lock: Mutex<()>,
-    registry: watch::Sender<Arc<RegistrySnapshot>>,
+    /// The registry with its compiled policy; republished when either changes.
+    registry: watch::Sender<Arc<Cluster>>,
     /// Serialises registry writes so each published snapshot is consistent.
     registry_lock: Mutex<()>,
     own_cert: watch::Sender<Option<Arc<CertifiedKey>>>,
@@ -148,7 +149,7 @@ impl ControlPlane {
             state,
             ca_cfg.max_svid_ttl(),
         )?);
-        let registry = Arc::new(store.registry().await?);
+        let registry = Arc::new(Cluster::new(store.registry().await?));
         let (bundle, _) = watch::channel(authority.bundle());
         let (authority, _) = watch::channel(authority);
         let (registry, _) = watch::channel(registry);
@@ -186,7 +187,7 @@ impl ControlPlane {
         self.inner.bundle.subscribe()
     }
 
-    pub fn subscribe_registry(&self) -> watch::Receiver<Arc<RegistrySnapshot>> {
+    pub fn subscribe_registry(&self) -> watch::Receiver<Arc<Cluster>> {
         self.inner.registry.subscribe()
     }
 
@@ -304,6 +305,7 @@ impl ControlPlane {
         self.inner
             .registry
             .borrow()
+            .records
             .nodes
             .iter()
             .find(|n| n.name == node)
@@ -333,6 +335,7 @@ impl ControlPlane {
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let reg = self.inner.registry.borrow();
         let with_id: Vec<_> = reg
+            .records
             .workloads
             .iter()
             .filter(|w| w.spiffe_id == requested)
@@ -498,32 +501,40 @@ impl ControlPlane {
         }
     }
 
+    /// Applies Workload and KeywayNetworkPolicy documents: all of them, or
+    /// none when any is invalid.
     pub async fn apply(&self, yaml: &str) -> Result<ApplyOutcome, ApiError> {
-        let workloads = registry::parse_documents(
+        let docs = registry::parse_documents(
             yaml,
             &self.inner.cfg.trust_domain,
             self.inner.ca_cfg.max_svid_ttl(),
         )
         .map_err(ApiError::InvalidArgument)?;
         let _guard = self.inner.registry_lock.lock().await;
-        let outcome = self.inner.store.apply_workloads(workloads).await?;
+        let outcome = self.inner.store.apply(docs.workloads, docs.policies).await?;
         self.refresh_registry().await?;
         Ok(outcome)
     }
 
+    /// Publishes the stored registry, compiling policy only when the records
+    /// changed.
     async fn refresh_registry(&self) -> Result<(), ApiError> {
-        let snapshot = Arc::new(self.inner.store.registry().await?);
-        self.inner.registry.send_if_modified(|r| {
-            if **r == *snapshot {
-                return false;
-            }
-            *r = snapshot;
-            true
-        });
+        let records = self.inner.store.registry().await?;
+        if self.inner.registry.borrow().records == records {
+            return Ok(());
+        }
+        let cluster = Arc::new(Cluster::new(records));
+        info!(
+            revision = cluster.records.revision,
+            policies = cluster.records.policies.len(),
+            policy_entries = cluster.policy.len(),
+            "registry changed"
+        );
+        self.inner.registry.send_replace(cluster);
         Ok(())
     }
 
-    pub fn registry(&self) -> Arc<RegistrySnapshot> {
+    pub fn registry(&self) -> Arc<Cluster> {
         self.inner.registry.borrow().clone()
     }
 

@@ -10,6 +10,14 @@ use proto::keyway::{self as pb, update::Kind};
 
 use crate::control_plane::bundle_from;
 
+/// A policy entry's key as a tuple, (subject, peer, port, protocol,
+/// direction), ordered like the datapath's lookup key.
+pub type PolicyTuple = (u32, u32, u32, u32, u32);
+
+fn policy_tuple(k: &pb::PolicyKey) -> PolicyTuple {
+    (k.subject, k.peer, k.port, k.protocol, k.direction)
+}
+
 /// What the control plane told this node, as of `revision`.
 #[derive(Debug, Clone, Default)]
 pub struct NodeState {
@@ -19,6 +27,10 @@ pub struct NodeState {
     pub workloads: BTreeMap<(String, String), pb::Workload>,
     pub identities: BTreeMap<u32, pb::Identity>,
     pub nodes: BTreeMap<String, pb::Node>,
+    /// Every workload address in the cluster, keyed by CIDR.
+    pub ipcache: BTreeMap<String, pb::IpcacheEntry>,
+    /// Compiled policy for the identities with a workload on this node.
+    pub policy: BTreeMap<PolicyTuple, pb::PolicyEntry>,
     pub bundle: Option<Arc<TrustBundle>>,
 }
 
@@ -67,8 +79,22 @@ impl NodeState {
                         tracing::warn!(error = %e, "ignoring an unusable bundle from the control plane")
                     }
                 },
-                // Datapath tables arrive with the datapath.
-                Some(_) | None => {}
+                Some(Kind::IpcacheUpsert(e)) => {
+                    self.ipcache.insert(e.cidr.clone(), e);
+                }
+                Some(Kind::IpcacheDelete(cidr)) => {
+                    self.ipcache.remove(&cidr);
+                }
+                Some(Kind::PolicyUpsert(e)) => match &e.key {
+                    Some(k) => {
+                        self.policy.insert(policy_tuple(k), e);
+                    }
+                    None => tracing::warn!(rule = %e.rule, "ignoring a policy entry without a key"),
+                },
+                Some(Kind::PolicyDelete(k)) => {
+                    self.policy.remove(&policy_tuple(&k));
+                }
+                None => {}
             }
         }
         self.revision = msg.revision;
@@ -84,5 +110,103 @@ impl NodeState {
         ids.sort();
         ids.dedup();
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upd(kind: Kind) -> pb::Update {
+        pb::Update { kind: Some(kind) }
+    }
+
+    fn msg(reset: bool, complete: bool, updates: Vec<pb::Update>) -> pb::SyncResponse {
+        pb::SyncResponse {
+            revision: 1,
+            reset,
+            updates,
+            complete,
+        }
+    }
+
+    fn key(subject: u32, peer: u32, port: u32) -> pb::PolicyKey {
+        pb::PolicyKey {
+            subject,
+            peer,
+            port,
+            protocol: 6,
+            direction: 0,
+        }
+    }
+
+    fn entry(k: pb::PolicyKey, auth: bool) -> pb::PolicyEntry {
+        pb::PolicyEntry {
+            key: Some(k),
+            allow: true,
+            auth_required: auth,
+            rule: "default/p ingress[0]".into(),
+        }
+    }
+
+    fn ip(cidr: &str, identity: u32) -> pb::IpcacheEntry {
+        pb::IpcacheEntry {
+            cidr: cidr.into(),
+            identity,
+            node_id: 2,
+        }
+    }
+
+    #[test]
+    fn ipcache_and_policy_follow_upserts_deletes_and_resets() {
+        let mut s = NodeState::default();
+        assert!(!s.apply(msg(
+            true,
+            false,
+            vec![
+                upd(Kind::IpcacheUpsert(ip("10.0.0.1/32", 256))),
+                upd(Kind::IpcacheUpsert(ip("10.0.0.2/32", 257))),
+            ],
+        )));
+        assert!(s.apply(msg(
+            false,
+            true,
+            vec![
+                upd(Kind::PolicyUpsert(entry(key(257, 256, 8080), true))),
+                upd(Kind::PolicyUpsert(entry(key(257, 0, 0), false))),
+            ],
+        )));
+        assert!(s.synced);
+        assert_eq!(s.ipcache.len(), 2);
+        assert_eq!(s.ipcache["10.0.0.2/32"].identity, 257);
+        assert!(s.policy[&(257, 256, 8080, 6, 0)].auth_required);
+
+        // An upsert replaces, a delete removes.
+        s.apply(msg(
+            false,
+            true,
+            vec![
+                upd(Kind::IpcacheUpsert(ip("10.0.0.2/32", 258))),
+                upd(Kind::IpcacheDelete("10.0.0.1/32".into())),
+                upd(Kind::PolicyUpsert(entry(key(257, 256, 8080), false))),
+                upd(Kind::PolicyDelete(key(257, 0, 0))),
+            ],
+        ));
+        assert_eq!(s.ipcache.keys().collect::<Vec<_>>(), vec!["10.0.0.2/32"]);
+        assert_eq!(s.ipcache["10.0.0.2/32"].identity, 258);
+        assert_eq!(
+            s.policy.keys().copied().collect::<Vec<_>>(),
+            vec![(257, 256, 8080, 6, 0)]
+        );
+        assert!(!s.policy[&(257, 256, 8080, 6, 0)].auth_required);
+
+        // A new snapshot starts from nothing.
+        s.apply(msg(
+            true,
+            true,
+            vec![upd(Kind::IpcacheUpsert(ip("10.0.0.9/32", 300)))],
+        ));
+        assert_eq!(s.ipcache.len(), 1);
+        assert!(s.policy.is_empty());
     }
 }

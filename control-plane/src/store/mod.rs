@@ -132,6 +132,21 @@ impl WorkloadRecord {
     }
 }
 
+/// A KeywayNetworkPolicy after validation. Namespace and name identify it;
+/// applying one with the same name replaces the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub namespace: String,
+    pub name: String,
+    pub spec: crate::policy::PolicySpec,
+}
+
+impl PolicyRecord {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A numeric security identity: one per (namespace, service account,
 /// identity-relevant labels), never reused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +192,8 @@ pub struct RegistrySnapshot {
     pub workloads: Vec<WorkloadRecord>,
     pub identities: Vec<IdentityRecord>,
     pub nodes: Vec<NodeRecord>,
+    /// In namespace/name order.
+    pub policies: Vec<PolicyRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,8 +244,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()>;
     async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>>;
 
-    /// Upserts workloads, allocating identities as needed; all or nothing.
-    async fn apply_workloads(&self, workloads: Vec<WorkloadRecord>) -> StoreResult<ApplyOutcome>;
+    /// Upserts workloads (allocating identities as needed) and policies
+    /// (replacing any with the same namespace/name), all or nothing. The
+    /// revision grows only when something changed.
+    async fn apply(
+        &self,
+        workloads: Vec<WorkloadRecord>,
+        policies: Vec<PolicyRecord>,
+    ) -> StoreResult<ApplyOutcome>;
     async fn registry(&self) -> StoreResult<RegistrySnapshot>;
 }
 

@@ -47,6 +47,7 @@ pub struct SledStore {
     ca: sled::Tree,
     tokens: sled::Tree,
     workloads: sled::Tree,
+    policies: sled::Tree,
     identities: sled::Tree,
     identity_keys: sled::Tree,
     nodes: sled::Tree,
@@ -107,6 +108,7 @@ impl SledStore {
             ca: tree("ca")?,
             tokens: tree("join_tokens")?,
             workloads: tree("workloads")?,
+            policies: tree("policies")?,
             identities: tree("identities")?,
             identity_keys: tree("identity_keys")?,
             nodes: tree("nodes")?,
@@ -222,66 +224,95 @@ impl Store for SledStore {
             .collect()
     }
 
-    async fn apply_workloads(&self, workloads: Vec<WorkloadRecord>) -> StoreResult<ApplyOutcome> {
-        let result = (&self.workloads, &self.identities, &self.identity_keys, &self.meta).transaction(
-            |(wl_tree, id_tree, key_tree, meta)| {
-                let mut changes = Vec::new();
-                let mut next_id =
-                    read_u64(meta.get(NEXT_IDENTITY)?).max(u64::from(keyway_common::identity::FIRST_USER));
-                let start_id = next_id;
-                for w in &workloads {
-                    let mut w = w.clone();
-                    let key = identity_key(&w.namespace, &w.service_account, &w.labels);
-                    let id = match key_tree.get(key.as_bytes())? {
-                        Some(raw) => read_u64(Some(raw)) as u32,
-                        None => {
-                            let id = u32::try_from(next_id).map_err(|_| {
-                                TxError::Abort(StoreError::Exhausted("numeric identities exhausted".into()))
-                            })?;
-                            next_id += 1;
-                            key_tree.insert(key.as_bytes(), &u64::from(id).to_be_bytes())?;
-                            let rec = IdentityRecord {
-                                id,
-                                spiffe_id: w.spiffe_id.clone(),
-                                namespace: w.namespace.clone(),
-                                service_account: w.service_account.clone(),
-                                labels: identity_labels(&w.labels),
-                            };
-                            id_tree.insert(&id.to_be_bytes(), encode(&rec))?;
-                            id
-                        }
-                    };
-                    w.identity = id;
-                    let wkey = w.key();
-                    let previous: Option<WorkloadRecord> = wl_tree
-                        .get(wkey.as_bytes())?
-                        .map(|raw| decode("workload", &raw))
-                        .transpose()
-                        .map_err(TxError::Abort)?;
-                    let verb = match previous {
-                        Some(p) if p == w => "unchanged",
-                        Some(_) => "configured",
-                        None => "created",
-                    };
-                    if verb != "unchanged" {
-                        wl_tree.insert(wkey.as_bytes(), encode(&w))?;
-                    }
-                    changes.push(format!("workload {wkey} {verb} (identity {id}, {})", w.spiffe_id));
-                }
-                if next_id != start_id {
-                    meta.insert(NEXT_IDENTITY, &next_id.to_be_bytes())?;
-                }
-                let mut rev = read_u64(meta.get(REVISION)?);
-                if changes.iter().any(|c| !c.contains(" unchanged ")) {
-                    rev += 1;
-                    meta.insert(REVISION, &rev.to_be_bytes())?;
-                }
-                Ok(ApplyOutcome {
-                    changes,
-                    revision: rev,
-                })
-            },
+    async fn apply(
+        &self,
+        workloads: Vec<WorkloadRecord>,
+        policies: Vec<PolicyRecord>,
+    ) -> StoreResult<ApplyOutcome> {
+        let trees = (
+            &self.workloads,
+            &self.identities,
+            &self.identity_keys,
+            &self.policies,
+            &self.meta,
         );
+        let result = trees.transaction(|(wl_tree, id_tree, key_tree, policy_tree, meta)| {
+            let mut changes = Vec::new();
+            let mut changed = false;
+            let mut next_id =
+                read_u64(meta.get(NEXT_IDENTITY)?).max(u64::from(keyway_common::identity::FIRST_USER));
+            let start_id = next_id;
+            for w in &workloads {
+                let mut w = w.clone();
+                let key = identity_key(&w.namespace, &w.service_account, &w.labels);
+                let id = match key_tree.get(key.as_bytes())? {
+                    Some(raw) => read_u64(Some(raw)) as u32,
+                    None => {
+                        let id = u32::try_from(next_id).map_err(|_| {
+                            TxError::Abort(StoreError::Exhausted("numeric identities exhausted".into()))
+                        })?;
+                        next_id += 1;
+                        key_tree.insert(key.as_bytes(), &u64::from(id).to_be_bytes())?;
+                        let rec = IdentityRecord {
+                            id,
+                            spiffe_id: w.spiffe_id.clone(),
+                            namespace: w.namespace.clone(),
+                            service_account: w.service_account.clone(),
+                            labels: identity_labels(&w.labels),
+                        };
+                        id_tree.insert(&id.to_be_bytes(), encode(&rec))?;
+                        id
+                    }
+                };
+                w.identity = id;
+                let wkey = w.key();
+                let previous: Option<WorkloadRecord> = wl_tree
+                    .get(wkey.as_bytes())?
+                    .map(|raw| decode("workload", &raw))
+                    .transpose()
+                    .map_err(TxError::Abort)?;
+                let verb = match previous {
+                    Some(p) if p == w => "unchanged",
+                    Some(_) => "configured",
+                    None => "created",
+                };
+                if verb != "unchanged" {
+                    changed = true;
+                    wl_tree.insert(wkey.as_bytes(), encode(&w))?;
+                }
+                changes.push(format!("workload {wkey} {verb} (identity {id}, {})", w.spiffe_id));
+            }
+            for p in &policies {
+                let pkey = p.key();
+                let previous: Option<PolicyRecord> = policy_tree
+                    .get(pkey.as_bytes())?
+                    .map(|raw| decode("policy", &raw))
+                    .transpose()
+                    .map_err(TxError::Abort)?;
+                let verb = match previous {
+                    Some(old) if old == *p => "unchanged",
+                    Some(_) => "configured",
+                    None => "created",
+                };
+                if verb != "unchanged" {
+                    changed = true;
+                    policy_tree.insert(pkey.as_bytes(), encode(p))?;
+                }
+                changes.push(format!("keywaynetworkpolicy {pkey} {verb}"));
+            }
+            if next_id != start_id {
+                meta.insert(NEXT_IDENTITY, &next_id.to_be_bytes())?;
+            }
+            let mut rev = read_u64(meta.get(REVISION)?);
+            if changed {
+                rev += 1;
+                meta.insert(REVISION, &rev.to_be_bytes())?;
+            }
+            Ok(ApplyOutcome {
+                changes,
+                revision: rev,
+            })
+        });
         let outcome = tx_result(result)?;
         self.flush().await?;
         Ok(outcome)
@@ -301,6 +332,80 @@ impl Store for SledStore {
             workloads: all(&self.workloads, "workload")?,
             identities: all(&self.identities, "identity")?,
             nodes: all(&self.nodes, "node")?,
+            policies: all(&self.policies, "policy")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{AuthMode, PolicySpec, Rule};
+
+    fn policy(name: &str, auth: AuthMode) -> PolicyRecord {
+        PolicyRecord {
+            namespace: "default".into(),
+            name: name.into(),
+            spec: PolicySpec {
+                ingress: Some(vec![Rule {
+                    authentication: auth,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn policies_are_upserted_by_name_durably_and_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let first = store
+            .apply(
+                vec![],
+                vec![policy("a", AuthMode::Required), policy("b", AuthMode::Required)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            first.changes,
+            vec![
+                "keywaynetworkpolicy default/a created",
+                "keywaynetworkpolicy default/b created"
+            ]
+        );
+        let again = store
+            .apply(vec![], vec![policy("a", AuthMode::Required)])
+            .await
+            .unwrap();
+        assert_eq!(again.changes, vec!["keywaynetworkpolicy default/a unchanged"]);
+        assert_eq!(again.revision, first.revision, "nothing changed");
+        let replaced = store
+            .apply(vec![], vec![policy("a", AuthMode::Disabled)])
+            .await
+            .unwrap();
+        assert_eq!(replaced.changes, vec!["keywaynetworkpolicy default/a configured"]);
+        assert_eq!(replaced.revision, first.revision + 1);
+        drop(store);
+
+        // The flush thread lets go of the database once it sees the store
+        // gone; wait for the lock with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path()) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("store still locked after 10s: {e}"),
+            }
+        };
+        let reg = store.registry().await.unwrap();
+        assert_eq!(reg.revision, replaced.revision);
+        assert_eq!(
+            reg.policies,
+            vec![policy("a", AuthMode::Disabled), policy("b", AuthMode::Required)]
+        );
     }
 }
