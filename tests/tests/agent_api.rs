@@ -324,20 +324,39 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
             .any(|u| matches!(&u.kind, Some(Kind::Bundle(b)) if b.sequence >= 1))
     );
 
-    // A change to another node's workload sends node-a nothing; a change to
-    // its own sends exactly that workload.
+    // A change to another node's workload sends node-a only the address
+    // change (the ipcache is cluster-wide), never the workload; a change to
+    // its own sends that workload. The two may arrive as one delta or two.
     cp.apply(&workload_yaml("api", "api", "node-b", "10.244.2.11"))
         .await;
     cp.apply(&workload_yaml("worker", "worker", "node-a", "10.244.1.11"))
         .await;
-    let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(!next.reset && next.complete);
-    assert!(next.revision > first.revision);
-    let kinds: Vec<_> = next.updates.iter().map(|u| u.kind.clone().unwrap()).collect();
+    let mut kinds = Vec::new();
+    while !kinds
+        .iter()
+        .any(|k| matches!(k, Kind::WorkloadUpsert(w) if w.name == "worker"))
+    {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!next.reset && next.complete);
+        assert!(next.revision > first.revision);
+        kinds.extend(next.updates.iter().map(|u| u.kind.clone().unwrap()));
+    }
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, Kind::IpcacheUpsert(e) if e.cidr == "10.244.2.11/32")),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, Kind::IpcacheDelete(cidr) if cidr == "10.244.2.10/32")),
+        "{kinds:?}"
+    );
     assert!(
         kinds
             .iter()
