@@ -8,7 +8,7 @@
 # Needs root for apt-get (CI and the development machines run as root).
 set -euo pipefail
 
-APT_PACKAGES=(protobuf-compiler libprotobuf-dev openssl iproute2 iperf3 bpftool iptables curl jq)
+APT_PACKAGES=(protobuf-compiler libprotobuf-dev openssl iproute2 iputils-ping iperf3 bpftool iptables curl jq)
 NIGHTLY="${KEYWAY_NIGHTLY:-nightly}"
 
 log() { printf 'setup: %s\n' "$*" >&2; }

@@ -3,7 +3,8 @@
 //! Module map: `agent` (wiring and the control-plane link), `control_plane`
 //! (the agent API client), `state` (the node's view from Sync), `node_svid`
 //! (the node identity on disk), `svid_cache` (workload SVIDs and rotation),
-//! `workload_api` (the SPIFFE Workload API server), `caller` (out-of-band
+//! `workload_api` (the SPIFFE Workload API server), `datapath` (the kernel
+//! programs: loading, attaching, tables, auth map, signals and flow events), `caller` (out-of-band
 //! caller attestation), `workload_client` (the CLI's Workload API client),
 //! `backoff`, `cli`.
 
@@ -12,6 +13,7 @@ pub mod backoff;
 pub mod caller;
 pub mod cli;
 pub mod control_plane;
+pub mod datapath;
 pub mod node_svid;
 pub mod state;
 pub mod svid_cache;

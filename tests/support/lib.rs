@@ -3,6 +3,8 @@
 //! the real binaries, and helpers that wait on events with deadlines instead
 //! of sleeping.
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -42,6 +42,47 @@ pub mod maps {
     pub const AUTH_DEDUP: &str = "KEYWAY_AUTH_DEDUP";
     pub const SIGNALS: &str = "KEYWAY_SIGNALS";
     pub const FLOWS: &str = "KEYWAY_FLOWS";
+    pub const FLOW_TABLE: &str = "KEYWAY_FLOW_TABLE";
+    pub const CONFIG: &str = "KEYWAY_CONFIG";
+    pub const DROPS: &str = "KEYWAY_DROPS";
+
+    /// Every pinned map, for tools that inspect or clean a pin directory.
+    pub const ALL: [&str; 11] = [
+        IPCACHE,
+        IPCACHE_LPM,
+        ENDPOINTS,
+        POLICY,
+        AUTH,
+        AUTH_DEDUP,
+        SIGNALS,
+        FLOWS,
+        FLOW_TABLE,
+        CONFIG,
+        DROPS,
+    ];
+
+    /// Capacities. Hash maps other than the flow table are not preallocated,
+    /// so a node pays kernel memory for the entries it holds, not for these.
+    pub const IPCACHE_MAX: u32 = 1 << 20;
+    pub const IPCACHE_LPM_MAX: u32 = 16 << 10;
+    pub const ENDPOINTS_MAX: u32 = 4 << 10;
+    pub const POLICY_MAX: u32 = 2 << 20;
+    /// Cilium's default auth map size.
+    pub const AUTH_MAX: u32 = 512 << 10;
+    pub const AUTH_DEDUP_MAX: u32 = 16 << 10;
+    pub const FLOW_TABLE_MAX: u32 = 64 << 10;
+    pub const SIGNALS_BYTES: u32 = 256 << 10;
+    pub const FLOWS_BYTES: u32 = 1 << 20;
+    /// Slots of the per-CPU drop counter array, indexed by drop reason.
+    pub const DROPS_SLOTS: u32 = 8;
+}
+
+/// The two programs: which side of a pod's host-side veth they sit on.
+pub mod hook {
+    /// TC ingress of the host-side veth: packets leaving the pod.
+    pub const FROM_POD: u8 = 1;
+    /// TC egress of the host-side veth: packets entering the pod.
+    pub const TO_POD: u8 = 2;
 }
 
 /// Why a packet was dropped. Stable numbers: they travel in flow events.
@@ -53,12 +94,93 @@ pub mod drop_reason {
     pub const AUTH_REQUIRED: u8 = 2;
     /// The packet could not be parsed.
     pub const MALFORMED: u8 = 3;
+    /// Not IPv4 or ARP (IPv6 is not enforced yet, so it is not let through).
+    pub const UNSUPPORTED_L3: u8 = 4;
+
+    /// The name used in flow lines and metrics.
+    pub const fn name(reason: u8) -> &'static str {
+        match reason {
+            NONE => "none",
+            POLICY_DENIED => "policy-denied",
+            AUTH_REQUIRED => "auth-required",
+            MALFORMED => "malformed",
+            UNSUPPORTED_L3 => "unsupported-l3",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// Emit per-flow events to the flow ring buffer.
+    pub const FLOW_CAPTURE: u8 = 1;
+    /// Evaluate every packet in full, ignoring cached flow verdicts
+    /// (benchmarks use it to measure the full lookup path).
+    pub const NO_VERDICT_CACHE: u8 = 2;
 }
 
 /// Policy direction, seen from the subject endpoint.
 pub mod direction {
     pub const INGRESS: u8 = 0;
     pub const EGRESS: u8 = 1;
+}
+
+/// The datapath's single configuration slot (array map, index 0), written by
+/// the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Bumped by the agent whenever a change may turn an allowed flow into a
+    /// denied one (ipcache, policy, endpoints, an auth entry removed or
+    /// shortened); cached verdicts from an older epoch are re-evaluated.
+    pub epoch: u32,
+    /// This node's id, for auth keys of same-node peers.
+    pub local_node_id: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// At most one auth signal per key per this many nanoseconds.
+    pub signal_interval_ns: u64,
+    /// At most one drop event per flow per this many nanoseconds.
+    pub flow_report_interval_ns: u64,
+}
+
+/// Key of the flow table: one direction of one flow at one hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    /// Network byte order; 0 for protocols without ports.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// [`hook`] the packet was seen at.
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the datapath remembers of a flow: the verdict of its last full
+/// evaluation (reused while `epoch` is current and auth has not expired) and
+/// when it last reported it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    pub epoch: u32,
+    /// 1 forwarded, 0 dropped.
+    pub forwarded: u8,
+    pub drop_reason: u8,
+    /// 1 when this entry is the reply direction of a flow allowed the other way.
+    pub is_reply: u8,
+    pub _pad: u8,
+    pub rule_id: u32,
+    /// Local endpoint to redirect to, 0 to hand the packet to the stack.
+    pub redirect_ifindex: u32,
+    /// Kernel time at which the auth entry that allowed the flow expires; 0
+    /// when no auth was required.
+    pub auth_expiry_ns: u64,
+    pub last_report_ns: u64,
+    pub src_identity: u32,
+    pub dst_identity: u32,
 }
 
 /// Value of the ipcache (exact /32 hash, and the LPM trie for CIDRs).
@@ -68,6 +190,15 @@ pub struct IpcacheValue {
     pub identity: u32,
     pub node_id: u16,
     pub _pad: [u8; 2],
+}
+
+/// The data part of an LPM trie key for IPv4 (the prefix length travels
+/// beside it in the trie's key header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ipv4LpmKey {
+    /// Network byte order.
+    pub addr: u32,
 }
 
 /// A local endpoint: where to redirect packets for one of this node's pods.
@@ -165,7 +296,42 @@ pub struct FlowEvent {
     pub drop_reason: u8,
     pub ifindex: u32,
     pub rule_id: u32,
-    pub _pad: [u8; 8],
+    /// [`hook`] the packet was seen at.
+    pub hook: u8,
+    /// 1 when the policy entry that decided required mutual authentication.
+    pub auth_required: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `aya::Pod` for every map type, so user space reads and writes them as-is.
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: every type here is `#[repr(C)]`, `Copy`, made of integers
+            // only, with explicit padding fields (checked by the layout tests),
+            // so every bit pattern is valid and there are no uninitialised bytes.
+            #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait; the layouts are checked in tests")]
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        Config,
+        FlowKey,
+        FlowState,
+        IpcacheValue,
+        Ipv4LpmKey,
+        EndpointInfo,
+        PolicyKey,
+        PolicyValue,
+        AuthKey,
+        AuthValue,
+        AuthSignal,
+        FlowEvent,
+    );
 }
 
 #[cfg(test)]
@@ -210,7 +376,18 @@ mod tests {
         assert_eq!(offset_of!(FlowEvent, src_port), 24);
         assert_eq!(offset_of!(FlowEvent, ifindex), 32);
         assert_eq!(offset_of!(FlowEvent, rule_id), 36);
-        assert_eq!(offset_of!(FlowEvent, _pad), 40);
+        assert_eq!(offset_of!(FlowEvent, hook), 40);
+        assert_eq!(offset_of!(FlowEvent, auth_required), 41);
         assert_eq!(align_of::<FlowEvent>(), 8);
+        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(offset_of!(Config, signal_interval_ns), 8);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(offset_of!(FlowKey, hook), 13);
+        assert_eq!(size_of::<FlowState>(), 40);
+        assert_eq!(offset_of!(FlowState, rule_id), 8);
+        assert_eq!(offset_of!(FlowState, auth_expiry_ns), 16);
+        assert_eq!(offset_of!(FlowState, src_identity), 32);
+        assert_eq!(size_of::<Ipv4LpmKey>(), 4);
     }
 }

@@ -1,0 +1,143 @@
+//! Local endpoints: which host-side interface leads to each local
+//! workload's address. Standalone mode has no CNI plugin to tell the agent,
+//! so it reads the node's routing table the way the kernel would route the
+//! address: the interface of the most specific direct (gateway-less) route.
+//! This is how CNI plugins that route pods (Calico-style /32 routes to host
+//! veths) leave the node configured.
+
+use std::net::Ipv4Addr;
+
+/// One row of `/proc/net/route` that can reach an address directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub iface: String,
+    pub dest: Ipv4Addr,
+    pub prefix_len: u32,
+}
+
+const RTF_UP: u32 = 0x1;
+const RTF_GATEWAY: u32 = 0x2;
+
+/// Direct routes (up, no gateway) from the text of `/proc/net/route`.
+pub fn parse_routes(text: &str) -> Vec<Route> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let (Ok(dest), Ok(flags), Ok(mask)) = (
+            u32::from_str_radix(f[1], 16),
+            u32::from_str_radix(f[3], 16),
+            u32::from_str_radix(f[7], 16),
+        ) else {
+            continue;
+        };
+        if flags & RTF_UP == 0 || flags & RTF_GATEWAY != 0 {
+            continue;
+        }
+        // The kernel prints both in memory (network) byte order as a host u32.
+        let mask = u32::from_be_bytes(mask.to_ne_bytes());
+        out.push(Route {
+            iface: f[0].to_string(),
+            dest: Ipv4Addr::from(dest.to_ne_bytes()),
+            prefix_len: mask.count_ones(),
+        });
+    }
+    out
+}
+
+/// The interface of the most specific direct route to `ip`, if it is not
+/// the loopback.
+pub fn interface_for(routes: &[Route], ip: Ipv4Addr) -> Option<&str> {
+    routes
+        .iter()
+        .filter(|r| r.iface != "lo")
+        .filter(|r| {
+            let m = if r.prefix_len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - r.prefix_len)
+            };
+            u32::from(ip) & m == u32::from(r.dest) & m
+        })
+        .max_by_key(|r| r.prefix_len)
+        .map(|r| r.iface.as_str())
+}
+
+/// MAC addresses the node has resolved, by (address, interface), from the
+/// text of `/proc/net/arp`.
+pub fn parse_neighbours(text: &str) -> Vec<(Ipv4Addr, String, [u8; 6])> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let (Ok(ip), Some(mac)) = (f[0].parse::<Ipv4Addr>(), parse_mac(f[3])) else {
+            continue;
+        };
+        if mac != [0; 6] {
+            out.push((ip, f[5].to_string(), mac));
+        }
+    }
+    out
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Reads the calling thread's network namespace (the agent's, or in tests
+/// the namespace the datapath thread entered).
+pub fn read_proc_net(file: &str) -> std::io::Result<String> {
+    std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTES: &str = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+kwa\t0100C90A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
+down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
+";
+
+    #[test]
+    fn a_host_route_to_a_veth_names_the_pod_interface() {
+        let routes = parse_routes(ROUTES);
+        assert_eq!(interface_for(&routes, Ipv4Addr::new(10, 201, 0, 1)), Some("kwa"));
+        assert_eq!(
+            interface_for(&routes, Ipv4Addr::new(192, 168, 1, 7)),
+            Some("eth0")
+        );
+        // Reached only through a gateway (the default route): not local.
+        assert_eq!(interface_for(&routes, Ipv4Addr::new(8, 8, 8, 8)), None);
+        // A route that is not up does not count.
+        assert_eq!(interface_for(&routes, Ipv4Addr::new(10, 201, 0, 2)), None);
+    }
+
+    #[test]
+    fn neighbours_with_a_resolved_mac() {
+        let text = "IP address       HW type     Flags       HW address            Mask     Device
+10.201.0.1       0x1         0x2         5e:8a:01:02:03:04     *        kwa
+10.201.0.9       0x1         0x0         00:00:00:00:00:00     *        kwb
+";
+        assert_eq!(
+            parse_neighbours(text),
+            vec![(
+                Ipv4Addr::new(10, 201, 0, 1),
+                "kwa".to_string(),
+                [0x5e, 0x8a, 1, 2, 3, 4]
+            )]
+        );
+    }
+}

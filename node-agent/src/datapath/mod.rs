@@ -1,0 +1,677 @@
+//! The datapath: loads the kernel programs (auth-bpf/ebpf, embedded at build
+//! time), attaches them to every local pod's host-side veth, keeps the
+//! kernel tables equal to what the control plane says (ipcache, policy) and
+//! what this node has (endpoints), and turns the kernel's ring buffers into
+//! typed streams (auth signals, flow events).
+//!
+//! Everything the kernel needs survives the agent: maps and the TCX links
+//! are pinned under the pin directory (default `/sys/fs/bpf/keyway`), so an
+//! agent restart or crash keeps enforcing the last tables and established
+//! flows keep flowing. A new agent reuses the pinned maps, atomically swaps
+//! its programs into the pinned links, then reconciles the tables with
+//! what it hears from the control plane.
+
+pub mod auth_map;
+pub mod endpoints;
+pub mod events;
+mod sys;
+pub mod tables;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, Map, MapData, RingBuf};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
+use keyway_common::{
+    Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, config_flags, maps,
+};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{info, warn};
+
+pub use auth_map::{AuthMap, MemoryAuthMap, PinnedAuthMap};
+pub use events::{Flow, FlowKind, MissingAuth};
+pub use sys::monotonic_ns;
+
+use crate::state::NodeState;
+use tables::{Tables, diff, ip_key};
+
+/// The kernel programs, built by build.rs from auth-bpf/ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEYWAY_BPF_OBJECT"));
+
+/// Program names in the object, and where each one attaches.
+const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("keyway_from_pod", TcAttachType::Ingress, "from-pod"),
+    ("keyway_to_pod", TcAttachType::Egress, "to-pod"),
+];
+
+pub const DEFAULT_PIN_DIR: &str = maps::PIN_DIR;
+
+/// Datapath settings, from `node-agent run` flags.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    /// A directory on a BPF filesystem; one per node (tests and the demo
+    /// run several "nodes" on one kernel).
+    pub pin_dir: PathBuf,
+    pub node_name: String,
+    /// At most one auth signal per pair per this long.
+    pub signal_interval: Duration,
+    /// At most one drop event per flow per this long.
+    pub flow_report_interval: Duration,
+    pub flow_capture: bool,
+    /// How often to look again for pod interfaces that were not there yet.
+    pub rescan_interval: Duration,
+}
+
+impl DatapathConfig {
+    pub fn new(pin_dir: impl Into<PathBuf>, node_name: impl Into<String>) -> DatapathConfig {
+        DatapathConfig {
+            pin_dir: pin_dir.into(),
+            node_name: node_name.into(),
+            signal_interval: Duration::from_secs(1),
+            flow_report_interval: Duration::from_secs(1),
+            flow_capture: true,
+            rescan_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "{0} is not on a BPF filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`) or pass --bpf-pin-dir \
+         with a directory on one"
+    )]
+    NotBpffs(PathBuf),
+    #[error(
+        "loading the kernel programs: {0} (the agent needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    )]
+    Load(String),
+    #[error("BPF map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("attaching to interface {iface}: {message}")]
+    Attach { iface: String, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DatapathError {
+    fn map(name: &'static str, e: impl std::fmt::Display) -> DatapathError {
+        DatapathError::Map {
+            name,
+            message: e.to_string(),
+        }
+    }
+
+    fn io(what: impl Into<String>, source: std::io::Error) -> DatapathError {
+        DatapathError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(|e| DatapathError::map(name, e))?;
+    Map::from_map_data(data).map_err(|e| DatapathError::map(name, e))
+}
+
+/// The datapath's configuration slot, shared by everything that bumps the
+/// epoch (table changes, auth removals).
+pub struct ConfigSlot {
+    map: Mutex<Array<MapData, Config>>,
+}
+
+impl std::fmt::Debug for ConfigSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigSlot").finish_non_exhaustive()
+    }
+}
+
+impl ConfigSlot {
+    pub fn open(pin_dir: &Path) -> Result<ConfigSlot, DatapathError> {
+        let map = Array::try_from(open_pinned(pin_dir, maps::CONFIG)?)
+            .map_err(|e| DatapathError::map(maps::CONFIG, e))?;
+        Ok(ConfigSlot { map: Mutex::new(map) })
+    }
+
+    pub fn get(&self) -> Result<Config, DatapathError> {
+        let map = self.map.lock().expect("config lock");
+        map.get(&0, 0).map_err(|e| DatapathError::map(maps::CONFIG, e))
+    }
+
+    /// Read-modify-write of the slot.
+    pub fn update(&self, f: impl FnOnce(&mut Config)) -> Result<Config, DatapathError> {
+        let mut map = self.map.lock().expect("config lock");
+        let mut c = map.get(&0, 0).map_err(|e| DatapathError::map(maps::CONFIG, e))?;
+        f(&mut c);
+        map.set(0, c, 0)
+            .map_err(|e| DatapathError::map(maps::CONFIG, e))?;
+        Ok(c)
+    }
+
+    /// Sends every cached flow verdict back through a full evaluation.
+    pub fn bump_epoch(&self) -> Result<(), DatapathError> {
+        self.update(|c| c.epoch = c.epoch.wrapping_add(1)).map(|_| ())
+    }
+}
+
+/// What the datapath has done, for readiness, tests and `explain`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DatapathStatus {
+    /// The Sync revision whose tables are in the kernel.
+    pub revision: u64,
+    /// True once the tables of a complete sync are in the kernel.
+    pub synced: bool,
+    /// Interfaces with both programs attached.
+    pub attached: BTreeSet<String>,
+    /// Local endpoints in the endpoint map.
+    pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
+    /// Local workload addresses with no interface routed to them yet.
+    pub unresolved: Vec<Ipv4Addr>,
+    /// Rule names by the id flow events carry.
+    pub rules: Arc<BTreeMap<u32, String>>,
+    pub local_node_id: u16,
+    /// Interfaces the programs could not be attached to yet, and why.
+    pub attach_errors: BTreeMap<String, String>,
+}
+
+/// The loaded programs and the tables the agent writes.
+pub struct Datapath {
+    ebpf: aya::Ebpf,
+    cfg: DatapathConfig,
+    config: Arc<ConfigSlot>,
+    ipcache: aya::maps::HashMap<MapData, u32, IpcacheValue>,
+    lpm: LpmTrie<MapData, Ipv4LpmKey, IpcacheValue>,
+    policy: aya::maps::HashMap<MapData, PolicyKey, PolicyValue>,
+    endpoints: aya::maps::HashMap<MapData, u32, EndpointInfo>,
+    /// What the maps hold, once read or written.
+    applied: Option<Tables>,
+    endpoints_applied: Option<HashMap<u32, EndpointInfo>>,
+    status: DatapathStatus,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.cfg.pin_dir)
+            .field("attached", &self.status.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<Map>,
+    T::Error: std::fmt::Display,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| DatapathError::Load(format!("the object has no map {name}")))?;
+    T::try_from(map).map_err(|e| DatapathError::map(name, e))
+}
+
+impl Datapath {
+    /// Loads the programs, reusing (or creating and pinning) the maps in
+    /// `cfg.pin_dir`. Nothing is attached yet.
+    pub fn load(cfg: DatapathConfig) -> Result<Datapath, DatapathError> {
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        if cfg.pin_dir.starts_with(sys_bpf) && !sys::is_bpffs(sys_bpf) {
+            info!("no BPF filesystem at /sys/fs/bpf; mounting one");
+            sys::mount_bpffs(sys_bpf)
+                .map_err(|e| DatapathError::io("mounting a BPF filesystem on /sys/fs/bpf", e))?;
+        }
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .map_err(|e| DatapathError::io(format!("creating {}", cfg.pin_dir.display()), e))?;
+        if !sys::is_bpffs(&cfg.pin_dir) {
+            return Err(DatapathError::NotBpffs(cfg.pin_dir.clone()));
+        }
+        let links = cfg.pin_dir.join("links");
+        std::fs::create_dir_all(&links)
+            .map_err(|e| DatapathError::io(format!("creating {}", links.display()), e))?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(e.to_string()))?;
+        for (name, _, _) in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+        }
+        let config = Arc::new(ConfigSlot {
+            map: Mutex::new(take(&mut ebpf, maps::CONFIG)?),
+        });
+        let flags = if cfg.flow_capture {
+            config_flags::FLOW_CAPTURE
+        } else {
+            0
+        };
+        config.update(|c| {
+            c.flags = flags;
+            c.signal_interval_ns = cfg.signal_interval.as_nanos() as u64;
+            c.flow_report_interval_ns = cfg.flow_report_interval.as_nanos() as u64;
+        })?;
+        let dp = Datapath {
+            ipcache: take(&mut ebpf, maps::IPCACHE)?,
+            lpm: take(&mut ebpf, maps::IPCACHE_LPM)?,
+            policy: take(&mut ebpf, maps::POLICY)?,
+            endpoints: take(&mut ebpf, maps::ENDPOINTS)?,
+            ebpf,
+            cfg,
+            config,
+            applied: None,
+            endpoints_applied: None,
+            status: DatapathStatus::default(),
+        };
+        dp.forget_stale_links();
+        Ok(dp)
+    }
+
+    pub fn config(&self) -> Arc<ConfigSlot> {
+        self.config.clone()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.cfg.pin_dir
+    }
+
+    pub fn status(&self) -> &DatapathStatus {
+        &self.status
+    }
+
+    /// Opens the pinned auth map (sharing this datapath's epoch).
+    pub fn auth_map(&self) -> Result<PinnedAuthMap, DatapathError> {
+        PinnedAuthMap::open_with(&self.cfg.pin_dir, self.config.clone())
+    }
+
+    fn link_pin(&self, iface: &str, ifindex: u32, suffix: &str) -> PathBuf {
+        self.cfg
+            .pin_dir
+            .join("links")
+            .join(format!("{iface}@{ifindex}@{suffix}"))
+    }
+
+    /// Attaches both programs to `iface` (a pod's host-side veth), replacing
+    /// in place whatever an earlier agent attached there, so there is no
+    /// moment without enforcement.
+    pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let err = |message: String| DatapathError::Attach {
+            iface: iface.to_string(),
+            message,
+        };
+        let ifindex = sys::ifindex(iface).ok_or_else(|| err("no such interface".into()))?;
+        for (name, attach_type, suffix) in PROGRAMS {
+            let pin = self.link_pin(iface, ifindex, suffix);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .expect("programs checked at load")
+                .try_into()
+                .expect("programs checked at load");
+            let replaced = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let swap = SchedClassifierLink::try_from(FdLink::from(old))
+                        .map_err(|e| e.to_string())
+                        .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
+                        .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
+                    match swap {
+                        // Still pinned (bpffs names have no dots): dropping our handle leaves it attached.
+                        Ok(_link) => true,
+                        Err(e) => {
+                            warn!(iface, error = %e, "the pinned link is unusable; attaching afresh");
+                            let _ = std::fs::remove_file(&pin);
+                            false
+                        }
+                    }
+                }
+                Err(_) => false,
+            };
+            if !replaced {
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| err(format!("{name}: {e}")))?;
+                let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                let link = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
+                link.pin(&pin)
+                    .map_err(|e| err(format!("pinning {}: {e}", pin.display())))?;
+            }
+        }
+        self.status.attached.insert(iface.to_string());
+        Ok(())
+    }
+
+    /// Detaches both programs from `iface` (its pinned links are removed).
+    pub fn detach(&mut self, iface: &str) {
+        self.remove_link_pins(|name| name.starts_with(&format!("{iface}@")));
+        self.status.attached.remove(iface);
+    }
+
+    fn remove_link_pins(&self, matches: impl Fn(&str) -> bool) {
+        let Ok(dir) = std::fs::read_dir(self.cfg.pin_dir.join("links")) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if matches(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Link pins whose interface is gone (or was recreated with another
+    /// index) hold nothing but kernel memory.
+    fn forget_stale_links(&self) {
+        self.remove_link_pins(|name| {
+            let Some((iface, rest)) = name.split_once('@') else {
+                return true;
+            };
+            let index = rest.split('@').next().and_then(|i| i.parse::<u32>().ok());
+            sys::ifindex(iface) != index
+        });
+    }
+
+    /// Makes the ipcache and policy maps hold exactly what `state` says.
+    /// The first call after load compares with what the maps hold (an
+    /// earlier agent's tables); later calls send only the differences.
+    pub fn apply_tables(&mut self, state: &NodeState) -> Result<(), DatapathError> {
+        let new = Tables::from_state(state);
+        for s in &new.skipped {
+            warn!(entry = %s, "not representable in the datapath; skipped");
+        }
+        let old = match self.applied.take() {
+            Some(t) => t,
+            None => self.read_tables()?,
+        };
+        let mut changed = false;
+        let d = diff(&old.ipcache, &new.ipcache);
+        changed |= !d.is_empty();
+        for (k, v) in d.upserts {
+            self.ipcache
+                .insert(k, v, 0)
+                .map_err(|e| DatapathError::map(maps::IPCACHE, e))?;
+        }
+        for k in d.deletes {
+            let _ = self.ipcache.remove(&k);
+        }
+        let d = diff(&old.lpm, &new.lpm);
+        changed |= !d.is_empty();
+        for ((len, addr), v) in d.upserts {
+            self.lpm
+                .insert(&Key::new(len, Ipv4LpmKey { addr }), v, 0)
+                .map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
+        }
+        for (len, addr) in d.deletes {
+            let _ = self.lpm.remove(&Key::new(len, Ipv4LpmKey { addr }));
+        }
+        let d = diff(&old.policy, &new.policy);
+        changed |= !d.is_empty();
+        for (k, v) in d.upserts {
+            self.policy
+                .insert(k, v, 0)
+                .map_err(|e| DatapathError::map(maps::POLICY, e))?;
+        }
+        for k in d.deletes {
+            let _ = self.policy.remove(&k);
+        }
+        let node_id = state
+            .nodes
+            .get(&self.cfg.node_name)
+            .and_then(|n| u16::try_from(n.node_id).ok())
+            .unwrap_or(0);
+        let cur = self.config.get()?;
+        if changed || cur.local_node_id != node_id {
+            // Any change may deny something that was allowed: judge every
+            // flow again on its next packet.
+            self.config.update(|c| {
+                c.local_node_id = node_id;
+                c.epoch = c.epoch.wrapping_add(1);
+            })?;
+        }
+        self.status.rules = Arc::new(new.rules.clone());
+        self.status.local_node_id = node_id;
+        self.status.revision = state.revision;
+        self.status.synced = state.synced;
+        self.applied = Some(new);
+        Ok(())
+    }
+
+    fn read_tables(&self) -> Result<Tables, DatapathError> {
+        let mut t = Tables::default();
+        for item in self.ipcache.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::map(maps::IPCACHE, e))?;
+            t.ipcache.insert(k, v);
+        }
+        for item in self.lpm.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
+            t.lpm.insert((k.prefix_len(), k.data().addr), v);
+        }
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::map(maps::POLICY, e))?;
+            t.policy.insert(k, v);
+        }
+        Ok(t)
+    }
+
+    /// Finds the interface of every local workload address, attaches to new
+    /// ones, detaches from ones no workload uses, and fills the endpoint map.
+    pub fn apply_endpoints(&mut self, state: &NodeState) -> Result<(), DatapathError> {
+        let routes = endpoints::parse_routes(
+            &endpoints::read_proc_net("route")
+                .map_err(|e| DatapathError::io("reading /proc/net/route", e))?,
+        );
+        let neighbours = endpoints::parse_neighbours(&endpoints::read_proc_net("arp").unwrap_or_default());
+        let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
+        let mut ifaces: BTreeSet<String> = BTreeSet::new();
+        let mut unresolved = Vec::new();
+        for w in state.workloads.values().filter(|w| w.node == self.cfg.node_name) {
+            for ip in w.ips.iter().filter_map(|s| s.parse::<Ipv4Addr>().ok()) {
+                let Some(iface) = endpoints::interface_for(&routes, ip) else {
+                    unresolved.push(ip);
+                    continue;
+                };
+                let Some(ifindex) = sys::ifindex(iface) else {
+                    unresolved.push(ip);
+                    continue;
+                };
+                let mac = neighbours
+                    .iter()
+                    .find(|(n, dev, _)| *n == ip && dev == iface)
+                    .map(|(_, _, m)| *m)
+                    .unwrap_or_default();
+                desired.insert(
+                    ip_key(ip),
+                    EndpointInfo {
+                        ifindex,
+                        identity: w.identity,
+                        mac,
+                        _pad: [0; 2],
+                    },
+                );
+                ifaces.insert(iface.to_string());
+            }
+        }
+        let gone: Vec<String> = self.status.attached.difference(&ifaces).cloned().collect();
+        for iface in gone {
+            info!(iface = %iface, "no local workload uses this interface any more; detaching");
+            self.detach(&iface);
+        }
+        self.status.attach_errors.retain(|i, _| ifaces.contains(i));
+        for iface in &ifaces {
+            if !self.status.attached.contains(iface) {
+                match self.attach(iface) {
+                    Ok(()) => {
+                        info!(iface = %iface, "datapath attached");
+                        self.status.attach_errors.remove(iface);
+                    }
+                    Err(e) => {
+                        // Said once per distinct reason, not on every rescan.
+                        let msg = e.to_string();
+                        if self.status.attach_errors.get(iface) != Some(&msg) {
+                            warn!(error = %msg, "could not attach the datapath; will retry");
+                        }
+                        self.status.attach_errors.insert(iface.clone(), msg);
+                    }
+                }
+            }
+        }
+        let old = match self.endpoints_applied.take() {
+            Some(e) => e,
+            None => {
+                let mut m = HashMap::new();
+                for item in self.endpoints.iter() {
+                    let (k, v) = item.map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?;
+                    m.insert(k, v);
+                }
+                m
+            }
+        };
+        let d = diff(&old, &desired);
+        let changed = !d.is_empty();
+        for (k, v) in d.upserts {
+            self.endpoints
+                .insert(k, v, 0)
+                .map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?;
+        }
+        for k in d.deletes {
+            let _ = self.endpoints.remove(&k);
+        }
+        if changed {
+            self.config.bump_epoch()?;
+        }
+        self.status.endpoints = desired
+            .iter()
+            .map(|(k, v)| (tables::ip_from_key(*k), *v))
+            .collect();
+        self.status.unresolved = unresolved;
+        self.endpoints_applied = Some(desired);
+        Ok(())
+    }
+}
+
+/// What the rest of the agent gets from a running datapath.
+#[derive(Debug)]
+pub struct DatapathHandles {
+    pub auth: Arc<PinnedAuthMap>,
+    pub config: Arc<ConfigSlot>,
+    /// Pairs that need authentication (one consumer).
+    pub signals: mpsc::Receiver<MissingAuth>,
+    /// Flow events (subscribe for a receiver).
+    pub flows: broadcast::Sender<Flow>,
+    pub status: watch::Receiver<DatapathStatus>,
+}
+
+/// Capacity of the signal queue between the ring buffer and the handshake
+/// driver; beyond it signals wait for the kernel's next reminder.
+const SIGNAL_QUEUE: usize = 4096;
+const FLOW_CHANNEL: usize = 16 * 1024;
+
+/// Loads the datapath and runs it: tables follow `state`, interfaces are
+/// rescanned every `rescan_interval`, ring buffers are drained into the
+/// returned streams. Must run on a runtime whose threads are in the node's
+/// network namespace (always true for the agent binary).
+pub fn start(
+    cfg: DatapathConfig,
+    mut state: watch::Receiver<Arc<NodeState>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<DatapathHandles, DatapathError> {
+    let rescan = cfg.rescan_interval;
+    let mut dp = Datapath::load(cfg)?;
+    let auth = Arc::new(dp.auth_map()?);
+    let signals_ring: RingBuf<MapData> = take(&mut dp.ebpf, maps::SIGNALS)?;
+    let flows_ring: RingBuf<MapData> = take(&mut dp.ebpf, maps::FLOWS)?;
+    let (signal_tx, signal_rx) = mpsc::channel(SIGNAL_QUEUE);
+    let (flow_tx, _) = broadcast::channel(FLOW_CHANNEL);
+    let (status_tx, status_rx) = watch::channel(DatapathStatus::default());
+    let config = dp.config();
+
+    tokio::spawn(events::drain(
+        signals_ring,
+        events::decode_signal,
+        events::signal_sink(signal_tx),
+        shutdown.clone(),
+    ));
+    tokio::spawn(events::drain(
+        flows_ring,
+        events::decode_flow,
+        events::flow_sink(flow_tx.clone()),
+        shutdown.clone(),
+    ));
+    let mut shutdown = shutdown;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(rescan);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tables_due = true;
+        loop {
+            let current = state.borrow_and_update().clone();
+            if tables_due && current.synced {
+                match dp.apply_tables(&current) {
+                    Ok(()) => tables_due = false,
+                    Err(e) => warn!(error = %e, "could not update the datapath tables; will retry"),
+                }
+            }
+            if let Err(e) = dp.apply_endpoints(&current) {
+                warn!(error = %e, "could not update the datapath endpoints; will retry");
+            }
+            status_tx.send_replace(dp.status.clone());
+            tokio::select! {
+                r = state.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    tables_due = true;
+                }
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Programs stay attached and maps stay pinned: the kernel keeps
+        // enforcing the last tables until the next agent takes over.
+        info!("datapath handed over to the kernel (pinned)");
+    });
+    Ok(DatapathHandles {
+        auth,
+        config,
+        signals: signal_rx,
+        flows: flow_tx,
+        status: status_rx,
+    })
+}
+
+/// Removes everything a datapath pinned in `pin_dir`: links (which detaches
+/// the programs) and maps. For uninstalling a node and for tests.
+pub fn uninstall(pin_dir: &Path) -> std::io::Result<()> {
+    if let Ok(dir) = std::fs::read_dir(pin_dir.join("links")) {
+        for entry in dir.flatten() {
+            std::fs::remove_file(entry.path())?;
+        }
+        std::fs::remove_dir(pin_dir.join("links"))?;
+    }
+    for name in maps::ALL {
+        match std::fs::remove_file(pin_dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,67 @@
+//! The few system calls std has no safe wrapper for.
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
+/// auth expiries written from user space compare correctly in the kernel.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    #[allow(
+        unsafe_code,
+        reason = "clock_gettime(CLOCK_MONOTONIC) has no std equivalent that exposes nanoseconds"
+    )]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux");
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The index of a network interface in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    #[allow(unsafe_code, reason = "if_nametoindex has no std equivalent")]
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// True when `path` is on a BPF filesystem (where maps and links can be pinned).
+pub fn is_bpffs(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; zeroed is a valid initial value.
+    #[allow(unsafe_code, reason = "statfs has no std equivalent")]
+    let (rc, magic) = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        let rc = libc::statfs(c.as_ptr(), &mut st);
+        (rc, st.f_type)
+    };
+    rc == 0 && magic == BPF_FS_MAGIC
+}
+
+/// Mounts a BPF filesystem at `path` (as Cilium's agent does when the node
+/// has none at /sys/fs/bpf).
+pub fn mount_bpffs(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    #[allow(unsafe_code, reason = "mount(2) has no std equivalent")]
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

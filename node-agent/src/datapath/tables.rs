@@ -1,0 +1,227 @@
+//! What the kernel tables should hold, computed from the node's Sync state
+//! (pure, so it is tested without a kernel), and the changes between two
+//! such views.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use keyway_common::{IpcacheValue, PolicyKey, PolicyValue};
+
+use crate::state::NodeState;
+
+/// A stable number for a policy rule's name: flow events and `explain`
+/// carry the number, the agent maps it back. A hash, so it survives agent
+/// restarts without a table in the kernel; 0 means "no rule".
+pub fn rule_id(rule: &str) -> u32 {
+    // FNV-1a, 32 bit.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in rule.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+/// An IPv4 address as the datapath keys it: the packet's bytes, in memory order.
+pub fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The address back from a datapath key.
+pub fn ip_from_key(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// The kernel's view of ipcache and policy for one NodeState.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Tables {
+    /// /32 entries, by [`ip_key`].
+    pub ipcache: HashMap<u32, IpcacheValue>,
+    /// Wider prefixes: (prefix length, masked [`ip_key`]).
+    pub lpm: HashMap<(u32, u32), IpcacheValue>,
+    pub policy: HashMap<PolicyKey, PolicyValue>,
+    /// Rule names by [`rule_id`].
+    pub rules: BTreeMap<u32, String>,
+    /// Entries the datapath cannot hold (IPv6, out-of-range numbers), with why.
+    pub skipped: Vec<String>,
+}
+
+impl Tables {
+    pub fn from_state(state: &NodeState) -> Tables {
+        let mut t = Tables::default();
+        for (cidr, e) in &state.ipcache {
+            let node_id = match u16::try_from(e.node_id) {
+                Ok(n) => n,
+                Err(_) => {
+                    t.skipped
+                        .push(format!("ipcache {cidr}: node id {} is out of range", e.node_id));
+                    continue;
+                }
+            };
+            let value = IpcacheValue {
+                identity: e.identity,
+                node_id,
+                _pad: [0; 2],
+            };
+            match parse_cidr(cidr) {
+                Some((ip, 32)) => {
+                    t.ipcache.insert(ip_key(ip), value);
+                }
+                Some((ip, len)) => {
+                    t.lpm.insert((len, ip_key(mask(ip, len))), value);
+                }
+                None => t.skipped.push(format!("ipcache {cidr}: not an IPv4 CIDR")),
+            }
+        }
+        for (&(subject, peer, port, protocol, direction), e) in &state.policy {
+            let (Ok(port), Ok(proto), Ok(direction)) = (
+                u16::try_from(port),
+                u8::try_from(protocol),
+                u8::try_from(direction),
+            ) else {
+                t.skipped.push(format!(
+                    "policy {subject}->{peer} port {port} proto {protocol} dir {direction}: out of range"
+                ));
+                continue;
+            };
+            let id = rule_id(&e.rule);
+            t.rules.entry(id).or_insert_with(|| e.rule.clone());
+            t.policy.insert(
+                PolicyKey {
+                    subject,
+                    peer,
+                    port: port.to_be(),
+                    proto,
+                    direction,
+                },
+                PolicyValue {
+                    allow: u8::from(e.allow),
+                    auth_required: u8::from(e.auth_required),
+                    _pad: [0; 2],
+                    rule_id: id,
+                },
+            );
+        }
+        t
+    }
+}
+
+/// Upserts and deletes that turn one map's content into another's.
+#[derive(Debug, PartialEq)]
+pub struct MapDiff<K, V> {
+    pub upserts: Vec<(K, V)>,
+    pub deletes: Vec<K>,
+}
+
+impl<K, V> MapDiff<K, V> {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+pub fn diff<K: Copy + Eq + std::hash::Hash, V: Copy + PartialEq>(
+    old: &HashMap<K, V>,
+    new: &HashMap<K, V>,
+) -> MapDiff<K, V> {
+    MapDiff {
+        upserts: new
+            .iter()
+            .filter(|(k, v)| old.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+        deletes: old.keys().filter(|k| !new.contains_key(k)).copied().collect(),
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u32)> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, len.parse().ok()?),
+        None => (s, 32),
+    };
+    if len > 32 {
+        return None;
+    }
+    Some((ip.parse().ok()?, len))
+}
+
+fn mask(ip: Ipv4Addr, len: u32) -> Ipv4Addr {
+    let bits = u32::from(ip);
+    let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ipv4Addr::from(bits & m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::keyway as pb;
+
+    fn state() -> NodeState {
+        let mut s = NodeState::default();
+        for (cidr, id, node) in [
+            ("10.0.0.1/32", 300, 1),
+            ("10.1.0.0/16", 2, 0),
+            ("fd00::1/128", 301, 1),
+        ] {
+            s.ipcache.insert(
+                cidr.into(),
+                pb::IpcacheEntry {
+                    cidr: cidr.into(),
+                    identity: id,
+                    node_id: node,
+                },
+            );
+        }
+        s.policy.insert(
+            (300, 301, 8080, 6, 0),
+            pb::PolicyEntry {
+                key: None,
+                allow: true,
+                auth_required: true,
+                rule: "default/api-mtls ingress[0]".into(),
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn exact_addresses_go_to_the_hash_and_prefixes_to_the_trie() {
+        let t = Tables::from_state(&state());
+        let v = t.ipcache[&ip_key(Ipv4Addr::new(10, 0, 0, 1))];
+        assert_eq!((v.identity, v.node_id), (300, 1));
+        assert_eq!(t.lpm[&(16, ip_key(Ipv4Addr::new(10, 1, 0, 0)))].identity, 2);
+        assert_eq!(
+            t.skipped.len(),
+            1,
+            "IPv6 is reported, not silently dropped: {:?}",
+            t.skipped
+        );
+    }
+
+    #[test]
+    fn policy_ports_are_in_network_order_and_rules_are_named() {
+        let t = Tables::from_state(&state());
+        let (k, v) = t.policy.iter().next().unwrap();
+        assert_eq!(k.port, 8080u16.to_be());
+        assert_eq!((k.subject, k.peer, k.proto, k.direction), (300, 301, 6, 0));
+        assert_eq!((v.allow, v.auth_required), (1, 1));
+        assert_eq!(t.rules[&v.rule_id], "default/api-mtls ingress[0]");
+    }
+
+    #[test]
+    fn rule_ids_are_stable_and_never_zero() {
+        assert_eq!(rule_id("a"), rule_id("a"));
+        assert_ne!(rule_id("a"), rule_id("b"));
+        assert_ne!(rule_id(""), 0);
+    }
+
+    #[test]
+    fn diff_sends_only_changes() {
+        let a: HashMap<u32, u32> = [(1, 1), (2, 2), (3, 3)].into();
+        let b: HashMap<u32, u32> = [(1, 1), (2, 20), (4, 4)].into();
+        let mut d = diff(&a, &b);
+        d.upserts.sort();
+        assert_eq!(d.upserts, vec![(2, 20), (4, 4)]);
+        assert_eq!(d.deletes, vec![3]);
+        assert!(diff(&b, &b).is_empty());
+    }
+}

@@ -1,0 +1,588 @@
+//! The datapath in the real kernel: the real TC programs attached to veths
+//! in network namespaces this test makes, real TCP/UDP/ICMP between them,
+//! and the node agent's datapath module driving the maps. Needs root (CI is
+//! root); fails, never skips, without it.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyway_common::{AuthKey, auth_type, drop_reason, maps};
+use keyway_tests::netns::{Topology, enter_netns, in_netns, ping, sysctl};
+use keyway_tests::wait_until;
+use node_agent::datapath::{
+    self, AuthMap, DatapathConfig, DatapathStatus, Flow, FlowKind, MissingAuth, PinnedAuthMap,
+};
+use node_agent::state::NodeState;
+use proto::keyway as pb;
+use tokio::sync::{broadcast, mpsc, watch};
+
+const NODE: &str = "node-1";
+const NODE_ID: u32 = 1;
+const REMOTE_NODE_ID: u32 = 2;
+const A: u32 = 300;
+const B: u32 = 301;
+const R: u32 = 302;
+const IP_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const IP_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const IP_R: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 1);
+const INGRESS: u32 = 0;
+const EGRESS: u32 = 1;
+const TCP: u32 = 6;
+
+// ---- the datapath, running on a thread inside the node namespace ----
+
+struct Running {
+    state: watch::Sender<Arc<NodeState>>,
+    status: watch::Receiver<DatapathStatus>,
+    flows: broadcast::Sender<Flow>,
+    signals: mpsc::Receiver<MissingAuth>,
+    auth: Arc<PinnedAuthMap>,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn start(topo: &Topology, cfg: impl FnOnce(&mut DatapathConfig), state: NodeState) -> Running {
+    let mut config = DatapathConfig::new(&topo.pin_dir, NODE);
+    config.rescan_interval = Duration::from_millis(200);
+    cfg(&mut config);
+    let (state_tx, state_rx) = watch::channel(Arc::new(state));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ns = format!("/run/netns/{}", topo.node);
+    let thread = std::thread::spawn(move || {
+        enter_netns(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let handles = datapath::start(config, state_rx, stop_rx.clone());
+            let ok = handles.is_ok();
+            ready_tx.send(handles).expect("test waits");
+            if ok {
+                let mut stop = stop_rx;
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        });
+    });
+    let handles = ready_rx
+        .recv()
+        .expect("datapath thread")
+        .expect("datapath starts");
+    Running {
+        state: state_tx,
+        status: handles.status,
+        flows: handles.flows,
+        signals: handles.signals,
+        auth: handles.auth,
+        stop: stop_tx,
+        thread: Some(thread),
+    }
+}
+
+impl Running {
+    /// Publishes `state` and waits until its tables are in the kernel and
+    /// every pod interface has the programs attached.
+    fn apply(&self, mut state: NodeState, topo: &Topology) {
+        let revision = self.state.borrow().revision + 1;
+        state.revision = revision;
+        self.state.send_replace(Arc::new(state));
+        self.wait_applied(revision, topo);
+    }
+
+    fn wait_applied(&self, revision: u64, topo: &Topology) {
+        let ifaces: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
+        let start = Instant::now();
+        loop {
+            {
+                let s = self.status.borrow();
+                if s.revision >= revision && ifaces.iter().all(|i| s.attached.contains(i)) {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the datapath did not apply revision {revision} to {ifaces:?}: {s:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("datapath thread");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---- node state as the control plane would send it ----
+
+fn workload(name: &str, identity: u32, ip: Ipv4Addr) -> pb::Workload {
+    pb::Workload {
+        namespace: "default".into(),
+        name: name.into(),
+        service_account: name.into(),
+        node: NODE.into(),
+        ips: vec![ip.to_string()],
+        identity,
+        spiffe_id: format!("spiffe://example.org/ns/default/sa/{name}"),
+        ..Default::default()
+    }
+}
+
+struct StateBuilder(NodeState);
+
+impl StateBuilder {
+    /// Pods a and b on this node, R on node 2; nothing selected by policy
+    /// except what the test adds (default allow both ways for a).
+    fn new() -> StateBuilder {
+        let mut s = NodeState {
+            synced: true,
+            ..Default::default()
+        };
+        for (name, id, ip) in [("a", A, IP_A), ("b", B, IP_B)] {
+            s.workloads
+                .insert(("default".into(), name.into()), workload(name, id, ip));
+        }
+        for (ip, id, node) in [(IP_A, A, NODE_ID), (IP_B, B, NODE_ID), (IP_R, R, REMOTE_NODE_ID)] {
+            let cidr = format!("{ip}/32");
+            s.ipcache.insert(
+                cidr.clone(),
+                pb::IpcacheEntry {
+                    cidr,
+                    identity: id,
+                    node_id: node,
+                },
+            );
+        }
+        s.nodes.insert(
+            NODE.into(),
+            pb::Node {
+                name: NODE.into(),
+                node_id: NODE_ID,
+                addresses: vec![],
+            },
+        );
+        StateBuilder(s)
+    }
+
+    fn rule(mut self, key: (u32, u32, u32, u32, u32), auth: bool, rule: &str) -> Self {
+        self.0.policy.insert(
+            key,
+            pb::PolicyEntry {
+                key: None,
+                allow: true,
+                auth_required: auth,
+                rule: rule.into(),
+            },
+        );
+        self
+    }
+
+    /// No policy selects `id` in `dir`: anything goes.
+    fn default_allow(self, id: u32, dir: u32) -> Self {
+        self.rule((id, 0, 0, 0, dir), false, "default-allow")
+    }
+
+    fn open(self) -> Self {
+        self.default_allow(A, INGRESS)
+            .default_allow(A, EGRESS)
+            .default_allow(B, INGRESS)
+            .default_allow(B, EGRESS)
+    }
+
+    fn build(self) -> NodeState {
+        self.0
+    }
+}
+
+// ---- traffic ----
+
+/// An echo server on `ip:port` inside `ns`, serving until the process ends.
+fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
+    let listener = in_netns(ns, move || {
+        TcpListener::bind((ip, port)).expect("bind echo server")
+    });
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn udp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
+    let sock = in_netns(ns, move || UdpSocket::bind((ip, port)).expect("bind udp echo"));
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+}
+
+fn connect(ns: &str, ip: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_netns(ns, move || {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), timeout)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(s)
+    })
+}
+
+fn echo_round_trip(s: &mut TcpStream, msg: &[u8]) -> bool {
+    if s.write_all(msg).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).is_ok() && buf == msg
+}
+
+fn udp_round_trip(ns: &str, ip: Ipv4Addr, port: u16) -> bool {
+    let sock = in_netns(ns, || UdpSocket::bind("0.0.0.0:0").expect("udp bind"));
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    if sock.send_to(b"ping", (ip, port)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(sock.recv_from(&mut buf), Ok((4, _)))
+}
+
+/// Waits for a flow event matching `pred`.
+fn expect_flow(rx: &mut broadcast::Receiver<Flow>, what: &str, pred: impl Fn(&Flow) -> bool) -> Flow {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match rx.try_recv() {
+            Ok(f) if pred(&f) => return f,
+            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(broadcast::error::TryRecvError::Empty) => {
+                assert!(Instant::now() < deadline, "no flow event: {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("flow stream closed: {e}"),
+        }
+    }
+}
+
+fn drain_flows(rx: &mut broadcast::Receiver<Flow>) -> Vec<Flow> {
+    let mut out = Vec::new();
+    while let Ok(f) = rx.try_recv() {
+        out.push(f);
+    }
+    out
+}
+
+// ---- tests ----
+
+#[test]
+fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(StateBuilder::new().open().build(), &topo);
+
+    tcp_echo(&b.netns, IP_B, 8080);
+    udp_echo(&b.netns, IP_B, 5353);
+    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("a -> b TCP is allowed");
+    assert!(echo_round_trip(&mut conn, b"hello"), "TCP data flows both ways");
+    assert!(udp_round_trip(&a.netns, IP_B, 5353), "UDP a -> b and back");
+    assert!(ping(&a.netns, IP_B, 2), "ICMP a -> b and back");
+
+    // New-flow events at both ends, with both identities.
+    let port = conn.local_addr().unwrap().port();
+    for from_pod in [true, false] {
+        let f = expect_flow(&mut flows, "new TCP flow a -> b", |f| {
+            f.kind == FlowKind::New && f.src_port == port && f.dst_port == 8080 && f.from_pod == from_pod
+        });
+        assert!(f.forwarded);
+        assert_eq!((f.src, f.dst, f.src_identity, f.dst_identity), (IP_A, IP_B, A, B));
+        assert_eq!(f.proto, 6);
+    }
+
+    // Never one event per forwarded packet: 200 more round trips on the
+    // established connection add no event for it.
+    drain_flows(&mut flows);
+    for _ in 0..200 {
+        assert!(echo_round_trip(&mut conn, b"x"));
+    }
+    let extra: Vec<Flow> = drain_flows(&mut flows)
+        .into_iter()
+        .filter(|f| f.src_port == port || f.dst_port == port)
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "forwarded packets of a known flow made events: {extra:?}"
+    );
+
+    // With IP forwarding off in the node, only the programs' redirect can
+    // carry a packet between the two pods: a new connection still works,
+    // while traffic that must be routed (to the remote peer) cannot.
+    let r = topo.add_remote(IP_R);
+    tcp_echo(&r.netns, IP_R, 8080);
+    assert!(
+        connect(&a.netns, IP_R, 8080, Duration::from_secs(3)).is_ok(),
+        "routed while forwarding is on"
+    );
+    sysctl(&topo.node, "net.ipv4.ip_forward", "0");
+    let mut conn2 =
+        connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("redirected without routing");
+    assert!(echo_round_trip(&mut conn2, b"redirected"));
+    assert!(
+        connect(&a.netns, IP_R, 8080, Duration::from_secs(1)).is_err(),
+        "forwarding is really off"
+    );
+    dp.stop();
+}
+
+#[test]
+fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    // b is selected for ingress: only R may reach it, on 9999.
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, R, 9999, TCP, INGRESS), false, "default/b-from-r ingress[0]")
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    tcp_echo(&b.netns, IP_B, 8080);
+
+    assert!(
+        connect(&a.netns, IP_B, 8080, Duration::from_secs(1)).is_err(),
+        "a -> b:8080 must be dropped"
+    );
+    let f = expect_flow(&mut flows, "a drop of a -> b:8080", |f| {
+        f.dst_port == 8080 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+    assert_eq!(f.drop_reason_name(), "policy-denied");
+    assert_eq!((f.src_identity, f.dst_identity), (A, B));
+    assert!(!f.from_pod, "dropped where b's ingress policy is enforced");
+    assert!(!ping(&a.netns, IP_B, 1), "no rule allows ICMP to b either");
+
+    // b can still open connections to a (its egress is open, a's ingress too).
+    tcp_echo(&a.netns, IP_A, 7070);
+    let mut c = connect(&b.netns, IP_A, 7070, Duration::from_secs(3)).expect("b -> a is allowed");
+    assert!(echo_round_trip(&mut c, b"replies get back in"));
+    dp.stop();
+}
+
+#[test]
+fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expiry() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, A, 8080, TCP, INGRESS), true, "default/api-mtls ingress[0]")
+        .build();
+    let mut dp = start(
+        &topo,
+        |c| c.signal_interval = Duration::from_secs(30),
+        NodeState::default(),
+    );
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    tcp_echo(&b.netns, IP_B, 8080);
+
+    // Three attempts, several SYNs each: all dropped, one signal.
+    for _ in 0..3 {
+        assert!(connect(&a.netns, IP_B, 8080, Duration::from_millis(1200)).is_err());
+    }
+    let f = expect_flow(&mut flows, "an auth-required drop", |f| {
+        f.dst_port == 8080 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason_name(), "auth-required");
+    assert!(f.auth_required);
+    let key = AuthKey {
+        local_id: B,
+        remote_id: A,
+        remote_node_id: NODE_ID as u16,
+        auth_type: auth_type::MTLS_SPIFFE,
+        _pad: 0,
+    };
+    let first = dp.signals.try_recv().expect("the agent was signalled");
+    assert_eq!(first.key, key);
+    assert!(
+        dp.signals.try_recv().is_err(),
+        "exactly one signal for the pair within the interval"
+    );
+
+    // Authenticated for three seconds: the flow passes.
+    let expiry = datapath::monotonic_ns() + 3_000_000_000;
+    dp.auth.upsert(key, expiry).unwrap();
+    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("authenticated pair passes");
+    assert!(echo_round_trip(&mut conn, b"authenticated"));
+    expect_flow(&mut flows, "the verdict change to forwarded", |f| {
+        f.dst_port == 8080 && f.forwarded && f.auth_required
+    });
+
+    // Expired: dropped again, also on the connection that was established.
+    wait_until(Duration::from_secs(10), "the auth entry to expire", || {
+        datapath::monotonic_ns() > expiry
+    });
+    assert!(
+        !echo_round_trip(&mut conn, b"expired"),
+        "an expired pair must not pass"
+    );
+    assert!(connect(&a.netns, IP_B, 8080, Duration::from_secs(1)).is_err());
+    expect_flow(&mut flows, "an auth-required drop after expiry", |f| {
+        f.dst_port == 8080 && !f.forwarded && f.drop_reason == drop_reason::AUTH_REQUIRED
+    });
+
+    // Removing an entry takes effect at once on established flows too.
+    dp.auth
+        .upsert(key, datapath::monotonic_ns() + 60_000_000_000)
+        .unwrap();
+    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("re-authenticated");
+    assert!(echo_round_trip(&mut conn, b"again"));
+    assert!(dp.auth.remove(&key).unwrap());
+    assert!(
+        !echo_round_trip(&mut conn, b"revoked"),
+        "a removed entry stops the established flow"
+    );
+    dp.stop();
+}
+
+#[test]
+fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    topo.add_pod("b", IP_B);
+    let r = topo.add_remote(IP_R);
+    // a may talk to R on 8080 only.
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(B, INGRESS)
+        .default_allow(B, EGRESS)
+        .rule((A, R, 8080, TCP, EGRESS), false, "default/a-to-r egress[0]")
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    tcp_echo(&r.netns, IP_R, 8080);
+    tcp_echo(&r.netns, IP_R, 8081);
+
+    let mut c = connect(&a.netns, IP_R, 8080, Duration::from_secs(3)).expect("a -> R:8080 allowed");
+    assert!(echo_round_trip(&mut c, b"remote"));
+    assert!(
+        connect(&a.netns, IP_R, 8081, Duration::from_secs(1)).is_err(),
+        "8081 is not allowed"
+    );
+    let f = expect_flow(&mut flows, "a -> R:8081 dropped", |f| f.dst_port == 8081);
+    assert_eq!(
+        (f.src_identity, f.dst_identity, f.drop_reason),
+        (A, R, drop_reason::POLICY_DENIED)
+    );
+    assert!(
+        f.from_pod,
+        "a's egress policy is enforced where a's packets leave it"
+    );
+    dp.stop();
+}
+
+#[test]
+fn restarting_the_loader_keeps_established_flows_and_the_tables() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, A, 8080, TCP, INGRESS), false, "default/b ingress[0]")
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(state.clone(), &topo);
+    tcp_echo(&b.netns, IP_B, 8080);
+    tcp_echo(&b.netns, IP_B, 9090);
+    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("allowed");
+    assert!(echo_round_trip(&mut conn, b"before"));
+
+    // The agent goes away: programs and maps stay pinned and in force.
+    dp.stop();
+    assert!(echo_round_trip(&mut conn, b"while no agent runs"));
+    assert!(
+        connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err(),
+        "policy is still enforced while no agent runs"
+    );
+    let pinned: BTreeMap<String, bool> = maps::ALL
+        .iter()
+        .map(|m| (m.to_string(), topo.pin_dir.join(m).exists()))
+        .collect();
+    assert!(pinned.values().all(|p| *p), "every map stays pinned: {pinned:?}");
+
+    // A new agent takes over the pinned maps and links in place.
+    let dp = start(&topo, |_| {}, NodeState::default());
+    assert!(echo_round_trip(&mut conn, b"after the new loader attached"));
+    dp.apply(state, &topo);
+    assert!(echo_round_trip(&mut conn, b"after it reconciled"));
+    let mut c2 = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("new connections work");
+    assert!(echo_round_trip(&mut c2, b"new"));
+    assert!(connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err());
+    let links = std::fs::read_dir(topo.pin_dir.join("links")).unwrap().count();
+    assert_eq!(links, 4, "two pods, two programs each, no stale link pins");
+    dp.stop();
+}
+
+#[test]
+fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(StateBuilder::new().open().build(), &topo);
+    {
+        let s = dp.status.borrow();
+        assert_eq!(s.endpoints[&IP_A].identity, A);
+        assert_eq!(s.endpoints[&IP_B].identity, B);
+        assert_eq!(s.local_node_id, NODE_ID as u16);
+    }
+    let mut state = StateBuilder::new().open().build();
+    state.workloads.remove(&("default".to_string(), "b".to_string()));
+    let revision = dp.state.borrow().revision + 1;
+    state.revision = revision;
+    dp.state.send_replace(Arc::new(state));
+    wait_until(Duration::from_secs(10), "b's interface to be detached", || {
+        let s = dp.status.borrow();
+        s.revision >= revision && !s.attached.contains(&b.host_if) && s.attached.contains(&a.host_if)
+    });
+    assert!(!dp.status.borrow().endpoints.contains_key(&IP_B));
+    let pins: Vec<String> = std::fs::read_dir(topo.pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        pins.iter().all(|p| p.starts_with(&a.host_if)),
+        "only a's links stay pinned: {pins:?}"
+    );
+    dp.stop();
+}
