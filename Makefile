@@ -6,9 +6,12 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 TIER_DIR := target/tiers
 # Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
-TIERS := lint unit integration
+TIERS := lint unit integration datapath
+# Integration test files that need nothing but this process (every one
+# except the privileged datapath tier's).
+INTEGRATION_TESTS := $(filter-out datapath,$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
-.PHONY: all setup build test lint unit integration bench demo clean-tiers print-tiers
+.PHONY: all setup build test lint unit integration datapath bench demo clean-tiers print-tiers
 
 all: build
 
@@ -27,6 +30,7 @@ clean-tiers:
 # Tier: formatting and clippy with warnings denied.
 lint: setup
 	$(CARGO) fmt --all -- --check
+	rustfmt --edition 2024 --check auth-bpf/ebpf/src/main.rs
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/lint
 
@@ -39,10 +43,18 @@ unit: setup
 # crypto, the real binaries (built first), openssl and the spiffe crate.
 integration: setup
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p keyway-tests --tests
+	$(CARGO) test -p keyway-tests $(addprefix --test ,$(INTEGRATION_TESTS))
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/integration
 
-test: clean-tiers lint unit integration
+# Tier: privileged. The real TC programs in the real kernel, in network
+# namespaces and veth pairs the tests make, with real TCP/UDP/ICMP. Needs
+# root (CI is root); fails, never skips, without it.
+datapath: setup
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p keyway-tests --test datapath
+	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/datapath
+
+test: clean-tiers lint unit integration datapath
 	@echo "tiers run: $$(ls $(TIER_DIR) | tr '\n' ' ')"
 
 bench: setup

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::agent::{self, AgentConfig};
+use crate::datapath;
 use crate::workload_api;
 use crate::workload_client;
 
@@ -92,6 +93,17 @@ pub struct RunArgs {
     /// Where named network namespaces live (for `netns:` selectors).
     #[arg(long, default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
+    /// Load the eBPF datapath and attach it to every local workload's
+    /// interface (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON).
+    #[arg(long, env = "KEYWAY_DATAPATH")]
+    pub datapath: bool,
+    /// Where the datapath pins its maps and links (a BPF filesystem). One
+    /// per node: several agents on one kernel need their own.
+    #[arg(long, env = "KEYWAY_BPF_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// Emit per-flow events from the datapath (for `observe`).
+    #[arg(long, env = "KEYWAY_FLOW_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub flow_capture: bool,
 }
 
 impl RunArgs {
@@ -128,6 +140,29 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let handles = agent::start(cfg.clone(), stop_rx.clone()).await?;
+    let _datapath = if args.datapath {
+        let mut dcfg = datapath::DatapathConfig::new(&args.bpf_pin_dir, &cfg.node_name);
+        dcfg.flow_capture = args.flow_capture;
+        let dp = datapath::start(dcfg, handles.state.clone(), stop_rx.clone())
+            .with_context(|| format!("--datapath (pins in {})", args.bpf_pin_dir.display()))?;
+        info!(pin_dir = %args.bpf_pin_dir.display(), "datapath loaded");
+        // Until mutual authentication drives handshakes from these, say
+        // that pairs are waiting (once per pair per signal interval).
+        let mut signals = dp.signals;
+        tokio::spawn(async move {
+            while let Some(s) = signals.recv().await {
+                info!(
+                    local_identity = s.key.local_id,
+                    remote_identity = s.key.remote_id,
+                    remote_node = s.key.remote_node_id,
+                    "datapath dropped a pair that needs mutual authentication"
+                );
+            }
+        });
+        Some((dp.auth, dp.status))
+    } else {
+        None
+    };
     let server = workload_api::start(&cfg, &handles, stop_rx.clone())
         .with_context(|| format!("--socket: cannot serve on {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "workload API serving");

@@ -160,9 +160,23 @@ impl Binary {
 
     /// Like [`Binary::spawn`] on a given address (to restart in place).
     pub fn spawn_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
+        Self::spawn_with(Command::new(bin("control-plane")), data_dir, listen, extra)
+    }
+
+    /// Like [`Binary::spawn`], inside network namespace `netns` (only the
+    /// network namespace: the filesystem, and so the admin socket, is shared).
+    pub fn spawn_in_netns(netns: &str, data_dir: &Path, extra: &[&str]) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(bin("control-plane"));
+        Self::spawn_with(cmd, data_dir, &format!("127.0.0.1:{}", free_port()), extra)
+    }
+
+    fn spawn_with(mut cmd: Command, data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let listen = listen.to_owned();
         let admin_socket = data_dir.join("admin.sock");
-        let child = Command::new(bin("control-plane"))
+        let child = cmd
             .arg("serve")
             .args(["--trust-domain", TD, "--listen", &listen])
             .arg("--data-dir")

@@ -477,8 +477,19 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
     let a = topo.add_pod("a", IP_A);
     topo.add_pod("b", IP_B);
     let r = topo.add_remote(IP_R);
-    // a may talk to R on 8080 only.
-    let state = StateBuilder::new()
+    // a may talk to R on 8080 only. R is known by a CIDR (the LPM trie),
+    // not by its address.
+    let mut builder = StateBuilder::new();
+    builder.0.ipcache.remove(&format!("{IP_R}/32"));
+    builder.0.ipcache.insert(
+        "10.201.9.0/24".into(),
+        pb::IpcacheEntry {
+            cidr: "10.201.9.0/24".into(),
+            identity: R,
+            node_id: REMOTE_NODE_ID,
+        },
+    );
+    let state = builder
         .default_allow(A, INGRESS)
         .default_allow(B, INGRESS)
         .default_allow(B, EGRESS)
@@ -585,4 +596,113 @@ fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
         "only a's links stay pinned: {pins:?}"
     );
     dp.stop();
+}
+
+/// The real binaries: a control plane and a node agent with `--datapath`,
+/// both inside the node's network namespace (entered with nsenter, so the
+/// BPF filesystem stays the host's). Policy goes in with `control-plane
+/// apply`, reaches the agent over Sync, and the kernel enforces it.
+#[test]
+fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dir = tempfile::tempdir().unwrap();
+    let cp = keyway_tests::Binary::spawn_in_netns(&topo.node, &dir.path().join("cp"), &[]);
+    let token = cp.ok(&["token", "create", "--node", NODE]).trim().to_string();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
+    let docs = |mode: &str| {
+        format!(
+            "{}---\n{}---\napiVersion: keyway.dev/v1alpha1\nkind: KeywayNetworkPolicy\n\
+             metadata: {{ name: b-ingress, namespace: default }}\nspec:\n  endpointSelector: {{ matchLabels: {{ app: b }} }}\n  \
+             ingress:\n    - authentication: {{ mode: {mode} }}\n      fromEndpoints: [{{ matchLabels: {{ app: a }} }}]\n      \
+             toPorts: [{{ ports: [{{ port: \"8080\", protocol: TCP }}] }}]\n",
+            keyway_tests::workload_yaml("a", "a", NODE, &IP_A.to_string()),
+            keyway_tests::workload_yaml("b", "b", NODE, &IP_B.to_string()),
+        )
+    };
+    let file = dir.path().join("docs.yaml");
+    std::fs::write(&file, docs("disabled")).unwrap();
+    cp.ok(&["apply", "-f", file.to_str().unwrap()]);
+
+    let spawn_agent = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", topo.node))
+            .arg("--")
+            .arg(keyway_tests::bin("node-agent"))
+            .args([
+                "run",
+                "--server",
+                &cp.listen,
+                "--node-name",
+                NODE,
+                "--trust-domain",
+                keyway_tests::TD,
+            ])
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .arg("--data-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .arg("--datapath")
+            .arg("--bpf-pin-dir")
+            .arg(&topo.pin_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        KillOnDrop(cmd.spawn().expect("spawn node-agent"))
+    };
+    let mut agent = spawn_agent(Some(&token));
+    let links = || {
+        std::fs::read_dir(topo.pin_dir.join("links"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the agent to attach to both pods",
+        || links() == 4,
+    );
+
+    tcp_echo(&b.netns, IP_B, 8080);
+    tcp_echo(&b.netns, IP_B, 9090);
+    let mut conn =
+        connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("the policy allows a -> b:8080");
+    assert!(echo_round_trip(&mut conn, b"allowed by policy"));
+    assert!(
+        connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err(),
+        "b is selected by policy: 9090 is denied"
+    );
+
+    // The agent dies: the kernel keeps enforcing, established flows live.
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    assert!(echo_round_trip(&mut conn, b"agent killed"));
+    assert!(connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err());
+
+    // Restarted (no token needed) and the policy now requires mutual
+    // authentication: with no handshake to vouch for the pair, new
+    // connections are dropped.
+    agent = spawn_agent(None);
+    std::fs::write(&file, docs("required")).unwrap();
+    cp.ok(&["apply", "-f", file.to_str().unwrap()]);
+    wait_until(
+        Duration::from_secs(20),
+        "auth to be required for a -> b:8080",
+        || connect(&a.netns, IP_B, 8080, Duration::from_millis(500)).is_err(),
+    );
+    drop(agent);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

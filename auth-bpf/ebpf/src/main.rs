@@ -80,6 +80,13 @@ pub fn keyway_to_pod(ctx: TcContext) -> i32 {
     process(&ctx, hook::TO_POD)
 }
 
+/// Does nothing: the baseline the benchmarks measure the gate against
+/// (never attached by the agent).
+#[classifier]
+pub fn keyway_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
 #[derive(Clone, Copy)]
 struct Packet {
     src_ip: u32,

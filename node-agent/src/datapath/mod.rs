@@ -292,6 +292,24 @@ impl Datapath {
         &self.status
     }
 
+    /// Loads (if needed) and pins one program of the object at `path`, for
+    /// tools that run it outside an attachment (`bpftool prog run` in the
+    /// benchmarks). `keyway_empty` is the do-nothing baseline.
+    pub fn pin_program(&mut self, name: &str, path: &Path) -> Result<(), DatapathError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+        }
+        prog.pin(path)
+            .map_err(|e| DatapathError::Load(format!("pinning {name} at {}: {e}", path.display())))
+    }
+
     /// Opens the pinned auth map (sharing this datapath's epoch).
     pub fn auth_map(&self) -> Result<PinnedAuthMap, DatapathError> {
         PinnedAuthMap::open_with(&self.cfg.pin_dir, self.config.clone())
