@@ -215,6 +215,14 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn delete(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let outcome = self.cp.delete(&req.into_inner().yaml).await?;
+        Ok(Response::new(pb::ApplyResponse {
+            changes: outcome.changes,
+            revision: outcome.revision,
+        }))
+    }
+
     async fn list_identities(
         &self,
         _req: Request<pb::ListIdentitiesRequest>,

@@ -251,6 +251,16 @@ impl AgentApi for AgentService {
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
         let node = self.caller_node(&req)?;
+        // Stored before the snapshot is taken, so this node's own entry in
+        // the node table is current from the first message.
+        if let Err(e) = self
+            .cp
+            .set_node_addresses(&node, &req.get_ref().auth_addresses)
+            .await
+        {
+            warn!(node, reason = %e, "sync refused: cannot record the mutual-auth addresses");
+            return Err(e.into());
+        }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(stream_sync(self.cp.clone(), node, tx));
         Ok(Response::new(ReceiverStream::new(rx)))

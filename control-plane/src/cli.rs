@@ -57,6 +57,13 @@ pub enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Delete the Workload and KeywayNetworkPolicy documents a YAML file names
+    /// (by kind, namespace and name; all or nothing). Numeric identities stay
+    /// allocated: applying the same workload again gives it the same one.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
     /// Numeric identities.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -325,6 +332,31 @@ fn format_time(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Documents {
+    Apply,
+    Delete,
+}
+
+/// `apply -f` / `delete -f`: sends the file and prints what changed, one
+/// line per document.
+async fn documents(socket: Option<PathBuf>, file: &Path, op: Documents) -> anyhow::Result<()> {
+    let yaml =
+        std::fs::read_to_string(file).with_context(|| format!("-f: cannot read {}", file.display()))?;
+    let mut c = admin(socket).await?;
+    let req = pb::ApplyRequest { yaml };
+    let r = match op {
+        Documents::Apply => c.apply(req).await,
+        Documents::Delete => c.delete(req).await,
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?
+    .into_inner();
+    for change in r.changes {
+        println!("{change}");
+    }
+    Ok(())
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.admin_socket.clone();
@@ -438,20 +470,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Apply { file } => {
-            let yaml = std::fs::read_to_string(&file)
-                .with_context(|| format!("-f: cannot read {}", file.display()))?;
-            let mut c = admin(socket).await?;
-            let r = c
-                .apply(pb::ApplyRequest { yaml })
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?
-                .into_inner();
-            for change in r.changes {
-                println!("{change}");
-            }
-            Ok(())
-        }
+        Command::Apply { file } => documents(socket, &file, Documents::Apply).await,
+        Command::Delete { file } => documents(socket, &file, Documents::Delete).await,
         Command::Identity(IdentityCommand::List { output }) => {
             let mut c = admin(socket).await?;
             let r = c

@@ -13,7 +13,7 @@ use crate::policy::{
     AuthMode, Direction, Entity, NAMESPACE_LABEL, Operator, PolicySpec, PortProtocol, Protocol, Requirement,
     Rule, SERVICE_ACCOUNT_LABEL, Selector,
 };
-use crate::store::{PolicyRecord, WorkloadRecord};
+use crate::store::{DocumentKind, DocumentRef, PolicyRecord, WorkloadRecord};
 
 pub const API_VERSION: &str = "keyway.dev/v1alpha1";
 
@@ -56,14 +56,10 @@ pub struct Documents {
     pub policies: Vec<PolicyRecord>,
 }
 
-/// Parses every document of a multi-document YAML file. Nothing is returned
-/// unless every document is valid: an apply is all or nothing.
-pub fn parse_documents(
-    yaml: &str,
-    td: &TrustDomain,
-    max_ttl: std::time::Duration,
-) -> Result<Documents, String> {
-    let mut out = Documents::default();
+/// The non-empty documents of a multi-document YAML file, numbered from 1,
+/// each with a supported apiVersion and a kind.
+fn documents(yaml: &str) -> Result<Vec<(usize, Document, DocumentKind)>, String> {
+    let mut out = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let n = i + 1;
         let value =
@@ -85,15 +81,33 @@ pub fn parse_documents(
                 ));
             }
         }
-        match doc.kind.as_deref() {
-            Some("Workload") => out.workloads.push(workload(n, doc, td, max_ttl)?),
-            Some("KeywayNetworkPolicy") => out.policies.push(network_policy(n, doc)?),
+        let kind = match doc.kind.as_deref() {
+            Some("Workload") => DocumentKind::Workload,
+            Some("KeywayNetworkPolicy") => DocumentKind::KeywayNetworkPolicy,
             Some(other) => {
                 return Err(format!(
                     "document {n}: kind {other:?} is not supported by this control plane (supported: Workload, KeywayNetworkPolicy)"
                 ));
             }
             None => return Err(format!("document {n}: kind is missing")),
+        };
+        out.push((n, doc, kind));
+    }
+    Ok(out)
+}
+
+/// Parses every document of a multi-document YAML file. Nothing is returned
+/// unless every document is valid: an apply is all or nothing.
+pub fn parse_documents(
+    yaml: &str,
+    td: &TrustDomain,
+    max_ttl: std::time::Duration,
+) -> Result<Documents, String> {
+    let mut out = Documents::default();
+    for (n, doc, kind) in documents(yaml)? {
+        match kind {
+            DocumentKind::Workload => out.workloads.push(workload(n, doc, td, max_ttl)?),
+            DocumentKind::KeywayNetworkPolicy => out.policies.push(network_policy(n, doc)?),
         }
     }
     if out.workloads.is_empty() && out.policies.is_empty() {
@@ -113,6 +127,41 @@ pub fn parse_documents(
                 p.key()
             ));
         }
+    }
+    Ok(out)
+}
+
+/// The documents a `delete -f` names, in file order. Only apiVersion, kind,
+/// metadata.name and metadata.namespace (default `default`) are read, so the
+/// file that created something also deletes it even if its spec would no
+/// longer validate. All or nothing: one bad document refuses the file.
+pub fn parse_refs(yaml: &str) -> Result<Vec<DocumentRef>, String> {
+    let mut out: Vec<DocumentRef> = Vec::new();
+    for (n, doc, kind) in documents(yaml)? {
+        let label = match kind {
+            DocumentKind::Workload => "Workload",
+            DocumentKind::KeywayNetworkPolicy => "KeywayNetworkPolicy",
+        };
+        let name = doc
+            .metadata
+            .name
+            .ok_or_else(|| format!("document {n} ({label}): metadata.name is missing"))?;
+        let namespace = doc.metadata.namespace.unwrap_or_else(|| "default".into());
+        let ctx = format!("document {n} ({label} {namespace}/{name})");
+        spiffe_id::check_name("metadata.name", &name).map_err(|e| format!("{ctx}: {e}"))?;
+        spiffe_id::check_name("metadata.namespace", &namespace).map_err(|e| format!("{ctx}: {e}"))?;
+        let r = DocumentRef {
+            kind,
+            namespace,
+            name,
+        };
+        if out.contains(&r) {
+            return Err(format!("{label} {} appears twice in the same file", r.key()));
+        }
+        out.push(r);
+    }
+    if out.is_empty() {
+        return Err("no documents found".into());
     }
     Ok(out)
 }
@@ -623,6 +672,53 @@ spec: { node: node-b }
                 .unwrap_err()
                 .contains("service account")
         );
+    }
+
+    #[test]
+    fn delete_reads_kind_namespace_and_name_only() {
+        // The spec is not validated: a file whose spec no longer applies
+        // still deletes what it names.
+        let stale = GOOD.replace("svidTTL: 1h", "svidTTL: 30d");
+        let refs = parse_refs(&format!("{stale}---{POLICY}")).unwrap();
+        let got: Vec<_> = refs.iter().map(|r| (r.kind, r.key())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (DocumentKind::Workload, "default/frontend".to_string()),
+                (DocumentKind::Workload, "default/api".to_string()),
+                (DocumentKind::KeywayNetworkPolicy, "default/api-mtls".to_string()),
+            ]
+        );
+        // A workload and a policy may share a name; one document twice may not.
+        let same_name = POLICY.replace("name: api-mtls", "name: frontend");
+        assert_eq!(parse_refs(&format!("{GOOD}---{same_name}")).unwrap().len(), 3);
+        assert!(
+            parse_refs(&format!("{POLICY}---{POLICY}"))
+                .unwrap_err()
+                .contains("KeywayNetworkPolicy default/api-mtls appears twice")
+        );
+        // Every document must still be one of the two kinds, named.
+        let cases: &[(&str, &str)] = &[
+            (
+                "kind: Pod\nmetadata: { name: x }",
+                "document 1: kind \"Pod\" is not supported",
+            ),
+            (
+                "kind: Workload\nmetadata: { namespace: default }",
+                "metadata.name is missing",
+            ),
+            ("kind: Workload\nmetadata: { name: Bad_Name }", "metadata.name"),
+            ("metadata: { name: x }", "kind is missing"),
+            ("kind: Workload\nmetadata: [", "not valid YAML"),
+        ];
+        for (body, want) in cases {
+            let yaml = format!("apiVersion: keyway.dev/v1alpha1\n{body}\n");
+            let e = parse_refs(&yaml).unwrap_err();
+            assert!(e.contains(want), "{body}: {e:?} does not mention {want:?}");
+        }
+        let other_version = GOOD.replace("keyway.dev/v1alpha1", "v1");
+        assert!(parse_refs(&other_version).unwrap_err().contains("apiVersion"));
+        assert_eq!(parse_refs("---\n").unwrap_err(), "no documents found");
     }
 
     const POLICY: &str = r#"

@@ -312,6 +312,37 @@ impl ControlPlane {
             .cloned()
     }
 
+    /// Records where `node`'s agent takes mutual-auth handshakes (what it
+    /// sent when opening Sync), so every node's node table carries them. The
+    /// addresses are checked first: one bad value refuses them all and
+    /// stores nothing. A write happens only when they changed.
+    pub async fn set_node_addresses(&self, node: &str, addresses: &[String]) -> Result<(), ApiError> {
+        let addresses = check_auth_addresses(addresses).map_err(ApiError::InvalidArgument)?;
+        let current = self
+            .node(node)
+            .ok_or_else(|| ApiError::PermissionDenied(format!("node {node} is not attested")))?;
+        if current.addresses == addresses {
+            return Ok(());
+        }
+        let _guard = self.inner.registry_lock.lock().await;
+        match self
+            .inner
+            .store
+            .set_node_addresses(node, addresses.clone())
+            .await?
+        {
+            None => {
+                return Err(ApiError::PermissionDenied(format!("node {node} is not attested")));
+            }
+            Some(false) => {}
+            Some(true) => {
+                info!(node, addresses = ?addresses, "node mutual-auth addresses changed");
+                self.refresh_registry().await?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn renew_node_svid(&self, node: &str, csr_der: &[u8]) -> Result<NodeSvid, ApiError> {
         let node_rec = self
             .node(node)
@@ -516,6 +547,19 @@ impl ControlPlane {
         Ok(outcome)
     }
 
+    /// Deletes the Workload and KeywayNetworkPolicy documents a YAML file
+    /// names (by kind, namespace and name), all or nothing. Their numeric
+    /// identities stay allocated, so the same workload applied again gets
+    /// the same one; agents stop receiving an identity once no workload uses
+    /// it.
+    pub async fn delete(&self, yaml: &str) -> Result<ApplyOutcome, ApiError> {
+        let refs = registry::parse_refs(yaml).map_err(ApiError::InvalidArgument)?;
+        let _guard = self.inner.registry_lock.lock().await;
+        let outcome = self.inner.store.delete(refs).await?;
+        self.refresh_registry().await?;
+        Ok(outcome)
+    }
+
     /// Publishes the stored registry, compiling policy only when the records
     /// changed.
     async fn refresh_registry(&self) -> Result<(), ApiError> {
@@ -545,5 +589,76 @@ impl ControlPlane {
             CaPhase::Active => "active",
             CaPhase::Old => "old",
         }
+    }
+}
+
+/// How many mutual-auth addresses one node may advertise.
+pub const MAX_AUTH_ADDRESSES: usize = 16;
+
+/// Checks the mutual-auth addresses an agent advertises and returns them in
+/// canonical form (`IP:PORT`, `[IPv6]:PORT`), duplicates dropped, order kept.
+/// Each must be dialable by a peer: a specific IP and a non-zero port.
+pub fn check_auth_addresses(raw: &[String]) -> Result<Vec<String>, String> {
+    if raw.len() > MAX_AUTH_ADDRESSES {
+        return Err(format!(
+            "auth_addresses: {} addresses given; at most {MAX_AUTH_ADDRESSES} are accepted",
+            raw.len()
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(raw.len());
+    for (i, a) in raw.iter().enumerate() {
+        let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+            format!("auth_addresses[{i}]: {a:?} is not IP:PORT (e.g. 10.0.0.5:4250 or [fd00::5]:4250)")
+        })?;
+        if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+            return Err(format!(
+                "auth_addresses[{i}]: {a:?} cannot be dialled by peers; advertise the node's own IP"
+            ));
+        }
+        if addr.port() == 0 {
+            return Err(format!(
+                "auth_addresses[{i}]: {a:?} has port 0; advertise the port the agent listens on"
+            ));
+        }
+        let canonical = addr.to_string();
+        if !out.contains(&canonical) {
+            out.push(canonical);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(list: &[&str]) -> Result<Vec<String>, String> {
+        check_auth_addresses(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn auth_addresses_are_socket_addresses_peers_can_dial() {
+        assert_eq!(check(&[]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            check(&["10.0.0.5:4250", "[FD00::5]:4250", "10.0.0.5:4250"]).unwrap(),
+            vec!["10.0.0.5:4250", "[fd00::5]:4250"]
+        );
+        for (bad, want) in [
+            ("10.0.0.5", "is not IP:PORT"),
+            ("node-a:4250", "is not IP:PORT"),
+            ("10.0.0.5:99999", "is not IP:PORT"),
+            ("0.0.0.0:4250", "cannot be dialled"),
+            ("[::]:4250", "cannot be dialled"),
+            ("224.0.0.1:4250", "cannot be dialled"),
+            ("10.0.0.5:0", "port 0"),
+        ] {
+            let e = check(&["10.0.0.1:4250", bad]).unwrap_err();
+            assert!(
+                e.starts_with("auth_addresses[1]: ") && e.contains(&format!("{bad:?}")) && e.contains(want),
+                "{bad}: {e}"
+            );
+        }
+        let many: Vec<String> = (1..=17).map(|i| format!("10.0.0.{i}:4250")).collect();
+        assert!(check_auth_addresses(&many).unwrap_err().contains("at most 16"));
     }
 }

@@ -1,11 +1,14 @@
 //! What each node sees of the registry, and the deltas between two views.
 //!
-//! A node gets its own workloads, their identities, the node table, the
+//! A node gets its own workloads, every identity some workload (on any
+//! node) uses, the node table with each agent's mutual-auth addresses, the
 //! bundle, the cluster-wide ipcache (every workload IP -> identity and node)
-//! and the compiled policy entries whose subject runs on it; nothing else
-//! about other nodes' workloads (keys and identities are scoped to where they
-//! run). Views are diffed, so a change to one workload sends what changed,
-//! not the world.
+//! and the compiled policy entries whose subject runs on it. Other nodes'
+//! workloads (names, selectors) are not sent: SVIDs are scoped to where a
+//! workload runs, but mutual auth has to map a peer's numeric identity to
+//! the SPIFFE ID its certificate must carry, so the identity table is
+//! cluster-wide like the ipcache. Views are diffed, so a change to one
+//! workload sends what changed, not the world.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -46,7 +49,9 @@ impl Cluster {
 /// One node's slice of the registry.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct NodeView {
+    /// The workloads placed on this node.
     pub workloads: BTreeMap<(String, String), pb::Workload>,
+    /// Cluster-wide: every identity with a workload on some node.
     pub identities: BTreeMap<u32, pb::Identity>,
     pub nodes: BTreeMap<String, pb::Node>,
     /// Cluster-wide, keyed by CIDR (`a.b.c.d/32`, `x::y/128`).
@@ -69,9 +74,12 @@ fn policy_key(k: &policy::Key) -> pb::PolicyKey {
 pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
     let snapshot = &cluster.records;
     let mut view = NodeView::default();
-    let mut ids = BTreeSet::new();
+    // Identities with a workload here (their policy is this node's to
+    // enforce) and anywhere (their SPIFFE IDs are what peers must present).
+    let mut local_ids = BTreeSet::new();
+    let used_ids: BTreeSet<u32> = snapshot.workloads.iter().map(|w| w.identity).collect();
     for w in snapshot.workloads.iter().filter(|w| w.node == node) {
-        ids.insert(w.identity);
+        local_ids.insert(w.identity);
         view.workloads.insert(
             (w.namespace.clone(), w.name.clone()),
             pb::Workload {
@@ -88,7 +96,7 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
             },
         );
     }
-    for i in snapshot.identities.iter().filter(|i| ids.contains(&i.id)) {
+    for i in snapshot.identities.iter().filter(|i| used_ids.contains(&i.id)) {
         view.identities.insert(
             i.id,
             pb::Identity {
@@ -106,7 +114,7 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
             pb::Node {
                 name: n.name.clone(),
                 node_id: u32::from(n.node_id),
-                addresses: Vec::new(),
+                addresses: n.addresses.clone(),
             },
         );
     }
@@ -135,7 +143,7 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
                 });
         }
     }
-    for id in &ids {
+    for id in &local_ids {
         for (k, v) in cluster.policy.subject(*id) {
             view.policy.insert(
                 *k,
@@ -294,6 +302,7 @@ mod tests {
                 name: "n2".into(),
                 node_id: 7,
                 attested_at: 0,
+                addresses: vec!["192.0.2.2:4250".into()],
             }],
             policies: vec![PolicyRecord {
                 namespace: "default".into(),
@@ -304,17 +313,85 @@ mod tests {
     }
 
     #[test]
-    fn a_node_sees_only_its_workloads_and_their_identities() {
+    fn workloads_are_node_scoped_but_every_used_identity_is_sent() {
         let snap = RegistrySnapshot {
             revision: 1,
             workloads: vec![wl("a", "n1", 256), wl("b", "n2", 257)],
-            identities: vec![ident(256, "a"), ident(257, "b")],
+            // 258 has no workload (any more): nobody gets it.
+            identities: vec![ident(256, "a"), ident(257, "b"), ident(258, "gone")],
             nodes: vec![],
             policies: vec![],
         };
-        let v = view(&snap, "n1");
-        assert_eq!(v.workloads.len(), 1);
-        assert_eq!(v.identities.keys().copied().collect::<Vec<_>>(), vec![256]);
+        for (node, workload) in [("n1", "a"), ("n2", "b")] {
+            let v = view(&snap, node);
+            let names: Vec<_> = v.workloads.keys().map(|(_, n)| n.as_str()).collect();
+            assert_eq!(names, vec![workload]);
+            assert_eq!(v.identities.keys().copied().collect::<Vec<_>>(), vec![256, 257]);
+            assert_eq!(v.identities[&257].spiffe_id, "spiffe://td/ns/default/sa/b");
+        }
+        // A node with no workloads still learns every peer identity.
+        assert_eq!(view(&snap, "n3").identities.len(), 2);
+        assert!(view(&snap, "n3").workloads.is_empty());
+    }
+
+    #[test]
+    fn the_node_table_carries_every_node_and_its_addresses() {
+        let mut snap = two_nodes();
+        snap.nodes.push(NodeRecord {
+            name: "n1".into(),
+            node_id: 3,
+            attested_at: 0,
+            addresses: vec![],
+        });
+        for node in ["n1", "n2", "n3"] {
+            let v = view(&snap, node);
+            let got: Vec<_> = v
+                .nodes
+                .values()
+                .map(|n| (n.name.as_str(), n.node_id, n.addresses.clone()))
+                .collect();
+            assert_eq!(
+                got,
+                vec![("n1", 3, vec![]), ("n2", 7, vec!["192.0.2.2:4250".to_string()])]
+            );
+        }
+        // A node advertising new addresses is one node upsert for everyone.
+        let before = view(&snap, "n2");
+        snap.nodes[1].addresses = vec!["192.0.2.1:4250".into(), "[2001:db8::1]:4250".into()];
+        let d = diff(&before, &view(&snap, "n2"));
+        assert_eq!(d.len(), 1);
+        let Some(Kind::NodeUpsert(n)) = &d[0].kind else {
+            panic!("expected a node upsert, got {d:?}");
+        };
+        assert_eq!((n.name.as_str(), n.addresses.len()), ("n1", 2));
+    }
+
+    #[test]
+    fn deleting_the_last_workload_of_an_identity_deletes_it_everywhere() {
+        let mut snap = two_nodes();
+        let before: Vec<_> = ["n1", "n2"].iter().map(|n| view(&snap, n)).collect();
+        // api (257, on n2) goes; its identity record stays allocated.
+        snap.workloads.retain(|w| w.name != "api");
+        for (i, node) in ["n1", "n2"].iter().enumerate() {
+            let after = view(&snap, node);
+            assert!(!after.identities.contains_key(&257));
+            let d = diff(&before[i], &after);
+            let deleted_identity = d
+                .iter()
+                .any(|u| matches!(u.kind, Some(Kind::IdentityDelete(257))));
+            assert!(deleted_identity, "{node}: {d:?}");
+            let deleted_ips = d
+                .iter()
+                .filter(|u| matches!(u.kind, Some(Kind::IpcacheDelete(_))))
+                .count();
+            assert_eq!(deleted_ips, 2, "{node}");
+            // The workload itself is deleted only where it ran.
+            let deleted_workload = d.iter().any(|u| matches!(u.kind, Some(Kind::WorkloadDelete(_))));
+            assert_eq!(deleted_workload, *node == "n2", "{node}");
+        }
+        // n2 loses api's policy entries; n1 keeps frontend's.
+        assert!(view(&snap, "n2").policy.is_empty());
+        assert!(!view(&snap, "n1").policy.is_empty());
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     pub netns_dir: PathBuf,
     pub proc_root: PathBuf,
+    /// Where peers reach this node's mutual-auth port (`IP:PORT`), sent in
+    /// every SyncRequest so the control plane puts them in every node's node
+    /// table. Empty: this node takes no handshakes.
+    pub auth_addresses: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +189,7 @@ impl Link {
         let client =
             ControlPlaneClient::connect(&self.cfg.server, self.bundle_rx.clone(), self.cert_rx.clone())
                 .await?;
-        let mut stream = client.clone().sync(0).await?;
+        let mut stream = client.clone().sync(0, self.cfg.auth_addresses.clone()).await?;
         self.client_tx.send_replace(Some(client.clone()));
         info!(server = %self.cfg.server, "connected to the control plane");
         let mut state = NodeState::default();

@@ -179,14 +179,20 @@ impl ControlPlaneClient {
         Svid::new(resp.cert_chain, key.serialize_der()).map_err(|e| ClientError::BadResponse(e.to_string()))
     }
 
-    /// Opens the sync stream.
+    /// Opens the sync stream, advertising where this node's agent takes
+    /// mutual-auth handshakes (`IP:PORT`; the control plane refuses the
+    /// call with InvalidArgument if one is not a dialable socket address).
     pub async fn sync(
         &mut self,
         known_revision: u64,
+        auth_addresses: Vec<String>,
     ) -> Result<tonic::Streaming<pb::SyncResponse>, ClientError> {
         Ok(self
             .client
-            .sync(pb::SyncRequest { known_revision })
+            .sync(pb::SyncRequest {
+                known_revision,
+                auth_addresses,
+            })
             .await?
             .into_inner())
     }

@@ -24,8 +24,14 @@ pub struct NodeState {
     pub revision: u64,
     /// True once a complete snapshot has been applied.
     pub synced: bool,
+    /// The workloads placed on this node (only these get SVIDs here).
     pub workloads: BTreeMap<(String, String), pb::Workload>,
+    /// Every numeric identity some workload in the cluster uses, with its
+    /// SPIFFE ID: what a peer's certificate must carry. Not a list of what
+    /// this node may hold keys for (that is [`NodeState::local_spiffe_ids`]).
     pub identities: BTreeMap<u32, pb::Identity>,
+    /// Every attested node by name, with its node id and the addresses its
+    /// agent takes mutual-auth handshakes on.
     pub nodes: BTreeMap<String, pb::Node>,
     /// Every workload address in the cluster, keyed by CIDR.
     pub ipcache: BTreeMap<String, pb::IpcacheEntry>,
@@ -104,12 +110,24 @@ impl NodeState {
         msg.complete
     }
 
-    /// The SPIFFE IDs of workloads on this node, deduplicated, in a stable order.
+    /// The SPIFFE IDs of workloads on this node, deduplicated, in a stable
+    /// order: the identities this node holds keys for. Taken from the
+    /// workloads, never from `identities` (which is cluster-wide).
     pub fn local_spiffe_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.workloads.values().map(|w| w.spiffe_id.clone()).collect();
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// The SPIFFE ID behind a numeric identity, wherever its workloads run.
+    pub fn spiffe_id_of(&self, identity: u32) -> Option<&str> {
+        self.identities.get(&identity).map(|i| i.spiffe_id.as_str())
+    }
+
+    /// The node with a node id (as the ipcache and auth map name it).
+    pub fn node_by_id(&self, node_id: u32) -> Option<&pb::Node> {
+        self.nodes.values().find(|n| n.node_id == node_id)
     }
 }
 
@@ -155,6 +173,71 @@ mod tests {
             identity,
             node_id: 2,
         }
+    }
+
+    fn workload(name: &str, identity: u32) -> pb::Workload {
+        pb::Workload {
+            namespace: "default".into(),
+            name: name.into(),
+            identity,
+            spiffe_id: format!("spiffe://td/ns/default/sa/{name}"),
+            ..Default::default()
+        }
+    }
+
+    fn identity(id: u32, name: &str) -> pb::Identity {
+        pb::Identity {
+            id,
+            spiffe_id: format!("spiffe://td/ns/default/sa/{name}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn remote_identities_and_nodes_are_known_but_not_local() {
+        let mut s = NodeState::default();
+        s.apply(msg(
+            true,
+            true,
+            vec![
+                upd(Kind::IdentityUpsert(identity(256, "web"))),
+                upd(Kind::IdentityUpsert(identity(257, "db"))),
+                upd(Kind::NodeUpsert(pb::Node {
+                    name: "node-b".into(),
+                    node_id: 2,
+                    addresses: vec!["10.0.0.2:4250".into()],
+                })),
+                upd(Kind::WorkloadUpsert(workload("web", 256))),
+            ],
+        ));
+        // Keys only for what runs here; SPIFFE IDs for every peer.
+        assert_eq!(s.local_spiffe_ids(), vec!["spiffe://td/ns/default/sa/web"]);
+        assert_eq!(s.spiffe_id_of(257), Some("spiffe://td/ns/default/sa/db"));
+        assert_eq!(s.spiffe_id_of(300), None);
+        let b = s.node_by_id(2).expect("node 2");
+        assert_eq!(
+            (b.name.as_str(), b.addresses.as_slice()),
+            ("node-b", &["10.0.0.2:4250".to_string()][..])
+        );
+        assert!(s.node_by_id(3).is_none());
+
+        // An address change replaces the node; a delete forgets identity and node.
+        s.apply(msg(
+            false,
+            true,
+            vec![
+                upd(Kind::NodeUpsert(pb::Node {
+                    name: "node-b".into(),
+                    node_id: 2,
+                    addresses: vec!["10.0.0.22:4250".into()],
+                })),
+                upd(Kind::IdentityDelete(257)),
+            ],
+        ));
+        assert_eq!(s.nodes["node-b"].addresses, vec!["10.0.0.22:4250"]);
+        assert_eq!(s.spiffe_id_of(257), None);
+        s.apply(msg(false, true, vec![upd(Kind::NodeDelete("node-b".into()))]));
+        assert!(s.node_by_id(2).is_none());
     }
 
     #[test]

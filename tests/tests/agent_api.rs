@@ -1,6 +1,7 @@
 //! The agent-facing API over real TLS on 127.0.0.1: attestation with join
-//! tokens, node-scoped workload CSRs, Sync deltas, and every kind of bad input
-//! refused with a clear error and nothing stored.
+//! tokens, node-scoped workload CSRs, Sync deltas (node-scoped workloads, a
+//! cluster-wide identity table), and every kind of bad input refused with a
+//! clear error and nothing stored.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,7 +238,7 @@ async fn calls_without_a_node_svid_are_unauthenticated() {
     let (_tx, bundle) = watch::channel(cp.bundle());
     let channel = control_plane::channel(&cp.addr, bundle, None).await.unwrap();
     let mut raw = pb::agent_api_client::AgentApiClient::new(channel);
-    let err = raw.sync(pb::SyncRequest { known_revision: 0 }).await.unwrap_err();
+    let err = raw.sync(pb::SyncRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("attest first"));
 
@@ -300,7 +301,7 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
         .await;
     let a = attest(&cp, "node-a").await;
     let mut client = client_for(&cp, &a).await;
-    let mut stream = client.sync(0).await.unwrap();
+    let mut stream = client.sync(0, vec![]).await.unwrap();
 
     let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
@@ -317,6 +318,25 @@ async fn sync_streams_a_snapshot_then_small_deltas() {
         })
         .collect();
     assert_eq!(workloads, vec!["frontend"], "node-a sees only its own workloads");
+    // The identity table is cluster-wide (mutual auth maps a peer's numeric
+    // identity to the SPIFFE ID it must present); SVIDs stay node-scoped
+    // (nodes_get_svids_only_for_their_own_workloads).
+    let mut identities: Vec<_> = first
+        .updates
+        .iter()
+        .filter_map(|u| match &u.kind {
+            Some(Kind::IdentityUpsert(i)) => Some(i.spiffe_id.clone()),
+            _ => None,
+        })
+        .collect();
+    identities.sort();
+    assert_eq!(
+        identities,
+        vec![
+            format!("spiffe://{TD}/ns/default/sa/api"),
+            format!("spiffe://{TD}/ns/default/sa/frontend")
+        ]
+    );
     assert!(
         first
             .updates

@@ -200,6 +200,22 @@ async fn policy_and_ipcache_reach_the_node_and_follow_changes() {
     })
     .await;
 
+    // Deleting the policy (the file that made it; its spec is not read)
+    // turns api's ingress back to default allow, durably.
+    let outcome = cp.cp.delete(&disabled).await.expect("delete");
+    assert_eq!(
+        outcome.changes,
+        vec!["keywaynetworkpolicy default/api-mtls deleted"]
+    );
+    assert!(cp.cp.registry().records.policies.is_empty());
+    wait_state(&agent_b, "api's default-allow ingress", |s| {
+        s.policy
+            .get(&(api, 0, 0, 0, 0))
+            .is_some_and(|e| e.allow && e.rule.starts_with("default-allow"))
+            && !s.policy.contains_key(&(api, frontend, 8080, 6, 0))
+    })
+    .await;
+
     agent_a.stop().await;
     agent_b.stop().await;
 }

@@ -164,6 +164,43 @@ pub struct NodeRecord {
     pub name: String,
     pub node_id: u16,
     pub attested_at: i64,
+    /// Where its agent takes mutual-authentication handshakes ("IP:PORT"),
+    /// as it last advertised them when opening Sync. Records written before
+    /// addresses existed load with none.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// The kinds of document the registry stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DocumentKind {
+    Workload,
+    KeywayNetworkPolicy,
+}
+
+impl DocumentKind {
+    /// The name `apply` and `delete` print (kubectl style, lowercase).
+    pub fn noun(self) -> &'static str {
+        match self {
+            DocumentKind::Workload => "workload",
+            DocumentKind::KeywayNetworkPolicy => "keywaynetworkpolicy",
+        }
+    }
+}
+
+/// A document named by kind, namespace and name (what `delete -f` reads).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DocumentRef {
+    pub kind: DocumentKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl DocumentRef {
+    /// The store key, the same as [`WorkloadRecord::key`] and [`PolicyRecord::key`].
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 /// One issued certificate (the issuance log).
@@ -178,7 +215,7 @@ pub struct IssuanceRecord {
     pub not_after: i64,
 }
 
-/// What an apply changed.
+/// What an apply or a delete changed.
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOutcome {
     pub changes: Vec<String>,
@@ -252,6 +289,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         workloads: Vec<WorkloadRecord>,
         policies: Vec<PolicyRecord>,
     ) -> StoreResult<ApplyOutcome>;
+    /// Removes the named workloads and policies, all or nothing; the
+    /// outcome says, per reference and in order, whether it was deleted or
+    /// not found. Identities stay allocated (never reused). The revision
+    /// grows only when something was deleted.
+    async fn delete(&self, refs: Vec<DocumentRef>) -> StoreResult<ApplyOutcome>;
+    /// Sets the mutual-auth addresses of an attested node. Returns whether
+    /// they changed (the revision grows only then); `None` when no such
+    /// node is registered.
+    async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>>;
     async fn registry(&self) -> StoreResult<RegistrySnapshot>;
 }
 
@@ -299,6 +345,14 @@ mod tests {
         a.insert("pod-template-hash".into(), "abc".into());
         assert_eq!(identity_key("ns", "sa", &a), identity_key("ns", "sa", &b));
         assert_ne!(identity_key("ns", "sa", &a), identity_key("ns", "other", &b));
+    }
+
+    #[test]
+    fn node_records_written_before_addresses_still_load() {
+        let old = r#"{"name":"node-a","node_id":3,"attested_at":1700000000}"#;
+        let rec: NodeRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.node_id, 3);
+        assert!(rec.addresses.is_empty());
     }
 
     #[test]

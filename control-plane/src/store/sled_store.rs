@@ -192,6 +192,7 @@ impl Store for SledStore {
                             name: node.to_owned(),
                             node_id,
                             attested_at: now,
+                            addresses: Vec::new(),
                         }
                     }
                 };
@@ -318,6 +319,63 @@ impl Store for SledStore {
         Ok(outcome)
     }
 
+    async fn delete(&self, refs: Vec<DocumentRef>) -> StoreResult<ApplyOutcome> {
+        let trees = (&self.workloads, &self.policies, &self.meta);
+        let result = trees.transaction(|(wl_tree, policy_tree, meta)| {
+            let mut changes = Vec::with_capacity(refs.len());
+            let mut changed = false;
+            for r in &refs {
+                let tree = match r.kind {
+                    DocumentKind::Workload => wl_tree,
+                    DocumentKind::KeywayNetworkPolicy => policy_tree,
+                };
+                let key = r.key();
+                let verb = match tree.remove(key.as_bytes())? {
+                    Some(_) => {
+                        changed = true;
+                        "deleted"
+                    }
+                    None => "not found",
+                };
+                changes.push(format!("{} {key} {verb}", r.kind.noun()));
+            }
+            let mut rev = read_u64(meta.get(REVISION)?);
+            if changed {
+                rev += 1;
+                meta.insert(REVISION, &rev.to_be_bytes())?;
+            }
+            Ok(ApplyOutcome {
+                changes,
+                revision: rev,
+            })
+        });
+        let outcome = tx_result(result)?;
+        self.flush().await?;
+        Ok(outcome)
+    }
+
+    async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>> {
+        let result = (&self.nodes, &self.meta).transaction(|(nodes, meta)| {
+            let Some(raw) = nodes.get(node.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
+            if rec.addresses == addresses {
+                return Ok(Some(false));
+            }
+            rec.addresses = addresses.clone();
+            nodes.insert(node.as_bytes(), encode(&rec))?;
+            let rev = read_u64(meta.get(REVISION)?) + 1;
+            meta.insert(REVISION, &rev.to_be_bytes())?;
+            Ok(Some(true))
+        });
+        let changed = tx_result(result)?;
+        if changed == Some(true) {
+            self.flush().await?;
+        }
+        Ok(changed)
+    }
+
     async fn registry(&self) -> StoreResult<RegistrySnapshot> {
         fn all<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, what: &str) -> StoreResult<Vec<T>> {
             tree.iter()
@@ -356,6 +414,160 @@ mod tests {
         }
     }
 
+    /// Drops `store` and opens the same directory again. The flush thread
+    /// lets go of the database once it sees the store gone; wait for the
+    /// lock with a deadline.
+    async fn reopen(store: SledStore, dir: &Path) -> SledStore {
+        drop(store);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("store still locked after 10s: {e}"),
+            }
+        }
+    }
+
+    fn workload(name: &str, node: &str) -> WorkloadRecord {
+        WorkloadRecord {
+            namespace: "default".into(),
+            name: name.into(),
+            service_account: name.into(),
+            node: node.into(),
+            ips: vec![],
+            labels: Default::default(),
+            selectors: vec![],
+            svid_ttl_secs: None,
+            identity: 0,
+            spiffe_id: format!("spiffe://td/ns/default/sa/{name}"),
+        }
+    }
+
+    fn doc(kind: DocumentKind, name: &str) -> DocumentRef {
+        DocumentRef {
+            kind,
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn deletes_are_durable_and_identities_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let applied = store
+            .apply(
+                vec![workload("a", "n1"), workload("b", "n2")],
+                vec![policy("p", AuthMode::Required)],
+            )
+            .await
+            .unwrap();
+        let id_of = |reg: &RegistrySnapshot, name: &str| {
+            reg.workloads.iter().find(|w| w.name == name).map(|w| w.identity)
+        };
+        let reg = store.registry().await.unwrap();
+        let a_id = id_of(&reg, "a").unwrap();
+
+        let deleted = store
+            .delete(vec![
+                doc(DocumentKind::Workload, "a"),
+                doc(DocumentKind::KeywayNetworkPolicy, "nope"),
+                doc(DocumentKind::KeywayNetworkPolicy, "p"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            deleted.changes,
+            vec![
+                "workload default/a deleted",
+                "keywaynetworkpolicy default/nope not found",
+                "keywaynetworkpolicy default/p deleted",
+            ]
+        );
+        assert_eq!(deleted.revision, applied.revision + 1);
+        // Deleting what is gone changes nothing.
+        let again = store
+            .delete(vec![doc(DocumentKind::Workload, "a")])
+            .await
+            .unwrap();
+        assert_eq!(again.changes, vec!["workload default/a not found"]);
+        assert_eq!(again.revision, deleted.revision);
+
+        let store = reopen(store, dir.path()).await;
+        let reg = store.registry().await.unwrap();
+        assert_eq!(reg.revision, deleted.revision);
+        assert_eq!(id_of(&reg, "a"), None);
+        assert!(id_of(&reg, "b").is_some());
+        assert!(reg.policies.is_empty());
+        assert!(
+            reg.identities.iter().any(|i| i.id == a_id),
+            "the identity stays allocated"
+        );
+        // A new identity does not take a's number; a comes back with it.
+        store.apply(vec![workload("c", "n1")], vec![]).await.unwrap();
+        store.apply(vec![workload("a", "n1")], vec![]).await.unwrap();
+        let reg = store.registry().await.unwrap();
+        assert_eq!(id_of(&reg, "a"), Some(a_id));
+        assert_ne!(id_of(&reg, "c"), Some(a_id));
+    }
+
+    /// Registers node n1 with a fresh join token.
+    async fn attest(store: &SledStore, token: &[u8], serial: &str) -> NodeRecord {
+        let rec = JoinTokenRecord {
+            node: "n1".into(),
+            created_at: 0,
+            expires_at: i64::MAX,
+            consumed_at: None,
+        };
+        store.put_join_token(token, &rec).await.unwrap();
+        let issued = IssuanceRecord {
+            serial: serial.into(),
+            spiffe_id: "spiffe://td/keyway/node/n1".into(),
+            requester: "n1".into(),
+            ca_id: "ca".into(),
+            issued_at: 0,
+            not_after: 1,
+        };
+        store.consume_join_token(token, "n1", 1, &issued).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn node_addresses_are_stored_durably_and_only_when_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let addrs = vec!["10.0.0.1:4250".to_string()];
+        assert_eq!(
+            store.set_node_addresses("n1", addrs.clone()).await.unwrap(),
+            None,
+            "no such node"
+        );
+        let node = attest(&store, b"t1", "s1").await;
+        assert!(node.addresses.is_empty());
+        let before = store.registry().await.unwrap().revision;
+        assert_eq!(
+            store.set_node_addresses("n1", addrs.clone()).await.unwrap(),
+            Some(true)
+        );
+        let after = store.registry().await.unwrap().revision;
+        assert_eq!(after, before + 1);
+        assert_eq!(
+            store.set_node_addresses("n1", addrs.clone()).await.unwrap(),
+            Some(false)
+        );
+        assert_eq!(store.registry().await.unwrap().revision, after, "unchanged");
+
+        let store = reopen(store, dir.path()).await;
+        let reg = store.registry().await.unwrap();
+        assert_eq!(reg.nodes[0].addresses, addrs);
+        // Attesting again keeps the node id and the addresses.
+        let again = attest(&store, b"t2", "s2").await;
+        assert_eq!((again.node_id, again.addresses), (node.node_id, addrs));
+    }
+
     #[tokio::test]
     async fn policies_are_upserted_by_name_durably_and_idempotently() {
         let dir = tempfile::tempdir().unwrap();
@@ -386,21 +598,7 @@ mod tests {
             .unwrap();
         assert_eq!(replaced.changes, vec!["keywaynetworkpolicy default/a configured"]);
         assert_eq!(replaced.revision, first.revision + 1);
-        drop(store);
-
-        // The flush thread lets go of the database once it sees the store
-        // gone; wait for the lock with a deadline.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let store = loop {
-            match SledStore::open(dir.path()) {
-                Ok(s) => break s,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("store still locked after 10s: {e}"),
-            }
-        };
+        let store = reopen(store, dir.path()).await;
         let reg = store.registry().await.unwrap();
         assert_eq!(reg.revision, replaced.revision);
         assert_eq!(
