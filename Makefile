@@ -7,9 +7,10 @@ export CARGO_TERM_COLOR ?= never
 TIER_DIR := target/tiers
 # Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
 TIERS := lint unit integration datapath
-# Integration test files that need nothing but this process (every one
-# except the privileged datapath tier's).
-INTEGRATION_TESTS := $(filter-out datapath,$(basename $(notdir $(wildcard tests/tests/*.rs))))
+# Test files of the privileged tier (root: namespaces, veths, BPF programs).
+PRIVILEGED_TESTS := datapath mutual_auth_kernel
+# Every other integration test file.
+INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
 .PHONY: all setup build test lint unit integration datapath bench demo clean-tiers print-tiers
 
@@ -51,7 +52,7 @@ integration: setup
 # root (CI is root); fails, never skips, without it.
 datapath: setup
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p keyway-tests --test datapath
+	$(CARGO) test -p keyway-tests $(addprefix --test ,$(PRIVILEGED_TESTS))
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/datapath
 
 test: clean-tiers lint unit integration datapath
@@ -59,8 +60,8 @@ test: clean-tiers lint unit integration datapath
 
 bench: setup
 	$(CARGO) build --release --bins
-	$(CARGO) bench -p keyway-tests --bench issuance --bench agent
-	@echo "results: bench-results/issuance.md bench-results/agent.md"
+	$(CARGO) bench -p keyway-tests --bench issuance --bench agent --bench datapath
+	@echo "results: bench-results/issuance.md bench-results/agent.md bench-results/datapath.md"
 
 demo: build
 	@bash scripts/demo.sh

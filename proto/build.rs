@@ -2,7 +2,11 @@
 //! generated in build.rs). Needs `protoc`; `scripts/setup.sh` installs it.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["spiffe/workloadapi.proto", "keyway/v1/keyway.proto"];
+    let protos = [
+        "spiffe/workloadapi.proto",
+        "keyway/v1/keyway.proto",
+        "keyway/v1/agent.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -60,7 +60,8 @@ step "run the node agent on node-a (attests with a single-use join token)"
 "$CP" bundle show > "$WORK/bundle.pem"
 TOKEN="$("$CP" token create --node node-a)"
 RUST_LOG=warn KEYWAY_JOIN_TOKEN="$TOKEN" "$AGENT" run --server "127.0.0.1:$PORT" --trust-domain "$TD" \
-  --node-name node-a --trust-bundle "$WORK/bundle.pem" --data-dir "$WORK/agent" --socket "$WORK/agent.sock" &
+  --node-name node-a --trust-bundle "$WORK/bundle.pem" --data-dir "$WORK/agent" --socket "$WORK/agent.sock" \
+  --admin-socket "$WORK/agent-admin.sock" --auth-port 0 &
 AGENT_PID=$!
 for _ in $(seq 1 300); do
   "$AGENT" healthcheck --socket "$WORK/agent.sock" >/dev/null 2>&1 && break

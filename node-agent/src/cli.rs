@@ -1,6 +1,7 @@
 //! The `node-agent` command line (DESIGN.md section 9).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -10,9 +11,10 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::agent::{self, AgentConfig};
-use crate::datapath;
+use crate::datapath::{self, AuthMap};
 use crate::workload_api;
 use crate::workload_client;
+use crate::{admin, flows, mutual_auth};
 
 #[derive(Debug, Parser)]
 #[command(name = "node-agent", version, about = "Keyway node agent")]
@@ -34,6 +36,11 @@ pub enum Command {
     /// Workload API client commands.
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// Mutual-authentication state.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Flows the datapath judged on this node, with identities and verdicts.
+    Observe(ObserveArgs),
     /// Exit 0 when the agent answers on its Workload API socket.
     Healthcheck {
         #[arg(long)]
@@ -68,6 +75,49 @@ pub enum SvidCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// The authenticated identity pairs: peers, node, expiry and age.
+    List {
+        #[arg(long, env = "KEYWAY_AGENT_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ObserveArgs {
+    #[arg(long, env = "KEYWAY_AGENT_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// Keep streaming new flows.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Either end in this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Either end is this workload (pod).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Either end has this numeric identity.
+    #[arg(long)]
+    pub identity: Option<u32>,
+    /// FORWARDED or DROPPED.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// e.g. policy-denied, auth-required.
+    #[arg(long)]
+    pub drop_reason: Option<String>,
+    /// Destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only flows from the last DURATION (e.g. 30s, 5m).
+    #[arg(long)]
+    pub since: Option<String>,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The control plane's agent API, HOST:PORT.
@@ -87,9 +137,16 @@ pub struct RunArgs {
     pub join_token: Option<String>,
     #[arg(long, env = "KEYWAY_AGENT_SOCKET", default_value = workload_client::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Mutual-auth port (used by the handshake issue).
-    #[arg(long, default_value_t = 4250)]
+    /// The mutual-auth port peer agents dial (0: any free port, for tests).
+    #[arg(long, env = "KEYWAY_AUTH_PORT", default_value_t = mutual_auth::DEFAULT_PORT)]
     pub auth_port: u16,
+    /// The address peers reach this node's auth port at (repeatable;
+    /// default: the address this node uses to reach the control plane).
+    #[arg(long = "auth-address", env = "KEYWAY_AUTH_ADDRESS", value_delimiter = ',')]
+    pub auth_addresses: Vec<std::net::IpAddr>,
+    /// The agent's admin socket (`node-agent auth list`), mode 0600.
+    #[arg(long, env = "KEYWAY_AGENT_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+    pub admin_socket: PathBuf,
     /// Where named network namespaces live (for `netns:` selectors).
     #[arg(long, default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
@@ -101,6 +158,9 @@ pub struct RunArgs {
     /// per node: several agents on one kernel need their own.
     #[arg(long, env = "KEYWAY_BPF_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
+    /// How many flows `observe` can look back on.
+    #[arg(long, env = "KEYWAY_FLOW_BUFFER", default_value_t = flows::DEFAULT_CAPACITY)]
+    pub flow_buffer: usize,
     /// Emit per-flow events from the datapath (for `observe`).
     #[arg(long, env = "KEYWAY_FLOW_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub flow_capture: bool,
@@ -124,12 +184,39 @@ impl RunArgs {
             socket: self.socket.clone(),
             netns_dir: self.netns_dir.clone(),
             proc_root: PathBuf::from("/proc"),
+            auth_addresses: Vec::new(),
         })
     }
 }
 
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = args.config()?;
+    let mut cfg = args.config()?;
+    // The auth port is bound before attestation so a taken port fails fast,
+    // and so the advertised address carries the real port.
+    let auth_listener = mutual_auth::bind(std::net::SocketAddr::from(([0, 0, 0, 0], args.auth_port)))
+        .await
+        .with_context(|| format!("--auth-port {}: cannot listen", args.auth_port))?;
+    let auth_port = auth_listener.local_addr()?.port();
+    let ips = if args.auth_addresses.is_empty() {
+        vec![route_source_ip(&cfg.server).await.with_context(|| {
+            format!(
+                "cannot tell which address reaches {}; pass --auth-address",
+                cfg.server
+            )
+        })?]
+    } else {
+        args.auth_addresses.clone()
+    };
+    if let Some(bad) = ips.iter().find(|ip| ip.is_unspecified() || ip.is_multicast()) {
+        bail!("--auth-address {bad}: peers cannot dial it; give an address of this node");
+    }
+    cfg.auth_addresses = ips
+        .iter()
+        .map(|ip| std::net::SocketAddr::new(*ip, auth_port).to_string())
+        .collect();
+    let admin_listener = admin::bind(&args.admin_socket)
+        .await
+        .map_err(anyhow::Error::msg)?;
     info!(
         server = %cfg.server,
         node = %cfg.node_name,
@@ -140,29 +227,51 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let handles = agent::start(cfg.clone(), stop_rx.clone()).await?;
-    let _datapath = if args.datapath {
+    let mut datapath_streams = None;
+    let (auth_map, signals): (Arc<dyn AuthMap>, _) = if args.datapath {
         let mut dcfg = datapath::DatapathConfig::new(&args.bpf_pin_dir, &cfg.node_name);
         dcfg.flow_capture = args.flow_capture;
         let dp = datapath::start(dcfg, handles.state.clone(), stop_rx.clone())
             .with_context(|| format!("--datapath (pins in {})", args.bpf_pin_dir.display()))?;
         info!(pin_dir = %args.bpf_pin_dir.display(), "datapath loaded");
-        // Until mutual authentication drives handshakes from these, say
-        // that pairs are waiting (once per pair per signal interval).
-        let mut signals = dp.signals;
-        tokio::spawn(async move {
-            while let Some(s) = signals.recv().await {
-                info!(
-                    local_identity = s.key.local_id,
-                    remote_identity = s.key.remote_id,
-                    remote_node = s.key.remote_node_id,
-                    "datapath dropped a pair that needs mutual authentication"
-                );
-            }
-        });
-        Some((dp.auth, dp.status))
+        datapath_streams = Some((dp.flows, dp.status));
+        (dp.auth, Some(dp.signals))
     } else {
-        None
+        (Arc::new(datapath::MemoryAuthMap::default()), None)
     };
+    let auth = mutual_auth::start(
+        mutual_auth::MutualAuthConfig::new(&cfg.node_name),
+        auth_listener,
+        handles.state.clone(),
+        handles.svids.clone(),
+        auth_map,
+        signals,
+        stop_rx.clone(),
+    )?;
+    info!(listen = %auth.listen, advertised = ?cfg.auth_addresses, "mutual-auth port listening");
+    let flow_log = datapath_streams.map(|(flows, status)| {
+        let log = flows::FlowLog::new(args.flow_buffer);
+        flows::run(
+            log.clone(),
+            flows.subscribe(),
+            handles.state.clone(),
+            status,
+            auth.entries.clone(),
+            cfg.node_name.clone(),
+            stop_rx.clone(),
+        );
+        log
+    });
+    let admin_server = admin::serve(
+        admin_listener,
+        admin::AdminState {
+            state: handles.state.clone(),
+            auth: auth.entries.clone(),
+            datapath: args.datapath,
+            flows: flow_log,
+        },
+        stop_rx.clone(),
+    );
     let server = workload_api::start(&cfg, &handles, stop_rx.clone())
         .with_context(|| format!("--socket: cannot serve on {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "workload API serving");
@@ -170,8 +279,21 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), admin_server).await;
     let _ = std::fs::remove_file(&cfg.socket);
+    let _ = std::fs::remove_file(&args.admin_socket);
     Ok(())
+}
+
+/// The local address the kernel would use to reach `server` (HOST:PORT).
+async fn route_source_ip(server: &str) -> anyhow::Result<std::net::IpAddr> {
+    let target = tokio::net::lookup_host(server)
+        .await?
+        .next()
+        .context("the server name resolves to nothing")?;
+    let probe = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+    probe.connect(target)?;
+    Ok(probe.local_addr()?.ip())
 }
 
 async fn wait_for_signal() {
@@ -258,8 +380,149 @@ async fn healthcheck(socket: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn observe(a: ObserveArgs) -> anyhow::Result<()> {
+    let since_unix_ms = match &a.since {
+        Some(d) => {
+            let d = keyway_identity::duration::parse(d).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let t = std::time::SystemTime::now() - d;
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        }
+        None => 0,
+    };
+    let req = proto::keyway::ObserveRequest {
+        follow: a.follow,
+        namespace: a.namespace.unwrap_or_default(),
+        pod: a.pod.unwrap_or_default(),
+        identity: a.identity.unwrap_or(0),
+        verdict: a.verdict.unwrap_or_default(),
+        drop_reason: a.drop_reason.unwrap_or_default(),
+        port: a.port.map(u32::from).unwrap_or(0),
+        since_unix_ms,
+    };
+    let mut client = admin::connect(&a.admin_socket)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut stream = client
+        .observe(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    while let Some(r) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+    {
+        let line = match a.output {
+            Output::Text => flows::format_line(&r),
+            Output::Json => flow_json(&r).to_string(),
+        };
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn flow_json(r: &proto::keyway::FlowRecord) -> serde_json::Value {
+    let end = |e: &Option<proto::keyway::FlowEndpoint>| {
+        let e = e.clone().unwrap_or_default();
+        serde_json::json!({
+            "ip": e.ip, "port": e.port, "identity": e.identity, "namespace": e.namespace,
+            "pod": e.pod, "service_account": e.service_account, "spiffe_id": e.spiffe_id,
+        })
+    };
+    serde_json::json!({
+        "time_unix_ms": r.time_unix_ms,
+        "event": r.event,
+        "source": end(&r.source),
+        "destination": end(&r.destination),
+        "protocol": r.protocol,
+        "verdict": r.verdict,
+        "drop_reason": r.drop_reason,
+        "auth": r.auth,
+        "rule": r.rule,
+        "direction": r.direction,
+        "node": r.node,
+    })
+}
+
+async fn auth_list(admin_socket: PathBuf, output: Output) -> anyhow::Result<()> {
+    let mut client = admin::connect(&admin_socket).await.map_err(anyhow::Error::msg)?;
+    let resp = client
+        .list_auth(proto::keyway::ListAuthRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    match output {
+        Output::Json => {
+            for e in &resp.entries {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "local_identity": e.local_identity,
+                        "local_spiffe_id": e.local_spiffe_id,
+                        "remote_identity": e.remote_identity,
+                        "remote_spiffe_id": e.remote_spiffe_id,
+                        "remote_node_id": e.remote_node_id,
+                        "remote_node": e.remote_node,
+                        "expires_unix": e.expires_unix,
+                        "authenticated_unix": e.authenticated_unix,
+                        "via": e.via,
+                    })
+                );
+            }
+        }
+        Output::Text => {
+            if !resp.datapath {
+                eprintln!("note: this agent runs without --datapath; nothing enforces these entries");
+            }
+            println!(
+                "{:<44} {:<44} {:<12} {:>10} {:>8}  VIA",
+                "LOCAL", "REMOTE", "NODE", "EXPIRES IN", "AGE"
+            );
+            for e in &resp.entries {
+                let name = |id: u32, s: &str| {
+                    if s.is_empty() {
+                        id.to_string()
+                    } else {
+                        format!("{s} ({id})")
+                    }
+                };
+                println!(
+                    "{:<44} {:<44} {:<12} {:>10} {:>8}  {}",
+                    name(e.local_identity, &e.local_spiffe_id),
+                    name(e.remote_identity, &e.remote_spiffe_id),
+                    if e.remote_node.is_empty() {
+                        e.remote_node_id.to_string()
+                    } else {
+                        e.remote_node.clone()
+                    },
+                    keyway_identity::duration::format(Duration::from_secs(
+                        (e.expires_unix - now).max(0) as u64
+                    )),
+                    keyway_identity::duration::format(Duration::from_secs(
+                        (now - e.authenticated_unix).max(0) as u64
+                    )),
+                    e.via
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Auth(AuthCommand::List { admin_socket, output }) => auth_list(admin_socket, output).await,
+        Command::Observe(a) => observe(a).await,
         Command::Run(args) => run_agent(args).await,
         Command::Svid(SvidCommand::Fetch {
             socket,

@@ -8,12 +8,15 @@
 //! caller attestation), `workload_client` (the CLI's Workload API client),
 //! `backoff`, `cli`.
 
+pub mod admin;
 pub mod agent;
 pub mod backoff;
 pub mod caller;
 pub mod cli;
 pub mod control_plane;
 pub mod datapath;
+pub mod flows;
+pub mod mutual_auth;
 pub mod node_svid;
 pub mod state;
 pub mod svid_cache;

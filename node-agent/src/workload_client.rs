@@ -61,13 +61,19 @@ impl Interceptor for SecurityHeader {
 pub type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, SecurityHeader>>;
 
 /// Connects to the Workload API at `path`.
-pub async fn connect(path: &Path) -> Result<Client, String> {
+/// A gRPC channel over the unix socket at `path`.
+pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let owned = path.to_owned();
-    let channel = Endpoint::from_static("http://workload-api")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = owned.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
         }))
+        .await
+}
+
+pub async fn connect(path: &Path) -> Result<Client, String> {
+    let channel = unix_channel(path)
         .await
         .map_err(|e| {
             format!(

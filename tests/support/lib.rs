@@ -3,6 +3,7 @@
 //! the real binaries, and helpers that wait on events with deadlines instead
 //! of sleeping.
 
+pub mod mesh;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ pub fn trust_domain() -> TrustDomain {
 pub struct Options {
     pub ca_ttl: Duration,
     pub svid_ttl: Duration,
+    pub trust_domain: String,
 }
 
 impl Default for Options {
@@ -35,6 +37,7 @@ impl Default for Options {
         Self {
             ca_ttl: Duration::from_secs(365 * 86400),
             svid_ttl: Duration::from_secs(3600),
+            trust_domain: TD.to_string(),
         }
     }
 }
@@ -60,8 +63,9 @@ impl InProcess {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let admin_socket = dir.path().join("admin.sock");
+        let td = spiffe_id::parse_trust_domain(&opts.trust_domain).expect("valid trust domain");
         let config = Config {
-            trust_domain: trust_domain(),
+            trust_domain: td.clone(),
             data_dir: dir.path().to_owned(),
             listen: addr,
             admin_socket: admin_socket.clone(),
@@ -74,7 +78,7 @@ impl InProcess {
         };
         let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
         let ca_cfg = CaConfig {
-            trust_domain: trust_domain(),
+            trust_domain: td,
             ca_ttl: opts.ca_ttl,
             upstream: None,
         };
@@ -112,6 +116,18 @@ impl InProcess {
 
     pub async fn apply(&self, yaml: &str) {
         self.cp.apply(yaml).await.expect("apply");
+    }
+
+    /// An X509-SVID for any ID of this control plane's trust domain, with a
+    /// key made here (what `control-plane x509 mint` does).
+    pub async fn mint_svid(&self, spiffe_id: &str) -> keyway_identity::Svid {
+        let (key, csr) = keyway_identity::csr::generate().expect("key");
+        let issued = self
+            .cp
+            .mint_x509(spiffe_id, &csr, Duration::from_secs(600))
+            .await
+            .expect("mint");
+        keyway_identity::Svid::new(issued.chain, key.serialize_der()).expect("svid")
     }
 
     pub async fn token(&self, node: &str) -> String {
@@ -166,11 +182,16 @@ impl Binary {
     /// Like [`Binary::spawn`], inside network namespace `netns` (only the
     /// network namespace: the filesystem, and so the admin socket, is shared).
     pub fn spawn_in_netns(netns: &str, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_in_netns_on(netns, &format!("127.0.0.1:{}", free_port()), data_dir, extra)
+    }
+
+    /// Like [`Binary::spawn_in_netns`] on a given address of that namespace.
+    pub fn spawn_in_netns_on(netns: &str, listen: &str, data_dir: &Path, extra: &[&str]) -> Self {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{netns}"))
             .arg("--")
             .arg(bin("control-plane"));
-        Self::spawn_with(cmd, data_dir, &format!("127.0.0.1:{}", free_port()), extra)
+        Self::spawn_with(cmd, data_dir, listen, extra)
     }
 
     fn spawn_with(mut cmd: Command, data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
@@ -301,6 +322,18 @@ impl Agent {
         token: Option<String>,
         dir: Option<tempfile::TempDir>,
     ) -> Self {
+        Self::start_full(server, bundle_pem, node, token, dir, Vec::new()).await
+    }
+
+    /// Like [`Agent::start_with`], advertising mutual-auth addresses.
+    pub async fn start_full(
+        server: &str,
+        bundle_pem: &str,
+        node: &str,
+        token: Option<String>,
+        dir: Option<tempfile::TempDir>,
+        auth_addresses: Vec<String>,
+    ) -> Self {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
         let bundle_path = dir.path().join("trust-bundle.pem");
         std::fs::write(&bundle_path, bundle_pem).expect("write bundle");
@@ -314,6 +347,7 @@ impl Agent {
             socket: dir.path().join("agent.sock"),
             netns_dir: dir.path().join("netns"),
             proc_root: PathBuf::from("/proc"),
+            auth_addresses,
         };
         let (stop, rx) = watch::channel(false);
         let handles = node_agent::agent::start(cfg.clone(), rx.clone())

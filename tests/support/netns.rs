@@ -309,3 +309,344 @@ pub fn ping(ns: &str, ip: Ipv4Addr, wait_s: u32) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// One node of a [`Cluster`]: its namespace, underlay address and pin dir.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    /// The node's address on the underlay (what its agent advertises).
+    pub ip: Ipv4Addr,
+    pub pin_dir: PathBuf,
+    /// The /24 its pods get addresses from (10.201.<n>.0/24).
+    pub pod_cidr_octet: u8,
+}
+
+/// Several nodes on one kernel: each node is a network namespace with its
+/// pods behind veths (as [`Topology`] makes them), and the nodes are joined
+/// by an underlay bridge-less mesh of veth pairs (10.202.0.<n>/24 through a
+/// hub namespace), with routes to each other's pod CIDRs. Everything is
+/// removed by name on drop.
+#[derive(Debug)]
+pub struct Cluster {
+    pub tag: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<(usize, Pod)>,
+    namespaces: Vec<String>,
+}
+
+impl Cluster {
+    /// `names.len()` nodes; node i (from 1) has underlay 10.202.0.i and pods
+    /// in 10.201.i.0/24.
+    pub fn new(names: &[&str]) -> Cluster {
+        require_root();
+        let tag = unique_tag();
+        let hub = format!("kw{tag}h");
+        let mut c = Cluster {
+            tag: tag.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        c.add_ns(&hub);
+        run("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        run("ip", &["-n", &hub, "link", "set", "br0", "up"]);
+        for (i, name) in names.iter().enumerate() {
+            let n = (i + 1) as u8;
+            let netns = format!("kw{tag}n{n}");
+            c.add_ns(&netns);
+            sysctl(&netns, "net.ipv4.ip_forward", "1");
+            let up = format!("kw{tag}u{n}");
+            run(
+                "ip",
+                &[
+                    "-n", &hub, "link", "add", &up, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+                ],
+            );
+            run("ip", &["-n", &hub, "link", "set", &up, "master", "br0", "up"]);
+            let ip = Ipv4Addr::new(10, 202, 0, n);
+            run(
+                "ip",
+                &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            );
+            run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+            c.nodes.push(Node {
+                name: name.to_string(),
+                netns,
+                ip,
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/keyway-test-{tag}-{n}")),
+                pod_cidr_octet: n,
+            });
+        }
+        for a in &c.nodes {
+            for b in c.nodes.iter().filter(|b| b.name != a.name) {
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &a.netns,
+                        "route",
+                        "add",
+                        &format!("10.201.{}.0/24", b.pod_cidr_octet),
+                        "via",
+                        &b.ip.to_string(),
+                    ],
+                );
+            }
+        }
+        c
+    }
+
+    fn add_ns(&mut self, name: &str) {
+        run("ip", &["netns", "add", name]);
+        self.namespaces.push(name.to_string());
+        run("ip", &["-n", name, "link", "set", "lo", "up"]);
+        sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1");
+        sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1");
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).expect("node exists")
+    }
+
+    /// A pod on node `node`, address 10.201.<node>.<host>.
+    pub fn add_pod(&mut self, node: &str, name: &str, host: u8) -> Pod {
+        let idx = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .expect("node exists");
+        let n = self.nodes[idx].clone();
+        let ip = Ipv4Addr::new(10, 201, n.pod_cidr_octet, host);
+        let netns = format!("kw{}{name}", self.tag);
+        let host_if = format!("kw{}{name}", self.tag);
+        self.add_ns(&netns);
+        run(
+            "ip",
+            &[
+                "-n", &n.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                &netns,
+            ],
+        );
+        run("ip", &["-n", &n.netns, "link", "set", &host_if, "up"]);
+        run(
+            "ip",
+            &["-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+        );
+        run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
+        );
+        let host_mac = mac(&n.netns, &host_if);
+        let pod_mac = mac(&netns, "eth0");
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "neigh",
+                "replace",
+                "169.254.1.1",
+                "lladdr",
+                &host_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &n.netns,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &host_if,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &n.netns,
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                &pod_mac,
+                "dev",
+                &host_if,
+                "nud",
+                "permanent",
+            ],
+        );
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            host_if,
+            ip,
+        };
+        self.pods.push((idx, pod.clone()));
+        pod
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for n in &self.nodes {
+            let _ = node_agent::datapath::uninstall(&n.pin_dir);
+        }
+    }
+}
+
+/// The real `node-agent run --datapath` inside a node's network namespace
+/// (entered with nsenter: only the network namespace, so the host's BPF
+/// filesystem and the sockets' directory are shared). Killed on drop.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub admin_socket: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl AgentProcess {
+    /// `dir` holds the agent's data dir and sockets (named after `node`).
+    #[allow(clippy::too_many_arguments, reason = "a test harness mirroring the CLI")]
+    pub fn spawn(
+        netns: &str,
+        server: &str,
+        node: &str,
+        bundle: &std::path::Path,
+        dir: &std::path::Path,
+        pin_dir: &std::path::Path,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> AgentProcess {
+        let admin_socket = dir.join(format!("{node}-admin.sock"));
+        let socket = dir.join(format!("{node}.sock"));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(crate::bin("node-agent"))
+            .args([
+                "run",
+                "--server",
+                server,
+                "--node-name",
+                node,
+                "--trust-domain",
+                crate::TD,
+            ])
+            .arg("--trust-bundle")
+            .arg(bundle)
+            .arg("--data-dir")
+            .arg(dir.join(format!("{node}-data")))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("--datapath")
+            .arg("--bpf-pin-dir")
+            .arg(pin_dir)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("KEYWAY_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::null());
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        AgentProcess {
+            child: cmd.spawn().expect("spawn node-agent"),
+            admin_socket,
+            socket,
+        }
+    }
+
+    /// `node-agent auth list -o json`: one JSON object per entry.
+    pub fn auth_list(&self) -> Vec<serde_json::Value> {
+        self.cli(&["auth", "list", "-o", "json"])
+    }
+
+    /// `node-agent observe -o json` with extra filters.
+    pub fn observe(&self, filters: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["observe", "-o", "json"];
+        args.extend_from_slice(filters);
+        self.cli(&args)
+    }
+
+    fn cli(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = Command::new(crate::bin("node-agent"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .expect("node-agent cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// TCP segments retransmitted by a namespace's stack so far (from its
+/// /proc/net/snmp), to prove a connection needed no retry.
+pub fn tcp_retransmits(ns: &str) -> u64 {
+    let snmp = run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"]);
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        panic!("no Tcp lines in /proc/net/snmp of {ns}");
+    };
+    let idx = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .expect("RetransSegs column");
+    values
+        .split_whitespace()
+        .nth(idx)
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}

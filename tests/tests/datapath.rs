@@ -627,34 +627,16 @@ fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
     cp.ok(&["apply", "-f", file.to_str().unwrap()]);
 
     let spawn_agent = |token: Option<&str>| {
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", topo.node))
-            .arg("--")
-            .arg(keyway_tests::bin("node-agent"))
-            .args([
-                "run",
-                "--server",
-                &cp.listen,
-                "--node-name",
-                NODE,
-                "--trust-domain",
-                keyway_tests::TD,
-            ])
-            .arg("--trust-bundle")
-            .arg(&bundle)
-            .arg("--data-dir")
-            .arg(dir.path().join("agent"))
-            .arg("--socket")
-            .arg(dir.path().join("agent.sock"))
-            .arg("--datapath")
-            .arg("--bpf-pin-dir")
-            .arg(&topo.pin_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null());
-        if let Some(t) = token {
-            cmd.args(["--join-token", t]);
-        }
-        KillOnDrop(cmd.spawn().expect("spawn node-agent"))
+        keyway_tests::netns::AgentProcess::spawn(
+            &topo.node,
+            &cp.listen,
+            NODE,
+            &bundle,
+            dir.path(),
+            &topo.pin_dir,
+            token,
+            &[],
+        )
     };
     let mut agent = spawn_agent(Some(&token));
     let links = || {
@@ -679,30 +661,44 @@ fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
     );
 
     // The agent dies: the kernel keeps enforcing, established flows live.
-    let _ = agent.0.kill();
-    let _ = agent.0.wait();
+    agent.kill9();
     assert!(echo_round_trip(&mut conn, b"agent killed"));
     assert!(connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err());
 
-    // Restarted (no token needed) and the policy now requires mutual
-    // authentication: with no handshake to vouch for the pair, new
-    // connections are dropped.
+    // Restarted (no token needed), and the policy now requires mutual
+    // authentication. Both workloads run on this node, so the agent
+    // authenticates the pair locally (both SVIDs are here), before any packet.
     agent = spawn_agent(None);
     std::fs::write(&file, docs("required")).unwrap();
     cp.ok(&["apply", "-f", file.to_str().unwrap()]);
-    wait_until(
-        Duration::from_secs(20),
-        "auth to be required for a -> b:8080",
-        || connect(&a.netns, IP_B, 8080, Duration::from_millis(500)).is_err(),
-    );
+    let has_pair = |agent: &keyway_tests::netns::AgentProcess| {
+        agent.auth_list().iter().any(|e| {
+            e["via"] == "local"
+                && e["local_spiffe_id"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with("/sa/b"))
+                && e["remote_spiffe_id"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with("/sa/a"))
+        })
+    };
+    wait_until(Duration::from_secs(20), "the pair to be authenticated", || {
+        has_pair(&agent)
+    });
+    let mut c2 = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("authenticated pair passes");
+    assert!(echo_round_trip(&mut c2, b"mutually authenticated"));
+    assert!(echo_round_trip(&mut conn, b"the old connection too"));
+
+    // a's Workload goes away: the entry is flushed and b no longer accepts a.
+    std::fs::write(
+        &file,
+        keyway_tests::workload_yaml("a", "a", NODE, &IP_A.to_string()),
+    )
+    .unwrap();
+    cp.ok(&["delete", "-f", file.to_str().unwrap()]);
+    wait_until(Duration::from_secs(10), "the entry to be flushed", || {
+        !has_pair(&agent)
+    });
+    assert!(connect(&a.netns, IP_B, 8080, Duration::from_secs(1)).is_err());
     drop(agent);
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

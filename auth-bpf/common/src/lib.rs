@@ -240,7 +240,7 @@ pub struct PolicyValue {
 
 /// Auth map key: the pair and the node whose agent vouched for the peer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct AuthKey {
     pub local_id: u32,
     pub remote_id: u32,

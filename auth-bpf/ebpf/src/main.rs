@@ -237,7 +237,17 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         src_identity: v.src_identity,
         dst_identity: v.dst_identity,
     };
-    if !known || v.forwarded || kind != 0 || prev.epoch != cfg.epoch {
+    // Map writes cost more than lookups: write only what changed.
+    let unchanged = known
+        && prev.epoch == state.epoch
+        && prev.forwarded == state.forwarded
+        && prev.drop_reason == state.drop_reason
+        && prev.is_reply == state.is_reply
+        && prev.rule_id == state.rule_id
+        && prev.redirect_ifindex == state.redirect_ifindex
+        && prev.auth_expiry_ns == state.auth_expiry_ns
+        && prev.last_report_ns == state.last_report_ns;
+    if !unchanged {
         let _ = FLOW_TABLE.insert(&key, &state, 0);
     }
 
@@ -245,7 +255,9 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         count_drop(v.reason);
         return TC_ACT_SHOT as i32;
     }
-    if !is_reply {
+    // Once per flow and epoch: the cached path never gets here again.
+    let was_forwarded = known && prev.forwarded == 1 && prev.epoch == cfg.epoch;
+    if !is_reply && !was_forwarded {
         // Let the replies of an allowed flow back in, at the other hook of the
         // same veth. Their first packet takes the full path (to find the
         // redirect target) and from then on the cache.

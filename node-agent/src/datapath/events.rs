@@ -132,13 +132,17 @@ pub(super) async fn drain<T>(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
+                // Clear first, then drain: a record committed after the
+                // drain's last look wakes us again instead of waiting for
+                // the next one (the kernel only wakes a consumer that had
+                // caught up).
+                guard.clear_ready();
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     if let Some(v) = decode(&item) {
                         sink(v);
                     }
                 }
-                guard.clear_ready();
             }
             _ = shutdown.changed() => return Ok(()),
         }

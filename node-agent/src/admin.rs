@@ -1,0 +1,176 @@
+//! The agent's local admin API (`keyway.v1.AgentAdmin`) on a unix socket,
+//! mode 0600: the file permission is the authentication, as for the control
+//! plane's admin socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use proto::keyway::{self as pb, agent_admin_server::AgentAdminServer};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::flows::{self, FlowLog};
+use crate::mutual_auth::AuthRecord;
+use crate::state::NodeState;
+
+pub const DEFAULT_SOCKET: &str = "/run/keyway/sockets/agent-admin.sock";
+
+/// Binds `path` with mode 0600, replacing a stale socket but never a live one.
+pub async fn bind(path: &Path) -> Result<UnixListener, String> {
+    let err = |e: std::io::Error| format!("--admin-socket {}: {e}", path.display());
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(format!(
+                "--admin-socket {}: another agent is serving there; stop it or choose another socket",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// What the admin API reads.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub state: watch::Receiver<Arc<NodeState>>,
+    pub auth: watch::Receiver<Arc<Vec<AuthRecord>>>,
+    pub datapath: bool,
+    /// Flow capture (present with the datapath).
+    pub flows: Option<Arc<FlowLog>>,
+}
+
+pub fn serve(
+    listener: UnixListener,
+    admin: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentAdminServer::new(Service(admin)))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                let _ = shutdown.wait_for(|v| *v).await;
+            }),
+    )
+}
+
+#[derive(Debug)]
+struct Service(AdminState);
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The entries with names from the node's state.
+pub fn auth_entries(state: &NodeState, records: &[AuthRecord]) -> Vec<pb::AuthEntry> {
+    let spiffe = |id: u32| {
+        state
+            .identities
+            .get(&id)
+            .map(|i| i.spiffe_id.clone())
+            .unwrap_or_default()
+    };
+    let node_name = |id: u16| {
+        state
+            .nodes
+            .values()
+            .find(|n| n.node_id == u32::from(id))
+            .map(|n| n.name.clone())
+            .unwrap_or_default()
+    };
+    crate::mutual_auth::sorted(records)
+        .into_values()
+        .map(|r| pb::AuthEntry {
+            local_identity: r.key.local_id,
+            local_spiffe_id: spiffe(r.key.local_id),
+            remote_identity: r.key.remote_id,
+            remote_spiffe_id: spiffe(r.key.remote_id),
+            remote_node_id: u32::from(r.key.remote_node_id),
+            remote_node: node_name(r.key.remote_node_id),
+            expires_unix: unix(r.expiry),
+            authenticated_unix: unix(r.authenticated_at),
+            via: r.via.as_str().to_string(),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::agent_admin_server::AgentAdmin for Service {
+    type ObserveStream = tokio_stream::wrappers::ReceiverStream<Result<pb::FlowRecord, Status>>;
+
+    async fn observe(
+        &self,
+        req: Request<pb::ObserveRequest>,
+    ) -> Result<Response<Self::ObserveStream>, Status> {
+        let q = req.into_inner();
+        let log = self.0.flows.clone().ok_or_else(|| {
+            Status::failed_precondition("this agent runs without --datapath: there are no flows to observe")
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (past, mut live) = log.snapshot_and_subscribe();
+        tokio::spawn(async move {
+            for r in past.into_iter().filter(|r| flows::matches(&q, r)) {
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+            if !q.follow {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(r) if flows::matches(&q, &r) => {
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn list_auth(
+        &self,
+        _: Request<pb::ListAuthRequest>,
+    ) -> Result<Response<pb::ListAuthResponse>, Status> {
+        let state = self.0.state.borrow().clone();
+        let records = self.0.auth.borrow().clone();
+        Ok(Response::new(pb::ListAuthResponse {
+            entries: auth_entries(&state, &records),
+            datapath: self.0.datapath,
+        }))
+    }
+}
+
+/// A client of the admin socket. Errors say how to fix the connection.
+pub async fn connect(
+    path: &Path,
+) -> Result<pb::agent_admin_client::AgentAdminClient<tonic::transport::Channel>, String> {
+    let channel = crate::workload_client::unix_channel(path).await.map_err(|e| {
+        format!(
+            "cannot reach the agent's admin socket at {}: {e}: is `node-agent run` running? \
+             set --admin-socket or KEYWAY_AGENT_ADMIN_SOCKET",
+            path.display()
+        )
+    })?;
+    Ok(pb::agent_admin_client::AgentAdminClient::new(channel))
+}
+
+pub fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}

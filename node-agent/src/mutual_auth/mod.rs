@@ -1,0 +1,616 @@
+//! Mutual authentication (DESIGN.md section 5): the auth port, and the one
+//! task that owns the auth map's life cycle.
+//!
+//! The manager pre-authenticates every pair a local workload will need
+//! (`pairs::wanted`, from compiled policy and placement) before its first
+//! packet, acts on datapath signals for the rest, re-authenticates ahead of
+//! expiry and soon after an SVID rotation (spread with jitter, so a rotation
+//! is not a storm), and flushes an entry as soon as what justified it (the
+//! workload, identity, node, SVID or policy) goes away. It is the only writer
+//! of the auth map; the auth port's server hands it what it verified.
+
+pub mod handshake;
+pub mod pairs;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use keyway_common::AuthKey;
+use keyway_identity::{Svid, TrustBundle};
+
+use rustls::sign::CertifiedKey;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backoff::{Backoff, unit_random};
+use crate::datapath::{AuthMap, MissingAuth, monotonic_ns};
+use crate::state::NodeState;
+use crate::svid_cache::SvidSet;
+use handshake::{Accepted, HandshakeError, LocalCerts, PeerDirectory};
+
+pub const DEFAULT_PORT: u16 = 4250;
+
+#[derive(Debug, Clone)]
+pub struct MutualAuthConfig {
+    pub node_name: String,
+    /// Handshakes in flight at once.
+    pub max_in_flight: usize,
+    /// After an SVID rotation, re-authentication of the affected pairs is
+    /// spread uniformly over this long.
+    pub rotation_spread: Duration,
+    /// GC and refresh cadence (flushes on state changes are immediate).
+    pub tick: Duration,
+}
+
+impl MutualAuthConfig {
+    pub fn new(node_name: impl Into<String>) -> MutualAuthConfig {
+        MutualAuthConfig {
+            node_name: node_name.into(),
+            max_in_flight: 32,
+            rotation_spread: Duration::from_secs(5),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+/// How an entry came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// This agent dialled the peer's agent.
+    Dialled,
+    /// The peer's agent dialled this one.
+    Answered,
+    /// Both workloads run on this node: both SVIDs are here.
+    Local,
+    /// Found in the pinned map at start-up (an earlier agent's).
+    Inherited,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Dialled => "dialled",
+            Via::Answered => "answered",
+            Via::Local => "local",
+            Via::Inherited => "inherited",
+        }
+    }
+}
+
+/// One entry of the auth map as the agent knows it.
+#[derive(Debug, Clone)]
+pub struct AuthRecord {
+    pub key: AuthKey,
+    /// The earlier NotAfter of the two SVIDs.
+    pub expiry: SystemTime,
+    pub expiry_ns: u64,
+    pub authenticated_at: SystemTime,
+    pub via: Via,
+    refresh_at: Instant,
+    /// Serial of the local SVID the entry was made with.
+    local_serial: Vec<u8>,
+}
+
+/// Counters, for tests, benchmarks and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthStats {
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    pub local_auths: u64,
+    pub answered: u64,
+    pub flushed: u64,
+    pub signals: u64,
+}
+
+#[derive(Debug)]
+pub struct MutualAuthHandles {
+    /// Every entry the agent holds, by key.
+    pub entries: watch::Receiver<Arc<Vec<AuthRecord>>>,
+    pub stats: watch::Receiver<AuthStats>,
+    /// The auth port's bound address.
+    pub listen: SocketAddr,
+}
+
+/// Binds the auth port (so a taken port fails start-up, before attestation).
+pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await
+}
+
+/// Once the first sync has brought a trust bundle, runs the auth port's
+/// server on `listener` and the manager.
+pub fn start(
+    cfg: MutualAuthConfig,
+    listener: tokio::net::TcpListener,
+    state: watch::Receiver<Arc<NodeState>>,
+    svids: watch::Receiver<SvidSet>,
+    auth: Arc<dyn AuthMap>,
+    signals: Option<mpsc::Receiver<MissingAuth>>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<MutualAuthHandles> {
+    let listen = listener.local_addr()?;
+    let (entries_tx, entries_rx) = watch::channel(Arc::new(Vec::new()));
+    let (stats_tx, stats_rx) = watch::channel(AuthStats::default());
+    tokio::spawn(async move {
+        let mut first = state.clone();
+        let mut stop = shutdown.clone();
+        let bundle = tokio::select! {
+            r = first.wait_for(|s| s.bundle.is_some()) => match r {
+                Ok(s) => s.bundle.clone().expect("waited for it"),
+                Err(_) => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (bundle_tx, bundle_rx) = watch::channel(bundle);
+        let certs = Arc::new(LocalCerts::default());
+        let (dir_tx, dir_rx) = watch::channel(Arc::new(PeerDirectory {
+            spiffe_ids: HashMap::new(),
+            nodes: HashMap::new(),
+        }));
+        let (accepted_tx, accepted_rx) = mpsc::channel(1024);
+        tokio::spawn(handshake::serve(
+            listener,
+            bundle_rx.clone(),
+            certs.clone(),
+            dir_rx,
+            accepted_tx,
+            shutdown.clone(),
+        ));
+        let manager = Manager {
+            cfg,
+            auth,
+            bundle_tx,
+            bundle_rx,
+            certs,
+            cert_cache: HashMap::new(),
+            dir_tx,
+            records: HashMap::new(),
+            on_demand: HashSet::new(),
+            in_flight: HashSet::new(),
+            backoff: HashMap::new(),
+            entries_tx,
+            stats_tx,
+            stats: AuthStats::default(),
+            last_errors: HashMap::new(),
+        };
+        manager.run(state, svids, signals, accepted_rx, shutdown).await;
+    });
+    Ok(MutualAuthHandles {
+        entries: entries_rx,
+        stats: stats_rx,
+        listen,
+    })
+}
+
+struct Manager {
+    cfg: MutualAuthConfig,
+    auth: Arc<dyn AuthMap>,
+    bundle_tx: watch::Sender<Arc<TrustBundle>>,
+    bundle_rx: watch::Receiver<Arc<TrustBundle>>,
+    certs: Arc<LocalCerts>,
+    /// Signing keys per (identity, serial), so a table rebuild does not
+    /// re-parse every key.
+    cert_cache: HashMap<(u32, Vec<u8>), Arc<CertifiedKey>>,
+    dir_tx: watch::Sender<Arc<PeerDirectory>>,
+    records: HashMap<AuthKey, AuthRecord>,
+    on_demand: HashSet<AuthKey>,
+    in_flight: HashSet<AuthKey>,
+    backoff: HashMap<AuthKey, (Backoff, Instant)>,
+    entries_tx: watch::Sender<Arc<Vec<AuthRecord>>>,
+    stats_tx: watch::Sender<AuthStats>,
+    stats: AuthStats,
+    /// The last failure logged per key, so a failing pair is reported once
+    /// per distinct reason, not on every retry.
+    last_errors: HashMap<AuthKey, String>,
+}
+
+type Outcome = (AuthKey, Result<SystemTime, HandshakeError>);
+
+/// Jittered refresh point: between 50% and 70% of the remaining validity.
+fn refresh_at(now: Instant, expiry: SystemTime) -> Instant {
+    let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    now + left.mul_f64(0.5 + 0.2 * unit_random())
+}
+
+impl Manager {
+    async fn run(
+        mut self,
+        mut state: watch::Receiver<Arc<NodeState>>,
+        mut svids: watch::Receiver<SvidSet>,
+        mut signals: Option<mpsc::Receiver<MissingAuth>>,
+        mut accepted: mpsc::Receiver<Accepted>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.inherit();
+        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cur_state = state.borrow_and_update().clone();
+        let mut cur_svids = svids.borrow_and_update().clone();
+        self.refresh_tables(&cur_state, &cur_svids);
+        loop {
+            self.reconcile(&cur_state, &cur_svids, &mut tasks);
+            self.publish();
+            tokio::select! {
+                r = state.changed() => {
+                    if r.is_err() { break; }
+                    cur_state = state.borrow_and_update().clone();
+                    self.refresh_tables(&cur_state, &cur_svids);
+                }
+                r = svids.changed() => {
+                    if r.is_err() { break; }
+                    cur_svids = svids.borrow_and_update().clone();
+                    self.refresh_tables(&cur_state, &cur_svids);
+                    self.after_rotation(&cur_state, &cur_svids);
+                }
+                Some(sig) = async { match signals.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    self.stats.signals += 1;
+                    if pairs::unjustified(&cur_state, &self.cfg.node_name, &sig.key).is_none() {
+                        self.on_demand.insert(sig.key);
+                    } else {
+                        debug!(local = sig.key.local_id, remote = sig.key.remote_id, "signal for a pair no policy of ours justifies");
+                    }
+                }
+                Some(acc) = accepted.recv() => self.on_answered(&cur_state, acc),
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok((key, result)) = done {
+                        self.on_dialled(&cur_state, &cur_svids, key, result);
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Entries stay in the map: the kernel keeps honouring them until
+        // they expire or the next agent flushes what is no longer justified.
+        tasks.abort_all();
+    }
+
+    /// Entries an earlier agent wrote: kept (traffic keeps flowing) and
+    /// re-authenticated soon, spread out.
+    fn inherit(&mut self) {
+        let entries = match self.auth.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the auth map left by an earlier agent");
+                return;
+            }
+        };
+        let now_ns = monotonic_ns();
+        let now = Instant::now();
+        for (key, expiry_ns) in entries {
+            let expiry = SystemTime::now() + Duration::from_nanos(expiry_ns.saturating_sub(now_ns));
+            self.records.insert(
+                key,
+                AuthRecord {
+                    key,
+                    expiry,
+                    expiry_ns,
+                    authenticated_at: SystemTime::now(),
+                    via: Via::Inherited,
+                    refresh_at: now + self.cfg.rotation_spread.mul_f64(unit_random()),
+                    local_serial: Vec::new(),
+                },
+            );
+        }
+        if !self.records.is_empty() {
+            info!(
+                entries = self.records.len(),
+                "took over the auth map; re-authenticating its pairs"
+            );
+        }
+    }
+
+    /// Rebuilds what the server side consults: the bundle, this node's
+    /// presentable SVIDs by identity, and the peer directory.
+    fn refresh_tables(&mut self, state: &NodeState, svids: &SvidSet) {
+        if let Some(b) = &state.bundle
+            && !Arc::ptr_eq(b, &self.bundle_rx.borrow())
+        {
+            self.bundle_tx.send_replace(b.clone());
+        }
+        let mut table = HashMap::new();
+        let mut keep = HashSet::new();
+        for id in pairs::local_identities(state, &self.cfg.node_name) {
+            let Some(svid) = self.svid_for(state, svids, id) else {
+                continue;
+            };
+            let k = (id, svid.serial().to_vec());
+            let ck = match self.cert_cache.get(&k) {
+                Some(ck) => ck.clone(),
+                None => match svid.certified_key() {
+                    Ok(ck) => {
+                        self.cert_cache.insert(k.clone(), ck.clone());
+                        ck
+                    }
+                    Err(e) => {
+                        warn!(identity = id, error = %e, "unusable SVID for the auth port");
+                        continue;
+                    }
+                },
+            };
+            keep.insert(k);
+            table.insert(id, ck);
+        }
+        self.cert_cache.retain(|k, _| keep.contains(k));
+        self.certs.replace(table);
+        let dir = PeerDirectory {
+            spiffe_ids: state
+                .identities
+                .iter()
+                .map(|(id, i)| (*id, i.spiffe_id.clone()))
+                .collect(),
+            nodes: state
+                .nodes
+                .values()
+                .filter_map(|n| {
+                    let id = u16::try_from(n.node_id).ok()?;
+                    let ips = n
+                        .addresses
+                        .iter()
+                        .filter_map(|a| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
+                        .collect();
+                    Some((n.name.clone(), (id, ips)))
+                })
+                .collect(),
+        };
+        self.dir_tx.send_replace(Arc::new(dir));
+    }
+
+    fn svid_for<'a>(&self, state: &NodeState, svids: &'a SvidSet, id: u32) -> Option<&'a Svid> {
+        svids.get(&state.identities.get(&id)?.spiffe_id)
+    }
+
+    /// After SVIDs rotate, pairs made with an old local SVID are
+    /// re-authenticated within `rotation_spread`, each at a random point.
+    fn after_rotation(&mut self, state: &NodeState, svids: &SvidSet) {
+        let now = Instant::now();
+        let spread = self.cfg.rotation_spread;
+        let serials: HashMap<u32, Vec<u8>> = self
+            .records
+            .keys()
+            .filter_map(|k| {
+                Some((
+                    k.local_id,
+                    self.svid_for(state, svids, k.local_id)?.serial().to_vec(),
+                ))
+            })
+            .collect();
+        for r in self.records.values_mut() {
+            if serials.get(&r.key.local_id).is_some_and(|s| *s != r.local_serial) {
+                let at = now + spread.mul_f64(unit_random());
+                r.refresh_at = r.refresh_at.min(at);
+            }
+        }
+    }
+
+    fn reconcile(&mut self, state: &NodeState, svids: &SvidSet, tasks: &mut JoinSet<Outcome>) {
+        let node = self.cfg.node_name.clone();
+        let now_ns = monotonic_ns();
+        // Flush what lost its justification, and collect the expired.
+        let doomed: Vec<(AuthKey, &'static str)> = self
+            .records
+            .values()
+            .filter_map(|r| {
+                if r.expiry_ns <= now_ns {
+                    return Some((r.key, "expired"));
+                }
+                pairs::unjustified(state, &node, &r.key).map(|why| (r.key, why))
+            })
+            .collect();
+        for (key, why) in doomed {
+            match self.auth.remove(&key) {
+                Ok(_) => {
+                    info!(
+                        local = key.local_id,
+                        remote = key.remote_id,
+                        remote_node = key.remote_node_id,
+                        reason = why,
+                        "auth entry flushed"
+                    );
+                    self.records.remove(&key);
+                    self.stats.flushed += 1;
+                }
+                Err(e) => warn!(error = %e, "could not flush an auth entry"),
+            }
+        }
+        self.on_demand
+            .retain(|k| pairs::unjustified(state, &node, k).is_none() && !self.records.contains_key(k));
+        self.backoff
+            .retain(|k, _| pairs::unjustified(state, &node, k).is_none());
+
+        let my_node = pairs::local_node_id(state, &node);
+        let now = Instant::now();
+        let mut targets: Vec<AuthKey> = pairs::wanted(state, &node).into_iter().collect();
+        targets.extend(self.on_demand.iter().copied());
+        for key in targets {
+            if self.in_flight.len() >= self.cfg.max_in_flight {
+                break;
+            }
+            if self.in_flight.contains(&key) {
+                continue;
+            }
+            if self.records.get(&key).is_some_and(|r| r.refresh_at > now) {
+                continue;
+            }
+            if self.backoff.get(&key).is_some_and(|(_, at)| *at > now) {
+                continue;
+            }
+            let Some(local_svid) = self.svid_for(state, svids, key.local_id).cloned() else {
+                continue;
+            };
+            if Some(key.remote_node_id) == my_node {
+                // Both workloads run here: both SVIDs are in hand.
+                let Some(remote_svid) = self.svid_for(state, svids, key.remote_id).cloned() else {
+                    continue;
+                };
+                let expiry = local_svid.not_after().min(remote_svid.not_after());
+                self.stats.local_auths += 1;
+                self.record(key, expiry, Via::Local, local_svid.serial().to_vec());
+                continue;
+            }
+            let Some(addr) = state
+                .nodes
+                .values()
+                .find(|n| n.node_id == u32::from(key.remote_node_id))
+                .and_then(|n| n.addresses.iter().find_map(|a| a.parse::<SocketAddr>().ok()))
+            else {
+                debug!(node = key.remote_node_id, "no auth address for the node yet");
+                continue;
+            };
+            let Some(remote_id) = state.identities.get(&key.remote_id).map(|i| i.spiffe_id.clone()) else {
+                continue;
+            };
+            self.in_flight.insert(key);
+            let bundle = self.bundle_rx.clone();
+            let node = node.clone();
+            tasks.spawn(async move {
+                let r = handshake::dial(
+                    addr,
+                    bundle,
+                    &local_svid,
+                    key.local_id,
+                    key.remote_id,
+                    &remote_id,
+                    &node,
+                )
+                .await;
+                (key, r)
+            });
+        }
+    }
+
+    fn on_dialled(
+        &mut self,
+        state: &NodeState,
+        svids: &SvidSet,
+        key: AuthKey,
+        result: Result<SystemTime, HandshakeError>,
+    ) {
+        self.in_flight.remove(&key);
+        match result {
+            Ok(expiry) => {
+                self.stats.handshakes_ok += 1;
+                self.last_errors.remove(&key);
+                if let Some((b, _)) = self.backoff.get_mut(&key) {
+                    b.reset();
+                }
+                self.backoff.remove(&key);
+                if let Some(why) = pairs::unjustified(state, &self.cfg.node_name, &key) {
+                    debug!(
+                        reason = why,
+                        "handshake finished for a pair that is no longer wanted"
+                    );
+                    return;
+                }
+                let serial = self
+                    .svid_for(state, svids, key.local_id)
+                    .map(|s| s.serial().to_vec())
+                    .unwrap_or_default();
+                self.record(key, expiry, Via::Dialled, serial);
+                self.on_demand.remove(&key);
+            }
+            Err(e) => {
+                self.stats.handshakes_failed += 1;
+                let msg = e.to_string();
+                if self.last_errors.get(&key) != Some(&msg) {
+                    warn!(
+                        local = key.local_id,
+                        remote = key.remote_id,
+                        remote_node = key.remote_node_id,
+                        error = %msg,
+                        "mutual-auth handshake failed; retrying with backoff"
+                    );
+                    self.last_errors.insert(key, msg);
+                }
+                let entry = self.backoff.entry(key).or_insert_with(|| {
+                    (
+                        Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+                        Instant::now(),
+                    )
+                });
+                entry.1 = Instant::now() + entry.0.next_delay();
+            }
+        }
+    }
+
+    fn on_answered(&mut self, state: &NodeState, acc: Accepted) {
+        self.stats.answered += 1;
+        if pairs::unjustified(state, &self.cfg.node_name, &acc.key).is_some() {
+            // Our policy does not check this direction: nothing to record.
+            return;
+        }
+        // Keep our own refresh schedule if we hold a fresher entry.
+        if self.records.get(&acc.key).is_some_and(|r| r.expiry >= acc.expiry) {
+            return;
+        }
+        self.record(acc.key, acc.expiry, Via::Answered, Vec::new());
+    }
+
+    fn record(&mut self, key: AuthKey, expiry: SystemTime, via: Via, local_serial: Vec<u8>) {
+        let expiry_ns = handshake::to_monotonic_ns(expiry);
+        if expiry_ns <= monotonic_ns() {
+            return;
+        }
+        if let Err(e) = self.auth.upsert(key, expiry_ns) {
+            warn!(error = %e, "could not write an auth entry");
+            return;
+        }
+        debug!(
+            local = key.local_id,
+            remote = key.remote_id,
+            remote_node = key.remote_node_id,
+            via = via.as_str(),
+            "pair authenticated"
+        );
+        let now = Instant::now();
+        self.records.insert(
+            key,
+            AuthRecord {
+                key,
+                expiry,
+                expiry_ns,
+                authenticated_at: SystemTime::now(),
+                via,
+                refresh_at: refresh_at(now, expiry),
+                local_serial,
+            },
+        );
+    }
+
+    /// Stats first: whoever wakes on a changed entry list sees the counters
+    /// that go with it.
+    fn publish(&mut self) {
+        self.stats_tx.send_if_modified(|s| {
+            let changed = *s != self.stats;
+            if changed {
+                *s = self.stats.clone();
+            }
+            changed
+        });
+        let mut v: Vec<AuthRecord> = self.records.values().cloned().collect();
+        v.sort_by_key(|r| (r.key.local_id, r.key.remote_id, r.key.remote_node_id));
+        self.entries_tx.send_if_modified(|cur| {
+            let same = cur.len() == v.len()
+                && cur
+                    .iter()
+                    .zip(&v)
+                    .all(|(a, b)| a.key == b.key && a.expiry_ns == b.expiry_ns);
+            if !same {
+                *cur = Arc::new(v);
+            }
+            !same
+        });
+    }
+}
+
+/// Entries as `auth list` shows them, sorted.
+pub fn sorted(records: &[AuthRecord]) -> BTreeMap<(u32, u32, u16), &AuthRecord> {
+    records
+        .iter()
+        .map(|r| ((r.key.local_id, r.key.remote_id, r.key.remote_node_id), r))
+        .collect()
+}

@@ -1,0 +1,267 @@
+//! Mutual authentication end to end in the real kernel: two nodes (network
+//! namespaces joined by an underlay), each with the real `node-agent run
+//! --datapath`, pods behind veths, the control plane binary on node-a's
+//! underlay address, and real TCP. Needs root; fails without it.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use keyway_tests::netns::{AgentProcess, Cluster, Pod, in_netns, tcp_retransmits};
+use keyway_tests::{Binary, wait_until, workload_yaml};
+
+const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
+kind: KeywayNetworkPolicy
+metadata: { name: api-mtls, namespace: default }
+spec:
+  endpointSelector: { matchLabels: { app: api } }
+  ingress:
+    - authentication: { mode: required }
+      fromEndpoints: [{ matchLabels: { app: frontend } }]
+      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
+";
+
+/// A Workload with explicit labels (the intruder shares no label with frontend).
+fn workload(name: &str, sa: &str, app: &str, node: &str, ip: Ipv4Addr) -> String {
+    workload_yaml(name, sa, node, &ip.to_string()).replace(&format!("app: {name}"), &format!("app: {app}"))
+}
+
+struct Setup {
+    cluster: Cluster,
+    cp: Binary,
+    agents: Vec<AgentProcess>,
+    dir: tempfile::TempDir,
+    bundle: std::path::PathBuf,
+    frontend: Pod,
+    api: Pod,
+    intruder: Pod,
+    ghost: Pod,
+}
+
+fn setup(cp_flags: &[&str]) -> Setup {
+    let mut cluster = Cluster::new(&["node-a", "node-b"]);
+    let frontend = cluster.add_pod("node-a", "fe", 10);
+    let intruder = cluster.add_pod("node-a", "in", 20);
+    // Physically on node-a, but its Workload says node-c, where no agent
+    // runs: nobody can obtain its SVID.
+    let ghost = cluster.add_pod("node-a", "gh", 30);
+    let api = cluster.add_pod("node-b", "api", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let node_a = cluster.node("node-a").clone();
+    let listen = format!("{}:18081", node_a.ip);
+    let cp = Binary::spawn_in_netns_on(&node_a.netns, &listen, &dir.path().join("cp"), cp_flags);
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
+    let docs = [
+        workload("frontend", "frontend", "frontend", "node-a", frontend.ip),
+        workload("intruder", "other", "intruder", "node-a", intruder.ip),
+        workload("ghost", "ghost", "frontend", "node-c", ghost.ip),
+        workload("api", "api", "api", "node-b", api.ip),
+        POLICY.to_string(),
+    ]
+    .join("---\n");
+    let file = dir.path().join("docs.yaml");
+    std::fs::write(&file, docs).unwrap();
+    cp.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let mut agents = Vec::new();
+    for n in &cluster.nodes {
+        let token = cp.ok(&["token", "create", "--node", &n.name]).trim().to_string();
+        agents.push(AgentProcess::spawn(
+            &n.netns,
+            &listen,
+            &n.name,
+            &bundle,
+            dir.path(),
+            &n.pin_dir,
+            Some(&token),
+            &[],
+        ));
+    }
+    Setup {
+        cluster,
+        cp,
+        agents,
+        dir,
+        bundle,
+        frontend,
+        api,
+        intruder,
+        ghost,
+    }
+}
+
+fn echo_server(pod: &Pod, port: u16) {
+    let ip = pod.ip;
+    let listener = in_netns(&pod.netns, move || TcpListener::bind((ip, port)).expect("bind"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn connect(from: &Pod, to: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_netns(&from.netns, move || {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((to, port)), timeout)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(s)
+    })
+}
+
+fn round_trip(s: &mut TcpStream, msg: &[u8]) -> bool {
+    let mut buf = vec![0u8; msg.len()];
+    s.write_all(msg).is_ok() && s.read_exact(&mut buf).is_ok() && buf == msg
+}
+
+fn api_has_entry_for(agent: &AgentProcess, peer_sa: &str) -> bool {
+    agent.auth_list().iter().any(|e| {
+        e["local_spiffe_id"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("/sa/api"))
+            && e["remote_spiffe_id"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(&format!("/sa/{peer_sa}")))
+    })
+}
+
+#[test]
+fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
+    let s = setup(&[]);
+    echo_server(&s.api, 8080);
+    let node_b = &s.agents[1];
+    wait_until(
+        Duration::from_secs(30),
+        "api's agent to pre-authenticate frontend",
+        || api_has_entry_for(node_b, "frontend"),
+    );
+
+    // The very first connection: no drop, no SYN retransmit.
+    let before = tcp_retransmits(&s.frontend.netns);
+    let t0 = Instant::now();
+    let mut c = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("frontend -> api");
+    let took = t0.elapsed();
+    assert!(round_trip(&mut c, b"first try"));
+    assert_eq!(
+        tcp_retransmits(&s.frontend.netns),
+        before,
+        "no segment was retransmitted"
+    );
+    assert!(took < Duration::from_millis(900), "no SYN retry (took {took:?})");
+    wait_until(
+        Duration::from_secs(5),
+        "the flow reported as pre-authenticated",
+        || {
+            node_b
+                .observe(&["--verdict", "FORWARDED", "--port", "8080"])
+                .iter()
+                .any(|f| f["auth"] == "pre-authenticated" && f["source"]["ip"] == s.frontend.ip.to_string())
+        },
+    );
+    let drops = node_b.observe(&["--verdict", "DROPPED", "--port", "8080"]);
+    assert!(drops.is_empty(), "nothing was dropped: {drops:?}");
+
+    // The intruder (another service account) is dropped by policy.
+    assert!(connect(&s.intruder, s.api.ip, 8080, Duration::from_secs(1)).is_err());
+    wait_until(Duration::from_secs(5), "a policy-denied flow record", || {
+        node_b
+            .observe(&["--drop-reason", "policy-denied", "--port", "8080"])
+            .iter()
+            .any(|f| f["source"]["ip"] == s.intruder.ip.to_string())
+    });
+
+    // ghost matches the policy but its SVID cannot be obtained (no agent on
+    // its node): it stays dropped with AUTH_REQUIRED.
+    for _ in 0..2 {
+        assert!(connect(&s.ghost, s.api.ip, 8080, Duration::from_secs(1)).is_err());
+    }
+    let denied = node_b.observe(&["--drop-reason", "auth-required", "--port", "8080"]);
+    assert!(
+        denied
+            .iter()
+            .any(|f| f["source"]["ip"] == s.ghost.ip.to_string() && f["auth"] == "missing"),
+        "{denied:?}"
+    );
+    assert!(!api_has_entry_for(node_b, "ghost"));
+    let _ = (&s.cp, &s.dir, &s.bundle, &s.cluster);
+}
+
+#[test]
+fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
+    let mut s = setup(&["--svid-ttl", "8s", "--ca-ttl", "60s"]);
+    echo_server(&s.api, 8080);
+    wait_until(Duration::from_secs(30), "pre-authentication", || {
+        api_has_entry_for(&s.agents[1], "frontend")
+    });
+    let mut long_lived = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("connect");
+
+    // ~20 s of new connections, one every 100 ms, across SVID rotations (8 s
+    // SVIDs), a CA prepare + activate, and a kill -9 and restart of api's agent.
+    let mut failures = Vec::new();
+    let mut attempts = 0;
+    let start = Instant::now();
+    let mut ca_rotated = false;
+    let mut restarted = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        attempts += 1;
+        match connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(2)) {
+            Ok(mut c) => {
+                if !round_trip(&mut c, b"steady") {
+                    failures.push(format!("{:?}: no echo", start.elapsed()));
+                }
+            }
+            Err(e) => failures.push(format!("{:?}: {e}", start.elapsed())),
+        }
+        if !ca_rotated && start.elapsed() > Duration::from_secs(5) {
+            s.cp.ok(&["ca", "prepare"]);
+            s.cp.ok(&["ca", "activate"]);
+            ca_rotated = true;
+        }
+        if !restarted && start.elapsed() > Duration::from_secs(10) {
+            let node = s.cluster.node("node-b").clone();
+            s.agents[1].kill9();
+            assert!(
+                round_trip(&mut long_lived, b"agent down"),
+                "established flows survive the agent"
+            );
+            s.agents[1] = AgentProcess::spawn(
+                &node.netns,
+                &s.cp.listen,
+                "node-b",
+                &s.bundle,
+                s.dir.path(),
+                &node.pin_dir,
+                None,
+                &[],
+            );
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connections failed: {failures:?}",
+        failures.len()
+    );
+    assert!(round_trip(&mut long_lived, b"still here"));
+    // The restarted agent took over the entries and re-authenticated them.
+    wait_until(
+        Duration::from_secs(15),
+        "re-authentication after the restart",
+        || {
+            s.agents[1].auth_list().iter().any(|e| {
+                e["remote_spiffe_id"]
+                    .as_str()
+                    .is_some_and(|x| x.ends_with("/sa/frontend"))
+                    && e["via"] != "inherited"
+            })
+        },
+    );
+}
