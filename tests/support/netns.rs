@@ -124,93 +124,8 @@ impl Topology {
     /// A pod on this node: its namespace, a veth pair, its address and routes.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Pod {
         let netns = format!("kw{}{name}", self.tag);
-        let host_if = format!("kw{}{name}", self.tag);
         self.add_ns(&netns);
-        let node = self.node.clone();
-        run(
-            "ip",
-            &[
-                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-            ],
-        );
-        run("ip", &["-n", &node, "link", "set", &host_if, "up"]);
-        run(
-            "ip",
-            &["-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
-        );
-        run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ],
-        );
-        let host_mac = mac(&node, &host_if);
-        let pod_mac = mac(&netns, "eth0");
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "neigh",
-                "replace",
-                "169.254.1.1",
-                "lladdr",
-                &host_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        );
-        run(
-            "ip",
-            &["-n", &node, "route", "add", &format!("{ip}/32"), "dev", &host_if],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &node,
-                "neigh",
-                "replace",
-                &ip.to_string(),
-                "lladdr",
-                &pod_mac,
-                "dev",
-                &host_if,
-                "nud",
-                "permanent",
-            ],
-        );
-        let pod = Pod {
-            name: name.to_string(),
-            netns,
-            host_if,
-            ip,
-        };
+        let pod = plug_pod(&self.node, &self.tag, name, netns, ip);
         self.pods.push(pod.clone());
         pod
     }
@@ -270,6 +185,98 @@ impl Drop for Topology {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = node_agent::datapath::uninstall(&self.pin_dir);
+    }
+}
+
+/// Wires pod namespace `netns` to node namespace `node` the way a routing
+/// CNI plugin does: a veth pair, the pod's /32 on `eth0`, a default route to
+/// 169.254.1.1 on the link, and on the node a /32 route to the host-side veth
+/// (static neighbours both ways, so no ARP races).
+fn plug_pod(node: &str, tag: &str, name: &str, netns: String, ip: Ipv4Addr) -> Pod {
+    let host_if = format!("kw{tag}{name}");
+    run(
+        "ip",
+        &[
+            "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ],
+    );
+    run("ip", &["-n", node, "link", "set", &host_if, "up"]);
+    run(
+        "ip",
+        &["-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+    );
+    run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+    run(
+        "ip",
+        &[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ],
+    );
+    let host_mac = mac(node, &host_if);
+    let pod_mac = mac(&netns, "eth0");
+    run(
+        "ip",
+        &[
+            "-n",
+            &netns,
+            "neigh",
+            "replace",
+            "169.254.1.1",
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    run(
+        "ip",
+        &["-n", node, "route", "add", &format!("{ip}/32"), "dev", &host_if],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            node,
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &pod_mac,
+            "dev",
+            &host_if,
+            "nud",
+            "permanent",
+        ],
+    );
+    Pod {
+        name: name.to_string(),
+        netns,
+        host_if,
+        ip,
     }
 }
 
@@ -419,101 +426,8 @@ impl Cluster {
         let n = self.nodes[idx].clone();
         let ip = Ipv4Addr::new(10, 201, n.pod_cidr_octet, host);
         let netns = format!("kw{}{name}", self.tag);
-        let host_if = format!("kw{}{name}", self.tag);
         self.add_ns(&netns);
-        run(
-            "ip",
-            &[
-                "-n", &n.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
-                &netns,
-            ],
-        );
-        run("ip", &["-n", &n.netns, "link", "set", &host_if, "up"]);
-        run(
-            "ip",
-            &["-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
-        );
-        run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ],
-        );
-        let host_mac = mac(&n.netns, &host_if);
-        let pod_mac = mac(&netns, "eth0");
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "neigh",
-                "replace",
-                "169.254.1.1",
-                "lladdr",
-                &host_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &n.netns,
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &host_if,
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &n.netns,
-                "neigh",
-                "replace",
-                &ip.to_string(),
-                "lladdr",
-                &pod_mac,
-                "dev",
-                &host_if,
-                "nud",
-                "permanent",
-            ],
-        );
-        let pod = Pod {
-            name: name.to_string(),
-            netns,
-            host_if,
-            ip,
-        };
+        let pod = plug_pod(&n.netns, &self.tag, name, netns, ip);
         self.pods.push((idx, pod.clone()));
         pod
     }

@@ -10,20 +10,18 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_tests::{InProcess, Options, TD, bin, trust_domain, workload_yaml};
-use node_agent::agent::{AgentConfig, AgentHandles};
+use keyway_tests::{Agent, InProcess, Options, TD, bin, workload_yaml};
+use node_agent::agent::AgentHandles;
 use node_agent::control_plane::{self, ClientError, ControlPlaneClient};
 use node_agent::state::NodeState;
 use proto::keyway::update::Kind;
 use tokio::sync::watch;
 use tonic::Code;
 
-/// An in-process agent (the control-plane link and SVID cache; no Workload
-/// API server) that advertises `auth_addresses`.
+/// An in-process agent that advertises `auth_addresses`.
 struct NodeAgent {
+    agent: Agent,
     handles: AgentHandles,
-    stop: watch::Sender<bool>,
-    dir: tempfile::TempDir,
 }
 
 impl NodeAgent {
@@ -34,30 +32,15 @@ impl NodeAgent {
             Some(_) => None,
             None => Some(cp.token(node).await),
         };
-        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
-        let bundle_path = dir.path().join("trust-bundle.pem");
-        std::fs::write(&bundle_path, cp.bundle().to_pem()).expect("write bundle");
-        let cfg = AgentConfig {
-            server: cp.addr.clone(),
-            trust_domain: trust_domain(),
-            trust_bundle: bundle_path,
-            node_name: node.to_owned(),
-            data_dir: dir.path().join("data"),
-            join_token: token,
-            socket: dir.path().join("agent.sock"),
-            netns_dir: dir.path().join("netns"),
-            proc_root: "/proc".into(),
-            auth_addresses: addrs.iter().map(|a| a.to_string()).collect(),
-        };
-        let (stop, rx) = watch::channel(false);
-        let handles = node_agent::agent::start(cfg, rx).await.expect("agent start");
-        Self { handles, stop, dir }
+        let addrs = addrs.iter().map(|a| a.to_string()).collect();
+        let agent = Agent::start_full(&cp.addr, &cp.bundle().to_pem(), node, token, dir, addrs).await;
+        let handles = agent.handles.clone();
+        Self { agent, handles }
     }
 
     /// Stops the agent, keeping its directory (and node SVID) for a restart.
-    fn stop(self) -> tempfile::TempDir {
-        let _ = self.stop.send(true);
-        self.dir
+    async fn stop(self) -> tempfile::TempDir {
+        self.agent.stop().await
     }
 
     /// Waits until the agent's published state satisfies `cond`.
@@ -179,7 +162,7 @@ async fn every_node_sees_every_node_and_identity_but_only_its_own_workloads() {
     }
 
     // node-b restarts advertising another address: node-a follows.
-    let dir = b.stop();
+    let dir = b.stop().await;
     let b = NodeAgent::start(&cp, "node-b", &["192.0.2.22:4250"], Some(dir)).await;
     a.wait_state("node-b's new address", |s| {
         node_entry(s, "node-b") == Some((id_b, strings(&["192.0.2.22:4250"])))
@@ -190,8 +173,8 @@ async fn every_node_sees_every_node_and_identity_but_only_its_own_workloads() {
         vec!["192.0.2.22:4250"],
         "stored on node-b's record"
     );
-    a.stop();
-    b.stop();
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
@@ -346,6 +329,6 @@ async fn delete_removes_a_workload_everywhere_and_reapplying_keeps_its_identity(
     .await;
     b.wait_svids("db's SVID again", |held| held.contains(&db_id.as_str()))
         .await;
-    a.stop();
-    b.stop();
+    a.stop().await;
+    b.stop().await;
 }
