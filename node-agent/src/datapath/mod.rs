@@ -644,7 +644,11 @@ pub fn start(
                     Err(e) => warn!(error = %e, "could not update the datapath tables; will retry"),
                 }
             }
-            if let Err(e) = dp.apply_endpoints(&current) {
+            // Until the first complete sync the pinned tables of the last
+            // agent stay as they are: an empty view would detach every pod.
+            if current.synced
+                && let Err(e) = dp.apply_endpoints(&current)
+            {
                 warn!(error = %e, "could not update the datapath endpoints; will retry");
             }
             status_tx.send_replace(dp.status.clone());
