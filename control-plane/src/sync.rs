@@ -140,6 +140,8 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
                     cidr,
                     identity: w.identity,
                     node_id: node_ids.get(w.node.as_str()).copied().unwrap_or(0),
+                    namespace: w.namespace.clone(),
+                    workload: w.name.clone(),
                 });
         }
     }

@@ -484,35 +484,49 @@ async fn auth_list(admin_socket: PathBuf, output: Output) -> anyhow::Result<()> 
             if !resp.datapath {
                 eprintln!("note: this agent runs without --datapath; nothing enforces these entries");
             }
-            println!(
-                "{:<44} {:<44} {:<12} {:>10} {:>8}  VIA",
-                "LOCAL", "REMOTE", "NODE", "EXPIRES IN", "AGE"
-            );
-            for e in &resp.entries {
-                let name = |id: u32, s: &str| {
-                    if s.is_empty() {
-                        id.to_string()
-                    } else {
-                        format!("{s} ({id})")
-                    }
-                };
-                println!(
-                    "{:<44} {:<44} {:<12} {:>10} {:>8}  {}",
-                    name(e.local_identity, &e.local_spiffe_id),
-                    name(e.remote_identity, &e.remote_spiffe_id),
-                    if e.remote_node.is_empty() {
-                        e.remote_node_id.to_string()
-                    } else {
-                        e.remote_node.clone()
-                    },
-                    keyway_identity::duration::format(Duration::from_secs(
-                        (e.expires_unix - now).max(0) as u64
-                    )),
-                    keyway_identity::duration::format(Duration::from_secs(
-                        (now - e.authenticated_unix).max(0) as u64
-                    )),
-                    e.via
-                );
+            let name = |id: u32, s: &str| {
+                if s.is_empty() {
+                    id.to_string()
+                } else {
+                    format!("{s} ({id})")
+                }
+            };
+            // Whole seconds: an entry a few milliseconds old is "0s", not "0ms".
+            let secs = |n: i64| {
+                if n <= 0 {
+                    "0s".to_string()
+                } else {
+                    keyway_identity::duration::format(Duration::from_secs(n as u64))
+                }
+            };
+            let rows: Vec<[String; 6]> = resp
+                .entries
+                .iter()
+                .map(|e| {
+                    [
+                        name(e.local_identity, &e.local_spiffe_id),
+                        name(e.remote_identity, &e.remote_spiffe_id),
+                        if e.remote_node.is_empty() {
+                            e.remote_node_id.to_string()
+                        } else {
+                            e.remote_node.clone()
+                        },
+                        secs(e.expires_unix - now),
+                        secs(now - e.authenticated_unix),
+                        e.via.clone(),
+                    ]
+                })
+                .collect();
+            let header = ["LOCAL", "REMOTE", "NODE", "EXPIRES IN", "AGE", "VIA"].map(String::from);
+            let mut width = header.clone().map(|h| h.len());
+            for r in &rows {
+                for (w, c) in width.iter_mut().zip(r) {
+                    *w = (*w).max(c.len());
+                }
+            }
+            for r in std::iter::once(&header).chain(&rows) {
+                let cells: Vec<String> = r.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+                println!("{}", cells.join("  ").trim_end());
             }
         }
     }

@@ -100,6 +100,12 @@ fn endpoint(state: &NodeState, ip: Ipv4Addr, port: u16, identity: u32) -> pb::Fl
         e.namespace = i.namespace.clone();
         e.service_account = i.service_account.clone();
         e.spiffe_id = i.spiffe_id.clone();
+        // A workload on another node: its name comes with the ipcache.
+        if let Some(c) = state.ipcache.get(&format!("{ip}/32"))
+            && c.identity == identity
+        {
+            e.pod = c.workload.clone();
+        }
     }
     e
 }

@@ -172,6 +172,7 @@ mod tests {
             cidr: cidr.into(),
             identity,
             node_id: 2,
+            ..Default::default()
         }
     }
 

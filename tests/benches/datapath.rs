@@ -760,6 +760,7 @@ fn node_state() -> NodeState {
                 cidr,
                 identity,
                 node_id,
+                ..Default::default()
             },
         );
     }

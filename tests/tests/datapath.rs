@@ -165,6 +165,7 @@ impl StateBuilder {
                     cidr,
                     identity: id,
                     node_id: node,
+                    ..Default::default()
                 },
             );
         }
@@ -487,6 +488,7 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
             cidr: "10.201.9.0/24".into(),
             identity: R,
             node_id: REMOTE_NODE_ID,
+            ..Default::default()
         },
     );
     let state = builder

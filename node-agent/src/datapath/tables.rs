@@ -168,6 +168,7 @@ mod tests {
                     cidr: cidr.into(),
                     identity: id,
                     node_id: node,
+                    ..Default::default()
                 },
             );
         }

@@ -528,7 +528,9 @@ impl Manager {
                 }
                 let entry = self.backoff.entry(key).or_insert_with(|| {
                     (
-                        Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+                        // Short first: the usual failure is a peer agent that
+                        // gets the SVID a moment later (a new workload).
+                        Backoff::new(Duration::from_millis(25), Duration::from_secs(30)),
                         Instant::now(),
                     )
                 });

@@ -153,6 +153,7 @@ mod tests {
                     cidr: format!("{ip}/32"),
                     identity: id,
                     node_id: node,
+                    ..Default::default()
                 },
             );
         }
