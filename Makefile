@@ -60,8 +60,8 @@ test: clean-tiers lint unit integration datapath
 
 bench: setup
 	$(CARGO) build --release --bins
-	$(CARGO) bench -p keyway-tests --bench issuance --bench agent --bench datapath
-	@echo "results: bench-results/issuance.md bench-results/agent.md bench-results/datapath.md"
+	$(CARGO) bench -p keyway-tests --bench issuance --bench agent --bench datapath --bench auth
+	@echo "results: bench-results/issuance.md bench-results/agent.md bench-results/datapath.md bench-results/auth.md"
 
 demo: build
 	@bash scripts/demo.sh

@@ -343,9 +343,26 @@ pub async fn dial(
     remote_spiffe_id: &str,
     node: &str,
 ) -> Result<SystemTime, HandshakeError> {
+    let ck = svid
+        .certified_key()
+        .map_err(|e| HandshakeError::Local(format!("the local SVID is unusable: {e}")))?;
+    dial_with_key(addr, bundle, ck, local_id, remote_id, remote_spiffe_id, node).await
+}
+
+/// [`dial`] with the local SVID's signing key already loaded (the manager
+/// keeps one per SVID instead of parsing the private key per handshake).
+pub async fn dial_with_key(
+    addr: SocketAddr,
+    bundle: BundleWatch,
+    ck: Arc<CertifiedKey>,
+    local_id: u32,
+    remote_id: u32,
+    remote_spiffe_id: &str,
+    node: &str,
+) -> Result<SystemTime, HandshakeError> {
     tokio::time::timeout(
         TIMEOUT,
-        dial_inner(addr, bundle, svid, local_id, remote_id, remote_spiffe_id, node),
+        dial_inner(addr, bundle, ck, local_id, remote_id, remote_spiffe_id, node),
     )
     .await
     .map_err(|_| HandshakeError::Timeout(TIMEOUT))?
@@ -354,7 +371,7 @@ pub async fn dial(
 async fn dial_inner(
     addr: SocketAddr,
     bundle: BundleWatch,
-    svid: &Svid,
+    ck: Arc<CertifiedKey>,
     local_id: u32,
     remote_id: u32,
     remote_spiffe_id: &str,
@@ -362,9 +379,11 @@ async fn dial_inner(
 ) -> Result<SystemTime, HandshakeError> {
     let expected = SpiffeId::new(remote_spiffe_id)
         .map_err(|e| HandshakeError::Local(format!("identity {remote_id}: {e}")))?;
-    let ck = svid
-        .certified_key()
-        .map_err(|e| HandshakeError::Local(format!("the local SVID is unusable: {e}")))?;
+    let local_leaf = ck
+        .cert
+        .first()
+        .cloned()
+        .ok_or_else(|| HandshakeError::Local("the local SVID has no certificate".into()))?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| HandshakeError::Local(e.to_string()))?
@@ -394,7 +413,7 @@ async fn dial_inner(
         .and_then(|c| c.first())
         .cloned()
         .ok_or_else(|| HandshakeError::Protocol("no server certificate".into()))?;
-    let expiry = earlier_not_after(&svid.chain()[0], &server_leaf).map_err(HandshakeError::Protocol)?;
+    let expiry = earlier_not_after(&local_leaf, &server_leaf).map_err(HandshakeError::Protocol)?;
     let (read, mut write) = tokio::io::split(tls);
     let mut req = serde_json::to_vec(&Hello {
         local: local_id,

@@ -175,6 +175,7 @@ pub fn start(
             stats_tx,
             stats: AuthStats::default(),
             last_errors: HashMap::new(),
+            view: pairs::View::default(),
         };
         manager.run(state, svids, signals, accepted_rx, shutdown).await;
     });
@@ -205,6 +206,8 @@ struct Manager {
     /// The last failure logged per key, so a failing pair is reported once
     /// per distinct reason, not on every retry.
     last_errors: HashMap<AuthKey, String>,
+    /// The pair rules' view of the current state.
+    view: pairs::View,
 }
 
 type Outcome = (AuthKey, Result<SystemTime, HandshakeError>);
@@ -248,7 +251,7 @@ impl Manager {
                 }
                 Some(sig) = async { match signals.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
                     self.stats.signals += 1;
-                    if pairs::unjustified(&cur_state, &self.cfg.node_name, &sig.key).is_none() {
+                    if self.view.unjustified(&cur_state, &sig.key).is_none() {
                         self.on_demand.insert(sig.key);
                     } else {
                         debug!(local = sig.key.local_id, remote = sig.key.remote_id, "signal for a pair no policy of ours justifies");
@@ -307,6 +310,7 @@ impl Manager {
     /// Rebuilds what the server side consults: the bundle, this node's
     /// presentable SVIDs by identity, and the peer directory.
     fn refresh_tables(&mut self, state: &NodeState, svids: &SvidSet) {
+        self.view = pairs::View::new(state, &self.cfg.node_name);
         if let Some(b) = &state.bundle
             && !Arc::ptr_eq(b, &self.bundle_rx.borrow())
         {
@@ -314,7 +318,7 @@ impl Manager {
         }
         let mut table = HashMap::new();
         let mut keep = HashSet::new();
-        for id in pairs::local_identities(state, &self.cfg.node_name) {
+        for id in self.view.local().clone() {
             let Some(svid) = self.svid_for(state, svids, id) else {
                 continue;
             };
@@ -398,7 +402,7 @@ impl Manager {
                 if r.expiry_ns <= now_ns {
                     return Some((r.key, "expired"));
                 }
-                pairs::unjustified(state, &node, &r.key).map(|why| (r.key, why))
+                self.view.unjustified(state, &r.key).map(|why| (r.key, why))
             })
             .collect();
         for (key, why) in doomed {
@@ -464,14 +468,17 @@ impl Manager {
             let Some(remote_id) = state.identities.get(&key.remote_id).map(|i| i.spiffe_id.clone()) else {
                 continue;
             };
+            let Some(ck) = self.certs.get(key.local_id) else {
+                continue;
+            };
             self.in_flight.insert(key);
             let bundle = self.bundle_rx.clone();
             let node = node.clone();
             tasks.spawn(async move {
-                let r = handshake::dial(
+                let r = handshake::dial_with_key(
                     addr,
                     bundle,
-                    &local_svid,
+                    ck,
                     key.local_id,
                     key.remote_id,
                     &remote_id,
@@ -499,7 +506,7 @@ impl Manager {
                     b.reset();
                 }
                 self.backoff.remove(&key);
-                if let Some(why) = pairs::unjustified(state, &self.cfg.node_name, &key) {
+                if let Some(why) = self.view.unjustified(state, &key) {
                     debug!(
                         reason = why,
                         "handshake finished for a pair that is no longer wanted"
@@ -541,7 +548,7 @@ impl Manager {
 
     fn on_answered(&mut self, state: &NodeState, acc: Accepted) {
         self.stats.answered += 1;
-        if pairs::unjustified(state, &self.cfg.node_name, &acc.key).is_some() {
+        if self.view.unjustified(state, &acc.key).is_some() {
             // Our policy does not check this direction: nothing to record.
             return;
         }

@@ -62,58 +62,95 @@ pub fn auth_required(state: &NodeState, local: u32, remote: u32) -> bool {
     })
 }
 
-/// The pairs a local workload will need before its first packet: every
-/// allowing, auth-requiring policy entry naming a specific peer, times every
-/// node where that peer runs. (Wildcard peers cannot be known in advance;
-/// datapath signals cover them on demand.)
-pub fn wanted(state: &NodeState, node_name: &str) -> BTreeSet<AuthKey> {
-    let local = local_identities(state, node_name);
-    let placement = placement(state);
-    let mut out = BTreeSet::new();
-    for (&(subject, peer, ..), e) in &state.policy {
-        let names_a_local_pair = e.allow && e.auth_required && local.contains(&subject);
-        if !names_a_local_pair || identity::is_reserved(peer) {
-            continue;
-        }
-        for node in placement.get(&peer).into_iter().flatten() {
-            out.insert(key(subject, peer, *node));
-        }
-    }
-    out
+/// What the pair rules consult, computed once per state (placement walks
+/// the whole ipcache; the manager checks every entry on every event).
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    local: BTreeSet<u32>,
+    placement: BTreeMap<u32, BTreeSet<u16>>,
+    my_node: Option<u16>,
+    node_ids: BTreeSet<u16>,
 }
 
-/// Why an auth entry may not (or no longer) stay in the map; `None` when it is
-/// justified: the local identity still runs here, the remote identity still
-/// runs on that node, the node is known, and policy still requires auth for
-/// the pair.
+impl View {
+    pub fn new(state: &NodeState, node_name: &str) -> View {
+        View {
+            local: local_identities(state, node_name),
+            placement: placement(state),
+            my_node: local_node_id(state, node_name),
+            node_ids: state
+                .nodes
+                .values()
+                .filter_map(|n| u16::try_from(n.node_id).ok())
+                .collect(),
+        }
+    }
+
+    /// The pairs a local workload will need before its first packet: every
+    /// allowing, auth-requiring policy entry naming a specific peer, times
+    /// every node where that peer runs. (Wildcard peers cannot be known in
+    /// advance; datapath signals cover them on demand.)
+    pub fn wanted(&self, state: &NodeState) -> BTreeSet<AuthKey> {
+        let mut out = BTreeSet::new();
+        for (&(subject, peer, ..), e) in &state.policy {
+            let names_a_local_pair = e.allow && e.auth_required && self.local.contains(&subject);
+            if !names_a_local_pair || identity::is_reserved(peer) {
+                continue;
+            }
+            for node in self.placement.get(&peer).into_iter().flatten() {
+                out.insert(key(subject, peer, *node));
+            }
+        }
+        out
+    }
+
+    /// Why an auth entry may not (or no longer) stay in the map; `None` when
+    /// it is justified: the local identity still runs here, the remote
+    /// identity still runs on that node, the node is known, and policy still
+    /// requires auth for the pair.
+    pub fn unjustified(&self, state: &NodeState, k: &AuthKey) -> Option<&'static str> {
+        if k.auth_type != auth_type::MTLS_SPIFFE {
+            return Some("unknown auth type");
+        }
+        if !self.local.contains(&k.local_id) {
+            return Some("the local identity has no workload on this node");
+        }
+        if !state.identities.contains_key(&k.remote_id) {
+            return Some("the remote identity is gone");
+        }
+        let on_node = self
+            .placement
+            .get(&k.remote_id)
+            .is_some_and(|nodes| nodes.contains(&k.remote_node_id));
+        if !on_node {
+            return Some("the remote identity no longer runs on that node");
+        }
+        if self.my_node != Some(k.remote_node_id) && !self.node_ids.contains(&k.remote_node_id) {
+            return Some("the remote node is gone");
+        }
+        if !auth_required(state, k.local_id, k.remote_id) {
+            return Some("no policy requires authentication for the pair");
+        }
+        None
+    }
+
+    pub fn local_node_id(&self) -> Option<u16> {
+        self.my_node
+    }
+
+    pub fn local(&self) -> &BTreeSet<u32> {
+        &self.local
+    }
+}
+
+/// [`View::wanted`] for a one-off question.
+pub fn wanted(state: &NodeState, node_name: &str) -> BTreeSet<AuthKey> {
+    View::new(state, node_name).wanted(state)
+}
+
+/// [`View::unjustified`] for a one-off question.
 pub fn unjustified(state: &NodeState, node_name: &str, k: &AuthKey) -> Option<&'static str> {
-    if k.auth_type != auth_type::MTLS_SPIFFE {
-        return Some("unknown auth type");
-    }
-    if !local_identities(state, node_name).contains(&k.local_id) {
-        return Some("the local identity has no workload on this node");
-    }
-    if !state.identities.contains_key(&k.remote_id) {
-        return Some("the remote identity is gone");
-    }
-    let on_node = placement(state)
-        .get(&k.remote_id)
-        .is_some_and(|nodes| nodes.contains(&k.remote_node_id));
-    if !on_node {
-        return Some("the remote identity no longer runs on that node");
-    }
-    let node_known = local_node_id(state, node_name) == Some(k.remote_node_id)
-        || state
-            .nodes
-            .values()
-            .any(|n| n.node_id == u32::from(k.remote_node_id));
-    if !node_known {
-        return Some("the remote node is gone");
-    }
-    if !auth_required(state, k.local_id, k.remote_id) {
-        return Some("no policy requires authentication for the pair");
-    }
-    None
+    View::new(state, node_name).unjustified(state, k)
 }
 
 #[cfg(test)]
