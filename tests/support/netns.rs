@@ -528,6 +528,12 @@ impl AgentProcess {
             .arg(&self.admin_socket)
             .output()
             .expect("node-agent cli");
+        if !out.status.success() {
+            eprintln!(
+                "node-agent {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

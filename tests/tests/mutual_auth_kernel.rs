@@ -121,6 +121,23 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) -> bool {
     s.write_all(msg).is_ok() && s.read_exact(&mut buf).is_ok() && buf == msg
 }
 
+/// True once the node's agent has pinned both programs' links for `pod`'s
+/// veth (the datapath attaches on its own schedule, independent of auth).
+fn attached(node: &keyway_tests::netns::Node, pod: &Pod) -> bool {
+    std::fs::read_dir(node.pin_dir.join("links"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{}@", pod.host_if))
+                })
+                .count()
+                == 2
+        })
+        .unwrap_or(false)
+}
+
 fn api_has_entry_for(agent: &AgentProcess, peer_sa: &str) -> bool {
     agent.auth_list().iter().any(|e| {
         e["local_spiffe_id"]
@@ -137,6 +154,12 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     let s = setup(&[]);
     echo_server(&s.api, 8080);
     let node_b = &s.agents[1];
+    let (na, nb) = (s.cluster.node("node-a").clone(), s.cluster.node("node-b").clone());
+    wait_until(
+        Duration::from_secs(30),
+        "both agents to attach to their pods",
+        || attached(&nb, &s.api) && attached(&na, &s.frontend) && attached(&na, &s.intruder),
+    );
     wait_until(
         Duration::from_secs(30),
         "api's agent to pre-authenticate frontend",
@@ -155,16 +178,48 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
         "no segment was retransmitted"
     );
     assert!(took < Duration::from_millis(900), "no SYN retry (took {took:?})");
-    wait_until(
-        Duration::from_secs(5),
-        "the flow reported as pre-authenticated",
-        || {
-            node_b
-                .observe(&["--verdict", "FORWARDED", "--port", "8080"])
-                .iter()
-                .any(|f| f["auth"] == "pre-authenticated" && f["source"]["ip"] == s.frontend.ip.to_string())
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows = node_b.observe(&["--port", "8080"]);
+        let reported = flows
+            .iter()
+            .any(|f| f["auth"] == "pre-authenticated" && f["source"]["ip"] == s.frontend.ip.to_string());
+        if reported {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let pin = s.cluster.node("node-b").pin_dir.clone();
+            let dump = |m: &str| {
+                std::process::Command::new("bpftool")
+                    .args(["map", "dump", "pinned"])
+                    .arg(pin.join(m))
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            panic!(
+                "no flow reported as pre-authenticated: flows {flows:#?}\nauth entries {:#?}\nflow table {}\nconfig {}\nlinks {:?}\nnet {}\nbpf {}",
+                node_b.auth_list(),
+                dump("KEYWAY_FLOW_TABLE"),
+                dump("KEYWAY_CONFIG"),
+                std::fs::read_dir(pin.join("links"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
+                keyway_tests::netns::run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &s.cluster.node("node-b").netns,
+                        "bpftool",
+                        "net",
+                        "show"
+                    ]
+                ),
+                keyway_tests::netns::run("ls", &["-la", "/sys/fs/bpf"]),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let drops = node_b.observe(&["--verdict", "DROPPED", "--port", "8080"]);
     assert!(drops.is_empty(), "nothing was dropped: {drops:?}");
 
@@ -197,6 +252,10 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
 fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
     let mut s = setup(&["--svid-ttl", "8s", "--ca-ttl", "60s"]);
     echo_server(&s.api, 8080);
+    let nb = s.cluster.node("node-b").clone();
+    wait_until(Duration::from_secs(30), "the datapath on api's veth", || {
+        attached(&nb, &s.api)
+    });
     wait_until(Duration::from_secs(30), "pre-authentication", || {
         api_has_entry_for(&s.agents[1], "frontend")
     });

@@ -226,9 +226,17 @@ impl Datapath {
     pub fn load(cfg: DatapathConfig) -> Result<Datapath, DatapathError> {
         let sys_bpf = Path::new("/sys/fs/bpf");
         if cfg.pin_dir.starts_with(sys_bpf) && !sys::is_bpffs(sys_bpf) {
-            info!("no BPF filesystem at /sys/fs/bpf; mounting one");
-            sys::mount_bpffs(sys_bpf)
-                .map_err(|e| DatapathError::io("mounting a BPF filesystem on /sys/fs/bpf", e))?;
+            // Checked again under a lock: two agents starting together must
+            // not stack two filesystems (the first one's pins would vanish).
+            sys::with_file_lock(Path::new("/run/keyway-bpffs.lock"), || {
+                if sys::is_bpffs(sys_bpf) {
+                    return Ok(());
+                }
+                info!("no BPF filesystem at /sys/fs/bpf; mounting one");
+                sys::mount_bpffs(sys_bpf)
+            })
+            .and_then(|r| r)
+            .map_err(|e| DatapathError::io("mounting a BPF filesystem on /sys/fs/bpf", e))?;
         }
         std::fs::create_dir_all(&cfg.pin_dir)
             .map_err(|e| DatapathError::io(format!("creating {}", cfg.pin_dir.display()), e))?;
@@ -525,6 +533,20 @@ impl Datapath {
                 ifaces.insert(iface.to_string());
             }
         }
+        // An attachment can go away under us (the link made defunct, another
+        // tool detaching it): check that both programs still sit on every
+        // interface we think is covered, and attach again where not.
+        let lost: Vec<String> = self
+            .status
+            .attached
+            .iter()
+            .filter(|i| ifaces.contains(*i) && !programs_attached(i))
+            .cloned()
+            .collect();
+        for iface in lost {
+            warn!(iface = %iface, "the datapath's programs are no longer attached here; attaching again");
+            self.detach(&iface);
+        }
         let gone: Vec<String> = self.status.attached.difference(&ifaces).cloned().collect();
         for iface in gone {
             info!(iface = %iface, "no local workload uses this interface any more; detaching");
@@ -583,6 +605,18 @@ impl Datapath {
     }
 }
 
+/// True when both programs are attached (TCX) to `iface`. A failed query
+/// (the interface is gone) counts as attached: the rescan's own bookkeeping
+/// handles vanished interfaces.
+fn programs_attached(iface: &str) -> bool {
+    PROGRAMS.iter().all(
+        |(name, attach_type, _)| match SchedClassifier::query_tcx(iface, *attach_type) {
+            Ok((_, programs)) => programs.iter().any(|p| p.name_as_str() == Some(*name)),
+            Err(_) => true,
+        },
+    )
+}
+
 /// What the rest of the agent gets from a running datapath.
 #[derive(Debug)]
 pub struct DatapathHandles {
@@ -619,18 +653,26 @@ pub fn start(
     let (status_tx, status_rx) = watch::channel(DatapathStatus::default());
     let config = dp.config();
 
-    tokio::spawn(events::drain(
-        signals_ring,
-        events::decode_signal,
-        events::signal_sink(signal_tx),
-        shutdown.clone(),
-    ));
-    tokio::spawn(events::drain(
-        flows_ring,
-        events::decode_flow,
-        events::flow_sink(flow_tx.clone()),
-        shutdown.clone(),
-    ));
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = events::drain(
+            signals_ring,
+            events::decode_signal,
+            events::signal_sink(signal_tx),
+            stop,
+        )
+        .await
+        {
+            tracing::error!(error = %e, ring = "signals", "the datapath's ring buffer can no longer be read");
+        }
+    });
+    let stop = shutdown.clone();
+    let sink = events::flow_sink(flow_tx.clone());
+    tokio::spawn(async move {
+        if let Err(e) = events::drain(flows_ring, events::decode_flow, sink, stop).await {
+            tracing::error!(error = %e, ring = "flows", "the datapath's ring buffer can no longer be read");
+        }
+    });
     let mut shutdown = shutdown;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(rescan);

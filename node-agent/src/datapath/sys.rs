@@ -65,3 +65,26 @@ pub fn mount_bpffs(path: &std::path::Path) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Runs `f` holding an exclusive `flock` on `path` (created if missing), so
+/// that agents and tests starting at once do not each mount a BPF
+/// filesystem over the other's.
+pub fn with_file_lock<T>(path: &std::path::Path, f: impl FnOnce() -> T) -> std::io::Result<T> {
+    use std::os::fd::AsRawFd;
+    static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: a valid open descriptor; the lock is released when it closes.
+    #[allow(unsafe_code, reason = "flock(2) has no std equivalent")]
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let out = f();
+    drop(file);
+    Ok(out)
+}
