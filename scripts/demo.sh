@@ -272,7 +272,7 @@ before=$(tcp_retransmits frontend)
 client frontend 1 2 | indent || die "frontend's first connection to api failed"
 after=$(tcp_retransmits frontend)
 [ "$before" = "$after" ] || die "frontend retransmitted $((after - before)) TCP segments"
-wait_for 5 "the flow on node-b" lines_match 1 "10.201.1.10:.*FORWARDED" observe_b --port 8080
+wait_for 5 "the flow on node-b" lines_match 1 "default/frontend (frontend) -> .*FORWARDED" observe_b --port 8080
 out=$(observe_b --port 8080 --verdict DROPPED --since "$(since "$T0")")
 [ -z "$out" ] || die "node-b dropped frontend's packets: $out"
 ok "first attempt, no TCP segment retransmitted (frontend's RetransSegs: $before -> $after), no drop on node-b"
@@ -282,7 +282,7 @@ observe_b --port 8080 --since "$(since "$T0")" | indent
 step "intruder -> api:8080 (service account 'other', label app=intruder: not in the policy's fromEndpoints)"
 T0=$(date +%s%3N)
 if client intruder 1 1 | indent; then die "the intruder got through"; fi
-wait_for 5 "a policy-denied flow" lines_match 1 "10.201.1.20:.*policy-denied" observe_b --port 8080
+wait_for 5 "a policy-denied flow" lines_match 1 "default/intruder (other) -> .*policy-denied" observe_b --port 8080
 say "node-agent observe --port 8080  (on node-b)"
 observe_b --port 8080 --since "$(since "$T0")" | indent
 ok "dropped in the kernel by policy; no authentication would help"
