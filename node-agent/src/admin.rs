@@ -3,7 +3,7 @@
 //! plane's admin socket.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -169,8 +169,4 @@ pub async fn connect(
         )
     })?;
     Ok(pb::agent_admin_client::AgentAdminClient::new(channel))
-}
-
-pub fn default_socket() -> PathBuf {
-    PathBuf::from(DEFAULT_SOCKET)
 }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyway_common::{direction, drop_reason};
+use keyway_common::drop_reason;
 use proto::keyway as pb;
 use tokio::sync::{broadcast, watch};
 
@@ -280,15 +280,6 @@ pub fn format_line(r: &pb::FlowRecord) -> String {
         line.push_str(&format!(" rule=\"{}\"", r.rule));
     }
     line
-}
-
-/// Which direction a hook judges, for callers holding a raw event.
-pub fn direction_of(f: &Flow) -> u8 {
-    if f.from_pod {
-        direction::EGRESS
-    } else {
-        direction::INGRESS
-    }
 }
 
 #[cfg(test)]

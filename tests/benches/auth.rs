@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -614,21 +614,7 @@ fn pod_workload(name: &str, app: &str, node: &str, pod: &Pod) -> String {
 }
 
 fn echo_server(pod: &Pod, port: u16) {
-    let ip = pod.ip;
-    let listener = in_netns(&pod.netns, move || TcpListener::bind((ip, port)).expect("bind"));
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut buf = [0u8; 256];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    keyway_tests::netns::tcp_echo(&pod.netns, pod.ip, port);
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -570,3 +570,46 @@ pub fn tcp_retransmits(ns: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("a number")
 }
+
+/// A TCP echo server on `ip:port` inside namespace `ns`, serving until the
+/// process ends.
+pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
+    use std::io::{Read, Write};
+    let listener = in_netns(ns, move || {
+        std::net::TcpListener::bind((ip, port)).expect("bind echo server")
+    });
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A TCP connection from namespace `ns` to `ip:port` (reads time out after 3 s).
+pub fn connect(
+    ns: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    in_netns(ns, move || {
+        let s = std::net::TcpStream::connect_timeout(&std::net::SocketAddr::from((ip, port)), timeout)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        Ok(s)
+    })
+}
+
+/// Sends `msg` and reads it back from an echo server.
+pub fn echo_round_trip(s: &mut std::net::TcpStream, msg: &[u8]) -> bool {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; msg.len()];
+    s.write_all(msg).is_ok() && s.read_exact(&mut buf).is_ok() && buf == msg
+}

@@ -4,13 +4,14 @@
 //! root); fails, never skips, without it.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyway_common::{AuthKey, auth_type, drop_reason, maps};
-use keyway_tests::netns::{Topology, enter_netns, in_netns, ping, sysctl};
+use keyway_tests::netns::{
+    Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo,
+};
 use keyway_tests::wait_until;
 use node_agent::datapath::{
     self, AuthMap, DatapathConfig, DatapathStatus, Flow, FlowKind, MissingAuth, PinnedAuthMap,
@@ -212,26 +213,6 @@ impl StateBuilder {
 
 // ---- traffic ----
 
-/// An echo server on `ip:port` inside `ns`, serving until the process ends.
-fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
-    let listener = in_netns(ns, move || {
-        TcpListener::bind((ip, port)).expect("bind echo server")
-    });
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
 fn udp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
     let sock = in_netns(ns, move || UdpSocket::bind((ip, port)).expect("bind udp echo"));
     std::thread::spawn(move || {
@@ -240,22 +221,6 @@ fn udp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
             let _ = sock.send_to(&buf[..n], from);
         }
     });
-}
-
-fn connect(ns: &str, ip: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
-    in_netns(ns, move || {
-        let s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), timeout)?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(s)
-    })
-}
-
-fn echo_round_trip(s: &mut TcpStream, msg: &[u8]) -> bool {
-    if s.write_all(msg).is_err() {
-        return false;
-    }
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).is_ok() && buf == msg
 }
 
 fn udp_round_trip(ns: &str, ip: Ipv4Addr, port: u16) -> bool {

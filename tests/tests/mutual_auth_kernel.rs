@@ -3,11 +3,10 @@
 //! --datapath`, pods behind veths, the control plane binary on node-a's
 //! underlay address, and real TCP. Needs root; fails without it.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use keyway_tests::netns::{AgentProcess, Cluster, Pod, in_netns, tcp_retransmits};
+use keyway_tests::netns::{AgentProcess, Cluster, Pod, echo_round_trip, tcp_echo, tcp_retransmits};
 use keyway_tests::{Binary, wait_until, workload_yaml};
 
 const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
@@ -91,34 +90,11 @@ fn setup(cp_flags: &[&str]) -> Setup {
 }
 
 fn echo_server(pod: &Pod, port: u16) {
-    let ip = pod.ip;
-    let listener = in_netns(&pod.netns, move || TcpListener::bind((ip, port)).expect("bind"));
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    tcp_echo(&pod.netns, pod.ip, port);
 }
 
 fn connect(from: &Pod, to: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
-    in_netns(&from.netns, move || {
-        let s = TcpStream::connect_timeout(&SocketAddr::from((to, port)), timeout)?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(s)
-    })
-}
-
-fn round_trip(s: &mut TcpStream, msg: &[u8]) -> bool {
-    let mut buf = vec![0u8; msg.len()];
-    s.write_all(msg).is_ok() && s.read_exact(&mut buf).is_ok() && buf == msg
+    keyway_tests::netns::connect(&from.netns, to, port, timeout)
 }
 
 /// True once the node's agent has pinned both programs' links for `pod`'s
@@ -171,7 +147,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     let t0 = Instant::now();
     let mut c = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("frontend -> api");
     let took = t0.elapsed();
-    assert!(round_trip(&mut c, b"first try"));
+    assert!(echo_round_trip(&mut c, b"first try"));
     assert_eq!(
         tcp_retransmits(&s.frontend.netns),
         before,
@@ -272,7 +248,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
         attempts += 1;
         match connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(2)) {
             Ok(mut c) => {
-                if !round_trip(&mut c, b"steady") {
+                if !echo_round_trip(&mut c, b"steady") {
                     failures.push(format!("{:?}: no echo", start.elapsed()));
                 }
             }
@@ -287,7 +263,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
             let node = s.cluster.node("node-b").clone();
             s.agents[1].kill9();
             assert!(
-                round_trip(&mut long_lived, b"agent down"),
+                echo_round_trip(&mut long_lived, b"agent down"),
                 "established flows survive the agent"
             );
             s.agents[1] = AgentProcess::spawn(
@@ -309,7 +285,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
         "{} of {attempts} connections failed: {failures:?}",
         failures.len()
     );
-    assert!(round_trip(&mut long_lived, b"still here"));
+    assert!(echo_round_trip(&mut long_lived, b"still here"));
     // The restarted agent took over the entries and re-authenticated them.
     wait_until(
         Duration::from_secs(15),

@@ -58,20 +58,6 @@ pub enum HandshakeError {
     Local(String),
 }
 
-impl HandshakeError {
-    /// A short, stable label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            HandshakeError::Connect { .. } => "connect",
-            HandshakeError::Tls { .. } => "tls",
-            HandshakeError::Refused(_) => "refused",
-            HandshakeError::Protocol(_) => "protocol",
-            HandshakeError::Timeout(_) => "timeout",
-            HandshakeError::Local(_) => "local",
-        }
-    }
-}
-
 /// What the dialer asks for after the TLS handshake.
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
