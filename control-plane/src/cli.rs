@@ -67,6 +67,9 @@ pub enum Command {
     /// Numeric identities.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Print the KeywayNetworkPolicy CustomResourceDefinition (YAML), as
+    /// generated from the Rust types and committed in the Helm chart.
+    Crd,
 }
 
 #[derive(Debug, Args)]
@@ -472,6 +475,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apply { file } => documents(socket, &file, Documents::Apply).await,
         Command::Delete { file } => documents(socket, &file, Documents::Delete).await,
+        Command::Crd => {
+            print!("{}", crate::kubernetes::crd::crd_yaml());
+            Ok(())
+        }
         Command::Identity(IdentityCommand::List { output }) => {
             let mut c = admin(socket).await?;
             let r = c

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod csr;
 pub mod jwt;
+pub mod kubernetes;
 pub mod policy;
 pub mod registry;
 pub mod server;

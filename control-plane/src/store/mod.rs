@@ -278,6 +278,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord>;
 
+    /// Registers a node attested without a join token (Kubernetes: a
+    /// projected service account token checked with TokenReview),
+    /// allocating its node id on first attestation, and logs the node SVID,
+    /// in one atomic step. Attesting again keeps the node id.
+    async fn register_node(&self, node: &str, now: i64, issued: &IssuanceRecord) -> StoreResult<NodeRecord>;
+
     async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()>;
     async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>>;
 
@@ -299,6 +305,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// node is registered.
     async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>>;
     async fn registry(&self) -> StoreResult<RegistrySnapshot>;
+
+    /// Changes written by other processes sharing this store (the other
+    /// replicas of a Kubernetes-backed store): the value grows whenever the
+    /// shared state (CA material or registry) changed underneath this
+    /// process. `None` for a store only this process writes.
+    fn subscribe_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Labels that vary between replicas of the same workload and so must not

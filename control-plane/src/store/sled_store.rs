@@ -79,6 +79,39 @@ fn read_u64(v: Option<sled::IVec>) -> u64 {
 
 type TxError = ConflictableTransactionError<StoreError>;
 
+/// Registers `node` inside a transaction: a new node gets the next node id,
+/// a known one keeps its id and gets a new attestation time.
+fn register_in(
+    nodes: &sled::transaction::TransactionalTree,
+    meta: &sled::transaction::TransactionalTree,
+    node: &str,
+    now: i64,
+) -> Result<NodeRecord, TxError> {
+    let record = match nodes.get(node.as_bytes())? {
+        Some(raw) => {
+            let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
+            rec.attested_at = now;
+            rec
+        }
+        None => {
+            let next = read_u64(meta.get(NEXT_NODE_ID)?).max(1);
+            let node_id = u16::try_from(next)
+                .map_err(|_| TxError::Abort(StoreError::Exhausted("all 65535 node ids are in use".into())))?;
+            meta.insert(NEXT_NODE_ID, &(next + 1).to_be_bytes())?;
+            NodeRecord {
+                name: node.to_owned(),
+                node_id,
+                attested_at: now,
+                addresses: Vec::new(),
+            }
+        }
+    };
+    nodes.insert(node.as_bytes(), encode(&record))?;
+    let rev = read_u64(meta.get(REVISION)?) + 1;
+    meta.insert(REVISION, &rev.to_be_bytes())?;
+    Ok(record)
+}
+
 fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> StoreResult<T> {
     match r {
         Ok(v) => Ok(v),
@@ -176,33 +209,22 @@ impl Store for SledStore {
                 token.consumed_at = Some(now);
                 tokens.insert(token_hash, encode(&token))?;
 
-                let record = match nodes.get(node.as_bytes())? {
-                    Some(raw) => {
-                        let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
-                        rec.attested_at = now;
-                        rec
-                    }
-                    None => {
-                        let next = read_u64(meta.get(NEXT_NODE_ID)?).max(1);
-                        let node_id = u16::try_from(next).map_err(|_| {
-                            TxError::Abort(StoreError::Exhausted("all 65535 node ids are in use".into()))
-                        })?;
-                        meta.insert(NEXT_NODE_ID, &(next + 1).to_be_bytes())?;
-                        NodeRecord {
-                            name: node.to_owned(),
-                            node_id,
-                            attested_at: now,
-                            addresses: Vec::new(),
-                        }
-                    }
-                };
-                nodes.insert(node.as_bytes(), encode(&record))?;
-                let rev = read_u64(meta.get(REVISION)?) + 1;
-                meta.insert(REVISION, &rev.to_be_bytes())?;
+                let record = register_in(nodes, meta, node, now)?;
                 issuance.insert(issued.serial.as_bytes(), encode(issued))?;
                 Ok(record)
             },
         );
+        let record = tx_result(result)?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    async fn register_node(&self, node: &str, now: i64, issued: &IssuanceRecord) -> StoreResult<NodeRecord> {
+        let result = (&self.nodes, &self.meta, &self.issuance).transaction(|(nodes, meta, issuance)| {
+            let record = register_in(nodes, meta, node, now)?;
+            issuance.insert(issued.serial.as_bytes(), encode(issued))?;
+            Ok(record)
+        });
         let record = tx_result(result)?;
         self.flush().await?;
         Ok(record)

@@ -1,0 +1,186 @@
+//! The `KeywayNetworkPolicy` custom resource (group `keyway.dev`, version
+//! `v1alpha1`), defined once here in Rust. The CRD manifest in the Helm chart
+//! is generated from these types (`control-plane crd`), and a test fails when
+//! the committed manifest drifts from them.
+//!
+//! The schema is deliberately structural rather than semantic: the API server
+//! checks shapes and types, and the control plane checks meaning with the
+//! same validator standalone `apply` uses ([`crate::registry::policy_spec`]),
+//! reporting what it refused as a status condition on the object.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Spec of a KeywayNetworkPolicy: shaped like a CiliumNetworkPolicy's, so a
+/// policy moves over by changing apiVersion and kind.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "keyway.dev",
+    version = "v1alpha1",
+    kind = "KeywayNetworkPolicy",
+    plural = "keywaynetworkpolicies",
+    shortname = "knp",
+    namespaced,
+    status = "KeywayNetworkPolicyStatus",
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KeywayNetworkPolicySpec {
+    /// The endpoints (pods) in the policy's namespace this policy applies to.
+    /// `{}` selects every endpoint in the namespace.
+    pub endpoint_selector: LabelSelector,
+    /// Rules for traffic into the selected endpoints. Present (even empty)
+    /// means default deny for ingress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<IngressRule>>,
+    /// Rules for traffic out of the selected endpoints. Present (even empty)
+    /// means default deny for egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<EgressRule>>,
+}
+
+/// A Kubernetes label selector. Keys may carry a `k8s:` source prefix and use
+/// the pseudo labels `io.kubernetes.pod.namespace` and
+/// `io.kubernetes.pod.serviceaccount`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_expressions: Option<Vec<LabelSelectorRequirement>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    /// In, NotIn, Exists or DoesNotExist.
+    pub operator: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+}
+
+/// Whether traffic a rule allows must also be mutually authenticated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Authentication {
+    /// `required` or `disabled` (the default).
+    pub mode: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_endpoints: Option<Vec<LabelSelector>>,
+    /// world, host, remote-node, cluster or all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_entities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ports: Option<Vec<PortRule>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_endpoints: Option<Vec<LabelSelector>>,
+    /// world, host, remote-node, cluster or all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_entities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ports: Option<Vec<PortRule>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PortRule {
+    pub ports: Vec<PortProtocol>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PortProtocol {
+    /// A port number as a string ("8080"), or "0" for any port.
+    pub port: String,
+    /// TCP (default), UDP, SCTP, ICMP or ANY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// What the control plane made of the policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct KeywayNetworkPolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition in the Kubernetes convention. Keyway sets one, `Valid`:
+/// `True` with reason `Compiled` when the policy is enforced, `False` with
+/// reason `InvalidSpec` and the validator's message when it is refused (then
+/// the policy changes nothing: the last valid version, if any, stays in force).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339.
+    pub last_transition_time: String,
+}
+
+/// The CRD manifest as YAML, exactly as committed in the chart
+/// (`charts/keyway/crds/keywaynetworkpolicies.yaml`).
+pub fn crd_yaml() -> String {
+    let crd = KeywayNetworkPolicy::crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD serializes to YAML");
+    format!(
+        "# Generated from control-plane/src/kubernetes/crd.rs by `control-plane crd`; do not edit.\n\
+         # A test fails when this file and the Rust types drift apart.\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_names_and_scope() {
+        let crd = KeywayNetworkPolicy::crd();
+        assert_eq!(crd.spec.group, "keyway.dev");
+        assert_eq!(crd.spec.names.kind, "KeywayNetworkPolicy");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.versions[0].name, "v1alpha1");
+        assert!(crd.spec.versions[0].subresources.as_ref().is_some_and(|s| s.status.is_some()));
+    }
+
+    #[test]
+    fn spec_serializes_to_the_standalone_document_shape() {
+        let yaml = r#"
+endpointSelector: { matchLabels: { app: api } }
+ingress:
+  - authentication: { mode: required }
+    fromEndpoints:
+      - matchLabels: { app: frontend }
+    toPorts:
+      - ports: [{ port: "8080", protocol: TCP }]
+"#;
+        let spec: KeywayNetworkPolicySpec = serde_yaml::from_str(yaml).unwrap();
+        let value = serde_yaml::to_value(&spec).unwrap();
+        let compiled = crate::registry::policy_spec(value).unwrap();
+        assert_eq!(compiled.ingress.as_ref().map(Vec::len), Some(1));
+        assert!(compiled.egress.is_none(), "an absent egress list must stay absent");
+    }
+}
