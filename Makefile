@@ -6,13 +6,15 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 TIER_DIR := target/tiers
 # Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
-TIERS := lint unit integration datapath
+TIERS := lint unit integration datapath kubernetes
 # Test files of the privileged tier (root: namespaces, veths, BPF programs).
 PRIVILEGED_TESTS := datapath mutual_auth_kernel
+# Test files of the Kubernetes tier (a real kube-apiserver on 127.0.0.1).
+KUBERNETES_TESTS := $(basename $(notdir $(wildcard tests/tests/k8s_*.rs)))
 # Every other integration test file.
-INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
+INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS) $(KUBERNETES_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
-.PHONY: all setup build test lint unit integration datapath bench demo clean-tiers print-tiers
+.PHONY: all setup build test lint unit integration datapath kubernetes bench demo clean-tiers print-tiers
 
 all: build
 
@@ -55,7 +57,15 @@ datapath: setup
 	$(CARGO) test -p keyway-tests $(addprefix --test ,$(PRIVILEGED_TESTS))
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/datapath
 
-test: clean-tiers lint unit integration datapath
+# Tier: Kubernetes mode against a real kube-apiserver with etcd on 127.0.0.1,
+# built once from Debian's source package and cached (scripts/kube-apiserver.sh).
+# Fails, never skips, when the apiserver cannot be built or started.
+kubernetes: setup
+	$(CARGO) build --workspace --bins
+	bash scripts/with-kube-apiserver.sh $(CARGO) test -p keyway-tests $(addprefix --test ,$(KUBERNETES_TESTS))
+	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/kubernetes
+
+test: clean-tiers lint unit integration datapath kubernetes
 	@echo "tiers run: $$(ls $(TIER_DIR) | tr '\n' ' ')"
 
 bench: setup
