@@ -192,8 +192,9 @@ impl AgentApi for AgentService {
                     .attest_join_token(&jt.token, &jt.node_name, &req.csr)
                     .await
             }
+            Some(Method::Kubernetes(k)) => self.cp.attest_kubernetes(&k.token, &k.node_name, &req.csr).await,
             None => Err(ApiError::InvalidArgument(
-                "attestation method missing: send a join token".into(),
+                "attestation method missing: send a join token or a Kubernetes service account token".into(),
             )),
         };
         match result {

@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Join tokens for node attestation.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -91,14 +91,45 @@ pub struct ServeArgs {
     /// Lifetime of each signing CA (rotation runs at 1/2 and 5/6 of it).
     #[arg(long, default_value = "365d")]
     pub ca_ttl: String,
-    /// Watch a Kubernetes cluster for workloads and policy.
+    /// Watch a Kubernetes cluster for workloads and policy (in-cluster
+    /// config, or KUBECONFIG), and accept service account token attestation.
     #[arg(long)]
     pub kubernetes: bool,
+    /// Where durable state lives: `sled` (embedded, in --data-dir; one
+    /// replica) or `kubernetes` (a Secret and ConfigMaps in --namespace;
+    /// several replicas with Lease leader election; needs --kubernetes).
+    #[arg(long, value_enum, env = "KEYWAY_STORE", default_value = "sled")]
+    pub store: StoreKind,
+    /// Kubernetes mode: the namespace of the control plane's own objects
+    /// (CA Secret, state ConfigMaps, Lease, the keyway-bundle ConfigMap).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "keyway-system")]
+    pub namespace: String,
+    /// Kubernetes mode: this replica's name in the Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub holder_identity: Option<String>,
+    /// Kubernetes mode: the node agent's service account, NAMESPACE/NAME;
+    /// only its pods' tokens attest nodes.
+    #[arg(
+        long,
+        env = "KEYWAY_AGENT_SERVICE_ACCOUNT",
+        default_value = "keyway-system/keyway-node-agent"
+    )]
+    pub agent_service_account: String,
+    /// Kubernetes mode with replicas: the Lease they elect a leader with.
+    #[arg(long, default_value = "keyway-control-plane")]
+    pub lease_name: String,
     /// Sign as an intermediate of this upstream CA (PEM; its chain may follow).
     #[arg(long, requires = "upstream_ca_key")]
     pub upstream_ca_cert: Option<PathBuf>,
     #[arg(long, requires = "upstream_ca_cert")]
     pub upstream_ca_key: Option<PathBuf>,
+}
+
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Sled,
+    Kubernetes,
 }
 
 #[derive(Debug, Subcommand)]
@@ -236,10 +267,8 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result<()> {
     let config = args.config(admin_socket)?;
-    if config.kubernetes {
-        bail!(
-            "--kubernetes: Kubernetes mode is not part of this build yet; run in standalone mode (without --kubernetes) and use `control-plane apply`"
-        );
+    if args.store == StoreKind::Kubernetes && !config.kubernetes {
+        bail!("--store kubernetes needs --kubernetes (the state lives in the cluster)");
     }
     let effective = config.effective_svid_ttl(config.svid_ttl);
     if effective < config.svid_ttl {
@@ -261,7 +290,28 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         upstream = upstream.is_some(),
         "starting control plane"
     );
-    let store = Arc::new(SledStore::open(&config.data_dir)?);
+    let kube_client = if config.kubernetes {
+        Some(kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!(
+                "--kubernetes: cannot build a Kubernetes client (no in-cluster service account and no usable KUBECONFIG): {e}"
+            )
+        })?)
+    } else {
+        None
+    };
+    let holder = args
+        .holder_identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("control-plane-{}", std::process::id()));
+    let store: Arc<dyn crate::store::Store> = match (args.store, &kube_client) {
+        (StoreKind::Kubernetes, Some(client)) => Arc::new(
+            crate::store::KubeStore::open(client.clone(), &args.namespace, &holder)
+                .await
+                .map_err(|e| anyhow::anyhow!("--store kubernetes: {e}"))?,
+        ),
+        _ => Arc::new(SledStore::open(&config.data_dir)?),
+    };
     let ca_cfg = CaConfig {
         trust_domain: config.trust_domain.clone(),
         ca_ttl: config.ca_ttl,
@@ -280,6 +330,22 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         let rx = stop_rx.clone();
         async move { cp.run_schedule(rx).await }
     });
+    let kubernetes = match kube_client {
+        Some(client) => {
+            let k8s = crate::kubernetes::Options {
+                namespace: args.namespace.clone(),
+                holder_identity: holder.clone(),
+                agent_service_account: args.agent_service_account.clone(),
+                lease_name: args.lease_name.clone(),
+                replicas: args.store == StoreKind::Kubernetes,
+            };
+            Some(
+                crate::kubernetes::start(cp.clone(), client, k8s, stop_rx.clone())
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
     info!(listen = %config.listen, "control plane ready");
     wait_for_signal().await;
     info!("shutting down: draining connections (10s deadline)");
@@ -290,6 +356,9 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         }
         let _ = admin.await;
         let _ = schedule.await;
+        if let Some(k8s) = kubernetes {
+            k8s.await;
+        }
     };
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
@@ -364,7 +433,7 @@ async fn documents(socket: Option<PathBuf>, file: &Path, op: Documents) -> anyho
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.admin_socket.clone();
     match cli.command {
-        Command::Serve(args) => serve(args, socket).await,
+        Command::Serve(args) => serve(*args, socket).await,
         Command::Token(TokenCommand::Create { node, ttl }) => {
             let ttl = duration_flag("ttl", &ttl).map_err(anyhow::Error::msg)?;
             let mut c = admin(socket).await?;

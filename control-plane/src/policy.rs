@@ -20,6 +20,9 @@ use crate::store::{IdentityRecord, PolicyRecord};
 
 /// Pseudo label: the identity's namespace (Cilium's name for it).
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+/// Prefix of the labels every Kubernetes workload carries for its
+/// namespace's labels (what a NetworkPolicy `namespaceSelector` matches).
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.kubernetes.pod.namespace.labels.";
 /// Pseudo label: the identity's service account.
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.kubernetes.pod.serviceaccount";
 
@@ -125,8 +128,9 @@ impl Selector {
     /// True when the selector says which namespaces it picks from; otherwise
     /// a peer selector picks from the policy's own namespace only.
     pub fn constrains_namespace(&self) -> bool {
-        self.match_labels.contains_key(NAMESPACE_LABEL)
-            || self.match_expressions.iter().any(|r| r.key == NAMESPACE_LABEL)
+        let about_namespace = |k: &str| k == NAMESPACE_LABEL || k.starts_with(NAMESPACE_LABELS_PREFIX);
+        self.match_labels.keys().any(|k| about_namespace(k))
+            || self.match_expressions.iter().any(|r| about_namespace(&r.key))
     }
 }
 

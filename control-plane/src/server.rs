@@ -17,8 +17,11 @@ use crate::ca::{self, Authority, CaConfig, Issued, Step};
 use crate::config::Config;
 use crate::csr;
 use crate::registry;
+use std::collections::{HashMap, HashSet};
+
 use crate::store::{
-    ApplyOutcome, CaPhase, CaState, IssuanceRecord, JoinTokenRecord, NodeRecord, Store, StoreError,
+    ApplyOutcome, CaPhase, CaState, DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, NodeRecord,
+    PolicyRecord, Store, StoreError, WorkloadRecord,
 };
 use crate::sync::Cluster;
 
@@ -108,6 +111,10 @@ struct Inner {
     /// Serialises registry writes so each published snapshot is consistent.
     registry_lock: Mutex<()>,
     own_cert: watch::Sender<Option<Arc<CertifiedKey>>>,
+    /// Kubernetes mode: checks agents' service account tokens.
+    token_reviewer: std::sync::OnceLock<crate::kubernetes::attest::TokenReviewer>,
+    /// With replicas: whether this one leads (rotates the CA, reconciles).
+    leader: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 /// The running control plane. Cheap to clone.
@@ -165,6 +172,8 @@ impl ControlPlane {
                 registry,
                 registry_lock: Mutex::new(()),
                 own_cert,
+                token_reviewer: std::sync::OnceLock::new(),
+                leader: std::sync::OnceLock::new(),
             }),
         };
         cp.renew_own_svid().await?;
@@ -193,6 +202,73 @@ impl ControlPlane {
 
     pub fn own_cert(&self) -> watch::Receiver<Option<Arc<CertifiedKey>>> {
         self.inner.own_cert.subscribe()
+    }
+
+    /// Accepts Kubernetes service account tokens for node attestation.
+    pub fn enable_kubernetes_attestation(&self, reviewer: crate::kubernetes::attest::TokenReviewer) {
+        let _ = self.inner.token_reviewer.set(reviewer);
+    }
+
+    /// Makes CA rotation and manual rotation steps follow this leadership
+    /// (replicas sharing a store). Without it this process always leads.
+    pub fn follow_leadership(&self, leader: watch::Receiver<bool>) {
+        let _ = self.inner.leader.set(leader);
+    }
+
+    /// Whether this replica leads (always, when it runs alone).
+    pub fn is_leader(&self) -> bool {
+        self.inner.leader.get().is_none_or(|l| *l.borrow())
+    }
+
+    /// Applies changes other replicas made to a shared store (CA rotation
+    /// steps, registry changes) until `shutdown`. Returns at once for a
+    /// store only this process writes.
+    pub async fn follow_store(&self, mut shutdown: watch::Receiver<bool>) {
+        let Some(mut changes) = self.inner.store.subscribe_changes() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.reload_shared().await {
+                warn!(error = %e, "cannot load what another replica changed; retrying on the next change");
+            }
+        }
+    }
+
+    async fn reload_shared(&self) -> Result<(), ApiError> {
+        if let Some(state) = self.inner.store.load_ca().await? {
+            let _guard = self.inner.ca_lock.lock().await;
+            let current = self.authority();
+            if current.state().bundle_sequence != state.bundle_sequence
+                || current.active_id()
+                    != Authority::new(
+                        self.inner.cfg.trust_domain.clone(),
+                        state.clone(),
+                        self.inner.ca_cfg.max_svid_ttl(),
+                    )?
+                    .active_id()
+            {
+                let next = Arc::new(Authority::new(
+                    self.inner.cfg.trust_domain.clone(),
+                    state,
+                    self.inner.ca_cfg.max_svid_ttl(),
+                )?);
+                let activated = next.active_id() != current.active_id();
+                info!(
+                    sequence = next.state().bundle_sequence,
+                    "loaded a CA change made by another replica"
+                );
+                self.publish_authority(next);
+                if activated {
+                    self.renew_own_svid().await?;
+                }
+            }
+        }
+        let _guard = self.inner.registry_lock.lock().await;
+        self.refresh_registry().await
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -292,6 +368,54 @@ impl ControlPlane {
             node,
             node_id = node_rec.node_id,
             "node attested with a join token"
+        );
+        Ok(NodeSvid {
+            spiffe_id: id,
+            issued,
+            node: node_rec,
+        })
+    }
+
+    /// Kubernetes attestation: a projected service account token bound to a
+    /// node-agent pod, checked with TokenReview; issues the SVID of the node
+    /// the pod is scheduled to.
+    pub async fn attest_kubernetes(
+        &self,
+        token: &str,
+        node: &str,
+        csr_der: &[u8],
+    ) -> Result<NodeSvid, ApiError> {
+        let Some(reviewer) = self.inner.token_reviewer.get() else {
+            return Err(ApiError::FailedPrecondition(
+                "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token"
+                    .into(),
+            ));
+        };
+        spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let public_key = csr::check(csr_der, &id.to_string())?;
+        let pod = reviewer.review(token, node).await?;
+        let now = now_unix();
+        let issued = self
+            .authority()
+            .issue(&public_key, &id, self.inner.cfg.node_svid_ttl, now)?;
+        let record = IssuanceRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: id.to_string(),
+            requester: node.to_owned(),
+            ca_id: issued.ca_id.clone(),
+            issued_at: now,
+            not_after: issued.not_after,
+        };
+        let _guard = self.inner.registry_lock.lock().await;
+        let node_rec = self.inner.store.register_node(node, now, &record).await?;
+        self.refresh_registry().await?;
+        info!(
+            node,
+            node_id = node_rec.node_id,
+            pod = %format!("{}/{}", pod.namespace, pod.name),
+            "node attested with a Kubernetes service account token"
         );
         Ok(NodeSvid {
             spiffe_id: id,
@@ -473,6 +597,11 @@ impl ControlPlane {
     /// Runs one rotation step now (manual `ca prepare` / `ca activate`, or
     /// the scheduler).
     pub async fn rotate(&self, step: Step) -> Result<Arc<Authority>, ApiError> {
+        if !self.is_leader() {
+            return Err(ApiError::FailedPrecondition(
+                "this replica is not the leader; CA rotation steps run on the leader (see the Lease's holderIdentity)".into(),
+            ));
+        }
         let _guard = self.inner.ca_lock.lock().await;
         let current = self.authority();
         let next_state: CaState = ca::apply_step(&self.inner.ca_cfg, current.state(), &step, now_unix())?;
@@ -511,7 +640,8 @@ impl ControlPlane {
             let wait_ca = wait_ca.min(Duration::from_secs(60));
             tokio::select! {
                 _ = tokio::time::sleep(wait_ca) => {
-                    if let Some((step, due)) = ca::next_step(self.authority().state(), self.inner.ca_cfg.max_svid_ttl())
+                    if self.is_leader()
+                        && let Some((step, due)) = ca::next_step(self.authority().state(), self.inner.ca_cfg.max_svid_ttl())
                         && due <= now_unix()
                             && let Err(e) = self.rotate(step.clone()).await {
                                 warn!(?step, error = %e, "scheduled CA rotation step failed; retrying in a minute");
@@ -535,6 +665,7 @@ impl ControlPlane {
     /// Applies Workload and KeywayNetworkPolicy documents: all of them, or
     /// none when any is invalid.
     pub async fn apply(&self, yaml: &str) -> Result<ApplyOutcome, ApiError> {
+        self.refuse_in_kubernetes_mode()?;
         let docs = registry::parse_documents(
             yaml,
             &self.inner.cfg.trust_domain,
@@ -553,9 +684,88 @@ impl ControlPlane {
     /// the same one; agents stop receiving an identity once no workload uses
     /// it.
     pub async fn delete(&self, yaml: &str) -> Result<ApplyOutcome, ApiError> {
+        self.refuse_in_kubernetes_mode()?;
         let refs = registry::parse_refs(yaml).map_err(ApiError::InvalidArgument)?;
         let _guard = self.inner.registry_lock.lock().await;
         let outcome = self.inner.store.delete(refs).await?;
+        self.refresh_registry().await?;
+        Ok(outcome)
+    }
+
+    fn refuse_in_kubernetes_mode(&self) -> Result<(), ApiError> {
+        if self.inner.cfg.kubernetes {
+            return Err(ApiError::FailedPrecondition(
+                "this control plane runs in Kubernetes mode: workloads come from Pods and policies from \
+                 KeywayNetworkPolicy/NetworkPolicy objects; use kubectl apply"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes the stored workloads and policies equal `workloads` and
+    /// `policies` (Kubernetes mode: what the watchers see), writing only the
+    /// difference. Identities of removed workloads stay allocated.
+    pub async fn reconcile(
+        &self,
+        workloads: Vec<WorkloadRecord>,
+        policies: Vec<PolicyRecord>,
+    ) -> Result<ApplyOutcome, ApiError> {
+        let _guard = self.inner.registry_lock.lock().await;
+        let stored = self.inner.store.registry().await?;
+        let normalise = |w: &WorkloadRecord| WorkloadRecord {
+            identity: 0,
+            ..w.clone()
+        };
+        let stored_workloads: HashMap<String, WorkloadRecord> =
+            stored.workloads.iter().map(|w| (w.key(), normalise(w))).collect();
+        let stored_policies: HashMap<String, &PolicyRecord> =
+            stored.policies.iter().map(|p| (p.key(), p)).collect();
+        let wanted_w: HashSet<String> = workloads.iter().map(WorkloadRecord::key).collect();
+        let wanted_p: HashSet<String> = policies.iter().map(PolicyRecord::key).collect();
+        let upsert_w: Vec<WorkloadRecord> = workloads
+            .into_iter()
+            .filter(|w| stored_workloads.get(&w.key()) != Some(&normalise(w)))
+            .collect();
+        let upsert_p: Vec<PolicyRecord> = policies
+            .into_iter()
+            .filter(|p| stored_policies.get(&p.key()).is_none_or(|s| *s != p))
+            .collect();
+        let mut deletes: Vec<DocumentRef> = stored
+            .workloads
+            .iter()
+            .filter(|w| !wanted_w.contains(&w.key()))
+            .map(|w| DocumentRef {
+                kind: DocumentKind::Workload,
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+            })
+            .collect();
+        deletes.extend(
+            stored
+                .policies
+                .iter()
+                .filter(|p| !wanted_p.contains(&p.key()))
+                .map(|p| DocumentRef {
+                    kind: DocumentKind::KeywayNetworkPolicy,
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                }),
+        );
+        let mut outcome = ApplyOutcome {
+            changes: Vec::new(),
+            revision: stored.revision,
+        };
+        if !upsert_w.is_empty() || !upsert_p.is_empty() {
+            let applied = self.inner.store.apply(upsert_w, upsert_p).await?;
+            outcome.changes.extend(applied.changes);
+            outcome.revision = applied.revision;
+        }
+        if !deletes.is_empty() {
+            let deleted = self.inner.store.delete(deletes).await?;
+            outcome.changes.extend(deleted.changes);
+            outcome.revision = deleted.revision;
+        }
         self.refresh_registry().await?;
         Ok(outcome)
     }

@@ -27,6 +27,9 @@ pub struct AgentConfig {
     pub node_name: String,
     pub data_dir: PathBuf,
     pub join_token: Option<String>,
+    /// Kubernetes: the projected service account token (audience `keyway`)
+    /// to attest with instead of a join token.
+    pub k8s_token_file: Option<PathBuf>,
     pub socket: PathBuf,
     pub netns_dir: PathBuf,
     pub proc_root: PathBuf,
@@ -64,21 +67,27 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
         info!(spiffe_id = %svid.spiffe_id(), "using the stored node SVID");
         return Ok(svid);
     }
-    let token = cfg.join_token.as_deref().ok_or_else(|| {
-        AgentError::Config(format!(
-            "no valid node SVID in {} and no --join-token: create one with `control-plane token create --node {}`",
-            cfg.data_dir.display(),
-            cfg.node_name
-        ))
-    })?;
+    let how = match (&cfg.k8s_token_file, &cfg.join_token) {
+        (Some(path), _) => control_plane::Attestation::KubernetesToken(path.clone()),
+        (None, Some(token)) => control_plane::Attestation::JoinToken(token.clone()),
+        (None, None) => {
+            return Err(AgentError::Config(format!(
+                "no valid node SVID in {} and no way to attest: pass --join-token (create one with \
+                 `control-plane token create --node {}`) or, on Kubernetes, --k8s-token-file",
+                cfg.data_dir.display(),
+                cfg.node_name
+            )));
+        }
+    };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut attempts = 0;
     let id = loop {
-        match control_plane::attest_with_join_token(&cfg.server, bundle.clone(), &cfg.node_name, token).await
-        {
+        match control_plane::attest(&cfg.server, bundle.clone(), &cfg.node_name, &how).await {
             Ok(id) => break id,
             // A refusal is final (the token is bad); a connection error is retried.
-            Err(e @ ClientError::Refused(_)) => return Err(AgentError::Attestation(e)),
+            Err(e @ (ClientError::Refused(_) | ClientError::Credential(_))) => {
+                return Err(AgentError::Attestation(e));
+            }
             Err(e) if attempts >= 20 => return Err(AgentError::Attestation(e)),
             Err(e) => {
                 attempts += 1;
@@ -89,7 +98,7 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
     };
     node_svid::save_svid(&cfg.data_dir, &id.svid)?;
     node_svid::save_bundle(&cfg.data_dir, &id.bundle)?;
-    info!(spiffe_id = %id.svid.spiffe_id(), node_id = id.node_id, "attested with a join token");
+    info!(spiffe_id = %id.svid.spiffe_id(), node_id = id.node_id, "attested with {}", how.describe());
     Ok(id.svid)
 }
 

@@ -133,8 +133,13 @@ pub struct RunArgs {
     #[arg(long, env = "KEYWAY_DATA_DIR", default_value = "/var/lib/keyway/agent")]
     pub data_dir: PathBuf,
     /// Single-use join token (only needed when no valid node SVID is stored).
-    #[arg(long, env = "KEYWAY_JOIN_TOKEN")]
+    #[arg(long, env = "KEYWAY_JOIN_TOKEN", conflicts_with = "k8s_token_file")]
     pub join_token: Option<String>,
+    /// Kubernetes: attest with this projected service account token
+    /// (audience `keyway`, bound to this agent's pod) instead of a join
+    /// token. Read at every attempt, since the kubelet rotates it.
+    #[arg(long, env = "KEYWAY_K8S_TOKEN_FILE")]
+    pub k8s_token_file: Option<PathBuf>,
     #[arg(long, env = "KEYWAY_AGENT_SOCKET", default_value = workload_client::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// The mutual-auth port peer agents dial (0: any free port, for tests).
@@ -181,6 +186,7 @@ impl RunArgs {
             node_name: self.node_name.clone(),
             data_dir: self.data_dir.clone(),
             join_token: self.join_token.clone(),
+            k8s_token_file: self.k8s_token_file.clone(),
             socket: self.socket.clone(),
             netns_dir: self.netns_dir.clone(),
             proc_root: PathBuf::from("/proc"),

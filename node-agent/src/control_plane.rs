@@ -25,6 +25,8 @@ pub enum ClientError {
     BadResponse(String),
     #[error("key generation failed: {0}")]
     Key(String),
+    #[error("{0}")]
+    Credential(String),
 }
 
 impl From<tonic::Status> for ClientError {
@@ -109,6 +111,49 @@ pub async fn channel(
         })
 }
 
+/// How a node proves who it is the first time (or after its node SVID expired).
+#[derive(Debug, Clone)]
+pub enum Attestation {
+    /// A single-use join token from `control-plane token create`.
+    JoinToken(String),
+    /// A projected service account token (audience `keyway`) read from this
+    /// file at every attempt: the kubelet rotates it.
+    KubernetesToken(std::path::PathBuf),
+}
+
+impl Attestation {
+    /// How the log and errors name it.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Attestation::JoinToken(_) => "a join token",
+            Attestation::KubernetesToken(_) => "a Kubernetes service account token",
+        }
+    }
+
+    fn method(&self, node_name: &str) -> Result<pb::attest_request::Method, ClientError> {
+        Ok(match self {
+            Attestation::JoinToken(token) => {
+                pb::attest_request::Method::JoinToken(pb::JoinTokenAttestation {
+                    token: token.clone(),
+                    node_name: node_name.to_owned(),
+                })
+            }
+            Attestation::KubernetesToken(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::Credential(format!(
+                        "--k8s-token-file {}: cannot read the projected service account token: {e}",
+                        path.display()
+                    ))
+                })?;
+                pb::attest_request::Method::Kubernetes(pb::KubernetesAttestation {
+                    token: token.trim().to_owned(),
+                    node_name: node_name.to_owned(),
+                })
+            }
+        })
+    }
+}
+
 /// Attests with a single-use join token and returns the node SVID.
 pub async fn attest_with_join_token(
     server: &str,
@@ -116,15 +161,28 @@ pub async fn attest_with_join_token(
     node_name: &str,
     token: &str,
 ) -> Result<NodeIdentity, ClientError> {
+    attest(
+        server,
+        bundle,
+        node_name,
+        &Attestation::JoinToken(token.to_owned()),
+    )
+    .await
+}
+
+/// Attests and returns the node SVID.
+pub async fn attest(
+    server: &str,
+    bundle: Arc<TrustBundle>,
+    node_name: &str,
+    how: &Attestation,
+) -> Result<NodeIdentity, ClientError> {
     let (_tx, rx) = watch::channel(bundle);
     let mut client = AgentApiClient::new(channel(server, rx, None).await?);
     let (key, csr) = keyway_identity::csr::generate().map_err(|e| ClientError::Key(e.to_string()))?;
     let resp = client
         .attest(pb::AttestRequest {
-            method: Some(pb::attest_request::Method::JoinToken(pb::JoinTokenAttestation {
-                token: token.to_owned(),
-                node_name: node_name.to_owned(),
-            })),
+            method: Some(how.method(node_name)?),
             csr,
         })
         .await?

@@ -15,10 +15,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus, ServiceAccount, Container, PodIP};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodIP, PodSpec, PodStatus, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{AuthInfo, Kubeconfig, KubeConfigOptions};
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 
 #[derive(Debug)]
 pub struct Cluster {
@@ -71,7 +71,11 @@ pub fn cluster() -> &'static Cluster {
 
 /// A name no other test in this run uses: `prefix-<pid>-<n>`.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl Cluster {
@@ -123,7 +127,9 @@ impl Cluster {
             },
             ..Default::default()
         };
-        api.create(&PostParams::default(), &ns).await.expect("create namespace");
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
         name
     }
 
@@ -136,11 +142,19 @@ impl Cluster {
             },
             ..Default::default()
         };
-        api.create(&PostParams::default(), &sa).await.expect("create service account")
+        api.create(&PostParams::default(), &sa)
+            .await
+            .expect("create service account")
     }
 
     /// A token for service account `ns/sa` (TokenRequest), optionally bound to a pod.
-    pub async fn sa_token(&self, ns: &str, sa: &str, audiences: &[&str], bound_pod: Option<(&str, &str)>) -> String {
+    pub async fn sa_token(
+        &self,
+        ns: &str,
+        sa: &str,
+        audiences: &[&str],
+        bound_pod: Option<(&str, &str)>,
+    ) -> String {
         let api: Api<ServiceAccount> = Api::namespaced(self.admin().await, ns);
         let req = TokenRequest {
             spec: TokenRequestSpec {
@@ -180,7 +194,12 @@ pub async fn create_pod(client: &kube::Client, ns: &str, opts: PodSpecOpts<'_>) 
     let pod = Pod {
         metadata: ObjectMeta {
             name: Some(opts.name.into()),
-            labels: Some(opts.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            labels: Some(
+                opts.labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -196,7 +215,10 @@ pub async fn create_pod(client: &kube::Client, ns: &str, opts: PodSpecOpts<'_>) 
         }),
         ..Default::default()
     };
-    let created = api.create(&PostParams::default(), &pod).await.expect("create pod");
+    let created = api
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
     if let Some(ip) = opts.ip {
         let status = serde_json::json!({
             "status": PodStatus {
@@ -222,4 +244,42 @@ pub async fn delete_pod(client: &kube::Client, ns: &str, name: &str) {
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => panic!("delete pod {ns}/{name}: {e}"),
     }
+}
+
+/// Creates a Node object (no kubelet behind it): pods bound to a node only
+/// get identities while the Node exists.
+pub async fn create_node(client: &kube::Client, name: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node = k8s_openapi::api::core::v1::Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([("keyway.dev/test".into(), "true".into())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+}
+
+/// Applies a YAML manifest of one namespaced object with server-side apply.
+pub async fn apply_yaml<K>(client: &kube::Client, ns: &str, yaml: &str) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize,
+{
+    let obj: K = serde_yaml::from_str(yaml).expect("test manifest parses");
+    let name = obj.meta().name.clone().expect("manifest has a name");
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        &name,
+        &PatchParams::apply("keyway-tests").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply {name}: {e}"))
 }

@@ -3,6 +3,7 @@
 //! the real binaries, and helpers that wait on events with deadlines instead
 //! of sleeping.
 
+pub mod helm;
 pub mod kube;
 pub mod mesh;
 pub mod netns;
@@ -335,6 +336,24 @@ impl Agent {
         dir: Option<tempfile::TempDir>,
         auth_addresses: Vec<String>,
     ) -> Self {
+        Self::start_attesting(server, bundle_pem, node, token, None, dir, auth_addresses).await
+    }
+
+    /// Starts an agent that attests with a Kubernetes service account token
+    /// (the projected token file a DaemonSet would mount).
+    pub async fn start_kubernetes(server: &str, bundle_pem: &str, node: &str, token_file: PathBuf) -> Self {
+        Self::start_attesting(server, bundle_pem, node, None, Some(token_file), None, Vec::new()).await
+    }
+
+    async fn start_attesting(
+        server: &str,
+        bundle_pem: &str,
+        node: &str,
+        token: Option<String>,
+        k8s_token_file: Option<PathBuf>,
+        dir: Option<tempfile::TempDir>,
+        auth_addresses: Vec<String>,
+    ) -> Self {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
         let bundle_path = dir.path().join("trust-bundle.pem");
         std::fs::write(&bundle_path, bundle_pem).expect("write bundle");
@@ -345,6 +364,7 @@ impl Agent {
             node_name: node.to_owned(),
             data_dir: dir.path().join("data"),
             join_token: token,
+            k8s_token_file,
             socket: dir.path().join("agent.sock"),
             netns_dir: dir.path().join("netns"),
             proc_root: PathBuf::from("/proc"),

@@ -163,7 +163,12 @@ mod tests {
         assert_eq!(crd.spec.names.kind, "KeywayNetworkPolicy");
         assert_eq!(crd.spec.scope, "Namespaced");
         assert_eq!(crd.spec.versions[0].name, "v1alpha1");
-        assert!(crd.spec.versions[0].subresources.as_ref().is_some_and(|s| s.status.is_some()));
+        assert!(
+            crd.spec.versions[0]
+                .subresources
+                .as_ref()
+                .is_some_and(|s| s.status.is_some())
+        );
     }
 
     #[test]
@@ -181,6 +186,9 @@ ingress:
         let value = serde_yaml::to_value(&spec).unwrap();
         let compiled = crate::registry::policy_spec(value).unwrap();
         assert_eq!(compiled.ingress.as_ref().map(Vec::len), Some(1));
-        assert!(compiled.egress.is_none(), "an absent egress list must stay absent");
+        assert!(
+            compiled.egress.is_none(),
+            "an absent egress list must stay absent"
+        );
     }
 }

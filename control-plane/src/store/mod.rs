@@ -4,12 +4,14 @@
 //! Every method that changes state is atomic and durable when it returns: a
 //! crash (kill -9) at any point leaves either the whole change or none of it.
 
+mod kube_store;
 mod sled_store;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use kube_store::KubeStore;
 pub use sled_store::SledStore;
 
 /// Bytes that must never reach a log or `Debug` output (private keys).

@@ -1,0 +1,1621 @@
+//! The Kubernetes store: the control plane's shared state kept as objects in
+//! its own namespace, so several replicas can serve from one source of truth
+//! (DESIGN.md section 3, `replicas: 2` in the chart).
+//!
+//! # Layout
+//!
+//! | Object                             | Key                | Holds                                       |
+//! |------------------------------------|--------------------|---------------------------------------------|
+//! | Secret `keyway-ca` (Opaque)        | `ca.json`          | [`CaState`]: every authority and its keys   |
+//! | ConfigMap `keyway-state`           | `state.json`       | everything else that is shared (below)      |
+//! | ConfigMaps `keyway-issuance-<n>`   | one key per serial | the issuance log, append-only, `n` from 0   |
+//!
+//! `state.json` holds the workloads, the policies, the numeric identities and
+//! the next one to hand out, the attested nodes and the next node id, the join
+//! tokens (keyed by the hex SHA-256 the caller passes; the tokens themselves
+//! are never stored), the registry revision, and `pending_issuance` (below).
+//! Private keys live only in the Secret, so RBAC can give readers of the
+//! registry no access to key material. Every object is created on first use
+//! and labelled `app.kubernetes.io/managed-by: keyway` and
+//! `keyway.dev/component`; every write sets the annotation
+//! `keyway.dev/last-writer` to the writing replica (and, on the state,
+//! `keyway.dev/revision`), so `kubectl get -o yaml` says who wrote last.
+//!
+//! # Why nothing is lost or handed out twice
+//!
+//! Every change is one read-modify-write of one object, made conditional on
+//! the `metadata.resourceVersion` it read (a replace, which the API server
+//! refuses with 409 Conflict when anyone wrote the object in between). A
+//! refused write changed nothing, so the change is applied again to a fresh
+//! read: the change is a function of the state (allocate the next identity,
+//! consume this token), not a diff computed from an old copy. One object per
+//! write makes each change atomic, and an acknowledged write is in etcd's
+//! quorum, so it is durable when the call returns.
+//!
+//! - Identities and node ids are allocated inside the state write from the
+//!   counters stored beside them. Two replicas allocating at once both read
+//!   the same counter, but only one write succeeds; the other retries on the
+//!   new state and takes the next number. Counters only grow and identity
+//!   records are never removed, so a number is never reused.
+//! - A join token is consumed in the same write that registers its node, so
+//!   of two replicas racing with the same token exactly one succeeds; the
+//!   other re-reads and sees it consumed.
+//! - Within one process the state is written by one call at a time, so
+//!   conflicts happen only between replicas and the bounded retries
+//!   ([`MAX_ATTEMPTS`]) are a safety net, not a throughput limit.
+//!
+//! The issuance log is append-only: `log_issuance` hands records to one
+//! writer task per process, which batches everything queued into one write of
+//! the newest chunk (the same conditional replace), keyed by serial. A serial
+//! already in the chunk is not written again, so a retried batch is recorded
+//! once. A chunk that would pass [`CHUNK_LIMIT`] is left alone and the next
+//! one is created (409 AlreadyExists means another replica rolled first: use
+//! theirs).
+//!
+//! `consume_join_token` and `register_node` must record the node SVID
+//! atomically with the node change, but the log is another object. So the
+//! record goes into `pending_issuance` in the state write itself, and is
+//! moved to the log afterwards: appended first, then removed from pending.
+//! A crash between the two leaves it in both places; `issuance_log` reads the
+//! pending records *before* the chunks and merges by serial, so every record
+//! is returned exactly once wherever it sits at that moment (a record that
+//! leaves pending has already reached a chunk). Moving is best effort: a
+//! failure is logged and retried after the next attestation and at start-up,
+//! never reported to the attesting node, whose token is already spent.
+//!
+//! The CA Secret is written whole. `save_ca` is a compare-and-swap against
+//! the version this process last loaded or saved: re-applying a whole CA
+//! state over someone else's would silently drop their authorities, so a
+//! conflict is an error that says to reload, not a retry. (Without a prior
+//! `load_ca` it writes unconditionally.) Two replicas creating the CA at the
+//! same first start therefore cannot both win.
+//!
+//! # Changes made by other replicas
+//!
+//! [`Store::subscribe_changes`] is fed by one watch on `keyway-state` and one
+//! on `keyway-ca` (metadata only, by name; the default list-then-watch mode,
+//! which every API server version serves). Every resourceVersion this process
+//! writes is remembered; any other version (or a deletion) bumps the counter.
+//! A watch event can beat the reply to this process's own write, which then
+//! counts as foreign: the signal may fire without a foreign change, never the
+//! other way round. Watch errors are retried with kube-runtime's default
+//! exponential backoff.
+//!
+//! # Limits
+//!
+//! - Kubernetes caps an object at 1 MiB. `state.json` is refused above
+//!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`]. A workload
+//!   with its identity takes about 400 bytes (more with many labels), so the
+//!   ceiling is roughly 2000 workloads, pods included in Kubernetes mode.
+//!   Join tokens that expired more than [`TOKEN_RETENTION_SECS`] ago are
+//!   dropped on the next token write so they do not accumulate (presenting
+//!   one then reads "unknown token": still refused).
+//! - The issuance log grows without bound, like the sled store's: one chunk
+//!   holds about 2000 records, and etcd's database quota (2 GiB by default)
+//!   is the ceiling.
+//! - A write whose reply is lost (connection reset, timeout) is reported as
+//!   an error although the API server may have applied it.
+//! - The service account needs get, list, watch, create and update on
+//!   configmaps and secrets in the namespace.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret as KubeSecret};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::*;
+
+const STATE: &str = "keyway-state";
+const STATE_KEY: &str = "state.json";
+const CA: &str = "keyway-ca";
+const CA_KEY: &str = "ca.json";
+const CHUNK_PREFIX: &str = "keyway-issuance-";
+
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+const COMPONENT: &str = "keyway.dev/component";
+const LAST_WRITER: &str = "keyway.dev/last-writer";
+const REVISION: &str = "keyway.dev/revision";
+const ISSUANCE_COMPONENT: &str = "issuance-log";
+
+/// The largest `state.json` written: Kubernetes refuses objects over 1 MiB,
+/// and the metadata and the JSON string escaping need room.
+const STATE_LIMIT: usize = 900 * 1024;
+/// A chunk of the issuance log is closed before it grows past this.
+const CHUNK_LIMIT: usize = 512 * 1024;
+/// Conditional writes refused by a concurrent writer before giving up.
+const MAX_ATTEMPTS: u32 = 10;
+/// How long a join token is remembered after it expired.
+const TOKEN_RETENTION_SECS: i64 = 7 * 86400;
+
+/// `state.json` format; a replica refuses state written by a newer format.
+const FORMAT: u32 = 1;
+/// The most records one log write carries.
+const MAX_BATCH: usize = 512;
+/// Resource versions of this process's own writes remembered for the watch.
+const OWN_WRITES_REMEMBERED: usize = 256;
+
+/// Kubernetes-backed [`Store`], so several control-plane replicas share one
+/// state: the CA in Secret `keyway-ca`, the registry in ConfigMap
+/// `keyway-state`, the issuance log in ConfigMaps `keyway-issuance-<n>`, all
+/// in the control plane's namespace. The top of `store/kube_store.rs` gives
+/// the layout, why concurrent replicas lose nothing and hand out nothing
+/// twice, and the limits (about 2000 workloads: a ConfigMap holds 1 MiB).
+pub struct KubeStore {
+    namespace: String,
+    writer: String,
+    configmaps: Api<ConfigMap>,
+    secrets: Api<KubeSecret>,
+    /// One state write in flight per process: writers in the same process
+    /// would only conflict with each other.
+    state_writer: tokio::sync::Mutex<()>,
+    /// One move of pending node SVIDs to the log at a time.
+    drain_lock: tokio::sync::Mutex<()>,
+    /// The CA Secret as this process last saw it, for `save_ca`'s compare-and-swap.
+    ca_seen: Mutex<CaSeen>,
+    own_writes: Arc<OwnWrites>,
+    log: mpsc::Sender<LogRequest>,
+    changes: watch::Sender<u64>,
+    watch_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore")
+            .field("namespace", &self.namespace)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KubeStore {
+    fn drop(&mut self) {
+        // The log writer ends by itself once its queue's sender is gone.
+        self.watch_task.abort();
+    }
+}
+
+/// What this process knows of the CA Secret.
+#[derive(Debug, Clone)]
+enum CaSeen {
+    /// Never read: `save_ca` writes unconditionally.
+    Unknown,
+    /// Read, and there was none: `save_ca` creates it, and fails if someone else did first.
+    Absent,
+    /// Read or written at this resourceVersion.
+    At(String),
+}
+
+impl KubeStore {
+    /// Connects to the store in `namespace`, creating the state ConfigMap on
+    /// first use. `writer` names this replica (the pod name) in the
+    /// `keyway.dev/last-writer` annotation. Starts the issuance log writer
+    /// and the watch behind [`Store::subscribe_changes`]; both stop when the
+    /// store is dropped.
+    pub async fn open(client: kube::Client, namespace: &str, writer: &str) -> StoreResult<KubeStore> {
+        let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
+        let own_writes = Arc::new(OwnWrites::default());
+
+        let state = match configmaps.get_opt(STATE).await {
+            Ok(Some(cm)) => cm,
+            Ok(None) => {
+                let mut cm = ConfigMap {
+                    metadata: object_meta(STATE, "state"),
+                    ..Default::default()
+                };
+                set_state(&mut cm, &SharedState::new(), writer)?;
+                match configmaps.create(&PostParams::default(), &cm).await {
+                    Ok(created) => {
+                        own_writes.record(&created);
+                        tracing::info!(namespace, configmap = STATE, "created the shared state");
+                        created
+                    }
+                    Err(e) if is_already_exists(&e) => configmaps
+                        .get(STATE)
+                        .await
+                        .map_err(|e| api_error(e, "get", "configmaps", STATE, namespace))?,
+                    Err(e) => return Err(api_error(e, "create", "configmaps", STATE, namespace)),
+                }
+            }
+            Err(e) => return Err(api_error(e, "get", "configmaps", STATE, namespace)),
+        };
+        // Fail now, not on the first write, when the state cannot be read.
+        SharedState::from_configmap(&state)?;
+        let ca_version = secrets
+            .get_metadata_opt(CA)
+            .await
+            .map_err(|e| api_error(e, "get", "secrets", CA, namespace))?
+            .and_then(|m| m.metadata.resource_version);
+
+        let head = newest_chunk(&configmaps, namespace).await?;
+        let (log, queue) = mpsc::channel(1024);
+        let chunks = IssuanceLog {
+            api: configmaps.clone(),
+            namespace: namespace.to_owned(),
+            writer: writer.to_owned(),
+            head_index: head,
+            head: None,
+        };
+        tokio::spawn(chunks.run(queue));
+
+        let (changes, _) = watch::channel(0u64);
+        let watch_task = tokio::spawn(watch_shared(
+            Api::namespaced(client.clone(), namespace),
+            Api::namespaced(client, namespace),
+            own_writes.clone(),
+            [state.metadata.resource_version.clone(), ca_version],
+            changes.clone(),
+        ));
+
+        let store = KubeStore {
+            namespace: namespace.to_owned(),
+            writer: writer.to_owned(),
+            configmaps,
+            secrets,
+            state_writer: tokio::sync::Mutex::new(()),
+            drain_lock: tokio::sync::Mutex::new(()),
+            ca_seen: Mutex::new(CaSeen::Unknown),
+            own_writes,
+            log,
+            changes,
+            watch_task,
+        };
+        // Node SVIDs a replica recorded but did not get to move (it crashed).
+        store.drain_pending().await;
+        Ok(store)
+    }
+
+    async fn read_state(&self) -> StoreResult<(ConfigMap, SharedState)> {
+        let cm = self
+            .configmaps
+            .get_opt(STATE)
+            .await
+            .map_err(|e| self.error(e, "get", "configmaps", STATE))?
+            .ok_or_else(|| self.state_missing())?;
+        let state = SharedState::from_configmap(&cm)?;
+        Ok((cm, state))
+    }
+
+    fn state_missing(&self) -> StoreError {
+        StoreError::Backend(format!(
+            "ConfigMap {STATE} in namespace {} is gone although this control plane created it: \
+             restore it from a backup (recreating it empty would hand out numeric identities again)",
+            self.namespace
+        ))
+    }
+
+    /// Applies `change` to the shared state and writes it back if it says
+    /// so, re-reading and re-applying on conflicting writes (module docs).
+    async fn update_state<R>(
+        &self,
+        what: &str,
+        mut change: impl FnMut(&mut SharedState) -> StoreResult<Written<R>>,
+    ) -> StoreResult<R> {
+        let _one_writer = self.state_writer.lock().await;
+        for attempt in 0..MAX_ATTEMPTS {
+            let (mut cm, mut state) = self.read_state().await?;
+            let result = match change(&mut state)? {
+                Written::Unchanged(r) => return Ok(r),
+                Written::Changed(r) => r,
+            };
+            set_state(&mut cm, &state, &self.writer)?;
+            match self.configmaps.replace(STATE, &PostParams::default(), &cm).await {
+                Ok(written) => {
+                    self.own_writes.record(&written);
+                    return Ok(result);
+                }
+                Err(e) if is_conflict(&e) => {
+                    tracing::debug!(what, attempt, "the shared state changed underneath; retrying");
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                }
+                Err(e) if is_not_found(&e) => return Err(self.state_missing()),
+                Err(e) => return Err(self.error(e, "update", "configmaps", STATE)),
+            }
+        }
+        Err(too_many_conflicts(what, STATE, &self.namespace))
+    }
+
+    /// Hands records to the log writer and waits until they are written.
+    async fn append_to_log(&self, records: Vec<IssuanceRecord>) -> StoreResult<()> {
+        let gone = || StoreError::Backend("the issuance log writer has stopped".into());
+        let (done, result) = oneshot::channel();
+        self.log
+            .send(LogRequest { records, done })
+            .await
+            .map_err(|_| gone())?;
+        result.await.map_err(|_| gone())?
+    }
+
+    /// Moves node SVIDs recorded in `pending_issuance` to the log. Best
+    /// effort: what fails stays pending and is moved next time.
+    async fn drain_pending(&self) {
+        let _one_drain = self.drain_lock.lock().await;
+        let pending: Vec<IssuanceRecord> = match self.read_state().await {
+            Ok((_, state)) => state.pending_issuance.into_values().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read pending node SVID records; moving them later");
+                return;
+            }
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let serials: Vec<String> = pending.iter().map(|r| r.serial.clone()).collect();
+        if let Err(e) = self.append_to_log(pending).await {
+            tracing::warn!(error = %e, "cannot move node SVID records to the issuance log; moving them later");
+            return;
+        }
+        let removed = self
+            .update_state("pending issuance", |state| {
+                let before = state.pending_issuance.len();
+                for serial in &serials {
+                    state.pending_issuance.remove(serial);
+                }
+                Ok(if state.pending_issuance.len() == before {
+                    Written::Unchanged(())
+                } else {
+                    Written::Changed(())
+                })
+            })
+            .await;
+        if let Err(e) = removed {
+            // Harmless: the records are in the log, and readers merge by serial.
+            tracing::warn!(error = %e, "node SVID records reached the log but stay pending");
+        }
+    }
+
+    fn error(&self, e: kube::Error, verb: &str, resource: &str, name: &str) -> StoreError {
+        api_error(e, verb, resource, name, &self.namespace)
+    }
+
+    fn set_ca_seen(&self, seen: CaSeen) {
+        *self.ca_seen.lock().unwrap_or_else(PoisonError::into_inner) = seen;
+    }
+
+    /// `ca.json` and this writer's annotation, into `secret` (new or read).
+    fn fill_ca_secret(&self, secret: &mut KubeSecret, state: &CaState) -> StoreResult<()> {
+        let json = serde_json::to_vec(state)
+            .map_err(|e| StoreError::Backend(format!("cannot encode the CA state: {e}")))?;
+        secret
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(LAST_WRITER.into(), self.writer.clone());
+        secret.type_ = Some("Opaque".into());
+        secret.data = Some(BTreeMap::from([(CA_KEY.to_owned(), ByteString(json))]));
+        Ok(())
+    }
+
+    fn ca_changed_elsewhere(&self) -> StoreError {
+        StoreError::Backend(format!(
+            "another replica changed the CA (Secret {CA} in namespace {}) since this one read it; \
+             the change was not saved: reload the CA state and retry",
+            self.namespace
+        ))
+    }
+
+    /// The compare-and-swap of `save_ca` (module docs). Reading the Secret
+    /// first keeps metadata others added (labels, backup annotations).
+    async fn write_ca(&self, state: &CaState, seen: CaSeen) -> StoreResult<KubeSecret> {
+        let current = self
+            .secrets
+            .get_opt(CA)
+            .await
+            .map_err(|e| self.error(e, "get", "secrets", CA))?;
+        let Some(mut secret) = current else {
+            if let CaSeen::At(_) = seen {
+                return Err(StoreError::Backend(format!(
+                    "Secret {CA} in namespace {} was deleted since this replica read it; restore it \
+                     from a backup, or restart the control plane to create a new CA",
+                    self.namespace
+                )));
+            }
+            let mut secret = KubeSecret {
+                metadata: object_meta(CA, "ca"),
+                ..Default::default()
+            };
+            self.fill_ca_secret(&mut secret, state)?;
+            return match self.secrets.create(&PostParams::default(), &secret).await {
+                Ok(created) => Ok(created),
+                Err(e) if is_already_exists(&e) => Err(StoreError::Backend(format!(
+                    "another replica created the CA (Secret {CA} in namespace {}) while this one \
+                     was creating its own; restart this replica to load theirs",
+                    self.namespace
+                ))),
+                Err(e) => Err(self.error(e, "create", "secrets", CA)),
+            };
+        };
+        match seen {
+            CaSeen::Absent => {
+                return Err(StoreError::Backend(format!(
+                    "another replica created the CA (Secret {CA} in namespace {}) while this one \
+                     was creating its own; restart this replica to load theirs",
+                    self.namespace
+                )));
+            }
+            CaSeen::At(version) if secret.metadata.resource_version.as_ref() != Some(&version) => {
+                return Err(self.ca_changed_elsewhere());
+            }
+            _ => {}
+        }
+        self.fill_ca_secret(&mut secret, state)?;
+        match self.secrets.replace(CA, &PostParams::default(), &secret).await {
+            Ok(written) => Ok(written),
+            Err(e) if is_conflict(&e) => Err(self.ca_changed_elsewhere()),
+            Err(e) => Err(self.error(e, "update", "secrets", CA)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for KubeStore {
+    async fn load_ca(&self) -> StoreResult<Option<CaState>> {
+        let Some(secret) = self
+            .secrets
+            .get_opt(CA)
+            .await
+            .map_err(|e| self.error(e, "get", "secrets", CA))?
+        else {
+            self.set_ca_seen(CaSeen::Absent);
+            return Ok(None);
+        };
+        let what = || format!("Secret {CA} key {CA_KEY} in namespace {}", self.namespace);
+        let raw = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CA_KEY))
+            .ok_or_else(|| StoreError::Corrupt {
+                what: what(),
+                reason: "the key is missing".into(),
+            })?;
+        let state = serde_json::from_slice(&raw.0).map_err(|e| StoreError::Corrupt {
+            what: what(),
+            // serde_json's message names a position, never the content.
+            reason: e.to_string(),
+        })?;
+        self.set_ca_seen(version_of(&secret));
+        Ok(Some(state))
+    }
+
+    async fn save_ca(&self, state: &CaState) -> StoreResult<()> {
+        let seen = self
+            .ca_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let written = self.write_ca(state, seen).await?;
+        self.own_writes.record(&written);
+        self.set_ca_seen(version_of(&written));
+        Ok(())
+    }
+
+    async fn put_join_token(&self, token_hash: &[u8], record: &JoinTokenRecord) -> StoreResult<()> {
+        let key = hex(token_hash);
+        self.update_state("join token", |state| {
+            state.forget_expired_tokens(record.created_at);
+            state.join_tokens.insert(key.clone(), record.clone());
+            Ok(Written::Changed(()))
+        })
+        .await
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &[u8],
+        node: &str,
+        now: i64,
+        issued: &IssuanceRecord,
+    ) -> StoreResult<NodeRecord> {
+        check_serial(&issued.serial)?;
+        let key = hex(token_hash);
+        let record = self
+            .update_state("join token attestation", |state| {
+                state.consume_token(&key, node, now)?;
+                let record = state.register(node, now)?;
+                state
+                    .pending_issuance
+                    .insert(issued.serial.clone(), issued.clone());
+                Ok(Written::Changed(record))
+            })
+            .await?;
+        self.drain_pending().await;
+        Ok(record)
+    }
+
+    async fn register_node(&self, node: &str, now: i64, issued: &IssuanceRecord) -> StoreResult<NodeRecord> {
+        check_serial(&issued.serial)?;
+        let record = self
+            .update_state("node registration", |state| {
+                let record = state.register(node, now)?;
+                state
+                    .pending_issuance
+                    .insert(issued.serial.clone(), issued.clone());
+                Ok(Written::Changed(record))
+            })
+            .await?;
+        self.drain_pending().await;
+        Ok(record)
+    }
+
+    async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()> {
+        check_serial(&record.serial)?;
+        self.append_to_log(vec![record.clone()]).await
+    }
+
+    async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>> {
+        // Pending first: a record leaves pending only after it reached a
+        // chunk, so reading in this order cannot miss one that moves meanwhile.
+        let (_, state) = self.read_state().await?;
+        let mut log = state.pending_issuance;
+        let mut params = ListParams::default()
+            .labels(&format!("{COMPONENT}={ISSUANCE_COMPONENT}"))
+            .limit(8);
+        loop {
+            let page = self
+                .configmaps
+                .list(&params)
+                .await
+                .map_err(|e| self.error(e, "list", "configmaps", ""))?;
+            for chunk in &page.items {
+                let name = chunk.metadata.name.as_deref().unwrap_or(CHUNK_PREFIX);
+                for (serial, raw) in chunk.data.iter().flatten() {
+                    let record: IssuanceRecord =
+                        serde_json::from_str(raw).map_err(|e| StoreError::Corrupt {
+                            what: format!("issuance record {serial} in ConfigMap {name}"),
+                            reason: e.to_string(),
+                        })?;
+                    log.insert(serial.clone(), record);
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        Ok(log.into_values().collect())
+    }
+
+    async fn apply(
+        &self,
+        workloads: Vec<WorkloadRecord>,
+        policies: Vec<PolicyRecord>,
+    ) -> StoreResult<ApplyOutcome> {
+        self.update_state("apply", |state| state.apply(&workloads, &policies))
+            .await
+    }
+
+    async fn delete(&self, refs: Vec<DocumentRef>) -> StoreResult<ApplyOutcome> {
+        self.update_state("delete", |state| Ok(state.delete(&refs))).await
+    }
+
+    async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>> {
+        self.update_state("node addresses", |state| {
+            Ok(match state.set_node_addresses(node, &addresses) {
+                Some(true) => Written::Changed(Some(true)),
+                unchanged => Written::Unchanged(unchanged),
+            })
+        })
+        .await
+    }
+
+    async fn registry(&self) -> StoreResult<RegistrySnapshot> {
+        let (_, state) = self.read_state().await?;
+        Ok(state.snapshot())
+    }
+
+    fn subscribe_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
+    }
+}
+
+/// Whether a change needs a write.
+enum Written<R> {
+    Changed(R),
+    Unchanged(R),
+}
+
+/// Everything in `state.json`. No `Debug`: it holds join token hashes.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct SharedState {
+    format: u32,
+    /// The registry revision: grows with every change of workloads,
+    /// policies or nodes.
+    revision: u64,
+    /// The next numeric identity to hand out (below FIRST_USER: FIRST_USER).
+    next_identity: u64,
+    /// The next node id to hand out (0: 1).
+    next_node_id: u64,
+    workloads: BTreeMap<String, WorkloadRecord>,
+    policies: BTreeMap<String, PolicyRecord>,
+    /// Never removed: a number stays taken once handed out.
+    identities: BTreeMap<u32, IdentityRecord>,
+    nodes: BTreeMap<String, NodeRecord>,
+    /// By hex SHA-256 of the token.
+    join_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Node SVIDs recorded with their attestation, not yet in the log, by serial.
+    pending_issuance: BTreeMap<String, IssuanceRecord>,
+}
+
+impl SharedState {
+    fn new() -> Self {
+        Self {
+            format: FORMAT,
+            next_identity: u64::from(keyway_common::identity::FIRST_USER),
+            next_node_id: 1,
+            ..Default::default()
+        }
+    }
+
+    fn from_configmap(cm: &ConfigMap) -> StoreResult<Self> {
+        let what = || format!("ConfigMap {STATE} key {STATE_KEY}");
+        let raw = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(STATE_KEY))
+            .ok_or_else(|| StoreError::Corrupt {
+                what: what(),
+                reason: "the key is missing".into(),
+            })?;
+        Self::decode(raw).map_err(|reason| StoreError::Corrupt { what: what(), reason })?
+    }
+
+    /// The outer error is a decoding failure; the inner one a format this
+    /// replica does not know.
+    fn decode(raw: &str) -> Result<StoreResult<Self>, String> {
+        let state: Self = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+        if state.format > FORMAT {
+            return Ok(Err(StoreError::Backend(format!(
+                "ConfigMap {STATE} was written in format {} by a newer Keyway; this replica knows \
+                 format {FORMAT}: upgrade it",
+                state.format
+            ))));
+        }
+        Ok(Ok(state))
+    }
+
+    /// `state.json`, refused when it would not fit a ConfigMap.
+    fn encode(&self) -> StoreResult<String> {
+        let json = serde_json::to_string(self)
+            .map_err(|e| StoreError::Backend(format!("cannot encode the shared state: {e}")))?;
+        if json.len() > STATE_LIMIT {
+            return Err(StoreError::Exhausted(format!(
+                "the shared state would take {} KiB, more than the {} KiB a ConfigMap can hold \
+                 (Kubernetes caps objects at 1 MiB): {} workloads, {} identities, {} policies, \
+                 {} nodes, {} join tokens; delete workloads or policies that are no longer needed",
+                json.len() / 1024,
+                STATE_LIMIT / 1024,
+                self.workloads.len(),
+                self.identities.len(),
+                self.policies.len(),
+                self.nodes.len(),
+                self.join_tokens.len(),
+            )));
+        }
+        Ok(json)
+    }
+
+    fn apply(
+        &mut self,
+        workloads: &[WorkloadRecord],
+        policies: &[PolicyRecord],
+    ) -> StoreResult<Written<ApplyOutcome>> {
+        let mut by_key: HashMap<String, u32> = HashMap::with_capacity(self.identities.len());
+        for rec in self.identities.values() {
+            let key = identity_key(&rec.namespace, &rec.service_account, &rec.labels);
+            by_key.entry(key).or_insert(rec.id);
+        }
+        let mut changes = Vec::with_capacity(workloads.len() + policies.len());
+        let mut changed = false;
+        for w in workloads {
+            let mut w = w.clone();
+            let key = identity_key(&w.namespace, &w.service_account, &w.labels);
+            let id = match by_key.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let next = self
+                        .next_identity
+                        .max(u64::from(keyway_common::identity::FIRST_USER));
+                    let id = u32::try_from(next)
+                        .map_err(|_| StoreError::Exhausted("numeric identities exhausted".into()))?;
+                    self.next_identity = next + 1;
+                    self.identities.insert(
+                        id,
+                        IdentityRecord {
+                            id,
+                            spiffe_id: w.spiffe_id.clone(),
+                            namespace: w.namespace.clone(),
+                            service_account: w.service_account.clone(),
+                            labels: identity_labels(&w.labels),
+                        },
+                    );
+                    by_key.insert(key, id);
+                    changed = true;
+                    id
+                }
+            };
+            w.identity = id;
+            let wkey = w.key();
+            let verb = match self.workloads.get(&wkey) {
+                Some(p) if *p == w => "unchanged",
+                Some(_) => "configured",
+                None => "created",
+            };
+            changes.push(format!("workload {wkey} {verb} (identity {id}, {})", w.spiffe_id));
+            if verb != "unchanged" {
+                changed = true;
+                self.workloads.insert(wkey, w);
+            }
+        }
+        for p in policies {
+            let pkey = p.key();
+            let verb = match self.policies.get(&pkey) {
+                Some(old) if old == p => "unchanged",
+                Some(_) => "configured",
+                None => "created",
+            };
+            changes.push(format!("keywaynetworkpolicy {pkey} {verb}"));
+            if verb != "unchanged" {
+                changed = true;
+                self.policies.insert(pkey, p.clone());
+            }
+        }
+        Ok(self.outcome(changes, changed))
+    }
+
+    fn delete(&mut self, refs: &[DocumentRef]) -> Written<ApplyOutcome> {
+        let mut changes = Vec::with_capacity(refs.len());
+        let mut changed = false;
+        for r in refs {
+            let key = r.key();
+            let removed = match r.kind {
+                DocumentKind::Workload => self.workloads.remove(&key).is_some(),
+                DocumentKind::KeywayNetworkPolicy => self.policies.remove(&key).is_some(),
+            };
+            changed |= removed;
+            let verb = if removed { "deleted" } else { "not found" };
+            changes.push(format!("{} {key} {verb}", r.kind.noun()));
+        }
+        self.outcome(changes, changed)
+    }
+
+    fn outcome(&mut self, changes: Vec<String>, changed: bool) -> Written<ApplyOutcome> {
+        if !changed {
+            return Written::Unchanged(ApplyOutcome {
+                changes,
+                revision: self.revision,
+            });
+        }
+        self.revision += 1;
+        Written::Changed(ApplyOutcome {
+            changes,
+            revision: self.revision,
+        })
+    }
+
+    /// Marks the token consumed, or says why it cannot be.
+    fn consume_token(&mut self, key: &str, node: &str, now: i64) -> StoreResult<()> {
+        let refuse = |p| Err(StoreError::TokenRefused(p));
+        let Some(token) = self.join_tokens.get_mut(key) else {
+            return refuse(TokenProblem::Unknown);
+        };
+        if token.consumed_at.is_some() {
+            return refuse(TokenProblem::Consumed);
+        }
+        if token.expires_at <= now {
+            return refuse(TokenProblem::Expired);
+        }
+        if token.node != node {
+            return refuse(TokenProblem::WrongNode);
+        }
+        token.consumed_at = Some(now);
+        self.forget_expired_tokens(now);
+        Ok(())
+    }
+
+    fn forget_expired_tokens(&mut self, now: i64) {
+        self.join_tokens
+            .retain(|_, t| t.expires_at.saturating_add(TOKEN_RETENTION_SECS) > now);
+    }
+
+    /// A new node gets the next node id; a known one keeps its id and gets a
+    /// new attestation time.
+    fn register(&mut self, node: &str, now: i64) -> StoreResult<NodeRecord> {
+        let record = match self.nodes.get_mut(node) {
+            Some(rec) => {
+                rec.attested_at = now;
+                rec.clone()
+            }
+            None => {
+                let next = self.next_node_id.max(1);
+                let node_id = u16::try_from(next)
+                    .map_err(|_| StoreError::Exhausted("all 65535 node ids are in use".into()))?;
+                self.next_node_id = next + 1;
+                let rec = NodeRecord {
+                    name: node.to_owned(),
+                    node_id,
+                    attested_at: now,
+                    addresses: Vec::new(),
+                };
+                self.nodes.insert(node.to_owned(), rec.clone());
+                rec
+            }
+        };
+        self.revision += 1;
+        Ok(record)
+    }
+
+    fn set_node_addresses(&mut self, node: &str, addresses: &[String]) -> Option<bool> {
+        let rec = self.nodes.get_mut(node)?;
+        if rec.addresses == addresses {
+            return Some(false);
+        }
+        rec.addresses = addresses.to_vec();
+        self.revision += 1;
+        Some(true)
+    }
+
+    fn snapshot(&self) -> RegistrySnapshot {
+        RegistrySnapshot {
+            revision: self.revision,
+            workloads: self.workloads.values().cloned().collect(),
+            identities: self.identities.values().cloned().collect(),
+            nodes: self.nodes.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+}
+
+/// Writes `state` into `cm` with this writer's annotations.
+fn set_state(cm: &mut ConfigMap, state: &SharedState, writer: &str) -> StoreResult<()> {
+    let json = state.encode()?;
+    cm.data = Some(BTreeMap::from([(STATE_KEY.to_owned(), json)]));
+    let annotations = cm.metadata.annotations.get_or_insert_default();
+    annotations.insert(LAST_WRITER.into(), writer.to_owned());
+    annotations.insert(REVISION.into(), state.revision.to_string());
+    Ok(())
+}
+
+fn object_meta(name: &str, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        labels: Some(BTreeMap::from([
+            (MANAGED_BY.to_owned(), "keyway".to_owned()),
+            (COMPONENT.to_owned(), component.to_owned()),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn version_of(secret: &KubeSecret) -> CaSeen {
+    match &secret.metadata.resource_version {
+        Some(v) => CaSeen::At(v.clone()),
+        None => CaSeen::Unknown,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Serials become ConfigMap keys in the log.
+fn check_serial(serial: &str) -> StoreResult<()> {
+    let valid = !serial.is_empty()
+        && serial.len() <= 253
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "certificate serial {serial:?} cannot be an issuance log key: expected 1 to 253 \
+             characters of [-._a-zA-Z0-9]"
+        )))
+    }
+}
+
+// ---- the issuance log -------------------------------------------------------
+
+struct LogRequest {
+    records: Vec<IssuanceRecord>,
+    done: oneshot::Sender<StoreResult<()>>,
+}
+
+/// The log writer's view of the chunks; owned by its task.
+struct IssuanceLog {
+    api: Api<ConfigMap>,
+    namespace: String,
+    writer: String,
+    /// The newest chunk this process knows of.
+    head_index: u64,
+    /// That chunk as last read or written; dropped on any doubt.
+    head: Option<ConfigMap>,
+}
+
+fn chunk_name(index: u64) -> String {
+    format!("{CHUNK_PREFIX}{index}")
+}
+
+/// The highest chunk index in the namespace (0 when there is none yet).
+async fn newest_chunk(api: &Api<ConfigMap>, namespace: &str) -> StoreResult<u64> {
+    let params = ListParams::default().labels(&format!("{COMPONENT}={ISSUANCE_COMPONENT}"));
+    let chunks = api
+        .list_metadata(&params)
+        .await
+        .map_err(|e| api_error(e, "list", "configmaps", "", namespace))?;
+    Ok(chunks
+        .items
+        .iter()
+        .filter_map(|c| {
+            c.metadata
+                .name
+                .as_deref()?
+                .strip_prefix(CHUNK_PREFIX)?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0))
+}
+
+/// Bytes a record adds to a chunk.
+fn entry_size(serial: &str, json: &str) -> usize {
+    serial.len() + json.len()
+}
+
+impl IssuanceLog {
+    /// Serves append requests until every sender is gone, writing all that
+    /// queued up meanwhile in one go (group commit).
+    async fn run(mut self, mut queue: mpsc::Receiver<LogRequest>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            let mut count = batch[0].records.len();
+            while count < MAX_BATCH {
+                let Ok(next) = queue.try_recv() else { break };
+                count += next.records.len();
+                batch.push(next);
+            }
+            let records = batch.iter().flat_map(|r| r.records.iter().cloned()).collect();
+            let result = self.append(records).await;
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, records = count, "cannot write to the issuance log");
+            }
+            for request in batch {
+                let _ = request
+                    .done
+                    .send(result.as_ref().map(|_| ()).map_err(clone_error));
+            }
+        }
+    }
+
+    async fn append(&mut self, records: Vec<IssuanceRecord>) -> StoreResult<()> {
+        let mut todo: BTreeMap<String, String> = BTreeMap::new();
+        for r in records {
+            let json = serde_json::to_string(&r)
+                .map_err(|e| StoreError::Backend(format!("cannot encode an issuance record: {e}")))?;
+            todo.insert(r.serial, json);
+        }
+        let mut conflicts = 0;
+        while !todo.is_empty() {
+            let mut head = match self.head.take() {
+                Some(head) => head,
+                None => self.load_head().await?,
+            };
+            let name = chunk_name(self.head_index);
+            let data = head.data.get_or_insert_default();
+            // Already there: written by an earlier attempt.
+            todo.retain(|serial, _| !data.contains_key(serial));
+            if todo.is_empty() {
+                self.head = Some(head);
+                break;
+            }
+            let (taken, _) = fit(data, &todo);
+            if taken.is_empty() {
+                if data.is_empty() {
+                    return Err(StoreError::Backend(format!(
+                        "an issuance record does not fit an empty log chunk of {CHUNK_LIMIT} bytes"
+                    )));
+                }
+                self.head_index += 1;
+                continue;
+            }
+            for serial in &taken {
+                if let Some(json) = todo.get(serial) {
+                    data.insert(serial.clone(), json.clone());
+                }
+            }
+            head.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(LAST_WRITER.into(), self.writer.clone());
+            match self.api.replace(&name, &PostParams::default(), &head).await {
+                Ok(written) => {
+                    self.head = Some(written);
+                    for serial in &taken {
+                        todo.remove(serial);
+                    }
+                }
+                Err(e) if is_conflict(&e) => {
+                    conflicts += 1;
+                    if conflicts >= MAX_ATTEMPTS {
+                        return Err(too_many_conflicts("the issuance log", &name, &self.namespace));
+                    }
+                    tokio::time::sleep(conflict_backoff(conflicts)).await;
+                }
+                Err(e) if is_not_found(&e) => {
+                    return Err(StoreError::Backend(format!(
+                        "issuance log chunk {name} in namespace {} was deleted while in use; \
+                         the log is append-only: restore it from a backup",
+                        self.namespace
+                    )));
+                }
+                Err(e) => return Err(api_error(e, "update", "configmaps", &name, &self.namespace)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the head chunk, creating it when it does not exist yet.
+    async fn load_head(&self) -> StoreResult<ConfigMap> {
+        let name = chunk_name(self.head_index);
+        let fail = |e, verb| api_error(e, verb, "configmaps", &name, &self.namespace);
+        if let Some(cm) = self.api.get_opt(&name).await.map_err(|e| fail(e, "get"))? {
+            return Ok(cm);
+        }
+        let mut cm = ConfigMap {
+            metadata: object_meta(&name, ISSUANCE_COMPONENT),
+            data: Some(BTreeMap::new()),
+            ..Default::default()
+        };
+        cm.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(LAST_WRITER.into(), self.writer.clone());
+        match self.api.create(&PostParams::default(), &cm).await {
+            Ok(created) => {
+                tracing::info!(chunk = %name, "started an issuance log chunk");
+                Ok(created)
+            }
+            // Another replica rolled over first.
+            Err(e) if is_already_exists(&e) => self.api.get(&name).await.map_err(|e| fail(e, "get")),
+            Err(e) => Err(fail(e, "create")),
+        }
+    }
+}
+
+/// The serials (in order) that fit in a chunk holding `data`, and its size after.
+fn fit(data: &BTreeMap<String, String>, todo: &BTreeMap<String, String>) -> (Vec<String>, usize) {
+    let mut size: usize = data.iter().map(|(k, v)| entry_size(k, v)).sum();
+    let mut taken = Vec::new();
+    for (serial, json) in todo {
+        let add = entry_size(serial, json);
+        if size + add > CHUNK_LIMIT {
+            break;
+        }
+        size += add;
+        taken.push(serial.clone());
+    }
+    (taken, size)
+}
+
+// ---- changes made by other replicas ----------------------------------------
+
+/// Resource versions this process wrote, most recent last.
+#[derive(Debug, Default)]
+struct OwnWrites(Mutex<VecDeque<String>>);
+
+impl OwnWrites {
+    fn record<K: kube::Resource>(&self, written: &K) {
+        let Some(version) = written.meta().resource_version.clone() else {
+            return;
+        };
+        let mut versions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if versions.len() == OWN_WRITES_REMEMBERED {
+            versions.pop_front();
+        }
+        versions.push_back(version);
+    }
+
+    fn contains(&self, version: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|v| v == version)
+    }
+}
+
+/// One watch event, reduced to what the change signal needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    /// The object exists at this resourceVersion.
+    Present(Option<String>),
+    Deleted,
+    /// A re-list begins; objects it does not list are gone.
+    RelistStart,
+    RelistDone,
+}
+
+fn seen<K>(event: watcher::Event<PartialObjectMeta<K>>) -> Seen {
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => Seen::Present(o.metadata.resource_version),
+        watcher::Event::Delete(_) => Seen::Deleted,
+        watcher::Event::Init => Seen::RelistStart,
+        watcher::Event::InitDone => Seen::RelistDone,
+    }
+}
+
+/// Decides, per watched object, which events are changes by someone else.
+#[derive(Debug, Default)]
+struct ChangeTracker {
+    /// The version last seen (written, read at start, or watched).
+    version: Option<String>,
+    /// Whether the current re-list has listed the object.
+    listed: bool,
+}
+
+impl ChangeTracker {
+    /// True when the event shows a version this process did not write and
+    /// had not seen, or the object's deletion.
+    fn observe(&mut self, event: Seen, own: impl Fn(&str) -> bool) -> bool {
+        match event {
+            Seen::Present(version) => {
+                self.listed = true;
+                if version.is_none() || version == self.version {
+                    return false;
+                }
+                let foreign = version.as_deref().is_some_and(|v| !own(v));
+                self.version = version;
+                foreign
+            }
+            Seen::Deleted => self.version.take().is_some(),
+            Seen::RelistStart => {
+                self.listed = false;
+                false
+            }
+            Seen::RelistDone => !self.listed && self.version.take().is_some(),
+        }
+    }
+}
+
+/// Bumps `changes` whenever the state ConfigMap or the CA Secret changes
+/// underneath this process. Runs until aborted (the store's drop).
+async fn watch_shared(
+    configmaps: Api<PartialObjectMeta<ConfigMap>>,
+    secrets: Api<PartialObjectMeta<KubeSecret>>,
+    own: Arc<OwnWrites>,
+    versions: [Option<String>; 2],
+    changes: watch::Sender<u64>,
+) {
+    const OBJECTS: [&str; 2] = [STATE, CA];
+    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let state = watcher(configmaps, by_name(STATE))
+        .default_backoff()
+        .map(|e| (0, e.map(seen)));
+    let ca = watcher(secrets, by_name(CA))
+        .default_backoff()
+        .map(|e| (1, e.map(seen)));
+    let mut events = std::pin::pin!(futures::stream::select(state, ca));
+    let [state_version, ca_version] = versions;
+    let mut trackers = [
+        ChangeTracker {
+            version: state_version,
+            listed: false,
+        },
+        ChangeTracker {
+            version: ca_version,
+            listed: false,
+        },
+    ];
+    let mut failing = false;
+    while let Some((i, event)) = events.next().await {
+        match event {
+            Ok(event) => {
+                if failing {
+                    tracing::info!("watching the shared state again");
+                    failing = false;
+                }
+                if trackers[i].observe(event, |v| own.contains(v)) {
+                    tracing::debug!(object = OBJECTS[i], "shared state changed by another replica");
+                    changes.send_modify(|n| *n += 1);
+                }
+            }
+            Err(e) if !failing => {
+                tracing::warn!(object = OBJECTS[i], error = %e, "watch on the shared state failed; retrying with backoff");
+                failing = true;
+            }
+            Err(e) => {
+                tracing::debug!(object = OBJECTS[i], error = %e, "watch on the shared state still failing")
+            }
+        }
+    }
+}
+
+// ---- errors -----------------------------------------------------------------
+
+fn status(e: &kube::Error) -> Option<&kube::core::Status> {
+    match e {
+        kube::Error::Api(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    status(e).is_some_and(|s| s.is_conflict())
+}
+
+fn is_already_exists(e: &kube::Error) -> bool {
+    status(e).is_some_and(|s| s.is_already_exists())
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    status(e).is_some_and(|s| s.is_not_found())
+}
+
+/// An API failure as a message that says what failed and what to do. The
+/// API server's messages name objects and fields, never their contents.
+/// `name` is empty for operations on the collection (list).
+fn api_error(e: kube::Error, verb: &str, resource: &str, name: &str, namespace: &str) -> StoreError {
+    let target = if name.is_empty() {
+        resource.to_owned()
+    } else {
+        format!("{resource}/{name}")
+    };
+    let message = match status(&e) {
+        Some(s) if s.is_forbidden() => format!(
+            "the control plane's service account cannot {verb} {resource} in namespace {namespace}: \
+             check the chart's Role (the Kubernetes store needs get, list, watch, create and update \
+             on configmaps and secrets)"
+        ),
+        Some(s) if s.code == 401 => format!(
+            "the Kubernetes API server did not accept the control plane's credentials (to {verb} \
+             {target} in namespace {namespace}): check its service account token"
+        ),
+        Some(s) if s.is_not_found() => {
+            format!("cannot {verb} {target} in namespace {namespace}: not found (does the namespace exist?)")
+        }
+        Some(s) => format!(
+            "cannot {verb} {target} in namespace {namespace}: {} {}: {}",
+            s.code, s.reason, s.message
+        ),
+        None => format!(
+            "cannot {verb} {target} in namespace {namespace}: the Kubernetes API server did not \
+             answer ({e}); if this was a write, it may or may not have been applied"
+        ),
+    };
+    StoreError::Backend(message)
+}
+
+fn too_many_conflicts(what: &str, object: &str, namespace: &str) -> StoreError {
+    StoreError::Backend(format!(
+        "gave up writing {what}: ConfigMap {object} in namespace {namespace} changed underneath \
+         {MAX_ATTEMPTS} times in a row; other replicas are writing heavily, retry"
+    ))
+}
+
+fn clone_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+        StoreError::Corrupt { what, reason } => StoreError::Corrupt {
+            what: what.clone(),
+            reason: reason.clone(),
+        },
+        StoreError::TokenRefused(p) => StoreError::TokenRefused(*p),
+        StoreError::Exhausted(m) => StoreError::Exhausted(m.clone()),
+    }
+}
+
+/// Jittered exponential wait after a conflicting write, so two replicas
+/// that collided do not collide again in lockstep.
+fn conflict_backoff(attempt: u32) -> Duration {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let ceiling = Duration::from_millis(10 << attempt.min(6));
+    let mut byte = [0u8; 1];
+    let fraction = match SystemRandom::new().fill(&mut byte) {
+        Ok(()) => f64::from(byte[0]) / 255.0,
+        Err(_) => 1.0,
+    };
+    ceiling.mul_f64(0.5 + fraction / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{AuthMode, PolicySpec, Rule};
+
+    fn workload(name: &str, labels: &[(&str, &str)]) -> WorkloadRecord {
+        WorkloadRecord {
+            namespace: "default".into(),
+            name: name.into(),
+            service_account: name.into(),
+            node: "n1".into(),
+            ips: vec!["10.0.0.1".into()],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            selectors: vec![],
+            svid_ttl_secs: None,
+            identity: 0,
+            spiffe_id: format!("spiffe://td/ns/default/sa/{name}"),
+        }
+    }
+
+    fn policy(name: &str, auth: AuthMode) -> PolicyRecord {
+        PolicyRecord {
+            namespace: "default".into(),
+            name: name.into(),
+            spec: PolicySpec {
+                ingress: Some(vec![Rule {
+                    authentication: auth,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn changed<R>(w: Written<R>) -> (R, bool) {
+        match w {
+            Written::Changed(r) => (r, true),
+            Written::Unchanged(r) => (r, false),
+        }
+    }
+
+    /// The state after a JSON round trip, as the next replica reads it.
+    fn reread(state: &SharedState) -> SharedState {
+        SharedState::decode(&state.encode().unwrap()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn identities_start_at_256_survive_deletes_and_are_never_reused() {
+        let mut state = SharedState::new();
+        let (out, wrote) = changed(
+            state
+                .apply(
+                    &[workload("a", &[]), workload("b", &[])],
+                    &[policy("p", AuthMode::Required)],
+                )
+                .unwrap(),
+        );
+        assert!(wrote);
+        assert_eq!(out.revision, 1);
+        let ids: Vec<u32> = state.workloads.values().map(|w| w.identity).collect();
+        assert_eq!(ids, vec![256, 257]);
+
+        let mut state = reread(&state);
+        let (again, wrote) = changed(state.apply(&[workload("a", &[])], &[]).unwrap());
+        assert!(!wrote, "re-applying the same document writes nothing");
+        assert_eq!(again.revision, 1);
+        assert_eq!(
+            again.changes,
+            vec!["workload default/a unchanged (identity 256, spiffe://td/ns/default/sa/a)"]
+        );
+
+        let (deleted, wrote) = changed(state.delete(&[
+            DocumentRef {
+                kind: DocumentKind::Workload,
+                namespace: "default".into(),
+                name: "a".into(),
+            },
+            DocumentRef {
+                kind: DocumentKind::KeywayNetworkPolicy,
+                namespace: "default".into(),
+                name: "nope".into(),
+            },
+        ]));
+        assert!(wrote);
+        assert_eq!(
+            deleted.changes,
+            vec![
+                "workload default/a deleted",
+                "keywaynetworkpolicy default/nope not found"
+            ]
+        );
+        assert_eq!(deleted.revision, 2);
+
+        let mut state = reread(&state);
+        state.apply(&[workload("c", &[])], &[]).unwrap();
+        state.apply(&[workload("a", &[])], &[]).unwrap();
+        let id = |name: &str| state.workloads[&format!("default/{name}")].identity;
+        assert_eq!((id("a"), id("c")), (256, 258));
+        assert_eq!(
+            state.identities.keys().copied().collect::<Vec<_>>(),
+            vec![256, 257, 258]
+        );
+    }
+
+    #[test]
+    fn replica_labels_share_an_identity_and_other_labels_split_it() {
+        let mut state = SharedState::new();
+        state
+            .apply(
+                &[
+                    workload("a", &[("app", "x"), ("pod-template-hash", "1")]),
+                    WorkloadRecord {
+                        name: "a2".into(),
+                        service_account: "a".into(),
+                        ..workload("a", &[("app", "x"), ("pod-template-hash", "2")])
+                    },
+                    WorkloadRecord {
+                        name: "a3".into(),
+                        service_account: "a".into(),
+                        ..workload("a", &[("app", "y")])
+                    },
+                ],
+                &[],
+            )
+            .unwrap();
+        let ids: Vec<u32> = state.workloads.values().map(|w| w.identity).collect();
+        assert_eq!(ids, vec![256, 256, 257]);
+    }
+
+    #[test]
+    fn policies_are_replaced_by_name() {
+        let mut state = SharedState::new();
+        state.apply(&[], &[policy("a", AuthMode::Required)]).unwrap();
+        let (out, wrote) = changed(state.apply(&[], &[policy("a", AuthMode::Disabled)]).unwrap());
+        assert!(wrote);
+        assert_eq!(out.changes, vec!["keywaynetworkpolicy default/a configured"]);
+        assert_eq!(state.snapshot().policies, vec![policy("a", AuthMode::Disabled)]);
+    }
+
+    fn token(node: &str, expires_at: i64) -> JoinTokenRecord {
+        JoinTokenRecord {
+            node: node.into(),
+            created_at: 0,
+            expires_at,
+            consumed_at: None,
+        }
+    }
+
+    #[test]
+    fn join_tokens_are_single_use_and_checked_in_order() {
+        let mut state = SharedState::new();
+        state.join_tokens.insert("t".into(), token("n1", 100));
+        state.join_tokens.insert("old".into(), token("n1", 10));
+        let refused = |state: &mut SharedState, key: &str, node: &str, now: i64| match state
+            .consume_token(key, node, now)
+        {
+            Err(StoreError::TokenRefused(p)) => p,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(refused(&mut state, "nope", "n1", 1), TokenProblem::Unknown);
+        assert_eq!(refused(&mut state, "old", "n1", 10), TokenProblem::Expired);
+        assert_eq!(refused(&mut state, "t", "n2", 1), TokenProblem::WrongNode);
+        state.consume_token("t", "n1", 1).unwrap();
+        let mut state = reread(&state);
+        assert_eq!(refused(&mut state, "t", "n1", 2), TokenProblem::Consumed);
+        // Long expired tokens are forgotten, and still refused.
+        state.forget_expired_tokens(10 + TOKEN_RETENTION_SECS);
+        assert_eq!(
+            refused(&mut state, "old", "n1", 10 + TOKEN_RETENTION_SECS),
+            TokenProblem::Unknown
+        );
+        assert!(state.join_tokens.contains_key("t"));
+    }
+
+    #[test]
+    fn nodes_keep_their_id_and_addresses_change_the_revision_only_when_different() {
+        let mut state = SharedState::new();
+        assert_eq!(state.register("n1", 1).unwrap().node_id, 1);
+        assert_eq!(state.register("n2", 1).unwrap().node_id, 2);
+        let rev = state.revision;
+        let again = state.register("n1", 5).unwrap();
+        assert_eq!((again.node_id, again.attested_at), (1, 5));
+        assert_eq!(state.revision, rev + 1, "re-attestation is a registry change");
+        let addrs = vec!["10.0.0.1:4250".to_string()];
+        assert_eq!(state.set_node_addresses("n9", &addrs), None);
+        assert_eq!(state.set_node_addresses("n1", &addrs), Some(true));
+        assert_eq!(state.set_node_addresses("n1", &addrs), Some(false));
+        assert_eq!(state.revision, rev + 2);
+    }
+
+    #[test]
+    fn state_over_the_configmap_limit_is_refused_with_what_to_do() {
+        let mut state = SharedState::new();
+        let many: Vec<WorkloadRecord> = (0..4000)
+            .map(|i| workload(&format!("workload-{i:04}"), &[("app", "api")]))
+            .collect();
+        state.apply(&many, &[]).unwrap();
+        match state.encode() {
+            Err(StoreError::Exhausted(m)) => {
+                assert!(m.contains("1 MiB") && m.contains("4000 workloads"), "{m}");
+            }
+            Err(e) => panic!("expected Exhausted, got {e}"),
+            Ok(json) => panic!("{} bytes accepted", json.len()),
+        }
+        // The documented capacity: about 2000 workloads with their identities.
+        let mut state = SharedState::new();
+        state.apply(&many[..2000], &[]).unwrap();
+        assert!(state.encode().is_ok());
+    }
+
+    #[test]
+    fn state_from_a_newer_format_is_refused() {
+        let raw = r#"{"format": 2, "revision": 1}"#;
+        match SharedState::decode(raw) {
+            Ok(Err(StoreError::Backend(m))) => assert!(m.contains("upgrade"), "{m}"),
+            _ => panic!("a newer format must be refused"),
+        }
+        assert!(SharedState::decode("{not json").is_err());
+    }
+
+    #[test]
+    fn log_chunks_fill_up_to_the_limit() {
+        let json = "x".repeat(1000);
+        let todo: BTreeMap<String, String> = (0..600).map(|i| (format!("{i:04}"), json.clone())).collect();
+        let (taken, size) = fit(&BTreeMap::new(), &todo);
+        assert_eq!(taken.len(), CHUNK_LIMIT / 1004);
+        assert!(size <= CHUNK_LIMIT);
+        let full: BTreeMap<String, String> = taken.iter().map(|s| (s.clone(), json.clone())).collect();
+        let (more, _) = fit(&full, &todo);
+        assert!(more.is_empty(), "a full chunk takes nothing more");
+    }
+
+    #[test]
+    fn serials_must_be_configmap_keys() {
+        assert!(check_serial("0a1b2c").is_ok());
+        assert!(check_serial("").is_err());
+        assert!(check_serial("a/b").is_err());
+    }
+
+    #[test]
+    fn only_foreign_versions_and_deletions_are_changes() {
+        let own = |v: &str| v == "11";
+        let mut t = ChangeTracker {
+            version: Some("10".into()),
+            listed: false,
+        };
+        let present = |v: &str| Seen::Present(Some(v.to_owned()));
+        // The initial list shows what open() read: no change.
+        assert!(!t.observe(Seen::RelistStart, own));
+        assert!(!t.observe(present("10"), own));
+        assert!(!t.observe(Seen::RelistDone, own));
+        assert!(!t.observe(present("11"), own), "our own write");
+        assert!(t.observe(present("12"), own), "another replica's write");
+        assert!(!t.observe(present("12"), own), "seen already (a re-list)");
+        assert!(t.observe(Seen::Deleted, own));
+        assert!(t.observe(present("13"), own), "recreated");
+        // A re-list that no longer lists the object: it was deleted meanwhile.
+        assert!(!t.observe(Seen::RelistStart, own));
+        assert!(t.observe(Seen::RelistDone, own));
+        assert!(!t.observe(Seen::RelistDone, own));
+    }
+
+    #[test]
+    fn forbidden_says_which_permission_is_missing() {
+        let status = kube::core::Status::failure("configmaps is forbidden", "Forbidden").with_code(403);
+        let e = api_error(
+            kube::Error::Api(status.boxed()),
+            "update",
+            "configmaps",
+            STATE,
+            "keyway",
+        );
+        let m = e.to_string();
+        assert!(
+            m.contains("cannot update configmaps in namespace keyway") && m.contains("Role"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn token_hashes_are_hex() {
+        assert_eq!(hex(&[0x00, 0xab, 0x10]), "00ab10");
+    }
+}
