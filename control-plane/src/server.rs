@@ -146,9 +146,21 @@ impl ControlPlane {
             }
             None => {
                 let state = ca::initial_state(&ca_cfg, now_unix())?;
-                store.save_ca(&state).await?;
-                info!(trust_domain = %cfg.trust_domain, upstream = ca_cfg.upstream.is_some(), "created CA");
-                state
+                match store.save_ca(&state).await {
+                    Ok(()) => {
+                        info!(trust_domain = %cfg.trust_domain, upstream = ca_cfg.upstream.is_some(), "created CA");
+                        state
+                    }
+                    // Replicas starting together on an empty shared store:
+                    // another one created the CA first; use theirs.
+                    Err(e) => match store.load_ca().await? {
+                        Some(theirs) => {
+                            info!("another replica created the CA first; using it");
+                            theirs
+                        }
+                        None => return Err(e.into()),
+                    },
+                }
             }
         };
         let authority = Arc::new(Authority::new(

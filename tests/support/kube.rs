@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodIP, PodSpec, PodStatus, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::discovery::{self, Scope};
 
 #[derive(Debug)]
 pub struct Cluster {
@@ -282,4 +283,49 @@ where
     )
     .await
     .unwrap_or_else(|e| panic!("apply {name}: {e}"))
+}
+
+/// Applies one object of any kind (server-side apply, field manager
+/// `manager`), optionally as a dry run; returns it as the apiserver did.
+pub async fn apply_object(
+    client: &kube::Client,
+    obj: &serde_json::Value,
+    namespace: &str,
+    dry_run: bool,
+    manager: &str,
+) -> serde_json::Value {
+    let api_version = obj["apiVersion"].as_str().expect("apiVersion");
+    let kind = obj["kind"].as_str().expect("kind");
+    let name = obj["metadata"]["name"].as_str().expect("metadata.name");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let (resource, caps) = discovery::pinned_kind(client, &gvk)
+        .await
+        .unwrap_or_else(|e| panic!("the apiserver does not serve {api_version} {kind}: {e}"));
+    let api: Api<DynamicObject> = match caps.scope {
+        Scope::Cluster => {
+            assert!(
+                obj["metadata"].get("namespace").is_none(),
+                "{kind} {name} is cluster-scoped but names a namespace"
+            );
+            Api::all_with(client.clone(), &resource)
+        }
+        Scope::Namespaced => {
+            assert_eq!(
+                obj["metadata"]["namespace"].as_str(),
+                Some(namespace),
+                "{kind} {name} must name the release namespace"
+            );
+            Api::namespaced_with(client.clone(), namespace, &resource)
+        }
+    };
+    let mut params = PatchParams::apply(manager).force();
+    if dry_run {
+        params = params.dry_run();
+    }
+    let returned = api
+        .patch(name, &params, &Patch::Apply(obj))
+        .await
+        .unwrap_or_else(|e| panic!("the apiserver refused {kind} {name}: {e}\n{obj:#}"));
+    serde_json::to_value(&returned).expect("object JSON")
 }

@@ -196,6 +196,15 @@ impl Binary {
         Self::spawn_with(cmd, data_dir, listen, extra)
     }
 
+    /// Like [`Binary::spawn`] with extra environment (e.g. KUBECONFIG).
+    pub fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Self {
+        let mut cmd = Command::new(bin("control-plane"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn_with(cmd, data_dir, &format!("127.0.0.1:{}", free_port()), extra)
+    }
+
     fn spawn_with(mut cmd: Command, data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let listen = listen.to_owned();
         let admin_socket = data_dir.join("admin.sock");

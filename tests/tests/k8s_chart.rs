@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 
 use keyway_tests::helm::{self, Rendered};
 use keyway_tests::kube::cluster;
-use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use kube::discovery::{self, Scope};
 use serde_json::{Value as Json, json};
 
 const MANAGER: &str = "keyway-chart-test";
@@ -59,48 +57,11 @@ async fn apply_chart(rendered: &[Rendered], namespace: &str) -> Vec<Applied> {
     for (dry_run, files) in [(false, crds), (true, templates)] {
         for obj in helm::objects(&files) {
             let sent = serde_json::to_value(&obj).expect("a rendered object is JSON");
-            let got = apply(&client, &sent, namespace, dry_run).await;
+            let got = keyway_tests::kube::apply_object(&client, &sent, namespace, dry_run, MANAGER).await;
             out.push(Applied { sent, got });
         }
     }
     out
-}
-
-async fn apply(client: &kube::Client, obj: &Json, namespace: &str, dry_run: bool) -> Json {
-    let api_version = obj["apiVersion"].as_str().expect("apiVersion");
-    let kind = obj["kind"].as_str().expect("kind");
-    let name = obj["metadata"]["name"].as_str().expect("metadata.name");
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let gvk = GroupVersionKind::gvk(group, version, kind);
-    let (resource, caps) = discovery::pinned_kind(client, &gvk)
-        .await
-        .unwrap_or_else(|e| panic!("the apiserver does not serve {api_version} {kind}: {e}"));
-    let api: Api<DynamicObject> = match caps.scope {
-        Scope::Cluster => {
-            assert!(
-                obj["metadata"].get("namespace").is_none(),
-                "{kind} {name} is cluster-scoped but names a namespace"
-            );
-            Api::all_with(client.clone(), &resource)
-        }
-        Scope::Namespaced => {
-            assert_eq!(
-                obj["metadata"]["namespace"].as_str(),
-                Some(namespace),
-                "{kind} {name} must name the release namespace"
-            );
-            Api::namespaced_with(client.clone(), namespace, &resource)
-        }
-    };
-    let mut params = PatchParams::apply(MANAGER).force();
-    if dry_run {
-        params = params.dry_run();
-    }
-    let returned = api
-        .patch(name, &params, &Patch::Apply(obj))
-        .await
-        .unwrap_or_else(|e| panic!("the apiserver refused {kind} {name}: {e}\n{obj:#}"));
-    serde_json::to_value(&returned).expect("object JSON")
 }
 
 /// Everything sent is in what came back, unchanged (the server may add).

@@ -608,3 +608,122 @@ where
         .collect::<Vec<()>>()
         .await;
 }
+
+/// A cgroup named like a kubelet's for one pod (cgroupfs driver layout:
+/// `kubepods/besteffort/pod<uid>/<container>`), removed on drop.
+struct PodCgroup {
+    dirs: Vec<std::path::PathBuf>,
+    procs: std::path::PathBuf,
+}
+
+impl PodCgroup {
+    /// In the first cgroup hierarchy here that accepts new groups: cgroup v2
+    /// at /sys/fs/cgroup or /sys/fs/cgroup/unified, else v1's pids controller.
+    fn create(uid: &str) -> Self {
+        let roots = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids"];
+        let root = roots
+            .iter()
+            .map(Path::new)
+            .find(|r| r.join("cgroup.procs").exists())
+            .expect("a writable cgroup hierarchy (the kubernetes tier runs as root)");
+        let suffix = unique("t");
+        let parts = [
+            format!("kubepods-{suffix}"),
+            "besteffort".to_string(),
+            format!("pod{uid}"),
+            "cri-containerd-0123456789abcdef".to_string(),
+        ];
+        let mut dirs = Vec::new();
+        let mut path = root.to_path_buf();
+        for p in parts {
+            path.push(p);
+            std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+            dirs.push(path.clone());
+        }
+        Self {
+            procs: path.join("cgroup.procs"),
+            dirs,
+        }
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+use std::path::Path;
+
+/// Runs `node-agent svid fetch -o json` against `socket`, from inside the
+/// pod's cgroup when given: the agent sees that process's pid.
+fn fetch_svid(socket: &Path, cgroup: Option<&PodCgroup>) -> std::process::Output {
+    let agent = keyway_tests::bin("node-agent");
+    let mut script = String::new();
+    if let Some(cg) = cgroup {
+        script.push_str(&format!("echo $$ > '{}' && ", cg.procs.display()));
+    }
+    script.push_str(&format!(
+        "exec '{}' svid fetch --socket '{}' -o json",
+        agent.display(),
+        socket.display()
+    ));
+    std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("run node-agent svid fetch")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workload_api_identifies_a_pods_processes_by_their_cgroup() {
+    keyway_tests::netns::require_root();
+    let k = cluster();
+    let admin = k.admin().await;
+    let ns = k.namespace("k8s-caller").await;
+    let node = unique("node");
+    create_node(&admin, &node).await;
+    k.service_account(&ns, "billing").await;
+    let pod = create_pod(
+        &admin,
+        &ns,
+        PodSpecOpts {
+            name: "billing-1",
+            service_account: "billing",
+            node: &node,
+            labels: &[("app", "billing")],
+            ip: Some("10.244.9.10"),
+        },
+    )
+    .await;
+    let uid = pod.metadata.uid.clone().expect("uid");
+    let kcp = control_plane(&ns).await;
+    let agent = Agent::start(&kcp.cp, &node, None).await;
+    let id = format!("spiffe://example.org/ns/{ns}/sa/billing");
+    agent.wait_for_svid(&id).await;
+
+    // pid -> cgroup -> pod UID -> the pod from the sync -> its service account.
+    let cgroup = PodCgroup::create(&uid);
+    let out = fetch_svid(&agent.socket, Some(&cgroup));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&id),
+        "a process in the pod's cgroup gets the pod's SVID: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A process outside any pod gets nothing, and is told why.
+    let out = fetch_svid(&agent.socket, None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no identity issued"), "{stderr}");
+    // Once the pod is deleted its own processes get nothing either.
+    delete_pod(&admin, &ns, "billing-1").await;
+    let mut svids = agent.handles.svids.clone();
+    tokio::time::timeout(Duration::from_secs(10), svids.wait_for(|s| !s.contains_key(&id)))
+        .await
+        .expect("SVID revoked")
+        .expect("agent running");
+    let out = fetch_svid(&agent.socket, Some(&cgroup));
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
