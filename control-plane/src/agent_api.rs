@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use crate::metrics::Refusal;
 use crate::server::{ApiError, ControlPlane, NodeSvid};
 use crate::sync;
 
@@ -130,6 +131,7 @@ pub async fn serve(
     ));
     let config = tls::server_config(cp.own_cert(), verifier)?;
     let incoming = tls_incoming(listener, TlsAcceptor::from(Arc::new(config)), shutdown.clone());
+    cp.metrics().readiness.set_ready(crate::metrics::READY_AGENT_API);
     let service =
         AgentApiServer::new(AgentService { cp }).max_decoding_message_size(proto::MAX_AGENT_REQUEST_BYTES);
     let mut done = shutdown;
@@ -165,14 +167,18 @@ impl AgentService {
             .get::<PeerInfo>()
             .ok_or_else(|| Status::internal("connection has no peer information"))?;
         let id = peer.spiffe_id.as_ref().ok_or_else(|| {
+            self.cp.count_refusal(Refusal::Unauthenticated);
             Status::unauthenticated(
                 "this call needs the node SVID as the TLS client certificate; attest first",
             )
         })?;
         let td = self.cp.config().trust_domain.clone();
-        let node = spiffe_id::node_name_of(id, &td)
-            .ok_or_else(|| Status::permission_denied(format!("{id} is not a node agent identity")))?;
+        let node = spiffe_id::node_name_of(id, &td).ok_or_else(|| {
+            self.cp.count_refusal(Refusal::NotAttested);
+            Status::permission_denied(format!("{id} is not a node agent identity"))
+        })?;
         if self.cp.node(node).is_none() {
+            self.cp.count_refusal(Refusal::NotAttested);
             return Err(Status::permission_denied(format!(
                 "node {node} is not attested with this control plane"
             )));
@@ -193,16 +199,32 @@ impl AgentApi for AgentService {
                     .await
             }
             Some(Method::Kubernetes(k)) => self.cp.attest_kubernetes(&k.token, &k.node_name, &req.csr).await,
-            None => Err(ApiError::InvalidArgument(
-                "attestation method missing: send a join token or a Kubernetes service account token".into(),
-            )),
+            None => {
+                self.cp.count_refusal(Refusal::BadRequest);
+                Err(ApiError::InvalidArgument(
+                    "attestation method missing: send a join token or a Kubernetes service account token"
+                        .into(),
+                ))
+            }
         };
         match result {
             Ok(svid) => Ok(Response::new(pb::AttestResponse {
                 svid: Some(node_svid_message(&self.cp, svid)),
             })),
             Err(e) => {
-                warn!(peer = ?addr, reason = %e, "attestation refused");
+                // Once per peer and reason a minute: an agent retrying with
+                // the same bad token does not flood the log.
+                let ip = addr.map(|a| a.ip().to_string()).unwrap_or_default();
+                if self
+                    .cp
+                    .metrics()
+                    .refusal_log
+                    .should_warn(&format!("attest/{ip}/{e}"))
+                {
+                    warn!(peer = ?addr, reason = %e, "attestation refused");
+                } else {
+                    debug!(peer = ?addr, reason = %e, "attestation refused (again)");
+                }
                 Err(e.into())
             }
         }
@@ -229,7 +251,16 @@ impl AgentApi for AgentService {
                 cert_chain: issued.chain,
             })),
             Err(e) => {
-                debug!(node, spiffe_id = %req.spiffe_id, reason = %e, "workload CSR refused");
+                if self
+                    .cp
+                    .metrics()
+                    .refusal_log
+                    .should_warn(&format!("csr/{node}/{}/{e}", req.spiffe_id))
+                {
+                    warn!(node, spiffe_id = %req.spiffe_id, reason = %e, "workload CSR refused");
+                } else {
+                    debug!(node, spiffe_id = %req.spiffe_id, reason = %e, "workload CSR refused (again)");
+                }
                 Err(e.into())
             }
         }
@@ -271,6 +302,7 @@ impl AgentApi for AgentService {
 /// One node's sync stream: a snapshot, then deltas as the registry or the
 /// bundle change. Ends when the client goes away.
 async fn stream_sync(cp: ControlPlane, node: String, tx: mpsc::Sender<Result<pb::SyncResponse, Status>>) {
+    let _open = cp.metrics().sync_stream();
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
     let cluster = registry.borrow_and_update().clone();

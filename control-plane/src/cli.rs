@@ -123,6 +123,41 @@ pub struct ServeArgs {
     pub upstream_ca_cert: Option<PathBuf>,
     #[arg(long, requires = "upstream_ca_cert")]
     pub upstream_ca_key: Option<PathBuf>,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over plain HTTP
+    /// on HOST:PORT, or `off`.
+    #[arg(long, env = "KEYWAY_METRICS_ADDRESS", default_value = "127.0.0.1:9090")]
+    pub metrics_address: String,
+}
+
+/// `--metrics-address`: HOST:PORT, or `off`.
+pub fn metrics_address_flag(v: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if v == "off" {
+        return Ok(None);
+    }
+    v.parse().map(Some).map_err(|_| {
+        anyhow::anyhow!("--metrics-address: {v:?} is not HOST:PORT (e.g. 127.0.0.1:9090) or `off`")
+    })
+}
+
+/// Binds the metrics listener and serves it until `shutdown`; a taken
+/// address is a start-up error naming the flag.
+pub async fn start_metrics(
+    address: Option<std::net::SocketAddr>,
+    registry: Arc<keyway_identity::metrics::Registry>,
+    readiness: Arc<keyway_identity::metrics::Readiness>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("--metrics-address: cannot bind {address}"))?;
+    let bound = listener.local_addr()?;
+    info!(metrics_address = %bound, "metrics and health endpoints listening");
+    Ok(Some(tokio::spawn(keyway_identity::metrics::serve(
+        listener, registry, readiness, shutdown,
+    ))))
 }
 
 /// Where the control plane keeps its state.
@@ -278,8 +313,21 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
             "--svid-ttl capped at 1/6 of --ca-ttl so CA rotation never outlives an SVID"
         );
     }
+    let metrics_address = metrics_address_flag(&args.metrics_address)?;
     prepare_data_dir(&config.data_dir)?;
     let upstream = config.upstream_ca.as_ref().map(load_upstream).transpose()?;
+    let metrics = crate::metrics::Metrics::default();
+    if config.kubernetes {
+        metrics.readiness.expect(crate::metrics::READY_KUBERNETES_CACHES);
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_server = start_metrics(
+        metrics_address,
+        metrics.registry.clone(),
+        metrics.readiness.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
     info!(
         trust_domain = %config.trust_domain,
         data_dir = %config.data_dir.display(),
@@ -312,17 +360,17 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         ),
         _ => Arc::new(SledStore::open(&config.data_dir)?),
     };
+    metrics.readiness.set_ready(crate::metrics::READY_STORE);
     let ca_cfg = CaConfig {
         trust_domain: config.trust_domain.clone(),
         ca_ttl: config.ca_ttl,
         upstream,
     };
-    let cp = ControlPlane::open(config.clone(), ca_cfg, store).await?;
+    let cp = ControlPlane::open_with_metrics(config.clone(), ca_cfg, store, metrics).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("--listen: cannot bind {}", config.listen))?;
     let admin_listener = crate::admin::bind(&config.admin_socket).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let agent = tokio::spawn(crate::agent_api::serve(cp.clone(), listener, stop_rx.clone()));
     let admin = tokio::spawn(crate::admin::serve(cp.clone(), admin_listener, stop_rx.clone()));
     let schedule = tokio::spawn({
@@ -358,6 +406,9 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         let _ = schedule.await;
         if let Some(k8s) = kubernetes {
             k8s.await;
+        }
+        if let Some(m) = metrics_server {
+            let _ = m.await;
         }
     };
     if tokio::time::timeout(Duration::from_secs(10), drain)

@@ -6,7 +6,8 @@
 //! (CA-side CSR checks), `store` (the `Store` trait and sled), `registry`
 //! (standalone documents), `policy` (KeywayNetworkPolicy and its compilation
 //! to datapath entries), `tokens` (join tokens), `server` (the control plane
-//! as one value), `sync` (per-node views and deltas), `agent_api`, `admin`,
+//! as one value), `sync` (per-node views and deltas), `metrics` (Prometheus
+//! families and readiness), `agent_api`, `admin`,
 //! `cli`.
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod csr;
 pub mod jwt;
 pub mod kubernetes;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod server;

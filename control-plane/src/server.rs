@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::ca::{self, Authority, CaConfig, Issued, Step};
 use crate::config::Config;
 use crate::csr;
+use crate::metrics::{IssuedKind, Metrics, Refusal, RotationStep};
 use crate::registry;
 use std::collections::{HashMap, HashSet};
 
@@ -115,6 +116,7 @@ struct Inner {
     token_reviewer: std::sync::OnceLock<crate::kubernetes::attest::TokenReviewer>,
     /// With replicas: whether this one leads (rotates the CA, reconciles).
     leader: std::sync::OnceLock<watch::Receiver<bool>>,
+    metrics: Metrics,
 }
 
 /// The running control plane. Cheap to clone.
@@ -135,6 +137,17 @@ impl ControlPlane {
     /// Loads the CA from the store (creating it on first start), the
     /// registry, and issues the control plane's own serving SVID.
     pub async fn open(cfg: Config, ca_cfg: CaConfig, store: Arc<dyn Store>) -> Result<Self, ApiError> {
+        Self::open_with_metrics(cfg, ca_cfg, store, Metrics::default()).await
+    }
+
+    /// Like [`ControlPlane::open`], recording into `metrics` (the registry
+    /// the `/metrics` listener serves). Reports the CA ready once loaded.
+    pub async fn open_with_metrics(
+        cfg: Config,
+        ca_cfg: CaConfig,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+    ) -> Result<Self, ApiError> {
         let state = match store.load_ca().await? {
             Some(state) => {
                 info!(
@@ -186,10 +199,38 @@ impl ControlPlane {
                 own_cert,
                 token_reviewer: std::sync::OnceLock::new(),
                 leader: std::sync::OnceLock::new(),
+                metrics,
             }),
         };
         cp.renew_own_svid().await?;
+        cp.collect_at_scrape();
+        cp.inner.metrics.readiness.set_ready(crate::metrics::READY_CA);
         Ok(cp)
+    }
+
+    /// The metrics this control plane records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Gauges read from the current state at scrape time: CA expiry, the
+    /// registry revision, leadership. Holds the control plane weakly.
+    fn collect_at_scrape(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let m = self.inner.metrics.clone();
+        self.inner.metrics.registry.on_scrape(move || {
+            let Some(inner) = weak.upgrade() else { return };
+            let cp = ControlPlane { inner };
+            let authority = cp.authority();
+            m.ca_expiry.retain(|_| false);
+            for a in &authority.state().authorities {
+                m.ca_expiry
+                    .set(&[&a.id, Self::phase_name(a.phase)], a.not_after as f64);
+            }
+            m.registry_revision
+                .set(&[], cp.inner.registry.borrow().records.revision as f64);
+            m.is_leader.set(&[], if cp.is_leader() { 1.0 } else { 0.0 });
+        });
     }
 
     pub fn config(&self) -> &Config {
@@ -305,8 +346,11 @@ impl ControlPlane {
         spiffe_id: &SpiffeId,
         ttl: Duration,
         requester: &str,
+        kind: IssuedKind,
     ) -> Result<Issued, ApiError> {
-        let public_key = csr::check(csr_der, &spiffe_id.to_string())?;
+        let started = std::time::Instant::now();
+        let public_key =
+            csr::check(csr_der, &spiffe_id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
         let now = now_unix();
         let issued = self.authority().issue(&public_key, spiffe_id, ttl, now)?;
         self.inner
@@ -320,7 +364,19 @@ impl ControlPlane {
                 not_after: issued.not_after,
             })
             .await?;
+        self.inner.metrics.issued(kind, started);
         Ok(issued)
+    }
+
+    /// Counts a refusal by reason; returns the error to send back.
+    fn refuse(&self, reason: Refusal, e: impl Into<ApiError>) -> ApiError {
+        self.inner.metrics.refused(reason);
+        e.into()
+    }
+
+    /// Counts a refusal the caller found (unauthenticated, not attested).
+    pub fn count_refusal(&self, reason: Refusal) {
+        self.inner.metrics.refused(reason);
     }
 
     /// Issues the control plane's own serving SVID and publishes it to the
@@ -330,7 +386,13 @@ impl ControlPlane {
             keyway_identity::csr::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
         let id = spiffe_id::control_plane_id(&self.inner.cfg.trust_domain);
         let issued = self
-            .issue(&csr_der, &id, self.inner.cfg.node_svid_ttl, "control-plane")
+            .issue(
+                &csr_der,
+                &id,
+                self.inner.cfg.node_svid_ttl,
+                "control-plane",
+                IssuedKind::ControlPlane,
+            )
             .await?;
         let svid = keyway_identity::Svid::new(issued.chain, key.serialize_der())
             .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -350,13 +412,14 @@ impl ControlPlane {
         node: &str,
         csr_der: &[u8],
     ) -> Result<NodeSvid, ApiError> {
-        spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let bad = |e: String| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e));
+        spiffe_id::check_name("node name", node).map_err(|e| bad(e.to_string()))?;
         if token.is_empty() {
-            return Err(ApiError::InvalidArgument("join token is empty".into()));
+            return Err(bad("join token is empty".into()));
         }
-        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let public_key = csr::check(csr_der, &id.to_string())?;
+        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
+        let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
         let now = now_unix();
         let issued = self
             .authority()
@@ -374,8 +437,13 @@ impl ControlPlane {
             .inner
             .store
             .consume_join_token(&crate::tokens::hash(token), node, now, &record)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                StoreError::TokenRefused(_) => self.refuse(Refusal::TokenRefused, e),
+                other => other.into(),
+            })?;
         self.refresh_registry().await?;
+        self.inner.metrics.issued(IssuedKind::Node, started);
         info!(
             node,
             node_id = node_rec.node_id,
@@ -397,17 +465,27 @@ impl ControlPlane {
         node: &str,
         csr_der: &[u8],
     ) -> Result<NodeSvid, ApiError> {
+        let started = std::time::Instant::now();
         let Some(reviewer) = self.inner.token_reviewer.get() else {
-            return Err(ApiError::FailedPrecondition(
-                "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token"
-                    .into(),
+            return Err(self.refuse(
+                Refusal::NotKubernetes,
+                ApiError::FailedPrecondition(
+                    "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token"
+                        .into(),
+                ),
             ));
         };
-        spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let public_key = csr::check(csr_der, &id.to_string())?;
-        let pod = reviewer.review(token, node).await?;
+        let bad = |e: String| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e));
+        spiffe_id::check_name("node name", node).map_err(|e| bad(e.to_string()))?;
+        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
+        let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
+        let pod = reviewer.review(token, node).await.map_err(|e| match e {
+            ApiError::Unavailable(_) => self.refuse(Refusal::TokenreviewUnavailable, e),
+            ApiError::InvalidArgument(_) | ApiError::PermissionDenied(_) => {
+                self.refuse(Refusal::TokenreviewRefused, e)
+            }
+            other => other,
+        })?;
         let now = now_unix();
         let issued = self
             .authority()
@@ -423,6 +501,7 @@ impl ControlPlane {
         let _guard = self.inner.registry_lock.lock().await;
         let node_rec = self.inner.store.register_node(node, now, &record).await?;
         self.refresh_registry().await?;
+        self.inner.metrics.issued(IssuedKind::Node, started);
         info!(
             node,
             node_id = node_rec.node_id,
@@ -453,10 +532,14 @@ impl ControlPlane {
     /// addresses are checked first: one bad value refuses them all and
     /// stores nothing. A write happens only when they changed.
     pub async fn set_node_addresses(&self, node: &str, addresses: &[String]) -> Result<(), ApiError> {
-        let addresses = check_auth_addresses(addresses).map_err(ApiError::InvalidArgument)?;
-        let current = self
-            .node(node)
-            .ok_or_else(|| ApiError::PermissionDenied(format!("node {node} is not attested")))?;
+        let addresses = check_auth_addresses(addresses)
+            .map_err(|e| self.refuse(Refusal::BadAddresses, ApiError::InvalidArgument(e)))?;
+        let current = self.node(node).ok_or_else(|| {
+            self.refuse(
+                Refusal::NotAttested,
+                ApiError::PermissionDenied(format!("node {node} is not attested")),
+            )
+        })?;
         if current.addresses == addresses {
             return Ok(());
         }
@@ -480,13 +563,16 @@ impl ControlPlane {
     }
 
     pub async fn renew_node_svid(&self, node: &str, csr_der: &[u8]) -> Result<NodeSvid, ApiError> {
-        let node_rec = self
-            .node(node)
-            .ok_or_else(|| ApiError::PermissionDenied(format!("node {node} is not attested")))?;
+        let node_rec = self.node(node).ok_or_else(|| {
+            self.refuse(
+                Refusal::NotAttested,
+                ApiError::PermissionDenied(format!("node {node} is not attested")),
+            )
+        })?;
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e.to_string())))?;
         let issued = self
-            .issue(csr_der, &id, self.inner.cfg.node_svid_ttl, node)
+            .issue(csr_der, &id, self.inner.cfg.node_svid_ttl, node, IssuedKind::Node)
             .await?;
         Ok(NodeSvid {
             spiffe_id: id,
@@ -499,7 +585,7 @@ impl ControlPlane {
     /// nodes get SVIDs only for identities with a Workload placed on them.
     fn authorize_workload(&self, node: &str, requested: &str) -> Result<(SpiffeId, Duration), ApiError> {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e.to_string())))?;
         let reg = self.inner.registry.borrow();
         let with_id: Vec<_> = reg
             .records
@@ -511,6 +597,7 @@ impl ControlPlane {
         if here.is_empty() {
             let elsewhere: std::collections::BTreeSet<&str> =
                 with_id.iter().map(|w| w.node.as_str()).collect();
+            self.inner.metrics.refused(Refusal::NotPlaced);
             return Err(ApiError::PermissionDenied(if elsewhere.is_empty() {
                 format!(
                     "no workload with identity {requested} exists; nodes get SVIDs only for workloads placed on them"
@@ -540,7 +627,7 @@ impl ControlPlane {
         csr_der: &[u8],
     ) -> Result<(SpiffeId, Issued), ApiError> {
         let (id, ttl) = self.authorize_workload(node, requested)?;
-        let issued = self.issue(csr_der, &id, ttl, node).await?;
+        let issued = self.issue(csr_der, &id, ttl, node, IssuedKind::Workload).await?;
         Ok((id, issued))
     }
 
@@ -587,7 +674,7 @@ impl ControlPlane {
     ) -> Result<Issued, ApiError> {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        self.issue(csr_der, &id, ttl, "admin").await
+        self.issue(csr_der, &id, ttl, "admin", IssuedKind::Admin).await
     }
 
     pub fn mint_jwt(
@@ -623,6 +710,11 @@ impl ControlPlane {
             self.inner.ca_cfg.max_svid_ttl(),
         )?);
         self.inner.store.save_ca(next.state()).await?;
+        self.inner.metrics.rotated(match step {
+            Step::Prepare => RotationStep::Prepare,
+            Step::Activate => RotationStep::Activate,
+            Step::Retire(_) => RotationStep::Retire,
+        });
         info!(
             ?step,
             sequence = next.state().bundle_sequence,

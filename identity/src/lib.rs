@@ -4,12 +4,14 @@
 //! ID instead of DNS name.
 //!
 //! Kept narrow on purpose: no network, no servers, no storage (the one file
-//! writer is the SVID directory both CLIs produce).
+//! writer is the SVID directory both CLIs produce; the one listener is the
+//! metrics/health endpoint, behind the `http` feature).
 
 pub mod bundle;
 pub mod csr;
 pub mod duration;
 pub mod jwt;
+pub mod metrics;
 pub mod pem;
 pub mod spiffe_id;
 pub mod svid;

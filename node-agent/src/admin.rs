@@ -13,6 +13,9 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::datapath::lookup::PinnedLookup;
+use crate::datapath::monotonic_ns;
+use crate::explain;
 use crate::flows::{self, FlowLog};
 use crate::mutual_auth::AuthRecord;
 use crate::state::NodeState;
@@ -47,6 +50,9 @@ pub struct AdminState {
     pub datapath: bool,
     /// Flow capture (present with the datapath).
     pub flows: Option<Arc<FlowLog>>,
+    /// Where the datapath's maps are pinned (present with the datapath),
+    /// for `explain`, which reads what the kernel reads.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 pub fn serve(
@@ -142,6 +148,41 @@ impl pb::agent_admin_server::AgentAdmin for Service {
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let q = req.into_inner();
+        let pin_dir = self.0.pin_dir.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this agent runs without --datapath: nothing judges traffic on this node",
+            )
+        })?;
+        let state = self.0.state.borrow().clone();
+        if !state.synced {
+            return Err(Status::unavailable(
+                "the agent has not completed its first sync with the control plane yet",
+            ));
+        }
+        let proto =
+            explain::parse_protocol(&q.protocol).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let port = u16::try_from(q.port)
+            .map_err(|_| Status::invalid_argument(format!("--port {}: not a port number", q.port)))?;
+        let records = self.0.auth.borrow().clone();
+        let via = records.iter().map(|r| (r.key, r.via.as_str())).collect();
+        let tables = PinnedLookup::open(&pin_dir).map_err(|e| Status::unavailable(e.to_string()))?;
+        let cx = explain::Context {
+            state: &state,
+            via: &via,
+            now_ns: monotonic_ns(),
+        };
+        match explain::explain(&cx, &tables, &q.from, &q.to, port, proto) {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e @ explain::ExplainError::Datapath(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
     }
 
     async fn list_auth(

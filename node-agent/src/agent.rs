@@ -58,6 +58,8 @@ pub struct AgentHandles {
     pub svids: watch::Receiver<crate::svid_cache::SvidSet>,
     pub client: watch::Receiver<Option<ControlPlaneClient>>,
     pub rotations: watch::Receiver<u64>,
+    /// The agent's metrics; the Workload API and mutual auth record into it.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// Finds or obtains the node SVID: a stored, still-valid one first (no new
@@ -105,6 +107,17 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
 /// Starts the agent's background tasks; returns once the node identity is
 /// established. Everything stops when `shutdown` turns true.
 pub async fn start(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<AgentHandles, AgentError> {
+    start_with_metrics(cfg, crate::metrics::AgentMetrics::default(), shutdown).await
+}
+
+/// Like [`start`], recording into `metrics` (the registry the `/metrics`
+/// listener serves, started before attestation so `/readyz` answers 503
+/// meanwhile).
+pub async fn start_with_metrics(
+    cfg: AgentConfig,
+    metrics: crate::metrics::AgentMetrics,
+    shutdown: watch::Receiver<bool>,
+) -> Result<AgentHandles, AgentError> {
     node_svid::prepare_dir(&cfg.data_dir)?;
     let initial_bundle = match node_svid::load_bundle(&cfg.data_dir, &cfg.trust_domain)? {
         Some(b) => b,
@@ -135,7 +148,9 @@ pub async fn start(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<
         svids: cache.subscribe(),
         client: client_rx.clone(),
         rotations: cache.rotations(),
+        metrics,
     };
+    handles.metrics.watch_agent(&handles, shutdown.clone());
     let link = Link {
         cfg: cfg.clone(),
         node_svid: svid,

@@ -41,6 +41,9 @@ pub enum Command {
     Auth(AuthCommand),
     /// Flows the datapath judged on this node, with identities and verdicts.
     Observe(ObserveArgs),
+    /// What the datapath would do with a flow and why: identities, the
+    /// policy entry, the auth entry, the verdict, and what to change.
+    Explain(ExplainArgs),
     /// Exit 0 when the agent answers on its Workload API socket.
     Healthcheck {
         #[arg(long)]
@@ -84,6 +87,26 @@ pub enum AuthCommand {
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    #[arg(long, env = "KEYWAY_AGENT_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// The source: namespace/name of a workload, or an IPv4 address.
+    #[arg(long)]
+    pub from: String,
+    /// The destination: namespace/name of a workload, or an IPv4 address.
+    #[arg(long)]
+    pub to: String,
+    /// Destination port.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// tcp, udp, sctp, icmp or an IP protocol number.
+    #[arg(long, default_value = "tcp")]
+    pub proto: String,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -169,6 +192,10 @@ pub struct RunArgs {
     /// Emit per-flow events from the datapath (for `observe`).
     #[arg(long, env = "KEYWAY_FLOW_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub flow_capture: bool,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over plain HTTP
+    /// on HOST:PORT, or `off`.
+    #[arg(long, env = "KEYWAY_METRICS_ADDRESS", default_value = "127.0.0.1:9091")]
+    pub metrics_address: String,
 }
 
 impl RunArgs {
@@ -220,6 +247,12 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .map(|ip| std::net::SocketAddr::new(*ip, auth_port).to_string())
         .collect();
+    let metrics_address = match args.metrics_address.as_str() {
+        "off" => None,
+        v => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+            anyhow::anyhow!("--metrics-address: {v:?} is not HOST:PORT (e.g. 127.0.0.1:9091) or `off`")
+        })?),
+    };
     let admin_listener = admin::bind(&args.admin_socket)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -232,7 +265,24 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         "starting node agent"
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let handles = agent::start(cfg.clone(), stop_rx.clone()).await?;
+    // Listening before attestation, so /readyz says what is missing meanwhile.
+    let metrics = crate::metrics::AgentMetrics::default();
+    if args.datapath {
+        metrics.readiness.expect(crate::metrics::READY_DATAPATH);
+    }
+    if let Some(address) = metrics_address {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("--metrics-address: cannot bind {address}"))?;
+        info!(metrics_address = %listener.local_addr()?, "metrics and health endpoints listening");
+        tokio::spawn(keyway_identity::metrics::serve(
+            listener,
+            metrics.registry.clone(),
+            metrics.readiness.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let handles = agent::start_with_metrics(cfg.clone(), metrics.clone(), stop_rx.clone()).await?;
     let mut datapath_streams = None;
     let (auth_map, signals): (Arc<dyn AuthMap>, _) = if args.datapath {
         let mut dcfg = datapath::DatapathConfig::new(&args.bpf_pin_dir, &cfg.node_name);
@@ -240,13 +290,22 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         let dp = datapath::start(dcfg, handles.state.clone(), stop_rx.clone())
             .with_context(|| format!("--datapath (pins in {})", args.bpf_pin_dir.display()))?;
         info!(pin_dir = %args.bpf_pin_dir.display(), "datapath loaded");
+        match datapath::drops::DropCounters::open(&args.bpf_pin_dir) {
+            Ok(drops) => metrics.watch_datapath(drops, dp.signal_queue.clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the datapath's drop counters; keyway_datapath_drops_total stays empty")
+            }
+        }
+        metrics.readiness.set_ready(crate::metrics::READY_DATAPATH);
         datapath_streams = Some((dp.flows, dp.status));
         (dp.auth, Some(dp.signals))
     } else {
         (Arc::new(datapath::MemoryAuthMap::default()), None)
     };
+    let mut auth_cfg = mutual_auth::MutualAuthConfig::new(&cfg.node_name);
+    auth_cfg.metrics = metrics.clone();
     let auth = mutual_auth::start(
-        mutual_auth::MutualAuthConfig::new(&cfg.node_name),
+        auth_cfg,
         auth_listener,
         handles.state.clone(),
         handles.svids.clone(),
@@ -255,6 +314,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         stop_rx.clone(),
     )?;
     info!(listen = %auth.listen, advertised = ?cfg.auth_addresses, "mutual-auth port listening");
+    metrics.watch_auth_entries(auth.entries.clone());
     let flow_log = datapath_streams.map(|(flows, status)| {
         let log = flows::FlowLog::new(args.flow_buffer);
         flows::run(
@@ -275,6 +335,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             auth: auth.entries.clone(),
             datapath: args.datapath,
             flows: flow_log,
+            pin_dir: args.datapath.then(|| args.bpf_pin_dir.clone()),
         },
         stop_rx.clone(),
     );
@@ -433,6 +494,27 @@ async fn observe(a: ObserveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
+    let mut client = admin::connect(&a.admin_socket)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let r = client
+        .explain(proto::keyway::ExplainRequest {
+            from: a.from,
+            to: a.to,
+            port: u32::from(a.port),
+            protocol: a.proto,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    match a.output {
+        Output::Text => print!("{}", crate::explain::format_text(&r)),
+        Output::Json => println!("{}", crate::explain::to_json(&r)),
+    }
+    Ok(())
+}
+
 fn flow_json(r: &proto::keyway::FlowRecord) -> serde_json::Value {
     let end = |e: &Option<proto::keyway::FlowEndpoint>| {
         let e = e.clone().unwrap_or_default();
@@ -543,6 +625,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Auth(AuthCommand::List { admin_socket, output }) => auth_list(admin_socket, output).await,
         Command::Observe(a) => observe(a).await,
+        Command::Explain(a) => explain(a).await,
         Command::Run(args) => run_agent(args).await,
         Command::Svid(SvidCommand::Fetch {
             socket,

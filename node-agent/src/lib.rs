@@ -4,7 +4,8 @@
 //! (the agent API client), `state` (the node's view from Sync), `node_svid`
 //! (the node identity on disk), `svid_cache` (workload SVIDs and rotation),
 //! `workload_api` (the SPIFFE Workload API server), `datapath` (the kernel
-//! programs: loading, attaching, tables, auth map, signals and flow events), `caller` (out-of-band
+//! programs: loading, attaching, tables, auth map, signals and flow events), `explain` (what
+//! the datapath would do with a flow, and why), `caller` (out-of-band
 //! caller attestation), `workload_client` (the CLI's Workload API client),
 //! `backoff`, `cli`.
 
@@ -15,7 +16,9 @@ pub mod caller;
 pub mod cli;
 pub mod control_plane;
 pub mod datapath;
+pub mod explain;
 pub mod flows;
+pub mod metrics;
 pub mod mutual_auth;
 pub mod node_svid;
 pub mod state;

@@ -83,7 +83,12 @@ pub fn start(
         handles.client.clone(),
         cfg.proc_root.clone(),
         cfg.netns_dir.clone(),
-    );
+    )
+    .with_metrics(handles.metrics.clone());
+    handles
+        .metrics
+        .readiness
+        .set_ready(crate::metrics::READY_WORKLOAD_API);
     Ok(tokio::spawn(serve(api, listener, shutdown)))
 }
 
@@ -95,6 +100,7 @@ pub struct WorkloadApi {
     client: watch::Receiver<Option<ControlPlaneClient>>,
     proc_root: PathBuf,
     netns_dir: PathBuf,
+    metrics: crate::metrics::AgentMetrics,
 }
 
 impl WorkloadApi {
@@ -111,7 +117,14 @@ impl WorkloadApi {
             client,
             proc_root,
             netns_dir,
+            metrics: crate::metrics::AgentMetrics::default(),
         }
+    }
+
+    /// Counts open streams in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::AgentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Checks the security header and identifies the caller.
@@ -219,6 +232,7 @@ fn fingerprint<T: prost::Message>(msg: &T) -> u64 {
 /// are not pushed again). The first message goes out as soon as there is one
 /// (WL-05). An error ends the stream.
 fn watch_stream<T, F>(
+    metrics: &crate::metrics::AgentMetrics,
     state: watch::Receiver<Arc<NodeState>>,
     svids: watch::Receiver<SvidSet>,
     compute: F,
@@ -228,9 +242,12 @@ where
     F: Fn(&NodeState, &SvidSet) -> Result<Option<T>, Status> + Send + Sync + 'static,
 {
     let compute = Arc::new(compute);
+    // Counted while the stream exists: the closure owns the guard.
+    let open = metrics.workload_stream();
     let stream = futures::stream::unfold(
         (state, svids, None::<u64>, false),
         move |(mut state, mut svids, last, done)| {
+            let _open = &open;
             let compute = compute.clone();
             async move {
                 if done {
@@ -273,9 +290,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.caller(&req)?;
         Self::entitled(&self.state.borrow(), &caller)?;
-        let stream = watch_stream(self.state.clone(), self.svids.clone(), move |st, sv| {
-            x509_response(st, sv, &caller)
-        });
+        let stream = watch_stream(
+            &self.metrics,
+            self.state.clone(),
+            self.svids.clone(),
+            move |st, sv| x509_response(st, sv, &caller),
+        );
         Ok(Response::new(stream))
     }
 
@@ -287,14 +307,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.caller(&req)?;
         Self::entitled(&self.state.borrow(), &caller)?;
-        let stream = watch_stream(self.state.clone(), self.svids.clone(), move |st, _| {
-            Self::entitled(st, &caller)?;
-            let bundles = Self::bundles(st);
-            Ok((!bundles.is_empty()).then(|| pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles: bundles.into_iter().collect(),
-            }))
-        });
+        let stream = watch_stream(
+            &self.metrics,
+            self.state.clone(),
+            self.svids.clone(),
+            move |st, _| {
+                Self::entitled(st, &caller)?;
+                let bundles = Self::bundles(st);
+                Ok((!bundles.is_empty()).then(|| pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: bundles.into_iter().collect(),
+                }))
+            },
+        );
         Ok(Response::new(stream))
     }
 
@@ -357,20 +382,25 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = self.caller(&req)?;
         Self::entitled(&self.state.borrow(), &caller)?;
-        let stream = watch_stream(self.state.clone(), self.svids.clone(), move |st, _| {
-            Self::entitled(st, &caller)?;
-            let Some(bundle) = st.bundle.as_ref() else {
-                return Ok(None);
-            };
-            // WL-15: only jwt-svid keys.
-            let jwks = keyway_identity::jwt::jwt_only_bundle(bundle.jwks())
-                .map_err(|e| Status::internal(format!("bundle: {e}")))?;
-            Ok(Some(pb::JwtBundlesResponse {
-                bundles: [(format!("spiffe://{}", bundle.trust_domain()), jwks)]
-                    .into_iter()
-                    .collect(),
-            }))
-        });
+        let stream = watch_stream(
+            &self.metrics,
+            self.state.clone(),
+            self.svids.clone(),
+            move |st, _| {
+                Self::entitled(st, &caller)?;
+                let Some(bundle) = st.bundle.as_ref() else {
+                    return Ok(None);
+                };
+                // WL-15: only jwt-svid keys.
+                let jwks = keyway_identity::jwt::jwt_only_bundle(bundle.jwks())
+                    .map_err(|e| Status::internal(format!("bundle: {e}")))?;
+                Ok(Some(pb::JwtBundlesResponse {
+                    bundles: [(format!("spiffe://{}", bundle.trust_domain()), jwks)]
+                        .into_iter()
+                        .collect(),
+                }))
+            },
+        );
         Ok(Response::new(stream))
     }
 

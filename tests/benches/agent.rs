@@ -77,6 +77,7 @@ async fn run() {
         .arg("--admin-socket")
         .arg(dir.path().join("agent-admin.sock"))
         .args(["--auth-port", "0"])
+        .args(["--metrics-address", "off"])
         .env("KEYWAY_JOIN_TOKEN", token)
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())

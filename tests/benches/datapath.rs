@@ -314,6 +314,9 @@ struct Variant {
     prog: PathBuf,
     packet: PathBuf,
     cache: Cache,
+    /// `FLOW_CAPTURE` set: flow events (new flow, verdict change, drop) go
+    /// to the flow ring buffer.
+    capture: bool,
     expect: i64,
     runs: Vec<f64>,
 }
@@ -337,7 +340,7 @@ struct Micro {
 /// drift on a noisy VM spreads over all of them.
 fn measure(config: &ConfigSlot, variants: &mut [Variant]) {
     for v in variants.iter_mut() {
-        set_cache(config, v.cache);
+        set_cache(config, v.cache, v.capture);
         let (ret, _) = prog_run(&v.prog, &v.packet, 1000);
         assert_eq!(
             ret, v.expect,
@@ -347,7 +350,7 @@ fn measure(config: &ConfigSlot, variants: &mut [Variant]) {
     }
     for _ in 0..RUNS {
         for v in variants.iter_mut() {
-            set_cache(config, v.cache);
+            set_cache(config, v.cache, v.capture);
             let (ret, ns) = prog_run(&v.prog, &v.packet, REPEAT);
             assert_eq!(ret, v.expect, "{}: unexpected return value", v.name);
             v.runs.push(ns);
@@ -355,12 +358,15 @@ fn measure(config: &ConfigSlot, variants: &mut [Variant]) {
     }
 }
 
-fn set_cache(config: &ConfigSlot, cache: Cache) {
+fn set_cache(config: &ConfigSlot, cache: Cache, capture: bool) {
     config
         .update(|c| {
             c.flags &= !(config_flags::FLOW_CAPTURE | config_flags::NO_VERDICT_CACHE);
             if cache == Cache::Off {
                 c.flags |= config_flags::NO_VERDICT_CACHE;
+            }
+            if capture {
+                c.flags |= config_flags::FLOW_CAPTURE;
             }
         })
         .expect("config slot");
@@ -524,9 +530,11 @@ fn micro() -> Micro {
         prog: prog.to_path_buf(),
         packet: packet.to_path_buf(),
         cache,
+        capture: false,
         expect,
         runs: Vec::new(),
     };
+    let captured = |v: Variant| Variant { capture: true, ..v };
     let empty_variant = || variant("empty program", &empty, &exact_pkt, Cache::On, TC_ACT_OK);
     let mut groups = Vec::new();
     for (total, full_set) in [(1_000usize, false), (100_000, true), (1_000_000, false)] {
@@ -548,6 +556,20 @@ fn micro() -> Micro {
                     Cache::Off,
                     TC_ACT_OK,
                 ),
+                captured(variant(
+                    "allow, exact policy key: established flow, flow capture on",
+                    &to_pod,
+                    &exact_pkt,
+                    Cache::On,
+                    TC_ACT_OK,
+                )),
+                captured(variant(
+                    "allow, exact policy key: full evaluation, flow capture on",
+                    &to_pod,
+                    &exact_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                )),
                 variant(
                     "allow, last wildcard (S,0,0,0): established flow",
                     &to_pod,
@@ -1124,6 +1146,25 @@ fn report(m: &Micro, t: &Throughput, elapsed: Duration) -> String {
     s.push_str(&format!(
         "Full evaluation (exact key) against policy size: {} (goal: flat).\n\n",
         flat.join(", ")
+    ));
+    // Flow capture on vs off, same run, same tables: the per-packet cost of
+    // a forwarded packet (the whole program run, not just the part above
+    // the empty program).
+    let total = |name: &str| get(100_000, name) + empty;
+    let est_on = total("allow, exact policy key: established flow, flow capture on");
+    let est_off = total("allow, exact policy key: established flow (cache on)");
+    let full_on = total("allow, exact policy key: full evaluation, flow capture on");
+    let full_off = total("allow, exact policy key: full evaluation (cache off)");
+    let within = |on: f64, off: f64| if on <= off * 1.10 { "met" } else { "NOT met" };
+    s.push_str(&format!(
+        "**Flow capture on vs off** (budget: per-packet cost of forwarded packets within 10%; flow events are \
+         emitted for a new flow, a verdict change or a drop, never per forwarded packet):\n\
+         - established flow: {est_on:.0} ns with capture vs {est_off:.0} ns without: **{:.2}x**, **{}**\n\
+         - full evaluation: {full_on:.0} ns vs {full_off:.0} ns: **{:.2}x**, **{}**\n\n",
+        est_on / est_off,
+        within(est_on, est_off),
+        full_on / full_off,
+        within(full_on, full_off),
     ));
     let fills: Vec<String> = m
         .fill

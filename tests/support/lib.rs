@@ -208,6 +208,11 @@ impl Binary {
     fn spawn_with(mut cmd: Command, data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let listen = listen.to_owned();
         let admin_socket = data_dir.join("admin.sock");
+        // Many control planes run at once: no shared default metrics port
+        // unless a test asks for one.
+        if !extra.contains(&"--metrics-address") {
+            cmd.env("KEYWAY_METRICS_ADDRESS", "off");
+        }
         let child = cmd
             .arg("serve")
             .args(["--trust-domain", TD, "--listen", &listen])

@@ -45,6 +45,7 @@ fn start_agent(cp: &Binary, dir: &Path, node: &str) -> AgentProcess {
         .arg("--admin-socket")
         .arg(dir.join("agent-admin.sock"))
         .args(["--auth-port", "0"])
+        .args(["--metrics-address", "off"])
         .env("KEYWAY_JOIN_TOKEN", token)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

@@ -669,3 +669,103 @@ fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
     assert!(connect(&a.netns, IP_B, 8080, Duration::from_secs(1)).is_err());
     drop(agent);
 }
+
+#[test]
+fn the_flow_ring_never_grows_past_its_bound_under_a_flood_of_a_million_flows() {
+    const BOUND: usize = 4096;
+    const SOURCES: u16 = 16;
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(StateBuilder::new().open().build(), &topo);
+
+    // The agent's flow log, fed from the datapath's flow events as in the agent.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let log = node_agent::flows::FlowLog::new(BOUND);
+    let (_auth_tx, auth_rx) = watch::channel(Arc::new(Vec::new()));
+    let (stop_log, stop_rx) = watch::channel(false);
+    let mut counted = dp.flows.subscribe();
+    {
+        let _guard = rt.enter();
+        node_agent::flows::run(
+            log.clone(),
+            dp.flows.subscribe(),
+            dp.state.subscribe(),
+            dp.status.clone(),
+            auth_rx,
+            NODE.into(),
+            stop_rx,
+        );
+    }
+    let events = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = {
+        let events = events.clone();
+        rt.spawn(async move {
+            loop {
+                match counted.recv().await {
+                    Ok(_) => {
+                        events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        events.fetch_add(n as usize, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+
+    // 16 source ports x 65535 destination ports: 1,048,560 distinct UDP
+    // flows from a to b, each one a new flow for the datapath.
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let log = log.clone();
+        let flooding = flooding.clone();
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(log.len());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            max
+        })
+    };
+    let started = Instant::now();
+    let sent = in_netns(&a.netns, || {
+        let socks: Vec<UdpSocket> = (0..SOURCES)
+            .map(|i| UdpSocket::bind((IP_A, 20000 + i)).expect("bind flood source"))
+            .collect();
+        let mut sent = 0usize;
+        for port in 1..=u16::MAX {
+            for s in &socks {
+                if s.send_to(b"x", (IP_B, port)).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    });
+    let elapsed = started.elapsed();
+    // Let the log take in what the datapath reported, then stop sampling.
+    wait_until(Duration::from_secs(20), "flow events to arrive", || {
+        events.load(std::sync::atomic::Ordering::Relaxed) >= BOUND && log.len() == BOUND
+    });
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let max = sampler.join().expect("sampler");
+    let seen = events.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "flood: {sent} packets ({} distinct flows) in {elapsed:?}; {seen} flow events; the log held at most {max} (bound {BOUND})",
+        usize::from(SOURCES) * usize::from(u16::MAX)
+    );
+    assert!(sent >= 1_000_000, "only {sent} packets sent");
+    assert!(max <= BOUND, "the flow log grew to {max}, past its bound {BOUND}");
+    assert_eq!(log.len(), BOUND, "the log is full and not beyond");
+    stop_log.send_replace(true);
+    counter.abort();
+    dp.stop();
+}

@@ -221,6 +221,79 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
         "{denied:?}"
     );
     assert!(!api_has_entry_for(node_b, "ghost"));
+
+    // Filters select exactly: every DROPPED flow on 8080 is the intruder's
+    // or ghost's, and both are there; a drop reason narrows it to one.
+    let drops = node_b.observe(&["--verdict", "DROPPED", "--port", "8080"]);
+    let sources: std::collections::BTreeSet<String> = drops
+        .iter()
+        .map(|f| f["source"]["ip"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let expected: std::collections::BTreeSet<String> =
+        [s.intruder.ip.to_string(), s.ghost.ip.to_string()].into();
+    assert_eq!(sources, expected, "{drops:#?}");
+    assert!(
+        drops
+            .iter()
+            .all(|f| f["verdict"] == "DROPPED" && f["destination"]["port"] == 8080)
+    );
+    let denied = node_b.observe(&["--drop-reason", "policy-denied", "--port", "8080"]);
+    assert!(
+        !denied.is_empty()
+            && denied
+                .iter()
+                .all(|f| f["source"]["ip"] == s.intruder.ip.to_string()),
+        "{denied:#?}"
+    );
+
+    // --follow streams a new flow within a second.
+    let mut follow = std::process::Command::new(keyway_tests::bin("node-agent"))
+        .args([
+            "observe",
+            "--follow",
+            "-o",
+            "json",
+            "--verdict",
+            "FORWARDED",
+            "--port",
+            "8080",
+        ])
+        .arg("--admin-socket")
+        .arg(&node_b.admin_socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("observe --follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    // What is already in the ring comes first; then the new connection.
+    while rx.recv_timeout(Duration::from_millis(300)).is_ok() {}
+    let t0 = Instant::now();
+    let mut c = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("frontend -> api again");
+    assert!(echo_round_trip(&mut c, b"followed"));
+    let port = c.local_addr().expect("local addr").port();
+    let (at, line) = loop {
+        let (at, line) = rx
+            .recv_timeout(Duration::from_secs(1).saturating_sub(t0.elapsed()))
+            .expect("observe --follow printed the new flow within a second");
+        let f: serde_json::Value = serde_json::from_str(&line).expect("json line");
+        if f["source"]["port"] == port {
+            break (at, line);
+        }
+    };
+    println!(
+        "observe --follow: the new flow arrived {:?} after connect(): {line}",
+        at - t0
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
     let _ = (&s.cp, &s.dir, &s.bundle, &s.cluster);
 }
 

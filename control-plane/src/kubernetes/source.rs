@@ -524,7 +524,10 @@ pub async fn run(
         keyway_policies: reflect(&client, changed.clone()),
     };
     tokio::select! {
-        _ = caches.ready() => info!("Kubernetes caches synced"),
+        _ = caches.ready() => {
+            info!("Kubernetes caches synced");
+            cp.metrics().readiness.set_ready(crate::metrics::READY_KUBERNETES_CACHES);
+        }
         _ = shutdown.changed() => return,
     }
     let policies: Api<KeywayNetworkPolicy> = Api::all(client.clone());

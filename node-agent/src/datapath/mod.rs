@@ -12,8 +12,10 @@
 //! what it hears from the control plane.
 
 pub mod auth_map;
+pub mod drops;
 pub mod endpoints;
 pub mod events;
+pub mod lookup;
 mod sys;
 pub mod tables;
 
@@ -627,6 +629,8 @@ pub struct DatapathHandles {
     /// Flow events (subscribe for a receiver).
     pub flows: broadcast::Sender<Flow>,
     pub status: watch::Receiver<DatapathStatus>,
+    /// The sending side of `signals`, for its depth (`keyway_signal_queue_depth`).
+    pub signal_queue: mpsc::WeakSender<MissingAuth>,
 }
 
 /// Capacity of the signal queue between the ring buffer and the handshake
@@ -649,6 +653,7 @@ pub fn start(
     let signals_ring: RingBuf<MapData> = take(&mut dp.ebpf, maps::SIGNALS)?;
     let flows_ring: RingBuf<MapData> = take(&mut dp.ebpf, maps::FLOWS)?;
     let (signal_tx, signal_rx) = mpsc::channel(SIGNAL_QUEUE);
+    let signal_queue = signal_tx.downgrade();
     let (flow_tx, _) = broadcast::channel(FLOW_CHANNEL);
     let (status_tx, status_rx) = watch::channel(DatapathStatus::default());
     let config = dp.config();
@@ -715,6 +720,7 @@ pub fn start(
         signals: signal_rx,
         flows: flow_tx,
         status: status_rx,
+        signal_queue,
     })
 }
 

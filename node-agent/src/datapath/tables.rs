@@ -144,7 +144,7 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u32)> {
     Some((ip.parse().ok()?, len))
 }
 
-fn mask(ip: Ipv4Addr, len: u32) -> Ipv4Addr {
+pub(crate) fn mask(ip: Ipv4Addr, len: u32) -> Ipv4Addr {
     let bits = u32::from(ip);
     let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
     Ipv4Addr::from(bits & m)

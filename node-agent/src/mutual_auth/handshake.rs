@@ -58,6 +58,20 @@ pub enum HandshakeError {
     Local(String),
 }
 
+impl HandshakeError {
+    /// The `result` label of `keyway_handshakes_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandshakeError::Connect { .. } => "connect",
+            HandshakeError::Tls { .. } => "tls",
+            HandshakeError::Refused(_) => "refused",
+            HandshakeError::Protocol(_) => "protocol",
+            HandshakeError::Timeout(_) => "timeout",
+            HandshakeError::Local(_) => "local",
+        }
+    }
+}
+
 /// What the dialer asks for after the TLS handshake.
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
@@ -158,8 +172,23 @@ pub async fn serve(
     certs: Arc<LocalCerts>,
     directory: watch::Receiver<Arc<PeerDirectory>>,
     accepted: mpsc::Sender<Accepted>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let metrics = crate::metrics::AgentMetrics::default();
+    serve_with_metrics(listener, bundle, certs, directory, accepted, metrics, shutdown).await
+}
+
+/// Like [`serve`], counting answered handshakes in `metrics`.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    bundle: BundleWatch,
+    certs: Arc<LocalCerts>,
+    directory: watch::Receiver<Arc<PeerDirectory>>,
+    accepted: mpsc::Sender<Accepted>,
+    metrics: crate::metrics::AgentMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use crate::metrics::HandshakeRole;
     let mut config = match rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
     {
@@ -194,13 +223,29 @@ pub async fn serve(
         let certs = certs.clone();
         let directory = directory.borrow().clone();
         let accepted = accepted.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(TIMEOUT, answer(acceptor, &certs, tcp, peer, &directory)).await {
+            let started = std::time::Instant::now();
+            let e = match tokio::time::timeout(TIMEOUT, answer(acceptor, &certs, tcp, peer, &directory)).await
+            {
                 Ok(Ok(a)) => {
+                    metrics.handshake(HandshakeRole::Answer, Ok(()), started);
                     let _ = accepted.send(a).await;
+                    return;
                 }
-                Ok(Err(e)) => tracing::info!(peer = %peer, error = %e, "refused a mutual-auth handshake"),
-                Err(_) => tracing::info!(peer = %peer, "a mutual-auth handshake timed out"),
+                Ok(Err(e)) => e,
+                Err(_) => HandshakeError::Timeout(TIMEOUT),
+            };
+            metrics.handshake(HandshakeRole::Answer, Err(e.kind()), started);
+            // Once per peer address and reason a minute: a peer retrying
+            // with backoff does not fill the log.
+            if metrics
+                .handshake_log
+                .should_warn(&format!("answer/{}/{e}", peer.ip()))
+            {
+                tracing::info!(peer = %peer, error = %e, "refused a mutual-auth handshake");
+            } else {
+                tracing::debug!(peer = %peer, error = %e, "refused a mutual-auth handshake (again)");
             }
         });
     }

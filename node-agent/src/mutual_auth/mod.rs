@@ -44,6 +44,8 @@ pub struct MutualAuthConfig {
     pub rotation_spread: Duration,
     /// GC and refresh cadence (flushes on state changes are immediate).
     pub tick: Duration,
+    /// Where handshakes are counted and timed.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 impl MutualAuthConfig {
@@ -53,6 +55,7 @@ impl MutualAuthConfig {
             max_in_flight: 32,
             rotation_spread: Duration::from_secs(5),
             tick: Duration::from_millis(250),
+            metrics: crate::metrics::AgentMetrics::default(),
         }
     }
 }
@@ -151,12 +154,13 @@ pub fn start(
             nodes: HashMap::new(),
         }));
         let (accepted_tx, accepted_rx) = mpsc::channel(1024);
-        tokio::spawn(handshake::serve(
+        tokio::spawn(handshake::serve_with_metrics(
             listener,
             bundle_rx.clone(),
             certs.clone(),
             dir_rx,
             accepted_tx,
+            cfg.metrics.clone(),
             shutdown.clone(),
         ));
         let manager = Manager {
@@ -474,7 +478,9 @@ impl Manager {
             self.in_flight.insert(key);
             let bundle = self.bundle_rx.clone();
             let node = node.clone();
+            let metrics = self.cfg.metrics.clone();
             tasks.spawn(async move {
+                let started = std::time::Instant::now();
                 let r = handshake::dial_with_key(
                     addr,
                     bundle,
@@ -485,6 +491,11 @@ impl Manager {
                     &node,
                 )
                 .await;
+                metrics.handshake(
+                    crate::metrics::HandshakeRole::Dial,
+                    r.as_ref().map(|_| ()).map_err(|e| e.kind()),
+                    started,
+                );
                 (key, r)
             });
         }

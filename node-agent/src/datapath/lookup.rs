@@ -1,0 +1,349 @@
+//! Point lookups in the kernel's tables, made the way the programs make
+//! them (auth-bpf/ebpf `evaluate`), for `node-agent explain`. One trait, two
+//! implementations: the pinned maps the kernel reads, and an in-memory view
+//! built from [`Tables`] for tests. [`evaluate`] mirrors the kernel's full
+//! evaluation step by step and keeps every intermediate fact.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use keyway_common::{
+    AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, auth_type,
+    direction, drop_reason, hook, identity, maps,
+};
+
+use super::tables::{Tables, ip_key, mask};
+use super::{DatapathError, open_pinned};
+
+/// Capability: the lookups one evaluation of the datapath makes.
+pub trait Lookup {
+    /// The exact /32 ipcache entry.
+    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, DatapathError>;
+    /// The longest CIDR of the LPM trie containing `ip`, with its prefix length.
+    fn ipcache_lpm(&self, ip: Ipv4Addr) -> Result<Option<(u32, IpcacheValue)>, DatapathError>;
+    fn policy(&self, key: &PolicyKey) -> Result<Option<PolicyValue>, DatapathError>;
+    /// The auth entry's expiry (kernel monotonic ns).
+    fn auth(&self, key: &AuthKey) -> Result<Option<u64>, DatapathError>;
+    /// The local endpoint at `ip` (this node's datapath guards its veth).
+    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError>;
+    fn config(&self) -> Result<Config, DatapathError>;
+}
+
+/// The pinned maps of a running (or earlier) agent, opened read-only in
+/// spirit: nothing here writes.
+pub struct PinnedLookup {
+    ipcache: BpfHashMap<MapData, u32, IpcacheValue>,
+    lpm: LpmTrie<MapData, Ipv4LpmKey, IpcacheValue>,
+    policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
+    auth: BpfHashMap<MapData, AuthKey, AuthValue>,
+    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    config: Array<MapData, Config>,
+}
+
+impl std::fmt::Debug for PinnedLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedLookup").finish_non_exhaustive()
+    }
+}
+
+fn convert<T>(pin_dir: &Path, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map>,
+    T::Error: std::fmt::Display,
+{
+    T::try_from(open_pinned(pin_dir, name)?).map_err(|e| DatapathError::map(name, e))
+}
+
+/// A miss is `None`; anything else is an error.
+fn found<V>(name: &'static str, r: Result<V, aya::maps::MapError>) -> Result<Option<V>, DatapathError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound) => Ok(None),
+        Err(e) => Err(DatapathError::map(name, e)),
+    }
+}
+
+impl PinnedLookup {
+    pub fn open(pin_dir: &Path) -> Result<PinnedLookup, DatapathError> {
+        Ok(PinnedLookup {
+            ipcache: convert(pin_dir, maps::IPCACHE)?,
+            lpm: convert(pin_dir, maps::IPCACHE_LPM)?,
+            policy: convert(pin_dir, maps::POLICY)?,
+            auth: convert(pin_dir, maps::AUTH)?,
+            endpoints: convert(pin_dir, maps::ENDPOINTS)?,
+            config: convert(pin_dir, maps::CONFIG)?,
+        })
+    }
+}
+
+impl Lookup for PinnedLookup {
+    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, DatapathError> {
+        found(maps::IPCACHE, self.ipcache.get(&ip_key(ip), 0))
+    }
+
+    fn ipcache_lpm(&self, ip: Ipv4Addr) -> Result<Option<(u32, IpcacheValue)>, DatapathError> {
+        // A lookup in an LPM trie is a longest-prefix match, as in the kernel.
+        let Some(v) = found(
+            maps::IPCACHE_LPM,
+            self.lpm.get(&Key::new(32, Ipv4LpmKey { addr: ip_key(ip) }), 0),
+        )?
+        else {
+            return Ok(None);
+        };
+        // The trie does not say which prefix matched: the longest stored
+        // prefix containing `ip` is the one the lookup returned.
+        let mut len = 0;
+        for k in self.lpm.keys() {
+            let k = k.map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
+            if k.prefix_len() >= len && k.data().addr == ip_key(mask(ip, k.prefix_len())) {
+                len = k.prefix_len();
+            }
+        }
+        Ok(Some((len, v)))
+    }
+
+    fn policy(&self, key: &PolicyKey) -> Result<Option<PolicyValue>, DatapathError> {
+        found(maps::POLICY, self.policy.get(key, 0))
+    }
+
+    fn auth(&self, key: &AuthKey) -> Result<Option<u64>, DatapathError> {
+        Ok(found(maps::AUTH, self.auth.get(key, 0))?.map(|v| v.expiry_ns))
+    }
+
+    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError> {
+        found(maps::ENDPOINTS, self.endpoints.get(&ip_key(ip), 0))
+    }
+
+    fn config(&self) -> Result<Config, DatapathError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map(maps::CONFIG, e))
+    }
+}
+
+/// The tables in memory: what [`Tables::from_state`] computes, plus auth
+/// entries, endpoints and the config slot.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryLookup {
+    pub tables: Tables,
+    pub auth: HashMap<AuthKey, u64>,
+    pub endpoints: HashMap<u32, EndpointInfo>,
+    pub config: Config,
+}
+
+impl Lookup for MemoryLookup {
+    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, DatapathError> {
+        Ok(self.tables.ipcache.get(&ip_key(ip)).copied())
+    }
+
+    fn ipcache_lpm(&self, ip: Ipv4Addr) -> Result<Option<(u32, IpcacheValue)>, DatapathError> {
+        Ok((0..=32u32).rev().find_map(|len| {
+            self.tables
+                .lpm
+                .get(&(len, ip_key(mask(ip, len))))
+                .map(|v| (len, *v))
+        }))
+    }
+
+    fn policy(&self, key: &PolicyKey) -> Result<Option<PolicyValue>, DatapathError> {
+        Ok(self.tables.policy.get(key).copied())
+    }
+
+    fn auth(&self, key: &AuthKey) -> Result<Option<u64>, DatapathError> {
+        Ok(self.auth.get(key).copied())
+    }
+
+    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError> {
+        Ok(self.endpoints.get(&ip_key(ip)).copied())
+    }
+
+    fn config(&self) -> Result<Config, DatapathError> {
+        Ok(self.config)
+    }
+}
+
+/// Where an address's identity came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpSource {
+    /// The /32 hash.
+    Exact,
+    /// The LPM trie, with the prefix length that matched.
+    Prefix(u32),
+    /// Neither: the datapath calls it WORLD.
+    World,
+}
+
+/// The ipcache lookup the kernel makes: exact /32, then the trie, else WORLD.
+pub fn lookup_ip(t: &dyn Lookup, ip: Ipv4Addr) -> Result<(IpcacheValue, IpSource), DatapathError> {
+    if let Some(v) = t.ipcache(ip)? {
+        return Ok((v, IpSource::Exact));
+    }
+    if let Some((len, v)) = t.ipcache_lpm(ip)? {
+        return Ok((v, IpSource::Prefix(len)));
+    }
+    Ok((
+        IpcacheValue {
+            identity: identity::WORLD,
+            node_id: 0,
+            _pad: [0; 2],
+        },
+        IpSource::World,
+    ))
+}
+
+/// Which of the kernel's four policy lookups matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyMatch {
+    Exact,
+    AnyPort,
+    AnyPeer,
+    AnyPeerAndPort,
+}
+
+impl PolicyMatch {
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyMatch::Exact => "exact",
+            PolicyMatch::AnyPort => "any-port",
+            PolicyMatch::AnyPeer => "any-peer",
+            PolicyMatch::AnyPeerAndPort => "any-peer-and-port",
+        }
+    }
+}
+
+/// Most specific first, as the kernel: exact, any port, any peer, any peer
+/// and port. `port` is in network byte order.
+pub fn lookup_policy(
+    t: &dyn Lookup,
+    subject: u32,
+    peer: u32,
+    port: u16,
+    proto: u8,
+    dir: u8,
+) -> Result<Option<(PolicyMatch, PolicyKey, PolicyValue)>, DatapathError> {
+    let steps = [
+        (PolicyMatch::Exact, peer, port, proto),
+        (PolicyMatch::AnyPort, peer, 0, 0),
+        (PolicyMatch::AnyPeer, identity::UNKNOWN, port, proto),
+        (PolicyMatch::AnyPeerAndPort, identity::UNKNOWN, 0, 0),
+    ];
+    for (step, peer, port, proto) in steps {
+        let key = PolicyKey {
+            subject,
+            peer,
+            port,
+            proto,
+            direction: dir,
+        };
+        if let Some(v) = t.policy(&key)? {
+            return Ok(Some((step, key, v)));
+        }
+    }
+    Ok(None)
+}
+
+/// The auth check of an entry that requires it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthCheck {
+    pub key: AuthKey,
+    /// The entry's expiry, if there is one.
+    pub expiry_ns: Option<u64>,
+    /// True when the entry exists and `now < expiry` (what the kernel checks).
+    pub valid: bool,
+}
+
+/// Everything one full evaluation at one hook saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evaluation {
+    pub hook: u8,
+    pub src: (IpcacheValue, IpSource),
+    pub dst: (IpcacheValue, IpSource),
+    pub subject: u32,
+    pub peer: u32,
+    pub direction: u8,
+    pub policy: Option<(PolicyMatch, PolicyKey, PolicyValue)>,
+    pub auth: Option<AuthCheck>,
+    pub forwarded: bool,
+    /// A [`drop_reason`] number.
+    pub reason: u8,
+}
+
+/// The kernel's `evaluate` for a new flow `src -> dst` (port in host order,
+/// ignored unless `proto` carries ports) at `at` (a [`hook`]), at kernel
+/// time `now_ns`.
+pub fn evaluate(
+    t: &dyn Lookup,
+    src_ip: Ipv4Addr,
+    dst_ip: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    at: u8,
+    now_ns: u64,
+) -> Result<Evaluation, DatapathError> {
+    let cfg = t.config()?;
+    let src = lookup_ip(t, src_ip)?;
+    let dst = lookup_ip(t, dst_ip)?;
+    // The programs read ports only for TCP, UDP and SCTP.
+    let port = if matches!(proto, 6 | 17 | 132) {
+        port.to_be()
+    } else {
+        0
+    };
+    let (subject, peer, peer_node, dir) = if at == hook::FROM_POD {
+        (src.0.identity, dst.0.identity, dst.0.node_id, direction::EGRESS)
+    } else {
+        (dst.0.identity, src.0.identity, src.0.node_id, direction::INGRESS)
+    };
+    let mut e = Evaluation {
+        hook: at,
+        src,
+        dst,
+        subject,
+        peer,
+        direction: dir,
+        policy: None,
+        auth: None,
+        forwarded: false,
+        reason: drop_reason::POLICY_DENIED,
+    };
+    e.policy = lookup_policy(t, subject, peer, port, proto, dir)?;
+    let Some((_, _, entry)) = e.policy else {
+        return Ok(e);
+    };
+    if entry.allow == 0 {
+        return Ok(e);
+    }
+    if entry.auth_required == 0 {
+        e.forwarded = true;
+        e.reason = drop_reason::NONE;
+        return Ok(e);
+    }
+    let key = AuthKey {
+        local_id: subject,
+        remote_id: peer,
+        remote_node_id: if peer_node == 0 {
+            cfg.local_node_id
+        } else {
+            peer_node
+        },
+        auth_type: auth_type::MTLS_SPIFFE,
+        _pad: 0,
+    };
+    let expiry_ns = t.auth(&key)?;
+    let valid = expiry_ns.is_some_and(|x| now_ns < x);
+    e.auth = Some(AuthCheck {
+        key,
+        expiry_ns,
+        valid,
+    });
+    if valid {
+        e.forwarded = true;
+        e.reason = drop_reason::NONE;
+    } else {
+        e.reason = drop_reason::AUTH_REQUIRED;
+    }
+    Ok(e)
+}
