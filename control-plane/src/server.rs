@@ -420,18 +420,7 @@ impl ControlPlane {
         }
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
         let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
-        let now = now_unix();
-        let issued = self
-            .authority()
-            .issue(&public_key, &id, self.inner.cfg.node_svid_ttl, now)?;
-        let record = IssuanceRecord {
-            serial: issued.serial.clone(),
-            spiffe_id: id.to_string(),
-            requester: node.to_owned(),
-            ca_id: issued.ca_id.clone(),
-            issued_at: now,
-            not_after: issued.not_after,
-        };
+        let (now, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
         let _guard = self.inner.registry_lock.lock().await;
         let node_rec = self
             .inner
@@ -454,6 +443,29 @@ impl ControlPlane {
             issued,
             node: node_rec,
         })
+    }
+
+    /// Signs a node SVID for an attested node and the issuance record the
+    /// store writes with the node's registration (one atomic step).
+    fn issue_node_svid(
+        &self,
+        public_key: &rcgen::SubjectPublicKeyInfo,
+        id: &SpiffeId,
+        node: &str,
+    ) -> Result<(i64, Issued, IssuanceRecord), ApiError> {
+        let now = now_unix();
+        let issued = self
+            .authority()
+            .issue(public_key, id, self.inner.cfg.node_svid_ttl, now)?;
+        let record = IssuanceRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: id.to_string(),
+            requester: node.to_owned(),
+            ca_id: issued.ca_id.clone(),
+            issued_at: now,
+            not_after: issued.not_after,
+        };
+        Ok((now, issued, record))
     }
 
     /// Kubernetes attestation: a projected service account token bound to a
@@ -486,18 +498,7 @@ impl ControlPlane {
             }
             other => other,
         })?;
-        let now = now_unix();
-        let issued = self
-            .authority()
-            .issue(&public_key, &id, self.inner.cfg.node_svid_ttl, now)?;
-        let record = IssuanceRecord {
-            serial: issued.serial.clone(),
-            spiffe_id: id.to_string(),
-            requester: node.to_owned(),
-            ca_id: issued.ca_id.clone(),
-            issued_at: now,
-            not_after: issued.not_after,
-        };
+        let (now, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
         let _guard = self.inner.registry_lock.lock().await;
         let node_rec = self.inner.store.register_node(node, now, &record).await?;
         self.refresh_registry().await?;
