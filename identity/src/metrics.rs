@@ -436,6 +436,16 @@ impl Readiness {
         }
     }
 
+    /// Every component, in registration order.
+    pub fn components(&self) -> Vec<String> {
+        self.components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// The components not ready yet, in registration order.
     pub fn not_ready(&self) -> Vec<String> {
         self.components
@@ -532,7 +542,11 @@ pub async fn serve(
                             "/readyz" => {
                                 let waiting = readiness.not_ready();
                                 if waiting.is_empty() {
-                                    (StatusCode::OK, "text/plain", "ready\n".to_owned())
+                                    let mut body = String::from("ready:\n");
+                                    for c in readiness.components() {
+                                        let _ = writeln!(body, "{c}");
+                                    }
+                                    (StatusCode::OK, "text/plain", body)
                                 } else {
                                     let mut body = String::from("not ready:\n");
                                     for w in waiting {

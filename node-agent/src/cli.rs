@@ -291,7 +291,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--datapath (pins in {})", args.bpf_pin_dir.display()))?;
         info!(pin_dir = %args.bpf_pin_dir.display(), "datapath loaded");
         match datapath::drops::DropCounters::open(&args.bpf_pin_dir) {
-            Ok(drops) => metrics.watch_datapath(drops, dp.signal_queue.clone()),
+            Ok(drops) => metrics.watch_datapath(drops, dp.signal_queue.clone(), dp.signal_counts.clone()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the datapath's drop counters; keyway_datapath_drops_total stays empty")
             }

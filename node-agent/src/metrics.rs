@@ -53,6 +53,7 @@ pub struct AgentMetrics {
     auth_map_entries: Gauge,
     drops: Counter,
     signal_queue_depth: Gauge,
+    signals: Counter,
     sync_lag: Gauge,
     sync_last_applied: Gauge,
     /// Failed handshakes answered for peers are logged once per peer and
@@ -113,6 +114,12 @@ impl AgentMetrics {
                 "keyway_signal_queue_depth",
                 "Missing-auth signals from the datapath waiting for the handshake driver.",
                 &[],
+            ),
+            signals: r.counter(
+                "keyway_datapath_signals_total",
+                "Missing-auth signals read from the datapath, by result (queued for the handshake \
+                 driver, or queue_full: dropped until the kernel signals the pair again).",
+                &["result"],
             ),
             sync_lag: r.gauge(
                 "keyway_sync_lag_seconds",
@@ -246,9 +253,12 @@ impl AgentMetrics {
         &self,
         drops: crate::datapath::drops::DropCounters,
         signal_queue: tokio::sync::mpsc::WeakSender<crate::datapath::events::MissingAuth>,
+        signal_counts: Arc<crate::datapath::events::SignalCounts>,
     ) {
+        use std::sync::atomic::Ordering::Relaxed;
         let counter = self.drops.clone();
         let depth = self.signal_queue_depth.clone();
+        let signals = self.signals.clone();
         self.registry.on_scrape(move || {
             if let Ok(totals) = drops.read() {
                 for (reason, total) in totals {
@@ -260,6 +270,8 @@ impl AgentMetrics {
                 .map(|s| s.max_capacity() - s.capacity())
                 .unwrap_or(0);
             depth.set(&[], d as f64);
+            signals.set_total(&["queued"], signal_counts.queued.load(Relaxed));
+            signals.set_total(&["queue_full"], signal_counts.queue_full.load(Relaxed));
         });
     }
 }

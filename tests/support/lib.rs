@@ -4,6 +4,7 @@
 //! of sleeping.
 
 pub mod helm;
+pub mod http;
 pub mod kube;
 pub mod mesh;
 pub mod netns;

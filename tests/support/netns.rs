@@ -452,7 +452,12 @@ pub struct AgentProcess {
     pub child: std::process::Child,
     pub admin_socket: PathBuf,
     pub socket: PathBuf,
+    netns: String,
 }
+
+/// Where each agent serves `/metrics`, on the loopback of its node's
+/// network namespace.
+pub const AGENT_METRICS: &str = "127.0.0.1:9091";
 
 impl AgentProcess {
     /// `dir` holds the agent's data dir and sockets (named after `node`).
@@ -493,6 +498,7 @@ impl AgentProcess {
             .arg("--datapath")
             .arg("--bpf-pin-dir")
             .arg(pin_dir)
+            .args(["--metrics-address", AGENT_METRICS])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -506,7 +512,26 @@ impl AgentProcess {
             child: cmd.spawn().expect("spawn node-agent"),
             admin_socket,
             socket,
+            netns: netns.to_string(),
         }
+    }
+
+    /// GET `path` on the agent's metrics listener: (status, body); (0, "")
+    /// while nothing answers.
+    pub fn http_get(&self, path: &'static str) -> (u16, String) {
+        in_netns(&self.netns, move || {
+            match std::net::TcpStream::connect(AGENT_METRICS) {
+                Ok(s) => crate::http::get_on(s, AGENT_METRICS, path),
+                Err(_) => (0, String::new()),
+            }
+        })
+    }
+
+    /// One scrape of the agent's `/metrics`.
+    pub fn scrape(&self) -> String {
+        let (status, body) = self.http_get("/metrics");
+        assert_eq!(status, 200, "GET /metrics on the agent in {}", self.netns);
+        body
     }
 
     /// `node-agent auth list -o json`: one JSON object per entry.

@@ -212,6 +212,13 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
         },
     );
 
+    // The judging agent's counters before any traffic.
+    let before = agent_b.scrape();
+    let series = |text: &str, s: &str| keyway_tests::http::value(text, s).unwrap_or(0.0);
+    const DENIED: &str = r#"keyway_datapath_drops_total{reason="policy-denied"}"#;
+    const UNAUTHENTICATED: &str = r#"keyway_datapath_drops_total{reason="auth-required"}"#;
+    const SIGNALS: &str = r#"keyway_datapath_signals_total{result="queued"}"#;
+
     // Before any traffic: the names resolve and the answer reads.
     let text = explain(agent_b, "default/frontend", "default/api", 8080, false);
     assert!(
@@ -290,6 +297,37 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     for c in &cases {
         check(c);
     }
+
+    // `/metrics` moved with what the kernel did: each drop counted under its
+    // reason, the ghost's unauthenticated packets signalled to the agent,
+    // the signal queue drained, and the agent ready (datapath included).
+    wait_until(
+        Duration::from_secs(10),
+        "agent_b's drop and signal counters to move with the traffic",
+        || {
+            let now = agent_b.scrape();
+            series(&now, DENIED) > series(&before, DENIED)
+                && series(&now, UNAUTHENTICATED) > series(&before, UNAUTHENTICATED)
+                && series(&now, SIGNALS) > series(&before, SIGNALS)
+        },
+    );
+    let after = agent_b.scrape();
+    assert_eq!(
+        keyway_tests::http::value(&after, "keyway_signal_queue_depth"),
+        Some(0.0),
+        "the handshake driver keeps up with a handful of signals:\n{after}"
+    );
+    assert!(
+        keyway_tests::http::value(&after, "keyway_auth_map_entries").unwrap_or(0.0) >= 1.0,
+        "frontend's pre-authenticated pair is an auth entry:\n{after}"
+    );
+    let (status, body) = agent_b.http_get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("datapath"), "readiness names the datapath: {body}");
+    // Node-a's intruder -> frontend flow was forwarded; no drop counted there
+    // for a reason that did not happen.
+    let a = agent_a.scrape();
+    assert_eq!(series(&a, UNAUTHENTICATED), 0.0, "{a}");
 
     // What to change, for the two drops.
     eprintln!(

@@ -2,11 +2,11 @@
 //! HTTP: readiness turns true only when each component has reported in, and
 //! the counters and gauges move with the events they name.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use keyway_tests::http::{get, value};
 use keyway_tests::{Binary, TD, bin, wait_until};
 
 /// A `node-agent run` process; killed on drop.
@@ -22,35 +22,6 @@ impl Drop for AgentProcess {
 fn free_address() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
-}
-
-/// A plain HTTP/1.1 GET: (status, body); (0, "") when nothing answers.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    if s.read_to_string(&mut raw).is_err() {
-        return (0, String::new());
-    }
-    let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of one series (`name` or `name{labels}`, exactly as rendered).
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn scrape(addr: &str) -> String {

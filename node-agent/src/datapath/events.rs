@@ -149,12 +149,29 @@ pub(super) async fn drain<T>(
     }
 }
 
+/// Missing-auth signals read from the kernel since start-up
+/// (`keyway_datapath_signals_total`).
+#[derive(Debug, Default)]
+pub struct SignalCounts {
+    /// Handed to the handshake driver.
+    pub queued: std::sync::atomic::AtomicU64,
+    /// Dropped because the queue was full (the kernel signals again).
+    pub queue_full: std::sync::atomic::AtomicU64,
+}
+
 /// Where the readers deliver: signals to the one consumer that runs
 /// handshakes (bounded: when it falls behind, the kernel's dedup interval
 /// sends the signal again), flows to any number of subscribers.
-pub(super) fn signal_sink(tx: mpsc::Sender<MissingAuth>) -> impl FnMut(MissingAuth) {
+pub(super) fn signal_sink(
+    tx: mpsc::Sender<MissingAuth>,
+    counts: std::sync::Arc<SignalCounts>,
+) -> impl FnMut(MissingAuth) {
+    use std::sync::atomic::Ordering::Relaxed;
     move |s| {
-        if tx.try_send(s).is_err() {
+        if tx.try_send(s).is_ok() {
+            counts.queued.fetch_add(1, Relaxed);
+        } else {
+            counts.queue_full.fetch_add(1, Relaxed);
             tracing::debug!(
                 local = s.key.local_id,
                 remote = s.key.remote_id,
@@ -215,6 +232,31 @@ mod tests {
                 s.at_ns
             ),
             (300, 301, 2, 1, 99)
+        );
+    }
+
+    #[test]
+    fn signals_beyond_the_queue_are_counted_as_queue_full() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut b = vec![0u8; size_of::<AuthSignal>()];
+        b[0..4].copy_from_slice(&300u32.to_ne_bytes());
+        let s = decode_signal(&b).unwrap();
+        let (tx, mut rx) = mpsc::channel(2);
+        let counts = std::sync::Arc::new(SignalCounts::default());
+        let mut sink = signal_sink(tx, counts.clone());
+        for _ in 0..3 {
+            sink(s);
+        }
+        assert_eq!(
+            (counts.queued.load(Relaxed), counts.queue_full.load(Relaxed)),
+            (2, 1)
+        );
+        assert_eq!(rx.try_recv().unwrap(), s);
+        sink(s);
+        assert_eq!(
+            counts.queued.load(Relaxed),
+            3,
+            "a drained slot takes the next signal"
         );
     }
 }

@@ -631,6 +631,8 @@ pub struct DatapathHandles {
     pub status: watch::Receiver<DatapathStatus>,
     /// The sending side of `signals`, for its depth (`keyway_signal_queue_depth`).
     pub signal_queue: mpsc::WeakSender<MissingAuth>,
+    /// Signals read from the kernel (`keyway_datapath_signals_total`).
+    pub signal_counts: Arc<events::SignalCounts>,
 }
 
 /// Capacity of the signal queue between the ring buffer and the handshake
@@ -654,20 +656,15 @@ pub fn start(
     let flows_ring: RingBuf<MapData> = take(&mut dp.ebpf, maps::FLOWS)?;
     let (signal_tx, signal_rx) = mpsc::channel(SIGNAL_QUEUE);
     let signal_queue = signal_tx.downgrade();
+    let signal_counts = Arc::new(events::SignalCounts::default());
     let (flow_tx, _) = broadcast::channel(FLOW_CHANNEL);
     let (status_tx, status_rx) = watch::channel(DatapathStatus::default());
     let config = dp.config();
 
     let stop = shutdown.clone();
+    let sink = events::signal_sink(signal_tx, signal_counts.clone());
     tokio::spawn(async move {
-        if let Err(e) = events::drain(
-            signals_ring,
-            events::decode_signal,
-            events::signal_sink(signal_tx),
-            stop,
-        )
-        .await
-        {
+        if let Err(e) = events::drain(signals_ring, events::decode_signal, sink, stop).await {
             tracing::error!(error = %e, ring = "signals", "the datapath's ring buffer can no longer be read");
         }
     });
@@ -721,6 +718,7 @@ pub fn start(
         flows: flow_tx,
         status: status_rx,
         signal_queue,
+        signal_counts,
     })
 }
 
