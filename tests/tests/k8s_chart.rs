@@ -231,6 +231,22 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
         "spec.nodeName"
     );
     assert_eq!(agent["ports"][0]["containerPort"], 4250);
+    // Metrics and health on every address of the node (the kubelet probes
+    // the node's IP), probed over HTTP, announced to Prometheus.
+    assert_eq!(flag(agent, "--metrics-address"), "0.0.0.0:9091");
+    // On the host network the apiserver makes each container port a host port.
+    assert_eq!(
+        agent["ports"][1],
+        json!({"name": "metrics", "containerPort": 9091, "hostPort": 9091, "protocol": "TCP"})
+    );
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["annotations"],
+        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9091", "prometheus.io/path": "/metrics"})
+    );
     // The pins survive restarts only on the host's own bpffs, which must exist.
     assert_eq!(
         volume(pod, "bpffs")["hostPath"],
@@ -306,8 +322,19 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
     };
     assert_eq!(field_of("POD_NAME"), Some(json!("metadata.name")));
     assert_eq!(field_of("POD_NAMESPACE"), Some(json!("metadata.namespace")));
-    assert_eq!(cp["readinessProbe"]["tcpSocket"]["port"], "grpc-agent");
-    assert_eq!(cp["livenessProbe"]["tcpSocket"]["port"], "grpc-agent");
+    assert_eq!(flag(cp, "--metrics-address"), "0.0.0.0:9090");
+    assert_eq!(
+        cp["ports"][1],
+        json!({"name": "metrics", "containerPort": 9090, "protocol": "TCP"})
+    );
+    assert_eq!(cp["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(cp["readinessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(cp["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(cp["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(
+        deploy["spec"]["template"]["metadata"]["annotations"],
+        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics"})
+    );
     assert_eq!(mount(cp, "data")["mountPath"], "/var/lib/keyway");
     assert!(volume(pod, "data").get("emptyDir").is_some());
 
@@ -316,6 +343,9 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
     assert_eq!(svc["spec"]["type"], "ClusterIP");
     assert_eq!(svc["spec"]["ports"][0]["name"], "grpc-agent");
     assert_eq!(svc["spec"]["ports"][0]["port"], 8081);
+    assert_eq!(svc["spec"]["ports"][1]["name"], "metrics");
+    assert_eq!(svc["spec"]["ports"][1]["port"], 9090);
+    assert_eq!(svc["spec"]["ports"][1]["targetPort"], "metrics");
     assert!(
         selects(
             &svc["spec"]["selector"],
@@ -375,13 +405,16 @@ controlPlane:
   podLabels: {team: security}
   nodeSelector: {kubernetes.io/os: linux}
   resources: {requests: {cpu: 250m}}
+  metricsPort: 9400
 store: sled
 trustDomain: prod.example.com
 svidTTL: 30m
 imagePullSecrets: [{name: regcred}]
 image: {repository: registry.example.com/keyway, tag: "1.2.3"}
+metrics: {scrapeAnnotations: false}
 agent:
   authPort: 4300
+  metricsPort: 9500
   tolerations: [{key: dedicated, operator: Equal, value: edge, effect: NoSchedule}]
   podAnnotations: {example.com/scrape: "true"}
 "#;
@@ -400,6 +433,16 @@ agent:
     assert_eq!(flag(cp, "--svid-ttl"), "30m");
     assert_eq!(flag(cp, "--agent-service-account"), format!("{ns}/kw-node-agent"));
     assert_eq!(cp["image"], "registry.example.com/keyway:1.2.3");
+    assert_eq!(flag(cp, "--metrics-address"), "0.0.0.0:9400");
+    assert_eq!(cp["ports"][1]["containerPort"], 9400);
+    assert!(
+        deploy["spec"]["template"]["metadata"]
+            .get("annotations")
+            .is_none(),
+        "no scrape annotations and no pod annotations: no annotations"
+    );
+    let svc = find(&objs, "Service", "kw-control-plane");
+    assert_eq!(svc["spec"]["ports"][1]["port"], 9400);
     // Maps merge with the defaults (as `helm install -f` does): only the cpu request changed.
     assert_eq!(
         cp["resources"],
@@ -427,9 +470,12 @@ agent:
         pod["tolerations"],
         json!([{"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}])
     );
+    assert_eq!(flag(agent, "--metrics-address"), "0.0.0.0:9500");
+    assert_eq!(agent["ports"][1]["containerPort"], 9500);
     assert_eq!(
-        ds["spec"]["template"]["metadata"]["annotations"]["example.com/scrape"],
-        "true"
+        ds["spec"]["template"]["metadata"]["annotations"],
+        json!({"example.com/scrape": "true"}),
+        "the pod annotations, without the scrape annotations turned off"
     );
     assert_eq!(pod["serviceAccountName"], "kw-node-agent");
 }

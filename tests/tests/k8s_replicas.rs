@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use keyway_identity::{TrustBundle, spiffe_id};
 use keyway_tests::Binary;
 use keyway_tests::helm;
+use keyway_tests::http::{get, value};
 use keyway_tests::kube::{PodSpecOpts, apply_object, apply_yaml, cluster, create_node, create_pod, unique};
 use kube::api::Api;
 use node_agent::control_plane::Attestation;
@@ -130,10 +131,20 @@ async fn two_replicas_with_only_the_charts_rbac_elect_one_writer_and_hand_over_w
     let dir = tempfile::tempdir().expect("dir");
     let token = k.sa_token(&ns, &cp_sa, &[], None).await;
     let kubeconfig = k.kubeconfig_for_token(&token, dir.path());
+    // Each replica's /metrics and /readyz, as the chart's probes read them.
+    let metrics_of: BTreeMap<&str, String> = ["replica-1", "replica-2"]
+        .into_iter()
+        .map(|r| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            (r, l.local_addr().expect("addr").to_string())
+        })
+        .collect();
     let replica = |name: &str| {
         let data = dir.path().join(name);
         std::fs::create_dir_all(&data).expect("data dir");
         let extra = [
+            "--metrics-address",
+            &metrics_of[name],
             "--kubernetes",
             "--store",
             "kubernetes",
@@ -182,6 +193,24 @@ async fn two_replicas_with_only_the_charts_rbac_elect_one_writer_and_hand_over_w
         follower_bin.ok(&["bundle", "show"]),
         "both replicas serve the same CA"
     );
+    // Both are ready (the chart's readiness probe: every replica serves
+    // agents, leader or not), and say which one leads.
+    let leader_gauge = |name: &str| {
+        let (status, body) = get(&metrics_of[name], "/metrics");
+        assert_eq!(status, 200, "{name} /metrics");
+        value(&body, "keyway_is_leader")
+    };
+    poll(30, "both replicas to be ready", || async {
+        metrics_of
+            .values()
+            .all(|a| get(a, "/readyz").0 == 200)
+            .then_some(())
+    })
+    .await;
+    poll(10, "keyway_is_leader to name the Lease holder", || async {
+        (leader_gauge(&leader) == Some(1.0) && leader_gauge(follower_name) == Some(0.0)).then_some(())
+    })
+    .await;
 
     // Workloads in another namespace.
     let apps = k.namespace("k8s-ha-apps").await;
@@ -305,6 +334,10 @@ async fn two_replicas_with_only_the_charts_rbac_elect_one_writer_and_hand_over_w
     })
     .await;
     println!("leader killed -> follower leads after {:?}", killed.elapsed());
+    poll(10, "the new leader's keyway_is_leader to turn 1", || async {
+        (leader_gauge(follower_name) == Some(1.0)).then_some(())
+    })
+    .await;
     for i in 5..8 {
         create_pod(
             &admin,
