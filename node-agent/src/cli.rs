@@ -124,9 +124,10 @@ pub struct ObserveArgs {
     /// Either end is this workload (pod).
     #[arg(long)]
     pub pod: Option<String>,
-    /// Either end has this numeric identity.
-    #[arg(long)]
-    pub identity: Option<u32>,
+    /// Either end has this identity: its number (as in flow lines) or its
+    /// SPIFFE ID.
+    #[arg(long, value_parser = parse_identity_filter)]
+    pub identity: Option<IdentityFilter>,
     /// FORWARDED or DROPPED.
     #[arg(long)]
     pub verdict: Option<String>,
@@ -447,6 +448,22 @@ async fn healthcheck(socket: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `observe --identity`: a numeric identity or a SPIFFE ID.
+#[derive(Debug, Clone)]
+pub enum IdentityFilter {
+    Number(u32),
+    SpiffeId(String),
+}
+
+fn parse_identity_filter(s: &str) -> Result<IdentityFilter, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(IdentityFilter::Number(n));
+    }
+    keyway_identity::spiffe_id::parse_spiffe_id(s)
+        .map(|id| IdentityFilter::SpiffeId(id.to_string()))
+        .map_err(|e| format!("{s:?} is neither a numeric identity nor a SPIFFE ID: {e}"))
+}
+
 async fn observe(a: ObserveArgs) -> anyhow::Result<()> {
     let since_unix_ms = match &a.since {
         Some(d) => {
@@ -462,7 +479,14 @@ async fn observe(a: ObserveArgs) -> anyhow::Result<()> {
         follow: a.follow,
         namespace: a.namespace.unwrap_or_default(),
         pod: a.pod.unwrap_or_default(),
-        identity: a.identity.unwrap_or(0),
+        identity: match &a.identity {
+            Some(IdentityFilter::Number(n)) => *n,
+            _ => 0,
+        },
+        spiffe_id: match a.identity {
+            Some(IdentityFilter::SpiffeId(id)) => id,
+            _ => String::new(),
+        },
         verdict: a.verdict.unwrap_or_default(),
         drop_reason: a.drop_reason.unwrap_or_default(),
         port: a.port.map(u32::from).unwrap_or(0),

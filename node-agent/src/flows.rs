@@ -67,6 +67,7 @@ pub fn matches(q: &pb::ObserveRequest, r: &pb::FlowRecord) -> bool {
     (q.namespace.is_empty() || any_end(&|e| e.namespace == q.namespace))
         && (q.pod.is_empty() || any_end(&|e| e.pod == q.pod))
         && (q.identity == 0 || any_end(&|e| e.identity == q.identity))
+        && (q.spiffe_id.is_empty() || any_end(&|e| e.spiffe_id == q.spiffe_id))
         && (q.verdict.is_empty() || r.verdict.eq_ignore_ascii_case(&q.verdict))
         && (q.drop_reason.is_empty() || r.drop_reason == q.drop_reason)
         && (q.port == 0 || r.destination.as_ref().is_some_and(|d| d.port == q.port))
@@ -293,6 +294,8 @@ mod tests {
             source: Some(pb::FlowEndpoint {
                 namespace: ns.into(),
                 pod: pod.into(),
+                identity: 300,
+                spiffe_id: format!("spiffe://example.org/ns/{ns}/sa/{pod}"),
                 ..Default::default()
             }),
             destination: Some(pb::FlowEndpoint {
@@ -328,6 +331,14 @@ mod tests {
         assert!(q(|q| q.namespace = "default".into()));
         assert!(!q(|q| q.namespace = "kube-system".into()));
         assert!(q(|q| q.pod = "frontend".into()));
+        assert!(q(|q| q.identity = 300));
+        assert!(!q(|q| q.identity = 301));
+        assert!(q(
+            |q| q.spiffe_id = "spiffe://example.org/ns/default/sa/frontend".into()
+        ));
+        assert!(!q(
+            |q| q.spiffe_id = "spiffe://example.org/ns/default/sa/api".into()
+        ));
         assert!(q(|q| q.verdict = "dropped".into()));
         assert!(!q(|q| q.verdict = "FORWARDED".into()));
         assert!(q(|q| q.port = 8080));

@@ -246,6 +246,30 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
         "{denied:#?}"
     );
 
+    // --identity takes a SPIFFE ID or the number flow lines show; either
+    // selects exactly the flows with that identity at one end.
+    let ghost_flow = drops
+        .iter()
+        .find(|f| f["source"]["ip"] == s.ghost.ip.to_string())
+        .expect("a ghost flow");
+    let ghost_id = ghost_flow["source"]["spiffe_id"]
+        .as_str()
+        .expect("ghost's SPIFFE ID")
+        .to_string();
+    let ghost_number = ghost_flow["source"]["identity"].to_string();
+    assert!(ghost_id.ends_with("/sa/ghost"), "{ghost_flow:#}");
+    for selector in [&ghost_id, &ghost_number] {
+        let mine = node_b.observe(&["--identity", selector, "--port", "8080"]);
+        assert!(
+            !mine.is_empty()
+                && mine.iter().all(|f| {
+                    f["source"]["spiffe_id"] == ghost_id.as_str()
+                        || f["destination"]["spiffe_id"] == ghost_id.as_str()
+                }),
+            "--identity {selector}: {mine:#?}"
+        );
+    }
+
     // --follow streams a new flow within a second.
     let mut follow = std::process::Command::new(keyway_tests::bin("node-agent"))
         .args([
