@@ -444,6 +444,78 @@ impl Drop for Cluster {
     }
 }
 
+/// A Workload document with an explicit `app` label (so two workloads can
+/// share one, or a workload can share none with its name).
+pub fn labelled_workload(name: &str, sa: &str, app: &str, node: &str, ip: Ipv4Addr) -> String {
+    crate::workload_yaml(name, sa, node, &ip.to_string())
+        .replace(&format!("app: {name}"), &format!("app: {app}"))
+}
+
+/// True once `node`'s agent has pinned both programs' links for `pod`'s
+/// veth (the datapath attaches on its own schedule, independent of auth).
+pub fn attached(node: &Node, pod: &Pod) -> bool {
+    std::fs::read_dir(node.pin_dir.join("links"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{}@", pod.host_if))
+                })
+                .count()
+                == 2
+        })
+        .unwrap_or(false)
+}
+
+/// The real control plane on the first node's underlay address with `docs`
+/// applied, and the real agent on every node, joined with a token each.
+/// Dropped in field order: agents, then the control plane, then the files.
+#[allow(missing_debug_implementations, reason = "test harness")]
+pub struct Deployment {
+    pub agents: Vec<AgentProcess>,
+    pub cp: crate::Binary,
+    pub bundle: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn deploy(&self, cp_flags: &[&str], docs: &[String]) -> Deployment {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = &self.nodes[0];
+        let listen = format!("{}:18081", first.ip);
+        let cp = crate::Binary::spawn_in_netns_on(&first.netns, &listen, &dir.path().join("cp"), cp_flags);
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(&bundle, cp.ok(&["bundle", "show"])).expect("bundle");
+        let file = dir.path().join("docs.yaml");
+        std::fs::write(&file, docs.join("---\n")).expect("docs");
+        cp.ok(&["apply", "-f", file.to_str().expect("utf-8 path")]);
+        let agents = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let token = cp.ok(&["token", "create", "--node", &n.name]).trim().to_string();
+                AgentProcess::spawn(
+                    &n.netns,
+                    &listen,
+                    &n.name,
+                    &bundle,
+                    dir.path(),
+                    &n.pin_dir,
+                    Some(&token),
+                    &[],
+                )
+            })
+            .collect();
+        Deployment {
+            agents,
+            cp,
+            bundle,
+            dir,
+        }
+    }
+}
+
 /// The real `node-agent run --datapath` inside a node's network namespace
 /// (entered with nsenter: only the network namespace, so the host's BPF
 /// filesystem and the sockets' directory are shared). Killed on drop.

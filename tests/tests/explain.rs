@@ -6,12 +6,13 @@
 //! connection's fate and with `observe`'s record of it. Needs root; fails
 //! without it.
 
-use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keyway_tests::netns::{AgentProcess, Cluster, Node, Pod, connect, echo_round_trip, tcp_echo};
-use keyway_tests::{Binary, wait_until, workload_yaml};
+use keyway_tests::netns::{
+    AgentProcess, Cluster, Pod, attached, connect, echo_round_trip, labelled_workload, tcp_echo,
+};
+use keyway_tests::wait_until;
 
 /// api takes 8080 from frontend with mutual auth, 9090 from intruder without.
 const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
@@ -27,25 +28,6 @@ spec:
       fromEndpoints: [{ matchLabels: { app: intruder } }]
       toPorts: [{ ports: [{ port: \"9090\", protocol: TCP }] }]
 ";
-
-fn workload(name: &str, sa: &str, app: &str, node: &str, ip: Ipv4Addr) -> String {
-    workload_yaml(name, sa, node, &ip.to_string()).replace(&format!("app: {name}"), &format!("app: {app}"))
-}
-
-fn attached(node: &Node, pod: &Pod) -> bool {
-    std::fs::read_dir(node.pin_dir.join("links"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{}@", pod.host_if))
-                })
-                .count()
-                == 2
-        })
-        .unwrap_or(false)
-}
 
 /// The real `node-agent explain` binary against `agent`'s admin socket.
 fn explain(agent: &AgentProcess, from: &str, to: &str, port: u16, json: bool) -> String {
@@ -157,40 +139,18 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     // SVID, so a pair that needs auth with it stays unauthenticated.
     let ghost = cluster.add_pod("node-a", "gh", 30);
     let api = cluster.add_pod("node-b", "api", 10);
-    let dir = tempfile::tempdir().unwrap();
     let (na, nb) = (cluster.node("node-a").clone(), cluster.node("node-b").clone());
-    let listen = format!("{}:18081", na.ip);
-    let cp = Binary::spawn_in_netns_on(&na.netns, &listen, &dir.path().join("cp"), &[]);
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
-    let docs = [
-        workload("frontend", "frontend", "frontend", "node-a", frontend.ip),
-        workload("intruder", "intruder", "intruder", "node-a", intruder.ip),
-        workload("ghost", "ghost", "frontend", "node-c", ghost.ip),
-        workload("api", "api", "api", "node-b", api.ip),
-        POLICY.to_string(),
-    ]
-    .join("---\n");
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, docs).unwrap();
-    cp.ok(&["apply", "-f", file.to_str().unwrap()]);
-    let agents: Vec<AgentProcess> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            let token = cp.ok(&["token", "create", "--node", &n.name]).trim().to_string();
-            AgentProcess::spawn(
-                &n.netns,
-                &listen,
-                &n.name,
-                &bundle,
-                dir.path(),
-                &n.pin_dir,
-                Some(&token),
-                &[],
-            )
-        })
-        .collect();
+    let deployment = cluster.deploy(
+        &[],
+        &[
+            labelled_workload("frontend", "frontend", "frontend", "node-a", frontend.ip),
+            labelled_workload("intruder", "intruder", "intruder", "node-a", intruder.ip),
+            labelled_workload("ghost", "ghost", "frontend", "node-c", ghost.ip),
+            labelled_workload("api", "api", "api", "node-b", api.ip),
+            POLICY.to_string(),
+        ],
+    );
+    let agents = &deployment.agents;
     let (agent_a, agent_b) = (&agents[0], &agents[1]);
     tcp_echo(&api.netns, api.ip, 8080);
     tcp_echo(&api.netns, api.ip, 9090);
@@ -359,5 +319,5 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
             .all(|h| h["judged_here"] == true),
         "{both:#}"
     );
-    let _ = (&cp, &dir, &cluster);
+    let _ = (&deployment, &cluster);
 }

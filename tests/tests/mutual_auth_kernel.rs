@@ -6,8 +6,11 @@
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use keyway_tests::netns::{AgentProcess, Cluster, Pod, echo_round_trip, tcp_echo, tcp_retransmits};
-use keyway_tests::{Binary, wait_until, workload_yaml};
+use keyway_tests::netns::{
+    AgentProcess, Cluster, Deployment, Pod, attached, echo_round_trip, labelled_workload, tcp_echo,
+    tcp_retransmits,
+};
+use keyway_tests::wait_until;
 
 const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
 kind: KeywayNetworkPolicy
@@ -20,17 +23,9 @@ spec:
       toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
 ";
 
-/// A Workload with explicit labels (the intruder shares no label with frontend).
-fn workload(name: &str, sa: &str, app: &str, node: &str, ip: Ipv4Addr) -> String {
-    workload_yaml(name, sa, node, &ip.to_string()).replace(&format!("app: {name}"), &format!("app: {app}"))
-}
-
 struct Setup {
     cluster: Cluster,
-    cp: Binary,
-    agents: Vec<AgentProcess>,
-    dir: tempfile::TempDir,
-    bundle: std::path::PathBuf,
+    deployment: Deployment,
     frontend: Pod,
     api: Pod,
     intruder: Pod,
@@ -45,43 +40,19 @@ fn setup(cp_flags: &[&str]) -> Setup {
     // runs: nobody can obtain its SVID.
     let ghost = cluster.add_pod("node-a", "gh", 30);
     let api = cluster.add_pod("node-b", "api", 10);
-    let dir = tempfile::tempdir().unwrap();
-    let node_a = cluster.node("node-a").clone();
-    let listen = format!("{}:18081", node_a.ip);
-    let cp = Binary::spawn_in_netns_on(&node_a.netns, &listen, &dir.path().join("cp"), cp_flags);
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
-    let docs = [
-        workload("frontend", "frontend", "frontend", "node-a", frontend.ip),
-        workload("intruder", "other", "intruder", "node-a", intruder.ip),
-        workload("ghost", "ghost", "frontend", "node-c", ghost.ip),
-        workload("api", "api", "api", "node-b", api.ip),
-        POLICY.to_string(),
-    ]
-    .join("---\n");
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, docs).unwrap();
-    cp.ok(&["apply", "-f", file.to_str().unwrap()]);
-    let mut agents = Vec::new();
-    for n in &cluster.nodes {
-        let token = cp.ok(&["token", "create", "--node", &n.name]).trim().to_string();
-        agents.push(AgentProcess::spawn(
-            &n.netns,
-            &listen,
-            &n.name,
-            &bundle,
-            dir.path(),
-            &n.pin_dir,
-            Some(&token),
-            &[],
-        ));
-    }
+    let deployment = cluster.deploy(
+        cp_flags,
+        &[
+            labelled_workload("frontend", "frontend", "frontend", "node-a", frontend.ip),
+            labelled_workload("intruder", "other", "intruder", "node-a", intruder.ip),
+            labelled_workload("ghost", "ghost", "frontend", "node-c", ghost.ip),
+            labelled_workload("api", "api", "api", "node-b", api.ip),
+            POLICY.to_string(),
+        ],
+    );
     Setup {
         cluster,
-        cp,
-        agents,
-        dir,
-        bundle,
+        deployment,
         frontend,
         api,
         intruder,
@@ -95,23 +66,6 @@ fn echo_server(pod: &Pod, port: u16) {
 
 fn connect(from: &Pod, to: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     keyway_tests::netns::connect(&from.netns, to, port, timeout)
-}
-
-/// True once the node's agent has pinned both programs' links for `pod`'s
-/// veth (the datapath attaches on its own schedule, independent of auth).
-fn attached(node: &keyway_tests::netns::Node, pod: &Pod) -> bool {
-    std::fs::read_dir(node.pin_dir.join("links"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{}@", pod.host_if))
-                })
-                .count()
-                == 2
-        })
-        .unwrap_or(false)
 }
 
 fn api_has_entry_for(agent: &AgentProcess, peer_sa: &str) -> bool {
@@ -129,7 +83,7 @@ fn api_has_entry_for(agent: &AgentProcess, peer_sa: &str) -> bool {
 fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     let s = setup(&[]);
     echo_server(&s.api, 8080);
-    let node_b = &s.agents[1];
+    let node_b = &s.deployment.agents[1];
     let (na, nb) = (s.cluster.node("node-a").clone(), s.cluster.node("node-b").clone());
     wait_until(
         Duration::from_secs(30),
@@ -318,7 +272,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     );
     let _ = follow.kill();
     let _ = follow.wait();
-    let _ = (&s.cp, &s.dir, &s.bundle, &s.cluster);
+    let _ = (&s.deployment, &s.cluster);
 }
 
 #[test]
@@ -330,7 +284,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
         attached(&nb, &s.api)
     });
     wait_until(Duration::from_secs(30), "pre-authentication", || {
-        api_has_entry_for(&s.agents[1], "frontend")
+        api_has_entry_for(&s.deployment.agents[1], "frontend")
     });
     let mut long_lived = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("connect");
 
@@ -352,23 +306,23 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
             Err(e) => failures.push(format!("{:?}: {e}", start.elapsed())),
         }
         if !ca_rotated && start.elapsed() > Duration::from_secs(5) {
-            s.cp.ok(&["ca", "prepare"]);
-            s.cp.ok(&["ca", "activate"]);
+            s.deployment.cp.ok(&["ca", "prepare"]);
+            s.deployment.cp.ok(&["ca", "activate"]);
             ca_rotated = true;
         }
         if !restarted && start.elapsed() > Duration::from_secs(10) {
             let node = s.cluster.node("node-b").clone();
-            s.agents[1].kill9();
+            s.deployment.agents[1].kill9();
             assert!(
                 echo_round_trip(&mut long_lived, b"agent down"),
                 "established flows survive the agent"
             );
-            s.agents[1] = AgentProcess::spawn(
+            s.deployment.agents[1] = AgentProcess::spawn(
                 &node.netns,
-                &s.cp.listen,
+                &s.deployment.cp.listen,
                 "node-b",
-                &s.bundle,
-                s.dir.path(),
+                &s.deployment.bundle,
+                s.deployment.dir.path(),
                 &node.pin_dir,
                 None,
                 &[],
@@ -388,7 +342,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
         Duration::from_secs(15),
         "re-authentication after the restart",
         || {
-            s.agents[1].auth_list().iter().any(|e| {
+            s.deployment.agents[1].auth_list().iter().any(|e| {
                 e["remote_spiffe_id"]
                     .as_str()
                     .is_some_and(|x| x.ends_with("/sa/frontend"))
