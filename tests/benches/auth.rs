@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use keyway_common::AuthKey;
 use keyway_identity::Svid;
 use keyway_tests::mesh::MeshAgent;
-use keyway_tests::netns::{AgentProcess, Cluster, Pod, in_netns, require_root, tcp_retransmits};
-use keyway_tests::{Binary, InProcess, Options, TD, bin, wait_until, workload_yaml};
+use keyway_tests::netns::{Cluster, Pod, in_netns, require_root, tcp_retransmits};
+use keyway_tests::{InProcess, Options, TD, bin, wait_until, workload_yaml};
 use node_agent::datapath::{
     self, AuthMap, Datapath, DatapathConfig, MissingAuth, PinnedAuthMap, monotonic_ns,
 };
@@ -683,13 +683,7 @@ fn first_connections() -> FirstConnections {
         .map(|i| cluster.add_pod("node-a", &format!("c{i}"), 20 + i as u8))
         .collect();
     let api = cluster.add_pod("node-b", "api", 10);
-    let dir = tempfile::tempdir().expect("tmp");
-    let node_a = cluster.node("node-a").clone();
     let node_b = cluster.node("node-b").clone();
-    let listen = format!("{}:18081", node_a.ip);
-    let cp = Binary::spawn_in_netns_on(&node_a.netns, &listen, &dir.path().join("cp"), &[]);
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).expect("bundle");
     let mut docs = vec![
         pod_workload("frontend", "frontend", "node-a", &frontend),
         pod_workload("api", "api", "node-b", &api),
@@ -699,26 +693,8 @@ fn first_connections() -> FirstConnections {
         docs.push(pod_workload(&name, &name, "node-a", c));
     }
     docs.push(CLUSTER_POLICY.to_string());
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, docs.join("---\n")).expect("docs");
-    cp.ok(&["apply", "-f", file.to_str().expect("utf-8 path")]);
-    let agents: Vec<AgentProcess> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            let token = cp.ok(&["token", "create", "--node", &n.name]).trim().to_string();
-            AgentProcess::spawn(
-                &n.netns,
-                &listen,
-                &n.name,
-                &bundle,
-                dir.path(),
-                &n.pin_dir,
-                Some(&token),
-                &[],
-            )
-        })
-        .collect();
+    let deployment = cluster.deploy(&[], &docs);
+    let agents = &deployment.agents;
     let (agent_a, agent_b) = (&agents[0], &agents[1]);
     for port in [PORT_NO_AUTH, PORT_PRE_AUTH, PORT_ON_DEMAND] {
         echo_server(&api, port);
@@ -836,7 +812,7 @@ fn first_connections() -> FirstConnections {
     let on_demand_drops = agent_b
         .observe(&["--drop-reason", "auth-required", "--port", &port])
         .len();
-    let _ = (&cp, &node_a);
+    let _ = (&deployment, &cluster);
     FirstConnections {
         first_no_auth,
         first_pre_auth,
