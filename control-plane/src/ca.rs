@@ -278,11 +278,7 @@ impl std::fmt::Debug for Authority {
 
 impl Authority {
     pub fn new(trust_domain: TrustDomain, state: CaState, max_svid_ttl: Duration) -> Result<Self, CaError> {
-        let active = state
-            .authorities
-            .iter()
-            .find(|a| a.phase == CaPhase::Active)
-            .ok_or(CaError::NoActive)?;
+        let active = state.active().ok_or(CaError::NoActive)?;
         let key = KeyPair::try_from(active.key_pkcs8.0.as_slice())
             .map_err(|e| CaError::Corrupt(format!("CA key {}: {e}", active.id)))?;
         let issuer = Issuer::from_ca_cert_der(&active.cert_der.clone().into(), key)

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::store::{
     ApplyOutcome, CaPhase, CaState, DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, NodeRecord,
-    PolicyRecord, Store, StoreError, WorkloadRecord,
+    PolicyRecord, RegistrySnapshot, Store, StoreError, WorkloadRecord,
 };
 use crate::sync::Cluster;
 
@@ -296,13 +296,7 @@ impl ControlPlane {
             let _guard = self.inner.ca_lock.lock().await;
             let current = self.authority();
             if current.state().bundle_sequence != state.bundle_sequence
-                || current.active_id()
-                    != Authority::new(
-                        self.inner.cfg.trust_domain.clone(),
-                        state.clone(),
-                        self.inner.ca_cfg.max_svid_ttl(),
-                    )?
-                    .active_id()
+                || state.active().map(|a| a.id.as_str()) != Some(current.active_id())
             {
                 let next = Arc::new(Authority::new(
                     self.inner.cfg.trust_domain.clone(),
@@ -808,16 +802,19 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Makes the stored workloads and policies equal `workloads` and
-    /// `policies` (Kubernetes mode: what the watchers see), writing only the
-    /// difference. Identities of removed workloads stay allocated.
-    pub async fn reconcile(
+    /// Makes the stored workloads and policies equal what `want` returns
+    /// for the stored registry (Kubernetes mode: what the watchers see; the
+    /// stored records matter where an invalid object keeps its last valid
+    /// version), writing only the difference. One read of the store, under
+    /// the registry lock. Identities of removed workloads stay allocated.
+    /// Returns the outcome and `want`'s third value.
+    pub async fn reconcile<T>(
         &self,
-        workloads: Vec<WorkloadRecord>,
-        policies: Vec<PolicyRecord>,
-    ) -> Result<ApplyOutcome, ApiError> {
+        want: impl FnOnce(&RegistrySnapshot) -> (Vec<WorkloadRecord>, Vec<PolicyRecord>, T),
+    ) -> Result<(ApplyOutcome, T), ApiError> {
         let _guard = self.inner.registry_lock.lock().await;
         let stored = self.inner.store.registry().await?;
+        let (workloads, policies, extra) = want(&stored);
         let normalise = |w: &WorkloadRecord| WorkloadRecord {
             identity: 0,
             ..w.clone()
@@ -861,6 +858,7 @@ impl ControlPlane {
             changes: Vec::new(),
             revision: stored.revision,
         };
+        let unchanged = upsert_w.is_empty() && upsert_p.is_empty() && deletes.is_empty();
         if !upsert_w.is_empty() || !upsert_p.is_empty() {
             let applied = self.inner.store.apply(upsert_w, upsert_p).await?;
             outcome.changes.extend(applied.changes);
@@ -871,16 +869,25 @@ impl ControlPlane {
             outcome.changes.extend(deleted.changes);
             outcome.revision = deleted.revision;
         }
-        self.refresh_registry().await?;
-        Ok(outcome)
+        if unchanged {
+            self.publish_registry(stored);
+        } else {
+            self.refresh_registry().await?;
+        }
+        Ok((outcome, extra))
     }
 
     /// Publishes the stored registry, compiling policy only when the records
     /// changed.
     async fn refresh_registry(&self) -> Result<(), ApiError> {
         let records = self.inner.store.registry().await?;
+        self.publish_registry(records);
+        Ok(())
+    }
+
+    fn publish_registry(&self, records: RegistrySnapshot) {
         if self.inner.registry.borrow().records == records {
-            return Ok(());
+            return;
         }
         let cluster = Arc::new(Cluster::new(records));
         info!(
@@ -890,7 +897,6 @@ impl ControlPlane {
             "registry changed"
         );
         self.inner.registry.send_replace(cluster);
-        Ok(())
     }
 
     pub fn registry(&self) -> Arc<Cluster> {

@@ -569,10 +569,13 @@ async fn reconcile_once(
     _client: &kube::Client,
     policies: &Api<KeywayNetworkPolicy>,
 ) -> Result<(), String> {
-    let stored = cp.store().registry().await.map_err(|e| e.to_string())?;
-    let desired = desired(&caches.inputs(), &cp.config().trust_domain, &stored);
-    let outcome = cp
-        .reconcile(desired.workloads, desired.policies)
+    let inputs = caches.inputs();
+    let td = cp.config().trust_domain.clone();
+    let (outcome, statuses) = cp
+        .reconcile(|stored| {
+            let d = desired(&inputs, &td, stored);
+            (d.workloads, d.policies, d.statuses)
+        })
         .await
         .map_err(|e| e.to_string())?;
     if !outcome.changes.is_empty() {
@@ -582,7 +585,7 @@ async fn reconcile_once(
             "store reconciled with Kubernetes"
         );
     }
-    for update in desired.statuses.iter().filter(|u| !u.is_current()) {
+    for update in statuses.iter().filter(|u| !u.is_current()) {
         write_status(policies, update).await?;
     }
     Ok(())

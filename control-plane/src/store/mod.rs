@@ -101,6 +101,13 @@ pub struct CaState {
     pub upstream_chain: Vec<Vec<u8>>,
 }
 
+impl CaState {
+    /// The authority that signs (phase `Active`), if there is one.
+    pub fn active(&self) -> Option<&CaRecord> {
+        self.authorities.iter().find(|a| a.phase == CaPhase::Active)
+    }
+}
+
 /// A join token as stored: only its SHA-256, never the token itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
