@@ -436,24 +436,17 @@ impl Readiness {
         }
     }
 
-    /// Every component, in registration order.
-    pub fn components(&self) -> Vec<String> {
-        self.components
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect()
+    /// Every component and whether it is ready, in registration order.
+    pub fn components(&self) -> Vec<(String, bool)> {
+        self.components.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The components not ready yet, in registration order.
     pub fn not_ready(&self) -> Vec<String> {
-        self.components
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
+        self.components()
+            .into_iter()
             .filter(|(_, r)| !r)
-            .map(|(n, _)| n.clone())
+            .map(|(n, _)| n)
             .collect()
     }
 }
@@ -540,20 +533,20 @@ pub async fn serve(
                             "/metrics" => (StatusCode::OK, CONTENT_TYPE, registry.render()),
                             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
                             "/readyz" => {
-                                let waiting = readiness.not_ready();
-                                if waiting.is_empty() {
-                                    let mut body = String::from("ready:\n");
-                                    for c in readiness.components() {
-                                        let _ = writeln!(body, "{c}");
-                                    }
-                                    (StatusCode::OK, "text/plain", body)
+                                // Ready: every component; not ready: those still waited for.
+                                let components = readiness.components();
+                                let ready = components.iter().all(|(_, r)| *r);
+                                let (status, mut body) = if ready {
+                                    (StatusCode::OK, String::from("ready:\n"))
                                 } else {
-                                    let mut body = String::from("not ready:\n");
-                                    for w in waiting {
-                                        let _ = writeln!(body, "{w}");
+                                    (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready:\n"))
+                                };
+                                for (name, r) in &components {
+                                    if ready || !r {
+                                        let _ = writeln!(body, "{name}");
                                     }
-                                    (StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
                                 }
+                                (status, "text/plain", body)
                             }
                             _ => (
                                 StatusCode::NOT_FOUND,

@@ -475,18 +475,17 @@ async fn observe(a: ObserveArgs) -> anyhow::Result<()> {
         }
         None => 0,
     };
+    let (identity, spiffe_id) = match a.identity {
+        Some(IdentityFilter::Number(n)) => (n, String::new()),
+        Some(IdentityFilter::SpiffeId(id)) => (0, id),
+        None => (0, String::new()),
+    };
     let req = proto::keyway::ObserveRequest {
         follow: a.follow,
         namespace: a.namespace.unwrap_or_default(),
         pod: a.pod.unwrap_or_default(),
-        identity: match &a.identity {
-            Some(IdentityFilter::Number(n)) => *n,
-            _ => 0,
-        },
-        spiffe_id: match a.identity {
-            Some(IdentityFilter::SpiffeId(id)) => id,
-            _ => String::new(),
-        },
+        identity,
+        spiffe_id,
         verdict: a.verdict.unwrap_or_default(),
         drop_reason: a.drop_reason.unwrap_or_default(),
         port: a.port.map(u32::from).unwrap_or(0),

@@ -5,13 +5,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// GET `path` on an open connection: (status, body); (0, "") when the
-/// answer does not come.
-pub fn get_on(mut s: TcpStream, host: &str, path: &str) -> (u16, String) {
+/// GET `path` on `addr` (HOST:PORT): (status, body); (0, "") when nothing
+/// answers.
+pub fn get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
     if s.set_read_timeout(Some(Duration::from_secs(5))).is_err()
         || write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
         )
         .is_err()
     {
@@ -27,15 +30,6 @@ pub fn get_on(mut s: TcpStream, host: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-/// GET `path` on `addr` (HOST:PORT): (status, body); (0, "") when nothing
-/// answers.
-pub fn get(addr: &str, path: &str) -> (u16, String) {
-    match TcpStream::connect(addr) {
-        Ok(s) => get_on(s, addr, path),
-        Err(_) => (0, String::new()),
-    }
 }
 
 /// The value of one series (`name` or `name{labels}`, exactly as rendered).

@@ -591,12 +591,7 @@ impl AgentProcess {
     /// GET `path` on the agent's metrics listener: (status, body); (0, "")
     /// while nothing answers.
     pub fn http_get(&self, path: &'static str) -> (u16, String) {
-        in_netns(&self.netns, move || {
-            match std::net::TcpStream::connect(AGENT_METRICS) {
-                Ok(s) => crate::http::get_on(s, AGENT_METRICS, path),
-                Err(_) => (0, String::new()),
-            }
-        })
+        in_netns(&self.netns, move || crate::http::get(AGENT_METRICS, path))
     }
 
     /// One scrape of the agent's `/metrics`.

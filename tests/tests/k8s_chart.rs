@@ -137,6 +137,19 @@ fn mount<'a>(container: &'a Json, name: &str) -> &'a Json {
 }
 
 /// Every label of `selector` is on `labels`.
+/// The kubelet probes `container` over HTTP on its `metrics` port, and the
+/// pod template carries the Prometheus scrape annotations for `port`.
+fn assert_probed_and_scraped(container: &Json, template: &Json, port: &str) {
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
+    }
+    assert_eq!(
+        template["metadata"]["annotations"],
+        json!({"prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"})
+    );
+}
+
 fn selects(selector: &Json, labels: &Json) -> bool {
     selector
         .as_object()
@@ -239,14 +252,7 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
         agent["ports"][1],
         json!({"name": "metrics", "containerPort": 9091, "hostPort": 9091, "protocol": "TCP"})
     );
-    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], "metrics");
-    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], "metrics");
-    assert_eq!(
-        ds["spec"]["template"]["metadata"]["annotations"],
-        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9091", "prometheus.io/path": "/metrics"})
-    );
+    assert_probed_and_scraped(agent, &ds["spec"]["template"], "9091");
     // The pins survive restarts only on the host's own bpffs, which must exist.
     assert_eq!(
         volume(pod, "bpffs")["hostPath"],
@@ -327,14 +333,7 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
         cp["ports"][1],
         json!({"name": "metrics", "containerPort": 9090, "protocol": "TCP"})
     );
-    assert_eq!(cp["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(cp["readinessProbe"]["httpGet"]["port"], "metrics");
-    assert_eq!(cp["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(cp["livenessProbe"]["httpGet"]["port"], "metrics");
-    assert_eq!(
-        deploy["spec"]["template"]["metadata"]["annotations"],
-        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics"})
-    );
+    assert_probed_and_scraped(cp, &deploy["spec"]["template"], "9090");
     assert_eq!(mount(cp, "data")["mountPath"], "/var/lib/keyway");
     assert!(volume(pod, "data").get("emptyDir").is_some());
 
