@@ -1,15 +1,13 @@
 //! The admin API on a local unix socket (mode 0600: the file permission is the
 //! authentication), used by the CLI subcommands.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use proto::keyway::admin_server::{Admin, AdminServer};
 use proto::keyway::{self as pb};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
@@ -17,46 +15,34 @@ use crate::ca::Step;
 use crate::server::ControlPlane;
 use crate::sync;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SocketError {
-    #[error("another process is already serving on {0}; stop it or choose another --admin-socket")]
-    InUse(PathBuf),
-    #[error("cannot create the admin socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+/// Binds the admin socket with mode 0600 from the start (in a 0700
+/// directory when it has to make one), replacing a stale socket file left by
+/// a crashed process but never a live one.
+pub async fn bind(path: &Path) -> Result<UnixListener, keyway_serve::unix::BindError> {
+    keyway_serve::unix::bind(path, 0o600, 0o700)
 }
 
-/// Binds the admin socket with mode 0600, replacing a stale socket file left
-/// by a crashed process but never a live one.
-pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    let io = |source| SocketError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(SocketError::InUse(path.to_owned()));
-        }
-        std::fs::remove_file(path).map_err(io)?;
+/// What the admin socket allows: only root reaches it, so a handful of
+/// connections for the CLI, with the usual clocks.
+pub fn limits() -> keyway_serve::Limits {
+    keyway_serve::Limits {
+        max_connections: 64,
+        max_per_peer: 64,
+        ..keyway_serve::Limits::default()
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok(listener)
 }
 
-pub async fn serve(
-    cp: ControlPlane,
-    listener: UnixListener,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(AdminServer::new(AdminService { cp }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            let _ = shutdown.wait_for(|v| *v).await;
-        })
-        .await
+pub async fn serve(cp: ControlPlane, listener: UnixListener, shutdown: watch::Receiver<bool>) {
+    let gate = keyway_serve::Gate::new("admin", limits(), cp.metrics().listeners.clone());
+    let routes = tonic::service::Routes::new(AdminServer::new(AdminService { cp }));
+    keyway_serve::unix::serve(
+        listener,
+        gate,
+        routes,
+        |_, _| std::future::ready(Some((None, ()))),
+        shutdown,
+    )
+    .await;
 }
 
 /// A client of the admin socket. Errors say how to fix the connection.
@@ -221,6 +207,24 @@ impl Admin for AdminService {
             changes: outcome.changes,
             revision: outcome.revision,
         }))
+    }
+
+    async fn revoke_node(
+        &self,
+        req: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let node = req.into_inner().node_name;
+        keyway_identity::spiffe_id::check_name("node name", &node)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.cp.config().kubernetes {
+            return Err(Status::failed_precondition(
+                "this control plane runs in Kubernetes mode: delete the Node (kubectl delete node NAME) to revoke it",
+            ));
+        }
+        if !self.cp.revoke_node(&node).await? {
+            return Err(Status::not_found(format!("no attested node named {node}")));
+        }
+        Ok(Response::new(pb::RevokeNodeResponse {}))
     }
 
     async fn list_identities(

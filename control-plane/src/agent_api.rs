@@ -6,20 +6,17 @@
 //! certificate; everything else requires a node SVID of an attested node.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keyway_identity::tls::{self, PeerMatch, SpiffeClientVerifier};
 use keyway_identity::{SpiffeId, spiffe_id};
+use keyway_serve::{Gate, PeerKey};
 use proto::keyway::agent_api_server::{AgentApi, AgentApiServer};
 use proto::keyway::{self as pb, attest_request::Method};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
@@ -33,92 +30,15 @@ use crate::sync;
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub spiffe_id: Option<SpiffeId>,
+    /// The client certificate's NotBefore (Unix seconds): a node SVID
+    /// issued before its node's current registration is refused.
+    pub not_before: Option<i64>,
 }
 
-/// A TLS connection handed to tonic.
-#[derive(Debug)]
-pub struct TlsConn {
-    stream: TlsStream<TcpStream>,
-    peer: PeerInfo,
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// How long a client gets to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts TCP connections and completes TLS handshakes concurrently; yields
-/// established connections.
-fn tls_incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, addr) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let spiffe_id = tls::peer_spiffe_id(stream.get_ref().1.peer_certificates());
-                        let _ = tx
-                            .send(Ok(TlsConn {
-                                stream,
-                                peer: PeerInfo { addr, spiffe_id },
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%addr, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// Serves the agent API on `listener` until `shutdown` turns true.
+/// Serves the agent API on `listener` until `shutdown` turns true. Each
+/// connection is admitted by the listener's gate (total and per source
+/// address), gets the header timeout for its TLS handshake and first
+/// request, and is closed when idle (see `keyway_serve`).
 pub async fn serve(
     cp: ControlPlane,
     listener: TcpListener,
@@ -130,19 +50,79 @@ pub async fn serve(
         false,
     ));
     let config = tls::server_config(cp.own_cert(), verifier)?;
-    let incoming = tls_incoming(listener, TlsAcceptor::from(Arc::new(config)), shutdown.clone());
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let gate = Gate::new(
+        "agent_api",
+        cp.config().agent_api_limits.clone(),
+        cp.metrics().listeners.clone(),
+    );
+    let routes = tonic::service::Routes::new(
+        AgentApiServer::new(AgentService { cp: cp.clone() })
+            .max_decoding_message_size(proto::MAX_AGENT_REQUEST_BYTES),
+    );
     cp.metrics().readiness.set_ready(crate::metrics::READY_AGENT_API);
-    let service =
-        AgentApiServer::new(AgentService { cp }).max_decoding_message_size(proto::MAX_AGENT_REQUEST_BYTES);
-    let mut done = shutdown;
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = done.wait_for(|v| *v).await;
-        })
-        .await?;
-    Ok(())
+    let mut stop = shutdown.clone();
+    if *stop.borrow_and_update() {
+        return Ok(());
+    }
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return Ok(()),
+        };
+        let Ok(permit) = gate.admit(PeerKey::ip(addr.ip())) else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let gate = gate.clone();
+        let routes = routes.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            let stream = match tokio::time::timeout(
+                gate.limits().request_header_timeout,
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    debug!(%addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    gate.closed("handshake-timeout");
+                    debug!(%addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let spiffe_id = tls::peer_spiffe_id(stream.get_ref().1.peer_certificates());
+            let not_before = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| {
+                    keyway_identity::x509::parse(c.as_ref())
+                        .ok()
+                        .map(|c| c.validity().not_before.timestamp())
+                });
+            let peer = PeerInfo {
+                addr,
+                spiffe_id,
+                not_before,
+            };
+            keyway_serve::grpc::serve_connection(&gate, stream, peer, routes, shutdown).await;
+        });
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -177,12 +157,7 @@ impl AgentService {
             self.cp.count_refusal(Refusal::NotAttested);
             Status::permission_denied(format!("{id} is not a node agent identity"))
         })?;
-        if self.cp.node(node).is_none() {
-            self.cp.count_refusal(Refusal::NotAttested);
-            return Err(Status::permission_denied(format!(
-                "node {node} is not attested with this control plane"
-            )));
-        }
+        self.cp.authenticate_node(node, peer.not_before)?;
         Ok(node.to_owned())
     }
 }
@@ -191,6 +166,13 @@ impl AgentService {
 impl AgentApi for AgentService {
     async fn attest(&self, req: Request<pb::AttestRequest>) -> Result<Response<pb::AttestResponse>, Status> {
         let addr = req.extensions().get::<PeerInfo>().map(|p| p.addr);
+        if let Some(a) = addr
+            && !self.cp.attest_admitted(a.ip())
+        {
+            return Err(Status::resource_exhausted(
+                "too many attestation attempts from this address; retry in a few seconds",
+            ));
+        }
         let req = req.into_inner();
         let result = match req.method {
             Some(Method::JoinToken(jt)) => {
@@ -212,14 +194,16 @@ impl AgentApi for AgentService {
                 svid: Some(node_svid_message(&self.cp, svid)),
             })),
             Err(e) => {
-                // Once per peer and reason a minute: an agent retrying with
-                // the same bad token does not flood the log.
+                // Once per peer and kind of refusal a minute: an agent
+                // retrying with the same bad token does not flood the log,
+                // and the key never holds what the caller sent (the
+                // message repeats at most a bounded prefix of it).
                 let ip = addr.map(|a| a.ip().to_string()).unwrap_or_default();
                 if self
                     .cp
                     .metrics()
                     .refusal_log
-                    .should_warn(&format!("attest/{ip}/{e}"))
+                    .should_warn(&format!("attest/{ip}/{}", e.code_name()))
                 {
                     warn!(peer = ?addr, reason = %e, "attestation refused");
                 } else {
@@ -255,7 +239,7 @@ impl AgentApi for AgentService {
                     .cp
                     .metrics()
                     .refusal_log
-                    .should_warn(&format!("csr/{node}/{}/{e}", req.spiffe_id))
+                    .should_warn(&format!("csr/{node}/{}", e.code_name()))
                 {
                     warn!(node, spiffe_id = %req.spiffe_id, reason = %e, "workload CSR refused");
                 } else {

@@ -67,6 +67,9 @@ pub enum Command {
     /// Numeric identities.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Attested nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Print the KeywayNetworkPolicy CustomResourceDefinition (YAML), as
     /// generated from the Rust types and committed in the Helm chart.
     Crd,
@@ -127,6 +130,20 @@ pub struct ServeArgs {
     /// on HOST:PORT, or `off`.
     #[arg(long, env = "KEYWAY_METRICS_ADDRESS", default_value = "127.0.0.1:9090")]
     pub metrics_address: String,
+    /// Kubernetes mode: accept join-token attestation too (agents there
+    /// attest with projected service account tokens; join tokens are off).
+    #[arg(long, env = "KEYWAY_ALLOW_JOIN_TOKENS")]
+    pub allow_join_tokens: bool,
+    /// Attestation attempts a minute from one source address (IPv6: one
+    /// /64), in bursts of a sixth of that; 0 turns the limit off.
+    #[arg(long, default_value_t = 60)]
+    pub attest_per_minute: u32,
+    /// Connections the agent API holds at once.
+    #[arg(long, default_value_t = crate::config::agent_api_limits().max_connections)]
+    pub max_connections: usize,
+    /// Connections the agent API holds at once from one source address.
+    #[arg(long, default_value_t = crate::config::agent_api_limits().max_per_peer)]
+    pub max_connections_per_peer: usize,
 }
 
 /// `--metrics-address`: HOST:PORT, or `off`.
@@ -143,8 +160,7 @@ pub fn metrics_address_flag(v: &str) -> anyhow::Result<Option<std::net::SocketAd
 /// address is a start-up error naming the flag.
 pub async fn start_metrics(
     address: Option<std::net::SocketAddr>,
-    registry: Arc<keyway_identity::metrics::Registry>,
-    readiness: Arc<keyway_identity::metrics::Readiness>,
+    metrics: &crate::metrics::Metrics,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(address) = address else {
@@ -155,8 +171,13 @@ pub async fn start_metrics(
         .with_context(|| format!("--metrics-address: cannot bind {address}"))?;
     let bound = listener.local_addr()?;
     info!(metrics_address = %bound, "metrics and health endpoints listening");
-    Ok(Some(tokio::spawn(keyway_identity::metrics::serve(
-        listener, registry, readiness, shutdown,
+    let gate = keyway_serve::Gate::new("metrics", keyway_serve::http::limits(), metrics.listeners.clone());
+    Ok(Some(tokio::spawn(keyway_serve::http::serve(
+        listener,
+        gate,
+        metrics.registry.clone(),
+        metrics.readiness.clone(),
+        shutdown,
     ))))
 }
 
@@ -231,6 +252,14 @@ pub enum Output {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Revoke a node: its SVID stops working (renewal included), its Sync
+    /// stream ends and every agent flushes the auth entries it vouched for.
+    /// Attesting again (a new join token) starts a new registration.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
     List {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -263,7 +292,17 @@ impl ServeArgs {
                 _ => None,
             },
             kubernetes: self.kubernetes,
+            allow_join_tokens: self.allow_join_tokens,
+            attest_per_minute: self.attest_per_minute,
+            agent_api_limits: keyway_serve::Limits {
+                max_connections: self.max_connections,
+                max_per_peer: self.max_connections_per_peer,
+                ..crate::config::agent_api_limits()
+            },
         };
+        if config.max_connections_zero() {
+            bail!("--max-connections and --max-connections-per-peer must be at least 1");
+        }
         if config.ca_ttl < Duration::from_secs(6) {
             bail!("--ca-ttl: must be at least 6s");
         }
@@ -321,13 +360,7 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         metrics.readiness.expect(crate::metrics::READY_KUBERNETES_CACHES);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let metrics_server = start_metrics(
-        metrics_address,
-        metrics.registry.clone(),
-        metrics.readiness.clone(),
-        stop_rx.clone(),
-    )
-    .await?;
+    let metrics_server = start_metrics(metrics_address, &metrics, stop_rx.clone()).await?;
     info!(
         trust_domain = %config.trust_domain,
         data_dir = %config.data_dir.display(),
@@ -597,6 +630,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { file } => documents(socket, &file, Documents::Delete).await,
         Command::Crd => {
             print!("{}", crate::kubernetes::crd::crd_yaml());
+            Ok(())
+        }
+        Command::Node(NodeCommand::Revoke { name }) => {
+            let mut c = admin(socket).await?;
+            c.revoke_node(pb::RevokeNodeRequest {
+                node_name: name.clone(),
+            })
+            .await
+            .map_err(status_error)?;
+            println!("node {name} revoked");
             Ok(())
         }
         Command::Identity(IdentityCommand::List { output }) => {

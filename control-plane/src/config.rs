@@ -21,6 +21,24 @@ pub struct Config {
     pub ca_ttl: Duration,
     pub upstream_ca: Option<UpstreamFiles>,
     pub kubernetes: bool,
+    /// Kubernetes mode: accept join tokens as well as projected service
+    /// account tokens (off by default there; always on in standalone mode).
+    pub allow_join_tokens: bool,
+    /// Attestation attempts a minute per source address (0: no limit).
+    pub attest_per_minute: u32,
+    /// What the agent API listener allows (connections, timeouts).
+    pub agent_api_limits: keyway_serve::Limits,
+}
+
+/// The agent API listener's defaults: every agent holds one connection
+/// (plus one while it attests), so a few per node address is plenty and a
+/// flood from one address cannot starve the others.
+pub fn agent_api_limits() -> keyway_serve::Limits {
+    keyway_serve::Limits {
+        max_connections: 16384,
+        max_per_peer: 32,
+        ..keyway_serve::Limits::default()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +48,10 @@ pub struct UpstreamFiles {
 }
 
 impl Config {
+    pub fn max_connections_zero(&self) -> bool {
+        self.agent_api_limits.max_connections == 0 || self.agent_api_limits.max_per_peer == 0
+    }
+
     /// The workload SVID TTL actually used: capped so that CA rotation can
     /// retire an old CA before anything it signed could outlive it.
     pub fn effective_svid_ttl(&self, requested: Duration) -> Duration {

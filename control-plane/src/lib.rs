@@ -20,6 +20,7 @@ pub mod jwt;
 pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
+pub mod rate_limit;
 pub mod registry;
 pub mod server;
 pub mod store;

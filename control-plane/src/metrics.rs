@@ -50,8 +50,16 @@ pub enum Refusal {
     NotAttested,
     /// No client certificate where one is needed.
     Unauthenticated,
-    /// The advertised mutual-auth addresses were invalid.
+    /// The advertised mutual-auth addresses were invalid, or are not the
+    /// Node's own (Kubernetes mode).
     BadAddresses,
+    /// Too many attestation attempts from one source address.
+    RateLimited,
+    /// A join token presented to a Kubernetes-mode control plane that does
+    /// not accept them (`--allow-join-tokens`).
+    JoinTokensOff,
+    /// A node SVID from before its node's current registration (revoked).
+    Revoked,
 }
 
 impl Refusal {
@@ -67,6 +75,9 @@ impl Refusal {
             Refusal::NotAttested => "not_attested",
             Refusal::Unauthenticated => "unauthenticated",
             Refusal::BadAddresses => "bad_addresses",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::JoinTokensOff => "join_tokens_off",
+            Refusal::Revoked => "revoked",
         }
     }
 }
@@ -111,6 +122,8 @@ pub struct Metrics {
     pub(crate) is_leader: Gauge,
     /// Refused attestations are logged once per peer and reason per minute.
     pub(crate) refusal_log: Arc<LogLimiter>,
+    /// Every listener's connections, refusals and closes.
+    pub listeners: keyway_serve::ListenerMetrics,
 }
 
 impl Default for Metrics {
@@ -164,6 +177,7 @@ impl Metrics {
                 &[],
             ),
             refusal_log: Arc::new(LogLimiter::per_minute()),
+            listeners: keyway_serve::ListenerMetrics::register(r),
             registry,
             readiness,
         };

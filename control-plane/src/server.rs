@@ -51,6 +51,21 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// The kind of refusal, for log limiter keys and metrics (never the
+    /// message, which repeats caller input).
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            ApiError::InvalidArgument(_) => "invalid_argument",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::PermissionDenied(_) => "permission_denied",
+            ApiError::FailedPrecondition(_) => "failed_precondition",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         use tonic::Status;
@@ -114,6 +129,8 @@ struct Inner {
     own_cert: watch::Sender<Option<Arc<CertifiedKey>>>,
     /// Kubernetes mode: checks agents' service account tokens.
     token_reviewer: std::sync::OnceLock<crate::kubernetes::attest::TokenReviewer>,
+    /// Attestation attempts per source address.
+    attest_rate: crate::rate_limit::PerSource,
     /// With replicas: whether this one leads (rotates the CA, reconciles).
     leader: std::sync::OnceLock<watch::Receiver<bool>>,
     metrics: Metrics,
@@ -182,6 +199,7 @@ impl ControlPlane {
             ca_cfg.max_svid_ttl(),
         )?);
         let registry = Arc::new(Cluster::new(store.registry().await?));
+        let cfg_attest_per_minute = cfg.attest_per_minute;
         let (bundle, _) = watch::channel(authority.bundle());
         let (authority, _) = watch::channel(authority);
         let (registry, _) = watch::channel(registry);
@@ -198,6 +216,7 @@ impl ControlPlane {
                 registry_lock: Mutex::new(()),
                 own_cert,
                 token_reviewer: std::sync::OnceLock::new(),
+                attest_rate: crate::rate_limit::PerSource::new(cfg_attest_per_minute),
                 leader: std::sync::OnceLock::new(),
                 metrics,
             }),
@@ -400,6 +419,12 @@ impl ControlPlane {
     // ---- agent API ------------------------------------------------------
 
     /// Join-token attestation: consumes the token and issues the node SVID.
+    ///
+    /// Cheapest refusal first: the token is looked up (one read, no lock)
+    /// before the CSR is checked or anything is signed, so a flood of bad
+    /// tokens costs a hash and a read each. In Kubernetes mode join tokens
+    /// are off unless `--allow-join-tokens` turns them on: agents there
+    /// attest with their projected service account token.
     pub async fn attest_join_token(
         &self,
         token: &str,
@@ -407,19 +432,46 @@ impl ControlPlane {
         csr_der: &[u8],
     ) -> Result<NodeSvid, ApiError> {
         let started = std::time::Instant::now();
+        if self.inner.cfg.kubernetes && !self.inner.cfg.allow_join_tokens {
+            return Err(self.refuse(
+                Refusal::JoinTokensOff,
+                ApiError::FailedPrecondition(
+                    "join-token attestation is off in Kubernetes mode: agents attest with their projected \
+                     service account token (--k8s-token-file); start the control plane with \
+                     --allow-join-tokens to accept join tokens too"
+                        .into(),
+                ),
+            ));
+        }
         let bad = |e: String| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e));
         spiffe_id::check_name("node name", node).map_err(|e| bad(e.to_string()))?;
         if token.is_empty() {
             return Err(bad("join token is empty".into()));
         }
+        if token.len() > crate::tokens::MAX_TOKEN_BYTES {
+            return Err(self.refuse(
+                Refusal::TokenRefused,
+                ApiError::PermissionDenied(format!(
+                    "join token refused: {}",
+                    crate::store::TokenProblem::Unknown
+                )),
+            ));
+        }
+        let hash = crate::tokens::hash(token);
+        let stored = self.inner.store.join_token(&hash).await?;
+        if let Some(problem) = crate::store::token_problem(stored.as_ref(), node, now_unix()) {
+            return Err(self.refuse(Refusal::TokenRefused, StoreError::TokenRefused(problem)));
+        }
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
         let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
         let (now, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
         let _guard = self.inner.registry_lock.lock().await;
+        // Consuming is what makes the token single-use: two attempts with
+        // the same token both pass the read above, one of them consumes.
         let node_rec = self
             .inner
             .store
-            .consume_join_token(&crate::tokens::hash(token), node, now, &record)
+            .consume_join_token(&hash, node, now, &record)
             .await
             .map_err(|e| match e {
                 StoreError::TokenRefused(_) => self.refuse(Refusal::TokenRefused, e),
@@ -437,6 +489,17 @@ impl ControlPlane {
             issued,
             node: node_rec,
         })
+    }
+
+    /// Whether an attestation attempt from `source` is within its rate
+    /// (counted and refused otherwise). Attestation is the one call that
+    /// needs no certificate, so it is the cheapest to flood.
+    pub fn attest_admitted(&self, source: std::net::IpAddr) -> bool {
+        if self.inner.attest_rate.admit(source) {
+            return true;
+        }
+        self.inner.metrics.refused(Refusal::RateLimited);
+        false
     }
 
     /// Signs a node SVID for an attested node and the issuance record the
@@ -508,6 +571,47 @@ impl ControlPlane {
             issued,
             node: node_rec,
         })
+    }
+
+    /// Revokes a node: its record is deleted, so its SVID is refused from now
+    /// on (renewal included), its Sync stream ends, and every agent drops it
+    /// from the node table and flushes the auth entries it vouched for. A
+    /// new attestation starts a new registration; SVIDs from before the
+    /// revocation stay refused (see [`NodeRecord::since`]).
+    pub async fn revoke_node(&self, node: &str) -> Result<bool, ApiError> {
+        let _guard = self.inner.registry_lock.lock().await;
+        let revoked = self.inner.store.revoke_node(node).await?;
+        if revoked {
+            warn!(node, "node revoked");
+            self.refresh_registry().await?;
+        }
+        Ok(revoked)
+    }
+
+    /// The registered node behind a node SVID: refused when the node is not
+    /// registered (never attested, or revoked) or the certificate predates
+    /// its current registration (a key from before a revocation).
+    pub fn authenticate_node(
+        &self,
+        node: &str,
+        cert_not_before: Option<i64>,
+    ) -> Result<NodeRecord, ApiError> {
+        let Some(record) = self.node(node) else {
+            self.inner.metrics.refused(Refusal::NotAttested);
+            return Err(ApiError::PermissionDenied(format!(
+                "node {node} is not attested with this control plane (never attested, or revoked); attest again"
+            )));
+        };
+        // NotBefore is backdated by the issuer; the registration time is not.
+        let issued_at = cert_not_before.map(|t| t + ca::BACKDATE_SECS);
+        if issued_at.is_some_and(|t| t < record.since) {
+            self.inner.metrics.refused(Refusal::Revoked);
+            return Err(ApiError::PermissionDenied(format!(
+                "this node SVID for {node} was issued before the node's current registration (it was revoked \
+                 since); attest again"
+            )));
+        }
+        Ok(record)
     }
 
     /// The attested node record for `node`, if any.

@@ -5,6 +5,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ring::rand::{SecureRandom, SystemRandom};
 
+/// The longest token worth hashing: ours are 47 bytes; anything much longer
+/// is refused as unknown without reading the store.
+pub const MAX_TOKEN_BYTES: usize = 128;
+
 /// A new token: 32 random bytes, URL-safe.
 pub fn generate() -> Result<String, ring::error::Unspecified> {
     let mut bytes = [0u8; 32];

@@ -4,8 +4,8 @@
 //! ID instead of DNS name.
 //!
 //! Kept narrow on purpose: no network, no servers, no storage (the one file
-//! writer is the SVID directory both CLIs produce; the one listener is the
-//! metrics/health endpoint, behind the `http` feature).
+//! writer is the SVID directory both CLIs produce). Listeners live in
+//! `keyway-serve`.
 
 pub mod bundle;
 pub mod csr;

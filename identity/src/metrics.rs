@@ -7,8 +7,7 @@
 //! Values that live elsewhere (a BPF map, a `watch` channel) are read at
 //! scrape time by collectors registered with [`Registry::on_scrape`].
 //!
-//! The HTTP side (`/metrics`, `/healthz`, `/readyz`) is [`serve`], behind the
-//! `http` feature.
+//! The HTTP side (`/metrics`, `/healthz`, `/readyz`) is `keyway_serve::http`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -490,81 +489,6 @@ impl LogLimiter {
         }
         seen.insert(key.to_owned(), now);
         true
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` (HTTP/1.1)
-/// until `shutdown` turns true.
-#[cfg(feature = "http")]
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    registry: Arc<Registry>,
-    readiness: Arc<Readiness>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    use hyper::{Method, Response, StatusCode, service::service_fn};
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let registry = registry.clone();
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                let readiness = readiness.clone();
-                async move {
-                    let (status, ctype, body) = if req.method() != Method::GET && req.method() != Method::HEAD
-                    {
-                        (
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            "text/plain",
-                            "only GET\n".to_owned(),
-                        )
-                    } else {
-                        match req.uri().path() {
-                            "/metrics" => (StatusCode::OK, CONTENT_TYPE, registry.render()),
-                            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                            "/readyz" => {
-                                // Ready: every component; not ready: those still waited for.
-                                let components = readiness.components();
-                                let ready = components.iter().all(|(_, r)| *r);
-                                let (status, mut body) = if ready {
-                                    (StatusCode::OK, String::from("ready:\n"))
-                                } else {
-                                    (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready:\n"))
-                                };
-                                for (name, r) in &components {
-                                    if ready || !r {
-                                        let _ = writeln!(body, "{name}");
-                                    }
-                                }
-                                (status, "text/plain", body)
-                            }
-                            _ => (
-                                StatusCode::NOT_FOUND,
-                                "text/plain",
-                                "not found: try /metrics, /healthz or /readyz\n".to_owned(),
-                            ),
-                        }
-                    };
-                    Response::builder()
-                        .status(status)
-                        .header("content-type", ctype)
-                        .body(body)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

@@ -56,18 +56,32 @@ pub enum IdError {
     },
 }
 
+/// The longest piece of caller input an error message repeats back.
+pub const ECHO_MAX_CHARS: usize = 64;
+
+/// What an error may repeat of untrusted input: at most [`ECHO_MAX_CHARS`]
+/// characters, then how long the rest was. Refusals are logged and returned
+/// to the caller, so echoing a 64 KiB name whole would let every cheap bad
+/// request cost the server its size several times over in memory and logs.
+pub fn echo(input: &str) -> String {
+    match input.char_indices().nth(ECHO_MAX_CHARS) {
+        None => input.to_owned(),
+        Some((cut, _)) => format!("{}...({} more bytes)", &input[..cut], input.len() - cut),
+    }
+}
+
 /// Parses a trust domain name (`cluster.local`, not `spiffe://cluster.local`).
 pub fn parse_trust_domain(name: &str) -> Result<TrustDomain, IdError> {
     let id = format!("spiffe://{name}");
     if name.len() > MAX_TRUST_DOMAIN_BYTES {
-        return Err(IdError::TrustDomainTooLong { td: name.to_owned() });
+        return Err(IdError::TrustDomainTooLong { td: echo(name) });
     }
     check_trust_domain(&id, name)?;
     TrustDomain::new(name).map_err(|_| IdError::TrustDomainChar { id })
 }
 
 fn check_trust_domain(id: &str, td: &str) -> Result<(), IdError> {
-    let owned = || id.to_owned();
+    let owned = || echo(id);
     if td.is_empty() {
         return Err(IdError::EmptyTrustDomain { id: owned() });
     }
@@ -93,7 +107,7 @@ fn check_trust_domain(id: &str, td: &str) -> Result<(), IdError> {
 /// Parses a SPIFFE ID strictly (ID-01..ID-14). The bare trust domain
 /// (`spiffe://td`) is accepted here; [`parse_svid_id`] refuses it.
 pub fn parse_spiffe_id(id: &str) -> Result<SpiffeId, IdError> {
-    let owned = || id.to_owned();
+    let owned = || echo(id);
     if id.len() > MAX_ID_BYTES {
         return Err(IdError::TooLong);
     }
@@ -108,7 +122,7 @@ pub fn parse_spiffe_id(id: &str) -> Result<SpiffeId, IdError> {
         None => (rest, ""),
     };
     if td.len() > MAX_TRUST_DOMAIN_BYTES {
-        return Err(IdError::TrustDomainTooLong { td: td.to_owned() });
+        return Err(IdError::TrustDomainTooLong { td: echo(td) });
     }
     check_trust_domain(id, td)?;
     if !path.is_empty() {
@@ -142,7 +156,7 @@ pub fn parse_spiffe_id(id: &str) -> Result<SpiffeId, IdError> {
 pub fn parse_svid_id(id: &str) -> Result<SpiffeId, IdError> {
     let parsed = parse_spiffe_id(id)?;
     if parsed.path().is_empty() {
-        return Err(IdError::NoPath { id: id.to_owned() });
+        return Err(IdError::NoPath { id: echo(id) });
     }
     Ok(parsed)
 }
@@ -152,7 +166,7 @@ pub fn parse_svid_id_in(id: &str, td: &TrustDomain) -> Result<SpiffeId, IdError>
     let parsed = parse_svid_id(id)?;
     if !parsed.is_member_of(td) {
         return Err(IdError::OutsideTrustDomain {
-            id: id.to_owned(),
+            id: echo(id),
             td: td.to_string(),
         });
     }
@@ -164,7 +178,7 @@ pub fn parse_svid_id_in(id: &str, td: &TrustDomain) -> Result<SpiffeId, IdError>
 pub fn check_name(what: &'static str, value: &str) -> Result<(), IdError> {
     let err = |reason| IdError::Component {
         what,
-        value: value.to_owned(),
+        value: echo(value),
         reason,
     };
     if value.is_empty() {
@@ -225,6 +239,19 @@ pub fn node_name_of<'a>(id: &'a SpiffeId, td: &TrustDomain) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_echo_a_bounded_prefix_of_the_input() {
+        let long = "x".repeat(60_000);
+        let e = check_name("node name", &long).unwrap_err().to_string();
+        assert!(e.len() < 200, "{} bytes", e.len());
+        assert!(e.contains("(59936 more bytes)"), "{e}");
+        let id = format!("spiffe://td/{}", "%".repeat(1000));
+        assert!(parse_spiffe_id(&id).unwrap_err().to_string().len() < 200);
+        assert_eq!(echo("short"), "short");
+        // Cut on a character boundary.
+        assert!(echo(&"é".repeat(100)).starts_with(&"é".repeat(64)));
+    }
 
     fn rule(id: &str) -> String {
         parse_svid_id(id).expect_err(id).to_string()

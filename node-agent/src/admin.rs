@@ -2,15 +2,13 @@
 //! mode 0600: the file permission is the authentication, as for the control
 //! plane's admin socket.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use proto::keyway::{self as pb, agent_admin_server::AgentAdminServer};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::datapath::lookup::PinnedLookup;
@@ -20,26 +18,14 @@ use crate::flows::{self, FlowLog};
 use crate::mutual_auth::AuthRecord;
 use crate::state::NodeState;
 
-pub const DEFAULT_SOCKET: &str = "/run/keyway/sockets/agent-admin.sock";
+/// Not beside the Workload API socket: workloads mount that directory, and
+/// this socket shows every flow on the node. Its own directory is 0700.
+pub const DEFAULT_SOCKET: &str = "/run/keyway/admin/agent-admin.sock";
 
-/// Binds `path` with mode 0600, replacing a stale socket but never a live one.
+/// Binds `path` with mode 0600 from the start (a missing directory is made
+/// 0700), replacing a stale socket but never a live one.
 pub async fn bind(path: &Path) -> Result<UnixListener, String> {
-    let err = |e: std::io::Error| format!("--admin-socket {}: {e}", path.display());
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(format!(
-                "--admin-socket {}: another agent is serving there; stop it or choose another socket",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    keyway_serve::unix::bind(path, 0o600, 0o700).map_err(|e| format!("--admin-socket: {e}"))
 }
 
 /// What the admin API reads.
@@ -58,15 +44,27 @@ pub struct AdminState {
 pub fn serve(
     listener: UnixListener,
     admin: AdminState,
-    mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentAdminServer::new(Service(admin)))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                let _ = shutdown.wait_for(|v| *v).await;
-            }),
-    )
+    listeners: keyway_serve::ListenerMetrics,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    // Only root reaches the socket: a handful of connections for the CLI.
+    let gate = keyway_serve::Gate::new(
+        "agent_admin",
+        keyway_serve::Limits {
+            max_connections: 64,
+            max_per_peer: 64,
+            ..keyway_serve::Limits::default()
+        },
+        listeners,
+    );
+    let routes = tonic::service::Routes::new(AgentAdminServer::new(Service(admin)));
+    tokio::spawn(keyway_serve::unix::serve(
+        listener,
+        gate,
+        routes,
+        |_, _| std::future::ready(Some((None, ()))),
+        shutdown,
+    ))
 }
 
 #[derive(Debug)]

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// every SyncRequest so the control plane puts them in every node's node
     /// table. Empty: this node takes no handshakes.
     pub auth_addresses: Vec<String>,
+    /// What the Workload API listener allows (connections in total and per
+    /// caller, timeouts).
+    pub workload_api_limits: keyway_serve::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]

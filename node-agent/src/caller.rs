@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -24,6 +25,116 @@ pub struct Caller {
     pub netns: Option<String>,
     /// Kubernetes pod UID from the caller's cgroup, dashes normalised.
     pub pod_uid: Option<String>,
+}
+
+/// The process at the other end of a Workload API connection, pinned by a
+/// pidfd so that "is it still there" is asked of that process and never of
+/// whoever got its pid number later.
+///
+/// A pid is a name the kernel hands out again once its process has exited
+/// and been reaped. A connection outlives its maker when it is inherited by
+/// a child, so reading `/proc/<pid>` for a connection is only sound while
+/// the process that connected still exists: the agent identifies the
+/// caller once, at accept, checks that the process was alive after the
+/// reads (so they were of it), and refuses every later call on the
+/// connection once that process is gone.
+#[derive(Debug)]
+pub struct PinnedProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl PinnedProcess {
+    /// The peer of a connected unix socket. `SO_PEERPIDFD` (Linux 6.5+)
+    /// names the very process that called connect(2); on older kernels the
+    /// pid from SO_PEERCRED is opened with pidfd_open(2), which leaves the
+    /// window between connect and accept (the peer would have to exit and
+    /// its pid be reused in between).
+    pub fn of_peer(socket: BorrowedFd<'_>, pid: i32) -> std::io::Result<Self> {
+        let pidfd = match peer_pidfd(socket) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => pidfd_open(pid)?,
+            Err(e) => return Err(e),
+        };
+        Ok(Self { pid, pidfd })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// True while the process exists (a zombie still does: its pid cannot
+    /// be reused until it is reaped).
+    pub fn is_alive(&self) -> bool {
+        pidfd_signal_zero(&self.pidfd)
+    }
+}
+
+#[allow(unsafe_code, reason = "getsockopt(SO_PEERPIDFD) has no std equivalent")]
+fn peer_pidfd(socket: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    /// From linux/socket.h (6.5); not in every libc release yet.
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[allow(unsafe_code, reason = "pidfd_open(2) has no std equivalent")]
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+#[allow(unsafe_code, reason = "pidfd_send_signal(2) has no std equivalent")]
+fn pidfd_signal_zero(pidfd: &OwnedFd) -> bool {
+    // SAFETY: signal 0 only checks that the process exists and may be
+    // signalled; no siginfo is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    // EPERM means it exists but we may not signal it (not root): alive.
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Identifies the caller behind `process` and proves the reads were of it:
+/// `None` when the process is gone by the end, because then its pid may
+/// already name another process whose facts we read.
+pub fn identify_pinned(
+    process: &PinnedProcess,
+    uid: u32,
+    proc_root: &Path,
+    netns_dir: &Path,
+) -> Option<Caller> {
+    let caller = identify(Some(process.pid), uid, proc_root, netns_dir);
+    process.is_alive().then_some(caller)
 }
 
 /// Builds a Caller from peer credentials: reads /proc/<pid>/ns/net (stat, following the nsfs link,
@@ -143,16 +254,20 @@ fn is_uuid(s: &str) -> bool {
     }) && groups.next().is_none()
 }
 
-/// True when any selector matches: `netns:NAME` matches caller.netns == Some(NAME); `unix:uid:N`
-/// matches caller.uid == N; `k8s:pod-uid:UID` matches caller.pod_uid. Unknown selectors never match.
+/// True when every selector matches, as in SPIRE: each selector narrows the set of callers, so adding
+/// one can only take an identity away, never hand it to more processes. `netns:NAME` matches
+/// caller.netns == Some(NAME); `unix:uid:N` matches caller.uid == N; `k8s:pod-uid:UID` matches
+/// caller.pod_uid. An empty list matches nobody, and an unknown selector never matches, so a Workload
+/// that carries one gives its identity to nobody on this agent.
 ///
-/// Unknown or malformed selectors are ignored rather than rejected so that a document written for a
-/// newer agent fails closed on this one instead of failing to load. Pod UIDs compare after the same
-/// normalisation as the cgroup side, since a UUID's case and separator carry no meaning.
+/// Unknown or malformed selectors are not rejected here so that a document written for a newer agent
+/// fails closed on this one instead of failing to load. Pod UIDs compare after the same normalisation
+/// as the cgroup side, since a UUID's case and separator carry no meaning.
 pub fn matches(selectors: &[String], caller: &Caller) -> bool {
-    selectors
-        .iter()
-        .any(|selector| selector_matches(selector, caller))
+    !selectors.is_empty()
+        && selectors
+            .iter()
+            .all(|selector| selector_matches(selector, caller))
 }
 
 fn selector_matches(selector: &str, caller: &Caller) -> bool {
@@ -308,10 +423,32 @@ mod tests {
             &selectors(&["k8s:pod-uid:1B2C3D4E_5F60_7A8B_9C0D_E1F2A3B4C5D6"]),
             &caller
         ));
+        // Every selector must match (SPIRE's rule): each one narrows.
+        assert!(matches(&selectors(&["netns:blue", "unix:uid:1000"]), &caller));
         assert!(matches(
-            &selectors(&["netns:red", "unix:uid:7", "unix:uid:1000"]),
+            &selectors(&["netns:blue", "unix:uid:1000", &format!("k8s:pod-uid:{POD_UID}")]),
             &caller
         ));
+    }
+
+    /// The README's example, `["netns:frontend", "unix:uid:1000"]`, used to hand frontend's SVID to
+    /// any uid-1000 process in any namespace, because one matching selector was enough.
+    #[test]
+    fn all_selectors_must_match_not_just_one() {
+        let caller = caller();
+        for list in [
+            &["netns:red", "unix:uid:1000"][..],
+            &["netns:blue", "unix:uid:7"],
+            &["netns:red", "unix:uid:7", "unix:uid:1000"],
+            &[
+                "netns:blue",
+                "unix:uid:1000",
+                "k8s:pod-uid:00000000-0000-0000-0000-000000000000",
+            ],
+            &["netns:blue", "unix:uid:1000", "spiffe:unknown-kind"],
+        ] {
+            assert!(!matches(&selectors(list), &caller), "{list:?}");
+        }
     }
 
     #[test]
@@ -438,6 +575,44 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_pinned_process_is_alive_until_it_exits_even_if_its_pid_is_reused() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        // A socketpair's peer is this process; pin the child by pid instead.
+        let pinned = PinnedProcess {
+            pid,
+            pidfd: pidfd_open(pid).expect("pidfd_open"),
+        };
+        drop(a);
+        assert!(pinned.is_alive());
+        assert!(identify_pinned(&pinned, 0, Path::new("/proc"), Path::new("/nonexistent")).is_some());
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(
+            !pinned.is_alive(),
+            "reaped: whatever has this pid now is another process"
+        );
+        assert!(identify_pinned(&pinned, 0, Path::new("/proc"), Path::new("/nonexistent")).is_none());
+    }
+
+    #[test]
+    fn the_peer_pidfd_names_the_connecting_process() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let _client = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let pinned = PinnedProcess::of_peer(std::os::fd::AsFd::as_fd(&server), me).expect("pin");
+        assert_eq!(pinned.pid(), me);
+        assert!(pinned.is_alive());
     }
 
     #[test]

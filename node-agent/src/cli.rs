@@ -156,9 +156,15 @@ pub struct RunArgs {
     pub trust_domain: String,
     #[arg(long, env = "KEYWAY_DATA_DIR", default_value = "/var/lib/keyway/agent")]
     pub data_dir: PathBuf,
-    /// Single-use join token (only needed when no valid node SVID is stored).
-    #[arg(long, env = "KEYWAY_JOIN_TOKEN", conflicts_with = "k8s_token_file")]
+    /// Single-use join token (only needed when no valid node SVID is
+    /// stored). Prefer --join-token-file or the KEYWAY_JOIN_TOKEN variable:
+    /// a command line is visible to every user in `ps`.
+    #[arg(long, env = "KEYWAY_JOIN_TOKEN", conflicts_with_all = ["k8s_token_file", "join_token_file"])]
     pub join_token: Option<String>,
+    /// Read the join token from this file (the preferred way: mode 0600,
+    /// deleted after the first attestation if you like; the token is single-use).
+    #[arg(long, env = "KEYWAY_JOIN_TOKEN_FILE", conflicts_with = "k8s_token_file")]
+    pub join_token_file: Option<PathBuf>,
     /// Kubernetes: attest with this projected service account token
     /// (audience `keyway`, bound to this agent's pod) instead of a join
     /// token. Read at every attempt, since the kubelet rotates it.
@@ -197,6 +203,13 @@ pub struct RunArgs {
     /// on HOST:PORT, or `off`.
     #[arg(long, env = "KEYWAY_METRICS_ADDRESS", default_value = "127.0.0.1:9091")]
     pub metrics_address: String,
+    /// Workload API connections held at once.
+    #[arg(long, default_value_t = workload_api::limits().max_connections)]
+    pub workload_api_max_connections: usize,
+    /// Workload API connections one caller (a pod, or a uid outside pods)
+    /// holds at once.
+    #[arg(long, default_value_t = workload_api::limits().max_per_peer)]
+    pub workload_api_max_connections_per_caller: usize,
 }
 
 impl RunArgs {
@@ -207,18 +220,41 @@ impl RunArgs {
         if self.server.parse::<std::net::SocketAddr>().is_err() && !self.server.contains(':') {
             bail!("--server: {:?} is not HOST:PORT", self.server);
         }
+        if self.workload_api_max_connections == 0 || self.workload_api_max_connections_per_caller == 0 {
+            bail!(
+                "--workload-api-max-connections and --workload-api-max-connections-per-caller must be at least 1"
+            );
+        }
+        let join_token = match (&self.join_token, &self.join_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => {
+                let t = std::fs::read_to_string(path)
+                    .with_context(|| format!("--join-token-file: cannot read {}", path.display()))?;
+                let t = t.trim().to_owned();
+                if t.is_empty() {
+                    bail!("--join-token-file: {} is empty", path.display());
+                }
+                Some(t)
+            }
+            (None, None) => None,
+        };
         Ok(AgentConfig {
             server: self.server.clone(),
             trust_domain,
             trust_bundle: self.trust_bundle.clone(),
             node_name: self.node_name.clone(),
             data_dir: self.data_dir.clone(),
-            join_token: self.join_token.clone(),
+            join_token,
             k8s_token_file: self.k8s_token_file.clone(),
             socket: self.socket.clone(),
             netns_dir: self.netns_dir.clone(),
             proc_root: PathBuf::from("/proc"),
             auth_addresses: Vec::new(),
+            workload_api_limits: keyway_serve::Limits {
+                max_connections: self.workload_api_max_connections,
+                max_per_peer: self.workload_api_max_connections_per_caller,
+                ..workload_api::limits()
+            },
         })
     }
 }
@@ -276,8 +312,11 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--metrics-address: cannot bind {address}"))?;
         info!(metrics_address = %listener.local_addr()?, "metrics and health endpoints listening");
-        tokio::spawn(keyway_identity::metrics::serve(
+        let gate =
+            keyway_serve::Gate::new("metrics", keyway_serve::http::limits(), metrics.listeners.clone());
+        tokio::spawn(keyway_serve::http::serve(
             listener,
+            gate,
             metrics.registry.clone(),
             metrics.readiness.clone(),
             stop_rx.clone(),
@@ -338,6 +377,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             flows: flow_log,
             pin_dir: args.datapath.then(|| args.bpf_pin_dir.clone()),
         },
+        metrics.listeners.clone(),
         stop_rx.clone(),
     );
     let server = workload_api::start(&cfg, &handles, stop_rx.clone())

@@ -59,6 +59,8 @@ pub struct AgentMetrics {
     /// Failed handshakes answered for peers are logged once per peer and
     /// reason per minute.
     pub handshake_log: Arc<LogLimiter>,
+    /// Every listener's connections, refusals and closes.
+    pub listeners: keyway_serve::ListenerMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -134,6 +136,7 @@ impl AgentMetrics {
                 &[],
             ),
             handshake_log: Arc::new(LogLimiter::per_minute()),
+            listeners: keyway_serve::ListenerMetrics::register(r),
             registry,
             readiness,
         };

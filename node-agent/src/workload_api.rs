@@ -8,7 +8,6 @@
 //! that never reads costs one pending message, not a growing queue.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,8 +18,6 @@ use proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkl
 use proto::workload::{self as pb};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::caller::{self, Caller};
@@ -34,38 +31,128 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Binds the Workload API socket. The socket is connectable by every local
-/// user (mode 0666): workloads run as many uids, and authorization happens
-/// per call by attesting the caller, not by file permissions.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another agent is serving on this socket",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    Ok(listener)
+/// user (mode 0666, set before it appears at `path`): workloads run as many
+/// uids, and authorization happens per call by attesting the caller, not by
+/// file permissions. A directory it has to create is 0755; workloads should
+/// mount it read-only (a writable mount would let one replace the socket).
+pub fn bind(path: &Path) -> Result<UnixListener, keyway_serve::unix::BindError> {
+    keyway_serve::unix::bind(path, 0o666, 0o755)
 }
 
-/// Serves the Workload API until `shutdown` turns true.
+/// What the Workload API listener allows by default: a node's pods share it,
+/// so one caller (a pod, or a uid outside pods) may hold at most
+/// `max_per_peer` connections whatever it does, and connections with no
+/// stream open are closed after five minutes.
+pub fn limits() -> keyway_serve::Limits {
+    keyway_serve::Limits {
+        max_connections: 4096,
+        max_per_peer: 128,
+        max_concurrent_streams: 128,
+        ..keyway_serve::Limits::default()
+    }
+}
+
+/// Who is on a Workload API connection, established once at accept.
+#[derive(Debug, Clone)]
+pub struct ConnectionCaller(Arc<Identified>);
+
+#[derive(Debug)]
+struct Identified {
+    /// `None` when the connecting process was gone before it could be
+    /// identified.
+    caller: Option<Caller>,
+    /// The connecting process; `None` when the peer's pid is not visible
+    /// (another pid namespace), in which case only its uid is known.
+    process: Option<caller::PinnedProcess>,
+}
+
+impl ConnectionCaller {
+    /// Identifies the peer of `stream` (SO_PEERCRED, SO_PEERPIDFD, then
+    /// `/proc`). Never fails: what cannot be established is absent and
+    /// matches no selector.
+    pub fn identify(
+        stream: &tokio::net::UnixStream,
+        uid: u32,
+        pid: Option<i32>,
+        proc_root: PathBuf,
+        netns_dir: PathBuf,
+    ) -> impl std::future::Future<Output = Self> + Send + 'static + use<> {
+        use std::os::fd::AsFd;
+        let process = pid.filter(|p| *p > 0).and_then(|pid| {
+            match caller::PinnedProcess::of_peer(stream.as_fd(), pid) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::debug!(pid, error = %e, "cannot pin the Workload API caller");
+                    None
+                }
+            }
+        });
+        async move {
+            let identified = tokio::task::spawn_blocking(move || {
+                let caller = match &process {
+                    Some(p) => caller::identify_pinned(p, uid, &proc_root, &netns_dir),
+                    None => Some(caller::identify(None, uid, &proc_root, &netns_dir)),
+                };
+                Identified { caller, process }
+            })
+            .await
+            .unwrap_or(Identified {
+                caller: None,
+                process: None,
+            });
+            Self(Arc::new(identified))
+        }
+    }
+
+    /// The pod this connection is from, for the per-caller connection cap.
+    fn pod_uid(&self) -> Option<String> {
+        self.0.caller.as_ref().and_then(|c| c.pod_uid.clone())
+    }
+
+    /// The caller, while the process that connected still exists.
+    fn current(&self) -> Result<Caller, Status> {
+        let gone = || {
+            Status::permission_denied(
+                "no identity issued: the process that opened this connection has exited; a Workload API \
+                 connection serves only the process that made it (connect again from this process)",
+            )
+        };
+        let caller = self.0.caller.clone().ok_or_else(gone)?;
+        if self.0.process.as_ref().is_some_and(|p| !p.is_alive()) {
+            return Err(gone());
+        }
+        Ok(caller)
+    }
+}
+
+/// Serves the Workload API until `shutdown` turns true. Every connection is
+/// admitted per uid, its caller identified once (then counted per pod when
+/// it is one), and served with the listener's clocks.
 pub async fn serve(
     service: WorkloadApi,
     listener: UnixListener,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            let _ = shutdown.wait_for(|v| *v).await;
-        })
-        .await
+    limits: keyway_serve::Limits,
+    shutdown: watch::Receiver<bool>,
+) {
+    let gate = keyway_serve::Gate::new("workload_api", limits, service.metrics.listeners.clone());
+    let proc_root = service.proc_root.clone();
+    let netns_dir = service.netns_dir.clone();
+    let routes = tonic::service::Routes::new(SpiffeWorkloadApiServer::new(service));
+    keyway_serve::unix::serve(
+        listener,
+        gate,
+        routes,
+        move |stream, peer| {
+            let identify =
+                ConnectionCaller::identify(stream, peer.uid, peer.pid, proc_root.clone(), netns_dir.clone());
+            async move {
+                let caller = identify.await;
+                Some((caller.pod_uid().map(keyway_serve::PeerKey::Pod), caller))
+            }
+        },
+        shutdown,
+    )
+    .await;
 }
 
 /// Binds `cfg.socket` and serves the Workload API for a started agent until
@@ -75,8 +162,8 @@ pub fn start(
     cfg: &crate::agent::AgentConfig,
     handles: &crate::agent::AgentHandles,
     shutdown: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
-    let listener = bind(&cfg.socket)?;
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind(&cfg.socket).map_err(std::io::Error::other)?;
     let api = WorkloadApi::new(
         handles.state.clone(),
         handles.svids.clone(),
@@ -89,7 +176,12 @@ pub fn start(
         .metrics
         .readiness
         .set_ready(crate::metrics::READY_WORKLOAD_API);
-    Ok(tokio::spawn(serve(api, listener, shutdown)))
+    Ok(tokio::spawn(serve(
+        api,
+        listener,
+        cfg.workload_api_limits.clone(),
+        shutdown,
+    )))
 }
 
 /// The Workload API service.
@@ -138,17 +230,10 @@ impl WorkloadApi {
                 "the node agent is starting and has not synced with the control plane yet; retry shortly",
             ));
         }
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| Status::internal("no peer credentials on the connection"))?;
-        Ok(caller::identify(
-            cred.pid(),
-            cred.uid(),
-            &self.proc_root,
-            &self.netns_dir,
-        ))
+        req.extensions()
+            .get::<ConnectionCaller>()
+            .ok_or_else(|| Status::internal("the connection carries no attested caller"))?
+            .current()
     }
 
     /// The SPIFFE IDs `caller` is entitled to, or PermissionDenied naming what

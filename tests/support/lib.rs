@@ -78,6 +78,9 @@ impl InProcess {
             ca_ttl: opts.ca_ttl,
             upstream_ca: None,
             kubernetes: false,
+            allow_join_tokens: false,
+            attest_per_minute: 0,
+            agent_api_limits: control_plane::config::agent_api_limits(),
         };
         let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
         let ca_cfg = CaConfig {
@@ -317,7 +320,7 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
 #[allow(missing_debug_implementations, reason = "test harness")]
 pub struct Agent {
     pub handles: node_agent::agent::AgentHandles,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    server: tokio::task::JoinHandle<()>,
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     pub dir: tempfile::TempDir,
@@ -384,6 +387,7 @@ impl Agent {
             netns_dir: dir.path().join("netns"),
             proc_root: PathBuf::from("/proc"),
             auth_addresses,
+            workload_api_limits: node_agent::workload_api::limits(),
         };
         let (stop, rx) = watch::channel(false);
         let handles = node_agent::agent::start(cfg.clone(), rx.clone())

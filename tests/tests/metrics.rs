@@ -304,9 +304,11 @@ async fn serve_metrics(metrics: &node_agent::metrics::AgentMetrics) -> String {
     tokio::spawn({
         let registry = metrics.registry.clone();
         let readiness = metrics.readiness.clone();
+        let gate =
+            keyway_serve::Gate::new("metrics", keyway_serve::http::limits(), metrics.listeners.clone());
         async move {
             let _stop = _stop;
-            keyway_identity::metrics::serve(listener, registry, readiness, rx).await
+            keyway_serve::http::serve(listener, gate, registry, readiness, rx).await
         }
     });
     addr

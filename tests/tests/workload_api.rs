@@ -327,7 +327,12 @@ async fn ep12_an_agent_that_has_not_synced_answers_unavailable() {
     let socket = dir.path().join("agent.sock");
     let listener = node_agent::workload_api::bind(&socket).unwrap();
     let (_stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(node_agent::workload_api::serve(api, listener, rx));
+    tokio::spawn(node_agent::workload_api::serve(
+        api,
+        listener,
+        node_agent::workload_api::limits(),
+        rx,
+    ));
     let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
         .await
         .unwrap();

@@ -506,6 +506,11 @@ impl Store for KubeStore {
         .await
     }
 
+    async fn join_token(&self, token_hash: &[u8]) -> StoreResult<Option<JoinTokenRecord>> {
+        let (_, state) = self.read_state().await?;
+        Ok(state.join_tokens.get(&hex(token_hash)).cloned())
+    }
+
     async fn consume_join_token(
         &self,
         token_hash: &[u8],
@@ -600,6 +605,19 @@ impl Store for KubeStore {
             Ok(match state.set_node_addresses(node, &addresses) {
                 Some(true) => Written::Changed(Some(true)),
                 unchanged => Written::Unchanged(unchanged),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_node(&self, node: &str) -> StoreResult<bool> {
+        self.update_state("node revocation", |state| {
+            Ok(match state.nodes.remove(node) {
+                Some(_) => {
+                    state.revision += 1;
+                    Written::Changed(true)
+                }
+                None => Written::Unchanged(false),
             })
         })
         .await
@@ -802,20 +820,12 @@ impl SharedState {
 
     /// Marks the token consumed, or says why it cannot be.
     fn consume_token(&mut self, key: &str, node: &str, now: i64) -> StoreResult<()> {
-        let refuse = |p| Err(StoreError::TokenRefused(p));
-        let Some(token) = self.join_tokens.get_mut(key) else {
-            return refuse(TokenProblem::Unknown);
-        };
-        if token.consumed_at.is_some() {
-            return refuse(TokenProblem::Consumed);
+        if let Some(problem) = token_problem(self.join_tokens.get(key), node, now) {
+            return Err(StoreError::TokenRefused(problem));
         }
-        if token.expires_at <= now {
-            return refuse(TokenProblem::Expired);
+        if let Some(token) = self.join_tokens.get_mut(key) {
+            token.consumed_at = Some(now);
         }
-        if token.node != node {
-            return refuse(TokenProblem::WrongNode);
-        }
-        token.consumed_at = Some(now);
         self.forget_expired_tokens(now);
         Ok(())
     }
@@ -842,6 +852,7 @@ impl SharedState {
                     name: node.to_owned(),
                     node_id,
                     attested_at: now,
+                    since: now,
                     addresses: Vec::new(),
                 };
                 self.nodes.insert(node.to_owned(), rec.clone());

@@ -173,6 +173,12 @@ pub struct NodeRecord {
     pub name: String,
     pub node_id: u16,
     pub attested_at: i64,
+    /// When this registration began (Unix seconds): the first attestation
+    /// after the node was unknown or revoked. A node SVID issued before it
+    /// belongs to an earlier, revoked registration and is refused. Records
+    /// written before revocation existed load with 0.
+    #[serde(default)]
+    pub since: i64,
     /// Where its agent takes mutual-authentication handshakes ("IP:PORT"),
     /// as it last advertised them when opening Sync. Records written before
     /// addresses existed load with none.
@@ -269,6 +275,23 @@ pub enum TokenProblem {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Why `token` cannot attest `node` at `now`, if it cannot: the one rule
+/// every store and the control plane's early check apply.
+pub fn token_problem(token: Option<&JoinTokenRecord>, node: &str, now: i64) -> Option<TokenProblem> {
+    let Some(token) = token else {
+        return Some(TokenProblem::Unknown);
+    };
+    if token.consumed_at.is_some() {
+        Some(TokenProblem::Consumed)
+    } else if token.expires_at <= now {
+        Some(TokenProblem::Expired)
+    } else if token.node != node {
+        Some(TokenProblem::WrongNode)
+    } else {
+        None
+    }
+}
+
 /// Durable control-plane state.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -276,6 +299,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn save_ca(&self, state: &CaState) -> StoreResult<()>;
 
     async fn put_join_token(&self, token_hash: &[u8], record: &JoinTokenRecord) -> StoreResult<()>;
+    /// The token with this hash, if any: a read, so a wrong token is refused
+    /// before anything is signed or locked.
+    async fn join_token(&self, token_hash: &[u8]) -> StoreResult<Option<JoinTokenRecord>>;
     /// Consumes the token, registers the node (allocating its node id on first
     /// attestation) and logs the node SVID, all in one atomic step. A token can
     /// be consumed once, ever.
@@ -313,6 +339,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// they changed (the revision grows only then); `None` when no such
     /// node is registered.
     async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>>;
+    /// Revokes a node: its record goes (renewals and calls with its SVID are
+    /// refused, its Sync stream ends, peers flush its auth entries). Its node
+    /// id is not handed out again. Returns whether the node was registered.
+    async fn revoke_node(&self, node: &str) -> StoreResult<bool>;
     async fn registry(&self) -> StoreResult<RegistrySnapshot>;
 
     /// Changes written by other processes sharing this store (the other

@@ -102,6 +102,7 @@ fn register_in(
                 name: node.to_owned(),
                 node_id,
                 attested_at: now,
+                since: now,
                 addresses: Vec::new(),
             }
         }
@@ -183,6 +184,14 @@ impl Store for SledStore {
         self.flush().await
     }
 
+    async fn join_token(&self, token_hash: &[u8]) -> StoreResult<Option<JoinTokenRecord>> {
+        self.tokens
+            .get(token_hash)
+            .map_err(backend)?
+            .map(|raw| decode("join token", &raw))
+            .transpose()
+    }
+
     async fn consume_join_token(
         &self,
         token_hash: &[u8],
@@ -192,20 +201,15 @@ impl Store for SledStore {
     ) -> StoreResult<NodeRecord> {
         let result = (&self.tokens, &self.nodes, &self.meta, &self.issuance).transaction(
             |(tokens, nodes, meta, issuance)| {
-                let abort = |e| Err(TxError::Abort(e));
-                let Some(raw) = tokens.get(token_hash)? else {
-                    return abort(StoreError::TokenRefused(TokenProblem::Unknown));
-                };
-                let mut token: JoinTokenRecord = decode("join token", &raw).map_err(TxError::Abort)?;
-                if token.consumed_at.is_some() {
-                    return abort(StoreError::TokenRefused(TokenProblem::Consumed));
+                let token: Option<JoinTokenRecord> = tokens
+                    .get(token_hash)?
+                    .map(|raw| decode("join token", &raw))
+                    .transpose()
+                    .map_err(TxError::Abort)?;
+                if let Some(problem) = token_problem(token.as_ref(), node, now) {
+                    return Err(TxError::Abort(StoreError::TokenRefused(problem)));
                 }
-                if token.expires_at <= now {
-                    return abort(StoreError::TokenRefused(TokenProblem::Expired));
-                }
-                if token.node != node {
-                    return abort(StoreError::TokenRefused(TokenProblem::WrongNode));
-                }
+                let mut token = token.expect("checked above");
                 token.consumed_at = Some(now);
                 tokens.insert(token_hash, encode(&token))?;
 
@@ -396,6 +400,22 @@ impl Store for SledStore {
             self.flush().await?;
         }
         Ok(changed)
+    }
+
+    async fn revoke_node(&self, node: &str) -> StoreResult<bool> {
+        let result = (&self.nodes, &self.meta).transaction(|(nodes, meta)| {
+            if nodes.remove(node.as_bytes())?.is_none() {
+                return Ok(false);
+            }
+            let rev = read_u64(meta.get(REVISION)?) + 1;
+            meta.insert(REVISION, &rev.to_be_bytes())?;
+            Ok(true)
+        });
+        let revoked = tx_result(result)?;
+        if revoked {
+            self.flush().await?;
+        }
+        Ok(revoked)
     }
 
     async fn registry(&self) -> StoreResult<RegistrySnapshot> {

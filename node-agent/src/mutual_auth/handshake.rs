@@ -178,6 +178,19 @@ pub async fn serve(
     serve_with_metrics(listener, bundle, certs, directory, accepted, metrics, shutdown).await
 }
 
+/// What the auth port allows. A handshake is one short connection (the
+/// whole exchange is bounded by its timeout); a peer node pre-authenticating
+/// many pairs at once opens several, so the per-address cap is generous,
+/// and the total keeps a flood from exhausting the agent.
+pub fn limits() -> keyway_serve::Limits {
+    keyway_serve::Limits {
+        max_connections: 1024,
+        max_per_peer: 256,
+        request_header_timeout: TIMEOUT,
+        ..keyway_serve::Limits::default()
+    }
+}
+
 /// Like [`serve`], counting answered handshakes in `metrics`.
 pub async fn serve_with_metrics(
     listener: TcpListener,
@@ -208,16 +221,21 @@ pub async fn serve_with_metrics(
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     let acceptor = TlsAcceptor::from(Arc::new(config));
+    let gate = keyway_serve::Gate::new("auth", limits(), metrics.listeners.clone());
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "auth port accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = gate.admit(keyway_serve::PeerKey::ip(peer.ip())) else {
+            continue;
         };
         let acceptor = acceptor.clone();
         let certs = certs.clone();
@@ -225,6 +243,7 @@ pub async fn serve_with_metrics(
         let accepted = accepted.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let started = std::time::Instant::now();
             let e = match tokio::time::timeout(TIMEOUT, answer(acceptor, &certs, tcp, peer, &directory)).await
             {
@@ -241,7 +260,7 @@ pub async fn serve_with_metrics(
             // with backoff does not fill the log.
             if metrics
                 .handshake_log
-                .should_warn(&format!("answer/{}/{e}", peer.ip()))
+                .should_warn(&format!("answer/{}/{}", peer.ip(), e.kind()))
             {
                 tracing::info!(peer = %peer, error = %e, "refused a mutual-auth handshake");
             } else {
