@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Refusal;
 use crate::server::{ApiError, ControlPlane, NodeSvid};
@@ -267,6 +267,7 @@ impl AgentApi for AgentService {
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
         let node = self.caller_node(&req)?;
+        let not_before = req.extensions().get::<PeerInfo>().and_then(|p| p.not_before);
         // Stored before the snapshot is taken, so this node's own entry in
         // the node table is current from the first message.
         if let Err(e) = self
@@ -278,14 +279,20 @@ impl AgentApi for AgentService {
             return Err(e.into());
         }
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream_sync(self.cp.clone(), node, tx));
+        tokio::spawn(stream_sync(self.cp.clone(), node, not_before, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
 /// One node's sync stream: a snapshot, then deltas as the registry or the
-/// bundle change. Ends when the client goes away.
-async fn stream_sync(cp: ControlPlane, node: String, tx: mpsc::Sender<Result<pb::SyncResponse, Status>>) {
+/// bundle change. Ends when the client goes away, or with PermissionDenied
+/// when the node is revoked (its SVID no longer authenticates it).
+async fn stream_sync(
+    cp: ControlPlane,
+    node: String,
+    not_before: Option<i64>,
+    tx: mpsc::Sender<Result<pb::SyncResponse, Status>>,
+) {
     let _open = cp.metrics().sync_stream();
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
@@ -316,6 +323,11 @@ async fn stream_sync(cp: ControlPlane, node: String, tx: mpsc::Sender<Result<pb:
             r = registry.changed() => {
                 if r.is_err() { return; }
                 let cluster = registry.borrow_and_update().clone();
+                if let Err(e) = cp.authenticate_node(&node, not_before) {
+                    info!(node, "closing the Sync stream of a revoked node");
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
                 revision = cluster.records.revision;
                 let next = sync::node_view(&cluster, &node);
                 let d = sync::diff(&view, &next);

@@ -106,6 +106,10 @@ impl From<csr::CsrError> for ApiError {
     }
 }
 
+/// Looks up a Node's addresses (Kubernetes mode): `None` while the Node is
+/// not known (yet).
+pub type NodeAddresses = Arc<dyn Fn(&str) -> Option<Vec<std::net::IpAddr>> + Send + Sync>;
+
 /// A node SVID as returned to an agent.
 #[derive(Debug, Clone)]
 pub struct NodeSvid {
@@ -129,6 +133,9 @@ struct Inner {
     own_cert: watch::Sender<Option<Arc<CertifiedKey>>>,
     /// Kubernetes mode: checks agents' service account tokens.
     token_reviewer: std::sync::OnceLock<crate::kubernetes::attest::TokenReviewer>,
+    /// Kubernetes mode: a Node's own addresses, which are the only ones its
+    /// agent may advertise for mutual auth.
+    node_addresses: std::sync::OnceLock<NodeAddresses>,
     /// Attestation attempts per source address.
     attest_rate: crate::rate_limit::PerSource,
     /// With replicas: whether this one leads (rotates the CA, reconciles).
@@ -216,6 +223,7 @@ impl ControlPlane {
                 registry_lock: Mutex::new(()),
                 own_cert,
                 token_reviewer: std::sync::OnceLock::new(),
+                node_addresses: std::sync::OnceLock::new(),
                 attest_rate: crate::rate_limit::PerSource::new(cfg_attest_per_minute),
                 leader: std::sync::OnceLock::new(),
                 metrics,
@@ -279,6 +287,13 @@ impl ControlPlane {
     /// Accepts Kubernetes service account tokens for node attestation.
     pub fn enable_kubernetes_attestation(&self, reviewer: crate::kubernetes::attest::TokenReviewer) {
         let _ = self.inner.token_reviewer.set(reviewer);
+    }
+
+    /// Checks the mutual-auth addresses agents advertise against their
+    /// Node's addresses (Kubernetes mode): a node may not point its peers,
+    /// and their handshakes, at an address that is not its own.
+    pub fn check_node_addresses_with(&self, lookup: NodeAddresses) {
+        let _ = self.inner.node_addresses.set(lookup);
     }
 
     /// Makes CA rotation and manual rotation steps follow this leadership
@@ -633,6 +648,26 @@ impl ControlPlane {
     pub async fn set_node_addresses(&self, node: &str, addresses: &[String]) -> Result<(), ApiError> {
         let addresses = check_auth_addresses(addresses)
             .map_err(|e| self.refuse(Refusal::BadAddresses, ApiError::InvalidArgument(e)))?;
+        if let Some(lookup) = self.inner.node_addresses.get() {
+            let Some(own) = lookup(node) else {
+                return Err(ApiError::Unavailable(format!(
+                    "Node {node} is not in this control plane's cache yet; retry shortly"
+                )));
+            };
+            for (i, a) in addresses.iter().enumerate() {
+                let ip = a.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok();
+                if !ip.is_some_and(|ip| own.contains(&ip)) {
+                    return Err(self.refuse(
+                        Refusal::BadAddresses,
+                        ApiError::InvalidArgument(format!(
+                            "auth_addresses[{i}]: {a} is not an address of Node {node} (its addresses: {}); \
+                             advertise one of the Node's own addresses (--auth-address)",
+                            own.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                        )),
+                    ));
+                }
+            }
+        }
         let current = self.node(node).ok_or_else(|| {
             self.refuse(
                 Refusal::NotAttested,
@@ -963,15 +998,26 @@ impl ControlPlane {
             revision: stored.revision,
         };
         let unchanged = upsert_w.is_empty() && upsert_p.is_empty() && deletes.is_empty();
-        if !upsert_w.is_empty() || !upsert_p.is_empty() {
-            let applied = self.inner.store.apply(upsert_w, upsert_p).await?;
-            outcome.changes.extend(applied.changes);
-            outcome.revision = applied.revision;
-        }
+        // Deletions first: they revoke (a pod gone, its identity's SVIDs no
+        // longer signed for that node), and they must land even when the
+        // additions cannot (a full store, an invalid object).
         if !deletes.is_empty() {
             let deleted = self.inner.store.delete(deletes).await?;
             outcome.changes.extend(deleted.changes);
             outcome.revision = deleted.revision;
+        }
+        if !upsert_w.is_empty() || !upsert_p.is_empty() {
+            let applied = self.inner.store.apply(upsert_w, upsert_p).await;
+            if let Err(e) = &applied
+                && outcome.revision != stored.revision
+            {
+                // What was deleted is published even though the rest failed.
+                self.refresh_registry().await?;
+                warn!(error = %e, "reconcile: deletions applied, additions failed");
+            }
+            let applied = applied?;
+            outcome.changes.extend(applied.changes);
+            outcome.revision = applied.revision;
         }
         if unchanged {
             self.publish_registry(stored);

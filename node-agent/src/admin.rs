@@ -176,7 +176,18 @@ impl pb::agent_admin_server::AgentAdmin for Service {
             via: &via,
             now_ns: monotonic_ns(),
         };
-        match explain::explain(&cx, &tables, &q.from, &q.to, port, proto) {
+        let via = if q.via.is_empty() {
+            None
+        } else {
+            let ifindex = crate::datapath::sys::ifindex(&q.via).ok_or_else(|| {
+                Status::invalid_argument(format!("--via {}: no such interface on this node", q.via))
+            })?;
+            Some(explain::Via {
+                name: q.via.clone(),
+                ifindex,
+            })
+        };
+        match explain::explain(&cx, &tables, &q.from, &q.to, port, proto, via.as_ref()) {
             Ok(r) => Ok(Response::new(r)),
             Err(e @ explain::ExplainError::Datapath(_)) => Err(Status::unavailable(e.to_string())),
             Err(e) => Err(Status::invalid_argument(e.to_string())),

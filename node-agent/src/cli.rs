@@ -105,6 +105,10 @@ pub struct ExplainArgs {
     /// tcp, udp, sctp, icmp or an IP protocol number.
     #[arg(long, default_value = "tcp")]
     pub proto: String,
+    /// The pod interface the packet enters from, when not the source's own
+    /// (as `observe` shows for a source-spoofed drop).
+    #[arg(long)]
+    pub via: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: Output,
 }
@@ -567,6 +571,7 @@ async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
             to: a.to,
             port: u32::from(a.port),
             protocol: a.proto,
+            via: a.via.unwrap_or_default(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
@@ -598,6 +603,8 @@ fn flow_json(r: &proto::keyway::FlowRecord) -> serde_json::Value {
         "rule": r.rule,
         "direction": r.direction,
         "node": r.node,
+        "interface": r.interface,
+        "sender": r.sender.as_ref().map(|_| end(&r.sender)),
     })
 }
 

@@ -185,7 +185,33 @@ pub struct Context<'a> {
     pub now_ns: u64,
 }
 
-/// What the datapath of this node does with a new flow `from -> to`.
+/// A pod interface a packet enters from (`explain --via`).
+#[derive(Debug, Clone)]
+pub struct Via {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+/// The local workload behind the interface `ifindex`, and its addresses.
+fn owner_of(
+    state: &NodeState,
+    t: &dyn Lookup,
+    ifindex: u32,
+) -> Result<Option<(String, Vec<String>)>, ExplainError> {
+    for w in state.workloads.values() {
+        for ip in w.ips.iter().filter_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+            if t.endpoint(ip)?.is_some_and(|ep| ep.ifindex == ifindex) {
+                return Ok(Some((format!("{}/{}", w.namespace, w.name), w.ips.clone())));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// What the datapath of this node does with a new flow `from -> to`. With
+/// `via`, the packet enters from that pod interface (whatever its source
+/// says), as a forged one would.
+#[allow(clippy::too_many_arguments, reason = "the flow's fields, one each")]
 pub fn explain(
     cx: &Context<'_>,
     t: &dyn Lookup,
@@ -193,6 +219,7 @@ pub fn explain(
     to: &str,
     port: u16,
     proto: u8,
+    via: Option<&Via>,
 ) -> Result<pb::ExplainResponse, ExplainError> {
     let state = cx.state;
     let src_ip = resolve(state, from)?;
@@ -230,7 +257,8 @@ pub fn explain(
             direction: dir_name.into(),
             ..Default::default()
         };
-        if !end.local {
+        let entered_here = at == hook::FROM_POD && via.is_some();
+        if !end.local && !entered_here {
             h.node = end.node.clone();
             let which = if at == hook::FROM_POD {
                 "source"
@@ -267,8 +295,27 @@ pub fn explain(
         }
         h.node = here.clone();
         h.judged_here = true;
-        let e = evaluate(t, src_ip, dst_ip, port, proto, at, cx.now_ns)?;
+        let via_ifindex = if at == hook::FROM_POD {
+            via.map(|v| v.ifindex)
+        } else {
+            None
+        };
+        let e = evaluate(t, src_ip, dst_ip, port, proto, at, via_ifindex, cx.now_ns)?;
         fill(cx, &rules, &e, &src, &dst, &service, &mut h);
+        if e.reason == drop_reason::SOURCE_SPOOFED {
+            let iface = via
+                .map(|v| v.name.clone())
+                .unwrap_or_else(|| "its interface".into());
+            let sender = match via.map(|v| owner_of(state, t, v.ifindex)).transpose()?.flatten() {
+                Some((w, ips)) => format!("{w} (addresses {})", ips.join(", ")),
+                None => "no workload this agent guards".into(),
+            };
+            h.to_allow.push(format!(
+                "the source {src_ip} is not an address of the pod behind {iface}, which is {sender}: a pod may \
+                 only send from its own addresses, so this packet is a forged sender and is dropped whatever \
+                 the policy says"
+            ));
+        }
         hooks.push(h);
     }
 
@@ -739,7 +786,7 @@ mod tests {
             via: &via,
             now_ns: NOW,
         };
-        explain(&cx, t, from, to, port, 6).unwrap()
+        explain(&cx, t, from, to, port, 6, None).unwrap()
     }
 
     fn hook<'a>(r: &'a pb::ExplainResponse, name: &str) -> &'a pb::ExplainHook {
@@ -936,7 +983,7 @@ mod tests {
             now_ns: NOW,
         };
         assert!(matches!(
-            explain(&cx, &t, "default/nope", "default/api", 80, 6),
+            explain(&cx, &t, "default/nope", "default/api", 80, 6, None),
             Err(ExplainError::UnknownWorkload(_))
         ));
         assert!(matches!(parse_protocol("gre"), Err(ExplainError::BadProtocol(_))));

@@ -62,7 +62,7 @@ impl FlowLog {
 
 /// True when `r` passes every filter set in `q`.
 pub fn matches(q: &pb::ObserveRequest, r: &pb::FlowRecord) -> bool {
-    let ends = [r.source.as_ref(), r.destination.as_ref()];
+    let ends = [r.source.as_ref(), r.destination.as_ref(), r.sender.as_ref()];
     let any_end = |f: &dyn Fn(&pb::FlowEndpoint) -> bool| ends.iter().flatten().any(|e| f(e));
     (q.namespace.is_empty() || any_end(&|e| e.namespace == q.namespace))
         && (q.pod.is_empty() || any_end(&|e| e.pod == q.pod))
@@ -131,6 +131,7 @@ pub fn enrich(
     now_mono_ns: u64,
 ) -> pb::FlowRecord {
     let age = Duration::from_nanos(now_mono_ns.saturating_sub(f.at_ns));
+    let spoofed = !f.forwarded && f.drop_reason == drop_reason::SOURCE_SPOOFED;
     let at = now_wall.checked_sub(age).unwrap_or(now_wall);
     let auth_state = if !f.auth_required {
         "not-required"
@@ -164,7 +165,23 @@ pub fn enrich(
             FlowKind::VerdictChange => "verdict-change",
         }
         .into(),
-        source: Some(endpoint(state, f.src, f.src_port, f.src_identity)),
+        source: Some(if spoofed {
+            // Only the forged address: its owner did not send this.
+            pb::FlowEndpoint {
+                ip: f.src.to_string(),
+                port: u32::from(f.src_port),
+                ..Default::default()
+            }
+        } else {
+            endpoint(state, f.src, f.src_port, f.src_identity)
+        }),
+        sender: spoofed
+            .then(|| {
+                let (ip, ep) = status.endpoints.iter().find(|(_, ep)| ep.ifindex == f.ifindex)?;
+                Some(endpoint(state, *ip, f.src_port, ep.identity))
+            })
+            .flatten(),
+        interface: crate::datapath::sys::ifname(f.ifindex).unwrap_or_default(),
         destination: Some(endpoint(state, f.dst, f.dst_port, f.dst_identity)),
         protocol: protocol_name(f.proto),
         verdict: if f.forwarded { "FORWARDED" } else { "DROPPED" }.into(),
@@ -258,10 +275,14 @@ fn end_name(e: &pb::FlowEndpoint) -> String {
 pub fn format_line(r: &pb::FlowRecord) -> String {
     let src = r.source.clone().unwrap_or_default();
     let dst = r.destination.clone().unwrap_or_default();
+    let src_name = match &r.sender {
+        Some(sender) => format!("{}:{} (forged by {})", src.ip, src.port, end_name(sender)),
+        None => end_name(&src),
+    };
     let mut line = format!(
         "{} {} -> {} {} {} {}",
         format_time(r.time_unix_ms),
-        end_name(&src),
+        src_name,
         end_name(&dst),
         r.protocol,
         dst.port,

@@ -705,3 +705,117 @@ pub fn echo_round_trip(s: &mut std::net::TcpStream, msg: &[u8]) -> bool {
     let mut buf = vec![0u8; msg.len()];
     s.write_all(msg).is_ok() && s.read_exact(&mut buf).is_ok() && buf == msg
 }
+
+/// A packet to forge with [`send_forged`].
+#[derive(Debug, Clone)]
+pub enum Forged<'a> {
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        payload: &'a [u8],
+    },
+    TcpSyn {
+        src_port: u16,
+        dst_port: u16,
+    },
+}
+
+/// The Internet checksum (RFC 1071) over `chunks`.
+fn inet_checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for b in chunks.iter().flat_map(|c| c.iter()) {
+        match odd.take() {
+            None => odd = Some(*b),
+            Some(hi) => sum += u32::from(u16::from_be_bytes([hi, *b])),
+        }
+    }
+    if let Some(hi) = odd {
+        sum += u32::from(u16::from_be_bytes([hi, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends one IPv4 packet with source address `src` (whatever the sender's
+/// own address is) from inside network namespace `ns`, through a raw socket
+/// (what a pod with CAP_NET_RAW, in the default capability set, can do).
+/// Checksums are correct, so a receiving stack would accept it.
+pub fn send_forged(ns: &str, src: Ipv4Addr, dst: Ipv4Addr, packet: Forged<'_>) {
+    let (proto, l4) = match packet {
+        Forged::Udp {
+            src_port,
+            dst_port,
+            payload,
+        } => {
+            let len = (8 + payload.len()) as u16;
+            let mut h = Vec::with_capacity(len as usize);
+            h.extend_from_slice(&src_port.to_be_bytes());
+            h.extend_from_slice(&dst_port.to_be_bytes());
+            h.extend_from_slice(&len.to_be_bytes());
+            h.extend_from_slice(&[0, 0]);
+            h.extend_from_slice(payload);
+            (17u8, h)
+        }
+        Forged::TcpSyn { src_port, dst_port } => {
+            let mut h = Vec::with_capacity(20);
+            h.extend_from_slice(&src_port.to_be_bytes());
+            h.extend_from_slice(&dst_port.to_be_bytes());
+            h.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
+            h.extend_from_slice(&0u32.to_be_bytes()); // ack
+            h.extend_from_slice(&[5 << 4, 0x02]); // data offset 5, SYN
+            h.extend_from_slice(&64240u16.to_be_bytes()); // window
+            h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+            (6u8, h)
+        }
+    };
+    let mut l4 = l4;
+    let pseudo = [
+        &src.octets()[..],
+        &dst.octets()[..],
+        &[0, proto],
+        &(l4.len() as u16).to_be_bytes(),
+    ]
+    .concat();
+    let sum = inet_checksum(&[&pseudo, &l4]);
+    let at = if proto == 17 { 6 } else { 16 };
+    l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    let total = (20 + l4.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = inet_checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&l4);
+    in_netns(ns, move || {
+        #[allow(unsafe_code, reason = "raw sockets have no std equivalent")]
+        // SAFETY: plain socket calls on a descriptor this block owns; the
+        // buffers outlive the calls.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let n = libc::sendto(
+                fd,
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(n, ip.len() as isize, "sendto: {err}");
+        }
+    });
+}

@@ -96,6 +96,9 @@ pub mod drop_reason {
     pub const MALFORMED: u8 = 3;
     /// Not IPv4 or ARP (IPv6 is not enforced yet, so it is not let through).
     pub const UNSUPPORTED_L3: u8 = 4;
+    /// A pod sent a packet whose source address is not one of its own (the
+    /// endpoint behind the interface it came in on): a forged sender.
+    pub const SOURCE_SPOOFED: u8 = 5;
 
     /// The name used in flow lines and metrics.
     pub const fn name(reason: u8) -> &'static str {
@@ -105,6 +108,7 @@ pub mod drop_reason {
             AUTH_REQUIRED => "auth-required",
             MALFORMED => "malformed",
             UNSUPPORTED_L3 => "unsupported-l3",
+            SOURCE_SPOOFED => "source-spoofed",
             _ => "unknown",
         }
     }
@@ -144,7 +148,10 @@ pub struct Config {
     pub flow_report_interval_ns: u64,
 }
 
-/// Key of the flow table: one direction of one flow at one hook.
+/// Key of the flow table: one direction of one flow at one hook of one
+/// interface. The interface is part of the key so that a packet forged on
+/// one pod's interface can never ride on a verdict cached for the real
+/// sender's flow on another.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -157,6 +164,8 @@ pub struct FlowKey {
     /// [`hook`] the packet was seen at.
     pub hook: u8,
     pub _pad: [u8; 2],
+    /// The interface (host-side veth) the hook runs on.
+    pub ifindex: u32,
 }
 
 /// What the datapath remembers of a flow: the verdict of its last full
@@ -381,9 +390,10 @@ mod tests {
         assert_eq!(align_of::<FlowEvent>(), 8);
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(offset_of!(Config, signal_interval_ns), 8);
-        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 20);
         assert_eq!(offset_of!(FlowKey, proto), 12);
         assert_eq!(offset_of!(FlowKey, hook), 13);
+        assert_eq!(offset_of!(FlowKey, ifindex), 16);
         assert_eq!(size_of::<FlowState>(), 40);
         assert_eq!(offset_of!(FlowState, rule_id), 8);
         assert_eq!(offset_of!(FlowState, auth_expiry_ns), 16);

@@ -107,7 +107,7 @@ impl Packet {
         }
     }
 
-    fn key(&self, at: u8) -> FlowKey {
+    fn key(&self, at: u8, ifindex: u32) -> FlowKey {
         FlowKey {
             src_ip: self.src_ip,
             dst_ip: self.dst_ip,
@@ -116,6 +116,7 @@ impl Packet {
             proto: self.proto,
             hook: at,
             _pad: [0; 2],
+            ifindex,
         }
     }
 }
@@ -154,7 +155,9 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
             return TC_ACT_SHOT as i32;
         }
     };
-    let key = pkt.key(at);
+    // At TC ingress and egress of the host-side veth, the veth itself.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let key = pkt.key(at, ifindex);
     let cached = FLOW_TABLE.get_ptr_mut(&key);
     let mut now = 0u64;
     let mut prev = FlowState::default();
@@ -179,9 +182,26 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         now = unsafe { bpf_ktime_get_ns() };
     }
 
-    let mut v = evaluate(&cfg, &pkt, at, now, true);
+    // What a pod sends must come from one of its own addresses: the ipcache
+    // maps addresses to identities, so a forged source would otherwise be
+    // judged (and reported) as the pod it impersonates. Same-node traffic is
+    // redirected past the stack, so rp_filter never sees it.
+    let spoofed = at == hook::FROM_POD && !owns_source(pkt.src_ip, ifindex);
+    let mut v = if spoofed {
+        Verdict {
+            forwarded: false,
+            reason: drop_reason::SOURCE_SPOOFED,
+            rule_id: 0,
+            auth_required: false,
+            auth_expiry_ns: 0,
+            src_identity: identity::UNKNOWN,
+            dst_identity: lookup_ip(pkt.dst_ip).identity,
+        }
+    } else {
+        evaluate(&cfg, &pkt, at, now, true)
+    };
     let mut is_reply = false;
-    if !v.forwarded && known && prev.is_reply == 1 {
+    if !spoofed && !v.forwarded && known && prev.is_reply == 1 {
         // The reply direction of a flow that was allowed the other way:
         // allowed while the original direction still would be.
         let orig = evaluate(&cfg, &pkt.reversed(), opposite(at), now, false);
@@ -264,7 +284,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         // A key already known is a flow of its own, first seen in that
         // direction: it is never turned into a reply (which would let it
         // ride on this flow's verdict instead of its own).
-        let rkey = pkt.reversed().key(opposite(at));
+        let rkey = pkt.reversed().key(opposite(at), ifindex);
         let placeholder = FlowState {
             is_reply: 1,
             epoch: cfg.epoch.wrapping_sub(1),
@@ -346,6 +366,15 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
         signal_missing_auth(cfg, &akey, now);
     }
     v
+}
+
+/// Whether `src` is an address of the endpoint behind `ifindex`.
+#[inline(always)]
+fn owns_source(src: u32, ifindex: u32) -> bool {
+    match unsafe { ENDPOINTS.get(&src) } {
+        Some(ep) => ep.ifindex == ifindex,
+        None => false,
+    }
 }
 
 #[inline(always)]

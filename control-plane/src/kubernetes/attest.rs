@@ -89,11 +89,12 @@ impl TokenReviewer {
                  with audience {AUDIENCE:?} bound to the agent's pod"
             )));
         }
-        if let Some(audiences) = &status.audiences
-            && !audiences.iter().any(|a| a == AUDIENCE)
-        {
+        // The server says which of the requested audiences the token is for;
+        // a review that does not say is not proof that it is for ours.
+        if !status.audiences.iter().flatten().any(|a| a == AUDIENCE) {
             return Err(ApiError::PermissionDenied(format!(
-                "the service account token is not for audience {AUDIENCE:?}"
+                "the service account token is not for audience {AUDIENCE:?} (the TokenReview names {:?})",
+                status.audiences.unwrap_or_default()
             )));
         }
         let user = status.user.unwrap_or_default();

@@ -530,15 +530,27 @@ pub async fn run(
         }
         _ = shutdown.changed() => return,
     }
+    cp.check_node_addresses_with({
+        let nodes = caches.nodes.clone();
+        Arc::new(move |name: &str| {
+            nodes
+                .get(&reflector::ObjectRef::new(name))
+                .map(|n| node_addresses(&n))
+        })
+    });
     let policies: Api<KeywayNetworkPolicy> = Api::all(client.clone());
     let mut retry: Option<Duration> = None;
+    let mut recheck: Option<Duration> = None;
     loop {
         if *leader.borrow_and_update() {
             // Let a burst of events (a rollout, a namespace of pods) land
             // before computing the next state.
             tokio::time::sleep(Duration::from_millis(50)).await;
             match reconcile_once(&cp, &caches, &client, &policies).await {
-                Ok(()) => retry = None,
+                Ok(next) => {
+                    retry = None;
+                    recheck = next;
+                }
                 Err(e) => {
                     let next = retry.map_or(Duration::from_millis(200), |d| {
                         (d * 2).min(Duration::from_secs(10))
@@ -549,7 +561,7 @@ pub async fn run(
             }
         }
         let wait = async {
-            match retry {
+            match retry.or(recheck) {
                 Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
@@ -563,12 +575,52 @@ pub async fn run(
     }
 }
 
+/// How long a node record may exist without its Node before it is revoked:
+/// an agent can attest a moment before this replica's cache sees the Node.
+const NODE_GRACE_SECS: i64 = 30;
+
+/// A Node's addresses (InternalIP, ExternalIP, ...), the ones its agent may
+/// advertise for mutual auth.
+fn node_addresses(node: &Node) -> Vec<std::net::IpAddr> {
+    node.status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+/// Revokes the attested nodes whose Node is gone (after the grace period);
+/// returns when to look again for those still within it.
+async fn revoke_deleted_nodes(cp: &ControlPlane, inputs: &Inputs) -> Result<Option<Duration>, String> {
+    let live: std::collections::HashSet<String> = inputs.nodes.iter().map(|n| n.name_any()).collect();
+    let now = crate::server::now_unix();
+    let mut recheck: Option<i64> = None;
+    for record in cp
+        .registry()
+        .records
+        .nodes
+        .iter()
+        .filter(|n| !live.contains(&n.name))
+    {
+        let age = now - record.attested_at;
+        if age >= NODE_GRACE_SECS {
+            if cp.revoke_node(&record.name).await.map_err(|e| e.to_string())? {
+                info!(node = %record.name, "the Node was deleted: node revoked");
+            }
+        } else {
+            let left = NODE_GRACE_SECS - age;
+            recheck = Some(recheck.map_or(left, |r| r.min(left)));
+        }
+    }
+    Ok(recheck.map(|s| Duration::from_secs(s.max(1) as u64)))
+}
+
 async fn reconcile_once(
     cp: &ControlPlane,
     caches: &Caches,
     _client: &kube::Client,
     policies: &Api<KeywayNetworkPolicy>,
-) -> Result<(), String> {
+) -> Result<Option<Duration>, String> {
     let inputs = caches.inputs();
     let td = cp.config().trust_domain.clone();
     let (outcome, statuses) = cp
@@ -588,7 +640,7 @@ async fn reconcile_once(
     for update in statuses.iter().filter(|u| !u.is_current()) {
         write_status(policies, update).await?;
     }
-    Ok(())
+    revoke_deleted_nodes(cp, &inputs).await
 }
 
 fn rfc3339_now() -> String {

@@ -273,7 +273,10 @@ pub struct Evaluation {
 
 /// The kernel's `evaluate` for a new flow `src -> dst` (port in host order,
 /// ignored unless `proto` carries ports) at `at` (a [`hook`]), at kernel
-/// time `now_ns`.
+/// time `now_ns`. At the from-pod hook the kernel first checks that the
+/// source is an address of the endpoint behind the interface the packet came
+/// in on: `via` (an ifindex), or when `None` the source endpoint's own.
+#[allow(clippy::too_many_arguments, reason = "the kernel's inputs, one each")]
 pub fn evaluate(
     t: &dyn Lookup,
     src_ip: Ipv4Addr,
@@ -281,11 +284,35 @@ pub fn evaluate(
     port: u16,
     proto: u8,
     at: u8,
+    via: Option<u32>,
     now_ns: u64,
 ) -> Result<Evaluation, DatapathError> {
     let cfg = t.config()?;
     let src = lookup_ip(t, src_ip)?;
     let dst = lookup_ip(t, dst_ip)?;
+    if at == hook::FROM_POD {
+        let owner = t.endpoint(src_ip)?.map(|ep| ep.ifindex);
+        if owner.is_none() || via.is_some_and(|v| Some(v) != owner) {
+            return Ok(Evaluation {
+                hook: at,
+                src: (
+                    IpcacheValue {
+                        identity: identity::UNKNOWN,
+                        ..src.0
+                    },
+                    src.1,
+                ),
+                dst,
+                subject: identity::UNKNOWN,
+                peer: dst.0.identity,
+                direction: direction::EGRESS,
+                policy: None,
+                auth: None,
+                forwarded: false,
+                reason: drop_reason::SOURCE_SPOOFED,
+            });
+        }
+    }
     // The programs read ports only for TCP, UDP and SCTP.
     let port = if matches!(proto, 6 | 17 | 132) {
         port.to_be()

@@ -16,7 +16,7 @@ pub mod drops;
 pub mod endpoints;
 pub mod events;
 pub mod lookup;
-mod sys;
+pub(crate) mod sys;
 pub mod tables;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -222,6 +222,59 @@ where
     T::try_from(map).map_err(|e| DatapathError::map(name, e))
 }
 
+/// Key and value sizes of every pinned map whose entries have a layout, as
+/// this build's programs use them.
+fn map_layouts() -> [(&'static str, usize, usize); 9] {
+    use keyway_common::*;
+    use std::mem::size_of;
+    [
+        (maps::IPCACHE, size_of::<u32>(), size_of::<IpcacheValue>()),
+        (
+            maps::IPCACHE_LPM,
+            4 + size_of::<Ipv4LpmKey>(),
+            size_of::<IpcacheValue>(),
+        ),
+        (maps::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>()),
+        (maps::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (maps::AUTH, size_of::<AuthKey>(), size_of::<AuthValue>()),
+        (maps::AUTH_DEDUP, size_of::<AuthKey>(), size_of::<u64>()),
+        (maps::FLOW_TABLE, size_of::<FlowKey>(), size_of::<FlowState>()),
+        (maps::CONFIG, size_of::<u32>(), size_of::<Config>()),
+        (maps::DROPS, size_of::<u32>(), size_of::<u64>()),
+    ]
+}
+
+/// Unpins maps left by an earlier agent whose key or value layout differs
+/// from this build's (an upgrade that changed a map's ABI). The loader would
+/// otherwise reuse them and the kernel would reject the programs, or worse,
+/// read entries of the wrong shape. The old programs keep their own
+/// references until this agent swaps its programs into the links, so
+/// enforcement continues meanwhile; the new map starts empty and the agent
+/// fills it from its state (auth entries are re-established, the flow table
+/// is a cache).
+fn retire_changed_maps(pin_dir: &Path) {
+    for (name, key, value) in map_layouts() {
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if (k, v) != (key, value) {
+            warn!(
+                map = name,
+                pinned_key = k,
+                pinned_value = v,
+                key,
+                value,
+                "a pinned map has the layout of another Keyway version; replacing it"
+            );
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(map = name, error = %e, "cannot unpin the old map");
+            }
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the programs, reusing (or creating and pinning) the maps in
     /// `cfg.pin_dir`. Nothing is attached yet.
@@ -248,6 +301,7 @@ impl Datapath {
         let links = cfg.pin_dir.join("links");
         std::fs::create_dir_all(&links)
             .map_err(|e| DatapathError::io(format!("creating {}", links.display()), e))?;
+        retire_changed_maps(&cfg.pin_dir);
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .load(OBJECT)

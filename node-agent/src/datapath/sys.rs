@@ -26,6 +26,21 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// The name of interface `ifindex` in the calling thread's network namespace.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    #[allow(unsafe_code, reason = "if_indextoname has no std equivalent")]
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    #[allow(unsafe_code, reason = "reading the C string if_indextoname wrote")]
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// True when `path` is on a BPF filesystem (where maps and links can be pinned).
 pub fn is_bpffs(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
