@@ -144,6 +144,13 @@ pub struct ServeArgs {
     /// Connections the agent API holds at once from one source address.
     #[arg(long, default_value_t = crate::config::agent_api_limits().max_per_peer)]
     pub max_connections_per_peer: usize,
+    /// Datapath entries one policy may compile to (subjects x peers x
+    /// 256-port blocks); a policy over it is refused and says why.
+    #[arg(long, default_value_t = crate::policy::Budget::default().per_policy)]
+    pub policy_entries_per_policy: usize,
+    /// Datapath entries the policies of one namespace may compile to together.
+    #[arg(long, default_value_t = crate::policy::Budget::default().per_namespace)]
+    pub policy_entries_per_namespace: usize,
 }
 
 /// `--metrics-address`: HOST:PORT, or `off`.
@@ -298,6 +305,10 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 max_per_peer: self.max_connections_per_peer,
                 ..crate::config::agent_api_limits()
+            },
+            policy_budget: crate::policy::Budget {
+                per_policy: self.policy_entries_per_policy,
+                per_namespace: self.policy_entries_per_namespace,
             },
         };
         if config.max_connections_zero() {

@@ -28,6 +28,8 @@ pub struct Config {
     pub attest_per_minute: u32,
     /// What the agent API listener allows (connections, timeouts).
     pub agent_api_limits: keyway_serve::Limits,
+    /// Datapath entries one policy, and one namespace's policies, may cost.
+    pub policy_budget: crate::policy::Budget,
 }
 
 /// The agent API listener's defaults: every agent holds one connection

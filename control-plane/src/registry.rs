@@ -279,9 +279,10 @@ struct RawPortRule {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPort {
     port: Option<serde_yaml::Value>,
+    end_port: Option<serde_yaml::Value>,
     protocol: Option<String>,
 }
 
@@ -455,24 +456,34 @@ fn ports(path: &str, list: Vec<serde_yaml::Value>) -> Result<Vec<PortProtocol>, 
                     )
                 })?,
             };
+            // As in Cilium: a port left out, or "0", is every port.
             let port = raw
                 .port
                 .map(|p| port_number(&format!("{path}.port"), p))
+                .transpose()?
+                .unwrap_or(0);
+            if protocol == Protocol::Icmp && port != 0 {
+                return Err(format!("{path}.port: ICMP has no ports; leave port out"));
+            }
+            let end_port = raw
+                .end_port
+                .map(|p| port_number(&format!("{path}.endPort"), p))
                 .transpose()?;
-            let port = match (protocol, port) {
-                (Protocol::Icmp, Some(_)) => {
-                    return Err(format!("{path}.port: ICMP has no ports; leave port out"));
-                }
-                (Protocol::Icmp, None) | (Protocol::Any, None) => 0,
-                (_, Some(p)) => p,
-                (_, None) => {
+            if let Some(end) = end_port {
+                if port == 0 || protocol == Protocol::Icmp {
                     return Err(format!(
-                        "{path}.port is missing; every {} rule needs a port (leave toPorts out to allow every port and protocol)",
-                        raw.protocol.as_deref().unwrap_or_default()
+                        "{path}.endPort: a range needs a start port (port) and a protocol with ports"
                     ));
                 }
-            };
-            out.push(PortProtocol { port, protocol });
+                if end < port {
+                    return Err(format!("{path}.endPort: {end} is below port {port}"));
+                }
+            }
+            out.push(PortProtocol {
+                port,
+                end_port,
+                protocol,
+            });
         }
     }
     Ok(out)
@@ -485,14 +496,14 @@ fn port_number(path: &str, value: serde_yaml::Value) -> Result<u16, String> {
         _ => None,
     };
     match parsed {
-        Some(p) if p > 0 => Ok(p),
+        Some(p) => Ok(p),
         _ => {
             let shown = match &value {
                 serde_yaml::Value::String(s) => format!("{s:?}"),
                 other => serde_yaml::to_string(other).unwrap_or_default().trim().to_owned(),
             };
             Err(format!(
-                "{path}: {shown} is not a port number (1-65535; named ports are not supported)"
+                "{path}: {shown} is not a port number (0-65535, 0 meaning every port; named ports are not supported)"
             ))
         }
     }
@@ -754,13 +765,7 @@ spec:
             rule.endpoints.as_ref().unwrap()[0].match_labels["app"],
             "frontend"
         );
-        assert_eq!(
-            rule.ports,
-            Some(vec![PortProtocol {
-                port: 8080,
-                protocol: Protocol::Tcp
-            }])
-        );
+        assert_eq!(rule.ports, Some(vec![PortProtocol::single(8080, Protocol::Tcp)]));
         // A policy alone is a valid apply; the namespace defaults.
         let alone = POLICY.replace(", namespace: default", "");
         let docs = parse_documents(&alone, &td(), Duration::from_secs(86400)).unwrap();
@@ -804,20 +809,8 @@ spec:
         assert_eq!(sel.match_expressions[1].operator, Operator::DoesNotExist);
         assert_eq!(rule.entities, Some(vec![Entity::World, Entity::Cluster]));
         let ports = rule.ports.as_ref().unwrap();
-        assert_eq!(
-            ports[0],
-            PortProtocol {
-                port: 53,
-                protocol: Protocol::Any
-            }
-        );
-        assert_eq!(
-            ports[1],
-            PortProtocol {
-                port: 0,
-                protocol: Protocol::Icmp
-            }
-        );
+        assert_eq!(ports[0], PortProtocol::single(53, Protocol::Any));
+        assert_eq!(ports[1], PortProtocol::single(0, Protocol::Icmp));
         assert_eq!(ports[2].protocol, Protocol::Sctp);
     }
 
@@ -828,12 +821,12 @@ spec:
             (
                 "port: \"8080\"",
                 "port: \"http\"",
-                &["spec.ingress[0].toPorts[0].ports[0].port", "\"http\"", "1-65535"],
+                &["spec.ingress[0].toPorts[0].ports[0].port", "\"http\"", "0-65535"],
             ),
             (
                 "port: \"8080\"",
-                "port: \"0\"",
-                &["ports[0].port: \"0\" is not a port number"],
+                "port: \"8080\", endPort: 80",
+                &["ports[0].endPort: 80 is below port 8080"],
             ),
             ("port: \"8080\"", "port: 70000", &["ports[0].port: 70000 is not"]),
             (
@@ -887,8 +880,8 @@ spec:
             ),
             (
                 "- ports: [{ port: \"8080\", protocol: TCP }]",
-                "- ports: [{ protocol: TCP }]",
-                &["ports[0].port is missing"],
+                "- ports: [{ endPort: 90, protocol: TCP }]",
+                &["ports[0].endPort: a range needs a start port"],
             ),
             (
                 "- ports: [{ port: \"8080\", protocol: TCP }]",

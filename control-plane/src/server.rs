@@ -205,7 +205,7 @@ impl ControlPlane {
             state,
             ca_cfg.max_svid_ttl(),
         )?);
-        let registry = Arc::new(Cluster::new(store.registry().await?));
+        let registry = Arc::new(Cluster::new(store.registry().await?, cfg.policy_budget));
         let cfg_attest_per_minute = cfg.attest_per_minute;
         let (bundle, _) = watch::channel(authority.bundle());
         let (authority, _) = watch::channel(authority);
@@ -911,9 +911,83 @@ impl ControlPlane {
         )
         .map_err(ApiError::InvalidArgument)?;
         let _guard = self.inner.registry_lock.lock().await;
+        self.check_policy_budgets(&docs.workloads, &docs.policies)?;
         let outcome = self.inner.store.apply(docs.workloads, docs.policies).await?;
         self.refresh_registry().await?;
         Ok(outcome)
+    }
+
+    /// Refuses an apply that would leave a policy over its entry budget
+    /// (one it brings, or one already stored that its workloads would
+    /// enlarge), naming the policy and the figures; nothing is stored then.
+    fn check_policy_budgets(
+        &self,
+        workloads: &[WorkloadRecord],
+        policies: &[PolicyRecord],
+    ) -> Result<(), ApiError> {
+        use crate::store::{IdentityRecord, identity_key, identity_labels};
+        let current = self.registry();
+        let records = &current.records;
+        let applied: HashSet<String> = workloads.iter().map(WorkloadRecord::key).collect();
+        let mut by_key: HashMap<String, IdentityRecord> = records
+            .identities
+            .iter()
+            .map(|i| {
+                (
+                    identity_key(&i.namespace, &i.service_account, &i.labels),
+                    i.clone(),
+                )
+            })
+            .collect();
+        let mut used: HashSet<u32> = records
+            .workloads
+            .iter()
+            .filter(|w| !applied.contains(&w.key()))
+            .map(|w| w.identity)
+            .collect();
+        // New identities get stand-in numbers above any real one.
+        let mut next = u32::MAX;
+        for w in workloads {
+            let labels = identity_labels(&w.labels);
+            let key = identity_key(&w.namespace, &w.service_account, &labels);
+            let id = by_key
+                .entry(key)
+                .or_insert_with(|| {
+                    next -= 1;
+                    IdentityRecord {
+                        id: next,
+                        spiffe_id: w.spiffe_id.clone(),
+                        namespace: w.namespace.clone(),
+                        service_account: w.service_account.clone(),
+                        labels,
+                    }
+                })
+                .id;
+            used.insert(id);
+        }
+        let identities: Vec<IdentityRecord> = by_key.into_values().filter(|i| used.contains(&i.id)).collect();
+        let incoming: HashSet<String> = policies.iter().map(PolicyRecord::key).collect();
+        let mut all: Vec<PolicyRecord> = records
+            .policies
+            .iter()
+            .filter(|p| !incoming.contains(&p.key()))
+            .cloned()
+            .collect();
+        all.extend(policies.iter().cloned());
+        let refused = crate::policy::refusals(&identities, &all, self.inner.cfg.policy_budget);
+        let new: Vec<String> = refused
+            .iter()
+            .filter(|(k, _)| !current.policy.refused.contains_key(*k))
+            .map(|(k, why)| format!("KeywayNetworkPolicy {k}: {why}"))
+            .collect();
+        if new.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidArgument(format!(
+                "refused, nothing applied: {}",
+                new.join("; ")
+            )))
+        }
     }
 
     /// Deletes the Workload and KeywayNetworkPolicy documents a YAML file
@@ -1039,7 +1113,16 @@ impl ControlPlane {
         if self.inner.registry.borrow().records == records {
             return;
         }
-        let cluster = Arc::new(Cluster::new(records));
+        let cluster = Arc::new(Cluster::new(records, self.inner.cfg.policy_budget));
+        let before = self.inner.registry.borrow().policy.refused.clone();
+        for (policy, why) in cluster
+            .policy
+            .refused
+            .iter()
+            .filter(|(k, _)| !before.contains_key(*k))
+        {
+            warn!(%policy, reason = %why, "policy over its entry budget: not compiled, its endpoints default-deny");
+        }
         info!(
             revision = cluster.records.revision,
             policies = cluster.records.policies.len(),

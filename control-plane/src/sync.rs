@@ -33,7 +33,7 @@ pub struct Cluster {
 impl Cluster {
     /// Compiles the policy for the identities that have a workload (an
     /// identity nobody uses has no address and needs no entries).
-    pub fn new(records: RegistrySnapshot) -> Self {
+    pub fn new(records: RegistrySnapshot, budget: policy::Budget) -> Self {
         let used: BTreeSet<u32> = records.workloads.iter().map(|w| w.identity).collect();
         let identities: Vec<_> = records
             .identities
@@ -41,7 +41,7 @@ impl Cluster {
             .filter(|i| used.contains(&i.id))
             .cloned()
             .collect();
-        let policy = policy::compile(&identities, &records.policies);
+        let policy = policy::compile(&identities, &records.policies, budget);
         Self { records, policy }
     }
 }
@@ -64,7 +64,7 @@ fn policy_key(k: &policy::Key) -> pb::PolicyKey {
     pb::PolicyKey {
         subject: k.subject,
         peer: k.peer,
-        port: k.port,
+        port_block: k.port_block,
         protocol: k.protocol,
         direction: k.direction,
     }
@@ -151,9 +151,14 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
                 *k,
                 pb::PolicyEntry {
                     key: Some(policy_key(k)),
-                    allow: v.allow,
-                    auth_required: v.auth_required,
-                    rule: v.rule.clone(),
+                    rule: v.rule.to_string(),
+                    allowed: v.allowed.to_bytes().to_vec(),
+                    authenticated: if v.authenticated.is_empty() {
+                        Vec::new()
+                    } else {
+                        v.authenticated.to_bytes().to_vec()
+                    },
+                    r#final: v.final_,
                 },
             );
         }
@@ -278,7 +283,7 @@ mod tests {
     }
 
     fn view(snap: &RegistrySnapshot, node: &str) -> NodeView {
-        node_view(&Cluster::new(snap.clone()), node)
+        node_view(&Cluster::new(snap.clone(), Default::default()), node)
     }
 
     /// api (257) on n2 takes 8080/TCP from frontend (256, on n1) only.
@@ -428,14 +433,18 @@ mod tests {
         assert!(n1.policy.keys().all(|k| k.subject == 256));
         assert!(n2.policy.keys().all(|k| k.subject == 257));
         assert!(view(&snap, "n3").policy.is_empty());
-        let auth: Vec<_> = n2.policy.values().filter(|e| e.auth_required).collect();
+        let auth: Vec<_> = n2
+            .policy
+            .values()
+            .filter(|e| !e.authenticated.is_empty())
+            .collect();
         assert_eq!(auth.len(), 1);
         assert_eq!(
             auth[0].key,
             Some(pb::PolicyKey {
                 subject: 257,
                 peer: 256,
-                port: 8080,
+                port_block: u32::from(keyway_common::port_block(8080)),
                 protocol: 6,
                 direction: 0
             })
@@ -456,7 +465,7 @@ mod tests {
         let Some(Kind::PolicyUpsert(e)) = &d[0].kind else {
             panic!("expected a policy upsert, got {d:?}");
         };
-        assert!(!e.auth_required);
+        assert!(e.authenticated.is_empty());
         // Dropping the policy: default allow comes back, the rule goes, and
         // the delete comes after the upsert.
         snap.policies.clear();
@@ -465,7 +474,7 @@ mod tests {
             .iter()
             .map(|u| match &u.kind {
                 Some(Kind::PolicyUpsert(e)) => format!("upsert {}", e.rule),
-                Some(Kind::PolicyDelete(k)) => format!("delete {}/{}", k.peer, k.port),
+                Some(Kind::PolicyDelete(k)) => format!("delete {}/{}", k.peer, k.port_block),
                 other => format!("{other:?}"),
             })
             .collect();
@@ -473,7 +482,7 @@ mod tests {
             kinds,
             vec![
                 format!("upsert {}", crate::policy::DEFAULT_ALLOW),
-                "delete 256/8080".to_string()
+                "delete 256/32".to_string()
             ]
         );
         // The other node saw nothing change.

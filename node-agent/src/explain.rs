@@ -363,21 +363,26 @@ fn fill(
     };
     let rule = e
         .policy
-        .and_then(|(_, _, v)| rules.get(&v.rule_id).cloned())
+        .and_then(|hit| rules.get(&hit.value.rule_id).cloned())
         .unwrap_or_default();
-    if let Some((step, key, v)) = e.policy {
+    if let Some(hit) = e.policy {
         h.policy = Some(pb::ExplainPolicy {
-            matched: step.name().into(),
-            subject: key.subject,
-            peer: key.peer,
-            port: u32::from(u16::from_be(key.port)),
-            protocol: u32::from(key.proto),
-            allow: v.allow == 1,
-            auth_required: v.auth_required == 1,
+            matched: hit.probe.name().into(),
+            subject: hit.key.subject,
+            peer: hit.key.peer,
+            port: if hit.key.port_block == 0 {
+                0
+            } else {
+                u32::from(e.port)
+            },
+            protocol: u32::from(hit.key.proto),
+            allow: true,
+            auth_required: hit.auth_required,
             rule: rule.clone(),
-            rule_id: v.rule_id,
+            rule_id: hit.value.rule_id,
+            port_block: u32::from(hit.key.port_block),
         });
-        h.auth_required = v.allow == 1 && v.auth_required == 1;
+        h.auth_required = hit.auth_required;
     }
     if let Some(a) = e.auth {
         let remaining_ms = a
@@ -734,15 +739,10 @@ mod tests {
     }
 
     fn rule(s: &mut NodeState, key: (u32, u32, u32, u32, u32), auth: bool, rule: &str) {
-        s.policy.insert(
-            key,
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: auth,
-                rule: rule.into(),
-            },
-        );
+        {
+            let (k, e) = crate::state::port_entry(key, auth, rule);
+            s.policy.insert(k, e);
+        }
     }
 
     const IN: u32 = direction::INGRESS as u32;

@@ -10,12 +10,75 @@ use proto::keyway::{self as pb, update::Kind};
 
 use crate::control_plane::bundle_from;
 
-/// A policy entry's key as a tuple, (subject, peer, port, protocol,
+/// A policy entry's key as a tuple, (subject, peer, port block, protocol,
 /// direction), ordered like the datapath's lookup key.
 pub type PolicyTuple = (u32, u32, u32, u32, u32);
 
 fn policy_tuple(k: &pb::PolicyKey) -> PolicyTuple {
-    (k.subject, k.peer, k.port, k.protocol, k.direction)
+    (k.subject, k.peer, k.port_block, k.protocol, k.direction)
+}
+
+/// What an entry allows (ports of its block, or protocols of an any-port
+/// entry); `None` when the control plane sent a malformed bitmap.
+pub fn allowed(e: &pb::PolicyEntry) -> Option<keyway_common::PortBits> {
+    keyway_common::PortBits::from_bytes(&e.allowed)
+}
+
+/// What of it needs mutual authentication (an empty field is nothing).
+pub fn authenticated(e: &pb::PolicyEntry) -> Option<keyway_common::PortBits> {
+    if e.authenticated.is_empty() {
+        return Some(keyway_common::PortBits::NONE);
+    }
+    keyway_common::PortBits::from_bytes(&e.authenticated)
+}
+
+/// The entry the control plane sends for one port of a protocol, or, with
+/// port 0, for every port of `protocol` (every protocol when that is 0 too),
+/// keyed as the agent keeps it. For tests and tools that build node state.
+pub fn port_entry(
+    (subject, peer, port, protocol, direction): (u32, u32, u32, u32, u32),
+    auth: bool,
+    rule: &str,
+) -> (PolicyTuple, pb::PolicyEntry) {
+    use keyway_common::{PortBits, port_block};
+    let (block, proto, bits) = if port == 0 {
+        let bits = if protocol == 0 {
+            PortBits::ALL
+        } else {
+            let mut b = PortBits::NONE;
+            b.set(protocol as u8);
+            b
+        };
+        (0, 0, bits)
+    } else {
+        let mut b = PortBits::NONE;
+        b.set((port & 0xff) as u8);
+        (u32::from(port_block(port as u16)), protocol, b)
+    };
+    let key = (subject, peer, block, proto, direction);
+    let entry = pb::PolicyEntry {
+        key: Some(pb::PolicyKey {
+            subject,
+            peer,
+            port_block: block,
+            protocol: proto,
+            direction,
+        }),
+        rule: rule.to_owned(),
+        allowed: bits.to_bytes().to_vec(),
+        authenticated: if auth {
+            bits.to_bytes().to_vec()
+        } else {
+            Vec::new()
+        },
+        r#final: false,
+    };
+    (key, entry)
+}
+
+/// Whether some of what the entry allows needs mutual authentication.
+pub fn requires_auth(e: &pb::PolicyEntry) -> bool {
+    authenticated(e).is_some_and(|b| !b.is_empty())
 }
 
 /// What the control plane told this node, as of `revision`.
@@ -41,6 +104,43 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// What the datapath decides for a packet from this state's policy (port
+    /// in host order): the most specific matching entry's rule and whether
+    /// any matching entry needs authentication; `None` when dropped. The
+    /// kernel's lookup order (`keyway_common::policy_probes`) over the
+    /// synced entries, for tools and tests.
+    pub fn decide(
+        &self,
+        subject: u32,
+        peer: u32,
+        port: u16,
+        proto: u8,
+        direction: u32,
+    ) -> Option<(&str, bool)> {
+        let mut found: Option<&str> = None;
+        let mut auth = false;
+        for (_, k, bit) in keyway_common::policy_probes(subject, peer, port, proto, direction as u8) {
+            let key = (
+                k.subject,
+                k.peer,
+                u32::from(k.port_block),
+                u32::from(k.proto),
+                direction,
+            );
+            let Some(e) = self.policy.get(&key) else {
+                continue;
+            };
+            if allowed(e).is_some_and(|b| b.get(bit)) {
+                found.get_or_insert(e.rule.as_str());
+                auth |= authenticated(e).is_some_and(|b| b.get(bit));
+            }
+            if e.r#final {
+                break;
+            }
+        }
+        found.map(|r| (r, auth))
+    }
+
     /// Applies one Sync message. Returns true when the state is complete
     /// and consistent afterwards (worth publishing).
     pub fn apply(&mut self, msg: pb::SyncResponse) -> bool {
@@ -149,22 +249,11 @@ mod tests {
     }
 
     fn key(subject: u32, peer: u32, port: u32) -> pb::PolicyKey {
-        pb::PolicyKey {
-            subject,
-            peer,
-            port,
-            protocol: 6,
-            direction: 0,
-        }
+        entry(subject, peer, port, false).key.expect("keyed")
     }
 
-    fn entry(k: pb::PolicyKey, auth: bool) -> pb::PolicyEntry {
-        pb::PolicyEntry {
-            key: Some(k),
-            allow: true,
-            auth_required: auth,
-            rule: "default/p ingress[0]".into(),
-        }
+    fn entry(subject: u32, peer: u32, port: u32, auth: bool) -> pb::PolicyEntry {
+        port_entry((subject, peer, port, 6, 0), auth, "default/p ingress[0]").1
     }
 
     fn ip(cidr: &str, identity: u32) -> pb::IpcacheEntry {
@@ -256,14 +345,14 @@ mod tests {
             false,
             true,
             vec![
-                upd(Kind::PolicyUpsert(entry(key(257, 256, 8080), true))),
-                upd(Kind::PolicyUpsert(entry(key(257, 0, 0), false))),
+                upd(Kind::PolicyUpsert(entry(257, 256, 8080, true))),
+                upd(Kind::PolicyUpsert(entry(257, 0, 0, false))),
             ],
         )));
         assert!(s.synced);
         assert_eq!(s.ipcache.len(), 2);
         assert_eq!(s.ipcache["10.0.0.2/32"].identity, 257);
-        assert!(s.policy[&(257, 256, 8080, 6, 0)].auth_required);
+        assert!(requires_auth(&s.policy[&(257, 256, 32, 6, 0)]));
 
         // An upsert replaces, a delete removes.
         s.apply(msg(
@@ -272,7 +361,7 @@ mod tests {
             vec![
                 upd(Kind::IpcacheUpsert(ip("10.0.0.2/32", 258))),
                 upd(Kind::IpcacheDelete("10.0.0.1/32".into())),
-                upd(Kind::PolicyUpsert(entry(key(257, 256, 8080), false))),
+                upd(Kind::PolicyUpsert(entry(257, 256, 8080, false))),
                 upd(Kind::PolicyDelete(key(257, 0, 0))),
             ],
         ));
@@ -280,9 +369,9 @@ mod tests {
         assert_eq!(s.ipcache["10.0.0.2/32"].identity, 258);
         assert_eq!(
             s.policy.keys().copied().collect::<Vec<_>>(),
-            vec![(257, 256, 8080, 6, 0)]
+            vec![(257, 256, 32, 6, 0)]
         );
-        assert!(!s.policy[&(257, 256, 8080, 6, 0)].auth_required);
+        assert!(!requires_auth(&s.policy[&(257, 256, 32, 6, 0)]));
 
         // A new snapshot starts from nothing.
         s.apply(msg(

@@ -22,8 +22,8 @@ use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 use keyway_common::{
-    AuthKey, AuthValue, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, auth_type,
-    config_flags, direction, maps,
+    AuthKey, AuthValue, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, PortBits, auth_type,
+    config_flags, direction, maps, port_block,
 };
 use keyway_tests::netns::{Topology, in_netns, require_root, run};
 use node_agent::datapath::{self, AuthMap, ConfigSlot, Datapath, DatapathConfig};
@@ -128,7 +128,7 @@ fn filler_policy(r: &mut Rng, n: usize) -> Vec<(PolicyKey, PolicyValue)> {
         let key = PolicyKey {
             subject: filler_identity(r),
             peer,
-            port: port.to_be(),
+            port_block: if port == 0 { 0 } else { port_block(port) },
             proto: if port == 0 {
                 0
             } else if r.below(5) == 0 {
@@ -139,11 +139,13 @@ fn filler_policy(r: &mut Rng, n: usize) -> Vec<(PolicyKey, PolicyValue)> {
             direction: r.below(2) as u8,
         };
         if seen.insert(key) {
+            let mut bits = PortBits::NONE;
+            bits.set(if port == 0 { TCP } else { (port & 0xff) as u8 });
             let value = PolicyValue {
-                allow: 1,
-                auth_required: r.below(2) as u8,
-                _pad: [0; 2],
                 rule_id: r.next() as u32 | 1,
+                flags: 0,
+                allowed: bits,
+                authenticated: if r.below(2) == 0 { bits } else { PortBits::NONE },
             };
             out.push((key, value));
         }
@@ -484,32 +486,38 @@ fn micro() -> Micro {
 
     // policy: grown 1k -> 100k -> 1M around the two test entries.
     let mut policy: aya::maps::HashMap<MapData, PolicyKey, PolicyValue> = open_hash(&pin_dir, maps::POLICY);
-    let required = |rule_id| PolicyValue {
-        allow: 1,
-        auth_required: 1,
-        _pad: [0; 2],
-        rule_id,
+    // B takes A on 8080 with auth (the exact key); C takes anything from
+    // anyone with auth (the last key probed).
+    let required = |rule_id, bit: u8| {
+        let mut bits = PortBits::NONE;
+        bits.set(bit);
+        PolicyValue {
+            rule_id,
+            flags: 0,
+            allowed: if rule_id == 2 { PortBits::ALL } else { bits },
+            authenticated: if rule_id == 2 { PortBits::ALL } else { bits },
+        }
     };
     let test_policy = [
         (
             PolicyKey {
                 subject: B,
                 peer: A,
-                port: 8080u16.to_be(),
+                port_block: port_block(8080),
                 proto: TCP,
                 direction: direction::INGRESS,
             },
-            required(1),
+            required(1, (8080 & 0xff) as u8),
         ),
         (
             PolicyKey {
                 subject: C,
                 peer: 0,
-                port: 0,
+                port_block: 0,
                 proto: 0,
                 direction: direction::INGRESS,
             },
-            required(2),
+            required(2, 0),
         ),
     ];
     insert_all(&mut policy, &test_policy, maps::POLICY);
@@ -786,34 +794,33 @@ fn node_state() -> NodeState {
             },
         );
     }
-    let entry = |auth: bool, rule: &str| pb::PolicyEntry {
-        allow: true,
-        auth_required: auth,
-        rule: rule.into(),
-        ..Default::default()
-    };
     let (ing, eg) = (u32::from(direction::INGRESS), u32::from(direction::EGRESS));
     let port = u32::from(IPERF_PORT);
-    s.policy.insert((A, 0, 0, 0, ing), entry(false, "default-allow"));
-    s.policy.insert((A, 0, 0, 0, eg), entry(false, "default-allow"));
-    s.policy.insert((B, 0, 0, 0, eg), entry(false, "default-allow"));
-    s.policy.insert(
-        (B, A, port, u32::from(TCP), ing),
-        entry(true, "bench/b-mtls ingress[0]"),
-    );
-    s.policy.insert(
-        (B, A, port, u32::from(UDP), ing),
-        entry(true, "bench/b-mtls ingress[0]"),
-    );
+    for (key, auth, rule) in [
+        ((A, 0, 0, 0, ing), false, "default-allow"),
+        ((A, 0, 0, 0, eg), false, "default-allow"),
+        ((B, 0, 0, 0, eg), false, "default-allow"),
+        ((B, A, port, u32::from(TCP), ing), true, "bench/b-mtls ingress[0]"),
+        ((B, A, port, u32::from(UDP), ing), true, "bench/b-mtls ingress[0]"),
+    ] {
+        let (k, e) = node_agent::state::port_entry(key, auth, rule);
+        s.policy.insert(k, e);
+    }
     for (k, v) in filler_policy(&mut r, FILLER_PER_MAP - s.policy.len()) {
         let key = (
             k.subject,
             k.peer,
-            u32::from(u16::from_be(k.port)),
+            u32::from(k.port_block),
             u32::from(k.proto),
             u32::from(k.direction),
         );
-        s.policy.insert(key, entry(v.auth_required == 1, "bench/filler"));
+        let entry = pb::PolicyEntry {
+            rule: "bench/filler".into(),
+            allowed: v.allowed.to_bytes().to_vec(),
+            authenticated: v.authenticated.to_bytes().to_vec(),
+            ..Default::default()
+        };
+        s.policy.insert(key, entry);
     }
     s
 }

@@ -81,6 +81,7 @@ impl InProcess {
             allow_join_tokens: false,
             attest_per_minute: 0,
             agent_api_limits: control_plane::config::agent_api_limits(),
+            policy_budget: Default::default(),
         };
         let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
         let ca_cfg = CaConfig {

@@ -181,16 +181,10 @@ impl StateBuilder {
         StateBuilder(s)
     }
 
+    /// An entry for one port (port 0: every port and protocol).
     fn rule(mut self, key: (u32, u32, u32, u32, u32), auth: bool, rule: &str) -> Self {
-        self.0.policy.insert(
-            key,
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: auth,
-                rule: rule.into(),
-            },
-        );
+        let (k, e) = node_agent::state::port_entry(key, auth, rule);
+        self.0.policy.insert(k, e);
         self
     }
 

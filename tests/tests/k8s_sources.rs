@@ -145,7 +145,7 @@ async fn pods_service_accounts_and_policies_reach_an_agents_sync() {
         };
         s.ipcache.contains_key("10.244.1.10/32")
             && s.ipcache.get("10.244.2.10/32").map(|e| e.identity) == Some(api)
-            && s.policy.values().any(|e| e.auth_required)
+            && s.policy.values().any(node_agent::state::requires_auth)
     })
     .await;
     let api = &state.workloads[&(ns.clone(), "api-1".to_string())];
@@ -164,14 +164,11 @@ async fn pods_service_accounts_and_policies_reach_an_agents_sync() {
         state.workloads.keys()
     );
     let frontend = state.ipcache["10.244.1.10/32"].identity;
-    let entry = state
-        .policy
-        .iter()
-        .find(|(k, _)| k.0 == api.identity && k.1 == frontend && k.2 == 8080)
-        .map(|(_, v)| v)
+    let (rule, auth) = state
+        .decide(api.identity, frontend, 8080, 6, 0)
         .expect("the compiled api <- frontend:8080 entry");
-    assert!(entry.allow && entry.auth_required);
-    assert_eq!(entry.rule, format!("{ns}/api-mtls ingress[0]"));
+    assert!(auth, "api <- frontend:8080 needs mutual auth");
+    assert_eq!(rule, format!("{ns}/api-mtls ingress[0]"));
     // A plain NetworkPolicy is honoured the same way: deny ingress to api
     // from everything but the frontend namespace's pods on 9090.
     let np = r#"apiVersion: networking.k8s.io/v1
@@ -187,14 +184,8 @@ spec:
 "#;
     keyway_tests::kube::apply_yaml::<k8s_openapi::api::networking::v1::NetworkPolicy>(&admin, &ns, np).await;
     wait_state(&agent_b, "the NetworkPolicy's entry", |s| {
-        s.policy.iter().any(|(k, v)| {
-            k.0 == api.identity
-                && k.1 == frontend
-                && k.2 == 9090
-                && v.allow
-                && !v.auth_required
-                && v.rule == format!("{ns}/networkpolicy:api-9090 ingress[0]")
-        })
+        s.decide(api.identity, frontend, 9090, 6, 0)
+            == Some((format!("{ns}/networkpolicy:api-9090 ingress[0]").as_str(), false))
     })
     .await;
 }

@@ -39,15 +39,22 @@ async fn wait_state(agent: &Agent, what: &str, cond: impl Fn(&NodeState) -> bool
     state.clone()
 }
 
-/// (allow, auth_required, rule) per key, for subject `id`.
+/// (allows something, requires auth for some of it, rule) per key (subject,
+/// peer, port block, protocol, direction), for subject `id`.
 fn policy_of(state: &NodeState, id: u32) -> BTreeMap<PolicyTuple, (bool, bool, String)> {
     state
         .policy
         .iter()
         .filter(|(k, _)| k.0 == id)
-        .map(|(k, v)| (*k, (v.allow, v.auth_required, v.rule.clone())))
+        .map(|(k, v)| {
+            let allows = node_agent::state::allowed(v).is_some_and(|b| !b.is_empty());
+            (*k, (allows, node_agent::state::requires_auth(v), v.rule.clone()))
+        })
         .collect()
 }
+
+/// Port 8080's block in policy keys.
+const BLOCK_8080: u32 = 32;
 
 fn identity_of(cp: &InProcess, name: &str) -> u32 {
     cp.cp
@@ -66,7 +73,7 @@ fn expected_api_policy(api: u32, frontend: u32, auth: bool) -> BTreeMap<PolicyTu
     BTreeMap::from([
         // Ingress: only frontend on 8080/TCP, and no default-allow.
         (
-            (api, frontend, 8080, 6, 0),
+            (api, frontend, BLOCK_8080, 6, 0),
             (true, auth, "default/api-mtls ingress[0]".to_string()),
         ),
         ((api, 1, 0, 0, 0), (true, false, host.clone())),
@@ -211,8 +218,8 @@ async fn policy_and_ipcache_reach_the_node_and_follow_changes() {
     wait_state(&agent_b, "api's default-allow ingress", |s| {
         s.policy
             .get(&(api, 0, 0, 0, 0))
-            .is_some_and(|e| e.allow && e.rule.starts_with("default-allow"))
-            && !s.policy.contains_key(&(api, frontend, 8080, 6, 0))
+            .is_some_and(|e| e.rule.starts_with("default-allow"))
+            && !s.policy.contains_key(&(api, frontend, BLOCK_8080, 6, 0))
     })
     .await;
 

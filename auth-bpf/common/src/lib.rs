@@ -221,30 +221,231 @@ pub struct EndpointInfo {
     pub _pad: [u8; 2],
 }
 
-/// Policy lookup key: {subject, peer, port, proto, direction}. Port 0 and
-/// peer 0 ([`identity::UNKNOWN`]) are wildcards, looked up after the exact key.
+/// Policy lookup key: {subject, peer, port block, proto, direction}. Peer 0
+/// ([`identity::UNKNOWN`]) is the any-peer wildcard and port block 0 the
+/// any-port entry, looked up after the exact key (see [`policy_probes`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct PolicyKey {
     pub subject: u32,
     pub peer: u32,
-    /// Network byte order.
-    pub port: u16,
+    /// [`port_block`] of the destination port (host order), or 0 for the
+    /// any-port entry (then `proto` is 0 too and the bits are per protocol).
+    pub port_block: u16,
     pub proto: u8,
     pub direction: u8,
 }
 
-/// Policy verdict for a key.
+/// The block of 256 ports `port` (host order) falls in, as policy keys
+/// name it: 1 for ports 0-255 (where port-less protocols look), 256 for
+/// 65280-65535. Block 0 is the any-port entry.
+pub const fn port_block(port: u16) -> u16 {
+    (port >> 8) + 1
+}
+
+/// 256 bits: one per port of a block (`port & 0xff`), or in an any-port
+/// entry one per IP protocol number. A policy entry carries two: what it
+/// allows, and what of that needs mutual authentication. So a port range or
+/// a list of ports costs one entry per 256-port block, not one per port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PortBits(pub [u64; 4]);
+
+impl PortBits {
+    pub const NONE: PortBits = PortBits([0; 4]);
+    pub const ALL: PortBits = PortBits([u64::MAX; 4]);
+
+    pub const fn get(&self, bit: u8) -> bool {
+        self.0[(bit >> 6) as usize] & (1 << (bit & 63)) != 0
+    }
+
+    pub fn set(&mut self, bit: u8) {
+        self.0[(bit >> 6) as usize] |= 1 << (bit & 63);
+    }
+
+    /// Sets bits `lo..=hi`.
+    pub fn set_range(&mut self, lo: u8, hi: u8) {
+        for b in lo..=hi {
+            self.set(b);
+        }
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        self.0[0] == 0 && self.0[1] == 0 && self.0[2] == 0 && self.0[3] == 0
+    }
+
+    pub const fn or(self, o: PortBits) -> PortBits {
+        PortBits([
+            self.0[0] | o.0[0],
+            self.0[1] | o.0[1],
+            self.0[2] | o.0[2],
+            self.0[3] | o.0[3],
+        ])
+    }
+
+    pub const fn and(self, o: PortBits) -> PortBits {
+        PortBits([
+            self.0[0] & o.0[0],
+            self.0[1] & o.0[1],
+            self.0[2] & o.0[2],
+            self.0[3] & o.0[3],
+        ])
+    }
+
+    pub const fn and_not(self, o: PortBits) -> PortBits {
+        PortBits([
+            self.0[0] & !o.0[0],
+            self.0[1] & !o.0[1],
+            self.0[2] & !o.0[2],
+            self.0[3] & !o.0[3],
+        ])
+    }
+
+    /// Little-endian bytes (bit i is bit i%8 of byte i/8), the wire form.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.0[i].to_le_bytes();
+            let mut j = 0;
+            while j < 8 {
+                out[i * 8 + j] = b[j];
+                j += 1;
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// From the wire form; `None` unless exactly 32 bytes (an empty field
+    /// is [`PortBits::NONE`] to the caller's taste).
+    pub fn from_bytes(b: &[u8]) -> Option<PortBits> {
+        if b.len() != 32 {
+            return None;
+        }
+        let mut out = [0u64; 4];
+        let mut i = 0;
+        while i < 4 {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            out[i] = u64::from_le_bytes(w);
+            i += 1;
+        }
+        Some(PortBits(out))
+    }
+
+    pub fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// Policy verdict for a key: which ports of the key's block (or, for an
+/// any-port entry, which IP protocols) are allowed, and which of those need
+/// mutual authentication. A packet whose bit is clear is not matched by the
+/// entry: the lookup goes on to the next, less specific key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PolicyValue {
-    /// 1 allow, 0 deny.
-    pub allow: u8,
-    /// 1 when the pair must be mutually authenticated.
-    pub auth_required: u8,
-    pub _pad: [u8; 2],
     /// Which compiled rule decided (for flow records and `explain`).
     pub rule_id: u32,
+    /// [`policy_flags`].
+    pub flags: u32,
+    pub allowed: PortBits,
+    /// Always a subset of `allowed`.
+    pub authenticated: PortBits,
+}
+
+/// Bits of [`PolicyValue::flags`].
+pub mod policy_flags {
+    /// The lookup stops after this entry, matched or not: the any-peer
+    /// entries never apply to this peer (exemptions; world and remote-node
+    /// beside a `cluster` rule).
+    pub const FINAL: u32 = 1;
+}
+
+/// How a policy lookup went, most specific key first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PolicyProbe {
+    /// {subject, peer, block of the port, proto}: bit `port & 0xff`.
+    Exact,
+    /// {subject, peer, 0, 0}: bit `proto` (every port of that protocol).
+    AnyPort,
+    /// {subject, any peer, block, proto}: bit `port & 0xff`.
+    AnyPeer,
+    /// {subject, any peer, 0, 0}: bit `proto`.
+    AnyPeerAndPort,
+}
+
+impl PolicyProbe {
+    /// The name `explain` shows.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PolicyProbe::Exact => "exact",
+            PolicyProbe::AnyPort => "any-port",
+            PolicyProbe::AnyPeer => "any-peer",
+            PolicyProbe::AnyPeerAndPort => "any-peer-and-port",
+        }
+    }
+}
+
+/// The keys the datapath probes for a packet, in order, each with the bit
+/// that must be set in the entry's bitmaps: the one lookup order the
+/// kernel, `explain` and the compiler agree on.
+pub const fn policy_probes(
+    subject: u32,
+    peer: u32,
+    port: u16,
+    proto: u8,
+    direction: u8,
+) -> [(PolicyProbe, PolicyKey, u8); 4] {
+    let block = port_block(port);
+    let bit = (port & 0xff) as u8;
+    [
+        (
+            PolicyProbe::Exact,
+            PolicyKey {
+                subject,
+                peer,
+                port_block: block,
+                proto,
+                direction,
+            },
+            bit,
+        ),
+        (
+            PolicyProbe::AnyPort,
+            PolicyKey {
+                subject,
+                peer,
+                port_block: 0,
+                proto: 0,
+                direction,
+            },
+            proto,
+        ),
+        (
+            PolicyProbe::AnyPeer,
+            PolicyKey {
+                subject,
+                peer: identity::UNKNOWN,
+                port_block: block,
+                proto,
+                direction,
+            },
+            bit,
+        ),
+        (
+            PolicyProbe::AnyPeerAndPort,
+            PolicyKey {
+                subject,
+                peer: identity::UNKNOWN,
+                port_block: 0,
+                proto: 0,
+                direction,
+            },
+            proto,
+        ),
+    ]
 }
 
 /// Auth map key: the pair and the node whose agent vouched for the peer.
@@ -336,6 +537,7 @@ mod pod {
         EndpointInfo,
         PolicyKey,
         PolicyValue,
+        PortBits,
         AuthKey,
         AuthValue,
         AuthSignal,
@@ -347,6 +549,28 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn port_bits_round_trip_and_blocks_cover_every_port() {
+        let mut b = PortBits::NONE;
+        b.set(0);
+        b.set(63);
+        b.set(64);
+        b.set(255);
+        assert!(b.get(0) && b.get(63) && b.get(64) && b.get(255) && !b.get(1));
+        assert_eq!(b.count(), 4);
+        assert_eq!(PortBits::from_bytes(&b.to_bytes()), Some(b));
+        assert_eq!(PortBits::from_bytes(&[0; 31]), None);
+        assert_eq!(port_block(0), 1);
+        assert_eq!(port_block(255), 1);
+        assert_eq!(port_block(8080), 32);
+        assert_eq!(port_block(65535), 256);
+        let p = policy_probes(300, 301, 8080, 6, 0);
+        assert_eq!(p[0].1.port_block, 32);
+        assert_eq!(p[0].2, (8080 & 0xff) as u8);
+        assert_eq!((p[1].1.port_block, p[1].1.proto, p[1].2), (0, 0, 6));
+        assert_eq!(p[2].1.peer, identity::UNKNOWN);
+    }
 
     #[test]
     fn reserved_identities_are_below_user_range() {
@@ -370,11 +594,15 @@ mod tests {
         assert_eq!(size_of::<EndpointInfo>(), 16);
         assert_eq!(offset_of!(EndpointInfo, mac), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
-        assert_eq!(offset_of!(PolicyKey, port), 8);
+        assert_eq!(offset_of!(PolicyKey, port_block), 8);
         assert_eq!(offset_of!(PolicyKey, proto), 10);
         assert_eq!(offset_of!(PolicyKey, direction), 11);
-        assert_eq!(size_of::<PolicyValue>(), 8);
-        assert_eq!(offset_of!(PolicyValue, rule_id), 4);
+        assert_eq!(size_of::<PortBits>(), 32);
+        assert_eq!(size_of::<PolicyValue>(), 72);
+        assert_eq!(offset_of!(PolicyValue, rule_id), 0);
+        assert_eq!(offset_of!(PolicyValue, flags), 4);
+        assert_eq!(offset_of!(PolicyValue, allowed), 8);
+        assert_eq!(offset_of!(PolicyValue, authenticated), 40);
         assert_eq!(size_of::<AuthKey>(), 12);
         assert_eq!(offset_of!(AuthKey, remote_node_id), 8);
         assert_eq!(offset_of!(AuthKey, auth_type), 10);

@@ -31,7 +31,7 @@ use aya_ebpf::programs::TcContext;
 use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowState, IpcacheValue,
     Ipv4LpmKey, PolicyKey, PolicyValue, auth_type, config_flags, direction, drop_reason, flow_kind, hook,
-    identity, maps,
+    identity, maps, policy_flags, policy_probes,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -326,15 +326,12 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
         src_identity: src.identity,
         dst_identity: dst.identity,
     };
-    let entry = match lookup_policy(subject, peer, pkt.dst_port, pkt.proto, dir) {
+    let (rule_id, auth_required) = match lookup_policy(subject, peer, pkt.dst_port, pkt.proto, dir) {
         Some(e) => e,
         None => return v,
     };
-    v.rule_id = entry.rule_id;
-    if entry.allow == 0 {
-        return v;
-    }
-    if entry.auth_required == 0 {
+    v.rule_id = rule_id;
+    if !auth_required {
         v.forwarded = true;
         v.reason = drop_reason::NONE;
         return v;
@@ -393,34 +390,40 @@ fn lookup_ip(ip: u32) -> IpcacheValue {
     }
 }
 
-/// Most specific first: exact, any port, any peer, any peer and any port.
+/// Most specific first (`keyway_common::policy_probes`): exact, any port,
+/// any peer, any peer and any port. An entry matches when the packet's bit
+/// (its port in the block, or its protocol in an any-port entry) is allowed.
+/// The packet is allowed when any entry matches, and needs authentication
+/// when any matching entry says so: the union of the rules, which is why the
+/// lookup goes on after a match without authentication, and stops at the
+/// first that requires it or at a final entry. The rule reported is the
+/// most specific match's.
 #[inline(always)]
-fn lookup_policy(subject: u32, peer: u32, port: u16, proto: u8, dir: u8) -> Option<PolicyValue> {
-    let mut k = PolicyKey {
-        subject,
-        peer,
-        port,
-        proto,
-        direction: dir,
-    };
-    if let Some(v) = unsafe { POLICY.get(&k) } {
-        return Some(*v);
+fn lookup_policy(subject: u32, peer: u32, port: u16, proto: u8, dir: u8) -> Option<(u32, bool)> {
+    let probes = policy_probes(subject, peer, u16::from_be(port), proto, dir);
+    let mut rule: Option<u32> = None;
+    let mut i = 0;
+    while i < probes.len() {
+        let (_, key, bit) = probes[i];
+        if let Some(v) = unsafe { POLICY.get(&key) } {
+            if v.allowed.get(bit) {
+                let first = match rule {
+                    Some(r) => r,
+                    None => v.rule_id,
+                };
+                rule = Some(first);
+                if v.authenticated.get(bit) {
+                    return Some((first, true));
+                }
+            }
+            if v.flags & policy_flags::FINAL != 0 {
+                break;
+            }
+        }
+        i += 1;
     }
-    k.port = 0;
-    k.proto = 0;
-    if let Some(v) = unsafe { POLICY.get(&k) } {
-        return Some(*v);
-    }
-    k.peer = identity::UNKNOWN;
-    k.port = port;
-    k.proto = proto;
-    if let Some(v) = unsafe { POLICY.get(&k) } {
-        return Some(*v);
-    }
-    k.port = 0;
-    k.proto = 0;
-    match unsafe { POLICY.get(&k) } {
-        Some(v) => Some(*v),
+    match rule {
+        Some(r) => Some((r, false)),
         None => None,
     }
 }

@@ -6,7 +6,10 @@
 //! The schema is deliberately structural rather than semantic: the API server
 //! checks shapes and types, and the control plane checks meaning with the
 //! same validator standalone `apply` uses ([`crate::registry::policy_spec`]),
-//! reporting what it refused as a status condition on the object.
+//! reporting what it refused as a status condition on the object. Lists have
+//! `maxItems`, so the API server itself turns away a document built to make
+//! the compiler expand it; what fits is still held to the entry budgets
+//! (`crate::policy::Budget`), refused with reason `OverBudget`.
 
 use std::collections::BTreeMap;
 
@@ -38,10 +41,12 @@ pub struct KeywayNetworkPolicySpec {
     /// Rules for traffic into the selected endpoints. Present (even empty)
     /// means default deny for ingress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub ingress: Option<Vec<IngressRule>>,
     /// Rules for traffic out of the selected endpoints. Present (even empty)
     /// means default deny for egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub egress: Option<Vec<EgressRule>>,
 }
 
@@ -52,8 +57,10 @@ pub struct KeywayNetworkPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub match_labels: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub match_expressions: Option<Vec<LabelSelectorRequirement>>,
 }
 
@@ -63,6 +70,7 @@ pub struct LabelSelectorRequirement {
     /// In, NotIn, Exists or DoesNotExist.
     pub operator: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub values: Option<Vec<String>>,
 }
 
@@ -79,11 +87,14 @@ pub struct IngressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<Authentication>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub from_endpoints: Option<Vec<LabelSelector>>,
     /// world, host, remote-node, cluster or all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 5))]
     pub from_entities: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub to_ports: Option<Vec<PortRule>>,
 }
 
@@ -93,23 +104,32 @@ pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<Authentication>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub to_endpoints: Option<Vec<LabelSelector>>,
     /// world, host, remote-node, cluster or all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 5))]
     pub to_entities: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub to_ports: Option<Vec<PortRule>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PortRule {
+    #[schemars(length(max = 128))]
     pub ports: Vec<PortProtocol>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct PortProtocol {
     /// A port number as a string ("8080"), or "0" for any port.
     pub port: String,
+    /// With `port`, the last port of a range (inclusive), as in
+    /// NetworkPolicy. A range costs one datapath entry per 256 ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<u16>,
     /// TCP (default), UDP, SCTP, ICMP or ANY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,

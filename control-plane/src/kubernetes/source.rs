@@ -77,7 +77,7 @@ pub struct StatusUpdate {
     pub name: String,
     pub generation: Option<i64>,
     /// `Err(reason)` when the spec was refused.
-    pub result: Result<(), String>,
+    pub result: Result<(), PolicyRefusal>,
     /// The condition it has now, if any.
     pub current: Option<Condition>,
 }
@@ -95,18 +95,35 @@ impl StatusUpdate {
     }
 }
 
-fn condition_fields(result: &Result<(), String>) -> (&'static str, &'static str, String) {
+/// Why a policy is not enforced as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyRefusal {
+    /// The spec does not validate (the message names the field).
+    InvalidSpec(String),
+    /// It would compile to more datapath entries than its budget allows.
+    OverBudget(String),
+}
+
+fn condition_fields(result: &Result<(), PolicyRefusal>) -> (&'static str, &'static str, String) {
     match result {
         Ok(()) => (
             "True",
             "Compiled",
             "the policy is compiled and enforced".to_string(),
         ),
-        Err(reason) => (
+        Err(PolicyRefusal::InvalidSpec(reason)) => (
             "False",
             "InvalidSpec",
             format!(
                 "{reason}; the policy changes nothing until it is fixed (its last valid version, if any, stays in force)"
+            ),
+        ),
+        Err(PolicyRefusal::OverBudget(reason)) => (
+            "False",
+            "OverBudget",
+            format!(
+                "{reason}; until it fits, the endpoints it selects allow nothing in the directions it has rules \
+                 (other namespaces are unaffected)"
             ),
         ),
     }
@@ -163,7 +180,10 @@ pub fn desired(inputs: &Inputs, td: &TrustDomain, stored: &RegistrySnapshot) -> 
             namespace: namespace.clone(),
             name: name.clone(),
             generation: knp.meta().generation,
-            result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+            result: result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| PolicyRefusal::InvalidSpec(e.clone())),
             current,
         };
         match result {
@@ -351,23 +371,17 @@ fn rule_value(
         for p in ports {
             let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
             match &p.port {
-                None => list.push(port_value("0", &protocol)),
-                Some(IntOrString::Int(n)) => {
-                    let end = p.end_port.unwrap_or(*n).max(*n);
-                    if end - n > 1024 {
-                        warn!(
-                            port = n,
-                            end_port = end,
-                            "NetworkPolicy port ranges over 1024 ports are not enforced; left out (fails closed)"
-                        );
-                        continue;
-                    }
-                    for port in *n..=end {
-                        list.push(port_value(&port.to_string(), &protocol));
-                    }
-                }
+                // No port: every port of the protocol.
+                None => list.push(port_value("0", None, &protocol)),
+                // A range stays a range: it compiles to one entry per 256
+                // ports, and the policy budget bounds the rest.
+                Some(IntOrString::Int(n)) => list.push(port_value(
+                    &n.to_string(),
+                    p.end_port.filter(|end| end > n),
+                    &protocol,
+                )),
                 Some(IntOrString::String(s)) => match s.parse::<u16>() {
-                    Ok(n) => list.push(port_value(&n.to_string(), &protocol)),
+                    Ok(n) => list.push(port_value(&n.to_string(), None, &protocol)),
                     Err(_) => {
                         warn!(port = %s, "NetworkPolicy named ports are not enforced by Keyway; left out (fails closed)")
                     }
@@ -384,9 +398,12 @@ fn rule_value(
     Some(Value::Mapping(rule))
 }
 
-fn port_value(port: &str, protocol: &str) -> Value {
+fn port_value(port: &str, end_port: Option<i32>, protocol: &str) -> Value {
     let mut m = Mapping::new();
     m.insert("port".into(), port.into());
+    if let Some(end) = end_port {
+        m.insert("endPort".into(), Value::Number(end.into()));
+    }
     m.insert("protocol".into(), protocol.into());
     Value::Mapping(m)
 }
@@ -623,7 +640,7 @@ async fn reconcile_once(
 ) -> Result<Option<Duration>, String> {
     let inputs = caches.inputs();
     let td = cp.config().trust_domain.clone();
-    let (outcome, statuses) = cp
+    let (outcome, mut statuses) = cp
         .reconcile(|stored| {
             let d = desired(&inputs, &td, stored);
             (d.workloads, d.policies, d.statuses)
@@ -636,6 +653,13 @@ async fn reconcile_once(
             revision = outcome.revision,
             "store reconciled with Kubernetes"
         );
+    }
+    // What compiled is decided by the compiler (budgets), after validation.
+    let refused = cp.registry().policy.refused.clone();
+    for u in statuses.iter_mut().filter(|u| u.result.is_ok()) {
+        if let Some(why) = refused.get(&format!("{}/{}", u.namespace, u.name)) {
+            u.result = Err(PolicyRefusal::OverBudget(why.clone()));
+        }
     }
     for update in statuses.iter().filter(|u| !u.is_current()) {
         write_status(policies, update).await?;
@@ -684,8 +708,8 @@ async fn write_status(policies: &Api<KeywayNetworkPolicy>, update: &StatusUpdate
                 Ok(()) => {
                     info!(policy = %format!("{}/{}", update.namespace, update.name), "KeywayNetworkPolicy compiled")
                 }
-                Err(e) => {
-                    warn!(policy = %format!("{}/{}", update.namespace, update.name), reason = %e, "KeywayNetworkPolicy refused")
+                Err(_) => {
+                    warn!(policy = %format!("{}/{}", update.namespace, update.name), reason, message = %message, "KeywayNetworkPolicy refused")
                 }
             }
             Ok(())

@@ -11,8 +11,8 @@ use std::path::Path;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use keyway_common::{
-    AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, auth_type,
-    direction, drop_reason, hook, identity, maps,
+    AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyProbe, PolicyValue,
+    auth_type, direction, drop_reason, hook, identity, maps, policy_flags, policy_probes,
 };
 
 use super::tables::{Tables, ip_key, mask};
@@ -194,28 +194,21 @@ pub fn lookup_ip(t: &dyn Lookup, ip: Ipv4Addr) -> Result<(IpcacheValue, IpSource
     ))
 }
 
-/// Which of the kernel's four policy lookups matched.
+/// What the kernel's policy lookup found: the most specific matching entry
+/// (whose rule flow records name) and whether any matching entry requires
+/// authentication (the union of the rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyMatch {
-    Exact,
-    AnyPort,
-    AnyPeer,
-    AnyPeerAndPort,
+pub struct PolicyHit {
+    pub probe: PolicyProbe,
+    pub key: PolicyKey,
+    pub value: PolicyValue,
+    pub auth_required: bool,
 }
 
-impl PolicyMatch {
-    pub fn name(self) -> &'static str {
-        match self {
-            PolicyMatch::Exact => "exact",
-            PolicyMatch::AnyPort => "any-port",
-            PolicyMatch::AnyPeer => "any-peer",
-            PolicyMatch::AnyPeerAndPort => "any-peer-and-port",
-        }
-    }
-}
-
-/// Most specific first, as the kernel: exact, any port, any peer, any peer
-/// and port. `port` is in network byte order.
+/// The kernel's `lookup_policy`: the probes of
+/// [`keyway_common::policy_probes`] in order (`port` in host order), every
+/// match OR-ed, stopping at the first that requires authentication or at a
+/// final entry.
 pub fn lookup_policy(
     t: &dyn Lookup,
     subject: u32,
@@ -223,26 +216,29 @@ pub fn lookup_policy(
     port: u16,
     proto: u8,
     dir: u8,
-) -> Result<Option<(PolicyMatch, PolicyKey, PolicyValue)>, DatapathError> {
-    let steps = [
-        (PolicyMatch::Exact, peer, port, proto),
-        (PolicyMatch::AnyPort, peer, 0, 0),
-        (PolicyMatch::AnyPeer, identity::UNKNOWN, port, proto),
-        (PolicyMatch::AnyPeerAndPort, identity::UNKNOWN, 0, 0),
-    ];
-    for (step, peer, port, proto) in steps {
-        let key = PolicyKey {
-            subject,
-            peer,
-            port,
-            proto,
-            direction: dir,
+) -> Result<Option<PolicyHit>, DatapathError> {
+    let mut hit: Option<PolicyHit> = None;
+    for (probe, key, bit) in policy_probes(subject, peer, port, proto, dir) {
+        let Some(value) = t.policy(&key)? else {
+            continue;
         };
-        if let Some(v) = t.policy(&key)? {
-            return Ok(Some((step, key, v)));
+        if value.allowed.get(bit) {
+            let h = hit.get_or_insert(PolicyHit {
+                probe,
+                key,
+                value,
+                auth_required: false,
+            });
+            if value.authenticated.get(bit) {
+                h.auth_required = true;
+                break;
+            }
+        }
+        if value.flags & policy_flags::FINAL != 0 {
+            break;
         }
     }
-    Ok(None)
+    Ok(hit)
 }
 
 /// The auth check of an entry that requires it.
@@ -264,7 +260,9 @@ pub struct Evaluation {
     pub subject: u32,
     pub peer: u32,
     pub direction: u8,
-    pub policy: Option<(PolicyMatch, PolicyKey, PolicyValue)>,
+    /// The destination port looked up (host order; 0 without ports).
+    pub port: u16,
+    pub policy: Option<PolicyHit>,
     pub auth: Option<AuthCheck>,
     pub forwarded: bool,
     /// A [`drop_reason`] number.
@@ -306,6 +304,7 @@ pub fn evaluate(
                 subject: identity::UNKNOWN,
                 peer: dst.0.identity,
                 direction: direction::EGRESS,
+                port,
                 policy: None,
                 auth: None,
                 forwarded: false,
@@ -314,11 +313,7 @@ pub fn evaluate(
         }
     }
     // The programs read ports only for TCP, UDP and SCTP.
-    let port = if matches!(proto, 6 | 17 | 132) {
-        port.to_be()
-    } else {
-        0
-    };
+    let port = if matches!(proto, 6 | 17 | 132) { port } else { 0 };
     let (subject, peer, peer_node, dir) = if at == hook::FROM_POD {
         (src.0.identity, dst.0.identity, dst.0.node_id, direction::EGRESS)
     } else {
@@ -331,19 +326,17 @@ pub fn evaluate(
         subject,
         peer,
         direction: dir,
+        port,
         policy: None,
         auth: None,
         forwarded: false,
         reason: drop_reason::POLICY_DENIED,
     };
     e.policy = lookup_policy(t, subject, peer, port, proto, dir)?;
-    let Some((_, _, entry)) = e.policy else {
+    let Some(hit) = e.policy else {
         return Ok(e);
     };
-    if entry.allow == 0 {
-        return Ok(e);
-    }
-    if entry.auth_required == 0 {
+    if !hit.auth_required {
         e.forwarded = true;
         e.reason = drop_reason::NONE;
         return Ok(e);

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use keyway_common::{IpcacheValue, PolicyKey, PolicyValue};
+use keyway_common::{IpcacheValue, PolicyKey, PolicyValue, policy_flags};
 
 use crate::state::NodeState;
 
@@ -73,14 +73,18 @@ impl Tables {
                 None => t.skipped.push(format!("ipcache {cidr}: not an IPv4 CIDR")),
             }
         }
-        for (&(subject, peer, port, protocol, direction), e) in &state.policy {
-            let (Ok(port), Ok(proto), Ok(direction)) = (
-                u16::try_from(port),
+        for (&(subject, peer, block, protocol, direction), e) in &state.policy {
+            let (Ok(port_block), Ok(proto), Ok(direction), Some(allowed), Some(authenticated)) = (
+                u16::try_from(block),
                 u8::try_from(protocol),
                 u8::try_from(direction),
+                crate::state::allowed(e),
+                crate::state::authenticated(e),
             ) else {
+                // Left out: the lookup then falls through to a less specific
+                // entry or denies (fail closed).
                 t.skipped.push(format!(
-                    "policy {subject}->{peer} port {port} proto {protocol} dir {direction}: out of range"
+                    "policy {subject}->{peer} block {block} proto {protocol} dir {direction}: out of range or malformed"
                 ));
                 continue;
             };
@@ -90,15 +94,15 @@ impl Tables {
                 PolicyKey {
                     subject,
                     peer,
-                    port: port.to_be(),
+                    port_block,
                     proto,
                     direction,
                 },
                 PolicyValue {
-                    allow: u8::from(e.allow),
-                    auth_required: u8::from(e.auth_required),
-                    _pad: [0; 2],
                     rule_id: id,
+                    flags: if e.r#final { policy_flags::FINAL } else { 0 },
+                    allowed,
+                    authenticated: authenticated.and(allowed),
                 },
             );
         }
@@ -172,15 +176,11 @@ mod tests {
                 },
             );
         }
-        s.policy.insert(
-            (300, 301, 8080, 6, 0),
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: true,
-                rule: "default/api-mtls ingress[0]".into(),
-            },
-        );
+        {
+            let (k, e) =
+                crate::state::port_entry((300, 301, 8080, 6, 0), true, "default/api-mtls ingress[0]");
+            s.policy.insert(k, e);
+        }
         s
     }
 
@@ -199,12 +199,13 @@ mod tests {
     }
 
     #[test]
-    fn policy_ports_are_in_network_order_and_rules_are_named() {
+    fn policy_ports_are_blocks_with_bits_and_rules_are_named() {
         let t = Tables::from_state(&state());
         let (k, v) = t.policy.iter().next().unwrap();
-        assert_eq!(k.port, 8080u16.to_be());
+        assert_eq!(k.port_block, keyway_common::port_block(8080));
         assert_eq!((k.subject, k.peer, k.proto, k.direction), (300, 301, 6, 0));
-        assert_eq!((v.allow, v.auth_required), (1, 1));
+        assert!(v.allowed.get((8080 & 0xff) as u8) && v.authenticated.get((8080 & 0xff) as u8));
+        assert_eq!(v.allowed.count(), 1);
         assert_eq!(t.rules[&v.rule_id], "default/api-mtls ingress[0]");
     }
 

@@ -58,7 +58,7 @@ pub fn auth_required(state: &NodeState, local: u32, remote: u32) -> bool {
     let lo = (local, 0, 0, 0, 0);
     let hi = (local, u32::MAX, u32::MAX, u32::MAX, u32::MAX);
     state.policy.range(lo..=hi).any(|(&(_, peer, ..), e)| {
-        e.allow && e.auth_required && (peer == remote || peer == identity::UNKNOWN)
+        crate::state::requires_auth(e) && (peer == remote || peer == identity::UNKNOWN)
     })
 }
 
@@ -93,7 +93,7 @@ impl View {
     pub fn wanted(&self, state: &NodeState) -> BTreeSet<AuthKey> {
         let mut out = BTreeSet::new();
         for (&(subject, peer, ..), e) in &state.policy {
-            let names_a_local_pair = e.allow && e.auth_required && self.local.contains(&subject);
+            let names_a_local_pair = crate::state::requires_auth(e) && self.local.contains(&subject);
             if !names_a_local_pair || identity::is_reserved(peer) {
                 continue;
             }
@@ -203,24 +203,14 @@ mod tests {
                 },
             );
         }
-        s.policy.insert(
-            (300, 301, 8080, 6, 1),
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: true,
-                rule: "default/api egress[0]".into(),
-            },
-        );
-        s.policy.insert(
-            (300, 302, 0, 0, 1),
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: false,
-                rule: "default/other egress[0]".into(),
-            },
-        );
+        {
+            let (k, e) = crate::state::port_entry((300, 301, 8080, 6, 1), true, "default/api egress[0]");
+            s.policy.insert(k, e);
+        }
+        {
+            let (k, e) = crate::state::port_entry((300, 302, 0, 0, 1), false, "default/other egress[0]");
+            s.policy.insert(k, e);
+        }
         s
     }
 
@@ -233,15 +223,10 @@ mod tests {
     #[test]
     fn pairs_without_auth_or_with_reserved_peers_are_not_wanted() {
         let mut s = state();
-        s.policy.insert(
-            (300, identity::WORLD, 0, 0, 1),
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: true,
-                rule: "x".into(),
-            },
-        );
+        {
+            let (k, e) = crate::state::port_entry((300, identity::WORLD, 0, 0, 1), true, "x");
+            s.policy.insert(k, e);
+        }
         assert!(wanted(&s, ME).iter().all(|k| k.remote_id == 301));
     }
 
@@ -271,7 +256,11 @@ mod tests {
         assert!(unjustified(&s, ME, &k).unwrap().contains("node is gone"));
 
         let mut s = state();
-        s.policy.get_mut(&(300, 301, 8080, 6, 1)).unwrap().auth_required = false;
+        s.policy
+            .get_mut(&(300, 301, 32, 6, 1))
+            .unwrap()
+            .authenticated
+            .clear();
         assert!(unjustified(&s, ME, &k).unwrap().contains("no policy"));
     }
 
@@ -279,15 +268,10 @@ mod tests {
     fn a_wildcard_peer_rule_justifies_on_demand_pairs() {
         let mut s = state();
         s.policy.clear();
-        s.policy.insert(
-            (300, 0, 0, 0, 0),
-            pb::PolicyEntry {
-                key: None,
-                allow: true,
-                auth_required: true,
-                rule: "any".into(),
-            },
-        );
+        {
+            let (k, e) = crate::state::port_entry((300, 0, 0, 0, 0), true, "any");
+            s.policy.insert(k, e);
+        }
         assert!(wanted(&s, ME).is_empty(), "nothing to pre-authenticate");
         assert_eq!(
             unjustified(&s, ME, &key(300, 301, 2)),
