@@ -30,9 +30,9 @@ use crate::sync;
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub spiffe_id: Option<SpiffeId>,
-    /// The client certificate's NotBefore (Unix seconds): a node SVID
-    /// issued before its node's current registration is refused.
-    pub not_before: Option<i64>,
+    /// The tag in the client certificate's serial number: a node SVID of
+    /// an earlier (revoked) registration of its node is refused.
+    pub serial_tag: Option<u32>,
 }
 
 /// Serves the agent API on `listener` until `shutdown` turns true. Each
@@ -105,20 +105,17 @@ pub async fn serve(
                 }
             };
             let spiffe_id = tls::peer_spiffe_id(stream.get_ref().1.peer_certificates());
-            let not_before = stream
+            let serial_tag = stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| {
-                    keyway_identity::x509::parse(c.as_ref())
-                        .ok()
-                        .map(|c| c.validity().not_before.timestamp())
-                });
+                .and_then(|c| keyway_identity::x509::parse(c.as_ref()).ok())
+                .and_then(|c| crate::ca::serial_tag(c.raw_serial()));
             let peer = PeerInfo {
                 addr,
                 spiffe_id,
-                not_before,
+                serial_tag,
             };
             keyway_serve::grpc::serve_connection(&gate, stream, peer, routes, shutdown).await;
         });
@@ -157,7 +154,7 @@ impl AgentService {
             self.cp.count_refusal(Refusal::NotAttested);
             Status::permission_denied(format!("{id} is not a node agent identity"))
         })?;
-        self.cp.authenticate_node(node, peer.not_before)?;
+        self.cp.authenticate_node(node, peer.serial_tag)?;
         Ok(node.to_owned())
     }
 }
@@ -267,7 +264,7 @@ impl AgentApi for AgentService {
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
         let node = self.caller_node(&req)?;
-        let not_before = req.extensions().get::<PeerInfo>().and_then(|p| p.not_before);
+        let serial_tag = req.extensions().get::<PeerInfo>().and_then(|p| p.serial_tag);
         // Stored before the snapshot is taken, so this node's own entry in
         // the node table is current from the first message.
         if let Err(e) = self
@@ -279,7 +276,7 @@ impl AgentApi for AgentService {
             return Err(e.into());
         }
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream_sync(self.cp.clone(), node, not_before, tx));
+        tokio::spawn(stream_sync(self.cp.clone(), node, serial_tag, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -290,7 +287,7 @@ impl AgentApi for AgentService {
 async fn stream_sync(
     cp: ControlPlane,
     node: String,
-    not_before: Option<i64>,
+    serial_tag: Option<u32>,
     tx: mpsc::Sender<Result<pb::SyncResponse, Status>>,
 ) {
     let _open = cp.metrics().sync_stream();
@@ -323,7 +320,7 @@ async fn stream_sync(
             r = registry.changed() => {
                 if r.is_err() { return; }
                 let cluster = registry.borrow_and_update().clone();
-                if let Err(e) = cp.authenticate_node(&node, not_before) {
+                if let Err(e) = cp.authenticate_node(&node, serial_tag) {
                     info!(node, "closing the Sync stream of a revoked node");
                     let _ = tx.send(Err(e.into())).await;
                     return;

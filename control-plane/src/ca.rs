@@ -84,12 +84,27 @@ fn at(unix: i64) -> OffsetDateTime {
 }
 
 fn random_serial() -> Result<SerialNumber, CaError> {
+    tagged_serial(None)
+}
+
+/// 128 random bits (positive, always 16 bytes long); with a tag, the last
+/// four bytes are the tag instead (node SVIDs carry their registration's).
+fn tagged_serial(tag: Option<u32>) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| CaError::Crypto)?;
     bytes[0] &= 0x7f; // positive
     bytes[0] |= 0x01; // and always 16 bytes long
+    if let Some(tag) = tag {
+        bytes[12..].copy_from_slice(&tag.to_be_bytes());
+    }
     Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// The tag in the last four bytes of a serial number (see [`Authority::issue`]).
+pub fn serial_tag(serial: &[u8]) -> Option<u32> {
+    let tail: [u8; 4] = serial.get(serial.len().checked_sub(4)?..)?.try_into().ok()?;
+    Some(u32::from_be_bytes(tail))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -372,16 +387,20 @@ impl Authority {
     /// digitalSignature (+keyEncipherment, keyAgreement), EKU serverAuth and
     /// clientAuth, NotBefore backdated, NotAfter capped by the TTL limit and
     /// by the CA's own NotAfter.
+    ///
+    /// `serial_tag` goes in the serial number's last four bytes (node SVIDs:
+    /// their node's registration, see `NodeRecord::registration`).
     pub fn issue(
         &self,
         public_key: &rcgen::SubjectPublicKeyInfo,
         spiffe_id: &SpiffeId,
         ttl: Duration,
         now: i64,
+        serial_tag: Option<u32>,
     ) -> Result<Issued, CaError> {
         let ttl = ttl.min(self.max_svid_ttl).max(Duration::from_secs(1));
         let not_after = (now + ttl.as_secs() as i64).min(self.active_not_after);
-        let serial = random_serial()?;
+        let serial = tagged_serial(serial_tag)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Keyway");
@@ -573,7 +592,9 @@ mod tests {
         let _ = key;
         let spki = crate::csr::check(&csr, "spiffe://example.org/a").unwrap();
         let id = SpiffeId::new("spiffe://example.org/a").unwrap();
-        let issued = auth.issue(&spki, &id, Duration::from_secs(3600), now).unwrap();
+        let issued = auth
+            .issue(&spki, &id, Duration::from_secs(3600), now, None)
+            .unwrap();
         assert_eq!(issued.not_after, now + 100, "capped at ca_ttl/6");
     }
 }

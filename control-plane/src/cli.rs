@@ -342,11 +342,42 @@ fn load_upstream(files: &UpstreamFiles) -> anyhow::Result<Upstream> {
     Ok(Upstream { chain, key })
 }
 
-/// Creates the data directory with mode 0700: it holds CA keys.
+/// Creates the data directory with mode 0700 (it holds CA keys), makes
+/// everything already in it owner-only (files 0600, directories 0700: a
+/// store written by an earlier version may have 0644 files), and sets the
+/// process umask to 0077 so every file the store creates from now on, its
+/// snapshots included, is owner-only from the start.
 fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    set_private_umask();
     std::fs::create_dir_all(dir).with_context(|| format!("--data-dir: cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("--data-dir: cannot restrict {} to mode 0700", dir.display()))?;
+    restrict_tree(dir)
+        .with_context(|| format!("--data-dir: cannot restrict {} to its owner", dir.display()))?;
+    Ok(())
+}
+
+#[allow(unsafe_code, reason = "umask(2) has no std equivalent")]
+fn set_private_umask() {
+    // SAFETY: umask only swaps the process's file creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Files 0600 and directories 0700 under `dir` (symlinks are not followed).
+fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            restrict_tree(&entry.path())?;
+        } else if kind.is_file() {
+            let mode = entry.metadata()?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode & 0o700))?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -376,11 +376,27 @@ impl ControlPlane {
         requester: &str,
         kind: IssuedKind,
     ) -> Result<Issued, ApiError> {
+        self.issue_tagged(csr_der, spiffe_id, ttl, requester, kind, None)
+            .await
+    }
+
+    /// [`ControlPlane::issue`] with a serial number tag (node SVIDs).
+    async fn issue_tagged(
+        &self,
+        csr_der: &[u8],
+        spiffe_id: &SpiffeId,
+        ttl: Duration,
+        requester: &str,
+        kind: IssuedKind,
+        serial_tag: Option<u32>,
+    ) -> Result<Issued, ApiError> {
         let started = std::time::Instant::now();
         let public_key =
             csr::check(csr_der, &spiffe_id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
         let now = now_unix();
-        let issued = self.authority().issue(&public_key, spiffe_id, ttl, now)?;
+        let issued = self
+            .authority()
+            .issue(&public_key, spiffe_id, ttl, now, serial_tag)?;
         self.inner
             .store
             .log_issuance(&IssuanceRecord {
@@ -479,14 +495,16 @@ impl ControlPlane {
         }
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
         let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
-        let (now, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
+        // Signed under the registry lock: when the node's registration
+        // begins is decided with nothing able to revoke it in between.
         let _guard = self.inner.registry_lock.lock().await;
+        let (now, registration, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
         // Consuming is what makes the token single-use: two attempts with
         // the same token both pass the read above, one of them consumes.
         let node_rec = self
             .inner
             .store
-            .consume_join_token(&hash, node, now, &record)
+            .consume_join_token(&hash, node, now, registration, &record)
             .await
             .map_err(|e| match e {
                 StoreError::TokenRefused(_) => self.refuse(Refusal::TokenRefused, e),
@@ -519,16 +537,31 @@ impl ControlPlane {
 
     /// Signs a node SVID for an attested node and the issuance record the
     /// store writes with the node's registration (one atomic step).
+    ///
+    /// The SVID's serial number carries the node's registration tag: the
+    /// current one, or a fresh random one when this attestation begins a new
+    /// registration (the node unknown, or revoked), returned for the store
+    /// to record. So no SVID of an earlier, revoked registration ever passes
+    /// [`ControlPlane::authenticate_node`] again. Call with the registry
+    /// lock held, so the registration cannot change in between.
     fn issue_node_svid(
         &self,
         public_key: &rcgen::SubjectPublicKeyInfo,
         id: &SpiffeId,
         node: &str,
-    ) -> Result<(i64, Issued, IssuanceRecord), ApiError> {
+    ) -> Result<(i64, u32, Issued, IssuanceRecord), ApiError> {
+        let registration = match self.node(node) {
+            Some(rec) => rec.registration,
+            None => crate::tokens::random_u32().map_err(|_| ApiError::Internal("no randomness".into()))?,
+        };
         let now = now_unix();
-        let issued = self
-            .authority()
-            .issue(public_key, id, self.inner.cfg.node_svid_ttl, now)?;
+        let issued = self.authority().issue(
+            public_key,
+            id,
+            self.inner.cfg.node_svid_ttl,
+            now,
+            Some(registration),
+        )?;
         let record = IssuanceRecord {
             serial: issued.serial.clone(),
             spiffe_id: id.to_string(),
@@ -537,7 +570,7 @@ impl ControlPlane {
             issued_at: now,
             not_after: issued.not_after,
         };
-        Ok((now, issued, record))
+        Ok((now, registration, issued, record))
     }
 
     /// Kubernetes attestation: a projected service account token bound to a
@@ -570,9 +603,13 @@ impl ControlPlane {
             }
             other => other,
         })?;
-        let (now, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
         let _guard = self.inner.registry_lock.lock().await;
-        let node_rec = self.inner.store.register_node(node, now, &record).await?;
+        let (now, registration, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
+        let node_rec = self
+            .inner
+            .store
+            .register_node(node, now, registration, &record)
+            .await?;
         self.refresh_registry().await?;
         self.inner.metrics.issued(IssuedKind::Node, started);
         info!(
@@ -592,7 +629,7 @@ impl ControlPlane {
     /// on (renewal included), its Sync stream ends, and every agent drops it
     /// from the node table and flushes the auth entries it vouched for. A
     /// new attestation starts a new registration; SVIDs from before the
-    /// revocation stay refused (see [`NodeRecord::since`]).
+    /// revocation stay refused (see [`NodeRecord::registration`]).
     pub async fn revoke_node(&self, node: &str) -> Result<bool, ApiError> {
         let _guard = self.inner.registry_lock.lock().await;
         let revoked = self.inner.store.revoke_node(node).await?;
@@ -609,7 +646,7 @@ impl ControlPlane {
     pub fn authenticate_node(
         &self,
         node: &str,
-        cert_not_before: Option<i64>,
+        cert_serial_tag: Option<u32>,
     ) -> Result<NodeRecord, ApiError> {
         let Some(record) = self.node(node) else {
             self.inner.metrics.refused(Refusal::NotAttested);
@@ -617,9 +654,7 @@ impl ControlPlane {
                 "node {node} is not attested with this control plane (never attested, or revoked); attest again"
             )));
         };
-        // NotBefore is backdated by the issuer; the registration time is not.
-        let issued_at = cert_not_before.map(|t| t + ca::BACKDATE_SECS);
-        if issued_at.is_some_and(|t| t < record.since) {
+        if record.registration != 0 && cert_serial_tag != Some(record.registration) {
             self.inner.metrics.refused(Refusal::Revoked);
             return Err(ApiError::PermissionDenied(format!(
                 "this node SVID for {node} was issued before the node's current registration (it was revoked \
@@ -706,7 +741,14 @@ impl ControlPlane {
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
             .map_err(|e| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e.to_string())))?;
         let issued = self
-            .issue(csr_der, &id, self.inner.cfg.node_svid_ttl, node, IssuedKind::Node)
+            .issue_tagged(
+                csr_der,
+                &id,
+                self.inner.cfg.node_svid_ttl,
+                node,
+                IssuedKind::Node,
+                Some(node_rec.registration),
+            )
             .await?;
         Ok(NodeSvid {
             spiffe_id: id,

@@ -309,7 +309,7 @@ mod tests {
                 name: "n2".into(),
                 node_id: 7,
                 attested_at: 0,
-                since: 0,
+                registration: 0,
                 addresses: vec!["192.0.2.2:4250".into()],
             }],
             policies: vec![PolicyRecord {
@@ -349,7 +349,7 @@ mod tests {
             name: "n1".into(),
             node_id: 3,
             attested_at: 0,
-            since: 0,
+            registration: 0,
             addresses: vec![],
         });
         for node in ["n1", "n2", "n3"] {

@@ -16,6 +16,14 @@ pub fn generate() -> Result<String, ring::error::Unspecified> {
     Ok(format!("kw1.{}", B64URL.encode(bytes)))
 }
 
+/// A random 32-bit value (node registration tags).
+pub fn random_u32() -> Result<u32, ring::error::Unspecified> {
+    let mut bytes = [0u8; 4];
+    SystemRandom::new().fill(&mut bytes)?;
+    // Never 0: that is "no tag" in records written before tags existed.
+    Ok(u32::from_be_bytes(bytes).max(1))
+}
+
 /// What the store keeps instead of the token.
 pub fn hash(token: &str) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes())

@@ -30,6 +30,13 @@ use crate::limits::Gate;
 /// How long a closing connection gets to finish the streams it has.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// How long a connection closed for sending no request in time gets to
+/// take its GOAWAY. It has no stream to finish, and hyper cannot send a
+/// GOAWAY before the peer's HTTP/2 preface: a peer that never sends one
+/// would otherwise hold its slot for the whole [`DRAIN`] past the header
+/// timeout (15 s instead of 10 by default).
+const FIRST_REQUEST_DRAIN: Duration = Duration::from_millis(500);
+
 /// Serves `routes` on `io` until the peer goes, the connection times out
 /// (no first request within the header timeout, or idle), or `shutdown`
 /// turns true. `info` is inserted into every request's extensions. The
@@ -86,8 +93,13 @@ pub async fn serve_connection<I, C>(
         gate.closed(reason);
         tracing::debug!(listener = gate.name(), reason, "closing connection");
     }
+    let drain = if closing == Some("header-timeout") {
+        FIRST_REQUEST_DRAIN
+    } else {
+        DRAIN
+    };
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(DRAIN, conn).await;
+    let _ = tokio::time::timeout(drain, conn).await;
 }
 
 /// Requests in flight on one connection, and when that last changed.
@@ -253,6 +265,24 @@ mod tests {
             "header-timeout"
         );
         assert_eq!(t.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_sends_its_preface_is_let_go_at_the_header_timeout() {
+        let gate = Gate::new(
+            "test",
+            crate::Limits::default(),
+            crate::ListenerMetrics::unregistered(),
+        );
+        // The peer end stays open and silent.
+        let (server, _peer) = tokio::io::duplex(1 << 16);
+        let (_stop, shutdown) = watch::channel(false);
+        let t = Instant::now();
+        serve_connection(&gate, server, (), tonic::service::Routes::default(), shutdown).await;
+        assert_eq!(
+            t.elapsed(),
+            crate::Limits::default().request_header_timeout + FIRST_REQUEST_DRAIN
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,6 +33,7 @@ pub struct Options {
     pub ca_ttl: Duration,
     pub svid_ttl: Duration,
     pub trust_domain: String,
+    pub policy_budget: control_plane::policy::Budget,
 }
 
 impl Default for Options {
@@ -41,6 +42,7 @@ impl Default for Options {
             ca_ttl: Duration::from_secs(365 * 86400),
             svid_ttl: Duration::from_secs(3600),
             trust_domain: TD.to_string(),
+            policy_budget: Default::default(),
         }
     }
 }
@@ -81,7 +83,7 @@ impl InProcess {
             allow_join_tokens: false,
             attest_per_minute: 0,
             agent_api_limits: control_plane::config::agent_api_limits(),
-            policy_budget: Default::default(),
+            policy_budget: opts.policy_budget,
         };
         let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
         let ca_cfg = CaConfig {

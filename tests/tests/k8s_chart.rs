@@ -236,7 +236,12 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
     assert_eq!(flag(agent, "--k8s-token-file"), "/var/run/secrets/keyway/token");
     assert_eq!(flag(agent, "--data-dir"), "/var/lib/keyway/agent");
     assert_eq!(flag(agent, "--socket"), "/run/keyway/sockets/agent.sock");
-    assert_eq!(flag(agent, "--admin-socket"), "/run/keyway/sockets/admin.sock");
+    // The admin socket is not in the directory workloads mount.
+    assert_eq!(
+        flag(agent, "--admin-socket"),
+        "/run/keyway/admin/agent-admin.sock"
+    );
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(flag(agent, "--auth-port"), "4250");
     assert!(has_arg(agent, "--datapath"));
     assert_eq!(
@@ -264,6 +269,11 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
         json!({"path": "/run/keyway/sockets", "type": "DirectoryOrCreate"})
     );
     assert_eq!(mount(agent, "sockets")["mountPath"], "/run/keyway/sockets");
+    assert_eq!(
+        volume(pod, "admin")["hostPath"],
+        json!({"path": "/run/keyway/admin", "type": "DirectoryOrCreate"})
+    );
+    assert_eq!(mount(agent, "admin")["mountPath"], "/run/keyway/admin");
     assert_eq!(
         volume(pod, "data")["hostPath"],
         json!({"path": "/var/lib/keyway/agent", "type": "DirectoryOrCreate"})

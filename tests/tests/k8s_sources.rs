@@ -30,7 +30,11 @@ struct K8sControlPlane {
 }
 
 async fn control_plane(agent_sa_namespace: &str) -> K8sControlPlane {
-    let cp = InProcess::start(Options::default()).await;
+    control_plane_with(agent_sa_namespace, Options::default()).await
+}
+
+async fn control_plane_with(agent_sa_namespace: &str, opts: Options) -> K8sControlPlane {
+    let cp = InProcess::start(opts).await;
     let client = cluster().admin().await;
     let (stop, rx) = watch::channel(false);
     let run = start_kubernetes(
@@ -375,7 +379,18 @@ async fn an_invalid_policy_gets_a_status_condition_and_changes_nothing_else() {
     )
     .await;
     keyway_tests::kube::apply_yaml::<KeywayNetworkPolicy>(&admin, &ns, POLICY).await;
-    let kcp = control_plane(&ns).await;
+    // A small per-policy budget, so a policy of a few hundred entries is over it.
+    let kcp = control_plane_with(
+        &ns,
+        Options {
+            policy_budget: control_plane::policy::Budget {
+                per_policy: 200,
+                per_namespace: 1000,
+            },
+            ..Options::default()
+        },
+    )
+    .await;
     let cp = &kcp.cp;
     let policies: Api<KeywayNetworkPolicy> = Api::namespaced(admin.clone(), &ns);
     let condition = |name: &'static str| {
@@ -454,6 +469,67 @@ spec:
     keyway_tests::kube::apply_yaml::<KeywayNetworkPolicy>(&admin, &ns, POLICY).await;
     let c = condition("api-mtls").await;
     assert_eq!(c.status, "True");
+
+    // The budget counts the endpoints a policy selects: api-1's workload.
+    wait_cp(cp, "api-1 as a workload", |c| {
+        c.records
+            .workloads
+            .iter()
+            .any(|w| w.namespace == ns && w.name == "api-1")
+            .then_some(())
+    })
+    .await;
+    // 400 ports spread over the port space from the whole cluster: the API
+    // server refuses a list of more than 128 ports (maxItems) ...
+    let ports = |from: usize, n: usize| {
+        (from..from + n)
+            .map(|i| format!("{{ port: \"{}\", protocol: TCP }}", 100 + i * 160))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let doc = |items: &[String]| {
+        let to_ports: String = items
+            .iter()
+            .map(|p| format!("        - ports: [{p}]\n"))
+            .collect();
+        format!(
+            "apiVersion: keyway.dev/v1alpha1\nkind: KeywayNetworkPolicy\nmetadata: {{ name: big }}\n\
+             spec:\n  endpointSelector: {{ matchLabels: {{ app: api }} }}\n  ingress:\n    \
+             - fromEntities: [cluster]\n      toPorts:\n{to_ports}"
+        )
+    };
+    let too_long: KeywayNetworkPolicy = serde_yaml::from_str(&doc(&[ports(0, 400)])).expect("parses");
+    let err = policies
+        .create(&kube::api::PostParams::default(), &too_long)
+        .await
+        .expect_err("maxItems: 400 ports in one list");
+    assert!(err.to_string().contains("128"), "{err}");
+    // ... and in four lists of 100 it is valid but over this control
+    // plane's budget: refused by the compiler, its endpoint allows nothing
+    // from the cluster on those ports. (The Valid condition says OverBudget;
+    // it is not asserted here because every test's control plane watches
+    // this apiserver's policies and writes their status with its own,
+    // default, budget.)
+    let big = doc(&[ports(0, 100), ports(100, 100), ports(200, 100), ports(300, 100)]);
+    keyway_tests::kube::apply_yaml::<KeywayNetworkPolicy>(&admin, &ns, &big).await;
+    let why = wait_cp(cp, "the compiler refusing big", |c| {
+        c.policy.refused.get(&format!("{ns}/big")).cloned()
+    })
+    .await;
+    assert!(why.contains("per-policy budget of 200"), "{why}");
+    let reg = cp.cp.registry();
+    let api = reg
+        .records
+        .workloads
+        .iter()
+        .find(|w| w.namespace == ns && w.name == "api-1")
+        .expect("api-1")
+        .identity;
+    assert_eq!(
+        reg.policy.decide(api, 100_000, 100, 6, 0),
+        None,
+        "refused: nothing allowed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

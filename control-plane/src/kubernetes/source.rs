@@ -722,3 +722,27 @@ async fn write_status(policies: &Api<KeywayNetworkPolicy>, update: &StatusUpdate
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_policies_say_why_and_what_is_enforced_meanwhile() {
+        let (status, reason, message) = condition_fields(&Ok(()));
+        assert_eq!((status, reason), ("True", "Compiled"));
+        assert!(message.contains("enforced"));
+        let (status, reason, message) =
+            condition_fields(&Err(PolicyRefusal::InvalidSpec("spec.ingress[0]: bad".into())));
+        assert_eq!((status, reason), ("False", "InvalidSpec"));
+        assert!(message.starts_with("spec.ingress[0]: bad") && message.contains("last valid version"));
+        let (status, reason, message) = condition_fields(&Err(PolicyRefusal::OverBudget(
+            "compiles to about 253 datapath entries, over the per-policy budget of 200".into(),
+        )));
+        assert_eq!((status, reason), ("False", "OverBudget"));
+        assert!(
+            message.contains("budget of 200") && message.contains("allow nothing"),
+            "{message}"
+        );
+    }
+}

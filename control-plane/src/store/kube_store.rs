@@ -516,6 +516,7 @@ impl Store for KubeStore {
         token_hash: &[u8],
         node: &str,
         now: i64,
+        registration: u32,
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord> {
         check_serial(&issued.serial)?;
@@ -523,7 +524,7 @@ impl Store for KubeStore {
         let record = self
             .update_state("join token attestation", |state| {
                 state.consume_token(&key, node, now)?;
-                let record = state.register(node, now)?;
+                let record = state.register(node, now, registration)?;
                 state
                     .pending_issuance
                     .insert(issued.serial.clone(), issued.clone());
@@ -534,11 +535,17 @@ impl Store for KubeStore {
         Ok(record)
     }
 
-    async fn register_node(&self, node: &str, now: i64, issued: &IssuanceRecord) -> StoreResult<NodeRecord> {
+    async fn register_node(
+        &self,
+        node: &str,
+        now: i64,
+        registration: u32,
+        issued: &IssuanceRecord,
+    ) -> StoreResult<NodeRecord> {
         check_serial(&issued.serial)?;
         let record = self
             .update_state("node registration", |state| {
-                let record = state.register(node, now)?;
+                let record = state.register(node, now, registration)?;
                 state
                     .pending_issuance
                     .insert(issued.serial.clone(), issued.clone());
@@ -837,7 +844,7 @@ impl SharedState {
 
     /// A new node gets the next node id; a known one keeps its id and gets a
     /// new attestation time.
-    fn register(&mut self, node: &str, now: i64) -> StoreResult<NodeRecord> {
+    fn register(&mut self, node: &str, now: i64, registration: u32) -> StoreResult<NodeRecord> {
         let record = match self.nodes.get_mut(node) {
             Some(rec) => {
                 rec.attested_at = now;
@@ -852,7 +859,7 @@ impl SharedState {
                     name: node.to_owned(),
                     node_id,
                     attested_at: now,
-                    since: now,
+                    registration,
                     addresses: Vec::new(),
                 };
                 self.nodes.insert(node.to_owned(), rec.clone());
@@ -1523,10 +1530,11 @@ mod tests {
     #[test]
     fn nodes_keep_their_id_and_addresses_change_the_revision_only_when_different() {
         let mut state = SharedState::new();
-        assert_eq!(state.register("n1", 1).unwrap().node_id, 1);
-        assert_eq!(state.register("n2", 1).unwrap().node_id, 2);
+        assert_eq!(state.register("n1", 1, 7).unwrap().node_id, 1);
+        assert_eq!(state.register("n2", 1, 8).unwrap().node_id, 2);
         let rev = state.revision;
-        let again = state.register("n1", 5).unwrap();
+        let again = state.register("n1", 5, 9).unwrap();
+        assert_eq!(again.registration, 7, "an existing registration keeps its tag");
         assert_eq!((again.node_id, again.attested_at), (1, 5));
         assert_eq!(state.revision, rev + 1, "re-attestation is a registry change");
         let addrs = vec!["10.0.0.1:4250".to_string()];

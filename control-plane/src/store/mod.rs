@@ -173,12 +173,13 @@ pub struct NodeRecord {
     pub name: String,
     pub node_id: u16,
     pub attested_at: i64,
-    /// When this registration began (Unix seconds): the first attestation
-    /// after the node was unknown or revoked. A node SVID issued before it
-    /// belongs to an earlier, revoked registration and is refused. Records
-    /// written before revocation existed load with 0.
+    /// This registration's tag: chosen at random when the node is first
+    /// attested (or attested again after a revocation) and carried in the
+    /// serial number of every node SVID issued to it, so an SVID of an
+    /// earlier, revoked registration never authenticates the node again.
+    /// Records written before revocation existed load with 0 (no check).
     #[serde(default)]
-    pub since: i64,
+    pub registration: u32,
     /// Where its agent takes mutual-authentication handshakes ("IP:PORT"),
     /// as it last advertised them when opening Sync. Records written before
     /// addresses existed load with none.
@@ -305,11 +306,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Consumes the token, registers the node (allocating its node id on first
     /// attestation) and logs the node SVID, all in one atomic step. A token can
     /// be consumed once, ever.
+    /// `registration` is the tag a new registration gets (an existing one
+    /// keeps its own).
     async fn consume_join_token(
         &self,
         token_hash: &[u8],
         node: &str,
         now: i64,
+        registration: u32,
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord>;
 
@@ -317,7 +321,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// projected service account token checked with TokenReview),
     /// allocating its node id on first attestation, and logs the node SVID,
     /// in one atomic step. Attesting again keeps the node id.
-    async fn register_node(&self, node: &str, now: i64, issued: &IssuanceRecord) -> StoreResult<NodeRecord>;
+    async fn register_node(
+        &self,
+        node: &str,
+        now: i64,
+        registration: u32,
+        issued: &IssuanceRecord,
+    ) -> StoreResult<NodeRecord>;
 
     async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()>;
     async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>>;

@@ -86,6 +86,7 @@ fn register_in(
     meta: &sled::transaction::TransactionalTree,
     node: &str,
     now: i64,
+    registration: u32,
 ) -> Result<NodeRecord, TxError> {
     let record = match nodes.get(node.as_bytes())? {
         Some(raw) => {
@@ -102,7 +103,7 @@ fn register_in(
                 name: node.to_owned(),
                 node_id,
                 attested_at: now,
-                since: now,
+                registration,
                 addresses: Vec::new(),
             }
         }
@@ -197,6 +198,7 @@ impl Store for SledStore {
         token_hash: &[u8],
         node: &str,
         now: i64,
+        registration: u32,
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord> {
         let result = (&self.tokens, &self.nodes, &self.meta, &self.issuance).transaction(
@@ -213,7 +215,7 @@ impl Store for SledStore {
                 token.consumed_at = Some(now);
                 tokens.insert(token_hash, encode(&token))?;
 
-                let record = register_in(nodes, meta, node, now)?;
+                let record = register_in(nodes, meta, node, now, registration)?;
                 issuance.insert(issued.serial.as_bytes(), encode(issued))?;
                 Ok(record)
             },
@@ -223,9 +225,15 @@ impl Store for SledStore {
         Ok(record)
     }
 
-    async fn register_node(&self, node: &str, now: i64, issued: &IssuanceRecord) -> StoreResult<NodeRecord> {
+    async fn register_node(
+        &self,
+        node: &str,
+        now: i64,
+        registration: u32,
+        issued: &IssuanceRecord,
+    ) -> StoreResult<NodeRecord> {
         let result = (&self.nodes, &self.meta, &self.issuance).transaction(|(nodes, meta, issuance)| {
-            let record = register_in(nodes, meta, node, now)?;
+            let record = register_in(nodes, meta, node, now, registration)?;
             issuance.insert(issued.serial.as_bytes(), encode(issued))?;
             Ok(record)
         });
@@ -574,7 +582,10 @@ mod tests {
             issued_at: 0,
             not_after: 1,
         };
-        store.consume_join_token(token, "n1", 1, &issued).await.unwrap()
+        store
+            .consume_join_token(token, "n1", 1, 7, &issued)
+            .await
+            .unwrap()
     }
 
     #[tokio::test]

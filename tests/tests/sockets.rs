@@ -1,0 +1,87 @@
+//! Files and sockets that hold or guard secrets: created with their final
+//! mode from the start, never by a chmod that follows a path someone else
+//! can change; the CA key at rest is readable by its owner only.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn sockets_appear_with_their_final_mode_and_a_planted_symlink_is_replaced_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("secret");
+    std::fs::write(&target, "keep me").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Someone who could write the directory planted a link where the socket goes.
+    let path = dir.path().join("agent.sock");
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let listener = keyway_serve::unix::bind(&path, 0o666, 0o755).expect("bind");
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert!(
+        meta.file_type().is_socket(),
+        "the link was replaced by the socket"
+    );
+    assert_eq!(mode(&path), 0o666);
+    assert_eq!(
+        mode(&target),
+        0o600,
+        "the link's target kept its mode (chmod did not follow it)"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+    // No staging directory is left behind.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    // A live socket is never replaced.
+    let err = keyway_serve::unix::bind(&path, 0o666, 0o755).unwrap_err();
+    assert!(err.to_string().contains("already serving"), "{err}");
+    drop(listener);
+    // A stale one (nobody answers) is.
+    keyway_serve::unix::bind(&path, 0o600, 0o755).expect("a stale socket is replaced");
+    assert_eq!(mode(&path), 0o600);
+    // A directory it makes gets the mode asked for (admin sockets: 0700).
+    let admin = dir.path().join("admin").join("agent-admin.sock");
+    keyway_serve::unix::bind(&admin, 0o600, 0o700).expect("bind admin");
+    assert_eq!(mode(admin.parent().unwrap()), 0o700);
+    assert_eq!(mode(&admin), 0o600);
+}
+
+/// The CA key lives in the sled store in the data directory: every file
+/// there is owner-only, including files an older version left 0644.
+#[test]
+fn the_ca_key_at_rest_is_readable_by_its_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    std::fs::create_dir_all(&data).unwrap();
+    let old = data.join("left-by-an-older-version");
+    std::fs::write(&old, "x").unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cp = keyway_tests::Binary::spawn(&data, &[]);
+    // Issue something so the store writes.
+    cp.ok(&["token", "create", "--node", "node-a"]);
+    let mut files = Vec::new();
+    let mut stack = vec![data.clone()];
+    while let Some(d) = stack.pop() {
+        assert_eq!(mode(&d) & 0o077, 0, "{} is {:o}", d.display(), mode(&d));
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() >= 2, "the store wrote files: {files:?}");
+    for f in &files {
+        assert_eq!(mode(f) & 0o077, 0, "{} is {:o}", f.display(), mode(f));
+    }
+}
