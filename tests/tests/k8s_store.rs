@@ -268,7 +268,7 @@ async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
     assert_eq!(
         refused(
             store
-                .consume_join_token(&unknown, "node-a", now(), &svid("01"))
+                .consume_join_token(&unknown, "node-a", now(), 7, &svid("01"))
                 .await
         ),
         TokenProblem::Unknown
@@ -276,7 +276,7 @@ async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
     assert_eq!(
         refused(
             store
-                .consume_join_token(&expired, "node-a", now(), &svid("02"))
+                .consume_join_token(&expired, "node-a", now(), 7, &svid("02"))
                 .await
         ),
         TokenProblem::Expired
@@ -284,20 +284,20 @@ async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
     assert_eq!(
         refused(
             store
-                .consume_join_token(&hash, "node-b", now(), &svid("03"))
+                .consume_join_token(&hash, "node-b", now(), 7, &svid("03"))
                 .await
         ),
         TokenProblem::WrongNode
     );
     let node = store
-        .consume_join_token(&hash, "node-a", now(), &svid("04"))
+        .consume_join_token(&hash, "node-a", now(), 7, &svid("04"))
         .await
         .expect("attest");
     assert_eq!(node.node_id, 1);
     assert_eq!(
         refused(
             store
-                .consume_join_token(&hash, "node-a", now(), &svid("05"))
+                .consume_join_token(&hash, "node-a", now(), 7, &svid("05"))
                 .await
         ),
         TokenProblem::Consumed
@@ -305,7 +305,7 @@ async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
 
     // Attestation without a token (service account tokens) keeps the node id.
     let again = store
-        .register_node("node-a", now(), &svid("06"))
+        .register_node("node-a", now(), 7, &svid("06"))
         .await
         .expect("register");
     assert_eq!(again.node_id, 1);
@@ -313,6 +313,7 @@ async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
         .register_node(
             "node-b",
             now(),
+            8,
             &issued("07", "spiffe://example.org/keyway/node/node-b"),
         )
         .await
@@ -422,7 +423,7 @@ async fn node_svids_left_pending_by_a_crash_are_logged_once() {
     let ns = cluster().namespace("store-crash").await;
     let a = open(&ns, "replica-a").await;
     let node_svid = |serial: &str| issued(serial, "spiffe://example.org/keyway/node/node-a");
-    a.register_node("node-a", now(), &node_svid("0a"))
+    a.register_node("node-a", now(), 7, &node_svid("0a"))
         .await
         .expect("register");
     // A crash after the record reached the log but before it left pending
@@ -499,7 +500,7 @@ async fn two_replicas_writing_at_once_lose_nothing_and_never_share_an_identity()
                     &format!("node-{prefix}-{i}"),
                     &format!("spiffe://example.org/keyway/node/{node}"),
                 );
-                s.register_node(&node, now(), &svid)
+                s.register_node(&node, now(), 7, &svid)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())
