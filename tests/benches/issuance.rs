@@ -48,7 +48,7 @@ async fn run() {
     for csr in &inputs {
         let key = ::control_plane::csr::check(csr, &id).expect("csr");
         authority
-            .issue(&key, &spiffe_id, Duration::from_secs(3600), 1_700_000_000)
+            .issue(&key, &spiffe_id, Duration::from_secs(3600), 1_700_000_000, None)
             .expect("issue");
     }
     let raw = per_sec(N, start.elapsed());
@@ -57,7 +57,7 @@ async fn run() {
     let start = Instant::now();
     for _ in 0..N {
         authority
-            .issue(&key, &spiffe_id, Duration::from_secs(3600), 1_700_000_000)
+            .issue(&key, &spiffe_id, Duration::from_secs(3600), 1_700_000_000, None)
             .expect("issue");
     }
     let sign_only = per_sec(N, start.elapsed());
