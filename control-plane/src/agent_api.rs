@@ -70,13 +70,14 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
+                    gate.accept_failed(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = stop.changed() => return Ok(()),
         };
+        let opened = tokio::time::Instant::now();
         let Ok(permit) = gate.admit(PeerKey::ip(addr.ip())) else {
             continue;
         };
@@ -87,8 +88,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tcp.set_nodelay(true);
-            let stream = match tokio::time::timeout(
-                gate.limits().request_header_timeout,
+            let stream = match tokio::time::timeout_at(
+                opened + gate.limits().request_header_timeout,
                 acceptor.accept(tcp),
             )
             .await
@@ -117,7 +118,7 @@ pub async fn serve(
                 spiffe_id,
                 serial_tag,
             };
-            keyway_serve::grpc::serve_connection(&gate, stream, peer, routes, shutdown).await;
+            keyway_serve::grpc::serve_connection(&gate, opened, stream, peer, routes, shutdown).await;
         });
     }
 }

@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// Datapath entries the policies of one namespace may compile to together.
     #[arg(long, default_value_t = crate::policy::Budget::default().per_namespace)]
     pub policy_entries_per_namespace: usize,
+    /// How long a numeric identity that no workload uses is kept before it
+    /// is forgotten (its number is never handed out again).
+    #[arg(long, default_value = "1h")]
+    pub identity_gc_grace: String,
 }
 
 /// `--metrics-address`: HOST:PORT, or `off`.
@@ -310,6 +314,7 @@ impl ServeArgs {
                 per_policy: self.policy_entries_per_policy,
                 per_namespace: self.policy_entries_per_namespace,
             },
+            identity_gc_grace: d("identity-gc-grace", &self.identity_gc_grace)?,
         };
         if config.max_connections_zero() {
             bail!("--max-connections and --max-connections-per-peer must be at least 1");
@@ -395,6 +400,11 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         );
     }
     let metrics_address = metrics_address_flag(&args.metrics_address)?;
+    match keyway_serve::raise_open_files_limit() {
+        Ok((before, after)) if before != after => info!(before, after, "raised the open-files limit"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
+    }
     prepare_data_dir(&config.data_dir)?;
     let upstream = config.upstream_ca.as_ref().map(load_upstream).transpose()?;
     let metrics = crate::metrics::Metrics::default();
@@ -453,6 +463,11 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         let rx = stop_rx.clone();
         async move { cp.run_schedule(rx).await }
     });
+    let identity_gc = tokio::spawn({
+        let cp = cp.clone();
+        let rx = stop_rx.clone();
+        async move { cp.run_identity_gc(rx).await }
+    });
     let kubernetes = match kube_client {
         Some(client) => {
             let k8s = crate::kubernetes::Options {
@@ -479,6 +494,7 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         }
         let _ = admin.await;
         let _ = schedule.await;
+        let _ = identity_gc.await;
         if let Some(k8s) = kubernetes {
             k8s.await;
         }

@@ -30,6 +30,9 @@ pub struct Config {
     pub agent_api_limits: keyway_serve::Limits,
     /// Datapath entries one policy, and one namespace's policies, may cost.
     pub policy_budget: crate::policy::Budget,
+    /// How long a numeric identity no workload uses is kept (a rollout
+    /// brings its pods back) before it is forgotten.
+    pub identity_gc_grace: Duration,
 }
 
 /// The agent API listener's defaults: every agent holds one connection

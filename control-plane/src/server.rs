@@ -625,6 +625,70 @@ impl ControlPlane {
         })
     }
 
+    /// Forgets the numeric identities no workload has used for `grace`
+    /// (leader only; others return 0). `unused` remembers since when each
+    /// was seen unused; it lives with the caller's loop, so a restart only
+    /// delays collection. Returns how many were forgotten.
+    pub async fn collect_unused_identities(
+        &self,
+        unused: &mut HashMap<u32, tokio::time::Instant>,
+        grace: Duration,
+    ) -> Result<usize, ApiError> {
+        if !self.is_leader() {
+            unused.clear();
+            return Ok(0);
+        }
+        let now = tokio::time::Instant::now();
+        let cluster = self.registry();
+        let used: HashSet<u32> = cluster.records.workloads.iter().map(|w| w.identity).collect();
+        let idle: HashSet<u32> = cluster
+            .records
+            .identities
+            .iter()
+            .map(|i| i.id)
+            .filter(|id| !used.contains(id))
+            .collect();
+        unused.retain(|id, _| idle.contains(id));
+        for id in &idle {
+            unused.entry(*id).or_insert(now);
+        }
+        let due: Vec<u32> = unused
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= grace)
+            .map(|(id, _)| *id)
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let _guard = self.inner.registry_lock.lock().await;
+        let n = self.inner.store.forget_identities(&due).await?;
+        for id in &due {
+            unused.remove(id);
+        }
+        if n > 0 {
+            info!(forgotten = n, "unused numeric identities collected");
+            self.refresh_registry().await?;
+        }
+        Ok(n)
+    }
+
+    /// Collects unused identities until `shutdown`, a few times per grace
+    /// period (at most every five minutes).
+    pub async fn run_identity_gc(&self, mut shutdown: watch::Receiver<bool>) {
+        let grace = self.inner.cfg.identity_gc_grace;
+        let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
+        let mut unused = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.collect_unused_identities(&mut unused, grace).await {
+                warn!(error = %e, "collecting unused identities failed; retrying later");
+            }
+        }
+    }
+
     /// Revokes a node: its record is deleted, so its SVID is refused from now
     /// on (renewal included), its Sync stream ends, and every agent drops it
     /// from the node table and flushes the auth entries it vouched for. A

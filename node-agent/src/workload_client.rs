@@ -73,14 +73,25 @@ pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Erro
 }
 
 pub async fn connect(path: &Path) -> Result<Client, String> {
-    let channel = unix_channel(path)
-        .await
-        .map_err(|e| {
-            format!(
+    let channel = match unix_channel(path).await {
+        Ok(c) => c,
+        // Something listens but closed the connection: most likely the
+        // agent, at its connection limit for this caller.
+        Err(e) if tokio::net::UnixStream::connect(path).await.is_ok() => {
+            return Err(format!(
+                "the Workload API at {} closed the connection ({e}): the agent may hold as many connections \
+                 from this caller (pod or uid) as it allows; close idle clients, or see the agent's \
+                 keyway_listener_refused_total metric and its log",
+                path.display()
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
                 "cannot reach the Workload API at {}: {e}: is `node-agent run` running? set --socket or SPIFFE_ENDPOINT_SOCKET",
                 path.display()
-            )
-        })?;
+            ));
+        }
+    };
     Ok(SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader))
 }
 

@@ -41,8 +41,12 @@ const FIRST_REQUEST_DRAIN: Duration = Duration::from_millis(500);
 /// (no first request within the header timeout, or idle), or `shutdown`
 /// turns true. `info` is inserted into every request's extensions. The
 /// caller keeps the connection's [`crate::Permit`] until this returns.
+///
+/// `opened` is when the connection was accepted: the header timeout counts
+/// from then, so time spent in a TLS handshake counts against it too.
 pub async fn serve_connection<I, C>(
     gate: &Gate,
+    opened: Instant,
     io: I,
     info: C,
     routes: tonic::service::Routes,
@@ -82,7 +86,7 @@ pub async fn serve_connection<I, C>(
     tokio::pin!(conn);
     let closing = tokio::select! {
         _ = conn.as_mut() => return,
-        reason = activity.idle(limits.request_header_timeout, limits.idle_timeout) => Some(reason),
+        reason = activity.idle(opened, limits.request_header_timeout, limits.idle_timeout) => Some(reason),
         r = shutdown.wait_for(|v| *v) => {
             // A dropped sender is a shutdown too.
             let _ = r.is_ok();
@@ -112,9 +116,9 @@ struct Activity {
 
 impl Activity {
     /// Resolves when the connection should close: no request within `first`
-    /// of opening (`header-timeout`), or none in flight for `idle`.
-    async fn idle(&self, first: Duration, idle: Duration) -> &'static str {
-        let mut since = Instant::now();
+    /// of `opened` (`header-timeout`), or none in flight for `idle`.
+    async fn idle(&self, opened: Instant, first: Duration, idle: Duration) -> &'static str {
+        let mut since = opened;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -261,7 +265,8 @@ mod tests {
         let a = Activity::default();
         let t = Instant::now();
         assert_eq!(
-            a.idle(Duration::from_secs(10), Duration::from_secs(300)).await,
+            a.idle(Instant::now(), Duration::from_secs(10), Duration::from_secs(300))
+                .await,
             "header-timeout"
         );
         assert_eq!(t.elapsed(), Duration::from_secs(10));
@@ -278,7 +283,15 @@ mod tests {
         let (server, _peer) = tokio::io::duplex(1 << 16);
         let (_stop, shutdown) = watch::channel(false);
         let t = Instant::now();
-        serve_connection(&gate, server, (), tonic::service::Routes::default(), shutdown).await;
+        serve_connection(
+            &gate,
+            Instant::now(),
+            server,
+            (),
+            tonic::service::Routes::default(),
+            shutdown,
+        )
+        .await;
         assert_eq!(
             t.elapsed(),
             crate::Limits::default().request_header_timeout + FIRST_REQUEST_DRAIN
@@ -293,7 +306,9 @@ mod tests {
             let a = a.clone();
             async move {
                 let t = Instant::now();
-                let r = a.idle(Duration::from_secs(10), Duration::from_secs(60)).await;
+                let r = a
+                    .idle(Instant::now(), Duration::from_secs(10), Duration::from_secs(60))
+                    .await;
                 (r, t.elapsed())
             }
         });

@@ -18,9 +18,12 @@ use crate::limits::{Gate, Limits, PeerKey};
 
 /// What the metrics listener allows: scrapes are small and quick, so few
 /// connections, few per peer, and five seconds to send the request.
+/// The total is generous (a scrape connection costs little and lives five
+/// seconds at most without a request) so that one peer, or a handful, cannot
+/// fill it and starve the kubelet's probes.
 pub fn limits() -> Limits {
     Limits {
-        max_connections: 64,
+        max_connections: 1024,
         max_per_peer: 8,
         request_header_timeout: std::time::Duration::from_secs(5),
         ..Limits::default()
@@ -41,7 +44,7 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::debug!(error = %e, "metrics listener: accept failed");
+                    gate.accept_failed(&e);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

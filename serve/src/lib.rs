@@ -23,3 +23,28 @@ mod limits;
 pub mod unix;
 
 pub use limits::{Gate, Limits, ListenerMetrics, PeerKey, Permit, Refused};
+
+/// Raises the soft open-files limit to the hard one (as Go programs do at
+/// start): the listeners' connection caps are sized in thousands, and a
+/// process that runs out of descriptors first cannot accept anyone, its
+/// well-behaved clients included. Returns (before, after).
+#[allow(unsafe_code, reason = "getrlimit/setrlimit have no std equivalent")]
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: raising the soft limit up to the hard one is always allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur))
+}

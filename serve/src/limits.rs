@@ -222,6 +222,20 @@ impl Gate {
         }
     }
 
+    /// Reports a failed accept (most often: out of file descriptors), at
+    /// most once a minute per kind of error, and counts it. The caller
+    /// backs off before accepting again.
+    pub fn accept_failed(&self, e: &std::io::Error) {
+        self.metrics.closed.inc(&[self.name, "accept-error"]);
+        if self.log.should_warn(&format!("accept/{:?}", e.kind())) {
+            tracing::warn!(
+                listener = self.name,
+                error = %e,
+                "accept failed; backing off (out of file descriptors? raise the process's open-files limit)"
+            );
+        }
+    }
+
     /// Counts a connection the server closed, by reason.
     pub fn closed(&self, reason: &'static str) {
         self.metrics.closed.inc(&[self.name, reason]);

@@ -111,13 +111,14 @@ pub async fn serve<C, F, Fut>(
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(listener = gate.name(), error = %e, "accept failed");
+                    gate.accept_failed(&e);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
         };
+        let opened = tokio::time::Instant::now();
         let Ok(cred) = stream.peer_cred() else {
             continue;
         };
@@ -141,7 +142,7 @@ pub async fn serve<C, F, Fut>(
             {
                 return;
             }
-            crate::grpc::serve_connection(&gate, stream, info, routes, shutdown).await;
+            crate::grpc::serve_connection(&gate, opened, stream, info, routes, shutdown).await;
             drop(permit);
         });
     }

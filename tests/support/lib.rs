@@ -84,6 +84,7 @@ impl InProcess {
             attest_per_minute: 0,
             agent_api_limits: control_plane::config::agent_api_limits(),
             policy_budget: opts.policy_budget,
+            identity_gc_grace: Duration::from_secs(3600),
         };
         let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
         let ca_cfg = CaConfig {

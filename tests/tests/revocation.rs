@@ -157,3 +157,56 @@ async fn a_revoked_node_cannot_renew_loses_its_sync_and_its_peers_flush_its_entr
     a.stop().await;
     b.stop().await;
 }
+
+/// Identities no workload uses are forgotten after a grace period, so a
+/// store cannot fill up with dead identities (and stop taking the writes
+/// that revoke); a number is never handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_identities_are_forgotten_after_the_grace_and_numbers_never_come_back() {
+    let cp = InProcess::start(Options::default()).await;
+    let doc = workload_yaml("batch", "batch", "node-a", "10.0.3.1");
+    cp.apply(&doc).await;
+    let first = cp.cp.registry().records.identities[0].id;
+    let file = cp.dir.path().join("gone.yaml");
+    std::fs::write(&file, &doc).unwrap();
+    let out = std::process::Command::new(bin("control-plane"))
+        .args(["delete", "-f", file.to_str().unwrap()])
+        .env("KEYWAY_ADMIN_SOCKET", &cp.admin_socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut unused = std::collections::HashMap::new();
+    let grace = Duration::from_secs(3600);
+    // Within the grace: kept (a rollout brings the pods back).
+    assert_eq!(
+        cp.cp.collect_unused_identities(&mut unused, grace).await.unwrap(),
+        0
+    );
+    assert_eq!(cp.cp.registry().records.identities.len(), 1);
+    // Past it: forgotten.
+    assert_eq!(
+        cp.cp
+            .collect_unused_identities(&mut unused, Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(cp.cp.registry().records.identities.is_empty());
+    assert!(
+        cp.cp.store().registry().await.unwrap().identities.is_empty(),
+        "durably"
+    );
+    // The same workload again gets a new number, never the old one.
+    cp.apply(&doc).await;
+    let again = cp.cp.registry().records.identities[0].id;
+    assert!(again > first, "{again} after {first}");
+    // An identity in use is never collected.
+    assert_eq!(
+        cp.cp
+            .collect_unused_identities(&mut unused, Duration::ZERO)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(cp.cp.registry().records.identities.len(), 1);
+}

@@ -617,6 +617,24 @@ impl Store for KubeStore {
         .await
     }
 
+    async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize> {
+        self.update_state("identity collection", |state| {
+            let used: std::collections::HashSet<u32> = state.workloads.values().map(|w| w.identity).collect();
+            let before = state.identities.len();
+            state
+                .identities
+                .retain(|id, _| used.contains(id) || !ids.contains(id));
+            let n = before - state.identities.len();
+            Ok(if n > 0 {
+                state.revision += 1;
+                Written::Changed(n)
+            } else {
+                Written::Unchanged(0)
+            })
+        })
+        .await
+    }
+
     async fn revoke_node(&self, node: &str) -> StoreResult<bool> {
         self.update_state("node revocation", |state| {
             Ok(match state.nodes.remove(node) {

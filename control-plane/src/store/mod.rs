@@ -349,6 +349,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// they changed (the revision grows only then); `None` when no such
     /// node is registered.
     async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>>;
+    /// Forgets the identities among `ids` that no workload uses (checked
+    /// again here: one in use stays). Their numbers are never handed out
+    /// again. Returns how many went. Callers serialise registry writes (the
+    /// control plane's registry lock).
+    async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize>;
     /// Revokes a node: its record goes (renewals and calls with its SVID are
     /// refused, its Sync stream ends, peers flush its auth entries). Its node
     /// id is not handed out again. Returns whether the node was registered.

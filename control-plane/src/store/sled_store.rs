@@ -410,6 +410,42 @@ impl Store for SledStore {
         Ok(changed)
     }
 
+    async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize> {
+        let used: std::collections::HashSet<u32> = self
+            .workloads
+            .iter()
+            .values()
+            .map(|raw| decode::<WorkloadRecord>("workload", &raw.map_err(backend)?).map(|w| w.identity))
+            .collect::<StoreResult<_>>()?;
+        let gone: Vec<u32> = ids.iter().copied().filter(|id| !used.contains(id)).collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let result =
+            (&self.identities, &self.identity_keys, &self.meta).transaction(|(id_tree, key_tree, meta)| {
+                let mut n = 0;
+                for id in &gone {
+                    let Some(raw) = id_tree.remove(&id.to_be_bytes())? else {
+                        continue;
+                    };
+                    let rec: IdentityRecord = decode("identity", &raw).map_err(TxError::Abort)?;
+                    key_tree
+                        .remove(identity_key(&rec.namespace, &rec.service_account, &rec.labels).as_bytes())?;
+                    n += 1;
+                }
+                if n > 0 {
+                    let rev = read_u64(meta.get(REVISION)?) + 1;
+                    meta.insert(REVISION, &rev.to_be_bytes())?;
+                }
+                Ok(n)
+            });
+        let n = tx_result(result)?;
+        if n > 0 {
+            self.flush().await?;
+        }
+        Ok(n)
+    }
+
     async fn revoke_node(&self, node: &str) -> StoreResult<bool> {
         let result = (&self.nodes, &self.meta).transaction(|(nodes, meta)| {
             if nodes.remove(node.as_bytes())?.is_none() {

@@ -185,7 +185,7 @@ pub async fn serve(
 pub fn limits() -> keyway_serve::Limits {
     keyway_serve::Limits {
         max_connections: 1024,
-        max_per_peer: 256,
+        max_per_peer: 64,
         request_header_timeout: TIMEOUT,
         ..keyway_serve::Limits::default()
     }
@@ -227,7 +227,7 @@ pub async fn serve_with_metrics(
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "auth port accept failed");
+                    gate.accept_failed(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
