@@ -1,10 +1,18 @@
 //! A trust domain's bundle as validators use it: the X.509 authorities (as parsed
 //! trust anchors) and the JWKS document with its sequence number.
+//!
+//! A bundle may hold an upstream root shared with other trust domains
+//! (`control-plane serve --upstream-ca-cert`). Path validation alone would then
+//! let any CA under that root mint this trust domain's SVIDs, so every
+//! intermediate CA on a validated path must also be scoped to the leaf's trust
+//! domain ([`check_ca_scope`]).
 
+use std::cell::RefCell;
 use std::time::SystemTime;
 
 use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use spiffe::TrustDomain;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
 
 use crate::x509::{self, LeafInfo, SvidError};
 
@@ -98,7 +106,10 @@ impl TrustBundle {
 
     /// Validates an X509-SVID chain (leaf first) for `usage` at `now`: the
     /// leaf's trust domain must be this bundle's (X5-17), the path must verify
-    /// (X5-15) and the leaf must pass the SVID rules (X5-16).
+    /// (X5-15), every intermediate CA on it must be scoped to that trust domain
+    /// ([`check_ca_scope`]; X5-05, X5-14) and the leaf must pass the SVID rules
+    /// (X5-16). A leaf signed directly by a bundle authority has no
+    /// intermediates to check.
     pub fn verify(
         &self,
         chain: &[CertificateDer<'_>],
@@ -121,6 +132,18 @@ impl TrustBundle {
             Usage::Server => webpki::KeyUsage::server_auth(),
             Usage::Client => webpki::KeyUsage::client_auth(),
         };
+        // The scope check runs inside path building, so a peer that also sent
+        // an unrelated certificate still validates through its scoped path.
+        let unscoped: RefCell<Option<UnscopedCa>> = RefCell::new(None);
+        let scoped = |path: &webpki::VerifiedPath<'_>| {
+            for ca in path.intermediate_certificates() {
+                if let Err(e) = check_ca_scope(&self.trust_domain, &ca.der()) {
+                    *unscoped.borrow_mut() = Some(e);
+                    return Err(webpki::Error::NameConstraintViolation);
+                }
+            }
+            Ok(())
+        };
         end_entity
             .verify_for_usage(
                 webpki::ALL_VERIFICATION_ALGS,
@@ -129,9 +152,384 @@ impl TrustBundle {
                 now,
                 eku,
                 None,
-                None,
+                Some(&scoped),
             )
-            .map_err(|e| SvidError::Chain(format!("{e:?}")))?;
+            .map_err(|e| match unscoped.take() {
+                Some(unscoped) => SvidError::Chain(unscoped.to_string()),
+                None => SvidError::Chain(format!("{e:?}")),
+            })?;
         Ok(info)
+    }
+}
+
+/// An intermediate CA on a validated path that may sign for more than the
+/// leaf's trust domain, so it cannot vouch for that trust domain's SVIDs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the intermediate CA {subject:?} is not constrained to trust domain {trust_domain} ({found}): it needs the \
+     URI SAN spiffe://{trust_domain} (or a name constraint permitting only the URI host {trust_domain}); \
+     another trust domain's CA under the same upstream root could otherwise mint {trust_domain}'s identities \
+     (rules X5-05, X5-14)"
+)]
+pub struct UnscopedCa {
+    /// The CA certificate's subject, as an operator would search for it.
+    pub subject: String,
+    pub trust_domain: String,
+    pub found: CaScope,
+}
+
+/// What an intermediate CA certificate says about the trust domains it may
+/// sign for, when that is not exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaScope {
+    /// Neither a URI SAN nor a URI name constraint: any trust domain.
+    Unscoped,
+    /// URI SANs other than `spiffe://<trust domain>` (another trust domain, a
+    /// path, or several IDs).
+    UriSans(Vec<String>),
+    /// URI name constraints permitting other or further hosts.
+    PermittedUriHosts(Vec<String>),
+    /// Not parseable as X.509 (webpki accepted it, x509-parser did not).
+    Unreadable(String),
+}
+
+impl std::fmt::Display for CaScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaScope::Unscoped => f.write_str("it has no URI SAN and no URI name constraint"),
+            CaScope::UriSans(sans) => write!(f, "its URI SANs are {}", sans.join(", ")),
+            CaScope::PermittedUriHosts(hosts) => {
+                write!(
+                    f,
+                    "its name constraints permit the URI hosts {}",
+                    hosts.join(", ")
+                )
+            }
+            CaScope::Unreadable(e) => write!(f, "it cannot be parsed: {e}"),
+        }
+    }
+}
+
+/// Decides whether the CA certificate `der` may issue SVIDs of `trust_domain`:
+/// every URI SAN it carries is `spiffe://<trust domain>` (what Keyway's own CA
+/// carries, X5-05), or its permitted URI name-constraint subtrees are exactly
+/// the trust domain's host (X5-14; excluded subtrees only narrow). Trust
+/// domains are compared case-insensitively (ID-15).
+pub fn check_ca_scope(trust_domain: &TrustDomain, der: &[u8]) -> Result<(), UnscopedCa> {
+    let td = trust_domain.to_string();
+    let refuse = |subject: String, found: CaScope| UnscopedCa {
+        subject,
+        trust_domain: td.clone(),
+        found,
+    };
+    let cert =
+        x509::parse(der).map_err(|e| refuse("<unparseable>".into(), CaScope::Unreadable(e.to_string())))?;
+    let want = format!("spiffe://{td}");
+    let sans = x509::uri_sans(&cert);
+    if !sans.is_empty() && sans.iter().all(|u| u.eq_ignore_ascii_case(&want)) {
+        return Ok(());
+    }
+    let permitted_hosts: Vec<&str> = cert
+        .extensions()
+        .iter()
+        .filter_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::NameConstraints(nc) => nc.permitted_subtrees.as_ref(),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|subtree| match subtree.base {
+            GeneralName::URI(host) => Some(host),
+            _ => None,
+        })
+        .collect();
+    if !permitted_hosts.is_empty() && permitted_hosts.iter().all(|h| h.eq_ignore_ascii_case(&td)) {
+        return Ok(());
+    }
+    let found = if !sans.is_empty() {
+        CaScope::UriSans(sans.iter().map(|s| s.to_string()).collect())
+    } else if !permitted_hosts.is_empty() {
+        CaScope::PermittedUriHosts(permitted_hosts.iter().map(|h| h.to_string()).collect())
+    } else {
+        CaScope::Unscoped
+    };
+    Err(refuse(cert.subject().to_string(), found))
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+
+    const TD: &str = "cluster.local";
+    const CONTROL_PLANE: &str = "spiffe://cluster.local/keyway/control-plane";
+
+    /// A CA of the test PKI: its parameters and key sign what is below it.
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        der: Vec<u8>,
+    }
+
+    impl Ca {
+        fn issuer(&self) -> Issuer<'_, &KeyPair> {
+            Issuer::from_params(&self.params, &self.key)
+        }
+    }
+
+    fn td() -> TrustDomain {
+        crate::spiffe_id::parse_trust_domain(TD).unwrap()
+    }
+
+    fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 128, "short-form DER lengths only");
+        [&[tag, content.len() as u8][..], content].concat()
+    }
+
+    /// A nameConstraints extension (RFC 5280 4.2.1.10) permitting only these
+    /// URI hosts; rcgen has no URI subtrees, so it is encoded here.
+    fn uri_name_constraints(hosts: &[&str]) -> CustomExtension {
+        let subtrees: Vec<u8> = hosts
+            .iter()
+            .flat_map(|h| der_tlv(0x30, &der_tlv(0x86, h.as_bytes())))
+            .collect();
+        let value = der_tlv(0x30, &der_tlv(0xa0, &subtrees));
+        let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 30], value);
+        ext.set_criticality(true);
+        ext
+    }
+
+    fn ca_params(name: &str, uri_sans: &[&str], permitted_uri_hosts: &[&str]) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = uri_sans
+            .iter()
+            .map(|u| SanType::URI(u.to_string().try_into().unwrap()))
+            .collect();
+        if !permitted_uri_hosts.is_empty() {
+            params.custom_extensions = vec![uri_name_constraints(permitted_uri_hosts)];
+        }
+        params
+    }
+
+    /// The upstream root several trust domains share.
+    fn root() -> Ca {
+        let params = ca_params("Upstream Root", &[], &[]);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        Ca { params, key, der }
+    }
+
+    fn intermediate(parent: &Ca, name: &str, uri_sans: &[&str], permitted_uri_hosts: &[&str]) -> Ca {
+        intermediate_with_key(parent, name, uri_sans, permitted_uri_hosts, None)
+    }
+
+    fn intermediate_with_key(
+        parent: &Ca,
+        name: &str,
+        uri_sans: &[&str],
+        permitted_uri_hosts: &[&str],
+        key: Option<&KeyPair>,
+    ) -> Ca {
+        let params = ca_params(name, uri_sans, permitted_uri_hosts);
+        let key = match key {
+            Some(k) => KeyPair::from_pem(&k.serialize_pem()).unwrap(),
+            None => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        };
+        let der = params.signed_by(&key, &parent.issuer()).unwrap().der().to_vec();
+        Ca { params, key, der }
+    }
+
+    /// An X509-SVID leaf as Keyway's CA makes them.
+    fn leaf(issuer: &Ca, id: &str) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        params.signed_by(&key, &issuer.issuer()).unwrap().der().to_vec()
+    }
+
+    fn bundle_of(root: &Ca) -> TrustBundle {
+        TrustBundle::new(td(), 1, vec![root.der.clone()], Vec::new()).unwrap()
+    }
+
+    /// Verifies `chain` (leaf first) for both TLS ends; they must agree.
+    fn verify(bundle: &TrustBundle, chain: &[&[u8]]) -> Result<LeafInfo, SvidError> {
+        let chain: Vec<CertificateDer<'_>> = chain.iter().map(|c| CertificateDer::from(*c)).collect();
+        let server = bundle.verify(&chain, SystemTime::now(), Usage::Server);
+        let client = bundle.verify(&chain, SystemTime::now(), Usage::Client);
+        assert_eq!(server, client, "server and client verification disagree");
+        server
+    }
+
+    fn refusal(result: Result<LeafInfo, SvidError>) -> String {
+        match result {
+            Err(SvidError::Chain(msg)) => msg,
+            other => panic!("expected a chain refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_svid_from_our_intermediate_under_a_shared_root_is_accepted() {
+        let r = root();
+        let a = intermediate(&r, "Keyway CA cluster.local", &["spiffe://cluster.local"], &[]);
+        let info = verify(&bundle_of(&r), &[&leaf(&a, CONTROL_PLANE), &a.der]).unwrap();
+        assert_eq!(info.spiffe_id.to_string(), CONTROL_PLANE);
+    }
+
+    #[test]
+    fn another_trust_domains_intermediate_cannot_mint_our_identities() {
+        // X5-05: a signing certificate's SPIFFE ID names the trust domain it
+        // signs for; B belongs to other.td, under the same upstream root.
+        let r = root();
+        let b = intermediate(&r, "Keyway CA other.td", &["spiffe://other.td"], &[]);
+        let msg = refusal(verify(&bundle_of(&r), &[&leaf(&b, CONTROL_PLANE), &b.der]));
+        assert!(
+            msg.contains("\"CN=Keyway CA other.td\"")
+                && msg.contains("not constrained to trust domain cluster.local")
+                && msg.contains("its URI SANs are spiffe://other.td")
+                && msg.contains("needs the URI SAN spiffe://cluster.local"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_intermediate_without_a_spiffe_id_cannot_mint_our_identities() {
+        let r = root();
+        let c = intermediate(&r, "Some Team CA", &[], &[]);
+        let msg = refusal(verify(&bundle_of(&r), &[&leaf(&c, CONTROL_PLANE), &c.der]));
+        assert!(
+            msg.contains("\"CN=Some Team CA\"") && msg.contains("no URI SAN and no URI name constraint"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_intermediate_naming_a_second_trust_domain_is_refused() {
+        // A CA shared by two trust domains lets either mint the other's IDs.
+        let r = root();
+        let shared = intermediate(
+            &r,
+            "Shared CA",
+            &["spiffe://cluster.local", "spiffe://other.td"],
+            &[],
+        );
+        let msg = refusal(verify(
+            &bundle_of(&r),
+            &[&leaf(&shared, CONTROL_PLANE), &shared.der],
+        ));
+        assert!(msg.contains("spiffe://cluster.local, spiffe://other.td"), "{msg}");
+        // A SPIFFE ID with a path is not a signing certificate's ID (X5-05).
+        let pathy = intermediate(&r, "Pathy CA", &["spiffe://cluster.local/ca"], &[]);
+        refusal(verify(
+            &bundle_of(&r),
+            &[&leaf(&pathy, CONTROL_PLANE), &pathy.der],
+        ));
+    }
+
+    #[test]
+    fn every_intermediate_on_the_path_must_be_scoped_not_just_the_issuer() {
+        // An unscoped upstream intermediate above ours: whoever holds its key
+        // can make a CA carrying spiffe://cluster.local, so it is refused too.
+        let r = root();
+        let upstream = intermediate(&r, "Org Intermediate", &[], &[]);
+        let ours = intermediate(
+            &upstream,
+            "Keyway CA cluster.local",
+            &["spiffe://cluster.local"],
+            &[],
+        );
+        let msg = refusal(verify(
+            &bundle_of(&r),
+            &[&leaf(&ours, CONTROL_PLANE), &ours.der, &upstream.der],
+        ));
+        assert!(msg.contains("\"CN=Org Intermediate\""), "{msg}");
+        // Scoped all the way up, the same shape is accepted.
+        let upstream = intermediate(&r, "Org Intermediate", &["spiffe://cluster.local"], &[]);
+        let ours = intermediate(
+            &upstream,
+            "Keyway CA cluster.local",
+            &["spiffe://cluster.local"],
+            &[],
+        );
+        verify(
+            &bundle_of(&r),
+            &[&leaf(&ours, CONTROL_PLANE), &ours.der, &upstream.der],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_self_signed_keyway_ca_in_the_bundle_needs_no_scope_check() {
+        // Bundle authorities are trusted as configured; only intermediates
+        // are checked. A root without any SPIFFE ID still signs directly.
+        let r = root();
+        let direct = leaf(&r, CONTROL_PLANE);
+        verify(&bundle_of(&r), &[&direct]).unwrap();
+        // The anchor repeated in the chain is not an intermediate either.
+        verify(&bundle_of(&r), &[&direct, &r.der]).unwrap();
+    }
+
+    #[test]
+    fn a_rescoped_reissue_of_our_intermediate_is_used_over_a_stale_one() {
+        // The same CA key re-issued with its SPIFFE ID: a peer sending both
+        // certificates still validates through the scoped one.
+        let r = root();
+        let stale = intermediate(&r, "Keyway CA cluster.local", &[], &[]);
+        let rescoped = intermediate_with_key(
+            &r,
+            "Keyway CA cluster.local",
+            &["spiffe://cluster.local"],
+            &[],
+            Some(&stale.key),
+        );
+        let svid = leaf(&rescoped, CONTROL_PLANE);
+        verify(&bundle_of(&r), &[&svid, &stale.der, &rescoped.der]).unwrap();
+        refusal(verify(&bundle_of(&r), &[&svid, &stale.der]));
+    }
+
+    #[test]
+    fn a_ca_name_constrained_to_our_trust_domain_is_in_scope() {
+        // X5-14: URI nameConstraints on signing certificates.
+        let r = root();
+        let d = intermediate(&r, "Constrained CA", &[], &["cluster.local"]);
+        assert_eq!(check_ca_scope(&td(), &d.der), Ok(()));
+        let upper = intermediate(&r, "Constrained CA", &[], &["Cluster.Local"]);
+        assert_eq!(check_ca_scope(&td(), &upper.der), Ok(()), "ID-15");
+        let result = verify(&bundle_of(&r), &[&leaf(&d, CONTROL_PLANE), &d.der]);
+        eprintln!("D through TrustBundle::verify: {result:?}");
+    }
+
+    #[test]
+    fn a_ca_name_constrained_to_a_wider_or_other_domain_is_refused() {
+        let r = root();
+        for hosts in [
+            &[".cluster.local"][..],
+            &["cluster.local", "other.td"][..],
+            &["other.td"][..],
+            &["local"][..],
+        ] {
+            let wide = intermediate(&r, "Wide CA", &[], hosts);
+            let err = check_ca_scope(&td(), &wide.der).unwrap_err();
+            assert_eq!(
+                err.found,
+                CaScope::PermittedUriHosts(hosts.iter().map(|h| h.to_string()).collect())
+            );
+            let msg = refusal(verify(&bundle_of(&r), &[&leaf(&wide, CONTROL_PLANE), &wide.der]));
+            eprintln!("{hosts:?}: {msg}");
+        }
     }
 }

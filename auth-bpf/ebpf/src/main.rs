@@ -87,6 +87,27 @@ pub fn keyway_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
+/// Only the from-pod source check (the parse and one endpoint-map lookup),
+/// so the benchmarks can say what the check costs (never attached by the
+/// agent). OK when the source is the interface's own, SHOT otherwise.
+#[classifier]
+pub fn keyway_source_check(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match parse(&ctx) {
+        Ok(Some(pkt)) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
+        _ => TC_ACT_SHOT as i32,
+    }
+}
+
+/// Only the parse: the part of `keyway_source_check` that is not the check.
+#[classifier]
+pub fn keyway_parse_only(ctx: TcContext) -> i32 {
+    match parse(&ctx) {
+        Ok(Some(_)) => TC_ACT_OK as i32,
+        _ => TC_ACT_SHOT as i32,
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Packet {
     src_ip: u32,
