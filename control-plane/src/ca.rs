@@ -148,6 +148,13 @@ pub fn new_authority(cfg: &CaConfig, now: i64, phase: CaPhase) -> Result<CaRecor
                     "the upstream CA certificate has expired".into(),
                 ));
             }
+            // Every CA between Keyway's and the bundle's anchor must name this
+            // trust domain (X5-05), or verifiers refuse everything we sign:
+            // better said once at start than on every handshake.
+            for ca in &up.chain[..up.chain.len() - 1] {
+                keyway_identity::bundle::check_ca_scope(&cfg.trust_domain, ca)
+                    .map_err(|e| CaError::Upstream(e.to_string()))?;
+            }
             not_after = not_after.min(upstream_not_after);
             params.not_after = at(not_after);
             params.use_authority_key_identifier_extension = true;

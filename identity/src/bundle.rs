@@ -134,7 +134,7 @@ impl TrustBundle {
         };
         // The scope check runs inside path building, so a peer that also sent
         // an unrelated certificate still validates through its scoped path.
-        let unscoped: RefCell<Option<UnscopedCa>> = RefCell::new(None);
+        let unscoped: RefCell<Option<ScopeError>> = RefCell::new(None);
         let scoped = |path: &webpki::VerifiedPath<'_>| {
             for ca in path.intermediate_certificates() {
                 if let Err(e) = check_ca_scope(&self.trust_domain, &ca.der()) {
@@ -154,28 +154,42 @@ impl TrustBundle {
                 None,
                 Some(&scoped),
             )
-            .map_err(|e| match unscoped.take() {
-                Some(unscoped) => SvidError::Chain(unscoped.to_string()),
-                None => SvidError::Chain(format!("{e:?}")),
+            .map_err(|e| {
+                let explained = unscoped.take().or_else(|| match e {
+                    webpki::Error::NameConstraintViolation => {
+                        uri_constrained_ca(&self.trust_domain, intermediates)
+                    }
+                    _ => None,
+                });
+                SvidError::Chain(explained.map_or_else(|| format!("{e:?}"), |s| s.to_string()))
             })?;
         Ok(info)
     }
 }
 
-/// An intermediate CA on a validated path that may sign for more than the
-/// leaf's trust domain, so it cannot vouch for that trust domain's SVIDs.
+/// Why an intermediate CA on a path cannot vouch for the leaf's trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the intermediate CA {subject:?} is not constrained to trust domain {trust_domain} ({found}): it needs the \
-     URI SAN spiffe://{trust_domain} (or a name constraint permitting only the URI host {trust_domain}); \
-     another trust domain's CA under the same upstream root could otherwise mint {trust_domain}'s identities \
-     (rules X5-05, X5-14)"
-)]
-pub struct UnscopedCa {
-    /// The CA certificate's subject, as an operator would search for it.
-    pub subject: String,
-    pub trust_domain: String,
-    pub found: CaScope,
+pub enum ScopeError {
+    /// The CA may sign for more than the leaf's trust domain.
+    #[error(
+        "the intermediate CA {subject:?} is not constrained to trust domain {trust_domain} ({found}): it needs \
+         the URI SAN spiffe://{trust_domain}; another trust domain's CA under the same upstream root could \
+         otherwise mint {trust_domain}'s identities (rules X5-05, X5-15)"
+    )]
+    Unscoped {
+        /// The CA certificate's subject, as an operator would search for it.
+        subject: String,
+        trust_domain: String,
+        found: CaScope,
+    },
+    /// The CA limits URI names with nameConstraints, which rustls-webpki does
+    /// not implement and so refuses whatever they say.
+    #[error(
+        "the intermediate CA {subject:?} has URI name constraints, which this verifier (rustls-webpki) cannot \
+         check and so refuses (rule X5-14: many libraries reject them); give it the URI SAN \
+         spiffe://{trust_domain} instead"
+    )]
+    UriNameConstraints { subject: String, trust_domain: String },
 }
 
 /// What an intermediate CA certificate says about the trust domains it may
@@ -210,14 +224,35 @@ impl std::fmt::Display for CaScope {
     }
 }
 
+/// The URI hosts a CA certificate's nameConstraints permit (RFC 5280
+/// 4.2.1.10: a URI subtree is a host, or a domain when it starts with `.`).
+fn permitted_uri_hosts<'a>(cert: &'a x509_parser::prelude::X509Certificate<'_>) -> Vec<&'a str> {
+    cert.extensions()
+        .iter()
+        .filter_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::NameConstraints(nc) => nc.permitted_subtrees.as_ref(),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|subtree| match subtree.base {
+            GeneralName::URI(host) => Some(host),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Decides whether the CA certificate `der` may issue SVIDs of `trust_domain`:
 /// every URI SAN it carries is `spiffe://<trust domain>` (what Keyway's own CA
 /// carries, X5-05), or its permitted URI name-constraint subtrees are exactly
 /// the trust domain's host (X5-14; excluded subtrees only narrow). Trust
 /// domains are compared case-insensitively (ID-15).
-pub fn check_ca_scope(trust_domain: &TrustDomain, der: &[u8]) -> Result<(), UnscopedCa> {
+///
+/// rustls-webpki refuses every URI name constraint during path validation, so
+/// through [`TrustBundle::verify`] only the SAN form is accepted today; the
+/// constraint form is decided here so that support there needs nothing new.
+pub fn check_ca_scope(trust_domain: &TrustDomain, der: &[u8]) -> Result<(), ScopeError> {
     let td = trust_domain.to_string();
-    let refuse = |subject: String, found: CaScope| UnscopedCa {
+    let refuse = |subject: String, found: CaScope| ScopeError::Unscoped {
         subject,
         trust_domain: td.clone(),
         found,
@@ -229,30 +264,33 @@ pub fn check_ca_scope(trust_domain: &TrustDomain, der: &[u8]) -> Result<(), Unsc
     if !sans.is_empty() && sans.iter().all(|u| u.eq_ignore_ascii_case(&want)) {
         return Ok(());
     }
-    let permitted_hosts: Vec<&str> = cert
-        .extensions()
-        .iter()
-        .filter_map(|ext| match ext.parsed_extension() {
-            ParsedExtension::NameConstraints(nc) => nc.permitted_subtrees.as_ref(),
-            _ => None,
-        })
-        .flatten()
-        .filter_map(|subtree| match subtree.base {
-            GeneralName::URI(host) => Some(host),
-            _ => None,
-        })
-        .collect();
-    if !permitted_hosts.is_empty() && permitted_hosts.iter().all(|h| h.eq_ignore_ascii_case(&td)) {
+    let hosts = permitted_uri_hosts(&cert);
+    if !hosts.is_empty() && hosts.iter().all(|h| h.eq_ignore_ascii_case(&td)) {
         return Ok(());
     }
     let found = if !sans.is_empty() {
         CaScope::UriSans(sans.iter().map(|s| s.to_string()).collect())
-    } else if !permitted_hosts.is_empty() {
-        CaScope::PermittedUriHosts(permitted_hosts.iter().map(|h| h.to_string()).collect())
+    } else if !hosts.is_empty() {
+        CaScope::PermittedUriHosts(hosts.iter().map(|h| h.to_string()).collect())
     } else {
         CaScope::Unscoped
     };
     Err(refuse(cert.subject().to_string(), found))
+}
+
+/// The first presented intermediate with URI name constraints, to explain a
+/// bare `NameConstraintViolation` from webpki.
+fn uri_constrained_ca(
+    trust_domain: &TrustDomain,
+    intermediates: &[CertificateDer<'_>],
+) -> Option<ScopeError> {
+    intermediates.iter().find_map(|der| {
+        let cert = x509::parse(der).ok()?;
+        (!permitted_uri_hosts(&cert).is_empty()).then(|| ScopeError::UriNameConstraints {
+            subject: cert.subject().to_string(),
+            trust_domain: trust_domain.to_string(),
+        })
+    })
 }
 
 #[cfg(test)]
@@ -397,12 +435,12 @@ mod tests {
         let r = root();
         let b = intermediate(&r, "Keyway CA other.td", &["spiffe://other.td"], &[]);
         let msg = refusal(verify(&bundle_of(&r), &[&leaf(&b, CONTROL_PLANE), &b.der]));
-        assert!(
-            msg.contains("\"CN=Keyway CA other.td\"")
-                && msg.contains("not constrained to trust domain cluster.local")
-                && msg.contains("its URI SANs are spiffe://other.td")
-                && msg.contains("needs the URI SAN spiffe://cluster.local"),
-            "{msg}"
+        assert_eq!(
+            msg,
+            "the intermediate CA \"CN=Keyway CA other.td\" is not constrained to trust domain cluster.local \
+             (its URI SANs are spiffe://other.td): it needs the URI SAN spiffe://cluster.local; another trust \
+             domain's CA under the same upstream root could otherwise mint cluster.local's identities (rules \
+             X5-05, X5-15)"
         );
     }
 
@@ -502,15 +540,22 @@ mod tests {
     }
 
     #[test]
-    fn a_ca_name_constrained_to_our_trust_domain_is_in_scope() {
-        // X5-14: URI nameConstraints on signing certificates.
+    fn a_ca_name_constrained_to_our_trust_domain_is_in_scope_but_refused_with_advice() {
+        // X5-14: URI nameConstraints on signing certificates MAY be used, and
+        // "many libraries reject them": rustls-webpki refuses every URI name
+        // constraint during path validation. The scope decision accepts D; the
+        // refusal tells the operator to use the SAN form instead.
         let r = root();
         let d = intermediate(&r, "Constrained CA", &[], &["cluster.local"]);
         assert_eq!(check_ca_scope(&td(), &d.der), Ok(()));
         let upper = intermediate(&r, "Constrained CA", &[], &["Cluster.Local"]);
         assert_eq!(check_ca_scope(&td(), &upper.der), Ok(()), "ID-15");
-        let result = verify(&bundle_of(&r), &[&leaf(&d, CONTROL_PLANE), &d.der]);
-        eprintln!("D through TrustBundle::verify: {result:?}");
+        let msg = refusal(verify(&bundle_of(&r), &[&leaf(&d, CONTROL_PLANE), &d.der]));
+        assert!(
+            msg.contains("\"CN=Constrained CA\" has URI name constraints")
+                && msg.contains("give it the URI SAN spiffe://cluster.local instead"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -521,15 +566,38 @@ mod tests {
             &["cluster.local", "other.td"][..],
             &["other.td"][..],
             &["local"][..],
+            &["spiffe://cluster.local"][..],
         ] {
             let wide = intermediate(&r, "Wide CA", &[], hosts);
             let err = check_ca_scope(&td(), &wide.der).unwrap_err();
+            let msg = err.to_string();
             assert_eq!(
-                err.found,
-                CaScope::PermittedUriHosts(hosts.iter().map(|h| h.to_string()).collect())
+                err,
+                ScopeError::Unscoped {
+                    subject: "CN=Wide CA".into(),
+                    trust_domain: TD.into(),
+                    found: CaScope::PermittedUriHosts(hosts.iter().map(|h| h.to_string()).collect()),
+                },
+                "{msg}"
             );
-            let msg = refusal(verify(&bundle_of(&r), &[&leaf(&wide, CONTROL_PLANE), &wide.der]));
-            eprintln!("{hosts:?}: {msg}");
+            refusal(verify(&bundle_of(&r), &[&leaf(&wide, CONTROL_PLANE), &wide.der]));
         }
+        // Only excluded subtrees, or only DNS ones, do not scope URIs at all.
+        let mut params = ca_params("DNS-only CA", &[], &[]);
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("cluster.local".into())],
+            excluded_subtrees: Vec::new(),
+        });
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let dns_only = Ca {
+            der: params.signed_by(&key, &r.issuer()).unwrap().der().to_vec(),
+            params,
+            key,
+        };
+        let msg = refusal(verify(
+            &bundle_of(&r),
+            &[&leaf(&dns_only, CONTROL_PLANE), &dns_only.der],
+        ));
+        assert!(msg.contains("no URI SAN and no URI name constraint"), "{msg}");
     }
 }
