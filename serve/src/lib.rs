@@ -14,9 +14,12 @@
 //! - [`grpc::serve_connection`] serves tonic routes on one connection with
 //!   hyper's HTTP/2 server (so an idle connection gets a GOAWAY, not a reset).
 //! - [`unix::bind`] creates unix sockets with their final mode from the
-//!   start; [`unix::serve`] serves one with the caller attested at connect.
+//!   start; [`unix::serve`] serves one with the caller attested at connect,
+//!   and with [`authority`] accepting the `:authority` values that gRPC
+//!   clients send on unix sockets.
 //! - [`http::serve`] is the metrics and health endpoint (HTTP/1.1).
 
+pub mod authority;
 pub mod grpc;
 pub mod http;
 mod limits;

@@ -142,7 +142,9 @@ pub async fn serve<C, F, Fut>(
             {
                 return;
             }
-            crate::grpc::serve_connection(&gate, opened, stream, info, routes, shutdown).await;
+            let max_header_list_size = gate.limits().max_header_list_size as usize;
+            let io = crate::authority::Rewriting::new(stream, max_header_list_size);
+            crate::grpc::serve_connection(&gate, opened, io, info, routes, shutdown).await;
             drop(permit);
         });
     }
