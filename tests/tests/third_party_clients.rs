@@ -4,7 +4,9 @@
 //! the Workload API socket, and plain grpcio on both admin sockets. These
 //! are what a Python or Node user meets first: gRPC C-core (grpcio >= 1.57)
 //! sends the socket path, percent-encoded, as `:authority` on unix sockets,
-//! which a strict HTTP/2 server refuses (issue 15). The clients are in
+//! which h2 refused with RST_STREAM PROTOCOL_ERROR (grpcio: INTERNAL "Stream
+//! removed") until keyway-serve's `authority` layer (issue 15); grpc-js
+//! sends `localhost` and was never affected. The clients are in
 //! `tests/clients` and installed by `scripts/setup.sh clients`; each run
 //! prints the client versions it used.
 
