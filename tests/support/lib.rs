@@ -283,6 +283,83 @@ impl Drop for Binary {
     }
 }
 
+#[allow(missing_debug_implementations, reason = "test harness")]
+/// The real `node-agent run` process, attested with a join token from a
+/// [`Binary`] control plane. Killed (SIGKILL) on drop.
+pub struct AgentBinary {
+    pub child: Child,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+}
+
+impl AgentBinary {
+    /// Starts an agent for `node` with its files in `dir` (named after the
+    /// node, so several agents can share a directory; no mutual-auth port
+    /// unless `extra` asks, no metrics unless `extra` gives an address) and
+    /// waits until its `healthcheck` passes.
+    pub fn spawn(cp: &Binary, dir: &Path, node: &str, extra: &[&str]) -> Self {
+        let token = cp.ok(&["token", "create", "--node", node]).trim().to_owned();
+        let bundle = dir.join(format!("{node}-bundle.pem"));
+        std::fs::write(&bundle, cp.ok(&["bundle", "show"])).expect("write the bundle");
+        let socket = dir.join(format!("{node}.sock"));
+        let admin_socket = dir.join(format!("{node}-admin.sock"));
+        let mut cmd = Command::new(bin("node-agent"));
+        cmd.args([
+            "run",
+            "--server",
+            &cp.listen,
+            "--trust-domain",
+            TD,
+            "--node-name",
+            node,
+        ])
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--data-dir")
+        .arg(dir.join(format!("{node}-data")))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--admin-socket")
+        .arg(&admin_socket);
+        if !extra.contains(&"--auth-port") {
+            cmd.args(["--auth-port", "0"]);
+        }
+        if !extra.contains(&"--metrics-address") {
+            cmd.args(["--metrics-address", "off"]);
+        }
+        let child = cmd
+            .args(extra)
+            .env("KEYWAY_JOIN_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn node-agent");
+        let agent = Self {
+            child,
+            socket,
+            admin_socket,
+        };
+        wait_until(Duration::from_secs(30), "agent healthy", || {
+            Command::new(bin("node-agent"))
+                .args(["healthcheck", "--socket"])
+                .arg(&agent.socket)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+        agent
+    }
+}
+
+impl Drop for AgentBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -2,65 +2,14 @@
 //! s_server/s_client mTLS handshake, `healthcheck`, and caller attestation by
 //! network namespace (privileged: needs root, which CI has).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keyway_tests::{Binary, TD, bin, wait_until};
+use keyway_tests::{AgentBinary, Binary, TD, bin, wait_until};
 
-/// A `node-agent run` process; killed on drop.
-struct AgentProcess {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_agent(cp: &Binary, dir: &Path, node: &str) -> AgentProcess {
-    let token = cp.ok(&["token", "create", "--node", node]).trim().to_owned();
-    let bundle = dir.join("bundle.pem");
-    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
-    let socket = dir.join("agent.sock");
-    let child = Command::new(bin("node-agent"))
-        .args([
-            "run",
-            "--server",
-            &cp.listen,
-            "--trust-domain",
-            TD,
-            "--node-name",
-            node,
-        ])
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .arg("--data-dir")
-        .arg(dir.join("agent-data"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--admin-socket")
-        .arg(dir.join("agent-admin.sock"))
-        .args(["--auth-port", "0"])
-        .args(["--metrics-address", "off"])
-        .env("KEYWAY_JOIN_TOKEN", token)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let agent = AgentProcess { child, socket };
-    wait_until(Duration::from_secs(30), "agent healthy", || {
-        Command::new(bin("node-agent"))
-            .args(["healthcheck", "--socket"])
-            .arg(&agent.socket)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    agent
+fn start_agent(cp: &Binary, dir: &Path, node: &str) -> AgentBinary {
+    AgentBinary::spawn(cp, dir, node, &[])
 }
 
 fn apply(cp: &Binary, dir: &Path, yaml: &str) {

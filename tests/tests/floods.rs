@@ -14,7 +14,7 @@
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use keyway_identity::tls::{self, PeerMatch};
 use keyway_identity::{TrustBundle, spiffe_id};
 use keyway_tests::http::{get, value};
-use keyway_tests::{Binary, TD, bin, rss_kib, wait_until};
+use keyway_tests::{AgentBinary, Binary, TD, bin, rss_kib, wait_until};
 use proto::keyway::agent_api_client::AgentApiClient;
 use proto::keyway::{self as pb, attest_request::Method};
 use rustls::pki_types::ServerName;
@@ -269,53 +269,6 @@ fn attest_request(node_name: &str, token: &str) -> pb::AttestRequest {
 fn bundle_of(cp: &Binary) -> Arc<TrustBundle> {
     let td = spiffe_id::parse_trust_domain(TD).unwrap();
     Arc::new(TrustBundle::from_pem(td, &cp.ok(&["bundle", "show"])).expect("bundle"))
-}
-
-/// A `node-agent run` process; killed on drop.
-struct AgentProcess {
-    child: Child,
-    socket: std::path::PathBuf,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_agent(cp: &Binary, dir: &Path, node: &str, extra: &[&str]) -> AgentProcess {
-    let token = cp.ok(&["token", "create", "--node", node]).trim().to_owned();
-    let bundle = dir.join("bundle.pem");
-    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
-    let socket = dir.join("agent.sock");
-    let child = Command::new(bin("node-agent"))
-        .args([
-            "run",
-            "--server",
-            &cp.listen,
-            "--trust-domain",
-            TD,
-            "--node-name",
-            node,
-        ])
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .arg("--data-dir")
-        .arg(dir.join("agent-data"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--admin-socket")
-        .arg(dir.join("agent-admin.sock"))
-        .args(["--auth-port", "0"])
-        .args(extra)
-        .env("KEYWAY_JOIN_TOKEN", token)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    AgentProcess { child, socket }
 }
 
 fn apply(cp: &Binary, dir: &Path, name: &str, yaml: &str) {
@@ -610,7 +563,7 @@ fn workload_api_caps_one_uid_and_serves_another_during_a_flood() {
          spec:\n  serviceAccount: other\n  node: node-a\n  selectors: [\"unix:uid:1000\"]\n",
     );
     let metrics = free_address();
-    let agent = spawn_agent(
+    let agent = AgentBinary::spawn(
         &cp,
         dir.path(),
         "node-a",
@@ -901,7 +854,7 @@ fn attestation_flood_costs_little_memory_and_log() {
     std::fs::create_dir(&agent_dir).unwrap();
     let node = r#"keyway_svids_issued_total{kind="node"}"#;
     let t = Instant::now();
-    let _agent = spawn_agent(&cp, &agent_dir, "node-a", &["--metrics-address", "off"]);
+    let _agent = AgentBinary::spawn(&cp, &agent_dir, "node-a", &["--metrics-address", "off"]);
     wait_until(Duration::from_secs(30), "the agent attested", || {
         metric(&metrics, node) == 1.0
     });

@@ -12,11 +12,11 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyway_identity::x509::LeafInfo;
-use keyway_tests::{Binary, TD, bin, openssl, wait_until, workload_for_me, workload_yaml};
+use keyway_tests::{AgentBinary, Binary, TD, bin, openssl, wait_until, workload_for_me, workload_yaml};
 use serde_json::Value;
 
 /// How long one client run may take (the clients' own calls have 20s
@@ -155,24 +155,10 @@ fn run(what: &str, mut cmd: Command, args: &[&str]) -> Run {
     run
 }
 
-/// A `node-agent run` process; killed on drop.
-struct AgentProcess {
-    child: Child,
-    socket: PathBuf,
-    admin_socket: PathBuf,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A control plane and its agents (each node's agent killed before the
 /// control plane, the directory removed last).
 struct Cluster {
-    agents: Vec<AgentProcess>,
+    agents: Vec<AgentBinary>,
     cp: Binary,
     dir: tempfile::TempDir,
 }
@@ -187,7 +173,7 @@ impl Cluster {
         cp.ok(&["apply", "-f", docs.to_str().unwrap()]);
         let agents = nodes
             .iter()
-            .map(|node| start_agent(&cp, dir.path(), node))
+            .map(|node| AgentBinary::spawn(&cp, dir.path(), node, &[]))
             .collect();
         Self { agents, cp, dir }
     }
@@ -220,53 +206,6 @@ impl Cluster {
         std::fs::create_dir(&d).unwrap();
         d
     }
-}
-
-fn start_agent(cp: &Binary, dir: &Path, node: &str) -> AgentProcess {
-    let token = cp.ok(&["token", "create", "--node", node]).trim().to_owned();
-    let bundle = dir.join(format!("{node}-bundle.pem"));
-    std::fs::write(&bundle, cp.ok(&["bundle", "show"])).unwrap();
-    let socket = dir.join(format!("{node}.sock"));
-    let admin_socket = dir.join(format!("{node}-admin.sock"));
-    let child = Command::new(bin("node-agent"))
-        .args([
-            "run",
-            "--server",
-            &cp.listen,
-            "--trust-domain",
-            TD,
-            "--node-name",
-            node,
-        ])
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .arg("--data-dir")
-        .arg(dir.join(format!("{node}-data")))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--admin-socket")
-        .arg(&admin_socket)
-        .args(["--auth-port", "0"])
-        .args(["--metrics-address", "off"])
-        .env("KEYWAY_JOIN_TOKEN", token)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let agent = AgentProcess {
-        child,
-        socket,
-        admin_socket,
-    };
-    wait_until(Duration::from_secs(30), "agent healthy", || {
-        Command::new(bin("node-agent"))
-            .args(["healthcheck", "--socket"])
-            .arg(&agent.socket)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    agent
 }
 
 /// Verifies `chain` (leaf first, then any intermediates) against the CA
