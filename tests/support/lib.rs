@@ -517,6 +517,41 @@ impl Agent {
     }
 }
 
+macro_rules! mtls_ingress {
+    () => {
+        "apiVersion: keyway.dev/v1alpha1
+kind: KeywayNetworkPolicy
+metadata: { name: api-mtls, namespace: default }
+spec:
+  endpointSelector: { matchLabels: { app: api } }
+  ingress:
+    - authentication: { mode: required }
+      fromEndpoints: [{ matchLabels: { app: frontend } }]
+      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
+"
+    };
+}
+
+/// api (app=api) accepts frontend (app=frontend) on TCP 8080 only when the
+/// pair is mutually authenticated.
+pub const MTLS_INGRESS: &str = mtls_ingress!();
+
+/// [`MTLS_INGRESS`], and frontend's egress to api under the same rule.
+pub const MTLS_BOTH_WAYS: &str = concat!(
+    mtls_ingress!(),
+    "---
+apiVersion: keyway.dev/v1alpha1
+kind: KeywayNetworkPolicy
+metadata: { name: frontend-mtls, namespace: default }
+spec:
+  endpointSelector: { matchLabels: { app: frontend } }
+  egress:
+    - authentication: { mode: required }
+      toEndpoints: [{ matchLabels: { app: api } }]
+      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
+"
+);
+
 /// A Workload document whose selector matches this test process (by uid).
 pub fn workload_for_me(name: &str, sa: &str, node: &str, ttl: Option<&str>) -> String {
     let uid = std::fs::metadata("/proc/self")

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use keyway_tests::http::{get, value};
-use keyway_tests::{Binary, TD, bin, wait_until};
+use keyway_tests::{Binary, MTLS_INGRESS, TD, bin, wait_until};
 
 /// A `node-agent run` process; killed on drop.
 struct AgentProcess(Child);
@@ -285,17 +285,6 @@ fn a_taken_metrics_address_is_a_start_up_error_naming_the_flag() {
     );
 }
 
-const MTLS_POLICIES: &str = "apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: api-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: api } }
-  ingress:
-    - authentication: { mode: required }
-      fromEndpoints: [{ matchLabels: { app: frontend } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
-";
-
 /// Serves `metrics` over HTTP on a free loopback port; returns the address.
 async fn serve_metrics(metrics: &node_agent::metrics::AgentMetrics) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -321,7 +310,7 @@ async fn serve_metrics(metrics: &node_agent::metrics::AgentMetrics) -> String {
 async fn handshakes_and_auth_entries_are_counted() {
     let cp = keyway_tests::InProcess::start(keyway_tests::Options::default()).await;
     cp.apply(&format!(
-        "{}---\n{}---\n{MTLS_POLICIES}",
+        "{}---\n{}---\n{MTLS_INGRESS}",
         keyway_tests::workload_yaml("frontend", "frontend", "node-a", "10.0.1.1"),
         keyway_tests::workload_yaml("api", "api", "node-b", "10.0.2.1"),
     ))

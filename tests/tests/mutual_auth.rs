@@ -7,35 +7,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use keyway_common::AuthKey;
 use keyway_tests::mesh::MeshAgent;
-use keyway_tests::{InProcess, Options, workload_yaml};
+use keyway_tests::{InProcess, MTLS_BOTH_WAYS, Options, workload_yaml};
 use node_agent::datapath::{AuthMap, MissingAuth, monotonic_ns};
 use node_agent::mutual_auth::{Via, handshake, pairs};
 use tokio::sync::watch;
 
-const POLICIES: &str = "apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: api-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: api } }
-  ingress:
-    - authentication: { mode: required }
-      fromEndpoints: [{ matchLabels: { app: frontend } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
----
-apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: frontend-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: frontend } }
-  egress:
-    - authentication: { mode: required }
-      toEndpoints: [{ matchLabels: { app: api } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
-";
-
 fn docs() -> String {
     format!(
-        "{}---\n{}---\n{POLICIES}",
+        "{}---\n{}---\n{MTLS_BOTH_WAYS}",
         workload_yaml("frontend", "frontend", "node-a", "10.0.1.1"),
         workload_yaml("api", "api", "node-b", "10.0.2.1"),
     )

@@ -3,6 +3,7 @@
 //! --datapath`, pods behind veths, the control plane binary on node-a's
 //! underlay address, and real TCP. Needs root; fails without it.
 
+use keyway_tests::MTLS_INGRESS;
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -11,17 +12,6 @@ use keyway_tests::netns::{
     tcp_retransmits,
 };
 use keyway_tests::wait_until;
-
-const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: api-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: api } }
-  ingress:
-    - authentication: { mode: required }
-      fromEndpoints: [{ matchLabels: { app: frontend } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
-";
 
 struct Setup {
     cluster: Cluster,
@@ -47,7 +37,7 @@ fn setup(cp_flags: &[&str]) -> Setup {
             labelled_workload("intruder", "other", "intruder", "node-a", intruder.ip),
             labelled_workload("ghost", "ghost", "frontend", "node-c", ghost.ip),
             labelled_workload("api", "api", "api", "node-b", api.ip),
-            POLICY.to_string(),
+            MTLS_INGRESS.to_string(),
         ],
     );
     Setup {

@@ -10,22 +10,11 @@
 use std::time::Duration;
 
 use keyway_tests::mesh::MeshAgent;
-use keyway_tests::{InProcess, Options, bin, workload_yaml};
+use keyway_tests::{InProcess, MTLS_INGRESS, Options, bin, workload_yaml};
 use node_agent::control_plane::{self, ClientError, ControlPlaneClient};
 use proto::keyway as pb;
 use tokio::sync::watch;
 use tonic::Code;
-
-const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: api-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: api } }
-  ingress:
-    - authentication: { mode: required }
-      fromEndpoints: [{ matchLabels: { app: frontend } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
-";
 
 async fn client_with(cp: &InProcess, svid: &keyway_identity::Svid) -> ControlPlaneClient {
     let (b, bundle) = watch::channel(cp.bundle());
@@ -55,7 +44,7 @@ fn revoke(cp: &InProcess, node: &str) -> std::process::Output {
 async fn a_revoked_node_cannot_renew_loses_its_sync_and_its_peers_flush_its_entries() {
     let cp = InProcess::start(Options::default()).await;
     cp.apply(&format!(
-        "{}---\n{}---\n{POLICY}",
+        "{}---\n{}---\n{MTLS_INGRESS}",
         workload_yaml("frontend", "frontend", "node-a", "10.0.1.1"),
         workload_yaml("api", "api", "node-b", "10.0.2.1"),
     ))

@@ -16,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyway_identity::x509::LeafInfo;
-use keyway_tests::{AgentBinary, Binary, TD, bin, openssl, wait_until, workload_for_me, workload_yaml};
+use keyway_tests::{
+    AgentBinary, Binary, MTLS_BOTH_WAYS, TD, bin, openssl, wait_until, workload_for_me, workload_yaml,
+};
 use serde_json::Value;
 
 /// How long one client run may take (the clients' own calls have 20s
@@ -509,34 +511,13 @@ fn control_plane_admin_socket_answers_plain_grpcio_as_bundle_show_does() {
     assert_eq!(jwks, shown, "bundle show --format jwks");
 }
 
-const MTLS_POLICIES: &str = "apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: api-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: api } }
-  ingress:
-    - authentication: { mode: required }
-      fromEndpoints: [{ matchLabels: { app: frontend } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
----
-apiVersion: keyway.dev/v1alpha1
-kind: KeywayNetworkPolicy
-metadata: { name: frontend-mtls, namespace: default }
-spec:
-  endpointSelector: { matchLabels: { app: frontend } }
-  egress:
-    - authentication: { mode: required }
-      toEndpoints: [{ matchLabels: { app: api } }]
-      toPorts: [{ ports: [{ port: \"8080\", protocol: TCP }] }]
-";
-
 /// The node agent's admin socket (`keyway.v1.AgentAdmin`) from plain
 /// grpcio: with two agents that pre-authenticated frontend (node-a) and api
 /// (node-b), ListAuth returns the pairs `node-agent auth list` shows.
 #[test]
 fn agent_admin_socket_answers_plain_grpcio_as_auth_list_does() {
     let docs = format!(
-        "{}---\n{}---\n{MTLS_POLICIES}",
+        "{}---\n{}---\n{MTLS_BOTH_WAYS}",
         workload_yaml("frontend", "frontend", "node-a", "10.0.1.1"),
         workload_yaml("api", "api", "node-b", "10.0.2.1"),
     );
