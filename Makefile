@@ -14,7 +14,7 @@ KUBERNETES_TESTS := $(basename $(notdir $(wildcard tests/tests/k8s_*.rs)))
 # Every other integration test file.
 INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS) $(KUBERNETES_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
-.PHONY: all setup build test lint unit integration datapath kubernetes bench demo clean-tiers print-tiers
+.PHONY: all setup build test lint unit integration datapath kubernetes bench demo image clean-tiers print-tiers
 
 all: build
 
@@ -75,3 +75,9 @@ bench: setup
 
 demo: build
 	@bash scripts/demo.sh
+
+# One OCI image with both binaries (release build), FROM scratch, no Docker daemon:
+# target/image/keyway-<version>.oci.tar, named keyway:<version> (see README, "Image").
+# KEYWAY_IMAGE_PROFILE=debug packages the debug binaries already built instead.
+image: setup
+	@bash scripts/image.sh

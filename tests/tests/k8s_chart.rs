@@ -550,3 +550,34 @@ fn rendered_manifests_split_into_objects_helm_would_send() {
         );
     }
 }
+
+#[test]
+fn the_default_image_is_the_one_make_image_builds() {
+    // `make image` (scripts/image.sh) names its image
+    // docker.io/library/keyway:<workspace version>, which is what the chart's
+    // `keyway:<appVersion>` means to containerd and the kubelet.
+    let version = env!("CARGO_PKG_VERSION");
+    let rendered = render("keyway", "keyway-system", "{}").unwrap_or_else(|e| panic!("render: {e}"));
+    let mut seen = 0;
+    for object in helm::objects(&rendered) {
+        let object: Json = serde_json::to_value(object).unwrap();
+        let pod = &object["spec"]["template"]["spec"];
+        for c in pod["containers"].as_array().into_iter().flatten() {
+            assert_eq!(
+                c["image"],
+                format!("keyway:{version}"),
+                "{}",
+                object["metadata"]["name"]
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 2, "the control plane's and the agent's containers");
+    let script = std::fs::read_to_string(chart_dir().join("../../scripts/image.sh")).unwrap();
+    assert!(script.contains("NAME=\"docker.io/library/keyway:$VERSION\""));
+    let chart = std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap();
+    assert!(
+        chart.contains(&format!("appVersion: \"{version}\"")),
+        "Chart.yaml's appVersion is the workspace version ({version}), the tag `make image` gives"
+    );
+}
