@@ -831,6 +831,8 @@ const FUNCTIONS: &[&str] = &[
     "indent",
     "trunc",
     "trimSuffix",
+    "upper",
+    "replace",
     "printf",
     "required",
     "fail",
@@ -1434,6 +1436,8 @@ fn signature(name: &str) -> Signature {
         "toYaml" | "int" => (&[Any], None),
         "nindent" | "indent" | "trunc" => (&[Int, Str], None),
         "trimSuffix" => (&[Str, Str], None),
+        "upper" => (&[Str], None),
+        "replace" => (&[Str, Str, Str], None),
         "printf" => (&[Str], Some(Any)),
         "required" | "include" => (&[Str, Any], None),
         "fail" => (&[Str], None),
@@ -1806,6 +1810,9 @@ impl Exec<'_> {
                 let (suffix, text) = (s(&vals[0]), s(&vals[1]));
                 Value::Str(text.strip_suffix(suffix.as_str()).unwrap_or(&text).to_string())
             }
+            "upper" => Value::Str(s(&vals[0]).to_uppercase()),
+            // sprig: replace OLD NEW STRING (every occurrence).
+            "replace" => Value::Str(s(&vals[2]).replace(s(&vals[0]).as_str(), &s(&vals[1]))),
             "printf" => Value::Str(sprintf(&s(&vals[0]), &vals[1..])?),
             "required" => match &vals[1] {
                 Value::Nil => return Err(Fail::User(s(&vals[0]))),
@@ -3247,9 +3254,9 @@ mod tests {
 
     #[test]
     fn unknown_functions_and_constructs_are_errors() {
-        let e = err("{{ upper \"x\" }}", "{}");
+        let e = err("{{ lower \"x\" }}", "{}");
         assert!(
-            e.starts_with("parse error at (c/templates/t.yaml:1): function \"upper\" not defined"),
+            e.starts_with("parse error at (c/templates/t.yaml:1): function \"lower\" not defined"),
             "{e}"
         );
         // Even where it would never run, as in Go.
@@ -3321,6 +3328,10 @@ mod tests {
             "abc ef"
         );
         assert_eq!(ok("{{ \"a-\" | trimSuffix \"-\" }}", "{}"), "a");
+        assert_eq!(
+            ok("{{ \"kw-control-plane\" | upper | replace \"-\" \"_\" }}", "{}"),
+            "KW_CONTROL_PLANE"
+        );
         assert_eq!(
             ok("{{ quote .Values.s .Values.missing 3 }}", "s: 'a\"b'"),
             "\"a\\\"b\" \"3\""

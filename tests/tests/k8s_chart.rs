@@ -226,10 +226,15 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
     assert_eq!(sc["runAsUser"], 0);
     assert_eq!(agent["command"], json!(["node-agent"]));
     assert_eq!(agent["args"][0], "run");
+    // No cluster DNS needed: the kubelet expands the control-plane Service's
+    // variables, whose names come from the Service's name and port name.
     assert_eq!(
         flag(agent, "--server"),
-        format!("keyway-control-plane.{ns}.svc:8081")
+        "$(KEYWAY_CONTROL_PLANE_SERVICE_HOST):$(KEYWAY_CONTROL_PLANE_SERVICE_PORT_GRPC_AGENT)"
     );
+    let svc = find(&objs, "Service", "keyway-control-plane");
+    assert_eq!(svc["spec"]["ports"][0]["name"], "grpc-agent");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8081);
     assert_eq!(flag(agent, "--trust-bundle"), "/run/keyway/bundle/bundle.pem");
     assert_eq!(flag(agent, "--trust-domain"), "cluster.local");
     assert_eq!(flag(agent, "--node-name"), "$(NODE_NAME)");
@@ -422,12 +427,14 @@ imagePullSecrets: [{name: regcred}]
 image: {repository: registry.example.com/keyway, tag: "1.2.3"}
 metrics: {scrapeAnnotations: false}
 agent:
+  server: kw-control-plane.{ns}.svc:8081
   authPort: 4300
   metricsPort: 9500
   tolerations: [{key: dedicated, operator: Equal, value: edge, effect: NoSchedule}]
   podAnnotations: {example.com/scrape: "true"}
-"#;
-    let rendered = render("kw", &ns, overrides).unwrap_or_else(|e| panic!("render: {e}"));
+"#
+    .replace("{ns}", &ns);
+    let rendered = render("kw", &ns, &overrides).unwrap_or_else(|e| panic!("render: {e}"));
     let objs = apply_chart(&rendered, &ns).await;
     for o in objs.iter().filter(|o| o.kind() != "CustomResourceDefinition") {
         assert_kept(&o.sent, &o.got, &format!("{} {}", o.kind(), o.name()));
