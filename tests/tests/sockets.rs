@@ -43,8 +43,18 @@ fn sockets_appear_with_their_final_mode_and_a_planted_symlink_is_replaced_not_fo
     let err = keyway_serve::unix::bind(&path, 0o666, 0o755).unwrap_err();
     assert!(err.to_string().contains("already serving"), "{err}");
     drop(listener);
-    // A stale one (nobody answers) is.
-    keyway_serve::unix::bind(&path, 0o600, 0o755).expect("a stale socket is replaced");
+    // A stale one (nobody answers) is. The other test here spawns a process:
+    // a fork that has not reached exec yet still holds the closed listener
+    // (close-on-exec closes it only at exec), and it answers meanwhile.
+    let mut stale = None;
+    keyway_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "a stale socket is replaced",
+        || {
+            stale = keyway_serve::unix::bind(&path, 0o600, 0o755).ok();
+            stale.is_some()
+        },
+    );
     assert_eq!(mode(&path), 0o600);
     // A directory it makes gets the mode asked for (admin sockets: 0700).
     let admin = dir.path().join("admin").join("agent-admin.sock");
