@@ -14,7 +14,7 @@ KUBERNETES_TESTS := $(basename $(notdir $(wildcard tests/tests/k8s_*.rs)))
 # Every other integration test file.
 INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS) $(KUBERNETES_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
-.PHONY: all setup build test lint unit integration datapath kubernetes bench demo image clean-tiers print-tiers
+.PHONY: all setup build test lint unit integration datapath kubernetes bench demo image cluster clean-tiers print-tiers
 
 all: build
 
@@ -81,3 +81,9 @@ demo: build
 # KEYWAY_IMAGE_PROFILE=debug packages the debug binaries already built instead.
 image: setup
 	@bash scripts/image.sh
+
+# A real one-node Kubernetes (etcd, kube-apiserver, controller-manager, scheduler,
+# kube-proxy, kubelet, containerd, ptp CNI) with Keyway installed from the chart:
+# scripts/local-cluster.sh up|status|down. Prints `export KUBECONFIG=...` last.
+cluster: setup
+	@bash scripts/local-cluster.sh up

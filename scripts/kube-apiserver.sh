@@ -5,6 +5,9 @@
 # k3s or envtest binaries, so it is built once from source and cached.
 #
 #   scripts/kube-apiserver.sh build        # once ~8-11 min on 2 cores; then well under 1 s
+#   scripts/kube-apiserver.sh build-node   # kubelet, controller-manager, scheduler, kube-proxy
+#                                          # (same source, one make; for local-cluster.sh)
+#   scripts/kube-apiserver.sh node-dir     # prints where those are
 #   scripts/kube-apiserver.sh start DIR    # etcd + kube-apiserver, state in DIR; waits for /readyz
 #   scripts/kube-apiserver.sh status DIR   # exit 0 ready, 1 partly up / not ready, 3 stopped
 #   scripts/kube-apiserver.sh stop DIR     # idempotent
@@ -24,6 +27,11 @@
 #   KEYWAY_ETCD_PORT           etcd client port  (default: a free port)
 #   KEYWAY_ETCD_PEER_PORT      etcd peer port    (default: a free port)
 #   KEYWAY_APISERVER_TIMEOUT   seconds to wait for /readyz (default 120)
+#   KEYWAY_APISERVER_ADDRESS   address to serve and advertise (default 127.0.0.1); a
+#                              cluster with pods gives its node address (local-cluster.sh)
+#   KEYWAY_APISERVER_NODES=1   serve real nodes: keep the `kubernetes` Service's endpoints
+#                              (lease reconciler), ServiceAccount admission on, kubelets
+#                              reached at their InternalIP
 #
 # What a 1.20 server without controller-manager, scheduler or kubelet does NOT do: no
 # default ServiceAccount per namespace, no garbage collection, namespaces never finish
@@ -114,22 +122,9 @@ upstream_version() {
   printf '%s\n' "$v"
 }
 
-build() {
-  local dir
-  if dir="$(cached_dir)"; then
-    ensure_packages "${RUN_PACKAGES[@]}"
-    log "already built: $dir/kube-apiserver ($(sed -n 's/^version=//p' "$dir/stamp"))"
-    return 0
-  fi
-  local t0=$SECONDS
-  mkdir -p "$CACHE" || die "cannot create $CACHE (run as root, or set KEYWAY_KUBE_CACHE)"
-  exec 9>"$CACHE/.lock"
-  if ! flock -n 9; then
-    log "another build holds $CACHE/.lock; waiting for it"
-    flock 9
-    if dir="$(cached_dir)"; then log "built meanwhile: $dir/kube-apiserver"; return 0; fi
-  fi
-
+# Unpacks the source package (downloaded once into the cache) with the one required fix.
+# Sets DEBVER, VERSION, DIR (the cache directory of this version), SRC and TREE.
+prepare_source() {
   ensure_packages "${BUILD_PACKAGES[@]}" "${RUN_PACKAGES[@]}"
   ensure_deb_src
   local dsc
@@ -139,26 +134,26 @@ build() {
     dsc="$(apt-get source --print-uris -qq kubernetes | awk '$2 ~ /^kubernetes_.*\.dsc$/ {print $2}' || true)"
   fi
   [ -n "$dsc" ] || die "apt-get source cannot find the kubernetes source package (is the deb-src entry right?)"
-  local debver="${dsc#kubernetes_}"; debver="${debver%.dsc}"
-  local version; version="$(upstream_version "$debver")"
-  dir="$CACHE/$debver"
-  local src="$dir/src"
-  mkdir -p "$src"
+  DEBVER="${dsc#kubernetes_}"; DEBVER="${DEBVER%.dsc}"
+  VERSION="$(upstream_version "$DEBVER")"
+  DIR="$CACHE/$DEBVER"
+  SRC="$DIR/src"
+  mkdir -p "$SRC"
 
   # 1. The source (34 MB, dependencies vendored), kept so that a rebuild needs no network.
-  if [ ! -f "$src/$dsc" ]; then
-    log "apt-get source kubernetes ($debver) into $src"
+  if [ ! -f "$SRC/$dsc" ]; then
+    log "apt-get source kubernetes ($DEBVER) into $SRC"
     # apt's _apt user cannot write here: apt warns and downloads as root, which is fine.
     (
-      cd "$src"
+      cd "$SRC"
       apt-get source --download-only -qq kubernetes 2>&1 | { grep -v 'unsandboxed as root' >&2 || true; }
     ) || die "apt-get source kubernetes failed"
-    [ -f "$src/$dsc" ] || die "apt-get source kubernetes did not produce $src/$dsc"
+    [ -f "$SRC/$dsc" ] || die "apt-get source kubernetes did not produce $SRC/$dsc"
   fi
-  local tree="$src/tree"
-  rm -rf "$tree"
+  TREE="$SRC/tree"
+  rm -rf "$TREE"
   log "unpacking $dsc (Debian patches applied)"
-  dpkg-source --no-check -x "$src/$dsc" "$tree" >/dev/null || die "dpkg-source -x $src/$dsc failed"
+  dpkg-source --no-check -x "$SRC/$dsc" "$TREE" >/dev/null || die "dpkg-source -x $SRC/$dsc failed"
 
   # 2. The one required fix. Kubernetes 1.20 vendors reflect2 1.0.1 and json-iterator 1.1.10,
   # which break with Go >= 1.18 (the server dies with SIGSEGV in map iteration on the first
@@ -169,38 +164,112 @@ build() {
     from="/usr/share/gocode/src/github.com/$p"
     [ -d "$from" ] || die "$from missing (Debian package for $p not installed?)"
     log "replacing vendor/github.com/$p with Debian's copy ($from)"
-    rm -rf "$tree/vendor/github.com/$p"
-    mkdir -p "$tree/vendor/github.com/$p"
+    rm -rf "$TREE/vendor/github.com/$p"
+    mkdir -p "$TREE/vendor/github.com/$p"
     find "$from" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) ! -name '*_test.go' \
-      -exec cp {} "$tree/vendor/github.com/$p/" \;
+      -exec cp {} "$TREE/vendor/github.com/$p/" \;
   done
-
-  # 3. Build in GOPATH mode through the Makefile (a plain `go build` in module mode fails on
-  # this tree), with Debian's Go 1.19 first in PATH whatever else is installed.
   printf "KUBE_GIT_COMMIT='debian-%s'\nKUBE_GIT_TREE_STATE='clean'\nKUBE_GIT_VERSION='v%s'\nKUBE_GIT_MAJOR='%s'\nKUBE_GIT_MINOR='%s'\n" \
-    "$debver" "$version" "${version%%.*}" "$(cut -d. -f2 <<<"$version")" > "$src/version.env"
-  mkdir -p "$tree/.go/src/k8s.io" "$src/home"
-  ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
-  local goroot; goroot="$(dirname "$(dirname "$(readlink -f /usr/bin/go)")")"
-  log "building kube-apiserver v$version with $("$goroot/bin/go" version | cut -d' ' -f3) (about 8-11 minutes on 2 cores, peak RSS ~1.3 GB); log: $dir/build.log"
-  if ! ( cd "$tree" && env PATH="$goroot/bin:$PATH" GOPATH="$tree/.go" GOCACHE="$src/go-build" GO111MODULE=off \
-           GOFLAGS= GOPROXY=off CGO_ENABLED=0 HOME="$src/home" KUBE_GIT_VERSION_FILE="$src/version.env" \
-           make WHAT=cmd/kube-apiserver ) >"$dir/build.log" 2>&1; then
-    tail -n 30 "$dir/build.log" >&2
-    die "make WHAT=cmd/kube-apiserver failed (full log: $dir/build.log)"
-  fi
+    "$DEBVER" "$VERSION" "${VERSION%%.*}" "$(cut -d. -f2 <<<"$VERSION")" > "$SRC/version.env"
+  mkdir -p "$TREE/.go/src/k8s.io" "$SRC/home"
+  ln -sfn ../../.. "$TREE/.go/src/k8s.io/kubernetes"
+}
 
-  # 4. Check and cache it; the stamp is written last, so a half-done build never counts.
-  local out="$tree/_output/bin/kube-apiserver" got
+# 3. Builds the given cmd/ targets in GOPATH mode through the Makefile (a plain `go build`
+# in module mode fails on this tree), with Debian's Go 1.19 first in PATH whatever else is
+# installed, in one `make` sharing one Go build cache; log in LOG.
+make_targets() { # log, targets...
+  local log_file="$1"; shift
+  local goroot; goroot="$(dirname "$(dirname "$(readlink -f /usr/bin/go)")")"
+  GO_VERSION="$("$goroot/bin/go" env GOVERSION)"
+  if ! ( cd "$TREE" && env PATH="$goroot/bin:$PATH" GOPATH="$TREE/.go" GOCACHE="$SRC/go-build" GO111MODULE=off \
+           GOFLAGS= GOPROXY=off CGO_ENABLED=0 HOME="$SRC/home" KUBE_GIT_VERSION_FILE="$SRC/version.env" \
+           make WHAT="$*" ) >"$log_file" 2>&1; then
+    tail -n 30 "$log_file" >&2
+    die "make WHAT=\"$*\" failed (full log: $log_file)"
+  fi
+}
+
+# Checks a built binary's --version and copies it into the cache as NAME.
+keep_binary() { # name, destination dir
+  local out="$TREE/_output/bin/$1" got
   [ -x "$out" ] || die "the build finished but $out is missing"
   got="$("$out" --version 2>&1)" || die "$out --version failed: $got"
-  [ "$got" = "Kubernetes v$version" ] || die "$out --version says '$got', expected 'Kubernetes v$version'"
-  cp "$out" "$dir/kube-apiserver.tmp" && mv "$dir/kube-apiserver.tmp" "$dir/kube-apiserver"
-  rm -rf "${tree:?}" "${src:?}/go-build" "${src:?}/home"
-  printf 'recipe=%s\nversion=v%s\ndebian=%s\ngo=%s\nbuilt=%s\nsha256=%s\n' "$RECIPE" "$version" "$debver" \
-    "$("$goroot/bin/go" env GOVERSION)" "$(date -u +%FT%TZ)" "$(sha256sum "$dir/kube-apiserver" | cut -d' ' -f1)" \
-    > "$dir/stamp.tmp" && mv "$dir/stamp.tmp" "$dir/stamp"
-  log "built $dir/kube-apiserver ($got) in $(( SECONDS - t0 )) s"
+  [ "$got" = "Kubernetes v$VERSION" ] || die "$out --version says '$got', expected 'Kubernetes v$VERSION'"
+  mkdir -p "$2"
+  cp "$out" "$2/$1.tmp" && mv "$2/$1.tmp" "$2/$1"
+}
+
+take_lock() {
+  mkdir -p "$CACHE" || die "cannot create $CACHE (run as root, or set KEYWAY_KUBE_CACHE)"
+  exec 9>"$CACHE/.lock"
+  if ! flock -n 9; then
+    log "another build holds $CACHE/.lock; waiting for it"
+    flock 9
+  fi
+}
+
+build() {
+  local dir
+  if dir="$(cached_dir)"; then
+    ensure_packages "${RUN_PACKAGES[@]}"
+    log "already built: $dir/kube-apiserver ($(sed -n 's/^version=//p' "$dir/stamp"))"
+    return 0
+  fi
+  local t0=$SECONDS
+  take_lock
+  if dir="$(cached_dir)"; then log "built meanwhile: $dir/kube-apiserver"; return 0; fi
+  prepare_source
+  log "building kube-apiserver v$VERSION (about 8-11 minutes on 2 cores, peak RSS ~1.3 GB); log: $DIR/build.log"
+  make_targets "$DIR/build.log" cmd/kube-apiserver
+  # Checked and cached; the stamp is written last, so a half-done build never counts.
+  keep_binary kube-apiserver "$DIR"
+  rm -rf "${TREE:?}" "${SRC:?}/go-build" "${SRC:?}/home"
+  printf 'recipe=%s\nversion=v%s\ndebian=%s\ngo=%s\nbuilt=%s\nsha256=%s\n' "$RECIPE" "$VERSION" "$DEBVER" \
+    "$GO_VERSION" "$(date -u +%FT%TZ)" "$(sha256sum "$DIR/kube-apiserver" | cut -d' ' -f1)" \
+    > "$DIR/stamp.tmp" && mv "$DIR/stamp.tmp" "$DIR/stamp"
+  log "built $DIR/kube-apiserver in $(( SECONDS - t0 )) s"
+}
+
+# The node's binaries, from the same source: kubelet, kube-controller-manager,
+# kube-scheduler and kube-proxy, in DIR/node/ with their own stamp.
+NODE_BINARIES=(kubelet kube-controller-manager kube-scheduler kube-proxy)
+NODE_RECIPE=1
+
+node_cached_dir() {
+  local stamp dir best="" b ok
+  for stamp in "$CACHE"/*/node/stamp; do
+    [ -f "$stamp" ] || continue
+    dir="${stamp%/stamp}"
+    grep -qx "recipe=$NODE_RECIPE" "$stamp" || continue
+    ok=1
+    for b in "${NODE_BINARIES[@]}"; do [ -x "$dir/$b" ] || ok=0; done
+    [ "$ok" = 1 ] && best="$dir"
+  done
+  [ -n "$best" ] && printf '%s\n' "$best"
+}
+
+build_node() {
+  local dir
+  if dir="$(node_cached_dir)"; then
+    log "already built: ${NODE_BINARIES[*]} in $dir"
+    return 0
+  fi
+  local t0=$SECONDS
+  take_lock
+  if dir="$(node_cached_dir)"; then log "built meanwhile: $dir"; return 0; fi
+  prepare_source
+  log "building ${NODE_BINARIES[*]} v$VERSION in one make (about 10-15 minutes on 2 cores); log: $DIR/node-build.log"
+  local what=() b
+  for b in "${NODE_BINARIES[@]}"; do what+=("cmd/$b"); done
+  make_targets "$DIR/node-build.log" "${what[@]}"
+  for b in "${NODE_BINARIES[@]}"; do keep_binary "$b" "$DIR/node"; done
+  # pause.c, for the sandbox image local-cluster.sh builds.
+  cp "$TREE/build/pause/linux/pause.c" "$DIR/node/pause.c"
+  rm -rf "${TREE:?}" "${SRC:?}/go-build" "${SRC:?}/home"
+  printf 'recipe=%s\nversion=v%s\ndebian=%s\ngo=%s\nbuilt=%s\n' "$NODE_RECIPE" "$VERSION" "$DEBVER" \
+    "$GO_VERSION" "$(date -u +%FT%TZ)" > "$DIR/node/stamp.tmp" && mv "$DIR/node/stamp.tmp" "$DIR/node/stamp"
+  log "built ${NODE_BINARIES[*]} in $DIR/node in $(( SECONDS - t0 )) s"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -313,7 +382,7 @@ make_pki() { # pki dir
     -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null || die "openssl: serving key"
   printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
     "extendedKeyUsage=serverAuth" \
-    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.0.0.1" \
+    "subjectAltName=IP:127.0.0.1,IP:${KEYWAY_APISERVER_ADDRESS:-127.0.0.1},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.0.0.1" \
     > "$pki/apiserver.ext"
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
     -days 3650 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null || die "openssl: serving certificate"
@@ -359,18 +428,23 @@ start() {
   echo $! > "$d/etcd.pid"
   wait_ready "$d" etcd "$(pid_of "$d" etcd)" "http://127.0.0.1:$eport/health" "$deadline"
 
-  log "starting kube-apiserver $version on https://127.0.0.1:$aport"
+  local addr="${KEYWAY_APISERVER_ADDRESS:-127.0.0.1}" nodes=()
+  if [ "${KEYWAY_APISERVER_NODES:-0}" = 1 ]; then
+    nodes=(--endpoint-reconciler-type=lease --kubelet-preferred-address-types=InternalIP)
+  else
+    nodes=(--endpoint-reconciler-type=none --disable-admission-plugins=ServiceAccount)
+  fi
+  log "starting kube-apiserver $version on https://$addr:$aport"
   setsid "$bin" --etcd-servers="http://127.0.0.1:$eport" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$aport" \
+    --bind-address="$addr" --advertise-address="$addr" --secure-port="$aport" "${nodes[@]}" \
     --tls-cert-file="$d/pki/apiserver.crt" --tls-private-key-file="$d/pki/apiserver.key" \
     --token-auth-file="$d/pki/tokens.csv" --authorization-mode=RBAC \
     --service-account-issuer="$SA_ISSUER" --api-audiences="$SA_ISSUER" \
     --service-account-key-file="$d/pki/sa.pub" --service-account-signing-key-file="$d/pki/sa.key" \
-    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
-    --disable-admission-plugins=ServiceAccount --allow-privileged=true \
+    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
     </dev/null >"$d/apiserver.log" 2>&1 &
   echo $! > "$d/kube-apiserver.pid"
-  wait_ready "$d" kube-apiserver "$(pid_of "$d" kube-apiserver)" "https://127.0.0.1:$aport/readyz" "$deadline" \
+  wait_ready "$d" kube-apiserver "$(pid_of "$d" kube-apiserver)" "https://$addr:$aport/readyz" "$deadline" \
     "$(cat "$d/pki/admin.token")"
 
   cat > "$d/kubeconfig" <<EOF
@@ -379,7 +453,7 @@ kind: Config
 clusters:
 - name: keyway-test
   cluster:
-    server: https://127.0.0.1:$aport
+    server: https://$addr:$aport
     certificate-authority-data: $(base64 -w0 < "$d/pki/ca.crt")
 users:
 - name: keyway-admin
@@ -393,7 +467,7 @@ EOF
   chmod 600 "$d/kubeconfig"
   cat > "$d/env" <<EOF
 KUBECONFIG=$d/kubeconfig
-KEYWAY_APISERVER=https://127.0.0.1:$aport
+KEYWAY_APISERVER=https://$addr:$aport
 KEYWAY_APISERVER_CA=$d/pki/ca.crt
 KEYWAY_APISERVER_TOKEN_FILE=$d/pki/admin.token
 KEYWAY_APISERVER_VERSION=$version
@@ -402,7 +476,7 @@ KEYWAY_ETCD=http://127.0.0.1:$eport
 KEYWAY_APISERVER_PID=$(pid_of "$d" kube-apiserver)
 KEYWAY_ETCD_PID=$(pid_of "$d" etcd)
 EOF
-  log "ready in $(( SECONDS - t0 )) s: https://127.0.0.1:$aport (kube-apiserver pid $(pid_of "$d" kube-apiserver), etcd pid $(pid_of "$d" etcd))"
+  log "ready in $(( SECONDS - t0 )) s: https://$addr:$aport (kube-apiserver pid $(pid_of "$d" kube-apiserver), etcd pid $(pid_of "$d" etcd))"
   log "kubeconfig: $d/kubeconfig"
   log "environment: $d/env   (set -a; . $d/env; set +a)"
   log "logs: $d/apiserver.log $d/etcd.log; stop with: $0 stop $d"
@@ -436,8 +510,10 @@ stop() {
 
 case "${1:-}" in
   build) build ;;
+  build-node) build_node ;;
+  node-dir) node_cached_dir || die "no node binaries built (run: $0 build-node)" ;;
   start) start "${2:-}" ;;
   stop) stop "${2:-}" ;;
   status) status "${2:-}" ;;
-  *) echo "usage: $0 build | start DIR | status DIR | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 build | build-node | start DIR | status DIR | stop DIR" >&2; exit 2 ;;
 esac

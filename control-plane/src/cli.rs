@@ -369,16 +369,36 @@ fn set_private_umask() {
 }
 
 /// Files 0600 and directories 0700 under `dir` (symlinks are not followed).
+///
+/// What this process does not own is left as it is: a Kubernetes emptyDir
+/// given to a non-root control plane is root's (group `fsGroup`, mode 0777)
+/// and cannot be changed; only the pod's containers see it, and every file
+/// in it is still owner-only.
 fn restrict_tree(dir: &Path) -> std::io::Result<()> {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code, reason = "geteuid(2) has no std equivalent")]
+    let me = unsafe { libc::geteuid() };
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.uid() == me {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    } else if meta.permissions().mode() & 0o077 != 0 {
+        warn!(
+            path = %dir.display(),
+            owner = meta.uid(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o7777),
+            "the data directory is not ours to restrict; the files in it are owner-only"
+        );
+    }
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
             restrict_tree(&entry.path())?;
         } else if kind.is_file() {
-            let mode = entry.metadata()?.permissions().mode();
-            if mode & 0o077 != 0 {
+            let meta = entry.metadata()?;
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 && meta.uid() == me {
                 std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode & 0o700))?;
             }
         }

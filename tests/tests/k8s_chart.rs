@@ -232,6 +232,16 @@ async fn default_install_is_accepted_and_keeps_its_security_settings() {
         flag(agent, "--server"),
         "$(KEYWAY_CONTROL_PLANE_SERVICE_HOST):$(KEYWAY_CONTROL_PLANE_SERVICE_PORT_GRPC_AGENT)"
     );
+    let auth_address = agent["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "KEYWAY_AUTH_ADDRESS")
+        .expect("KEYWAY_AUTH_ADDRESS");
+    assert_eq!(
+        auth_address["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP",
+        "mutual auth on the Node's own address"
+    );
     let svc = find(&objs, "Service", "keyway-control-plane");
     assert_eq!(svc["spec"]["ports"][0]["name"], "grpc-agent");
     assert_eq!(svc["spec"]["ports"][0]["port"], 8081);

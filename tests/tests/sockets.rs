@@ -95,3 +95,67 @@ fn the_ca_key_at_rest_is_readable_by_its_owner_only() {
         assert_eq!(mode(f) & 0o077, 0, "{} is {:o}", f.display(), mode(f));
     }
 }
+
+/// The chart runs the control plane as 65532 with its data directory on an
+/// emptyDir: root's, mode 0777 (what the kubelet makes with an fsGroup). It
+/// cannot chmod that directory; it must start anyway, and what it writes
+/// there is still owner-only. (Found when the chart's pods first ran: the
+/// control plane exited with "cannot restrict ... Operation not permitted".)
+#[test]
+fn a_non_root_control_plane_starts_on_an_empty_dir_it_does_not_own() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("empty-dir");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let admin = data.join("admin.sock");
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65532", "--regid=65532", "--clear-groups", "--"])
+        .arg(keyway_tests::bin("control-plane"))
+        .args([
+            "serve",
+            "--trust-domain",
+            keyway_tests::TD,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--admin-socket")
+        .arg(&admin)
+        .env("KEYWAY_METRICS_ADDRESS", "off")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut exited = None;
+    keyway_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "the control plane serves",
+        || {
+            exited = child.try_wait().unwrap();
+            exited.is_some() || std::os::unix::net::UnixStream::connect(&admin).is_ok()
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "the control plane exited");
+    assert_eq!(mode(&data), 0o777, "not ours: left as it was");
+    let mut owned = 0;
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        let meta = std::fs::symlink_metadata(e.path()).unwrap();
+        if meta.is_file() || meta.is_dir() {
+            assert_eq!(meta.uid(), 65532, "{}", e.path().display());
+            assert_eq!(
+                mode(&e.path()) & 0o077,
+                0,
+                "{} is {:o}",
+                e.path().display(),
+                mode(&e.path())
+            );
+            owned += 1;
+        }
+    }
+    assert!(owned >= 1, "the store wrote into the data directory");
+}

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# A real one-node Kubernetes on this machine, with Keyway installed, from Debian's parts:
+# etcd and kube-apiserver (scripts/kube-apiserver.sh), kube-controller-manager,
+# kube-scheduler, kube-proxy and kubelet from the same `kubernetes` 1.20.2 source (built
+# once, cached), containerd and runc from Debian, pod networking by Debian's
+# containernetworking-plugins (ptp + host-local: one /32 route per pod, a routing CNI),
+# and a pause image built from the source's pause.c.
+#
+#   scripts/local-cluster.sh up       # prints `export KUBECONFIG=...` on its last line
+#   scripts/local-cluster.sh status   # exit 0 when every component runs and the node is Ready
+#   scripts/local-cluster.sh down     # removes every process, mount, interface, iptables
+#                                     # chain and file it made (by name and pid)
+#
+# Everything lives in KEYWAY_CLUSTER_DIR (default /var/lib/keyway/local-cluster). The node
+# has its own address, 172.30.0.1/32 on lo (label lo:kwc): the API server and
+# the kubelet serve there, so pods reach them through the `kubernetes` Service. Pods get
+# 10.88.0.0/24, Services 10.0.0.0/24. There is no cluster DNS (CoreDNS is not packaged
+# here): Keyway's agents reach the control plane by the Service's ClusterIP (see
+# ARCHITECTURE.md, "How agents find the control plane").
+#
+# Needs root. KEYWAY_CLUSTER_IMAGE_PROFILE=debug (default release) packages the debug
+# binaries already built instead of a release build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+D="${KEYWAY_CLUSTER_DIR:-/var/lib/keyway/local-cluster}"
+NODE_NAME="keyway-node-1"
+NODE_LABEL="lo:kwc"
+NODE_IP="172.30.0.1"
+POD_CIDR="10.88.0.0/24"
+PAUSE_IMAGE="keyway.local/pause:3.4"
+PACKAGES=(containerd runc containernetworking-plugins buildah busybox-static iptables conntrack gcc libc6-dev)
+
+log() { printf 'local-cluster: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (containerd, kubelet and the pod network need it)"
+case "$D" in /*) ;; *) die "KEYWAY_CLUSTER_DIR must be an absolute path" ;; esac
+case "$D" in *[[:space:]\'\"\$\\]*) die "KEYWAY_CLUSTER_DIR must not contain whitespace, quotes, \$ or \\" ;; esac
+
+ensure_packages() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# --- processes: started with setsid, one pid file each, checked against their cmdline
+
+# Is PID alive and started by us (its command line names our directory)?
+ours() { # pid
+  [ -n "$1" ] && [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$D/"
+}
+
+pid_of() { cat "$D/run/$1.pid" 2>/dev/null || true; }
+
+start_proc() { # name, command...
+  local name="$1"; shift
+  mkdir -p "$D/run" "$D/log"
+  setsid "$@" </dev/null >"$D/log/$name.log" 2>&1 &
+  echo $! > "$D/run/$name.pid"
+}
+
+stop_proc() { # name
+  local pid; pid="$(pid_of "$1")"
+  if ours "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do ours "$pid" || break; sleep 0.1; done
+    ours "$pid" && { kill -KILL "$pid" 2>/dev/null || true; }
+    for _ in $(seq 1 50); do ours "$pid" || break; sleep 0.1; done
+    log "stopped $1 (pid $pid)"
+  fi
+  rm -f "$D/run/$1.pid"
+}
+
+wait_for() { # what, seconds, command...
+  local what="$1" secs="$2"; shift 2
+  local deadline=$(( SECONDS + secs ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || die "$what not ready after $secs s (logs in $D/log)"
+    sleep 0.5
+  done
+}
+
+KUBECTL=(kubectl --kubeconfig "$D/kubeconfig")
+CTR=(ctr --address "$D/containerd/containerd.sock" -n k8s.io)
+
+# --- images
+
+# An OCI archive FROM scratch of the files in ROOTFS, imported into our containerd.
+import_rootfs() { # name, rootfs, entrypoint-json
+  local name="$1" rootfs="$2" archive="$D/images/$(tr '/:' '__' <<<"$1").oci.tar"
+  local B=(buildah --root "$D/images/storage" --runroot "$D/images/run" --storage-driver vfs)
+  local c; c="$("${B[@]}" from --quiet scratch)"
+  "${B[@]}" copy --quiet "$c" "$rootfs/" /
+  "${B[@]}" config --entrypoint "$3" "$c"
+  "${B[@]}" commit --quiet --format oci --rm "$c" "$name" >/dev/null
+  rm -f "$archive"
+  "${B[@]}" push --quiet "$name" "oci-archive:$archive:$name"
+  "${B[@]}" rmi --all >/dev/null 2>&1 || true
+  rm -rf "$D/images/storage" "$D/images/run"
+  "${CTR[@]}" images import "$archive" >/dev/null
+}
+
+build_images() {
+  mkdir -p "$D/images"
+  local node_dir="$1"
+  # The sandbox ("pause") image, from the Kubernetes source's pause.c.
+  if ! "${CTR[@]}" images ls -q | grep -qx "$PAUSE_IMAGE"; then
+    local r="$D/images/pause-rootfs"
+    rm -rf "$r"; mkdir -p "$r"
+    gcc -Os -Wall -Werror -static -DVERSION=v3.4-keyway -o "$r/pause" "$node_dir/pause.c"
+    import_rootfs "$PAUSE_IMAGE" "$r" '["/pause"]'
+    rm -rf "$r"
+    log "built $PAUSE_IMAGE"
+  fi
+  # Workloads: busybox (sh, nc, wget) and the node agent as the SVID client.
+  local r="$D/images/busybox-rootfs"
+  rm -rf "$r"; mkdir -p "$r/bin" "$r/tmp"
+  cp /bin/busybox "$r/bin/busybox"
+  for t in sh nc wget sleep cat ls echo; do ln -s busybox "$r/bin/$t"; done
+  import_rootfs "keyway.local/busybox:1" "$r" '["/bin/sh"]'
+  rm -rf "$r"
+  # Keyway itself, as `make image` builds it.
+  local archive
+  archive="$(KEYWAY_IMAGE_PROFILE="${KEYWAY_CLUSTER_IMAGE_PROFILE:-release}" bash "$ROOT/scripts/image.sh" | tail -n1)"
+  "${CTR[@]}" images import "$archive" >/dev/null
+  log "images: $PAUSE_IMAGE, keyway.local/busybox:1, $(basename "$archive")"
+}
+
+# --- up
+
+write_configs() {
+  mkdir -p "$D/containerd" "$D/cni/net.d" "$D/cni/ipam" "$D/kubelet"
+  cat > "$D/containerd/config.toml" <<EOF
+version = 2
+root = "$D/containerd/root"
+state = "$D/containerd/state"
+[grpc]
+  address = "$D/containerd/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  disable_apparmor = true
+  # Lowering oom_score_adj needs CAP_SYS_RESOURCE, which machines like this one
+  # (a sandbox themselves) do not give root: the kubelet's -998 for sandboxes
+  # would fail every pod. Clamp to containerd's own score instead.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$D/cni/net.d"
+EOF
+  cat > "$D/cni/net.d/10-keyway-local.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "keyway-local",
+  "plugins": [
+    {
+      "type": "ptp",
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "$POD_CIDR"}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": "$D/cni/ipam"
+      }
+    }
+  ]
+}
+EOF
+  cat > "$D/kubelet/config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $NODE_IP
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+# Served on the node's own address only (a dummy interface); the API server's
+# exec and logs reach it there.
+authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+failSwapOn: false
+resolvConf: /etc/resolv.conf
+clusterDomain: cluster.local
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+fileCheckFrequency: 10s
+syncFrequency: 10s
+EOF
+}
+
+node_ready() {
+  [ "$("${KUBECTL[@]}" get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+
+up() {
+  local t0=$SECONDS
+  ensure_packages "${PACKAGES[@]}"
+  bash "$ROOT/scripts/kube-apiserver.sh" build
+  bash "$ROOT/scripts/kube-apiserver.sh" build-node
+  local node_dir
+  node_dir="$(bash "$ROOT/scripts/kube-apiserver.sh" node-dir)"
+  local parent; parent="$(dirname "$D")"
+  [ -e "$parent" ] || { mkdir -p "$D"; echo "$parent" >> "$D/host-paths"; }
+  mkdir -p "$D"
+
+  # The node's address, on the loopback device under a label of its own (this
+  # kernel has no dummy interfaces): local to the host, routed to from pods.
+  ip -o addr show dev lo | grep -q " $NODE_IP/32 " || ip addr add "$NODE_IP/32" dev lo label "$NODE_LABEL"
+
+  # etcd and the API server.
+  KEYWAY_APISERVER_ADDRESS="$NODE_IP" KEYWAY_APISERVER_NODES=1 \
+    bash "$ROOT/scripts/kube-apiserver.sh" start "$D/apiserver"
+  cp "$D/apiserver/kubeconfig" "$D/kubeconfig"
+
+  write_configs
+  if ! ours "$(pid_of containerd)"; then
+    log "starting containerd ($D/containerd)"
+    start_proc containerd containerd --config "$D/containerd/config.toml"
+    wait_for containerd 30 "${CTR[@]}" version
+  fi
+  build_images "$node_dir"
+
+  local pki="$D/apiserver/pki"
+  if ! ours "$(pid_of kube-controller-manager)"; then
+    start_proc kube-controller-manager "$node_dir/kube-controller-manager" --kubeconfig "$D/kubeconfig" \
+      --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+      --leader-elect=false --port=0 --secure-port=0 --use-service-account-credentials=false \
+      --controllers='*,-nodeipam'
+  fi
+  if ! ours "$(pid_of kube-scheduler)"; then
+    start_proc kube-scheduler "$node_dir/kube-scheduler" --kubeconfig "$D/kubeconfig" \
+      --leader-elect=false --port=0 --secure-port=0
+  fi
+  if ! ours "$(pid_of kube-proxy)"; then
+    start_proc kube-proxy "$node_dir/kube-proxy" --kubeconfig "$D/kubeconfig" \
+      --hostname-override "$NODE_NAME" --cluster-cidr "$POD_CIDR" --proxy-mode iptables \
+      --conntrack-max-per-core=0 --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249
+    touch "$D/run/kube-proxy.started"
+  fi
+  if ! ours "$(pid_of kubelet)"; then
+    mkdir -p "$D/kubelet/root" "$D/kubelet/pki"
+    start_proc kubelet "$node_dir/kubelet" --config "$D/kubelet/config.yaml" --kubeconfig "$D/kubeconfig" \
+      --container-runtime=remote --container-runtime-endpoint "unix://$D/containerd/containerd.sock" \
+      --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --root-dir "$D/kubelet/root" \
+      --cert-dir "$D/kubelet/pki" --runtime-request-timeout 5m
+  fi
+  wait_for "node $NODE_NAME Ready" 120 node_ready
+  log "node $NODE_NAME Ready after $(( SECONDS - t0 )) s"
+
+  install_keyway
+  log "up in $(( SECONDS - t0 )) s; logs in $D/log"
+  echo "export KUBECONFIG=$D/kubeconfig"
+}
+
+keyway_ready() {
+  local ready
+  ready="$("${KUBECTL[@]}" -n keyway-system get pods -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null)"
+  [ -n "$ready" ] && ! grep -qv True <<<"$ready"
+}
+
+# The chart's host paths (hostPath volumes the kubelet creates, the agent's BPF pins):
+# the ones that do not exist yet are recorded, and `down` removes them.
+HOST_PATHS=(/run/keyway/sockets /run/keyway/admin /run/keyway /var/lib/keyway/agent /sys/fs/bpf/keyway)
+
+install_keyway() {
+  local manifests="$D/keyway.yaml" p
+  for p in "${HOST_PATHS[@]}"; do
+    [ -e "$p" ] || grep -qxF "$p" "$D/host-paths" 2>/dev/null || echo "$p" >> "$D/host-paths"
+  done
+  (cd "$ROOT" && cargo run --quiet -p keyway-tests --bin render-chart -- keyway keyway-system charts/keyway \
+    > "$manifests") || die "rendering the chart failed"
+  "${KUBECTL[@]}" create namespace keyway-system --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f - >/dev/null
+  "${KUBECTL[@]}" apply -f "$manifests" >/dev/null
+  local t0=$SECONDS
+  wait_for "Keyway pods Ready" 300 keyway_ready
+  log "Keyway installed and Ready in $(( SECONDS - t0 )) s"
+}
+
+# --- down
+
+down() {
+  # Pods first, while the kubelet and containerd can still tear down their
+  # sandboxes (and the CNI plugin its interfaces).
+  if ours "$(pid_of containerd)"; then
+    local t
+    for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks kill -s KILL "$t" >/dev/null 2>&1 || true; done
+  fi
+  stop_proc kubelet
+  stop_proc kube-proxy
+  stop_proc kube-scheduler
+  stop_proc kube-controller-manager
+  if ours "$(pid_of containerd)"; then
+    local c
+    for c in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks delete -f "$c" >/dev/null 2>&1 || true; done
+    for c in $("${CTR[@]}" containers ls -q 2>/dev/null); do "${CTR[@]}" containers delete "$c" >/dev/null 2>&1 || true; done
+  fi
+  stop_proc containerd
+  # The shims our containerd started (their command line names its socket).
+  local pid
+  for pid in $(pgrep -f -- "-address $D/containerd/containerd.sock" || true); do ours "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
+  if [ -d "$D/apiserver" ]; then bash "$ROOT/scripts/kube-apiserver.sh" stop "$D/apiserver" || true; fi
+  # kube-proxy's iptables chains.
+  local kp; kp="$(bash "$ROOT/scripts/kube-apiserver.sh" node-dir 2>/dev/null)/kube-proxy"
+  if [ -x "$kp" ] && [ -f "$D/run/kube-proxy.started" ]; then "$kp" --cleanup >/dev/null 2>&1 || true; fi
+  # The chains the kubelet and kube-proxy leave behind after `kube-proxy --cleanup`:
+  # the jumps to them from the built-in chains, then the chains, by name.
+  local tool table chain rule
+  for tool in iptables ip6tables; do
+    command -v "$tool" >/dev/null || continue
+    for table in filter nat mangle; do
+      for chain in KUBE-FIREWALL KUBE-MARK-DROP KUBE-MARK-MASQ KUBE-POSTROUTING KUBE-KUBELET-CANARY \
+                   KUBE-PROXY-CANARY KUBE-SERVICES KUBE-EXTERNAL-SERVICES KUBE-NODEPORTS KUBE-FORWARD; do
+        "$tool" -t "$table" -S "$chain" >/dev/null 2>&1 || continue
+        { "$tool" -t "$table" -S | grep -E -- "^-A [A-Z]+ .*-j $chain( |\$)" || true; } | while read -r rule; do
+          eval "$tool -t $table -D ${rule#-A }" 2>/dev/null || true
+        done
+        "$tool" -t "$table" -F "$chain" 2>/dev/null || true
+        "$tool" -t "$table" -X "$chain" 2>/dev/null || true
+      done
+    done
+  done
+  # Pod interfaces: the host side of each address host-local gave out.
+  local f ip dev
+  for f in "$D"/cni/ipam/keyway-local/*; do
+    [ -f "$f" ] || continue
+    ip="$(basename "$f")"
+    case "$ip" in *.*.*.*) ;; *) continue ;; esac
+    dev="$(ip -o route show "$ip/32" 2>/dev/null | awk '{for (i=1;i<NF;i++) if ($i=="dev") print $(i+1)}')"
+    [ -n "$dev" ] && ip link del "$dev" 2>/dev/null || true
+  done
+  # Mounts under our directory, deepest first.
+  local m
+  for m in $(awk -v d="$D/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null || true; done
+  ip -o addr show dev lo | grep -q " $NODE_IP/32 " && ip addr del "$NODE_IP/32" dev lo label "$NODE_LABEL"
+  # Host paths the chart's pods created (recorded by `up`), deepest first.
+  local p
+  if [ -f "$D/host-paths" ]; then
+    for p in $(sort -r "$D/host-paths"); do rm -rf -- "$p"; done
+  fi
+  rm -rf "$D"
+  log "down: $D removed"
+}
+
+status() {
+  local name pid up=0 total=0
+  for name in containerd kube-controller-manager kube-scheduler kube-proxy kubelet; do
+    total=$(( total + 1 ))
+    pid="$(pid_of "$name")"
+    if ours "$pid"; then echo "$name: running (pid $pid)"; up=$(( up + 1 )); else echo "$name: stopped"; fi
+  done
+  bash "$ROOT/scripts/kube-apiserver.sh" status "$D/apiserver" || true
+  [ "$up" -eq 0 ] && return 3
+  if [ "$up" -eq "$total" ] && node_ready; then echo "node $NODE_NAME: Ready"; return 0; fi
+  return 1
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up | status | down" >&2; exit 2 ;;
+esac
