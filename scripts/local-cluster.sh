@@ -38,17 +38,8 @@ die() { log "error: $*"; exit 1; }
 case "$D" in /*) ;; *) die "KEYWAY_CLUSTER_DIR must be an absolute path" ;; esac
 case "$D" in *[[:space:]\'\"\$\\]*) die "KEYWAY_CLUSTER_DIR must not contain whitespace, quotes, \$ or \\" ;; esac
 
-ensure_packages() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 # --- processes: started with setsid, one pid file each, checked against their cmdline
 
