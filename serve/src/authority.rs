@@ -133,7 +133,8 @@ impl Rewriter {
 
     /// Takes bytes the client sent and appends to `out` what h2 should read.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        while !input.is_empty() {
+        // An empty HEADERS or CONTINUATION payload completes with no bytes.
+        while !input.is_empty() || matches!(self.state, State::Collecting { len: 0, .. }) {
             match self.state {
                 State::Opaque => {
                     out.extend_from_slice(input);
@@ -654,6 +655,26 @@ mod tests {
                 stream: 7,
                 flags: END_STREAM,
                 priority: Some(priority),
+                headers: with_authority(&request, "localhost"),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_block_ended_by_an_empty_continuation_is_finished_at_once() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let request = grpc_request("tmp%2Fagent.sock", "/SpiffeWorkloadAPI/FetchX509SVID");
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_STREAM, 1, &encode(&mut encoder, &request)));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, &[]));
+        let mut out = Vec::new();
+        Rewriter::new(16 << 10).feed(&input, &mut out).unwrap();
+        assert_eq!(
+            read_frames(&out, &mut loona_hpack::Decoder::new()),
+            vec![Frame::Headers {
+                stream: 1,
+                flags: END_STREAM,
+                priority: None,
                 headers: with_authority(&request, "localhost"),
             }]
         );
