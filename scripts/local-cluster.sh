@@ -29,7 +29,7 @@ NODE_LABEL="lo:kwc"
 NODE_IP="172.30.0.1"
 POD_CIDR="10.88.0.0/24"
 PAUSE_IMAGE="keyway.local/pause:3.4"
-PACKAGES=(containerd runc containernetworking-plugins buildah busybox-static iptables conntrack gcc libc6-dev)
+PACKAGES=(containerd runc containernetworking-plugins buildah busybox-static iptables conntrack gcc libc6-dev jq)
 
 log() { printf 'local-cluster: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -286,9 +286,16 @@ install_keyway() {
 
 down() {
   # Pods first, while the kubelet and containerd can still tear down their
-  # sandboxes (and the CNI plugin its interfaces).
+  # sandboxes (and the CNI plugin its interfaces). The network namespaces
+  # containerd made for them (/run/netns/cni-...) are noted by name first.
+  local netns=()
   if ours "$(pid_of containerd)"; then
-    local t
+    local t c
+    for c in $("${CTR[@]}" containers ls -q 2>/dev/null); do
+      netns+=($("${CTR[@]}" containers info "$c" 2>/dev/null \
+        | jq -r '.Spec.linux.namespaces[]? | select(.type == "network") | .path // empty' \
+        | sed -n 's|^/var/run/netns/||p; s|^/run/netns/||p'))
+    done
     for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks kill -s KILL "$t" >/dev/null 2>&1 || true; done
   fi
   stop_proc kubelet
@@ -334,6 +341,8 @@ down() {
     dev="$(ip -o route show "$ip/32" 2>/dev/null | awk '{for (i=1;i<NF;i++) if ($i=="dev") print $(i+1)}')"
     [ -n "$dev" ] && ip link del "$dev" 2>/dev/null || true
   done
+  local n
+  for n in $(printf '%s\n' "${netns[@]}" | sort -u); do ip netns del "$n" 2>/dev/null || true; done
   # Mounts under our directory, deepest first.
   local m
   for m in $(awk -v d="$D/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null || true; done
