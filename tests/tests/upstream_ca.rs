@@ -254,10 +254,13 @@ async fn another_trust_domains_ca_under_the_same_upstream_root_cannot_impersonat
             let text = refusal_text(&e);
             let tls_layer = match &e {
                 ClientError::Connect { .. } => true,
-                // The gRPC call never reached the service: the transport failed.
+                // The gRPC call never reached the service: the transport failed
+                // (which code depends on when the connection died).
                 ClientError::Refused(s) => {
-                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
-                        && !text.contains("node")
+                    matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) && !text.contains("node")
                 }
                 _ => false,
             };
