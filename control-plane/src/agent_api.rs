@@ -105,14 +105,9 @@ pub async fn serve(
                     return;
                 }
             };
-            let spiffe_id = tls::peer_spiffe_id(stream.get_ref().1.peer_certificates());
-            let serial_tag = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| keyway_identity::x509::parse(c.as_ref()).ok())
-                .and_then(|c| crate::ca::serial_tag(c.raw_serial()));
+            let leaf = tls::peer_leaf(stream.get_ref().1.peer_certificates());
+            let serial_tag = leaf.as_ref().and_then(|l| crate::ca::serial_tag(&l.serial));
+            let spiffe_id = leaf.map(|l| l.spiffe_id);
             let peer = PeerInfo {
                 addr,
                 spiffe_id,

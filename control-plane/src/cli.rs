@@ -420,11 +420,7 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         );
     }
     let metrics_address = metrics_address_flag(&args.metrics_address)?;
-    match keyway_serve::raise_open_files_limit() {
-        Ok((before, after)) if before != after => info!(before, after, "raised the open-files limit"),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
-    }
+    keyway_serve::raise_open_files_limit();
     prepare_data_dir(&config.data_dir)?;
     let upstream = config.upstream_ca.as_ref().map(load_upstream).transpose()?;
     let metrics = crate::metrics::Metrics::default();

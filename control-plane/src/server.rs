@@ -367,21 +367,9 @@ impl ControlPlane {
         self.inner.authority.send_replace(authority);
     }
 
-    /// Issues (and logs) a certificate for `spiffe_id` from a CSR.
+    /// Issues (and logs) a certificate for `spiffe_id` from a CSR, with a
+    /// serial number tag for node SVIDs.
     async fn issue(
-        &self,
-        csr_der: &[u8],
-        spiffe_id: &SpiffeId,
-        ttl: Duration,
-        requester: &str,
-        kind: IssuedKind,
-    ) -> Result<Issued, ApiError> {
-        self.issue_tagged(csr_der, spiffe_id, ttl, requester, kind, None)
-            .await
-    }
-
-    /// [`ControlPlane::issue`] with a serial number tag (node SVIDs).
-    async fn issue_tagged(
         &self,
         csr_der: &[u8],
         spiffe_id: &SpiffeId,
@@ -436,6 +424,7 @@ impl ControlPlane {
                 self.inner.cfg.node_svid_ttl,
                 "control-plane",
                 IssuedKind::ControlPlane,
+                None,
             )
             .await?;
         let svid = keyway_identity::Svid::new(issued.chain, key.serialize_der())
@@ -805,7 +794,7 @@ impl ControlPlane {
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node)
             .map_err(|e| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e.to_string())))?;
         let issued = self
-            .issue_tagged(
+            .issue(
                 csr_der,
                 &id,
                 self.inner.cfg.node_svid_ttl,
@@ -867,7 +856,9 @@ impl ControlPlane {
         csr_der: &[u8],
     ) -> Result<(SpiffeId, Issued), ApiError> {
         let (id, ttl) = self.authorize_workload(node, requested)?;
-        let issued = self.issue(csr_der, &id, ttl, node, IssuedKind::Workload).await?;
+        let issued = self
+            .issue(csr_der, &id, ttl, node, IssuedKind::Workload, None)
+            .await?;
         Ok((id, issued))
     }
 
@@ -914,7 +905,8 @@ impl ControlPlane {
     ) -> Result<Issued, ApiError> {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        self.issue(csr_der, &id, ttl, "admin", IssuedKind::Admin).await
+        self.issue(csr_der, &id, ttl, "admin", IssuedKind::Admin, None)
+            .await
     }
 
     pub fn mint_jwt(

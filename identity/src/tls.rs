@@ -282,8 +282,8 @@ pub fn client_config(
     Ok(config)
 }
 
-/// The verified SPIFFE ID of the peer of an established connection.
-pub fn peer_spiffe_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
-    let leaf = certs?.first()?;
-    crate::x509::inspect_leaf(leaf).ok().map(|i| i.spiffe_id)
+/// The verified leaf of the peer of an established connection (its SPIFFE
+/// ID, serial and validity), parsed once.
+pub fn peer_leaf(certs: Option<&[CertificateDer<'_>]>) -> Option<crate::x509::LeafInfo> {
+    crate::x509::inspect_leaf(certs?.first()?).ok()
 }

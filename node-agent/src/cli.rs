@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use proto::workload as wpb;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::agent::{self, AgentConfig};
 use crate::datapath::{self, AuthMap};
@@ -265,11 +265,7 @@ impl RunArgs {
 
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     let mut cfg = args.config()?;
-    match keyway_serve::raise_open_files_limit() {
-        Ok((before, after)) if before != after => info!(before, after, "raised the open-files limit"),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
-    }
+    keyway_serve::raise_open_files_limit();
     // The auth port is bound before attestation so a taken port fails fast,
     // and so the advertised address carries the real port.
     let auth_listener = mutual_auth::bind(std::net::SocketAddr::from(([0, 0, 0, 0], args.auth_port)))

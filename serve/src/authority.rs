@@ -51,7 +51,7 @@ const PRIORITY: u8 = 0x20;
 
 /// Why a connection was closed by this layer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("a HEADERS or CONTINUATION frame of {0} bytes (the limit is {MAX_FRAME_SIZE})")]
     FrameTooLarge(usize),
     #[error("a header block over {0} bytes")]
@@ -70,7 +70,7 @@ pub enum Error {
     missing_debug_implementations,
     reason = "holds the HPACK decoder, which has no Debug"
 )]
-pub struct Rewriter {
+pub(crate) struct Rewriter {
     /// Bytes of the preface or a frame header not yet complete, or of a
     /// HEADERS/CONTINUATION payload being collected.
     pending: Vec<u8>,
@@ -127,7 +127,7 @@ impl Rewriter {
     }
 
     /// How many `:authority` values were replaced so far.
-    pub fn rewritten(&self) -> u64 {
+    pub(crate) fn rewritten(&self) -> u64 {
         self.rewritten
     }
 
@@ -366,11 +366,6 @@ impl<S> Rewriting<S> {
             at: 0,
         }
     }
-
-    /// How many `:authority` values were replaced on this connection.
-    pub fn rewritten(&self) -> u64 {
-        self.rewriter.rewritten()
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewriting<S> {
@@ -396,9 +391,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewriting<S> {
             if raw.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
+            let before = this.rewriter.rewritten();
             this.rewriter
                 .feed(raw.filled(), &mut this.out)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if before == 0 && this.rewriter.rewritten() > 0 {
+                tracing::debug!("replaced a client's :authority that h2 would refuse with localhost");
+            }
         }
     }
 }

@@ -30,9 +30,20 @@ pub use limits::{Gate, Limits, ListenerMetrics, PeerKey, Permit, Refused};
 /// Raises the soft open-files limit to the hard one (as Go programs do at
 /// start): the listeners' connection caps are sized in thousands, and a
 /// process that runs out of descriptors first cannot accept anyone, its
-/// well-behaved clients included. Returns (before, after).
+/// well-behaved clients included. Logs what it did, or why it could not.
+pub fn raise_open_files_limit() {
+    match raise_nofile() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(before, after, "raised the open-files limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
+
+/// (before, after) of the soft RLIMIT_NOFILE.
 #[allow(unsafe_code, reason = "getrlimit/setrlimit have no std equivalent")]
-pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+fn raise_nofile() -> std::io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -353,6 +353,33 @@ impl AgentBinary {
     }
 }
 
+impl AgentBinary {
+    /// `node-agent svid fetch -o json` on this agent's socket, run as `uid`
+    /// (and group `uid`, no supplementary groups), in network namespace
+    /// `netns` if given: a workload as the Workload API sees it.
+    pub fn fetch_svid_as(&self, uid: u32, netns: Option<&str>) -> std::process::Output {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "setpriv"]);
+                c
+            }
+            None => Command::new("setpriv"),
+        };
+        cmd.args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ])
+        .arg("--")
+        .arg(bin("node-agent"))
+        .args(["svid", "fetch", "-o", "json", "--socket"])
+        .arg(&self.socket)
+        .output()
+        .expect("run node-agent svid fetch")
+    }
+}
+
 impl Drop for AgentBinary {
     fn drop(&mut self) {
         let _ = self.child.kill();

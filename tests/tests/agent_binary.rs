@@ -289,23 +289,7 @@ fn wl_selectors_all_match_as_in_the_readme_example() {
         ),
     );
     let agent = start_agent(&cp, dir.path(), "node-a");
-    let fetch_as = |uid: u32, in_ns: bool| {
-        let mut cmd = Command::new(if in_ns { "ip" } else { "setpriv" });
-        if in_ns {
-            cmd.args(["netns", "exec", &ns.0, "setpriv"]);
-        }
-        cmd.args([
-            format!("--reuid={uid}"),
-            format!("--regid={uid}"),
-            "--clear-groups".into(),
-        ])
-        .arg("--")
-        .arg(bin("node-agent"))
-        .args(["svid", "fetch", "-o", "json", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .unwrap()
-    };
+    let fetch_as = |uid: u32, in_ns: bool| agent.fetch_svid_as(uid, in_ns.then_some(ns.0.as_str()));
     let mut ok = fetch_as(1000, true);
     wait_until(
         Duration::from_secs(20),

@@ -575,20 +575,7 @@ fn workload_api_caps_one_uid_and_serves_another_during_a_flood() {
         ],
     );
     let pid = agent.child.id();
-    let fetch_as = |uid: u32| {
-        Command::new("setpriv")
-            .args([
-                format!("--reuid={uid}"),
-                format!("--regid={uid}"),
-                "--clear-groups".into(),
-            ])
-            .arg("--")
-            .arg(bin("node-agent"))
-            .args(["svid", "fetch", "-o", "json", "--socket"])
-            .arg(&agent.socket)
-            .output()
-            .unwrap()
-    };
+    let fetch_as = |uid: u32| agent.fetch_svid_as(uid, None);
     let mut out = fetch_as(1000);
     wait_until(Duration::from_secs(30), "uid 1000 gets its SVID", || {
         if out.status.success() {
