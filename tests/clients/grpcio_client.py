@@ -17,34 +17,18 @@ happened. A call that ends with a gRPC status other than OK prints
 """
 
 import base64
-import importlib.metadata
 import importlib.resources
-import json
 import os
-import platform
 import sys
 
 import grpc
 from grpc_tools import protoc
 
+from common import emit, emit_versions
+
 DEADLINE_SECONDS = 20.0
 PROTO_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto"))
 SECURITY_HEADER = ("workload.spiffe.io", "true")
-
-
-def emit(event, **fields):
-    print(json.dumps({"event": event, **fields}), flush=True)
-
-
-def versions():
-    emit(
-        "versions",
-        client="grpcio",
-        grpcio=importlib.metadata.version("grpcio"),
-        grpcio_tools=importlib.metadata.version("grpcio-tools"),
-        protobuf=importlib.metadata.version("protobuf"),
-        python=platform.python_version(),
-    )
 
 
 def generate(outdir):
@@ -153,7 +137,7 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     socket, action, outdir = argv[1:]
-    versions()
+    emit_versions("grpcio", "grpcio", "grpcio-tools", "protobuf")
     generate(outdir)
     try:
         if action == "x509":

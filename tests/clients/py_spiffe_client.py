@@ -15,10 +15,8 @@ carried and exits 3. Every blocking call has a deadline.
 """
 
 import base64
-import importlib.metadata
 import json
 import os
-import platform
 import queue
 import sys
 import time
@@ -28,23 +26,9 @@ from cryptography.hazmat.primitives import serialization
 
 from spiffe import JwtSvid, WorkloadApiClient
 
+from common import emit, emit_versions
+
 DEADLINE_SECONDS = 20.0
-
-
-def emit(event, **fields):
-    print(json.dumps({"event": event, **fields}), flush=True)
-
-
-def versions():
-    emit(
-        "versions",
-        client="py-spiffe",
-        spiffe=importlib.metadata.version("spiffe"),
-        grpcio=importlib.metadata.version("grpcio"),
-        protobuf=importlib.metadata.version("protobuf"),
-        cryptography=importlib.metadata.version("cryptography"),
-        python=platform.python_version(),
-    )
 
 
 def pem(certs):
@@ -171,7 +155,7 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     socket, action, outdir, args = argv[1], argv[2], argv[3], argv[4:]
-    versions()
+    emit_versions("py-spiffe", "spiffe", "grpcio", "protobuf", "cryptography")
     try:
         with WorkloadApiClient("unix://" + socket, default_timeout=DEADLINE_SECONDS) as client:
             if action == "x509":
