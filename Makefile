@@ -6,15 +6,17 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 TIER_DIR := target/tiers
 # Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
-TIERS := lint unit integration datapath kubernetes
+TIERS := lint unit integration datapath kubernetes cluster
 # Test files of the privileged tier (root: namespaces, veths, BPF programs).
 PRIVILEGED_TESTS := datapath mutual_auth_kernel explain source_spoofing
 # Test files of the Kubernetes tier (a real kube-apiserver on 127.0.0.1).
 KUBERNETES_TESTS := $(basename $(notdir $(wildcard tests/tests/k8s_*.rs)))
+# The test file of the cluster tier (a real node: kubelet, containerd, the chart's pods).
+CLUSTER_TESTS := cluster
 # Every other integration test file.
-INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS) $(KUBERNETES_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
+INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS) $(KUBERNETES_TESTS) $(CLUSTER_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
-.PHONY: all setup build test lint unit integration datapath kubernetes bench demo image cluster clean-tiers print-tiers
+.PHONY: all setup build test lint unit integration datapath kubernetes cluster-tier bench demo image cluster clean-tiers print-tiers
 
 all: build
 
@@ -65,7 +67,19 @@ kubernetes: setup
 	bash scripts/with-kube-apiserver.sh $(CARGO) test -p keyway-tests $(addprefix --test ,$(KUBERNETES_TESTS))
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/kubernetes
 
-test: clean-tiers lint unit integration datapath kubernetes
+# Tier `cluster`: Keyway installed from its chart, with the image `make image` builds
+# (from the debug binaries already built), on a real one-node Kubernetes
+# (scripts/local-cluster.sh; the node's binaries are built once and cached), and
+# checked through kubectl and the pods (tests/tests/cluster.rs). The cluster is taken
+# down afterwards, also on failure. (`make cluster` only brings one up.)
+cluster-tier: setup
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p keyway-tests $(addprefix --test ,$(CLUSTER_TESTS)) --no-run
+	KEYWAY_CLUSTER_IMAGE_PROFILE=debug bash scripts/with-local-cluster.sh \
+	  $(CARGO) test -p keyway-tests $(addprefix --test ,$(CLUSTER_TESTS)) -- --nocapture
+	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/cluster
+
+test: clean-tiers lint unit integration datapath kubernetes cluster-tier
 	@echo "tiers run: $$(ls $(TIER_DIR) | tr '\n' ' ')"
 
 bench: setup

@@ -67,12 +67,7 @@ for b in control-plane node-agent; do
 done
 
 # The shared objects the binaries load, at the paths the loader looks for them.
-libs="$(ldd "$BIN_DIR/control-plane" "$BIN_DIR/node-agent" | awk '/=> \//{print $3} /^\t\/[^ ]*ld-linux/{print $1}' | sort -u)"
-[ -n "$libs" ] || die "ldd listed no libraries"
-for lib in $libs; do
-  mkdir -p "$ROOTFS$(dirname "$lib")"
-  cp -L "$lib" "$ROOTFS$lib"
-done
+copy_shared_libraries "$ROOTFS" "$BIN_DIR/control-plane" "$BIN_DIR/node-agent"
 
 cat > "$ROOTFS/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/sbin/nologin

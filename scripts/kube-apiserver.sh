@@ -5,8 +5,8 @@
 # k3s or envtest binaries, so it is built once from source and cached.
 #
 #   scripts/kube-apiserver.sh build        # once ~8-11 min on 2 cores; then well under 1 s
-#   scripts/kube-apiserver.sh build-node   # kubelet, controller-manager, scheduler, kube-proxy
-#                                          # (same source, one make; for local-cluster.sh)
+#   scripts/kube-apiserver.sh build-node   # kubelet, controller-manager, scheduler, kube-proxy,
+#                                          # kubectl (same source, one make; for local-cluster.sh)
 #   scripts/kube-apiserver.sh node-dir     # prints where those are
 #   scripts/kube-apiserver.sh start DIR    # etcd + kube-apiserver, state in DIR; waits for /readyz
 #   scripts/kube-apiserver.sh status DIR   # exit 0 ready, 1 partly up / not ready, 3 stopped
@@ -194,8 +194,13 @@ make_targets() { # log, targets...
 keep_binary() { # name, destination dir
   local out="$TREE/_output/bin/$1" got
   [ -x "$out" ] || die "the build finished but $out is missing"
-  got="$("$out" --version 2>&1)" || die "$out --version failed: $got"
-  [ "$got" = "Kubernetes v$VERSION" ] || die "$out --version says '$got', expected 'Kubernetes v$VERSION'"
+  if [ "$1" = kubectl ]; then
+    got="$("$out" version --client --short 2>&1)" || die "$out version failed: $got"
+    [ "$got" = "Client Version: v$VERSION" ] || die "$out version says '$got', expected 'Client Version: v$VERSION'"
+  else
+    got="$("$out" --version 2>&1)" || die "$out --version failed: $got"
+    [ "$got" = "Kubernetes v$VERSION" ] || die "$out --version says '$got', expected 'Kubernetes v$VERSION'"
+  fi
   mkdir -p "$2"
   cp "$out" "$2/$1.tmp" && mv "$2/$1.tmp" "$2/$1"
 }
@@ -232,9 +237,11 @@ build() {
 }
 
 # The node's binaries, from the same source: kubelet, kube-controller-manager,
-# kube-scheduler and kube-proxy, in DIR/node/ with their own stamp.
-NODE_BINARIES=(kubelet kube-controller-manager kube-scheduler kube-proxy)
-NODE_RECIPE=1
+# kube-scheduler, kube-proxy and a kubectl of the same version (the machine's own
+# kubectl, if any, may be far off the server's; the skew policy allows +-1), in
+# DIR/node/ with their own stamp.
+NODE_BINARIES=(kubelet kube-controller-manager kube-scheduler kube-proxy kubectl)
+NODE_RECIPE=2
 
 node_cached_dir() {
   local stamp dir best="" b ok

@@ -14,3 +14,16 @@ ensure_packages() {
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+
+# Copies the shared objects the executables "${@:2}" load (as `ldd` lists them: glibc,
+# libgcc_s, the dynamic loader) into the root filesystem $1, at the paths the loader
+# looks for them.
+copy_shared_libraries() { # rootfs, executable...
+  local rootfs="$1" libs lib; shift
+  libs="$(ldd "$@" | awk '/=> \//{print $3} /^\t\/[^ ]*ld-linux/{print $1}' | sort -u)"
+  [ -n "$libs" ] || die "ldd listed no libraries for $*"
+  for lib in $libs; do
+    mkdir -p "$rootfs$(dirname "$lib")"
+    cp -L "$lib" "$rootfs$lib"
+  done
+}

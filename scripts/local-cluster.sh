@@ -29,6 +29,7 @@ NODE_LABEL="lo:kwc"
 NODE_IP="172.30.0.1"
 POD_CIDR="10.88.0.0/24"
 PAUSE_IMAGE="keyway.local/pause:3.4"
+WORKLOAD_IMAGE="keyway.local/workload:1"
 PACKAGES=(containerd runc containernetworking-plugins buildah busybox-static iptables conntrack gcc libc6-dev jq)
 
 log() { printf 'local-cluster: %s\n' "$*" >&2; }
@@ -78,7 +79,9 @@ wait_for() { # what, seconds, command...
   done
 }
 
-KUBECTL=(kubectl --kubeconfig "$D/kubeconfig")
+# kubectl of the cluster's own version, built with the node's binaries (see up).
+NODE_DIR="$(bash "$ROOT/scripts/kube-apiserver.sh" node-dir 2>/dev/null || true)"
+KUBECTL=("${NODE_DIR:-/nonexistent}/kubectl" --kubeconfig "$D/kubeconfig")
 CTR=(ctr --address "$D/containerd/containerd.sock" -n k8s.io)
 
 # --- images
@@ -89,7 +92,7 @@ import_rootfs() { # name, rootfs, entrypoint-json
   local B=(buildah --root "$D/images/storage" --runroot "$D/images/run" --storage-driver vfs)
   local c; c="$("${B[@]}" from --quiet scratch)"
   "${B[@]}" copy --quiet "$c" "$rootfs/" /
-  "${B[@]}" config --entrypoint "$3" "$c"
+  "${B[@]}" config --entrypoint "$3" --env PATH=/bin:/usr/local/bin "$c"
   "${B[@]}" commit --quiet --format oci --rm "$c" "$name" >/dev/null
   rm -f "$archive"
   "${B[@]}" push --quiet "$name" "oci-archive:$archive:$name"
@@ -110,18 +113,22 @@ build_images() {
     rm -rf "$r"
     log "built $PAUSE_IMAGE"
   fi
-  # Workloads: busybox (sh, nc, wget) and the node agent as the SVID client.
-  local r="$D/images/busybox-rootfs"
-  rm -rf "$r"; mkdir -p "$r/bin" "$r/tmp"
-  cp /bin/busybox "$r/bin/busybox"
-  for t in sh nc wget sleep cat ls echo; do ln -s busybox "$r/bin/$t"; done
-  import_rootfs "keyway.local/busybox:1" "$r" '["/bin/sh"]'
-  rm -rf "$r"
   # Keyway itself, as `make image` builds it.
-  local archive
-  archive="$(KEYWAY_IMAGE_PROFILE="${KEYWAY_CLUSTER_IMAGE_PROFILE:-release}" bash "$ROOT/scripts/image.sh" | tail -n1)"
+  local profile="${KEYWAY_CLUSTER_IMAGE_PROFILE:-release}" archive
+  archive="$(KEYWAY_IMAGE_PROFILE="$profile" bash "$ROOT/scripts/image.sh" | tail -n1)"
   "${CTR[@]}" images import "$archive" >/dev/null
-  log "images: $PAUSE_IMAGE, keyway.local/busybox:1, $(basename "$archive")"
+  # Workloads: busybox-static (sh, nc) and the node agent's binary as the
+  # SPIFFE client (`node-agent svid fetch` / `svid jwt`), the one in the Keyway image.
+  local r="$D/images/workload-rootfs" t
+  rm -rf "$r"; mkdir -p "$r/bin" "$r/usr/local/bin" "$r/tmp"
+  chmod 1777 "$r/tmp"
+  cp /bin/busybox "$r/bin/busybox"
+  for t in sh nc sleep cat seq; do ln -s busybox "$r/bin/$t"; done
+  objcopy --strip-debug "$ROOT/target/$profile/node-agent" "$r/usr/local/bin/node-agent"
+  copy_shared_libraries "$r" "$ROOT/target/$profile/node-agent"
+  import_rootfs "$WORKLOAD_IMAGE" "$r" '["/bin/sh"]'
+  rm -rf "$r"
+  log "images: $PAUSE_IMAGE, $WORKLOAD_IMAGE, $(basename "$archive")"
 }
 
 # --- up
@@ -205,6 +212,8 @@ up() {
   bash "$ROOT/scripts/kube-apiserver.sh" build-node
   local node_dir
   node_dir="$(bash "$ROOT/scripts/kube-apiserver.sh" node-dir)"
+  NODE_DIR="$node_dir"
+  KUBECTL=("$node_dir/kubectl" --kubeconfig "$D/kubeconfig")
   local parent; parent="$(dirname "$D")"
   [ -e "$parent" ] || { mkdir -p "$D"; echo "$parent" >> "$D/host-paths"; }
   mkdir -p "$D"
@@ -254,7 +263,7 @@ up() {
   log "node $NODE_NAME Ready after $(( SECONDS - t0 )) s"
 
   install_keyway
-  log "up in $(( SECONDS - t0 )) s; logs in $D/log"
+  log "up in $(( SECONDS - t0 )) s; logs in $D/log; a kubectl of the cluster's version: $node_dir/kubectl"
   echo "export KUBECONFIG=$D/kubeconfig"
 }
 
@@ -313,7 +322,7 @@ down() {
   for pid in $(pgrep -f -- "-address $D/containerd/containerd.sock" || true); do ours "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
   if [ -d "$D/apiserver" ]; then bash "$ROOT/scripts/kube-apiserver.sh" stop "$D/apiserver" || true; fi
   # kube-proxy's iptables chains.
-  local kp; kp="$(bash "$ROOT/scripts/kube-apiserver.sh" node-dir 2>/dev/null)/kube-proxy"
+  local kp="${NODE_DIR:-/nonexistent}/kube-proxy"
   if [ -x "$kp" ] && [ -f "$D/run/kube-proxy.started" ]; then "$kp" --cleanup >/dev/null 2>&1 || true; fi
   # The chains the kubelet and kube-proxy leave behind after `kube-proxy --cleanup`:
   # the jumps to them from the built-in chains, then the chains, by name.

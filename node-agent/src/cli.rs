@@ -76,6 +76,30 @@ pub enum SvidCommand {
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Fetch a JWT-SVID for AUDIENCE and print the token (text) or the
+    /// token with its SPIFFE ID and expiry (json).
+    Jwt {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The audience the token is for (repeatable).
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Have the agent validate a JWT-SVID for AUDIENCE: prints the subject's
+    /// SPIFFE ID, exits non-zero when the token is not valid.
+    ValidateJwt {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        audience: String,
+        /// The token; prefer `-` (read it from stdin): a command line is
+        /// visible to every user in `ps`.
+        token: String,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -478,6 +502,67 @@ async fn svid_fetch(socket: Option<PathBuf>, write: Option<PathBuf>, output: Out
     Ok(())
 }
 
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+async fn svid_jwt(socket: Option<PathBuf>, audience: Vec<String>, output: Output) -> anyhow::Result<()> {
+    let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
+    let mut client = workload_client::connect(&path)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let resp = client
+        .fetch_jwtsvid(wpb::JwtsvidRequest {
+            audience: audience.clone(),
+            spiffe_id: String::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let svid = resp.svids.first().context("the response has no JWT-SVID")?;
+    match output {
+        Output::Text => println!("{}", svid.svid),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "spiffe_id": svid.spiffe_id, "audience": audience, "token": svid.svid })
+        ),
+    }
+    Ok(())
+}
+
+async fn svid_validate_jwt(
+    socket: Option<PathBuf>,
+    audience: String,
+    token: String,
+    output: Output,
+) -> anyhow::Result<()> {
+    let token = if token == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .context("reading the token from stdin")?;
+        t.trim().to_owned()
+    } else {
+        token
+    };
+    let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
+    let mut client = workload_client::connect(&path)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let resp = client
+        .validate_jwtsvid(wpb::ValidateJwtsvidRequest {
+            audience,
+            svid: token,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match output {
+        Output::Text => println!("{}", resp.spiffe_id),
+        Output::Json => println!("{}", serde_json::json!({ "spiffe_id": resp.spiffe_id })),
+    }
+    Ok(())
+}
+
 async fn healthcheck(socket: Option<PathBuf>) -> anyhow::Result<()> {
     let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
     let mut client = workload_client::connect(&path)
@@ -703,6 +788,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             write,
             output,
         }) => svid_fetch(socket, write, output).await,
+        Command::Svid(SvidCommand::Jwt {
+            socket,
+            audiences,
+            output,
+        }) => svid_jwt(socket, audiences, output).await,
+        Command::Svid(SvidCommand::ValidateJwt {
+            socket,
+            audience,
+            token,
+            output,
+        }) => svid_validate_jwt(socket, audience, token, output).await,
         Command::Healthcheck { socket } => healthcheck(socket).await,
         Command::Attest {
             server,
