@@ -65,13 +65,25 @@ pub struct AgentHandles {
     pub metrics: crate::metrics::AgentMetrics,
 }
 
-/// Finds or obtains the node SVID: a stored, still-valid one first (no new
-/// token needed after a restart), else join-token attestation.
+/// Finds or obtains the node SVID.
+///
+/// - On Kubernetes (`--k8s-token-file`) the agent attests with its pod's
+///   projected token at every start, so the identity it serves from is bound
+///   to a live agent pod of this node (the control plane checks the token with
+///   TokenReview), as SPIRE's `k8s_psat` re-attests. The node keeps its node
+///   id and registration. A stored, still-valid SVID is only the fallback
+///   while the control plane cannot be reached, so workloads keep being served
+///   through an outage; a refusal is final.
+/// - With join tokens (single-use) a stored, still-valid SVID is used: no new
+///   token is needed after a restart. Without one, the join token attests.
 async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Svid, AgentError> {
-    if let Some(svid) = node_svid::load_svid(&cfg.data_dir)? {
-        info!(spiffe_id = %svid.spiffe_id(), "using the stored node SVID");
-        return Ok(svid);
-    }
+    let stored = match node_svid::load_svid(&cfg.data_dir)? {
+        Some(svid) if cfg.k8s_token_file.is_none() => {
+            info!(spiffe_id = %svid.spiffe_id(), "using the stored node SVID");
+            return Ok(svid);
+        }
+        other => other,
+    };
     let how = match (&cfg.k8s_token_file, &cfg.join_token) {
         (Some(path), _) => control_plane::Attestation::KubernetesToken(path.clone()),
         (None, Some(token)) => control_plane::Attestation::JoinToken(token.clone()),
@@ -84,16 +96,27 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
             )));
         }
     };
+    // With a stored SVID to fall back on, a few quick attempts; without one,
+    // keep trying for a few minutes (the control plane may be starting too).
+    let max_attempts = if stored.is_some() { 3 } else { 20 };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut attempts = 0;
     let id = loop {
         match control_plane::attest(&cfg.server, bundle.clone(), &cfg.node_name, &how).await {
             Ok(id) => break id,
-            // A refusal is final (the token is bad); a connection error is retried.
+            // A refusal is final (the token is bad, or this pod is not an
+            // agent of this node): never serve from an older identity then.
             Err(e @ (ClientError::Refused(_) | ClientError::Credential(_))) => {
                 return Err(AgentError::Attestation(e));
             }
-            Err(e) if attempts >= 20 => return Err(AgentError::Attestation(e)),
+            Err(e) if attempts + 1 >= max_attempts => match stored {
+                Some(svid) => {
+                    warn!(error = %e, spiffe_id = %svid.spiffe_id(),
+                        "cannot reach the control plane to attest; using the stored node SVID until it answers");
+                    return Ok(svid);
+                }
+                None => return Err(AgentError::Attestation(e)),
+            },
             Err(e) => {
                 attempts += 1;
                 warn!(error = %e, "cannot reach the control plane to attest; retrying");

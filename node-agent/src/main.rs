@@ -8,6 +8,9 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: in a pod, `kubectl logs` and every log
+        // shipper would get escape codes around each field.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match node_agent::cli::run(node_agent::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -256,6 +256,18 @@ impl Drop for Namespace<'_> {
 struct Workloads {
     ns: String,
     api_ip: String,
+    /// Pods applied -> web's first X.509-SVID fetched (no failover).
+    first_svid: Duration,
+}
+
+/// Polls until `pod` fetches its X.509-SVID; how long after `t0` it did.
+fn first_svid_after(k: &Kube, ns: &str, pod: &str, t0: Instant) -> Duration {
+    wait_until(
+        Duration::from_secs(120),
+        &format!("{pod} fetching its SVID"),
+        || k.exec(ns, pod, &["node-agent", "svid", "fetch"]).is_ok(),
+    );
+    t0.elapsed()
 }
 
 fn workload_pod(ns: &str, name: &str, command: &str) -> String {
@@ -299,7 +311,7 @@ const API_SERVER: &str = "nc -ll -p 8080 -e echo api-ok & exec nc -ll -p 9000 -e
 #[test]
 fn keyway_installed_from_its_chart_does_its_job_on_a_real_node() {
     let k = Kube::from_env();
-    let leader = control_plane_replicas_are_ready_and_one_leads(&k);
+    control_plane_replicas_are_ready_and_one_leads(&k);
     agent_runs_with_exactly_the_capabilities_the_chart_gives_it(&k);
     let ns = Namespace {
         k: &k,
@@ -309,7 +321,7 @@ fn keyway_installed_from_its_chart_does_its_job_on_a_real_node() {
     workloads_fetch_x509_and_jwt_svids(&k, &w);
     policy_lets_the_authenticated_pair_in_and_drops_the_third_pod(&k, &w);
     agent_rollout_keeps_connections_and_enforcement(&k, &w);
-    leader_failover_keeps_the_ca_and_the_identities(&k, &w, &leader);
+    leader_failover_keeps_the_ca_and_the_identities(&k, &w);
     deleting_the_client_pod_flushes_its_auth_entries(&k, &w);
 }
 
@@ -379,8 +391,8 @@ fn leader_gauges(k: &Kube) -> Vec<(String, f64)> {
 }
 
 /// Both replicas Ready through their own probes; the Lease names one of
-/// them, and that one alone says it leads. Returns the leader's pod name.
-fn control_plane_replicas_are_ready_and_one_leads(k: &Kube) -> String {
+/// them, and that one alone says it leads.
+fn control_plane_replicas_are_ready_and_one_leads(k: &Kube) {
     let deploy = k.json(&[
         "get",
         "deployment",
@@ -423,7 +435,6 @@ fn control_plane_replicas_are_ready_and_one_leads(k: &Kube) -> String {
         },
     );
     println!("control plane: replicas {names:?}, leader {holder}, keyway_is_leader {gauges:?}");
-    holder
 }
 
 /// The DaemonSet's security settings as the kernel applies them to the
@@ -553,10 +564,15 @@ spec:
         let pods = k.pods(ns, "app");
         pods.len() == 3 && pods.iter().all(|p| ready(p) && !pod_ip(p).is_empty())
     });
-    println!("workloads: three pods Ready {:?} after creation", t0.elapsed());
+    let pods_ready = t0.elapsed();
+    let first_svid = first_svid_after(k, ns, "web", t0);
+    println!(
+        "workloads: three pods Ready {pods_ready:?} after they were applied, web's first SVID at {first_svid:?}"
+    );
     Workloads {
         ns: ns.to_owned(),
         api_ip: pod_ip(&k.pod(ns, "api")),
+        first_svid,
     }
 }
 
@@ -870,19 +886,29 @@ impl Drop for Echo {
     }
 }
 
+/// The node id in an agent's "attested with ..." log line.
+fn node_id_attested(log: &str) -> String {
+    log.lines()
+        .find(|l| l.contains("attested with"))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("node_id=")))
+        .unwrap_or_else(|| panic!("no attestation with a node_id in the agent's log:\n{log}"))
+        .to_owned()
+}
+
 fn agent_log(k: &Kube, pod: &str) -> String {
     k.run(&["logs", "-n", SYSTEM_NS, pod])
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `kubectl rollout restart` of the DaemonSet: the new agent takes its node
-/// identity back (the stored node SVID, checked by the control plane over
-/// mTLS), an established connection keeps flowing while no agent runs (the
-/// programs and maps are pinned), and enforcement is whole once the new pod
-/// is Ready.
+/// `kubectl rollout restart` of the DaemonSet: the new agent re-attests with
+/// its own pod's projected token (the control plane logs that pod) and keeps
+/// the node's id, an established connection keeps flowing while no agent
+/// runs (the programs and maps are pinned), and enforcement is whole once
+/// the new pod is Ready.
 fn agent_rollout_keeps_connections_and_enforcement(k: &Kube, w: &Workloads) {
     let ns = &w.ns;
     let old = agent_pod(k);
+    let old_attestation = agent_log(k, &name(&old));
     let mut echo = Echo::open(k, ns, &w.api_ip);
     let mut opened = Err(String::new());
     // nc connects asynchronously to the exec starting: the first line may
@@ -926,10 +952,27 @@ fn agent_rollout_keeps_connections_and_enforcement(k: &Kube, w: &Workloads) {
         "rollout: new agent {} Ready {rollout:?} after `rollout restart`; {during} echoes during it, one after ({rtt:?})",
         name(&new)
     );
-    let log = agent_log(k, &name(&new));
+    let (old_log, new_log) = (&old_attestation, agent_log(k, &name(&new)));
     assert!(
-        log.contains("using the stored node SVID") || log.contains("attested with"),
-        "the new agent re-established its node identity:\n{log}"
+        new_log.contains("attested with a Kubernetes service account token"),
+        "the new agent re-attests with its projected token:\n{new_log}"
+    );
+    assert_eq!(
+        node_id_attested(&new_log),
+        node_id_attested(old_log),
+        "the node keeps its id"
+    );
+    let pod_ref = format!("pod={SYSTEM_NS}/{}", name(&new));
+    let cp_logs: String = k
+        .pods(SYSTEM_NS, "app.kubernetes.io/component=control-plane")
+        .iter()
+        .map(|p| k.run(&["logs", "-n", SYSTEM_NS, &name(p)]).unwrap_or_default())
+        .collect();
+    assert!(
+        cp_logs.lines().any(
+            |l| l.contains("node attested with a Kubernetes service account token") && l.contains(&pod_ref)
+        ),
+        "the control plane checked the new pod's token ({pod_ref}):\n{cp_logs}"
     );
     // Enforcement as before: the allowed pair connects at once, the third pod is dropped.
     let before = syn_retransmits(k, ns, "web");
@@ -973,7 +1016,7 @@ fn issued_serials(k: &Kube) -> Vec<String> {
 /// Deleting the leading replica's pod: the other replica takes the Lease,
 /// the CA is the same (a new SVID chains to the bundle workloads already
 /// hold), the identity numbers are the same, and no serial is issued twice.
-fn leader_failover_keeps_the_ca_and_the_identities(k: &Kube, w: &Workloads, _first_leader: &str) {
+fn leader_failover_keeps_the_ca_and_the_identities(k: &Kube, w: &Workloads) {
     let ns = &w.ns;
     let leader = lease_holder(k);
     let (_, _, bundle_before) = fetch_x509(k, ns, "web");
@@ -986,6 +1029,15 @@ fn leader_failover_keeps_the_ca_and_the_identities(k: &Kube, w: &Workloads, _fir
     };
     let t0 = Instant::now();
     k.must(&["delete", "pod", "-n", SYSTEM_NS, &leader, "--wait=false"]);
+    // The next issuance: a new pod under an existing service account, applied
+    // as the leader goes, fetching its first SVID.
+    k.apply(&workload_pod(ns, "web-2", SLEEPER));
+    let issued = first_svid_after(k, ns, "web-2", t0);
+    println!(
+        "failover: leader pod deleted -> a new pod's first SVID {issued:?} (without a failover: {:?}; ratio {:.2})",
+        w.first_svid,
+        issued.as_secs_f64() / w.first_svid.as_secs_f64()
+    );
     let mut holder = String::new();
     wait_until(
         Duration::from_secs(90),
@@ -1004,12 +1056,7 @@ fn leader_failover_keeps_the_ca_and_the_identities(k: &Kube, w: &Workloads, _fir
     let leads = t0.elapsed();
     println!("failover: {leader} deleted; {holder} took the Lease after {took_lease:?}, led after {leads:?}");
 
-    // New issuance under the new leader: a new pod under an existing
-    // service account, and a fresh SVID for web.
-    k.apply(&workload_pod(ns, "web-2", SLEEPER));
-    wait_until(Duration::from_secs(60), "web-2 Ready", || {
-        ready(&k.pod(ns, "web-2"))
-    });
+    // What web-2 got: web's identity, from the same CA.
     let (id, leaf, bundle) = fetch_x509(k, ns, "web-2");
     assert_eq!(id, spiffe_id(ns, "web"));
     assert_eq!(uri_sans(&leaf), vec![spiffe_id(ns, "web")]);
