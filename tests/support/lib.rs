@@ -471,6 +471,27 @@ impl Agent {
         Self::start_attesting(server, bundle_pem, node, None, Some(token_file), None, Vec::new()).await
     }
 
+    /// Like [`Agent::start_kubernetes`] on the data in `dir` (an earlier
+    /// agent's), returning the agent's start-up error instead of panicking.
+    pub async fn try_start_kubernetes(
+        server: &str,
+        bundle_pem: &str,
+        node: &str,
+        token_file: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Result<Self, node_agent::agent::AgentError> {
+        Self::try_start_attesting(
+            server,
+            bundle_pem,
+            node,
+            None,
+            Some(token_file),
+            Some(dir),
+            Vec::new(),
+        )
+        .await
+    }
+
     async fn start_attesting(
         server: &str,
         bundle_pem: &str,
@@ -480,6 +501,28 @@ impl Agent {
         dir: Option<tempfile::TempDir>,
         auth_addresses: Vec<String>,
     ) -> Self {
+        Self::try_start_attesting(
+            server,
+            bundle_pem,
+            node,
+            token,
+            k8s_token_file,
+            dir,
+            auth_addresses,
+        )
+        .await
+        .expect("agent start")
+    }
+
+    async fn try_start_attesting(
+        server: &str,
+        bundle_pem: &str,
+        node: &str,
+        token: Option<String>,
+        k8s_token_file: Option<PathBuf>,
+        dir: Option<tempfile::TempDir>,
+        auth_addresses: Vec<String>,
+    ) -> Result<Self, node_agent::agent::AgentError> {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
         let bundle_path = dir.path().join("trust-bundle.pem");
         std::fs::write(&bundle_path, bundle_pem).expect("write bundle");
@@ -498,18 +541,16 @@ impl Agent {
             workload_api_limits: node_agent::workload_api::limits(),
         };
         let (stop, rx) = watch::channel(false);
-        let handles = node_agent::agent::start(cfg.clone(), rx.clone())
-            .await
-            .expect("agent start");
+        let handles = node_agent::agent::start(cfg.clone(), rx.clone()).await?;
         let server = node_agent::workload_api::start(&cfg, &handles, rx).expect("serve the workload API");
-        Self {
+        Ok(Self {
             handles,
             server,
             socket: cfg.socket,
             data_dir: cfg.data_dir,
             dir,
             stop,
-        }
+        })
     }
 
     /// `unix:///...` endpoint for SPIFFE clients.

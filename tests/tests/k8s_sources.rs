@@ -259,6 +259,40 @@ async fn a_pod_bound_token_attests_its_node_and_nothing_else() {
     let agent = Agent::start_kubernetes(&cp.addr, &cp.bundle().to_pem(), &node, good.clone()).await;
     wait_state(&agent, "the agent's first sync", |s| s.synced).await;
 
+    // Restarted on the same data (a DaemonSet rollout), it attests again with
+    // the token rather than serving from the stored node SVID: one more node
+    // SVID issued, same node id.
+    let node_svids = || async {
+        let log = cp.cp.store().issuance_log().await.expect("issuance log");
+        log.iter()
+            .filter(|r| r.spiffe_id == id.svid.spiffe_id().to_string())
+            .count()
+    };
+    let before = node_svids().await;
+    let node_id = cp.cp.node(&node).expect("registered").node_id;
+    let dir_kept = agent.stop().await;
+    let agent = Agent::try_start_kubernetes(&cp.addr, &cp.bundle().to_pem(), &node, good.clone(), dir_kept)
+        .await
+        .expect("the restarted agent re-attests");
+    wait_state(&agent, "the restarted agent's sync", |s| s.synced).await;
+    assert_eq!(node_svids().await, before + 1, "the restart attested again");
+    assert_eq!(
+        cp.cp.node(&node).expect("registered").node_id,
+        node_id,
+        "same node id"
+    );
+    // With the control plane out of reach, it starts from the stored SVID
+    // (workloads keep being served through an outage).
+    let dir_kept = agent.stop().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr").to_string();
+    drop(dead);
+    let offline =
+        Agent::try_start_kubernetes(&dead_addr, &cp.bundle().to_pem(), &node, good.clone(), dir_kept)
+            .await
+            .expect("an agent whose control plane is unreachable starts from its stored node SVID");
+    let dir_kept = offline.stop().await;
+
     // Claiming another node with the same token.
     let msg = refused(attest(good.clone(), unique("elsewhere")).await, "wrong node");
     assert!(msg.contains("scheduled to"), "{msg}");
@@ -284,8 +318,14 @@ async fn a_pod_bound_token_attests_its_node_and_nothing_else() {
     // The pod is gone: refused at once, although the API server may still
     // cache the review.
     delete_pod(&admin, &ns, "agent-1").await;
-    let msg = refused(attest(good, node.clone()).await, "deleted pod");
+    let msg = refused(attest(good.clone(), node.clone()).await, "deleted pod");
     assert!(msg.contains("no longer exists"), "{msg}");
+    // And an agent restarted with that pod's token does not start, although
+    // its data directory still holds a valid node SVID: the refusal is final.
+    match Agent::try_start_kubernetes(&cp.addr, &cp.bundle().to_pem(), &node, good, dir_kept).await {
+        Err(e) => assert!(e.to_string().contains("no longer exists"), "{e}"),
+        Ok(_) => panic!("an agent whose pod is gone started from its stored node SVID"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
