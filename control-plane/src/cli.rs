@@ -155,6 +155,16 @@ pub struct ServeArgs {
     /// is forgotten (its number is never handed out again).
     #[arg(long, default_value = "1h")]
     pub identity_gc_grace: String,
+    /// The issuance log keeps a record while its certificate is valid and
+    /// this long after it expired (so the window follows the longest TTL).
+    #[arg(long, default_value = "1h")]
+    pub issuance_keep_after_expiry: String,
+    /// ... and at most this many records (those expiring first go first).
+    #[arg(long, default_value_t = crate::store::IssuanceRetention::default().max_records)]
+    pub issuance_max_records: usize,
+    /// ... and at most this many MiB of records.
+    #[arg(long, default_value_t = crate::store::IssuanceRetention::default().max_bytes >> 20)]
+    pub issuance_max_mib: usize,
 }
 
 /// `--metrics-address`: HOST:PORT, or `off`.
@@ -315,7 +325,15 @@ impl ServeArgs {
                 per_namespace: self.policy_entries_per_namespace,
             },
             identity_gc_grace: d("identity-gc-grace", &self.identity_gc_grace)?,
+            issuance_retention: crate::store::IssuanceRetention {
+                after_expiry: d("issuance-keep-after-expiry", &self.issuance_keep_after_expiry)?,
+                max_records: self.issuance_max_records,
+                max_bytes: self.issuance_max_mib.saturating_mul(1 << 20),
+            },
         };
+        if config.issuance_retention.max_records == 0 || config.issuance_retention.max_bytes == 0 {
+            bail!("--issuance-max-records and --issuance-max-mib must be at least 1");
+        }
         if config.max_connections_zero() {
             bail!("--max-connections and --max-connections-per-peer must be at least 1");
         }
@@ -484,6 +502,11 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         let rx = stop_rx.clone();
         async move { cp.run_identity_gc(rx).await }
     });
+    let issuance_retention = tokio::spawn({
+        let cp = cp.clone();
+        let rx = stop_rx.clone();
+        async move { cp.run_issuance_retention(rx).await }
+    });
     let kubernetes = match kube_client {
         Some(client) => {
             let k8s = crate::kubernetes::Options {
@@ -511,6 +534,7 @@ async fn serve(args: ServeArgs, admin_socket: Option<PathBuf>) -> anyhow::Result
         let _ = admin.await;
         let _ = schedule.await;
         let _ = identity_gc.await;
+        let _ = issuance_retention.await;
         if let Some(k8s) = kubernetes {
             k8s.await;
         }

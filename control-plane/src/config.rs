@@ -33,6 +33,8 @@ pub struct Config {
     /// How long a numeric identity no workload uses is kept (a rollout
     /// brings its pods back) before it is forgotten.
     pub identity_gc_grace: Duration,
+    /// What the issuance log keeps (the leader prunes the rest).
+    pub issuance_retention: crate::store::IssuanceRetention,
 }
 
 /// The agent API listener's defaults: every agent holds one connection

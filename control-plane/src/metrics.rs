@@ -120,6 +120,9 @@ pub struct Metrics {
     sync_streams: Gauge,
     pub(crate) registry_revision: Gauge,
     pub(crate) is_leader: Gauge,
+    issuance_log_records: Gauge,
+    issuance_log_bytes: Gauge,
+    issuance_log_pruned: Counter,
     /// Refused attestations are logged once per peer and reason per minute.
     pub(crate) refusal_log: Arc<LogLimiter>,
     /// Every listener's connections, refusals and closes.
@@ -176,6 +179,21 @@ impl Metrics {
                 "1 when this replica leads (rotates the CA, reconciles), else 0.",
                 &[],
             ),
+            issuance_log_records: r.gauge(
+                "keyway_issuance_log_records",
+                "Records the issuance log holds after the leader's last prune.",
+                &[],
+            ),
+            issuance_log_bytes: r.gauge(
+                "keyway_issuance_log_bytes",
+                "Bytes of records the issuance log holds after the leader's last prune.",
+                &[],
+            ),
+            issuance_log_pruned: r.counter(
+                "keyway_issuance_log_pruned_total",
+                "Issuance records dropped by retention (expired past the margin, or over the caps).",
+                &[],
+            ),
             refusal_log: Arc::new(LogLimiter::per_minute()),
             listeners: keyway_serve::ListenerMetrics::register(r),
             registry,
@@ -196,6 +214,7 @@ impl Metrics {
         ] {
             m.ca_rotations.inc_by(&[step.as_str()], 0);
         }
+        m.issuance_log_pruned.inc_by(&[], 0);
         m
     }
 
@@ -203,6 +222,13 @@ impl Metrics {
         self.svids_issued.inc(&[kind.as_str()]);
         self.issuance_seconds
             .observe(&[kind.as_str()], started.elapsed().as_secs_f64());
+    }
+
+    /// What the issuance log holds after a prune, and what it dropped.
+    pub fn issuance_log(&self, out: &crate::store::PruneOutcome) {
+        self.issuance_log_records.set(&[], out.kept as f64);
+        self.issuance_log_bytes.set(&[], out.kept_bytes as f64);
+        self.issuance_log_pruned.inc_by(&[], out.removed as u64);
     }
 
     pub fn refused(&self, reason: Refusal) {

@@ -661,6 +661,44 @@ impl ControlPlane {
         Ok(n)
     }
 
+    /// Prunes the issuance log to `--issuance-*` (leader only; others
+    /// return `None`), and records what it holds in the metrics.
+    pub async fn prune_issuance_log(&self) -> Result<Option<crate::store::PruneOutcome>, ApiError> {
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        let keep = self.inner.cfg.issuance_retention;
+        let out = self.inner.store.prune_issuance(&keep, now_unix()).await?;
+        self.inner.metrics.issuance_log(&out);
+        if out.removed > 0 {
+            info!(
+                removed = out.removed,
+                kept = out.kept,
+                kept_bytes = out.kept_bytes,
+                "issuance log pruned"
+            );
+        }
+        Ok(Some(out))
+    }
+
+    /// Prunes the issuance log until `shutdown`: soon after start, then a
+    /// few times per retention margin (at most every five minutes).
+    pub async fn run_issuance_retention(&self, mut shutdown: watch::Receiver<bool>) {
+        let margin = self.inner.cfg.issuance_retention.after_expiry;
+        let every = (margin / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
+        let mut wait = every.min(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            wait = every;
+            if let Err(e) = self.prune_issuance_log().await {
+                warn!(error = %e, "pruning the issuance log failed; retrying later");
+            }
+        }
+    }
+
     /// Collects unused identities until `shutdown`, a few times per grace
     /// period (at most every five minutes).
     pub async fn run_identity_gc(&self, mut shutdown: watch::Receiver<bool>) {

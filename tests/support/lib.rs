@@ -85,6 +85,7 @@ impl InProcess {
             agent_api_limits: control_plane::config::agent_api_limits(),
             policy_budget: opts.policy_budget,
             identity_gc_grace: Duration::from_secs(3600),
+            issuance_retention: control_plane::store::IssuanceRetention::default(),
         };
         let store = Arc::new(SledStore::open(dir.path()).expect("open store"));
         let ca_cfg = CaConfig {

@@ -793,3 +793,97 @@ async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
             .expect("task");
     }
 }
+
+/// Retention in the Kubernetes store: whole chunks go once every certificate
+/// in them is past the window (never the newest chunk), then the oldest while
+/// over the caps; a replica still appending to a chunk that was pruned under
+/// it moves to the newest one instead of failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_issuance_log_prunes_whole_chunks_past_the_window() {
+    use control_plane::store::IssuanceRetention;
+    let ns = cluster().namespace("store-prune").await;
+    let chunks_api = Api::<ConfigMap>::namespaced(cluster().admin().await, &ns);
+    let chunk_names = || async {
+        let list = chunks_api
+            .list(&ListParams::default().labels("keyway.dev/component=issuance-log"))
+            .await
+            .expect("list chunks");
+        let mut names: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        names.sort();
+        names
+    };
+    let t = now();
+    let record = |i: usize, not_after: i64| IssuanceRecord {
+        serial: format!("{i:040x}"),
+        spiffe_id: "spiffe://example.org/ns/default/sa/a-service-account".into(),
+        requester: "node-a".into(),
+        ca_id: "3f2a9c0d1e7b4a55".into(),
+        issued_at: not_after - 3600,
+        not_after,
+    };
+    // Replica A writes the first records (its head: chunk 0), then replica B
+    // fills chunk 0 and rolls over: 3000 records expired two hours ago.
+    let a = open(&ns, "replica-a").await;
+    a.log_issuance(&record(0, t - 7200)).await.expect("log");
+    let b = Arc::new(open(&ns, "replica-b").await);
+    let mut tasks = Vec::new();
+    for i in 1..3000 {
+        let b = b.clone();
+        let r = record(i, t - 7200);
+        tasks.push(tokio::spawn(async move { b.log_issuance(&r).await }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("log");
+    }
+    // And fresh ones, in the newest chunk.
+    for i in 3000..3010 {
+        b.log_issuance(&record(i, t + 3600)).await.expect("log");
+    }
+    let before = chunk_names().await;
+    assert!(before.len() >= 2, "{before:?}");
+
+    let keep = IssuanceRetention::default();
+    let out = b.prune_issuance(&keep, t).await.expect("prune");
+    let after = chunk_names().await;
+    assert_eq!(
+        after,
+        vec![before.last().unwrap().clone()],
+        "only the newest chunk is left"
+    );
+    assert!(
+        out.removed > 0 && out.kept == serials_once(&b).await.len(),
+        "{out:?}"
+    );
+    assert!(
+        serials_once(&b).await.contains(&format!("{:040x}", 3005)),
+        "fresh records stay"
+    );
+    // Pruning again changes nothing.
+    let again = b.prune_issuance(&keep, t).await.expect("prune again");
+    assert_eq!((again.removed, again.kept), (0, out.kept));
+
+    // Replica A's head (chunk 0) is gone: its next record lands in the newest chunk.
+    a.log_issuance(&record(4000, t + 3600))
+        .await
+        .expect("a replica whose chunk was pruned keeps logging");
+    assert_eq!(chunk_names().await, after, "no pruned chunk comes back");
+    assert!(serials_once(&a).await.contains(&format!("{:040x}", 4000)));
+
+    // The caps: count. The newest chunk is never deleted, whatever the caps.
+    let out = b
+        .prune_issuance(
+            &IssuanceRetention {
+                max_records: 1,
+                ..keep
+            },
+            t,
+        )
+        .await
+        .expect("prune over the cap");
+    assert_eq!(out.removed, 0, "the newest chunk stays: {out:?}");
+    assert_eq!(chunk_names().await, after);
+}

@@ -403,3 +403,40 @@ async fn workload_api_streams_are_counted_while_open() {
     streams(0.0).await.unwrap();
     agent.stop().await;
 }
+
+/// The leader prunes the issuance log to its caps, and the metrics show what
+/// it holds and what went (the real binary, with a one-record cap).
+#[test]
+fn the_issuance_log_is_pruned_and_the_metrics_show_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp_metrics = free_address();
+    let cp = Binary::spawn(
+        &dir.path().join("cp"),
+        &[
+            "--metrics-address",
+            &cp_metrics,
+            "--issuance-max-records",
+            "1",
+            "--issuance-keep-after-expiry",
+            "4s",
+        ],
+    );
+    wait_until(Duration::from_secs(10), "control plane ready", || {
+        get(&cp_metrics, "/readyz").0 == 200
+    });
+    let out = dir.path().join("svid");
+    for i in 0..3 {
+        cp.ok(&[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            &format!("spiffe://{TD}/ops/{i}"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    // Its own SVID and three operator SVIDs were logged; one stays.
+    wait_metric(&cp_metrics, "keyway_issuance_log_records", 1.0);
+    assert!(metric(&cp_metrics, "keyway_issuance_log_pruned_total") >= 3.0);
+    assert!(metric(&cp_metrics, "keyway_issuance_log_bytes") > 0.0);
+}

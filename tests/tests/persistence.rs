@@ -222,3 +222,115 @@ fn cli_errors_say_what_to_do() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("spec.ips[0]"));
     assert!(!cp.ok(&["identity", "list"]).contains("/sa/ok"), "all or nothing");
 }
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() { dir_bytes(&e.path()) } else { m.len() }
+        })
+        .sum()
+}
+
+/// A simulated day of rotations: 500 identities renewed every 30 min with a
+/// 1 h TTL, pruned every simulated 10 minutes as the leader does. Once the
+/// window (TTL + the 1 h margin) is full, the log holds the same number of
+/// records, and on the second day the sled directory does not grow beyond
+/// what it took on the first. Then the caps: count, then bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuance_log_keeps_its_window_and_stops_growing() {
+    use control_plane::store::{IssuanceRecord, IssuanceRetention};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sled");
+    let store = SledStore::open(&data).unwrap();
+    let keep = IssuanceRetention::default();
+    let (identities, every, ttl) = (500, 1800, 3600);
+    let day = 86_400;
+    let start = 1_800_000_000;
+    let mut serial = 0u64;
+    let mut kept_at = Vec::new();
+    let mut size_after_day = Vec::new();
+    for now in (start..start + 2 * day).step_by(600) {
+        if (now - start) % every == 0 {
+            for i in 0..identities {
+                serial += 1;
+                store
+                    .log_issuance(&IssuanceRecord {
+                        serial: format!("{serial:040x}"),
+                        spiffe_id: format!("spiffe://example.org/ns/default/sa/sa-{i}"),
+                        requester: "node-a".into(),
+                        ca_id: "3f2a9c0d1e7b4a55".into(),
+                        issued_at: now,
+                        not_after: now + ttl,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        let out = store.prune_issuance(&keep, now).await.unwrap();
+        kept_at.push(out.kept);
+        if (now - start + 600) % day == 0 {
+            size_after_day.push(dir_bytes(&data));
+        }
+    }
+    // Issued at now-2h+ε .. now: every record whose certificate expired less
+    // than an hour ago, i.e. issued in the last 2 h: 4 renewals (5 just
+    // after one) of every identity.
+    let steady = &kept_at[kept_at.len() / 4..];
+    assert!(
+        steady
+            .iter()
+            .all(|&k| (4 * identities..=5 * identities).contains(&k)),
+        "records kept once the window is full: {:?}",
+        &steady[..12]
+    );
+    assert_eq!(
+        store.issuance_log().await.unwrap().len(),
+        *kept_at.last().unwrap()
+    );
+    let (day1, day2) = (size_after_day[0], size_after_day[1]);
+    println!(
+        "issued {serial} records over two simulated days; kept {}..{}; sled directory {day1} B after day 1, {day2} B after day 2 (ratio {:.2})",
+        steady.iter().min().unwrap(),
+        steady.iter().max().unwrap(),
+        day2 as f64 / day1 as f64
+    );
+    assert!(
+        day2 as f64 <= day1 as f64 * 1.25,
+        "the sled directory keeps growing at steady state: {day1} B after day 1, {day2} B after day 2"
+    );
+
+    // The caps: the records that expire first go first.
+    let now = start + 2 * day;
+    let out = store
+        .prune_issuance(
+            &IssuanceRetention {
+                max_records: 1000,
+                ..keep
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.kept, 1000);
+    let log = store.issuance_log().await.unwrap();
+    let oldest_kept = log.iter().map(|r| r.not_after).min().unwrap();
+    assert!(
+        oldest_kept >= now - 1800,
+        "the newest renewals stay: {oldest_kept}"
+    );
+    let one = out.kept_bytes / out.kept;
+    let out = store
+        .prune_issuance(
+            &IssuanceRetention {
+                max_bytes: 100 * one,
+                ..keep
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(out.kept_bytes <= 100 * one && out.kept >= 99, "{out:?}");
+}

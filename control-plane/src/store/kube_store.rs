@@ -44,7 +44,7 @@
 //!   conflicts happen only between replicas and the bounded retries
 //!   ([`MAX_ATTEMPTS`]) are a safety net, not a throughput limit.
 //!
-//! The issuance log is append-only: `log_issuance` hands records to one
+//! The issuance log is appended to: `log_issuance` hands records to one
 //! writer task per process, which batches everything queued into one write of
 //! the newest chunk (the same conditional replace), keyed by serial. A serial
 //! already in the chunk is not written again, so a retried batch is recorded
@@ -90,9 +90,11 @@
 //!   Join tokens that expired more than [`TOKEN_RETENTION_SECS`] ago are
 //!   dropped on the next token write so they do not accumulate (presenting
 //!   one then reads "unknown token": still refused).
-//! - The issuance log grows without bound, like the sled store's: one chunk
-//!   holds about 2000 records, and etcd's database quota (2 GiB by default)
-//!   is the ceiling.
+//! - The issuance log is pruned by whole chunks (about 2000 records each),
+//!   never the newest: `prune_issuance` deletes a chunk once every
+//!   certificate in it is past the retention window, then the oldest while
+//!   the log is over its caps, each delete conditional on the version judged.
+//!   A writer whose head chunk was pruned under it moves to the newest one.
 //! - A write whose reply is lost (connection reset, timeout) is reported as
 //!   an error although the API server may have applied it.
 //! - The service account needs get, list, watch, create and update on
@@ -105,7 +107,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret as KubeSecret};
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -323,6 +325,26 @@ impl KubeStore {
     }
 
     /// Hands records to the log writer and waits until they are written.
+    /// Every chunk of the issuance log, a few per page.
+    async fn list_chunks(&self) -> StoreResult<Vec<ConfigMap>> {
+        let mut params = ListParams::default()
+            .labels(&format!("{COMPONENT}={ISSUANCE_COMPONENT}"))
+            .limit(8);
+        let mut chunks = Vec::new();
+        loop {
+            let page = self
+                .configmaps
+                .list(&params)
+                .await
+                .map_err(|e| self.error(e, "list", "configmaps", ""))?;
+            chunks.extend(page.items);
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(chunks),
+            }
+        }
+    }
+
     async fn append_to_log(&self, records: Vec<IssuanceRecord>) -> StoreResult<()> {
         let gone = || StoreError::Backend("the issuance log writer has stopped".into());
         let (done, result) = oneshot::channel();
@@ -566,32 +588,103 @@ impl Store for KubeStore {
         // chunk, so reading in this order cannot miss one that moves meanwhile.
         let (_, state) = self.read_state().await?;
         let mut log = state.pending_issuance;
-        let mut params = ListParams::default()
-            .labels(&format!("{COMPONENT}={ISSUANCE_COMPONENT}"))
-            .limit(8);
-        loop {
-            let page = self
-                .configmaps
-                .list(&params)
-                .await
-                .map_err(|e| self.error(e, "list", "configmaps", ""))?;
-            for chunk in &page.items {
-                let name = chunk.metadata.name.as_deref().unwrap_or(CHUNK_PREFIX);
-                for (serial, raw) in chunk.data.iter().flatten() {
-                    let record: IssuanceRecord =
-                        serde_json::from_str(raw).map_err(|e| StoreError::Corrupt {
-                            what: format!("issuance record {serial} in ConfigMap {name}"),
-                            reason: e.to_string(),
-                        })?;
-                    log.insert(serial.clone(), record);
-                }
-            }
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
-                None => break,
+        for chunk in self.list_chunks().await? {
+            let name = chunk.metadata.name.as_deref().unwrap_or(CHUNK_PREFIX);
+            for (serial, raw) in chunk.data.iter().flatten() {
+                log.insert(serial.clone(), parse_record(name, serial, raw)?);
             }
         }
         Ok(log.into_values().collect())
+    }
+
+    async fn prune_issuance(&self, keep: &IssuanceRetention, now: i64) -> StoreResult<PruneOutcome> {
+        // Whole chunks go, never the newest (the one being appended to): a
+        // chunk once every certificate in it is past the window, then the
+        // oldest while the log is over its caps.
+        struct Chunk {
+            index: u64,
+            name: String,
+            version: Option<String>,
+            records: usize,
+            bytes: usize,
+            last_expiry: i64,
+        }
+        let mut chunks = Vec::new();
+        for cm in self.list_chunks().await? {
+            let Some(name) = cm.metadata.name.clone() else {
+                continue;
+            };
+            let Some(index) = name
+                .strip_prefix(CHUNK_PREFIX)
+                .and_then(|i| i.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let data = cm.data.unwrap_or_default();
+            let mut last_expiry = i64::MIN;
+            for (serial, raw) in &data {
+                last_expiry = last_expiry.max(parse_record(&name, serial, raw)?.not_after);
+            }
+            chunks.push(Chunk {
+                index,
+                name,
+                version: cm.metadata.resource_version,
+                records: data.len(),
+                bytes: data.iter().map(|(k, v)| entry_size(k, v)).sum(),
+                last_expiry,
+            });
+        }
+        chunks.sort_by_key(|c| c.index);
+        let cutoff = keep.cutoff(now);
+        let mut kept = chunks.iter().map(|c| c.records).sum::<usize>();
+        let mut kept_bytes = chunks.iter().map(|c| c.bytes).sum::<usize>();
+        let older = chunks.len().saturating_sub(1);
+        let mut doomed = vec![false; chunks.len()];
+        for (i, c) in chunks[..older].iter().enumerate() {
+            if c.last_expiry < cutoff {
+                doomed[i] = true;
+                kept -= c.records;
+                kept_bytes -= c.bytes;
+            }
+        }
+        for (i, c) in chunks[..older].iter().enumerate() {
+            if kept <= keep.max_records && kept_bytes <= keep.max_bytes {
+                break;
+            }
+            if !doomed[i] {
+                doomed[i] = true;
+                kept -= c.records;
+                kept_bytes -= c.bytes;
+            }
+        }
+        let mut removed = 0;
+        for (c, _) in chunks.iter().zip(&doomed).filter(|(_, d)| **d) {
+            // Only the version that was judged: a chunk someone appended to
+            // since (a replica that had not seen a newer one) stays.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: c.version.clone(),
+                    uid: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match self.configmaps.delete(&c.name, &params).await {
+                Ok(_) => {
+                    removed += c.records;
+                    tracing::info!(chunk = %c.name, records = c.records, "issuance log chunk pruned");
+                }
+                Err(e) if is_conflict(&e) || is_not_found(&e) => {
+                    kept += c.records;
+                    kept_bytes += c.bytes;
+                }
+                Err(e) => return Err(self.error(e, "delete", "configmaps", &c.name)),
+            }
+        }
+        Ok(PruneOutcome {
+            removed,
+            kept,
+            kept_bytes,
+        })
     }
 
     async fn apply(
@@ -1008,6 +1101,13 @@ async fn newest_chunk(api: &Api<ConfigMap>, namespace: &str) -> StoreResult<u64>
         .unwrap_or(0))
 }
 
+fn parse_record(chunk: &str, serial: &str, raw: &str) -> StoreResult<IssuanceRecord> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt {
+        what: format!("issuance record {serial} in ConfigMap {chunk}"),
+        reason: e.to_string(),
+    })
+}
+
 /// Bytes a record adds to a chunk.
 fn entry_size(serial: &str, json: &str) -> usize {
     serial.len() + json.len()
@@ -1093,11 +1193,17 @@ impl IssuanceLog {
                     tokio::time::sleep(conflict_backoff(conflicts)).await;
                 }
                 Err(e) if is_not_found(&e) => {
-                    return Err(StoreError::Backend(format!(
-                        "issuance log chunk {name} in namespace {} was deleted while in use; \
-                         the log is append-only: restore it from a backup",
-                        self.namespace
-                    )));
+                    // Pruned: another replica had rolled over to a newer
+                    // chunk, and this one aged out. Move to the newest.
+                    let newest = newest_chunk(&self.api, &self.namespace).await?;
+                    if newest <= self.head_index {
+                        return Err(StoreError::Backend(format!(
+                            "issuance log chunk {name} in namespace {} was deleted while in use \
+                             (only older chunks are ever pruned)",
+                            self.namespace
+                        )));
+                    }
+                    self.head_index = newest;
                 }
                 Err(e) => return Err(api_error(e, "update", "configmaps", &name, &self.namespace)),
             }
@@ -1105,12 +1211,18 @@ impl IssuanceLog {
         Ok(())
     }
 
-    /// Reads the head chunk, creating it when it does not exist yet.
-    async fn load_head(&self) -> StoreResult<ConfigMap> {
+    /// Reads the head chunk, creating it when it does not exist yet (unless
+    /// a newer one does: then this one was pruned, and the newest is the head).
+    async fn load_head(&mut self) -> StoreResult<ConfigMap> {
         let name = chunk_name(self.head_index);
         let fail = |e, verb| api_error(e, verb, "configmaps", &name, &self.namespace);
         if let Some(cm) = self.api.get_opt(&name).await.map_err(|e| fail(e, "get"))? {
             return Ok(cm);
+        }
+        let newest = newest_chunk(&self.api, &self.namespace).await?;
+        if newest > self.head_index {
+            self.head_index = newest;
+            return Box::pin(self.load_head()).await;
         }
         let mut cm = ConfigMap {
             metadata: object_meta(&name, ISSUANCE_COMPONENT),

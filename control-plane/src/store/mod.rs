@@ -231,6 +231,43 @@ pub struct IssuanceRecord {
     pub not_after: i64,
 }
 
+/// How much of the issuance log is kept ([`Store::prune_issuance`]): a record
+/// stays while its certificate is valid and `after_expiry` beyond (so the
+/// window follows the longest TTL by itself, per-workload TTLs included),
+/// and the log as a whole stays within `max_records` and `max_bytes`, the
+/// records whose certificates expire first going first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuanceRetention {
+    pub after_expiry: std::time::Duration,
+    pub max_records: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for IssuanceRetention {
+    fn default() -> Self {
+        IssuanceRetention {
+            after_expiry: std::time::Duration::from_secs(3600),
+            max_records: 250_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+impl IssuanceRetention {
+    /// Records whose certificates expired before this (Unix seconds) go.
+    pub fn cutoff(&self, now: i64) -> i64 {
+        now.saturating_sub(i64::try_from(self.after_expiry.as_secs()).unwrap_or(i64::MAX))
+    }
+}
+
+/// What a prune removed and what the log holds after it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneOutcome {
+    pub removed: usize,
+    pub kept: usize,
+    pub kept_bytes: usize,
+}
+
 /// What an apply or a delete changed.
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOutcome {
@@ -331,6 +368,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()>;
     async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>>;
+    /// Drops what [`IssuanceRetention`] no longer keeps, so the log stops
+    /// growing at steady state. Safe to run beside `log_issuance` (from any
+    /// replica) and to repeat.
+    async fn prune_issuance(&self, keep: &IssuanceRetention, now: i64) -> StoreResult<PruneOutcome>;
 
     /// Upserts workloads (allocating identities as needed) and policies
     /// (replacing any with the same namespace/name), all or nothing. The

@@ -249,6 +249,39 @@ impl Store for SledStore {
         self.flush().await
     }
 
+    async fn prune_issuance(&self, keep: &IssuanceRetention, now: i64) -> StoreResult<PruneOutcome> {
+        // (not_after, key, bytes), the first to expire first.
+        let mut all = Vec::new();
+        for kv in self.issuance.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let record: IssuanceRecord = decode("issuance record", &v)?;
+            all.push((record.not_after, k.to_vec(), k.len() + v.len()));
+        }
+        all.sort();
+        let cutoff = keep.cutoff(now);
+        let (mut kept, mut kept_bytes) = (all.len(), all.iter().map(|(_, _, n)| n).sum::<usize>());
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for (not_after, key, bytes) in &all {
+            if *not_after >= cutoff && kept <= keep.max_records && kept_bytes <= keep.max_bytes {
+                break;
+            }
+            batch.remove(key.as_slice());
+            kept -= 1;
+            kept_bytes -= bytes;
+            removed += 1;
+        }
+        if removed > 0 {
+            self.issuance.apply_batch(batch).map_err(backend)?;
+            self.flush().await?;
+        }
+        Ok(PruneOutcome {
+            removed,
+            kept,
+            kept_bytes,
+        })
+    }
+
     async fn issuance_log(&self) -> StoreResult<Vec<IssuanceRecord>> {
         self.issuance
             .iter()
