@@ -575,12 +575,28 @@ impl Agent {
     /// directory for a restart.
     pub async fn stop(self) -> tempfile::TempDir {
         let _ = self.stop.send(true);
-        let abort = self.server.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), self.server)
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
             .await
             .is_err()
         {
-            abort.abort();
+            // A client still holds a stream: cut it off, and wait until the
+            // task (and with it the listening socket) is really gone, or an
+            // agent restarted on this directory finds the socket in use.
+            server.abort();
+            let _ = server.await;
+        }
+        // A process another test forked in the meantime holds a copy of the
+        // listening socket until it execs: wait until nothing answers, or an
+        // agent restarted on this directory finds the socket in use.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} still answers 10 s after the agent stopped",
+                self.socket.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.dir
     }
