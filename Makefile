@@ -75,7 +75,7 @@ kubernetes: setup
 cluster-tier: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p keyway-tests $(addprefix --test ,$(CLUSTER_TESTS)) --no-run
-	KEYWAY_CLUSTER_IMAGE_PROFILE=debug bash scripts/with-local-cluster.sh \
+	KEYWAY_CLUSTER_IMAGE_PROFILE=debug KEYWAY_CLUSTER_NODES=2 bash scripts/with-local-cluster.sh \
 	  $(CARGO) test -p keyway-tests $(addprefix --test ,$(CLUSTER_TESTS)) -- --nocapture
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/cluster
 

@@ -28,6 +28,21 @@ NODE_NAME="keyway-node-1"
 NODE_LABEL="lo:kwc"
 NODE_IP="172.30.0.1"
 POD_CIDR="10.88.0.0/24"
+CLUSTER_CIDR="10.88.0.0/16"
+# A second node (KEYWAY_CLUSTER_NODES=2): its own containerd, kubelet and kube-proxy in
+# network namespace kwc-node2 (address 172.30.0.2, pods 10.88.1.0/24, a veth kwc-n2 to the
+# host) and in a mount namespace of their own, where /run/keyway, /var/lib/keyway/agent,
+# /sys/fs/bpf and /var/log/{pods,containers} are the node's own (its agent's sockets, node
+# SVID and BPF pins; a kubelet deletes the pod logs of pods it does not run), with its
+# pods' cgroups under /kwc-node2. The pid namespace is the host's, as on any node.
+NODES="${KEYWAY_CLUSTER_NODES:-1}"
+N2="$D/node2"
+NODE2_NAME="keyway-node-2"
+NODE2_IP="172.30.0.2"
+NODE2_NETNS="kwc-node2"
+NODE2_VETH="kwc-n2"
+POD2_CIDR="10.88.1.0/24"
+CGROUP2="kwc-node2"
 PAUSE_IMAGE="keyway.local/pause:3.4"
 WORKLOAD_IMAGE="keyway.local/workload:1"
 PACKAGES=(containerd runc containernetworking-plugins buildah busybox-static iptables conntrack gcc libc6-dev jq)
@@ -117,6 +132,7 @@ build_images() {
   local profile="${KEYWAY_CLUSTER_IMAGE_PROFILE:-release}" archive
   archive="$(KEYWAY_IMAGE_PROFILE="$profile" bash "$ROOT/scripts/image.sh" | tail -n1)"
   "${CTR[@]}" images import "$archive" >/dev/null
+  KEYWAY_ARCHIVE="$archive"
   # Workloads: busybox-static (sh, nc) and the node agent's binary as the
   # SPIFFE client (`node-agent svid fetch` / `svid jwt`), the one in the Keyway image.
   local r="$D/images/workload-rootfs" t
@@ -133,7 +149,8 @@ build_images() {
 
 # --- up
 
-write_configs() {
+write_configs() { # dir, node address, pod range, cgroup root
+  local D="$1" NODE_IP="$2" POD_CIDR="$3" CGROUP_ROOT="$4"
   mkdir -p "$D/containerd" "$D/cni/net.d" "$D/cni/ipam" "$D/kubelet"
   cat > "$D/containerd/config.toml" <<EOF
 version = 2
@@ -184,11 +201,12 @@ address: $NODE_IP
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
 healthzPort: 10248
-# Served on the node's own address only (a dummy interface); the API server's
+# Served on the node's own address only; the API server's
 # exec and logs reach it there.
 authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
 authorization: {mode: AlwaysAllow}
 cgroupDriver: cgroupfs
+cgroupRoot: $CGROUP_ROOT
 failSwapOn: false
 resolvConf: /etc/resolv.conf
 clusterDomain: cluster.local
@@ -227,10 +245,21 @@ up() {
     bash "$ROOT/scripts/kube-apiserver.sh" start "$D/apiserver"
   cp "$D/apiserver/kubeconfig" "$D/kubeconfig"
 
-  write_configs
+  write_configs "$D" "$NODE_IP" "$POD_CIDR" /
   if ! ours "$(pid_of containerd)"; then
     log "starting containerd ($D/containerd)"
-    start_proc containerd containerd --config "$D/containerd/config.toml"
+    # In a mount namespace of its own (host mounts propagate in) where the pod
+    # logs go under $D: the kubelet writes them to /var/log/pods, which it
+    # cleans up only lazily, and `down` must leave nothing behind. The
+    # kubelet joins this namespace; the pods' host paths are the host's.
+    local p
+    mkdir -p "$D/log/pods" "$D/log/containers"
+    for p in /var/log/pods /var/log/containers; do
+      if [ ! -e "$p" ]; then mkdir -p "$p"; echo "$p" >> "$D/host-paths"; fi
+    done
+    start_proc containerd unshare --mount --propagation slave -- \
+      sh -c "mount --bind '$D/log/pods' /var/log/pods && mount --bind '$D/log/containers' /var/log/containers \
+             && exec containerd --config '$D/containerd/config.toml'"
     wait_for containerd 30 "${CTR[@]}" version
   fi
   build_images "$node_dir"
@@ -248,19 +277,28 @@ up() {
   fi
   if ! ours "$(pid_of kube-proxy)"; then
     start_proc kube-proxy "$node_dir/kube-proxy" --kubeconfig "$D/kubeconfig" \
-      --hostname-override "$NODE_NAME" --cluster-cidr "$POD_CIDR" --proxy-mode iptables \
+      --hostname-override "$NODE_NAME" --cluster-cidr "$CLUSTER_CIDR" --proxy-mode iptables \
       --conntrack-max-per-core=0 --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249
     touch "$D/run/kube-proxy.started"
   fi
   if ! ours "$(pid_of kubelet)"; then
     mkdir -p "$D/kubelet/root" "$D/kubelet/pki"
-    start_proc kubelet "$node_dir/kubelet" --config "$D/kubelet/config.yaml" --kubeconfig "$D/kubeconfig" \
+    start_proc kubelet nsenter --target "$(pid_of containerd)" --mount -- \
+      "$node_dir/kubelet" --config "$D/kubelet/config.yaml" --kubeconfig "$D/kubeconfig" \
       --container-runtime=remote --container-runtime-endpoint "unix://$D/containerd/containerd.sock" \
       --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --root-dir "$D/kubelet/root" \
       --cert-dir "$D/kubelet/pki" --runtime-request-timeout 5m
   fi
   wait_for "node $NODE_NAME Ready" 120 node_ready
   log "node $NODE_NAME Ready after $(( SECONDS - t0 )) s"
+  case "$NODES" in
+    1) ;;
+    2) echo 2 > "$D/nodes"
+       up_node2 "$node_dir"
+       wait_for "node $NODE2_NAME Ready" 120 node2_ready
+       log "node $NODE2_NAME Ready after $(( SECONDS - t0 )) s" ;;
+    *) die "KEYWAY_CLUSTER_NODES must be 1 or 2, not $NODES" ;;
+  esac
 
   install_keyway
   log "up in $(( SECONDS - t0 )) s; logs in $D/log; a kubectl of the cluster's version: $node_dir/kubectl"
@@ -291,18 +329,134 @@ install_keyway() {
   log "Keyway installed and Ready in $(( SECONDS - t0 )) s"
 }
 
+# --- the second node (KEYWAY_CLUSTER_NODES=2)
+
+CTR2=(ctr --address "$N2/containerd/containerd.sock" -n k8s.io)
+
+# Every cgroup v1 hierarchy (the kubelet's cgroupfs driver makes its pods' cgroups in each).
+cgroup_hierarchies() {
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    h="${h%/}"
+    case "$(basename "$h")" in unified) continue ;; esac
+    mountpoint -q "$h" && printf '%s\n' "$h"
+  done
+}
+
+node2_ready() {
+  [ "$("${KUBECTL[@]}" get node "$NODE2_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+
+up_node2() { # node binaries dir
+  local node_dir="$1" p h
+  # Its own network: a namespace, a veth to the host, routes both ways.
+  [ -e "/run/netns/$NODE2_NETNS" ] || ip netns add "$NODE2_NETNS"
+  if ! ip link show "$NODE2_VETH" >/dev/null 2>&1; then
+    ip link add "$NODE2_VETH" type veth peer name eth0 netns "$NODE2_NETNS"
+    ip link set "$NODE2_VETH" up
+    ip -n "$NODE2_NETNS" link set lo up
+    ip -n "$NODE2_NETNS" link set eth0 up
+    ip -n "$NODE2_NETNS" addr add "$NODE2_IP/32" dev eth0
+    ip -n "$NODE2_NETNS" route add "$NODE_IP/32" dev eth0
+    ip -n "$NODE2_NETNS" route add default via "$NODE_IP" dev eth0
+    ip netns exec "$NODE2_NETNS" sysctl -qw net.ipv4.ip_forward=1
+    ip route add "$NODE2_IP/32" dev "$NODE2_VETH"
+    ip route add "$POD2_CIDR" via "$NODE2_IP" dev "$NODE2_VETH" onlink
+  fi
+  # Its own host paths (bind-mounted over the host's in its mount namespace).
+  mkdir -p "$N2/run-keyway" "$N2/agent-data" "$N2/log/pods" "$N2/log/containers"
+  for p in /run/keyway /var/lib/keyway /var/lib/keyway/agent /var/log/pods /var/log/containers; do
+    if [ ! -e "$p" ]; then mkdir -p "$p"; echo "$p" >> "$D/host-paths"; fi
+  done
+  while read -r h; do
+    [ -d "$h/$CGROUP2" ] || mkdir "$h/$CGROUP2"
+  done < <(cgroup_hierarchies)
+  write_configs "$N2" "$NODE2_IP" "$POD2_CIDR" "/$CGROUP2"
+  if ! ours "$(pid_of containerd-2)"; then
+    log "starting node 2's containerd ($N2/containerd, netns $NODE2_NETNS)"
+    # A mount namespace of its own (host mounts still propagate in), then the
+    # node's network namespace; containerd's shims, and so the node's pods,
+    # inherit both.
+    start_proc containerd-2 unshare --mount --propagation slave -- \
+      nsenter --net="/run/netns/$NODE2_NETNS" -- \
+      sh -c "mount --bind '$N2/run-keyway' /run/keyway && mount --bind '$N2/agent-data' /var/lib/keyway/agent \
+             && mount --bind '$N2/log/pods' /var/log/pods && mount --bind '$N2/log/containers' /var/log/containers \
+             && mount -t bpf bpf /sys/fs/bpf && exec containerd --config '$N2/containerd/config.toml'"
+    wait_for "node 2's containerd" 30 "${CTR2[@]}" version
+  fi
+  local archive
+  for archive in "$D"/images/*.oci.tar "$KEYWAY_ARCHIVE"; do
+    "${CTR2[@]}" images import "$archive" >/dev/null
+  done
+  local in2=(nsenter --target "$(pid_of containerd-2)" --mount --net --)
+  if ! ours "$(pid_of kube-proxy-2)"; then
+    start_proc kube-proxy-2 "${in2[@]}" "$node_dir/kube-proxy" --kubeconfig "$D/kubeconfig" \
+      --hostname-override "$NODE2_NAME" --cluster-cidr "$CLUSTER_CIDR" --proxy-mode iptables \
+      --conntrack-max-per-core=0 --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249
+  fi
+  if ! ours "$(pid_of kubelet-2)"; then
+    mkdir -p "$N2/kubelet/root" "$N2/kubelet/pki"
+    start_proc kubelet-2 "${in2[@]}" "$node_dir/kubelet" --config "$N2/kubelet/config.yaml" \
+      --kubeconfig "$D/kubeconfig" --container-runtime=remote \
+      --container-runtime-endpoint "unix://$N2/containerd/containerd.sock" \
+      --node-ip "$NODE2_IP" --hostname-override "$NODE2_NAME" --root-dir "$N2/kubelet/root" \
+      --cert-dir "$N2/kubelet/pki" --runtime-request-timeout 5m
+  fi
+}
+
+# Node 2's pods' network namespaces (files under /run/netns; their mounts live
+# in node 2's mount namespace), noted by name before its containerd goes.
+node2_pod_netns() {
+  ours "$(pid_of containerd-2)" || return 0
+  local c
+  for c in $("${CTR2[@]}" containers ls -q 2>/dev/null); do
+    "${CTR2[@]}" containers info "$c" 2>/dev/null \
+      | jq -r '.Spec.linux.namespaces[]? | select(.type == "network") | .path // empty' \
+      | sed -n 's|^/var/run/netns/||p; s|^/run/netns/||p'
+  done
+}
+
+down_node2() {
+  local t c pid
+  if ours "$(pid_of containerd-2)"; then
+    for t in $("${CTR2[@]}" tasks ls -q 2>/dev/null); do "${CTR2[@]}" tasks kill -s KILL "$t" >/dev/null 2>&1 || true; done
+  fi
+  stop_proc kubelet-2
+  stop_proc kube-proxy-2
+  if ours "$(pid_of containerd-2)"; then
+    for c in $("${CTR2[@]}" tasks ls -q 2>/dev/null); do "${CTR2[@]}" tasks delete -f "$c" >/dev/null 2>&1 || true; done
+    for c in $("${CTR2[@]}" containers ls -q 2>/dev/null); do "${CTR2[@]}" containers delete "$c" >/dev/null 2>&1 || true; done
+  fi
+  stop_proc containerd-2
+  for pid in $(pgrep -f -- "-address $N2/containerd/containerd.sock" || true); do ours "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
+  # The veth (its peer goes with it, and the routes through it), then the namespace
+  # (node 2's pod interfaces and kube-proxy's chains live in it).
+  ip link show "$NODE2_VETH" >/dev/null 2>&1 && ip link del "$NODE2_VETH"
+  [ -e "/run/netns/$NODE2_NETNS" ] && ip netns del "$NODE2_NETNS"
+  # The pods' cgroups, deepest first (empty once their processes are gone).
+  local h
+  while read -r h; do
+    [ -d "$h/$CGROUP2" ] && find "$h/$CGROUP2" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done < <(cgroup_hierarchies)
+}
+
 # --- down
 
 down() {
+  local netns2=()
+  if [ -f "$D/nodes" ]; then
+    netns2=($(node2_pod_netns))
+    down_node2
+  fi
   # Pods first, while the kubelet and containerd can still tear down their
   # sandboxes (and the CNI plugin its interfaces). The network namespaces
   # containerd made for them (/run/netns/cni-...) are noted by name first.
-  local netns=()
+  local netns=() info
   if ours "$(pid_of containerd)"; then
     local t c
     for c in $("${CTR[@]}" containers ls -q 2>/dev/null); do
-      netns+=($("${CTR[@]}" containers info "$c" 2>/dev/null \
-        | jq -r '.Spec.linux.namespaces[]? | select(.type == "network") | .path // empty' \
+      info="$("${CTR[@]}" containers info "$c" 2>/dev/null || true)"
+      netns+=($(jq -r '.Spec.linux.namespaces[]? | select(.type == "network") | .path // empty' <<<"$info" \
         | sed -n 's|^/var/run/netns/||p; s|^/run/netns/||p'))
     done
     for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks kill -s KILL "$t" >/dev/null 2>&1 || true; done
@@ -351,7 +505,7 @@ down() {
     [ -n "$dev" ] && ip link del "$dev" 2>/dev/null || true
   done
   local n
-  for n in $(printf '%s\n' "${netns[@]}" | sort -u); do ip netns del "$n" 2>/dev/null || true; done
+  for n in $(printf '%s\n' "${netns[@]}" "${netns2[@]}" | sort -u); do ip netns del "$n" 2>/dev/null || true; done
   # Mounts under our directory, deepest first.
   local m
   for m in $(awk -v d="$D/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null || true; done
@@ -367,14 +521,20 @@ down() {
 
 status() {
   local name pid up=0 total=0
-  for name in containerd kube-controller-manager kube-scheduler kube-proxy kubelet; do
+  local names=(containerd kube-controller-manager kube-scheduler kube-proxy kubelet)
+  [ -f "$D/nodes" ] && names+=(containerd-2 kube-proxy-2 kubelet-2)
+  for name in "${names[@]}"; do
     total=$(( total + 1 ))
     pid="$(pid_of "$name")"
     if ours "$pid"; then echo "$name: running (pid $pid)"; up=$(( up + 1 )); else echo "$name: stopped"; fi
   done
   bash "$ROOT/scripts/kube-apiserver.sh" status "$D/apiserver" || true
   [ "$up" -eq 0 ] && return 3
-  if [ "$up" -eq "$total" ] && node_ready; then echo "node $NODE_NAME: Ready"; return 0; fi
+  if [ "$up" -eq "$total" ] && node_ready && { [ ! -f "$D/nodes" ] || node2_ready; }; then
+    echo "node $NODE_NAME: Ready"
+    [ -f "$D/nodes" ] && echo "node $NODE2_NAME: Ready"
+    return 0
+  fi
   return 1
 }
 

@@ -30,6 +30,18 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const ADMIN_SOCKET: &str = "/run/keyway/admin/agent-admin.sock";
 const WORKLOAD_IMAGE: &str = "keyway.local/workload:1";
 const CP_METRICS_PORT: u16 = 9090;
+/// The node the workloads run on (and the only one, unless the cluster has a
+/// second: `KEYWAY_CLUSTER_NODES=2`).
+const NODE_1: &str = "keyway-node-1";
+const NODE_2: &str = "keyway-node-2";
+
+/// How many nodes the cluster was brought up with.
+fn nodes() -> usize {
+    std::env::var("KEYWAY_CLUSTER_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
 
 /// kubectl against the local cluster, and its containerd for what only the
 /// node sees (the processes the kubelet started).
@@ -142,7 +154,14 @@ impl Kube {
             .and_then(|s| s.strip_prefix("containerd://"))
             .unwrap_or_else(|| panic!("no containerd container ID in {}", pod["status"]))
             .to_owned();
-        let sock = self.cluster_dir.join("containerd/containerd.sock");
+        // Each node's own containerd (the second node's under node2/); the
+        // pids are the host's either way (nodes share the pid namespace).
+        let node_dir = if pod["spec"]["nodeName"] == NODE_2 {
+            self.cluster_dir.join("node2")
+        } else {
+            self.cluster_dir.clone()
+        };
+        let sock = node_dir.join("containerd/containerd.sock");
         let out = Command::new("ctr")
             .arg("--address")
             .arg(&sock)
@@ -270,7 +289,7 @@ fn first_svid_after(k: &Kube, ns: &str, pod: &str, t0: Instant) -> Duration {
     t0.elapsed()
 }
 
-fn workload_pod(ns: &str, name: &str, command: &str) -> String {
+fn workload_pod(ns: &str, name: &str, node: &str, command: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -280,6 +299,7 @@ metadata:
   labels: {{ app: {app} }}
 spec:
   serviceAccountName: {sa}
+  nodeName: {node}
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1
   containers:
@@ -311,6 +331,17 @@ const API_SERVER: &str = "nc -ll -p 8080 -e echo api-ok & exec nc -ll -p 9000 -e
 #[test]
 fn keyway_installed_from_its_chart_does_its_job_on_a_real_node() {
     let k = Kube::from_env();
+    let ready_nodes = k.json(&["get", "nodes"])["items"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        })
+        .count();
+    assert_eq!(ready_nodes, nodes(), "Ready nodes (KEYWAY_CLUSTER_NODES)");
     control_plane_replicas_are_ready_and_one_leads(&k);
     agent_runs_with_exactly_the_capabilities_the_chart_gives_it(&k);
     let ns = Namespace {
@@ -320,23 +351,36 @@ fn keyway_installed_from_its_chart_does_its_job_on_a_real_node() {
     let w = workloads_start(&k, &ns.name);
     workloads_fetch_x509_and_jwt_svids(&k, &w);
     policy_lets_the_authenticated_pair_in_and_drops_the_third_pod(&k, &w);
+    if nodes() == 2 {
+        a_cross_node_pair_is_authenticated_by_the_two_agents(&k, &w);
+    }
     agent_rollout_keeps_connections_and_enforcement(&k, &w);
     leader_failover_keeps_the_ca_and_the_identities(&k, &w);
     deleting_the_client_pod_flushes_its_auth_entries(&k, &w);
 }
 
-fn agent_pod(k: &Kube) -> Value {
+/// The agent pod of `node` (exactly one).
+fn agent_pod_on(k: &Kube, node: &str) -> Value {
     let pods: Vec<Value> = k
         .pods(SYSTEM_NS, "app.kubernetes.io/component=node-agent")
         .into_iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null() && p["spec"]["nodeName"] == node)
         .collect();
-    assert_eq!(pods.len(), 1, "one node, one agent pod: {pods:#?}");
+    assert_eq!(pods.len(), 1, "one agent pod on {node}: {pods:#?}");
     pods[0].clone()
 }
 
+/// The agent pod of the node the workloads run on.
+fn agent_pod(k: &Kube) -> Value {
+    agent_pod_on(k, NODE_1)
+}
+
 fn agent_exec(k: &Kube, cmd: &[&str]) -> Result<String, String> {
-    let agent = name(&agent_pod(k));
+    agent_exec_on(k, NODE_1, cmd)
+}
+
+fn agent_exec_on(k: &Kube, node: &str, cmd: &[&str]) -> Result<String, String> {
+    let agent = name(&agent_pod_on(k, node));
     let mut full = vec!["node-agent"];
     full.extend_from_slice(cmd);
     full.extend(["--admin-socket", ADMIN_SOCKET]);
@@ -554,9 +598,9 @@ spec:
     let t0 = Instant::now();
     k.apply(
         &[
-            workload_pod(ns, "api", API_SERVER),
-            workload_pod(ns, "web", SLEEPER),
-            workload_pod(ns, "intruder", SLEEPER),
+            workload_pod(ns, "api", NODE_1, API_SERVER),
+            workload_pod(ns, "web", NODE_1, SLEEPER),
+            workload_pod(ns, "intruder", NODE_1, SLEEPER),
         ]
         .join("---\n"),
     );
@@ -908,6 +952,11 @@ fn agent_log(k: &Kube, pod: &str) -> String {
 fn agent_rollout_keeps_connections_and_enforcement(k: &Kube, w: &Workloads) {
     let ns = &w.ns;
     let old = agent_pod(k);
+    let old_names: BTreeSet<String> = k
+        .pods(SYSTEM_NS, "app.kubernetes.io/component=node-agent")
+        .iter()
+        .map(name)
+        .collect();
     let old_attestation = agent_log(k, &name(&old));
     let mut echo = Echo::open(k, ns, &w.api_ip);
     let mut opened = Err(String::new());
@@ -930,20 +979,25 @@ fn agent_rollout_keeps_connections_and_enforcement(k: &Kube, w: &Workloads) {
     k.must(&["rollout", "restart", "-n", SYSTEM_NS, &ds]);
     let mut during = 0u32;
     let mut new = Value::Null;
-    wait_until(Duration::from_secs(180), "a new agent pod Ready", || {
-        if echo.round_trip(&format!("during-{during}")).is_ok() {
-            during += 1;
-        } else {
-            panic!("the established connection broke during the agent's restart");
-        }
-        let pods = k.pods(SYSTEM_NS, "app.kubernetes.io/component=node-agent");
-        new = pods
-            .iter()
-            .find(|p| name(p) != name(&old))
-            .cloned()
-            .unwrap_or(Value::Null);
-        pods.len() == 1 && !new.is_null() && ready(&new)
-    });
+    wait_until(
+        Duration::from_secs(240),
+        "a new agent pod Ready on every node",
+        || {
+            if echo.round_trip(&format!("during-{during}")).is_ok() {
+                during += 1;
+            } else {
+                panic!("the established connection broke during the agent's restart");
+            }
+            // Every node's agent replaced (one node at a time) and Ready.
+            let pods = k.pods(SYSTEM_NS, "app.kubernetes.io/component=node-agent");
+            new = pods
+                .iter()
+                .find(|p| p["spec"]["nodeName"] == NODE_1 && !old_names.contains(&name(p)))
+                .cloned()
+                .unwrap_or(Value::Null);
+            pods.len() == nodes() && pods.iter().all(|p| !old_names.contains(&name(p)) && ready(p))
+        },
+    );
     let rollout = t0.elapsed();
     let rtt = echo
         .round_trip("after")
@@ -1031,7 +1085,7 @@ fn leader_failover_keeps_the_ca_and_the_identities(k: &Kube, w: &Workloads) {
     k.must(&["delete", "pod", "-n", SYSTEM_NS, &leader, "--wait=false"]);
     // The next issuance: a new pod under an existing service account, applied
     // as the leader goes, fetching its first SVID.
-    k.apply(&workload_pod(ns, "web-2", SLEEPER));
+    k.apply(&workload_pod(ns, "web-2", NODE_1, SLEEPER));
     let issued = first_svid_after(k, ns, "web-2", t0);
     println!(
         "failover: leader pod deleted -> a new pod's first SVID {issued:?} (without a failover: {:?}; ratio {:.2})",
@@ -1123,4 +1177,84 @@ fn deleting_the_client_pod_flushes_its_auth_entries(k: &Kube, w: &Workloads) {
     println!(
         "auth: after `kubectl delete pod`, the pod object was gone at {pod_gone:?} and web's auth entries at {flushed:?}"
     );
+}
+
+/// Two nodes: `api-2` (service account api) on the second node. Its node's
+/// agent authenticates web (node 1) with web's agent over the node network
+/// before web's first SYN, and drops the intruder.
+fn a_cross_node_pair_is_authenticated_by_the_two_agents(k: &Kube, w: &Workloads) {
+    let ns = &w.ns;
+    let t0 = Instant::now();
+    k.apply(&workload_pod(ns, "api-2", NODE_2, API_SERVER));
+    let mut pod = Value::Null;
+    wait_until(Duration::from_secs(120), "api-2 Ready on the second node", || {
+        pod = k.pod(ns, "api-2");
+        ready(&pod) && !pod_ip(&pod).is_empty()
+    });
+    let ip = pod_ip(&pod);
+    let (web, api) = (spiffe_id(ns, "web"), spiffe_id(ns, "api"));
+    let remote = |node: &str, local_id: &str, remote_id: &str| {
+        let out = agent_exec_on(k, node, &["auth", "list", "-o", "json"]).unwrap_or_else(|e| panic!("{e}"));
+        json_lines(&out).into_iter().find(|e| {
+            e["local_spiffe_id"] == local_id
+                && e["remote_spiffe_id"] == remote_id
+                && e["remote_node"] != node
+                && e["via"] != "local"
+        })
+    };
+    // The policy asks for authentication on ingress to api: api-2's node
+    // holds the entry, made by a handshake between the two agents.
+    let mut entry = None;
+    wait_until(
+        Duration::from_secs(60),
+        "api <- web authenticated across the nodes",
+        || {
+            entry = remote(NODE_2, &api, &web);
+            entry.is_some()
+        },
+    );
+    let entry = entry.unwrap();
+    assert_eq!(entry["remote_node"], NODE_1, "{entry}");
+    println!(
+        "cross-node: api-2 Ready and api <- web authenticated between the agents {:?} after it was applied (via {})",
+        t0.elapsed(),
+        entry["via"]
+    );
+    let before = syn_retransmits(k, ns, "web");
+    request(k, ns, "web", &ip, 5).unwrap_or_else(|e| panic!("web -> api-2 across the nodes: {e}"));
+    assert_eq!(
+        syn_retransmits(k, ns, "web"),
+        before,
+        "no retransmitted SYN across the nodes"
+    );
+    assert!(
+        request(k, ns, "intruder", &ip, 2).is_err(),
+        "intruder -> api-2 must be dropped"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the second node's agent shows the intruder's drop",
+        || {
+            let out = agent_exec_on(
+                k,
+                NODE_2,
+                &[
+                    "observe",
+                    "-o",
+                    "json",
+                    "--namespace",
+                    ns,
+                    "--verdict",
+                    "DROPPED",
+                    "--port",
+                    "8080",
+                ],
+            )
+            .unwrap_or_else(|e| panic!("observe on {NODE_2}: {e}"));
+            json_lines(&out)
+                .iter()
+                .any(|f| f["source"]["pod"] == "intruder" && f["destination"]["pod"] == "api-2")
+        },
+    );
+    k.must(&["delete", "pod", "-n", ns, "api-2", "--wait=true", "--timeout=60s"]);
 }
