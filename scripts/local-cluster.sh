@@ -52,7 +52,10 @@ die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (containerd, kubelet and the pod network need it)"
 case "$D" in /*) ;; *) die "KEYWAY_CLUSTER_DIR must be an absolute path" ;; esac
-case "$D" in *[[:space:]\'\"\$\\]*) die "KEYWAY_CLUSTER_DIR must not contain whitespace, quotes, \$ or \\" ;; esac
+case "$D" in *[!A-Za-z0-9._/-]* | */ | *//* | */./* | */../* | */. | */..) \
+  die "KEYWAY_CLUSTER_DIR must be a plain absolute path (letters, digits, . _ - /)" ;; esac
+# What `down` deletes wholesale must be a directory `up` made: it carries this marker.
+MARKER=".keyway-local-cluster"
 
 # shellcheck source=scripts/lib.sh
 . "$ROOT/scripts/lib.sh"
@@ -69,7 +72,7 @@ pid_of() { cat "$D/run/$1.pid" 2>/dev/null || true; }
 start_proc() { # name, command...
   local name="$1"; shift
   mkdir -p "$D/run" "$D/log"
-  setsid "$@" </dev/null >"$D/log/$name.log" 2>&1 &
+  setsid "$@" </dev/null >"$D/log/$name.log" 2>&1 9<&- &  # not the lock (see lock)
   echo $! > "$D/run/$name.pid"
 }
 
@@ -233,8 +236,14 @@ up() {
   NODE_DIR="$node_dir"
   KUBECTL=("$node_dir/kubectl" --kubeconfig "$D/kubeconfig")
   local parent; parent="$(dirname "$D")"
-  [ -e "$parent" ] || { mkdir -p "$D"; echo "$parent" >> "$D/host-paths"; }
+  if [ -d "$D" ] && [ -n "$(ls -A "$D")" ] && [ ! -f "$D/$MARKER" ]; then
+    die "$D exists and is not a local cluster's directory (no $MARKER): choose another KEYWAY_CLUSTER_DIR"
+  fi
+  local made_parent=0
+  [ -e "$parent" ] || made_parent=1
   mkdir -p "$D"
+  touch "$D/$MARKER"
+  [ "$made_parent" = 1 ] && echo "$parent" >> "$D/host-paths"
 
   # The node's address, on the loopback device under a label of its own (this
   # kernel has no dummy interfaces): local to the host, routed to from pods.
@@ -242,7 +251,7 @@ up() {
 
   # etcd and the API server.
   KEYWAY_APISERVER_ADDRESS="$NODE_IP" KEYWAY_APISERVER_NODES=1 \
-    bash "$ROOT/scripts/kube-apiserver.sh" start "$D/apiserver"
+    bash "$ROOT/scripts/kube-apiserver.sh" start "$D/apiserver" 9<&-
   cp "$D/apiserver/kubeconfig" "$D/kubeconfig"
 
   write_configs "$D" "$NODE_IP" "$POD_CIDR" /
@@ -443,6 +452,8 @@ down_node2() {
 # --- down
 
 down() {
+  [ -e "$D" ] || { log "down: nothing at $D"; return 0; }
+  [ -f "$D/$MARKER" ] || die "$D is not a local cluster's directory (no $MARKER): not removing it"
   local netns2=()
   if [ -f "$D/nodes" ]; then
     netns2=($(node2_pod_netns))
@@ -513,7 +524,9 @@ down() {
   # Host paths the chart's pods created (recorded by `up`), deepest first.
   local p
   if [ -f "$D/host-paths" ]; then
-    for p in $(sort -r "$D/host-paths"); do rm -rf -- "$p"; done
+    sort -r "$D/host-paths" | while IFS= read -r p; do
+      case "$p" in /*) rm -rf -- "$p" ;; esac
+    done
   fi
   rm -rf "$D"
   log "down: $D removed"
@@ -538,9 +551,18 @@ status() {
   return 1
 }
 
+# One up or down at a time on this machine (the node addresses, host paths and
+# cgroups are one per machine): a second waits for the first. The lock is on fd 9,
+# which the daemons started here do not inherit (start_proc and the API server's
+# start close it), or the lock would outlive this script.
+lock() {
+  exec 9</run
+  flock -n 9 || { log "another local-cluster up/down is running; waiting for it"; flock 9; }
+}
+
 case "${1:-}" in
-  up) up ;;
-  down) down ;;
+  up) lock; up ;;
+  down) lock; down ;;
   status) status ;;
   *) echo "usage: $0 up | status | down" >&2; exit 2 ;;
 esac

@@ -30,7 +30,21 @@ else
     log "removing what an earlier run left in $KEYWAY_CLUSTER_DIR"
     bash scripts/local-cluster.sh down
   fi
-  trap 'bash scripts/local-cluster.sh down || true' EXIT INT TERM
+  # On failure the components' logs are kept in target/local-cluster-logs (the
+  # cluster directory goes with `down`).
+  finish() {
+    local rc=$?
+    if [ "$rc" -ne 0 ] && [ -d "$KEYWAY_CLUSTER_DIR/log" ]; then
+      rm -rf target/local-cluster-logs && mkdir -p target/local-cluster-logs
+      cp -r "$KEYWAY_CLUSTER_DIR/log/." target/local-cluster-logs/ 2>/dev/null || true
+      cp "$KEYWAY_CLUSTER_DIR"/apiserver/*.log target/local-cluster-logs/ 2>/dev/null || true
+      log "failed (exit $rc): the cluster's logs are in target/local-cluster-logs"
+    fi
+    bash scripts/local-cluster.sh down || true
+    exit "$rc"
+  }
+  trap finish EXIT
+  trap 'exit 130' INT TERM
   bash scripts/local-cluster.sh up
 fi
 export KUBECONFIG="$KEYWAY_CLUSTER_DIR/kubeconfig"

@@ -65,6 +65,26 @@ pub struct AgentHandles {
     pub metrics: crate::metrics::AgentMetrics,
 }
 
+/// How long one attestation call may take before it counts as unanswered.
+const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a failed attestation is the control plane's final word (the token,
+/// the pod or the node is refused) rather than a passing condition: it, or
+/// the API server it asks, is unreachable, restarting, busy or rate limiting.
+fn is_final(e: &ClientError) -> bool {
+    match e {
+        ClientError::Credential(_) => true,
+        ClientError::Refused(s) => matches!(
+            s.code(),
+            tonic::Code::PermissionDenied
+                | tonic::Code::InvalidArgument
+                | tonic::Code::Unauthenticated
+                | tonic::Code::FailedPrecondition
+        ),
+        _ => false,
+    }
+}
+
 /// Finds or obtains the node SVID.
 ///
 /// - On Kubernetes (`--k8s-token-file`) the agent attests with its pod's
@@ -72,8 +92,12 @@ pub struct AgentHandles {
 ///   to a live agent pod of this node (the control plane checks the token with
 ///   TokenReview), as SPIRE's `k8s_psat` re-attests. The node keeps its node
 ///   id and registration. A stored, still-valid SVID is only the fallback
-///   while the control plane cannot be reached, so workloads keep being served
-///   through an outage; a refusal is final.
+///   when about 20 s of attempts got no answer, or only passing errors (see
+///   [`is_final`]), so workloads keep being served through an outage; a
+///   refusal is final. After a fallback the agent renews the stored SVID over
+///   mTLS as before and does not attest again until it restarts (a gap: the
+///   control plane checks renewals against the node's registration, not the
+///   pod).
 /// - With join tokens (single-use) a stored, still-valid SVID is used: no new
 ///   token is needed after a restart. Without one, the join token attests.
 async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Svid, AgentError> {
@@ -96,23 +120,30 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
             )));
         }
     };
-    // With a stored SVID to fall back on, a few quick attempts; without one,
-    // keep trying for a few minutes (the control plane may be starting too).
-    let max_attempts = if stored.is_some() { 3 } else { 20 };
+    // With a stored SVID to fall back on, about 20 s of attempts; without
+    // one, a few minutes (the control plane may be starting too).
+    let max_attempts = if stored.is_some() { 8 } else { 20 };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut attempts = 0;
     let id = loop {
-        match control_plane::attest(&cfg.server, bundle.clone(), &cfg.node_name, &how).await {
+        let attempt = control_plane::attest(&cfg.server, bundle.clone(), &cfg.node_name, &how);
+        let result = match tokio::time::timeout(ATTEST_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect {
+                server: cfg.server.clone(),
+                reason: format!("no answer to the attestation within {ATTEST_TIMEOUT:?}"),
+            }),
+        };
+        match result {
             Ok(id) => break id,
             // A refusal is final (the token is bad, or this pod is not an
             // agent of this node): never serve from an older identity then.
-            Err(e @ (ClientError::Refused(_) | ClientError::Credential(_))) => {
-                return Err(AgentError::Attestation(e));
-            }
+            Err(e) if is_final(&e) => return Err(AgentError::Attestation(e)),
             Err(e) if attempts + 1 >= max_attempts => match stored {
                 Some(svid) => {
                     warn!(error = %e, spiffe_id = %svid.spiffe_id(),
-                        "cannot reach the control plane to attest; using the stored node SVID until it answers");
+                        "cannot attest now; serving from the stored node SVID (renewed over mTLS; \
+                         attestation with the token happens again at the next start)");
                     return Ok(svid);
                 }
                 None => return Err(AgentError::Attestation(e)),

@@ -77,7 +77,7 @@ pub enum SvidCommand {
         output: Output,
     },
     /// Fetch a JWT-SVID for AUDIENCE and print the token (text) or the
-    /// token with its SPIFFE ID and expiry (json).
+    /// token with its SPIFFE ID and audience (json).
     Jwt {
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -94,8 +94,9 @@ pub enum SvidCommand {
         socket: Option<PathBuf>,
         #[arg(long)]
         audience: String,
-        /// The token; prefer `-` (read it from stdin): a command line is
-        /// visible to every user in `ps`.
+        /// The token, or `-` (the default) to read it from stdin: a command
+        /// line is visible to every user in `ps`.
+        #[arg(default_value = "-")]
         token: String,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,

@@ -324,7 +324,6 @@ impl KubeStore {
         Err(too_many_conflicts(what, STATE, &self.namespace))
     }
 
-    /// Hands records to the log writer and waits until they are written.
     /// Every chunk of the issuance log, a few per page.
     async fn list_chunks(&self) -> StoreResult<Vec<ConfigMap>> {
         let mut params = ListParams::default()
@@ -345,6 +344,7 @@ impl KubeStore {
         }
     }
 
+    /// Hands records to the log writer and waits until they are written.
     async fn append_to_log(&self, records: Vec<IssuanceRecord>) -> StoreResult<()> {
         let gone = || StoreError::Backend("the issuance log writer has stopped".into());
         let (done, result) = oneshot::channel();
@@ -610,6 +610,7 @@ impl Store for KubeStore {
             last_expiry: i64,
         }
         let mut chunks = Vec::new();
+        let mut unreadable = 0;
         for cm in self.list_chunks().await? {
             let Some(name) = cm.metadata.name.clone() else {
                 continue;
@@ -621,9 +622,17 @@ impl Store for KubeStore {
                 continue;
             };
             let data = cm.data.unwrap_or_default();
+            // A chunk with a record that cannot be read is never judged
+            // expired (only the caps can take it).
             let mut last_expiry = i64::MIN;
             for (serial, raw) in &data {
-                last_expiry = last_expiry.max(parse_record(&name, serial, raw)?.not_after);
+                last_expiry = match parse_record(&name, serial, raw) {
+                    Ok(r) => last_expiry.max(r.not_after),
+                    Err(_) => {
+                        unreadable += 1;
+                        i64::MAX
+                    }
+                };
             }
             chunks.push(Chunk {
                 index,
@@ -673,10 +682,13 @@ impl Store for KubeStore {
                     removed += c.records;
                     tracing::info!(chunk = %c.name, records = c.records, "issuance log chunk pruned");
                 }
-                Err(e) if is_conflict(&e) || is_not_found(&e) => {
+                // Appended to since it was judged: it stays.
+                Err(e) if is_conflict(&e) => {
                     kept += c.records;
                     kept_bytes += c.bytes;
                 }
+                // Pruned meanwhile by another replica.
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(self.error(e, "delete", "configmaps", &c.name)),
             }
         }
@@ -684,6 +696,7 @@ impl Store for KubeStore {
             removed,
             kept,
             kept_bytes,
+            unreadable,
         })
     }
 

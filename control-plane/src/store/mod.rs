@@ -266,6 +266,8 @@ pub struct PruneOutcome {
     pub removed: usize,
     pub kept: usize,
     pub kept_bytes: usize,
+    /// Records that could not be read: kept (never judged), and reported.
+    pub unreadable: usize,
 }
 
 /// What an apply or a delete changed.

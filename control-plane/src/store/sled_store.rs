@@ -251,11 +251,18 @@ impl Store for SledStore {
 
     async fn prune_issuance(&self, keep: &IssuanceRetention, now: i64) -> StoreResult<PruneOutcome> {
         // (not_after, key, bytes), the first to expire first.
+        // A record that cannot be read is kept (never judged) and reported.
         let mut all = Vec::new();
+        let (mut unreadable, mut unreadable_bytes) = (0, 0);
         for kv in self.issuance.iter() {
             let (k, v) = kv.map_err(backend)?;
-            let record: IssuanceRecord = decode("issuance record", &v)?;
-            all.push((record.not_after, k.to_vec(), k.len() + v.len()));
+            match decode::<IssuanceRecord>("issuance record", &v) {
+                Ok(record) => all.push((record.not_after, k.to_vec(), k.len() + v.len())),
+                Err(_) => {
+                    unreadable += 1;
+                    unreadable_bytes += k.len() + v.len();
+                }
+            }
         }
         all.sort();
         let cutoff = keep.cutoff(now);
@@ -277,8 +284,9 @@ impl Store for SledStore {
         }
         Ok(PruneOutcome {
             removed,
-            kept,
-            kept_bytes,
+            kept: kept + unreadable,
+            kept_bytes: kept_bytes + unreadable_bytes,
+            unreadable,
         })
     }
 
