@@ -454,11 +454,14 @@ fn der_certs(concatenated: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
         .map_err(|e| anyhow::anyhow!("bad certificate in the response: {e}"))
 }
 
-async fn svid_fetch(socket: Option<PathBuf>, write: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+/// A Workload API client on `--socket` (or SPIFFE_ENDPOINT_SOCKET).
+async fn workload_client_at(socket: Option<PathBuf>) -> anyhow::Result<workload_client::Client> {
     let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
-    let mut client = workload_client::connect(&path)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    workload_client::connect(&path).await.map_err(anyhow::Error::msg)
+}
+
+async fn svid_fetch(socket: Option<PathBuf>, write: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let mut client = workload_client_at(socket).await?;
     let mut stream = client
         .fetch_x509svid(wpb::X509svidRequest {})
         .await
@@ -508,10 +511,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 async fn svid_jwt(socket: Option<PathBuf>, audience: Vec<String>, output: Output) -> anyhow::Result<()> {
-    let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
-    let mut client = workload_client::connect(&path)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut client = workload_client_at(socket).await?;
     let resp = client
         .fetch_jwtsvid(wpb::JwtsvidRequest {
             audience: audience.clone(),
@@ -545,10 +545,7 @@ async fn svid_validate_jwt(
     } else {
         token
     };
-    let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
-    let mut client = workload_client::connect(&path)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut client = workload_client_at(socket).await?;
     let resp = client
         .validate_jwtsvid(wpb::ValidateJwtsvidRequest {
             audience,
@@ -565,10 +562,7 @@ async fn svid_validate_jwt(
 }
 
 async fn healthcheck(socket: Option<PathBuf>) -> anyhow::Result<()> {
-    let path = workload_client::socket_path(socket.as_deref()).map_err(anyhow::Error::msg)?;
-    let mut client = workload_client::connect(&path)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut client = workload_client_at(socket).await?;
     match client.fetch_x509_bundles(wpb::X509BundlesRequest {}).await {
         // Serving, whatever this caller is entitled to.
         Ok(_) => {}

@@ -792,11 +792,12 @@ fn pair_authenticated(k: &Kube, a: &str, b: &str) -> bool {
         .any(|(l, r)| (l == a && r == b) || (l == b && r == a))
 }
 
-/// The drop of intruder -> api:8080 as `observe` shows it (None while it
-/// has not shown it yet), and what `explain` says of the same flow.
-fn observed_drop(k: &Kube, ns: &str, since: &str) -> Option<Value> {
-    let out = agent_exec(
+/// The drop of intruder -> `to`:8080 as `observe` on `node`'s agent shows
+/// it (None while it has not shown it yet).
+fn observed_drop(k: &Kube, node: &str, ns: &str, to: &str, since: &str) -> Option<Value> {
+    let out = agent_exec_on(
         k,
+        node,
         &[
             "observe",
             "-o",
@@ -811,10 +812,10 @@ fn observed_drop(k: &Kube, ns: &str, since: &str) -> Option<Value> {
             since,
         ],
     )
-    .unwrap_or_else(|e| panic!("observe: {e}"));
+    .unwrap_or_else(|e| panic!("observe on {node}: {e}"));
     json_lines(&out)
         .into_iter()
-        .find(|f| f["source"]["pod"] == "intruder" && f["destination"]["pod"] == "api")
+        .find(|f| f["source"]["pod"] == "intruder" && f["destination"]["pod"] == to)
 }
 
 fn explain(k: &Kube, ns: &str, from: &str, to: &str) -> Value {
@@ -869,7 +870,7 @@ fn policy_lets_the_authenticated_pair_in_and_drops_the_third_pod(k: &Kube, w: &W
         Duration::from_secs(20),
         "observe shows intruder -> api DROPPED",
         || {
-            drop = observed_drop(k, ns, "5m");
+            drop = observed_drop(k, NODE_1, ns, "api", "5m");
             drop.is_some()
         },
     );
@@ -1054,7 +1055,7 @@ fn agent_rollout_keeps_connections_and_enforcement(k: &Kube, w: &Workloads) {
     wait_until(
         Duration::from_secs(20),
         "the new agent observes the intruder's drop",
-        || observed_drop(k, ns, &format!("{}s", t0.elapsed().as_secs() + 1)).is_some(),
+        || observed_drop(k, NODE_1, ns, "api", &format!("{}s", t0.elapsed().as_secs() + 1)).is_some(),
     );
 }
 
@@ -1270,27 +1271,7 @@ fn a_cross_node_pair_is_authenticated_by_the_two_agents(k: &Kube, w: &Workloads)
     wait_until(
         Duration::from_secs(20),
         "the second node's agent shows the intruder's drop",
-        || {
-            let out = agent_exec_on(
-                k,
-                NODE_2,
-                &[
-                    "observe",
-                    "-o",
-                    "json",
-                    "--namespace",
-                    ns,
-                    "--verdict",
-                    "DROPPED",
-                    "--port",
-                    "8080",
-                ],
-            )
-            .unwrap_or_else(|e| panic!("observe on {NODE_2}: {e}"));
-            json_lines(&out)
-                .iter()
-                .any(|f| f["source"]["pod"] == "intruder" && f["destination"]["pod"] == "api-2")
-        },
+        || observed_drop(k, NODE_2, ns, "api-2", "5m").is_some(),
     );
     k.must(&["delete", "pod", "-n", ns, "api-2", "--wait=true", "--timeout=60s"]);
 }
