@@ -290,10 +290,11 @@ async fn stream_sync(
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
     let cluster = registry.borrow_and_update().clone();
-    let mut view = sync::node_view(&cluster, &node);
+    let (mut stream, snapshot) = sync::Stream::open(&cluster, &node);
+    drop(cluster);
     let mut updates = vec![sync::bundle_update(&bundle.borrow_and_update())];
-    updates.extend(sync::full(&view));
-    let mut revision = cluster.records.revision;
+    updates.extend(snapshot);
+    let mut revision = registry.borrow().records.revision;
     let chunks: Vec<Vec<pb::Update>> = updates
         .chunks(sync::UPDATES_PER_MESSAGE)
         .map(|c| c.to_vec())
@@ -312,7 +313,7 @@ async fn stream_sync(
     }
     debug!(node, revision, "sync snapshot sent");
     loop {
-        let updates = tokio::select! {
+        let (reset, updates) = tokio::select! {
             r = registry.changed() => {
                 if r.is_err() { return; }
                 let cluster = registry.borrow_and_update().clone();
@@ -322,16 +323,29 @@ async fn stream_sync(
                     return;
                 }
                 revision = cluster.records.revision;
-                let next = sync::node_view(&cluster, &node);
-                let d = sync::diff(&view, &next);
-                view = next;
-                d
+                let out = stream.advance(&cluster);
+                if out.reset {
+                    debug!(node, "sync stream fell behind the change history: sending a snapshot");
+                }
+                (out.reset, out.updates)
             }
             r = bundle.changed() => {
                 if r.is_err() { return; }
-                vec![sync::bundle_update(&bundle.borrow_and_update())]
+                (false, vec![sync::bundle_update(&bundle.borrow_and_update())])
             }
             _ = tx.closed() => return,
+        };
+        if updates.is_empty() {
+            // Nothing of this node's view changed: nothing is sent.
+            continue;
+        }
+        let updates = if reset {
+            // A snapshot is self-contained: the bundle goes with it.
+            let mut all = vec![sync::bundle_update(&bundle.borrow())];
+            all.extend(updates);
+            all
+        } else {
+            updates
         };
         // A delta split over several messages is complete (consistent, worth
         // acting on) only at its last message.
@@ -340,7 +354,7 @@ async fn stream_sync(
         for (i, chunk) in chunks.into_iter().enumerate() {
             let msg = pb::SyncResponse {
                 revision,
-                reset: false,
+                reset: reset && i == 0,
                 updates: chunk.to_vec(),
                 complete: i == last,
             };

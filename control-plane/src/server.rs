@@ -140,7 +140,48 @@ struct Inner {
     attest_rate: crate::rate_limit::PerSource,
     /// With replicas: whether this one leads (rotates the CA, reconciles).
     leader: std::sync::OnceLock<watch::Receiver<bool>>,
+    /// Kubernetes mode: the workloads and policies the watch caches
+    /// describe, held here and never stored (the API server holds them).
+    /// Set when Kubernetes mode starts ([`ControlPlane::read_workloads_from_kubernetes`]).
+    sourced: std::sync::OnceLock<std::sync::Mutex<Sourced>>,
     metrics: Metrics,
+}
+
+/// Kubernetes mode's view of the API server (see [`ControlPlane::apply_sourced`]).
+#[derive(Debug, Default)]
+struct Sourced {
+    /// By namespace/name; `identity` is filled from the store at publish.
+    workloads: HashMap<String, WorkloadRecord>,
+    /// By namespace/name: the last valid version of each policy.
+    policies: std::collections::BTreeMap<String, PolicyRecord>,
+    /// Grows with every change, so the published revision does too.
+    generation: u64,
+}
+
+/// Changes to Kubernetes mode's view: per namespace/name, the record now
+/// (`None`: gone).
+#[derive(Debug, Default)]
+pub struct SourcedChanges {
+    pub workloads: Vec<(String, Option<WorkloadRecord>)>,
+    pub policies: Vec<(String, Option<PolicyRecord>)>,
+}
+
+impl SourcedChanges {
+    pub fn is_empty(&self) -> bool {
+        self.workloads.is_empty() && self.policies.is_empty()
+    }
+}
+
+/// What [`ControlPlane::apply_sourced`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SourcedOutcome {
+    /// Records that differed from what was held.
+    pub changed: usize,
+    /// Identities this call allocated in the store (leader only).
+    pub allocated: usize,
+    /// Workloads held back because their identity is not allocated yet
+    /// (a replica that does not lead waits for the leader to allocate).
+    pub waiting: usize,
 }
 
 /// The running control plane. Cheap to clone.
@@ -205,7 +246,34 @@ impl ControlPlane {
             state,
             ca_cfg.max_svid_ttl(),
         )?);
-        let registry = Arc::new(Cluster::new(store.registry().await?, cfg.policy_budget));
+        let mut stored = store.registry().await?;
+        if cfg.kubernetes && (!stored.workloads.is_empty() || !stored.policies.is_empty()) {
+            // Copies of pods and policies an earlier version stored in
+            // Kubernetes mode: the API server holds them, the watch caches
+            // bring them back; stored, they would keep identities in use.
+            let refs = stored
+                .workloads
+                .iter()
+                .map(|w| DocumentRef {
+                    kind: DocumentKind::Workload,
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                })
+                .chain(stored.policies.iter().map(|p| DocumentRef {
+                    kind: DocumentKind::KeywayNetworkPolicy,
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                }))
+                .collect();
+            store.delete(refs).await?;
+            info!(
+                workloads = stored.workloads.len(),
+                policies = stored.policies.len(),
+                "dropped stored copies of pods and policies: Kubernetes mode reads them from the API server"
+            );
+            stored = store.registry().await?;
+        }
+        let registry = Arc::new(Cluster::new(stored, cfg.policy_budget));
         let cfg_attest_per_minute = cfg.attest_per_minute;
         let (bundle, _) = watch::channel(authority.bundle());
         let (authority, _) = watch::channel(authority);
@@ -226,6 +294,7 @@ impl ControlPlane {
                 node_addresses: std::sync::OnceLock::new(),
                 attest_rate: crate::rate_limit::PerSource::new(cfg_attest_per_minute),
                 leader: std::sync::OnceLock::new(),
+                sourced: std::sync::OnceLock::new(),
                 metrics,
             }),
         };
@@ -628,6 +697,9 @@ impl ControlPlane {
             return Ok(0);
         }
         let now = tokio::time::Instant::now();
+        // Under the registry lock, so no workload starts using an identity
+        // between this look and its collection.
+        let _guard = self.inner.registry_lock.lock().await;
         let cluster = self.registry();
         let used: HashSet<u32> = cluster.records.workloads.iter().map(|w| w.identity).collect();
         let idle: HashSet<u32> = cluster
@@ -649,7 +721,6 @@ impl ControlPlane {
         if due.is_empty() {
             return Ok(0);
         }
-        let _guard = self.inner.registry_lock.lock().await;
         let n = self.inner.store.forget_identities(&due).await?;
         for id in &due {
             unused.remove(id);
@@ -861,12 +932,7 @@ impl ControlPlane {
         let id = spiffe_id::parse_svid_id_in(requested, &self.inner.cfg.trust_domain)
             .map_err(|e| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e.to_string())))?;
         let reg = self.inner.registry.borrow();
-        let with_id: Vec<_> = reg
-            .records
-            .workloads
-            .iter()
-            .filter(|w| w.spiffe_id == requested)
-            .collect();
+        let with_id: Vec<_> = reg.workloads_with(requested).collect();
         let here: Vec<_> = with_id.iter().filter(|w| w.node == node).collect();
         if here.is_empty() {
             let elsewhere: std::collections::BTreeSet<&str> =
@@ -1158,96 +1224,127 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Makes the stored workloads and policies equal what `want` returns
-    /// for the stored registry (Kubernetes mode: what the watchers see; the
-    /// stored records matter where an invalid object keeps its last valid
-    /// version), writing only the difference. One read of the store, under
-    /// the registry lock. Identities of removed workloads stay allocated.
-    /// Returns the outcome and `want`'s third value.
-    pub async fn reconcile<T>(
-        &self,
-        want: impl FnOnce(&RegistrySnapshot) -> (Vec<WorkloadRecord>, Vec<PolicyRecord>, T),
-    ) -> Result<(ApplyOutcome, T), ApiError> {
+    /// Kubernetes mode: takes what changed in the watch caches (pods as
+    /// workloads, policies) into the view the registry is built from, and
+    /// publishes. Nothing is stored but numeric identities: the leader
+    /// allocates one for each new (namespace, service account, labels), in
+    /// one store call per batch; a replica that does not lead holds such
+    /// workloads back until the leader's allocation reaches its store.
+    /// A workload whose identity exists costs no store write.
+    pub async fn apply_sourced(&self, changes: SourcedChanges) -> Result<SourcedOutcome, ApiError> {
+        let Some(sourced) = self.inner.sourced.get() else {
+            return Err(ApiError::FailedPrecondition(
+                "only Kubernetes mode reads workloads from the API server".into(),
+            ));
+        };
         let _guard = self.inner.registry_lock.lock().await;
-        let stored = self.inner.store.registry().await?;
-        let (workloads, policies, extra) = want(&stored);
-        let normalise = |w: &WorkloadRecord| WorkloadRecord {
-            identity: 0,
-            ..w.clone()
-        };
-        let stored_workloads: HashMap<String, WorkloadRecord> =
-            stored.workloads.iter().map(|w| (w.key(), normalise(w))).collect();
-        let stored_policies: HashMap<String, &PolicyRecord> =
-            stored.policies.iter().map(|p| (p.key(), p)).collect();
-        let wanted_w: HashSet<String> = workloads.iter().map(WorkloadRecord::key).collect();
-        let wanted_p: HashSet<String> = policies.iter().map(PolicyRecord::key).collect();
-        let upsert_w: Vec<WorkloadRecord> = workloads
-            .into_iter()
-            .filter(|w| stored_workloads.get(&w.key()) != Some(&normalise(w)))
-            .collect();
-        let upsert_p: Vec<PolicyRecord> = policies
-            .into_iter()
-            .filter(|p| stored_policies.get(&p.key()).is_none_or(|s| *s != p))
-            .collect();
-        let mut deletes: Vec<DocumentRef> = stored
-            .workloads
-            .iter()
-            .filter(|w| !wanted_w.contains(&w.key()))
-            .map(|w| DocumentRef {
-                kind: DocumentKind::Workload,
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-            })
-            .collect();
-        deletes.extend(
-            stored
-                .policies
-                .iter()
-                .filter(|p| !wanted_p.contains(&p.key()))
-                .map(|p| DocumentRef {
-                    kind: DocumentKind::KeywayNetworkPolicy,
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                }),
-        );
-        let mut outcome = ApplyOutcome {
-            changes: Vec::new(),
-            revision: stored.revision,
-        };
-        let unchanged = upsert_w.is_empty() && upsert_p.is_empty() && deletes.is_empty();
-        // Deletions first: they revoke (a pod gone, its identity's SVIDs no
-        // longer signed for that node), and they must land even when the
-        // additions cannot (a full store, an invalid object).
-        if !deletes.is_empty() {
-            let deleted = self.inner.store.delete(deletes).await?;
-            outcome.changes.extend(deleted.changes);
-            outcome.revision = deleted.revision;
-        }
-        if !upsert_w.is_empty() || !upsert_p.is_empty() {
-            let applied = self.inner.store.apply(upsert_w, upsert_p).await;
-            if let Err(e) = &applied
-                && outcome.revision != stored.revision
-            {
-                // What was deleted is published even though the rest failed.
-                self.refresh_registry().await?;
-                warn!(error = %e, "reconcile: deletions applied, additions failed");
+        let mut out = SourcedOutcome::default();
+        let mut touched = Vec::new();
+        {
+            let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (key, record) in changes.workloads {
+                let record = record.map(|w| WorkloadRecord { identity: 0, ..w });
+                let same = view.workloads.get(&key) == record.as_ref();
+                if same {
+                    continue;
+                }
+                out.changed += 1;
+                match record {
+                    Some(w) => {
+                        touched.push(w.clone());
+                        view.workloads.insert(key, w);
+                    }
+                    None => {
+                        view.workloads.remove(&key);
+                    }
+                }
             }
-            let applied = applied?;
-            outcome.changes.extend(applied.changes);
-            outcome.revision = applied.revision;
+            for (key, record) in changes.policies {
+                if view.policies.get(&key) == record.as_ref() {
+                    continue;
+                }
+                out.changed += 1;
+                match record {
+                    Some(p) => view.policies.insert(key, p),
+                    None => view.policies.remove(&key),
+                };
+            }
+            if out.changed > 0 {
+                view.generation += 1;
+            }
         }
-        if unchanged {
-            self.publish_registry(stored);
-        } else {
-            self.refresh_registry().await?;
+        if out.changed == 0 {
+            return Ok(out);
         }
-        Ok((outcome, extra))
+        let mut stored = self.inner.store.registry().await?;
+        if self.is_leader() && !touched.is_empty() {
+            let known: HashSet<String> = stored
+                .identities
+                .iter()
+                .map(|i| crate::store::identity_key(&i.namespace, &i.service_account, &i.labels))
+                .collect();
+            let wanted: Vec<crate::store::IdentityRecord> = touched
+                .iter()
+                .filter(|w| {
+                    !known.contains(&crate::store::identity_key(
+                        &w.namespace,
+                        &w.service_account,
+                        &w.labels,
+                    ))
+                })
+                .map(|w| crate::store::IdentityRecord {
+                    id: 0,
+                    spiffe_id: w.spiffe_id.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    labels: crate::store::identity_labels(&w.labels),
+                })
+                .collect();
+            if !wanted.is_empty() {
+                let before = stored.identities.len();
+                self.inner.store.allocate_identities(&wanted).await?;
+                stored = self.inner.store.registry().await?;
+                out.allocated = stored.identities.len().saturating_sub(before);
+            }
+        }
+        let records = merge_sourced(self.inner.sourced.get(), stored);
+        out.waiting = self.sourced_len().saturating_sub(records.workloads.len());
+        self.publish_registry(records);
+        Ok(out)
+    }
+
+    /// From now on workloads and policies are what Kubernetes mode's
+    /// watchers report ([`ControlPlane::apply_sourced`]), not stored ones.
+    pub fn read_workloads_from_kubernetes(&self) {
+        let _ = self.inner.sourced.set(std::sync::Mutex::new(Sourced::default()));
+    }
+
+    /// How many workloads Kubernetes mode's view holds (0 otherwise).
+    pub fn sourced_len(&self) -> usize {
+        self.inner.sourced.get().map_or(0, |s| {
+            s.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .workloads
+                .len()
+        })
+    }
+
+    /// Kubernetes mode: the keys (namespace/name) of the workloads and
+    /// policies in the view.
+    pub fn sourced_keys(&self) -> (Vec<String>, Vec<String>) {
+        self.inner.sourced.get().map_or_else(Default::default, |s| {
+            let view = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (
+                view.workloads.keys().cloned().collect(),
+                view.policies.keys().cloned().collect(),
+            )
+        })
     }
 
     /// Publishes the stored registry, compiling policy only when the records
     /// changed.
     async fn refresh_registry(&self) -> Result<(), ApiError> {
-        let records = self.inner.store.registry().await?;
+        let records = merge_sourced(self.inner.sourced.get(), self.inner.store.registry().await?);
         self.publish_registry(records);
         Ok(())
     }
@@ -1256,8 +1353,9 @@ impl ControlPlane {
         if self.inner.registry.borrow().records == records {
             return;
         }
-        let cluster = Arc::new(Cluster::new(records, self.inner.cfg.policy_budget));
-        let before = self.inner.registry.borrow().policy.refused.clone();
+        let previous = self.inner.registry.borrow().clone();
+        let cluster = Arc::new(previous.next(records, self.inner.cfg.policy_budget));
+        let before = previous.policy.refused.clone();
         for (policy, why) in cluster
             .policy
             .refused
@@ -1287,6 +1385,49 @@ impl ControlPlane {
             CaPhase::Old => "old",
         }
     }
+}
+
+/// The registry the control plane serves: the stored one, and in Kubernetes
+/// mode the workloads and policies of the watch caches, each workload with
+/// the identity the store allocated for it (held back until there is one).
+fn merge_sourced(
+    sourced: Option<&std::sync::Mutex<Sourced>>,
+    mut stored: RegistrySnapshot,
+) -> RegistrySnapshot {
+    let Some(sourced) = sourced else {
+        return stored;
+    };
+    let view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let by_key: HashMap<String, u32> = stored
+        .identities
+        .iter()
+        .map(|i| {
+            (
+                crate::store::identity_key(&i.namespace, &i.service_account, &i.labels),
+                i.id,
+            )
+        })
+        .collect();
+    let mut workloads: Vec<WorkloadRecord> = view
+        .workloads
+        .values()
+        .filter_map(|w| {
+            let id = by_key.get(&crate::store::identity_key(
+                &w.namespace,
+                &w.service_account,
+                &w.labels,
+            ))?;
+            Some(WorkloadRecord {
+                identity: *id,
+                ..w.clone()
+            })
+        })
+        .collect();
+    workloads.sort_by_key(WorkloadRecord::key);
+    stored.workloads = workloads;
+    stored.policies = view.policies.values().cloned().collect();
+    stored.revision += view.generation;
+    stored
 }
 
 /// How many mutual-auth addresses one node may advertise.

@@ -7,56 +7,274 @@
 //! workloads (names, selectors) are not sent: SVIDs are scoped to where a
 //! workload runs, but mutual auth has to map a peer's numeric identity to
 //! the SPIFFE ID its certificate must carry, so the identity table is
-//! cluster-wide like the ipcache. Views are diffed, so a change to one
-//! workload sends what changed, not the world.
+//! cluster-wide like the ipcache.
+//!
+//! # Cost per change
+//!
+//! The cluster-wide part (identities, node table, ipcache) is the same for
+//! every node, so it is built once per registry change ([`Cluster::next`]),
+//! together with the keys that change changed. A node's stream keeps only
+//! its own part (its workloads and policy entries, found through a per-node
+//! index) and the version it has sent; on a change it sends the cluster-wide
+//! keys changed since that version, read from a short history, plus the
+//! difference of its own part. So a change costs each stream the size of
+//! the change and of its own node, not of the cluster, and a node whose
+//! view did not change is sent nothing. A stream more than [`HISTORY`]
+//! versions behind is sent a fresh snapshot (`reset`). Policy is compiled
+//! again only when the policies or the set of identities in use changed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use proto::keyway::{self as pb, update::Kind};
 
 use crate::policy::{self, CompiledPolicy};
-use crate::store::RegistrySnapshot;
+use crate::store::{IdentityRecord, PolicyRecord, RegistrySnapshot};
 
 /// Updates per message while streaming a snapshot; keeps every message far
 /// below gRPC limits however many identities a node has.
 pub const UPDATES_PER_MESSAGE: usize = 256;
 
-/// The registry as every sync stream sees it: the stored records and the
-/// policy compiled from them once (not once per node).
+/// Registry versions whose changed keys a [`Cluster`] remembers.
+pub const HISTORY: usize = 64;
+
+/// The cluster-wide part of every node's view.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Shared {
+    /// Every identity with a workload on some node.
+    pub identities: BTreeMap<u32, pb::Identity>,
+    pub nodes: BTreeMap<String, pb::Node>,
+    /// Keyed by CIDR (`a.b.c.d/32`, `x::y/128`).
+    pub ipcache: BTreeMap<String, pb::IpcacheEntry>,
+}
+
+/// The keys of [`Shared`] one registry change touched.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SharedChanges {
+    pub identities: BTreeSet<u32>,
+    pub nodes: BTreeSet<String>,
+    pub ipcache: BTreeSet<String>,
+}
+
+impl SharedChanges {
+    fn between(old: &Shared, new: &Shared) -> Self {
+        fn keys<K: Ord + Clone, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> BTreeSet<K> {
+            let mut out: BTreeSet<K> = new
+                .iter()
+                .filter(|(k, v)| old.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            out.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+            out
+        }
+        Self {
+            identities: keys(&old.identities, &new.identities),
+            nodes: keys(&old.nodes, &new.nodes),
+            ipcache: keys(&old.ipcache, &new.ipcache),
+        }
+    }
+
+    fn extend(&mut self, other: &SharedChanges) {
+        self.identities.extend(other.identities.iter().copied());
+        self.nodes.extend(other.nodes.iter().cloned());
+        self.ipcache.extend(other.ipcache.iter().cloned());
+    }
+}
+
+/// The registry as every sync stream sees it: the stored records, the
+/// policy compiled from them, the cluster-wide view built from them once
+/// (not once per node), and indexes.
+#[derive(Debug, Default, Clone)]
 pub struct Cluster {
     pub records: RegistrySnapshot,
     pub policy: CompiledPolicy,
+    pub shared: Shared,
+    /// Grows by one with every published change.
+    pub version: u64,
+    /// Node name -> indexes into `records.workloads`.
+    by_node: HashMap<String, Vec<usize>>,
+    /// SPIFFE ID -> indexes into `records.workloads`.
+    by_spiffe_id: HashMap<String, Vec<usize>>,
+    /// What each of the last versions changed in `shared`, oldest first.
+    history: VecDeque<(u64, Arc<SharedChanges>)>,
+    /// What policy was compiled from.
+    compiled_from: (Vec<IdentityRecord>, Vec<PolicyRecord>),
 }
 
 impl Cluster {
     /// Compiles the policy for the identities that have a workload (an
     /// identity nobody uses has no address and needs no entries).
     pub fn new(records: RegistrySnapshot, budget: policy::Budget) -> Self {
+        Self::build(records, budget, None)
+    }
+
+    /// The next version after `self`: what changed in the cluster-wide view
+    /// is remembered for the streams, and policy is compiled again only when
+    /// its inputs changed.
+    pub fn next(&self, records: RegistrySnapshot, budget: policy::Budget) -> Self {
+        Self::build(records, budget, Some(self))
+    }
+
+    fn build(records: RegistrySnapshot, budget: policy::Budget, prev: Option<&Cluster>) -> Self {
         let used: BTreeSet<u32> = records.workloads.iter().map(|w| w.identity).collect();
-        let identities: Vec<_> = records
+        let identities: Vec<IdentityRecord> = records
             .identities
             .iter()
             .filter(|i| used.contains(&i.id))
             .cloned()
             .collect();
-        let policy = policy::compile(&identities, &records.policies, budget);
-        Self { records, policy }
+        let compiled_from = (identities, records.policies.clone());
+        let policy = match prev {
+            Some(p) if p.compiled_from == compiled_from => p.policy.clone(),
+            _ => policy::compile(&compiled_from.0, &compiled_from.1, budget),
+        };
+        let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_spiffe_id: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, w) in records.workloads.iter().enumerate() {
+            by_node.entry(w.node.clone()).or_default().push(i);
+            by_spiffe_id.entry(w.spiffe_id.clone()).or_default().push(i);
+        }
+        let shared = shared_view(&records, &compiled_from.0);
+        let (version, history) = match prev {
+            None => (0, VecDeque::new()),
+            Some(p) => {
+                let version = p.version + 1;
+                let mut history = p.history.clone();
+                history.push_back((version, Arc::new(SharedChanges::between(&p.shared, &shared))));
+                while history.len() > HISTORY {
+                    history.pop_front();
+                }
+                (version, history)
+            }
+        };
+        Self {
+            records,
+            policy,
+            shared,
+            version,
+            by_node,
+            by_spiffe_id,
+            history,
+            compiled_from,
+        }
+    }
+
+    /// The workloads placed on `node`.
+    pub fn workloads_on<'a>(
+        &'a self,
+        node: &str,
+    ) -> impl Iterator<Item = &'a crate::store::WorkloadRecord> + 'a {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.records.workloads[*i])
+    }
+
+    /// The workloads with this SPIFFE ID, on any node.
+    pub fn workloads_with<'a>(
+        &'a self,
+        spiffe_id: &str,
+    ) -> impl Iterator<Item = &'a crate::store::WorkloadRecord> + 'a {
+        self.by_spiffe_id
+            .get(spiffe_id)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.records.workloads[*i])
+    }
+
+    /// The cluster-wide keys changed after `version` up to this one, or
+    /// `None` when the history no longer reaches back that far.
+    fn changed_since(&self, version: u64) -> Option<SharedChanges> {
+        let mut out = SharedChanges::default();
+        if version == self.version {
+            return Some(out);
+        }
+        let first = self.history.front()?.0;
+        if version < first.saturating_sub(1) || version > self.version {
+            return None;
+        }
+        for (v, changes) in &self.history {
+            if *v > version {
+                out.extend(changes);
+            }
+        }
+        Some(out)
     }
 }
 
-/// One node's slice of the registry.
+fn shared_view(records: &RegistrySnapshot, used: &[IdentityRecord]) -> Shared {
+    let mut shared = Shared::default();
+    for i in used {
+        shared.identities.insert(
+            i.id,
+            pb::Identity {
+                id: i.id,
+                spiffe_id: i.spiffe_id.clone(),
+                namespace: i.namespace.clone(),
+                service_account: i.service_account.clone(),
+                labels: i.labels.clone().into_iter().collect(),
+            },
+        );
+    }
+    for n in &records.nodes {
+        shared.nodes.insert(
+            n.name.clone(),
+            pb::Node {
+                name: n.name.clone(),
+                node_id: u32::from(n.node_id),
+                addresses: n.addresses.clone(),
+            },
+        );
+    }
+    let node_ids: HashMap<&str, u32> = records
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), u32::from(n.node_id)))
+        .collect();
+    // Workloads come in namespace/name order; if two claim one address the
+    // first keeps it.
+    for w in &records.workloads {
+        for ip in &w.ips {
+            let Ok(addr) = ip.parse::<IpAddr>() else {
+                continue;
+            };
+            let cidr = match addr {
+                IpAddr::V4(a) => format!("{a}/32"),
+                IpAddr::V6(a) => format!("{a}/128"),
+            };
+            shared
+                .ipcache
+                .entry(cidr.clone())
+                .or_insert_with(|| pb::IpcacheEntry {
+                    cidr,
+                    identity: w.identity,
+                    node_id: node_ids.get(w.node.as_str()).copied().unwrap_or(0),
+                    namespace: w.namespace.clone(),
+                    workload: w.name.clone(),
+                });
+        }
+    }
+    shared
+}
+
+/// One node's own part of the registry: what a sync stream keeps.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct NodeView {
+pub struct Local {
     /// The workloads placed on this node.
     pub workloads: BTreeMap<(String, String), pb::Workload>,
-    /// Cluster-wide: every identity with a workload on some node.
+    /// The entries whose subject has a workload on this node.
+    pub policy: BTreeMap<policy::Key, pb::PolicyEntry>,
+}
+
+/// One node's whole slice of the registry (what its agent ends up holding).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NodeView {
+    pub workloads: BTreeMap<(String, String), pb::Workload>,
     pub identities: BTreeMap<u32, pb::Identity>,
     pub nodes: BTreeMap<String, pb::Node>,
-    /// Cluster-wide, keyed by CIDR (`a.b.c.d/32`, `x::y/128`).
     pub ipcache: BTreeMap<String, pb::IpcacheEntry>,
-    /// The entries whose subject has a workload on this node.
     pub policy: BTreeMap<policy::Key, pb::PolicyEntry>,
 }
 
@@ -70,15 +288,11 @@ fn policy_key(k: &policy::Key) -> pb::PolicyKey {
     }
 }
 
-/// The slice of `cluster` that `node` needs.
-pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
-    let snapshot = &cluster.records;
-    let mut view = NodeView::default();
-    // Identities with a workload here (their policy is this node's to
-    // enforce) and anywhere (their SPIFFE IDs are what peers must present).
+/// `node`'s own part of `cluster`.
+pub fn local_view(cluster: &Cluster, node: &str) -> Local {
+    let mut view = Local::default();
     let mut local_ids = BTreeSet::new();
-    let used_ids: BTreeSet<u32> = snapshot.workloads.iter().map(|w| w.identity).collect();
-    for w in snapshot.workloads.iter().filter(|w| w.node == node) {
+    for w in cluster.workloads_on(node) {
         local_ids.insert(w.identity);
         view.workloads.insert(
             (w.namespace.clone(), w.name.clone()),
@@ -95,55 +309,6 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
                 svid_ttl_seconds: w.svid_ttl_secs.unwrap_or(0),
             },
         );
-    }
-    for i in snapshot.identities.iter().filter(|i| used_ids.contains(&i.id)) {
-        view.identities.insert(
-            i.id,
-            pb::Identity {
-                id: i.id,
-                spiffe_id: i.spiffe_id.clone(),
-                namespace: i.namespace.clone(),
-                service_account: i.service_account.clone(),
-                labels: i.labels.clone().into_iter().collect(),
-            },
-        );
-    }
-    for n in &snapshot.nodes {
-        view.nodes.insert(
-            n.name.clone(),
-            pb::Node {
-                name: n.name.clone(),
-                node_id: u32::from(n.node_id),
-                addresses: n.addresses.clone(),
-            },
-        );
-    }
-    let node_ids: BTreeMap<&str, u32> = snapshot
-        .nodes
-        .iter()
-        .map(|n| (n.name.as_str(), u32::from(n.node_id)))
-        .collect();
-    // Workloads come in namespace/name order; if two claim one address the
-    // first keeps it.
-    for w in &snapshot.workloads {
-        for ip in &w.ips {
-            let Ok(addr) = ip.parse::<IpAddr>() else {
-                continue;
-            };
-            let cidr = match addr {
-                IpAddr::V4(a) => format!("{a}/32"),
-                IpAddr::V6(a) => format!("{a}/128"),
-            };
-            view.ipcache
-                .entry(cidr.clone())
-                .or_insert_with(|| pb::IpcacheEntry {
-                    cidr,
-                    identity: w.identity,
-                    node_id: node_ids.get(w.node.as_str()).copied().unwrap_or(0),
-                    namespace: w.namespace.clone(),
-                    workload: w.name.clone(),
-                });
-        }
     }
     for id in &local_ids {
         for (k, v) in cluster.policy.subject(*id) {
@@ -166,6 +331,18 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
     view
 }
 
+/// The whole slice of `cluster` that `node` needs.
+pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
+    let local = local_view(cluster, node);
+    NodeView {
+        workloads: local.workloads,
+        identities: cluster.shared.identities.clone(),
+        nodes: cluster.shared.nodes.clone(),
+        ipcache: cluster.shared.ipcache.clone(),
+        policy: local.policy,
+    }
+}
+
 fn update(kind: Kind) -> pb::Update {
     pb::Update { kind: Some(kind) }
 }
@@ -175,66 +352,215 @@ pub fn full(view: &NodeView) -> Vec<pb::Update> {
     diff(&NodeView::default(), view)
 }
 
-/// The updates that turn `old` into `new`. Identities and nodes are upserted
-/// before the workloads, ipcache and policy entries that refer to them, and
-/// every delete comes after every upsert (referring entries first), so a
-/// receiver never holds an entry whose identity it does not know.
+/// Upserts and deletes of each kind, put in the order receivers need.
+#[derive(Default)]
+struct Delta {
+    identity_up: Vec<pb::Identity>,
+    node_up: Vec<pb::Node>,
+    workload_up: Vec<pb::Workload>,
+    ipcache_up: Vec<pb::IpcacheEntry>,
+    policy_up: Vec<pb::PolicyEntry>,
+    policy_del: Vec<pb::PolicyKey>,
+    ipcache_del: Vec<String>,
+    workload_del: Vec<pb::WorkloadRef>,
+    identity_del: Vec<u32>,
+    node_del: Vec<String>,
+}
+
+impl Delta {
+    /// Identities and nodes are upserted before the workloads, ipcache and
+    /// policy entries that refer to them, and every delete comes after every
+    /// upsert (referring entries first), so a receiver never holds an entry
+    /// whose identity it does not know.
+    fn into_updates(self) -> Vec<pb::Update> {
+        let mut out = Vec::new();
+        out.extend(
+            self.identity_up
+                .into_iter()
+                .map(|i| update(Kind::IdentityUpsert(i))),
+        );
+        out.extend(self.node_up.into_iter().map(|n| update(Kind::NodeUpsert(n))));
+        out.extend(
+            self.workload_up
+                .into_iter()
+                .map(|w| update(Kind::WorkloadUpsert(w))),
+        );
+        out.extend(
+            self.ipcache_up
+                .into_iter()
+                .map(|e| update(Kind::IpcacheUpsert(e))),
+        );
+        out.extend(self.policy_up.into_iter().map(|e| update(Kind::PolicyUpsert(e))));
+        out.extend(self.policy_del.into_iter().map(|k| update(Kind::PolicyDelete(k))));
+        out.extend(
+            self.ipcache_del
+                .into_iter()
+                .map(|c| update(Kind::IpcacheDelete(c))),
+        );
+        out.extend(
+            self.workload_del
+                .into_iter()
+                .map(|r| update(Kind::WorkloadDelete(r))),
+        );
+        out.extend(
+            self.identity_del
+                .into_iter()
+                .map(|i| update(Kind::IdentityDelete(i))),
+        );
+        out.extend(self.node_del.into_iter().map(|n| update(Kind::NodeDelete(n))));
+        out
+    }
+
+    fn local(&mut self, old: &Local, new: &Local) {
+        for (key, w) in &new.workloads {
+            if old.workloads.get(key) != Some(w) {
+                self.workload_up.push(w.clone());
+            }
+        }
+        for (key, e) in &new.policy {
+            if old.policy.get(key) != Some(e) {
+                self.policy_up.push(e.clone());
+            }
+        }
+        for key in old.policy.keys() {
+            if !new.policy.contains_key(key) {
+                self.policy_del.push(policy_key(key));
+            }
+        }
+        for (ns, name) in old.workloads.keys() {
+            if !new.workloads.contains_key(&(ns.clone(), name.clone())) {
+                self.workload_del.push(pb::WorkloadRef {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// The updates that turn `old` into `new` (the whole-view reference the
+/// streams' incremental path must agree with).
 pub fn diff(old: &NodeView, new: &NodeView) -> Vec<pb::Update> {
-    let mut out = Vec::new();
+    let mut d = Delta::default();
     for (id, i) in &new.identities {
         if old.identities.get(id) != Some(i) {
-            out.push(update(Kind::IdentityUpsert(i.clone())));
+            d.identity_up.push(i.clone());
         }
     }
     for (name, n) in &new.nodes {
         if old.nodes.get(name) != Some(n) {
-            out.push(update(Kind::NodeUpsert(n.clone())));
-        }
-    }
-    for (key, w) in &new.workloads {
-        if old.workloads.get(key) != Some(w) {
-            out.push(update(Kind::WorkloadUpsert(w.clone())));
+            d.node_up.push(n.clone());
         }
     }
     for (cidr, e) in &new.ipcache {
         if old.ipcache.get(cidr) != Some(e) {
-            out.push(update(Kind::IpcacheUpsert(e.clone())));
+            d.ipcache_up.push(e.clone());
         }
     }
-    for (key, e) in &new.policy {
-        if old.policy.get(key) != Some(e) {
-            out.push(update(Kind::PolicyUpsert(e.clone())));
+    d.ipcache_del = old
+        .ipcache
+        .keys()
+        .filter(|c| !new.ipcache.contains_key(*c))
+        .cloned()
+        .collect();
+    d.identity_del = old
+        .identities
+        .keys()
+        .filter(|i| !new.identities.contains_key(*i))
+        .copied()
+        .collect();
+    d.node_del = old
+        .nodes
+        .keys()
+        .filter(|n| !new.nodes.contains_key(*n))
+        .cloned()
+        .collect();
+    d.local(
+        &Local {
+            workloads: old.workloads.clone(),
+            policy: old.policy.clone(),
+        },
+        &Local {
+            workloads: new.workloads.clone(),
+            policy: new.policy.clone(),
+        },
+    );
+    d.into_updates()
+}
+
+/// What a node's sync stream keeps between changes: the version it has
+/// sent and its own part of the registry (the cluster-wide part is read
+/// from the [`Cluster`]).
+#[derive(Debug, Clone)]
+pub struct Stream {
+    node: String,
+    version: u64,
+    local: Local,
+}
+
+/// What to send a stream after a registry change.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// A whole snapshot replacing what the node holds.
+    pub reset: bool,
+    pub updates: Vec<pb::Update>,
+}
+
+impl Stream {
+    /// A stream for `node` and the snapshot to open it with.
+    pub fn open(cluster: &Cluster, node: &str) -> (Self, Vec<pb::Update>) {
+        let view = node_view(cluster, node);
+        let updates = full(&view);
+        let stream = Stream {
+            node: node.to_owned(),
+            version: cluster.version,
+            local: Local {
+                workloads: view.workloads,
+                policy: view.policy,
+            },
+        };
+        (stream, updates)
+    }
+
+    /// What to send to bring the node from the last version sent to
+    /// `cluster`: the cluster-wide keys changed meanwhile and the
+    /// difference of its own part; a snapshot when the history does not
+    /// reach back far enough.
+    pub fn advance(&mut self, cluster: &Cluster) -> Outgoing {
+        let Some(changed) = cluster.changed_since(self.version) else {
+            let (fresh, updates) = Stream::open(cluster, &self.node);
+            *self = fresh;
+            return Outgoing { reset: true, updates };
+        };
+        let mut d = Delta::default();
+        let shared = &cluster.shared;
+        for id in &changed.identities {
+            match shared.identities.get(id) {
+                Some(i) => d.identity_up.push(i.clone()),
+                None => d.identity_del.push(*id),
+            }
+        }
+        for name in &changed.nodes {
+            match shared.nodes.get(name) {
+                Some(n) => d.node_up.push(n.clone()),
+                None => d.node_del.push(name.clone()),
+            }
+        }
+        for cidr in &changed.ipcache {
+            match shared.ipcache.get(cidr) {
+                Some(e) => d.ipcache_up.push(e.clone()),
+                None => d.ipcache_del.push(cidr.clone()),
+            }
+        }
+        let local = local_view(cluster, &self.node);
+        d.local(&self.local, &local);
+        self.local = local;
+        self.version = cluster.version;
+        Outgoing {
+            reset: false,
+            updates: d.into_updates(),
         }
     }
-    for key in old.policy.keys() {
-        if !new.policy.contains_key(key) {
-            out.push(update(Kind::PolicyDelete(policy_key(key))));
-        }
-    }
-    for cidr in old.ipcache.keys() {
-        if !new.ipcache.contains_key(cidr) {
-            out.push(update(Kind::IpcacheDelete(cidr.clone())));
-        }
-    }
-    for (ns, name) in old.workloads.keys() {
-        if !new.workloads.contains_key(&(ns.clone(), name.clone())) {
-            out.push(update(Kind::WorkloadDelete(pb::WorkloadRef {
-                namespace: ns.clone(),
-                name: name.clone(),
-            })));
-        }
-    }
-    for id in old.identities.keys() {
-        if !new.identities.contains_key(id) {
-            out.push(update(Kind::IdentityDelete(*id)));
-        }
-    }
-    for name in old.nodes.keys() {
-        if !new.nodes.contains_key(name) {
-            out.push(update(Kind::NodeDelete(name.clone())));
-        }
-    }
-    out
 }
 
 /// The bundle as a sync update.
@@ -255,7 +581,7 @@ pub fn bundle_message(bundle: &keyway_identity::TrustBundle) -> pb::Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{IdentityRecord, NodeRecord, PolicyRecord, WorkloadRecord};
+    use crate::store::{NodeRecord, WorkloadRecord};
 
     fn wl(name: &str, node: &str, identity: u32) -> WorkloadRecord {
         WorkloadRecord {
@@ -511,6 +837,179 @@ mod tests {
             assert!(ranks.is_sorted(), "{ranks:?}");
         }
         assert_eq!(full(&all).len(), diff(&empty, &all).len());
+    }
+
+    /// What an agent holds after applying `updates` (as node-agent's
+    /// state does: a reset starts from nothing).
+    fn receive(held: &mut NodeView, reset: bool, updates: Vec<pb::Update>) {
+        if reset {
+            *held = NodeView::default();
+        }
+        for u in updates {
+            match u.kind {
+                Some(Kind::IdentityUpsert(i)) => {
+                    held.identities.insert(i.id, i);
+                }
+                Some(Kind::IdentityDelete(id)) => {
+                    held.identities.remove(&id);
+                }
+                Some(Kind::NodeUpsert(n)) => {
+                    held.nodes.insert(n.name.clone(), n);
+                }
+                Some(Kind::NodeDelete(n)) => {
+                    held.nodes.remove(&n);
+                }
+                Some(Kind::WorkloadUpsert(w)) => {
+                    held.workloads.insert((w.namespace.clone(), w.name.clone()), w);
+                }
+                Some(Kind::WorkloadDelete(r)) => {
+                    held.workloads.remove(&(r.namespace, r.name));
+                }
+                Some(Kind::IpcacheUpsert(e)) => {
+                    held.ipcache.insert(e.cidr.clone(), e);
+                }
+                Some(Kind::IpcacheDelete(c)) => {
+                    held.ipcache.remove(&c);
+                }
+                Some(Kind::PolicyUpsert(e)) => {
+                    let k = e.key.unwrap();
+                    let key = policy::Key {
+                        subject: k.subject,
+                        peer: k.peer,
+                        port_block: k.port_block,
+                        protocol: k.protocol,
+                        direction: k.direction,
+                    };
+                    held.policy.insert(key, e);
+                }
+                Some(Kind::PolicyDelete(k)) => {
+                    held.policy.retain(|key, _| policy_key(key) != k);
+                }
+                other => panic!("unexpected update {other:?}"),
+            }
+        }
+    }
+
+    /// A registry that changes a little at every step: workloads come, go,
+    /// move between nodes, change address and labels; nodes come and go;
+    /// the policy flips.
+    fn step(snap: &mut RegistrySnapshot, i: usize) {
+        let name = format!("w{}", i % 17);
+        let node = format!("n{}", i % 3);
+        match i % 5 {
+            0 | 1 => {
+                snap.workloads.retain(|w| w.name != name);
+                let mut w = wl(&name, &node, 256 + (i % 4) as u32);
+                w.ips = vec![format!("10.0.{}.{}", i % 3, i % 23)];
+                snap.workloads.push(w);
+            }
+            2 => snap.workloads.retain(|w| w.name != name),
+            3 => {
+                if snap.nodes.iter().any(|n| n.name == node) {
+                    snap.nodes.retain(|n| n.name != node);
+                } else {
+                    snap.nodes.push(NodeRecord {
+                        name: node,
+                        node_id: (i % 3 + 1) as u16,
+                        attested_at: 0,
+                        registration: 0,
+                        addresses: vec![format!("192.0.2.{}:4250", i % 7)],
+                    });
+                }
+            }
+            _ => {
+                let auth = &mut snap.policies[0].spec.ingress.as_mut().unwrap()[0].authentication;
+                *auth = if *auth == crate::policy::AuthMode::Required {
+                    crate::policy::AuthMode::Disabled
+                } else {
+                    crate::policy::AuthMode::Required
+                };
+            }
+        }
+        snap.workloads.sort_by_key(|w| w.key());
+        snap.revision += 1;
+    }
+
+    #[test]
+    fn streams_end_up_holding_exactly_the_full_view_after_every_change() {
+        let mut snap = two_nodes();
+        snap.identities = (256..260).map(|id| ident(id, &format!("i{id}"))).collect();
+        snap.identities[0].labels = BTreeMap::from([("app".to_string(), "frontend".to_string())]);
+        snap.identities[1].labels = BTreeMap::from([("app".to_string(), "api".to_string())]);
+        let mut cluster = Cluster::new(snap.clone(), Default::default());
+        let nodes = ["n0", "n1", "n2", "n9"];
+        let mut streams: Vec<(Stream, NodeView)> = nodes
+            .iter()
+            .map(|n| {
+                let (s, updates) = Stream::open(&cluster, n);
+                let mut held = NodeView::default();
+                receive(&mut held, true, updates);
+                (s, held)
+            })
+            .collect();
+        for i in 0..200 {
+            step(&mut snap, i);
+            cluster = cluster.next(snap.clone(), Default::default());
+            // Some streams skip versions (a slow stream sees only the last).
+            for (k, (stream, held)) in streams.iter_mut().enumerate() {
+                if (i + k) % 3 == 0 {
+                    continue;
+                }
+                let before = held.clone();
+                let out = stream.advance(&cluster);
+                assert!(!out.reset, "within the history no snapshot is needed");
+                receive(held, false, out.updates.clone());
+                let want = node_view(&cluster, nodes[k]);
+                assert_eq!(*held, want, "step {i}, node {}", nodes[k]);
+                if before == want {
+                    assert!(
+                        out.updates.is_empty(),
+                        "an unchanged view is sent nothing: {:?}",
+                        out.updates
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_behind_the_history_gets_a_snapshot() {
+        let mut snap = two_nodes();
+        let mut cluster = Cluster::new(snap.clone(), Default::default());
+        let (mut stream, _) = Stream::open(&cluster, "n2");
+        for i in 0..HISTORY + 1 {
+            snap.workloads[0].labels.insert("v".into(), i.to_string());
+            cluster = cluster.next(snap.clone(), Default::default());
+        }
+        let out = stream.advance(&cluster);
+        assert!(out.reset);
+        let mut held = NodeView::default();
+        receive(&mut held, true, out.updates);
+        assert_eq!(held, node_view(&cluster, "n2"));
+        // And from there on, deltas again.
+        snap.workloads[0].ips = vec!["10.9.9.9".into()];
+        cluster = cluster.next(snap.clone(), Default::default());
+        assert!(!stream.advance(&cluster).reset);
+    }
+
+    #[test]
+    fn policy_is_compiled_again_only_when_its_inputs_change() {
+        let mut snap = two_nodes();
+        let cluster = Cluster::new(snap.clone(), Default::default());
+        // A new address for an existing identity: same inputs.
+        snap.workloads[0].ips.push("10.0.2.11".into());
+        let next = cluster.next(snap.clone(), Default::default());
+        assert_eq!(next.compiled_from, cluster.compiled_from);
+        assert_eq!(next.policy, cluster.policy);
+        assert_eq!(next.version, cluster.version + 1);
+        let only_ipcache = next.history.back().unwrap().1.clone();
+        assert_eq!(
+            *only_ipcache,
+            SharedChanges {
+                ipcache: BTreeSet::from(["10.0.2.11/32".to_string()]),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

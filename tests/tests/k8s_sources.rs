@@ -495,9 +495,9 @@ spec:
         "{}",
         c.message
     );
-    // Nothing else changed: the stored policies (the last valid api-mtls,
-    // and no `broken`) are what they were.
-    let after = cp.cp.store().registry().await.expect("registry").policies;
+    // Nothing else changed: the policies in force (the last valid
+    // api-mtls, and no `broken`) are what they were.
+    let after = cp.cp.registry().records.policies.clone();
     let ours = |list: &[control_plane::store::PolicyRecord]| {
         list.iter()
             .filter(|p| p.namespace == ns)

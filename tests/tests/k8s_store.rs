@@ -1,9 +1,9 @@
 //! The Kubernetes store and Lease leader election against a real
 //! kube-apiserver: the `Store` contract as the sled store keeps it (CA
-//! round trip, identity allocation, single-use join tokens, node ids, the
-//! issuance log), two replicas writing at once without losing or
-//! duplicating anything, the change signal between replicas, and leader
-//! handover. Each test works in its own namespace.
+//! round trip, identity allocation as one object per identity, single-use
+//! join tokens, node ids, the issuance log), two replicas writing at once
+//! without losing or duplicating anything, the change signal between
+//! replicas, and leader handover. Each test works in its own namespace.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -14,8 +14,8 @@ use base64::engine::general_purpose::STANDARD;
 use control_plane::ca::CaConfig;
 use control_plane::kubernetes::leader::{LeaderConfig, LeaderElection};
 use control_plane::store::{
-    DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, KubeStore, Store, StoreError, TokenProblem,
-    WorkloadRecord,
+    IdentityRecord, IssuanceRecord, JoinTokenRecord, KubeStore, RegistrySnapshot, Store, StoreError,
+    TokenProblem,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
@@ -32,19 +32,34 @@ async fn open(ns: &str, writer: &str) -> KubeStore {
         .unwrap_or_else(|e| panic!("open the Kubernetes store in {ns} as {writer}: {e}"))
 }
 
-fn workload(name: &str) -> WorkloadRecord {
-    WorkloadRecord {
-        namespace: "default".into(),
-        name: name.into(),
-        service_account: name.into(),
-        node: "node-a".into(),
-        ips: vec!["10.0.0.1".into()],
-        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-        selectors: vec![],
-        svid_ttl_secs: None,
-        identity: 0,
+/// The identity of pods under service account `name` labelled `app: name`.
+fn identity(name: &str) -> IdentityRecord {
+    IdentityRecord {
+        id: 0,
         spiffe_id: format!("spiffe://example.org/ns/default/sa/{name}"),
+        namespace: "default".into(),
+        service_account: name.into(),
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
     }
+}
+
+fn id_of(reg: &RegistrySnapshot, sa: &str) -> Option<u32> {
+    reg.identities
+        .iter()
+        .find(|i| i.service_account == sa)
+        .map(|i| i.id)
+}
+
+/// The identity objects in `ns`, by name.
+async fn identity_objects(ns: &str) -> BTreeMap<String, ConfigMap> {
+    Api::<ConfigMap>::namespaced(cluster().admin().await, ns)
+        .list(&ListParams::default().labels("keyway.dev/component=identity"))
+        .await
+        .expect("list identity objects")
+        .items
+        .into_iter()
+        .map(|cm| (cm.metadata.name.clone().unwrap_or_default(), cm))
+        .collect()
 }
 
 fn issued(serial: &str, spiffe_id: &str) -> IssuanceRecord {
@@ -140,7 +155,10 @@ async fn ca_state_round_trips_through_the_secret_and_only_the_secret() {
             ]
         })
         .collect();
-    store.apply(vec![workload("a")], vec![]).await.expect("apply");
+    store
+        .allocate_identities(&[identity("a")])
+        .await
+        .expect("allocate");
     let configmaps = Api::<ConfigMap>::namespaced(client, &ns)
         .list(&ListParams::default())
         .await
@@ -176,63 +194,73 @@ async fn ca_state_round_trips_through_the_secret_and_only_the_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn identities_start_at_256_and_reapplying_or_deleting_never_reuses_them() {
+async fn identities_are_objects_of_their_own_from_256_and_never_reused() {
     let ns = cluster().namespace("store-ids").await;
     let store = open(&ns, "replica-a").await;
-    let first = store
-        .apply(vec![workload("a"), workload("b")], vec![])
+    let state_before = state_configmap(&ns).await;
+    let got = store
+        .allocate_identities(&[identity("a"), identity("b"), identity("a")])
         .await
-        .expect("apply");
-    let reg = store.registry().await.expect("registry");
-    let id = |reg: &control_plane::store::RegistrySnapshot, name: &str| {
-        reg.workloads.iter().find(|w| w.name == name).map(|w| w.identity)
-    };
-    assert_eq!((id(&reg, "a"), id(&reg, "b")), (Some(256), Some(257)));
-    assert_eq!(reg.revision, first.revision);
-    let cm = state_configmap(&ns).await;
-    assert_eq!(annotation(&cm, "keyway.dev/last-writer"), "replica-a");
-    assert_eq!(annotation(&cm, "keyway.dev/revision"), first.revision.to_string());
-
-    // The same documents again: nothing changes, nothing is written.
-    let again = store
-        .apply(vec![workload("a"), workload("b")], vec![])
-        .await
-        .expect("apply");
-    assert_eq!(again.revision, first.revision);
-    assert!(
-        again.changes.iter().all(|c| c.contains("unchanged")),
-        "{:?}",
-        again.changes
+        .expect("allocate");
+    assert_eq!(
+        got.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![256, 257, 256],
+        "in order, the same identity asked twice gets one number"
+    );
+    let objects = identity_objects(&ns).await;
+    assert_eq!(
+        objects.keys().cloned().collect::<Vec<_>>(),
+        vec!["keyway-identity-256", "keyway-identity-257"]
     );
     assert_eq!(
-        state_configmap(&ns).await.metadata.resource_version,
-        cm.metadata.resource_version,
-        "an unchanged apply must not write"
+        annotation(&objects["keyway-identity-256"], "keyway.dev/last-writer"),
+        "replica-a"
     );
-
-    // Deleting keeps the identity allocated; it comes back with the same number.
-    let gone = DocumentRef {
-        kind: DocumentKind::Workload,
-        namespace: "default".into(),
-        name: "a".into(),
-    };
-    let deleted = store.delete(vec![gone.clone()]).await.expect("delete");
-    assert_eq!(deleted.changes, vec!["workload default/a deleted"]);
-    assert_eq!(deleted.revision, first.revision + 1);
-    let not_found = store.delete(vec![gone]).await.expect("delete");
-    assert_eq!(not_found.revision, deleted.revision);
-    let reg = store.registry().await.expect("registry");
-    assert_eq!(id(&reg, "a"), None);
+    let state = state_configmap(&ns).await;
+    let json = &state.data.as_ref().expect("data")["state.json"];
     assert!(
-        reg.identities.iter().any(|i| i.id == 256),
-        "identity 256 stays allocated"
+        !json.contains("spiffe://"),
+        "no identity (and no pod) is copied into the state: {json}"
+    );
+    assert_ne!(
+        state.metadata.resource_version, state_before.metadata.resource_version,
+        "a block of numbers was reserved"
     );
 
-    store.apply(vec![workload("c")], vec![]).await.expect("apply");
-    store.apply(vec![workload("a")], vec![]).await.expect("apply");
-    // A replica opened now reads the same.
-    let reg = open(&ns, "replica-b").await.registry().await.expect("registry");
-    assert_eq!((id(&reg, "a"), id(&reg, "c")), (Some(256), Some(258)));
+    // Known identities cost no write at all.
+    let before = (
+        state_configmap(&ns).await.metadata.resource_version,
+        objects.len(),
+    );
+    let again = store
+        .allocate_identities(&[identity("b"), identity("a")])
+        .await
+        .expect("allocate");
+    assert_eq!(again.iter().map(|i| i.id).collect::<Vec<_>>(), vec![257, 256]);
+    assert_eq!(
+        (
+            state_configmap(&ns).await.metadata.resource_version,
+            identity_objects(&ns).await.len()
+        ),
+        before,
+        "allocating known identities must not write"
+    );
+
+    // A forgotten identity's object goes; its number is never handed out
+    // again, also not by a replica opened afterwards.
+    assert_eq!(store.forget_identities(&[256]).await.expect("forget"), 1);
+    assert!(!identity_objects(&ns).await.contains_key("keyway-identity-256"));
+    let other = open(&ns, "replica-b").await;
+    let reg = other.registry().await.expect("registry");
+    assert_eq!((id_of(&reg, "a"), id_of(&reg, "b")), (None, Some(257)));
+    let c = other
+        .allocate_identities(&[identity("c"), identity("a")])
+        .await
+        .expect("allocate");
+    assert!(
+        c.iter().all(|i| i.id > 257),
+        "numbers below the stored counter are never reused: {c:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -473,9 +501,9 @@ async fn two_replicas_writing_at_once_lose_nothing_and_never_share_an_identity()
         let s = store.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per_replica {
-                s.apply(vec![workload(&format!("{prefix}-{i}"))], vec![])
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // Every identity is asked for by both replicas.
+                let wanted = [identity(&format!("w-{i}")), identity(&format!("{prefix}-{i}"))];
+                s.allocate_identities(&wanted).await.map_err(|e| e.to_string())?;
             }
             Ok::<(), String>(())
         }));
@@ -512,16 +540,36 @@ async fn two_replicas_writing_at_once_lose_nothing_and_never_share_an_identity()
     }
 
     for store in [&a, &b] {
-        let reg = store.registry().await.expect("registry");
-        assert_eq!(reg.workloads.len(), 2 * per_replica, "no workload lost");
-        let ids: HashSet<u32> = reg.workloads.iter().map(|w| w.identity).collect();
-        assert_eq!(ids.len(), 2 * per_replica, "an identity was handed out twice");
+        // The other replica's objects reach this one through its watch.
+        let deadline = Instant::now() + WAIT;
+        let reg = loop {
+            let reg = store.registry().await.expect("registry");
+            if reg.identities.len() >= 3 * per_replica || Instant::now() > deadline {
+                break reg;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Each replica knows every identity, each under one number, and no
+        // number stands for two identities (objects are create-if-absent).
+        assert_eq!(reg.identities.len(), 3 * per_replica, "no identity lost");
+        let ids: HashSet<u32> = reg.identities.iter().map(|i| i.id).collect();
+        assert_eq!(ids.len(), 3 * per_replica, "a number was handed out twice");
+        let objects = identity_objects(&ns).await;
+        for obj in objects.values() {
+            let rec: IdentityRecord =
+                serde_json::from_str(&obj.data.as_ref().expect("data")["identity.json"]).expect("record");
+            assert_eq!(
+                obj.metadata.name.as_deref(),
+                Some(format!("keyway-identity-{}", rec.id).as_str())
+            );
+        }
+        // Racing replicas may both have created "w-i" (lowest number wins);
+        // the extra objects are what the identity GC collects.
         assert!(
-            ids.iter()
-                .all(|id| (256..256 + 2 * per_replica as u32).contains(id)),
-            "{ids:?}"
+            objects.len() >= 3 * per_replica && objects.len() <= 4 * per_replica,
+            "{}",
+            objects.len()
         );
-        assert_eq!(reg.identities.len(), 2 * per_replica);
         let node_ids: HashSet<u16> = reg.nodes.iter().map(|n| n.node_id).collect();
         assert_eq!((reg.nodes.len(), node_ids.len()), (6, 6), "node ids are unique");
         assert_eq!(serials_once(store).await.len(), 2 * (issuances + 3));
@@ -535,13 +583,15 @@ async fn a_replica_hears_of_the_other_replicas_writes() {
     let b = open(&ns, "replica-b").await;
     let mut changes = b.subscribe_changes().expect("a shared store reports changes");
 
-    a.apply(vec![workload("from-a")], vec![]).await.expect("apply");
+    a.allocate_identities(&[identity("from-a")])
+        .await
+        .expect("allocate");
     tokio::time::timeout(WAIT, changes.changed())
         .await
-        .expect("replica b is told of replica a's apply")
+        .expect("replica b is told of replica a's allocation")
         .expect("store alive");
     let reg = b.registry().await.expect("registry");
-    assert!(reg.workloads.iter().any(|w| w.name == "from-a"));
+    assert!(id_of(&reg, "from-a").is_some());
     assert_eq!(
         annotation(&state_configmap(&ns).await, "keyway.dev/last-writer"),
         "replica-a"

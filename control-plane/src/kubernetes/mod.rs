@@ -51,6 +51,7 @@ pub fn start(
         client.clone(),
         &opts.agent_service_account,
     )?);
+    cp.read_workloads_from_kubernetes();
     let mut tasks = Vec::new();
     let mut always_leader = None;
     let leader = if opts.replicas {

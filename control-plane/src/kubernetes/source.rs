@@ -19,7 +19,6 @@
 //! Only the leader reconciles and writes policy status; the other replicas
 //! keep their caches warm so a new leader starts from a complete view.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,14 +33,14 @@ use kube::runtime::reflector::{self, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_yaml::{Mapping, Value};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
 use crate::policy::NAMESPACE_LABELS_PREFIX;
 use crate::registry::policy_spec;
-use crate::server::ControlPlane;
-use crate::store::{PolicyRecord, RegistrySnapshot, WorkloadRecord};
+use crate::server::{ControlPlane, SourcedChanges};
+use crate::store::{PolicyRecord, WorkloadRecord};
 
 /// Prefix of the store names of policies that come from a networking.k8s.io
 /// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
@@ -50,25 +49,6 @@ pub const NETWORK_POLICY_PREFIX: &str = "networkpolicy:";
 
 /// The condition type Keyway sets on every KeywayNetworkPolicy.
 pub const CONDITION_VALID: &str = "Valid";
-
-/// The cached objects [`desired`] reads.
-#[derive(Debug, Default)]
-pub struct Inputs {
-    pub pods: Vec<Arc<Pod>>,
-    pub service_accounts: Vec<Arc<ServiceAccount>>,
-    pub namespaces: Vec<Arc<Namespace>>,
-    pub nodes: Vec<Arc<Node>>,
-    pub network_policies: Vec<Arc<NetworkPolicy>>,
-    pub keyway_policies: Vec<Arc<KeywayNetworkPolicy>>,
-}
-
-/// What the store should hold, and what to say on each KeywayNetworkPolicy.
-#[derive(Debug, Default)]
-pub struct Desired {
-    pub workloads: Vec<WorkloadRecord>,
-    pub policies: Vec<PolicyRecord>,
-    pub statuses: Vec<StatusUpdate>,
-}
 
 /// The `Valid` condition a KeywayNetworkPolicy should carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,93 +109,46 @@ fn condition_fields(result: &Result<(), PolicyRefusal>) -> (&'static str, &'stat
     }
 }
 
-/// Turns the caches into store records. `stored` is what the store holds now:
-/// a KeywayNetworkPolicy whose new spec is invalid keeps its stored version.
-pub fn desired(inputs: &Inputs, td: &TrustDomain, stored: &RegistrySnapshot) -> Desired {
-    let mut out = Desired::default();
-    let service_accounts: std::collections::HashSet<(String, String)> = inputs
-        .service_accounts
-        .iter()
-        .map(|sa| (sa.namespace().unwrap_or_default(), sa.name_any()))
-        .collect();
-    let nodes: std::collections::HashSet<String> = inputs.nodes.iter().map(|n| n.name_any()).collect();
-    let namespace_labels: HashMap<String, BTreeMap<String, String>> = inputs
-        .namespaces
-        .iter()
-        .map(|ns| (ns.name_any(), ns.labels().clone()))
-        .collect();
-
-    for pod in &inputs.pods {
-        if let Some(w) = workload(pod, td, &service_accounts, &nodes, &namespace_labels) {
-            out.workloads.push(w);
-        }
-    }
-    out.workloads.sort_by_key(WorkloadRecord::key);
-
-    for np in &inputs.network_policies {
-        if !namespace_labels.contains_key(&np.namespace().unwrap_or_default()) {
-            continue;
-        }
-        match network_policy(np) {
-            Ok(p) => out.policies.push(p),
-            Err(e) => warn!(
-                policy = %format!("{}/{}", np.namespace().unwrap_or_default(), np.name_any()),
-                reason = %e,
-                "NetworkPolicy not enforced"
-            ),
-        }
-    }
-
-    for knp in &inputs.keyway_policies {
-        let namespace = knp.namespace().unwrap_or_default();
-        let name = knp.name_any();
-        let result = serde_yaml::to_value(&knp.spec)
-            .map_err(|e| e.to_string())
-            .and_then(policy_spec);
-        let current = knp
-            .status
+/// A KeywayNetworkPolicy as a record, and the condition it should carry.
+/// An invalid spec gives no record: the caller keeps the last valid
+/// version in force.
+fn keyway_policy(knp: &KeywayNetworkPolicy) -> (Option<PolicyRecord>, StatusUpdate) {
+    let namespace = knp.namespace().unwrap_or_default();
+    let name = knp.name_any();
+    let result = serde_yaml::to_value(&knp.spec)
+        .map_err(|e| e.to_string())
+        .and_then(policy_spec);
+    let current = knp
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_VALID).cloned());
+    let update = StatusUpdate {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        generation: knp.meta().generation,
+        result: result
             .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_VALID).cloned());
-        let update = StatusUpdate {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            generation: knp.meta().generation,
-            result: result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| PolicyRefusal::InvalidSpec(e.clone())),
-            current,
-        };
-        match result {
-            Ok(spec) => out.policies.push(PolicyRecord {
-                namespace,
-                name,
-                spec,
-            }),
-            Err(_) => {
-                if let Some(previous) = stored
-                    .policies
-                    .iter()
-                    .find(|p| p.namespace == namespace && p.name == name)
-                {
-                    out.policies.push(previous.clone());
-                }
-            }
-        }
-        out.statuses.push(update);
-    }
-    out.policies.sort_by_key(PolicyRecord::key);
-    out
+            .map(|_| ())
+            .map_err(|e| PolicyRefusal::InvalidSpec(e.clone())),
+        current,
+    };
+    let record = result.ok().map(|spec| PolicyRecord {
+        namespace,
+        name,
+        spec,
+    });
+    (record, update)
+}
+
+/// What a pod's workload depends on besides the pod: the watch caches.
+struct Lookups<'a> {
+    service_accounts: &'a Cache<ServiceAccount>,
+    nodes: &'a Cache<Node>,
+    namespaces: &'a Cache<Namespace>,
 }
 
 /// The workload a pod stands for, if it should have an identity now.
-fn workload(
-    pod: &Pod,
-    td: &TrustDomain,
-    service_accounts: &std::collections::HashSet<(String, String)>,
-    nodes: &std::collections::HashSet<String>,
-    namespace_labels: &HashMap<String, BTreeMap<String, String>>,
-) -> Option<WorkloadRecord> {
+fn workload(pod: &Pod, td: &TrustDomain, lookups: &Lookups<'_>) -> Option<WorkloadRecord> {
     let namespace = pod.namespace()?;
     let name = pod.name_any();
     let spec = pod.spec.as_ref()?;
@@ -229,15 +162,20 @@ fn workload(
         .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into());
-    if !nodes.contains(&node) {
+    if lookups.nodes.get(&reflector::ObjectRef::new(&node)).is_none() {
         debug!(pod = %format!("{namespace}/{name}"), node, "pod bound to a node that does not exist: no identity");
         return None;
     }
-    if !service_accounts.contains(&(namespace.clone(), service_account.clone())) {
+    if lookups
+        .service_accounts
+        .get(&reflector::ObjectRef::new(&service_account).within(&namespace))
+        .is_none()
+    {
         debug!(pod = %format!("{namespace}/{name}"), service_account, "pod's service account does not exist: no identity");
         return None;
     }
-    let ns_labels = namespace_labels.get(&namespace)?;
+    let ns = lookups.namespaces.get(&reflector::ObjectRef::new(&namespace))?;
+    let ns_labels = ns.labels();
     let uid = pod.uid()?;
     let spiffe_id = spiffe_id::workload_id(td, &namespace, &service_account).ok()?;
     let host_network = spec.host_network.unwrap_or(false);
@@ -463,17 +401,6 @@ struct Caches {
 }
 
 impl Caches {
-    fn inputs(&self) -> Inputs {
-        Inputs {
-            pods: self.pods.state(),
-            service_accounts: self.service_accounts.state(),
-            namespaces: self.namespaces.state(),
-            nodes: self.nodes.state(),
-            network_policies: self.network_policies.state(),
-            keyway_policies: self.keyway_policies.state(),
-        }
-    }
-
     async fn ready(&self) -> bool {
         self.pods.wait_until_ready().await.is_ok()
             && self.service_accounts.wait_until_ready().await.is_ok()
@@ -482,10 +409,102 @@ impl Caches {
             && self.network_policies.wait_until_ready().await.is_ok()
             && self.keyway_policies.wait_until_ready().await.is_ok()
     }
+
+    fn lookups(&self) -> Lookups<'_> {
+        Lookups {
+            service_accounts: &self.service_accounts,
+            nodes: &self.nodes,
+            namespaces: &self.namespaces,
+        }
+    }
 }
 
-/// Starts a reflector for `K` that pokes `changed` on every event.
-fn reflect<K>(client: &kube::Client, changed: Arc<Notify>) -> Cache<K>
+/// An object a watch event touched: what has to be looked at again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Touched {
+    Pod {
+        namespace: String,
+        name: String,
+    },
+    ServiceAccount {
+        namespace: String,
+        name: String,
+    },
+    Namespace(String),
+    Node(String),
+    NetworkPolicy {
+        namespace: String,
+        name: String,
+    },
+    KeywayPolicy {
+        namespace: String,
+        name: String,
+    },
+    /// A (re)list of a kind finished: every object of it.
+    AllOf(Kind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Pods,
+    ServiceAccounts,
+    Namespaces,
+    Nodes,
+    NetworkPolicies,
+    KeywayPolicies,
+}
+
+/// Drops what Keyway never reads, so the caches hold what it uses: managed
+/// fields, annotations, and for pods everything but placement, service
+/// account and addresses (no container specs), for nodes everything but
+/// their addresses.
+mod trim {
+    use k8s_openapi::api::core::v1::{Node, NodeStatus, Pod, PodSpec, PodStatus};
+    use kube::api::ObjectMeta;
+
+    pub fn meta(m: &mut ObjectMeta) {
+        m.managed_fields = None;
+        m.annotations = None;
+        m.owner_references = None;
+        m.finalizers = None;
+    }
+
+    pub fn pod(p: &mut Pod) {
+        meta(&mut p.metadata);
+        p.spec = p.spec.take().map(|s| PodSpec {
+            node_name: s.node_name,
+            service_account_name: s.service_account_name,
+            host_network: s.host_network,
+            ..Default::default()
+        });
+        p.status = p.status.take().map(|s| PodStatus {
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            ..Default::default()
+        });
+    }
+
+    pub fn node(n: &mut Node) {
+        meta(&mut n.metadata);
+        n.spec = None;
+        n.status = n.status.take().map(|s| NodeStatus {
+            addresses: s.addresses,
+            ..Default::default()
+        });
+    }
+}
+
+/// Starts a reflector for `K` (objects trimmed by `trim` before they are
+/// cached) that reports what each event touched. A (re)list is reported
+/// once, when it is complete, as [`Touched::AllOf`].
+fn reflect<K>(
+    client: &kube::Client,
+    kind: Kind,
+    touched: fn(&K) -> Touched,
+    trim: fn(&mut K),
+    tx: mpsc::UnboundedSender<Touched>,
+) -> Cache<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -497,53 +516,239 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
-    let kind = K::kind(&()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let name = K::kind(&()).to_string();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default()).modify(trim)).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => {
+            let report = match event {
+                Ok(event) => {
                     if failing {
-                        info!(kind, "watch recovered");
+                        info!(kind = name, "watch recovered");
                         failing = false;
                     }
-                    changed.notify_one();
+                    match event {
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(touched(&o)),
+                        watcher::Event::InitDone => Some(Touched::AllOf(kind)),
+                        watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                    }
                 }
                 Err(e) => {
                     if !failing {
-                        warn!(kind, error = %e, "watch failed; retrying with backoff");
+                        warn!(kind = name, error = %e, "watch failed; retrying with backoff");
                         failing = true;
                     }
+                    None
                 }
+            };
+            if let Some(t) = report
+                && tx.send(t).is_err()
+            {
+                return;
             }
         }
     });
     reader
 }
 
-/// Runs the watchers until `shutdown`, reconciling the store whenever this
-/// replica leads (`leader` true).
+fn namespaced<K: Resource>(o: &K) -> (String, String) {
+    (
+        o.meta().namespace.clone().unwrap_or_default(),
+        o.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// Everything a batch of events asks to look at again.
+#[derive(Debug, Default)]
+struct Dirty {
+    pods: std::collections::HashSet<(String, String)>,
+    network_policies: std::collections::HashSet<(String, String)>,
+    keyway_policies: std::collections::HashSet<(String, String)>,
+    nodes_changed: bool,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+            && self.network_policies.is_empty()
+            && self.keyway_policies.is_empty()
+            && !self.nodes_changed
+    }
+
+    /// Widens `touched` to the objects whose records depend on it. Pods are
+    /// looked up through their service account, node and namespace, so a
+    /// change to one of those (rare next to pod churn) rescans the pods.
+    fn add(&mut self, touched: Touched, caches: &Caches) {
+        let pods_where = |dirty: &mut Self, keep: &dyn Fn(&Pod) -> bool| {
+            for pod in caches.pods.state() {
+                if keep(&pod) {
+                    dirty.pods.insert(namespaced(pod.as_ref()));
+                }
+            }
+        };
+        match touched {
+            Touched::Pod { namespace, name } => {
+                self.pods.insert((namespace, name));
+            }
+            Touched::ServiceAccount { namespace, name } => pods_where(self, &|p| {
+                p.namespace().as_deref() == Some(namespace.as_str())
+                    && p.spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.as_deref())
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or("default")
+                        == name
+            }),
+            Touched::Namespace(ns) => {
+                pods_where(self, &|p| p.namespace().as_deref() == Some(ns.as_str()));
+                for np in caches.network_policies.state() {
+                    if np.namespace().as_deref() == Some(ns.as_str()) {
+                        self.network_policies.insert(namespaced(np.as_ref()));
+                    }
+                }
+            }
+            Touched::Node(node) => {
+                self.nodes_changed = true;
+                pods_where(self, &|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+                })
+            }
+            Touched::NetworkPolicy { namespace, name } => {
+                self.network_policies.insert((namespace, name));
+            }
+            Touched::KeywayPolicy { namespace, name } => {
+                self.keyway_policies.insert((namespace, name));
+            }
+            Touched::AllOf(kind) => match kind {
+                Kind::Pods | Kind::ServiceAccounts | Kind::Namespaces => {
+                    pods_where(self, &|_| true);
+                    if kind == Kind::Namespaces {
+                        for np in caches.network_policies.state() {
+                            self.network_policies.insert(namespaced(np.as_ref()));
+                        }
+                    }
+                }
+                Kind::Nodes => {
+                    self.nodes_changed = true;
+                    pods_where(self, &|_| true);
+                }
+                Kind::NetworkPolicies => {
+                    for np in caches.network_policies.state() {
+                        self.network_policies.insert(namespaced(np.as_ref()));
+                    }
+                }
+                Kind::KeywayPolicies => {
+                    for knp in caches.keyway_policies.state() {
+                        self.keyway_policies.insert(namespaced(knp.as_ref()));
+                    }
+                }
+            },
+        }
+    }
+
+    /// Pods and policies that vanished from a cache while a relist was
+    /// running are not in it any more: [`Touched::AllOf`] must also drop
+    /// what the view holds that the cache lacks.
+    fn add_held(&mut self, cp: &ControlPlane) {
+        let (workloads, policies) = cp.sourced_keys();
+        for key in workloads {
+            if let Some((ns, name)) = key.split_once('/') {
+                self.pods.insert((ns.to_owned(), name.to_owned()));
+            }
+        }
+        for key in policies {
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            match name.strip_prefix(NETWORK_POLICY_PREFIX) {
+                Some(np) => self.network_policies.insert((ns.to_owned(), np.to_owned())),
+                None => self.keyway_policies.insert((ns.to_owned(), name.to_owned())),
+            };
+        }
+    }
+}
+
+/// Runs the watchers until `shutdown`, keeping the control plane's view of
+/// pods and policies current on every replica (each serves Sync streams
+/// from it), and, while this replica leads (`leader` true), allocating
+/// identities, writing policy status and revoking nodes whose Node is gone.
 pub async fn run(
     cp: ControlPlane,
     client: kube::Client,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let changed = Arc::new(Notify::new());
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let caches = Caches {
-        pods: reflect(&client, changed.clone()),
-        service_accounts: reflect(&client, changed.clone()),
-        namespaces: reflect(&client, changed.clone()),
-        nodes: reflect(&client, changed.clone()),
-        network_policies: reflect(&client, changed.clone()),
-        keyway_policies: reflect(&client, changed.clone()),
+        pods: reflect(
+            &client,
+            Kind::Pods,
+            |p: &Pod| {
+                let (namespace, name) = namespaced(p);
+                Touched::Pod { namespace, name }
+            },
+            trim::pod,
+            tx.clone(),
+        ),
+        service_accounts: reflect(
+            &client,
+            Kind::ServiceAccounts,
+            |o: &ServiceAccount| {
+                let (namespace, name) = namespaced(o);
+                Touched::ServiceAccount { namespace, name }
+            },
+            |o: &mut ServiceAccount| {
+                trim::meta(&mut o.metadata);
+                o.secrets = None;
+                o.image_pull_secrets = None;
+            },
+            tx.clone(),
+        ),
+        namespaces: reflect(
+            &client,
+            Kind::Namespaces,
+            |o: &Namespace| Touched::Namespace(o.name_any()),
+            |o: &mut Namespace| {
+                trim::meta(&mut o.metadata);
+                o.spec = None;
+                o.status = None;
+            },
+            tx.clone(),
+        ),
+        nodes: reflect(
+            &client,
+            Kind::Nodes,
+            |o: &Node| Touched::Node(o.name_any()),
+            trim::node,
+            tx.clone(),
+        ),
+        network_policies: reflect(
+            &client,
+            Kind::NetworkPolicies,
+            |o: &NetworkPolicy| {
+                let (namespace, name) = namespaced(o);
+                Touched::NetworkPolicy { namespace, name }
+            },
+            |o: &mut NetworkPolicy| trim::meta(&mut o.metadata),
+            tx.clone(),
+        ),
+        keyway_policies: reflect(
+            &client,
+            Kind::KeywayPolicies,
+            |o: &KeywayNetworkPolicy| {
+                let (namespace, name) = namespaced(o);
+                Touched::KeywayPolicy { namespace, name }
+            },
+            |o: &mut KeywayNetworkPolicy| trim::meta(&mut o.metadata),
+            tx.clone(),
+        ),
     };
+    drop(tx);
     tokio::select! {
         _ = caches.ready() => {
             info!("Kubernetes caches synced");
-            cp.metrics().readiness.set_ready(crate::metrics::READY_KUBERNETES_CACHES);
         }
         _ = shutdown.changed() => return,
     }
@@ -556,23 +761,60 @@ pub async fn run(
         })
     });
     let policies: Api<KeywayNetworkPolicy> = Api::all(client.clone());
+    let mut dirty = Dirty::default();
+    // The first pass looks at everything; so does every gain of leadership
+    // (what the last leader left unallocated or unreported is done then).
+    let everything = [
+        Kind::Pods,
+        Kind::Nodes,
+        Kind::NetworkPolicies,
+        Kind::KeywayPolicies,
+    ];
+    for kind in everything {
+        dirty.add(Touched::AllOf(kind), &caches);
+    }
+    let mut leading = false;
+    let mut statuses_due = true;
     let mut retry: Option<Duration> = None;
     let mut recheck: Option<Duration> = None;
+    let mut first = true;
     loop {
-        if *leader.borrow_and_update() {
+        let now_leading = *leader.borrow_and_update();
+        if now_leading && !leading {
+            for kind in everything {
+                dirty.add(Touched::AllOf(kind), &caches);
+            }
+            statuses_due = true;
+        }
+        leading = now_leading;
+        if !dirty.is_empty() || statuses_due {
             // Let a burst of events (a rollout, a namespace of pods) land
-            // before computing the next state.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            match reconcile_once(&cp, &caches, &client, &policies).await {
+            // before looking.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            while let Ok(t) = rx.try_recv() {
+                if matches!(t, Touched::AllOf(_)) {
+                    dirty.add_held(&cp);
+                }
+                dirty.add(t, &caches);
+            }
+            let batch = std::mem::take(&mut dirty);
+            match process(&cp, &caches, &policies, batch, leading, &mut statuses_due).await {
                 Ok(next) => {
                     retry = None;
                     recheck = next;
+                    if first {
+                        first = false;
+                        cp.metrics()
+                            .readiness
+                            .set_ready(crate::metrics::READY_KUBERNETES_CACHES);
+                    }
                 }
-                Err(e) => {
+                Err((e, batch)) => {
+                    dirty = batch;
                     let next = retry.map_or(Duration::from_millis(200), |d| {
                         (d * 2).min(Duration::from_secs(10))
                     });
-                    warn!(error = %e, retry_in = ?next, "reconciling the store with Kubernetes failed");
+                    warn!(error = %e, retry_in = ?next, "taking Kubernetes changes in failed");
                     retry = Some(next);
                 }
             }
@@ -584,12 +826,126 @@ pub async fn run(
             }
         };
         tokio::select! {
-            _ = changed.notified() => {}
+            t = rx.recv() => match t {
+                Some(t) => {
+                    if matches!(t, Touched::AllOf(_)) {
+                        dirty.add_held(&cp);
+                    }
+                    dirty.add(t, &caches);
+                }
+                None => return,
+            },
             _ = leader.changed() => {}
-            _ = wait => {}
+            _ = wait => {
+                // A retry repeats the failed batch; a recheck looks at nodes.
+                dirty.nodes_changed = true;
+            }
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Turns one batch into the view's changes and hands them to the control
+/// plane; then, when leading, writes the policy conditions that changed and
+/// revokes nodes whose Node is gone. On failure the batch comes back, to be
+/// tried again.
+async fn process(
+    cp: &ControlPlane,
+    caches: &Caches,
+    policies: &Api<KeywayNetworkPolicy>,
+    batch: Dirty,
+    leading: bool,
+    statuses_due: &mut bool,
+) -> Result<Option<Duration>, (String, Dirty)> {
+    let td = cp.config().trust_domain.clone();
+    let lookups = caches.lookups();
+    let mut changes = SourcedChanges::default();
+    for (ns, name) in &batch.pods {
+        let pod = caches.pods.get(&reflector::ObjectRef::new(name).within(ns));
+        let record = pod.and_then(|p| workload(&p, &td, &lookups));
+        changes.workloads.push((format!("{ns}/{name}"), record));
+    }
+    for (ns, name) in &batch.network_policies {
+        let np = caches
+            .network_policies
+            .get(&reflector::ObjectRef::new(name).within(ns));
+        let namespace_exists = caches.namespaces.get(&reflector::ObjectRef::new(ns)).is_some();
+        let record = match np {
+            Some(np) if namespace_exists => match network_policy(&np) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(policy = %format!("{ns}/{name}"), reason = %e, "NetworkPolicy not enforced");
+                    None
+                }
+            },
+            _ => None,
+        };
+        changes
+            .policies
+            .push((format!("{ns}/{NETWORK_POLICY_PREFIX}{name}"), record));
+    }
+    for (ns, name) in &batch.keyway_policies {
+        let key = format!("{ns}/{name}");
+        match caches
+            .keyway_policies
+            .get(&reflector::ObjectRef::new(name).within(ns))
+        {
+            None => changes.policies.push((key, None)),
+            Some(knp) => {
+                // An invalid spec changes nothing: the last valid version
+                // (if any) stays in the view, and in force.
+                if let (Some(record), _) = keyway_policy(&knp) {
+                    changes.policies.push((key, Some(record)));
+                }
+            }
+        }
+    }
+    let policies_touched = !batch.network_policies.is_empty() || !batch.keyway_policies.is_empty();
+    let outcome = if changes.is_empty() {
+        Default::default()
+    } else {
+        match cp.apply_sourced(changes).await {
+            Ok(o) => o,
+            Err(e) => return Err((e.to_string(), batch)),
+        }
+    };
+    if outcome.changed > 0 {
+        debug!(
+            changed = outcome.changed,
+            allocated = outcome.allocated,
+            waiting = outcome.waiting,
+            "took Kubernetes changes in"
+        );
+    }
+    if !leading {
+        return Ok(None);
+    }
+    // Conditions: a policy's own validity, and whether it fits its budget,
+    // which any change of policies or identities can alter.
+    if *statuses_due || policies_touched || outcome.allocated > 0 {
+        let refused = cp.registry().policy.refused.clone();
+        for knp in caches.keyway_policies.state() {
+            let (_, mut update) = keyway_policy(&knp);
+            if update.result.is_ok()
+                && let Some(why) = refused.get(&format!("{}/{}", update.namespace, update.name))
+            {
+                update.result = Err(PolicyRefusal::OverBudget(why.clone()));
+            }
+            if !update.is_current()
+                && let Err(e) = write_status(policies, &update).await
+            {
+                *statuses_due = true;
+                return Err((e, batch));
+            }
+        }
+        *statuses_due = false;
+    }
+    if batch.nodes_changed || *statuses_due {
+        return revoke_deleted_nodes(cp, &caches.nodes)
+            .await
+            .map_err(|e| (e, Dirty::default()));
+    }
+    Ok(None)
 }
 
 /// How long a node record may exist without its Node before it is revoked:
@@ -608,8 +964,7 @@ fn node_addresses(node: &Node) -> Vec<std::net::IpAddr> {
 
 /// Revokes the attested nodes whose Node is gone (after the grace period);
 /// returns when to look again for those still within it.
-async fn revoke_deleted_nodes(cp: &ControlPlane, inputs: &Inputs) -> Result<Option<Duration>, String> {
-    let live: std::collections::HashSet<String> = inputs.nodes.iter().map(|n| n.name_any()).collect();
+async fn revoke_deleted_nodes(cp: &ControlPlane, nodes: &Cache<Node>) -> Result<Option<Duration>, String> {
     let now = crate::server::now_unix();
     let mut recheck: Option<i64> = None;
     for record in cp
@@ -617,7 +972,7 @@ async fn revoke_deleted_nodes(cp: &ControlPlane, inputs: &Inputs) -> Result<Opti
         .records
         .nodes
         .iter()
-        .filter(|n| !live.contains(&n.name))
+        .filter(|n| nodes.get(&reflector::ObjectRef::new(&n.name)).is_none())
     {
         let age = now - record.attested_at;
         if age >= NODE_GRACE_SECS {
@@ -630,41 +985,6 @@ async fn revoke_deleted_nodes(cp: &ControlPlane, inputs: &Inputs) -> Result<Opti
         }
     }
     Ok(recheck.map(|s| Duration::from_secs(s.max(1) as u64)))
-}
-
-async fn reconcile_once(
-    cp: &ControlPlane,
-    caches: &Caches,
-    _client: &kube::Client,
-    policies: &Api<KeywayNetworkPolicy>,
-) -> Result<Option<Duration>, String> {
-    let inputs = caches.inputs();
-    let td = cp.config().trust_domain.clone();
-    let (outcome, mut statuses) = cp
-        .reconcile(|stored| {
-            let d = desired(&inputs, &td, stored);
-            (d.workloads, d.policies, d.statuses)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    if !outcome.changes.is_empty() {
-        info!(
-            changes = outcome.changes.len(),
-            revision = outcome.revision,
-            "store reconciled with Kubernetes"
-        );
-    }
-    // What compiled is decided by the compiler (budgets), after validation.
-    let refused = cp.registry().policy.refused.clone();
-    for u in statuses.iter_mut().filter(|u| u.result.is_ok()) {
-        if let Some(why) = refused.get(&format!("{}/{}", u.namespace, u.name)) {
-            u.result = Err(PolicyRefusal::OverBudget(why.clone()));
-        }
-    }
-    for update in statuses.iter().filter(|u| !u.is_current()) {
-        write_status(policies, update).await?;
-    }
-    revoke_deleted_nodes(cp, &inputs).await
 }
 
 fn rfc3339_now() -> String {

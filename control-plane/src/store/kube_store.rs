@@ -7,13 +7,18 @@
 //! | Object                             | Key                | Holds                                       |
 //! |------------------------------------|--------------------|---------------------------------------------|
 //! | Secret `keyway-ca` (Opaque)        | `ca.json`          | [`CaState`]: every authority and its keys   |
-//! | ConfigMap `keyway-state`           | `state.json`       | everything else that is shared (below)      |
+//! | ConfigMap `keyway-state`           | `state.json`       | nodes, join tokens, counters (below)        |
+//! | ConfigMaps `keyway-identity-<n>`   | `identity.json`    | one numeric identity each                   |
 //! | ConfigMaps `keyway-issuance-<n>`   | one key per serial | the issuance log, append-only, `n` from 0   |
 //!
-//! `state.json` holds the workloads, the policies, the numeric identities and
-//! the next one to hand out, the attested nodes and the next node id, the join
+//! Only what Keyway allocates is stored. Pods and policies are not: the API
+//! server holds them, and Kubernetes mode reads them from its watch caches,
+//! so nothing here grows with the number of pods. `state.json` holds the
+//! attested nodes and the next node id, the next numeric identity, the join
 //! tokens (keyed by the hex SHA-256 the caller passes; the tokens themselves
-//! are never stored), the registry revision, and `pending_issuance` (below).
+//! are never stored), the revision, and `pending_issuance` (below). Identity
+//! objects, their allocation and why it is crash-safe across two objects:
+//! [`super::kube_identities`].
 //! Private keys live only in the Secret, so RBAC can give readers of the
 //! registry no access to key material. Every object is created on first use
 //! and labelled `app.kubernetes.io/managed-by: keyway` and
@@ -32,11 +37,11 @@
 //! write makes each change atomic, and an acknowledged write is in etcd's
 //! quorum, so it is durable when the call returns.
 //!
-//! - Identities and node ids are allocated inside the state write from the
-//!   counters stored beside them. Two replicas allocating at once both read
-//!   the same counter, but only one write succeeds; the other retries on the
-//!   new state and takes the next number. Counters only grow and identity
-//!   records are never removed, so a number is never reused.
+//! - Node ids are allocated inside the state write from the counter stored
+//!   beside them, and blocks of identity numbers are reserved the same way.
+//!   Two replicas allocating at once both read the same counter, but only
+//!   one write succeeds; the other retries on the new state and takes the
+//!   next numbers. Counters only grow, so a number is never reused.
 //! - A join token is consumed in the same write that registers its node, so
 //!   of two replicas racing with the same token exactly one succeeds; the
 //!   other re-reads and sees it consumed.
@@ -84,9 +89,9 @@
 //! # Limits
 //!
 //! - Kubernetes caps an object at 1 MiB. `state.json` is refused above
-//!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`]. A workload
-//!   with its identity takes about 400 bytes (more with many labels), so the
-//!   ceiling is roughly 2000 workloads, pods included in Kubernetes mode.
+//!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`]. A node record
+//!   takes about 150 bytes, so the ceiling is about 5000 nodes. Pods and
+//!   identities are not in it.
 //!   Join tokens that expired more than [`TOKEN_RETENTION_SECS`] ago are
 //!   dropped on the next token write so they do not accumulate (presenting
 //!   one then reads "unknown token": still refused).
@@ -97,10 +102,10 @@
 //!   A writer whose head chunk was pruned under it moves to the newest one.
 //! - A write whose reply is lost (connection reset, timeout) is reported as
 //!   an error although the API server may have applied it.
-//! - The service account needs get, list, watch, create and update on
-//!   configmaps and secrets in the namespace.
+//! - The service account needs get, list, watch, create, update and delete
+//!   on configmaps, and get, create and update on secrets, in the namespace.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -112,6 +117,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::kube_identities as ids;
 use super::*;
 
 const STATE: &str = "keyway-state";
@@ -121,8 +127,8 @@ const CA_KEY: &str = "ca.json";
 const CHUNK_PREFIX: &str = "keyway-issuance-";
 
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-const COMPONENT: &str = "keyway.dev/component";
-const LAST_WRITER: &str = "keyway.dev/last-writer";
+pub(super) const COMPONENT: &str = "keyway.dev/component";
+pub(super) const LAST_WRITER: &str = "keyway.dev/last-writer";
 const REVISION: &str = "keyway.dev/revision";
 const ISSUANCE_COMPONENT: &str = "issuance-log";
 
@@ -137,18 +143,23 @@ const MAX_ATTEMPTS: u32 = 10;
 const TOKEN_RETENTION_SECS: i64 = 7 * 86400;
 
 /// `state.json` format; a replica refuses state written by a newer format.
-const FORMAT: u32 = 1;
+///
+/// - 1: `state.json` also held every workload (pods copied in), policy and
+///   identity. Read and migrated on open: the identities become objects,
+///   the copies are dropped (the API server holds pods and policies).
+/// - 2: identities are objects of their own ([`super::kube_identities`]).
+const FORMAT: u32 = 2;
 /// The most records one log write carries.
 const MAX_BATCH: usize = 512;
 /// Resource versions of this process's own writes remembered for the watch.
 const OWN_WRITES_REMEMBERED: usize = 256;
 
 /// Kubernetes-backed [`Store`], so several control-plane replicas share one
-/// state: the CA in Secret `keyway-ca`, the registry in ConfigMap
-/// `keyway-state`, the issuance log in ConfigMaps `keyway-issuance-<n>`, all
-/// in the control plane's namespace. The top of `store/kube_store.rs` gives
-/// the layout, why concurrent replicas lose nothing and hand out nothing
-/// twice, and the limits (about 2000 workloads: a ConfigMap holds 1 MiB).
+/// state: the CA in Secret `keyway-ca`, nodes and tokens in ConfigMap
+/// `keyway-state`, one ConfigMap per numeric identity, the issuance log in
+/// ConfigMaps `keyway-issuance-<n>`, all in the control plane's namespace.
+/// The top of `store/kube_store.rs` gives the layout, why concurrent
+/// replicas lose nothing and hand out nothing twice, and the limits.
 pub struct KubeStore {
     namespace: String,
     writer: String,
@@ -165,6 +176,8 @@ pub struct KubeStore {
     log: mpsc::Sender<LogRequest>,
     changes: watch::Sender<u64>,
     watch_task: tokio::task::JoinHandle<()>,
+    identities: ids::SharedIndex,
+    identity_task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -180,6 +193,7 @@ impl Drop for KubeStore {
     fn drop(&mut self) {
         // The log writer ends by itself once its queue's sender is gone.
         self.watch_task.abort();
+        self.identity_task.abort();
     }
 }
 
@@ -247,7 +261,18 @@ impl KubeStore {
         };
         tokio::spawn(chunks.run(queue));
 
+        let identities = ids::SharedIndex::default();
+        let listed = ids::list(&configmaps)
+            .await
+            .map_err(|e| api_error(e, "list", "configmaps", "", namespace))?;
+        ids::load(&identities, listed);
+
         let (changes, _) = watch::channel(0u64);
+        let identity_task = tokio::spawn(ids::follow(
+            configmaps.clone(),
+            identities.clone(),
+            changes.clone(),
+        ));
         let watch_task = tokio::spawn(watch_shared(
             Api::namespaced(client.clone(), namespace),
             Api::namespaced(client, namespace),
@@ -268,10 +293,60 @@ impl KubeStore {
             log,
             changes,
             watch_task,
+            identities,
+            identity_task,
         };
+        store.migrate().await?;
         // Node SVIDs a replica recorded but did not get to move (it crashed).
         store.drain_pending().await;
         Ok(store)
+    }
+
+    /// Format 1 kept identities (and copies of pods and policies) inside
+    /// `state.json`. The identities become objects first (create-if-absent,
+    /// so a crash part-way is finished by the next start), then the state is
+    /// rewritten without them.
+    async fn migrate(&self) -> StoreResult<()> {
+        let (_, state) = self.read_state().await?;
+        if state.format >= FORMAT {
+            return Ok(());
+        }
+        let legacy: Vec<IdentityRecord> = state.legacy_identities.values().cloned().collect();
+        for rec in &legacy {
+            let cm = ids::identity_configmap(rec, &self.writer)?;
+            match self.configmaps.create(&PostParams::default(), &cm).await {
+                Ok(_) => {}
+                Err(e) if is_already_exists(&e) => {}
+                Err(e) => {
+                    return Err(self.error(e, "create", "configmaps", &ids::identity_object_name(rec.id)));
+                }
+            }
+            ids::lock(&self.identities).insert(rec.clone());
+        }
+        self.update_state("format migration", |state| {
+            if state.format >= FORMAT {
+                return Ok(Written::Unchanged(()));
+            }
+            state.format = FORMAT;
+            state.legacy_identities.clear();
+            Ok(Written::Changed(()))
+        })
+        .await?;
+        tracing::info!(
+            namespace = %self.namespace,
+            identities = legacy.len(),
+            "migrated the shared state to format {FORMAT}: identities are objects of their own, pods and policies are no longer copied"
+        );
+        Ok(())
+    }
+
+    fn allocator(&self) -> ids::Allocator<'_> {
+        ids::Allocator {
+            api: &self.configmaps,
+            namespace: &self.namespace,
+            writer: &self.writer,
+            index: &self.identities,
+        }
     }
 
     async fn read_state(&self) -> StoreResult<(ConfigMap, SharedState)> {
@@ -702,15 +777,14 @@ impl Store for KubeStore {
 
     async fn apply(
         &self,
-        workloads: Vec<WorkloadRecord>,
-        policies: Vec<PolicyRecord>,
+        _workloads: Vec<WorkloadRecord>,
+        _policies: Vec<PolicyRecord>,
     ) -> StoreResult<ApplyOutcome> {
-        self.update_state("apply", |state| state.apply(&workloads, &policies))
-            .await
+        Err(no_documents())
     }
 
-    async fn delete(&self, refs: Vec<DocumentRef>) -> StoreResult<ApplyOutcome> {
-        self.update_state("delete", |state| Ok(state.delete(&refs))).await
+    async fn delete(&self, _refs: Vec<DocumentRef>) -> StoreResult<ApplyOutcome> {
+        Err(no_documents())
     }
 
     async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>> {
@@ -723,22 +797,25 @@ impl Store for KubeStore {
         .await
     }
 
-    async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize> {
-        self.update_state("identity collection", |state| {
-            let used: std::collections::HashSet<u32> = state.workloads.values().map(|w| w.identity).collect();
-            let before = state.identities.len();
-            state
-                .identities
-                .retain(|id, _| used.contains(id) || !ids.contains(id));
-            let n = before - state.identities.len();
-            Ok(if n > 0 {
-                state.revision += 1;
-                Written::Changed(n)
-            } else {
-                Written::Unchanged(0)
+    async fn allocate_identities(&self, wanted: &[IdentityRecord]) -> StoreResult<Vec<IdentityRecord>> {
+        self.allocator()
+            .allocate(wanted, |n| {
+                self.update_state("identity numbers", move |state| {
+                    let start = state
+                        .next_identity
+                        .max(u64::from(keyway_common::identity::FIRST_USER));
+                    if start.saturating_add(n) > u64::from(u32::MAX) {
+                        return Err(StoreError::Exhausted("numeric identities exhausted".into()));
+                    }
+                    state.next_identity = start + n;
+                    Ok(Written::Changed(start..start + n))
+                })
             })
-        })
-        .await
+            .await
+    }
+
+    async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize> {
+        self.allocator().forget(ids).await
     }
 
     async fn revoke_node(&self, node: &str) -> StoreResult<bool> {
@@ -756,12 +833,27 @@ impl Store for KubeStore {
 
     async fn registry(&self) -> StoreResult<RegistrySnapshot> {
         let (_, state) = self.read_state().await?;
-        Ok(state.snapshot())
+        let identities = ids::lock(&self.identities).all();
+        Ok(RegistrySnapshot {
+            revision: state.revision,
+            workloads: Vec::new(),
+            identities,
+            nodes: state.nodes.values().cloned().collect(),
+            policies: Vec::new(),
+        })
     }
 
     fn subscribe_changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.changes.subscribe())
     }
+}
+
+fn no_documents() -> StoreError {
+    StoreError::Backend(
+        "the Kubernetes store keeps no workloads or policies: the API server holds the Pods and \
+         policies, and the control plane reads them from its watch cache"
+            .into(),
+    )
 }
 
 /// Whether a change needs a write.
@@ -775,17 +867,15 @@ enum Written<R> {
 #[serde(default)]
 struct SharedState {
     format: u32,
-    /// The registry revision: grows with every change of workloads,
-    /// policies or nodes.
+    /// Grows with every change of the node records.
     revision: u64,
     /// The next numeric identity to hand out (below FIRST_USER: FIRST_USER).
     next_identity: u64,
     /// The next node id to hand out (0: 1).
     next_node_id: u64,
-    workloads: BTreeMap<String, WorkloadRecord>,
-    policies: BTreeMap<String, PolicyRecord>,
-    /// Never removed: a number stays taken once handed out.
-    identities: BTreeMap<u32, IdentityRecord>,
+    /// Format 1 only (read to migrate them to objects; never written).
+    #[serde(rename = "identities", skip_serializing_if = "BTreeMap::is_empty")]
+    legacy_identities: BTreeMap<u32, IdentityRecord>,
     nodes: BTreeMap<String, NodeRecord>,
     /// By hex SHA-256 of the token.
     join_tokens: BTreeMap<String, JoinTokenRecord>,
@@ -837,116 +927,15 @@ impl SharedState {
         if json.len() > STATE_LIMIT {
             return Err(StoreError::Exhausted(format!(
                 "the shared state would take {} KiB, more than the {} KiB a ConfigMap can hold \
-                 (Kubernetes caps objects at 1 MiB): {} workloads, {} identities, {} policies, \
-                 {} nodes, {} join tokens; delete workloads or policies that are no longer needed",
+                 (Kubernetes caps objects at 1 MiB): {} nodes, {} join tokens; revoke nodes that \
+                 are gone (`control-plane node revoke`) and let unused join tokens expire",
                 json.len() / 1024,
                 STATE_LIMIT / 1024,
-                self.workloads.len(),
-                self.identities.len(),
-                self.policies.len(),
                 self.nodes.len(),
                 self.join_tokens.len(),
             )));
         }
         Ok(json)
-    }
-
-    fn apply(
-        &mut self,
-        workloads: &[WorkloadRecord],
-        policies: &[PolicyRecord],
-    ) -> StoreResult<Written<ApplyOutcome>> {
-        let mut by_key: HashMap<String, u32> = HashMap::with_capacity(self.identities.len());
-        for rec in self.identities.values() {
-            let key = identity_key(&rec.namespace, &rec.service_account, &rec.labels);
-            by_key.entry(key).or_insert(rec.id);
-        }
-        let mut changes = Vec::with_capacity(workloads.len() + policies.len());
-        let mut changed = false;
-        for w in workloads {
-            let mut w = w.clone();
-            let key = identity_key(&w.namespace, &w.service_account, &w.labels);
-            let id = match by_key.get(&key) {
-                Some(&id) => id,
-                None => {
-                    let next = self
-                        .next_identity
-                        .max(u64::from(keyway_common::identity::FIRST_USER));
-                    let id = u32::try_from(next)
-                        .map_err(|_| StoreError::Exhausted("numeric identities exhausted".into()))?;
-                    self.next_identity = next + 1;
-                    self.identities.insert(
-                        id,
-                        IdentityRecord {
-                            id,
-                            spiffe_id: w.spiffe_id.clone(),
-                            namespace: w.namespace.clone(),
-                            service_account: w.service_account.clone(),
-                            labels: identity_labels(&w.labels),
-                        },
-                    );
-                    by_key.insert(key, id);
-                    changed = true;
-                    id
-                }
-            };
-            w.identity = id;
-            let wkey = w.key();
-            let verb = match self.workloads.get(&wkey) {
-                Some(p) if *p == w => "unchanged",
-                Some(_) => "configured",
-                None => "created",
-            };
-            changes.push(format!("workload {wkey} {verb} (identity {id}, {})", w.spiffe_id));
-            if verb != "unchanged" {
-                changed = true;
-                self.workloads.insert(wkey, w);
-            }
-        }
-        for p in policies {
-            let pkey = p.key();
-            let verb = match self.policies.get(&pkey) {
-                Some(old) if old == p => "unchanged",
-                Some(_) => "configured",
-                None => "created",
-            };
-            changes.push(format!("keywaynetworkpolicy {pkey} {verb}"));
-            if verb != "unchanged" {
-                changed = true;
-                self.policies.insert(pkey, p.clone());
-            }
-        }
-        Ok(self.outcome(changes, changed))
-    }
-
-    fn delete(&mut self, refs: &[DocumentRef]) -> Written<ApplyOutcome> {
-        let mut changes = Vec::with_capacity(refs.len());
-        let mut changed = false;
-        for r in refs {
-            let key = r.key();
-            let removed = match r.kind {
-                DocumentKind::Workload => self.workloads.remove(&key).is_some(),
-                DocumentKind::KeywayNetworkPolicy => self.policies.remove(&key).is_some(),
-            };
-            changed |= removed;
-            let verb = if removed { "deleted" } else { "not found" };
-            changes.push(format!("{} {key} {verb}", r.kind.noun()));
-        }
-        self.outcome(changes, changed)
-    }
-
-    fn outcome(&mut self, changes: Vec<String>, changed: bool) -> Written<ApplyOutcome> {
-        if !changed {
-            return Written::Unchanged(ApplyOutcome {
-                changes,
-                revision: self.revision,
-            });
-        }
-        self.revision += 1;
-        Written::Changed(ApplyOutcome {
-            changes,
-            revision: self.revision,
-        })
     }
 
     /// Marks the token consumed, or says why it cannot be.
@@ -1003,16 +992,6 @@ impl SharedState {
         self.revision += 1;
         Some(true)
     }
-
-    fn snapshot(&self) -> RegistrySnapshot {
-        RegistrySnapshot {
-            revision: self.revision,
-            workloads: self.workloads.values().cloned().collect(),
-            identities: self.identities.values().cloned().collect(),
-            nodes: self.nodes.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-        }
-    }
 }
 
 /// Writes `state` into `cm` with this writer's annotations.
@@ -1025,7 +1004,7 @@ fn set_state(cm: &mut ConfigMap, state: &SharedState, writer: &str) -> StoreResu
     Ok(())
 }
 
-fn object_meta(name: &str, component: &str) -> ObjectMeta {
+pub(super) fn object_meta(name: &str, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_owned()),
         labels: Some(BTreeMap::from([
@@ -1419,18 +1398,24 @@ fn is_conflict(e: &kube::Error) -> bool {
     status(e).is_some_and(|s| s.is_conflict())
 }
 
-fn is_already_exists(e: &kube::Error) -> bool {
+pub(super) fn is_already_exists(e: &kube::Error) -> bool {
     status(e).is_some_and(|s| s.is_already_exists())
 }
 
-fn is_not_found(e: &kube::Error) -> bool {
+pub(super) fn is_not_found(e: &kube::Error) -> bool {
     status(e).is_some_and(|s| s.is_not_found())
 }
 
 /// An API failure as a message that says what failed and what to do. The
 /// API server's messages name objects and fields, never their contents.
 /// `name` is empty for operations on the collection (list).
-fn api_error(e: kube::Error, verb: &str, resource: &str, name: &str, namespace: &str) -> StoreError {
+pub(super) fn api_error(
+    e: kube::Error,
+    verb: &str,
+    resource: &str,
+    name: &str,
+    namespace: &str,
+) -> StoreError {
     let target = if name.is_empty() {
         resource.to_owned()
     } else {
@@ -1496,143 +1481,10 @@ fn conflict_backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{AuthMode, PolicySpec, Rule};
-
-    fn workload(name: &str, labels: &[(&str, &str)]) -> WorkloadRecord {
-        WorkloadRecord {
-            namespace: "default".into(),
-            name: name.into(),
-            service_account: name.into(),
-            node: "n1".into(),
-            ips: vec!["10.0.0.1".into()],
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            selectors: vec![],
-            svid_ttl_secs: None,
-            identity: 0,
-            spiffe_id: format!("spiffe://td/ns/default/sa/{name}"),
-        }
-    }
-
-    fn policy(name: &str, auth: AuthMode) -> PolicyRecord {
-        PolicyRecord {
-            namespace: "default".into(),
-            name: name.into(),
-            spec: PolicySpec {
-                ingress: Some(vec![Rule {
-                    authentication: auth,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            },
-        }
-    }
-
-    fn changed<R>(w: Written<R>) -> (R, bool) {
-        match w {
-            Written::Changed(r) => (r, true),
-            Written::Unchanged(r) => (r, false),
-        }
-    }
 
     /// The state after a JSON round trip, as the next replica reads it.
     fn reread(state: &SharedState) -> SharedState {
         SharedState::decode(&state.encode().unwrap()).unwrap().unwrap()
-    }
-
-    #[test]
-    fn identities_start_at_256_survive_deletes_and_are_never_reused() {
-        let mut state = SharedState::new();
-        let (out, wrote) = changed(
-            state
-                .apply(
-                    &[workload("a", &[]), workload("b", &[])],
-                    &[policy("p", AuthMode::Required)],
-                )
-                .unwrap(),
-        );
-        assert!(wrote);
-        assert_eq!(out.revision, 1);
-        let ids: Vec<u32> = state.workloads.values().map(|w| w.identity).collect();
-        assert_eq!(ids, vec![256, 257]);
-
-        let mut state = reread(&state);
-        let (again, wrote) = changed(state.apply(&[workload("a", &[])], &[]).unwrap());
-        assert!(!wrote, "re-applying the same document writes nothing");
-        assert_eq!(again.revision, 1);
-        assert_eq!(
-            again.changes,
-            vec!["workload default/a unchanged (identity 256, spiffe://td/ns/default/sa/a)"]
-        );
-
-        let (deleted, wrote) = changed(state.delete(&[
-            DocumentRef {
-                kind: DocumentKind::Workload,
-                namespace: "default".into(),
-                name: "a".into(),
-            },
-            DocumentRef {
-                kind: DocumentKind::KeywayNetworkPolicy,
-                namespace: "default".into(),
-                name: "nope".into(),
-            },
-        ]));
-        assert!(wrote);
-        assert_eq!(
-            deleted.changes,
-            vec![
-                "workload default/a deleted",
-                "keywaynetworkpolicy default/nope not found"
-            ]
-        );
-        assert_eq!(deleted.revision, 2);
-
-        let mut state = reread(&state);
-        state.apply(&[workload("c", &[])], &[]).unwrap();
-        state.apply(&[workload("a", &[])], &[]).unwrap();
-        let id = |name: &str| state.workloads[&format!("default/{name}")].identity;
-        assert_eq!((id("a"), id("c")), (256, 258));
-        assert_eq!(
-            state.identities.keys().copied().collect::<Vec<_>>(),
-            vec![256, 257, 258]
-        );
-    }
-
-    #[test]
-    fn replica_labels_share_an_identity_and_other_labels_split_it() {
-        let mut state = SharedState::new();
-        state
-            .apply(
-                &[
-                    workload("a", &[("app", "x"), ("pod-template-hash", "1")]),
-                    WorkloadRecord {
-                        name: "a2".into(),
-                        service_account: "a".into(),
-                        ..workload("a", &[("app", "x"), ("pod-template-hash", "2")])
-                    },
-                    WorkloadRecord {
-                        name: "a3".into(),
-                        service_account: "a".into(),
-                        ..workload("a", &[("app", "y")])
-                    },
-                ],
-                &[],
-            )
-            .unwrap();
-        let ids: Vec<u32> = state.workloads.values().map(|w| w.identity).collect();
-        assert_eq!(ids, vec![256, 256, 257]);
-    }
-
-    #[test]
-    fn policies_are_replaced_by_name() {
-        let mut state = SharedState::new();
-        state.apply(&[], &[policy("a", AuthMode::Required)]).unwrap();
-        let (out, wrote) = changed(state.apply(&[], &[policy("a", AuthMode::Disabled)]).unwrap());
-        assert!(wrote);
-        assert_eq!(out.changes, vec!["keywaynetworkpolicy default/a configured"]);
-        assert_eq!(state.snapshot().policies, vec![policy("a", AuthMode::Disabled)]);
     }
 
     fn token(node: &str, expires_at: i64) -> JoinTokenRecord {
@@ -1689,27 +1541,60 @@ mod tests {
 
     #[test]
     fn state_over_the_configmap_limit_is_refused_with_what_to_do() {
+        let node = |state: &mut SharedState, i: usize| {
+            let name = format!("ip-10-0-{}-{}.eu-west-1.compute.internal", i / 250, i % 250);
+            state.register(&name, 1_700_000_000, 1).unwrap();
+            state.set_node_addresses(&name, &[format!("10.0.{}.{}:4450", i / 250, i % 250)]);
+        };
         let mut state = SharedState::new();
-        let many: Vec<WorkloadRecord> = (0..4000)
-            .map(|i| workload(&format!("workload-{i:04}"), &[("app", "api")]))
-            .collect();
-        state.apply(&many, &[]).unwrap();
+        for i in 0..10_000 {
+            node(&mut state, i);
+        }
         match state.encode() {
             Err(StoreError::Exhausted(m)) => {
-                assert!(m.contains("1 MiB") && m.contains("4000 workloads"), "{m}");
+                assert!(m.contains("1 MiB") && m.contains("10000 nodes"), "{m}");
             }
             Err(e) => panic!("expected Exhausted, got {e}"),
             Ok(json) => panic!("{} bytes accepted", json.len()),
         }
-        // The documented capacity: about 2000 workloads with their identities.
+        // The documented capacity: about 5000 nodes (pods and identities
+        // are not in the state at all).
         let mut state = SharedState::new();
-        state.apply(&many[..2000], &[]).unwrap();
+        for i in 0..5_000 {
+            node(&mut state, i);
+        }
         assert!(state.encode().is_ok());
     }
 
     #[test]
+    fn format_1_identities_are_read_for_migration_and_pod_copies_dropped() {
+        let raw = r#"{"format": 1, "revision": 7, "next_identity": 258,
+            "workloads": {"default/a": {"namespace": "default"}},
+            "identities": {"256": {"id": 256, "spiffe_id": "spiffe://td/ns/default/sa/a",
+                "namespace": "default", "service_account": "a", "labels": {}}}}"#;
+        let state = SharedState::decode(raw).unwrap().unwrap();
+        assert_eq!(state.format, 1);
+        assert_eq!(
+            state.legacy_identities.keys().copied().collect::<Vec<_>>(),
+            vec![256]
+        );
+        assert_eq!(
+            state.next_identity, 258,
+            "the counter is kept: numbers are never reused"
+        );
+        let mut migrated = state;
+        migrated.format = FORMAT;
+        migrated.legacy_identities.clear();
+        let json = migrated.encode().unwrap();
+        assert!(
+            !json.contains("workloads") && !json.contains("identities"),
+            "{json}"
+        );
+    }
+
+    #[test]
     fn state_from_a_newer_format_is_refused() {
-        let raw = r#"{"format": 2, "revision": 1}"#;
+        let raw = r#"{"format": 3, "revision": 1}"#;
         match SharedState::decode(raw) {
             Ok(Err(StoreError::Backend(m))) => assert!(m.contains("upgrade"), "{m}"),
             _ => panic!("a newer format must be refused"),

@@ -4,6 +4,7 @@
 //! Every method that changes state is atomic and durable when it returns: a
 //! crash (kill -9) at any point leaves either the whole change or none of it.
 
+mod kube_identities;
 mod kube_store;
 mod sled_store;
 
@@ -392,10 +393,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// they changed (the revision grows only then); `None` when no such
     /// node is registered.
     async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>>;
-    /// Forgets the identities among `ids` that no workload uses (checked
-    /// again here: one in use stays). Their numbers are never handed out
-    /// again. Returns how many went. Callers serialise registry writes (the
-    /// control plane's registry lock).
+    /// The numeric identity of each of `wanted` (namespace, service
+    /// account and identity labels; `id` is ignored), in order, allocating
+    /// one for each that has none yet. Kubernetes mode calls this for the
+    /// pods it sees, storing nothing else about them. Allocation is
+    /// create-if-absent: a number is never handed to two identities, also
+    /// by two replicas at once.
+    async fn allocate_identities(&self, wanted: &[IdentityRecord]) -> StoreResult<Vec<IdentityRecord>>;
+    /// Forgets the identities among `ids` that no stored workload uses
+    /// (checked again here: one in use stays; Kubernetes mode stores no
+    /// workloads, so there the caller's check is the one that counts).
+    /// Their numbers are never handed out again. Returns how many went.
+    /// Callers serialise registry writes (the control plane's registry lock).
     async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize>;
     /// Revokes a node: its record goes (renewals and calls with its SVID are
     /// refused, its Sync stream ends, peers flush its auth entries). Its node

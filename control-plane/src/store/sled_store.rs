@@ -451,6 +451,59 @@ impl Store for SledStore {
         Ok(changed)
     }
 
+    async fn allocate_identities(&self, wanted: &[IdentityRecord]) -> StoreResult<Vec<IdentityRecord>> {
+        let trees = (&self.identities, &self.identity_keys, &self.meta);
+        let result = trees.transaction(|(id_tree, key_tree, meta)| {
+            let mut next_id =
+                read_u64(meta.get(NEXT_IDENTITY)?).max(u64::from(keyway_common::identity::FIRST_USER));
+            let start_id = next_id;
+            let mut out = Vec::with_capacity(wanted.len());
+            for w in wanted {
+                let key = identity_key(&w.namespace, &w.service_account, &w.labels);
+                let rec = match key_tree.get(key.as_bytes())? {
+                    Some(raw) => {
+                        let id = read_u64(Some(raw)) as u32;
+                        match id_tree.get(id.to_be_bytes())? {
+                            Some(raw) => decode("identity", &raw).map_err(TxError::Abort)?,
+                            None => {
+                                return Err(TxError::Abort(StoreError::Corrupt {
+                                    what: format!("identity {id}"),
+                                    reason: "its key is indexed but the record is missing".into(),
+                                }));
+                            }
+                        }
+                    }
+                    None => {
+                        let id = u32::try_from(next_id).map_err(|_| {
+                            TxError::Abort(StoreError::Exhausted("numeric identities exhausted".into()))
+                        })?;
+                        next_id += 1;
+                        let rec = IdentityRecord {
+                            id,
+                            labels: identity_labels(&w.labels),
+                            ..w.clone()
+                        };
+                        key_tree.insert(key.as_bytes(), &u64::from(id).to_be_bytes())?;
+                        id_tree.insert(&id.to_be_bytes(), encode(&rec))?;
+                        rec
+                    }
+                };
+                out.push(rec);
+            }
+            if next_id != start_id {
+                meta.insert(NEXT_IDENTITY, &next_id.to_be_bytes())?;
+                let rev = read_u64(meta.get(REVISION)?) + 1;
+                meta.insert(REVISION, &rev.to_be_bytes())?;
+            }
+            Ok((out, next_id != start_id))
+        });
+        let (out, changed) = tx_result(result)?;
+        if changed {
+            self.flush().await?;
+        }
+        Ok(out)
+    }
+
     async fn forget_identities(&self, ids: &[u32]) -> StoreResult<usize> {
         let used: std::collections::HashSet<u32> = self
             .workloads
