@@ -16,7 +16,7 @@ CLUSTER_TESTS := cluster
 # Every other integration test file.
 INTEGRATION_TESTS := $(filter-out $(PRIVILEGED_TESTS) $(KUBERNETES_TESTS) $(CLUSTER_TESTS),$(basename $(notdir $(wildcard tests/tests/*.rs))))
 
-.PHONY: all setup build test lint unit integration datapath kubernetes cluster-tier bench demo image cluster clean-tiers print-tiers
+.PHONY: bench-scale all setup build test lint unit integration datapath kubernetes cluster-tier bench demo image cluster clean-tiers print-tiers
 
 all: build
 
@@ -82,10 +82,23 @@ cluster-tier: setup
 test: clean-tiers lint unit integration datapath kubernetes cluster-tier
 	@echo "tiers run: $$(ls $(TIER_DIR) | tr '\n' ' ')"
 
-bench: setup
+bench: setup bench-scale
 	$(CARGO) build --release --bins
 	$(CARGO) bench -p keyway-tests --bench issuance --bench agent --bench datapath --bench auth
-	@echo "results: bench-results/issuance.md bench-results/agent.md bench-results/datapath.md bench-results/auth.md"
+	@echo "results: bench-results/issuance.md bench-results/agent.md bench-results/datapath.md bench-results/auth.md bench-results/scale.md"
+
+# Kubernetes mode at cluster scale against the real kube-apiserver, this tree
+# against the control plane before per-object state (scripts/scale-baseline.sh,
+# built first: it passes through target/release). KEYWAY_SCALE=PODS:NODES:IDS,...
+# picks the scenarios. One simulated agent per node: many sockets, so a high
+# file limit.
+bench-scale: setup
+	baseline=$$(bash scripts/scale-baseline.sh) && \
+	$(CARGO) build --release --bins && \
+	ulimit -n $$(ulimit -Hn) && \
+	KEYWAY_SCALE_BASELINE=$$baseline KEYWAY_SCALE_BASELINE_REV=$$(basename $$baseline | sed 's/.*-//') \
+	  bash scripts/with-kube-apiserver.sh $(CARGO) bench -p keyway-tests --bench scale
+	@echo "results: bench-results/scale.md"
 
 demo: build
 	@bash scripts/demo.sh

@@ -233,16 +233,18 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
         let cluster = self.cp.registry();
         let reg = &cluster.records;
+        let mut by_identity: std::collections::HashMap<u32, Vec<String>> = std::collections::HashMap::new();
+        for w in &reg.workloads {
+            by_identity
+                .entry(w.identity)
+                .or_default()
+                .push(format!("{} (node {})", w.key(), w.node));
+        }
         let identities = reg
             .identities
             .iter()
             .filter_map(|i| {
-                let workloads: Vec<String> = reg
-                    .workloads
-                    .iter()
-                    .filter(|w| w.identity == i.id)
-                    .map(|w| format!("{} (node {})", w.key(), w.node))
-                    .collect();
+                let workloads = by_identity.remove(&i.id).unwrap_or_default();
                 // Identities no workload references any more are not listed.
                 (!workloads.is_empty()).then(|| pb::IdentityInfo {
                     identity: Some(pb::Identity {
@@ -257,5 +259,51 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::ListIdentitiesResponse { identities }))
+    }
+
+    async fn list_issuance(
+        &self,
+        req: Request<pb::ListIssuanceRequest>,
+    ) -> Result<Response<pb::ListIssuanceResponse>, Status> {
+        let req = req.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n => (n as usize).min(10_000),
+        };
+        let log = self
+            .cp
+            .store()
+            .issuance_log()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read the issuance log: {e}")))?;
+        let held = log.len() as u64;
+        let mut matching: Vec<_> = log
+            .into_iter()
+            .filter(|r| req.spiffe_id.is_empty() || r.spiffe_id == req.spiffe_id)
+            .filter(|r| req.requester.is_empty() || r.requester == req.requester)
+            .filter(|r| req.serial.is_empty() || r.serial.eq_ignore_ascii_case(&req.serial))
+            .collect();
+        let matched = matching.len() as u64;
+        matching.sort_by(|a, b| {
+            b.issued_at
+                .cmp(&a.issued_at)
+                .then_with(|| a.serial.cmp(&b.serial))
+        });
+        matching.truncate(limit);
+        Ok(Response::new(pb::ListIssuanceResponse {
+            records: matching
+                .into_iter()
+                .map(|r| pb::IssuanceEntry {
+                    serial: r.serial,
+                    spiffe_id: r.spiffe_id,
+                    requester: r.requester,
+                    ca_id: r.ca_id,
+                    issued_at: r.issued_at,
+                    not_after: r.not_after,
+                })
+                .collect(),
+            matched,
+            held,
+        }))
     }
 }

@@ -70,6 +70,9 @@ pub enum Command {
     /// Attested nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The issuance log (within its retention window).
+    #[command(subcommand)]
+    Issuance(IssuanceCommand),
     /// Print the KeywayNetworkPolicy CustomResourceDefinition (YAML), as
     /// generated from the Rust types and committed in the Helm chart.
     Crd,
@@ -278,6 +281,29 @@ pub enum NodeCommand {
     /// stream ends and every agent flushes the auth entries it vouched for.
     /// Attesting again (a new join token) starts a new registration.
     Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IssuanceCommand {
+    /// Certificates issued, newest first: serial, SPIFFE ID, requester,
+    /// authority and validity. The log keeps what `serve
+    /// --issuance-keep-after-expiry/--issuance-max-*` allow.
+    List {
+        /// Only certificates for this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only certificates this node (or `admin`, `control-plane`) asked for.
+        #[arg(long)]
+        requester: Option<String>,
+        /// Only the certificate with this serial (hex).
+        #[arg(long)]
+        serial: Option<String>,
+        /// At most this many (at most 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -738,6 +764,66 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .map_err(status_error)?;
             println!("node {name} revoked");
+            Ok(())
+        }
+        Command::Issuance(IssuanceCommand::List {
+            spiffe_id,
+            requester,
+            serial,
+            limit,
+            output,
+        }) => {
+            let mut c = admin(socket).await?;
+            let r = c
+                .list_issuance(pb::ListIssuanceRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    requester: requester.unwrap_or_default(),
+                    serial: serial.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Output::Json => {
+                    for e in &r.records {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "serial": e.serial,
+                                "spiffe_id": e.spiffe_id,
+                                "requester": e.requester,
+                                "ca_id": e.ca_id,
+                                "issued_at": e.issued_at,
+                                "not_after": e.not_after,
+                            })
+                        );
+                    }
+                }
+                Output::Table => {
+                    println!(
+                        "{:<40} {:<20} {:<20} {:<20} {:<16} SPIFFE ID",
+                        "SERIAL", "ISSUED", "NOT AFTER", "REQUESTER", "CA"
+                    );
+                    for e in &r.records {
+                        println!(
+                            "{:<40} {:<20} {:<20} {:<20} {:<16} {}",
+                            e.serial,
+                            format_time(e.issued_at),
+                            format_time(e.not_after),
+                            e.requester,
+                            e.ca_id,
+                            e.spiffe_id
+                        );
+                    }
+                    eprintln!(
+                        "{} shown, {} matched, {} held in the log",
+                        r.records.len(),
+                        r.matched,
+                        r.held
+                    );
+                }
+            }
             Ok(())
         }
         Command::Identity(IdentityCommand::List { output }) => {

@@ -144,14 +144,17 @@ struct Inner {
     /// describe, held here and never stored (the API server holds them).
     /// Set when Kubernetes mode starts ([`ControlPlane::read_workloads_from_kubernetes`]).
     sourced: std::sync::OnceLock<std::sync::Mutex<Sourced>>,
+    /// Sourced workloads the last publish held back (no identity yet).
+    sourced_waiting: std::sync::atomic::AtomicUsize,
     metrics: Metrics,
 }
 
 /// Kubernetes mode's view of the API server (see [`ControlPlane::apply_sourced`]).
 #[derive(Debug, Default)]
 struct Sourced {
-    /// By namespace/name; `identity` is filled from the store at publish.
-    workloads: HashMap<String, WorkloadRecord>,
+    /// By namespace/name (the registry's order); `identity` is filled from
+    /// the store at publish.
+    workloads: std::collections::BTreeMap<String, WorkloadRecord>,
     /// By namespace/name: the last valid version of each policy.
     policies: std::collections::BTreeMap<String, PolicyRecord>,
     /// Grows with every change, so the published revision does too.
@@ -295,6 +298,7 @@ impl ControlPlane {
                 attest_rate: crate::rate_limit::PerSource::new(cfg_attest_per_minute),
                 leader: std::sync::OnceLock::new(),
                 sourced: std::sync::OnceLock::new(),
+                sourced_waiting: std::sync::atomic::AtomicUsize::new(0),
                 metrics,
             }),
         };
@@ -1239,7 +1243,6 @@ impl ControlPlane {
         };
         let _guard = self.inner.registry_lock.lock().await;
         let mut out = SourcedOutcome::default();
-        let mut touched = Vec::new();
         {
             let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (key, record) in changes.workloads {
@@ -1251,7 +1254,6 @@ impl ControlPlane {
                 out.changed += 1;
                 match record {
                     Some(w) => {
-                        touched.push(w.clone());
                         view.workloads.insert(key, w);
                     }
                     None => {
@@ -1273,25 +1275,21 @@ impl ControlPlane {
                 view.generation += 1;
             }
         }
-        if out.changed == 0 {
+        let leader = self.is_leader();
+        let waiting = self
+            .inner
+            .sourced_waiting
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Nothing new, unless workloads wait for an identity this replica
+        // now allocates (it just took the lead).
+        if out.changed == 0 && !(leader && waiting > 0) {
             return Ok(out);
         }
         let mut stored = self.inner.store.registry().await?;
-        if self.is_leader() && !touched.is_empty() {
-            let known: HashSet<String> = stored
-                .identities
+        let (mut records, mut unresolved) = merge_sourced(self.inner.sourced.get(), stored.clone());
+        if leader && !unresolved.is_empty() {
+            let wanted: Vec<crate::store::IdentityRecord> = unresolved
                 .iter()
-                .map(|i| crate::store::identity_key(&i.namespace, &i.service_account, &i.labels))
-                .collect();
-            let wanted: Vec<crate::store::IdentityRecord> = touched
-                .iter()
-                .filter(|w| {
-                    !known.contains(&crate::store::identity_key(
-                        &w.namespace,
-                        &w.service_account,
-                        &w.labels,
-                    ))
-                })
                 .map(|w| crate::store::IdentityRecord {
                     id: 0,
                     spiffe_id: w.spiffe_id.clone(),
@@ -1300,15 +1298,16 @@ impl ControlPlane {
                     labels: crate::store::identity_labels(&w.labels),
                 })
                 .collect();
-            if !wanted.is_empty() {
-                let before = stored.identities.len();
-                self.inner.store.allocate_identities(&wanted).await?;
-                stored = self.inner.store.registry().await?;
-                out.allocated = stored.identities.len().saturating_sub(before);
-            }
+            let before = stored.identities.len();
+            self.inner.store.allocate_identities(&wanted).await?;
+            stored = self.inner.store.registry().await?;
+            out.allocated = stored.identities.len().saturating_sub(before);
+            (records, unresolved) = merge_sourced(self.inner.sourced.get(), stored);
         }
-        let records = merge_sourced(self.inner.sourced.get(), stored);
-        out.waiting = self.sourced_len().saturating_sub(records.workloads.len());
+        out.waiting = unresolved.len();
+        self.inner
+            .sourced_waiting
+            .store(out.waiting, std::sync::atomic::Ordering::Relaxed);
         self.publish_registry(records);
         Ok(out)
     }
@@ -1344,7 +1343,11 @@ impl ControlPlane {
     /// Publishes the stored registry, compiling policy only when the records
     /// changed.
     async fn refresh_registry(&self) -> Result<(), ApiError> {
-        let records = merge_sourced(self.inner.sourced.get(), self.inner.store.registry().await?);
+        let (records, unresolved) =
+            merge_sourced(self.inner.sourced.get(), self.inner.store.registry().await?);
+        self.inner
+            .sourced_waiting
+            .store(unresolved.len(), std::sync::atomic::Ordering::Relaxed);
         self.publish_registry(records);
         Ok(())
     }
@@ -1389,13 +1392,14 @@ impl ControlPlane {
 
 /// The registry the control plane serves: the stored one, and in Kubernetes
 /// mode the workloads and policies of the watch caches, each workload with
-/// the identity the store allocated for it (held back until there is one).
+/// the identity the store allocated for it. Workloads with no identity yet
+/// are held back and returned apart.
 fn merge_sourced(
     sourced: Option<&std::sync::Mutex<Sourced>>,
     mut stored: RegistrySnapshot,
-) -> RegistrySnapshot {
+) -> (RegistrySnapshot, Vec<WorkloadRecord>) {
     let Some(sourced) = sourced else {
-        return stored;
+        return (stored, Vec::new());
     };
     let view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let by_key: HashMap<String, u32> = stored
@@ -1408,26 +1412,26 @@ fn merge_sourced(
             )
         })
         .collect();
-    let mut workloads: Vec<WorkloadRecord> = view
-        .workloads
-        .values()
-        .filter_map(|w| {
-            let id = by_key.get(&crate::store::identity_key(
-                &w.namespace,
-                &w.service_account,
-                &w.labels,
-            ))?;
-            Some(WorkloadRecord {
+    let mut workloads = Vec::with_capacity(view.workloads.len());
+    let mut unresolved = Vec::new();
+    for w in view.workloads.values() {
+        match by_key.get(&crate::store::identity_key(
+            &w.namespace,
+            &w.service_account,
+            &w.labels,
+        )) {
+            Some(id) => workloads.push(WorkloadRecord {
                 identity: *id,
                 ..w.clone()
-            })
-        })
-        .collect();
-    workloads.sort_by_key(WorkloadRecord::key);
+            }),
+            None => unresolved.push(w.clone()),
+        }
+    }
+    // In key order already (a BTreeMap by namespace/name).
     stored.workloads = workloads;
     stored.policies = view.policies.values().cloned().collect();
     stored.revision += view.generation;
-    stored
+    (stored, unresolved)
 }
 
 /// How many mutual-auth addresses one node may advertise.

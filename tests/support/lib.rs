@@ -8,6 +8,7 @@ pub mod http;
 pub mod kube;
 pub mod mesh;
 pub mod netns;
+pub mod store_contract;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

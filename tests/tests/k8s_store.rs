@@ -263,6 +263,15 @@ async fn identities_are_objects_of_their_own_from_256_and_never_reused() {
     );
 }
 
+/// The `Store` contract (tests/support/store_contract.rs), the same suite
+/// the sled store passes, on the Kubernetes store.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_contract_holds_for_the_kubernetes_store() {
+    let ns = cluster().namespace("store-contract").await;
+    let store = open(&ns, "replica-a").await;
+    keyway_tests::store_contract::run(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
     let ns = cluster().namespace("store-nodes").await;
@@ -876,9 +885,12 @@ async fn the_issuance_log_prunes_whole_chunks_past_the_window() {
         not_after,
     };
     // Replica A writes the first records (its head: chunk 0), then replica B
-    // fills chunk 0 and rolls over: 3000 records expired two hours ago.
+    // fills chunk 0 and rolls over: 3000 records expired two hours ago, and
+    // one that is valid for a day (a node SVID), which must not hold its
+    // chunk for a day: the chunk is compacted, the record moved on.
     let a = open(&ns, "replica-a").await;
     a.log_issuance(&record(0, t - 7200)).await.expect("log");
+    a.log_issuance(&record(3100, t + 86400)).await.expect("log");
     let b = Arc::new(open(&ns, "replica-b").await);
     let mut tasks = Vec::new();
     for i in 1..3000 {
@@ -911,6 +923,10 @@ async fn the_issuance_log_prunes_whole_chunks_past_the_window() {
     assert!(
         serials_once(&b).await.contains(&format!("{:040x}", 3005)),
         "fresh records stay"
+    );
+    assert!(
+        serials_once(&b).await.contains(&format!("{:040x}", 3100)),
+        "the long-lived record moved on with its chunk's compaction"
     );
     // Pruning again changes nothing.
     let again = b.prune_issuance(&keep, t).await.expect("prune again");

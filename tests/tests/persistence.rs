@@ -179,6 +179,46 @@ async fn consumed_join_tokens_stay_consumed_across_restart() {
         "{}",
         String::from_utf8_lossy(&second.stderr)
     );
+
+    // What was issued stays queryable after the restart: the node SVID
+    // (asked for by node-a), and an operator's SVID minted now.
+    let out = dir.path().join("minted");
+    cp.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/ns/default/sa/ops"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let listed: Vec<serde_json::Value> = cp
+        .ok(&["issuance", "list", "-o", "json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+        .collect();
+    let ids: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|r| (r["spiffe_id"].as_str().unwrap(), r["requester"].as_str().unwrap()))
+        // The control plane's own serving SVIDs are logged too.
+        .filter(|(_, requester)| *requester != "control-plane")
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (format!("spiffe://{TD}/ns/default/sa/ops").as_str(), "admin"),
+            (format!("spiffe://{TD}/keyway/node/node-a").as_str(), "node-a"),
+        ],
+        "newest first"
+    );
+    let node_only = cp.ok(&["issuance", "list", "--requester", "node-a", "-o", "json"]);
+    assert_eq!(node_only.lines().count(), 1, "{node_only}");
+    let none = cp.cli(&["issuance", "list", "--spiffe-id", "spiffe://nobody"]);
+    assert!(none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("0 shown, 0 matched"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
 }
 
 #[test]
@@ -336,4 +376,12 @@ async fn the_issuance_log_keeps_its_window_and_stops_growing() {
         .await
         .unwrap();
     assert!(out.kept_bytes <= 100 * one && out.kept >= 99, "{out:?}");
+}
+
+/// The `Store` contract (tests/support/store_contract.rs), on the sled store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_contract_holds_for_the_sled_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    keyway_tests::store_contract::run(&store).await;
 }

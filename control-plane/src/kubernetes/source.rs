@@ -525,7 +525,8 @@ where
         while let Some(event) = stream.next().await {
             let report = match event {
                 Ok(event) => {
-                    if failing {
+                    // A re-list that is about to be tried is no recovery yet.
+                    if failing && !matches!(event, watcher::Event::Init) {
                         info!(kind = name, "watch recovered");
                         failing = false;
                     }

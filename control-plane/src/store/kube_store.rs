@@ -92,13 +92,17 @@
 //!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`]. A node record
 //!   takes about 150 bytes, so the ceiling is about 5000 nodes. Pods and
 //!   identities are not in it.
-//!   Join tokens that expired more than [`TOKEN_RETENTION_SECS`] ago are
+//!   Join tokens that expired more than [`model::TOKEN_RETENTION_SECS`] ago are
 //!   dropped on the next token write so they do not accumulate (presenting
 //!   one then reads "unknown token": still refused).
 //! - The issuance log is pruned by whole chunks (about 2000 records each),
 //!   never the newest: `prune_issuance` deletes a chunk once every
 //!   certificate in it is past the retention window, then the oldest while
 //!   the log is over its caps, each delete conditional on the version judged.
+//!   A chunk at least three quarters past the window but held by a few
+//!   long-lived records (node SVIDs live a day) is compacted: those records
+//!   are appended to the newest chunk first, then the chunk is deleted (a
+//!   crash between leaves a record in two chunks; readers merge by serial).
 //!   A writer whose head chunk was pruned under it moves to the newest one.
 //! - A write whose reply is lost (connection reset, timeout) is reported as
 //!   an error although the API server may have applied it.
@@ -139,8 +143,6 @@ const STATE_LIMIT: usize = 900 * 1024;
 const CHUNK_LIMIT: usize = 512 * 1024;
 /// Conditional writes refused by a concurrent writer before giving up.
 const MAX_ATTEMPTS: u32 = 10;
-/// How long a join token is remembered after it expired.
-const TOKEN_RETENTION_SECS: i64 = 7 * 86400;
 
 /// `state.json` format; a replica refuses state written by a newer format.
 ///
@@ -675,7 +677,10 @@ impl Store for KubeStore {
     async fn prune_issuance(&self, keep: &IssuanceRetention, now: i64) -> StoreResult<PruneOutcome> {
         // Whole chunks go, never the newest (the one being appended to): a
         // chunk once every certificate in it is past the window, then the
-        // oldest while the log is over its caps.
+        // oldest while the log is over its caps. A chunk mostly past the
+        // window but held by a few long-lived certificates (node SVIDs, the
+        // control plane's own) is compacted: those records are appended to
+        // the newest chunk, then the chunk goes.
         struct Chunk {
             index: u64,
             name: String,
@@ -683,7 +688,10 @@ impl Store for KubeStore {
             records: usize,
             bytes: usize,
             last_expiry: i64,
+            /// The records still within the window (all of them readable).
+            live: Vec<IssuanceRecord>,
         }
+        let cutoff = keep.cutoff(now);
         let mut chunks = Vec::new();
         let mut unreadable = 0;
         for cm in self.list_chunks().await? {
@@ -700,9 +708,16 @@ impl Store for KubeStore {
             // A chunk with a record that cannot be read is never judged
             // expired (only the caps can take it).
             let mut last_expiry = i64::MIN;
+            let mut live = Vec::new();
             for (serial, raw) in &data {
                 last_expiry = match parse_record(&name, serial, raw) {
-                    Ok(r) => last_expiry.max(r.not_after),
+                    Ok(r) => {
+                        let expiry = last_expiry.max(r.not_after);
+                        if r.not_after >= cutoff {
+                            live.push(r);
+                        }
+                        expiry
+                    }
                     Err(_) => {
                         unreadable += 1;
                         i64::MAX
@@ -716,10 +731,10 @@ impl Store for KubeStore {
                 records: data.len(),
                 bytes: data.iter().map(|(k, v)| entry_size(k, v)).sum(),
                 last_expiry,
+                live,
             });
         }
         chunks.sort_by_key(|c| c.index);
-        let cutoff = keep.cutoff(now);
         let mut kept = chunks.iter().map(|c| c.records).sum::<usize>();
         let mut kept_bytes = chunks.iter().map(|c| c.bytes).sum::<usize>();
         let older = chunks.len().saturating_sub(1);
@@ -741,8 +756,30 @@ impl Store for KubeStore {
                 kept_bytes -= c.bytes;
             }
         }
+        // Compaction: an older chunk whose live records are at most a
+        // quarter of it (and none unreadable) hands them on, then goes.
+        let mut moved = 0;
+        let mut compacted = vec![false; chunks.len()];
+        for (i, c) in chunks[..older].iter().enumerate() {
+            if doomed[i] || c.last_expiry == i64::MAX || c.live.len() * 4 > c.records {
+                continue;
+            }
+            // Appended first: a crash between the two leaves a record in two
+            // chunks, which readers merge by serial.
+            self.append_to_log(c.live.clone()).await?;
+            doomed[i] = true;
+            compacted[i] = true;
+            moved += c.live.len();
+            kept -= c.records;
+            kept_bytes -= c.bytes;
+        }
         let mut removed = 0;
-        for (c, _) in chunks.iter().zip(&doomed).filter(|(_, d)| **d) {
+        for ((c, _), moved_on) in chunks
+            .iter()
+            .zip(&doomed)
+            .zip(&compacted)
+            .filter(|((_, d), _)| **d)
+        {
             // Only the version that was judged: a chunk someone appended to
             // since (a replica that had not seen a newer one) stays.
             let params = DeleteParams {
@@ -754,8 +791,14 @@ impl Store for KubeStore {
             };
             match self.configmaps.delete(&c.name, &params).await {
                 Ok(_) => {
-                    removed += c.records;
-                    tracing::info!(chunk = %c.name, records = c.records, "issuance log chunk pruned");
+                    let moved_on = if *moved_on { c.live.len() } else { 0 };
+                    removed += c.records - moved_on;
+                    tracing::info!(
+                        chunk = %c.name,
+                        records = c.records,
+                        moved_on,
+                        "issuance log chunk pruned"
+                    );
                 }
                 // Appended to since it was judged: it stays.
                 Err(e) if is_conflict(&e) => {
@@ -769,7 +812,7 @@ impl Store for KubeStore {
         }
         Ok(PruneOutcome {
             removed,
-            kept,
+            kept: kept + moved,
             kept_bytes,
             unreadable,
         })
@@ -801,14 +844,9 @@ impl Store for KubeStore {
         self.allocator()
             .allocate(wanted, |n| {
                 self.update_state("identity numbers", move |state| {
-                    let start = state
-                        .next_identity
-                        .max(u64::from(keyway_common::identity::FIRST_USER));
-                    if start.saturating_add(n) > u64::from(u32::MAX) {
-                        return Err(StoreError::Exhausted("numeric identities exhausted".into()));
-                    }
-                    state.next_identity = start + n;
-                    Ok(Written::Changed(start..start + n))
+                    let (block, next) = model::reserve_identities(state.next_identity, n)?;
+                    state.next_identity = next;
+                    Ok(Written::Changed(block))
                 })
             })
             .await
@@ -887,8 +925,8 @@ impl SharedState {
     fn new() -> Self {
         Self {
             format: FORMAT,
-            next_identity: u64::from(keyway_common::identity::FIRST_USER),
-            next_node_id: 1,
+            next_identity: model::first_identity(),
+            next_node_id: model::FIRST_NODE_ID,
             ..Default::default()
         }
     }
@@ -938,59 +976,41 @@ impl SharedState {
         Ok(json)
     }
 
-    /// Marks the token consumed, or says why it cannot be.
+    /// Marks the token consumed ([`model::consume_token`]), or says why it
+    /// cannot be.
     fn consume_token(&mut self, key: &str, node: &str, now: i64) -> StoreResult<()> {
-        if let Some(problem) = token_problem(self.join_tokens.get(key), node, now) {
-            return Err(StoreError::TokenRefused(problem));
-        }
-        if let Some(token) = self.join_tokens.get_mut(key) {
-            token.consumed_at = Some(now);
-        }
+        let used = model::consume_token(self.join_tokens.get(key).cloned(), node, now)?;
+        self.join_tokens.insert(key.to_owned(), used);
         self.forget_expired_tokens(now);
         Ok(())
     }
 
     fn forget_expired_tokens(&mut self, now: i64) {
-        self.join_tokens
-            .retain(|_, t| t.expires_at.saturating_add(TOKEN_RETENTION_SECS) > now);
+        self.join_tokens.retain(|_, t| !model::token_forgotten(t, now));
     }
 
-    /// A new node gets the next node id; a known one keeps its id and gets a
-    /// new attestation time.
+    /// [`model::register_node`].
     fn register(&mut self, node: &str, now: i64, registration: u32) -> StoreResult<NodeRecord> {
-        let record = match self.nodes.get_mut(node) {
-            Some(rec) => {
-                rec.attested_at = now;
-                rec.clone()
-            }
-            None => {
-                let next = self.next_node_id.max(1);
-                let node_id = u16::try_from(next)
-                    .map_err(|_| StoreError::Exhausted("all 65535 node ids are in use".into()))?;
-                self.next_node_id = next + 1;
-                let rec = NodeRecord {
-                    name: node.to_owned(),
-                    node_id,
-                    attested_at: now,
-                    registration,
-                    addresses: Vec::new(),
-                };
-                self.nodes.insert(node.to_owned(), rec.clone());
-                rec
-            }
-        };
+        let (record, next) = model::register_node(
+            self.nodes.get(node).cloned(),
+            self.next_node_id,
+            node,
+            now,
+            registration,
+        )?;
+        self.next_node_id = next;
+        self.nodes.insert(node.to_owned(), record.clone());
         self.revision += 1;
         Ok(record)
     }
 
     fn set_node_addresses(&mut self, node: &str, addresses: &[String]) -> Option<bool> {
         let rec = self.nodes.get_mut(node)?;
-        if rec.addresses == addresses {
-            return Some(false);
+        let changed = model::set_node_addresses(rec, addresses);
+        if changed {
+            self.revision += 1;
         }
-        rec.addresses = addresses.to_vec();
-        self.revision += 1;
-        Some(true)
+        Some(changed)
     }
 }
 
@@ -1514,9 +1534,9 @@ mod tests {
         let mut state = reread(&state);
         assert_eq!(refused(&mut state, "t", "n1", 2), TokenProblem::Consumed);
         // Long expired tokens are forgotten, and still refused.
-        state.forget_expired_tokens(10 + TOKEN_RETENTION_SECS);
+        state.forget_expired_tokens(10 + model::TOKEN_RETENTION_SECS);
         assert_eq!(
-            refused(&mut state, "old", "n1", 10 + TOKEN_RETENTION_SECS),
+            refused(&mut state, "old", "n1", 10 + model::TOKEN_RETENTION_SECS),
             TokenProblem::Unknown
         );
         assert!(state.join_tokens.contains_key("t"));

@@ -6,6 +6,7 @@
 
 mod kube_identities;
 mod kube_store;
+pub mod model;
 mod sled_store;
 
 use std::collections::BTreeMap;
@@ -316,22 +317,7 @@ pub enum TokenProblem {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Why `token` cannot attest `node` at `now`, if it cannot: the one rule
-/// every store and the control plane's early check apply.
-pub fn token_problem(token: Option<&JoinTokenRecord>, node: &str, now: i64) -> Option<TokenProblem> {
-    let Some(token) = token else {
-        return Some(TokenProblem::Unknown);
-    };
-    if token.consumed_at.is_some() {
-        Some(TokenProblem::Consumed)
-    } else if token.expires_at <= now {
-        Some(TokenProblem::Expired)
-    } else if token.node != node {
-        Some(TokenProblem::WrongNode)
-    } else {
-        None
-    }
-}
+pub use model::token_problem;
 
 /// Durable control-plane state.
 #[async_trait::async_trait]

@@ -88,26 +88,17 @@ fn register_in(
     now: i64,
     registration: u32,
 ) -> Result<NodeRecord, TxError> {
-    let record = match nodes.get(node.as_bytes())? {
-        Some(raw) => {
-            let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
-            rec.attested_at = now;
-            rec
-        }
-        None => {
-            let next = read_u64(meta.get(NEXT_NODE_ID)?).max(1);
-            let node_id = u16::try_from(next)
-                .map_err(|_| TxError::Abort(StoreError::Exhausted("all 65535 node ids are in use".into())))?;
-            meta.insert(NEXT_NODE_ID, &(next + 1).to_be_bytes())?;
-            NodeRecord {
-                name: node.to_owned(),
-                node_id,
-                attested_at: now,
-                registration,
-                addresses: Vec::new(),
-            }
-        }
-    };
+    let existing: Option<NodeRecord> = nodes
+        .get(node.as_bytes())?
+        .map(|raw| decode("node", &raw))
+        .transpose()
+        .map_err(TxError::Abort)?;
+    let counter = read_u64(meta.get(NEXT_NODE_ID)?);
+    let (record, next) =
+        model::register_node(existing, counter, node, now, registration).map_err(TxError::Abort)?;
+    if next != counter {
+        meta.insert(NEXT_NODE_ID, &next.to_be_bytes())?;
+    }
     nodes.insert(node.as_bytes(), encode(&record))?;
     let rev = read_u64(meta.get(REVISION)?) + 1;
     meta.insert(REVISION, &rev.to_be_bytes())?;
@@ -153,6 +144,28 @@ impl SledStore {
         })
     }
 
+    /// Drops the join tokens [`model::token_forgotten`] says go. Not
+    /// flushed here: the caller's write is, and a token that comes back
+    /// after a crash is dropped by the next write.
+    fn forget_expired_tokens(&self, now: i64) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for kv in self.tokens.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            // A record that cannot be read is kept (never judged).
+            if let Ok(t) = decode::<JoinTokenRecord>("join token", &v)
+                && model::token_forgotten(&t, now)
+            {
+                batch.remove(k);
+                any = true;
+            }
+        }
+        if any {
+            self.tokens.apply_batch(batch).map_err(backend)?;
+        }
+        Ok(())
+    }
+
     /// Returns once everything written before the call is on disk.
     async fn flush(&self) -> StoreResult<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -181,6 +194,7 @@ impl Store for SledStore {
     }
 
     async fn put_join_token(&self, token_hash: &[u8], record: &JoinTokenRecord) -> StoreResult<()> {
+        self.forget_expired_tokens(record.created_at)?;
         self.tokens.insert(token_hash, encode(record)).map_err(backend)?;
         self.flush().await
     }
@@ -208,12 +222,8 @@ impl Store for SledStore {
                     .map(|raw| decode("join token", &raw))
                     .transpose()
                     .map_err(TxError::Abort)?;
-                if let Some(problem) = token_problem(token.as_ref(), node, now) {
-                    return Err(TxError::Abort(StoreError::TokenRefused(problem)));
-                }
-                let mut token = token.expect("checked above");
-                token.consumed_at = Some(now);
-                tokens.insert(token_hash, encode(&token))?;
+                let used = model::consume_token(token, node, now).map_err(TxError::Abort)?;
+                tokens.insert(token_hash, encode(&used))?;
 
                 let record = register_in(nodes, meta, node, now, registration)?;
                 issuance.insert(issued.serial.as_bytes(), encode(issued))?;
@@ -221,6 +231,7 @@ impl Store for SledStore {
             },
         );
         let record = tx_result(result)?;
+        self.forget_expired_tokens(now)?;
         self.flush().await?;
         Ok(record)
     }
@@ -315,8 +326,7 @@ impl Store for SledStore {
         let result = trees.transaction(|(wl_tree, id_tree, key_tree, policy_tree, meta)| {
             let mut changes = Vec::new();
             let mut changed = false;
-            let mut next_id =
-                read_u64(meta.get(NEXT_IDENTITY)?).max(u64::from(keyway_common::identity::FIRST_USER));
+            let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?).max(model::first_identity());
             let start_id = next_id;
             for w in &workloads {
                 let mut w = w.clone();
@@ -435,10 +445,9 @@ impl Store for SledStore {
                 return Ok(None);
             };
             let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
-            if rec.addresses == addresses {
+            if !model::set_node_addresses(&mut rec, &addresses) {
                 return Ok(Some(false));
             }
-            rec.addresses = addresses.clone();
             nodes.insert(node.as_bytes(), encode(&rec))?;
             let rev = read_u64(meta.get(REVISION)?) + 1;
             meta.insert(REVISION, &rev.to_be_bytes())?;
@@ -454,8 +463,7 @@ impl Store for SledStore {
     async fn allocate_identities(&self, wanted: &[IdentityRecord]) -> StoreResult<Vec<IdentityRecord>> {
         let trees = (&self.identities, &self.identity_keys, &self.meta);
         let result = trees.transaction(|(id_tree, key_tree, meta)| {
-            let mut next_id =
-                read_u64(meta.get(NEXT_IDENTITY)?).max(u64::from(keyway_common::identity::FIRST_USER));
+            let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?).max(model::first_identity());
             let start_id = next_id;
             let mut out = Vec::with_capacity(wanted.len());
             for w in wanted {
