@@ -271,7 +271,9 @@ impl AgentApi for AgentService {
             warn!(node, reason = %e, "sync refused: cannot record the mutual-auth addresses");
             return Err(e.into());
         }
-        let (tx, rx) = mpsc::channel(16);
+        // A few messages ahead of the client: a snapshot is produced as the
+        // client reads it (memory per stream stays at a few hundred updates).
+        let (tx, rx) = mpsc::channel(4);
         tokio::spawn(stream_sync(self.cp.clone(), node, serial_tag, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -290,27 +292,33 @@ async fn stream_sync(
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
     let cluster = registry.borrow_and_update().clone();
-    let (mut stream, snapshot) = sync::Stream::open(&cluster, &node);
-    drop(cluster);
-    let mut updates = vec![sync::bundle_update(&bundle.borrow_and_update())];
-    updates.extend(snapshot);
-    let mut revision = registry.borrow().records.revision;
-    let chunks: Vec<Vec<pb::Update>> = updates
-        .chunks(sync::UPDATES_PER_MESSAGE)
-        .map(|c| c.to_vec())
-        .collect();
-    let last = chunks.len() - 1;
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        let msg = pb::SyncResponse {
-            revision,
-            reset: i == 0,
-            updates: chunk,
-            complete: i == last,
-        };
-        if tx.send(Ok(msg)).await.is_err() {
-            return;
+    let mut stream = sync::Stream::open(&cluster, &node);
+    let mut revision = cluster.records.revision;
+    {
+        // Produced message by message as the channel takes them: a stream
+        // holds a cursor into the shared snapshot, not a copy of it.
+        let first = sync::bundle_update(&bundle.borrow_and_update());
+        let mut updates = std::iter::once(first).chain(stream.snapshot(&cluster)).peekable();
+        let mut reset = true;
+        loop {
+            let chunk: Vec<pb::Update> = updates.by_ref().take(sync::UPDATES_PER_MESSAGE).collect();
+            let msg = pb::SyncResponse {
+                revision,
+                reset,
+                updates: chunk,
+                complete: updates.peek().is_none(),
+            };
+            let done = msg.complete;
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            reset = false;
+            if done {
+                break;
+            }
         }
     }
+    drop(cluster);
     debug!(node, revision, "sync snapshot sent");
     loop {
         let (reset, updates) = tokio::select! {

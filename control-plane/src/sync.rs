@@ -507,19 +507,47 @@ pub struct Outgoing {
 }
 
 impl Stream {
-    /// A stream for `node` and the snapshot to open it with.
-    pub fn open(cluster: &Cluster, node: &str) -> (Self, Vec<pb::Update>) {
-        let view = node_view(cluster, node);
-        let updates = full(&view);
-        let stream = Stream {
+    /// A stream for `node`, at `cluster`'s version; [`Stream::snapshot`]
+    /// is what to open it with.
+    pub fn open(cluster: &Cluster, node: &str) -> Self {
+        Stream {
             node: node.to_owned(),
             version: cluster.version,
-            local: Local {
-                workloads: view.workloads,
-                policy: view.policy,
-            },
-        };
-        (stream, updates)
+            local: local_view(cluster, node),
+        }
+    }
+
+    /// Everything the node needs at the stream's version, as upserts in
+    /// the order receivers need (as [`full`]), produced as it is read: the
+    /// cluster-wide part is read from `cluster` (the one the stream was
+    /// opened or last advanced with), never copied per node, so a thousand
+    /// streams opening at once hold a thousand cursors, not a thousand
+    /// copies of the ipcache.
+    pub fn snapshot<'a>(&'a self, cluster: &'a Cluster) -> impl Iterator<Item = pb::Update> + Send + 'a {
+        let shared = &cluster.shared;
+        shared
+            .identities
+            .values()
+            .map(|i| update(Kind::IdentityUpsert(i.clone())))
+            .chain(shared.nodes.values().map(|n| update(Kind::NodeUpsert(n.clone()))))
+            .chain(
+                self.local
+                    .workloads
+                    .values()
+                    .map(|w| update(Kind::WorkloadUpsert(w.clone()))),
+            )
+            .chain(
+                shared
+                    .ipcache
+                    .values()
+                    .map(|e| update(Kind::IpcacheUpsert(e.clone()))),
+            )
+            .chain(
+                self.local
+                    .policy
+                    .values()
+                    .map(|e| update(Kind::PolicyUpsert(e.clone()))),
+            )
     }
 
     /// What to send to bring the node from the last version sent to
@@ -528,8 +556,8 @@ impl Stream {
     /// reach back far enough.
     pub fn advance(&mut self, cluster: &Cluster) -> Outgoing {
         let Some(changed) = cluster.changed_since(self.version) else {
-            let (fresh, updates) = Stream::open(cluster, &self.node);
-            *self = fresh;
+            *self = Stream::open(cluster, &self.node);
+            let updates = self.snapshot(cluster).collect();
             return Outgoing { reset: true, updates };
         };
         let mut d = Delta::default();
@@ -941,7 +969,13 @@ mod tests {
         let mut streams: Vec<(Stream, NodeView)> = nodes
             .iter()
             .map(|n| {
-                let (s, updates) = Stream::open(&cluster, n);
+                let s = Stream::open(&cluster, n);
+                let updates: Vec<_> = s.snapshot(&cluster).collect();
+                assert_eq!(
+                    updates,
+                    full(&node_view(&cluster, n)),
+                    "the lazy snapshot is the full view"
+                );
                 let mut held = NodeView::default();
                 receive(&mut held, true, updates);
                 (s, held)
@@ -976,7 +1010,7 @@ mod tests {
     fn a_stream_behind_the_history_gets_a_snapshot() {
         let mut snap = two_nodes();
         let mut cluster = Cluster::new(snap.clone(), Default::default());
-        let (mut stream, _) = Stream::open(&cluster, "n2");
+        let mut stream = Stream::open(&cluster, "n2");
         for i in 0..HISTORY + 1 {
             snap.workloads[0].labels.insert("v".into(), i.to_string());
             cluster = cluster.next(snap.clone(), Default::default());

@@ -1002,6 +1002,19 @@ async fn run() {
             current.display()
         );
     }
+    // Storage under rotation first: it takes a fixed time, and the largest
+    // scenario last may not finish.
+    let retention_current = retention(&current, "current", &work).await;
+    let retention_baseline = match &baseline {
+        Some(b) => Some(retention(b, "baseline", &work).await),
+        None => None,
+    };
+    report(
+        &[],
+        &retention_current,
+        retention_baseline.as_deref(),
+        &baseline_rev,
+    );
     let mut rows = Vec::new();
     let client = cluster().admin().await;
     for sc in scenarios() {
@@ -1016,13 +1029,28 @@ async fn run() {
         };
         rows.push((sc, new, old));
         clean_population(&client).await;
+        // Written after every scenario: what ran is kept if a larger one
+        // cannot finish.
+        report(
+            &rows,
+            &retention_current,
+            retention_baseline.as_deref(),
+            &baseline_rev,
+        );
     }
-    let retention_current = retention(&current, "current", &work).await;
-    let retention_baseline = match &baseline {
-        Some(b) => Some(retention(b, "baseline", &work).await),
-        None => None,
-    };
 
+    report(
+        &rows,
+        &retention_current,
+        retention_baseline.as_deref(),
+        &baseline_rev,
+    );
+}
+
+type Row = (Scenario, Figures, Option<Figures>);
+
+/// Writes `bench-results/scale.md` from what has run so far.
+fn report(rows: &[Row], retention_current: &[Held], retention_baseline: Option<&[Held]>, baseline_rev: &str) {
     let mut md = format!(
         "# Kubernetes-mode scale benchmark\n\n\
          Measured by `make bench-scale` on this machine ({cores} cores), all in one run, against a real\n\
@@ -1072,7 +1100,7 @@ async fn run() {
         "\n## Ratios (current / baseline)\n\n\
          | pods | nodes | identities | RSS | synced after start | p99 | writes per change | bytes to other nodes |\n|---|---|---|---|---|---|---|---|\n",
     );
-    for (sc, new, old) in &rows {
+    for (sc, new, old) in rows {
         md.push_str(&row(sc, "current", new));
         if let Some(old) = old {
             md.push_str(&row(sc, "baseline", old));
@@ -1113,8 +1141,8 @@ async fn run() {
         RENEW_EVERY.as_secs()
     ));
     for (label, samples) in [
-        ("current", Some(&retention_current)),
-        ("baseline", retention_baseline.as_ref()),
+        ("current", Some(retention_current)),
+        ("baseline", retention_baseline),
     ] {
         for h in samples.into_iter().flatten() {
             md.push_str(&format!(
