@@ -146,6 +146,12 @@ struct Inner {
     sourced: std::sync::OnceLock<std::sync::Mutex<Sourced>>,
     /// Sourced workloads the last publish held back (no identity yet).
     sourced_waiting: std::sync::atomic::AtomicUsize,
+    /// The view's generation last published.
+    sourced_published: std::sync::atomic::AtomicU64,
+    /// Kubernetes mode: set once the watch caches synced and the view was
+    /// first published; until then no workload is known, and nothing may be
+    /// judged unused.
+    sourced_ready: std::sync::atomic::AtomicBool,
     metrics: Metrics,
 }
 
@@ -299,6 +305,8 @@ impl ControlPlane {
                 leader: std::sync::OnceLock::new(),
                 sourced: std::sync::OnceLock::new(),
                 sourced_waiting: std::sync::atomic::AtomicUsize::new(0),
+                sourced_published: std::sync::atomic::AtomicU64::new(0),
+                sourced_ready: std::sync::atomic::AtomicBool::new(false),
                 metrics,
             }),
         };
@@ -696,7 +704,14 @@ impl ControlPlane {
         unused: &mut HashMap<u32, tokio::time::Instant>,
         grace: Duration,
     ) -> Result<usize, ApiError> {
-        if !self.is_leader() {
+        let sourced_not_ready = self.inner.sourced.get().is_some()
+            && !self
+                .inner
+                .sourced_ready
+                .load(std::sync::atomic::Ordering::Relaxed);
+        if !self.is_leader() || sourced_not_ready {
+            // A replica whose watch caches have not synced knows no pod:
+            // every identity would look unused.
             unused.clear();
             return Ok(0);
         }
@@ -1243,6 +1258,7 @@ impl ControlPlane {
         };
         let _guard = self.inner.registry_lock.lock().await;
         let mut out = SourcedOutcome::default();
+        let generation;
         {
             let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (key, record) in changes.workloads {
@@ -1274,15 +1290,22 @@ impl ControlPlane {
             if out.changed > 0 {
                 view.generation += 1;
             }
+            generation = view.generation;
         }
         let leader = self.is_leader();
         let waiting = self
             .inner
             .sourced_waiting
             .load(std::sync::atomic::Ordering::Relaxed);
-        // Nothing new, unless workloads wait for an identity this replica
-        // now allocates (it just took the lead).
-        if out.changed == 0 && !(leader && waiting > 0) {
+        let published = self
+            .inner
+            .sourced_published
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Nothing new: the view was published as it is (a batch retried
+        // after a store error was taken into the view, not published), and
+        // no workload waits for an identity this replica now allocates (it
+        // just took the lead).
+        if out.changed == 0 && published == generation && !(leader && waiting > 0) {
             return Ok(out);
         }
         let mut stored = self.inner.store.registry().await?;
@@ -1309,6 +1332,9 @@ impl ControlPlane {
             .sourced_waiting
             .store(out.waiting, std::sync::atomic::Ordering::Relaxed);
         self.publish_registry(records);
+        self.inner
+            .sourced_published
+            .store(generation, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
     }
 
@@ -1316,6 +1342,14 @@ impl ControlPlane {
     /// watchers report ([`ControlPlane::apply_sourced`]), not stored ones.
     pub fn read_workloads_from_kubernetes(&self) {
         let _ = self.inner.sourced.set(std::sync::Mutex::new(Sourced::default()));
+    }
+
+    /// Kubernetes mode: the watch caches synced and the view was published
+    /// once; identity collection may judge what is unused from now on.
+    pub fn sourced_synced(&self) {
+        self.inner
+            .sourced_ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many workloads Kubernetes mode's view holds (0 otherwise).

@@ -36,8 +36,10 @@ use crate::store::{IdentityRecord, PolicyRecord, RegistrySnapshot};
 /// below gRPC limits however many identities a node has.
 pub const UPDATES_PER_MESSAGE: usize = 256;
 
-/// Registry versions whose changed keys a [`Cluster`] remembers.
-pub const HISTORY: usize = 64;
+/// Registry versions whose changed keys a [`Cluster`] remembers: with
+/// batches of about 20 ms under churn, a stream may lag some 20 s before it
+/// needs a snapshot. Each entry is the keys one change touched.
+pub const HISTORY: usize = 1024;
 
 /// The cluster-wide part of every node's view.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -398,6 +398,11 @@ struct Caches {
     nodes: Cache<Node>,
     network_policies: Cache<NetworkPolicy>,
     keyway_policies: Cache<KeywayNetworkPolicy>,
+    /// The Nodes that exist, as last looked at: only a Node's coming or
+    /// going changes its pods' records (its addresses are read on demand),
+    /// so the status updates kubelets send every few seconds cost no pod
+    /// scan.
+    nodes_present: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Caches {
@@ -611,10 +616,24 @@ impl Dirty {
                 }
             }
             Touched::Node(node) => {
-                self.nodes_changed = true;
-                pods_where(self, &|p| {
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
-                })
+                let present = caches.nodes.get(&reflector::ObjectRef::new(&node)).is_some();
+                let came_or_went = {
+                    let mut known = caches
+                        .nodes_present
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if present {
+                        known.insert(node.clone())
+                    } else {
+                        known.remove(&node)
+                    }
+                };
+                if came_or_went {
+                    self.nodes_changed = true;
+                    pods_where(self, &|p| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+                    })
+                }
             }
             Touched::NetworkPolicy { namespace, name } => {
                 self.network_policies.insert((namespace, name));
@@ -632,6 +651,11 @@ impl Dirty {
                     }
                 }
                 Kind::Nodes => {
+                    *caches
+                        .nodes_present
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        caches.nodes.state().iter().map(|n| n.name_any()).collect();
                     self.nodes_changed = true;
                     pods_where(self, &|_| true);
                 }
@@ -745,6 +769,7 @@ pub async fn run(
             |o: &mut KeywayNetworkPolicy| trim::meta(&mut o.metadata),
             tx.clone(),
         ),
+        nodes_present: Default::default(),
     };
     drop(tx);
     tokio::select! {
@@ -805,6 +830,7 @@ pub async fn run(
                     recheck = next;
                     if first {
                         first = false;
+                        cp.sourced_synced();
                         cp.metrics()
                             .readiness
                             .set_ready(crate::metrics::READY_KUBERNETES_CACHES);

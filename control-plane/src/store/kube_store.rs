@@ -109,7 +109,7 @@
 //! - The service account needs get, list, watch, create, update and delete
 //!   on configmaps, and get, create and update on secrets, in the namespace.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -760,18 +760,46 @@ impl Store for KubeStore {
         // quarter of it (and none unreadable) hands them on, then goes.
         let mut moved = 0;
         let mut compacted = vec![false; chunks.len()];
-        for (i, c) in chunks[..older].iter().enumerate() {
-            if doomed[i] || c.last_expiry == i64::MAX || c.live.len() * 4 > c.records {
-                continue;
-            }
+        let candidates: Vec<usize> = (0..older)
+            .filter(|&i| {
+                let c = &chunks[i];
+                !doomed[i] && c.last_expiry != i64::MAX && c.live.len() * 4 <= c.records
+            })
+            .collect();
+        if !candidates.is_empty() {
             // Appended first: a crash between the two leaves a record in two
             // chunks, which readers merge by serial.
-            self.append_to_log(c.live.clone()).await?;
-            doomed[i] = true;
-            compacted[i] = true;
-            moved += c.live.len();
-            kept -= c.records;
-            kept_bytes -= c.bytes;
+            for &i in &candidates {
+                self.append_to_log(chunks[i].live.clone()).await?;
+            }
+            // The writer skips serials its head chunk already holds: if its
+            // head was the chunk being compacted (a replica that has not
+            // logged since), nothing moved. Delete only what is now also
+            // held elsewhere.
+            let mut held_in: HashMap<String, Vec<String>> = HashMap::new();
+            for cm in self.list_chunks().await? {
+                let name = cm.metadata.name.clone().unwrap_or_default();
+                for serial in cm.data.unwrap_or_default().into_keys() {
+                    held_in.entry(serial).or_default().push(name.clone());
+                }
+            }
+            for i in candidates {
+                let c = &chunks[i];
+                let elsewhere = c.live.iter().all(|r| {
+                    held_in
+                        .get(&r.serial)
+                        .is_some_and(|names| names.iter().any(|n| *n != c.name))
+                });
+                if !elsewhere {
+                    tracing::warn!(chunk = %c.name, "issuance records did not move on; chunk kept for now");
+                    continue;
+                }
+                doomed[i] = true;
+                compacted[i] = true;
+                moved += c.live.len();
+                kept -= c.records;
+                kept_bytes -= c.bytes;
+            }
         }
         let mut removed = 0;
         for ((c, _), moved_on) in chunks
