@@ -439,16 +439,8 @@ async fn delete_pod(client: &kube::Client, ns: &str, name: &str) {
 
 /// Creates the scenario's objects; returns the pods per node.
 async fn populate(client: &kube::Client, sc: Scenario) -> HashMap<String, usize> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
     for i in 0..NAMESPACES {
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(format!("scale-{i}")),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let _ = namespaces.create(&PostParams::default(), &ns).await;
+        ensure_namespace(client, &format!("scale-{i}")).await;
     }
     let nodes: Api<Node> = Api::all(client.clone());
     futures::stream::iter(0..sc.nodes)
@@ -505,6 +497,19 @@ async fn populate(client: &kube::Client, sc: Scenario) -> HashMap<String, usize>
         .collect::<Vec<_>>()
         .await;
     per_node
+}
+
+/// Creates namespace `name` unless it exists.
+async fn ensure_namespace(client: &kube::Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let _ = namespaces.create(&PostParams::default(), &ns).await;
 }
 
 /// Removes the scenario's pods and nodes.
@@ -623,19 +628,7 @@ async fn run_scenario(
     let client = cluster().admin().await;
     let mut fig = Figures::default();
     let keyway_ns = format!("keyway-scale-{label}");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _ = namespaces
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(keyway_ns.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await;
+    ensure_namespace(&client, &keyway_ns).await;
     clean_keyway(&client, &keyway_ns).await;
 
     let data = work.join(label);
@@ -837,19 +830,7 @@ const RETENTION_IDENTITIES: usize = 1000;
 async fn retention(binary: &Path, label: &str, work: &Path) -> Vec<Held> {
     let client = cluster().admin().await;
     let keyway_ns = format!("keyway-retention-{label}");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _ = namespaces
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(keyway_ns.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await;
+    ensure_namespace(&client, &keyway_ns).await;
     clean_keyway(&client, &keyway_ns).await;
     let data = work.join(format!("retention-{label}"));
     let _ = std::fs::remove_dir_all(&data);
