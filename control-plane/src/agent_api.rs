@@ -291,84 +291,125 @@ async fn stream_sync(
     let _open = cp.metrics().sync_stream();
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
-    let cluster = registry.borrow_and_update().clone();
-    let mut stream = sync::Stream::open(&cluster, &node);
-    let mut revision = cluster.records.revision;
+    let mut stream = sync::Stream::open(&registry.borrow(), &node);
+    if send_snapshot(&mut registry, &mut bundle, &mut stream, &tx)
+        .await
+        .is_err()
     {
-        // Produced message by message as the channel takes them: a stream
-        // holds a cursor into the shared snapshot, not a copy of it.
-        let first = sync::bundle_update(&bundle.borrow_and_update());
-        let mut updates = std::iter::once(first).chain(stream.snapshot(&cluster)).peekable();
-        let mut reset = true;
-        loop {
-            let chunk: Vec<pb::Update> = updates.by_ref().take(sync::UPDATES_PER_MESSAGE).collect();
-            let msg = pb::SyncResponse {
-                revision,
-                reset,
-                updates: chunk,
-                complete: updates.peek().is_none(),
-            };
-            let done = msg.complete;
-            if tx.send(Ok(msg)).await.is_err() {
-                return;
-            }
-            reset = false;
-            if done {
-                break;
-            }
-        }
+        return;
     }
-    drop(cluster);
-    debug!(node, revision, "sync snapshot sent");
+    debug!(node, "sync snapshot sent");
     loop {
-        let (reset, updates) = tokio::select! {
+        tokio::select! {
             r = registry.changed() => {
                 if r.is_err() { return; }
-                let cluster = registry.borrow_and_update().clone();
-                if let Err(e) = cp.authenticate_node(&node, serial_tag) {
-                    info!(node, "closing the Sync stream of a revoked node");
-                    let _ = tx.send(Err(e.into())).await;
+                let (revision, out) = {
+                    let cluster = registry.borrow_and_update().clone();
+                    if let Err(e) = cp.authenticate_node(&node, serial_tag) {
+                        info!(node, "closing the Sync stream of a revoked node");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    (cluster.records.revision, stream.advance(&cluster))
+                };
+                let sent = match out {
+                    // Nothing of this node's view changed: nothing is sent.
+                    sync::Outgoing::Delta(updates) if updates.is_empty() => Ok(()),
+                    sync::Outgoing::Delta(updates) => send_updates(revision, false, updates, &tx).await,
+                    sync::Outgoing::Snapshot => {
+                        debug!(node, "sync stream fell behind the change history: sending a snapshot");
+                        send_snapshot(&mut registry, &mut bundle, &mut stream, &tx).await
+                    }
+                };
+                if sent.is_err() {
                     return;
                 }
-                revision = cluster.records.revision;
-                let out = stream.advance(&cluster);
-                if out.reset {
-                    debug!(node, "sync stream fell behind the change history: sending a snapshot");
-                }
-                (out.reset, out.updates)
             }
             r = bundle.changed() => {
                 if r.is_err() { return; }
-                (false, vec![sync::bundle_update(&bundle.borrow_and_update())])
+                let update = sync::bundle_update(&bundle.borrow_and_update());
+                let revision = registry.borrow().records.revision;
+                if send_updates(revision, false, vec![update], &tx).await.is_err() {
+                    return;
+                }
             }
             _ = tx.closed() => return,
-        };
-        if updates.is_empty() {
-            // Nothing of this node's view changed: nothing is sent.
-            continue;
         }
-        let updates = if reset {
-            // A snapshot is self-contained: the bundle goes with it.
-            let mut all = vec![sync::bundle_update(&bundle.borrow())];
-            all.extend(updates);
-            all
-        } else {
-            updates
-        };
-        // A delta split over several messages is complete (consistent, worth
-        // acting on) only at its last message.
-        let chunks: Vec<&[pb::Update]> = updates.chunks(sync::UPDATES_PER_MESSAGE).collect();
-        let last = chunks.len().saturating_sub(1);
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let msg = pb::SyncResponse {
-                revision,
-                reset: reset && i == 0,
-                updates: chunk.to_vec(),
-                complete: i == last,
+    }
+}
+
+/// Sends `stream`'s node a whole snapshot (`reset`), the bundle first. Each
+/// page is read from the newest registry version and nothing is held while
+/// the client reads, so a slow reader pins no version of the registry. The
+/// last page carries the changes made meanwhile (since the version the
+/// snapshot opened at), and only it is `complete`. `Err` when the client
+/// went away.
+async fn send_snapshot(
+    registry: &mut watch::Receiver<Arc<sync::Cluster>>,
+    bundle: &mut watch::Receiver<Arc<keyway_identity::TrustBundle>>,
+    stream: &mut sync::Stream,
+    tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+) -> Result<(), ()> {
+    'snapshot: loop {
+        stream.reopen(&registry.borrow_and_update());
+        let mut cursor = sync::SnapshotCursor::default();
+        let mut first = Some(sync::bundle_update(&bundle.borrow_and_update()));
+        loop {
+            let (revision, mut updates, catch_up) = {
+                let cluster = registry.borrow_and_update().clone();
+                let mut updates: Vec<pb::Update> = first.iter().cloned().collect();
+                let room = sync::UPDATES_PER_MESSAGE - updates.len();
+                updates.extend(stream.snapshot_page(&mut cursor, &cluster, room));
+                let catch_up = cursor.done().then(|| stream.advance(&cluster));
+                (cluster.records.revision, updates, catch_up)
             };
-            if tx.send(Ok(msg)).await.is_err() {
-                return;
+            let reset = first.take().is_some();
+            match catch_up {
+                None => {
+                    let msg = pb::SyncResponse {
+                        revision,
+                        reset,
+                        updates,
+                        complete: false,
+                    };
+                    tx.send(Ok(msg)).await.map_err(|_| ())?;
+                }
+                Some(sync::Outgoing::Delta(changed)) => {
+                    updates.extend(changed);
+                    return send_updates(revision, reset, updates, tx).await;
+                }
+                // So many changes while the snapshot was read that the
+                // history no longer reaches its start: read it again.
+                Some(sync::Outgoing::Snapshot) => continue 'snapshot,
             }
+        }
+    }
+}
+
+/// Sends `updates` in messages of at most [`sync::UPDATES_PER_MESSAGE`];
+/// a delta split over several messages is complete (consistent, worth acting
+/// on) only at its last message, and at least that one message is sent.
+async fn send_updates(
+    revision: u64,
+    reset: bool,
+    updates: Vec<pb::Update>,
+    tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+) -> Result<(), ()> {
+    let mut updates = updates.into_iter().peekable();
+    let mut reset = reset;
+    loop {
+        let chunk: Vec<pb::Update> = updates.by_ref().take(sync::UPDATES_PER_MESSAGE).collect();
+        let complete = updates.peek().is_none();
+        let msg = pb::SyncResponse {
+            revision,
+            reset,
+            updates: chunk,
+            complete,
+        };
+        tx.send(Ok(msg)).await.map_err(|_| ())?;
+        reset = false;
+        if complete {
+            return Ok(());
         }
     }
 }

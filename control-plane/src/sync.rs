@@ -22,6 +22,17 @@
 //! view did not change is sent nothing. A stream more than [`HISTORY`]
 //! versions behind is sent a fresh snapshot (`reset`). Policy is compiled
 //! again only when the policies or the set of identities in use changed.
+//!
+//! # Snapshots pin no old version
+//!
+//! A snapshot is sent page by page ([`Stream::snapshot_page`]), each page
+//! read in key order from the newest version, so a slow reader holds a
+//! cursor, never a version of the registry (a thousand agents connecting
+//! while the registry changes would otherwise keep a thousand versions
+//! alive). The pages of one snapshot may come from several versions; the
+//! stream then sends what changed since the version it opened at, which
+//! covers every key that differs between those versions, and only that last
+//! message is `complete`. Receivers act on complete states only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -502,15 +513,66 @@ pub struct Stream {
 
 /// What to send a stream after a registry change.
 #[derive(Debug)]
-pub struct Outgoing {
-    /// A whole snapshot replacing what the node holds.
-    pub reset: bool,
-    pub updates: Vec<pb::Update>,
+pub enum Outgoing {
+    /// The updates that bring the node to the new version (none when its
+    /// view did not change).
+    Delta(Vec<pb::Update>),
+    /// The history does not reach back to the stream's version: send a
+    /// whole snapshot ([`Stream::reopen`], then [`Stream::snapshot_page`]).
+    Snapshot,
+}
+
+/// How far a snapshot has been sent: the section, and the last key sent
+/// of it. Sections come in the order receivers need (as [`full`]).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotCursor(Section);
+
+#[derive(Debug, Clone)]
+enum Section {
+    Identities(Option<u32>),
+    Nodes(Option<String>),
+    Workloads(Option<(String, String)>),
+    Ipcache(Option<String>),
+    Policy(Option<policy::Key>),
+    Done,
+}
+
+impl Default for Section {
+    fn default() -> Self {
+        Section::Identities(None)
+    }
+}
+
+impl SnapshotCursor {
+    pub fn done(&self) -> bool {
+        matches!(self.0, Section::Done)
+    }
+}
+
+/// Where the section continues after a page of `p` entries out of `room`:
+/// after its last key when the page was full, else at `then`.
+fn continue_after<K: Clone, V>(
+    p: &[(&K, &V)],
+    room: usize,
+    at: impl FnOnce(Option<K>) -> Section,
+    then: Section,
+) -> Section {
+    match p.last() {
+        Some((k, _)) if p.len() == room => at(Some((*k).clone())),
+        _ => then,
+    }
+}
+
+/// Up to `n` entries of `map` after `after`, in key order.
+fn page<'m, K: Ord, V>(map: &'m BTreeMap<K, V>, after: Option<&K>, n: usize) -> Vec<(&'m K, &'m V)> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let lower = after.map_or(Unbounded, Excluded);
+    map.range((lower, Unbounded)).take(n).collect()
 }
 
 impl Stream {
-    /// A stream for `node`, at `cluster`'s version; [`Stream::snapshot`]
-    /// is what to open it with.
+    /// A stream for `node`, at `cluster`'s version; a snapshot
+    /// ([`Stream::snapshot_page`]) is what to open it with.
     pub fn open(cluster: &Cluster, node: &str) -> Self {
         Stream {
             node: node.to_owned(),
@@ -519,37 +581,68 @@ impl Stream {
         }
     }
 
-    /// Everything the node needs at the stream's version, as upserts in
-    /// the order receivers need (as [`full`]), produced as it is read: the
-    /// cluster-wide part is read from `cluster` (the one the stream was
-    /// opened or last advanced with), never copied per node, so a thousand
-    /// streams opening at once hold a thousand cursors, not a thousand
-    /// copies of the ipcache.
-    pub fn snapshot<'a>(&'a self, cluster: &'a Cluster) -> impl Iterator<Item = pb::Update> + Send + 'a {
+    /// Starts over at `cluster`'s version, for a fresh snapshot.
+    pub fn reopen(&mut self, cluster: &Cluster) {
+        *self = Stream::open(cluster, &self.node);
+    }
+
+    /// The next page of the snapshot, at most `max` upserts: the node's own
+    /// part as of the stream's version, the cluster-wide part read from
+    /// `cluster` (the newest version, whichever it is now). Once the cursor
+    /// is done, [`Stream::advance`] to the newest version completes it.
+    pub fn snapshot_page(
+        &self,
+        cursor: &mut SnapshotCursor,
+        cluster: &Cluster,
+        max: usize,
+    ) -> Vec<pb::Update> {
         let shared = &cluster.shared;
-        shared
-            .identities
-            .values()
-            .map(|i| update(Kind::IdentityUpsert(i.clone())))
-            .chain(shared.nodes.values().map(|n| update(Kind::NodeUpsert(n.clone()))))
-            .chain(
-                self.local
-                    .workloads
-                    .values()
-                    .map(|w| update(Kind::WorkloadUpsert(w.clone()))),
-            )
-            .chain(
-                shared
-                    .ipcache
-                    .values()
-                    .map(|e| update(Kind::IpcacheUpsert(e.clone()))),
-            )
-            .chain(
-                self.local
-                    .policy
-                    .values()
-                    .map(|e| update(Kind::PolicyUpsert(e.clone()))),
-            )
+        let mut out = Vec::with_capacity(max.min(UPDATES_PER_MESSAGE));
+        loop {
+            let room = max - out.len();
+            if room == 0 || cursor.done() {
+                return out;
+            }
+            cursor.0 = match std::mem::take(&mut cursor.0) {
+                Section::Identities(after) => {
+                    let p = page(&shared.identities, after.as_ref(), room);
+                    out.extend(p.iter().map(|(_, i)| update(Kind::IdentityUpsert((*i).clone()))));
+                    continue_after(&p, room, Section::Identities, Section::Nodes(None))
+                }
+                Section::Nodes(after) => {
+                    let p = page(&shared.nodes, after.as_ref(), room);
+                    out.extend(p.iter().map(|(_, n)| update(Kind::NodeUpsert((*n).clone()))));
+                    continue_after(&p, room, Section::Nodes, Section::Workloads(None))
+                }
+                Section::Workloads(after) => {
+                    let p = page(&self.local.workloads, after.as_ref(), room);
+                    out.extend(p.iter().map(|(_, w)| update(Kind::WorkloadUpsert((*w).clone()))));
+                    continue_after(&p, room, Section::Workloads, Section::Ipcache(None))
+                }
+                Section::Ipcache(after) => {
+                    let p = page(&shared.ipcache, after.as_ref(), room);
+                    out.extend(p.iter().map(|(_, e)| update(Kind::IpcacheUpsert((*e).clone()))));
+                    continue_after(&p, room, Section::Ipcache, Section::Policy(None))
+                }
+                Section::Policy(after) => {
+                    let p = page(&self.local.policy, after.as_ref(), room);
+                    out.extend(p.iter().map(|(_, e)| update(Kind::PolicyUpsert((*e).clone()))));
+                    continue_after(&p, room, Section::Policy, Section::Done)
+                }
+                Section::Done => Section::Done,
+            };
+        }
+    }
+
+    /// The whole snapshot from one version, at once (for tests and tools;
+    /// streams send it page by page).
+    pub fn snapshot(&self, cluster: &Cluster) -> Vec<pb::Update> {
+        let mut cursor = SnapshotCursor::default();
+        let mut out = Vec::new();
+        while !cursor.done() {
+            out.extend(self.snapshot_page(&mut cursor, cluster, UPDATES_PER_MESSAGE));
+        }
+        out
     }
 
     /// What to send to bring the node from the last version sent to
@@ -558,9 +651,7 @@ impl Stream {
     /// reach back far enough.
     pub fn advance(&mut self, cluster: &Cluster) -> Outgoing {
         let Some(changed) = cluster.changed_since(self.version) else {
-            *self = Stream::open(cluster, &self.node);
-            let updates = self.snapshot(cluster).collect();
-            return Outgoing { reset: true, updates };
+            return Outgoing::Snapshot;
         };
         let mut d = Delta::default();
         let shared = &cluster.shared;
@@ -586,10 +677,7 @@ impl Stream {
         d.local(&self.local, &local);
         self.local = local;
         self.version = cluster.version;
-        Outgoing {
-            reset: false,
-            updates: d.into_updates(),
-        }
+        Outgoing::Delta(d.into_updates())
     }
 }
 
@@ -972,11 +1060,11 @@ mod tests {
             .iter()
             .map(|n| {
                 let s = Stream::open(&cluster, n);
-                let updates: Vec<_> = s.snapshot(&cluster).collect();
+                let updates = s.snapshot(&cluster);
                 assert_eq!(
                     updates,
                     full(&node_view(&cluster, n)),
-                    "the lazy snapshot is the full view"
+                    "the paged snapshot is the full view"
                 );
                 let mut held = NodeView::default();
                 receive(&mut held, true, updates);
@@ -992,16 +1080,16 @@ mod tests {
                     continue;
                 }
                 let before = held.clone();
-                let out = stream.advance(&cluster);
-                assert!(!out.reset, "within the history no snapshot is needed");
-                receive(held, false, out.updates.clone());
+                let Outgoing::Delta(updates) = stream.advance(&cluster) else {
+                    panic!("within the history no snapshot is needed");
+                };
+                receive(held, false, updates.clone());
                 let want = node_view(&cluster, nodes[k]);
                 assert_eq!(*held, want, "step {i}, node {}", nodes[k]);
                 if before == want {
                     assert!(
-                        out.updates.is_empty(),
-                        "an unchanged view is sent nothing: {:?}",
-                        out.updates
+                        updates.is_empty(),
+                        "an unchanged view is sent nothing: {updates:?}"
                     );
                 }
             }
@@ -1017,15 +1105,50 @@ mod tests {
             snap.workloads[0].labels.insert("v".into(), i.to_string());
             cluster = cluster.next(snap.clone(), Default::default());
         }
-        let out = stream.advance(&cluster);
-        assert!(out.reset);
+        assert!(matches!(stream.advance(&cluster), Outgoing::Snapshot));
+        stream.reopen(&cluster);
         let mut held = NodeView::default();
-        receive(&mut held, true, out.updates);
+        receive(&mut held, true, stream.snapshot(&cluster));
         assert_eq!(held, node_view(&cluster, "n2"));
         // And from there on, deltas again.
         snap.workloads[0].ips = vec!["10.9.9.9".into()];
         cluster = cluster.next(snap.clone(), Default::default());
-        assert!(!stream.advance(&cluster).reset);
+        assert!(matches!(stream.advance(&cluster), Outgoing::Delta(_)));
+    }
+
+    /// A snapshot read page by page while the registry changes under it
+    /// (each page from the newest version, as streams read them) holds
+    /// exactly the newest view once the changes made meanwhile are applied.
+    #[test]
+    fn a_snapshot_read_across_changes_is_exact_after_its_catch_up() {
+        let mut snap = two_nodes();
+        snap.identities = (256..260).map(|id| ident(id, &format!("i{id}"))).collect();
+        for i in 0..40 {
+            step(&mut snap, i);
+        }
+        let mut cluster = Cluster::new(snap.clone(), Default::default());
+        for (node, page_size) in [("n0", 1), ("n1", 2), ("n2", 3), ("n1", 7)] {
+            let mut stream = Stream::open(&cluster, node);
+            let mut cursor = SnapshotCursor::default();
+            let mut held = NodeView::default();
+            let mut reset = true;
+            let mut i = 40;
+            while !cursor.done() {
+                let updates = stream.snapshot_page(&mut cursor, &cluster, page_size);
+                assert!(updates.len() <= page_size);
+                receive(&mut held, reset, updates);
+                reset = false;
+                step(&mut snap, i);
+                i += 1;
+                cluster = cluster.next(snap.clone(), Default::default());
+            }
+            assert!(i >= 42, "the snapshot spanned several versions");
+            let Outgoing::Delta(catch_up) = stream.advance(&cluster) else {
+                panic!("within the history");
+            };
+            receive(&mut held, false, catch_up);
+            assert_eq!(held, node_view(&cluster, node), "{node}, pages of {page_size}");
+        }
     }
 
     #[test]
