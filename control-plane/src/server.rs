@@ -1436,16 +1436,16 @@ fn merge_sourced(
         return (stored, Vec::new());
     };
     let view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let by_key: HashMap<String, u32> = stored
-        .identities
-        .iter()
-        .map(|i| {
-            (
-                crate::store::identity_key(&i.namespace, &i.service_account, &i.labels),
-                i.id,
-            )
-        })
-        .collect();
+    // An identity two replicas allocated at once has two numbers: the
+    // lowest is used, and the other, unused, is collected.
+    let mut by_key: HashMap<String, u32> = HashMap::with_capacity(stored.identities.len());
+    for i in &stored.identities {
+        let key = crate::store::identity_key(&i.namespace, &i.service_account, &i.labels);
+        by_key
+            .entry(key)
+            .and_modify(|id| *id = (*id).min(i.id))
+            .or_insert(i.id);
+    }
     let mut workloads = Vec::with_capacity(view.workloads.len());
     let mut unresolved = Vec::new();
     for w in view.workloads.values() {

@@ -293,7 +293,19 @@ async fn join_tokens_are_single_use_and_nodes_keep_their_id() {
         .put_join_token(&expired, &record("node-a", now() - 1))
         .await
         .expect("put token");
-    let stored = serde_json::to_string(&state_configmap(&ns).await.data).unwrap();
+    // One object per token, named after its hash; the token itself is
+    // stored nowhere.
+    let all = Api::<ConfigMap>::namespaced(cluster().admin().await, &ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list");
+    let hash_hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        all.items
+            .iter()
+            .any(|cm| cm.metadata.name.as_deref() == Some(format!("keyway-join-token-{hash_hex}").as_str()))
+    );
+    let stored = serde_json::to_string(&all.items).unwrap();
     assert!(!stored.contains(&token), "the token itself must not be stored");
 
     let refused = |r: Result<_, StoreError>| match r {
@@ -437,8 +449,8 @@ async fn the_issuance_log_records_everything_once_across_chunks() {
     assert_eq!(serials_once(&later).await.len(), total + 2);
 }
 
-/// Rewrites `pending_issuance` in state.json as a replica that crashed
-/// mid-attestation would have left it.
+/// Rewrites `pending_issuance` in state.json as a format-2 replica that
+/// crashed mid-attestation would have left it.
 async fn set_pending(ns: &str, records: &[IssuanceRecord]) {
     let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, ns);
     let mut cm = api.get("keyway-state").await.expect("state");
@@ -480,10 +492,11 @@ async fn node_svids_left_pending_by_a_crash_are_logged_once() {
     let cm = state_configmap(&ns).await;
     let state: serde_json::Value =
         serde_json::from_str(&cm.data.as_ref().expect("data")["state.json"]).expect("state.json");
-    assert_eq!(
-        state["pending_issuance"],
-        serde_json::json!({}),
-        "nothing left pending"
+    assert!(
+        state
+            .get("pending_issuance")
+            .is_none_or(|p| p == &serde_json::json!({})),
+        "nothing left pending: {state}"
     );
     let chunks = Api::<ConfigMap>::namespaced(cluster().admin().await, &ns)
         .list(&ListParams::default().labels("keyway.dev/component=issuance-log"))
@@ -551,19 +564,30 @@ async fn two_replicas_writing_at_once_lose_nothing_and_never_share_an_identity()
     for store in [&a, &b] {
         // The other replica's objects reach this one through its watch.
         let deadline = Instant::now() + WAIT;
+        let objects = identity_objects(&ns).await;
         let reg = loop {
             let reg = store.registry().await.expect("registry");
-            if reg.identities.len() >= 3 * per_replica || Instant::now() > deadline {
+            let all_there = reg.identities.len() >= objects.len() && reg.nodes.len() >= 6;
+            if all_there || Instant::now() > deadline {
                 break reg;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        // Each replica knows every identity, each under one number, and no
-        // number stands for two identities (objects are create-if-absent).
-        assert_eq!(reg.identities.len(), 3 * per_replica, "no identity lost");
+        // Each replica knows every identity object, and no number stands
+        // for two identities (objects are create-if-absent).
+        let accounts: HashSet<&str> = reg
+            .identities
+            .iter()
+            .map(|i| i.service_account.as_str())
+            .collect();
+        assert_eq!(accounts.len(), 3 * per_replica, "no identity lost");
+        assert_eq!(
+            reg.identities.len(),
+            objects.len(),
+            "every object is in the registry"
+        );
         let ids: HashSet<u32> = reg.identities.iter().map(|i| i.id).collect();
-        assert_eq!(ids.len(), 3 * per_replica, "a number was handed out twice");
-        let objects = identity_objects(&ns).await;
+        assert_eq!(ids.len(), reg.identities.len(), "a number was handed out twice");
         for obj in objects.values() {
             let rec: IdentityRecord =
                 serde_json::from_str(&obj.data.as_ref().expect("data")["identity.json"]).expect("record");
@@ -573,7 +597,8 @@ async fn two_replicas_writing_at_once_lose_nothing_and_never_share_an_identity()
             );
         }
         // Racing replicas may both have created "w-i" (lowest number wins);
-        // the extra objects are what the identity GC collects.
+        // the extra objects are in the registry unused, and the identity GC
+        // collects them.
         assert!(
             objects.len() >= 3 * per_replica && objects.len() <= 4 * per_replica,
             "{}",
@@ -606,6 +631,33 @@ async fn a_replica_hears_of_the_other_replicas_writes() {
         "replica-a"
     );
 
+    // Node records too, and what they carry.
+    changes.borrow_and_update();
+    a.register_node(
+        "node-from-a",
+        now(),
+        7,
+        &issued("0c", "spiffe://example.org/keyway/node/node-from-a"),
+    )
+    .await
+    .expect("register");
+    a.set_node_addresses("node-from-a", vec!["10.0.0.9:4250".into()])
+        .await
+        .expect("addresses");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        tokio::time::timeout(WAIT, changes.changed())
+            .await
+            .expect("replica b is told of replica a's node")
+            .expect("store alive");
+        let reg = b.registry().await.expect("registry");
+        let seen = reg.nodes.iter().find(|n| n.name == "node-from-a");
+        if seen.is_some_and(|n| n.addresses == ["10.0.0.9:4250"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", reg.nodes);
+    }
+
     // CA changes too.
     changes.borrow_and_update();
     let cfg = CaConfig {
@@ -624,6 +676,144 @@ async fn a_replica_hears_of_the_other_replicas_writes() {
     assert!(b.load_ca().await.expect("load").is_some());
 }
 
+/// `keyway-state` as a format-2 replica left it: node records, join
+/// tokens (one consumed) and the counters inside.
+async fn write_format_2_state(ns: &str, token_hashes: [&str; 2]) {
+    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, ns);
+    let state = serde_json::json!({
+        "format": 2,
+        "revision": 9,
+        "next_identity": 300,
+        "next_node_id": 8,
+        "nodes": {
+            "node-a": {"name": "node-a", "node_id": 3, "attested_at": 1, "registration": 11,
+                       "addresses": ["10.0.0.3:4250"]},
+            "node-b": {"name": "node-b", "node_id": 7, "attested_at": 1, "registration": 12}
+        },
+        "join_tokens": {
+            token_hashes[0]: {"node": "node-a", "created_at": 1, "expires_at": now() + 600, "consumed_at": 2},
+            token_hashes[1]: {"node": "node-c", "created_at": 1, "expires_at": now() + 600}
+        }
+    });
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("keyway-state".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("state.json".to_string(), state.to_string())])),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &cm)
+        .await
+        .expect("write a format-2 state");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_format_2_state_migrates_nodes_and_tokens_to_objects_keeping_ids_and_spent_tokens() {
+    let ns = cluster().namespace("store-migrate").await;
+    let spent = control_plane::tokens::hash("kw1.spent");
+    let fresh = control_plane::tokens::hash("kw1.fresh");
+    let hex = |h: &[u8]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    write_format_2_state(&ns, [&hex(&spent), &hex(&fresh)]).await;
+    let store = open(&ns, "replica-a").await;
+
+    let reg = store.registry().await.expect("registry");
+    assert_eq!(
+        reg.nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.node_id, n.registration, n.addresses.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("node-a", 3, 11, vec!["10.0.0.3:4250".to_string()]),
+            ("node-b", 7, 12, vec![])
+        ]
+    );
+    let svid = |s: &str| issued(s, "spiffe://example.org/keyway/node/node-x");
+    assert!(
+        matches!(
+            store
+                .consume_join_token(&spent, "node-a", now(), 1, &svid("1a"))
+                .await,
+            Err(StoreError::TokenRefused(TokenProblem::Consumed))
+        ),
+        "a token spent before the migration stays spent"
+    );
+    let c = store
+        .consume_join_token(&fresh, "node-c", now(), 13, &svid("1b"))
+        .await
+        .expect("an unspent token still attests");
+    assert_eq!(c.node_id, 8, "the node id counter is kept");
+
+    let cm = state_configmap(&ns).await;
+    let state: serde_json::Value =
+        serde_json::from_str(&cm.data.as_ref().expect("data")["state.json"]).expect("state.json");
+    assert_eq!(state["format"], 3);
+    assert!(
+        state.get("nodes").is_none() && state.get("join_tokens").is_none(),
+        "{state}"
+    );
+    let objects = Api::<ConfigMap>::namespaced(cluster().admin().await, &ns)
+        .list(&ListParams::default().labels("keyway.dev/component=node"))
+        .await
+        .expect("list");
+    assert_eq!(objects.items.len(), 3, "node-a, node-b and node-c");
+
+    // A second replica opening the migrated state finds it as it is.
+    let b = open(&ns, "replica-b").await;
+    assert_eq!(b.registry().await.expect("registry").nodes.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_state_is_recreated_past_every_number_in_use() {
+    let ns = cluster().namespace("store-restore").await;
+    {
+        let store = open(&ns, "replica-a").await;
+        store
+            .allocate_identities(&[identity("one"), identity("two")])
+            .await
+            .expect("allocate");
+        store
+            .register_node(
+                "node-a",
+                now(),
+                7,
+                &issued("2a", "spiffe://example.org/keyway/node/node-a"),
+            )
+            .await
+            .expect("register");
+    }
+    Api::<ConfigMap>::namespaced(cluster().admin().await, &ns)
+        .delete("keyway-state", &DeleteParams::default())
+        .await
+        .expect("delete the state");
+    let store = open(&ns, "replica-b").await;
+    let before = store.registry().await.expect("registry");
+    let taken: HashSet<u32> = before.identities.iter().map(|i| i.id).collect();
+    let new = store
+        .allocate_identities(&[identity("three")])
+        .await
+        .expect("allocate");
+    assert!(
+        !taken.contains(&new[0].id),
+        "identity {} handed out twice",
+        new[0].id
+    );
+    let b = store
+        .register_node(
+            "node-b",
+            now(),
+            8,
+            &issued("2b", "spiffe://example.org/keyway/node/node-b"),
+        )
+        .await
+        .expect("register");
+    assert!(
+        before.nodes.iter().all(|n| n.node_id != b.node_id),
+        "node id {} handed out twice",
+        b.node_id
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_permissions_are_reported_with_what_to_fix() {
     let ns = cluster().namespace("store-rbac").await;
@@ -632,7 +822,7 @@ async fn missing_permissions_are_reported_with_what_to_fix() {
     let client = cluster().client_with_token(&token).await;
     match KubeStore::open(client, &ns, "replica-a").await {
         Err(StoreError::Backend(m)) => assert!(
-            m.contains(&format!("cannot get configmaps in namespace {ns}")) && m.contains("Role"),
+            m.contains(&format!("cannot list configmaps in namespace {ns}")) && m.contains("Role"),
             "{m}"
         ),
         Err(e) => panic!("expected a backend error, got {e}"),

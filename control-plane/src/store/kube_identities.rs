@@ -32,14 +32,12 @@
 //! they are created.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::watch;
+use kube::api::{Api, DeleteParams, PostParams};
 
+use super::kube_index::{self, Index};
 use super::{IdentityRecord, StoreError, StoreResult, identity_key, identity_labels};
 
 pub(super) const IDENTITY_PREFIX: &str = "keyway-identity-";
@@ -93,30 +91,18 @@ impl IdentityIndex {
         }
     }
 
-    fn replace_all(&mut self, records: Vec<IdentityRecord>) {
-        self.by_id.clear();
-        self.by_key.clear();
-        for r in records {
-            self.insert(r);
-        }
-    }
-
     pub(super) fn lookup(&self, key: &str) -> Option<&IdentityRecord> {
         let id = self.by_key.get(key)?.first()?;
         self.by_id.get(id)
     }
 
-    /// Every identity, by number; an identity with duplicate numbers is
-    /// listed under its lowest only.
+    /// Every identity object, by number, duplicates included: an identity
+    /// that two replicas allocated at once has two numbers, the lowest is
+    /// the one in use ([`IdentityIndex::lookup`], and the registry merge
+    /// picks it too), and the other is unused, so the identity collector
+    /// deletes it after its grace period.
     pub(super) fn all(&self) -> Vec<IdentityRecord> {
-        self.by_key
-            .values()
-            .filter_map(|ids| ids.first())
-            .filter_map(|id| self.by_id.get(id))
-            .map(|r| (r.id, r.clone()))
-            .collect::<BTreeMap<u32, IdentityRecord>>()
-            .into_values()
-            .collect()
+        self.by_id.values().cloned().collect()
     }
 
     fn take_reserved(&mut self) -> Option<u64> {
@@ -124,10 +110,40 @@ impl IdentityIndex {
     }
 }
 
-pub(super) type SharedIndex = Arc<Mutex<IdentityIndex>>;
+impl Index for IdentityIndex {
+    type Record = IdentityRecord;
+    const WHAT: &'static str = "identity objects";
+    const COMPONENT: &'static str = IDENTITY_COMPONENT;
+
+    fn parse(cm: &ConfigMap) -> Option<IdentityRecord> {
+        parse(cm)
+    }
+
+    fn upsert(&mut self, rec: IdentityRecord) -> bool {
+        let new = self.by_id.get(&rec.id) != Some(&rec);
+        self.insert(rec);
+        new
+    }
+
+    fn remove_object(&mut self, name: &str) -> bool {
+        let id = name.strip_prefix(IDENTITY_PREFIX).and_then(|n| n.parse().ok());
+        id.is_some_and(|id| self.remove(id))
+    }
+
+    fn replace_all(&mut self, records: Vec<IdentityRecord>) -> bool {
+        let before = std::mem::take(&mut self.by_id);
+        self.by_key.clear();
+        for r in records {
+            self.insert(r);
+        }
+        before != self.by_id
+    }
+}
+
+pub(super) type SharedIndex = kube_index::Shared<IdentityIndex>;
 
 pub(super) fn lock(index: &SharedIndex) -> std::sync::MutexGuard<'_, IdentityIndex> {
-    index.lock().unwrap_or_else(PoisonError::into_inner)
+    kube_index::lock(index)
 }
 
 pub(super) fn identity_configmap(rec: &IdentityRecord, writer: &str) -> StoreResult<ConfigMap> {
@@ -164,90 +180,6 @@ fn parse(cm: &ConfigMap) -> Option<IdentityRecord> {
         Err(e) => {
             tracing::warn!(configmap = name, error = %e, "identity object cannot be read; skipped");
             None
-        }
-    }
-}
-
-fn selector() -> String {
-    format!("{}={IDENTITY_COMPONENT}", super::kube_store::COMPONENT)
-}
-
-/// Every identity object, read page by page.
-pub(super) async fn list(api: &Api<ConfigMap>) -> Result<Vec<IdentityRecord>, kube::Error> {
-    let mut params = ListParams::default().labels(&selector()).limit(500);
-    let mut out = Vec::new();
-    loop {
-        let page = api.list(&params).await?;
-        out.extend(page.items.iter().filter_map(parse));
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Ok(out),
-        }
-    }
-}
-
-pub(super) fn load(index: &SharedIndex, records: Vec<IdentityRecord>) {
-    lock(index).replace_all(records);
-}
-
-/// Follows the identity objects into `index` until aborted, bumping
-/// `changes` on every change (other replicas' allocations and collections).
-pub(super) async fn follow(api: Api<ConfigMap>, index: SharedIndex, changes: watch::Sender<u64>) {
-    let stream = watcher(api, watcher::Config::default().labels(&selector())).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    let mut relist: Option<Vec<IdentityRecord>> = None;
-    let mut failing = false;
-    while let Some(event) = stream.next().await {
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "watch on identity objects failed; retrying with backoff");
-                    failing = true;
-                }
-                continue;
-            }
-        };
-        failing = false;
-        let changed = match event {
-            watcher::Event::Init => {
-                relist = Some(Vec::new());
-                false
-            }
-            watcher::Event::InitApply(cm) => {
-                if let (Some(list), Some(rec)) = (relist.as_mut(), parse(&cm)) {
-                    list.push(rec);
-                }
-                false
-            }
-            watcher::Event::InitDone => {
-                let records = relist.take().unwrap_or_default();
-                let mut idx = lock(&index);
-                let before = idx.all();
-                idx.replace_all(records);
-                idx.all() != before
-            }
-            watcher::Event::Apply(cm) => match parse(&cm) {
-                Some(rec) => {
-                    let mut idx = lock(&index);
-                    let new = idx.by_id.get(&rec.id) != Some(&rec);
-                    idx.insert(rec);
-                    new
-                }
-                None => false,
-            },
-            watcher::Event::Delete(cm) => {
-                let id = cm
-                    .metadata
-                    .name
-                    .as_deref()
-                    .and_then(|n| n.strip_prefix(IDENTITY_PREFIX))
-                    .and_then(|n| n.parse().ok());
-                id.is_some_and(|id| lock(&index).remove(id))
-            }
-        };
-        if changed {
-            changes.send_modify(|n| *n += 1);
         }
     }
 }
@@ -404,8 +336,8 @@ mod tests {
         assert_eq!(idx.lookup(&key).map(|r| r.id), Some(257));
         assert_eq!(
             idx.all().iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![256, 257],
-            "the duplicate is not listed"
+            vec![256, 257, 300],
+            "the duplicate is listed, so the collector can see it is unused"
         );
         assert!(idx.remove(257));
         assert_eq!(idx.lookup(&key).map(|r| r.id), Some(300));

@@ -4,47 +4,53 @@
 //!
 //! # Layout
 //!
-//! | Object                             | Key                | Holds                                       |
-//! |------------------------------------|--------------------|---------------------------------------------|
-//! | Secret `keyway-ca` (Opaque)        | `ca.json`          | [`CaState`]: every authority and its keys   |
-//! | ConfigMap `keyway-state`           | `state.json`       | nodes, join tokens, counters (below)        |
-//! | ConfigMaps `keyway-identity-<n>`   | `identity.json`    | one numeric identity each                   |
-//! | ConfigMaps `keyway-issuance-<n>`   | one key per serial | the issuance log, append-only, `n` from 0   |
+//! | Object                               | Key                | Holds                                       |
+//! |--------------------------------------|--------------------|---------------------------------------------|
+//! | Secret `keyway-ca` (Opaque)          | `ca.json`          | [`CaState`]: every authority and its keys   |
+//! | ConfigMap `keyway-state`             | `state.json`       | the counters (below)                        |
+//! | ConfigMaps `keyway-identity-<n>`     | `identity.json`    | one numeric identity each                   |
+//! | ConfigMaps `keyway-node-<node>`      | `node.json`        | one node record each                        |
+//! | ConfigMaps `keyway-join-token-<hex>` | `token.json`       | one join token each                         |
+//! | ConfigMaps `keyway-issuance-<n>`     | one key per serial | the issuance log, `n` from 0                |
 //!
-//! Only what Keyway allocates is stored. Pods and policies are not: the API
-//! server holds them, and Kubernetes mode reads them from its watch caches,
-//! so nothing here grows with the number of pods. `state.json` holds the
-//! attested nodes and the next node id, the next numeric identity, the join
-//! tokens (keyed by the hex SHA-256 the caller passes; the tokens themselves
-//! are never stored), the revision, and `pending_issuance` (below). Identity
-//! objects, their allocation and why it is crash-safe across two objects:
-//! [`super::kube_identities`].
+//! Only what Keyway allocates is stored, one object per record. Pods and
+//! policies are not: the API server holds them, and Kubernetes mode reads
+//! them from its watch caches, so nothing here grows with the number of
+//! pods, and no single object grows with the number of nodes or tokens.
+//! `state.json` holds the next numeric identity and the next node id.
+//! Identity objects: [`super::kube_identities`]; node and token objects:
+//! [`super::kube_nodes`].
 //! Private keys live only in the Secret, so RBAC can give readers of the
 //! registry no access to key material. Every object is created on first use
 //! and labelled `app.kubernetes.io/managed-by: keyway` and
 //! `keyway.dev/component`; every write sets the annotation
-//! `keyway.dev/last-writer` to the writing replica (and, on the state,
-//! `keyway.dev/revision`), so `kubectl get -o yaml` says who wrote last.
+//! `keyway.dev/last-writer` to the writing replica, so `kubectl get -o yaml`
+//! says who wrote last.
 //!
 //! # Why nothing is lost or handed out twice
 //!
-//! Every change is one read-modify-write of one object, made conditional on
-//! the `metadata.resourceVersion` it read (a replace, which the API server
-//! refuses with 409 Conflict when anyone wrote the object in between). A
-//! refused write changed nothing, so the change is applied again to a fresh
-//! read: the change is a function of the state (allocate the next identity,
-//! consume this token), not a diff computed from an old copy. One object per
-//! write makes each change atomic, and an acknowledged write is in etcd's
-//! quorum, so it is durable when the call returns.
+//! Every change to an object is one read-modify-write of that object, made
+//! conditional on the `metadata.resourceVersion` it read (a replace, which
+//! the API server refuses with 409 Conflict when anyone wrote the object in
+//! between), or a create, which fails with AlreadyExists when the name is
+//! taken. A refused write changed nothing, so the change is applied again to
+//! a fresh read: the change is a function of the record (consume this
+//! token, allocate the next number), not a diff computed from an old copy.
+//! An acknowledged write is in etcd's quorum, so it is durable when the call
+//! returns.
 //!
-//! - Node ids are allocated inside the state write from the counter stored
-//!   beside them, and blocks of identity numbers are reserved the same way.
-//!   Two replicas allocating at once both read the same counter, but only
-//!   one write succeeds; the other retries on the new state and takes the
-//!   next numbers. Counters only grow, so a number is never reused.
-//! - A join token is consumed in the same write that registers its node, so
-//!   of two replicas racing with the same token exactly one succeeds; the
+//! - Counters (`next_identity`, `next_node_id`) only grow, and are written
+//!   before the object that uses a number is created: a crash in between
+//!   leaves an unused number, never one given twice.
+//! - A join token is consumed by a conditional write of its object, so of
+//!   two replicas racing with the same token exactly one succeeds; the
 //!   other re-reads and sees it consumed.
+//! - Attestation touches several objects, in an order that keeps every
+//!   failure safe: the token is checked (a refused one writes nothing), the
+//!   node SVID is logged, the token is consumed, then the node record is
+//!   written. Part-way failures leave at worst a logged SVID that was never
+//!   handed out, or a spent token and no node (the attestation fails; a new
+//!   token is needed).
 //! - Within one process the state is written by one call at a time, so
 //!   conflicts happen only between replicas and the bounded retries
 //!   ([`MAX_ATTEMPTS`]) are a safety net, not a throughput limit.
@@ -55,18 +61,10 @@
 //! already in the chunk is not written again, so a retried batch is recorded
 //! once. A chunk that would pass [`CHUNK_LIMIT`] is left alone and the next
 //! one is created (409 AlreadyExists means another replica rolled first: use
-//! theirs).
-//!
-//! `consume_join_token` and `register_node` must record the node SVID
-//! atomically with the node change, but the log is another object. So the
-//! record goes into `pending_issuance` in the state write itself, and is
-//! moved to the log afterwards: appended first, then removed from pending.
-//! A crash between the two leaves it in both places; `issuance_log` reads the
-//! pending records *before* the chunks and merges by serial, so every record
-//! is returned exactly once wherever it sits at that moment (a record that
-//! leaves pending has already reached a chunk). Moving is best effort: a
-//! failure is logged and retried after the next attestation and at start-up,
-//! never reported to the attesting node, whose token is already spent.
+//! theirs). Format 2 kept node SVIDs in `pending_issuance` in the state until
+//! they were moved to the log; what a crash left there is moved on open, and
+//! `issuance_log` reads pending records before the chunks and merges by
+//! serial, so each is returned once wherever it sits.
 //!
 //! The CA Secret is written whole. `save_ca` is a compare-and-swap against
 //! the version this process last loaded or saved: re-applying a whole CA
@@ -79,22 +77,25 @@
 //!
 //! [`Store::subscribe_changes`] is fed by one watch on `keyway-state` and one
 //! on `keyway-ca` (metadata only, by name; the default list-then-watch mode,
-//! which every API server version serves). Every resourceVersion this process
-//! writes is remembered; any other version (or a deletion) bumps the counter.
-//! A watch event can beat the reply to this process's own write, which then
-//! counts as foreign: the signal may fire without a foreign change, never the
-//! other way round. Watch errors are retried with kube-runtime's default
-//! exponential backoff.
+//! which every API server version serves), and by the identity and node
+//! object watches ([`super::kube_index`]). Every resourceVersion this process
+//! writes to the state or the CA is remembered, and its own identity and
+//! node writes are in its indexes before their events arrive; any other
+//! change (or a deletion) bumps the counter. A watch event can beat the
+//! reply to this process's own write, which then counts as foreign: the
+//! signal may fire without a foreign change, never the other way round.
+//! Watch errors are retried with kube-runtime's default exponential backoff.
 //!
 //! # Limits
 //!
-//! - Kubernetes caps an object at 1 MiB. `state.json` is refused above
-//!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`]. A node record
-//!   takes about 150 bytes, so the ceiling is about 5000 nodes. Pods and
-//!   identities are not in it.
-//!   Join tokens that expired more than [`model::TOKEN_RETENTION_SECS`] ago are
-//!   dropped on the next token write so they do not accumulate (presenting
-//!   one then reads "unknown token": still refused).
+//! - Kubernetes caps an object at 1 MiB. Every object here holds one record
+//!   except the log chunks (capped below) and the CA Secret (a few
+//!   authorities). A state not yet migrated from format 2 is refused above
+//!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`].
+//! - Join tokens that expired more than [`model::TOKEN_RETENTION_SECS`] ago
+//!   are deleted by a sweep on token writes, at most every
+//!   [`TOKEN_SWEEP_SECS`] (presenting one then reads "unknown token": still
+//!   refused).
 //! - The issuance log is pruned by whole chunks (about 2000 records each),
 //!   never the newest: `prune_issuance` deletes a chunk once every
 //!   certificate in it is past the retention window, then the oldest while
@@ -109,7 +110,7 @@
 //! - The service account needs get, list, watch, create, update and delete
 //!   on configmaps, and get, create and update on secrets, in the namespace.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -122,6 +123,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::kube_identities as ids;
+use super::kube_index;
+use super::kube_nodes as nodes;
 use super::*;
 
 const STATE: &str = "keyway-state";
@@ -133,7 +136,6 @@ const CHUNK_PREFIX: &str = "keyway-issuance-";
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub(super) const COMPONENT: &str = "keyway.dev/component";
 pub(super) const LAST_WRITER: &str = "keyway.dev/last-writer";
-const REVISION: &str = "keyway.dev/revision";
 const ISSUANCE_COMPONENT: &str = "issuance-log";
 
 /// The largest `state.json` written: Kubernetes refuses objects over 1 MiB,
@@ -150,16 +152,20 @@ const MAX_ATTEMPTS: u32 = 10;
 ///   identity. Read and migrated on open: the identities become objects,
 ///   the copies are dropped (the API server holds pods and policies).
 /// - 2: identities are objects of their own ([`super::kube_identities`]).
-const FORMAT: u32 = 2;
+/// - 3: so are node records and join tokens ([`super::kube_nodes`]);
+///   `state.json` holds only the counters. Format 2's nodes and tokens are
+///   migrated on open.
+const FORMAT: u32 = 3;
 /// The most records one log write carries.
 const MAX_BATCH: usize = 512;
 /// Resource versions of this process's own writes remembered for the watch.
 const OWN_WRITES_REMEMBERED: usize = 256;
 
 /// Kubernetes-backed [`Store`], so several control-plane replicas share one
-/// state: the CA in Secret `keyway-ca`, nodes and tokens in ConfigMap
-/// `keyway-state`, one ConfigMap per numeric identity, the issuance log in
-/// ConfigMaps `keyway-issuance-<n>`, all in the control plane's namespace.
+/// state: the CA in Secret `keyway-ca`, the counters in ConfigMap
+/// `keyway-state`, one ConfigMap per numeric identity, node and join token,
+/// the issuance log in ConfigMaps `keyway-issuance-<n>`, all in the control
+/// plane's namespace.
 /// The top of `store/kube_store.rs` gives the layout, why concurrent
 /// replicas lose nothing and hand out nothing twice, and the limits.
 pub struct KubeStore {
@@ -180,7 +186,15 @@ pub struct KubeStore {
     watch_task: tokio::task::JoinHandle<()>,
     identities: ids::SharedIndex,
     identity_task: tokio::task::JoinHandle<()>,
+    nodes: kube_index::Shared<nodes::NodeIndex>,
+    node_task: tokio::task::JoinHandle<()>,
+    /// The `now` of the last sweep of forgotten join tokens.
+    tokens_swept_at: Mutex<Option<i64>>,
 }
+
+/// How often (in the callers' clock) join token writes sweep the tokens
+/// past their retention.
+const TOKEN_SWEEP_SECS: i64 = 600;
 
 impl std::fmt::Debug for KubeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,6 +210,7 @@ impl Drop for KubeStore {
         // The log writer ends by itself once its queue's sender is gone.
         self.watch_task.abort();
         self.identity_task.abort();
+        self.node_task.abort();
     }
 }
 
@@ -221,6 +236,15 @@ impl KubeStore {
         let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
         let own_writes = Arc::new(OwnWrites::default());
 
+        // The objects first: a state created now (first start, or restored
+        // after someone deleted it) starts its counters past every number
+        // an object holds, so none is handed out twice.
+        let identities: ids::SharedIndex = kube_index::load(&configmaps)
+            .await
+            .map_err(|e| api_error(e, "list", "configmaps", "", namespace))?;
+        let node_index: kube_index::Shared<nodes::NodeIndex> = kube_index::load(&configmaps)
+            .await
+            .map_err(|e| api_error(e, "list", "configmaps", "", namespace))?;
         let state = match configmaps.get_opt(STATE).await {
             Ok(Some(cm)) => cm,
             Ok(None) => {
@@ -228,11 +252,29 @@ impl KubeStore {
                     metadata: object_meta(STATE, "state"),
                     ..Default::default()
                 };
-                set_state(&mut cm, &SharedState::new(), writer)?;
+                let mut fresh = SharedState::new();
+                if let Some(top) = ids::lock(&identities).all().iter().map(|i| u64::from(i.id)).max() {
+                    fresh.next_identity = fresh.next_identity.max(top + 1);
+                }
+                if let Some(top) = kube_index::lock(&node_index)
+                    .all()
+                    .iter()
+                    .map(|n| u64::from(n.node_id))
+                    .max()
+                {
+                    fresh.next_node_id = fresh.next_node_id.max(top + 1);
+                }
+                set_state(&mut cm, &fresh, writer)?;
                 match configmaps.create(&PostParams::default(), &cm).await {
                     Ok(created) => {
                         own_writes.record(&created);
-                        tracing::info!(namespace, configmap = STATE, "created the shared state");
+                        tracing::info!(
+                            namespace,
+                            configmap = STATE,
+                            next_identity = fresh.next_identity,
+                            next_node_id = fresh.next_node_id,
+                            "created the shared state"
+                        );
                         created
                     }
                     Err(e) if is_already_exists(&e) => configmaps
@@ -263,16 +305,15 @@ impl KubeStore {
         };
         tokio::spawn(chunks.run(queue));
 
-        let identities = ids::SharedIndex::default();
-        let listed = ids::list(&configmaps)
-            .await
-            .map_err(|e| api_error(e, "list", "configmaps", "", namespace))?;
-        ids::load(&identities, listed);
-
         let (changes, _) = watch::channel(0u64);
-        let identity_task = tokio::spawn(ids::follow(
+        let identity_task = tokio::spawn(kube_index::follow(
             configmaps.clone(),
             identities.clone(),
+            changes.clone(),
+        ));
+        let node_task = tokio::spawn(kube_index::follow(
+            configmaps.clone(),
+            node_index.clone(),
             changes.clone(),
         ));
         let watch_task = tokio::spawn(watch_shared(
@@ -297,6 +338,9 @@ impl KubeStore {
             watch_task,
             identities,
             identity_task,
+            nodes: node_index,
+            node_task,
+            tokens_swept_at: Mutex::new(None),
         };
         store.migrate().await?;
         // Node SVIDs a replica recorded but did not get to move (it crashed).
@@ -304,42 +348,195 @@ impl KubeStore {
         Ok(store)
     }
 
-    /// Format 1 kept identities (and copies of pods and policies) inside
-    /// `state.json`. The identities become objects first (create-if-absent,
-    /// so a crash part-way is finished by the next start), then the state is
-    /// rewritten without them.
+    /// Earlier formats kept identities (format 1, with copies of pods and
+    /// policies), node records and join tokens (formats 1 and 2) inside
+    /// `state.json`. Each becomes an object first (create-if-absent, so a
+    /// crash part-way is finished by the next start), then the state is
+    /// rewritten without them, in a write that checks it removes only what
+    /// was copied: what an older replica added meanwhile is copied on the
+    /// next round instead of dropped. (Once the format is raised, older
+    /// replicas refuse the state, so they cannot add more.)
     async fn migrate(&self) -> StoreResult<()> {
-        let (_, state) = self.read_state().await?;
-        if state.format >= FORMAT {
-            return Ok(());
+        for _ in 0..MAX_ATTEMPTS {
+            let (_, state) = self.read_state().await?;
+            if state.format >= FORMAT {
+                return Ok(());
+            }
+            for rec in state.legacy_identities.values() {
+                let name = ids::identity_object_name(rec.id);
+                self.create_if_absent(ids::identity_configmap(rec, &self.writer)?, &name)
+                    .await?;
+                ids::lock(&self.identities).insert(rec.clone());
+            }
+            for rec in state.legacy_nodes.values() {
+                let cm = nodes::node_configmap(None, rec, &self.writer)?;
+                self.create_if_absent(cm, &nodes::node_object_name(&rec.name))
+                    .await?;
+                kube_index::Index::upsert(&mut *kube_index::lock(&self.nodes), rec.clone());
+            }
+            for (hash_hex, rec) in &state.legacy_tokens {
+                let cm = nodes::token_configmap(None, hash_hex, rec, &self.writer)?;
+                self.create_if_absent(cm, &nodes::token_object_name(hash_hex))
+                    .await?;
+            }
+            let copied = (
+                state.legacy_identities.keys().copied().collect::<BTreeSet<u32>>(),
+                state.legacy_nodes.clone(),
+                state.legacy_tokens.keys().cloned().collect::<BTreeSet<String>>(),
+            );
+            let done = self
+                .update_state("format migration", |now| {
+                    if now.format >= FORMAT {
+                        return Ok(Written::Unchanged(true));
+                    }
+                    let all_copied = now.legacy_identities.keys().all(|k| copied.0.contains(k))
+                        && now.legacy_nodes.iter().all(|(k, v)| copied.1.get(k) == Some(v))
+                        && now.legacy_tokens.keys().all(|k| copied.2.contains(k));
+                    if !all_copied {
+                        return Ok(Written::Unchanged(false));
+                    }
+                    now.format = FORMAT;
+                    now.legacy_identities.clear();
+                    now.legacy_nodes.clear();
+                    now.legacy_tokens.clear();
+                    Ok(Written::Changed(true))
+                })
+                .await?;
+            if done {
+                tracing::info!(
+                    namespace = %self.namespace,
+                    identities = copied.0.len(),
+                    nodes = copied.1.len(),
+                    join_tokens = copied.2.len(),
+                    "migrated the shared state to format {FORMAT}: identities, nodes and join tokens \
+                     are objects of their own, pods and policies are no longer copied"
+                );
+                return Ok(());
+            }
         }
-        let legacy: Vec<IdentityRecord> = state.legacy_identities.values().cloned().collect();
-        for rec in &legacy {
-            let cm = ids::identity_configmap(rec, &self.writer)?;
-            match self.configmaps.create(&PostParams::default(), &cm).await {
+        Err(too_many_conflicts("format migration", STATE, &self.namespace))
+    }
+
+    /// Creates `cm` unless an object of that name exists.
+    async fn create_if_absent(&self, cm: ConfigMap, name: &str) -> StoreResult<()> {
+        match self.configmaps.create(&PostParams::default(), &cm).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_already_exists(&e) => Ok(()),
+            Err(e) => Err(self.error(e, "create", "configmaps", name)),
+        }
+    }
+
+    async fn get_configmap(&self, name: &str) -> StoreResult<Option<ConfigMap>> {
+        self.configmaps
+            .get_opt(name)
+            .await
+            .map_err(|e| self.error(e, "get", "configmaps", name))
+    }
+
+    /// The join token object for this hash, and the token it holds.
+    async fn read_token(&self, hash_hex: &str) -> StoreResult<Option<(ConfigMap, JoinTokenRecord)>> {
+        let Some(cm) = self.get_configmap(&nodes::token_object_name(hash_hex)).await? else {
+            return Ok(None);
+        };
+        let token = nodes::token_record(&cm)?;
+        Ok(Some((cm, token)))
+    }
+
+    /// Registers `node` ([`model::register_node`]): a known node's object
+    /// is rewritten by a conditional write; a new node takes a node id from
+    /// the counter in `keyway-state` (written first, so a crash leaves an
+    /// unused id, never an id given twice) and its object is created, which
+    /// fails with AlreadyExists if another replica registered it meanwhile
+    /// (then its record is updated instead, and the id taken is unused).
+    async fn upsert_node(&self, node: &str, now: i64, registration: u32) -> StoreResult<NodeRecord> {
+        let name = nodes::node_object_name(node);
+        for attempt in 0..MAX_ATTEMPTS {
+            let written = match self.get_configmap(&name).await? {
+                Some(cm) => {
+                    let known = nodes::node_record(&cm)?;
+                    let (rec, _) = model::register_node(Some(known), 0, node, now, registration)?;
+                    let cm = nodes::node_configmap(Some(cm), &rec, &self.writer)?;
+                    (
+                        rec,
+                        self.configmaps.replace(&name, &PostParams::default(), &cm).await,
+                    )
+                }
+                None => {
+                    let rec = self
+                        .update_state("node id", |state| {
+                            let (rec, next) =
+                                model::register_node(None, state.next_node_id, node, now, registration)?;
+                            state.next_node_id = next;
+                            Ok(Written::Changed(rec))
+                        })
+                        .await?;
+                    let cm = nodes::node_configmap(None, &rec, &self.writer)?;
+                    (rec, self.configmaps.create(&PostParams::default(), &cm).await)
+                }
+            };
+            match written {
+                (rec, Ok(_)) => {
+                    kube_index::Index::upsert(&mut *kube_index::lock(&self.nodes), rec.clone());
+                    return Ok(rec);
+                }
+                (_, Err(e)) if is_conflict(&e) || is_already_exists(&e) || is_not_found(&e) => {
+                    tracing::debug!(node, attempt, "the node's object changed underneath; retrying");
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                }
+                (_, Err(e)) => return Err(self.error(e, "write", "configmaps", &name)),
+            }
+        }
+        Err(too_many_conflicts("node registration", &name, &self.namespace))
+    }
+
+    /// Deletes the join tokens past their retention
+    /// ([`model::token_forgotten`]), at most every [`TOKEN_SWEEP_SECS`] of
+    /// `now`. Best effort: what fails is swept next time.
+    async fn sweep_tokens(&self, now: i64) {
+        {
+            let mut last = self
+                .tokens_swept_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| now >= t && now - t < TOKEN_SWEEP_SECS) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let params = ListParams::default().labels(&format!("{COMPONENT}={}", nodes::TOKEN_COMPONENT));
+        let listed = match self.configmaps.list(&params).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::warn!(error = %self.error(e, "list", "configmaps", ""), "cannot sweep expired join tokens; trying later");
+                return;
+            }
+        };
+        for cm in listed {
+            let forgotten = nodes::token_record(&cm).is_ok_and(|t| model::token_forgotten(&t, now));
+            let (Some(name), Some(version)) =
+                (cm.metadata.name.as_deref(), cm.metadata.resource_version.clone())
+            else {
+                continue;
+            };
+            if !forgotten {
+                continue;
+            }
+            // Only the version judged: a token written since stays.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: Some(version),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            match self.configmaps.delete(name, &params).await {
                 Ok(_) => {}
-                Err(e) if is_already_exists(&e) => {}
+                Err(e) if is_not_found(&e) || is_conflict(&e) => {}
                 Err(e) => {
-                    return Err(self.error(e, "create", "configmaps", &ids::identity_object_name(rec.id)));
+                    tracing::warn!(error = %self.error(e, "delete", "configmaps", name), "cannot delete an expired join token; trying later")
                 }
             }
-            ids::lock(&self.identities).insert(rec.clone());
         }
-        self.update_state("format migration", |state| {
-            if state.format >= FORMAT {
-                return Ok(Written::Unchanged(()));
-            }
-            state.format = FORMAT;
-            state.legacy_identities.clear();
-            Ok(Written::Changed(()))
-        })
-        .await?;
-        tracing::info!(
-            namespace = %self.namespace,
-            identities = legacy.len(),
-            "migrated the shared state to format {FORMAT}: identities are objects of their own, pods and policies are no longer copied"
-        );
-        Ok(())
     }
 
     fn allocator(&self) -> ids::Allocator<'_> {
@@ -596,18 +793,25 @@ impl Store for KubeStore {
     }
 
     async fn put_join_token(&self, token_hash: &[u8], record: &JoinTokenRecord) -> StoreResult<()> {
-        let key = hex(token_hash);
-        self.update_state("join token", |state| {
-            state.forget_expired_tokens(record.created_at);
-            state.join_tokens.insert(key.clone(), record.clone());
-            Ok(Written::Changed(()))
-        })
-        .await
+        let hash_hex = hex(token_hash);
+        let name = nodes::token_object_name(&hash_hex);
+        let cm = nodes::token_configmap(None, &hash_hex, record, &self.writer)?;
+        match self.configmaps.create(&PostParams::default(), &cm).await {
+            Ok(_) => {}
+            // 256 random bits do not collide: this is the same token again.
+            Err(e) if is_already_exists(&e) => {
+                return Err(StoreError::Backend(format!(
+                    "a join token with this hash is stored already (ConfigMap {name}); create a new token"
+                )));
+            }
+            Err(e) => return Err(self.error(e, "create", "configmaps", &name)),
+        }
+        self.sweep_tokens(record.created_at).await;
+        Ok(())
     }
 
     async fn join_token(&self, token_hash: &[u8]) -> StoreResult<Option<JoinTokenRecord>> {
-        let (_, state) = self.read_state().await?;
-        Ok(state.join_tokens.get(&hex(token_hash)).cloned())
+        Ok(self.read_token(&hex(token_hash)).await?.map(|(_, t)| t))
     }
 
     async fn consume_join_token(
@@ -619,19 +823,41 @@ impl Store for KubeStore {
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord> {
         check_serial(&issued.serial)?;
-        let key = hex(token_hash);
-        let record = self
-            .update_state("join token attestation", |state| {
-                state.consume_token(&key, node, now)?;
-                let record = state.register(node, now, registration)?;
-                state
-                    .pending_issuance
-                    .insert(issued.serial.clone(), issued.clone());
-                Ok(Written::Changed(record))
-            })
-            .await?;
-        self.drain_pending().await;
-        Ok(record)
+        let hash_hex = hex(token_hash);
+        let name = nodes::token_object_name(&hash_hex);
+        // 1. Refused tokens stop here, before anything is written.
+        let mut read = self.read_token(&hash_hex).await?;
+        if let Some(problem) = model::token_problem(read.as_ref().map(|(_, t)| t), node, now) {
+            return Err(StoreError::TokenRefused(problem));
+        }
+        // 2. The node SVID is logged before the token is spent, so every
+        // SVID an agent receives is in the log (one whose attestation then
+        // fails stays logged as issued, never handed out).
+        self.append_to_log(vec![issued.clone()]).await?;
+        // 3. The token is consumed by a conditional write: of two replicas
+        // racing with one token, exactly one succeeds.
+        let mut attempt = 0;
+        loop {
+            let (cm, token) = read.ok_or(StoreError::TokenRefused(TokenProblem::Unknown))?;
+            let used = model::consume_token(Some(token), node, now)?;
+            let cm = nodes::token_configmap(Some(cm), &hash_hex, &used, &self.writer)?;
+            match self.configmaps.replace(&name, &PostParams::default(), &cm).await {
+                Ok(_) => break,
+                Err(e) if is_conflict(&e) && attempt + 1 < MAX_ATTEMPTS => {
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                    attempt += 1;
+                    read = self.read_token(&hash_hex).await?;
+                }
+                Err(e) if is_not_found(&e) => return Err(StoreError::TokenRefused(TokenProblem::Unknown)),
+                Err(e) if is_conflict(&e) => {
+                    return Err(too_many_conflicts("join token", &name, &self.namespace));
+                }
+                Err(e) => return Err(self.error(e, "update", "configmaps", &name)),
+            }
+        }
+        // 4. The node record. A failure here leaves the token spent and the
+        // node unregistered: the attestation fails and a new token is needed.
+        self.upsert_node(node, now, registration).await
     }
 
     async fn register_node(
@@ -642,17 +868,8 @@ impl Store for KubeStore {
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord> {
         check_serial(&issued.serial)?;
-        let record = self
-            .update_state("node registration", |state| {
-                let record = state.register(node, now, registration)?;
-                state
-                    .pending_issuance
-                    .insert(issued.serial.clone(), issued.clone());
-                Ok(Written::Changed(record))
-            })
-            .await?;
-        self.drain_pending().await;
-        Ok(record)
+        self.append_to_log(vec![issued.clone()]).await?;
+        self.upsert_node(node, now, registration).await
     }
 
     async fn log_issuance(&self, record: &IssuanceRecord) -> StoreResult<()> {
@@ -859,13 +1076,35 @@ impl Store for KubeStore {
     }
 
     async fn set_node_addresses(&self, node: &str, addresses: Vec<String>) -> StoreResult<Option<bool>> {
-        self.update_state("node addresses", |state| {
-            Ok(match state.set_node_addresses(node, &addresses) {
-                Some(true) => Written::Changed(Some(true)),
-                unchanged => Written::Unchanged(unchanged),
-            })
-        })
-        .await
+        // Agents re-advertise on every Sync: an unchanged list costs no call.
+        if kube_index::lock(&self.nodes)
+            .get(node)
+            .is_some_and(|rec| rec.addresses == addresses)
+        {
+            return Ok(Some(false));
+        }
+        let name = nodes::node_object_name(node);
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(cm) = self.get_configmap(&name).await? else {
+                return Ok(None);
+            };
+            let mut rec = nodes::node_record(&cm)?;
+            if !model::set_node_addresses(&mut rec, &addresses) {
+                kube_index::Index::upsert(&mut *kube_index::lock(&self.nodes), rec);
+                return Ok(Some(false));
+            }
+            let cm = nodes::node_configmap(Some(cm), &rec, &self.writer)?;
+            match self.configmaps.replace(&name, &PostParams::default(), &cm).await {
+                Ok(_) => {
+                    kube_index::Index::upsert(&mut *kube_index::lock(&self.nodes), rec);
+                    return Ok(Some(true));
+                }
+                Err(e) if is_conflict(&e) => tokio::time::sleep(conflict_backoff(attempt)).await,
+                Err(e) if is_not_found(&e) => return Ok(None),
+                Err(e) => return Err(self.error(e, "update", "configmaps", &name)),
+            }
+        }
+        Err(too_many_conflicts("node addresses", &name, &self.namespace))
     }
 
     async fn allocate_identities(&self, wanted: &[IdentityRecord]) -> StoreResult<Vec<IdentityRecord>> {
@@ -885,26 +1124,28 @@ impl Store for KubeStore {
     }
 
     async fn revoke_node(&self, node: &str) -> StoreResult<bool> {
-        self.update_state("node revocation", |state| {
-            Ok(match state.nodes.remove(node) {
-                Some(_) => {
-                    state.revision += 1;
-                    Written::Changed(true)
-                }
-                None => Written::Unchanged(false),
-            })
-        })
-        .await
+        let name = nodes::node_object_name(node);
+        let existed = match self.configmaps.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(self.error(e, "delete", "configmaps", &name)),
+        };
+        kube_index::lock(&self.nodes).remove(node);
+        Ok(existed)
     }
 
     async fn registry(&self) -> StoreResult<RegistrySnapshot> {
-        let (_, state) = self.read_state().await?;
+        // Both from the watched indexes: no API call.
         let identities = ids::lock(&self.identities).all();
+        let (revision, nodes) = {
+            let idx = kube_index::lock(&self.nodes);
+            (idx.revision(), idx.all())
+        };
         Ok(RegistrySnapshot {
-            revision: state.revision,
+            revision,
             workloads: Vec::new(),
             identities,
-            nodes: state.nodes.values().cloned().collect(),
+            nodes,
             policies: Vec::new(),
         })
     }
@@ -928,24 +1169,27 @@ enum Written<R> {
     Unchanged(R),
 }
 
-/// Everything in `state.json`. No `Debug`: it holds join token hashes.
+/// Everything in `state.json`: the counters. No `Debug`: a format-2 state
+/// holds join token hashes.
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 struct SharedState {
     format: u32,
-    /// Grows with every change of the node records.
-    revision: u64,
     /// The next numeric identity to hand out (below FIRST_USER: FIRST_USER).
     next_identity: u64,
     /// The next node id to hand out (0: 1).
     next_node_id: u64,
-    /// Format 1 only (read to migrate them to objects; never written).
+    /// Formats 1 and 2 only (read to migrate them to objects; never written).
     #[serde(rename = "identities", skip_serializing_if = "BTreeMap::is_empty")]
     legacy_identities: BTreeMap<u32, IdentityRecord>,
-    nodes: BTreeMap<String, NodeRecord>,
+    #[serde(rename = "nodes", skip_serializing_if = "BTreeMap::is_empty")]
+    legacy_nodes: BTreeMap<String, NodeRecord>,
     /// By hex SHA-256 of the token.
-    join_tokens: BTreeMap<String, JoinTokenRecord>,
-    /// Node SVIDs recorded with their attestation, not yet in the log, by serial.
+    #[serde(rename = "join_tokens", skip_serializing_if = "BTreeMap::is_empty")]
+    legacy_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Node SVIDs a format-2 replica recorded with their attestation and
+    /// had not moved to the log yet, by serial (moved on open).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pending_issuance: BTreeMap<String, IssuanceRecord>,
 }
 
@@ -986,59 +1230,24 @@ impl SharedState {
         Ok(Ok(state))
     }
 
-    /// `state.json`, refused when it would not fit a ConfigMap.
+    /// `state.json`, refused when it would not fit a ConfigMap (only a
+    /// state not yet migrated can be that large).
     fn encode(&self) -> StoreResult<String> {
         let json = serde_json::to_string(self)
             .map_err(|e| StoreError::Backend(format!("cannot encode the shared state: {e}")))?;
         if json.len() > STATE_LIMIT {
             return Err(StoreError::Exhausted(format!(
                 "the shared state would take {} KiB, more than the {} KiB a ConfigMap can hold \
-                 (Kubernetes caps objects at 1 MiB): {} nodes, {} join tokens; revoke nodes that \
-                 are gone (`control-plane node revoke`) and let unused join tokens expire",
+                 (Kubernetes caps objects at 1 MiB): {} nodes, {} join tokens and {} pending records \
+                 not yet migrated to objects of their own",
                 json.len() / 1024,
                 STATE_LIMIT / 1024,
-                self.nodes.len(),
-                self.join_tokens.len(),
+                self.legacy_nodes.len(),
+                self.legacy_tokens.len(),
+                self.pending_issuance.len(),
             )));
         }
         Ok(json)
-    }
-
-    /// Marks the token consumed ([`model::consume_token`]), or says why it
-    /// cannot be.
-    fn consume_token(&mut self, key: &str, node: &str, now: i64) -> StoreResult<()> {
-        let used = model::consume_token(self.join_tokens.get(key).cloned(), node, now)?;
-        self.join_tokens.insert(key.to_owned(), used);
-        self.forget_expired_tokens(now);
-        Ok(())
-    }
-
-    fn forget_expired_tokens(&mut self, now: i64) {
-        self.join_tokens.retain(|_, t| !model::token_forgotten(t, now));
-    }
-
-    /// [`model::register_node`].
-    fn register(&mut self, node: &str, now: i64, registration: u32) -> StoreResult<NodeRecord> {
-        let (record, next) = model::register_node(
-            self.nodes.get(node).cloned(),
-            self.next_node_id,
-            node,
-            now,
-            registration,
-        )?;
-        self.next_node_id = next;
-        self.nodes.insert(node.to_owned(), record.clone());
-        self.revision += 1;
-        Ok(record)
-    }
-
-    fn set_node_addresses(&mut self, node: &str, addresses: &[String]) -> Option<bool> {
-        let rec = self.nodes.get_mut(node)?;
-        let changed = model::set_node_addresses(rec, addresses);
-        if changed {
-            self.revision += 1;
-        }
-        Some(changed)
     }
 }
 
@@ -1048,7 +1257,6 @@ fn set_state(cm: &mut ConfigMap, state: &SharedState, writer: &str) -> StoreResu
     cm.data = Some(BTreeMap::from([(STATE_KEY.to_owned(), json)]));
     let annotations = cm.metadata.annotations.get_or_insert_default();
     annotations.insert(LAST_WRITER.into(), writer.to_owned());
-    annotations.insert(REVISION.into(), state.revision.to_string());
     Ok(())
 }
 
@@ -1535,68 +1743,25 @@ mod tests {
         SharedState::decode(&state.encode().unwrap()).unwrap().unwrap()
     }
 
-    fn token(node: &str, expires_at: i64) -> JoinTokenRecord {
-        JoinTokenRecord {
-            node: node.into(),
-            created_at: 0,
-            expires_at,
-            consumed_at: None,
-        }
-    }
-
     #[test]
-    fn join_tokens_are_single_use_and_checked_in_order() {
+    fn the_state_holds_counters_only_and_stays_small() {
         let mut state = SharedState::new();
-        state.join_tokens.insert("t".into(), token("n1", 100));
-        state.join_tokens.insert("old".into(), token("n1", 10));
-        let refused = |state: &mut SharedState, key: &str, node: &str, now: i64| match state
-            .consume_token(key, node, now)
-        {
-            Err(StoreError::TokenRefused(p)) => p,
-            other => panic!("expected a refusal, got {other:?}"),
-        };
-        assert_eq!(refused(&mut state, "nope", "n1", 1), TokenProblem::Unknown);
-        assert_eq!(refused(&mut state, "old", "n1", 10), TokenProblem::Expired);
-        assert_eq!(refused(&mut state, "t", "n2", 1), TokenProblem::WrongNode);
-        state.consume_token("t", "n1", 1).unwrap();
-        let mut state = reread(&state);
-        assert_eq!(refused(&mut state, "t", "n1", 2), TokenProblem::Consumed);
-        // Long expired tokens are forgotten, and still refused.
-        state.forget_expired_tokens(10 + model::TOKEN_RETENTION_SECS);
-        assert_eq!(
-            refused(&mut state, "old", "n1", 10 + model::TOKEN_RETENTION_SECS),
-            TokenProblem::Unknown
-        );
-        assert!(state.join_tokens.contains_key("t"));
+        state.next_identity = 1_000_000;
+        state.next_node_id = 60_000;
+        let json = state.encode().unwrap();
+        assert!(json.len() < 200, "{json}");
+        let again = reread(&state);
+        assert_eq!((again.next_identity, again.next_node_id), (1_000_000, 60_000));
     }
 
     #[test]
-    fn nodes_keep_their_id_and_addresses_change_the_revision_only_when_different() {
+    fn a_state_not_yet_migrated_over_the_configmap_limit_is_refused_with_what_it_holds() {
         let mut state = SharedState::new();
-        assert_eq!(state.register("n1", 1, 7).unwrap().node_id, 1);
-        assert_eq!(state.register("n2", 1, 8).unwrap().node_id, 2);
-        let rev = state.revision;
-        let again = state.register("n1", 5, 9).unwrap();
-        assert_eq!(again.registration, 7, "an existing registration keeps its tag");
-        assert_eq!((again.node_id, again.attested_at), (1, 5));
-        assert_eq!(state.revision, rev + 1, "re-attestation is a registry change");
-        let addrs = vec!["10.0.0.1:4250".to_string()];
-        assert_eq!(state.set_node_addresses("n9", &addrs), None);
-        assert_eq!(state.set_node_addresses("n1", &addrs), Some(true));
-        assert_eq!(state.set_node_addresses("n1", &addrs), Some(false));
-        assert_eq!(state.revision, rev + 2);
-    }
-
-    #[test]
-    fn state_over_the_configmap_limit_is_refused_with_what_to_do() {
-        let node = |state: &mut SharedState, i: usize| {
+        for i in 0..10_000u32 {
             let name = format!("ip-10-0-{}-{}.eu-west-1.compute.internal", i / 250, i % 250);
-            state.register(&name, 1_700_000_000, 1).unwrap();
-            state.set_node_addresses(&name, &[format!("10.0.{}.{}:4450", i / 250, i % 250)]);
-        };
-        let mut state = SharedState::new();
-        for i in 0..10_000 {
-            node(&mut state, i);
+            let (rec, _) =
+                model::register_node(None, u64::from(i % 60_000) + 1, &name, 1_700_000_000, 1).unwrap();
+            state.legacy_nodes.insert(name, rec);
         }
         match state.encode() {
             Err(StoreError::Exhausted(m)) => {
@@ -1605,44 +1770,43 @@ mod tests {
             Err(e) => panic!("expected Exhausted, got {e}"),
             Ok(json) => panic!("{} bytes accepted", json.len()),
         }
-        // The documented capacity: about 5000 nodes (pods and identities
-        // are not in the state at all).
-        let mut state = SharedState::new();
-        for i in 0..5_000 {
-            node(&mut state, i);
-        }
-        assert!(state.encode().is_ok());
     }
 
     #[test]
-    fn format_1_identities_are_read_for_migration_and_pod_copies_dropped() {
-        let raw = r#"{"format": 1, "revision": 7, "next_identity": 258,
+    fn earlier_formats_are_read_for_migration_and_pod_copies_dropped() {
+        let raw = r#"{"format": 1, "revision": 7, "next_identity": 258, "next_node_id": 3,
             "workloads": {"default/a": {"namespace": "default"}},
             "identities": {"256": {"id": 256, "spiffe_id": "spiffe://td/ns/default/sa/a",
-                "namespace": "default", "service_account": "a", "labels": {}}}}"#;
+                "namespace": "default", "service_account": "a", "labels": {}}},
+            "nodes": {"n1": {"name": "n1", "node_id": 2, "attested_at": 5}},
+            "join_tokens": {"ab12": {"node": "n1", "created_at": 1, "expires_at": 9, "consumed_at": 5}}}"#;
         let state = SharedState::decode(raw).unwrap().unwrap();
         assert_eq!(state.format, 1);
         assert_eq!(
             state.legacy_identities.keys().copied().collect::<Vec<_>>(),
             vec![256]
         );
+        assert_eq!(state.legacy_nodes["n1"].node_id, 2);
+        assert_eq!(state.legacy_tokens["ab12"].consumed_at, Some(5));
         assert_eq!(
-            state.next_identity, 258,
-            "the counter is kept: numbers are never reused"
+            (state.next_identity, state.next_node_id),
+            (258, 3),
+            "the counters are kept: numbers are never reused"
         );
         let mut migrated = state;
         migrated.format = FORMAT;
         migrated.legacy_identities.clear();
+        migrated.legacy_nodes.clear();
+        migrated.legacy_tokens.clear();
         let json = migrated.encode().unwrap();
-        assert!(
-            !json.contains("workloads") && !json.contains("identities"),
-            "{json}"
-        );
+        for gone in ["workloads", "identities", "nodes", "join_tokens", "revision"] {
+            assert!(!json.contains(gone), "{json}");
+        }
     }
 
     #[test]
     fn state_from_a_newer_format_is_refused() {
-        let raw = r#"{"format": 3, "revision": 1}"#;
+        let raw = r#"{"format": 4}"#;
         match SharedState::decode(raw) {
             Ok(Err(StoreError::Backend(m))) => assert!(m.contains("upgrade"), "{m}"),
             _ => panic!("a newer format must be refused"),

@@ -5,6 +5,8 @@
 //! crash (kill -9) at any point leaves either the whole change or none of it.
 
 mod kube_identities;
+mod kube_index;
+mod kube_nodes;
 mod kube_store;
 pub mod model;
 mod sled_store;

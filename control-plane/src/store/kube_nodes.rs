@@ -1,0 +1,279 @@
+//! Node records and join tokens in the Kubernetes store: one ConfigMap
+//! each, so `keyway-state` holds only counters and nothing grows with the
+//! number of nodes or tokens.
+//!
+//! | Object                               | Key          | Holds               |
+//! |--------------------------------------|--------------|---------------------|
+//! | ConfigMaps `keyway-node-<node>`      | `node.json`  | one [`NodeRecord`]  |
+//! | ConfigMaps `keyway-join-token-<hex>` | `token.json` | one [`JoinTokenRecord`] |
+//!
+//! A node whose name does not fit a ConfigMap name after the prefix (over
+//! 241 characters, or not a DNS subdomain) is stored under
+//! `keyway-node-h-` and 40 hex digits of the SHA-256 of its name; the record
+//! inside names the node, and an object whose record names another node is
+//! skipped. A join token's object is named after the hex SHA-256 the caller
+//! passes; the token itself is never stored.
+//!
+//! Node objects are read through a watch ([`super::kube_index`]), so the
+//! registry costs no API call; join tokens are read when presented.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use super::kube_index::Index;
+use super::{JoinTokenRecord, NodeRecord, StoreError, StoreResult};
+
+pub(super) const NODE_PREFIX: &str = "keyway-node-";
+pub(super) const NODE_COMPONENT: &str = "node";
+const NODE_KEY: &str = "node.json";
+pub(super) const TOKEN_PREFIX: &str = "keyway-join-token-";
+pub(super) const TOKEN_COMPONENT: &str = "join-token";
+const TOKEN_KEY: &str = "token.json";
+/// Kubernetes object names are DNS subdomains of at most 253 characters.
+const NAME_LIMIT: usize = 253;
+
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_LIMIT
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// The object that holds `node`'s record.
+pub(super) fn node_object_name(node: &str) -> String {
+    let plain = format!("{NODE_PREFIX}{node}");
+    if is_dns_subdomain(&plain) {
+        return plain;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, node.as_bytes());
+    let hex: String = digest.as_ref()[..20].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{NODE_PREFIX}h-{hex}")
+}
+
+/// The object that holds the join token whose SHA-256 is `hash_hex`.
+pub(super) fn token_object_name(hash_hex: &str) -> String {
+    format!("{TOKEN_PREFIX}{hash_hex}")
+}
+
+fn with_record<T: serde::Serialize>(
+    mut cm: ConfigMap,
+    key: &str,
+    record: &T,
+    writer: &str,
+    what: &str,
+) -> StoreResult<ConfigMap> {
+    let json = serde_json::to_string(record)
+        .map_err(|e| StoreError::Backend(format!("cannot encode {what}: {e}")))?;
+    cm.data = Some(BTreeMap::from([(key.to_owned(), json)]));
+    cm.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(super::kube_store::LAST_WRITER.to_owned(), writer.to_owned());
+    Ok(cm)
+}
+
+/// `cm` (a node object as read, or a new one when `None`) holding `rec`.
+pub(super) fn node_configmap(
+    cm: Option<ConfigMap>,
+    rec: &NodeRecord,
+    writer: &str,
+) -> StoreResult<ConfigMap> {
+    let cm = cm.unwrap_or_else(|| ConfigMap {
+        metadata: super::kube_store::object_meta(&node_object_name(&rec.name), NODE_COMPONENT),
+        ..Default::default()
+    });
+    with_record(
+        cm,
+        NODE_KEY,
+        rec,
+        writer,
+        &format!("the record of node {}", rec.name),
+    )
+}
+
+/// `cm` (a token object as read, or a new one when `None`) holding `rec`.
+pub(super) fn token_configmap(
+    cm: Option<ConfigMap>,
+    hash_hex: &str,
+    rec: &JoinTokenRecord,
+    writer: &str,
+) -> StoreResult<ConfigMap> {
+    let cm = cm.unwrap_or_else(|| ConfigMap {
+        metadata: super::kube_store::object_meta(&token_object_name(hash_hex), TOKEN_COMPONENT),
+        ..Default::default()
+    });
+    with_record(cm, TOKEN_KEY, rec, writer, "a join token")
+}
+
+fn corrupt(cm: &ConfigMap, key: &str, reason: String) -> StoreError {
+    StoreError::Corrupt {
+        what: format!(
+            "ConfigMap {} key {key}",
+            cm.metadata.name.as_deref().unwrap_or("?")
+        ),
+        reason,
+    }
+}
+
+/// The node record an object holds, checked against the object's name.
+pub(super) fn node_record(cm: &ConfigMap) -> StoreResult<NodeRecord> {
+    let raw = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(NODE_KEY))
+        .ok_or_else(|| corrupt(cm, NODE_KEY, "the key is missing".into()))?;
+    let rec: NodeRecord = serde_json::from_str(raw).map_err(|e| corrupt(cm, NODE_KEY, e.to_string()))?;
+    if cm.metadata.name.as_deref() != Some(node_object_name(&rec.name).as_str()) {
+        return Err(corrupt(
+            cm,
+            NODE_KEY,
+            format!("it holds node {:?}, whose object has another name", rec.name),
+        ));
+    }
+    Ok(rec)
+}
+
+/// The join token an object holds.
+pub(super) fn token_record(cm: &ConfigMap) -> StoreResult<JoinTokenRecord> {
+    let raw = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(TOKEN_KEY))
+        .ok_or_else(|| corrupt(cm, TOKEN_KEY, "the key is missing".into()))?;
+    serde_json::from_str(raw).map_err(|e| corrupt(cm, TOKEN_KEY, e.to_string()))
+}
+
+/// The attested nodes this process knows of, from the watch and its own
+/// writes.
+#[derive(Debug, Default)]
+pub(super) struct NodeIndex {
+    by_name: BTreeMap<String, NodeRecord>,
+    /// Grows with every change, so the registry's revision does.
+    revision: u64,
+}
+
+impl NodeIndex {
+    pub(super) fn get(&self, node: &str) -> Option<&NodeRecord> {
+        self.by_name.get(node)
+    }
+
+    pub(super) fn all(&self) -> Vec<NodeRecord> {
+        self.by_name.values().cloned().collect()
+    }
+
+    pub(super) fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub(super) fn remove(&mut self, node: &str) -> bool {
+        let gone = self.by_name.remove(node).is_some();
+        self.revision += u64::from(gone);
+        gone
+    }
+}
+
+impl Index for NodeIndex {
+    type Record = NodeRecord;
+    const WHAT: &'static str = "node objects";
+    const COMPONENT: &'static str = NODE_COMPONENT;
+
+    fn parse(cm: &ConfigMap) -> Option<NodeRecord> {
+        node_record(cm)
+            .inspect_err(|e| tracing::warn!(error = %e, "node object cannot be read; skipped"))
+            .ok()
+    }
+
+    fn upsert(&mut self, rec: NodeRecord) -> bool {
+        if self.by_name.get(&rec.name) == Some(&rec) {
+            return false;
+        }
+        self.by_name.insert(rec.name.clone(), rec);
+        self.revision += 1;
+        true
+    }
+
+    fn remove_object(&mut self, name: &str) -> bool {
+        let node = self.by_name.keys().find(|n| node_object_name(n) == name).cloned();
+        node.is_some_and(|n| self.remove(&n))
+    }
+
+    fn replace_all(&mut self, records: Vec<NodeRecord>) -> bool {
+        let new: BTreeMap<String, NodeRecord> = records.into_iter().map(|r| (r.name.clone(), r)).collect();
+        if new == self.by_name {
+            return false;
+        }
+        self.by_name = new;
+        self.revision += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            node_id: 1,
+            attested_at: 0,
+            registration: 7,
+            addresses: vec![],
+        }
+    }
+
+    #[test]
+    fn node_objects_are_named_after_the_node_or_a_hash_when_it_does_not_fit() {
+        assert_eq!(
+            node_object_name("worker-1.example"),
+            "keyway-node-worker-1.example"
+        );
+        let long = "a".repeat(250);
+        for odd in ["Worker_1", long.as_str(), ""] {
+            let name = node_object_name(odd);
+            assert!(name.starts_with("keyway-node-h-") && name.len() == 54, "{name}");
+            assert!(is_dns_subdomain(&name));
+        }
+        assert_ne!(node_object_name("Worker_1"), node_object_name("Worker_2"));
+    }
+
+    #[test]
+    fn a_node_object_must_hold_the_node_it_is_named_after() {
+        let cm = node_configmap(None, &node("a"), "r").unwrap();
+        assert_eq!(node_record(&cm).unwrap(), node("a"));
+        let mut moved = cm.clone();
+        moved.metadata.name = Some(node_object_name("b"));
+        assert!(matches!(node_record(&moved), Err(StoreError::Corrupt { .. })));
+        assert_eq!(
+            <NodeIndex as Index>::parse(&moved),
+            None,
+            "skipped, not guessed at"
+        );
+        let mut empty = cm;
+        empty.data = None;
+        assert!(node_record(&empty).is_err());
+    }
+
+    #[test]
+    fn the_index_revision_grows_with_every_change_and_only_then() {
+        let mut idx = NodeIndex::default();
+        assert!(idx.upsert(node("a")));
+        assert!(!idx.upsert(node("a")), "the same record again changes nothing");
+        let mut moved = node("a");
+        moved.addresses = vec!["10.0.0.1:4250".into()];
+        assert!(idx.upsert(moved.clone()));
+        assert_eq!(idx.revision(), 2);
+        assert!(!idx.replace_all(vec![moved]));
+        assert!(idx.remove_object(&node_object_name("a")));
+        assert!(!idx.remove_object(&node_object_name("a")));
+        assert_eq!((idx.revision(), idx.all().len()), (3, 0));
+    }
+}
