@@ -1537,4 +1537,57 @@ mod tests {
         let many: Vec<String> = (1..=17).map(|i| format!("10.0.0.{i}:4250")).collect();
         assert!(check_auth_addresses(&many).unwrap_err().contains("at most 16"));
     }
+
+    #[test]
+    fn a_workload_takes_the_lowest_number_of_a_duplicated_identity_and_waits_without_one() {
+        let ident = |id: u32, sa: &str| crate::store::IdentityRecord {
+            id,
+            spiffe_id: format!("spiffe://td/ns/default/sa/{sa}"),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            labels: Default::default(),
+        };
+        let wl = |name: &str, sa: &str| WorkloadRecord {
+            namespace: "default".into(),
+            name: name.into(),
+            service_account: sa.into(),
+            node: "n1".into(),
+            ips: vec![],
+            labels: Default::default(),
+            selectors: vec![],
+            svid_ttl_secs: None,
+            identity: 0,
+            spiffe_id: format!("spiffe://td/ns/default/sa/{sa}"),
+        };
+        let sourced = std::sync::Mutex::new(Sourced {
+            workloads: [wl("a", "web"), wl("b", "new")]
+                .into_iter()
+                .map(|w| (w.key(), w))
+                .collect(),
+            ..Default::default()
+        });
+        let stored = RegistrySnapshot {
+            // Two replicas allocated "web" at once: 300 and 257.
+            identities: vec![ident(300, "web"), ident(256, "api"), ident(257, "web")],
+            ..Default::default()
+        };
+        let (merged, unresolved) = merge_sourced(Some(&sourced), stored);
+        assert_eq!(
+            merged
+                .workloads
+                .iter()
+                .map(|w| (w.name.as_str(), w.identity))
+                .collect::<Vec<_>>(),
+            vec![("a", 257)]
+        );
+        assert_eq!(
+            unresolved.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+            vec!["b"]
+        );
+        assert_eq!(
+            merged.identities.len(),
+            3,
+            "the unused duplicate stays visible to the collector"
+        );
+    }
 }
