@@ -292,9 +292,17 @@ async fn stream_sync(
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
     let mut stream = sync::Stream::open(&registry.borrow(), &node);
-    if send_snapshot(&mut registry, &mut bundle, &mut stream, &tx)
-        .await
-        .is_err()
+    if send_snapshot(
+        &cp,
+        &node,
+        serial_tag,
+        &mut registry,
+        &mut bundle,
+        &mut stream,
+        &tx,
+    )
+    .await
+    .is_err()
     {
         return;
     }
@@ -318,7 +326,7 @@ async fn stream_sync(
                     sync::Outgoing::Delta(updates) => send_updates(revision, false, updates, &tx).await,
                     sync::Outgoing::Snapshot => {
                         debug!(node, "sync stream fell behind the change history: sending a snapshot");
-                        send_snapshot(&mut registry, &mut bundle, &mut stream, &tx).await
+                        send_snapshot(&cp, &node, serial_tag, &mut registry, &mut bundle, &mut stream, &tx).await
                     }
                 };
                 if sent.is_err() {
@@ -338,25 +346,53 @@ async fn stream_sync(
     }
 }
 
+/// Snapshots read from the newest version that may restart (a reader so
+/// slow that the change history no longer reaches back to where it began)
+/// before the next one is read from one pinned version instead.
+const SNAPSHOT_RESTARTS: u32 = 2;
+
 /// Sends `stream`'s node a whole snapshot (`reset`), the bundle first. Each
 /// page is read from the newest registry version and nothing is held while
 /// the client reads, so a slow reader pins no version of the registry. The
 /// last page carries the changes made meanwhile (since the version the
-/// snapshot opened at), and only it is `complete`. `Err` when the client
-/// went away.
+/// snapshot opened at), and only it is `complete`. A reader too slow for
+/// that, twice, is sent its next snapshot from one pinned version (complete
+/// as it stands; the deltas follow). `Err` when the client went away or the
+/// node was revoked (the client is told).
 async fn send_snapshot(
+    cp: &ControlPlane,
+    node: &str,
+    serial_tag: Option<u32>,
     registry: &mut watch::Receiver<Arc<sync::Cluster>>,
     bundle: &mut watch::Receiver<Arc<keyway_identity::TrustBundle>>,
     stream: &mut sync::Stream,
     tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
 ) -> Result<(), ()> {
-    'snapshot: loop {
-        stream.reopen(&registry.borrow_and_update());
+    for attempt in 0.. {
+        if let Err(e) = cp.authenticate_node(node, serial_tag) {
+            info!(node, "closing the Sync stream of a revoked node");
+            let _ = tx.send(Err(e.into())).await;
+            return Err(());
+        }
+        let pinned = (attempt >= SNAPSHOT_RESTARTS).then(|| registry.borrow_and_update().clone());
+        if pinned.is_some() {
+            debug!(
+                node,
+                "sync stream too slow for the change history: snapshot from one version"
+            );
+        }
+        match &pinned {
+            Some(c) => stream.reopen(c),
+            None => stream.reopen(&registry.borrow_and_update()),
+        }
         let mut cursor = sync::SnapshotCursor::default();
         let mut first = Some(sync::bundle_update(&bundle.borrow_and_update()));
         loop {
             let (revision, mut updates, catch_up) = {
-                let cluster = registry.borrow_and_update().clone();
+                let cluster = match &pinned {
+                    Some(c) => c.clone(),
+                    None => registry.borrow_and_update().clone(),
+                };
                 let mut updates: Vec<pb::Update> = first.iter().cloned().collect();
                 let room = sync::UPDATES_PER_MESSAGE - updates.len();
                 updates.extend(stream.snapshot_page(&mut cursor, &cluster, room));
@@ -380,10 +416,11 @@ async fn send_snapshot(
                 }
                 // So many changes while the snapshot was read that the
                 // history no longer reaches its start: read it again.
-                Some(sync::Outgoing::Snapshot) => continue 'snapshot,
+                Some(sync::Outgoing::Snapshot) => break,
             }
         }
     }
+    Ok(())
 }
 
 /// Sends `updates` in messages of at most [`sync::UPDATES_PER_MESSAGE`];

@@ -620,12 +620,18 @@ async fn a_replica_hears_of_the_other_replicas_writes() {
     a.allocate_identities(&[identity("from-a")])
         .await
         .expect("allocate");
-    tokio::time::timeout(WAIT, changes.changed())
-        .await
-        .expect("replica b is told of replica a's allocation")
-        .expect("store alive");
-    let reg = b.registry().await.expect("registry");
-    assert!(id_of(&reg, "from-a").is_some());
+    // The counter write and the identity object each signal; the object
+    // may come second.
+    loop {
+        tokio::time::timeout(WAIT, changes.changed())
+            .await
+            .expect("replica b is told of replica a's allocation")
+            .expect("store alive");
+        let reg = b.registry().await.expect("registry");
+        if id_of(&reg, "from-a").is_some() {
+            break;
+        }
+    }
     assert_eq!(
         annotation(&state_configmap(&ns).await, "keyway.dev/last-writer"),
         "replica-a"
@@ -761,6 +767,87 @@ async fn a_format_2_state_migrates_nodes_and_tokens_to_objects_keeping_ids_and_s
     // A second replica opening the migrated state finds it as it is.
     let b = open(&ns, "replica-b").await;
     assert_eq!(b.registry().await.expect("registry").nodes.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_left_by_a_crashed_replica_is_taken_over_and_finished() {
+    let ns = cluster().namespace("store-takeover").await;
+    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, &ns);
+    // Frozen by a replica that died 20 minutes ago, before copying anything.
+    let state = serde_json::json!({
+        "format": 3,
+        "migration": {"by": "replica-gone", "since": now() - 1200},
+        "next_node_id": 5,
+        "nodes": {"node-a": {"name": "node-a", "node_id": 4, "attested_at": 1, "registration": 11}}
+    });
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("keyway-state".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("state.json".to_string(), state.to_string())])),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &cm)
+        .await
+        .expect("write the state");
+    let store = open(&ns, "replica-a").await;
+    let reg = store.registry().await.expect("registry");
+    assert_eq!(
+        reg.nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.node_id))
+            .collect::<Vec<_>>(),
+        vec![("node-a", 4)]
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&state_configmap(&ns).await.data.as_ref().expect("data")["state.json"])
+            .expect("state.json");
+    assert!(
+        state.get("migration").is_none() && state.get("nodes").is_none(),
+        "{state}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_revoked_on_one_replica_is_not_recreated_by_another() {
+    let ns = cluster().namespace("store-revoked").await;
+    let a = open(&ns, "replica-a").await;
+    let b = open(&ns, "replica-b").await;
+    let svid = |s: &str| issued(s, "spiffe://example.org/keyway/node/node-a");
+    a.register_node("node-a", now(), 7, &svid("3a"))
+        .await
+        .expect("register");
+    let deadline = Instant::now() + WAIT;
+    let mut changes = b.subscribe_changes().expect("changes");
+    while !b
+        .registry()
+        .await
+        .expect("registry")
+        .nodes
+        .iter()
+        .any(|n| n.name == "node-a")
+    {
+        assert!(Instant::now() < deadline, "replica b never saw node-a");
+        let _ = tokio::time::timeout(WAIT, changes.changed()).await;
+    }
+    assert!(a.revoke_node("node-a").await.expect("revoke"));
+    // Replica b's caller still holds registration 7 (its view lags, or has
+    // just caught up): an SVID signed with it must not bring it back.
+    let refused = b.register_node("node-a", now(), 7, &svid("3b")).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Backend(m)) if m.contains("revoked")),
+        "{refused:?}"
+    );
+    let fresh = b
+        .register_node("node-a", now(), 8, &svid("3c"))
+        .await
+        .expect("a new registration");
+    assert_eq!(fresh.registration, 8);
+    assert!(
+        !serials_once(&b).await.contains("3b"),
+        "the refused SVID is not logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,10 +8,12 @@
 //! | ConfigMaps `keyway-join-token-<hex>` | `token.json` | one [`JoinTokenRecord`] |
 //!
 //! A node whose name does not fit a ConfigMap name after the prefix (over
-//! 241 characters, or not a DNS subdomain) is stored under
-//! `keyway-node-h-` and 40 hex digits of the SHA-256 of its name; the record
-//! inside names the node, and an object whose record names another node is
-//! skipped. A join token's object is named after the hex SHA-256 the caller
+//! 241 characters, or not a DNS subdomain) is stored under `keyway-nodeh-`
+//! and 40 hex digits of the SHA-256 of its name. No plain name can take that
+//! form (plain names all start `keyway-node-`), so two nodes never share an
+//! object; the record inside names the node, an object whose record names
+//! another node is skipped, and every write checks the record it read is
+//! the caller's. A join token's object is named after the hex SHA-256 the caller
 //! passes; the token itself is never stored.
 //!
 //! Node objects are read through a watch ([`super::kube_index`]), so the
@@ -25,6 +27,8 @@ use super::kube_index::Index;
 use super::{JoinTokenRecord, NodeRecord, StoreError, StoreResult};
 
 pub(super) const NODE_PREFIX: &str = "keyway-node-";
+/// For names that do not fit; never a prefix of a plain name.
+const HASHED_NODE_PREFIX: &str = "keyway-nodeh-";
 pub(super) const NODE_COMPONENT: &str = "node";
 const NODE_KEY: &str = "node.json";
 pub(super) const TOKEN_PREFIX: &str = "keyway-join-token-";
@@ -55,7 +59,7 @@ pub(super) fn node_object_name(node: &str) -> String {
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, node.as_bytes());
     let hex: String = digest.as_ref()[..20].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{NODE_PREFIX}h-{hex}")
+    format!("{HASHED_NODE_PREFIX}{hex}")
 }
 
 /// The object that holds the join token whose SHA-256 is `hash_hex`.
@@ -123,6 +127,19 @@ fn corrupt(cm: &ConfigMap, key: &str, reason: String) -> StoreError {
     }
 }
 
+/// The record of `node` an object holds (checked against the caller).
+pub(super) fn node_record_of(cm: &ConfigMap, node: &str) -> StoreResult<NodeRecord> {
+    let rec = node_record(cm)?;
+    if rec.name != node {
+        return Err(corrupt(
+            cm,
+            NODE_KEY,
+            format!("it holds node {:?}, not {node:?}", rec.name),
+        ));
+    }
+    Ok(rec)
+}
+
 /// The node record an object holds, checked against the object's name.
 pub(super) fn node_record(cm: &ConfigMap) -> StoreResult<NodeRecord> {
     let raw = cm
@@ -158,7 +175,15 @@ pub(super) struct NodeIndex {
     by_name: BTreeMap<String, NodeRecord>,
     /// Grows with every change, so the registry's revision does.
     revision: u64,
+    /// The registrations seen to go (revocations), newest last, at most
+    /// [`REVOKED_REMEMBERED`]: a record is never created again under one.
+    revoked: std::collections::VecDeque<(String, u32)>,
 }
+
+/// Revoked registrations a process remembers. A caller can hold a
+/// registration only until its view catches up with the revocation
+/// (moments), and a restarted process builds its view from the objects.
+const REVOKED_REMEMBERED: usize = 4096;
 
 impl NodeIndex {
     pub(super) fn get(&self, node: &str) -> Option<&NodeRecord> {
@@ -174,9 +199,20 @@ impl NodeIndex {
     }
 
     pub(super) fn remove(&mut self, node: &str) -> bool {
-        let gone = self.by_name.remove(node).is_some();
-        self.revision += u64::from(gone);
-        gone
+        let Some(gone) = self.by_name.remove(node) else {
+            return false;
+        };
+        self.revision += 1;
+        if self.revoked.len() == REVOKED_REMEMBERED {
+            self.revoked.pop_front();
+        }
+        self.revoked.push_back((gone.name, gone.registration));
+        true
+    }
+
+    /// Whether `registration` of `node` was seen to go.
+    pub(super) fn was_revoked(&self, node: &str, registration: u32) -> bool {
+        self.revoked.iter().any(|(n, r)| n == node && *r == registration)
     }
 }
 
@@ -210,6 +246,15 @@ impl Index for NodeIndex {
         if new == self.by_name {
             return false;
         }
+        let gone: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.remove(&n);
+        }
         self.by_name = new;
         self.revision += 1;
         true
@@ -239,8 +284,12 @@ mod tests {
         let long = "a".repeat(250);
         for odd in ["Worker_1", long.as_str(), ""] {
             let name = node_object_name(odd);
-            assert!(name.starts_with("keyway-node-h-") && name.len() == 54, "{name}");
+            assert!(name.starts_with("keyway-nodeh-") && name.len() == 53, "{name}");
             assert!(is_dns_subdomain(&name));
+            // A node named after the hash part cannot take the object.
+            let squatter = name.trim_start_matches("keyway-nodeh-");
+            assert_ne!(node_object_name(squatter), name);
+            assert_ne!(node_object_name(&format!("h-{squatter}")), name);
         }
         assert_ne!(node_object_name("Worker_1"), node_object_name("Worker_2"));
     }
@@ -275,5 +324,10 @@ mod tests {
         assert!(idx.remove_object(&node_object_name("a")));
         assert!(!idx.remove_object(&node_object_name("a")));
         assert_eq!((idx.revision(), idx.all().len()), (3, 0));
+        assert!(idx.was_revoked("a", 7) && !idx.was_revoked("a", 8));
+        // A relist that no longer has a node counts as its revocation.
+        idx.upsert(node("b"));
+        assert!(idx.replace_all(vec![]));
+        assert!(idx.was_revoked("b", 7));
     }
 }

@@ -110,7 +110,7 @@
 //! - The service account needs get, list, watch, create, update and delete
 //!   on configmaps, and get, create and update on secrets, in the namespace.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -195,6 +195,24 @@ pub struct KubeStore {
 /// How often (in the callers' clock) join token writes sweep the tokens
 /// past their retention.
 const TOKEN_SWEEP_SECS: i64 = 600;
+/// How long a format migration may go on before another replica takes it
+/// over (its migrator is taken to have crashed).
+const MIGRATION_TAKEOVER_SECS: i64 = 300;
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A format migration under way ([`KubeStore::migrate`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Migration {
+    /// The replica copying the records.
+    by: String,
+    /// When it started (Unix seconds).
+    since: i64,
+}
 
 impl std::fmt::Debug for KubeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -343,6 +361,7 @@ impl KubeStore {
             tokens_swept_at: Mutex::new(None),
         };
         store.migrate().await?;
+        store.raise_counters().await?;
         // Node SVIDs a replica recorded but did not get to move (it crashed).
         store.drain_pending().await;
         Ok(store)
@@ -350,17 +369,57 @@ impl KubeStore {
 
     /// Earlier formats kept identities (format 1, with copies of pods and
     /// policies), node records and join tokens (formats 1 and 2) inside
-    /// `state.json`. Each becomes an object first (create-if-absent, so a
-    /// crash part-way is finished by the next start), then the state is
-    /// rewritten without them, in a write that checks it removes only what
-    /// was copied: what an older replica added meanwhile is copied on the
-    /// next round instead of dropped. (Once the format is raised, older
-    /// replicas refuse the state, so they cannot add more.)
+    /// `state.json`. Migration, safe against crashes, replicas of the old
+    /// format still running (a rolling upgrade) and new replicas starting
+    /// together:
+    ///
+    /// 1. Freeze: one conditional write raises the format and names this
+    ///    replica the migrator. From then on old replicas refuse the state
+    ///    (a newer format), so the records to copy can no longer change, and
+    ///    new replicas wait for the migration instead of serving.
+    /// 2. Copy: each record becomes its object (create-if-absent: the values
+    ///    are frozen, so an object a crashed migrator created holds them).
+    /// 3. Finish: a write conditional on this replica still being the
+    ///    migrator removes the copies from the state.
+    ///
+    /// A migrator silent for [`MIGRATION_TAKEOVER_SECS`] (it crashed) is
+    /// replaced by the next replica that looks.
     async fn migrate(&self) -> StoreResult<()> {
-        for _ in 0..MAX_ATTEMPTS {
+        let mut waited_on: Option<String> = None;
+        loop {
             let (_, state) = self.read_state().await?;
-            if state.format >= FORMAT {
-                return Ok(());
+            let now = unix_now();
+            match &state.migration {
+                None if state.format >= FORMAT => return Ok(()),
+                Some(m) if m.by == self.writer => {}
+                Some(m) if now.saturating_sub(m.since) < MIGRATION_TAKEOVER_SECS => {
+                    if waited_on.as_deref() != Some(m.by.as_str()) {
+                        tracing::info!(migrator = %m.by, "waiting for another replica to migrate the shared state");
+                        waited_on = Some(m.by.clone());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                // Not started, or its migrator went silent: freeze, or take
+                // over, unless someone else did first.
+                seen => {
+                    let seen = seen.as_ref().map(|m| m.by.clone());
+                    let writer = self.writer.clone();
+                    self.update_state("format migration (freeze)", |fresh| {
+                        let finished = fresh.migration.is_none() && fresh.format >= FORMAT;
+                        if finished || fresh.migration.as_ref().map(|m| m.by.clone()) != seen {
+                            return Ok(Written::Unchanged(()));
+                        }
+                        fresh.format = FORMAT;
+                        fresh.migration = Some(Migration {
+                            by: writer.clone(),
+                            since: now,
+                        });
+                        Ok(Written::Changed(()))
+                    })
+                    .await?;
+                    continue;
+                }
             }
             for rec in state.legacy_identities.values() {
                 let name = ids::identity_object_name(rec.id);
@@ -379,42 +438,63 @@ impl KubeStore {
                 self.create_if_absent(cm, &nodes::token_object_name(hash_hex))
                     .await?;
             }
-            let copied = (
-                state.legacy_identities.keys().copied().collect::<BTreeSet<u32>>(),
-                state.legacy_nodes.clone(),
-                state.legacy_tokens.keys().cloned().collect::<BTreeSet<String>>(),
-            );
-            let done = self
-                .update_state("format migration", |now| {
-                    if now.format >= FORMAT {
-                        return Ok(Written::Unchanged(true));
-                    }
-                    let all_copied = now.legacy_identities.keys().all(|k| copied.0.contains(k))
-                        && now.legacy_nodes.iter().all(|(k, v)| copied.1.get(k) == Some(v))
-                        && now.legacy_tokens.keys().all(|k| copied.2.contains(k));
-                    if !all_copied {
+            let writer = self.writer.clone();
+            let finished = self
+                .update_state("format migration (finish)", |fresh| {
+                    if fresh.migration.as_ref().is_none_or(|m| m.by != writer) {
+                        // Taken over after this replica went quiet.
                         return Ok(Written::Unchanged(false));
                     }
-                    now.format = FORMAT;
-                    now.legacy_identities.clear();
-                    now.legacy_nodes.clear();
-                    now.legacy_tokens.clear();
+                    fresh.migration = None;
+                    fresh.legacy_identities.clear();
+                    fresh.legacy_nodes.clear();
+                    fresh.legacy_tokens.clear();
                     Ok(Written::Changed(true))
                 })
                 .await?;
-            if done {
+            if finished {
                 tracing::info!(
                     namespace = %self.namespace,
-                    identities = copied.0.len(),
-                    nodes = copied.1.len(),
-                    join_tokens = copied.2.len(),
+                    identities = state.legacy_identities.len(),
+                    nodes = state.legacy_nodes.len(),
+                    join_tokens = state.legacy_tokens.len(),
                     "migrated the shared state to format {FORMAT}: identities, nodes and join tokens \
                      are objects of their own, pods and policies are no longer copied"
                 );
                 return Ok(());
             }
         }
-        Err(too_many_conflicts("format migration", STATE, &self.namespace))
+    }
+
+    /// Raises the counters past every number an object holds, when a state
+    /// restored from an old backup is behind them.
+    async fn raise_counters(&self) -> StoreResult<()> {
+        let top_identity = ids::lock(&self.identities)
+            .all()
+            .iter()
+            .map(|i| u64::from(i.id) + 1)
+            .max();
+        let top_node = kube_index::lock(&self.nodes)
+            .all()
+            .iter()
+            .map(|n| u64::from(n.node_id) + 1)
+            .max();
+        self.update_state("counters", |state| {
+            let identity = state.next_identity.max(top_identity.unwrap_or(0));
+            let node = state.next_node_id.max(top_node.unwrap_or(0));
+            if (identity, node) == (state.next_identity, state.next_node_id) {
+                return Ok(Written::Unchanged(()));
+            }
+            tracing::warn!(
+                next_identity = identity,
+                next_node_id = node,
+                "the shared state's counters were behind the objects (restored from an old backup?); raised them"
+            );
+            state.next_identity = identity;
+            state.next_node_id = node;
+            Ok(Written::Changed(()))
+        })
+        .await
     }
 
     /// Creates `cm` unless an object of that name exists.
@@ -453,7 +533,7 @@ impl KubeStore {
         for attempt in 0..MAX_ATTEMPTS {
             let written = match self.get_configmap(&name).await? {
                 Some(cm) => {
-                    let known = nodes::node_record(&cm)?;
+                    let known = nodes::node_record_of(&cm, node)?;
                     let (rec, _) = model::register_node(Some(known), 0, node, now, registration)?;
                     let cm = nodes::node_configmap(Some(cm), &rec, &self.writer)?;
                     (
@@ -462,10 +542,19 @@ impl KubeStore {
                     )
                 }
                 None => {
+                    self.refuse_revoked_registration(node, registration)?;
+                    // Past every id in use, even if the counter is behind
+                    // (a state restored from an old backup).
+                    let floor = kube_index::lock(&self.nodes)
+                        .all()
+                        .iter()
+                        .map(|n| u64::from(n.node_id) + 1)
+                        .max()
+                        .unwrap_or(0);
                     let rec = self
                         .update_state("node id", |state| {
-                            let (rec, next) =
-                                model::register_node(None, state.next_node_id, node, now, registration)?;
+                            let next_id = state.next_node_id.max(floor);
+                            let (rec, next) = model::register_node(None, next_id, node, now, registration)?;
                             state.next_node_id = next;
                             Ok(Written::Changed(rec))
                         })
@@ -487,6 +576,51 @@ impl KubeStore {
             }
         }
         Err(too_many_conflicts("node registration", &name, &self.namespace))
+    }
+
+    /// Refuses to create `node`'s record with `registration` when that
+    /// registration was revoked: seen to go, or still known here although
+    /// its object is gone (another replica revoked it and this one has not
+    /// seen the delete yet). The caller, whose view lagged, signed an SVID
+    /// with the revoked registration's tag, and recreating the record with
+    /// it would make every SVID of that registration valid again. The node
+    /// is dropped from the index and the view told, so the next attempt
+    /// starts a new registration.
+    fn refuse_revoked_registration(&self, node: &str, registration: u32) -> StoreResult<()> {
+        let mut idx = kube_index::lock(&self.nodes);
+        let stale = idx.get(node).is_some_and(|r| r.registration == registration);
+        if stale || idx.was_revoked(node, registration) {
+            idx.remove(node);
+            drop(idx);
+            self.changes.send_modify(|n| *n += 1);
+            return Err(StoreError::Backend(format!(
+                "node {node} was revoked by another replica while it attested; attest again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Before anything is written for an attestation of `node`: the same
+    /// check as [`KubeStore::refuse_revoked_registration`], so a join token
+    /// is not spent on an attestation that would be refused.
+    async fn check_registration_current(&self, node: &str, registration: u32) -> StoreResult<()> {
+        let (known, revoked) = {
+            let idx = kube_index::lock(&self.nodes);
+            (
+                idx.get(node).is_some_and(|r| r.registration == registration),
+                idx.was_revoked(node, registration),
+            )
+        };
+        if revoked
+            || (known
+                && self
+                    .get_configmap(&nodes::node_object_name(node))
+                    .await?
+                    .is_none())
+        {
+            return self.refuse_revoked_registration(node, registration);
+        }
+        Ok(())
     }
 
     /// Deletes the join tokens past their retention
@@ -830,6 +964,7 @@ impl Store for KubeStore {
         if let Some(problem) = model::token_problem(read.as_ref().map(|(_, t)| t), node, now) {
             return Err(StoreError::TokenRefused(problem));
         }
+        self.check_registration_current(node, registration).await?;
         // 2. The node SVID is logged before the token is spent, so every
         // SVID an agent receives is in the log (one whose attestation then
         // fails stays logged as issued, never handed out).
@@ -868,6 +1003,7 @@ impl Store for KubeStore {
         issued: &IssuanceRecord,
     ) -> StoreResult<NodeRecord> {
         check_serial(&issued.serial)?;
+        self.check_registration_current(node, registration).await?;
         self.append_to_log(vec![issued.clone()]).await?;
         self.upsert_node(node, now, registration).await
     }
@@ -1088,7 +1224,7 @@ impl Store for KubeStore {
             let Some(cm) = self.get_configmap(&name).await? else {
                 return Ok(None);
             };
-            let mut rec = nodes::node_record(&cm)?;
+            let mut rec = nodes::node_record_of(&cm, node)?;
             if !model::set_node_addresses(&mut rec, &addresses) {
                 kube_index::Index::upsert(&mut *kube_index::lock(&self.nodes), rec);
                 return Ok(Some(false));
@@ -1187,6 +1323,9 @@ struct SharedState {
     /// By hex SHA-256 of the token.
     #[serde(rename = "join_tokens", skip_serializing_if = "BTreeMap::is_empty")]
     legacy_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Set while a migration from an earlier format is under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migration: Option<Migration>,
     /// Node SVIDs a format-2 replica recorded with their attestation and
     /// had not moved to the log yet, by serial (moved on open).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
