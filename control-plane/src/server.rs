@@ -1309,7 +1309,12 @@ impl ControlPlane {
             return Ok(out);
         }
         let mut stored = self.inner.store.registry().await?;
-        let (mut records, mut unresolved) = merge_sourced(self.inner.sourced.get(), stored.clone());
+        let previous = self.registry();
+        let (mut records, mut unresolved) = merge_sourced(
+            self.inner.sourced.get(),
+            stored.clone(),
+            &previous.records.workloads,
+        );
         if leader && !unresolved.is_empty() {
             let wanted: Vec<crate::store::IdentityRecord> = unresolved
                 .iter()
@@ -1325,7 +1330,8 @@ impl ControlPlane {
             self.inner.store.allocate_identities(&wanted).await?;
             stored = self.inner.store.registry().await?;
             out.allocated = stored.identities.len().saturating_sub(before);
-            (records, unresolved) = merge_sourced(self.inner.sourced.get(), stored);
+            (records, unresolved) =
+                merge_sourced(self.inner.sourced.get(), stored, &previous.records.workloads);
         }
         out.waiting = unresolved.len();
         self.inner
@@ -1377,8 +1383,10 @@ impl ControlPlane {
     /// Publishes the stored registry, compiling policy only when the records
     /// changed.
     async fn refresh_registry(&self) -> Result<(), ApiError> {
+        let stored = self.inner.store.registry().await?;
+        let previous = self.registry();
         let (records, unresolved) =
-            merge_sourced(self.inner.sourced.get(), self.inner.store.registry().await?);
+            merge_sourced(self.inner.sourced.get(), stored, &previous.records.workloads);
         self.inner
             .sourced_waiting
             .store(unresolved.len(), std::sync::atomic::Ordering::Relaxed);
@@ -1427,10 +1435,16 @@ impl ControlPlane {
 /// The registry the control plane serves: the stored one, and in Kubernetes
 /// mode the workloads and policies of the watch caches, each workload with
 /// the identity the store allocated for it. Workloads with no identity yet
-/// are held back and returned apart.
+/// are returned apart, and held meanwhile as `previous` (the published
+/// workloads) had them: a pod relabelled on a replica that does not lead
+/// keeps its old identity (labels and number, its new addresses and node)
+/// until the leader's allocation reaches this replica, as a Cilium endpoint
+/// keeps its identity until the new one is allocated, instead of vanishing
+/// from its node. A workload not published before waits unseen.
 fn merge_sourced(
     sourced: Option<&std::sync::Mutex<Sourced>>,
     mut stored: RegistrySnapshot,
+    previous: &[WorkloadRecord],
 ) -> (RegistrySnapshot, Vec<WorkloadRecord>) {
     let Some(sourced) = sourced else {
         return (stored, Vec::new());
@@ -1458,7 +1472,18 @@ fn merge_sourced(
                 identity: *id,
                 ..w.clone()
             }),
-            None => unresolved.push(w.clone()),
+            None => {
+                let key = w.key();
+                // `previous` is in the same key order.
+                if let Ok(i) = previous.binary_search_by(|p| p.key().cmp(&key)) {
+                    workloads.push(WorkloadRecord {
+                        node: w.node.clone(),
+                        ips: w.ips.clone(),
+                        ..previous[i].clone()
+                    });
+                }
+                unresolved.push(w.clone());
+            }
         }
     }
     // In key order already (a BTreeMap by namespace/name).
@@ -1539,7 +1564,7 @@ mod tests {
     }
 
     #[test]
-    fn a_workload_takes_the_lowest_number_of_a_duplicated_identity_and_waits_without_one() {
+    fn workloads_take_the_lowest_number_of_a_duplicated_identity_and_keep_theirs_while_relabelled() {
         let ident = |id: u32, sa: &str| crate::store::IdentityRecord {
             id,
             spiffe_id: format!("spiffe://td/ns/default/sa/{sa}"),
@@ -1571,7 +1596,7 @@ mod tests {
             identities: vec![ident(300, "web"), ident(256, "api"), ident(257, "web")],
             ..Default::default()
         };
-        let (merged, unresolved) = merge_sourced(Some(&sourced), stored);
+        let (merged, unresolved) = merge_sourced(Some(&sourced), stored.clone(), &[]);
         assert_eq!(
             merged
                 .workloads
@@ -1588,6 +1613,28 @@ mod tests {
             merged.identities.len(),
             3,
             "the unused duplicate stays visible to the collector"
+        );
+
+        // "a" is relabelled (and moves) before its new identity is
+        // allocated: it keeps its old identity at its new address.
+        let published = merged.workloads.clone();
+        {
+            let mut view = sourced.lock().unwrap();
+            let a = view.workloads.get_mut("default/a").unwrap();
+            a.labels.insert("tier".into(), "gold".into());
+            a.ips = vec!["10.0.0.9".into()];
+        }
+        let (merged, unresolved) = merge_sourced(Some(&sourced), stored, &published);
+        let held: Vec<_> = merged
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w.identity, w.labels.len(), w.ips.clone()))
+            .collect();
+        assert_eq!(held, vec![("a", 257, 0, vec!["10.0.0.9".to_string()])]);
+        assert_eq!(
+            unresolved.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+            vec!["a", "b"],
+            "still waiting for its identity"
         );
     }
 }
