@@ -685,7 +685,6 @@ async fn a_replica_hears_of_the_other_replicas_writes() {
 /// `keyway-state` as a format-2 replica left it: node records, join
 /// tokens (one consumed) and the counters inside.
 async fn write_format_2_state(ns: &str, token_hashes: [&str; 2]) {
-    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, ns);
     let state = serde_json::json!({
         "format": 2,
         "revision": 9,
@@ -701,6 +700,13 @@ async fn write_format_2_state(ns: &str, token_hashes: [&str; 2]) {
             token_hashes[1]: {"node": "node-c", "created_at": 1, "expires_at": now() + 600}
         }
     });
+    write_state(ns, &state).await;
+}
+
+/// Creates `keyway-state` holding `state` as its `state.json`, as a replica
+/// of some format left it.
+async fn write_state(ns: &str, state: &serde_json::Value) {
+    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, ns);
     let cm = ConfigMap {
         metadata: ObjectMeta {
             name: Some("keyway-state".into()),
@@ -711,7 +717,7 @@ async fn write_format_2_state(ns: &str, token_hashes: [&str; 2]) {
     };
     api.create(&PostParams::default(), &cm)
         .await
-        .expect("write a format-2 state");
+        .expect("write the state");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -772,7 +778,6 @@ async fn a_format_2_state_migrates_nodes_and_tokens_to_objects_keeping_ids_and_s
 #[tokio::test(flavor = "multi_thread")]
 async fn a_migration_left_by_a_crashed_replica_is_taken_over_and_finished() {
     let ns = cluster().namespace("store-takeover").await;
-    let api: Api<ConfigMap> = Api::namespaced(cluster().admin().await, &ns);
     // Frozen by a replica that died 20 minutes ago, before copying anything.
     let state = serde_json::json!({
         "format": 3,
@@ -780,17 +785,7 @@ async fn a_migration_left_by_a_crashed_replica_is_taken_over_and_finished() {
         "next_node_id": 5,
         "nodes": {"node-a": {"name": "node-a", "node_id": 4, "attested_at": 1, "registration": 11}}
     });
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("keyway-state".into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([("state.json".to_string(), state.to_string())])),
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &cm)
-        .await
-        .expect("write the state");
+    write_state(&ns, &state).await;
     let store = open(&ns, "replica-a").await;
     let reg = store.registry().await.expect("registry");
     assert_eq!(
