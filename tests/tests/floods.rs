@@ -527,8 +527,9 @@ fn metrics_endpoint_survives_a_slowloris() {
          slowest {:?}); all 14 held connections closed after {closed_after:?}; header-timeout closes {timeouts}",
         samples.max, samples.scrapes, samples.failures, samples.slowest,
     );
-    // 8 from 127.0.0.2, 3 + 3 from the others, and the sampler's scrape.
-    assert!(samples.max <= 15.0, "held {}", samples.max);
+    // 8 from 127.0.0.2, 3 + 3 from the others, the sampler's scrape, and
+    // the scrape made during the flood, which a sample can overlap.
+    assert!(samples.max <= 16.0, "held {}", samples.max);
     assert_eq!(samples.failures, 0, "every scrape was answered during the flood");
     assert!(refusals >= 992.0);
     assert!(
