@@ -289,6 +289,13 @@ async fn stream_sync(
     tx: mpsc::Sender<Result<pb::SyncResponse, Status>>,
 ) {
     let _open = cp.metrics().sync_stream();
+    // A control plane still reading the cluster (Kubernetes mode, watch
+    // caches not synced) sends nothing yet: the agent keeps the view it
+    // holds instead of being sent an empty one.
+    tokio::select! {
+        () = cp.view_ready() => {}
+        () = tx.closed() => return,
+    }
     let mut registry = cp.subscribe_registry();
     let mut bundle = cp.subscribe_bundle();
     let mut stream = sync::Stream::open(&registry.borrow(), &node);
@@ -448,5 +455,132 @@ async fn send_updates(
         if complete {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CaConfig;
+    use crate::config::Config;
+    use crate::server::SourcedChanges;
+    use crate::store::{SledStore, WorkloadRecord};
+
+    /// A Kubernetes-mode control plane (sled store) and one node attested
+    /// with a join token: the control plane, and that node's serial tag.
+    async fn kubernetes_mode(dir: &std::path::Path) -> (ControlPlane, Option<u32>) {
+        let td = spiffe_id::parse_trust_domain("example.org").unwrap();
+        let config = Config {
+            trust_domain: td.clone(),
+            data_dir: dir.to_owned(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_socket: dir.join("admin.sock"),
+            svid_ttl: Duration::from_secs(3600),
+            node_svid_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+            ca_ttl: Duration::from_secs(86400),
+            upstream_ca: None,
+            kubernetes: true,
+            allow_join_tokens: true,
+            attest_per_minute: 0,
+            agent_api_limits: crate::config::agent_api_limits(),
+            policy_budget: Default::default(),
+            identity_gc_grace: Duration::from_secs(3600),
+            issuance_retention: Default::default(),
+        };
+        let ca = CaConfig {
+            trust_domain: td,
+            ca_ttl: config.ca_ttl,
+            upstream: None,
+        };
+        let store = Arc::new(SledStore::open(dir).unwrap());
+        let cp = ControlPlane::open(config, ca, store).await.unwrap();
+        cp.read_workloads_from_kubernetes();
+        let (token, _) = cp
+            .create_join_token("n1", Duration::from_secs(600))
+            .await
+            .unwrap();
+        let (_key, csr) = keyway_identity::csr::generate().unwrap();
+        let svid = cp.attest_join_token(&token, "n1", &csr).await.unwrap();
+        let tag = (svid.node.registration != 0).then_some(svid.node.registration);
+        (cp, tag)
+    }
+
+    fn pod(name: &str) -> (String, Option<WorkloadRecord>) {
+        let w = WorkloadRecord {
+            namespace: "default".into(),
+            name: name.into(),
+            service_account: "web".into(),
+            node: "n1".into(),
+            ips: vec!["10.0.0.7".into()],
+            labels: Default::default(),
+            selectors: vec![],
+            svid_ttl_secs: None,
+            identity: 0,
+            spiffe_id: String::new(),
+        };
+        (w.key(), Some(w))
+    }
+
+    /// Reads messages until one is complete; returns whether the first was
+    /// a reset, and the workloads of the state the stream described.
+    async fn next_state(rx: &mut mpsc::Receiver<Result<pb::SyncResponse, Status>>) -> (bool, Vec<String>) {
+        let mut reset = None;
+        let mut workloads = Vec::new();
+        loop {
+            let msg = rx.recv().await.expect("stream open").expect("no error");
+            reset.get_or_insert(msg.reset);
+            for u in msg.updates {
+                if let Some(pb::update::Kind::WorkloadUpsert(w)) = u.kind {
+                    workloads.push(w.name);
+                }
+            }
+            if msg.complete {
+                return (reset.unwrap_or(false), workloads);
+            }
+        }
+    }
+
+    /// A restarted control plane whose watch caches have not synced knows
+    /// no pod. Were it to send a connecting agent its view, that view would
+    /// be complete and empty, and the agent would withdraw every pod's
+    /// entries (policy denies their traffic) until the caches synced; at
+    /// scale, every agent reconnecting at once was also sent the whole
+    /// cluster again as one delta, held in memory per stream.
+    #[tokio::test]
+    async fn a_sync_stream_waits_for_the_watch_caches_before_sending_a_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, tag) = kubernetes_mode(dir.path()).await;
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(stream_sync(cp.clone(), "n1".into(), tag, tx));
+
+        // Paused, the clock jumps ahead whenever every task waits: an hour
+        // passes at once unless the stream sends something.
+        tokio::time::pause();
+        let early = tokio::time::timeout(Duration::from_secs(3600), rx.recv()).await;
+        if let Ok(Some(Ok(sent))) = &early {
+            panic!(
+                "a view was sent before the caches synced (complete: {}, {} updates)",
+                sent.complete,
+                sent.updates.len()
+            );
+        }
+        assert!(early.is_err(), "the stream ended before the caches synced");
+        tokio::time::resume();
+
+        cp.apply_sourced(SourcedChanges {
+            workloads: vec![pod("web-1")],
+            policies: vec![],
+        })
+        .await
+        .unwrap();
+        cp.sourced_synced();
+        let (reset, workloads) = next_state(&mut rx).await;
+        assert!(reset, "the first state is a snapshot");
+        assert_eq!(
+            workloads,
+            vec!["web-1"],
+            "the first complete state has the node's pods"
+        );
     }
 }

@@ -148,10 +148,11 @@ struct Inner {
     sourced_waiting: std::sync::atomic::AtomicUsize,
     /// The view's generation last published.
     sourced_published: std::sync::atomic::AtomicU64,
-    /// Kubernetes mode: set once the watch caches synced and the view was
-    /// first published; until then no workload is known, and nothing may be
-    /// judged unused.
-    sourced_ready: std::sync::atomic::AtomicBool,
+    /// Whether the published registry describes the cluster: always outside
+    /// Kubernetes mode; in it, once the watch caches synced and the view was
+    /// first published. Until then no workload is known: nothing may be
+    /// judged unused, and no agent is sent a view (it would be empty).
+    view_ready: watch::Sender<bool>,
     metrics: Metrics,
 }
 
@@ -288,6 +289,7 @@ impl ControlPlane {
         let (authority, _) = watch::channel(authority);
         let (registry, _) = watch::channel(registry);
         let (own_cert, _) = watch::channel(None);
+        let (view_ready, _) = watch::channel(!cfg.kubernetes);
         let cp = Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -306,7 +308,7 @@ impl ControlPlane {
                 sourced: std::sync::OnceLock::new(),
                 sourced_waiting: std::sync::atomic::AtomicUsize::new(0),
                 sourced_published: std::sync::atomic::AtomicU64::new(0),
-                sourced_ready: std::sync::atomic::AtomicBool::new(false),
+                view_ready,
                 metrics,
             }),
         };
@@ -704,12 +706,7 @@ impl ControlPlane {
         unused: &mut HashMap<u32, tokio::time::Instant>,
         grace: Duration,
     ) -> Result<usize, ApiError> {
-        let sourced_not_ready = self.inner.sourced.get().is_some()
-            && !self
-                .inner
-                .sourced_ready
-                .load(std::sync::atomic::Ordering::Relaxed);
-        if !self.is_leader() || sourced_not_ready {
+        if !self.is_leader() || !*self.inner.view_ready.borrow() {
             // A replica whose watch caches have not synced knows no pod:
             // every identity would look unused.
             unused.clear();
@@ -1348,14 +1345,25 @@ impl ControlPlane {
     /// watchers report ([`ControlPlane::apply_sourced`]), not stored ones.
     pub fn read_workloads_from_kubernetes(&self) {
         let _ = self.inner.sourced.set(std::sync::Mutex::new(Sourced::default()));
+        self.inner.view_ready.send_replace(false);
     }
 
     /// Kubernetes mode: the watch caches synced and the view was published
     /// once; identity collection may judge what is unused from now on.
     pub fn sourced_synced(&self) {
-        self.inner
-            .sourced_ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.inner.view_ready.send_replace(true);
+    }
+
+    /// Returns once the published registry describes the cluster (at once
+    /// outside Kubernetes mode; in it, after the first publish from synced
+    /// watch caches). A Sync stream waits for this before its snapshot: a
+    /// restarted control plane would otherwise send every agent a complete
+    /// view with no workloads, and each agent would withdraw its pods'
+    /// entries until the caches synced.
+    pub async fn view_ready(&self) {
+        let mut ready = self.inner.view_ready.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = ready.wait_for(|r| *r).await;
     }
 
     /// How many workloads Kubernetes mode's view holds (0 otherwise).
