@@ -17,7 +17,9 @@
 //! its own part (its workloads and policy entries, found through a per-node
 //! index) and the version it has sent; on a change it sends the cluster-wide
 //! keys changed since that version, read from a short history, plus the
-//! difference of its own part. So a change costs each stream the size of
+//! difference of its own part, which it rebuilds only when a change touched
+//! its node (a workload placed on, changed on or removed from it) or policy
+//! was compiled again. So a change costs each stream the size of
 //! the change and of its own node, not of the cluster, and a node whose
 //! view did not change is sent nothing. A stream more than [`HISTORY`]
 //! versions behind is sent a fresh snapshot (`reset`). Policy is compiled
@@ -34,14 +36,14 @@
 //! covers every key that differs between those versions, and only that last
 //! message is `complete`. Receivers act on complete states only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use proto::keyway::{self as pb, update::Kind};
 
 use crate::policy::{self, CompiledPolicy};
-use crate::store::{IdentityRecord, PolicyRecord, RegistrySnapshot};
+use crate::store::{IdentityRecord, PolicyRecord, RegistrySnapshot, WorkloadRecord};
 
 /// Updates per message while streaming a snapshot; keeps every message far
 /// below gRPC limits however many identities a node has.
@@ -62,12 +64,17 @@ pub struct Shared {
     pub ipcache: BTreeMap<String, pb::IpcacheEntry>,
 }
 
-/// The keys of [`Shared`] one registry change touched.
+/// The keys of [`Shared`] one registry change touched, and the nodes whose
+/// own part ([`Local`]) it may have changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SharedChanges {
     pub identities: BTreeSet<u32>,
     pub nodes: BTreeSet<String>,
     pub ipcache: BTreeSet<String>,
+    /// Nodes a workload was placed on, changed on, or removed from.
+    pub locals: BTreeSet<String>,
+    /// Policy was compiled again: any node's entries may differ.
+    pub every_local: bool,
 }
 
 impl SharedChanges {
@@ -85,6 +92,8 @@ impl SharedChanges {
             identities: keys(&old.identities, &new.identities),
             nodes: keys(&old.nodes, &new.nodes),
             ipcache: keys(&old.ipcache, &new.ipcache),
+            locals: BTreeSet::new(),
+            every_local: false,
         }
     }
 
@@ -92,7 +101,46 @@ impl SharedChanges {
         self.identities.extend(other.identities.iter().copied());
         self.nodes.extend(other.nodes.iter().cloned());
         self.ipcache.extend(other.ipcache.iter().cloned());
+        self.locals.extend(other.locals.iter().cloned());
+        self.every_local |= other.every_local;
     }
+
+    /// Whether `node`'s own part may have changed.
+    fn touches(&self, node: &str) -> bool {
+        self.every_local || self.locals.contains(node)
+    }
+}
+
+/// The nodes whose workloads differ between `old` and `new`: where a
+/// workload was added, changed or removed (both ends of a move).
+fn nodes_changed(old: &[WorkloadRecord], new: &[WorkloadRecord]) -> BTreeSet<String> {
+    let before: HashMap<(&str, &str), &WorkloadRecord> = old
+        .iter()
+        .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
+        .collect();
+    let mut out = BTreeSet::new();
+    for w in new {
+        match before.get(&(w.namespace.as_str(), w.name.as_str())) {
+            Some(b) if *b == w => {}
+            Some(b) => {
+                out.insert(b.node.clone());
+                out.insert(w.node.clone());
+            }
+            None => {
+                out.insert(w.node.clone());
+            }
+        }
+    }
+    let now: HashSet<(&str, &str)> = new
+        .iter()
+        .map(|w| (w.namespace.as_str(), w.name.as_str()))
+        .collect();
+    out.extend(
+        old.iter()
+            .filter(|w| !now.contains(&(w.namespace.as_str(), w.name.as_str())))
+            .map(|w| w.node.clone()),
+    );
+    out
 }
 
 /// The registry as every sync stream sees it: the stored records, the
@@ -138,9 +186,9 @@ impl Cluster {
             .cloned()
             .collect();
         let compiled_from = (identities, records.policies.clone());
-        let policy = match prev {
-            Some(p) if p.compiled_from == compiled_from => p.policy.clone(),
-            _ => policy::compile(&compiled_from.0, &compiled_from.1, budget),
+        let (policy, recompiled) = match prev {
+            Some(p) if p.compiled_from == compiled_from => (p.policy.clone(), false),
+            _ => (policy::compile(&compiled_from.0, &compiled_from.1, budget), true),
         };
         let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_spiffe_id: HashMap<String, Vec<usize>> = HashMap::new();
@@ -154,7 +202,12 @@ impl Cluster {
             Some(p) => {
                 let version = p.version + 1;
                 let mut history = p.history.clone();
-                history.push_back((version, Arc::new(SharedChanges::between(&p.shared, &shared))));
+                let mut changes = SharedChanges::between(&p.shared, &shared);
+                changes.every_local = recompiled;
+                if !recompiled {
+                    changes.locals = nodes_changed(&p.records.workloads, &records.workloads);
+                }
+                history.push_back((version, Arc::new(changes)));
                 while history.len() > HISTORY {
                     history.pop_front();
                 }
@@ -673,9 +726,13 @@ impl Stream {
                 None => d.ipcache_del.push(cidr.clone()),
             }
         }
-        let local = local_view(cluster, &self.node);
-        d.local(&self.local, &local);
-        self.local = local;
+        // Most changes touch a node or two: the others keep their part as
+        // it is instead of rebuilding it.
+        if changed.touches(&self.node) {
+            let local = local_view(cluster, &self.node);
+            d.local(&self.local, &local);
+            self.local = local;
+        }
         self.version = cluster.version;
         Outgoing::Delta(d.into_updates())
     }
@@ -1166,9 +1223,49 @@ mod tests {
             *only_ipcache,
             SharedChanges {
                 ipcache: BTreeSet::from(["10.0.2.11/32".to_string()]),
+                locals: BTreeSet::from(["n2".to_string()]),
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn a_change_rebuilds_only_the_parts_of_the_nodes_it_touches() {
+        let mut snap = two_nodes();
+        // A second workload of "frontend", so the identity stays in use.
+        snap.workloads.push(wl("frontend-2", "n1", 256));
+        let mut cluster = Cluster::new(snap.clone(), Default::default());
+        let v0 = cluster.version;
+        let touched = |c: &Cluster, since: u64| -> Vec<&str> {
+            let changed = c.changed_since(since).unwrap();
+            ["n1", "n2", "n3"]
+                .into_iter()
+                .filter(|n| changed.touches(n))
+                .collect()
+        };
+        // A new address on n2 (the identity and policy are unchanged).
+        snap.workloads[0].ips.push("10.0.2.11".into());
+        cluster = cluster.next(snap.clone(), Default::default());
+        assert_eq!(touched(&cluster, v0), vec!["n2"]);
+        // "frontend" moves from n1 to n3: both ends, and n2 from before.
+        let v1 = cluster.version;
+        snap.workloads[1].node = "n3".into();
+        cluster = cluster.next(snap.clone(), Default::default());
+        assert_eq!(touched(&cluster, v1), vec!["n1", "n3"]);
+        assert_eq!(touched(&cluster, v0), vec!["n1", "n2", "n3"]);
+        // Deleted from n3 (its identity is still used on n1).
+        let v2 = cluster.version;
+        snap.workloads.remove(1);
+        cluster = cluster.next(snap.clone(), Default::default());
+        assert_eq!(touched(&cluster, v2), vec!["n3"]);
+        // A policy change may change any node's entries.
+        let v3 = cluster.version;
+        snap.policies.clear();
+        cluster = cluster.next(snap.clone(), Default::default());
+        assert_eq!(touched(&cluster, v3), vec!["n1", "n2", "n3"]);
+        // Nothing changed: nothing touched.
+        let v4 = cluster.version;
+        assert!(touched(&cluster, v4).is_empty());
     }
 
     #[test]
