@@ -7,13 +7,14 @@
 //! (standalone documents), `policy` (KeywayNetworkPolicy and its compilation
 //! to datapath entries), `tokens` (join tokens), `server` (the control plane
 //! as one value), `sync` (per-node views and deltas), `metrics` (Prometheus
-//! families and readiness), `agent_api`, `admin`,
-//! `cli`.
+//! families and readiness), `agent_api`, `admin`, `cli`, `clock` (wall-clock
+//! seconds, read in one place).
 
 pub mod admin;
 pub mod agent_api;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod csr;
 pub mod jwt;

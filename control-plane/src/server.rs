@@ -6,7 +6,7 @@
 //! gRPC layers (`agent_api`, `admin`) only translate.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use keyway_identity::{SpiffeId, TrustBundle, spiffe_id};
 use rustls::sign::CertifiedKey;
@@ -26,13 +26,7 @@ use crate::store::{
 };
 use crate::sync::Cluster;
 
-/// Wall-clock seconds: certificates need real time. Converted here only.
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_unix;
 
 /// Why a call was refused. Each maps to the gRPC code the SPIFFE specs use.
 #[derive(Debug, thiserror::Error)]

@@ -992,7 +992,7 @@ fn node_addresses(node: &Node) -> Vec<std::net::IpAddr> {
 /// Revokes the attested nodes whose Node is gone (after the grace period);
 /// returns when to look again for those still within it.
 async fn revoke_deleted_nodes(cp: &ControlPlane, nodes: &Cache<Node>) -> Result<Option<Duration>, String> {
-    let now = crate::server::now_unix();
+    let now = crate::clock::now_unix();
     let mut recheck: Option<i64> = None;
     for record in cp
         .registry()

@@ -142,12 +142,7 @@ pub(super) fn node_record_of(cm: &ConfigMap, node: &str) -> StoreResult<NodeReco
 
 /// The node record an object holds, checked against the object's name.
 pub(super) fn node_record(cm: &ConfigMap) -> StoreResult<NodeRecord> {
-    let raw = cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(NODE_KEY))
-        .ok_or_else(|| corrupt(cm, NODE_KEY, "the key is missing".into()))?;
-    let rec: NodeRecord = serde_json::from_str(raw).map_err(|e| corrupt(cm, NODE_KEY, e.to_string()))?;
+    let rec: NodeRecord = read_record(cm, NODE_KEY)?;
     if cm.metadata.name.as_deref() != Some(node_object_name(&rec.name).as_str()) {
         return Err(corrupt(
             cm,
@@ -160,12 +155,18 @@ pub(super) fn node_record(cm: &ConfigMap) -> StoreResult<NodeRecord> {
 
 /// The join token an object holds.
 pub(super) fn token_record(cm: &ConfigMap) -> StoreResult<JoinTokenRecord> {
+    read_record(cm, TOKEN_KEY)
+}
+
+/// The JSON record under `key` of an object; a missing key or a record that
+/// does not parse is corrupt (named with the object and the key).
+fn read_record<T: serde::de::DeserializeOwned>(cm: &ConfigMap, key: &str) -> StoreResult<T> {
     let raw = cm
         .data
         .as_ref()
-        .and_then(|d| d.get(TOKEN_KEY))
-        .ok_or_else(|| corrupt(cm, TOKEN_KEY, "the key is missing".into()))?;
-    serde_json::from_str(raw).map_err(|e| corrupt(cm, TOKEN_KEY, e.to_string()))
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| corrupt(cm, key, "the key is missing".into()))?;
+    serde_json::from_str(raw).map_err(|e| corrupt(cm, key, e.to_string()))
 }
 
 /// The attested nodes this process knows of, from the watch and its own
@@ -237,7 +238,17 @@ impl Index for NodeIndex {
     }
 
     fn remove_object(&mut self, name: &str) -> bool {
-        let node = self.by_name.keys().find(|n| node_object_name(n) == name).cloned();
+        // A plain object name is the node's own name behind the prefix; only
+        // a hashed one is searched for.
+        let node = match name.strip_prefix(NODE_PREFIX) {
+            Some(plain) if self.by_name.contains_key(plain) && node_object_name(plain) == name => {
+                Some(plain.to_owned())
+            }
+            _ if name.starts_with(HASHED_NODE_PREFIX) => {
+                self.by_name.keys().find(|n| node_object_name(n) == name).cloned()
+            }
+            _ => None,
+        };
         node.is_some_and(|n| self.remove(&n))
     }
 
@@ -309,6 +320,23 @@ mod tests {
         let mut empty = cm;
         empty.data = None;
         assert!(node_record(&empty).is_err());
+    }
+
+    #[test]
+    fn a_deleted_object_removes_the_node_it_is_named_after() {
+        let mut idx = NodeIndex::default();
+        for n in ["a", "Worker_1", "b"] {
+            idx.upsert(node(n));
+        }
+        assert!(!idx.remove_object("keyway-node-c"), "no such node");
+        assert!(
+            !idx.remove_object(&node_object_name("Worker_2")),
+            "no such hashed node"
+        );
+        assert!(!idx.remove_object("keyway-state"), "not a node object");
+        assert!(idx.remove_object(&node_object_name("Worker_1")));
+        assert!(idx.remove_object("keyway-node-a"));
+        assert_eq!(idx.by_name.keys().collect::<Vec<_>>(), vec!["b"]);
     }
 
     #[test]

@@ -199,12 +199,6 @@ const TOKEN_SWEEP_SECS: i64 = 600;
 /// over (its migrator is taken to have crashed).
 const MIGRATION_TAKEOVER_SECS: i64 = 300;
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// A format migration under way ([`KubeStore::migrate`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Migration {
@@ -388,7 +382,7 @@ impl KubeStore {
         let mut waited_on: Option<String> = None;
         loop {
             let (_, state) = self.read_state().await?;
-            let now = unix_now();
+            let now = crate::clock::now_unix();
             match &state.migration {
                 None if state.format >= FORMAT => return Ok(()),
                 Some(m) if m.by == self.writer => {}
