@@ -26,7 +26,7 @@ use crate::store::{
 };
 use crate::sync::Cluster;
 
-pub use crate::clock::now_unix;
+use crate::clock::now_unix;
 
 /// Why a call was refused. Each maps to the gRPC code the SPIFFE specs use.
 #[derive(Debug, thiserror::Error)]

@@ -36,7 +36,7 @@
 //! covers every key that differs between those versions, and only that last
 //! message is `complete`. Receivers act on complete states only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -114,14 +114,14 @@ impl SharedChanges {
 /// The nodes whose workloads differ between `old` and `new`: where a
 /// workload was added, changed or removed (both ends of a move).
 fn nodes_changed(old: &[WorkloadRecord], new: &[WorkloadRecord]) -> BTreeSet<String> {
-    let before: HashMap<(&str, &str), &WorkloadRecord> = old
+    let mut before: HashMap<(&str, &str), &WorkloadRecord> = old
         .iter()
         .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
         .collect();
     let mut out = BTreeSet::new();
     for w in new {
-        match before.get(&(w.namespace.as_str(), w.name.as_str())) {
-            Some(b) if *b == w => {}
+        match before.remove(&(w.namespace.as_str(), w.name.as_str())) {
+            Some(b) if b == w => {}
             Some(b) => {
                 out.insert(b.node.clone());
                 out.insert(w.node.clone());
@@ -131,15 +131,8 @@ fn nodes_changed(old: &[WorkloadRecord], new: &[WorkloadRecord]) -> BTreeSet<Str
             }
         }
     }
-    let now: HashSet<(&str, &str)> = new
-        .iter()
-        .map(|w| (w.namespace.as_str(), w.name.as_str()))
-        .collect();
-    out.extend(
-        old.iter()
-            .filter(|w| !now.contains(&(w.namespace.as_str(), w.name.as_str())))
-            .map(|w| w.node.clone()),
-    );
+    // What is left was removed.
+    out.extend(before.into_values().map(|w| w.node.clone()));
     out
 }
 

@@ -95,7 +95,7 @@ async fn expired_join_token_is_refused() {
         .unwrap();
     // Wait for the wall clock (what expiry is measured against) to pass it.
     keyway_tests::wait_until(Duration::from_secs(5), "token expiry", || {
-        ::control_plane::server::now_unix() >= expires_at
+        ::control_plane::clock::now_unix() >= expires_at
     });
     let err = control_plane::attest_with_join_token(&cp.addr, cp.bundle(), "node-a", &token)
         .await
