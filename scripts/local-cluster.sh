@@ -64,7 +64,7 @@ MARKER=".keyway-local-cluster"
 
 # Is PID alive and started by us (its command line names our directory)?
 ours() { # pid
-  [ -n "$1" ] && [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$D/"
+  [ -n "$1" ] && [ -r "/proc/$1/cmdline" ] && grep -qF -- "$D/" <<<"$(tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null)"
 }
 
 pid_of() { cat "$D/run/$1.pid" 2>/dev/null || true; }
@@ -123,7 +123,7 @@ build_images() {
   mkdir -p "$D/images"
   local node_dir="$1"
   # The sandbox ("pause") image, from the Kubernetes source's pause.c.
-  if ! "${CTR[@]}" images ls -q | grep -qx "$PAUSE_IMAGE"; then
+  if ! grep -qx "$PAUSE_IMAGE" <<<"$("${CTR[@]}" images ls -q)"; then
     local r="$D/images/pause-rootfs"
     rm -rf "$r"; mkdir -p "$r"
     gcc -Os -Wall -Werror -static -DVERSION=v3.4-keyway -o "$r/pause" "$node_dir/pause.c"
@@ -247,7 +247,7 @@ up() {
 
   # The node's address, on the loopback device under a label of its own (this
   # kernel has no dummy interfaces): local to the host, routed to from pods.
-  ip -o addr show dev lo | grep -q " $NODE_IP/32 " || ip addr add "$NODE_IP/32" dev lo label "$NODE_LABEL"
+  grep -q " $NODE_IP/32 " <<<"$(ip -o addr show dev lo)" || ip addr add "$NODE_IP/32" dev lo label "$NODE_LABEL"
 
   # etcd and the API server.
   KEYWAY_APISERVER_ADDRESS="$NODE_IP" KEYWAY_APISERVER_NODES=1 \
@@ -320,6 +320,28 @@ keyway_ready() {
   [ -n "$ready" ] && ! grep -qv True <<<"$ready"
 }
 
+# Why the Keyway pods are not Ready, on stderr (CI shows only the output): their
+# state, the cluster's recent events and each container's last log lines.
+keyway_diagnose() {
+  {
+    echo "--- keyway-system pods"
+    "${KUBECTL[@]}" -n keyway-system get pods -o wide 2>&1 || true
+    echo "--- keyway-system events (last 30)"
+    "${KUBECTL[@]}" -n keyway-system get events --sort-by=.lastTimestamp 2>&1 | tail -n 30 || true
+    local pod
+    for pod in $("${KUBECTL[@]}" -n keyway-system get pods -o name 2>/dev/null); do
+      echo "--- $pod: last 40 log lines"
+      "${KUBECTL[@]}" -n keyway-system logs "$pod" --all-containers --tail=40 2>&1 || true
+    done
+    local f
+    for f in "$D"/log/kubelet*.log; do
+      [ -f "$f" ] || continue
+      echo "--- $(basename "$f"): last 20 error lines"
+      grep -E '^E[0-9]{4}' "$f" | tail -n 20 || true
+    done
+  } >&2
+}
+
 # The chart's host paths (hostPath volumes the kubelet creates, the agent's BPF pins):
 # the ones that do not exist yet are recorded, and `down` removes them.
 HOST_PATHS=(/run/keyway/sockets /run/keyway/admin /run/keyway /var/lib/keyway/agent /sys/fs/bpf/keyway)
@@ -333,8 +355,14 @@ install_keyway() {
     > "$manifests") || die "rendering the chart failed"
   "${KUBECTL[@]}" create namespace keyway-system --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f - >/dev/null
   "${KUBECTL[@]}" apply -f "$manifests" >/dev/null
-  local t0=$SECONDS
-  wait_for "Keyway pods Ready" 300 keyway_ready
+  local t0=$SECONDS deadline=$(( SECONDS + 300 ))
+  until keyway_ready; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      keyway_diagnose
+      die "Keyway pods Ready not ready after 300 s (logs in $D/log)"
+    fi
+    sleep 0.5
+  done
   log "Keyway installed and Ready in $(( SECONDS - t0 )) s"
 }
 
@@ -520,7 +548,7 @@ down() {
   # Mounts under our directory, deepest first.
   local m
   for m in $(awk -v d="$D/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null || true; done
-  ip -o addr show dev lo | grep -q " $NODE_IP/32 " && ip addr del "$NODE_IP/32" dev lo label "$NODE_LABEL"
+  grep -q " $NODE_IP/32 " <<<"$(ip -o addr show dev lo)" && ip addr del "$NODE_IP/32" dev lo label "$NODE_LABEL"
   # Host paths the chart's pods created (recorded by `up`), deepest first.
   local p
   if [ -f "$D/host-paths" ]; then
