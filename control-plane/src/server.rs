@@ -153,13 +153,59 @@ struct Inner {
 /// Kubernetes mode's view of the API server (see [`ControlPlane::apply_sourced`]).
 #[derive(Debug, Default)]
 struct Sourced {
-    /// By namespace/name (the registry's order); `identity` is filled from
-    /// the store at publish.
-    workloads: std::collections::BTreeMap<String, WorkloadRecord>,
+    /// By namespace/name (the registry's order).
+    workloads: std::collections::BTreeMap<String, SourcedWorkload>,
     /// By namespace/name: the last valid version of each policy.
     policies: std::collections::BTreeMap<String, PolicyRecord>,
     /// Grows with every change, so the published revision does too.
     generation: u64,
+}
+
+/// A workload of Kubernetes mode's view. The record is shared with the
+/// published registry (a publish copies a pointer, not the record); its
+/// `identity` is filled from the store at publish.
+#[derive(Debug)]
+struct SourcedWorkload {
+    record: Arc<WorkloadRecord>,
+    /// [`crate::store::identity_key`] of the record, computed once.
+    identity_key: String,
+}
+
+impl SourcedWorkload {
+    fn new(w: WorkloadRecord) -> Self {
+        let identity_key = crate::store::identity_key(&w.namespace, &w.service_account, &w.labels);
+        Self {
+            record: Arc::new(WorkloadRecord { identity: 0, ..w }),
+            identity_key,
+        }
+    }
+}
+
+/// Whether two workload records are the same apart from their identity
+/// (which the view fills in, and the watch caches do not know).
+fn same_but_identity(a: &WorkloadRecord, b: &WorkloadRecord) -> bool {
+    // No `..`: a new field must be compared here too.
+    let WorkloadRecord {
+        namespace,
+        name,
+        service_account,
+        node,
+        ips,
+        labels,
+        selectors,
+        svid_ttl_secs,
+        identity: _,
+        spiffe_id,
+    } = a;
+    *namespace == b.namespace
+        && *name == b.name
+        && *service_account == b.service_account
+        && *node == b.node
+        && *ips == b.ips
+        && *labels == b.labels
+        && *selectors == b.selectors
+        && *svid_ttl_secs == b.svid_ttl_secs
+        && *spiffe_id == b.spiffe_id
 }
 
 /// Changes to Kubernetes mode's view: per namespace/name, the record now
@@ -1253,15 +1299,18 @@ impl ControlPlane {
         {
             let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (key, record) in changes.workloads {
-                let record = record.map(|w| WorkloadRecord { identity: 0, ..w });
-                let same = view.workloads.get(&key) == record.as_ref();
+                let same = match (view.workloads.get(&key), &record) {
+                    (Some(held), Some(new)) => same_but_identity(&held.record, new),
+                    (None, None) => true,
+                    _ => false,
+                };
                 if same {
                     continue;
                 }
                 out.changed += 1;
                 match record {
                     Some(w) => {
-                        view.workloads.insert(key, w);
+                        view.workloads.insert(key, SourcedWorkload::new(w));
                     }
                     None => {
                         view.workloads.remove(&key);
@@ -1446,12 +1495,12 @@ impl ControlPlane {
 fn merge_sourced(
     sourced: Option<&std::sync::Mutex<Sourced>>,
     mut stored: RegistrySnapshot,
-    previous: &[WorkloadRecord],
+    previous: &[Arc<WorkloadRecord>],
 ) -> (RegistrySnapshot, Vec<WorkloadRecord>) {
     let Some(sourced) = sourced else {
         return (stored, Vec::new());
     };
-    let view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     // An identity two replicas allocated at once has two numbers: the
     // lowest is used, and the other, unused, is collected.
     let mut by_key: HashMap<String, u32> = HashMap::with_capacity(stored.identities.len());
@@ -1462,29 +1511,31 @@ fn merge_sourced(
             .and_modify(|id| *id = (*id).min(i.id))
             .or_insert(i.id);
     }
+    // Each record is shared with the view: only a record whose identity
+    // changed is copied (once; a new one is not shared yet).
     let mut workloads = Vec::with_capacity(view.workloads.len());
     let mut unresolved = Vec::new();
-    for w in view.workloads.values() {
-        match by_key.get(&crate::store::identity_key(
-            &w.namespace,
-            &w.service_account,
-            &w.labels,
-        )) {
-            Some(id) => workloads.push(WorkloadRecord {
-                identity: *id,
-                ..w.clone()
-            }),
-            None => {
-                let key = w.key();
-                // `previous` is in the same key order.
-                if let Ok(i) = previous.binary_search_by(|p| p.key().cmp(&key)) {
-                    workloads.push(WorkloadRecord {
-                        node: w.node.clone(),
-                        ips: w.ips.clone(),
-                        ..previous[i].clone()
-                    });
+    for w in view.workloads.values_mut() {
+        match by_key.get(&w.identity_key) {
+            Some(id) => {
+                if w.record.identity != *id {
+                    Arc::make_mut(&mut w.record).identity = *id;
                 }
-                unresolved.push(w.clone());
+                workloads.push(Arc::clone(&w.record));
+            }
+            None => {
+                let r = &w.record;
+                // `previous` is in the same (namespace/name) order.
+                if let Ok(i) = previous.binary_search_by(|p| {
+                    crate::store::key_order(&p.namespace, &p.name, &r.namespace, &r.name)
+                }) {
+                    workloads.push(Arc::new(WorkloadRecord {
+                        node: r.node.clone(),
+                        ips: r.ips.clone(),
+                        ..(*previous[i]).clone()
+                    }));
+                }
+                unresolved.push((**r).clone());
             }
         }
     }
@@ -1589,7 +1640,7 @@ mod tests {
         let sourced = std::sync::Mutex::new(Sourced {
             workloads: [wl("a", "web"), wl("b", "new")]
                 .into_iter()
-                .map(|w| (w.key(), w))
+                .map(|w| (w.key(), SourcedWorkload::new(w)))
                 .collect(),
             ..Default::default()
         });
@@ -1616,6 +1667,16 @@ mod tests {
             3,
             "the unused duplicate stays visible to the collector"
         );
+        // Publishing again shares the records instead of copying them
+        // (what keeps a 100k-pod view in memory once).
+        let (again, _) = merge_sourced(Some(&sourced), stored.clone(), &merged.workloads);
+        assert!(
+            again
+                .workloads
+                .iter()
+                .zip(&merged.workloads)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+        );
 
         // "a" is relabelled (and moves) before its new identity is
         // allocated: it keeps its old identity at its new address.
@@ -1623,8 +1684,10 @@ mod tests {
         {
             let mut view = sourced.lock().unwrap();
             let a = view.workloads.get_mut("default/a").unwrap();
-            a.labels.insert("tier".into(), "gold".into());
-            a.ips = vec!["10.0.0.9".into()];
+            let mut w = (*a.record).clone();
+            w.labels.insert("tier".into(), "gold".into());
+            w.ips = vec!["10.0.0.9".into()];
+            *a = SourcedWorkload::new(w);
         }
         let (merged, unresolved) = merge_sourced(Some(&sourced), stored, &published);
         let held: Vec<_> = merged

@@ -113,8 +113,9 @@ impl SharedChanges {
 
 /// The nodes whose workloads differ between `old` and `new`: where a
 /// workload was added, changed or removed (both ends of a move).
-fn nodes_changed(old: &[WorkloadRecord], new: &[WorkloadRecord]) -> BTreeSet<String> {
-    let mut before: HashMap<(&str, &str), &WorkloadRecord> = old
+fn nodes_changed(old: &[Arc<WorkloadRecord>], new: &[Arc<WorkloadRecord>]) -> BTreeSet<String> {
+    // A record the new version shares with the old one compares by pointer.
+    let mut before: HashMap<(&str, &str), &Arc<WorkloadRecord>> = old
         .iter()
         .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
         .collect();
@@ -185,9 +186,18 @@ impl Cluster {
         };
         let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_spiffe_id: HashMap<String, Vec<usize>> = HashMap::new();
+        // A key is copied once per node and per SPIFFE ID, not per workload.
+        fn index(map: &mut HashMap<String, Vec<usize>>, key: &str, i: usize) {
+            match map.get_mut(key) {
+                Some(v) => v.push(i),
+                None => {
+                    map.insert(key.to_owned(), vec![i]);
+                }
+            }
+        }
         for (i, w) in records.workloads.iter().enumerate() {
-            by_node.entry(w.node.clone()).or_default().push(i);
-            by_spiffe_id.entry(w.spiffe_id.clone()).or_default().push(i);
+            index(&mut by_node, &w.node, i);
+            index(&mut by_spiffe_id, &w.spiffe_id, i);
         }
         let shared = shared_view(&records, &compiled_from.0);
         let (version, history) = match prev {
@@ -224,6 +234,11 @@ impl Cluster {
         &'a self,
         node: &str,
     ) -> impl Iterator<Item = &'a crate::store::WorkloadRecord> + 'a {
+        self.records_on(node).map(|w| &**w)
+    }
+
+    /// The workloads placed on `node`, as the registry shares them.
+    fn records_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Arc<WorkloadRecord>> + 'a {
         self.by_node
             .get(node)
             .into_iter()
@@ -240,7 +255,7 @@ impl Cluster {
             .get(spiffe_id)
             .into_iter()
             .flatten()
-            .map(|i| &self.records.workloads[*i])
+            .map(|i| &*self.records.workloads[*i])
     }
 
     /// The cluster-wide keys changed after `version` up to this one, or
@@ -325,6 +340,12 @@ pub struct Local {
     pub workloads: BTreeMap<(String, String), pb::Workload>,
     /// The entries whose subject has a workload on this node.
     pub policy: BTreeMap<policy::Key, pb::PolicyEntry>,
+    /// The records `workloads` was built from, in the same order: a record
+    /// the registry still shares is not converted again.
+    records: Vec<Arc<WorkloadRecord>>,
+    /// The identities with a workload on this node (whose entries `policy`
+    /// holds).
+    identities: BTreeSet<u32>,
 }
 
 /// One node's whole slice of the registry (what its agent ends up holding).
@@ -350,28 +371,97 @@ fn policy_key(k: &policy::Key) -> pb::PolicyKey {
 /// `node`'s own part of `cluster`.
 pub fn local_view(cluster: &Cluster, node: &str) -> Local {
     let mut view = Local::default();
-    let mut local_ids = BTreeSet::new();
-    for w in cluster.workloads_on(node) {
-        local_ids.insert(w.identity);
-        view.workloads.insert(
-            (w.namespace.clone(), w.name.clone()),
-            pb::Workload {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-                service_account: w.service_account.clone(),
-                node: w.node.clone(),
-                ips: w.ips.clone(),
-                labels: w.labels.clone().into_iter().collect(),
-                selectors: w.selectors.clone(),
-                identity: w.identity,
-                spiffe_id: w.spiffe_id.clone(),
-                svid_ttl_seconds: w.svid_ttl_secs.unwrap_or(0),
-            },
-        );
+    refresh_local(cluster, node, &mut view, true, None);
+    view
+}
+
+fn workload_message(w: &WorkloadRecord) -> pb::Workload {
+    pb::Workload {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        service_account: w.service_account.clone(),
+        node: w.node.clone(),
+        ips: w.ips.clone(),
+        labels: w.labels.clone().into_iter().collect(),
+        selectors: w.selectors.clone(),
+        identity: w.identity,
+        spiffe_id: w.spiffe_id.clone(),
+        svid_ttl_seconds: w.svid_ttl_secs.unwrap_or(0),
     }
-    for id in &local_ids {
+}
+
+/// Brings `local` to `node`'s part of `cluster`, and records in `delta` the
+/// updates that takes. A workload whose record the registry still shares is
+/// kept as it is (moved, not rebuilt); the policy part is rebuilt only when
+/// policy was compiled again (`policy_changed`) or the set of identities on
+/// the node changed. [`Delta::local`] over two whole parts is the reference
+/// this must agree with (the random-change test checks it).
+fn refresh_local(
+    cluster: &Cluster,
+    node: &str,
+    local: &mut Local,
+    policy_changed: bool,
+    mut delta: Option<&mut Delta>,
+) {
+    let by_key = |a: &Arc<WorkloadRecord>, b: &Arc<WorkloadRecord>| {
+        (a.namespace.as_str(), a.name.as_str()).cmp(&(b.namespace.as_str(), b.name.as_str()))
+    };
+    let mut now: Vec<&Arc<WorkloadRecord>> = cluster.records_on(node).collect();
+    now.sort_by(|a, b| by_key(a, b));
+    let unchanged =
+        now.len() == local.records.len() && now.iter().zip(&local.records).all(|(a, b)| Arc::ptr_eq(a, b));
+    if !unchanged {
+        // Both lists are in (namespace, name) order, as the map is.
+        let mut old = std::mem::take(&mut local.records)
+            .into_iter()
+            .zip(std::mem::take(&mut local.workloads))
+            .peekable();
+        let deleted = |key: (String, String), delta: &mut Option<&mut Delta>| {
+            if let Some(d) = delta.as_deref_mut() {
+                d.workload_del.push(pb::WorkloadRef {
+                    namespace: key.0,
+                    name: key.1,
+                });
+            }
+        };
+        for r in &now {
+            while let Some((o, _)) = old.peek() {
+                if by_key(o, r) != std::cmp::Ordering::Less {
+                    break;
+                }
+                let (_, (key, _)) = old.next().expect("peeked");
+                deleted(key, &mut delta);
+            }
+            let held = match old.peek() {
+                Some((o, _)) if by_key(o, r) == std::cmp::Ordering::Equal => old.next(),
+                _ => None,
+            };
+            let (key, message) = match held {
+                Some((o, kw)) if Arc::ptr_eq(&o, r) => kw,
+                held => {
+                    let message = workload_message(r);
+                    let same = held.as_ref().is_some_and(|(_, (_, w))| *w == message);
+                    if !same && let Some(d) = delta.as_deref_mut() {
+                        d.workload_up.push(message.clone());
+                    }
+                    ((r.namespace.clone(), r.name.clone()), message)
+                }
+            };
+            local.workloads.insert(key, message);
+            local.records.push(Arc::clone(r));
+        }
+        for (_, (key, _)) in old {
+            deleted(key, &mut delta);
+        }
+    }
+    let identities: BTreeSet<u32> = now.iter().map(|w| w.identity).collect();
+    if !policy_changed && identities == local.identities {
+        return;
+    }
+    let mut policy = BTreeMap::new();
+    for id in &identities {
         for (k, v) in cluster.policy.subject(*id) {
-            view.policy.insert(
+            policy.insert(
                 *k,
                 pb::PolicyEntry {
                     key: Some(policy_key(k)),
@@ -387,7 +477,20 @@ pub fn local_view(cluster: &Cluster, node: &str) -> Local {
             );
         }
     }
-    view
+    if let Some(d) = delta {
+        for (key, e) in &policy {
+            if local.policy.get(key) != Some(e) {
+                d.policy_up.push(e.clone());
+            }
+        }
+        for key in local.policy.keys() {
+            if !policy.contains_key(key) {
+                d.policy_del.push(policy_key(key));
+            }
+        }
+    }
+    local.policy = policy;
+    local.identities = identities;
 }
 
 /// The whole slice of `cluster` that `node` needs.
@@ -538,10 +641,12 @@ pub fn diff(old: &NodeView, new: &NodeView) -> Vec<pb::Update> {
         &Local {
             workloads: old.workloads.clone(),
             policy: old.policy.clone(),
+            ..Default::default()
         },
         &Local {
             workloads: new.workloads.clone(),
             policy: new.policy.clone(),
+            ..Default::default()
         },
     );
     d.into_updates()
@@ -722,9 +827,13 @@ impl Stream {
         // Most changes touch a node or two: the others keep their part as
         // it is instead of rebuilding it.
         if changed.touches(&self.node) {
-            let local = local_view(cluster, &self.node);
-            d.local(&self.local, &local);
-            self.local = local;
+            refresh_local(
+                cluster,
+                &self.node,
+                &mut self.local,
+                changed.every_local,
+                Some(&mut d),
+            );
         }
         self.version = cluster.version;
         Outgoing::Delta(d.into_updates())
@@ -797,7 +906,7 @@ mod tests {
         .unwrap();
         RegistrySnapshot {
             revision: 1,
-            workloads: vec![b, a],
+            workloads: vec![Arc::new(b), Arc::new(a)],
             identities: vec![ident(256, "frontend"), ident(257, "api")],
             nodes: vec![NodeRecord {
                 name: "n2".into(),
@@ -818,7 +927,7 @@ mod tests {
     fn workloads_are_node_scoped_but_every_used_identity_is_sent() {
         let snap = RegistrySnapshot {
             revision: 1,
-            workloads: vec![wl("a", "n1", 256), wl("b", "n2", 257)],
+            workloads: vec![Arc::new(wl("a", "n1", 256)), Arc::new(wl("b", "n2", 257))],
             // 258 has no workload (any more): nobody gets it.
             identities: vec![ident(256, "a"), ident(257, "b"), ident(258, "gone")],
             nodes: vec![],
@@ -1069,7 +1178,7 @@ mod tests {
                 snap.workloads.retain(|w| w.name != name);
                 let mut w = wl(&name, &node, 256 + (i % 4) as u32);
                 w.ips = vec![format!("10.0.{}.{}", i % 3, i % 23)];
-                snap.workloads.push(w);
+                snap.workloads.push(Arc::new(w));
             }
             2 => snap.workloads.retain(|w| w.name != name),
             3 => {
@@ -1152,7 +1261,9 @@ mod tests {
         let mut cluster = Cluster::new(snap.clone(), Default::default());
         let mut stream = Stream::open(&cluster, "n2");
         for i in 0..HISTORY + 1 {
-            snap.workloads[0].labels.insert("v".into(), i.to_string());
+            Arc::make_mut(&mut snap.workloads[0])
+                .labels
+                .insert("v".into(), i.to_string());
             cluster = cluster.next(snap.clone(), Default::default());
         }
         assert!(matches!(stream.advance(&cluster), Outgoing::Snapshot));
@@ -1161,7 +1272,7 @@ mod tests {
         receive(&mut held, true, stream.snapshot(&cluster));
         assert_eq!(held, node_view(&cluster, "n2"));
         // And from there on, deltas again.
-        snap.workloads[0].ips = vec!["10.9.9.9".into()];
+        Arc::make_mut(&mut snap.workloads[0]).ips = vec!["10.9.9.9".into()];
         cluster = cluster.next(snap.clone(), Default::default());
         assert!(matches!(stream.advance(&cluster), Outgoing::Delta(_)));
     }
@@ -1206,7 +1317,7 @@ mod tests {
         let mut snap = two_nodes();
         let cluster = Cluster::new(snap.clone(), Default::default());
         // A new address for an existing identity: same inputs.
-        snap.workloads[0].ips.push("10.0.2.11".into());
+        Arc::make_mut(&mut snap.workloads[0]).ips.push("10.0.2.11".into());
         let next = cluster.next(snap.clone(), Default::default());
         assert_eq!(next.compiled_from, cluster.compiled_from);
         assert_eq!(next.policy, cluster.policy);
@@ -1226,7 +1337,7 @@ mod tests {
     fn a_change_rebuilds_only_the_parts_of_the_nodes_it_touches() {
         let mut snap = two_nodes();
         // A second workload of "frontend", so the identity stays in use.
-        snap.workloads.push(wl("frontend-2", "n1", 256));
+        snap.workloads.push(Arc::new(wl("frontend-2", "n1", 256)));
         let mut cluster = Cluster::new(snap.clone(), Default::default());
         let v0 = cluster.version;
         let touched = |c: &Cluster, since: u64| -> Vec<&str> {
@@ -1237,12 +1348,12 @@ mod tests {
                 .collect()
         };
         // A new address on n2 (the identity and policy are unchanged).
-        snap.workloads[0].ips.push("10.0.2.11".into());
+        Arc::make_mut(&mut snap.workloads[0]).ips.push("10.0.2.11".into());
         cluster = cluster.next(snap.clone(), Default::default());
         assert_eq!(touched(&cluster, v0), vec!["n2"]);
         // "frontend" moves from n1 to n3: both ends, and n2 from before.
         let v1 = cluster.version;
-        snap.workloads[1].node = "n3".into();
+        Arc::make_mut(&mut snap.workloads[1]).node = "n3".into();
         cluster = cluster.next(snap.clone(), Default::default());
         assert_eq!(touched(&cluster, v1), vec!["n1", "n3"]);
         assert_eq!(touched(&cluster, v0), vec!["n1", "n2", "n3"]);
@@ -1265,18 +1376,22 @@ mod tests {
     fn one_change_sends_one_update() {
         let mut snap = RegistrySnapshot {
             revision: 1,
-            workloads: (0..100).map(|i| wl(&format!("w{i}"), "n1", 256)).collect(),
+            workloads: (0..100)
+                .map(|i| Arc::new(wl(&format!("w{i}"), "n1", 256)))
+                .collect(),
             identities: vec![ident(256, "x")],
             nodes: vec![],
             policies: vec![],
         };
         let before = view(&snap, "n1");
-        snap.workloads[7].labels.insert("version".into(), "2".into());
+        Arc::make_mut(&mut snap.workloads[7])
+            .labels
+            .insert("version".into(), "2".into());
         let after = view(&snap, "n1");
         let d = diff(&before, &after);
         assert_eq!(d.len(), 1);
         // A new address also reaches the ipcache.
-        snap.workloads[7].ips = vec!["10.0.0.7".into()];
+        Arc::make_mut(&mut snap.workloads[7]).ips = vec!["10.0.0.7".into()];
         let with_ip = view(&snap, "n1");
         assert_eq!(diff(&after, &with_ip).len(), 2);
         snap.workloads.remove(7);

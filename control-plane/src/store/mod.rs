@@ -285,7 +285,9 @@ pub struct ApplyOutcome {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegistrySnapshot {
     pub revision: u64,
-    pub workloads: Vec<WorkloadRecord>,
+    /// Shared: a new version of the registry copies pointers, not records,
+    /// and reuses every record that did not change.
+    pub workloads: Vec<std::sync::Arc<WorkloadRecord>>,
     pub identities: Vec<IdentityRecord>,
     pub nodes: Vec<NodeRecord>,
     /// In namespace/name order.
@@ -424,22 +426,40 @@ const NON_IDENTITY_LABELS: &[&str] = &[
 pub fn identity_labels(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     labels
         .iter()
-        .filter(|(k, _)| !NON_IDENTITY_LABELS.contains(&k.as_str()))
+        .filter(|(k, _)| is_identity_label(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+fn is_identity_label(key: &str) -> bool {
+    !NON_IDENTITY_LABELS.contains(&key)
 }
 
 /// The allocation key of an identity: canonical, so the same inputs always
 /// map to the same numeric identity.
 pub fn identity_key(namespace: &str, service_account: &str, labels: &BTreeMap<String, String>) -> String {
     let mut key = format!("{namespace}\u{0}{service_account}");
-    for (k, v) in identity_labels(labels) {
+    for (k, v) in labels.iter().filter(|(k, _)| is_identity_label(k)) {
         key.push('\u{0}');
-        key.push_str(&k);
+        key.push_str(k);
         key.push('=');
-        key.push_str(&v);
+        key.push_str(v);
     }
     key
+}
+
+/// The order of [`WorkloadRecord::key`] (`namespace/name`), compared
+/// without building the keys.
+pub fn key_order(a_namespace: &str, a_name: &str, b_namespace: &str, b_name: &str) -> std::cmp::Ordering {
+    let a = a_namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(a_name.bytes());
+    let b = b_namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(b_name.bytes());
+    a.cmp(b)
 }
 
 #[cfg(test)]

@@ -575,7 +575,10 @@ impl Store for SledStore {
         }
         Ok(RegistrySnapshot {
             revision: read_u64(self.meta.get(REVISION).map_err(backend)?),
-            workloads: all(&self.workloads, "workload")?,
+            workloads: all::<WorkloadRecord>(&self.workloads, "workload")?
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect(),
             identities: all(&self.identities, "identity")?,
             nodes: all(&self.nodes, "node")?,
             policies: all(&self.policies, "policy")?,
