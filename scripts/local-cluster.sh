@@ -332,6 +332,8 @@ keyway_diagnose() {
     for pod in $("${KUBECTL[@]}" -n keyway-system get pods -o name 2>/dev/null); do
       echo "--- $pod: last 40 log lines"
       "${KUBECTL[@]}" -n keyway-system logs "$pod" --all-containers --tail=40 2>&1 || true
+      echo "--- $pod: the previous container's last 20 lines (if it restarted)"
+      "${KUBECTL[@]}" -n keyway-system logs "$pod" --all-containers --previous --tail=20 2>&1 || true
     done
     local f
     for f in "$D"/log/kubelet*.log; do
@@ -355,11 +357,18 @@ install_keyway() {
     > "$manifests") || die "rendering the chart failed"
   "${KUBECTL[@]}" create namespace keyway-system --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f - >/dev/null
   "${KUBECTL[@]}" apply -f "$manifests" >/dev/null
-  local t0=$SECONDS deadline=$(( SECONDS + 300 ))
+  # Ready takes seconds here. Slower than 300 s is reported with why (the
+  # output of a run that still passes says it); 600 s fails.
+  local t0=$SECONDS slow=$(( SECONDS + 300 )) deadline=$(( SECONDS + 600 ))
   until keyway_ready; do
+    if [ "$slow" -gt 0 ] && [ "$SECONDS" -ge "$slow" ]; then
+      log "warning: Keyway pods not Ready after 300 s; what they are doing:"
+      keyway_diagnose
+      slow=0
+    fi
     if [ "$SECONDS" -ge "$deadline" ]; then
       keyway_diagnose
-      die "Keyway pods Ready not ready after 300 s (logs in $D/log)"
+      die "Keyway pods Ready not ready after 600 s (logs in $D/log)"
     fi
     sleep 0.5
   done
