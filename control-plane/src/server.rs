@@ -1436,8 +1436,12 @@ impl ControlPlane {
     async fn refresh_registry(&self) -> Result<(), ApiError> {
         let stored = self.inner.store.registry().await?;
         let previous = self.registry();
-        let (records, unresolved) =
+        let (mut records, unresolved) =
             merge_sourced(self.inner.sourced.get(), stored, &previous.records.workloads);
+        if self.inner.sourced.get().is_none() {
+            // Read back from the store, every record is a new copy.
+            crate::sync::share_unchanged(&previous.records.workloads, &mut records.workloads);
+        }
         self.inner
             .sourced_waiting
             .store(unresolved.len(), std::sync::atomic::Ordering::Relaxed);

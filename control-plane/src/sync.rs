@@ -17,9 +17,10 @@
 //! its own part (its workloads and policy entries, found through a per-node
 //! index) and the version it has sent; on a change it sends the cluster-wide
 //! keys changed since that version, read from a short history, plus the
-//! difference of its own part, which it rebuilds only when a change touched
+//! difference of its own part, which it updates only when a change touched
 //! its node (a workload placed on, changed on or removed from it) or policy
-//! was compiled again. So a change costs each stream the size of
+//! was compiled again, and then in place: records the registry still shares
+//! are not converted again. So a change costs each stream the size of
 //! the change and of its own node, not of the cluster, and a node whose
 //! view did not change is sent nothing. A stream more than [`HISTORY`]
 //! versions behind is sent a fresh snapshot (`reset`). Policy is compiled
@@ -111,10 +112,29 @@ impl SharedChanges {
     }
 }
 
+/// Replaces each record of `new` that equals the one with its key in `old`
+/// by `old`'s, so a version read back from a store shares what did not
+/// change with the last one (in memory, and for the streams, which keep a
+/// record they still share as it is).
+pub fn share_unchanged(old: &[Arc<WorkloadRecord>], new: &mut [Arc<WorkloadRecord>]) {
+    let before: HashMap<(&str, &str), &Arc<WorkloadRecord>> = old
+        .iter()
+        .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
+        .collect();
+    for w in new.iter_mut() {
+        if let Some(b) = before.get(&(w.namespace.as_str(), w.name.as_str()))
+            && *b == w
+        {
+            *w = Arc::clone(b);
+        }
+    }
+}
+
 /// The nodes whose workloads differ between `old` and `new`: where a
 /// workload was added, changed or removed (both ends of a move).
 fn nodes_changed(old: &[Arc<WorkloadRecord>], new: &[Arc<WorkloadRecord>]) -> BTreeSet<String> {
-    // A record the new version shares with the old one compares by pointer.
+    // A record the new version shares with the old one compares by pointer
+    // (`Arc`'s `==` checks the pointer first, as `WorkloadRecord` is `Eq`).
     let mut before: HashMap<(&str, &str), &Arc<WorkloadRecord>> = old
         .iter()
         .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
@@ -394,8 +414,11 @@ fn workload_message(w: &WorkloadRecord) -> pb::Workload {
 /// updates that takes. A workload whose record the registry still shares is
 /// kept as it is (moved, not rebuilt); the policy part is rebuilt only when
 /// policy was compiled again (`policy_changed`) or the set of identities on
-/// the node changed. [`Delta::local`] over two whole parts is the reference
-/// this must agree with (the random-change test checks it).
+/// the node changed. What a receiver ends up holding must equal the part
+/// built from nothing (`local_view`, the same function from an empty
+/// `Local`, where every record is converted); the random-change tests check
+/// that after every change, with records changed in place, moved, added and
+/// removed.
 fn refresh_local(
     cluster: &Cluster,
     node: &str,
@@ -406,12 +429,17 @@ fn refresh_local(
     let by_key = |a: &Arc<WorkloadRecord>, b: &Arc<WorkloadRecord>| {
         (a.namespace.as_str(), a.name.as_str()).cmp(&(b.namespace.as_str(), b.name.as_str()))
     };
+    // The registry's order is `namespace/name` as one string, which is not
+    // the map's (namespace, name) order ("a-b" and "a"): the walk below
+    // needs the map's.
     let mut now: Vec<&Arc<WorkloadRecord>> = cluster.records_on(node).collect();
     now.sort_by(|a, b| by_key(a, b));
     let unchanged =
         now.len() == local.records.len() && now.iter().zip(&local.records).all(|(a, b)| Arc::ptr_eq(a, b));
     if !unchanged {
-        // Both lists are in (namespace, name) order, as the map is.
+        // Both lists are in (namespace, name) order, as the map is, one
+        // record per key.
+        debug_assert_eq!(local.records.len(), local.workloads.len());
         let mut old = std::mem::take(&mut local.records)
             .into_iter()
             .zip(std::mem::take(&mut local.workloads))
@@ -1174,6 +1202,15 @@ mod tests {
         let name = format!("w{}", i % 17);
         let node = format!("n{}", i % 3);
         match i % 5 {
+            // Changed in place on its node: a new identity and label. (A
+            // name comes back every 17 steps, at i % 5 one, three, zero, two
+            // (deleted), four: it exists at three when it was placed at one.)
+            3 if i % 2 == 1 && snap.workloads.iter().any(|w| w.name == name) => {
+                let w = snap.workloads.iter_mut().find(|w| w.name == name).unwrap();
+                let w = Arc::make_mut(w);
+                w.identity = 256 + (i % 4) as u32;
+                w.labels.insert("v".into(), i.to_string());
+            }
             0 | 1 => {
                 snap.workloads.retain(|w| w.name != name);
                 let mut w = wl(&name, &node, 256 + (i % 4) as u32);
@@ -1370,6 +1407,21 @@ mod tests {
         // Nothing changed: nothing touched.
         let v4 = cluster.version;
         assert!(touched(&cluster, v4).is_empty());
+    }
+
+    #[test]
+    fn records_read_back_unchanged_are_shared_with_the_last_version() {
+        let old: Vec<Arc<WorkloadRecord>> = vec![Arc::new(wl("a", "n1", 256)), Arc::new(wl("b", "n1", 257))];
+        let mut moved = wl("b", "n2", 257);
+        moved.ips = vec!["10.0.0.2".into()];
+        let mut new = vec![Arc::new(wl("a", "n1", 256)), Arc::new(moved)];
+        share_unchanged(&old, &mut new);
+        assert!(
+            Arc::ptr_eq(&new[0], &old[0]),
+            "an unchanged record is the old one"
+        );
+        assert!(!Arc::ptr_eq(&new[1], &old[1]));
+        assert_eq!(new[1].node, "n2", "a changed record is kept as read");
     }
 
     #[test]
