@@ -181,33 +181,6 @@ impl SourcedWorkload {
     }
 }
 
-/// Whether two workload records are the same apart from their identity
-/// (which the view fills in, and the watch caches do not know).
-fn same_but_identity(a: &WorkloadRecord, b: &WorkloadRecord) -> bool {
-    // No `..`: a new field must be compared here too.
-    let WorkloadRecord {
-        namespace,
-        name,
-        service_account,
-        node,
-        ips,
-        labels,
-        selectors,
-        svid_ttl_secs,
-        identity: _,
-        spiffe_id,
-    } = a;
-    *namespace == b.namespace
-        && *name == b.name
-        && *service_account == b.service_account
-        && *node == b.node
-        && *ips == b.ips
-        && *labels == b.labels
-        && *selectors == b.selectors
-        && *svid_ttl_secs == b.svid_ttl_secs
-        && *spiffe_id == b.spiffe_id
-}
-
 /// Changes to Kubernetes mode's view: per namespace/name, the record now
 /// (`None`: gone).
 #[derive(Debug, Default)]
@@ -1298,9 +1271,13 @@ impl ControlPlane {
         let generation;
         {
             let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (key, record) in changes.workloads {
-                let same = match (view.workloads.get(&key), &record) {
-                    (Some(held), Some(new)) => same_but_identity(&held.record, new),
+            for (key, mut record) in changes.workloads {
+                // The identity is the view's (the watch caches do not know it).
+                let same = match (view.workloads.get(&key), record.as_mut()) {
+                    (Some(held), Some(new)) => {
+                        new.identity = held.record.identity;
+                        *held.record == *new
+                    }
                     (None, None) => true,
                     _ => false,
                 };

@@ -112,15 +112,20 @@ impl SharedChanges {
     }
 }
 
+/// Records by (namespace, name).
+fn by_name(records: &[Arc<WorkloadRecord>]) -> HashMap<(&str, &str), &Arc<WorkloadRecord>> {
+    records
+        .iter()
+        .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
+        .collect()
+}
+
 /// Replaces each record of `new` that equals the one with its key in `old`
 /// by `old`'s, so a version read back from a store shares what did not
 /// change with the last one (in memory, and for the streams, which keep a
 /// record they still share as it is).
 pub fn share_unchanged(old: &[Arc<WorkloadRecord>], new: &mut [Arc<WorkloadRecord>]) {
-    let before: HashMap<(&str, &str), &Arc<WorkloadRecord>> = old
-        .iter()
-        .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
-        .collect();
+    let before = by_name(old);
     for w in new.iter_mut() {
         if let Some(b) = before.get(&(w.namespace.as_str(), w.name.as_str()))
             && *b == w
@@ -135,10 +140,7 @@ pub fn share_unchanged(old: &[Arc<WorkloadRecord>], new: &mut [Arc<WorkloadRecor
 fn nodes_changed(old: &[Arc<WorkloadRecord>], new: &[Arc<WorkloadRecord>]) -> BTreeSet<String> {
     // A record the new version shares with the old one compares by pointer
     // (`Arc`'s `==` checks the pointer first, as `WorkloadRecord` is `Eq`).
-    let mut before: HashMap<(&str, &str), &Arc<WorkloadRecord>> = old
-        .iter()
-        .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
-        .collect();
+    let mut before = by_name(old);
     let mut out = BTreeSet::new();
     for w in new {
         match before.remove(&(w.namespace.as_str(), w.name.as_str())) {
@@ -464,17 +466,18 @@ fn refresh_local(
                 Some((o, _)) if by_key(o, r) == std::cmp::Ordering::Equal => old.next(),
                 _ => None,
             };
-            let (key, message) = match held {
-                Some((o, kw)) if Arc::ptr_eq(&o, r) => kw,
-                held => {
+            let (key, message, changed) = match held {
+                Some((o, (key, message))) if Arc::ptr_eq(&o, r) => (key, message, false),
+                Some((_, (key, old))) => {
                     let message = workload_message(r);
-                    let same = held.as_ref().is_some_and(|(_, (_, w))| *w == message);
-                    if !same && let Some(d) = delta.as_deref_mut() {
-                        d.workload_up.push(message.clone());
-                    }
-                    ((r.namespace.clone(), r.name.clone()), message)
+                    let changed = message != old;
+                    (key, message, changed)
                 }
+                None => ((r.namespace.clone(), r.name.clone()), workload_message(r), true),
             };
+            if changed && let Some(d) = delta.as_deref_mut() {
+                d.workload_up.push(message.clone());
+            }
             local.workloads.insert(key, message);
             local.records.push(Arc::clone(r));
         }
@@ -506,16 +509,7 @@ fn refresh_local(
         }
     }
     if let Some(d) = delta {
-        for (key, e) in &policy {
-            if local.policy.get(key) != Some(e) {
-                d.policy_up.push(e.clone());
-            }
-        }
-        for key in local.policy.keys() {
-            if !policy.contains_key(key) {
-                d.policy_del.push(policy_key(key));
-            }
-        }
+        d.policy(&local.policy, &policy);
     }
     local.policy = policy;
     local.identities = identities;
@@ -601,24 +595,35 @@ impl Delta {
         out
     }
 
-    fn local(&mut self, old: &Local, new: &Local) {
-        for (key, w) in &new.workloads {
-            if old.workloads.get(key) != Some(w) {
-                self.workload_up.push(w.clone());
-            }
-        }
-        for (key, e) in &new.policy {
-            if old.policy.get(key) != Some(e) {
+    fn policy(
+        &mut self,
+        old: &BTreeMap<policy::Key, pb::PolicyEntry>,
+        new: &BTreeMap<policy::Key, pb::PolicyEntry>,
+    ) {
+        for (key, e) in new {
+            if old.get(key) != Some(e) {
                 self.policy_up.push(e.clone());
             }
         }
-        for key in old.policy.keys() {
-            if !new.policy.contains_key(key) {
+        for key in old.keys() {
+            if !new.contains_key(key) {
                 self.policy_del.push(policy_key(key));
             }
         }
-        for (ns, name) in old.workloads.keys() {
-            if !new.workloads.contains_key(&(ns.clone(), name.clone())) {
+    }
+
+    fn workloads(
+        &mut self,
+        old: &BTreeMap<(String, String), pb::Workload>,
+        new: &BTreeMap<(String, String), pb::Workload>,
+    ) {
+        for (key, w) in new {
+            if old.get(key) != Some(w) {
+                self.workload_up.push(w.clone());
+            }
+        }
+        for (ns, name) in old.keys() {
+            if !new.contains_key(&(ns.clone(), name.clone())) {
                 self.workload_del.push(pb::WorkloadRef {
                     namespace: ns.clone(),
                     name: name.clone(),
@@ -665,18 +670,8 @@ pub fn diff(old: &NodeView, new: &NodeView) -> Vec<pb::Update> {
         .filter(|n| !new.nodes.contains_key(*n))
         .cloned()
         .collect();
-    d.local(
-        &Local {
-            workloads: old.workloads.clone(),
-            policy: old.policy.clone(),
-            ..Default::default()
-        },
-        &Local {
-            workloads: new.workloads.clone(),
-            policy: new.policy.clone(),
-            ..Default::default()
-        },
-    );
+    d.workloads(&old.workloads, &new.workloads);
+    d.policy(&old.policy, &new.policy);
     d.into_updates()
 }
 
