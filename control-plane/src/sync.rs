@@ -12,8 +12,14 @@
 //! # Cost per change
 //!
 //! The cluster-wide part (identities, node table, ipcache) is the same for
-//! every node, so it is built once per registry change ([`Cluster::next`]),
-//! together with the keys that change changed. A node's stream keeps only
+//! every node, so it is kept once, not per node, and kept up to date change
+//! by change ([`Cluster::next`]): the workloads that differ from the last
+//! version are found by one merge walk that compares shared records by
+//! pointer, and only they are taken out of the indexes and put back, and
+//! only the addresses they claim looked at again. The maps are persistent
+//! ([`imbl`]), so the new version shares every untouched entry with the last
+//! one instead of copying it. The version remembers the keys the change
+//! changed. A node's stream keeps only
 //! its own part (its workloads and policy entries, found through a per-node
 //! index) and the version it has sent; on a change it sends the cluster-wide
 //! keys changed since that version, read from a short history, plus the
@@ -37,9 +43,12 @@
 //! covers every key that differs between those versions, and only that last
 //! message is `complete`. Receivers act on complete states only.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use imbl::{OrdMap, OrdSet};
 
 use proto::keyway::{self as pb, update::Kind};
 
@@ -55,14 +64,18 @@ pub const UPDATES_PER_MESSAGE: usize = 256;
 /// needs a snapshot. Each entry is the keys one change touched.
 pub const HISTORY: usize = 1024;
 
-/// The cluster-wide part of every node's view.
+/// The cluster-wide part of every node's view. The maps are persistent
+/// ([`imbl`] B-trees): a version shares every entry a change did not touch
+/// with the version before, so making the next version costs the size of
+/// the change, not of the cluster, and holding both costs only the
+/// difference.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Shared {
     /// Every identity with a workload on some node.
-    pub identities: BTreeMap<u32, pb::Identity>,
-    pub nodes: BTreeMap<String, pb::Node>,
+    pub identities: OrdMap<u32, pb::Identity>,
+    pub nodes: OrdMap<String, pb::Node>,
     /// Keyed by CIDR (`a.b.c.d/32`, `x::y/128`).
-    pub ipcache: BTreeMap<String, pb::IpcacheEntry>,
+    pub ipcache: OrdMap<String, pb::IpcacheEntry>,
 }
 
 /// The keys of [`Shared`] one registry change touched, and the nodes whose
@@ -79,25 +92,6 @@ pub struct SharedChanges {
 }
 
 impl SharedChanges {
-    fn between(old: &Shared, new: &Shared) -> Self {
-        fn keys<K: Ord + Clone, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> BTreeSet<K> {
-            let mut out: BTreeSet<K> = new
-                .iter()
-                .filter(|(k, v)| old.get(*k) != Some(*v))
-                .map(|(k, _)| k.clone())
-                .collect();
-            out.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
-            out
-        }
-        Self {
-            identities: keys(&old.identities, &new.identities),
-            nodes: keys(&old.nodes, &new.nodes),
-            ipcache: keys(&old.ipcache, &new.ipcache),
-            locals: BTreeSet::new(),
-            every_local: false,
-        }
-    }
-
     fn extend(&mut self, other: &SharedChanges) {
         self.identities.extend(other.identities.iter().copied());
         self.nodes.extend(other.nodes.iter().cloned());
@@ -110,6 +104,17 @@ impl SharedChanges {
     fn touches(&self, node: &str) -> bool {
         self.every_local || self.locals.contains(node)
     }
+}
+
+/// The keys whose entries differ between `old` and `new`.
+fn keys_changed<K: Ord + Clone, V: Clone + PartialEq>(old: &OrdMap<K, V>, new: &OrdMap<K, V>) -> BTreeSet<K> {
+    let mut out: BTreeSet<K> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    out.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+    out
 }
 
 /// Records by (namespace, name).
@@ -135,119 +140,317 @@ pub fn share_unchanged(old: &[Arc<WorkloadRecord>], new: &mut [Arc<WorkloadRecor
     }
 }
 
-/// The nodes whose workloads differ between `old` and `new`: where a
-/// workload was added, changed or removed (both ends of a move).
-fn nodes_changed(old: &[Arc<WorkloadRecord>], new: &[Arc<WorkloadRecord>]) -> BTreeSet<String> {
-    // A record the new version shares with the old one compares by pointer
-    // (`Arc`'s `==` checks the pointer first, as `WorkloadRecord` is `Eq`).
-    let mut before = by_name(old);
-    let mut out = BTreeSet::new();
-    for w in new {
-        match before.remove(&(w.namespace.as_str(), w.name.as_str())) {
-            Some(b) if b == w => {}
-            Some(b) => {
-                out.insert(b.node.clone());
-                out.insert(w.node.clone());
-            }
-            None => {
-                out.insert(w.node.clone());
-            }
+/// The registry's order of workloads (`namespace/name`).
+fn registry_order(a: &WorkloadRecord, b: &WorkloadRecord) -> Ordering {
+    crate::store::key_order(&a.namespace, &a.name, &b.namespace, &b.name)
+}
+
+/// A workload record in an index, ordered (and equal) by its key alone.
+#[derive(Debug, Clone)]
+struct ByKey(Arc<WorkloadRecord>);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for ByKey {}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        registry_order(&self.0, &other.0)
+    }
+}
+
+/// Workloads by some string of theirs (node, SPIFFE ID), in key order.
+type Index = imbl::HashMap<String, OrdSet<ByKey>>;
+
+fn index_add(index: &mut Index, key: &str, w: &Arc<WorkloadRecord>) {
+    match index.get_mut(key) {
+        Some(set) => {
+            set.insert(ByKey(Arc::clone(w)));
+        }
+        None => {
+            index.insert(key.to_owned(), OrdSet::unit(ByKey(Arc::clone(w))));
         }
     }
-    // What is left was removed.
-    out.extend(before.into_values().map(|w| w.node.clone()));
-    out
+}
+
+fn index_remove(index: &mut Index, key: &str, w: &Arc<WorkloadRecord>) {
+    if let Some(set) = index.get_mut(key) {
+        set.remove(&ByKey(Arc::clone(w)));
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+/// The ipcache keys of a workload's addresses (an address that does not
+/// parse has none).
+fn cidrs(w: &WorkloadRecord) -> impl Iterator<Item = String> + '_ {
+    w.ips.iter().filter_map(|ip| match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Some(format!("{a}/32")),
+        Ok(IpAddr::V6(a)) => Some(format!("{a}/128")),
+        Err(_) => None,
+    })
 }
 
 /// The registry as every sync stream sees it: the stored records, the
-/// policy compiled from them, the cluster-wide view built from them once
-/// (not once per node), and indexes.
+/// policy compiled from them, the cluster-wide view, and indexes. All but
+/// the records are kept up to date change by change ([`Cluster::next`]),
+/// in persistent maps shared between versions.
 #[derive(Debug, Default, Clone)]
 pub struct Cluster {
     pub records: RegistrySnapshot,
-    pub policy: CompiledPolicy,
+    /// Shared between versions until policy is compiled again.
+    pub policy: Arc<CompiledPolicy>,
     pub shared: Shared,
     /// Grows by one with every published change.
     pub version: u64,
-    /// Node name -> indexes into `records.workloads`.
-    by_node: HashMap<String, Vec<usize>>,
-    /// SPIFFE ID -> indexes into `records.workloads`.
-    by_spiffe_id: HashMap<String, Vec<usize>>,
+    /// Node name -> the workloads placed on it.
+    by_node: Index,
+    /// SPIFFE ID -> the workloads with it.
+    by_spiffe_id: Index,
+    /// ipcache key -> the workloads that claim the address, in key order:
+    /// the first holds it.
+    claims: OrdMap<String, Vec<Arc<WorkloadRecord>>>,
+    /// Identity -> how many workloads have it.
+    in_use: OrdMap<u32, usize>,
     /// What each of the last versions changed in `shared`, oldest first.
     history: VecDeque<(u64, Arc<SharedChanges>)>,
     /// What policy was compiled from.
-    compiled_from: (Vec<IdentityRecord>, Vec<PolicyRecord>),
+    compiled_from: Arc<(Vec<IdentityRecord>, Vec<PolicyRecord>)>,
 }
 
 impl Cluster {
     /// Compiles the policy for the identities that have a workload (an
     /// identity nobody uses has no address and needs no entries).
     pub fn new(records: RegistrySnapshot, budget: policy::Budget) -> Self {
-        Self::build(records, budget, None)
+        Self::default().build(None, records, budget)
     }
 
     /// The next version after `self`: what changed in the cluster-wide view
     /// is remembered for the streams, and policy is compiled again only when
     /// its inputs changed.
     pub fn next(&self, records: RegistrySnapshot, budget: policy::Budget) -> Self {
-        Self::build(records, budget, Some(self))
+        // Every field is O(1) to clone but the records, which are replaced.
+        let next = Cluster {
+            records: RegistrySnapshot::default(),
+            policy: Arc::clone(&self.policy),
+            shared: self.shared.clone(),
+            version: self.version,
+            by_node: self.by_node.clone(),
+            by_spiffe_id: self.by_spiffe_id.clone(),
+            claims: self.claims.clone(),
+            in_use: self.in_use.clone(),
+            history: self.history.clone(),
+            compiled_from: Arc::clone(&self.compiled_from),
+        };
+        next.build(Some(&self.records), records, budget)
     }
 
-    fn build(records: RegistrySnapshot, budget: policy::Budget, prev: Option<&Cluster>) -> Self {
-        let used: BTreeSet<u32> = records.workloads.iter().map(|w| w.identity).collect();
-        let identities: Vec<IdentityRecord> = records
+    /// Takes `self` (a copy of the version made from `old`, or an empty
+    /// one) to `records`. Workloads are compared with the last version's in one
+    /// merge walk (a record the registry still shares compares by pointer);
+    /// only those that differ are taken out of the indexes and put back, and
+    /// only the addresses they claim (or whose node changed number) are
+    /// looked at again. So a change of one pod costs a pointer comparison
+    /// per workload and a few map operations, whatever the cluster's size.
+    fn build(
+        mut self,
+        old: Option<&RegistrySnapshot>,
+        mut records: RegistrySnapshot,
+        budget: policy::Budget,
+    ) -> Self {
+        let next = old.is_some();
+        let empty = RegistrySnapshot::default();
+        let old_records = old.unwrap_or(&empty);
+        if !records
+            .workloads
+            .is_sorted_by(|a, b| registry_order(a, b) != Ordering::Greater)
+        {
+            records.workloads.sort_by(|a, b| registry_order(a, b));
+        }
+        let mut locals = BTreeSet::new();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        {
+            let mut old = old_records.workloads.iter().peekable();
+            let mut new = records.workloads.iter().peekable();
+            loop {
+                let (o, n) = match (old.peek(), new.peek()) {
+                    (None, None) => break,
+                    // Most records are shared with the last version.
+                    (Some(o), Some(n)) if Arc::ptr_eq(o, n) => {
+                        old.next();
+                        new.next();
+                        continue;
+                    }
+                    (Some(_), None) => (old.next(), None),
+                    (None, Some(_)) => (None, new.next()),
+                    (Some(o), Some(n)) => match registry_order(o, n) {
+                        Ordering::Less => (old.next(), None),
+                        Ordering::Greater => (None, new.next()),
+                        Ordering::Equal => {
+                            let (o, n) = (old.next(), new.next());
+                            // `Arc`'s `==` compares pointers first.
+                            if o == n {
+                                continue;
+                            }
+                            (o, n)
+                        }
+                    },
+                };
+                if let Some(o) = o {
+                    self.forget(o, &mut dirty);
+                    locals.insert(o.node.clone());
+                }
+                if let Some(n) = n {
+                    self.learn(n, &mut dirty);
+                    locals.insert(n.node.clone());
+                }
+            }
+        }
+        // Compared before copied: under pod churn neither input changes.
+        let used = records
             .identities
             .iter()
-            .filter(|i| used.contains(&i.id))
-            .cloned()
-            .collect();
-        let compiled_from = (identities, records.policies.clone());
-        let (policy, recompiled) = match prev {
-            Some(p) if p.compiled_from == compiled_from => (p.policy.clone(), false),
-            _ => (policy::compile(&compiled_from.0, &compiled_from.1, budget), true),
-        };
-        let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut by_spiffe_id: HashMap<String, Vec<usize>> = HashMap::new();
-        // A key is copied once per node and per SPIFFE ID, not per workload.
-        fn index(map: &mut HashMap<String, Vec<usize>>, key: &str, i: usize) {
-            match map.get_mut(key) {
-                Some(v) => v.push(i),
-                None => {
-                    map.insert(key.to_owned(), vec![i]);
+            .filter(|i| self.in_use.contains_key(&i.id));
+        let recompiled = !next
+            || !used.clone().eq(self.compiled_from.0.iter())
+            || records.policies != self.compiled_from.1;
+        let mut changes = SharedChanges::default();
+        if recompiled {
+            self.compiled_from = Arc::new((used.cloned().collect(), records.policies.clone()));
+            self.policy = Arc::new(policy::compile(
+                &self.compiled_from.0,
+                &self.compiled_from.1,
+                budget,
+            ));
+            let identities: OrdMap<u32, pb::Identity> = self
+                .compiled_from
+                .0
+                .iter()
+                .map(|i| {
+                    (
+                        i.id,
+                        pb::Identity {
+                            id: i.id,
+                            spiffe_id: i.spiffe_id.clone(),
+                            namespace: i.namespace.clone(),
+                            service_account: i.service_account.clone(),
+                            labels: i.labels.clone().into_iter().collect(),
+                        },
+                    )
+                })
+                .collect();
+            changes.identities = keys_changed(&self.shared.identities, &identities);
+            self.shared.identities = identities;
+        }
+        if !next || records.nodes != old_records.nodes {
+            let nodes: OrdMap<String, pb::Node> = records
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        pb::Node {
+                            name: n.name.clone(),
+                            node_id: u32::from(n.node_id),
+                            addresses: n.addresses.clone(),
+                        },
+                    )
+                })
+                .collect();
+            changes.nodes = keys_changed(&self.shared.nodes, &nodes);
+            // A node that changed number changes its workloads' entries.
+            for name in &changes.nodes {
+                let id = |m: &OrdMap<String, pb::Node>| m.get(name).map(|n| n.node_id);
+                if id(&self.shared.nodes) != id(&nodes) {
+                    for w in self.by_node.get(name.as_str()).into_iter().flatten() {
+                        dirty.extend(cidrs(&w.0));
+                    }
                 }
             }
+            self.shared.nodes = nodes;
         }
-        for (i, w) in records.workloads.iter().enumerate() {
-            index(&mut by_node, &w.node, i);
-            index(&mut by_spiffe_id, &w.spiffe_id, i);
-        }
-        let shared = shared_view(&records, &compiled_from.0);
-        let (version, history) = match prev {
-            None => (0, VecDeque::new()),
-            Some(p) => {
-                let version = p.version + 1;
-                let mut history = p.history.clone();
-                let mut changes = SharedChanges::between(&p.shared, &shared);
-                changes.every_local = recompiled;
-                if !recompiled {
-                    changes.locals = nodes_changed(&p.records.workloads, &records.workloads);
-                }
-                history.push_back((version, Arc::new(changes)));
-                while history.len() > HISTORY {
-                    history.pop_front();
-                }
-                (version, history)
+        for cidr in dirty {
+            let want = self
+                .claims
+                .get(&cidr)
+                .and_then(|c| c.first())
+                .map(|w| pb::IpcacheEntry {
+                    cidr: cidr.clone(),
+                    identity: w.identity,
+                    node_id: self.shared.nodes.get(&w.node).map_or(0, |n| n.node_id),
+                    namespace: w.namespace.clone(),
+                    workload: w.name.clone(),
+                });
+            if self.shared.ipcache.get(&cidr) == want.as_ref() {
+                continue;
             }
-        };
-        Self {
-            records,
-            policy,
-            shared,
-            version,
-            by_node,
-            by_spiffe_id,
-            history,
-            compiled_from,
+            match want {
+                Some(e) => self.shared.ipcache.insert(cidr.clone(), e),
+                None => self.shared.ipcache.remove(&cidr),
+            };
+            changes.ipcache.insert(cidr);
+        }
+        self.records = records;
+        if next {
+            self.version += 1;
+            changes.every_local = recompiled;
+            if !recompiled {
+                changes.locals = locals;
+            }
+            self.history.push_back((self.version, Arc::new(changes)));
+            while self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+        }
+        self
+    }
+
+    /// Takes a workload of the last version out of the indexes and claims.
+    fn forget(&mut self, w: &Arc<WorkloadRecord>, dirty: &mut BTreeSet<String>) {
+        index_remove(&mut self.by_node, &w.node, w);
+        index_remove(&mut self.by_spiffe_id, &w.spiffe_id, w);
+        if let Some(n) = self.in_use.get_mut(&w.identity) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_use.remove(&w.identity);
+            }
+        }
+        for cidr in cidrs(w) {
+            if let Some(c) = self.claims.get_mut(&cidr) {
+                c.retain(|x| registry_order(x, w) != Ordering::Equal);
+                if c.is_empty() {
+                    self.claims.remove(&cidr);
+                }
+            }
+            dirty.insert(cidr);
+        }
+    }
+
+    /// Puts a workload of the new version in the indexes and claims.
+    fn learn(&mut self, w: &Arc<WorkloadRecord>, dirty: &mut BTreeSet<String>) {
+        index_add(&mut self.by_node, &w.node, w);
+        index_add(&mut self.by_spiffe_id, &w.spiffe_id, w);
+        *self.in_use.entry(w.identity).or_insert(0) += 1;
+        for cidr in cidrs(w) {
+            let c = self.claims.entry(cidr.clone()).or_default();
+            // Workloads come in namespace/name order; if two claim one
+            // address the first keeps it. (One workload listing an address
+            // twice claims it once.)
+            if let Err(at) = c.binary_search_by(|x| registry_order(x, w)) {
+                c.insert(at, Arc::clone(w));
+            }
+            dirty.insert(cidr);
         }
     }
 
@@ -261,11 +464,7 @@ impl Cluster {
 
     /// The workloads placed on `node`, as the registry shares them.
     fn records_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Arc<WorkloadRecord>> + 'a {
-        self.by_node
-            .get(node)
-            .into_iter()
-            .flatten()
-            .map(|i| &self.records.workloads[*i])
+        self.by_node.get(node).into_iter().flatten().map(|w| &w.0)
     }
 
     /// The workloads with this SPIFFE ID, on any node.
@@ -277,7 +476,7 @@ impl Cluster {
             .get(spiffe_id)
             .into_iter()
             .flatten()
-            .map(|i| &*self.records.workloads[*i])
+            .map(|w| &*w.0)
     }
 
     /// The cluster-wide keys changed after `version` up to this one, or
@@ -298,61 +497,6 @@ impl Cluster {
         }
         Some(out)
     }
-}
-
-fn shared_view(records: &RegistrySnapshot, used: &[IdentityRecord]) -> Shared {
-    let mut shared = Shared::default();
-    for i in used {
-        shared.identities.insert(
-            i.id,
-            pb::Identity {
-                id: i.id,
-                spiffe_id: i.spiffe_id.clone(),
-                namespace: i.namespace.clone(),
-                service_account: i.service_account.clone(),
-                labels: i.labels.clone().into_iter().collect(),
-            },
-        );
-    }
-    for n in &records.nodes {
-        shared.nodes.insert(
-            n.name.clone(),
-            pb::Node {
-                name: n.name.clone(),
-                node_id: u32::from(n.node_id),
-                addresses: n.addresses.clone(),
-            },
-        );
-    }
-    let node_ids: HashMap<&str, u32> = records
-        .nodes
-        .iter()
-        .map(|n| (n.name.as_str(), u32::from(n.node_id)))
-        .collect();
-    // Workloads come in namespace/name order; if two claim one address the
-    // first keeps it.
-    for w in &records.workloads {
-        for ip in &w.ips {
-            let Ok(addr) = ip.parse::<IpAddr>() else {
-                continue;
-            };
-            let cidr = match addr {
-                IpAddr::V4(a) => format!("{a}/32"),
-                IpAddr::V6(a) => format!("{a}/128"),
-            };
-            shared
-                .ipcache
-                .entry(cidr.clone())
-                .or_insert_with(|| pb::IpcacheEntry {
-                    cidr,
-                    identity: w.identity,
-                    node_id: node_ids.get(w.node.as_str()).copied().unwrap_or(0),
-                    namespace: w.namespace.clone(),
-                    workload: w.name.clone(),
-                });
-        }
-    }
-    shared
 }
 
 /// One node's own part of the registry: what a sync stream keeps.
@@ -520,9 +664,9 @@ pub fn node_view(cluster: &Cluster, node: &str) -> NodeView {
     let local = local_view(cluster, node);
     NodeView {
         workloads: local.workloads,
-        identities: cluster.shared.identities.clone(),
-        nodes: cluster.shared.nodes.clone(),
-        ipcache: cluster.shared.ipcache.clone(),
+        identities: cluster.shared.identities.clone().into_iter().collect(),
+        nodes: cluster.shared.nodes.clone().into_iter().collect(),
+        ipcache: cluster.shared.ipcache.clone().into_iter().collect(),
         policy: local.policy,
     }
 }
@@ -744,6 +888,17 @@ fn page<'m, K: Ord, V>(map: &'m BTreeMap<K, V>, after: Option<&K>, n: usize) -> 
     map.range((lower, Unbounded)).take(n).collect()
 }
 
+/// [`page`] of a cluster-wide map.
+fn shared_page<'m, K: Ord + Clone, V: Clone>(
+    map: &'m OrdMap<K, V>,
+    after: Option<&K>,
+    n: usize,
+) -> Vec<(&'m K, &'m V)> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let lower = after.map_or(Unbounded, Excluded);
+    map.range::<_, K>((lower, Unbounded)).take(n).collect()
+}
+
 impl Stream {
     /// A stream for `node`, at `cluster`'s version; a snapshot
     /// ([`Stream::snapshot_page`]) is what to open it with.
@@ -779,12 +934,12 @@ impl Stream {
             }
             cursor.0 = match std::mem::take(&mut cursor.0) {
                 Section::Identities(after) => {
-                    let p = page(&shared.identities, after.as_ref(), room);
+                    let p = shared_page(&shared.identities, after.as_ref(), room);
                     out.extend(p.iter().map(|(_, i)| update(Kind::IdentityUpsert((*i).clone()))));
                     continue_after(&p, room, Section::Identities, Section::Nodes(None))
                 }
                 Section::Nodes(after) => {
-                    let p = page(&shared.nodes, after.as_ref(), room);
+                    let p = shared_page(&shared.nodes, after.as_ref(), room);
                     out.extend(p.iter().map(|(_, n)| update(Kind::NodeUpsert((*n).clone()))));
                     continue_after(&p, room, Section::Nodes, Section::Workloads(None))
                 }
@@ -794,7 +949,7 @@ impl Stream {
                     continue_after(&p, room, Section::Workloads, Section::Ipcache(None))
                 }
                 Section::Ipcache(after) => {
-                    let p = page(&shared.ipcache, after.as_ref(), room);
+                    let p = shared_page(&shared.ipcache, after.as_ref(), room);
                     out.extend(p.iter().map(|(_, e)| update(Kind::IpcacheUpsert((*e).clone()))));
                     continue_after(&p, room, Section::Ipcache, Section::Policy(None))
                 }
@@ -1209,7 +1364,8 @@ mod tests {
             0 | 1 => {
                 snap.workloads.retain(|w| w.name != name);
                 let mut w = wl(&name, &node, 256 + (i % 4) as u32);
-                w.ips = vec![format!("10.0.{}.{}", i % 3, i % 23)];
+                // Few addresses: two workloads often claim one.
+                w.ips = vec![format!("10.0.{}.{}", i % 3, i % 5)];
                 snap.workloads.push(Arc::new(w));
             }
             2 => snap.workloads.retain(|w| w.name != name),
@@ -1219,7 +1375,8 @@ mod tests {
                 } else {
                     snap.nodes.push(NodeRecord {
                         name: node,
-                        node_id: (i % 3 + 1) as u16,
+                        // A node that comes back may have a new number.
+                        node_id: (i % 7 + 1) as u16,
                         attested_at: 0,
                         registration: 0,
                         addresses: vec![format!("192.0.2.{}:4250", i % 7)],
@@ -1237,6 +1394,97 @@ mod tests {
         }
         snap.workloads.sort_by_key(|w| w.key());
         snap.revision += 1;
+    }
+
+    /// The cluster-wide view built from nothing, the plain way: what the
+    /// change-by-change upkeep in [`Cluster::next`] must always equal.
+    fn shared_from_scratch(records: &RegistrySnapshot) -> Shared {
+        let used: BTreeSet<u32> = records.workloads.iter().map(|w| w.identity).collect();
+        let mut shared = Shared::default();
+        for i in records.identities.iter().filter(|i| used.contains(&i.id)) {
+            shared.identities.insert(
+                i.id,
+                pb::Identity {
+                    id: i.id,
+                    spiffe_id: i.spiffe_id.clone(),
+                    namespace: i.namespace.clone(),
+                    service_account: i.service_account.clone(),
+                    labels: i.labels.clone().into_iter().collect(),
+                },
+            );
+        }
+        for n in &records.nodes {
+            shared.nodes.insert(
+                n.name.clone(),
+                pb::Node {
+                    name: n.name.clone(),
+                    node_id: u32::from(n.node_id),
+                    addresses: n.addresses.clone(),
+                },
+            );
+        }
+        let mut workloads = records.workloads.clone();
+        workloads.sort_by(|a, b| a.key().cmp(&b.key()));
+        for w in &workloads {
+            for ip in &w.ips {
+                let Ok(addr) = ip.parse::<IpAddr>() else { continue };
+                let cidr = match addr {
+                    IpAddr::V4(a) => format!("{a}/32"),
+                    IpAddr::V6(a) => format!("{a}/128"),
+                };
+                if shared.ipcache.contains_key(&cidr) {
+                    continue; // the first claim keeps it
+                }
+                let node_id = records
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == w.node)
+                    .map_or(0, |n| u32::from(n.node_id));
+                shared.ipcache.insert(
+                    cidr.clone(),
+                    pb::IpcacheEntry {
+                        cidr,
+                        identity: w.identity,
+                        node_id,
+                        namespace: w.namespace.clone(),
+                        workload: w.name.clone(),
+                    },
+                );
+            }
+        }
+        shared
+    }
+
+    /// The indexes and the cluster-wide view kept up change by change equal
+    /// the ones built from nothing.
+    fn assert_upkept(cluster: &Cluster, records: &RegistrySnapshot, step: usize) {
+        assert_eq!(
+            cluster.shared,
+            shared_from_scratch(records),
+            "step {step}: the cluster-wide view"
+        );
+        let mut sorted = records.workloads.clone();
+        sorted.sort_by(|a, b| a.key().cmp(&b.key()));
+        for node in ["n0", "n1", "n2", "n9"] {
+            let want: Vec<&WorkloadRecord> = sorted.iter().filter(|w| w.node == node).map(|w| &**w).collect();
+            assert_eq!(
+                cluster.workloads_on(node).collect::<Vec<_>>(),
+                want,
+                "step {step}: on {node}"
+            );
+        }
+        for w in &sorted {
+            let want: Vec<&WorkloadRecord> = sorted
+                .iter()
+                .filter(|x| x.spiffe_id == w.spiffe_id)
+                .map(|x| &**x)
+                .collect();
+            assert_eq!(
+                cluster.workloads_with(&w.spiffe_id).collect::<Vec<_>>(),
+                want,
+                "step {step}"
+            );
+        }
     }
 
     #[test]
@@ -1265,6 +1513,7 @@ mod tests {
         for i in 0..200 {
             step(&mut snap, i);
             cluster = cluster.next(snap.clone(), Default::default());
+            assert_upkept(&cluster, &snap, i);
             // Some streams skip versions (a slow stream sees only the last).
             for (k, (stream, held)) in streams.iter_mut().enumerate() {
                 if (i + k) % 3 == 0 {
