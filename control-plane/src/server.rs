@@ -159,6 +159,13 @@ struct Sourced {
     policies: std::collections::BTreeMap<String, PolicyRecord>,
     /// Grows with every change, so the published revision does too.
     generation: u64,
+    /// The stored identities the workloads were last resolved against, and
+    /// their numbers by [`crate::store::identity_key`]: rebuilt only when
+    /// the stored identities change, not per batch.
+    resolved: Option<(Vec<crate::store::IdentityRecord>, HashMap<String, u32>)>,
+    /// Grows each time `resolved` is rebuilt; a workload resolved since
+    /// (whose record did not change) keeps its identity without a lookup.
+    resolution: u64,
 }
 
 /// A workload of Kubernetes mode's view. The record is shared with the
@@ -169,6 +176,8 @@ struct SourcedWorkload {
     record: Arc<WorkloadRecord>,
     /// [`crate::store::identity_key`] of the record, computed once.
     identity_key: String,
+    /// The [`Sourced::resolution`] `record.identity` was set at (0: never).
+    resolved_at: u64,
 }
 
 impl SourcedWorkload {
@@ -177,6 +186,7 @@ impl SourcedWorkload {
         Self {
             record: Arc::new(WorkloadRecord { identity: 0, ..w }),
             identity_key,
+            resolved_at: 0,
         }
     }
 }
@@ -1325,13 +1335,10 @@ impl ControlPlane {
         if out.changed == 0 && published == generation && !(leader && waiting > 0) {
             return Ok(out);
         }
-        let mut stored = self.inner.store.registry().await?;
+        let stored = self.inner.store.registry().await?;
         let previous = self.registry();
-        let (mut records, mut unresolved) = merge_sourced(
-            self.inner.sourced.get(),
-            stored.clone(),
-            &previous.records.workloads,
-        );
+        let (mut records, mut unresolved) =
+            merge_sourced(self.inner.sourced.get(), stored, &previous.records.workloads);
         if leader && !unresolved.is_empty() {
             let wanted: Vec<crate::store::IdentityRecord> = unresolved
                 .iter()
@@ -1343,9 +1350,9 @@ impl ControlPlane {
                     labels: crate::store::identity_labels(&w.labels),
                 })
                 .collect();
-            let before = stored.identities.len();
+            let before = records.identities.len();
             self.inner.store.allocate_identities(&wanted).await?;
-            stored = self.inner.store.registry().await?;
+            let stored = self.inner.store.registry().await?;
             out.allocated = stored.identities.len().saturating_sub(before);
             (records, unresolved) =
                 merge_sourced(self.inner.sourced.get(), stored, &previous.records.workloads);
@@ -1481,27 +1488,43 @@ fn merge_sourced(
     let Some(sourced) = sourced else {
         return (stored, Vec::new());
     };
-    let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    // An identity two replicas allocated at once has two numbers: the
-    // lowest is used, and the other, unused, is collected.
-    let mut by_key: HashMap<String, u32> = HashMap::with_capacity(stored.identities.len());
-    for i in &stored.identities {
-        let key = crate::store::identity_key(&i.namespace, &i.service_account, &i.labels);
-        by_key
-            .entry(key)
-            .and_modify(|id| *id = (*id).min(i.id))
-            .or_insert(i.id);
+    let mut guard = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let view = &mut *guard;
+    if !view
+        .resolved
+        .as_ref()
+        .is_some_and(|(from, _)| *from == stored.identities)
+    {
+        // An identity two replicas allocated at once has two numbers: the
+        // lowest is used, and the other, unused, is collected.
+        let mut by_key: HashMap<String, u32> = HashMap::with_capacity(stored.identities.len());
+        for i in &stored.identities {
+            let key = crate::store::identity_key(&i.namespace, &i.service_account, &i.labels);
+            by_key
+                .entry(key)
+                .and_modify(|id| *id = (*id).min(i.id))
+                .or_insert(i.id);
+        }
+        view.resolved = Some((stored.identities.clone(), by_key));
+        view.resolution += 1;
     }
+    let by_key = &view.resolved.as_ref().expect("just set").1;
     // Each record is shared with the view: only a record whose identity
-    // changed is copied (once; a new one is not shared yet).
+    // changed is copied (once; a new one is not shared yet). A record
+    // resolved against these identities before is not looked up again.
     let mut workloads = Vec::with_capacity(view.workloads.len());
     let mut unresolved = Vec::new();
     for w in view.workloads.values_mut() {
+        if w.resolved_at == view.resolution {
+            workloads.push(Arc::clone(&w.record));
+            continue;
+        }
         match by_key.get(&w.identity_key) {
             Some(id) => {
                 if w.record.identity != *id {
                     Arc::make_mut(&mut w.record).identity = *id;
                 }
+                w.resolved_at = view.resolution;
                 workloads.push(Arc::clone(&w.record));
             }
             None => {
@@ -1625,8 +1648,18 @@ mod tests {
                 .collect(),
             ..Default::default()
         });
+        // This replica's store has seen one allocation of "web" so far.
+        let first = RegistrySnapshot {
+            identities: vec![ident(300, "web")],
+            ..Default::default()
+        };
+        let (merged, _) = merge_sourced(Some(&sourced), first, &[]);
+        assert_eq!(merged.workloads[0].identity, 300);
         let stored = RegistrySnapshot {
-            // Two replicas allocated "web" at once: 300 and 257.
+            // Two replicas allocated "web" at once: 300 and 257. The
+            // workload resolved before takes the lower number as soon as
+            // it is stored (resolutions are kept only while the stored
+            // identities stay the same).
             identities: vec![ident(300, "web"), ident(256, "api"), ident(257, "web")],
             ..Default::default()
         };
