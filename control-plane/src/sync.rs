@@ -1424,7 +1424,7 @@ mod tests {
             );
         }
         let mut workloads = records.workloads.clone();
-        workloads.sort_by(|a, b| a.key().cmp(&b.key()));
+        workloads.sort_by_key(|a| a.key());
         for w in &workloads {
             for ip in &w.ips {
                 let Ok(addr) = ip.parse::<IpAddr>() else { continue };
@@ -1464,7 +1464,7 @@ mod tests {
             "step {step}: the cluster-wide view"
         );
         let mut sorted = records.workloads.clone();
-        sorted.sort_by(|a, b| a.key().cmp(&b.key()));
+        sorted.sort_by_key(|a| a.key());
         for node in ["n0", "n1", "n2", "n9"] {
             let want: Vec<&WorkloadRecord> = sorted.iter().filter(|w| w.node == node).map(|w| &**w).collect();
             assert_eq!(
