@@ -192,6 +192,24 @@ fn index_remove(index: &mut Index, key: &str, w: &Arc<WorkloadRecord>) {
     }
 }
 
+fn identity_message(i: &IdentityRecord) -> pb::Identity {
+    pb::Identity {
+        id: i.id,
+        spiffe_id: i.spiffe_id.clone(),
+        namespace: i.namespace.clone(),
+        service_account: i.service_account.clone(),
+        labels: i.labels.clone().into_iter().collect(),
+    }
+}
+
+fn node_message(n: &crate::store::NodeRecord) -> pb::Node {
+    pb::Node {
+        name: n.name.clone(),
+        node_id: u32::from(n.node_id),
+        addresses: n.addresses.clone(),
+    }
+}
+
 /// The ipcache keys of a workload's addresses (an address that does not
 /// parse has none).
 fn cidrs(w: &WorkloadRecord) -> impl Iterator<Item = String> + '_ {
@@ -337,18 +355,7 @@ impl Cluster {
                 .compiled_from
                 .0
                 .iter()
-                .map(|i| {
-                    (
-                        i.id,
-                        pb::Identity {
-                            id: i.id,
-                            spiffe_id: i.spiffe_id.clone(),
-                            namespace: i.namespace.clone(),
-                            service_account: i.service_account.clone(),
-                            labels: i.labels.clone().into_iter().collect(),
-                        },
-                    )
-                })
+                .map(|i| (i.id, identity_message(i)))
                 .collect();
             changes.identities = keys_changed(&self.shared.identities, &identities);
             self.shared.identities = identities;
@@ -357,16 +364,7 @@ impl Cluster {
             let nodes: OrdMap<String, pb::Node> = records
                 .nodes
                 .iter()
-                .map(|n| {
-                    (
-                        n.name.clone(),
-                        pb::Node {
-                            name: n.name.clone(),
-                            node_id: u32::from(n.node_id),
-                            addresses: n.addresses.clone(),
-                        },
-                    )
-                })
+                .map(|n| (n.name.clone(), node_message(n)))
                 .collect();
             changes.nodes = keys_changed(&self.shared.nodes, &nodes);
             // A node that changed number changes its workloads' entries.
@@ -1402,36 +1400,15 @@ mod tests {
         let used: BTreeSet<u32> = records.workloads.iter().map(|w| w.identity).collect();
         let mut shared = Shared::default();
         for i in records.identities.iter().filter(|i| used.contains(&i.id)) {
-            shared.identities.insert(
-                i.id,
-                pb::Identity {
-                    id: i.id,
-                    spiffe_id: i.spiffe_id.clone(),
-                    namespace: i.namespace.clone(),
-                    service_account: i.service_account.clone(),
-                    labels: i.labels.clone().into_iter().collect(),
-                },
-            );
+            shared.identities.insert(i.id, identity_message(i));
         }
         for n in &records.nodes {
-            shared.nodes.insert(
-                n.name.clone(),
-                pb::Node {
-                    name: n.name.clone(),
-                    node_id: u32::from(n.node_id),
-                    addresses: n.addresses.clone(),
-                },
-            );
+            shared.nodes.insert(n.name.clone(), node_message(n));
         }
         let mut workloads = records.workloads.clone();
         workloads.sort_by_key(|a| a.key());
         for w in &workloads {
-            for ip in &w.ips {
-                let Ok(addr) = ip.parse::<IpAddr>() else { continue };
-                let cidr = match addr {
-                    IpAddr::V4(a) => format!("{a}/32"),
-                    IpAddr::V6(a) => format!("{a}/128"),
-                };
+            for cidr in cidrs(w) {
                 if shared.ipcache.contains_key(&cidr) {
                     continue; // the first claim keeps it
                 }
