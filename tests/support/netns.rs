@@ -123,8 +123,20 @@ impl Topology {
 
     /// A pod on this node: its namespace, a veth pair, its address and routes.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Pod {
+        self.add_pod_namespace(name);
+        self.plug_pod(name, ip)
+    }
+
+    /// The first half of `add_pod`: the pod's namespace, with nothing in it.
+    pub fn add_pod_namespace(&mut self, name: &str) {
         let netns = format!("kw{}{name}", self.tag);
         self.add_ns(&netns);
+    }
+
+    /// The second half of `add_pod`, what a CNI plugin does: from creating
+    /// the veth pair to the node's route to the pod.
+    pub fn plug_pod(&mut self, name: &str, ip: Ipv4Addr) -> Pod {
+        let netns = format!("kw{}{name}", self.tag);
         let pod = plug_pod(&self.node, &self.tag, name, netns, ip);
         self.pods.push(pod.clone());
         pod

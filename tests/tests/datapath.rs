@@ -47,7 +47,8 @@ struct Running {
 
 fn start(topo: &Topology, cfg: impl FnOnce(&mut DatapathConfig), state: NodeState) -> Running {
     let mut config = DatapathConfig::new(&topo.pin_dir, NODE);
-    config.rescan_interval = Duration::from_millis(200);
+    // Endpoints come from rtnetlink events; the resync never runs within a test.
+    config.resync_interval = Duration::from_secs(3600);
     cfg(&mut config);
     let (state_tx, state_rx) = watch::channel(Arc::new(state));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -556,6 +557,87 @@ fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
         pins.iter().all(|p| p.starts_with(&a.host_if)),
         "only a's links stay pinned: {pins:?}"
     );
+    dp.stop();
+}
+
+/// A pod whose workload the agent already knows gets its interface later,
+/// the way a CNI plugin makes it. The rtnetlink notifications of that (the
+/// veth, its address, the host route) bring the scan: the programs are on
+/// the interface, enforcing, with the periodic resync an hour away. When the
+/// pod's veth goes (CNI DEL), so does its route, and the same notifications
+/// take its endpoint out.
+#[test]
+fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event() {
+    const C: u32 = 303;
+    const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let mut state = StateBuilder::new().open().build();
+    state
+        .workloads
+        .insert(("default".into(), "c".into()), workload("c", C, IP_C));
+    let cidr = format!("{IP_C}/32");
+    state.ipcache.insert(
+        cidr.clone(),
+        pb::IpcacheEntry {
+            cidr,
+            identity: C,
+            node_id: NODE_ID,
+            ..Default::default()
+        },
+    );
+    // c's ingress: nothing allowed (no entry), so what reaches it is dropped.
+    let dp = start(
+        &topo,
+        |c| c.resync_interval = Duration::from_secs(3600),
+        NodeState::default(),
+    );
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    assert_eq!(
+        dp.status.borrow().unresolved,
+        vec![IP_C],
+        "c has no interface yet"
+    );
+
+    let c = topo.add_pod("c", IP_C);
+    wait_until(
+        Duration::from_secs(10),
+        "c's new interface to be attached",
+        || {
+            let s = dp.status.borrow();
+            s.attached.contains(&c.host_if) && s.endpoints.get(&IP_C).map(|e| e.identity) == Some(C)
+        },
+    );
+    assert!(dp.status.borrow().unresolved.is_empty());
+    tcp_echo(&c.netns, IP_C, 8080);
+    assert!(
+        connect(&a.netns, IP_C, 8080, Duration::from_secs(1)).is_err(),
+        "c's ingress is enforced"
+    );
+    let f = expect_flow(&mut flows, "a -> c denied at c", |f| {
+        f.dst == IP_C && f.dst_port == 8080 && !f.from_pod
+    });
+    assert!(!f.forwarded);
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+    assert_eq!((f.src_identity, f.dst_identity), (A, C));
+    // The others are untouched.
+    tcp_echo(&b.netns, IP_B, 8080);
+    assert!(connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).is_ok());
+
+    // What a CNI DEL does. (Deleting c's namespace would not do here: the
+    // echo server's thread still holds it, and with it the veth.)
+    keyway_tests::netns::run("ip", &["-n", &topo.node, "link", "del", &c.host_if]);
+    wait_until(
+        Duration::from_secs(10),
+        "c's endpoint to go with its interface",
+        || {
+            let s = dp.status.borrow();
+            !s.attached.contains(&c.host_if) && !s.endpoints.contains_key(&IP_C)
+        },
+    );
+    assert_eq!(dp.status.borrow().unresolved, vec![IP_C]);
     dp.stop();
 }
 

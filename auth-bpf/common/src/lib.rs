@@ -217,6 +217,8 @@ pub struct EndpointInfo {
     /// ifindex of the pod's host-side veth.
     pub ifindex: u32,
     pub identity: u32,
+    /// Zero: unused (the kernel resolves the pod's address on redirect, see
+    /// `bpf_redirect_neigh`); kept so the pinned map's layout stays the same.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
 }

@@ -65,34 +65,6 @@ pub fn interface_for(routes: &[Route], ip: Ipv4Addr) -> Option<&str> {
         .map(|r| r.iface.as_str())
 }
 
-/// MAC addresses the node has resolved, by (address, interface), from the
-/// text of `/proc/net/arp`.
-pub fn parse_neighbours(text: &str) -> Vec<(Ipv4Addr, String, [u8; 6])> {
-    let mut out = Vec::new();
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 6 {
-            continue;
-        }
-        let (Ok(ip), Some(mac)) = (f[0].parse::<Ipv4Addr>(), parse_mac(f[3])) else {
-            continue;
-        };
-        if mac != [0; 6] {
-            out.push((ip, f[5].to_string(), mac));
-        }
-    }
-    out
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 /// Reads the calling thread's network namespace (the agent's, or in tests
 /// the namespace the datapath thread entered).
 pub fn read_proc_net(file: &str) -> std::io::Result<String> {
@@ -123,21 +95,5 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         assert_eq!(interface_for(&routes, Ipv4Addr::new(8, 8, 8, 8)), None);
         // A route that is not up does not count.
         assert_eq!(interface_for(&routes, Ipv4Addr::new(10, 201, 0, 2)), None);
-    }
-
-    #[test]
-    fn neighbours_with_a_resolved_mac() {
-        let text = "IP address       HW type     Flags       HW address            Mask     Device
-10.201.0.1       0x1         0x2         5e:8a:01:02:03:04     *        kwa
-10.201.0.9       0x1         0x0         00:00:00:00:00:00     *        kwb
-";
-        assert_eq!(
-            parse_neighbours(text),
-            vec![(
-                Ipv4Addr::new(10, 201, 0, 1),
-                "kwa".to_string(),
-                [0x5e, 0x8a, 1, 2, 3, 4]
-            )]
-        );
     }
 }

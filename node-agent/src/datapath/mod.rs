@@ -16,6 +16,7 @@ pub mod drops;
 pub mod endpoints;
 pub mod events;
 pub mod lookup;
+pub mod netlink;
 pub(crate) mod sys;
 pub mod tables;
 
@@ -34,7 +35,7 @@ use keyway_common::{
     Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, config_flags, maps,
 };
 use tokio::sync::{broadcast, mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use auth_map::{AuthMap, MemoryAuthMap, PinnedAuthMap};
 pub use events::{Flow, FlowKind, MissingAuth};
@@ -66,8 +67,14 @@ pub struct DatapathConfig {
     /// At most one drop event per flow per this long.
     pub flow_report_interval: Duration,
     pub flow_capture: bool,
-    /// How often to look again for pod interfaces that were not there yet.
-    pub rescan_interval: Duration,
+    /// Look for endpoints again whenever the node's links, addresses or
+    /// routes change (rtnetlink). Off only to measure polling alone.
+    pub netlink: bool,
+    /// The safety net beside the netlink events: how often the endpoints are
+    /// looked for and the attachments checked anyway. Taking programs off an
+    /// interface (another tool detaching them) sends no rtnetlink message,
+    /// and this is how long such an interface can stay uncovered.
+    pub resync_interval: Duration,
 }
 
 impl DatapathConfig {
@@ -78,7 +85,8 @@ impl DatapathConfig {
             signal_interval: Duration::from_secs(1),
             flow_report_interval: Duration::from_secs(1),
             flow_capture: true,
-            rescan_interval: Duration::from_secs(1),
+            netlink: true,
+            resync_interval: Duration::from_secs(10),
         }
     }
 }
@@ -558,7 +566,6 @@ impl Datapath {
             &endpoints::read_proc_net("route")
                 .map_err(|e| DatapathError::io("reading /proc/net/route", e))?,
         );
-        let neighbours = endpoints::parse_neighbours(&endpoints::read_proc_net("arp").unwrap_or_default());
         let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
         let mut ifaces: BTreeSet<String> = BTreeSet::new();
         let mut unresolved = Vec::new();
@@ -572,17 +579,12 @@ impl Datapath {
                     unresolved.push(ip);
                     continue;
                 };
-                let mac = neighbours
-                    .iter()
-                    .find(|(n, dev, _)| *n == ip && dev == iface)
-                    .map(|(_, _, m)| *m)
-                    .unwrap_or_default();
                 desired.insert(
                     ip_key(ip),
                     EndpointInfo {
                         ifindex,
                         identity: w.identity,
-                        mac,
+                        mac: [0; 6],
                         _pad: [0; 2],
                     },
                 );
@@ -617,7 +619,7 @@ impl Datapath {
                         self.status.attach_errors.remove(iface);
                     }
                     Err(e) => {
-                        // Said once per distinct reason, not on every rescan.
+                        // Said once per distinct reason, not on every scan.
                         let msg = e.to_string();
                         if self.status.attach_errors.get(iface) != Some(&msg) {
                             warn!(error = %msg, "could not attach the datapath; will retry");
@@ -662,7 +664,7 @@ impl Datapath {
 }
 
 /// True when both programs are attached (TCX) to `iface`. A failed query
-/// (the interface is gone) counts as attached: the rescan's own bookkeeping
+/// (the interface is gone) counts as attached: the scan's own bookkeeping
 /// handles vanished interfaces.
 fn programs_attached(iface: &str) -> bool {
     PROGRAMS.iter().all(
@@ -694,16 +696,26 @@ pub struct DatapathHandles {
 const SIGNAL_QUEUE: usize = 4096;
 const FLOW_CHANNEL: usize = 16 * 1024;
 
-/// Loads the datapath and runs it: tables follow `state`, interfaces are
-/// rescanned every `rescan_interval`, ring buffers are drained into the
-/// returned streams. Must run on a runtime whose threads are in the node's
+/// Loads the datapath and runs it: tables follow `state`, endpoints are
+/// looked for again on every change of the node's links, addresses and
+/// routes (and every `resync_interval` as a safety net), ring buffers are
+/// drained into the returned streams. Must run on a runtime whose threads are in the node's
 /// network namespace (always true for the agent binary).
 pub fn start(
     cfg: DatapathConfig,
     mut state: watch::Receiver<Arc<NodeState>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<DatapathHandles, DatapathError> {
-    let rescan = cfg.rescan_interval;
+    let resync = cfg.resync_interval;
+    // Subscribed before the first scan, so no change between the two is missed.
+    let mut changes =
+        if cfg.netlink {
+            Some(netlink::NetlinkWatch::subscribe().map_err(|e| {
+                DatapathError::io("subscribing to rtnetlink link, address and route changes", e)
+            })?)
+        } else {
+            None
+        };
     let mut dp = Datapath::load(cfg)?;
     let auth = Arc::new(dp.auth_map()?);
     let signals_ring: RingBuf<MapData> = take(&mut dp.ebpf, maps::SIGNALS)?;
@@ -731,7 +743,7 @@ pub fn start(
     });
     let mut shutdown = shutdown;
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(rescan);
+        let mut tick = tokio::time::interval(resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tables_due = true;
         loop {
@@ -757,6 +769,17 @@ pub fn start(
                     }
                     tables_due = true;
                 }
+                c = next_change(&mut changes) => match c {
+                    Ok(c) => debug!(changes = ?c, "the node's network changed; looking for endpoints"),
+                    Err(e) => {
+                        warn!(
+                            error = %e,
+                            every = ?resync,
+                            "rtnetlink notifications can no longer be read; endpoints are looked for on resync only"
+                        );
+                        changes = None;
+                    }
+                },
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
@@ -774,6 +797,13 @@ pub fn start(
         signal_queue,
         signal_counts,
     })
+}
+
+async fn next_change(w: &mut Option<netlink::NetlinkWatch>) -> std::io::Result<netlink::Changes> {
+    match w {
+        Some(w) => w.changes().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Removes everything a datapath pinned in `pin_dir`: links (which detaches
