@@ -213,7 +213,13 @@ cgroupRoot: $CGROUP_ROOT
 failSwapOn: false
 resolvConf: /etc/resolv.conf
 clusterDomain: cluster.local
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+# No eviction: this node shares its machine with the build and the other
+# test tiers, and a CI run once saw the kubelet declare pressure and evict
+# Keyway's pods mid-test ("cannot evict a critical pod" for the agent, the
+# rest gone). "0%" is the kubelet's own way to switch a signal off
+# (eviction/helpers.go parseThresholdStatement), explicit so that nobody
+# mistakes it for the defaults a missing map would get.
+evictionHard: {memory.available: "0%", nodefs.available: "0%", imagefs.available: "0%", nodefs.inodesFree: "0%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
@@ -326,6 +332,8 @@ keyway_diagnose() {
   {
     echo "--- keyway-system pods"
     "${KUBECTL[@]}" -n keyway-system get pods -o wide 2>&1 || true
+    echo "--- node conditions and taints (pressure shows here)"
+    "${KUBECTL[@]}" get nodes -o 'custom-columns=NODE:.metadata.name,CONDITIONS:.status.conditions[*].type,STATUS:.status.conditions[*].status,TAINTS:.spec.taints[*].key' 2>&1 || true
     echo "--- keyway-system events (last 30)"
     "${KUBECTL[@]}" -n keyway-system get events --sort-by=.lastTimestamp 2>&1 | tail -n 30 || true
     local pod
