@@ -484,8 +484,7 @@ fn micro() -> Micro {
         let ep = EndpointInfo {
             ifindex,
             identity,
-            mac: [0; 6],
-            _pad: [0; 2],
+            ..Default::default()
         };
         endpoints.insert(ip_key(ip), ep, 0).expect("endpoint");
     }

@@ -142,6 +142,84 @@ impl Topology {
         pod
     }
 
+    /// A Linux bridge in the node namespace, as Debian's `bridge` CNI plugin
+    /// leaves it with `isGateway: true`: it holds the pods' gateway address
+    /// (`gateway_cidr`, e.g. `10.201.0.254/24`), so the pods' whole subnet
+    /// is routed to the bridge, not to any pod's veth. Returns its name.
+    pub fn add_bridge(&mut self, gateway_cidr: &str) -> String {
+        let bridge = format!("kw{}br", self.tag);
+        run(
+            "ip",
+            &["-n", &self.node, "link", "add", &bridge, "type", "bridge"],
+        );
+        run(
+            "ip",
+            &["-n", &self.node, "addr", "add", gateway_cidr, "dev", &bridge],
+        );
+        run("ip", &["-n", &self.node, "link", "set", &bridge, "up"]);
+        bridge
+    }
+
+    /// A pod on `bridge`, plumbed in the order the bridge plugin uses: the
+    /// veth pair, its host end made a port of the bridge and up, the pod's
+    /// end up (the last change the node's namespace hears of), then inside
+    /// the pod its address (`ip/prefix`) and the default route via
+    /// `gateway`.
+    pub fn add_bridged_pod(
+        &mut self,
+        bridge: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+    ) -> Pod {
+        let netns = format!("kw{}{name}", self.tag);
+        self.add_ns(&netns);
+        let host_if = format!("kw{}{name}", self.tag);
+        let node = self.node.clone();
+        run(
+            "ip",
+            &[
+                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        );
+        run("ip", &["-n", &node, "link", "set", &host_if, "master", bridge]);
+        run("ip", &["-n", &node, "link", "set", &host_if, "up"]);
+        run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip}/{prefix}"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ],
+        );
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            host_if,
+            ip,
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
     /// A peer outside this node, behind a plain veth (no programs on it):
     /// the node reaches it at `ip` through 10.201.9.254/24.
     pub fn add_remote(&mut self, ip: Ipv4Addr) -> Pod {

@@ -220,7 +220,19 @@ pub struct EndpointInfo {
     /// Zero: unused (the kernel resolves the pod's address on redirect, see
     /// `bpf_redirect_neigh`); kept so the pinned map's layout stays the same.
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`endpoint_flags`].
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Bits of [`EndpointInfo::flags`].
+pub mod endpoint_flags {
+    /// The interface is a port of a Linux bridge (a bridge CNI): packets
+    /// allowed to this endpoint are left to the bridge, which forwards them
+    /// by the destination MAC the sender already resolved, instead of being
+    /// redirected to the port (a neighbour lookup on a port with no address
+    /// of its own would fail).
+    pub const BRIDGED: u8 = 1;
 }
 
 /// Policy lookup key: {subject, peer, port block, proto, direction}. Peer 0

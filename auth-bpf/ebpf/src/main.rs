@@ -30,8 +30,8 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowState, IpcacheValue,
-    Ipv4LpmKey, PolicyKey, PolicyValue, auth_type, config_flags, direction, drop_reason, flow_kind, hook,
-    identity, maps, policy_flags, policy_probes,
+    Ipv4LpmKey, PolicyKey, PolicyValue, auth_type, config_flags, direction, drop_reason, endpoint_flags,
+    flow_kind, hook, identity, maps, policy_flags, policy_probes,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -237,8 +237,8 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     }
     let redirect_ifindex = if v.forwarded && at == hook::FROM_POD {
         match unsafe { ENDPOINTS.get(&pkt.dst_ip) } {
-            Some(ep) => ep.ifindex,
-            None => 0,
+            Some(ep) if ep.flags & endpoint_flags::BRIDGED == 0 => ep.ifindex,
+            _ => 0,
         }
     } else {
         0

@@ -4,8 +4,18 @@
 //! address: the interface of the most specific direct (gateway-less) route.
 //! This is how CNI plugins that route pods (Calico-style /32 routes to host
 //! veths) leave the node configured.
+//!
+//! Bridge CNIs (Debian's `bridge` plugin, flannel, kindnet) leave one route
+//! for the whole pod subnet, to a Linux bridge, and the pods on its ports.
+//! The bridge itself is not where a pod's packets can be told apart, so the
+//! address is followed to the bridge port instead: the pod's address lives
+//! on the far end of a port's veth, in the pod's network namespace, which
+//! the node can read by the id the port reports ([`bridge_ports`]).
 
-use std::net::Ipv4Addr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::netlink::{self, Link};
 
 /// One row of `/proc/net/route` that can reach an address directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +79,47 @@ pub fn interface_for(routes: &[Route], ip: Ipv4Addr) -> Option<&str> {
 /// the namespace the datapath thread entered).
 pub fn read_proc_net(file: &str) -> std::io::Result<String> {
     std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+}
+
+/// The bridge ports behind which `wanted` addresses live. `host` is the
+/// node namespace's links (the calling thread's); `bridges` are the indexes
+/// of the bridges the addresses are routed to. For each veth port of those
+/// bridges, the addresses of its peer are read from the peer's namespace
+/// (by the namespace id the port reports, without entering it): an address
+/// of the peer names the port. Stops when every address is placed. A port
+/// whose peer's namespace cannot be read is skipped, with the reason in
+/// `skipped`.
+pub fn bridge_ports(
+    host: &[Link],
+    bridges: &BTreeSet<u32>,
+    wanted: &[Ipv4Addr],
+    skipped: &mut Vec<(String, std::io::Error)>,
+) -> HashMap<Ipv4Addr, Link> {
+    let mut found = HashMap::new();
+    for port in host
+        .iter()
+        .filter(|l| bridges.contains(&l.master) && l.kind == "veth")
+    {
+        if found.len() == wanted.len() {
+            break;
+        }
+        let Some(nsid) = port.peer_netnsid else {
+            continue;
+        };
+        match netlink::ipv4_addresses_in(nsid) {
+            Ok(addresses) => {
+                for a in addresses.iter().filter(|a| a.index == port.peer) {
+                    if let IpAddr::V4(ip) = a.ip
+                        && wanted.contains(&ip)
+                    {
+                        found.insert(ip, port.clone());
+                    }
+                }
+            }
+            Err(e) => skipped.push((port.name.clone(), e)),
+        }
+    }
+    found
 }
 
 #[cfg(test)]

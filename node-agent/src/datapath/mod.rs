@@ -32,14 +32,15 @@ use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use keyway_common::{
-    Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, config_flags, maps,
+    Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, config_flags, endpoint_flags,
+    maps,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
 pub use auth_map::{AuthMap, MemoryAuthMap, PinnedAuthMap};
 pub use events::{Flow, FlowKind, MissingAuth};
-pub use sys::monotonic_ns;
+pub use sys::{ifindex, monotonic_ns};
 
 use crate::state::NodeState;
 use tables::{Tables, diff, ip_key};
@@ -75,6 +76,12 @@ pub struct DatapathConfig {
     /// interface (another tool detaching them) sends no rtnetlink message,
     /// and this is how long such an interface can stay uncovered.
     pub resync_interval: Duration,
+    /// While a local workload's address has no interface yet, look again
+    /// after this long, doubling up to `resync_interval`: covers changes that
+    /// send the agent no message (a bridge CNI sets the pod's address inside
+    /// the pod's namespace, heard here only with CAP_NET_BROADCAST). None:
+    /// events and the resync only (the tests use it to prove the events).
+    pub unresolved_retry: Option<Duration>,
 }
 
 impl DatapathConfig {
@@ -87,6 +94,7 @@ impl DatapathConfig {
             flow_capture: true,
             netlink: true,
             resync_interval: Duration::from_secs(10),
+            unresolved_retry: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -207,6 +215,10 @@ pub struct Datapath {
     /// What the maps hold, once read or written.
     applied: Option<Tables>,
     endpoints_applied: Option<HashMap<u32, EndpointInfo>>,
+    /// Bridge ports found for pod addresses, kept while the port stays a
+    /// port of that bridge (so pods' namespaces are looked into only for
+    /// addresses not placed yet).
+    bridged: HashMap<Ipv4Addr, netlink::Link>,
     status: DatapathStatus,
 }
 
@@ -346,6 +358,7 @@ impl Datapath {
             config,
             applied: None,
             endpoints_applied: None,
+            bridged: HashMap::new(),
             status: DatapathStatus::default(),
         };
         dp.forget_stale_links();
@@ -566,30 +579,77 @@ impl Datapath {
             &endpoints::read_proc_net("route")
                 .map_err(|e| DatapathError::io("reading /proc/net/route", e))?,
         );
+        let links = netlink::links()
+            .map_err(|e| DatapathError::io("listing the node's interfaces (rtnetlink)", e))?;
+        let by_name: HashMap<&str, &netlink::Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
+        let local: Vec<(Ipv4Addr, u32)> = state
+            .workloads
+            .values()
+            .filter(|w| w.node == self.cfg.node_name)
+            .flat_map(|w| {
+                w.ips
+                    .iter()
+                    .filter_map(|s| s.parse::<Ipv4Addr>().ok())
+                    .map(move |ip| (ip, w.identity))
+            })
+            .collect();
+
+        // Behind a bridge: the port, from the cache while it is still a
+        // port of that bridge, otherwise from the far ends of its ports.
+        let mut behind_bridge: HashMap<Ipv4Addr, u32> = HashMap::new();
+        for (ip, _) in &local {
+            if let Some(l) = endpoints::interface_for(&routes, *ip).and_then(|i| by_name.get(i))
+                && l.kind == "bridge"
+            {
+                behind_bridge.insert(*ip, l.index);
+            }
+        }
+        self.bridged.retain(|ip, port| {
+            behind_bridge.get(ip).is_some_and(|b| {
+                links
+                    .iter()
+                    .any(|l| l.index == port.index && l.name == port.name && l.master == *b)
+            })
+        });
+        let missing: Vec<Ipv4Addr> = behind_bridge
+            .keys()
+            .filter(|ip| !self.bridged.contains_key(ip))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            let bridges: BTreeSet<u32> = behind_bridge.values().copied().collect();
+            let mut skipped = Vec::new();
+            let found = endpoints::bridge_ports(&links, &bridges, &missing, &mut skipped);
+            for (port, e) in skipped {
+                debug!(port = %port, error = %e, "could not read the addresses behind a bridge port");
+            }
+            self.bridged.extend(found);
+        }
+
         let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
         let mut ifaces: BTreeSet<String> = BTreeSet::new();
         let mut unresolved = Vec::new();
-        for w in state.workloads.values().filter(|w| w.node == self.cfg.node_name) {
-            for ip in w.ips.iter().filter_map(|s| s.parse::<Ipv4Addr>().ok()) {
-                let Some(iface) = endpoints::interface_for(&routes, ip) else {
-                    unresolved.push(ip);
-                    continue;
-                };
-                let Some(ifindex) = sys::ifindex(iface) else {
-                    unresolved.push(ip);
-                    continue;
-                };
-                desired.insert(
-                    ip_key(ip),
-                    EndpointInfo {
-                        ifindex,
-                        identity: w.identity,
-                        mac: [0; 6],
-                        _pad: [0; 2],
-                    },
-                );
-                ifaces.insert(iface.to_string());
-            }
+        for (ip, identity) in local {
+            let (link, flags) = if behind_bridge.contains_key(&ip) {
+                (self.bridged.get(&ip), endpoint_flags::BRIDGED)
+            } else {
+                let link = endpoints::interface_for(&routes, ip).and_then(|i| by_name.get(i).copied());
+                (link, 0)
+            };
+            let Some(link) = link else {
+                unresolved.push(ip);
+                continue;
+            };
+            desired.insert(
+                ip_key(ip),
+                EndpointInfo {
+                    ifindex: link.index,
+                    identity,
+                    flags,
+                    ..EndpointInfo::default()
+                },
+            );
+            ifaces.insert(link.name.clone());
         }
         // An attachment can go away under us (the link made defunct, another
         // tool detaching it): check that both programs still sit on every
@@ -707,6 +767,7 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<DatapathHandles, DatapathError> {
     let resync = cfg.resync_interval;
+    let first_retry = cfg.unresolved_retry;
     // Subscribed before the first scan, so no change between the two is missed.
     let mut changes =
         if cfg.netlink {
@@ -746,6 +807,7 @@ pub fn start(
         let mut tick = tokio::time::interval(resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tables_due = true;
+        let mut retry = first_retry;
         loop {
             let current = state.borrow_and_update().clone();
             if tables_due && current.synced {
@@ -762,6 +824,17 @@ pub fn start(
                 warn!(error = %e, "could not update the datapath endpoints; will retry");
             }
             status_tx.send_replace(dp.status.clone());
+            let pending = current.synced && !dp.status.unresolved.is_empty();
+            let wait = match (pending, retry) {
+                (true, Some(w)) => {
+                    retry = Some((w * 2).min(resync));
+                    Some(w)
+                }
+                _ => {
+                    retry = first_retry;
+                    None
+                }
+            };
             tokio::select! {
                 r = state.changed() => {
                     if r.is_err() {
@@ -781,6 +854,7 @@ pub fn start(
                     }
                 },
                 _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
                 _ = shutdown.changed() => break,
             }
         }

@@ -5,6 +5,14 @@
 //! within milliseconds of the route that makes the pod reachable, instead of
 //! at the next poll.
 //!
+//! Where it may (CAP_NET_BROADCAST), the socket also listens to the
+//! namespaces that have an id in the node's (NETLINK_LISTEN_ALL_NSID): those
+//! of pods, once a veth joins them to it. A bridge CNI's last step, the
+//! pod's address, happens there.
+//!
+//! The dumps below ([`links`], [`ipv4_addresses_in`]) read what a namespace
+//! holds now, for the scan.
+//!
 //! The messages are only counted, never trusted for content: whatever
 //! arrives, the scan reads the whole routing table again. A burst (a hundred
 //! pods created at once) is one scan per wake-up, not one per message. When
@@ -66,6 +74,14 @@ impl NetlinkWatch {
         // Best effort: a smaller buffer only means an overflow (and a full
         // rescan) sooner.
         let _ = socket.socket_ref().set_rx_buf_sz(RECEIVE_BUFFER);
+        // The pods' namespaces too (every namespace with an id here, which a
+        // veth into it gives): a bridge CNI sets the pod's address inside
+        // the pod's namespace, after the last change it makes in ours.
+        // Best effort: it takes CAP_NET_BROADCAST, which the chart does not
+        // grant; without it the scan's retry covers such pods.
+        if let Err(e) = socket.socket_ref().set_listen_all_namespaces(true) {
+            tracing::info!(error = %e, "rtnetlink: not listening to the pods' namespaces (needs CAP_NET_BROADCAST); unplaced addresses are retried instead");
+        }
         Ok(NetlinkWatch { socket })
     }
 
@@ -122,6 +138,217 @@ pub fn count(buf: &[u8], into: &mut Changes) {
     if !any {
         into.other += 1;
     }
+}
+
+// ---- dumps: what the calling thread's network namespace holds now ----
+
+/// One network interface, from an RTM_GETLINK dump.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `veth`, `bridge`, ...; empty for a device without link info (lo).
+    pub kind: String,
+    /// The bridge (or bond) this interface is a port of, 0 if none.
+    pub master: u32,
+    /// For a veth, its peer's index (in the peer's namespace), 0 if none.
+    pub peer: u32,
+    /// The id, in this namespace, of the namespace the peer is in, when it
+    /// is another one (IFLA_LINK_NETNSID).
+    pub peer_netnsid: Option<i32>,
+}
+
+/// One interface address, from an RTM_GETADDR dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub index: u32,
+    pub ip: std::net::IpAddr,
+}
+
+const NLMSG_HEADER: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_GETADDR: u16 = 22;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
+const IFA_TARGET_NETNSID: u16 = 10;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+/// Attribute types carry flag bits (nested, byte order) above these.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// Every interface of the calling thread's network namespace.
+pub fn links() -> io::Result<Vec<Link>> {
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    let mut out = Vec::new();
+    dump(RTM_GETLINK, &[0u8; 16], |kind, body| {
+        if kind == RTM_NEWLINK
+            && let Some(l) = parse_link(body)
+        {
+            out.push(l);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The IPv4 addresses of the network namespace that has id `netnsid` in
+/// the calling thread's (a pod's, seen from the node through its veth's
+/// IFLA_LINK_NETNSID). Read without entering it: the kernel takes the
+/// target namespace from the request (IFA_TARGET_NETNSID, Linux 4.20,
+/// honoured with strict checking, needs CAP_NET_ADMIN over it).
+pub fn ipv4_addresses_in(netnsid: i32) -> io::Result<Vec<Address>> {
+    // struct ifaddrmsg: family, prefixlen, flags, scope, index (all zero
+    // but the family, as strict checking wants), then the one attribute.
+    let mut req = vec![libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&8u16.to_ne_bytes());
+    req.extend_from_slice(&IFA_TARGET_NETNSID.to_ne_bytes());
+    req.extend_from_slice(&netnsid.to_ne_bytes());
+    let mut out = Vec::new();
+    dump(RTM_GETADDR, &req, |kind, body| {
+        if kind == RTM_NEWADDR
+            && let Some(a) = parse_address(body)
+        {
+            out.push(a);
+        }
+    })?;
+    Ok(out)
+}
+
+/// Sends one dump request and hands each reply message (type, body after
+/// the netlink header) to `each` until the kernel says done.
+fn dump(kind: u16, family_header: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)?;
+    socket.set_netlink_get_strict_chk(true)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let len = NLMSG_HEADER + family_header.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&kind.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel
+    req.extend_from_slice(family_header);
+    socket.send(&req, 0)?;
+    loop {
+        let (buf, _) = socket.recv_from_full()?;
+        let mut off = 0;
+        while buf.len() - off >= NLMSG_HEADER {
+            let len = u32_at(&buf, off) as usize;
+            let t = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            if len < NLMSG_HEADER || len > buf.len() - off {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink message",
+                ));
+            }
+            match t {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(u32_at(&buf, off + NLMSG_HEADER).to_ne_bytes());
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                }
+                _ => each(t, &buf[off + NLMSG_HEADER..off + len]),
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+/// The attributes (type, payload) that follow a fixed header.
+fn attributes(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if b.len().saturating_sub(off) < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([b[off], b[off + 1]]) as usize;
+        let t = u16::from_ne_bytes([b[off + 2], b[off + 3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > b.len() - off {
+            return None;
+        }
+        let payload = &b[off + 4..off + len];
+        off += (len + 3) & !3;
+        Some((t, payload))
+    })
+}
+
+fn attr_u32(p: &[u8]) -> u32 {
+    if p.len() >= 4 { u32_at(p, 0) } else { 0 }
+}
+
+fn attr_str(p: &[u8]) -> String {
+    let end = p.iter().position(|&c| c == 0).unwrap_or(p.len());
+    String::from_utf8_lossy(&p[..end]).into_owned()
+}
+
+/// An RTM_NEWLINK body: struct ifinfomsg (16 bytes), then attributes.
+fn parse_link(body: &[u8]) -> Option<Link> {
+    if body.len() < 16 {
+        return None;
+    }
+    let mut l = Link {
+        index: u32_at(body, 4),
+        ..Link::default()
+    };
+    for (t, p) in attributes(&body[16..]) {
+        match t {
+            IFLA_IFNAME => l.name = attr_str(p),
+            IFLA_LINK => l.peer = attr_u32(p),
+            IFLA_MASTER => l.master = attr_u32(p),
+            IFLA_LINK_NETNSID if p.len() >= 4 => l.peer_netnsid = Some(u32_at(p, 0) as i32),
+            IFLA_LINKINFO => {
+                if let Some((_, k)) = attributes(p).find(|(t, _)| *t == IFLA_INFO_KIND) {
+                    l.kind = attr_str(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(l)
+}
+
+/// An RTM_NEWADDR body: struct ifaddrmsg (8 bytes), then attributes. The
+/// local address (IFA_LOCAL) where there is one: on a point-to-point link
+/// IFA_ADDRESS is the peer's.
+fn parse_address(body: &[u8]) -> Option<Address> {
+    if body.len() < 8 {
+        return None;
+    }
+    let family = body[0] as i32;
+    let index = u32_at(body, 4);
+    let (mut local, mut address) = (None, None);
+    for (t, p) in attributes(&body[8..]) {
+        let ip = match (family, p.len()) {
+            (libc::AF_INET, 4) => std::net::IpAddr::from(<[u8; 4]>::try_from(p).ok()?),
+            (libc::AF_INET6, 16) => std::net::IpAddr::from(<[u8; 16]>::try_from(p).ok()?),
+            _ => continue,
+        };
+        match t {
+            IFA_LOCAL => local = Some(ip),
+            IFA_ADDRESS => address = Some(ip),
+            _ => {}
+        }
+    }
+    Some(Address {
+        index,
+        ip: local.or(address)?,
+    })
 }
 
 #[cfg(test)]
