@@ -173,8 +173,20 @@ impl Topology {
         prefix: u8,
         gateway: Ipv4Addr,
     ) -> Pod {
+        self.add_pod_namespace(name);
+        self.plug_bridged_pod(bridge, name, ip, prefix, gateway)
+    }
+
+    /// The second half of `add_bridged_pod`, what the bridge plugin does.
+    pub fn plug_bridged_pod(
+        &mut self,
+        bridge: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+    ) -> Pod {
         let netns = format!("kw{}{name}", self.tag);
-        self.add_ns(&netns);
         let host_if = format!("kw{}{name}", self.tag);
         let node = self.node.clone();
         run(
