@@ -1269,7 +1269,7 @@ fn discovery() -> Vec<Discovery> {
             run("ip", &["-n", &node_ns, "link", "del", &iface]);
             let t4 = detached.join().expect("waiter");
             d.deleted_to_detached.push(ms(t3, t4));
-            run("ip", &["netns", "del", &pod.netns]);
+            // The empty namespace goes with the topology.
         }
         stop.send_replace(true);
         thread.join().expect("datapath thread");
