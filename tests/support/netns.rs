@@ -389,7 +389,7 @@ pub fn sysctl(ns: &str, key: &str, value: &str) {
     );
 }
 
-fn mac(ns: &str, iface: &str) -> String {
+pub fn mac(ns: &str, iface: &str) -> String {
     let out = run("ip", &["-n", ns, "-o", "link", "show", iface]);
     out.split_whitespace()
         .skip_while(|w| *w != "link/ether")

@@ -32,6 +32,7 @@ const IP_R: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 1);
 const INGRESS: u32 = 0;
 const EGRESS: u32 = 1;
 const TCP: u32 = 6;
+const UDP: u32 = 17;
 
 // ---- the datapath, running on a thread inside the node namespace ----
 
@@ -684,7 +685,11 @@ fn an_unplaced_address_is_retried_without_any_event() {
 #[test]
 fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     const C: u32 = 303;
+    const D: u32 = 304;
+    const X: u32 = 309;
     const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
+    const IP_D: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 4);
+    const IP_X: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 9);
     let gateway = Ipv4Addr::new(10, 201, 0, 254);
     let mut topo = Topology::new();
     let bridge = topo.add_bridge("10.201.0.254/24");
@@ -695,25 +700,33 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         .default_allow(A, EGRESS)
         .default_allow(B, EGRESS)
         .rule((B, A, 8080, TCP, INGRESS), true, "default/b-mtls ingress[0]")
+        .rule((B, A, 5454, UDP, INGRESS), false, "default/b-udp ingress[0]")
         .rule((C, 0, 0, 0, INGRESS), false, "default-allow")
-        .rule((C, 0, 0, 0, EGRESS), false, "default-allow");
-    builder
-        .0
-        .workloads
-        .insert(("default".into(), "c".into()), workload("c", C, IP_C));
-    let cidr = format!("{IP_C}/32");
-    builder.0.ipcache.insert(
-        cidr.clone(),
-        pb::IpcacheEntry {
-            cidr,
-            identity: C,
-            node_id: NODE_ID,
-            ..Default::default()
-        },
-    );
+        .rule((C, 0, 0, 0, EGRESS), false, "default-allow")
+        .rule((D, 0, 0, 0, INGRESS), false, "default-allow")
+        .rule((D, 0, 0, 0, EGRESS), false, "default-allow")
+        .rule((X, 0, 0, 0, INGRESS), false, "default-allow")
+        .rule((X, 0, 0, 0, EGRESS), false, "default-allow");
+    for (name, id, ip) in [("c", C, IP_C), ("x", X, IP_X)] {
+        builder
+            .0
+            .workloads
+            .insert(("default".into(), name.into()), workload(name, id, ip));
+        let cidr = format!("{ip}/32");
+        builder.0.ipcache.insert(
+            cidr.clone(),
+            pb::IpcacheEntry {
+                cidr,
+                identity: id,
+                node_id: NODE_ID,
+                ..Default::default()
+            },
+        );
+    }
     let mut dp = start(&topo, |_| {}, NodeState::default());
     let mut flows = dp.flows.subscribe();
-    dp.apply(builder.build(), &topo);
+    let state = builder.build();
+    dp.apply(state.clone(), &topo);
     {
         let s = dp.status.borrow();
         assert!(!s.attached.contains(&bridge), "never on the bridge itself: {s:?}");
@@ -731,7 +744,9 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
             );
             assert_eq!(ep.flags, keyway_common::endpoint_flags::BRIDGED);
         }
-        assert_eq!(s.unresolved, vec![IP_C], "c has no pod yet");
+        let mut unresolved = s.unresolved.clone();
+        unresolved.sort();
+        assert_eq!(unresolved, vec![IP_C, IP_X], "c and x have no pods yet");
     }
 
     // Auth required a -> b:8080: dropped and signalled until the pair is
@@ -781,6 +796,113 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     expect_flow(&mut flows, "a -> c judged at c's port", |f| {
         f.dst == IP_C && f.dst_port == 8080 && f.forwarded && !f.from_pod && f.dst_identity == C
     });
+
+    // A pod chooses its own addresses. x adds b's (placed already) and d's
+    // to its own. d's pod is made (its address set by its CNI ADD) before
+    // the agent hears of d, as in Kubernetes, where a pod's address is
+    // known only once its CNI ADD has set it.
+    let x = topo.add_bridged_pod(&bridge, "x", IP_X, 24, gateway);
+    for claimed in [IP_B, IP_D] {
+        keyway_tests::netns::run(
+            "ip",
+            &[
+                "-n",
+                &x.netns,
+                "addr",
+                "add",
+                &format!("{claimed}/32"),
+                "dev",
+                "eth0",
+            ],
+        );
+    }
+    let d = topo.add_bridged_pod(&bridge, "d", IP_D, 24, gateway);
+    let mut state = state;
+    state
+        .workloads
+        .insert(("default".into(), "d".into()), workload("d", D, IP_D));
+    let cidr = format!("{IP_D}/32");
+    state.ipcache.insert(
+        cidr.clone(),
+        pb::IpcacheEntry {
+            cidr,
+            identity: D,
+            node_id: NODE_ID,
+            ..Default::default()
+        },
+    );
+    // Both ports guarded (apply waits for every pod's port), d's address
+    // behind neither.
+    dp.apply(state, &topo);
+    let mut both = vec![d.host_if.clone(), x.host_if.clone()];
+    both.sort();
+    {
+        let s = dp.status.borrow();
+        // b was placed before x's claim: still behind b's port.
+        let b_index = in_netns(&topo.node, {
+            let i = b.host_if.clone();
+            move || node_agent::datapath::ifindex(&i)
+        });
+        assert_eq!(Some(s.endpoints[&IP_B].ifindex), b_index);
+        assert!(!s.contested.contains_key(&IP_B));
+        assert_eq!(s.contested.get(&IP_D), Some(&both), "{s:?}");
+        // d's address is behind neither port, and both are guarded.
+        assert!(!s.endpoints.contains_key(&IP_D), "{s:?}");
+        assert!(s.attached.contains(&d.host_if));
+    }
+    // x sending as b, and anything sent as d, is dropped as forged.
+    for (from, src) in [(&x, IP_B), (&x, IP_D), (&d, IP_D)] {
+        let sock = in_netns(&from.netns, move || UdpSocket::bind((src, 0)).expect("bind"));
+        sock.send_to(b"as someone else", (IP_A, 5353)).expect("send");
+        let f = expect_flow(
+            &mut flows,
+            "a forged datagram dropped at its sender's port",
+            |f| f.src == src && f.dst_port == 5353 && !f.forwarded && f.from_pod,
+        );
+        assert_eq!(
+            f.drop_reason,
+            drop_reason::SOURCE_SPOOFED,
+            "{} as {src}",
+            from.name
+        );
+    }
+
+    // x answers ARP for b's address (here: a's neighbour entry for b made
+    // to point at x, as a spoofed ARP reply would leave it): a's datagrams
+    // for b, which policy allows, reach x's port and go no further.
+    let x_mac = keyway_tests::netns::mac(&x.netns, "eth0");
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &a.netns,
+            "neigh",
+            "replace",
+            &IP_B.to_string(),
+            "lladdr",
+            &x_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let stolen = in_netns(&x.netns, || {
+        UdpSocket::bind((IP_B, 5454)).expect("x binds b's address")
+    });
+    stolen.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let sender = in_netns(&a.netns, || UdpSocket::bind((IP_A, 0)).expect("bind"));
+    sender.send_to(b"for b only", (IP_B, 5454)).expect("send");
+    let f = expect_flow(&mut flows, "a -> b stopped at x's port", |f| {
+        f.dst == IP_B && f.dst_port == 5454 && !f.forwarded && !f.from_pod
+    });
+    assert_eq!(f.drop_reason, drop_reason::MISDELIVERED);
+    assert_eq!((f.src_identity, f.dst_identity), (A, B));
+    let mut buf = [0u8; 64];
+    assert!(
+        stolen.recv_from(&mut buf).is_err(),
+        "x must not receive what was sent to b"
+    );
     dp.stop();
 }
 

@@ -99,6 +99,10 @@ pub mod drop_reason {
     /// A pod sent a packet whose source address is not one of its own (the
     /// endpoint behind the interface it came in on): a forged sender.
     pub const SOURCE_SPOOFED: u8 = 5;
+    /// A packet for a pod on a bridge reached another pod's bridge port (an
+    /// answer to ARP from the wrong pod, or a frame the bridge flooded): it
+    /// is delivered only on its own pod's port.
+    pub const MISDELIVERED: u8 = 6;
 
     /// The name used in flow lines and metrics.
     pub const fn name(reason: u8) -> &'static str {
@@ -109,6 +113,7 @@ pub mod drop_reason {
             MALFORMED => "malformed",
             UNSUPPORTED_L3 => "unsupported-l3",
             SOURCE_SPOOFED => "source-spoofed",
+            MISDELIVERED => "misdelivered",
             _ => "unknown",
         }
     }
@@ -121,6 +126,9 @@ pub mod config_flags {
     /// Evaluate every packet in full, ignoring cached flow verdicts
     /// (benchmarks use it to measure the full lookup path).
     pub const NO_VERDICT_CACHE: u8 = 2;
+    /// Some local endpoints are bridge ports ([`super::endpoint_flags::BRIDGED`]):
+    /// the to-pod program checks that a packet for one leaves on its port.
+    pub const BRIDGED_PORTS: u8 = 4;
 }
 
 /// Policy direction, seen from the subject endpoint.

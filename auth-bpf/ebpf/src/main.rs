@@ -208,21 +208,36 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     // judged (and reported) as the pod it impersonates. Same-node traffic is
     // redirected past the stack, so rp_filter never sees it.
     let spoofed = at == hook::FROM_POD && !owns_source(pkt.src_ip, ifindex);
-    let mut v = if spoofed {
+    // On a bridge, L2 decides which port a frame leaves on, and a pod can
+    // answer ARP for another pod's address (or the bridge floods a frame
+    // it has not learnt yet): a packet for a bridged endpoint is delivered
+    // only on that endpoint's own port. Off (no lookup) on nodes with no
+    // bridged endpoint.
+    let misdelivered = !spoofed
+        && at == hook::TO_POD
+        && cfg.flags & config_flags::BRIDGED_PORTS != 0
+        && !leaves_on_own_port(pkt.dst_ip, ifindex);
+    let refused = spoofed || misdelivered;
+    let mut v = if refused {
+        let (reason, src_identity) = if spoofed {
+            (drop_reason::SOURCE_SPOOFED, identity::UNKNOWN)
+        } else {
+            (drop_reason::MISDELIVERED, lookup_ip(pkt.src_ip).identity)
+        };
         Verdict {
             forwarded: false,
-            reason: drop_reason::SOURCE_SPOOFED,
+            reason,
             rule_id: 0,
             auth_required: false,
             auth_expiry_ns: 0,
-            src_identity: identity::UNKNOWN,
+            src_identity,
             dst_identity: lookup_ip(pkt.dst_ip).identity,
         }
     } else {
         evaluate(&cfg, &pkt, at, now, true)
     };
     let mut is_reply = false;
-    if !spoofed && !v.forwarded && known && prev.is_reply == 1 {
+    if !refused && !v.forwarded && known && prev.is_reply == 1 {
         // The reply direction of a flow that was allowed the other way:
         // allowed while the original direction still would be.
         let orig = evaluate(&cfg, &pkt.reversed(), opposite(at), now, false);
@@ -392,6 +407,15 @@ fn owns_source(src: u32, ifindex: u32) -> bool {
     match unsafe { ENDPOINTS.get(&src) } {
         Some(ep) => ep.ifindex == ifindex,
         None => false,
+    }
+}
+
+/// False when `dst` is a bridged local endpoint behind another port.
+#[inline(always)]
+fn leaves_on_own_port(dst: u32, ifindex: u32) -> bool {
+    match unsafe { ENDPOINTS.get(&dst) } {
+        Some(ep) => ep.flags & endpoint_flags::BRIDGED == 0 || ep.ifindex == ifindex,
+        None => true,
     }
 }
 

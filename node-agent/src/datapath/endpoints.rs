@@ -81,28 +81,41 @@ pub fn read_proc_net(file: &str) -> std::io::Result<String> {
     std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
 }
 
+/// What [`bridge_ports`] found.
+#[derive(Debug, Default)]
+pub struct BridgePorts {
+    /// Addresses behind exactly one port.
+    pub placed: HashMap<Ipv4Addr, Link>,
+    /// Addresses claimed behind more than one port, with the ports' names:
+    /// not placed at all (see [`bridge_ports`]).
+    pub contested: HashMap<Ipv4Addr, Vec<String>>,
+    /// Ports whose far end could not be read, and why.
+    pub skipped: Vec<(String, std::io::Error)>,
+}
+
 /// The bridge ports behind which `wanted` addresses live. `host` is the
 /// node namespace's links (the calling thread's); `bridges` are the indexes
 /// of the bridges the addresses are routed to. For each veth port of those
 /// bridges, the addresses of its peer are read from the peer's namespace
 /// (by the namespace id the port reports, without entering it): an address
-/// of the peer names the port. Stops when every address is placed. A port
-/// whose peer's namespace cannot be read is skipped, with the reason in
-/// `skipped`.
-pub fn bridge_ports(
-    host: &[Link],
-    bridges: &BTreeSet<u32>,
-    wanted: &[Ipv4Addr],
-    skipped: &mut Vec<(String, std::io::Error)>,
-) -> HashMap<Ipv4Addr, Link> {
-    let mut found = HashMap::new();
+/// of the peer names the port.
+///
+/// A pod chooses its own addresses (with CAP_NET_ADMIN in its namespace it
+/// can add any), so what it claims is trusted only when nobody else claims
+/// it: an address behind two ports is placed behind neither. Placing it
+/// behind the wrong one would let that pod send as the other (the source
+/// check follows the endpoint). The caller keeps a placement while the port
+/// stays and the address keeps its identity, so a claim made after the
+/// real pod was placed changes nothing. A pod's address reaches the agent
+/// only after its CNI ADD has set it, so a claim made before is contested
+/// by the real pod, and refused.
+pub fn bridge_ports(host: &[Link], bridges: &BTreeSet<u32>, wanted: &[Ipv4Addr]) -> BridgePorts {
+    let mut claims: HashMap<Ipv4Addr, Vec<&Link>> = HashMap::new();
+    let mut out = BridgePorts::default();
     for port in host
         .iter()
         .filter(|l| bridges.contains(&l.master) && l.kind == "veth")
     {
-        if found.len() == wanted.len() {
-            break;
-        }
         let Some(nsid) = port.peer_netnsid else {
             continue;
         };
@@ -112,14 +125,29 @@ pub fn bridge_ports(
                     if let IpAddr::V4(ip) = a.ip
                         && wanted.contains(&ip)
                     {
-                        found.insert(ip, port.clone());
+                        let c = claims.entry(ip).or_default();
+                        if !c.iter().any(|p| p.index == port.index) {
+                            c.push(port);
+                        }
                     }
                 }
             }
-            Err(e) => skipped.push((port.name.clone(), e)),
+            Err(e) => out.skipped.push((port.name.clone(), e)),
         }
     }
-    found
+    for (ip, ports) in claims {
+        match ports.as_slice() {
+            [one] => {
+                out.placed.insert(ip, (*one).clone());
+            }
+            many => {
+                let mut names: Vec<String> = many.iter().map(|p| p.name.clone()).collect();
+                names.sort();
+                out.contested.insert(ip, names);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -196,6 +196,9 @@ pub struct DatapathStatus {
     pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
     /// Local workload addresses with no interface routed to them yet.
     pub unresolved: Vec<Ipv4Addr>,
+    /// Of those, addresses behind a bridge that more than one bridge port
+    /// claims, with the ports: placed behind none.
+    pub contested: BTreeMap<Ipv4Addr, Vec<String>>,
     /// Rule names by the id flow events carry.
     pub rules: Arc<BTreeMap<u32, String>>,
     pub local_node_id: u16,
@@ -215,10 +218,12 @@ pub struct Datapath {
     /// What the maps hold, once read or written.
     applied: Option<Tables>,
     endpoints_applied: Option<HashMap<u32, EndpointInfo>>,
-    /// Bridge ports found for pod addresses, kept while the port stays a
-    /// port of that bridge (so pods' namespaces are looked into only for
-    /// addresses not placed yet).
-    bridged: HashMap<Ipv4Addr, netlink::Link>,
+    /// Bridge ports found for pod addresses, with the identity the address
+    /// had then, kept while the port stays a port of that bridge and the
+    /// address keeps that identity: the first placement stands against
+    /// later claims (see [`endpoints::bridge_ports`]), and the pods'
+    /// namespaces are read only for addresses not placed yet.
+    bridged: HashMap<Ipv4Addr, (u32, netlink::Link)>,
     status: DatapathStatus,
 }
 
@@ -344,7 +349,9 @@ impl Datapath {
             0
         };
         config.update(|c| {
-            c.flags = flags;
+            // Whether the pinned endpoints include bridge ports is the last
+            // agent's finding, kept until this one's first scan.
+            c.flags = flags | (c.flags & config_flags::BRIDGED_PORTS);
             c.signal_interval_ns = cfg.signal_interval.as_nanos() as u64;
             c.flow_report_interval_ns = cfg.flow_report_interval.as_nanos() as u64;
         })?;
@@ -596,19 +603,20 @@ impl Datapath {
 
         // Behind a bridge: the port, from the cache while it is still a
         // port of that bridge, otherwise from the far ends of its ports.
-        let mut behind_bridge: HashMap<Ipv4Addr, u32> = HashMap::new();
-        for (ip, _) in &local {
+        let mut behind_bridge: HashMap<Ipv4Addr, (u32, u32)> = HashMap::new();
+        for (ip, identity) in &local {
             if let Some(l) = endpoints::interface_for(&routes, *ip).and_then(|i| by_name.get(i))
                 && l.kind == "bridge"
             {
-                behind_bridge.insert(*ip, l.index);
+                behind_bridge.insert(*ip, (l.index, *identity));
             }
         }
-        self.bridged.retain(|ip, port| {
-            behind_bridge.get(ip).is_some_and(|b| {
-                links
-                    .iter()
-                    .any(|l| l.index == port.index && l.name == port.name && l.master == *b)
+        self.bridged.retain(|ip, (identity, port)| {
+            behind_bridge.get(ip).is_some_and(|(b, now)| {
+                now == identity
+                    && links
+                        .iter()
+                        .any(|l| l.index == port.index && l.name == port.name && l.master == *b)
             })
         });
         let missing: Vec<Ipv4Addr> = behind_bridge
@@ -617,13 +625,28 @@ impl Datapath {
             .copied()
             .collect();
         if !missing.is_empty() {
-            let bridges: BTreeSet<u32> = behind_bridge.values().copied().collect();
-            let mut skipped = Vec::new();
-            let found = endpoints::bridge_ports(&links, &bridges, &missing, &mut skipped);
-            for (port, e) in skipped {
+            let bridges: BTreeSet<u32> = behind_bridge.values().map(|(b, _)| *b).collect();
+            let found = endpoints::bridge_ports(&links, &bridges, &missing);
+            for (port, e) in found.skipped {
                 debug!(port = %port, error = %e, "could not read the addresses behind a bridge port");
             }
-            self.bridged.extend(found);
+            for (ip, ports) in &found.contested {
+                // Said once per distinct claim, not on every scan.
+                if self.status.contested.get(ip) != Some(ports) {
+                    warn!(
+                        address = %ip,
+                        ports = ?ports,
+                        "a local workload's address is claimed behind several bridge ports; placing it behind none (what those ports send is dropped as source-spoofed) until only one claims it"
+                    );
+                }
+            }
+            self.status.contested = found.contested.into_iter().collect();
+            for (ip, port) in found.placed {
+                let identity = behind_bridge[&ip].1;
+                self.bridged.insert(ip, (identity, port));
+            }
+        } else {
+            self.status.contested.clear();
         }
 
         let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
@@ -631,7 +654,7 @@ impl Datapath {
         let mut unresolved = Vec::new();
         for (ip, identity) in local {
             let (link, flags) = if behind_bridge.contains_key(&ip) {
-                (self.bridged.get(&ip), endpoint_flags::BRIDGED)
+                (self.bridged.get(&ip).map(|(_, l)| l), endpoint_flags::BRIDGED)
             } else {
                 let link = endpoints::interface_for(&routes, ip).and_then(|i| by_name.get(i).copied());
                 (link, 0)
@@ -650,6 +673,12 @@ impl Datapath {
                 },
             );
             ifaces.insert(link.name.clone());
+        }
+        // The ports of a contested address get the programs too, with no
+        // endpoint behind them: whatever their pods send is dropped as
+        // source-spoofed, never let through unjudged.
+        for ports in self.status.contested.values() {
+            ifaces.extend(ports.iter().cloned());
         }
         // An attachment can go away under us (the link made defunct, another
         // tool detaching it): check that both programs still sit on every
@@ -702,6 +731,14 @@ impl Datapath {
         };
         let d = diff(&old, &desired);
         let changed = !d.is_empty();
+        let bridged = desired.values().any(|e| e.flags & endpoint_flags::BRIDGED != 0);
+        self.config.update(|c| {
+            if bridged {
+                c.flags |= config_flags::BRIDGED_PORTS;
+            } else {
+                c.flags &= !config_flags::BRIDGED_PORTS;
+            }
+        })?;
         for (k, v) in d.upserts {
             self.endpoints
                 .insert(k, v, 0)
