@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 /// Runs `ip` (or any command) and panics with its stderr on failure.
 pub fn run(cmd: &str, args: &[&str]) -> String {
@@ -920,4 +921,142 @@ pub fn send_forged(ns: &str, src: Ipv4Addr, dst: Ipv4Addr, packet: Forged<'_>) {
             assert_eq!(n, ip.len() as isize, "sendto: {err}");
         }
     });
+}
+
+/// An Ethernet/IPv4 ARP reply from `src_mac` claiming `sender` (the address
+/// it speaks for), to `dst_mac` about `target`: what a pod answering ARP
+/// for someone else sends. Written to `iface` in `ns` with a packet socket.
+pub fn send_arp_reply(
+    ns: &str,
+    iface: &str,
+    src_mac: [u8; 6],
+    sender: Ipv4Addr,
+    dst_mac: [u8; 6],
+    target: Ipv4Addr,
+) {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]); // Ethernet, IPv4, reply
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&target.octets());
+    let iface = iface.to_string();
+    in_netns(ns, move || {
+        let index = if_index(&iface);
+        #[allow(unsafe_code, reason = "packet sockets have no std equivalent")]
+        // SAFETY: plain socket calls on a descriptor this block owns; the
+        // buffers outlive the calls.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = 0x0806u16.to_be();
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&dst_mac);
+            let n = libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(n, f.len() as isize, "sendto: {err}");
+        }
+    });
+}
+
+/// ARP frames arriving on `iface` in `ns`, from the moment this is made.
+#[derive(Debug)]
+pub struct ArpListener(std::os::fd::OwnedFd);
+
+impl ArpListener {
+    pub fn new(ns: &str, iface: &str) -> ArpListener {
+        let iface = iface.to_string();
+        in_netns(ns, move || {
+            let index = if_index(&iface);
+            #[allow(unsafe_code, reason = "packet sockets have no std equivalent")]
+            // SAFETY: socket and bind on a descriptor handed to OwnedFd at
+            // once; the address struct outlives the call.
+            unsafe {
+                use std::os::fd::FromRawFd;
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (0x0806u16.to_be()) as i32);
+                assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+                let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = 0x0806u16.to_be();
+                addr.sll_ifindex = index as i32;
+                use std::os::fd::AsRawFd;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                );
+                assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                ArpListener(fd)
+            }
+        })
+    }
+
+    /// The senders (hardware and protocol address) of the ARP frames that
+    /// arrive, in order, until one speaking for `last` (returned too) or
+    /// `timeout` passes.
+    pub fn senders_until(&self, last: Ipv4Addr, timeout: Duration) -> Vec<([u8; 6], Ipv4Addr)> {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 128];
+        while std::time::Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            #[allow(unsafe_code, reason = "poll and recv on a packet socket")]
+            // SAFETY: one valid pollfd; a buffer that outlives the call.
+            let n = unsafe {
+                if libc::poll(&mut pfd, 1, left.as_millis() as i32) <= 0 {
+                    continue;
+                }
+                libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+            };
+            if n >= 42 {
+                let sender = Ipv4Addr::new(buf[28], buf[29], buf[30], buf[31]);
+                let mut sha = [0u8; 6];
+                sha.copy_from_slice(&buf[22..28]);
+                seen.push((sha, sender));
+                if sender == last {
+                    break;
+                }
+            }
+        }
+        seen
+    }
+}
+
+fn if_index(iface: &str) -> u32 {
+    let c = std::ffi::CString::new(iface).expect("interface name");
+    #[allow(unsafe_code, reason = "if_nametoindex has no std equivalent")]
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert!(index != 0, "no interface {iface}");
+    index
+}
+
+/// `aa:bb:..` as bytes.
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, part) in s.trim().split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(part, 16).expect("mac");
+    }
+    m
 }

@@ -850,7 +850,28 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         assert!(!s.endpoints.contains_key(&IP_D), "{s:?}");
         assert!(s.attached.contains(&d.host_if));
     }
-    // x sending as b, and anything sent as d, is dropped as forged.
+    // x sending as b, and anything sent as d, is dropped as forged. (Their
+    // ARP naming those addresses is dropped too, see below: a's address is
+    // given to them as a static neighbour, so the datagrams do leave.)
+    let a_mac = keyway_tests::netns::mac(&a.netns, "eth0");
+    for pod in [&x, &d] {
+        keyway_tests::netns::run(
+            "ip",
+            &[
+                "-n",
+                &pod.netns,
+                "neigh",
+                "replace",
+                &IP_A.to_string(),
+                "lladdr",
+                &a_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        );
+    }
     for (from, src) in [(&x, IP_B), (&x, IP_D), (&d, IP_D)] {
         let sock = in_netns(&from.netns, move || UdpSocket::bind((src, 0)).expect("bind"));
         sock.send_to(b"as someone else", (IP_A, 5353)).expect("send");
@@ -867,10 +888,33 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         );
     }
 
-    // x answers ARP for b's address (here: a's neighbour entry for b made
-    // to point at x, as a spoofed ARP reply would leave it): a's datagrams
-    // for b, which policy allows, reach x's port and go no further.
+    // x answers ARP for b's address: its reply never reaches a, while one
+    // for its own address, sent after it on the same path, does.
     let x_mac = keyway_tests::netns::mac(&x.netns, "eth0");
+    {
+        use keyway_tests::netns::{ArpListener, parse_mac, send_arp_reply};
+        let at_a = ArpListener::new(&a.netns, "eth0");
+        let (xm, am) = (
+            parse_mac(&x_mac),
+            parse_mac(&keyway_tests::netns::mac(&a.netns, "eth0")),
+        );
+        send_arp_reply(&x.netns, "eth0", xm, IP_B, am, IP_A);
+        send_arp_reply(&x.netns, "eth0", xm, IP_X, am, IP_A);
+        let seen = at_a.senders_until(IP_X, Duration::from_secs(5));
+        assert_eq!(
+            seen.last(),
+            Some(&(xm, IP_X)),
+            "x's reply for itself arrives: {seen:?}"
+        );
+        assert!(
+            !seen.contains(&(xm, IP_B)),
+            "x's reply claiming b's address must not arrive: {seen:?}"
+        );
+    }
+
+    // Had a's cache been poisoned anyway (a's neighbour entry for b made to
+    // point at x, as a spoofed reply would leave it): a's datagrams for b,
+    // which policy allows, reach x's port and go no further.
     keyway_tests::netns::run(
         "ip",
         &[

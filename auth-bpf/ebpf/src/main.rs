@@ -170,7 +170,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     };
     let pkt = match parse(ctx) {
         Ok(Some(p)) => p,
-        Ok(None) => return TC_ACT_OK as i32,
+        Ok(None) => return arp(ctx, at, &cfg),
         Err(reason) => {
             count_drop(reason);
             return TC_ACT_SHOT as i32;
@@ -408,6 +408,35 @@ fn owns_source(src: u32, ifindex: u32) -> bool {
         Some(ep) => ep.ifindex == ifindex,
         None => false,
     }
+}
+
+/// ARP is never judged by policy. But on a bridge, a pod's ARP must speak
+/// for its own address only: a reply or announcement naming another pod's
+/// address as its sender would steer that pod's traffic to this port (where
+/// the to-pod check would then drop it). So while any local endpoint is
+/// bridged, ARP a pod sends must name one of its own addresses, or none
+/// (0.0.0.0: an address probe, RFC 5227). Dropped otherwise as
+/// source-spoofed (counted; ARP makes no flow event).
+#[inline(always)]
+fn arp(ctx: &TcContext, at: u8, cfg: &Config) -> i32 {
+    if at != hook::FROM_POD || cfg.flags & config_flags::BRIDGED_PORTS == 0 {
+        return TC_ACT_OK as i32;
+    }
+    // Ethernet/IPv4 ARP: hardware and protocol types and sizes, operation
+    // and sender hardware address (14 bytes), then the sender's address.
+    let spa = match ptr_at::<[u8; 4]>(ctx, ETH_HLEN + 14) {
+        Some(p) => u32::from_ne_bytes(unsafe { *p }),
+        None => {
+            count_drop(drop_reason::MALFORMED);
+            return TC_ACT_SHOT as i32;
+        }
+    };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if spa == 0 || owns_source(spa, ifindex) {
+        return TC_ACT_OK as i32;
+    }
+    count_drop(drop_reason::SOURCE_SPOOFED);
+    TC_ACT_SHOT as i32
 }
 
 /// False when `dst` is a bridged local endpoint behind another port.
