@@ -233,6 +233,14 @@ impl Topology {
         pod
     }
 
+    /// What a CNI DEL does to a pod's plumbing: its host-side veth is
+    /// deleted (the pod's end goes with it). The namespace stays.
+    pub fn unplug_pod(&mut self, name: &str) {
+        let i = self.pods.iter().position(|p| p.name == name).expect("pod exists");
+        let pod = self.pods.remove(i);
+        run("ip", &["-n", &self.node, "link", "del", &pod.host_if]);
+    }
+
     /// A peer outside this node, behind a plain veth (no programs on it):
     /// the node reaches it at `ip` through 10.201.9.254/24.
     pub fn add_remote(&mut self, ip: Ipv4Addr) -> Pod {

@@ -13,6 +13,7 @@ use keyway_tests::netns::{
     Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo,
 };
 use keyway_tests::wait_until;
+use node_agent::datapath::endpoints::Withheld;
 use node_agent::datapath::{
     self, AuthMap, DatapathConfig, DatapathStatus, Flow, FlowKind, MissingAuth, PinnedAuthMap,
 };
@@ -134,6 +135,23 @@ impl Drop for Running {
 }
 
 // ---- node state as the control plane would send it ----
+
+/// A local workload and its ipcache entry.
+fn add_workload(state: &mut NodeState, name: &str, identity: u32, ip: Ipv4Addr) {
+    state
+        .workloads
+        .insert(("default".into(), name.into()), workload(name, identity, ip));
+    let cidr = format!("{ip}/32");
+    state.ipcache.insert(
+        cidr.clone(),
+        pb::IpcacheEntry {
+            cidr,
+            identity,
+            node_id: NODE_ID,
+            ..Default::default()
+        },
+    );
+}
 
 fn workload(name: &str, identity: u32, ip: Ipv4Addr) -> pb::Workload {
     pb::Workload {
@@ -690,6 +708,10 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
     const IP_D: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 4);
     const IP_X: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 9);
+    const E: u32 = 305;
+    const IP_E: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 5);
+    // Not any workload's.
+    const IP_Y: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 10);
     let gateway = Ipv4Addr::new(10, 201, 0, 254);
     let mut topo = Topology::new();
     let bridge = topo.add_bridge("10.201.0.254/24");
@@ -708,20 +730,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         .rule((X, 0, 0, 0, INGRESS), false, "default-allow")
         .rule((X, 0, 0, 0, EGRESS), false, "default-allow");
     for (name, id, ip) in [("c", C, IP_C), ("x", X, IP_X)] {
-        builder
-            .0
-            .workloads
-            .insert(("default".into(), name.into()), workload(name, id, ip));
-        let cidr = format!("{ip}/32");
-        builder.0.ipcache.insert(
-            cidr.clone(),
-            pb::IpcacheEntry {
-                cidr,
-                identity: id,
-                node_id: NODE_ID,
-                ..Default::default()
-            },
-        );
+        add_workload(&mut builder.0, name, id, ip);
     }
     let mut dp = start(&topo, |_| {}, NodeState::default());
     let mut flows = dp.flows.subscribe();
@@ -762,7 +771,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     let signal = dp.signals.try_recv().expect("the agent was signalled");
     assert_eq!((signal.key.local_id, signal.key.remote_id), (B, A));
     dp.auth
-        .upsert(signal.key, datapath::monotonic_ns() + 60_000_000_000)
+        .upsert(signal.key, datapath::monotonic_ns() + 600_000_000_000)
         .unwrap();
     let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("authenticated pair passes");
     assert!(echo_round_trip(&mut conn, b"over the bridge"));
@@ -797,62 +806,72 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         f.dst == IP_C && f.dst_port == 8080 && f.forwarded && !f.from_pod && f.dst_identity == C
     });
 
-    // A pod chooses its own addresses. x adds b's (placed already) and d's
-    // to its own. d's pod is made (its address set by its CNI ADD) before
-    // the agent hears of d, as in Kubernetes, where a pod's address is
-    // known only once its CNI ADD has set it.
+    // A pod chooses its own addresses. x, placed for its own, then drops it
+    // and adds b's (placed already) and d's, before d's pod is made (its
+    // address set by its CNI ADD) and the agent hears of d, as in
+    // Kubernetes, where a pod's address is known only once its CNI ADD has
+    // set it. A port placed for one pod speaks for that pod only: neither
+    // claim counts, so x can neither take d's address nor keep d from being
+    // placed (and x's own placement stands while its port does).
     let x = topo.add_bridged_pod(&bridge, "x", IP_X, 24, gateway);
-    for claimed in [IP_B, IP_D] {
+    wait_until(Duration::from_secs(10), "x's own address placed", || {
+        dp.status.borrow().endpoints.contains_key(&IP_X)
+    });
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &x.netns,
+            "addr",
+            "del",
+            &format!("{IP_X}/24"),
+            "dev",
+            "eth0",
+        ],
+    );
+    keyway_tests::netns::run(
+        "ip",
+        &["-n", &x.netns, "route", "add", "10.201.0.0/24", "dev", "eth0"],
+    );
+    let claim = |pod: &keyway_tests::netns::Pod, ip: Ipv4Addr| {
         keyway_tests::netns::run(
             "ip",
             &[
                 "-n",
-                &x.netns,
+                &pod.netns,
                 "addr",
                 "add",
-                &format!("{claimed}/32"),
+                &format!("{ip}/32"),
                 "dev",
                 "eth0",
             ],
         );
-    }
+    };
+    claim(&x, IP_D);
     let d = topo.add_bridged_pod(&bridge, "d", IP_D, 24, gateway);
     let mut state = state;
-    state
-        .workloads
-        .insert(("default".into(), "d".into()), workload("d", D, IP_D));
-    let cidr = format!("{IP_D}/32");
-    state.ipcache.insert(
-        cidr.clone(),
-        pb::IpcacheEntry {
-            cidr,
-            identity: D,
-            node_id: NODE_ID,
-            ..Default::default()
-        },
-    );
-    // Both ports guarded (apply waits for every pod's port), d's address
-    // behind neither.
-    dp.apply(state, &topo);
-    let mut both = vec![d.host_if.clone(), x.host_if.clone()];
-    both.sort();
+    add_workload(&mut state, "d", D, IP_D);
+    dp.apply(state.clone(), &topo);
     {
         let s = dp.status.borrow();
-        // b was placed before x's claim: still behind b's port.
-        let b_index = in_netns(&topo.node, {
-            let i = b.host_if.clone();
-            move || node_agent::datapath::ifindex(&i)
-        });
-        assert_eq!(Some(s.endpoints[&IP_B].ifindex), b_index);
-        assert!(!s.contested.contains_key(&IP_B));
-        assert_eq!(s.contested.get(&IP_D), Some(&both), "{s:?}");
-        // d's address is behind neither port, and both are guarded.
-        assert!(!s.endpoints.contains_key(&IP_D), "{s:?}");
-        assert!(s.attached.contains(&d.host_if));
+        for pod in [&b, &d, &x] {
+            let index = in_netns(&topo.node, {
+                let i = pod.host_if.clone();
+                move || node_agent::datapath::ifindex(&i)
+            });
+            assert_eq!(
+                Some(s.endpoints[&pod.ip].ifindex),
+                index,
+                "{} behind its own port: {s:?}",
+                pod.name
+            );
+        }
+        assert!(s.withheld.is_empty(), "{s:?}");
     }
-    // x sending as b, and anything sent as d, is dropped as forged. (Their
-    // ARP naming those addresses is dropped too, see below: a's address is
-    // given to them as a static neighbour, so the datagrams do leave.)
+    claim(&x, IP_B);
+    // x sending as b or as d is dropped as forged. (Its ARP naming those
+    // addresses is dropped too, see below: a's address is given to it as a
+    // static neighbour, so the datagrams do leave.)
     let a_mac = keyway_tests::netns::mac(&a.netns, "eth0");
     for pod in [&x, &d] {
         keyway_tests::netns::run(
@@ -872,7 +891,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
             ],
         );
     }
-    for (from, src) in [(&x, IP_B), (&x, IP_D), (&d, IP_D)] {
+    for (from, src) in [(&x, IP_B), (&x, IP_D)] {
         let sock = in_netns(&from.netns, move || UdpSocket::bind((src, 0)).expect("bind"));
         sock.send_to(b"as someone else", (IP_A, 5353)).expect("send");
         let f = expect_flow(
@@ -887,6 +906,13 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
             from.name
         );
     }
+
+    // d, placed, sends as itself.
+    let sock = in_netns(&d.netns, || UdpSocket::bind((IP_D, 0)).expect("bind"));
+    sock.send_to(b"as myself", (IP_A, 5353)).expect("send");
+    expect_flow(&mut flows, "d's own datagram let through", |f| {
+        f.src == IP_D && f.dst_port == 5353 && f.forwarded && f.from_pod && f.src_identity == D
+    });
 
     // x answers ARP for b's address: its reply never reaches a, while one
     // for its own address, sent after it on the same path, does.
@@ -947,6 +973,144 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         stolen.recv_from(&mut buf).is_err(),
         "x must not receive what was sent to b"
     );
+
+    // y is a pod the agent has no record of (or one that dropped its own
+    // address): its port is guarded all the same, and nothing it sends
+    // gets through, though nothing stops it at the other end (a admits
+    // anyone).
+    let y = topo.add_bridged_pod(&bridge, "y", IP_Y, 24, gateway);
+    wait_until(Duration::from_secs(10), "y's port guarded", || {
+        dp.status.borrow().attached.contains(&y.host_if)
+    });
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &y.netns,
+            "neigh",
+            "replace",
+            &IP_A.to_string(),
+            "lladdr",
+            &a_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let send_as = |from: &keyway_tests::netns::Pod, src: Ipv4Addr, flows: &mut broadcast::Receiver<Flow>| {
+        let sock = in_netns(&from.netns, move || UdpSocket::bind((src, 0)).expect("bind"));
+        sock.send_to(b"who am i", (IP_A, 5353)).expect("send");
+        expect_flow(flows, "a datagram from y's port", |f| {
+            f.src == src && f.dst_port == 5353 && f.from_pod
+        })
+    };
+    let f = send_as(&y, IP_Y, &mut flows);
+    assert_eq!((f.forwarded, f.drop_reason), (false, drop_reason::SOURCE_SPOOFED));
+
+    // y claims e's address before e's pod is made: contested, so placed
+    // behind neither.
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &y.netns,
+            "addr",
+            "add",
+            &format!("{IP_E}/32"),
+            "dev",
+            "eth0",
+        ],
+    );
+    let e = topo.add_bridged_pod(&bridge, "e", IP_E, 24, gateway);
+    add_workload(&mut state, "e", E, IP_E);
+    dp.apply(state.clone(), &topo);
+    {
+        let s = dp.status.borrow();
+        let mut both = vec![e.host_if.clone(), y.host_if.clone()];
+        both.sort();
+        assert_eq!(s.withheld.get(&IP_E), Some(&Withheld::Contested(both)), "{s:?}");
+        assert!(!s.endpoints.contains_key(&IP_E), "{s:?}");
+    }
+    let f = send_as(&y, IP_E, &mut flows);
+    assert_eq!((f.forwarded, f.drop_reason), (false, drop_reason::SOURCE_SPOOFED));
+    // e's pod goes away (CNI DEL) while its record is still in the state,
+    // as it is between a pod's deletion and the control plane hearing of
+    // it: y, the one claimant left, must not inherit e's address.
+    topo.unplug_pod("e");
+    wait_until(Duration::from_secs(10), "e's address orphaned", || {
+        matches!(
+            dp.status.borrow().withheld.get(&IP_E),
+            Some(Withheld::Orphaned(_))
+        )
+    });
+    let f = send_as(&y, IP_E, &mut flows);
+    assert_eq!(
+        (f.forwarded, f.drop_reason),
+        (false, drop_reason::SOURCE_SPOOFED),
+        "y must not send as e once e is gone"
+    );
+    assert!(!dp.status.borrow().endpoints.contains_key(&IP_E));
+
+    // y now claims b's address, placed already: the placement stands, and
+    // stands across an agent restart (the new agent takes it over from the
+    // pinned endpoint map instead of weighing the claims afresh, which
+    // would leave b's address contested).
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &y.netns,
+            "addr",
+            "add",
+            &format!("{IP_B}/32"),
+            "dev",
+            "eth0",
+        ],
+    );
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &y.netns,
+            "addr",
+            "del",
+            &format!("{IP_E}/32"),
+            "dev",
+            "eth0",
+        ],
+    );
+    state.workloads.remove(&("default".to_string(), "e".to_string()));
+    dp.apply(state.clone(), &topo);
+    let b_port = dp.status.borrow().endpoints[&IP_B];
+    dp.stop();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(state, &topo);
+    {
+        let s = dp.status.borrow();
+        assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
+        assert!(s.withheld.is_empty(), "{s:?}");
+    }
+    // (a's neighbour entry for b, pointed at x above, put right first.)
+    let b_mac = keyway_tests::netns::mac(&b.netns, "eth0");
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &a.netns,
+            "neigh",
+            "replace",
+            &IP_B.to_string(),
+            "lladdr",
+            &b_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let mut conn = connect(&b.netns, IP_A, 7070, Duration::from_secs(3)).expect("b still sends as itself");
+    assert!(echo_round_trip(&mut conn, b"after the restart"));
     dp.stop();
 }
 

@@ -126,8 +126,9 @@ pub mod config_flags {
     /// Evaluate every packet in full, ignoring cached flow verdicts
     /// (benchmarks use it to measure the full lookup path).
     pub const NO_VERDICT_CACHE: u8 = 2;
-    /// Some local endpoints are bridge ports ([`super::endpoint_flags::BRIDGED`]):
-    /// the to-pod program checks that a packet for one leaves on its port.
+    /// Some attached interfaces are bridge ports: the to-pod program checks
+    /// that a packet for a [`super::endpoint_flags::BRIDGED`] endpoint leaves
+    /// on its port, and the from-pod program checks ARP senders.
     pub const BRIDGED_PORTS: u8 = 4;
 }
 

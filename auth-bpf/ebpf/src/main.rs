@@ -212,7 +212,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     // answer ARP for another pod's address (or the bridge floods a frame
     // it has not learnt yet): a packet for a bridged endpoint is delivered
     // only on that endpoint's own port. Off (no lookup) on nodes with no
-    // bridged endpoint.
+    // bridge ports.
     let misdelivered = !spoofed
         && at == hook::TO_POD
         && cfg.flags & config_flags::BRIDGED_PORTS != 0
@@ -413,8 +413,8 @@ fn owns_source(src: u32, ifindex: u32) -> bool {
 /// ARP is never judged by policy. But on a bridge, a pod's ARP must speak
 /// for its own address only: a reply or announcement naming another pod's
 /// address as its sender would steer that pod's traffic to this port (where
-/// the to-pod check would then drop it). So while any local endpoint is
-/// bridged, ARP a pod sends must name one of its own addresses, or none
+/// the to-pod check would then drop it). So while any attached interface
+/// is a bridge port, ARP a pod sends must name one of its own addresses, or none
 /// (0.0.0.0: an address probe, RFC 5227). Dropped otherwise as
 /// source-spoofed (counted; ARP makes no flow event).
 #[inline(always)]

@@ -10,9 +10,10 @@
 //! The bridge itself is not where a pod's packets can be told apart, so the
 //! address is followed to the bridge port instead: the pod's address lives
 //! on the far end of a port's veth, in the pod's network namespace, which
-//! the node can read by the id the port reports ([`bridge_ports`]).
+//! the node can read by the id the port reports ([`read_claims`]), and
+//! weighs against what other ports claim ([`BridgePlacer`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::netlink::{self, Link};
@@ -81,73 +82,352 @@ pub fn read_proc_net(file: &str) -> std::io::Result<String> {
     std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
 }
 
-/// What [`bridge_ports`] found.
-#[derive(Debug, Default)]
-pub struct BridgePorts {
-    /// Addresses behind exactly one port.
-    pub placed: HashMap<Ipv4Addr, Link>,
-    /// Addresses claimed behind more than one port, with the ports' names:
-    /// not placed at all (see [`bridge_ports`]).
-    pub contested: HashMap<Ipv4Addr, Vec<String>>,
-    /// Ports whose far end could not be read, and why.
-    pub skipped: Vec<(String, std::io::Error)>,
+/// A pod, as the control plane names it: (namespace, name).
+pub type WorkloadKey = (String, String);
+
+/// A local workload address routed to a bridge: whose it is, and which
+/// bridge it must be found behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub key: WorkloadKey,
+    pub identity: u32,
+    /// The bridge's interface index.
+    pub bridge: u32,
 }
 
-/// The bridge ports behind which `wanted` addresses live. `host` is the
-/// node namespace's links (the calling thread's); `bridges` are the indexes
-/// of the bridges the addresses are routed to. For each veth port of those
-/// bridges, the addresses of its peer are read from the peer's namespace
-/// (by the namespace id the port reports, without entering it): an address
-/// of the peer names the port.
+/// One veth port of a bridge, with the IPv4 addresses the pod behind it
+/// has on the far end (`None`: not read this scan, see
+/// [`BridgePlacer::ports_to_read`]; `Some(Err)`: could not be read).
+#[derive(Debug)]
+pub struct PortView {
+    pub link: Link,
+    pub claims: Option<std::io::Result<Vec<Ipv4Addr>>>,
+}
+
+/// A bridge port as far as placement is concerned: an index is reused
+/// after a link is deleted, a name and index together are not in practice
+/// (CNIs name host veths at random).
+fn same_port(a: &Link, b: &Link) -> bool {
+    a.index == b.index && a.name == b.name
+}
+
+#[derive(Debug, Clone)]
+struct Placement {
+    key: WorkloadKey,
+    port: Link,
+}
+
+/// Ports that claimed one address together, for as long as that address
+/// belongs to the same pod. `lost`: one of them (or the port the address
+/// was placed behind) is gone since, so whoever still claims it may be the
+/// one that lied: the address is withheld until the pod's record changes.
+#[derive(Debug, Clone)]
+struct Contest {
+    key: WorkloadKey,
+    ports: Vec<Link>,
+    lost: bool,
+}
+
+/// Why an address behind a bridge has no port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Withheld {
+    /// Claimed behind several ports now (their names).
+    Contested(Vec<String>),
+    /// Claimed behind several ports before, and one of them, or the port it
+    /// was placed behind, is gone (their names): withheld until the pod's
+    /// record changes, so the port left over cannot inherit it.
+    Orphaned(Vec<String>),
+}
+
+/// What one [`BridgePlacer::place`] found besides the placements.
+#[derive(Debug, Default)]
+pub struct PlaceOutcome {
+    pub withheld: HashMap<Ipv4Addr, Withheld>,
+    /// Ports whose claims were ignored, and why.
+    pub ignored: Vec<(String, &'static str)>,
+    /// Ports whose far end could not be read, and why.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Which bridge port each pod address behind a bridge is placed behind,
+/// kept from scan to scan.
 ///
-/// A pod chooses its own addresses (with CAP_NET_ADMIN in its namespace it
-/// can add any), so what it claims is trusted only when nobody else claims
-/// it: an address behind two ports is placed behind neither. Placing it
-/// behind the wrong one would let that pod send as the other (the source
-/// check follows the endpoint). The caller keeps a placement while the port
-/// stays and the address keeps its identity, so a claim made after the
-/// real pod was placed changes nothing. A pod's address reaches the agent
-/// only after its CNI ADD has set it, so a claim made before is contested
-/// by the real pod, and refused.
-pub fn bridge_ports(host: &[Link], bridges: &BTreeSet<u32>, wanted: &[Ipv4Addr]) -> BridgePorts {
-    let mut claims: HashMap<Ipv4Addr, Vec<&Link>> = HashMap::new();
-    let mut out = BridgePorts::default();
-    for port in host
-        .iter()
-        .filter(|l| bridges.contains(&l.master) && l.kind == "veth")
-    {
-        let Some(nsid) = port.peer_netnsid else {
-            continue;
+/// A pod chooses its own addresses: with CAP_NET_ADMIN in its namespace it
+/// can add any address, before or after the real owner's. Placing an
+/// address behind the wrong port lets that pod send as the other (the
+/// source check follows the endpoint), so a claim counts only when nothing
+/// says it is a lie:
+/// - a port placed for one pod (its *owner*, kept while the port lives)
+///   speaks for that pod only: its claims to other pods' addresses are
+///   ignored, so a pod cannot contest its neighbours by claiming the subnet;
+/// - a port not placed yet that claims addresses of two pods is ignored;
+/// - an address claimed behind two ports is placed behind neither, and the
+///   claimants are remembered while the address belongs to that pod;
+/// - a placement stands against later claims while its port lives, and the
+///   claim is remembered as a contest;
+/// - once a contested port or a placed port is gone, the address is
+///   withheld until its pod's record changes: which claimant is left over
+///   cannot be told from the claims, and the one that lied must not inherit
+///   it when the real pod goes away.
+///
+/// A pod's address reaches the agent only after its CNI ADD has set it, so
+/// a pod that claims it earlier is contested by the real pod, never placed.
+#[derive(Debug, Default)]
+pub struct BridgePlacer {
+    placed: HashMap<Ipv4Addr, Placement>,
+    owners: HashMap<u32, (Link, WorkloadKey)>,
+    contests: HashMap<Ipv4Addr, Contest>,
+}
+
+impl BridgePlacer {
+    /// The port `ip` is placed behind.
+    pub fn port_of(&self, ip: Ipv4Addr) -> Option<&Link> {
+        self.placed.get(&ip).map(|p| &p.port)
+    }
+
+    /// Takes a placement the last agent wrote (its endpoint map), if the
+    /// address still belongs to a pod of that identity behind that bridge
+    /// and the port is one of `ports`: a restart must not reopen the claims
+    /// it had settled.
+    pub fn seed(
+        &mut self,
+        ip: Ipv4Addr,
+        ifindex: u32,
+        identity: u32,
+        ports: &[Link],
+        wanted: &HashMap<Ipv4Addr, Wanted>,
+    ) {
+        let Some(w) = wanted.get(&ip) else { return };
+        let Some(port) = ports.iter().find(|p| p.index == ifindex && p.master == w.bridge) else {
+            return;
         };
-        match netlink::ipv4_addresses_in(nsid) {
-            Ok(addresses) => {
-                for a in addresses.iter().filter(|a| a.index == port.peer) {
-                    if let IpAddr::V4(ip) = a.ip
-                        && wanted.contains(&ip)
-                    {
-                        let c = claims.entry(ip).or_default();
-                        if !c.iter().any(|p| p.index == port.index) {
-                            c.push(port);
-                        }
+        if w.identity != identity || self.placed.contains_key(&ip) {
+            return;
+        }
+        if let Some((_, owner)) = self.owners.get(&port.index)
+            && *owner != w.key
+        {
+            return;
+        }
+        self.owners.insert(port.index, (port.clone(), w.key.clone()));
+        self.placed.insert(
+            ip,
+            Placement {
+                key: w.key.clone(),
+                port: port.clone(),
+            },
+        );
+    }
+
+    /// The ports whose far end must be read this scan: those not placed for
+    /// any pod yet, and those whose pod still has an address not placed.
+    /// A port placed for a pod speaks for that pod only, so once all of a
+    /// pod's addresses are placed its port is not read again.
+    pub fn ports_to_read(&self, ports: &[Link], wanted: &HashMap<Ipv4Addr, Wanted>) -> Vec<bool> {
+        ports
+            .iter()
+            .map(|p| match self.owners.get(&p.index) {
+                Some((l, key)) if same_port(l, p) => wanted
+                    .iter()
+                    .any(|(ip, w)| w.key == *key && !self.placed.contains_key(ip)),
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// One scan: forgets what is gone, weighs the claims read from `ports`
+    /// (the veth ports of the bridges in `wanted`) and places what can be
+    /// placed.
+    pub fn place(&mut self, ports: &[PortView], wanted: &HashMap<Ipv4Addr, Wanted>) -> PlaceOutcome {
+        let mut out = PlaceOutcome::default();
+        let present = |l: &Link| {
+            ports
+                .iter()
+                .any(|p| same_port(&p.link, l) && p.link.master == l.master)
+        };
+        self.owners.retain(|_, (l, _)| present(l));
+        let mut orphaned = Vec::new();
+        self.placed.retain(|ip, p| {
+            let Some(w) = wanted.get(ip).filter(|w| w.key == p.key) else {
+                return false;
+            };
+            if !present(&p.port) || w.bridge != p.port.master {
+                orphaned.push((*ip, p.key.clone(), p.port.clone()));
+                return false;
+            }
+            // The pod's identity may have changed; its port has not.
+            true
+        });
+        for (ip, key, port) in orphaned {
+            let c = self.contests.entry(ip).or_insert(Contest {
+                key,
+                ports: Vec::new(),
+                lost: false,
+            });
+            if !c.ports.iter().any(|l| same_port(l, &port)) {
+                c.ports.push(port);
+            }
+            c.lost = true;
+        }
+        self.contests
+            .retain(|ip, c| wanted.get(ip).is_some_and(|w| w.key == c.key));
+        for c in self.contests.values_mut() {
+            if c.ports.iter().any(|l| !present(l)) {
+                c.lost = true;
+            }
+        }
+
+        // The claims that count, by address.
+        let mut claims: HashMap<Ipv4Addr, Vec<&Link>> = HashMap::new();
+        for view in ports {
+            let port = &view.link;
+            let addresses = match &view.claims {
+                None => continue,
+                Some(Err(e)) => {
+                    out.skipped.push((port.name.clone(), e.to_string()));
+                    continue;
+                }
+                Some(Ok(a)) => a,
+            };
+            let mine: Vec<(Ipv4Addr, &Wanted)> = addresses
+                .iter()
+                .filter_map(|ip| wanted.get(ip).map(|w| (*ip, w)))
+                .filter(|(_, w)| w.bridge == port.master)
+                .collect();
+            let owner = self
+                .owners
+                .get(&port.index)
+                .filter(|(l, _)| same_port(l, port))
+                .map(|(_, k)| k);
+            let counted: Vec<Ipv4Addr> = match owner {
+                Some(key) => {
+                    if mine.iter().any(|(_, w)| w.key != *key) {
+                        out.ignored
+                            .push((port.name.clone(), "claims addresses of other pods than its own"));
+                    }
+                    mine.iter()
+                        .filter(|(_, w)| w.key == *key)
+                        .map(|(ip, _)| *ip)
+                        .collect()
+                }
+                None => {
+                    let first = mine.first().map(|(_, w)| &w.key);
+                    if mine.iter().any(|(_, w)| Some(&w.key) != first) {
+                        out.ignored
+                            .push((port.name.clone(), "claims addresses of several pods"));
+                        Vec::new()
+                    } else {
+                        mine.iter().map(|(ip, _)| *ip).collect()
                     }
                 }
-            }
-            Err(e) => out.skipped.push((port.name.clone(), e)),
-        }
-    }
-    for (ip, ports) in claims {
-        match ports.as_slice() {
-            [one] => {
-                out.placed.insert(ip, (*one).clone());
-            }
-            many => {
-                let mut names: Vec<String> = many.iter().map(|p| p.name.clone()).collect();
-                names.sort();
-                out.contested.insert(ip, names);
+            };
+            for ip in counted {
+                claims.entry(ip).or_default().push(port);
             }
         }
+
+        let mut ips: Vec<&Ipv4Addr> = wanted.keys().collect();
+        ips.sort();
+        for ip in ips {
+            let w = &wanted[ip];
+            let claimants = claims.get(ip).map(Vec::as_slice).unwrap_or_default();
+            if let Some(p) = self.placed.get(ip) {
+                let others: Vec<&Link> = claimants
+                    .iter()
+                    .copied()
+                    .filter(|l| !same_port(l, &p.port))
+                    .collect();
+                if !others.is_empty() {
+                    let port = p.port.clone();
+                    self.remember_contest(*ip, w, std::iter::once(&port).chain(others));
+                }
+                continue;
+            }
+            if let Some(c) = self.contests.get(ip)
+                && c.lost
+            {
+                out.withheld.insert(*ip, Withheld::Orphaned(names(&c.ports)));
+                continue;
+            }
+            match claimants {
+                [] => {}
+                [one] => {
+                    self.owners.insert(one.index, ((*one).clone(), w.key.clone()));
+                    self.placed.insert(
+                        *ip,
+                        Placement {
+                            key: w.key.clone(),
+                            port: (*one).clone(),
+                        },
+                    );
+                }
+                many => {
+                    self.remember_contest(*ip, w, many.iter().copied());
+                    out.withheld
+                        .insert(*ip, Withheld::Contested(names(many.iter().copied())));
+                }
+            }
+        }
+        out
     }
-    out
+
+    fn remember_contest<'a>(&mut self, ip: Ipv4Addr, w: &Wanted, ports: impl Iterator<Item = &'a Link>) {
+        let c = self.contests.entry(ip).or_insert(Contest {
+            key: w.key.clone(),
+            ports: Vec::new(),
+            lost: false,
+        });
+        for l in ports {
+            if !c.ports.iter().any(|p| same_port(p, l)) {
+                c.ports.push(l.clone());
+            }
+        }
+    }
+}
+
+fn names<'a>(ports: impl IntoIterator<Item = &'a Link>) -> Vec<String> {
+    let mut n: Vec<String> = ports.into_iter().map(|l| l.name.clone()).collect();
+    n.sort();
+    n
+}
+
+/// Reads, for each port marked in `read`, the IPv4 addresses of its veth
+/// peer, from the peer's namespace by the id the port reports (one dump per
+/// namespace, however many ports lead into it).
+pub fn read_claims(ports: &[Link], read: &[bool]) -> Vec<PortView> {
+    let mut by_ns: HashMap<i32, Result<Vec<netlink::Address>, String>> = HashMap::new();
+    ports
+        .iter()
+        .zip(read)
+        .map(|(port, read)| {
+            let claims = match (read, port.peer_netnsid) {
+                (false, _) => None,
+                // A veth whose peer is in the node's own namespace leads to
+                // no pod.
+                (true, None) => Some(Ok(Vec::new())),
+                (true, Some(nsid)) => {
+                    let dump = by_ns
+                        .entry(nsid)
+                        .or_insert_with(|| netlink::ipv4_addresses_in(nsid).map_err(|e| e.to_string()));
+                    Some(match dump {
+                        Ok(a) => Ok(a
+                            .iter()
+                            .filter(|a| a.index == port.peer)
+                            .filter_map(|a| match a.ip {
+                                IpAddr::V4(ip) => Some(ip),
+                                IpAddr::V6(_) => None,
+                            })
+                            .collect()),
+                        Err(e) => Err(std::io::Error::other(e.clone())),
+                    })
+                }
+            };
+            PortView {
+                link: port.clone(),
+                claims,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -161,6 +441,182 @@ eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
 kwa\t0100C90A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
 down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
 ";
+
+    const BR: u32 = 2;
+
+    fn port(index: u32, name: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            kind: "veth".into(),
+            master: BR,
+            peer: 2,
+            peer_netnsid: Some(index as i32),
+        }
+    }
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, 0, last)
+    }
+
+    fn wanted(pods: &[(&str, u32, &[u8])]) -> HashMap<Ipv4Addr, Wanted> {
+        let mut w = HashMap::new();
+        for (name, identity, ips) in pods {
+            for last in *ips {
+                w.insert(
+                    ip(*last),
+                    Wanted {
+                        key: ("default".into(), (*name).into()),
+                        identity: *identity,
+                        bridge: BR,
+                    },
+                );
+            }
+        }
+        w
+    }
+
+    /// Ports with what their pods claim (every port read).
+    fn views(ports: &[(&Link, &[u8])]) -> Vec<PortView> {
+        ports
+            .iter()
+            .map(|(l, ips)| PortView {
+                link: (*l).clone(),
+                claims: Some(Ok(ips.iter().map(|i| ip(*i)).collect())),
+            })
+            .collect()
+    }
+
+    fn placed(p: &BridgePlacer, last: u8) -> Option<&str> {
+        p.port_of(ip(last)).map(|l| l.name.as_str())
+    }
+
+    #[test]
+    fn an_address_claimed_behind_one_port_is_placed_there() {
+        let (pa, pb) = (port(10, "va"), port(11, "vb"));
+        let w = wanted(&[("a", 1, &[1]), ("b", 2, &[2])]);
+        let mut p = BridgePlacer::default();
+        let out = p.place(&views(&[(&pa, &[1]), (&pb, &[2, 77])]), &w);
+        assert!(out.withheld.is_empty() && out.ignored.is_empty(), "{out:?}");
+        assert_eq!((placed(&p, 1), placed(&p, 2)), (Some("va"), Some("vb")));
+        // Placed ports of fully placed pods are not read again.
+        assert_eq!(
+            p.ports_to_read(&[pa, pb, port(12, "vc")], &w),
+            vec![false, false, true]
+        );
+    }
+
+    #[test]
+    fn an_address_claimed_behind_two_ports_is_placed_behind_neither() {
+        let (pa, px) = (port(10, "va"), port(11, "vx"));
+        let w = wanted(&[("a", 1, &[1])]);
+        let mut p = BridgePlacer::default();
+        let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
+        assert_eq!(
+            out.withheld.get(&ip(1)),
+            Some(&Withheld::Contested(vec!["va".into(), "vx".into()]))
+        );
+        assert_eq!(placed(&p, 1), None);
+        // The liar withdraws while both ports stay: the one left is placed.
+        p.place(&views(&[(&pa, &[1]), (&px, &[])]), &w);
+        assert_eq!(placed(&p, 1), Some("va"));
+    }
+
+    #[test]
+    fn a_placement_stands_against_later_claims_and_identity_changes() {
+        let (pa, px) = (port(10, "va"), port(11, "vx"));
+        let mut p = BridgePlacer::default();
+        p.place(&views(&[(&pa, &[1])]), &wanted(&[("a", 1, &[1])]));
+        let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &wanted(&[("a", 7, &[1])]));
+        assert!(out.withheld.is_empty(), "{out:?}");
+        assert_eq!(placed(&p, 1), Some("va"));
+    }
+
+    #[test]
+    fn a_port_placed_for_one_pod_speaks_for_that_pod_only() {
+        // a has a second address not placed yet, so its port is read; it
+        // also claims b's, which must neither be placed there nor contest b.
+        let (pa, pb) = (port(10, "va"), port(11, "vb"));
+        let mut p = BridgePlacer::default();
+        p.place(&views(&[(&pa, &[1])]), &wanted(&[("a", 1, &[1])]));
+        let w = wanted(&[("a", 1, &[1, 3]), ("b", 2, &[2])]);
+        assert_eq!(p.ports_to_read(&[pa.clone(), pb.clone()], &w), vec![true, true]);
+        let out = p.place(&views(&[(&pa, &[1, 3, 2]), (&pb, &[2])]), &w);
+        assert!(out.withheld.is_empty(), "{out:?}");
+        assert_eq!(
+            out.ignored,
+            vec![("va".to_string(), "claims addresses of other pods than its own")]
+        );
+        assert_eq!((placed(&p, 3), placed(&p, 2)), (Some("va"), Some("vb")));
+    }
+
+    #[test]
+    fn a_port_claiming_several_pods_addresses_is_ignored() {
+        let (pa, pb, px) = (port(10, "va"), port(11, "vb"), port(12, "vx"));
+        let w = wanted(&[("a", 1, &[1]), ("b", 2, &[2])]);
+        let mut p = BridgePlacer::default();
+        let out = p.place(&views(&[(&px, &[1, 2]), (&pa, &[1]), (&pb, &[2])]), &w);
+        assert!(out.withheld.is_empty(), "{out:?}");
+        assert_eq!(
+            out.ignored,
+            vec![("vx".to_string(), "claims addresses of several pods")]
+        );
+        assert_eq!((placed(&p, 1), placed(&p, 2)), (Some("va"), Some("vb")));
+    }
+
+    #[test]
+    fn the_claimant_left_over_does_not_inherit_an_address() {
+        let (pa, px) = (port(10, "va"), port(11, "vx"));
+        let w = wanted(&[("a", 1, &[1])]);
+        // Contested, then a's port goes: x is alone, and refused.
+        let mut p = BridgePlacer::default();
+        p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
+        let out = p.place(&views(&[(&px, &[1])]), &w);
+        assert_eq!(
+            out.withheld.get(&ip(1)),
+            Some(&Withheld::Orphaned(vec!["va".into(), "vx".into()]))
+        );
+        assert_eq!(placed(&p, 1), None);
+        // Placed, claimed by x later, then a's port goes: the same.
+        let mut p = BridgePlacer::default();
+        p.place(&views(&[(&pa, &[1])]), &w);
+        p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
+        p.place(&views(&[(&px, &[1])]), &w);
+        assert_eq!(placed(&p, 1), None);
+        // Placed, then its port goes with nobody else claiming: a claim
+        // made after that is refused as well.
+        let mut p = BridgePlacer::default();
+        p.place(&views(&[(&pa, &[1])]), &w);
+        p.place(&views(&[(&px, &[])]), &w);
+        let out = p.place(&views(&[(&px, &[1])]), &w);
+        assert!(
+            matches!(out.withheld.get(&ip(1)), Some(Withheld::Orphaned(_))),
+            "{out:?}"
+        );
+        assert_eq!(placed(&p, 1), None);
+        // Until the address belongs to another pod (a new record): then it
+        // is weighed afresh.
+        let pn = port(13, "vn");
+        let w2 = wanted(&[("a2", 1, &[1])]);
+        let out = p.place(&views(&[(&px, &[]), (&pn, &[1])]), &w2);
+        assert!(out.withheld.is_empty(), "{out:?}");
+        assert_eq!(placed(&p, 1), Some("vn"));
+    }
+
+    #[test]
+    fn a_restart_takes_over_the_last_agents_placements() {
+        let (pa, px) = (port(10, "va"), port(11, "vx"));
+        let w = wanted(&[("a", 1, &[1])]);
+        let mut p = BridgePlacer::default();
+        // A different identity, an unknown port: not taken over.
+        p.seed(ip(1), 10, 9, &[pa.clone(), px.clone()], &w);
+        p.seed(ip(1), 99, 1, &[pa.clone(), px.clone()], &w);
+        assert_eq!(placed(&p, 1), None);
+        p.seed(ip(1), 10, 1, &[pa.clone(), px.clone()], &w);
+        let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
+        assert!(out.withheld.is_empty(), "{out:?}");
+        assert_eq!(placed(&p, 1), Some("va"));
+    }
 
     #[test]
     fn a_host_route_to_a_veth_names_the_pod_interface() {

@@ -196,9 +196,13 @@ pub struct DatapathStatus {
     pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
     /// Local workload addresses with no interface routed to them yet.
     pub unresolved: Vec<Ipv4Addr>,
-    /// Of those, addresses behind a bridge that more than one bridge port
-    /// claims, with the ports: placed behind none.
-    pub contested: BTreeMap<Ipv4Addr, Vec<String>>,
+    /// Of those, addresses behind a bridge that no port is trusted with,
+    /// and why (see [`endpoints::BridgePlacer`]).
+    pub withheld: BTreeMap<Ipv4Addr, endpoints::Withheld>,
+    /// Bridge ports whose claims are ignored, and why.
+    pub ignored_ports: BTreeMap<String, String>,
+    /// Bridge ports whose pod's addresses could not be read, and why.
+    pub unreadable_ports: BTreeMap<String, String>,
     /// Rule names by the id flow events carry.
     pub rules: Arc<BTreeMap<u32, String>>,
     pub local_node_id: u16,
@@ -218,12 +222,14 @@ pub struct Datapath {
     /// What the maps hold, once read or written.
     applied: Option<Tables>,
     endpoints_applied: Option<HashMap<u32, EndpointInfo>>,
-    /// Bridge ports found for pod addresses, with the identity the address
-    /// had then, kept while the port stays a port of that bridge and the
-    /// address keeps that identity: the first placement stands against
-    /// later claims (see [`endpoints::bridge_ports`]), and the pods'
-    /// namespaces are read only for addresses not placed yet.
-    bridged: HashMap<Ipv4Addr, (u32, netlink::Link)>,
+    /// Which bridge port each pod address behind a bridge is placed behind,
+    /// weighed against what the pods claim (see [`endpoints::BridgePlacer`]).
+    bridged: endpoints::BridgePlacer,
+    /// Set until the first scan has taken over the last agent's bridge
+    /// placements from the endpoint map.
+    seed_bridged: bool,
+    /// Whether BRIDGED_PORTS is set in the config, as last written.
+    bridged_ports: Option<bool>,
     status: DatapathStatus,
 }
 
@@ -365,7 +371,9 @@ impl Datapath {
             config,
             applied: None,
             endpoints_applied: None,
-            bridged: HashMap::new(),
+            bridged: endpoints::BridgePlacer::default(),
+            seed_bridged: true,
+            bridged_ports: None,
             status: DatapathStatus::default(),
         };
         dp.forget_stale_links();
@@ -589,72 +597,111 @@ impl Datapath {
         let links = netlink::links()
             .map_err(|e| DatapathError::io("listing the node's interfaces (rtnetlink)", e))?;
         let by_name: HashMap<&str, &netlink::Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
-        let local: Vec<(Ipv4Addr, u32)> = state
+        let local: Vec<(Ipv4Addr, u32, &(String, String))> = state
             .workloads
-            .values()
-            .filter(|w| w.node == self.cfg.node_name)
-            .flat_map(|w| {
+            .iter()
+            .filter(|(_, w)| w.node == self.cfg.node_name)
+            .flat_map(|(key, w)| {
                 w.ips
                     .iter()
                     .filter_map(|s| s.parse::<Ipv4Addr>().ok())
-                    .map(move |ip| (ip, w.identity))
+                    .map(move |ip| (ip, w.identity, key))
             })
             .collect();
 
-        // Behind a bridge: the port, from the cache while it is still a
-        // port of that bridge, otherwise from the far ends of its ports.
-        let mut behind_bridge: HashMap<Ipv4Addr, (u32, u32)> = HashMap::new();
-        for (ip, identity) in &local {
+        // First scan of this agent: read what the last one left in the
+        // endpoint map (its bridge placements are taken over below).
+        let old = match self.endpoints_applied.take() {
+            Some(e) => e,
+            None => {
+                let mut m = HashMap::new();
+                for item in self.endpoints.iter() {
+                    let (k, v) = item.map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?;
+                    m.insert(k, v);
+                }
+                m
+            }
+        };
+
+        // Behind a bridge: the port, weighed by the placer from what the
+        // pods behind the bridge's ports claim.
+        let mut wanted: HashMap<Ipv4Addr, endpoints::Wanted> = HashMap::new();
+        for (ip, identity, key) in &local {
             if let Some(l) = endpoints::interface_for(&routes, *ip).and_then(|i| by_name.get(i))
                 && l.kind == "bridge"
             {
-                behind_bridge.insert(*ip, (l.index, *identity));
+                wanted.insert(
+                    *ip,
+                    endpoints::Wanted {
+                        key: (*key).clone(),
+                        identity: *identity,
+                        bridge: l.index,
+                    },
+                );
             }
         }
-        self.bridged.retain(|ip, (identity, port)| {
-            behind_bridge.get(ip).is_some_and(|(b, now)| {
-                now == identity
-                    && links
-                        .iter()
-                        .any(|l| l.index == port.index && l.name == port.name && l.master == *b)
-            })
-        });
-        let missing: Vec<Ipv4Addr> = behind_bridge
-            .keys()
-            .filter(|ip| !self.bridged.contains_key(ip))
-            .copied()
+        let bridges: BTreeSet<u32> = wanted.values().map(|w| w.bridge).collect();
+        // Every veth port of a bridge that pods are routed to gets the
+        // programs, whether or not an address is placed behind it yet: what
+        // a port with no endpoint sends is dropped (source-spoofed), but
+        // for address probes.
+        let ports: Vec<netlink::Link> = links
+            .iter()
+            .filter(|l| bridges.contains(&l.master) && l.kind == "veth")
+            .cloned()
             .collect();
-        if !missing.is_empty() {
-            let bridges: BTreeSet<u32> = behind_bridge.values().map(|(b, _)| *b).collect();
-            let found = endpoints::bridge_ports(&links, &bridges, &missing);
-            for (port, e) in found.skipped {
-                debug!(port = %port, error = %e, "could not read the addresses behind a bridge port");
+        if std::mem::take(&mut self.seed_bridged) {
+            for (k, v) in &old {
+                if v.flags & endpoint_flags::BRIDGED != 0 {
+                    self.bridged
+                        .seed(tables::ip_from_key(*k), v.ifindex, v.identity, &ports, &wanted);
+                }
             }
-            for (ip, ports) in &found.contested {
-                // Said once per distinct claim, not on every scan.
-                if self.status.contested.get(ip) != Some(ports) {
-                    warn!(
+        }
+        let read = self.bridged.ports_to_read(&ports, &wanted);
+        let views = endpoints::read_claims(&ports, &read);
+        let found = self.bridged.place(&views, &wanted);
+        for (port, e) in &found.skipped {
+            if !self.status.unreadable_ports.contains_key(port) {
+                warn!(port = %port, error = %e, "could not read the addresses of the pod behind a bridge port; what it sends is dropped until they can be read");
+            }
+        }
+        self.status.unreadable_ports = found.skipped.into_iter().collect();
+        for (port, why) in &found.ignored {
+            if !self.status.ignored_ports.contains_key(port) {
+                warn!(port = %port, reason = %why, "ignoring what the pod behind a bridge port says its addresses are");
+            }
+        }
+        self.status.ignored_ports = found
+            .ignored
+            .into_iter()
+            .map(|(p, w)| (p, w.to_string()))
+            .collect();
+        for (ip, w) in &found.withheld {
+            // Said once per distinct finding, not on every scan.
+            if self.status.withheld.get(ip) != Some(w) {
+                match w {
+                    endpoints::Withheld::Contested(ports) => warn!(
                         address = %ip,
                         ports = ?ports,
                         "a local workload's address is claimed behind several bridge ports; placing it behind none (what those ports send is dropped as source-spoofed) until only one claims it"
-                    );
+                    ),
+                    endpoints::Withheld::Orphaned(ports) => warn!(
+                        address = %ip,
+                        ports = ?ports,
+                        "a local workload's address was claimed behind several bridge ports and one of them is gone; withholding it from the ports left until its pod's record changes"
+                    ),
                 }
             }
-            self.status.contested = found.contested.into_iter().collect();
-            for (ip, port) in found.placed {
-                let identity = behind_bridge[&ip].1;
-                self.bridged.insert(ip, (identity, port));
-            }
-        } else {
-            self.status.contested.clear();
         }
+        self.status.withheld = found.withheld.into_iter().collect();
 
         let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
-        let mut ifaces: BTreeSet<String> = BTreeSet::new();
+        let mut ifaces: BTreeSet<String> = ports.iter().map(|p| p.name.clone()).collect();
         let mut unresolved = Vec::new();
-        for (ip, identity) in local {
-            let (link, flags) = if behind_bridge.contains_key(&ip) {
-                (self.bridged.get(&ip).map(|(_, l)| l), endpoint_flags::BRIDGED)
+        for (ip, identity, _) in local {
+            let (link, flags) = if wanted.contains_key(&ip) {
+                (self.bridged.port_of(ip), endpoint_flags::BRIDGED)
             } else {
                 let link = endpoints::interface_for(&routes, ip).and_then(|i| by_name.get(i).copied());
                 (link, 0)
@@ -673,12 +720,6 @@ impl Datapath {
                 },
             );
             ifaces.insert(link.name.clone());
-        }
-        // The ports of a contested address get the programs too, with no
-        // endpoint behind them: whatever their pods send is dropped as
-        // source-spoofed, never let through unjudged.
-        for ports in self.status.contested.values() {
-            ifaces.extend(ports.iter().cloned());
         }
         // An attachment can go away under us (the link made defunct, another
         // tool detaching it): check that both programs still sit on every
@@ -718,27 +759,21 @@ impl Datapath {
                 }
             }
         }
-        let old = match self.endpoints_applied.take() {
-            Some(e) => e,
-            None => {
-                let mut m = HashMap::new();
-                for item in self.endpoints.iter() {
-                    let (k, v) = item.map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?;
-                    m.insert(k, v);
-                }
-                m
-            }
-        };
         let d = diff(&old, &desired);
         let changed = !d.is_empty();
-        let bridged = desired.values().any(|e| e.flags & endpoint_flags::BRIDGED != 0);
-        self.config.update(|c| {
-            if bridged {
-                c.flags |= config_flags::BRIDGED_PORTS;
-            } else {
-                c.flags &= !config_flags::BRIDGED_PORTS;
-            }
-        })?;
+        // The L2 checks (misdelivery, ARP senders) run while any attached
+        // interface is a bridge port.
+        let bridged = !ports.is_empty();
+        if self.bridged_ports != Some(bridged) {
+            self.config.update(|c| {
+                if bridged {
+                    c.flags |= config_flags::BRIDGED_PORTS;
+                } else {
+                    c.flags &= !config_flags::BRIDGED_PORTS;
+                }
+            })?;
+            self.bridged_ports = Some(bridged);
+        }
         for (k, v) in d.upserts {
             self.endpoints
                 .insert(k, v, 0)
