@@ -662,6 +662,48 @@ fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event(
     dp.stop();
 }
 
+/// Every flap of a pod's link is an rtnetlink message to the node (the
+/// host veth's carrier): a pod flapping its own link as fast as it can
+/// must not keep the agent scanning without pause. Scans come at most once
+/// per `min_scan_gap`, however many messages arrive.
+#[test]
+fn a_pod_flapping_its_link_costs_the_agent_one_scan_per_gap() {
+    const C: u32 = 303;
+    const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
+    let gap = Duration::from_millis(50);
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let mut state = StateBuilder::new().open().build();
+    add_workload(&mut state, "c", C, IP_C);
+    let dp = start(&topo, |c| c.min_scan_gap = gap, NodeState::default());
+    dp.apply(state, &topo);
+    let batch = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        batch.path(),
+        "link set eth0 down\nlink set eth0 up\n".repeat(2000),
+    )
+    .unwrap();
+    let before = dp.status.borrow().scans;
+    let started = Instant::now();
+    keyway_tests::netns::run("ip", &["-n", &a.netns, "-batch", batch.path().to_str().unwrap()]);
+    // A change the agent must act on, after the flood: once it has, every
+    // message of the flood has been read.
+    let c = topo.add_pod("c", IP_C);
+    wait_until(Duration::from_secs(20), "c attached after the flood", || {
+        dp.status.borrow().attached.contains(&c.host_if)
+    });
+    let took = started.elapsed();
+    let scans = dp.status.borrow().scans - before;
+    let bound = (took.as_millis() / gap.as_millis()) as u64 + 3;
+    assert!(
+        scans <= bound,
+        "4000 link changes in {took:?} made {scans} scans; at most one per {gap:?} ({bound}) expected"
+    );
+    // The pod's link works again, and the agent still covers it.
+    assert!(dp.status.borrow().attached.contains(&a.host_if));
+    dp.stop();
+}
+
 /// Where no event comes (no rtnetlink here, as for a bridge pod's address
 /// when the agent may not hear the pods' namespaces), an address with no
 /// interface is looked for again on a backoff, not only at the resync.

@@ -82,6 +82,10 @@ pub struct DatapathConfig {
     /// the pod's namespace, heard here only with CAP_NET_BROADCAST). None:
     /// events and the resync only (the tests use it to prove the events).
     pub unresolved_retry: Option<Duration>,
+    /// Endpoint scans prompted by rtnetlink run at most once per this long:
+    /// a burst of changes (a CNI plumbing a pod, or a pod flapping its link
+    /// to keep the agent busy) costs one scan per gap, not one per message.
+    pub min_scan_gap: Duration,
 }
 
 impl DatapathConfig {
@@ -95,6 +99,7 @@ impl DatapathConfig {
             netlink: true,
             resync_interval: Duration::from_secs(10),
             unresolved_retry: Some(Duration::from_millis(100)),
+            min_scan_gap: Duration::from_millis(20),
         }
     }
 }
@@ -208,6 +213,8 @@ pub struct DatapathStatus {
     pub local_node_id: u16,
     /// Interfaces the programs could not be attached to yet, and why.
     pub attach_errors: BTreeMap<String, String>,
+    /// Endpoint scans done since the agent started.
+    pub scans: u64,
 }
 
 /// The loaded programs and the tables the agent writes.
@@ -590,6 +597,7 @@ impl Datapath {
     /// Finds the interface of every local workload address, attaches to new
     /// ones, detaches from ones no workload uses, and fills the endpoint map.
     pub fn apply_endpoints(&mut self, state: &NodeState) -> Result<(), DatapathError> {
+        self.status.scans += 1;
         let routes = endpoints::parse_routes(
             &endpoints::read_proc_net("route")
                 .map_err(|e| DatapathError::io("reading /proc/net/route", e))?,
@@ -840,6 +848,7 @@ pub fn start(
 ) -> Result<DatapathHandles, DatapathError> {
     let resync = cfg.resync_interval;
     let first_retry = cfg.unresolved_retry;
+    let min_scan_gap = cfg.min_scan_gap;
     // Subscribed before the first scan, so no change between the two is missed.
     let mut changes =
         if cfg.netlink {
@@ -880,7 +889,13 @@ pub fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tables_due = true;
         let mut retry = first_retry;
+        let mut last_scan = tokio::time::Instant::now();
         loop {
+            // A state published while this loop was busy elsewhere (a scan,
+            // waiting out the scan gap) is taken here, tables included.
+            if state.has_changed().unwrap_or(false) {
+                tables_due = true;
+            }
             let current = state.borrow_and_update().clone();
             if tables_due && current.synced {
                 match dp.apply_tables(&current) {
@@ -890,10 +905,11 @@ pub fn start(
             }
             // Until the first complete sync the pinned tables of the last
             // agent stay as they are: an empty view would detach every pod.
-            if current.synced
-                && let Err(e) = dp.apply_endpoints(&current)
-            {
-                warn!(error = %e, "could not update the datapath endpoints; will retry");
+            if current.synced {
+                last_scan = tokio::time::Instant::now();
+                if let Err(e) = dp.apply_endpoints(&current) {
+                    warn!(error = %e, "could not update the datapath endpoints; will retry");
+                }
             }
             status_tx.send_replace(dp.status.clone());
             let pending = current.synced && !dp.status.unresolved.is_empty();
@@ -915,7 +931,19 @@ pub fn start(
                     tables_due = true;
                 }
                 c = next_change(&mut changes) => match c {
-                    Ok(c) => debug!(changes = ?c, "the node's network changed; looking for endpoints"),
+                    Ok(mut c) => {
+                        let due = last_scan + min_scan_gap;
+                        if tokio::time::Instant::now() < due {
+                            // What arrives meanwhile is part of this change.
+                            tokio::time::sleep_until(due).await;
+                            if let Some(w) = changes.as_mut()
+                                && let Err(e) = w.drain(&mut c)
+                            {
+                                debug!(error = %e, "rtnetlink: reading queued notifications");
+                            }
+                        }
+                        debug!(changes = ?c, "the node's network changed; looking for endpoints");
+                    }
                     Err(e) => {
                         warn!(
                             error = %e,

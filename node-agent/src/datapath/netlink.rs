@@ -85,8 +85,8 @@ impl NetlinkWatch {
         Ok(NetlinkWatch { socket })
     }
 
-    /// Waits for at least one notification, then takes whatever else is
-    /// already queued without waiting.
+    /// Waits for at least one notification, then takes what else is
+    /// already queued without waiting (see [`NetlinkWatch::drain`]).
     pub async fn changes(&mut self) -> io::Result<Changes> {
         let mut seen = Changes::default();
         match self.socket.recv_from_full().await {
@@ -94,17 +94,29 @@ impl NetlinkWatch {
             Err(e) if is_overflow(&e) => seen.overflowed = true,
             Err(e) => return Err(e),
         }
-        loop {
+        self.drain(&mut seen)?;
+        Ok(seen)
+    }
+
+    /// Takes notifications already queued, without waiting: at most
+    /// [`DRAIN_LIMIT`] datagrams, so a flood cannot keep the caller
+    /// reading (what is left wakes the next [`NetlinkWatch::changes`]).
+    pub fn drain(&mut self, seen: &mut Changes) -> io::Result<()> {
+        for _ in 0..DRAIN_LIMIT {
             // The socket is non-blocking: an empty queue is WouldBlock.
             match self.socket.socket_ref().recv_from_full() {
-                Ok((buf, _)) => count(&buf, &mut seen),
+                Ok((buf, _)) => count(&buf, seen),
                 Err(e) if is_overflow(&e) => seen.overflowed = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(seen),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 }
+
+/// Datagrams taken per [`NetlinkWatch::drain`].
+pub const DRAIN_LIMIT: usize = 256;
 
 fn is_overflow(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOBUFS)
@@ -116,7 +128,7 @@ pub fn count(buf: &[u8], into: &mut Changes) {
     const HEADER: usize = 16;
     let mut off = 0;
     let mut any = false;
-    while buf.len() - off >= HEADER {
+    while buf.len().saturating_sub(off) >= HEADER {
         let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
         let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
         if len < HEADER || len > buf.len() - off {
@@ -170,6 +182,8 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
+/// Set on a dump's messages when the table changed during the walk.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
@@ -226,6 +240,30 @@ pub fn ipv4_addresses_in(netnsid: i32) -> io::Result<Vec<Address>> {
 /// Sends one dump request and hands each reply message (type, body after
 /// the netlink header) to `each` until the kernel says done.
 fn dump(kind: u16, family_header: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    // A dump the kernel marks interrupted (the table changed while it was
+    // being walked) may have missed or repeated entries: taken again.
+    for _ in 0..DUMP_ATTEMPTS {
+        match dump_once(kind, family_header)? {
+            Some(messages) => {
+                for (t, payload) in &messages {
+                    each(*t, payload);
+                }
+                return Ok(());
+            }
+            None => continue,
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::Interrupted,
+        format!("the rtnetlink dump was interrupted by changes {DUMP_ATTEMPTS} times in a row"),
+    ))
+}
+
+const DUMP_ATTEMPTS: usize = 3;
+
+/// One dump's messages (type, payload), or None if the kernel marked it
+/// interrupted.
+fn dump_once(kind: u16, family_header: &[u8]) -> io::Result<Option<Vec<Message>>> {
     let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)?;
     socket.set_netlink_get_strict_chk(true)?;
     socket.bind_auto()?;
@@ -239,30 +277,58 @@ fn dump(kind: u16, family_header: &[u8], mut each: impl FnMut(u16, &[u8])) -> io
     req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel
     req.extend_from_slice(family_header);
     socket.send(&req, 0)?;
+    let mut dump = Dump::default();
     loop {
         let (buf, _) = socket.recv_from_full()?;
+        if dump.take(&buf)? {
+            return Ok((!dump.interrupted).then_some(dump.messages));
+        }
+    }
+}
+
+/// A netlink message: its type and payload.
+type Message = (u16, Vec<u8>);
+
+/// A dump's reply, datagram by datagram.
+#[derive(Debug, Default)]
+struct Dump {
+    messages: Vec<Message>,
+    interrupted: bool,
+}
+
+impl Dump {
+    /// Takes one datagram; true once the dump is done. A message that
+    /// overruns its datagram, or an error message too short to hold its
+    /// errno, is an error, never read past.
+    fn take(&mut self, buf: &[u8]) -> io::Result<bool> {
+        let truncated = || io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message");
         let mut off = 0;
-        while buf.len() - off >= NLMSG_HEADER {
-            let len = u32_at(&buf, off) as usize;
+        while buf.len().saturating_sub(off) >= NLMSG_HEADER {
+            let len = u32_at(buf, off) as usize;
             let t = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            let flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]);
             if len < NLMSG_HEADER || len > buf.len() - off {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "truncated netlink message",
-                ));
+                return Err(truncated());
             }
+            self.interrupted |= flags & NLM_F_DUMP_INTR != 0;
             match t {
-                NLMSG_DONE => return Ok(()),
+                NLMSG_DONE => return Ok(true),
                 NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(u32_at(&buf, off + NLMSG_HEADER).to_ne_bytes());
+                    if len < NLMSG_HEADER + 4 {
+                        return Err(truncated());
+                    }
+                    let errno = i32::from_ne_bytes(u32_at(buf, off + NLMSG_HEADER).to_ne_bytes());
                     if errno != 0 {
                         return Err(io::Error::from_raw_os_error(-errno));
                     }
                 }
-                _ => each(t, &buf[off + NLMSG_HEADER..off + len]),
+                _ => self
+                    .messages
+                    .push((t, buf[off + NLMSG_HEADER..off + len].to_vec())),
             }
             off += (len + 3) & !3;
         }
+        Ok(false)
     }
 }
 
@@ -364,6 +430,46 @@ mod tests {
         m.resize(len, 0);
         m.resize((len + 3) & !3, 0);
         m
+    }
+
+    fn dump_message(t: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((NLMSG_HEADER + payload.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&t.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn a_dump_reply_is_read_within_its_bounds() {
+        // Two messages, the second unpadded at the end of the datagram.
+        let mut buf = dump_message(RTM_NEWADDR, 0, &[1, 2, 3, 4, 5, 6]);
+        buf.extend_from_slice(&[0, 0]);
+        buf.extend(dump_message(RTM_NEWADDR, 0, &[7]));
+        let mut d = Dump::default();
+        assert!(!d.take(&buf).unwrap());
+        assert_eq!(d.messages.len(), 2);
+        assert!(d.take(&dump_message(NLMSG_DONE, 0, &[0; 4])).unwrap());
+        assert!(!d.interrupted);
+
+        // A length past the datagram's end, or an error with no errno.
+        let mut over = dump_message(RTM_NEWADDR, 0, &[1, 2, 3, 4]);
+        over[0] = 200;
+        assert!(Dump::default().take(&over).is_err());
+        assert!(Dump::default().take(&dump_message(NLMSG_ERROR, 0, &[])).is_err());
+        let errno = dump_message(NLMSG_ERROR, 0, &(-libc::EPERM).to_ne_bytes());
+        assert_eq!(
+            Dump::default().take(&errno).unwrap_err().raw_os_error(),
+            Some(libc::EPERM)
+        );
+
+        // The kernel marks a dump the table changed under: taken again.
+        let mut d = Dump::default();
+        d.take(&dump_message(RTM_NEWADDR, NLM_F_DUMP_INTR, &[1, 2, 3, 4]))
+            .unwrap();
+        assert!(d.interrupted);
     }
 
     #[test]
