@@ -1153,6 +1153,54 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     );
     let mut conn = connect(&b.netns, IP_A, 7070, Duration::from_secs(3)).expect("b still sends as itself");
     assert!(echo_round_trip(&mut conn, b"after the restart"));
+
+    // The bridge learns where a MAC lives from the frames it sees. x takes
+    // b's MAC and sends from it (an ARP probe, then a datagram as itself,
+    // which policy allows): were either let onto the bridge, b's frames
+    // would go to x's port (and be dropped there as misdelivered). Both
+    // are dropped at x's port, and a still reaches b.
+    let counters = node_agent::datapath::drops::DropCounters::open(&topo.pin_dir).unwrap();
+    let spoofed = || {
+        counters
+            .read()
+            .unwrap()
+            .into_iter()
+            .find(|(r, _)| *r == drop_reason::SOURCE_SPOOFED)
+            .map_or(0, |(_, n)| n)
+    };
+    let before = spoofed();
+    let bm = keyway_tests::netns::parse_mac(&b_mac);
+    keyway_tests::netns::send_arp_reply(
+        &x.netns,
+        "eth0",
+        bm,
+        Ipv4Addr::UNSPECIFIED,
+        keyway_tests::netns::parse_mac(&a_mac),
+        IP_A,
+    );
+    let a_to_b = |what: &str| {
+        let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("a must still reach b {what}: {e}"));
+        assert!(echo_round_trip(&mut conn, b"b's own"));
+    };
+    a_to_b("after x's ARP probe from b's MAC");
+    keyway_tests::netns::run("ip", &["-n", &x.netns, "link", "set", "eth0", "address", &b_mac]);
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            &x.netns,
+            "addr",
+            "add",
+            &format!("{IP_X}/32"),
+            "dev",
+            "eth0",
+        ],
+    );
+    let sock = in_netns(&x.netns, || UdpSocket::bind((IP_X, 0)).expect("bind"));
+    sock.send_to(b"from b's MAC", (IP_A, 5353)).expect("send");
+    a_to_b("after x's datagram from b's MAC");
+    assert!(spoofed() >= before + 2, "both counted as source-spoofed");
     dp.stop();
 }
 

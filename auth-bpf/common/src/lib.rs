@@ -226,8 +226,9 @@ pub struct EndpointInfo {
     /// ifindex of the pod's host-side veth.
     pub ifindex: u32,
     pub identity: u32,
-    /// Zero: unused (the kernel resolves the pod's address on redirect, see
-    /// `bpf_redirect_neigh`); kept so the pinned map's layout stays the same.
+    /// For a [`endpoint_flags::BRIDGED`] endpoint, the pod's MAC: the only
+    /// source MAC its port may send from. Zero otherwise (the kernel resolves
+    /// a routed pod's address on redirect, see `bpf_redirect_neigh`).
     pub mac: [u8; 6],
     /// [`endpoint_flags`].
     pub flags: u8,

@@ -178,6 +178,16 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     };
     // At TC ingress and egress of the host-side veth, the veth itself.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // On a bridge, every frame a pod sends teaches the bridge where its
+    // source MAC lives: one from another pod's MAC would steer that pod's
+    // traffic here. Checked on every packet, cached flows included.
+    if at == hook::FROM_POD
+        && cfg.flags & config_flags::BRIDGED_PORTS != 0
+        && !from_own_mac(ctx, pkt.src_ip, ifindex)
+    {
+        count_drop(drop_reason::SOURCE_SPOOFED);
+        return TC_ACT_SHOT as i32;
+    }
     let key = pkt.key(at, ifindex);
     let cached = FLOW_TABLE.get_ptr_mut(&key);
     let mut now = 0u64;
@@ -401,6 +411,22 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
     v
 }
 
+/// False when `src` is a bridged endpoint behind `ifindex` and the frame
+/// does not come from that endpoint's MAC. (Whether `src` belongs behind
+/// `ifindex` at all is the source check's question.)
+#[inline(always)]
+fn from_own_mac(ctx: &TcContext, src: u32, ifindex: u32) -> bool {
+    match unsafe { ENDPOINTS.get(&src) } {
+        Some(ep) if ep.flags & endpoint_flags::BRIDGED != 0 && ep.ifindex == ifindex => {
+            match ptr_at::<[u8; 6]>(ctx, 6) {
+                Some(p) => (unsafe { *p }) == ep.mac,
+                None => false,
+            }
+        }
+        _ => true,
+    }
+}
+
 /// Whether `src` is an address of the endpoint behind `ifindex`.
 #[inline(always)]
 fn owns_source(src: u32, ifindex: u32) -> bool {
@@ -414,9 +440,11 @@ fn owns_source(src: u32, ifindex: u32) -> bool {
 /// for its own address only: a reply or announcement naming another pod's
 /// address as its sender would steer that pod's traffic to this port (where
 /// the to-pod check would then drop it). So while any attached interface
-/// is a bridge port, ARP a pod sends must name one of its own addresses, or none
-/// (0.0.0.0: an address probe, RFC 5227). Dropped otherwise as
-/// source-spoofed (counted; ARP makes no flow event).
+/// is a bridge port, ARP a pod sends must name one of its own addresses as
+/// the sender, from its own MAC. Dropped otherwise as source-spoofed
+/// (counted; ARP makes no flow event). That includes address probes
+/// (sender 0.0.0.0, RFC 5227): they name no address whose MAC they could be
+/// held to, and Linux sends none when an address is added.
 #[inline(always)]
 fn arp(ctx: &TcContext, at: u8, cfg: &Config) -> i32 {
     if at != hook::FROM_POD || cfg.flags & config_flags::BRIDGED_PORTS == 0 {
@@ -432,7 +460,7 @@ fn arp(ctx: &TcContext, at: u8, cfg: &Config) -> i32 {
         }
     };
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if spa == 0 || owns_source(spa, ifindex) {
+    if spa != 0 && owns_source(spa, ifindex) && from_own_mac(ctx, spa, ifindex) {
         return TC_ACT_OK as i32;
     }
     count_drop(drop_reason::SOURCE_SPOOFED);

@@ -102,6 +102,8 @@ pub struct Wanted {
 pub struct PortView {
     pub link: Link,
     pub claims: Option<std::io::Result<Vec<Ipv4Addr>>>,
+    /// The MAC of the pod's end, as read with the claims.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A bridge port as far as placement is concerned: an index is reused
@@ -115,6 +117,10 @@ fn same_port(a: &Link, b: &Link) -> bool {
 struct Placement {
     key: WorkloadKey,
     port: Link,
+    /// The pod's MAC when it was placed: the only source MAC its port may
+    /// send from (the bridge learns where a MAC lives from the frames it
+    /// sees, so another pod's MAC would steer that pod's traffic here).
+    mac: [u8; 6],
 }
 
 /// Ports that claimed one address together, for as long as that address
@@ -137,6 +143,9 @@ pub enum Withheld {
     /// was placed behind, is gone (their names): withheld until the pod's
     /// record changes, so the port left over cannot inherit it.
     Orphaned(Vec<String>),
+    /// The one port claiming it has the MAC of a pod placed behind another
+    /// port (named), or no MAC that could be read (none named).
+    MacInUse(Vec<String>),
 }
 
 /// What one [`BridgePlacer::place`] found besides the placements.
@@ -180,9 +189,9 @@ pub struct BridgePlacer {
 }
 
 impl BridgePlacer {
-    /// The port `ip` is placed behind.
-    pub fn port_of(&self, ip: Ipv4Addr) -> Option<&Link> {
-        self.placed.get(&ip).map(|p| &p.port)
+    /// The port `ip` is placed behind, and the MAC its pod sends from.
+    pub fn port_of(&self, ip: Ipv4Addr) -> Option<(&Link, [u8; 6])> {
+        self.placed.get(&ip).map(|p| (&p.port, p.mac))
     }
 
     /// Takes a placement the last agent wrote (its endpoint map), if the
@@ -194,6 +203,7 @@ impl BridgePlacer {
         ip: Ipv4Addr,
         ifindex: u32,
         identity: u32,
+        mac: [u8; 6],
         ports: &[Link],
         wanted: &HashMap<Ipv4Addr, Wanted>,
     ) {
@@ -201,7 +211,7 @@ impl BridgePlacer {
         let Some(port) = ports.iter().find(|p| p.index == ifindex && p.master == w.bridge) else {
             return;
         };
-        if w.identity != identity || self.placed.contains_key(&ip) {
+        if w.identity != identity || mac == [0; 6] || self.placed.contains_key(&ip) {
             return;
         }
         if let Some((_, owner)) = self.owners.get(&port.index)
@@ -215,6 +225,7 @@ impl BridgePlacer {
             Placement {
                 key: w.key.clone(),
                 port: port.clone(),
+                mac,
             },
         );
     }
@@ -278,7 +289,7 @@ impl BridgePlacer {
         }
 
         // The claims that count, by address.
-        let mut claims: HashMap<Ipv4Addr, Vec<&Link>> = HashMap::new();
+        let mut claims: HashMap<Ipv4Addr, Vec<&PortView>> = HashMap::new();
         for view in ports {
             let port = &view.link;
             let addresses = match &view.claims {
@@ -322,7 +333,7 @@ impl BridgePlacer {
                 }
             };
             for ip in counted {
-                claims.entry(ip).or_default().push(port);
+                claims.entry(ip).or_default().push(view);
             }
         }
 
@@ -334,7 +345,7 @@ impl BridgePlacer {
             if let Some(p) = self.placed.get(ip) {
                 let others: Vec<&Link> = claimants
                     .iter()
-                    .copied()
+                    .map(|v| &v.link)
                     .filter(|l| !same_port(l, &p.port))
                     .collect();
                 if !others.is_empty() {
@@ -352,19 +363,35 @@ impl BridgePlacer {
             match claimants {
                 [] => {}
                 [one] => {
-                    self.owners.insert(one.index, ((*one).clone(), w.key.clone()));
-                    self.placed.insert(
-                        *ip,
-                        Placement {
-                            key: w.key.clone(),
-                            port: (*one).clone(),
-                        },
-                    );
+                    let port = &one.link;
+                    // A MAC is one pod's: a port sending from a MAC placed
+                    // behind another port would steer that pod's frames.
+                    let holder = self
+                        .placed
+                        .values()
+                        .find(|p| !same_port(&p.port, port) && Some(p.mac) == one.mac);
+                    match (one.mac, holder) {
+                        (Some(mac), None) if mac != [0; 6] => {
+                            self.owners.insert(port.index, (port.clone(), w.key.clone()));
+                            self.placed.insert(
+                                *ip,
+                                Placement {
+                                    key: w.key.clone(),
+                                    port: port.clone(),
+                                    mac,
+                                },
+                            );
+                        }
+                        (_, holder) => {
+                            let named = holder.map(|h| h.port.name.clone()).into_iter().collect();
+                            out.withheld.insert(*ip, Withheld::MacInUse(named));
+                        }
+                    }
                 }
                 many => {
-                    self.remember_contest(*ip, w, many.iter().copied());
-                    out.withheld
-                        .insert(*ip, Withheld::Contested(names(many.iter().copied())));
+                    let ports = || many.iter().map(|v| &v.link);
+                    self.remember_contest(*ip, w, ports());
+                    out.withheld.insert(*ip, Withheld::Contested(names(ports())));
                 }
             }
         }
@@ -396,6 +423,7 @@ fn names<'a>(ports: impl IntoIterator<Item = &'a Link>) -> Vec<String> {
 /// namespace, however many ports lead into it).
 pub fn read_claims(ports: &[Link], read: &[bool]) -> Vec<PortView> {
     let mut by_ns: HashMap<i32, Result<Vec<netlink::Address>, String>> = HashMap::new();
+    let mut links_by_ns: HashMap<i32, Vec<Link>> = HashMap::new();
     ports
         .iter()
         .zip(read)
@@ -422,9 +450,21 @@ pub fn read_claims(ports: &[Link], read: &[bool]) -> Vec<PortView> {
                     })
                 }
             };
+            // The MAC of the pod's end, read beside its addresses (none
+            // if it cannot be: such a port is not placed).
+            let mac = match (read, port.peer_netnsid) {
+                (true, Some(nsid)) => links_by_ns
+                    .entry(nsid)
+                    .or_insert_with(|| netlink::links_in(nsid).unwrap_or_default())
+                    .iter()
+                    .find(|l| l.index == port.peer)
+                    .and_then(|l| l.mac),
+                _ => None,
+            };
             PortView {
                 link: port.clone(),
                 claims,
+                mac,
             }
         })
         .collect()
@@ -452,6 +492,7 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             master: BR,
             peer: 2,
             peer_netnsid: Some(index as i32),
+            mac: None,
         }
     }
 
@@ -483,12 +524,13 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             .map(|(l, ips)| PortView {
                 link: (*l).clone(),
                 claims: Some(Ok(ips.iter().map(|i| ip(*i)).collect())),
+                mac: Some([2, 0, 0, 0, 0, l.index as u8]),
             })
             .collect()
     }
 
     fn placed(p: &BridgePlacer, last: u8) -> Option<&str> {
-        p.port_of(ip(last)).map(|l| l.name.as_str())
+        p.port_of(ip(last)).map(|(l, _)| l.name.as_str())
     }
 
     #[test]
@@ -604,15 +646,41 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
     }
 
     #[test]
+    fn a_pod_with_another_placed_pods_mac_is_not_placed() {
+        let (pa, px) = (port(10, "va"), port(11, "vx"));
+        let w = wanted(&[("a", 1, &[1]), ("x", 2, &[2])]);
+        let mut p = BridgePlacer::default();
+        p.place(&views(&[(&pa, &[1])]), &w);
+        // x took a's MAC before it was placed.
+        let mut v = views(&[(&pa, &[1]), (&px, &[2])]);
+        v[1].mac = v[0].mac;
+        let out = p.place(&v, &w);
+        assert_eq!(
+            out.withheld.get(&ip(2)),
+            Some(&Withheld::MacInUse(vec!["va".into()]))
+        );
+        assert_eq!(placed(&p, 2), None);
+        // A MAC that cannot be read: not placed either.
+        v[1].mac = None;
+        let out = p.place(&v, &w);
+        assert_eq!(out.withheld.get(&ip(2)), Some(&Withheld::MacInUse(vec![])));
+        // Its own MAC: placed, with it.
+        let out = p.place(&views(&[(&pa, &[1]), (&px, &[2])]), &w);
+        assert!(out.withheld.is_empty(), "{out:?}");
+        assert_eq!(p.port_of(ip(2)).map(|(_, m)| m), Some([2, 0, 0, 0, 0, 11]));
+    }
+
+    #[test]
     fn a_restart_takes_over_the_last_agents_placements() {
         let (pa, px) = (port(10, "va"), port(11, "vx"));
         let w = wanted(&[("a", 1, &[1])]);
         let mut p = BridgePlacer::default();
         // A different identity, an unknown port: not taken over.
-        p.seed(ip(1), 10, 9, &[pa.clone(), px.clone()], &w);
-        p.seed(ip(1), 99, 1, &[pa.clone(), px.clone()], &w);
+        let mac = [2, 0, 0, 0, 0, 10];
+        p.seed(ip(1), 10, 9, mac, &[pa.clone(), px.clone()], &w);
+        p.seed(ip(1), 99, 1, mac, &[pa.clone(), px.clone()], &w);
         assert_eq!(placed(&p, 1), None);
-        p.seed(ip(1), 10, 1, &[pa.clone(), px.clone()], &w);
+        p.seed(ip(1), 10, 1, mac, &[pa.clone(), px.clone()], &w);
         let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
         assert!(out.withheld.is_empty(), "{out:?}");
         assert_eq!(placed(&p, 1), Some("va"));

@@ -661,8 +661,14 @@ impl Datapath {
         if std::mem::take(&mut self.seed_bridged) {
             for (k, v) in &old {
                 if v.flags & endpoint_flags::BRIDGED != 0 {
-                    self.bridged
-                        .seed(tables::ip_from_key(*k), v.ifindex, v.identity, &ports, &wanted);
+                    self.bridged.seed(
+                        tables::ip_from_key(*k),
+                        v.ifindex,
+                        v.identity,
+                        v.mac,
+                        &ports,
+                        &wanted,
+                    );
                 }
             }
         }
@@ -699,6 +705,11 @@ impl Datapath {
                         ports = ?ports,
                         "a local workload's address was claimed behind several bridge ports and one of them is gone; withholding it from the ports left until its pod's record changes"
                     ),
+                    endpoints::Withheld::MacInUse(ports) => warn!(
+                        address = %ip,
+                        holder = ?ports,
+                        "the pod claiming a local workload's address behind a bridge port has another pod's MAC, or none that can be read; not placing it"
+                    ),
                 }
             }
         }
@@ -708,13 +719,18 @@ impl Datapath {
         let mut ifaces: BTreeSet<String> = ports.iter().map(|p| p.name.clone()).collect();
         let mut unresolved = Vec::new();
         for (ip, identity, _) in local {
-            let (link, flags) = if wanted.contains_key(&ip) {
-                (self.bridged.port_of(ip), endpoint_flags::BRIDGED)
+            // A bridged endpoint carries its pod's MAC: the only source
+            // MAC its port may send from.
+            let found = if wanted.contains_key(&ip) {
+                self.bridged
+                    .port_of(ip)
+                    .map(|(l, mac)| (l, mac, endpoint_flags::BRIDGED))
             } else {
-                let link = endpoints::interface_for(&routes, ip).and_then(|i| by_name.get(i).copied());
-                (link, 0)
+                endpoints::interface_for(&routes, ip)
+                    .and_then(|i| by_name.get(i).copied())
+                    .map(|l| (l, [0; 6], 0))
             };
-            let Some(link) = link else {
+            let Some((link, mac, flags)) = found else {
                 unresolved.push(ip);
                 continue;
             };
@@ -723,6 +739,7 @@ impl Datapath {
                 EndpointInfo {
                     ifindex: link.index,
                     identity,
+                    mac,
                     flags,
                     ..EndpointInfo::default()
                 },

@@ -168,6 +168,8 @@ pub struct Link {
     /// The id, in this namespace, of the namespace the peer is in, when it
     /// is another one (IFLA_LINK_NETNSID).
     pub peer_netnsid: Option<i32>,
+    /// Its hardware address, for an Ethernet device.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// One interface address, from an RTM_GETADDR dump.
@@ -188,12 +190,14 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_LINK_NETNSID: u16 = 37;
+const IFLA_TARGET_NETNSID: u16 = 46;
 const IFA_TARGET_NETNSID: u16 = 10;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
@@ -205,6 +209,25 @@ pub fn links() -> io::Result<Vec<Link>> {
     // struct ifinfomsg: family, pad, type, index, flags, change.
     let mut out = Vec::new();
     dump(RTM_GETLINK, &[0u8; 16], |kind, body| {
+        if kind == RTM_NEWLINK
+            && let Some(l) = parse_link(body)
+        {
+            out.push(l);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The interfaces of the network namespace that has id `netnsid` in the
+/// calling thread's, read without entering it (IFLA_TARGET_NETNSID; see
+/// [`ipv4_addresses_in`]).
+pub fn links_in(netnsid: i32) -> io::Result<Vec<Link>> {
+    let mut req = vec![0u8; 16];
+    req.extend_from_slice(&8u16.to_ne_bytes());
+    req.extend_from_slice(&IFLA_TARGET_NETNSID.to_ne_bytes());
+    req.extend_from_slice(&netnsid.to_ne_bytes());
+    let mut out = Vec::new();
+    dump(RTM_GETLINK, &req, |kind, body| {
         if kind == RTM_NEWLINK
             && let Some(l) = parse_link(body)
         {
@@ -374,6 +397,7 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     };
     for (t, p) in attributes(&body[16..]) {
         match t {
+            IFLA_ADDRESS => l.mac = <[u8; 6]>::try_from(p).ok(),
             IFLA_IFNAME => l.name = attr_str(p),
             IFLA_LINK => l.peer = attr_u32(p),
             IFLA_MASTER => l.master = attr_u32(p),
