@@ -136,6 +136,27 @@ impl Drop for Running {
 
 // ---- node state as the control plane would send it ----
 
+/// Pins `ip` to `mac` in `ns`'s neighbour table (eth0), so no ARP is needed
+/// (or, pointed at the wrong MAC, as a poisoned cache would leave it).
+fn static_neighbour(ns: &str, ip: Ipv4Addr, mac: &str) {
+    keyway_tests::netns::run(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+}
+
 /// A local workload and its ipcache entry.
 fn add_workload(state: &mut NodeState, name: &str, identity: u32, ip: Ipv4Addr) {
     state
@@ -916,22 +937,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // static neighbour, so the datagrams do leave.)
     let a_mac = keyway_tests::netns::mac(&a.netns, "eth0");
     for pod in [&x, &d] {
-        keyway_tests::netns::run(
-            "ip",
-            &[
-                "-n",
-                &pod.netns,
-                "neigh",
-                "replace",
-                &IP_A.to_string(),
-                "lladdr",
-                &a_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        );
+        static_neighbour(&pod.netns, IP_A, &a_mac);
     }
     for (from, src) in [(&x, IP_B), (&x, IP_D)] {
         let sock = in_netns(&from.netns, move || UdpSocket::bind((src, 0)).expect("bind"));
@@ -983,22 +989,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // Had a's cache been poisoned anyway (a's neighbour entry for b made to
     // point at x, as a spoofed reply would leave it): a's datagrams for b,
     // which policy allows, reach x's port and go no further.
-    keyway_tests::netns::run(
-        "ip",
-        &[
-            "-n",
-            &a.netns,
-            "neigh",
-            "replace",
-            &IP_B.to_string(),
-            "lladdr",
-            &x_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    );
+    static_neighbour(&a.netns, IP_B, &x_mac);
     let stolen = in_netns(&x.netns, || {
         UdpSocket::bind((IP_B, 5454)).expect("x binds b's address")
     });
@@ -1024,22 +1015,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     wait_until(Duration::from_secs(10), "y's port guarded", || {
         dp.status.borrow().attached.contains(&y.host_if)
     });
-    keyway_tests::netns::run(
-        "ip",
-        &[
-            "-n",
-            &y.netns,
-            "neigh",
-            "replace",
-            &IP_A.to_string(),
-            "lladdr",
-            &a_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    );
+    static_neighbour(&y.netns, IP_A, &a_mac);
     let send_as = |from: &keyway_tests::netns::Pod, src: Ipv4Addr, flows: &mut broadcast::Receiver<Flow>| {
         let sock = in_netns(&from.netns, move || UdpSocket::bind((src, 0)).expect("bind"));
         sock.send_to(b"who am i", (IP_A, 5353)).expect("send");
@@ -1135,22 +1111,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     }
     // (a's neighbour entry for b, pointed at x above, put right first.)
     let b_mac = keyway_tests::netns::mac(&b.netns, "eth0");
-    keyway_tests::netns::run(
-        "ip",
-        &[
-            "-n",
-            &a.netns,
-            "neigh",
-            "replace",
-            &IP_B.to_string(),
-            "lladdr",
-            &b_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    );
+    static_neighbour(&a.netns, IP_B, &b_mac);
     let mut conn = connect(&b.netns, IP_A, 7070, Duration::from_secs(3)).expect("b still sends as itself");
     assert!(echo_round_trip(&mut conn, b"after the restart"));
 

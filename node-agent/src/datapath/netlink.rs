@@ -207,8 +207,12 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 /// Every interface of the calling thread's network namespace.
 pub fn links() -> io::Result<Vec<Link>> {
     // struct ifinfomsg: family, pad, type, index, flags, change.
+    dump_links(&[0u8; 16])
+}
+
+fn dump_links(req: &[u8]) -> io::Result<Vec<Link>> {
     let mut out = Vec::new();
-    dump(RTM_GETLINK, &[0u8; 16], |kind, body| {
+    dump(RTM_GETLINK, req, |kind, body| {
         if kind == RTM_NEWLINK
             && let Some(l) = parse_link(body)
         {
@@ -218,23 +222,21 @@ pub fn links() -> io::Result<Vec<Link>> {
     Ok(out)
 }
 
+/// A dump request's family header followed by the one attribute that aims
+/// it at the namespace with id `netnsid`.
+fn aimed_at(header: &[u8], attribute: u16, netnsid: i32) -> Vec<u8> {
+    let mut req = header.to_vec();
+    req.extend_from_slice(&8u16.to_ne_bytes());
+    req.extend_from_slice(&attribute.to_ne_bytes());
+    req.extend_from_slice(&netnsid.to_ne_bytes());
+    req
+}
+
 /// The interfaces of the network namespace that has id `netnsid` in the
 /// calling thread's, read without entering it (IFLA_TARGET_NETNSID; see
 /// [`ipv4_addresses_in`]).
 pub fn links_in(netnsid: i32) -> io::Result<Vec<Link>> {
-    let mut req = vec![0u8; 16];
-    req.extend_from_slice(&8u16.to_ne_bytes());
-    req.extend_from_slice(&IFLA_TARGET_NETNSID.to_ne_bytes());
-    req.extend_from_slice(&netnsid.to_ne_bytes());
-    let mut out = Vec::new();
-    dump(RTM_GETLINK, &req, |kind, body| {
-        if kind == RTM_NEWLINK
-            && let Some(l) = parse_link(body)
-        {
-            out.push(l);
-        }
-    })?;
-    Ok(out)
+    dump_links(&aimed_at(&[0u8; 16], IFLA_TARGET_NETNSID, netnsid))
 }
 
 /// The IPv4 addresses of the network namespace that has id `netnsid` in
@@ -245,10 +247,11 @@ pub fn links_in(netnsid: i32) -> io::Result<Vec<Link>> {
 pub fn ipv4_addresses_in(netnsid: i32) -> io::Result<Vec<Address>> {
     // struct ifaddrmsg: family, prefixlen, flags, scope, index (all zero
     // but the family, as strict checking wants), then the one attribute.
-    let mut req = vec![libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0];
-    req.extend_from_slice(&8u16.to_ne_bytes());
-    req.extend_from_slice(&IFA_TARGET_NETNSID.to_ne_bytes());
-    req.extend_from_slice(&netnsid.to_ne_bytes());
+    let req = aimed_at(
+        &[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0],
+        IFA_TARGET_NETNSID,
+        netnsid,
+    );
     let mut out = Vec::new();
     dump(RTM_GETADDR, &req, |kind, body| {
         if kind == RTM_NEWADDR
