@@ -239,7 +239,7 @@ fn pod_uid_from_segment(segment: &str) -> Option<String> {
     is_uuid(&uid).then_some(uid)
 }
 
-fn normalise_pod_uid(uid: &str) -> String {
+pub(crate) fn normalise_pod_uid(uid: &str) -> String {
     uid.replace('_', "-").to_ascii_lowercase()
 }
 

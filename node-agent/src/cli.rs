@@ -357,6 +357,8 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     let (auth_map, signals): (Arc<dyn AuthMap>, _) = if args.datapath {
         let mut dcfg = datapath::DatapathConfig::new(&args.bpf_pin_dir, &cfg.node_name);
         dcfg.flow_capture = args.flow_capture;
+        dcfg.proc_root = cfg.proc_root.clone();
+        dcfg.netns_dir = cfg.netns_dir.clone();
         let dp = datapath::start(dcfg, handles.state.clone(), stop_rx.clone())
             .with_context(|| format!("--datapath (pins in {})", args.bpf_pin_dir.display()))?;
         info!(pin_dir = %args.bpf_pin_dir.display(), "datapath loaded");

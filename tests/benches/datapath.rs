@@ -1210,10 +1210,11 @@ fn discovery() -> Vec<Discovery> {
         };
         for i in 0..DISCOVERY_ROUNDS {
             let name = format!("d{i}");
-            state.workloads.insert(
-                ("bench".into(), name.clone()),
-                workload(&name, 400 + i as u32, discovery_ip(i)),
-            );
+            // A pod behind a bridge is placed by the namespace its
+            // record names.
+            let mut w = workload(&name, 400 + i as u32, discovery_ip(i));
+            w.selectors = vec![format!("netns:{}", topo.pod_netns(&name))];
+            state.workloads.insert(("bench".into(), name.clone()), w);
         }
         let mut cfg = DatapathConfig::new(&topo.pin_dir, NODE);
         cfg.netlink = netlink;

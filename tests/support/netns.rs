@@ -233,6 +233,54 @@ impl Topology {
         pod
     }
 
+    /// The name of pod `name`'s namespace (made or not yet), as a `netns:`
+    /// selector names it.
+    pub fn pod_netns(&self, name: &str) -> String {
+        format!("kw{}{name}", self.tag)
+    }
+
+    /// A process of pod `name` as the kubelet leaves one: in the pod's
+    /// namespace, in a cgroup named after the pod's UID (`pod<uid>`, the
+    /// cgroupfs driver's layout, under the v1 `pids` hierarchy). Returns
+    /// once the process is in both. Killed, and its cgroup removed, on drop.
+    pub fn pod_process(&self, name: &str, uid: &str) -> PodProcess {
+        let parent = PathBuf::from(format!("/sys/fs/cgroup/pids/keyway-test-{}", self.tag));
+        let cgroup = parent.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup).expect("make the pod's cgroup");
+        // `ip netns exec` gives the command a mount namespace of its own,
+        // with /sys remounted: the cgroup is joined from here, once the
+        // shell (in the pod's namespace by then) has said its pid.
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.pod_netns(name),
+                "sh",
+                "-c",
+                "echo $$ && exec sleep infinity",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the pod's process");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+            &mut line,
+        )
+        .expect("read from the pod's process");
+        assert_eq!(
+            line.trim(),
+            child.id().to_string(),
+            "ip netns exec runs the shell in its own process"
+        );
+        std::fs::write(cgroup.join("cgroup.procs"), line.trim())
+            .expect("move the pod's process into its cgroup");
+        PodProcess {
+            child,
+            cgroups: vec![cgroup, parent],
+        }
+    }
+
     /// What a CNI DEL does to a pod's plumbing: its host-side veth is
     /// deleted (the pod's end goes with it). The namespace stays.
     pub fn unplug_pod(&mut self, name: &str) {
@@ -286,6 +334,29 @@ impl Topology {
 impl Default for Topology {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A process standing in for a pod's (see [`Topology::pod_process`]).
+#[derive(Debug)]
+pub struct PodProcess {
+    child: std::process::Child,
+    cgroups: Vec<PathBuf>,
+}
+
+impl PodProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for dir in &self.cgroups {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

@@ -174,6 +174,16 @@ fn add_workload(state: &mut NodeState, name: &str, identity: u32, ip: Ipv4Addr) 
     );
 }
 
+/// Names, in pod `name`'s record, the namespace it lives in (a `netns:` or
+/// `k8s:pod-uid:` selector), as placement behind a bridge requires.
+fn home(state: &mut NodeState, name: &str, selector: String) {
+    state
+        .workloads
+        .get_mut(&("default".to_string(), name.to_string()))
+        .expect("a workload of that name")
+        .selectors = vec![selector];
+}
+
 fn workload(name: &str, identity: u32, ip: Ipv4Addr) -> pb::Workload {
     pb::Workload {
         namespace: "default".into(),
@@ -791,13 +801,18 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         .rule((D, 0, 0, 0, INGRESS), false, "default-allow")
         .rule((D, 0, 0, 0, EGRESS), false, "default-allow")
         .rule((X, 0, 0, 0, INGRESS), false, "default-allow")
-        .rule((X, 0, 0, 0, EGRESS), false, "default-allow");
+        .rule((X, 0, 0, 0, EGRESS), false, "default-allow")
+        .rule((E, 0, 0, 0, INGRESS), false, "default-allow");
     for (name, id, ip) in [("c", C, IP_C), ("x", X, IP_X)] {
         add_workload(&mut builder.0, name, id, ip);
     }
+    // Each record names its pod's namespace; c's names none yet.
+    for name in ["a", "b", "x"] {
+        home(&mut builder.0, name, format!("netns:{}", topo.pod_netns(name)));
+    }
     let mut dp = start(&topo, |_| {}, NodeState::default());
     let mut flows = dp.flows.subscribe();
-    let state = builder.build();
+    let mut state = builder.build();
     dp.apply(state.clone(), &topo);
     {
         let s = dp.status.borrow();
@@ -819,6 +834,11 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         let mut unresolved = s.unresolved.clone();
         unresolved.sort();
         assert_eq!(unresolved, vec![IP_C, IP_X], "c and x have no pods yet");
+        assert!(
+            matches!(s.withheld.get(&IP_C), Some(Withheld::Unbound(why)) if why.contains("no netns: or k8s:pod-uid: selector")),
+            "nothing ties c to a namespace: {s:?}"
+        );
+        assert_eq!(s.withheld.len(), 1, "{s:?}");
     }
 
     // Auth required a -> b:8080: dropped and signalled until the pair is
@@ -857,12 +877,20 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     assert!(connect(&b.netns, IP_A, 7070, Duration::from_secs(3)).is_ok());
     assert!(ping(&b.netns, IP_A, 2));
 
-    // c is plumbed now; its address is set last, inside its namespace.
+    // c is plumbed now; its address is set last, inside its namespace. Its
+    // port is guarded at once, but c is placed behind it only once its
+    // record says which namespace is c's.
     let c = topo.add_bridged_pod(&bridge, "c", IP_C, 24, gateway);
     wait_until(Duration::from_secs(10), "c's bridge port to be attached", || {
-        let s = dp.status.borrow();
-        s.attached.contains(&c.host_if) && s.endpoints.get(&IP_C).map(|e| e.identity) == Some(C)
+        dp.status.borrow().attached.contains(&c.host_if)
     });
+    assert!(!dp.status.borrow().endpoints.contains_key(&IP_C));
+    home(&mut state, "c", format!("netns:{}", c.netns));
+    dp.apply(state.clone(), &topo);
+    assert_eq!(
+        dp.status.borrow().endpoints.get(&IP_C).map(|e| e.identity),
+        Some(C)
+    );
     tcp_echo(&c.netns, IP_C, 8080);
     assert!(connect(&a.netns, IP_C, 8080, Duration::from_secs(3)).is_ok());
     expect_flow(&mut flows, "a -> c judged at c's port", |f| {
@@ -870,12 +898,10 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     });
 
     // A pod chooses its own addresses. x, placed for its own, then drops it
-    // and adds b's (placed already) and d's, before d's pod is made (its
-    // address set by its CNI ADD) and the agent hears of d, as in
-    // Kubernetes, where a pod's address is known only once its CNI ADD has
-    // set it. A port placed for one pod speaks for that pod only: neither
-    // claim counts, so x can neither take d's address nor keep d from being
-    // placed (and x's own placement stands while its port does).
+    // and adds b's (placed already) and d's, before d's pod is made. What a
+    // pod's interface holds places nobody: d is placed behind the port into
+    // d's namespace, found from d's record as the kubelet leaves it: a
+    // process in a cgroup named after d's pod UID.
     let x = topo.add_bridged_pod(&bridge, "x", IP_X, 24, gateway);
     wait_until(Duration::from_secs(10), "x's own address placed", || {
         dp.status.borrow().endpoints.contains_key(&IP_X)
@@ -912,8 +938,10 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     };
     claim(&x, IP_D);
     let d = topo.add_bridged_pod(&bridge, "d", IP_D, 24, gateway);
-    let mut state = state;
+    const D_UID: &str = "0d0d0d0d-1111-4222-8333-444455556666";
+    let _d_process = topo.pod_process("d", D_UID);
     add_workload(&mut state, "d", D, IP_D);
+    home(&mut state, "d", format!("k8s:pod-uid:{D_UID}"));
     dp.apply(state.clone(), &topo);
     {
         let s = dp.status.borrow();
@@ -1026,41 +1054,42 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     let f = send_as(&y, IP_Y, &mut flows);
     assert_eq!((f.forwarded, f.drop_reason), (false, drop_reason::SOURCE_SPOOFED));
 
-    // y claims e's address before e's pod is made: contested, so placed
-    // behind neither.
-    keyway_tests::netns::run(
-        "ip",
-        &[
-            "-n",
-            &y.netns,
-            "addr",
-            "add",
-            &format!("{IP_E}/32"),
-            "dev",
-            "eth0",
-        ],
-    );
+    // y claims e's address before e's pod is made, and b's, placed
+    // already. Neither counts: e is placed behind its own port, b stays.
+    for ip in [IP_E, IP_B] {
+        claim(&y, ip);
+    }
     let e = topo.add_bridged_pod(&bridge, "e", IP_E, 24, gateway);
     add_workload(&mut state, "e", E, IP_E);
+    home(&mut state, "e", format!("netns:{}", e.netns));
+    let b_port = dp.status.borrow().endpoints[&IP_B];
     dp.apply(state.clone(), &topo);
+    let node = topo.node.clone();
+    let index_of = |pod: &keyway_tests::netns::Pod| {
+        in_netns(&node, {
+            let i = pod.host_if.clone();
+            move || node_agent::datapath::ifindex(&i)
+        })
+    };
     {
         let s = dp.status.borrow();
-        let mut both = vec![e.host_if.clone(), y.host_if.clone()];
-        both.sort();
-        assert_eq!(s.withheld.get(&IP_E), Some(&Withheld::Contested(both)), "{s:?}");
-        assert!(!s.endpoints.contains_key(&IP_E), "{s:?}");
+        assert_eq!(
+            s.endpoints.get(&IP_E).map(|ep| Some(ep.ifindex)),
+            Some(index_of(&e)),
+            "{s:?}"
+        );
+        assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
+        assert!(s.withheld.is_empty(), "{s:?}");
     }
     let f = send_as(&y, IP_E, &mut flows);
     assert_eq!((f.forwarded, f.drop_reason), (false, drop_reason::SOURCE_SPOOFED));
     // e's pod goes away (CNI DEL) while its record is still in the state,
     // as it is between a pod's deletion and the control plane hearing of
-    // it: y, the one claimant left, must not inherit e's address.
+    // it: y, the one claimant left, does not inherit e's address, neither
+    // now nor from an agent restarted with no memory of who claimed what.
     topo.unplug_pod("e");
-    wait_until(Duration::from_secs(10), "e's address orphaned", || {
-        matches!(
-            dp.status.borrow().withheld.get(&IP_E),
-            Some(Withheld::Orphaned(_))
-        )
+    wait_until(Duration::from_secs(10), "e's endpoint gone with its port", || {
+        !dp.status.borrow().endpoints.contains_key(&IP_E)
     });
     let f = send_as(&y, IP_E, &mut flows);
     assert_eq!(
@@ -1068,47 +1097,30 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         (false, drop_reason::SOURCE_SPOOFED),
         "y must not send as e once e is gone"
     );
-    assert!(!dp.status.borrow().endpoints.contains_key(&IP_E));
-
-    // y now claims b's address, placed already: the placement stands, and
-    // stands across an agent restart (the new agent takes it over from the
-    // pinned endpoint map instead of weighing the claims afresh, which
-    // would leave b's address contested).
-    keyway_tests::netns::run(
-        "ip",
-        &[
-            "-n",
-            &y.netns,
-            "addr",
-            "add",
-            &format!("{IP_B}/32"),
-            "dev",
-            "eth0",
-        ],
-    );
-    keyway_tests::netns::run(
-        "ip",
-        &[
-            "-n",
-            &y.netns,
-            "addr",
-            "del",
-            &format!("{IP_E}/32"),
-            "dev",
-            "eth0",
-        ],
-    );
-    state.workloads.remove(&("default".to_string(), "e".to_string()));
-    dp.apply(state.clone(), &topo);
-    let b_port = dp.status.borrow().endpoints[&IP_B];
     dp.stop();
     let dp = start(&topo, |_| {}, NodeState::default());
-    dp.apply(state, &topo);
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state.clone(), &topo);
     {
         let s = dp.status.borrow();
         assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
-        assert!(s.withheld.is_empty(), "{s:?}");
+        assert!(!s.endpoints.contains_key(&IP_E), "{s:?}");
     }
+    let f = send_as(&y, IP_E, &mut flows);
+    assert_eq!(
+        (f.forwarded, f.drop_reason),
+        (false, drop_reason::SOURCE_SPOOFED),
+        "y must not send as e after a restart"
+    );
+    // e's sandbox is made again with the same address (a StatefulSet pod
+    // with static addresses): e is placed behind its new port, and reached.
+    let e = topo.plug_bridged_pod(&bridge, "e", IP_E, 24, gateway);
+    wait_until(Duration::from_secs(10), "e placed behind its new port", || {
+        dp.status.borrow().endpoints.get(&IP_E).map(|ep| Some(ep.ifindex)) == Some(index_of(&e))
+    });
+    tcp_echo(&e.netns, IP_E, 8080);
+    let mut conn = connect(&a.netns, IP_E, 8080, Duration::from_secs(3)).expect("a reaches e's new sandbox");
+    assert!(echo_round_trip(&mut conn, b"the same address, a new sandbox"));
     // (a's neighbour entry for b, pointed at x above, put right first.)
     let b_mac = keyway_tests::netns::mac(&b.netns, "eth0");
     static_neighbour(&a.netns, IP_B, &b_mac);
@@ -1162,6 +1174,21 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     sock.send_to(b"from b's MAC", (IP_A, 5353)).expect("send");
     a_to_b("after x's datagram from b's MAC");
     assert!(spoofed() >= before + 2, "both counted as source-spoofed");
+    // A restarted agent reads every MAC again: b, still on the MAC it was
+    // placed with, keeps it; x, who took it while placed, is not placed.
+    dp.stop();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(state, &topo);
+    {
+        let s = dp.status.borrow();
+        assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
+        assert_eq!(
+            s.withheld.get(&IP_X),
+            Some(&Withheld::MacInUse(b.host_if.clone())),
+            "{s:?}"
+        );
+    }
+    a_to_b("after a restart with x on b's MAC");
     dp.stop();
 }
 

@@ -8,15 +8,14 @@
 //! Bridge CNIs (Debian's `bridge` plugin, flannel, kindnet) leave one route
 //! for the whole pod subnet, to a Linux bridge, and the pods on its ports.
 //! The bridge itself is not where a pod's packets can be told apart, so the
-//! address is followed to the bridge port instead: the pod's address lives
-//! on the far end of a port's veth, in the pod's network namespace, which
-//! the node can read by the id the port reports ([`read_claims`]), and
-//! weighs against what other ports claim ([`BridgePlacer`]).
+//! pod is followed to its bridge port instead: the port whose veth leads
+//! into the pod's network namespace ([`BridgePlacer`], [`podns`]).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 
-use super::netlink::{self, Link};
+use super::netlink::Link;
+use super::podns;
 
 /// One row of `/proc/net/route` that can reach an address directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,37 +84,25 @@ pub fn read_proc_net(file: &str) -> std::io::Result<String> {
 /// A pod, as the control plane names it: (namespace, name).
 pub type WorkloadKey = (String, String);
 
-/// A local workload address routed to a bridge: whose it is, and which
-/// bridge it must be found behind.
+/// A local pod whose addresses are routed to a bridge: which bridge, and
+/// what in its record says which network namespace is the pod's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
-    pub key: WorkloadKey,
-    pub identity: u32,
     /// The bridge's interface index.
     pub bridge: u32,
-}
-
-/// One veth port of a bridge, with the IPv4 addresses the pod behind it
-/// has on the far end (`None`: not read this scan, see
-/// [`BridgePlacer::ports_to_read`]; `Some(Err)`: could not be read).
-#[derive(Debug)]
-pub struct PortView {
-    pub link: Link,
-    pub claims: Option<std::io::Result<Vec<Ipv4Addr>>>,
-    /// The MAC of the pod's end, as read with the claims.
-    pub mac: Option<[u8; 6]>,
+    pub homes: Vec<podns::Home>,
 }
 
 /// A bridge port as far as placement is concerned: an index is reused
 /// after a link is deleted, a name and index together are not in practice
-/// (CNIs name host veths at random).
+/// (CNIs name host veths at random), and the far end stays where it was.
 fn same_port(a: &Link, b: &Link) -> bool {
-    a.index == b.index && a.name == b.name
+    a.index == b.index && a.name == b.name && a.master == b.master && a.peer_netnsid == b.peer_netnsid
 }
 
 #[derive(Debug, Clone)]
 struct Placement {
-    key: WorkloadKey,
+    wanted: Wanted,
     port: Link,
     /// The pod's MAC when it was placed: the only source MAC its port may
     /// send from (the bridge learns where a MAC lives from the frames it
@@ -123,292 +110,161 @@ struct Placement {
     mac: [u8; 6],
 }
 
-/// Ports that claimed one address together, for as long as that address
-/// belongs to the same pod. `lost`: one of them (or the port the address
-/// was placed behind) is gone since, so whoever still claims it may be the
-/// one that lied: the address is withheld until the pod's record changes.
-#[derive(Debug, Clone)]
-struct Contest {
-    key: WorkloadKey,
-    ports: Vec<Link>,
-    lost: bool,
-}
-
-/// Why an address behind a bridge has no port.
+/// Why a pod behind a bridge has no port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Withheld {
-    /// Claimed behind several ports now (their names).
-    Contested(Vec<String>),
-    /// Claimed behind several ports before, and one of them, or the port it
-    /// was placed behind, is gone (their names): withheld until the pod's
-    /// record changes, so the port left over cannot inherit it.
-    Orphaned(Vec<String>),
-    /// The one port claiming it has the MAC of a pod placed behind another
-    /// port (named), or no MAC that could be read (none named).
-    MacInUse(Vec<String>),
+    /// Nothing ties the pod to a network namespace the agent can find
+    /// (why): its record has no `netns:` or `k8s:pod-uid:` selector, or
+    /// what they name cannot be found.
+    Unbound(String),
+    /// Several ports of the bridge lead into the pod's namespace (names).
+    SeveralPorts(Vec<String>),
+    /// The one port into the pod's namespace is placed for another pod
+    /// (which), as when two records name one namespace.
+    PortTaken(String),
+    /// The pod's end has the MAC of a pod placed behind another port, or
+    /// of another pod placed in the same scan (that port's name).
+    MacInUse(String),
+    /// The MAC of the pod's end could not be read (why).
+    NoMac(String),
 }
 
-/// What one [`BridgePlacer::place`] found besides the placements.
-#[derive(Debug, Default)]
-pub struct PlaceOutcome {
-    pub withheld: HashMap<Ipv4Addr, Withheld>,
-    /// Ports whose claims were ignored, and why.
-    pub ignored: Vec<(String, &'static str)>,
-    /// Ports whose far end could not be read, and why.
-    pub skipped: Vec<(String, String)>,
-}
-
-/// Which bridge port each pod address behind a bridge is placed behind,
-/// kept from scan to scan.
+/// Which bridge port each pod behind a bridge is placed behind, kept from
+/// scan to scan.
 ///
-/// A pod chooses its own addresses: with CAP_NET_ADMIN in its namespace it
-/// can add any address, before or after the real owner's. Placing an
-/// address behind the wrong port lets that pod send as the other (the
-/// source check follows the endpoint), so a claim counts only when nothing
-/// says it is a lie:
-/// - a port placed for one pod (its *owner*, kept while the port lives)
-///   speaks for that pod only: its claims to other pods' addresses are
-///   ignored, so a pod cannot contest its neighbours by claiming the subnet;
-/// - a port not placed yet that claims addresses of two pods is ignored;
-/// - an address claimed behind two ports is placed behind neither, and the
-///   claimants are remembered while the address belongs to that pod;
-/// - a placement stands against later claims while its port lives, and the
-///   claim is remembered as a contest;
-/// - once a contested port or a placed port is gone, the address is
-///   withheld until its pod's record changes: which claimant is left over
-///   cannot be told from the claims, and the one that lied must not inherit
-///   it when the real pod goes away.
+/// A pod chooses its own addresses (with CAP_NET_ADMIN in its namespace it
+/// can add any), so what a pod's interface holds says nothing about whose
+/// the port is. What the pod cannot choose is its network namespace: the
+/// agent finds the namespace its record names (the pod's processes, by the
+/// pod UID in their cgroup, or a named namespace in standalone mode) and
+/// places the pod behind the one port of its bridge whose veth leads into
+/// it. A port into another namespace is never placed for the pod, whatever
+/// its far end claims, before or after an agent restart.
 ///
-/// A pod's address reaches the agent only after its CNI ADD has set it, so
-/// a pod that claims it earlier is contested by the real pod, never placed.
+/// A pod's MAC is the one thing read from the pod's end, and it is the
+/// pod's to change: a pod is not placed with a MAC that a placed pod sends
+/// from, nor with one another pod placed in the same scan has. A restarted
+/// agent places first the pods whose MAC is the one the last agent placed
+/// them with, so a pod that took a neighbour's MAC while the agent was down
+/// does not win it.
 #[derive(Debug, Default)]
 pub struct BridgePlacer {
-    placed: HashMap<Ipv4Addr, Placement>,
-    owners: HashMap<u32, (Link, WorkloadKey)>,
-    contests: HashMap<Ipv4Addr, Contest>,
+    placed: HashMap<WorkloadKey, Placement>,
+    /// The MACs the last agent placed pods with (its endpoint map), until
+    /// those pods are placed again.
+    remembered: HashMap<WorkloadKey, [u8; 6]>,
 }
 
 impl BridgePlacer {
-    /// The port `ip` is placed behind, and the MAC its pod sends from.
-    pub fn port_of(&self, ip: Ipv4Addr) -> Option<(&Link, [u8; 6])> {
-        self.placed.get(&ip).map(|p| (&p.port, p.mac))
+    /// The port `key` is placed behind, and the MAC its pod sends from.
+    pub fn port_of(&self, key: &WorkloadKey) -> Option<(&Link, [u8; 6])> {
+        self.placed.get(key).map(|p| (&p.port, p.mac))
     }
 
-    /// Takes a placement the last agent wrote (its endpoint map), if the
-    /// address still belongs to a pod of that identity behind that bridge
-    /// and the port is one of `ports`: a restart must not reopen the claims
-    /// it had settled.
-    pub fn seed(
+    /// Takes the MAC the last agent placed `key` with (a restart).
+    pub fn remember(&mut self, key: WorkloadKey, mac: [u8; 6]) {
+        if mac != [0; 6] {
+            self.remembered.insert(key, mac);
+        }
+    }
+
+    /// One scan: forgets what is gone and places what can be placed.
+    /// `ports` are the veth ports of the bridges in `wanted`; `nsid_of`
+    /// finds the id of a pod's namespace in the node's (`None`: no link
+    /// joins it to the node's); `mac_of(nsid, index)` reads the MAC of an
+    /// interface there. Returns the pods withheld, and why.
+    pub fn place(
         &mut self,
-        ip: Ipv4Addr,
-        ifindex: u32,
-        identity: u32,
-        mac: [u8; 6],
         ports: &[Link],
-        wanted: &HashMap<Ipv4Addr, Wanted>,
-    ) {
-        let Some(w) = wanted.get(&ip) else { return };
-        let Some(port) = ports.iter().find(|p| p.index == ifindex && p.master == w.bridge) else {
-            return;
-        };
-        if w.identity != identity || mac == [0; 6] || self.placed.contains_key(&ip) {
-            return;
-        }
-        if let Some((_, owner)) = self.owners.get(&port.index)
-            && *owner != w.key
-        {
-            return;
-        }
-        self.owners.insert(port.index, (port.clone(), w.key.clone()));
-        self.placed.insert(
-            ip,
-            Placement {
-                key: w.key.clone(),
-                port: port.clone(),
-                mac,
-            },
-        );
-    }
-
-    /// The ports whose far end must be read this scan: those not placed for
-    /// any pod yet, and those whose pod still has an address not placed.
-    /// A port placed for a pod speaks for that pod only, so once all of a
-    /// pod's addresses are placed its port is not read again.
-    pub fn ports_to_read(&self, ports: &[Link], wanted: &HashMap<Ipv4Addr, Wanted>) -> Vec<bool> {
-        ports
-            .iter()
-            .map(|p| match self.owners.get(&p.index) {
-                Some((l, key)) if same_port(l, p) => wanted
-                    .iter()
-                    .any(|(ip, w)| w.key == *key && !self.placed.contains_key(ip)),
-                _ => true,
-            })
-            .collect()
-    }
-
-    /// One scan: forgets what is gone, weighs the claims read from `ports`
-    /// (the veth ports of the bridges in `wanted`) and places what can be
-    /// placed.
-    pub fn place(&mut self, ports: &[PortView], wanted: &HashMap<Ipv4Addr, Wanted>) -> PlaceOutcome {
-        let mut out = PlaceOutcome::default();
-        let present = |l: &Link| {
-            ports
-                .iter()
-                .any(|p| same_port(&p.link, l) && p.link.master == l.master)
-        };
-        self.owners.retain(|_, (l, _)| present(l));
-        let mut orphaned = Vec::new();
-        self.placed.retain(|ip, p| {
-            let Some(w) = wanted.get(ip).filter(|w| w.key == p.key) else {
-                return false;
-            };
-            if !present(&p.port) || w.bridge != p.port.master {
-                orphaned.push((*ip, p.key.clone(), p.port.clone()));
-                return false;
-            }
-            // The pod's identity may have changed; its port has not.
-            true
+        wanted: &BTreeMap<WorkloadKey, Wanted>,
+        mut nsid_of: impl FnMut(&[podns::Home]) -> Result<Option<i32>, String>,
+        mut mac_of: impl FnMut(i32, u32) -> Result<Option<[u8; 6]>, String>,
+    ) -> BTreeMap<WorkloadKey, Withheld> {
+        self.placed.retain(|key, p| {
+            wanted.get(key) == Some(&p.wanted) && ports.iter().any(|l| same_port(l, &p.port))
         });
-        for (ip, key, port) in orphaned {
-            let c = self.contests.entry(ip).or_insert(Contest {
-                key,
-                ports: Vec::new(),
-                lost: false,
-            });
-            if !c.ports.iter().any(|l| same_port(l, &port)) {
-                c.ports.push(port);
+        self.remembered.retain(|key, _| wanted.contains_key(key));
+        let mut withheld = BTreeMap::new();
+        // The one port into each unplaced pod's namespace, and its MAC.
+        let mut found: Vec<(&WorkloadKey, &Wanted, &Link, [u8; 6])> = Vec::new();
+        for (key, w) in wanted {
+            if self.placed.contains_key(key) {
+                continue;
             }
-            c.lost = true;
-        }
-        self.contests
-            .retain(|ip, c| wanted.get(ip).is_some_and(|w| w.key == c.key));
-        for c in self.contests.values_mut() {
-            if c.ports.iter().any(|l| !present(l)) {
-                c.lost = true;
-            }
-        }
-
-        // The claims that count, by address.
-        let mut claims: HashMap<Ipv4Addr, Vec<&PortView>> = HashMap::new();
-        for view in ports {
-            let port = &view.link;
-            let addresses = match &view.claims {
-                None => continue,
-                Some(Err(e)) => {
-                    out.skipped.push((port.name.clone(), e.to_string()));
+            let nsid = match nsid_of(&w.homes) {
+                Ok(Some(nsid)) => nsid,
+                // Not joined to the node yet: its CNI ADD is under way.
+                Ok(None) => continue,
+                Err(why) => {
+                    withheld.insert(key.clone(), Withheld::Unbound(why));
                     continue;
                 }
-                Some(Ok(a)) => a,
             };
-            let mine: Vec<(Ipv4Addr, &Wanted)> = addresses
+            let into: Vec<&Link> = ports
                 .iter()
-                .filter_map(|ip| wanted.get(ip).map(|w| (*ip, w)))
-                .filter(|(_, w)| w.bridge == port.master)
+                .filter(|l| l.master == w.bridge && l.peer_netnsid == Some(nsid))
                 .collect();
-            let owner = self
-                .owners
-                .get(&port.index)
-                .filter(|(l, _)| same_port(l, port))
-                .map(|(_, k)| k);
-            let counted: Vec<Ipv4Addr> = match owner {
-                Some(key) => {
-                    if mine.iter().any(|(_, w)| w.key != *key) {
-                        out.ignored
-                            .push((port.name.clone(), "claims addresses of other pods than its own"));
-                    }
-                    mine.iter()
-                        .filter(|(_, w)| w.key == *key)
-                        .map(|(ip, _)| *ip)
-                        .collect()
-                }
-                None => {
-                    let first = mine.first().map(|(_, w)| &w.key);
-                    if mine.iter().any(|(_, w)| Some(&w.key) != first) {
-                        out.ignored
-                            .push((port.name.clone(), "claims addresses of several pods"));
-                        Vec::new()
-                    } else {
-                        mine.iter().map(|(ip, _)| *ip).collect()
-                    }
+            let port = match into.as_slice() {
+                [] => continue,
+                [one] => *one,
+                many => {
+                    let names = names(many.iter().copied());
+                    withheld.insert(key.clone(), Withheld::SeveralPorts(names));
+                    continue;
                 }
             };
-            for ip in counted {
-                claims.entry(ip).or_default().push(view);
-            }
-        }
-
-        let mut ips: Vec<&Ipv4Addr> = wanted.keys().collect();
-        ips.sort();
-        for ip in ips {
-            let w = &wanted[ip];
-            let claimants = claims.get(ip).map(Vec::as_slice).unwrap_or_default();
-            if let Some(p) = self.placed.get(ip) {
-                let others: Vec<&Link> = claimants
-                    .iter()
-                    .map(|v| &v.link)
-                    .filter(|l| !same_port(l, &p.port))
-                    .collect();
-                if !others.is_empty() {
-                    let port = p.port.clone();
-                    self.remember_contest(*ip, w, std::iter::once(&port).chain(others));
-                }
+            if let Some((other, _)) = self.placed.iter().find(|(_, p)| same_port(&p.port, port)) {
+                withheld.insert(
+                    key.clone(),
+                    Withheld::PortTaken(format!("{}/{}", other.0, other.1)),
+                );
                 continue;
             }
-            if let Some(c) = self.contests.get(ip)
-                && c.lost
-            {
-                out.withheld.insert(*ip, Withheld::Orphaned(names(&c.ports)));
-                continue;
-            }
-            match claimants {
-                [] => {}
-                [one] => {
-                    let port = &one.link;
-                    // A MAC is one pod's: a port sending from a MAC placed
-                    // behind another port would steer that pod's frames.
-                    let holder = self
-                        .placed
-                        .values()
-                        .find(|p| !same_port(&p.port, port) && Some(p.mac) == one.mac);
-                    match (one.mac, holder) {
-                        (Some(mac), None) if mac != [0; 6] => {
-                            self.owners.insert(port.index, (port.clone(), w.key.clone()));
-                            self.placed.insert(
-                                *ip,
-                                Placement {
-                                    key: w.key.clone(),
-                                    port: port.clone(),
-                                    mac,
-                                },
-                            );
-                        }
-                        (_, holder) => {
-                            let named = holder.map(|h| h.port.name.clone()).into_iter().collect();
-                            out.withheld.insert(*ip, Withheld::MacInUse(named));
-                        }
-                    }
+            match mac_of(nsid, port.peer) {
+                Ok(Some(mac)) if mac != [0; 6] => found.push((key, w, port, mac)),
+                Ok(_) => {
+                    withheld.insert(key.clone(), Withheld::NoMac("the pod's end has no MAC".into()));
                 }
-                many => {
-                    let ports = || many.iter().map(|v| &v.link);
-                    self.remember_contest(*ip, w, ports());
-                    out.withheld.insert(*ip, Withheld::Contested(names(ports())));
+                Err(why) => {
+                    withheld.insert(key.clone(), Withheld::NoMac(why));
                 }
             }
         }
-        out
-    }
-
-    fn remember_contest<'a>(&mut self, ip: Ipv4Addr, w: &Wanted, ports: impl Iterator<Item = &'a Link>) {
-        let c = self.contests.entry(ip).or_insert(Contest {
-            key: w.key.clone(),
-            ports: Vec::new(),
-            lost: false,
-        });
-        for l in ports {
-            if !c.ports.iter().any(|p| same_port(p, l)) {
-                c.ports.push(l.clone());
+        // Those whose MAC is the one they were placed with first, then the
+        // rest; a MAC a placed pod has, or two candidates of one pass share,
+        // places nobody.
+        let (first, rest): (Vec<_>, Vec<_>) = found
+            .into_iter()
+            .partition(|(key, _, _, mac)| self.remembered.get(*key) == Some(mac));
+        for pass in [first, rest] {
+            for (i, (key, w, port, mac)) in pass.iter().enumerate() {
+                let holder = self
+                    .placed
+                    .values()
+                    .map(|p| (&p.port, p.mac))
+                    .chain(
+                        pass.iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j != i)
+                            .map(|(_, (_, _, l, m))| (*l, *m)),
+                    )
+                    .find(|(_, m)| m == mac);
+                if let Some((l, _)) = holder {
+                    withheld.insert((*key).clone(), Withheld::MacInUse(l.name.clone()));
+                    continue;
+                }
+                self.remembered.remove(*key);
+                self.placed.insert(
+                    (*key).clone(),
+                    Placement {
+                        wanted: (*w).clone(),
+                        port: (*port).clone(),
+                        mac: *mac,
+                    },
+                );
             }
         }
+        withheld
     }
 }
 
@@ -416,58 +272,6 @@ fn names<'a>(ports: impl IntoIterator<Item = &'a Link>) -> Vec<String> {
     let mut n: Vec<String> = ports.into_iter().map(|l| l.name.clone()).collect();
     n.sort();
     n
-}
-
-/// Reads, for each port marked in `read`, the IPv4 addresses of its veth
-/// peer, from the peer's namespace by the id the port reports (one dump per
-/// namespace, however many ports lead into it).
-pub fn read_claims(ports: &[Link], read: &[bool]) -> Vec<PortView> {
-    let mut by_ns: HashMap<i32, Result<Vec<netlink::Address>, String>> = HashMap::new();
-    let mut links_by_ns: HashMap<i32, Vec<Link>> = HashMap::new();
-    ports
-        .iter()
-        .zip(read)
-        .map(|(port, read)| {
-            let claims = match (read, port.peer_netnsid) {
-                (false, _) => None,
-                // A veth whose peer is in the node's own namespace leads to
-                // no pod.
-                (true, None) => Some(Ok(Vec::new())),
-                (true, Some(nsid)) => {
-                    let dump = by_ns
-                        .entry(nsid)
-                        .or_insert_with(|| netlink::ipv4_addresses_in(nsid).map_err(|e| e.to_string()));
-                    Some(match dump {
-                        Ok(a) => Ok(a
-                            .iter()
-                            .filter(|a| a.index == port.peer)
-                            .filter_map(|a| match a.ip {
-                                IpAddr::V4(ip) => Some(ip),
-                                IpAddr::V6(_) => None,
-                            })
-                            .collect()),
-                        Err(e) => Err(std::io::Error::other(e.clone())),
-                    })
-                }
-            };
-            // The MAC of the pod's end, read beside its addresses (none
-            // if it cannot be: such a port is not placed).
-            let mac = match (read, port.peer_netnsid) {
-                (true, Some(nsid)) => links_by_ns
-                    .entry(nsid)
-                    .or_insert_with(|| netlink::links_in(nsid).unwrap_or_default())
-                    .iter()
-                    .find(|l| l.index == port.peer)
-                    .and_then(|l| l.mac),
-                _ => None,
-            };
-            PortView {
-                link: port.clone(),
-                claims,
-                mac,
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -484,206 +288,204 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
 
     const BR: u32 = 2;
 
-    fn port(index: u32, name: &str) -> Link {
+    /// A port into namespace `nsid` (the peer is index 2 there).
+    fn port(index: u32, name: &str, nsid: i32) -> Link {
         Link {
             index,
             name: name.into(),
             kind: "veth".into(),
             master: BR,
             peer: 2,
-            peer_netnsid: Some(index as i32),
+            peer_netnsid: Some(nsid),
             mac: None,
         }
     }
 
-    fn ip(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 201, 0, last)
+    fn key(name: &str) -> WorkloadKey {
+        ("default".into(), name.into())
     }
 
-    fn wanted(pods: &[(&str, u32, &[u8])]) -> HashMap<Ipv4Addr, Wanted> {
-        let mut w = HashMap::new();
-        for (name, identity, ips) in pods {
-            for last in *ips {
-                w.insert(
-                    ip(*last),
-                    Wanted {
-                        key: ("default".into(), (*name).into()),
-                        identity: *identity,
-                        bridge: BR,
-                    },
-                );
-            }
-        }
-        w
-    }
-
-    /// Ports with what their pods claim (every port read).
-    fn views(ports: &[(&Link, &[u8])]) -> Vec<PortView> {
-        ports
-            .iter()
-            .map(|(l, ips)| PortView {
-                link: (*l).clone(),
-                claims: Some(Ok(ips.iter().map(|i| ip(*i)).collect())),
-                mac: Some([2, 0, 0, 0, 0, l.index as u8]),
+    /// Pods by name, each naming namespace `ns-<name>`, or nothing.
+    fn wanted(pods: &[(&str, Option<&str>)]) -> BTreeMap<WorkloadKey, Wanted> {
+        pods.iter()
+            .map(|(name, ns)| {
+                let homes = ns.map(|n| podns::Home::Netns(n.into())).into_iter().collect();
+                (key(name), Wanted { bridge: BR, homes })
             })
             .collect()
     }
 
-    fn placed(p: &BridgePlacer, last: u8) -> Option<&str> {
-        p.port_of(ip(last)).map(|(l, _)| l.name.as_str())
+    /// A node: which id each namespace name has, and the MAC of each
+    /// namespace's end.
+    struct Node {
+        nsids: HashMap<&'static str, i32>,
+        macs: HashMap<i32, [u8; 6]>,
+    }
+
+    impl Node {
+        fn new(namespaces: &[(&'static str, i32, u8)]) -> Node {
+            Node {
+                nsids: namespaces.iter().map(|(n, id, _)| (*n, *id)).collect(),
+                macs: namespaces
+                    .iter()
+                    .map(|(_, id, m)| (*id, [2, 0, 0, 0, 0, *m]))
+                    .collect(),
+            }
+        }
+
+        fn place(
+            &self,
+            p: &mut BridgePlacer,
+            ports: &[Link],
+            w: &BTreeMap<WorkloadKey, Wanted>,
+        ) -> BTreeMap<WorkloadKey, Withheld> {
+            p.place(
+                ports,
+                w,
+                |homes| match homes {
+                    [podns::Home::Netns(n)] => Ok(self.nsids.get(n.as_str()).copied()),
+                    _ => Err("no selector".into()),
+                },
+                |nsid, _| Ok(self.macs.get(&nsid).copied()),
+            )
+        }
+    }
+
+    fn placed<'a>(p: &'a BridgePlacer, name: &str) -> Option<&'a str> {
+        p.port_of(&key(name)).map(|(l, _)| l.name.as_str())
     }
 
     #[test]
-    fn an_address_claimed_behind_one_port_is_placed_there() {
-        let (pa, pb) = (port(10, "va"), port(11, "vb"));
-        let w = wanted(&[("a", 1, &[1]), ("b", 2, &[2])]);
+    fn a_pod_is_placed_behind_the_port_into_its_namespace_only() {
+        // x's port leads into x's own namespace, whatever x claims there.
+        let node = Node::new(&[("ns-a", 1, 1), ("ns-b", 2, 2), ("ns-x", 9, 9), ("ns-c", 3, 3)]);
+        let ports = [port(10, "vx", 9), port(11, "va", 1), port(12, "vb", 2)];
+        let w = wanted(&[
+            ("a", Some("ns-a")),
+            ("b", Some("ns-b")),
+            ("c", Some("ns-c")),
+            ("d", Some("ns-d")),
+        ]);
         let mut p = BridgePlacer::default();
-        let out = p.place(&views(&[(&pa, &[1]), (&pb, &[2, 77])]), &w);
-        assert!(out.withheld.is_empty() && out.ignored.is_empty(), "{out:?}");
-        assert_eq!((placed(&p, 1), placed(&p, 2)), (Some("va"), Some("vb")));
-        // Placed ports of fully placed pods are not read again.
+        let withheld = node.place(&mut p, &ports, &w);
+        assert_eq!((placed(&p, "a"), placed(&p, "b")), (Some("va"), Some("vb")));
+        // c's namespace has no port yet, d's is not joined to the node: both
+        // wait, neither is refused.
+        assert_eq!((placed(&p, "c"), placed(&p, "d")), (None, None));
+        assert!(withheld.is_empty(), "{withheld:?}");
         assert_eq!(
-            p.ports_to_read(&[pa, pb, port(12, "vc")], &w),
-            vec![false, false, true]
+            p.port_of(&key("a")).unwrap().1,
+            [2, 0, 0, 0, 0, 1],
+            "placed with its pod's MAC"
         );
     }
 
     #[test]
-    fn an_address_claimed_behind_two_ports_is_placed_behind_neither() {
-        let (pa, px) = (port(10, "va"), port(11, "vx"));
-        let w = wanted(&[("a", 1, &[1])]);
+    fn a_pod_whose_port_is_gone_is_placed_behind_its_new_one_and_nobody_elses() {
+        let node = Node::new(&[("ns-e", 5, 5), ("ns-y", 9, 9)]);
+        let w = wanted(&[("e", Some("ns-e"))]);
         let mut p = BridgePlacer::default();
-        let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
+        node.place(&mut p, &[port(10, "vy", 9), port(11, "ve", 5)], &w);
+        assert_eq!(placed(&p, "e"), Some("ve"));
+        // e's sandbox is recreated with the same address: its old port goes
+        // first. y, still there, never gets e.
+        node.place(&mut p, &[port(10, "vy", 9)], &w);
+        assert_eq!(placed(&p, "e"), None);
+        node.place(&mut p, &[port(10, "vy", 9), port(13, "ve2", 5)], &w);
+        assert_eq!(placed(&p, "e"), Some("ve2"));
+        // A new agent decides the same from nothing.
+        let mut fresh = BridgePlacer::default();
+        node.place(&mut fresh, &[port(10, "vy", 9)], &w);
+        assert_eq!(placed(&fresh, "e"), None);
+    }
+
+    #[test]
+    fn a_pod_nothing_ties_to_a_namespace_is_withheld_and_says_why() {
+        let node = Node::new(&[("ns-a", 1, 1)]);
+        let w = wanted(&[("a", None)]);
+        let mut p = BridgePlacer::default();
+        let withheld = node.place(&mut p, &[port(11, "va", 1)], &w);
         assert_eq!(
-            out.withheld.get(&ip(1)),
-            Some(&Withheld::Contested(vec!["va".into(), "vx".into()]))
+            withheld.get(&key("a")),
+            Some(&Withheld::Unbound("no selector".into()))
         );
-        assert_eq!(placed(&p, 1), None);
-        // The liar withdraws while both ports stay: the one left is placed.
-        p.place(&views(&[(&pa, &[1]), (&px, &[])]), &w);
-        assert_eq!(placed(&p, 1), Some("va"));
+        assert_eq!(placed(&p, "a"), None);
     }
 
     #[test]
-    fn a_placement_stands_against_later_claims_and_identity_changes() {
-        let (pa, px) = (port(10, "va"), port(11, "vx"));
+    fn several_ports_into_one_namespace_or_one_port_for_two_records_place_nobody_twice() {
+        let node = Node::new(&[("ns-a", 1, 1)]);
         let mut p = BridgePlacer::default();
-        p.place(&views(&[(&pa, &[1])]), &wanted(&[("a", 1, &[1])]));
-        let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &wanted(&[("a", 7, &[1])]));
-        assert!(out.withheld.is_empty(), "{out:?}");
-        assert_eq!(placed(&p, 1), Some("va"));
-    }
-
-    #[test]
-    fn a_port_placed_for_one_pod_speaks_for_that_pod_only() {
-        // a has a second address not placed yet, so its port is read; it
-        // also claims b's, which must neither be placed there nor contest b.
-        let (pa, pb) = (port(10, "va"), port(11, "vb"));
-        let mut p = BridgePlacer::default();
-        p.place(&views(&[(&pa, &[1])]), &wanted(&[("a", 1, &[1])]));
-        let w = wanted(&[("a", 1, &[1, 3]), ("b", 2, &[2])]);
-        assert_eq!(p.ports_to_read(&[pa.clone(), pb.clone()], &w), vec![true, true]);
-        let out = p.place(&views(&[(&pa, &[1, 3, 2]), (&pb, &[2])]), &w);
-        assert!(out.withheld.is_empty(), "{out:?}");
+        let withheld = node.place(
+            &mut p,
+            &[port(11, "va", 1), port(12, "va2", 1)],
+            &wanted(&[("a", Some("ns-a"))]),
+        );
         assert_eq!(
-            out.ignored,
-            vec![("va".to_string(), "claims addresses of other pods than its own")]
+            withheld.get(&key("a")),
+            Some(&Withheld::SeveralPorts(vec!["va".into(), "va2".into()]))
         );
-        assert_eq!((placed(&p, 3), placed(&p, 2)), (Some("va"), Some("vb")));
-    }
-
-    #[test]
-    fn a_port_claiming_several_pods_addresses_is_ignored() {
-        let (pa, pb, px) = (port(10, "va"), port(11, "vb"), port(12, "vx"));
-        let w = wanted(&[("a", 1, &[1]), ("b", 2, &[2])]);
-        let mut p = BridgePlacer::default();
-        let out = p.place(&views(&[(&px, &[1, 2]), (&pa, &[1]), (&pb, &[2])]), &w);
-        assert!(out.withheld.is_empty(), "{out:?}");
+        // Two records naming one namespace: new together, neither; the one
+        // placed first keeps the port.
+        let w = wanted(&[("a", Some("ns-a")), ("b", Some("ns-a"))]);
+        let withheld = node.place(&mut p, &[port(11, "va", 1)], &w);
+        assert_eq!((placed(&p, "a"), placed(&p, "b")), (None, None), "{withheld:?}");
+        node.place(&mut p, &[port(11, "va", 1)], &wanted(&[("a", Some("ns-a"))]));
+        let withheld = node.place(&mut p, &[port(11, "va", 1)], &w);
+        assert_eq!(placed(&p, "a"), Some("va"));
         assert_eq!(
-            out.ignored,
-            vec![("vx".to_string(), "claims addresses of several pods")]
+            withheld.get(&key("b")),
+            Some(&Withheld::PortTaken("default/a".into()))
         );
-        assert_eq!((placed(&p, 1), placed(&p, 2)), (Some("va"), Some("vb")));
     }
 
     #[test]
-    fn the_claimant_left_over_does_not_inherit_an_address() {
-        let (pa, px) = (port(10, "va"), port(11, "vx"));
-        let w = wanted(&[("a", 1, &[1])]);
-        // Contested, then a's port goes: x is alone, and refused.
+    fn a_pod_with_another_pods_mac_is_not_placed() {
+        // x set its MAC to a's, placed already: x is not placed.
+        let mut node = Node::new(&[("ns-a", 1, 1), ("ns-x", 9, 9)]);
         let mut p = BridgePlacer::default();
-        p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
-        let out = p.place(&views(&[(&px, &[1])]), &w);
+        let mut w = wanted(&[("a", Some("ns-a"))]);
+        node.place(&mut p, &[port(11, "va", 1)], &w);
+        node.macs.insert(9, [2, 0, 0, 0, 0, 1]);
+        w.extend(wanted(&[("x", Some("ns-x"))]));
+        let ports = [port(10, "vx", 9), port(11, "va", 1)];
+        let withheld = node.place(&mut p, &ports, &w);
+        assert_eq!(withheld.get(&key("x")), Some(&Withheld::MacInUse("va".into())));
+        // Two pods new in one scan with one MAC: neither.
+        let mut fresh = BridgePlacer::default();
+        let withheld = node.place(&mut fresh, &ports, &w);
         assert_eq!(
-            out.withheld.get(&ip(1)),
-            Some(&Withheld::Orphaned(vec!["va".into(), "vx".into()]))
+            (placed(&fresh, "a"), placed(&fresh, "x")),
+            (None, None),
+            "{withheld:?}"
         );
-        assert_eq!(placed(&p, 1), None);
-        // Placed, claimed by x later, then a's port goes: the same.
-        let mut p = BridgePlacer::default();
-        p.place(&views(&[(&pa, &[1])]), &w);
-        p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
-        p.place(&views(&[(&px, &[1])]), &w);
-        assert_eq!(placed(&p, 1), None);
-        // Placed, then its port goes with nobody else claiming: a claim
-        // made after that is refused as well.
-        let mut p = BridgePlacer::default();
-        p.place(&views(&[(&pa, &[1])]), &w);
-        p.place(&views(&[(&px, &[])]), &w);
-        let out = p.place(&views(&[(&px, &[1])]), &w);
-        assert!(
-            matches!(out.withheld.get(&ip(1)), Some(Withheld::Orphaned(_))),
-            "{out:?}"
-        );
-        assert_eq!(placed(&p, 1), None);
-        // Until the address belongs to another pod (a new record): then it
-        // is weighed afresh.
-        let pn = port(13, "vn");
-        let w2 = wanted(&[("a2", 1, &[1])]);
-        let out = p.place(&views(&[(&px, &[]), (&pn, &[1])]), &w2);
-        assert!(out.withheld.is_empty(), "{out:?}");
-        assert_eq!(placed(&p, 1), Some("vn"));
+        // After a restart, the pod still on the MAC it was placed with wins
+        // it, whichever comes first by name.
+        let mut restarted = BridgePlacer::default();
+        restarted.remember(key("a"), [2, 0, 0, 0, 0, 1]);
+        restarted.remember(key("x"), [2, 0, 0, 0, 0, 9]);
+        let withheld = node.place(&mut restarted, &ports, &w);
+        assert_eq!(placed(&restarted, "a"), Some("va"));
+        assert_eq!(withheld.get(&key("x")), Some(&Withheld::MacInUse("va".into())));
     }
 
     #[test]
-    fn a_pod_with_another_placed_pods_mac_is_not_placed() {
-        let (pa, px) = (port(10, "va"), port(11, "vx"));
-        let w = wanted(&[("a", 1, &[1]), ("x", 2, &[2])]);
+    fn a_placement_ends_with_its_port_or_a_change_of_record() {
+        let node = Node::new(&[("ns-a", 1, 1), ("ns-a2", 2, 2)]);
         let mut p = BridgePlacer::default();
-        p.place(&views(&[(&pa, &[1])]), &w);
-        // x took a's MAC before it was placed.
-        let mut v = views(&[(&pa, &[1]), (&px, &[2])]);
-        v[1].mac = v[0].mac;
-        let out = p.place(&v, &w);
-        assert_eq!(
-            out.withheld.get(&ip(2)),
-            Some(&Withheld::MacInUse(vec!["va".into()]))
-        );
-        assert_eq!(placed(&p, 2), None);
-        // A MAC that cannot be read: not placed either.
-        v[1].mac = None;
-        let out = p.place(&v, &w);
-        assert_eq!(out.withheld.get(&ip(2)), Some(&Withheld::MacInUse(vec![])));
-        // Its own MAC: placed, with it.
-        let out = p.place(&views(&[(&pa, &[1]), (&px, &[2])]), &w);
-        assert!(out.withheld.is_empty(), "{out:?}");
-        assert_eq!(p.port_of(ip(2)).map(|(_, m)| m), Some([2, 0, 0, 0, 0, 11]));
-    }
-
-    #[test]
-    fn a_restart_takes_over_the_last_agents_placements() {
-        let (pa, px) = (port(10, "va"), port(11, "vx"));
-        let w = wanted(&[("a", 1, &[1])]);
-        let mut p = BridgePlacer::default();
-        // A different identity, an unknown port: not taken over.
-        let mac = [2, 0, 0, 0, 0, 10];
-        p.seed(ip(1), 10, 9, mac, &[pa.clone(), px.clone()], &w);
-        p.seed(ip(1), 99, 1, mac, &[pa.clone(), px.clone()], &w);
-        assert_eq!(placed(&p, 1), None);
-        p.seed(ip(1), 10, 1, mac, &[pa.clone(), px.clone()], &w);
-        let out = p.place(&views(&[(&pa, &[1]), (&px, &[1])]), &w);
-        assert!(out.withheld.is_empty(), "{out:?}");
-        assert_eq!(placed(&p, 1), Some("va"));
+        let ports = [port(11, "va", 1), port(12, "va2", 2)];
+        node.place(&mut p, &ports, &wanted(&[("a", Some("ns-a"))]));
+        assert_eq!(placed(&p, "a"), Some("va"));
+        // The record now names another namespace (a new pod of that name).
+        node.place(&mut p, &ports, &wanted(&[("a", Some("ns-a2"))]));
+        assert_eq!(placed(&p, "a"), Some("va2"));
+        // A port whose index comes back under another name is another port.
+        let mut reused = port(12, "vnew", 2);
+        reused.peer = 3;
+        node.place(&mut p, &[reused], &wanted(&[("a", Some("ns-a2"))]));
+        assert_eq!(placed(&p, "a"), Some("vnew"));
+        node.place(&mut p, &ports, &wanted(&[]));
+        assert_eq!(placed(&p, "a"), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod endpoints;
 pub mod events;
 pub mod lookup;
 pub mod netlink;
+pub mod podns;
 pub(crate) mod sys;
 pub mod tables;
 
@@ -86,6 +87,11 @@ pub struct DatapathConfig {
     /// a burst of changes (a CNI plumbing a pod, or a pod flapping its link
     /// to keep the agent busy) costs one scan per gap, not one per message.
     pub min_scan_gap: Duration,
+    /// Where the node's processes are read (the pods' namespaces are found
+    /// through their processes, see [`podns`]).
+    pub proc_root: PathBuf,
+    /// Where named network namespaces live (`netns:` selectors).
+    pub netns_dir: PathBuf,
 }
 
 impl DatapathConfig {
@@ -100,6 +106,8 @@ impl DatapathConfig {
             resync_interval: Duration::from_secs(10),
             unresolved_retry: Some(Duration::from_millis(100)),
             min_scan_gap: Duration::from_millis(20),
+            proc_root: PathBuf::from("/proc"),
+            netns_dir: PathBuf::from("/var/run/netns"),
         }
     }
 }
@@ -201,13 +209,9 @@ pub struct DatapathStatus {
     pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
     /// Local workload addresses with no interface routed to them yet.
     pub unresolved: Vec<Ipv4Addr>,
-    /// Of those, addresses behind a bridge that no port is trusted with,
-    /// and why (see [`endpoints::BridgePlacer`]).
+    /// Of those, addresses of pods behind a bridge that no port is trusted
+    /// with, and why (see [`endpoints::BridgePlacer`]).
     pub withheld: BTreeMap<Ipv4Addr, endpoints::Withheld>,
-    /// Bridge ports whose claims are ignored, and why.
-    pub ignored_ports: BTreeMap<String, String>,
-    /// Bridge ports whose pod's addresses could not be read, and why.
-    pub unreadable_ports: BTreeMap<String, String>,
     /// Rule names by the id flow events carry.
     pub rules: Arc<BTreeMap<u32, String>>,
     pub local_node_id: u16,
@@ -229,12 +233,9 @@ pub struct Datapath {
     /// What the maps hold, once read or written.
     applied: Option<Tables>,
     endpoints_applied: Option<HashMap<u32, EndpointInfo>>,
-    /// Which bridge port each pod address behind a bridge is placed behind,
-    /// weighed against what the pods claim (see [`endpoints::BridgePlacer`]).
+    /// Which bridge port each pod behind a bridge is placed behind: the
+    /// one into its network namespace (see [`endpoints::BridgePlacer`]).
     bridged: endpoints::BridgePlacer,
-    /// Set until the first scan has taken over the last agent's bridge
-    /// placements from the endpoint map.
-    seed_bridged: bool,
     /// Whether BRIDGED_PORTS is set in the config, as last written.
     bridged_ports: Option<bool>,
     status: DatapathStatus,
@@ -379,7 +380,6 @@ impl Datapath {
             applied: None,
             endpoints_applied: None,
             bridged: endpoints::BridgePlacer::default(),
-            seed_bridged: true,
             bridged_ports: None,
             status: DatapathStatus::default(),
         };
@@ -605,7 +605,7 @@ impl Datapath {
         let links = netlink::links()
             .map_err(|e| DatapathError::io("listing the node's interfaces (rtnetlink)", e))?;
         let by_name: HashMap<&str, &netlink::Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
-        let local: Vec<(Ipv4Addr, u32, &(String, String))> = state
+        let local: Vec<(Ipv4Addr, u32, &endpoints::WorkloadKey)> = state
             .workloads
             .iter()
             .filter(|(_, w)| w.node == self.cfg.node_name)
@@ -618,7 +618,8 @@ impl Datapath {
             .collect();
 
         // First scan of this agent: read what the last one left in the
-        // endpoint map (its bridge placements are taken over below).
+        // endpoint map.
+        let first_scan = self.endpoints_applied.is_none();
         let old = match self.endpoints_applied.take() {
             Some(e) => e,
             None => {
@@ -631,99 +632,79 @@ impl Datapath {
             }
         };
 
-        // Behind a bridge: the port, weighed by the placer from what the
-        // pods behind the bridge's ports claim.
-        let mut wanted: HashMap<Ipv4Addr, endpoints::Wanted> = HashMap::new();
-        for (ip, identity, key) in &local {
+        // Behind a bridge: the port into the pod's namespace.
+        let mut wanted: BTreeMap<endpoints::WorkloadKey, endpoints::Wanted> = BTreeMap::new();
+        let mut bridge_of: HashMap<Ipv4Addr, u32> = HashMap::new();
+        for (ip, _, key) in &local {
             if let Some(l) = endpoints::interface_for(&routes, *ip).and_then(|i| by_name.get(i))
                 && l.kind == "bridge"
             {
-                wanted.insert(
-                    *ip,
-                    endpoints::Wanted {
-                        key: (*key).clone(),
-                        identity: *identity,
-                        bridge: l.index,
-                    },
-                );
+                bridge_of.insert(*ip, l.index);
+                // A pod whose addresses are routed to several bridges is
+                // placed on the first; the others stay unresolved.
+                wanted.entry((*key).clone()).or_insert_with(|| endpoints::Wanted {
+                    bridge: l.index,
+                    homes: state
+                        .workloads
+                        .get(*key)
+                        .map(|w| podns::homes(&w.selectors))
+                        .unwrap_or_default(),
+                });
             }
         }
         let bridges: BTreeSet<u32> = wanted.values().map(|w| w.bridge).collect();
         // Every veth port of a bridge that pods are routed to gets the
-        // programs, whether or not an address is placed behind it yet: what
-        // a port with no endpoint sends is dropped (source-spoofed), but
-        // for address probes.
+        // programs, whether or not a pod is placed behind it yet: what a
+        // port with no endpoint sends is dropped (source-spoofed), but for
+        // address probes.
         let ports: Vec<netlink::Link> = links
             .iter()
             .filter(|l| bridges.contains(&l.master) && l.kind == "veth")
             .cloned()
             .collect();
-        if std::mem::take(&mut self.seed_bridged) {
+        if first_scan {
+            // The MACs the last agent placed pods with come first.
             for (k, v) in &old {
-                if v.flags & endpoint_flags::BRIDGED != 0 {
-                    self.bridged.seed(
-                        tables::ip_from_key(*k),
-                        v.ifindex,
-                        v.identity,
-                        v.mac,
-                        &ports,
-                        &wanted,
-                    );
+                if v.flags & endpoint_flags::BRIDGED != 0
+                    && let Some((_, _, key)) = local.iter().find(|(ip, _, _)| ip_key(*ip) == *k)
+                {
+                    self.bridged.remember((*key).clone(), v.mac);
                 }
             }
         }
-        let read = self.bridged.ports_to_read(&ports, &wanted);
-        let views = endpoints::read_claims(&ports, &read);
-        let found = self.bridged.place(&views, &wanted);
-        for (port, e) in &found.skipped {
-            if !self.status.unreadable_ports.contains_key(port) {
-                warn!(port = %port, error = %e, "could not read the addresses of the pod behind a bridge port; what it sends is dropped until they can be read");
-            }
-        }
-        self.status.unreadable_ports = found.skipped.into_iter().collect();
-        for (port, why) in &found.ignored {
-            if !self.status.ignored_ports.contains_key(port) {
-                warn!(port = %port, reason = %why, "ignoring what the pod behind a bridge port says its addresses are");
-            }
-        }
-        self.status.ignored_ports = found
-            .ignored
-            .into_iter()
-            .map(|(p, w)| (p, w.to_string()))
+        let mut resolver = podns::Resolver::new(&self.cfg.proc_root, &self.cfg.netns_dir);
+        let withheld = self.bridged.place(
+            &ports,
+            &wanted,
+            |homes| resolver.nsid(homes),
+            |nsid, index| {
+                netlink::link_in(nsid, index)
+                    .map(|l| l.and_then(|l| l.mac))
+                    .map_err(|e| format!("reading the pod's end of its veth: {e}"))
+            },
+        );
+        let withheld: BTreeMap<Ipv4Addr, endpoints::Withheld> = local
+            .iter()
+            .filter_map(|(ip, _, key)| withheld.get(*key).map(|w| (*ip, w.clone())))
             .collect();
-        for (ip, w) in &found.withheld {
+        for (ip, w) in &withheld {
             // Said once per distinct finding, not on every scan.
             if self.status.withheld.get(ip) != Some(w) {
-                match w {
-                    endpoints::Withheld::Contested(ports) => warn!(
-                        address = %ip,
-                        ports = ?ports,
-                        "a local workload's address is claimed behind several bridge ports; placing it behind none (what those ports send is dropped as source-spoofed) until only one claims it"
-                    ),
-                    endpoints::Withheld::Orphaned(ports) => warn!(
-                        address = %ip,
-                        ports = ?ports,
-                        "a local workload's address was claimed behind several bridge ports and one of them is gone; withholding it from the ports left until its pod's record changes"
-                    ),
-                    endpoints::Withheld::MacInUse(ports) => warn!(
-                        address = %ip,
-                        holder = ?ports,
-                        "the pod claiming a local workload's address behind a bridge port has another pod's MAC, or none that can be read; not placing it"
-                    ),
-                }
+                warn!(address = %ip, reason = ?w, "not placing a local workload behind a bridge port; what its port sends is dropped as source-spoofed until it can be");
             }
         }
-        self.status.withheld = found.withheld.into_iter().collect();
+        self.status.withheld = withheld;
 
         let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
         let mut ifaces: BTreeSet<String> = ports.iter().map(|p| p.name.clone()).collect();
         let mut unresolved = Vec::new();
-        for (ip, identity, _) in local {
+        for (ip, identity, key) in local {
             // A bridged endpoint carries its pod's MAC: the only source
             // MAC its port may send from.
-            let found = if wanted.contains_key(&ip) {
+            let found = if let Some(bridge) = bridge_of.get(&ip) {
                 self.bridged
-                    .port_of(ip)
+                    .port_of(key)
+                    .filter(|(l, _)| l.master == *bridge)
                     .map(|(l, mac)| (l, mac, endpoint_flags::BRIDGED))
             } else {
                 endpoints::interface_for(&routes, ip)

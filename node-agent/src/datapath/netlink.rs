@@ -10,8 +10,8 @@
 //! of pods, once a veth joins them to it. A bridge CNI's last step, the
 //! pod's address, happens there.
 //!
-//! The dumps below ([`links`], [`ipv4_addresses_in`]) read what a namespace
-//! holds now, for the scan.
+//! The requests below ([`links`], [`link_in`], [`nsid_of`]) read what a
+//! namespace holds now, for the scan.
 //!
 //! The messages are only counted, never trusted for content: whatever
 //! arrives, the scan reads the whole routing table again. A burst (a hundred
@@ -172,13 +172,6 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
 }
 
-/// One interface address, from an RTM_GETADDR dump.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Address {
-    pub index: u32,
-    pub ip: std::net::IpAddr,
-}
-
 const NLMSG_HEADER: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -188,8 +181,6 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
@@ -198,9 +189,10 @@ const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_TARGET_NETNSID: u16 = 46;
-const IFA_TARGET_NETNSID: u16 = 10;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
 /// Attribute types carry flag bits (nested, byte order) above these.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -232,35 +224,47 @@ fn aimed_at(header: &[u8], attribute: u16, netnsid: i32) -> Vec<u8> {
     req
 }
 
-/// The interfaces of the network namespace that has id `netnsid` in the
-/// calling thread's, read without entering it (IFLA_TARGET_NETNSID; see
-/// [`ipv4_addresses_in`]).
-pub fn links_in(netnsid: i32) -> io::Result<Vec<Link>> {
-    dump_links(&aimed_at(&[0u8; 16], IFLA_TARGET_NETNSID, netnsid))
+/// One interface of the network namespace that has id `netnsid` in the
+/// calling thread's (a pod's, seen from the node through its veth's
+/// IFLA_LINK_NETNSID), by its index there, read without entering it: the
+/// kernel takes the target namespace from the request (IFLA_TARGET_NETNSID,
+/// Linux 4.20, needs CAP_NET_ADMIN over it). One message, not a dump of
+/// every interface the pod made.
+pub fn link_in(netnsid: i32, index: u32) -> io::Result<Option<Link>> {
+    // struct ifinfomsg: family, pad, type, index, flags, change; strict
+    // checking wants all but the index zero.
+    let mut header = [0u8; 16];
+    header[4..8].copy_from_slice(&index.to_ne_bytes());
+    match request(RTM_GETLINK, &aimed_at(&header, IFLA_TARGET_NETNSID, netnsid)) {
+        Ok(messages) => Ok(messages
+            .iter()
+            .find(|(t, _)| *t == RTM_NEWLINK)
+            .and_then(|(_, body)| parse_link(body))),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
-/// The IPv4 addresses of the network namespace that has id `netnsid` in
-/// the calling thread's (a pod's, seen from the node through its veth's
-/// IFLA_LINK_NETNSID). Read without entering it: the kernel takes the
-/// target namespace from the request (IFA_TARGET_NETNSID, Linux 4.20,
-/// honoured with strict checking, needs CAP_NET_ADMIN over it).
-pub fn ipv4_addresses_in(netnsid: i32) -> io::Result<Vec<Address>> {
-    // struct ifaddrmsg: family, prefixlen, flags, scope, index (all zero
-    // but the family, as strict checking wants), then the one attribute.
-    let req = aimed_at(
-        &[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0],
-        IFA_TARGET_NETNSID,
-        netnsid,
-    );
-    let mut out = Vec::new();
-    dump(RTM_GETADDR, &req, |kind, body| {
-        if kind == RTM_NEWADDR
-            && let Some(a) = parse_address(body)
-        {
-            out.push(a);
-        }
-    })?;
-    Ok(out)
+/// The id the calling thread's network namespace gives the namespace open
+/// at `ns` (a file under /var/run/netns, or /proc/<pid>/ns/net), if it has
+/// given it one (RTM_GETNSID). A namespace gets an id once something links
+/// it to this one, a veth with one end in each included: the link dump that
+/// reports such a veth assigns it.
+pub fn nsid_of(ns: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    use std::os::fd::AsRawFd;
+    // struct rtgenmsg (one byte, aligned to four), then NETNSA_FD.
+    let req = aimed_at(&[libc::AF_UNSPEC as u8, 0, 0, 0], NETNSA_FD, ns.as_raw_fd());
+    let messages = request(RTM_GETNSID, &req)?;
+    let body = messages
+        .iter()
+        .find(|(t, _)| *t == RTM_NEWNSID)
+        .map(|(_, b)| b.as_slice())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no RTM_NEWNSID in the reply"))?;
+    let id = attributes(body.get(4..).unwrap_or_default())
+        .find(|(t, p)| *t == NETNSA_NSID && p.len() >= 4)
+        .map(|(_, p)| u32_at(p, 0) as i32);
+    // NETNSA_NSID_NOT_ASSIGNED is -1.
+    Ok(id.filter(|id| *id >= 0))
 }
 
 /// Sends one dump request and hands each reply message (type, body after
@@ -290,19 +294,7 @@ const DUMP_ATTEMPTS: usize = 3;
 /// One dump's messages (type, payload), or None if the kernel marked it
 /// interrupted.
 fn dump_once(kind: u16, family_header: &[u8]) -> io::Result<Option<Vec<Message>>> {
-    let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)?;
-    socket.set_netlink_get_strict_chk(true)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let len = NLMSG_HEADER + family_header.len();
-    let mut req = Vec::with_capacity(len);
-    req.extend_from_slice(&(len as u32).to_ne_bytes());
-    req.extend_from_slice(&kind.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel
-    req.extend_from_slice(family_header);
-    socket.send(&req, 0)?;
+    let socket = send(kind, NLM_F_REQUEST | NLM_F_DUMP, family_header)?;
     let mut dump = Dump::default();
     loop {
         let (buf, _) = socket.recv_from_full()?;
@@ -312,6 +304,40 @@ fn dump_once(kind: u16, family_header: &[u8]) -> io::Result<Option<Vec<Message>>
     }
 }
 
+/// Sends one request that is not a dump and reads its one reply datagram.
+fn request(kind: u16, body: &[u8]) -> io::Result<Vec<Message>> {
+    let socket = send(kind, NLM_F_REQUEST, body)?;
+    let (buf, _) = socket.recv_from_full()?;
+    let mut reply = Dump::default();
+    reply.take(&buf)?;
+    Ok(reply.messages)
+}
+
+/// A new rtnetlink socket of the calling thread's namespace, strict
+/// checking on, with the request sent.
+fn send(kind: u16, flags: u16, body: &[u8]) -> io::Result<netlink_sys::Socket> {
+    let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)?;
+    socket.set_netlink_get_strict_chk(true)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let len = NLMSG_HEADER + body.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&kind.to_ne_bytes());
+    req.extend_from_slice(&flags.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel
+    req.extend_from_slice(body);
+    socket.send(&req, 0)?;
+    Ok(socket)
+}
+
+/// The most one dump may hold. A node's links are a few KiB each with a few
+/// hundred pods; a pod that makes interfaces in its own namespace is not
+/// read by dump any more, but a bound keeps a surprise from costing the
+/// agent its memory.
+const DUMP_LIMIT: usize = 64 << 20;
+
 /// A netlink message: its type and payload.
 type Message = (u16, Vec<u8>);
 
@@ -319,6 +345,7 @@ type Message = (u16, Vec<u8>);
 #[derive(Debug, Default)]
 struct Dump {
     messages: Vec<Message>,
+    bytes: usize,
     interrupted: bool,
 }
 
@@ -348,9 +375,17 @@ impl Dump {
                         return Err(io::Error::from_raw_os_error(-errno));
                     }
                 }
-                _ => self
-                    .messages
-                    .push((t, buf[off + NLMSG_HEADER..off + len].to_vec())),
+                _ => {
+                    self.bytes += len;
+                    if self.bytes > DUMP_LIMIT {
+                        return Err(io::Error::new(
+                            io::ErrorKind::OutOfMemory,
+                            format!("an rtnetlink dump larger than {} MiB", DUMP_LIMIT >> 20),
+                        ));
+                    }
+                    self.messages
+                        .push((t, buf[off + NLMSG_HEADER..off + len].to_vec()))
+                }
             }
             off += (len + 3) & !3;
         }
@@ -416,34 +451,6 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     Some(l)
 }
 
-/// An RTM_NEWADDR body: struct ifaddrmsg (8 bytes), then attributes. The
-/// local address (IFA_LOCAL) where there is one: on a point-to-point link
-/// IFA_ADDRESS is the peer's.
-fn parse_address(body: &[u8]) -> Option<Address> {
-    if body.len() < 8 {
-        return None;
-    }
-    let family = body[0] as i32;
-    let index = u32_at(body, 4);
-    let (mut local, mut address) = (None, None);
-    for (t, p) in attributes(&body[8..]) {
-        let ip = match (family, p.len()) {
-            (libc::AF_INET, 4) => std::net::IpAddr::from(<[u8; 4]>::try_from(p).ok()?),
-            (libc::AF_INET6, 16) => std::net::IpAddr::from(<[u8; 16]>::try_from(p).ok()?),
-            _ => continue,
-        };
-        match t {
-            IFA_LOCAL => local = Some(ip),
-            IFA_ADDRESS => address = Some(ip),
-            _ => {}
-        }
-    }
-    Some(Address {
-        index,
-        ip: local.or(address)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,9 +479,9 @@ mod tests {
     #[test]
     fn a_dump_reply_is_read_within_its_bounds() {
         // Two messages, the second unpadded at the end of the datagram.
-        let mut buf = dump_message(RTM_NEWADDR, 0, &[1, 2, 3, 4, 5, 6]);
+        let mut buf = dump_message(RTM_NEWLINK, 0, &[1, 2, 3, 4, 5, 6]);
         buf.extend_from_slice(&[0, 0]);
-        buf.extend(dump_message(RTM_NEWADDR, 0, &[7]));
+        buf.extend(dump_message(RTM_NEWLINK, 0, &[7]));
         let mut d = Dump::default();
         assert!(!d.take(&buf).unwrap());
         assert_eq!(d.messages.len(), 2);
@@ -482,7 +489,7 @@ mod tests {
         assert!(!d.interrupted);
 
         // A length past the datagram's end, or an error with no errno.
-        let mut over = dump_message(RTM_NEWADDR, 0, &[1, 2, 3, 4]);
+        let mut over = dump_message(RTM_NEWLINK, 0, &[1, 2, 3, 4]);
         over[0] = 200;
         assert!(Dump::default().take(&over).is_err());
         assert!(Dump::default().take(&dump_message(NLMSG_ERROR, 0, &[])).is_err());
@@ -494,7 +501,7 @@ mod tests {
 
         // The kernel marks a dump the table changed under: taken again.
         let mut d = Dump::default();
-        d.take(&dump_message(RTM_NEWADDR, NLM_F_DUMP_INTR, &[1, 2, 3, 4]))
+        d.take(&dump_message(RTM_NEWLINK, NLM_F_DUMP_INTR, &[1, 2, 3, 4]))
             .unwrap();
         assert!(d.interrupted);
     }
