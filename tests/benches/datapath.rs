@@ -438,7 +438,7 @@ fn micro() -> Micro {
                 IpcacheValue {
                     identity: id,
                     node_id: NODE_ID,
-                    _pad: [0; 2],
+                    ..IpcacheValue::default()
                 },
             )
         })
@@ -447,13 +447,14 @@ fn micro() -> Micro {
         let v = IpcacheValue {
             identity: filler_identity(&mut r),
             node_id: node_of(&mut r),
-            _pad: [0; 2],
+            ..IpcacheValue::default()
         };
         entries.push((ip_key(ip), v));
     }
     let t = Instant::now();
     insert_all(&mut ipcache, &entries, maps::IPCACHE);
     fill.push(("ipcache".to_string(), entries.len(), t.elapsed()));
+    let mut ipcache_entries = entries;
     // A few CIDRs (world ranges) in the trie, none covering the unknown source.
     let mut lpm: LpmTrie<MapData, Ipv4LpmKey, IpcacheValue> = {
         let data = MapData::from_pin(pin_dir.join(maps::IPCACHE_LPM)).expect("lpm pin");
@@ -471,7 +472,7 @@ fn micro() -> Micro {
         let v = IpcacheValue {
             identity: 2,
             node_id: 0,
-            _pad: [0; 2],
+            ..IpcacheValue::default()
         };
         lpm.insert(&key, v, 0).expect("lpm insert");
     }
@@ -557,6 +558,15 @@ fn micro() -> Micro {
     ];
     insert_all(&mut policy, &test_policy, maps::POLICY);
     let filler = filler_policy(&mut r, 1_000_000 - test_policy.len());
+    // The policy shapes each subject has no entry of, over the whole
+    // million (so right at every size: a shape marked present but not
+    // inserted yet only costs a probe), written into the ipcache as the
+    // agent writes them (`Tables::from_state`).
+    let masks = datapath::tables::absent_shapes(test_policy.iter().chain(&filler).map(|(k, _)| k));
+    for (_, v) in &mut ipcache_entries {
+        v.absent = datapath::tables::absent_of(&masks, v.identity);
+    }
+    insert_all(&mut ipcache, &ipcache_entries, maps::IPCACHE);
     let mut policy_len = test_policy.len();
     let mut grow_policy = |to: usize, fill: &mut Vec<(String, usize, Duration)>| {
         let add = &filler[policy_len - test_policy.len()..to - test_policy.len()];

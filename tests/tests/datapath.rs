@@ -405,6 +405,39 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied() {
     dp.stop();
 }
 
+/// The kernel skips the policy lookups a subject has no entry for (the
+/// agent marks them in the subject's ipcache value). Each shape it does
+/// have is looked up: b admits a on any TCP port (any-port entry), and
+/// anyone on 7070 with authentication (any-peer entry). a -> b:9090 passes
+/// on the first alone; a -> b:7070 is allowed by both, and the second's
+/// authentication is required, though the more specific entry asks none.
+#[test]
+fn every_policy_shape_a_subject_has_is_looked_up() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .rule((B, A, 0, TCP, INGRESS), false, "default/b-from-a ingress[0]")
+        .rule((B, 0, 7070, TCP, INGRESS), true, "default/b-7070 ingress[0]")
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    tcp_echo(&b.netns, IP_B, 9090);
+    tcp_echo(&b.netns, IP_B, 7070);
+    let mut c =
+        connect(&a.netns, IP_B, 9090, Duration::from_secs(3)).expect("a -> b:9090 on the any-port entry");
+    assert!(echo_round_trip(&mut c, b"any port"));
+    assert!(connect(&a.netns, IP_B, 7070, Duration::from_millis(1200)).is_err());
+    let f = expect_flow(&mut flows, "a -> b:7070 held for authentication", |f| {
+        f.dst_port == 7070 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason, drop_reason::AUTH_REQUIRED);
+    dp.stop();
+}
+
 #[test]
 fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expiry() {
     let mut topo = Topology::new();

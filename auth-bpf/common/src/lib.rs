@@ -207,7 +207,24 @@ pub struct FlowState {
 pub struct IpcacheValue {
     pub identity: u32,
     pub node_id: u16,
-    pub _pad: [u8; 2],
+    /// The policy lookups this identity, as a subject, has no entry for: bit
+    /// [`absent_bit`]`(direction, probe)` set means no entry of that shape
+    /// exists, so that probe is skipped. 0 (what an agent that predates it
+    /// leaves) probes all four.
+    pub absent: u8,
+    pub _pad: u8,
+}
+
+/// The index, in [`policy_probes`] order, of the probe that finds a policy
+/// entry with this peer and port block: exact, any port, any peer, any
+/// peer and any port.
+pub const fn probe_index(peer: u32, port_block: u16) -> u8 {
+    (if peer == identity::UNKNOWN { 2 } else { 0 }) + (if port_block == 0 { 1 } else { 0 })
+}
+
+/// The bit of [`IpcacheValue::absent`] for one probe in one direction.
+pub const fn absent_bit(direction: u8, probe: u8) -> u8 {
+    1 << (probe + 4 * (direction & 1))
 }
 
 /// The data part of an LPM trie key for IPv4 (the prefix length travels

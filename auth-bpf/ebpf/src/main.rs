@@ -30,8 +30,8 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowState, IpcacheValue,
-    Ipv4LpmKey, PolicyKey, PolicyValue, auth_type, config_flags, direction, drop_reason, endpoint_flags,
-    flow_kind, hook, identity, maps, policy_flags, policy_probes,
+    Ipv4LpmKey, PolicyKey, PolicyValue, absent_bit, auth_type, config_flags, direction, drop_reason,
+    endpoint_flags, flow_kind, hook, identity, maps, policy_flags, policy_probes,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -358,10 +358,22 @@ fn forward(ifindex: u32) -> i32 {
 fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdict {
     let src = lookup_ip(pkt.src_ip);
     let dst = lookup_ip(pkt.dst_ip);
-    let (subject, peer, peer_node, dir) = if at == hook::FROM_POD {
-        (src.identity, dst.identity, dst.node_id, direction::EGRESS)
+    let (subject, peer, peer_node, dir, absent) = if at == hook::FROM_POD {
+        (
+            src.identity,
+            dst.identity,
+            dst.node_id,
+            direction::EGRESS,
+            src.absent,
+        )
     } else {
-        (dst.identity, src.identity, src.node_id, direction::INGRESS)
+        (
+            dst.identity,
+            src.identity,
+            src.node_id,
+            direction::INGRESS,
+            dst.absent,
+        )
     };
     let mut v = Verdict {
         forwarded: false,
@@ -372,7 +384,7 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
         src_identity: src.identity,
         dst_identity: dst.identity,
     };
-    let (rule_id, auth_required) = match lookup_policy(subject, peer, pkt.dst_port, pkt.proto, dir) {
+    let (rule_id, auth_required) = match lookup_policy(subject, peer, pkt.dst_port, pkt.proto, dir, absent) {
         Some(e) => e,
         None => return v,
     };
@@ -488,7 +500,8 @@ fn lookup_ip(ip: u32) -> IpcacheValue {
     IpcacheValue {
         identity: identity::WORLD,
         node_id: 0,
-        _pad: [0; 2],
+        absent: 0,
+        _pad: 0,
     }
 }
 
@@ -499,13 +512,19 @@ fn lookup_ip(ip: u32) -> IpcacheValue {
 /// when any matching entry says so: the union of the rules, which is why the
 /// lookup goes on after a match without authentication, and stops at the
 /// first that requires it or at a final entry. The rule reported is the
-/// most specific match's.
+/// most specific match's. A probe of a shape the subject has no entry of
+/// (`absent`, the subject's ipcache bits, see `IpcacheValue::absent`) is not
+/// made: it could only miss.
 #[inline(always)]
-fn lookup_policy(subject: u32, peer: u32, port: u16, proto: u8, dir: u8) -> Option<(u32, bool)> {
+fn lookup_policy(subject: u32, peer: u32, port: u16, proto: u8, dir: u8, absent: u8) -> Option<(u32, bool)> {
     let probes = policy_probes(subject, peer, u16::from_be(port), proto, dir);
     let mut rule: Option<u32> = None;
     let mut i = 0;
     while i < probes.len() {
+        if absent & absent_bit(dir, i as u8) != 0 {
+            i += 1;
+            continue;
+        }
         let (_, key, bit) = probes[i];
         if let Some(v) = unsafe { POLICY.get(&key) } {
             if v.allowed.get(bit) {

@@ -188,7 +188,7 @@ pub fn lookup_ip(t: &dyn Lookup, ip: Ipv4Addr) -> Result<(IpcacheValue, IpSource
         IpcacheValue {
             identity: identity::WORLD,
             node_id: 0,
-            _pad: [0; 2],
+            ..IpcacheValue::default()
         },
         IpSource::World,
     ))

@@ -524,27 +524,11 @@ impl Datapath {
             Some(t) => t,
             None => self.read_tables()?,
         };
-        let mut changed = false;
-        let d = diff(&old.ipcache, &new.ipcache);
-        changed |= !d.is_empty();
-        for (k, v) in d.upserts {
-            self.ipcache
-                .insert(k, v, 0)
-                .map_err(|e| DatapathError::map(maps::IPCACHE, e))?;
-        }
-        for k in d.deletes {
-            let _ = self.ipcache.remove(&k);
-        }
-        let d = diff(&old.lpm, &new.lpm);
-        changed |= !d.is_empty();
-        for ((len, addr), v) in d.upserts {
-            self.lpm
-                .insert(&Key::new(len, Ipv4LpmKey { addr }), v, 0)
-                .map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
-        }
-        for (len, addr) in d.deletes {
-            let _ = self.lpm.remove(&Key::new(len, Ipv4LpmKey { addr }));
-        }
+        // The ipcache first, marking absent only the policy shapes neither
+        // the old nor the new policy has; then the policy; then the new
+        // policy's marks (see `Tables::between`).
+        let between = new.between(&old.policy);
+        let mut changed = self.write_ipcache(&old, &between)?;
         let d = diff(&old.policy, &new.policy);
         changed |= !d.is_empty();
         for (k, v) in d.upserts {
@@ -555,6 +539,7 @@ impl Datapath {
         for k in d.deletes {
             let _ = self.policy.remove(&k);
         }
+        changed |= self.write_ipcache(&between, &new)?;
         let node_id = state
             .nodes
             .get(&self.cfg.node_name)
@@ -575,6 +560,32 @@ impl Datapath {
         self.status.synced = state.synced;
         self.applied = Some(new);
         Ok(())
+    }
+
+    /// Writes the ipcache and LPM differences from `old` to `new`; true if
+    /// there were any.
+    fn write_ipcache(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
+        let d = diff(&old.ipcache, &new.ipcache);
+        let mut changed = !d.is_empty();
+        for (k, v) in d.upserts {
+            self.ipcache
+                .insert(k, v, 0)
+                .map_err(|e| DatapathError::map(maps::IPCACHE, e))?;
+        }
+        for k in d.deletes {
+            let _ = self.ipcache.remove(&k);
+        }
+        let d = diff(&old.lpm, &new.lpm);
+        changed |= !d.is_empty();
+        for ((len, addr), v) in d.upserts {
+            self.lpm
+                .insert(&Key::new(len, Ipv4LpmKey { addr }), v, 0)
+                .map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
+        }
+        for (len, addr) in d.deletes {
+            let _ = self.lpm.remove(&Key::new(len, Ipv4LpmKey { addr }));
+        }
+        Ok(changed)
     }
 
     fn read_tables(&self) -> Result<Tables, DatapathError> {

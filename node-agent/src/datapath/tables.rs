@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use keyway_common::{IpcacheValue, PolicyKey, PolicyValue, policy_flags};
+use keyway_common::{IpcacheValue, PolicyKey, PolicyValue, absent_bit, policy_flags, probe_index};
 
 use crate::state::NodeState;
 
@@ -61,7 +61,7 @@ impl Tables {
             let value = IpcacheValue {
                 identity: e.identity,
                 node_id,
-                _pad: [0; 2],
+                ..IpcacheValue::default()
             };
             match parse_cidr(cidr) {
                 Some((ip, 32)) => {
@@ -106,8 +106,51 @@ impl Tables {
                 },
             );
         }
+        t.mark_absent(&absent_shapes(t.policy.keys()));
         t
     }
+
+    /// Sets every ipcache value's absent shapes from `masks` (see
+    /// [`absent_shapes`]).
+    pub fn mark_absent(&mut self, masks: &HashMap<u32, u8>) {
+        for v in self.ipcache.values_mut().chain(self.lpm.values_mut()) {
+            v.absent = absent_of(masks, v.identity);
+        }
+    }
+
+    /// The ipcache to write before the policy changes from `old_policy` to
+    /// this one's: a shape is skipped only if it is absent on both sides,
+    /// so no packet judged between the two writes skips an entry either
+    /// policy has (skipping one that requires authentication could let a
+    /// packet through without it). After the policy, `self` is written.
+    pub fn between(&self, old_policy: &HashMap<PolicyKey, PolicyValue>) -> Tables {
+        let old = absent_shapes(old_policy.keys());
+        let mut t = Tables {
+            ipcache: self.ipcache.clone(),
+            lpm: self.lpm.clone(),
+            ..Tables::default()
+        };
+        for v in t.ipcache.values_mut().chain(t.lpm.values_mut()) {
+            v.absent &= absent_of(&old, v.identity);
+        }
+        t
+    }
+}
+
+/// For each subject identity with policy entries, the lookups it has no
+/// entry for (bits of [`IpcacheValue::absent`]): the kernel skips those
+/// probes. An identity with no entry at all has every shape absent.
+pub fn absent_shapes<'a>(keys: impl IntoIterator<Item = &'a PolicyKey>) -> HashMap<u32, u8> {
+    let mut present: HashMap<u32, u8> = HashMap::new();
+    for k in keys {
+        *present.entry(k.subject).or_default() |= absent_bit(k.direction, probe_index(k.peer, k.port_block));
+    }
+    present.into_iter().map(|(s, p)| (s, !p)).collect()
+}
+
+/// `identity`'s absent shapes in `masks`: all when it has no entry.
+pub fn absent_of(masks: &HashMap<u32, u8>, identity: u32) -> u8 {
+    masks.get(&identity).copied().unwrap_or(u8::MAX)
 }
 
 /// Upserts and deletes that turn one map's content into another's.
@@ -207,6 +250,54 @@ mod tests {
         assert!(v.allowed.get((8080 & 0xff) as u8) && v.authenticated.get((8080 & 0xff) as u8));
         assert_eq!(v.allowed.count(), 1);
         assert_eq!(t.rules[&v.rule_id], "default/api-mtls ingress[0]");
+    }
+
+    #[test]
+    fn a_subject_skips_only_the_lookups_it_has_no_entry_for() {
+        use keyway_common::direction::{EGRESS, INGRESS};
+        let t = Tables::from_state(&state());
+        // 300 has one exact ingress entry: every other shape, and every
+        // egress one, is absent.
+        let v = t.ipcache[&ip_key(Ipv4Addr::new(10, 0, 0, 1))];
+        assert_eq!(v.absent, !absent_bit(INGRESS, 0));
+        // An identity with no entry at all skips everything: it is denied
+        // either way.
+        assert_eq!(t.lpm[&(16, ip_key(Ipv4Addr::new(10, 1, 0, 0)))].absent, u8::MAX);
+        // The shapes, in probe order.
+        let key = |peer, port_block, direction| PolicyKey {
+            subject: 7,
+            peer,
+            port_block,
+            proto: 6,
+            direction,
+        };
+        let masks = absent_shapes(&[key(9, 0, EGRESS), key(0, 32, INGRESS), key(0, 0, INGRESS)]);
+        assert_eq!(
+            !masks[&7],
+            absent_bit(EGRESS, 1) | absent_bit(INGRESS, 2) | absent_bit(INGRESS, 3)
+        );
+    }
+
+    #[test]
+    fn while_the_policy_changes_no_lookup_either_side_needs_is_skipped() {
+        let old = Tables::from_state(&state());
+        // The new policy adds an any-peer entry for 300 (one that could
+        // require authentication), and drops the exact one.
+        let mut s = state();
+        s.policy.clear();
+        let (k, e) = crate::state::port_entry((300, 0, 8080, 6, 0), true, "default/any ingress[0]");
+        s.policy.insert(k, e);
+        let new = Tables::from_state(&s);
+        let ip = ip_key(Ipv4Addr::new(10, 0, 0, 1));
+        let between = new.between(&old.policy);
+        let (exact, any_peer) = (absent_bit(0, 0), absent_bit(0, 2));
+        assert_eq!(old.ipcache[&ip].absent & (exact | any_peer), any_peer);
+        assert_eq!(new.ipcache[&ip].absent & (exact | any_peer), exact);
+        assert_eq!(
+            between.ipcache[&ip].absent & (exact | any_peer),
+            0,
+            "both probed meanwhile"
+        );
     }
 
     #[test]
