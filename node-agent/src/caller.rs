@@ -59,6 +59,16 @@ impl PinnedProcess {
         Ok(Self { pid, pidfd })
     }
 
+    /// Process `pid`, whichever it is now (pidfd_open(2)): facts read about
+    /// `pid` afterwards are of this process if it is still alive after the
+    /// reads, since its pid cannot name another one until it is reaped.
+    pub fn open(pid: i32) -> std::io::Result<Self> {
+        Ok(Self {
+            pid,
+            pidfd: pidfd_open(pid)?,
+        })
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }

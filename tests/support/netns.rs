@@ -244,6 +244,13 @@ impl Topology {
     /// cgroupfs driver's layout, under the v1 `pids` hierarchy). Returns
     /// once the process is in both. Killed, and its cgroup removed, on drop.
     pub fn pod_process(&self, name: &str, uid: &str) -> PodProcess {
+        self.process_in(&self.pod_netns(name), uid)
+    }
+
+    /// A process in pod `uid`'s cgroup but in namespace `netns`, as a
+    /// runtime's monitor (CRI-O's conmon with `conmon_cgroup = "pod"`) sits
+    /// in the node's.
+    pub fn process_in(&self, netns: &str, uid: &str) -> PodProcess {
         let parent = PathBuf::from(format!("/sys/fs/cgroup/pids/keyway-test-{}", self.tag));
         let cgroup = parent.join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup).expect("make the pod's cgroup");
@@ -254,7 +261,7 @@ impl Topology {
             .args([
                 "netns",
                 "exec",
-                &self.pod_netns(name),
+                netns,
                 "sh",
                 "-c",
                 "echo $$ && exec sleep infinity",

@@ -933,8 +933,8 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // A pod chooses its own addresses. x, placed for its own, then drops it
     // and adds b's (placed already) and d's, before d's pod is made. What a
     // pod's interface holds places nobody: d is placed behind the port into
-    // d's namespace, found from d's record as the kubelet leaves it: a
-    // process in a cgroup named after d's pod UID.
+    // d's namespace, found from d's record as the kubelet leaves it: d's
+    // processes, in a cgroup named after d's pod UID.
     let x = topo.add_bridged_pod(&bridge, "x", IP_X, 24, gateway);
     wait_until(Duration::from_secs(10), "x's own address placed", || {
         dp.status.borrow().endpoints.contains_key(&IP_X)
@@ -973,6 +973,9 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     let d = topo.add_bridged_pod(&bridge, "d", IP_D, 24, gateway);
     const D_UID: &str = "0d0d0d0d-1111-4222-8333-444455556666";
     let _d_process = topo.pod_process("d", D_UID);
+    // A process of d's in the node's namespace (a runtime's monitor) does
+    // not keep d from being placed.
+    let _d_monitor = topo.process_in(&topo.node, D_UID);
     add_workload(&mut state, "d", D, IP_D);
     home(&mut state, "d", format!("k8s:pod-uid:{D_UID}"));
     dp.apply(state.clone(), &topo);

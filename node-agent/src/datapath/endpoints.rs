@@ -169,15 +169,15 @@ impl BridgePlacer {
     }
 
     /// One scan: forgets what is gone and places what can be placed.
-    /// `ports` are the veth ports of the bridges in `wanted`; `nsid_of`
-    /// finds the id of a pod's namespace in the node's (`None`: no link
-    /// joins it to the node's); `mac_of(nsid, index)` reads the MAC of an
-    /// interface there. Returns the pods withheld, and why.
+    /// `ports` are the veth ports of the bridges in `wanted`; `nsids_of`
+    /// finds the ids, in the node's namespace, of the pod's namespaces
+    /// (those of [`podns::Resolver::nsids`]); `mac_of(nsid, index)` reads
+    /// the MAC of an interface there. Returns the pods withheld, and why.
     pub fn place(
         &mut self,
         ports: &[Link],
         wanted: &BTreeMap<WorkloadKey, Wanted>,
-        mut nsid_of: impl FnMut(&[podns::Home]) -> Result<Option<i32>, String>,
+        mut nsids_of: impl FnMut(&[podns::Home]) -> Result<Vec<i32>, String>,
         mut mac_of: impl FnMut(i32, u32) -> Result<Option<[u8; 6]>, String>,
     ) -> BTreeMap<WorkloadKey, Withheld> {
         self.placed.retain(|key, p| {
@@ -191,18 +191,17 @@ impl BridgePlacer {
             if self.placed.contains_key(key) {
                 continue;
             }
-            let nsid = match nsid_of(&w.homes) {
-                Ok(Some(nsid)) => nsid,
-                // Not joined to the node yet: its CNI ADD is under way.
-                Ok(None) => continue,
+            let nsids = match nsids_of(&w.homes) {
+                Ok(ids) => ids,
                 Err(why) => {
                     withheld.insert(key.clone(), Withheld::Unbound(why));
                     continue;
                 }
             };
+            // None yet: its CNI ADD is under way.
             let into: Vec<&Link> = ports
                 .iter()
-                .filter(|l| l.master == w.bridge && l.peer_netnsid == Some(nsid))
+                .filter(|l| l.master == w.bridge && l.peer_netnsid.is_some_and(|id| nsids.contains(&id)))
                 .collect();
             let port = match into.as_slice() {
                 [] => continue,
@@ -220,6 +219,7 @@ impl BridgePlacer {
                 );
                 continue;
             }
+            let nsid = port.peer_netnsid.expect("matched by it");
             match mac_of(nsid, port.peer) {
                 Ok(Some(mac)) if mac != [0; 6] => found.push((key, w, port, mac)),
                 Ok(_) => {
@@ -232,7 +232,8 @@ impl BridgePlacer {
         }
         // Those whose MAC is the one they were placed with first, then the
         // rest; a MAC a placed pod has, or two candidates of one pass share,
-        // places nobody.
+        // or one the last agent placed another pod with that is not placed
+        // again yet, places nobody.
         let (first, rest): (Vec<_>, Vec<_>) = found
             .into_iter()
             .partition(|(key, _, _, mac)| self.remembered.get(*key) == Some(mac));
@@ -248,9 +249,16 @@ impl BridgePlacer {
                             .filter(|(j, _)| *j != i)
                             .map(|(_, (_, _, l, m))| (*l, *m)),
                     )
-                    .find(|(_, m)| m == mac);
-                if let Some((l, _)) = holder {
-                    withheld.insert((*key).clone(), Withheld::MacInUse(l.name.clone()));
+                    .find(|(_, m)| m == mac)
+                    .map(|(l, _)| l.name.clone())
+                    .or_else(|| {
+                        self.remembered
+                            .iter()
+                            .find(|(k, m)| *k != *key && *m == mac && !self.placed.contains_key(*k))
+                            .map(|(k, _)| format!("{}/{} (before the agent restarted)", k.0, k.1))
+                    });
+                if let Some(holder) = holder {
+                    withheld.insert((*key).clone(), Withheld::MacInUse(holder));
                     continue;
                 }
                 self.remembered.remove(*key);
@@ -343,7 +351,7 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
                 ports,
                 w,
                 |homes| match homes {
-                    [podns::Home::Netns(n)] => Ok(self.nsids.get(n.as_str()).copied()),
+                    [podns::Home::Netns(n)] => Ok(self.nsids.get(n.as_str()).copied().into_iter().collect()),
                     _ => Err("no selector".into()),
                 },
                 |nsid, _| Ok(self.macs.get(&nsid).copied()),
@@ -467,6 +475,44 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         let withheld = node.place(&mut restarted, &ports, &w);
         assert_eq!(placed(&restarted, "a"), Some("va"));
         assert_eq!(withheld.get(&key("x")), Some(&Withheld::MacInUse("va".into())));
+    }
+
+    #[test]
+    fn a_mac_the_last_agent_placed_a_pod_with_stays_that_pods_until_it_is_placed() {
+        // x took a's MAC while the agent was down, and a's port is not
+        // there yet when the agent comes back: x does not get the MAC.
+        let mut node = Node::new(&[("ns-a", 1, 1), ("ns-x", 9, 9)]);
+        node.macs.insert(9, [2, 0, 0, 0, 0, 1]);
+        let w = wanted(&[("a", Some("ns-a")), ("x", Some("ns-x"))]);
+        let mut p = BridgePlacer::default();
+        p.remember(key("a"), [2, 0, 0, 0, 0, 1]);
+        p.remember(key("x"), [2, 0, 0, 0, 0, 9]);
+        let withheld = node.place(&mut p, &[port(10, "vx", 9)], &w);
+        assert_eq!(
+            withheld.get(&key("x")),
+            Some(&Withheld::MacInUse(
+                "default/a (before the agent restarted)".into()
+            ))
+        );
+        node.place(&mut p, &[port(10, "vx", 9), port(11, "va", 1)], &w);
+        assert_eq!(placed(&p, "a"), Some("va"));
+    }
+
+    /// A pod's processes may be in several namespaces (a runtime's monitor
+    /// in the node's, a workload's own): each is the pod's, and the one
+    /// with a port on the bridge places it.
+    #[test]
+    fn a_pod_in_several_namespaces_is_placed_behind_the_one_port_into_them() {
+        let node = Node::new(&[("ns-a", 1, 1)]);
+        let w = wanted(&[("a", Some("ns-a"))]);
+        let mut p = BridgePlacer::default();
+        p.place(
+            &[port(10, "vother", 7), port(11, "va", 1)],
+            &w,
+            |_| Ok(vec![3, 1]),
+            |nsid, _| Ok(node.macs.get(&nsid).copied()),
+        );
+        assert_eq!(placed(&p, "a"), Some("va"));
     }
 
     #[test]

@@ -236,6 +236,8 @@ pub struct Datapath {
     /// Which bridge port each pod behind a bridge is placed behind: the
     /// one into its network namespace (see [`endpoints::BridgePlacer`]).
     bridged: endpoints::BridgePlacer,
+    /// The node's processes by pod, for finding pods' namespaces.
+    processes: podns::Processes,
     /// Whether BRIDGED_PORTS is set in the config, as last written.
     bridged_ports: Option<bool>,
     status: DatapathStatus,
@@ -380,6 +382,7 @@ impl Datapath {
             applied: None,
             endpoints_applied: None,
             bridged: endpoints::BridgePlacer::default(),
+            processes: podns::Processes::default(),
             bridged_ports: None,
             status: DatapathStatus::default(),
         };
@@ -683,11 +686,12 @@ impl Datapath {
                 }
             }
         }
-        let mut resolver = podns::Resolver::new(&self.cfg.proc_root, &self.cfg.netns_dir);
+        let mut resolver =
+            podns::Resolver::new(&self.cfg.proc_root, &self.cfg.netns_dir, &mut self.processes);
         let withheld = self.bridged.place(
             &ports,
             &wanted,
-            |homes| resolver.nsid(homes),
+            |homes| resolver.nsids(homes),
             |nsid, index| {
                 netlink::link_in(nsid, index)
                     .map(|l| l.and_then(|l| l.mac))

@@ -17,6 +17,7 @@ use std::fs::{self, File};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::netlink;
 use crate::caller;
@@ -45,57 +46,113 @@ pub fn homes(selectors: &[String]) -> Vec<Home> {
         .collect()
 }
 
-/// Finds namespaces for one scan. Processes are listed at most once per
-/// scan, and only when a pod named by UID has to be found.
+/// The node's processes by pod UID, from a walk of `/proc` kept for a
+/// while: the walk reads every process's cgroup, so it is not taken again
+/// for every scan (a pod can make the node scan often, see
+/// `DatapathConfig::min_scan_gap`).
+#[derive(Debug, Default)]
+pub struct Processes {
+    walked: Option<(Instant, Result<ByPod, String>)>,
+}
+
+/// Pids by pod UID.
+type ByPod = HashMap<String, Vec<i32>>;
+
+/// A walk is taken again once it is this old...
+const WALK_TTL: Duration = Duration::from_secs(1);
+/// ... or, when a pod UID is not in it, this old (a pod just made).
+const WALK_MIN_GAP: Duration = Duration::from_millis(50);
+/// At most this many processes of one pod are looked at, lowest pids
+/// first (the sandbox's, started first): a pod that forks without end
+/// costs the agent no more than this.
+const PIDS_PER_POD: usize = 64;
+
+impl Processes {
+    fn of(&mut self, proc_root: &Path, uid: &str) -> Result<Vec<i32>, String> {
+        let stale = match &self.walked {
+            None => true,
+            Some((at, Ok(pods))) if !pods.contains_key(uid) => at.elapsed() >= WALK_MIN_GAP,
+            Some((at, _)) => at.elapsed() >= WALK_TTL,
+        };
+        if stale {
+            self.walked = Some((Instant::now(), walk(proc_root)));
+        }
+        let pods = match &self.walked {
+            Some((_, r)) => r.as_ref().map_err(Clone::clone)?,
+            None => unreachable!("walked above"),
+        };
+        if pods.is_empty() {
+            return Err(format!(
+                "no process under {} is in any pod's cgroup: the agent needs the host's pid namespace \
+                 (hostPID) to find pods' network namespaces",
+                proc_root.display()
+            ));
+        }
+        let mut pids = pods.get(uid).cloned().unwrap_or_default();
+        pids.sort_unstable();
+        pids.truncate(PIDS_PER_POD);
+        Ok(pids)
+    }
+}
+
+/// Finds namespaces for one scan.
 #[derive(Debug)]
 pub struct Resolver<'a> {
     proc_root: &'a Path,
     netns_dir: &'a Path,
-    /// Pod UID -> pids of its processes, from one walk of `proc_root`.
-    pods: Option<Result<HashMap<String, Vec<i32>>, String>>,
+    processes: &'a mut Processes,
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(proc_root: &'a Path, netns_dir: &'a Path) -> Self {
+    pub fn new(proc_root: &'a Path, netns_dir: &'a Path, processes: &'a mut Processes) -> Self {
         Resolver {
             proc_root,
             netns_dir,
-            pods: None,
+            processes,
         }
     }
 
-    /// The id, in the calling thread's namespace, of the one namespace all
-    /// of `homes` name; `Ok(None)` when there is none yet (no such named
-    /// namespace, no process of the pod) or it has no id (nothing joins it
-    /// to the node's yet): a pod being made. An error says why the pod
-    /// cannot be tied to one.
-    pub fn nsid(&mut self, homes: &[Home]) -> Result<Option<i32>, String> {
+    /// The ids, in the calling thread's namespace, of the namespaces that
+    /// all of `homes` name: for a pod UID, every namespace its processes
+    /// are in (a pod's processes need not share one: a runtime's monitor in
+    /// the pod's cgroup may sit in the node's, a workload may make its
+    /// own), each of them the pod's. Namespaces with no id (nothing joins
+    /// them to the node's: the node's own, one being made) are left out;
+    /// empty when none is found yet. An error says why the pod cannot be
+    /// tied to any.
+    pub fn nsids(&mut self, homes: &[Home]) -> Result<Vec<i32>, String> {
         if homes.is_empty() {
             return Err(
                 "its record has no netns: or k8s:pod-uid: selector, so nothing names its network namespace"
                     .into(),
             );
         }
-        let mut chosen: Option<OpenNs> = None;
+        let mut common: Option<Vec<i32>> = None;
         for home in homes {
-            let found = match home {
-                Home::Netns(name) => self.named(name)?,
+            let files = match home {
+                Home::Netns(name) => self.named(name)?.into_iter().collect(),
                 Home::Pod(uid) => self.of_pod(uid)?,
             };
-            let Some((key, file)) = found else { return Ok(None) };
-            match &chosen {
-                Some((k, _)) if *k != key => {
-                    return Err("its selectors name different network namespaces".into());
+            let mut ids = Vec::new();
+            for file in files {
+                if let Some(id) = netlink::nsid_of(file.as_fd())
+                    .map_err(|e| format!("asking the node for a namespace's id: {e}"))?
+                {
+                    ids.push(id);
                 }
-                Some(_) => {}
-                None => chosen = Some((key, file)),
             }
+            common = Some(match common {
+                None => ids,
+                Some(mut c) => {
+                    c.retain(|id| ids.contains(id));
+                    c
+                }
+            });
         }
-        let (_, file) = chosen.expect("homes is not empty");
-        netlink::nsid_of(file.as_fd()).map_err(|e| format!("asking the node for its namespace's id: {e}"))
+        Ok(common.unwrap_or_default())
     }
 
-    fn named(&self, name: &str) -> Result<Option<OpenNs>, String> {
+    fn named(&self, name: &str) -> Result<Option<File>, String> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(format!(
                 "netns:{name} does not name a namespace under {}",
@@ -103,55 +160,39 @@ impl<'a> Resolver<'a> {
             ));
         }
         let path = self.netns_dir.join(name);
-        match open_ns(&path) {
-            Ok(found) => Ok(Some(found)),
+        match File::open(&path) {
+            Ok(file) => Ok(Some(file)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("opening {}: {e}", path.display())),
         }
     }
 
-    /// The namespace the processes of pod `uid` are in. A pid found in the
-    /// walk may have exited and its number gone to another process by the
-    /// time its namespace is opened: its cgroup is read again after the
-    /// open, so the namespace is kept only if the pid still is the pod's.
-    fn of_pod(&mut self, uid: &str) -> Result<Option<OpenNs>, String> {
-        let proc_root = self.proc_root;
-        let pods = self
-            .pods
-            .get_or_insert_with(|| walk(proc_root))
-            .as_ref()
-            .map_err(Clone::clone)?;
-        let pids = pods.get(uid).map(Vec::as_slice).unwrap_or_default();
-        let mut found: Option<OpenNs> = None;
+    /// The namespaces the processes of pod `uid` are in, one file each. A
+    /// pid found in the walk may have exited and its number gone to another
+    /// process since: each pid is pinned (pidfd) before its cgroup is read
+    /// and its namespace opened, and kept only if the pinned process is
+    /// the pod's and still alive after both reads, so they were of it.
+    fn of_pod(&mut self, uid: &str) -> Result<Vec<File>, String> {
+        let pids = self.processes.of(self.proc_root, uid)?;
+        let mut found: HashMap<(u64, u64), File> = HashMap::new();
         for pid in pids {
-            let dir = proc_root.join(pid.to_string());
-            let Ok(opened) = open_ns(&dir.join("ns/net")) else {
+            let Ok(pinned) = caller::PinnedProcess::open(pid) else {
                 continue;
             };
+            let dir = self.proc_root.join(pid.to_string());
             if pod_of(&dir).as_deref() != Some(uid) {
                 continue;
             }
-            match &found {
-                Some((k, _)) if *k != opened.0 => {
-                    return Err(format!(
-                        "the processes of pod {uid} are in several network namespaces"
-                    ));
-                }
-                Some(_) => {}
-                None => found = Some(opened),
+            let Ok(file) = File::open(dir.join("ns/net")) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else { continue };
+            if pinned.is_alive() {
+                found.entry((meta.dev(), meta.ino())).or_insert(file);
             }
         }
-        Ok(found)
+        Ok(found.into_values().collect())
     }
-}
-
-/// A namespace file opened, with its identity (device, inode).
-type OpenNs = ((u64, u64), File);
-
-fn open_ns(path: &Path) -> std::io::Result<OpenNs> {
-    let file = File::open(path)?;
-    let meta = file.metadata()?;
-    Ok(((meta.dev(), meta.ino()), file))
 }
 
 fn pod_of(proc_dir: &Path) -> Option<String> {
@@ -161,7 +202,7 @@ fn pod_of(proc_dir: &Path) -> Option<String> {
 }
 
 /// Every process under `proc_root` that belongs to a pod, by pod UID.
-fn walk(proc_root: &Path) -> Result<HashMap<String, Vec<i32>>, String> {
+fn walk(proc_root: &Path) -> Result<ByPod, String> {
     let entries = fs::read_dir(proc_root)
         .map_err(|e| format!("listing processes under {}: {e}", proc_root.display()))?;
     let mut pods: HashMap<String, Vec<i32>> = HashMap::new();
@@ -220,23 +261,34 @@ mod tests {
         let pods = walk(&root).unwrap();
         assert_eq!(pods.get(UID), Some(&vec![10]));
         assert_eq!(pods.len(), 1, "a process outside any pod is nobody's");
-        // pid 10 has no namespace file to open: no namespace found (yet).
-        let mut r = Resolver::new(&root, Path::new("/nonexistent"));
-        assert_eq!(r.nsid(&[Home::Pod(UID.into())]), Ok(None));
-        assert_eq!(r.nsid(&[Home::Netns("absent".into())]), Ok(None));
+        // pid 10 of the fixture is not a live process of that pod: nothing
+        // found (yet).
+        let mut processes = Processes::default();
+        let mut r = Resolver::new(&root, Path::new("/nonexistent"), &mut processes);
+        assert_eq!(r.nsids(&[Home::Pod(UID.into())]), Ok(vec![]));
+        assert_eq!(r.nsids(&[Home::Netns("absent".into())]), Ok(vec![]));
         fs::remove_dir_all(&root).unwrap();
+        // No process in any pod's cgroup at all: the agent cannot see the
+        // node's processes, and says so.
+        let empty = std::env::temp_dir().join(format!("keyway-podns-empty-{}", std::process::id()));
+        fs::create_dir_all(&empty).unwrap();
+        let mut processes = Processes::default();
+        let mut r = Resolver::new(&empty, Path::new("/nonexistent"), &mut processes);
+        assert!(r.nsids(&[Home::Pod(UID.into())]).unwrap_err().contains("hostPID"));
+        fs::remove_dir_all(&empty).unwrap();
     }
 
     #[test]
     fn a_pod_with_no_namespace_selector_or_a_path_for_a_name_is_unbound() {
-        let mut r = Resolver::new(Path::new("/proc"), Path::new("/var/run/netns"));
+        let mut processes = Processes::default();
+        let mut r = Resolver::new(Path::new("/proc"), Path::new("/var/run/netns"), &mut processes);
         assert!(
-            r.nsid(&[])
+            r.nsids(&[])
                 .unwrap_err()
                 .contains("no netns: or k8s:pod-uid: selector")
         );
         for name in ["../../proc/1/ns/net", "..", ""] {
-            let err = r.nsid(&[Home::Netns(name.into())]).unwrap_err();
+            let err = r.nsids(&[Home::Netns(name.into())]).unwrap_err();
             assert!(err.contains("does not name a namespace"), "{name}: {err}");
         }
     }
