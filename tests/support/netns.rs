@@ -1020,12 +1020,26 @@ pub fn send_arp_reply(
     dst_mac: [u8; 6],
     target: Ipv4Addr,
 ) {
+    send_arp_reply_naming(ns, iface, src_mac, src_mac, sender, dst_mac, target)
+}
+
+/// [`send_arp_reply`] whose ARP sender hardware address, `sha`, need not be
+/// the frame's source MAC: what the receiver's neighbour cache takes.
+pub fn send_arp_reply_naming(
+    ns: &str,
+    iface: &str,
+    src_mac: [u8; 6],
+    sha: [u8; 6],
+    sender: Ipv4Addr,
+    dst_mac: [u8; 6],
+    target: Ipv4Addr,
+) {
     let mut f = Vec::with_capacity(42);
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&0x0806u16.to_be_bytes());
     f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]); // Ethernet, IPv4, reply
-    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&sha);
     f.extend_from_slice(&sender.octets());
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&target.octets());

@@ -1037,6 +1037,10 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
             parse_mac(&keyway_tests::netns::mac(&a.netns, "eth0")),
         );
         send_arp_reply(&x.netns, "eth0", xm, IP_B, am, IP_A);
+        // From x's own MAC, for x's own address, but naming b's MAC as the
+        // sender's: a would send x's traffic to b.
+        let bm = parse_mac(&keyway_tests::netns::mac(&b.netns, "eth0"));
+        keyway_tests::netns::send_arp_reply_naming(&x.netns, "eth0", xm, bm, IP_X, am, IP_A);
         send_arp_reply(&x.netns, "eth0", xm, IP_X, am, IP_A);
         let seen = at_a.senders_until(IP_X, Duration::from_secs(5));
         assert_eq!(
@@ -1047,6 +1051,10 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         assert!(
             !seen.contains(&(xm, IP_B)),
             "x's reply claiming b's address must not arrive: {seen:?}"
+        );
+        assert!(
+            !seen.contains(&(bm, IP_X)),
+            "x's reply naming b's MAC must not arrive: {seen:?}"
         );
     }
 

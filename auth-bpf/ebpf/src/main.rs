@@ -183,7 +183,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     // traffic here. Checked on every packet, cached flows included.
     if at == hook::FROM_POD
         && cfg.flags & config_flags::BRIDGED_PORTS != 0
-        && !from_own_mac(ctx, pkt.src_ip, ifindex)
+        && !from_own_mac(ctx, pkt.src_ip, ifindex, 6)
     {
         count_drop(drop_reason::SOURCE_SPOOFED);
         return TC_ACT_SHOT as i32;
@@ -423,14 +423,15 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
     v
 }
 
-/// False when `src` is a bridged endpoint behind `ifindex` and the frame
-/// does not come from that endpoint's MAC. (Whether `src` belongs behind
-/// `ifindex` at all is the source check's question.)
+/// False when `src` is a bridged endpoint behind `ifindex` and the MAC at
+/// `mac_at` in the frame (6: the Ethernet source) is not that endpoint's.
+/// (Whether `src` belongs behind `ifindex` at all is the source check's
+/// question.)
 #[inline(always)]
-fn from_own_mac(ctx: &TcContext, src: u32, ifindex: u32) -> bool {
+fn from_own_mac(ctx: &TcContext, src: u32, ifindex: u32, mac_at: usize) -> bool {
     match unsafe { ENDPOINTS.get(&src) } {
         Some(ep) if ep.flags & endpoint_flags::BRIDGED != 0 && ep.ifindex == ifindex => {
-            match ptr_at::<[u8; 6]>(ctx, 6) {
+            match ptr_at::<[u8; 6]>(ctx, mac_at) {
                 Some(p) => (unsafe { *p }) == ep.mac,
                 None => false,
             }
@@ -472,7 +473,13 @@ fn arp(ctx: &TcContext, at: u8, cfg: &Config) -> i32 {
         }
     };
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if spa != 0 && owns_source(spa, ifindex) && from_own_mac(ctx, spa, ifindex) {
+    // The sender hardware address is what a neighbour's cache takes for
+    // `spa`: it, too, must be the pod's own MAC.
+    if spa != 0
+        && owns_source(spa, ifindex)
+        && from_own_mac(ctx, spa, ifindex, 6)
+        && from_own_mac(ctx, spa, ifindex, ETH_HLEN + 8)
+    {
         return TC_ACT_OK as i32;
     }
     count_drop(drop_reason::SOURCE_SPOOFED);

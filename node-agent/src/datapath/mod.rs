@@ -911,7 +911,7 @@ pub fn start(
             }
             let current = state.borrow_and_update().clone();
             if tables_due && current.synced {
-                match dp.apply_tables(&current) {
+                match off_the_runtime(|| dp.apply_tables(&current)) {
                     Ok(()) => tables_due = false,
                     Err(e) => warn!(error = %e, "could not update the datapath tables; will retry"),
                 }
@@ -919,10 +919,13 @@ pub fn start(
             // Until the first complete sync the pinned tables of the last
             // agent stay as they are: an empty view would detach every pod.
             if current.synced {
-                last_scan = tokio::time::Instant::now();
-                if let Err(e) = dp.apply_endpoints(&current) {
+                if let Err(e) = off_the_runtime(|| dp.apply_endpoints(&current)) {
                     warn!(error = %e, "could not update the datapath endpoints; will retry");
                 }
+                // The gap runs from the end of a scan: a scan made slow
+                // (many ports, many processes) is not followed by another
+                // at once.
+                last_scan = tokio::time::Instant::now();
             }
             status_tx.send_replace(dp.status.clone());
             let pending = current.synced && !dp.status.unresolved.is_empty();
@@ -984,6 +987,16 @@ pub fn start(
         signal_queue,
         signal_counts,
     })
+}
+
+/// Runs `f`, which blocks on syscalls (map writes, netlink, reading
+/// `/proc`), telling a multi-threaded runtime so, so that the worker's other
+/// tasks (the Workload API, Sync) move to another thread meanwhile.
+fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 async fn next_change(w: &mut Option<netlink::NetlinkWatch>) -> std::io::Result<netlink::Changes> {
