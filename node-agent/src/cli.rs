@@ -368,6 +368,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "cannot read the datapath's drop counters; keyway_datapath_drops_total stays empty")
             }
         }
+        metrics.watch_endpoints(dp.status.clone());
         metrics.readiness.set_ready(crate::metrics::READY_DATAPATH);
         datapath_streams = Some((dp.flows, dp.status));
         (dp.auth, Some(dp.signals))

@@ -54,6 +54,7 @@ pub struct AgentMetrics {
     drops: Counter,
     signal_queue_depth: Gauge,
     signals: Counter,
+    endpoints: Gauge,
     sync_lag: Gauge,
     sync_last_applied: Gauge,
     /// Failed handshakes answered for peers are logged once per peer and
@@ -122,6 +123,13 @@ impl AgentMetrics {
                 "Missing-auth signals read from the datapath, by result (queued for the handshake \
                  driver, or queue_full: dropped until the kernel signals the pair again).",
                 &["result"],
+            ),
+            endpoints: r.gauge(
+                "keyway_datapath_endpoints",
+                "This node's workload addresses by state: placed (in the endpoint map, judged at their \
+                 interface), waiting (no interface leads to them yet: the pod is being made), or \
+                 withheld (behind a bridge, refused a port; the reason label says why).",
+                &["state", "reason"],
             ),
             sync_lag: r.gauge(
                 "keyway_sync_lag_seconds",
@@ -279,6 +287,28 @@ impl AgentMetrics {
     }
 }
 
+impl AgentMetrics {
+    /// Reads the datapath's endpoint findings from its status at every
+    /// scrape: a pod refused a bridge port is a page, not a log line.
+    pub fn watch_endpoints(&self, status: watch::Receiver<crate::datapath::DatapathStatus>) {
+        let gauge = self.endpoints.clone();
+        self.registry.on_scrape(move || {
+            let s = status.borrow();
+            gauge.set(&["placed", ""], s.endpoints.len() as f64);
+            let waiting = s
+                .unresolved
+                .iter()
+                .filter(|ip| !s.withheld.contains_key(ip))
+                .count();
+            gauge.set(&["waiting", ""], waiting as f64);
+            for reason in crate::datapath::endpoints::Withheld::REASONS {
+                let n = s.withheld.values().filter(|w| w.reason() == reason).count();
+                gauge.set(&["withheld", reason], n as f64);
+            }
+        });
+    }
+}
+
 /// One open Workload API stream (see [`AgentMetrics::workload_stream`]).
 #[derive(Debug)]
 pub struct StreamGuard(Gauge);
@@ -355,6 +385,32 @@ mod tests {
         );
         l.applied(true);
         assert_eq!(l.seconds(s(140)), 0.0);
+    }
+
+    #[test]
+    fn endpoints_are_counted_by_state_and_why_they_are_withheld() {
+        use crate::datapath::endpoints::Withheld;
+        let ip = |n: u8| std::net::Ipv4Addr::new(10, 0, 0, n);
+        let mut status = crate::datapath::DatapathStatus::default();
+        status.endpoints.insert(ip(1), Default::default());
+        status.unresolved = vec![ip(2), ip(3), ip(4)];
+        status
+            .withheld
+            .insert(ip(3), Withheld::Unbound("no selector".into()));
+        status.withheld.insert(ip(4), Withheld::MacInUse("veth1".into()));
+        let (_tx, rx) = watch::channel(status);
+        let m = AgentMetrics::default();
+        m.watch_endpoints(rx);
+        let text = m.registry.render();
+        for line in [
+            "keyway_datapath_endpoints{state=\"placed\",reason=\"\"} 1\n",
+            "keyway_datapath_endpoints{state=\"waiting\",reason=\"\"} 1\n",
+            "keyway_datapath_endpoints{state=\"withheld\",reason=\"unbound\"} 1\n",
+            "keyway_datapath_endpoints{state=\"withheld\",reason=\"mac-in-use\"} 1\n",
+            "keyway_datapath_endpoints{state=\"withheld\",reason=\"several-ports\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

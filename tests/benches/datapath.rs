@@ -564,36 +564,38 @@ fn micro() -> Micro {
             },
             required(2, 0),
         ),
-        // d: one entry of each shape, only the last matching a -> d:8080.
+        // d: one entry of each shape at the very keys a -> d:8080 probes,
+        // the first three without the packet's bit (8081, UDP), so each is
+        // found and read and does not match; only the last does.
         (
             PolicyKey {
                 subject: D,
                 peer: A,
-                port_block: port_block(9999),
+                port_block: port_block(8080),
                 proto: TCP,
                 direction: direction::INGRESS,
             },
-            required(4, (9999 & 0xff) as u8),
+            required(4, (8081 & 0xff) as u8),
         ),
         (
             PolicyKey {
                 subject: D,
-                peer: B,
+                peer: A,
                 port_block: 0,
                 proto: 0,
                 direction: direction::INGRESS,
             },
-            required(4, TCP),
+            required(4, 17),
         ),
         (
             PolicyKey {
                 subject: D,
                 peer: 0,
-                port_block: port_block(9999),
+                port_block: port_block(8080),
                 proto: TCP,
                 direction: direction::INGRESS,
             },
-            required(4, (9999 & 0xff) as u8),
+            required(4, (8081 & 0xff) as u8),
         ),
         (
             PolicyKey {
@@ -1124,7 +1126,8 @@ fn throughput() -> Throughput {
         config.bump_epoch().expect("epoch");
     };
     for round in 0..IPERF_RUNS {
-        for setup in [Setup::NoProgram, Setup::Iptables, Setup::Keyway] {
+        // (a) and (b) back to back, (c) after them.
+        for setup in [Setup::NoProgram, Setup::Keyway, Setup::Iptables] {
             if setup == Setup::Iptables && round >= IPTABLES_RUNS {
                 continue;
             }

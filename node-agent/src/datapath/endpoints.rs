@@ -129,6 +129,26 @@ pub enum Withheld {
     NoMac(String),
 }
 
+impl Withheld {
+    /// Every [`Withheld::reason`], for metrics.
+    pub const REASONS: [&'static str; 5] = ["unbound", "several-ports", "port-taken", "mac-in-use", "no-mac"];
+
+    /// Why, in one word (the `reason` label of `keyway_datapath_endpoints`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Withheld::Unbound(_) => "unbound",
+            Withheld::SeveralPorts(_) => "several-ports",
+            Withheld::PortTaken(_) => "port-taken",
+            Withheld::MacInUse(_) => "mac-in-use",
+            Withheld::NoMac(_) => "no-mac",
+        }
+    }
+}
+
+/// How long a restarted agent holds a MAC for the pod the last agent placed
+/// with it, while that pod is not placed again.
+pub const REMEMBER_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Which bridge port each pod behind a bridge is placed behind, kept from
 /// scan to scan.
 ///
@@ -151,8 +171,8 @@ pub enum Withheld {
 pub struct BridgePlacer {
     placed: HashMap<WorkloadKey, Placement>,
     /// The MACs the last agent placed pods with (its endpoint map), until
-    /// those pods are placed again.
-    remembered: HashMap<WorkloadKey, [u8; 6]>,
+    /// those pods are placed again or [`REMEMBER_FOR`] has passed.
+    remembered: HashMap<WorkloadKey, ([u8; 6], std::time::Instant)>,
 }
 
 impl BridgePlacer {
@@ -164,7 +184,7 @@ impl BridgePlacer {
     /// Takes the MAC the last agent placed `key` with (a restart).
     pub fn remember(&mut self, key: WorkloadKey, mac: [u8; 6]) {
         if mac != [0; 6] {
-            self.remembered.insert(key, mac);
+            self.remembered.insert(key, (mac, std::time::Instant::now()));
         }
     }
 
@@ -183,7 +203,10 @@ impl BridgePlacer {
         self.placed.retain(|key, p| {
             wanted.get(key) == Some(&p.wanted) && ports.iter().any(|l| same_port(l, &p.port))
         });
-        self.remembered.retain(|key, _| wanted.contains_key(key));
+        // A pod that cannot be placed again (its record no longer names a
+        // namespace it is in) holds its old MAC only for a while.
+        self.remembered
+            .retain(|key, (_, since)| wanted.contains_key(key) && since.elapsed() < REMEMBER_FOR);
         let mut withheld = BTreeMap::new();
         // The one port into each unplaced pod's namespace, and its MAC.
         let mut found: Vec<(&WorkloadKey, &Wanted, &Link, [u8; 6])> = Vec::new();
@@ -236,7 +259,7 @@ impl BridgePlacer {
         // again yet, places nobody.
         let (first, rest): (Vec<_>, Vec<_>) = found
             .into_iter()
-            .partition(|(key, _, _, mac)| self.remembered.get(*key) == Some(mac));
+            .partition(|(key, _, _, mac)| self.remembered.get(*key).map(|(m, _)| m) == Some(mac));
         for pass in [first, rest] {
             for (i, (key, w, port, mac)) in pass.iter().enumerate() {
                 let holder = self
@@ -254,7 +277,7 @@ impl BridgePlacer {
                     .or_else(|| {
                         self.remembered
                             .iter()
-                            .find(|(k, m)| *k != *key && *m == mac && !self.placed.contains_key(*k))
+                            .find(|(k, (m, _))| *k != *key && m == mac && !self.placed.contains_key(*k))
                             .map(|(k, _)| format!("{}/{} (before the agent restarted)", k.0, k.1))
                     });
                 if let Some(holder) = holder {

@@ -523,17 +523,56 @@ impl Datapath {
         for s in &new.skipped {
             warn!(entry = %s, "not representable in the datapath; skipped");
         }
-        let old = match self.applied.take() {
-            Some(t) => t,
-            None => self.read_tables()?,
+        // The first call after load judges every flow again once: the last
+        // agent may have stopped between its writes and its epoch bump.
+        let (old, first) = match self.applied.take() {
+            Some(t) => (t, false),
+            None => (self.read_tables()?, true),
         };
-        // The ipcache first, marking absent only the policy shapes neither
-        // the old nor the new policy has; then the policy; then the new
-        // policy's marks (see `Tables::between`).
+        let written = self.write_tables(&old, &new);
+        let node_id = state
+            .nodes
+            .get(&self.cfg.node_name)
+            .and_then(|n| u16::try_from(n.node_id).ok())
+            .unwrap_or(0);
+        let cur = self.config.get()?;
+        // Any change may deny something that was allowed, a write that
+        // failed half-way included (the next call reads the maps again and
+        // no longer sees what it wrote): judge every flow again on its next
+        // packet.
+        if first || !matches!(written, Ok(false)) || cur.local_node_id != node_id {
+            self.config.update(|c| {
+                c.local_node_id = node_id;
+                c.epoch = c.epoch.wrapping_add(1);
+            })?;
+        }
+        written?;
+        self.status.rules = Arc::new(new.rules.clone());
+        self.status.local_node_id = node_id;
+        self.status.revision = state.revision;
+        self.status.synced = state.synced;
+        self.applied = Some(new);
+        Ok(())
+    }
+
+    /// Writes the differences from `old` to `new`; true if there were any.
+    ///
+    /// The ipcache first, marking absent only the policy shapes neither the
+    /// old nor the new policy has; then, if that unmarked any, a wait for
+    /// every program run that read the old marks (it could otherwise skip an
+    /// entry written next); then the policy, entries that require
+    /// authentication before those that do not (so a packet judged between
+    /// two writes meets a requirement before the entry that relaxes it) and
+    /// deletions last; then the new policy's marks (see `Tables::between`).
+    fn write_tables(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
         let between = new.between(&old.policy);
-        let mut changed = self.write_ipcache(&old, &between)?;
-        let d = diff(&old.policy, &new.policy);
+        let mut changed = self.write_ipcache(old, &between)?;
+        if unmarks(old, &between) {
+            sys::wait_for_program_runs();
+        }
+        let mut d = diff(&old.policy, &new.policy);
         changed |= !d.is_empty();
+        d.upserts.sort_by_key(|(_, v)| v.authenticated.count() == 0);
         for (k, v) in d.upserts {
             self.policy
                 .insert(k, v, 0)
@@ -542,27 +581,8 @@ impl Datapath {
         for k in d.deletes {
             let _ = self.policy.remove(&k);
         }
-        changed |= self.write_ipcache(&between, &new)?;
-        let node_id = state
-            .nodes
-            .get(&self.cfg.node_name)
-            .and_then(|n| u16::try_from(n.node_id).ok())
-            .unwrap_or(0);
-        let cur = self.config.get()?;
-        if changed || cur.local_node_id != node_id {
-            // Any change may deny something that was allowed: judge every
-            // flow again on its next packet.
-            self.config.update(|c| {
-                c.local_node_id = node_id;
-                c.epoch = c.epoch.wrapping_add(1);
-            })?;
-        }
-        self.status.rules = Arc::new(new.rules.clone());
-        self.status.local_node_id = node_id;
-        self.status.revision = state.revision;
-        self.status.synced = state.synced;
-        self.applied = Some(new);
-        Ok(())
+        changed |= self.write_ipcache(&between, new)?;
+        Ok(changed)
     }
 
     /// Writes the ipcache and LPM differences from `old` to `new`; true if
@@ -987,6 +1007,18 @@ pub fn start(
         signal_queue,
         signal_counts,
     })
+}
+
+/// Whether `to` marks present a policy shape `from` marked absent, for an
+/// address both hold.
+fn unmarks(from: &Tables, to: &Tables) -> bool {
+    to.ipcache
+        .iter()
+        .any(|(k, v)| from.ipcache.get(k).is_some_and(|o| o.absent & !v.absent != 0))
+        || to
+            .lpm
+            .iter()
+            .any(|(k, v)| from.lpm.get(k).is_some_and(|o| o.absent & !v.absent != 0))
 }
 
 /// Runs `f`, which blocks on syscalls (map writes, netlink, reading

@@ -144,7 +144,11 @@ impl<'a> Resolver<'a> {
             common = Some(match common {
                 None => ids,
                 Some(mut c) => {
+                    let (before, found) = (c.len(), !ids.is_empty());
                     c.retain(|id| ids.contains(id));
+                    if c.is_empty() && before > 0 && found {
+                        return Err("its selectors name different network namespaces".into());
+                    }
                     c
                 }
             });
@@ -176,8 +180,11 @@ impl<'a> Resolver<'a> {
         let pids = self.processes.of(self.proc_root, uid)?;
         let mut found: HashMap<(u64, u64), File> = HashMap::new();
         for pid in pids {
-            let Ok(pinned) = caller::PinnedProcess::open(pid) else {
-                continue;
+            let pinned = match caller::PinnedProcess::open(pid) {
+                Ok(p) => p,
+                // Gone since the walk.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                Err(e) => return Err(format!("pinning process {pid} of pod {uid} (pidfd_open): {e}")),
             };
             let dir = self.proc_root.join(pid.to_string());
             if pod_of(&dir).as_deref() != Some(uid) {

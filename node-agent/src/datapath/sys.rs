@@ -17,6 +17,21 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Returns once every BPF program run that began before the call has
+/// finished. Programs run inside RCU read-side sections, so an RCU grace
+/// period is that, and membarrier(MEMBARRIER_CMD_GLOBAL) waits for one.
+/// Where the kernel refuses it (nohz_full), a grace period (milliseconds) is
+/// waited out with margin.
+pub fn wait_for_program_runs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: a plain syscall with integer arguments.
+    #[allow(unsafe_code, reason = "membarrier(2) has no std equivalent")]
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The index of a network interface in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
