@@ -532,81 +532,37 @@ fn micro() -> Micro {
             authenticated: if rule_id == 2 { PortBits::ALL } else { bits },
         }
     };
+    let key = |subject, peer, port_block, proto, direction| PolicyKey {
+        subject,
+        peer,
+        port_block,
+        proto,
+        direction,
+    };
     let test_policy = [
         (
-            PolicyKey {
-                subject: B,
-                peer: A,
-                port_block: port_block(8080),
-                proto: TCP,
-                direction: direction::INGRESS,
-            },
+            key(B, A, port_block(8080), TCP, direction::INGRESS),
             required(1, (8080 & 0xff) as u8),
         ),
         // A may send to B on 8080 with auth (its egress, for the from-pod rows).
         (
-            PolicyKey {
-                subject: A,
-                peer: B,
-                port_block: port_block(8080),
-                proto: TCP,
-                direction: direction::EGRESS,
-            },
+            key(A, B, port_block(8080), TCP, direction::EGRESS),
             required(3, (8080 & 0xff) as u8),
         ),
-        (
-            PolicyKey {
-                subject: C,
-                peer: 0,
-                port_block: 0,
-                proto: 0,
-                direction: direction::INGRESS,
-            },
-            required(2, 0),
-        ),
+        (key(C, 0, 0, 0, direction::INGRESS), required(2, 0)),
         // d: one entry of each shape at the very keys a -> d:8080 probes,
         // the first three without the packet's bit (8081, UDP), so each is
         // found and read and does not match; only the last does.
         (
-            PolicyKey {
-                subject: D,
-                peer: A,
-                port_block: port_block(8080),
-                proto: TCP,
-                direction: direction::INGRESS,
-            },
+            key(D, A, port_block(8080), TCP, direction::INGRESS),
             required(4, (8081 & 0xff) as u8),
         ),
+        (key(D, A, 0, 0, direction::INGRESS), required(4, 17)),
         (
-            PolicyKey {
-                subject: D,
-                peer: A,
-                port_block: 0,
-                proto: 0,
-                direction: direction::INGRESS,
-            },
-            required(4, 17),
-        ),
-        (
-            PolicyKey {
-                subject: D,
-                peer: 0,
-                port_block: port_block(8080),
-                proto: TCP,
-                direction: direction::INGRESS,
-            },
+            key(D, 0, port_block(8080), TCP, direction::INGRESS),
             required(4, (8081 & 0xff) as u8),
         ),
-        (
-            PolicyKey {
-                subject: D,
-                peer: 0,
-                port_block: 0,
-                proto: 0,
-                direction: direction::INGRESS,
-            },
-            required(2, 0),
-        ),
+        (key(D, 0, 0, 0, direction::INGRESS), required(2, 0)),
     ];
     insert_all(&mut policy, &test_policy, maps::POLICY);
     let filler = filler_policy(&mut r, 1_000_000 - test_policy.len());

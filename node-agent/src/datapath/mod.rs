@@ -44,7 +44,7 @@ pub use events::{Flow, FlowKind, MissingAuth};
 pub use sys::{ifindex, monotonic_ns};
 
 use crate::state::NodeState;
-use tables::{Tables, diff, ip_key};
+use tables::{MapDiff, Tables, diff, ip_key};
 
 /// The kernel programs, built by build.rs from auth-bpf/ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEYWAY_BPF_OBJECT"));
@@ -567,20 +567,13 @@ impl Datapath {
     fn write_tables(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
         let between = new.between(&old.policy);
         let mut changed = self.write_ipcache(old, &between)?;
-        if unmarks(old, &between) {
+        if old.unmarked_by(&between) {
             sys::wait_for_program_runs();
         }
         let mut d = diff(&old.policy, &new.policy);
         changed |= !d.is_empty();
         d.upserts.sort_by_key(|(_, v)| v.authenticated.count() == 0);
-        for (k, v) in d.upserts {
-            self.policy
-                .insert(k, v, 0)
-                .map_err(|e| DatapathError::map(maps::POLICY, e))?;
-        }
-        for k in d.deletes {
-            let _ = self.policy.remove(&k);
-        }
+        write_hash(&mut self.policy, d, maps::POLICY)?;
         changed |= self.write_ipcache(&between, new)?;
         Ok(changed)
     }
@@ -590,14 +583,7 @@ impl Datapath {
     fn write_ipcache(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
         let d = diff(&old.ipcache, &new.ipcache);
         let mut changed = !d.is_empty();
-        for (k, v) in d.upserts {
-            self.ipcache
-                .insert(k, v, 0)
-                .map_err(|e| DatapathError::map(maps::IPCACHE, e))?;
-        }
-        for k in d.deletes {
-            let _ = self.ipcache.remove(&k);
-        }
+        write_hash(&mut self.ipcache, d, maps::IPCACHE)?;
         let d = diff(&old.lpm, &new.lpm);
         changed |= !d.is_empty();
         for ((len, addr), v) in d.upserts {
@@ -698,9 +684,9 @@ impl Datapath {
             .collect();
         if first_scan {
             // The MACs the last agent placed pods with come first.
-            for (k, v) in &old {
-                if v.flags & endpoint_flags::BRIDGED != 0
-                    && let Some((_, _, key)) = local.iter().find(|(ip, _, _)| ip_key(*ip) == *k)
+            for (ip, _, key) in &local {
+                if let Some(v) = old.get(&ip_key(*ip))
+                    && v.flags & endpoint_flags::BRIDGED != 0
                 {
                     self.bridged.remember((*key).clone(), v.mac);
                 }
@@ -1009,16 +995,19 @@ pub fn start(
     })
 }
 
-/// Whether `to` marks present a policy shape `from` marked absent, for an
-/// address both hold.
-fn unmarks(from: &Tables, to: &Tables) -> bool {
-    to.ipcache
-        .iter()
-        .any(|(k, v)| from.ipcache.get(k).is_some_and(|o| o.absent & !v.absent != 0))
-        || to
-            .lpm
-            .iter()
-            .any(|(k, v)| from.lpm.get(k).is_some_and(|o| o.absent & !v.absent != 0))
+/// Writes `d` to a hash map: upserts in their order, then deletions.
+fn write_hash<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+    d: MapDiff<K, V>,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    for (k, v) in d.upserts {
+        map.insert(k, v, 0).map_err(|e| DatapathError::map(name, e))?;
+    }
+    for k in d.deletes {
+        let _ = map.remove(&k);
+    }
+    Ok(())
 }
 
 /// Runs `f`, which blocks on syscalls (map writes, netlink, reading

@@ -135,6 +135,19 @@ impl Tables {
         }
         t
     }
+
+    /// Whether `to` marks present a policy shape this marked absent, for an
+    /// address both hold.
+    pub fn unmarked_by(&self, to: &Tables) -> bool {
+        fn any<K: Eq + std::hash::Hash>(
+            from: &HashMap<K, IpcacheValue>,
+            to: &HashMap<K, IpcacheValue>,
+        ) -> bool {
+            to.iter()
+                .any(|(k, v)| from.get(k).is_some_and(|o| o.absent & !v.absent != 0))
+        }
+        any(&self.ipcache, &to.ipcache) || any(&self.lpm, &to.lpm)
+    }
 }
 
 /// For each subject identity with policy entries, the lookups it has no
