@@ -7,7 +7,7 @@
 //! a kernel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use keyway_common::{AuthKey, drop_reason, hook, identity};
 use proto::keyway as pb;
@@ -57,27 +57,53 @@ fn has_ports(p: u8) -> bool {
 }
 
 /// `namespace/name` through the node's workloads, then the ipcache (which
-/// names the workloads of other nodes); or an IPv4 address as given.
-pub fn resolve(state: &NodeState, workload: &str) -> Result<Ipv4Addr, ExplainError> {
-    if let Ok(ip) = workload.parse::<Ipv4Addr>() {
+/// names the workloads of other nodes); or an IPv4 or IPv6 address as
+/// given. A dual-stack workload's address of `family` (IPv6 when true), or
+/// with none asked for its first.
+pub fn resolve(state: &NodeState, workload: &str, family: Option<bool>) -> Result<IpAddr, ExplainError> {
+    if let Ok(ip) = workload.parse::<IpAddr>() {
         return Ok(ip);
     }
     let Some((ns, name)) = workload.split_once('/') else {
         return Err(ExplainError::UnknownWorkload(workload.to_string()));
     };
+    let wanted = |ip: &IpAddr| family.is_none_or(|v6| ip.is_ipv6() == v6);
     if let Some(w) = state.workloads.get(&(ns.to_string(), name.to_string())) {
         return w
             .ips
             .iter()
-            .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .find(wanted)
             .ok_or_else(|| ExplainError::NoAddress(workload.to_string()));
     }
-    state
+    let mut found: Vec<IpAddr> = state
         .ipcache
         .values()
         .filter(|e| e.namespace == ns && e.workload == name)
-        .find_map(|e| e.cidr.strip_suffix("/32").and_then(|ip| ip.parse().ok()))
+        .filter_map(|e| host_address(&e.cidr))
+        .filter(wanted)
+        .collect();
+    // IPv4 first, as a pod's primary address usually is.
+    found.sort_by_key(|ip| ip.is_ipv6());
+    found
+        .first()
+        .copied()
         .ok_or_else(|| ExplainError::UnknownWorkload(workload.to_string()))
+}
+
+/// The address of a /32 or /128 ipcache CIDR.
+fn host_address(cidr: &str) -> Option<IpAddr> {
+    let (ip, len) = cidr.split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    (len == if ip.is_ipv4() { "32" } else { "128" }).then_some(ip)
+}
+
+/// The ipcache CIDR that names exactly `ip`.
+pub(crate) fn host_cidr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}/32"),
+        IpAddr::V6(ip) => format!("{ip}/128"),
+    }
 }
 
 fn reserved_name(id: u32) -> &'static str {
@@ -100,7 +126,7 @@ fn node_name(state: &NodeState, id: u16) -> String {
         .unwrap_or_default()
 }
 
-fn endpoint(state: &NodeState, t: &dyn Lookup, ip: Ipv4Addr) -> Result<pb::ExplainEndpoint, ExplainError> {
+fn endpoint(state: &NodeState, t: &dyn Lookup, ip: IpAddr) -> Result<pb::ExplainEndpoint, ExplainError> {
     let (v, source) = lookup_ip(t, ip)?;
     let ip_s = ip.to_string();
     let mut e = pb::ExplainEndpoint {
@@ -110,7 +136,7 @@ fn endpoint(state: &NodeState, t: &dyn Lookup, ip: Ipv4Addr) -> Result<pb::Expla
         node: node_name(state, v.node_id),
         ipcache: match source {
             IpSource::Exact => "exact".into(),
-            IpSource::Prefix(len) => format!("{}/{len}", crate::datapath::tables::mask(ip, len)),
+            IpSource::Prefix(len) => format!("{}/{len}", crate::datapath::tables::masked(ip, len)),
             IpSource::World => "none".into(),
         },
         local: t.endpoint(ip)?.is_some(),
@@ -125,7 +151,7 @@ fn endpoint(state: &NodeState, t: &dyn Lookup, ip: Ipv4Addr) -> Result<pb::Expla
         e.namespace = w.namespace.clone();
         e.workload = w.name.clone();
         e.service_account = w.service_account.clone();
-    } else if let Some(c) = state.ipcache.get(&format!("{ip}/32")) {
+    } else if let Some(c) = state.ipcache.get(&host_cidr(ip)) {
         if !c.namespace.is_empty() {
             e.namespace = c.namespace.clone();
         }
@@ -199,7 +225,7 @@ fn owner_of(
     ifindex: u32,
 ) -> Result<Option<(String, Vec<String>)>, ExplainError> {
     for w in state.workloads.values() {
-        for ip in w.ips.iter().filter_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+        for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
             if t.endpoint(ip)?.is_some_and(|ep| ep.ifindex == ifindex) {
                 return Ok(Some((format!("{}/{}", w.namespace, w.name), w.ips.clone())));
             }
@@ -222,8 +248,15 @@ pub fn explain(
     via: Option<&Via>,
 ) -> Result<pb::ExplainResponse, ExplainError> {
     let state = cx.state;
-    let src_ip = resolve(state, from)?;
-    let dst_ip = resolve(state, to)?;
+    // Both ends in one family: the one an address given names, else IPv4
+    // where both have it.
+    let given = |w: &str| w.parse::<IpAddr>().ok().map(|ip| ip.is_ipv6());
+    let family = given(from).or(given(to));
+    let src_ip = match family {
+        Some(f) => resolve(state, from, Some(f))?,
+        None => resolve(state, from, Some(false)).or_else(|_| resolve(state, from, None))?,
+    };
+    let dst_ip = resolve(state, to, Some(src_ip.is_ipv6()))?;
     let src = endpoint(state, t, src_ip)?;
     let dst = endpoint(state, t, dst_ip)?;
     let cfg = t.config()?;
@@ -665,8 +698,9 @@ pub fn to_json(r: &pb::ExplainResponse) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
     use crate::datapath::lookup::MemoryLookup;
-    use crate::datapath::tables::{Tables, ip_key};
+    use crate::datapath::tables::Tables;
     use keyway_common::{EndpointInfo, auth_type, direction};
 
     const TD: &str = "spiffe://example.org";
@@ -762,7 +796,7 @@ mod tests {
         };
         m.config.local_node_id = node_id;
         for ip in local_ips {
-            m.endpoints.insert(ip_key(*ip), EndpointInfo::default());
+            m.endpoints.insert(IpAddr::V4(*ip), EndpointInfo::default());
         }
         for &(local, remote, node, expiry) in auth {
             m.auth.insert(

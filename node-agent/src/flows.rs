@@ -3,7 +3,7 @@
 //! auth state, kept in a bounded ring and streamed to `node-agent observe`.
 
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -84,7 +84,7 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-fn endpoint(state: &NodeState, ip: Ipv4Addr, port: u16, identity: u32) -> pb::FlowEndpoint {
+fn endpoint(state: &NodeState, ip: IpAddr, port: u16, identity: u32) -> pb::FlowEndpoint {
     let ip_s = ip.to_string();
     let mut e = pb::FlowEndpoint {
         ip: ip_s.clone(),
@@ -102,7 +102,7 @@ fn endpoint(state: &NodeState, ip: Ipv4Addr, port: u16, identity: u32) -> pb::Fl
         e.service_account = i.service_account.clone();
         e.spiffe_id = i.spiffe_id.clone();
         // A workload on another node: its name comes with the ipcache.
-        if let Some(c) = state.ipcache.get(&format!("{ip}/32"))
+        if let Some(c) = state.ipcache.get(&crate::explain::host_cidr(ip))
             && c.identity == identity
         {
             e.pod = c.workload.clone();
@@ -112,10 +112,10 @@ fn endpoint(state: &NodeState, ip: Ipv4Addr, port: u16, identity: u32) -> pb::Fl
 }
 
 /// The node an address runs on (from the ipcache; 0 when unknown).
-fn node_of(state: &NodeState, ip: Ipv4Addr) -> u16 {
+fn node_of(state: &NodeState, ip: IpAddr) -> u16 {
     state
         .ipcache
-        .get(&format!("{ip}/32"))
+        .get(&crate::explain::host_cidr(ip))
         .and_then(|e| u16::try_from(e.node_id).ok())
         .unwrap_or(0)
 }

@@ -390,7 +390,7 @@ mod tests {
     #[test]
     fn endpoints_are_counted_by_state_and_why_they_are_withheld() {
         use crate::datapath::endpoints::Withheld;
-        let ip = |n: u8| std::net::Ipv4Addr::new(10, 0, 0, n);
+        let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
         let mut status = crate::datapath::DatapathStatus::default();
         status.endpoints.insert(ip(1), Default::default());
         status.unresolved = vec![ip(2), ip(3), ip(4)];

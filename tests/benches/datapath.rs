@@ -1267,7 +1267,7 @@ fn discovery() -> Vec<Discovery> {
             let attached = {
                 let iface = iface.clone();
                 when_status(&status, format!("{iface} attached"), move |s| {
-                    s.attached.contains(&iface) && s.endpoints.contains_key(&ip)
+                    s.attached.contains(&iface) && s.endpoints.contains_key(&ip.into())
                 })
             };
             let t0 = Instant::now();
@@ -1291,7 +1291,7 @@ fn discovery() -> Vec<Discovery> {
             let detached = {
                 let iface = iface.clone();
                 when_status(&status, format!("{iface} detached"), move |s| {
-                    !s.attached.contains(&iface) && !s.endpoints.contains_key(&ip)
+                    !s.attached.contains(&iface) && !s.endpoints.contains_key(&ip.into())
                 })
             };
             // CNI DEL: the veth goes, its routes with it.

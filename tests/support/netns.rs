@@ -1,11 +1,14 @@
 //! Privileged test topology: network namespaces, veth pairs and routes made
 //! with iproute2, the way a routing CNI plugin (Calico-style) leaves a node:
 //! each pod has a /32 on `eth0` and a default route to 169.254.1.1 on the
-//! link; the node routes each pod's /32 to the pod's host-side veth. Every
-//! namespace and pin directory is removed by name when the topology drops,
-//! including when a test fails.
+//! link; the node routes each pod's /32 to the pod's host-side veth. Pods
+//! are dual-stack: each also has the /128 [`v6_of`] its IPv4 address, with a
+//! default route to the link-local fe80::1 on the host-side veth, and
+//! neighbours found by real neighbour discovery. Every namespace and pin
+//! directory is removed by name when the topology drops, including when a
+//! test fails.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -60,6 +63,28 @@ pub fn enter_netns(path: &str) {
     assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
 }
 
+/// The IPv6 address of a dual-stack pod whose IPv4 address is `ip`:
+/// `fd00::a:b:c:d` for a.b.c.d, so an IPv4 /24 is an IPv6 /112.
+pub fn v6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = ip.octets();
+    Ipv6Addr::new(0xfd00, 0, 0, 0, a.into(), b.into(), c.into(), d.into())
+}
+
+/// The IPv6 prefix length that covers what IPv4 prefix `len` (a multiple
+/// of 8) covers, under [`v6_of`].
+pub fn v6_prefix(len: u8) -> u8 {
+    64 + 2 * len
+}
+
+/// IPv6 on in namespace `ns`, with duplicate address detection off (so an
+/// address is usable the moment it is added; nothing here can collide).
+fn enable_ipv6(ns: &str) {
+    for conf in ["all", "default"] {
+        sysctl(ns, &format!("net.ipv6.conf.{conf}.disable_ipv6"), "0");
+        sysctl(ns, &format!("net.ipv6.conf.{conf}.accept_dad"), "0");
+    }
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique tag for names (interface names are at most 15 bytes).
@@ -78,6 +103,19 @@ pub struct Pod {
     /// The host-side veth, in the node namespace.
     pub host_if: String,
     pub ip: Ipv4Addr,
+    /// [`v6_of`] `ip`, when the pod is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
+}
+
+impl Pod {
+    /// The pod's IPv6 address when `v6`, else its IPv4 one.
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.ip6.expect("a dual-stack pod"))
+        } else {
+            IpAddr::V4(self.ip)
+        }
+    }
 }
 
 /// One node namespace with pods behind veths, and an optional "remote"
@@ -109,8 +147,8 @@ impl Topology {
         run("ip", &["netns", "add", &t.node]);
         run("ip", &["-n", &t.node, "link", "set", "lo", "up"]);
         sysctl(&t.node, "net.ipv4.ip_forward", "1");
-        sysctl(&t.node, "net.ipv6.conf.all.disable_ipv6", "1");
-        sysctl(&t.node, "net.ipv6.conf.default.disable_ipv6", "1");
+        enable_ipv6(&t.node);
+        sysctl(&t.node, "net.ipv6.conf.all.forwarding", "1");
         t
     }
 
@@ -118,8 +156,7 @@ impl Topology {
         run("ip", &["netns", "add", name]);
         self.namespaces.push(name.to_string());
         run("ip", &["-n", name, "link", "set", "lo", "up"]);
-        sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1");
-        sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1");
+        enable_ipv6(name);
     }
 
     /// A pod on this node: its namespace, a veth pair, its address and routes.
@@ -228,6 +265,7 @@ impl Topology {
             netns,
             host_if,
             ip,
+            ip6: None,
         };
         self.pods.push(pod.clone());
         pod
@@ -297,7 +335,8 @@ impl Topology {
     }
 
     /// A peer outside this node, behind a plain veth (no programs on it):
-    /// the node reaches it at `ip` through 10.201.9.254/24.
+    /// the node reaches it at `ip` through 10.201.9.254/24, and at
+    /// [`v6_of`] `ip` through fd00::a:c9:9:fe/112.
     pub fn add_remote(&mut self, ip: Ipv4Addr) -> Pod {
         let netns = format!("kw{}r", self.tag);
         let host_if = format!("kw{}u", self.tag);
@@ -323,11 +362,26 @@ impl Topology {
             "ip",
             &["-n", &netns, "route", "add", "default", "via", "10.201.9.254"],
         );
+        let gw6 = v6_of(Ipv4Addr::new(10, 201, 9, 254));
+        let ip6 = v6_of(ip);
+        run(
+            "ip",
+            &["-n", &node, "addr", "add", &format!("{gw6}/112"), "dev", &host_if],
+        );
+        run(
+            "ip",
+            &["-n", &netns, "addr", "add", &format!("{ip6}/112"), "dev", "eth0"],
+        );
+        run(
+            "ip",
+            &["-n", &netns, "-6", "route", "add", "default", "via", &gw6.to_string()],
+        );
         let pod = Pod {
             name: "remote".into(),
             netns,
             host_if,
             ip,
+            ip6: Some(ip6),
         };
         self.remote = Some(pod.clone());
         pod
@@ -380,7 +434,10 @@ impl Drop for Topology {
 /// Wires pod namespace `netns` to node namespace `node` the way a routing
 /// CNI plugin does: a veth pair, the pod's /32 on `eth0`, a default route to
 /// 169.254.1.1 on the link, and on the node a /32 route to the host-side veth
-/// (static neighbours both ways, so no ARP races).
+/// (static neighbours both ways, so no ARP races). IPv6 likewise: the pod's
+/// /128 ([`v6_of`]), a default route to fe80::1 (the host-side veth's), a
+/// /128 route on the node; neighbours found by neighbour discovery, which
+/// the datapath must let through.
 fn plug_pod(node: &str, tag: &str, name: &str, netns: String, ip: Ipv4Addr) -> Pod {
     let host_if = format!("kw{tag}{name}");
     run(
@@ -461,11 +518,29 @@ fn plug_pod(node: &str, tag: &str, name: &str, netns: String, ip: Ipv4Addr) -> P
             "permanent",
         ],
     );
+    let ip6 = v6_of(ip);
+    run(
+        "ip",
+        &["-n", node, "addr", "add", "fe80::1/64", "dev", &host_if],
+    );
+    run(
+        "ip",
+        &["-n", &netns, "addr", "add", &format!("{ip6}/128"), "dev", "eth0"],
+    );
+    run(
+        "ip",
+        &["-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"],
+    );
+    run(
+        "ip",
+        &["-n", node, "-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if],
+    );
     Pod {
         name: name.to_string(),
         netns,
         host_if,
         ip,
+        ip6: Some(ip6),
     }
 }
 
@@ -486,7 +561,8 @@ pub fn mac(ns: &str, iface: &str) -> String {
 }
 
 /// `ping -c 1` from a namespace; true when a reply came back within `wait_s`.
-pub fn ping(ns: &str, ip: Ipv4Addr, wait_s: u32) -> bool {
+pub fn ping(ns: &str, ip: impl Into<IpAddr>, wait_s: u32) -> bool {
+    let ip: IpAddr = ip.into();
     Command::new("ip")
         .args([
             "netns",
@@ -552,6 +628,7 @@ impl Cluster {
             let netns = format!("kw{tag}n{n}");
             c.add_ns(&netns);
             sysctl(&netns, "net.ipv4.ip_forward", "1");
+            sysctl(&netns, "net.ipv6.conf.all.forwarding", "1");
             let up = format!("kw{tag}u{n}");
             run(
                 "ip",
@@ -564,6 +641,10 @@ impl Cluster {
             run(
                 "ip",
                 &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            );
+            run(
+                "ip",
+                &["-n", &netns, "addr", "add", &format!("{}/112", v6_of(ip)), "dev", "eth0"],
             );
             run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
             c.nodes.push(Node {
@@ -588,6 +669,20 @@ impl Cluster {
                         &b.ip.to_string(),
                     ],
                 );
+                let pods6 = v6_of(Ipv4Addr::new(10, 201, b.pod_cidr_octet, 0));
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &a.netns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{pods6}/112"),
+                        "via",
+                        &v6_of(b.ip).to_string(),
+                    ],
+                );
             }
         }
         c
@@ -597,8 +692,7 @@ impl Cluster {
         run("ip", &["netns", "add", name]);
         self.namespaces.push(name.to_string());
         run("ip", &["-n", name, "link", "set", "lo", "up"]);
-        sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1");
-        sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1");
+        enable_ipv6(name);
     }
 
     pub fn node(&self, name: &str) -> &Node {
@@ -854,8 +948,9 @@ pub fn tcp_retransmits(ns: &str) -> u64 {
 
 /// A TCP echo server on `ip:port` inside namespace `ns`, serving until the
 /// process ends.
-pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
+pub fn tcp_echo(ns: &str, ip: impl Into<IpAddr>, port: u16) {
     use std::io::{Read, Write};
+    let ip: IpAddr = ip.into();
     let listener = in_netns(ns, move || {
         std::net::TcpListener::bind((ip, port)).expect("bind echo server")
     });
@@ -877,10 +972,11 @@ pub fn tcp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
 /// A TCP connection from namespace `ns` to `ip:port` (reads time out after 3 s).
 pub fn connect(
     ns: &str,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     timeout: std::time::Duration,
 ) -> std::io::Result<std::net::TcpStream> {
+    let ip: IpAddr = ip.into();
     in_netns(ns, move || {
         let s = std::net::TcpStream::connect_timeout(&std::net::SocketAddr::from((ip, port)), timeout)?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
@@ -928,11 +1024,12 @@ fn inet_checksum(chunks: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// Sends one IPv4 packet with source address `src` (whatever the sender's
-/// own address is) from inside network namespace `ns`, through a raw socket
-/// (what a pod with CAP_NET_RAW, in the default capability set, can do).
-/// Checksums are correct, so a receiving stack would accept it.
-pub fn send_forged(ns: &str, src: Ipv4Addr, dst: Ipv4Addr, packet: Forged<'_>) {
+/// Sends one IPv4 or IPv6 packet with source address `src` (whatever the
+/// sender's own address is) from inside network namespace `ns`, through a
+/// raw socket (what a pod with CAP_NET_RAW, in the default capability set,
+/// can do). Checksums are correct, so a receiving stack would accept it.
+pub fn send_forged(ns: &str, src: impl Into<IpAddr>, dst: impl Into<IpAddr>, packet: Forged<'_>) {
+    let (src, dst): (IpAddr, IpAddr) = (src.into(), dst.into());
     let (proto, l4) = match packet {
         Forged::Udp {
             src_port,
@@ -961,50 +1058,123 @@ pub fn send_forged(ns: &str, src: Ipv4Addr, dst: Ipv4Addr, packet: Forged<'_>) {
         }
     };
     let mut l4 = l4;
-    let pseudo = [
-        &src.octets()[..],
-        &dst.octets()[..],
-        &[0, proto],
-        &(l4.len() as u16).to_be_bytes(),
-    ]
-    .concat();
-    let sum = inet_checksum(&[&pseudo, &l4]);
+    let sum = l4_checksum(src, dst, proto, &l4);
     let at = if proto == 17 { 6 } else { 16 };
     l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-    let total = (20 + l4.len()) as u16;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    let packet = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = (20 + l4.len()) as u16;
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let sum = inet_checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            ip.extend_from_slice(&l4);
+            ip
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut ip = ipv6_header(src, dst, proto, l4.len());
+            ip.extend_from_slice(&l4);
+            ip
+        }
+        _ => panic!("{src} and {dst} are of two families"),
+    };
+    send_raw(ns, dst, &packet);
+}
+
+/// The checksum of a UDP or TCP segment `l4` (its own checksum field zero)
+/// over the family's pseudo-header.
+pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let pseudo = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => [
+            &s.octets()[..],
+            &d.octets()[..],
+            &[0, proto],
+            &(l4.len() as u16).to_be_bytes(),
+        ]
+        .concat(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => [
+            &s.octets()[..],
+            &d.octets()[..],
+            &(l4.len() as u32).to_be_bytes(),
+            &[0, 0, 0, proto],
+        ]
+        .concat(),
+        _ => panic!("{src} and {dst} are of two families"),
+    };
+    inet_checksum(&[&pseudo, l4])
+}
+
+/// An IPv6 header (hop limit 64) for `payload_len` bytes after it, the
+/// first of which is a header of type `next`.
+pub fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload_len: usize) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[next, 64]);
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let sum = inet_checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    ip.extend_from_slice(&l4);
+    ip
+}
+
+/// Sends `packet`, a whole IPv4 or IPv6 packet headers included, towards
+/// `dst` from namespace `ns` through a raw socket (`IPPROTO_RAW`: the
+/// kernel adds nothing, and routes it by `dst`).
+pub fn send_raw(ns: &str, dst: IpAddr, packet: &[u8]) {
+    let packet = packet.to_vec();
     in_netns(ns, move || {
         #[allow(unsafe_code, reason = "raw sockets have no std equivalent")]
         // SAFETY: plain socket calls on a descriptor this block owns; the
         // buffers outlive the calls.
         unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(dst.octets()),
-                },
-                sin_zero: [0; 8],
+            let (family, addr): (i32, std::net::SocketAddr) = match dst {
+                IpAddr::V4(_) => (libc::AF_INET, std::net::SocketAddr::new(dst, 0)),
+                IpAddr::V6(_) => (libc::AF_INET6, std::net::SocketAddr::new(dst, 0)),
             };
-            let n = libc::sendto(
-                fd,
-                ip.as_ptr().cast(),
-                ip.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
+            let fd = libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let n = match addr {
+                std::net::SocketAddr::V4(a) => {
+                    let sa = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: 0,
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from_ne_bytes(a.ip().octets()),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    libc::sendto(
+                        fd,
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                }
+                std::net::SocketAddr::V6(a) => {
+                    let sa = libc::sockaddr_in6 {
+                        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                        sin6_port: 0,
+                        sin6_flowinfo: 0,
+                        sin6_addr: libc::in6_addr {
+                            s6_addr: a.ip().octets(),
+                        },
+                        sin6_scope_id: 0,
+                    };
+                    libc::sendto(
+                        fd,
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in6).cast(),
+                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                    )
+                }
+            };
             let err = std::io::Error::last_os_error();
             libc::close(fd);
-            assert_eq!(n, ip.len() as isize, "sendto: {err}");
+            assert_eq!(n, packet.len() as isize, "sendto: {err}");
         }
     });
 }

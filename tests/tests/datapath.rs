@@ -4,13 +4,13 @@
 //! root); fails, never skips, without it.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyway_common::{AuthKey, auth_type, drop_reason, maps};
 use keyway_tests::netns::{
-    Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo,
+    Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo, v6_of, v6_prefix,
 };
 use keyway_tests::wait_until;
 use node_agent::datapath::endpoints::Withheld;
@@ -34,6 +34,77 @@ const INGRESS: u32 = 0;
 const EGRESS: u32 = 1;
 const TCP: u32 = 6;
 const UDP: u32 = 17;
+
+// ---- address families ----
+
+/// The family a dual-stack test runs its traffic in. Pods and the state
+/// are dual-stack either way (each pod has both addresses, one identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    /// The pod whose IPv4 address is `v4`'s address in this family.
+    fn ip(self, v4: Ipv4Addr) -> IpAddr {
+        match self {
+            Fam::V4 => IpAddr::V4(v4),
+            Fam::V6 => IpAddr::V6(v6_of(v4)),
+        }
+    }
+
+    /// The IPv4 prefix `v4/len`, or the IPv6 one covering the same pods.
+    fn cidr(self, v4: Ipv4Addr, len: u8) -> String {
+        match self {
+            Fam::V4 => format!("{v4}/{len}"),
+            Fam::V6 => format!("{}/{}", v6_of(v4), v6_prefix(len)),
+        }
+    }
+
+    /// The sysctl that turns the node's routing on and off.
+    fn forwarding(self) -> &'static str {
+        match self {
+            Fam::V4 => "net.ipv4.ip_forward",
+            Fam::V6 => "net.ipv6.conf.all.forwarding",
+        }
+    }
+}
+
+/// Both addresses of the dual-stack pod whose IPv4 address is `v4`.
+fn both(v4: Ipv4Addr) -> Vec<IpAddr> {
+    vec![IpAddr::V4(v4), IpAddr::V6(v6_of(v4))]
+}
+
+/// `#[test]`s `name::ipv4` and `name::ipv6` for each `fn name(fam: Fam)`:
+/// every assertion made for IPv4 is also made for IPv6.
+macro_rules! dual_stack {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ipv4() {
+                super::$name(super::Fam::V4)
+            }
+
+            #[test]
+            fn ipv6() {
+                super::$name(super::Fam::V6)
+            }
+        }
+    )*};
+}
+
+dual_stack!(
+    allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect,
+    a_flow_no_rule_allows_is_dropped_and_reported_policy_denied,
+    every_policy_shape_a_subject_has_is_looked_up,
+    auth_required_drops_and_signals_once_until_authenticated_and_again_after_expiry,
+    traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy,
+    restarting_the_loader_keeps_established_flows_and_the_tables,
+    removing_a_workload_detaches_its_interface_and_clears_its_endpoint,
+    a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event,
+    an_unplaced_address_is_retried_without_any_event,
+);
 
 // ---- the datapath, running on a thread inside the node namespace ----
 
@@ -157,21 +228,25 @@ fn static_neighbour(ns: &str, ip: Ipv4Addr, mac: &str) {
     );
 }
 
-/// A local workload and its ipcache entry.
+/// A local dual-stack workload and its ipcache entries (both addresses,
+/// one identity).
 fn add_workload(state: &mut NodeState, name: &str, identity: u32, ip: Ipv4Addr) {
     state
         .workloads
         .insert(("default".into(), name.into()), workload(name, identity, ip));
-    let cidr = format!("{ip}/32");
-    state.ipcache.insert(
-        cidr.clone(),
-        pb::IpcacheEntry {
-            cidr,
-            identity,
-            node_id: NODE_ID,
-            ..Default::default()
-        },
-    );
+    for fam in [Fam::V4, Fam::V6] {
+        let len = if fam == Fam::V4 { 32 } else { 128 };
+        let cidr = format!("{}/{len}", fam.ip(ip));
+        state.ipcache.insert(
+            cidr.clone(),
+            pb::IpcacheEntry {
+                cidr,
+                identity,
+                node_id: NODE_ID,
+                ..Default::default()
+            },
+        );
+    }
 }
 
 /// Names, in pod `name`'s record, the namespace it lives in (a `netns:` or
@@ -184,13 +259,21 @@ fn home(state: &mut NodeState, name: &str, selector: String) {
         .selectors = vec![selector];
 }
 
+/// Takes every IPv6 address out of `state` (workloads and ipcache).
+fn strip_v6(state: &mut NodeState) {
+    for w in state.workloads.values_mut() {
+        w.ips.retain(|ip| !ip.contains(':'));
+    }
+    state.ipcache.retain(|cidr, _| !cidr.contains(':'));
+}
+
 fn workload(name: &str, identity: u32, ip: Ipv4Addr) -> pb::Workload {
     pb::Workload {
         namespace: "default".into(),
         name: name.into(),
         service_account: name.into(),
         node: NODE.into(),
-        ips: vec![ip.to_string()],
+        ips: both(ip).iter().map(|ip| ip.to_string()).collect(),
         identity,
         spiffe_id: format!("spiffe://example.org/ns/default/sa/{name}"),
         ..Default::default()
@@ -212,16 +295,17 @@ impl StateBuilder {
                 .insert(("default".into(), name.into()), workload(name, id, ip));
         }
         for (ip, id, node) in [(IP_A, A, NODE_ID), (IP_B, B, NODE_ID), (IP_R, R, REMOTE_NODE_ID)] {
-            let cidr = format!("{ip}/32");
-            s.ipcache.insert(
-                cidr.clone(),
-                pb::IpcacheEntry {
-                    cidr,
-                    identity: id,
-                    node_id: node,
-                    ..Default::default()
-                },
-            );
+            for cidr in [format!("{ip}/32"), format!("{}/128", v6_of(ip))] {
+                s.ipcache.insert(
+                    cidr.clone(),
+                    pb::IpcacheEntry {
+                        cidr,
+                        identity: id,
+                        node_id: node,
+                        ..Default::default()
+                    },
+                );
+            }
         }
         s.nodes.insert(
             NODE.into(),
@@ -256,11 +340,18 @@ impl StateBuilder {
     fn build(self) -> NodeState {
         self.0
     }
+
+    /// No IPv6 anywhere: for layouts whose pods have IPv4 only.
+    fn v4_only(mut self) -> Self {
+        strip_v6(&mut self.0);
+        self
+    }
 }
 
 // ---- traffic ----
 
-fn udp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
+fn udp_echo(ns: &str, ip: impl Into<IpAddr>, port: u16) {
+    let ip: IpAddr = ip.into();
     let sock = in_netns(ns, move || UdpSocket::bind((ip, port)).expect("bind udp echo"));
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -270,8 +361,10 @@ fn udp_echo(ns: &str, ip: Ipv4Addr, port: u16) {
     });
 }
 
-fn udp_round_trip(ns: &str, ip: Ipv4Addr, port: u16) -> bool {
-    let sock = in_netns(ns, || UdpSocket::bind("0.0.0.0:0").expect("udp bind"));
+fn udp_round_trip(ns: &str, ip: impl Into<IpAddr>, port: u16) -> bool {
+    let ip: IpAddr = ip.into();
+    let any = if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let sock = in_netns(ns, move || UdpSocket::bind(any).expect("udp bind"));
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     if sock.send_to(b"ping", (ip, port)).is_err() {
         return false;
@@ -306,8 +399,7 @@ fn drain_flows(rx: &mut broadcast::Receiver<Flow>) -> Vec<Flow> {
 
 // ---- tests ----
 
-#[test]
-fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect() {
+fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -315,12 +407,12 @@ fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect() {
     let mut flows = dp.flows.subscribe();
     dp.apply(StateBuilder::new().open().build(), &topo);
 
-    tcp_echo(&b.netns, IP_B, 8080);
-    udp_echo(&b.netns, IP_B, 5353);
-    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("a -> b TCP is allowed");
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
+    udp_echo(&b.netns, fam.ip(IP_B), 5353);
+    let mut conn = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("a -> b TCP is allowed");
     assert!(echo_round_trip(&mut conn, b"hello"), "TCP data flows both ways");
-    assert!(udp_round_trip(&a.netns, IP_B, 5353), "UDP a -> b and back");
-    assert!(ping(&a.netns, IP_B, 2), "ICMP a -> b and back");
+    assert!(udp_round_trip(&a.netns, fam.ip(IP_B), 5353), "UDP a -> b and back");
+    assert!(ping(&a.netns, fam.ip(IP_B), 2), "ICMP a -> b and back");
 
     // New-flow events at both ends, with both identities.
     let port = conn.local_addr().unwrap().port();
@@ -329,7 +421,7 @@ fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect() {
             f.kind == FlowKind::New && f.src_port == port && f.dst_port == 8080 && f.from_pod == from_pod
         });
         assert!(f.forwarded);
-        assert_eq!((f.src, f.dst, f.src_identity, f.dst_identity), (IP_A, IP_B, A, B));
+        assert_eq!((f.src, f.dst, f.src_identity, f.dst_identity), (fam.ip(IP_A), fam.ip(IP_B), A, B));
         assert_eq!(f.proto, 6);
     }
 
@@ -352,24 +444,23 @@ fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect() {
     // carry a packet between the two pods: a new connection still works,
     // while traffic that must be routed (to the remote peer) cannot.
     let r = topo.add_remote(IP_R);
-    tcp_echo(&r.netns, IP_R, 8080);
+    tcp_echo(&r.netns, fam.ip(IP_R), 8080);
     assert!(
-        connect(&a.netns, IP_R, 8080, Duration::from_secs(3)).is_ok(),
+        connect(&a.netns, fam.ip(IP_R), 8080, Duration::from_secs(3)).is_ok(),
         "routed while forwarding is on"
     );
-    sysctl(&topo.node, "net.ipv4.ip_forward", "0");
+    sysctl(&topo.node, fam.forwarding(), "0");
     let mut conn2 =
-        connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("redirected without routing");
+        connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("redirected without routing");
     assert!(echo_round_trip(&mut conn2, b"redirected"));
     assert!(
-        connect(&a.netns, IP_R, 8080, Duration::from_secs(1)).is_err(),
+        connect(&a.netns, fam.ip(IP_R), 8080, Duration::from_secs(1)).is_err(),
         "forwarding is really off"
     );
     dp.stop();
 }
 
-#[test]
-fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied() {
+fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -383,10 +474,10 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied() {
     let dp = start(&topo, |_| {}, NodeState::default());
     let mut flows = dp.flows.subscribe();
     dp.apply(state, &topo);
-    tcp_echo(&b.netns, IP_B, 8080);
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
 
     assert!(
-        connect(&a.netns, IP_B, 8080, Duration::from_secs(1)).is_err(),
+        connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(1)).is_err(),
         "a -> b:8080 must be dropped"
     );
     let f = expect_flow(&mut flows, "a drop of a -> b:8080", |f| {
@@ -396,11 +487,11 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied() {
     assert_eq!(f.drop_reason_name(), "policy-denied");
     assert_eq!((f.src_identity, f.dst_identity), (A, B));
     assert!(!f.from_pod, "dropped where b's ingress policy is enforced");
-    assert!(!ping(&a.netns, IP_B, 1), "no rule allows ICMP to b either");
+    assert!(!ping(&a.netns, fam.ip(IP_B), 1), "no rule allows ICMP to b either");
 
     // b can still open connections to a (its egress is open, a's ingress too).
-    tcp_echo(&a.netns, IP_A, 7070);
-    let mut c = connect(&b.netns, IP_A, 7070, Duration::from_secs(3)).expect("b -> a is allowed");
+    tcp_echo(&a.netns, fam.ip(IP_A), 7070);
+    let mut c = connect(&b.netns, fam.ip(IP_A), 7070, Duration::from_secs(3)).expect("b -> a is allowed");
     assert!(echo_round_trip(&mut c, b"replies get back in"));
     dp.stop();
 }
@@ -411,8 +502,7 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied() {
 /// anyone on 7070 with authentication (any-peer entry). a -> b:9090 passes
 /// on the first alone; a -> b:7070 is allowed by both, and the second's
 /// authentication is required, though the more specific entry asks none.
-#[test]
-fn every_policy_shape_a_subject_has_is_looked_up() {
+fn every_policy_shape_a_subject_has_is_looked_up(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -425,12 +515,12 @@ fn every_policy_shape_a_subject_has_is_looked_up() {
     let dp = start(&topo, |_| {}, NodeState::default());
     let mut flows = dp.flows.subscribe();
     dp.apply(state, &topo);
-    tcp_echo(&b.netns, IP_B, 9090);
-    tcp_echo(&b.netns, IP_B, 7070);
+    tcp_echo(&b.netns, fam.ip(IP_B), 9090);
+    tcp_echo(&b.netns, fam.ip(IP_B), 7070);
     let mut c =
-        connect(&a.netns, IP_B, 9090, Duration::from_secs(3)).expect("a -> b:9090 on the any-port entry");
+        connect(&a.netns, fam.ip(IP_B), 9090, Duration::from_secs(3)).expect("a -> b:9090 on the any-port entry");
     assert!(echo_round_trip(&mut c, b"any port"));
-    assert!(connect(&a.netns, IP_B, 7070, Duration::from_millis(1200)).is_err());
+    assert!(connect(&a.netns, fam.ip(IP_B), 7070, Duration::from_millis(1200)).is_err());
     let f = expect_flow(&mut flows, "a -> b:7070 held for authentication", |f| {
         f.dst_port == 7070 && !f.forwarded
     });
@@ -438,8 +528,7 @@ fn every_policy_shape_a_subject_has_is_looked_up() {
     dp.stop();
 }
 
-#[test]
-fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expiry() {
+fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expiry(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -456,11 +545,11 @@ fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expi
     );
     let mut flows = dp.flows.subscribe();
     dp.apply(state, &topo);
-    tcp_echo(&b.netns, IP_B, 8080);
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
 
     // Three attempts, several SYNs each: all dropped, one signal.
     for _ in 0..3 {
-        assert!(connect(&a.netns, IP_B, 8080, Duration::from_millis(1200)).is_err());
+        assert!(connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_millis(1200)).is_err());
     }
     let f = expect_flow(&mut flows, "an auth-required drop", |f| {
         f.dst_port == 8080 && !f.forwarded
@@ -484,7 +573,7 @@ fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expi
     // Authenticated for three seconds: the flow passes.
     let expiry = datapath::monotonic_ns() + 3_000_000_000;
     dp.auth.upsert(key, expiry).unwrap();
-    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("authenticated pair passes");
+    let mut conn = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("authenticated pair passes");
     assert!(echo_round_trip(&mut conn, b"authenticated"));
     expect_flow(&mut flows, "the verdict change to forwarded", |f| {
         f.dst_port == 8080 && f.forwarded && f.auth_required
@@ -498,7 +587,7 @@ fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expi
         !echo_round_trip(&mut conn, b"expired"),
         "an expired pair must not pass"
     );
-    assert!(connect(&a.netns, IP_B, 8080, Duration::from_secs(1)).is_err());
+    assert!(connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(1)).is_err());
     expect_flow(&mut flows, "an auth-required drop after expiry", |f| {
         f.dst_port == 8080 && !f.forwarded && f.drop_reason == drop_reason::AUTH_REQUIRED
     });
@@ -507,7 +596,7 @@ fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expi
     dp.auth
         .upsert(key, datapath::monotonic_ns() + 60_000_000_000)
         .unwrap();
-    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("re-authenticated");
+    let mut conn = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("re-authenticated");
     assert!(echo_round_trip(&mut conn, b"again"));
     assert!(dp.auth.remove(&key).unwrap());
     assert!(
@@ -517,8 +606,7 @@ fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expi
     dp.stop();
 }
 
-#[test]
-fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
+fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     topo.add_pod("b", IP_B);
@@ -526,11 +614,11 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
     // a may talk to R on 8080 only. R is known by a CIDR (the LPM trie),
     // not by its address.
     let mut builder = StateBuilder::new();
-    builder.0.ipcache.remove(&format!("{IP_R}/32"));
+    builder.0.ipcache.remove(&fam.cidr(IP_R, 32));
     builder.0.ipcache.insert(
-        "10.201.9.0/24".into(),
+        fam.cidr(Ipv4Addr::new(10, 201, 9, 0), 24),
         pb::IpcacheEntry {
-            cidr: "10.201.9.0/24".into(),
+            cidr: fam.cidr(Ipv4Addr::new(10, 201, 9, 0), 24),
             identity: R,
             node_id: REMOTE_NODE_ID,
             ..Default::default()
@@ -545,13 +633,13 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
     let dp = start(&topo, |_| {}, NodeState::default());
     let mut flows = dp.flows.subscribe();
     dp.apply(state, &topo);
-    tcp_echo(&r.netns, IP_R, 8080);
-    tcp_echo(&r.netns, IP_R, 8081);
+    tcp_echo(&r.netns, fam.ip(IP_R), 8080);
+    tcp_echo(&r.netns, fam.ip(IP_R), 8081);
 
-    let mut c = connect(&a.netns, IP_R, 8080, Duration::from_secs(3)).expect("a -> R:8080 allowed");
+    let mut c = connect(&a.netns, fam.ip(IP_R), 8080, Duration::from_secs(3)).expect("a -> R:8080 allowed");
     assert!(echo_round_trip(&mut c, b"remote"));
     assert!(
-        connect(&a.netns, IP_R, 8081, Duration::from_secs(1)).is_err(),
+        connect(&a.netns, fam.ip(IP_R), 8081, Duration::from_secs(1)).is_err(),
         "8081 is not allowed"
     );
     let f = expect_flow(&mut flows, "a -> R:8081 dropped", |f| f.dst_port == 8081);
@@ -566,8 +654,7 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy() {
     dp.stop();
 }
 
-#[test]
-fn restarting_the_loader_keeps_established_flows_and_the_tables() {
+fn restarting_the_loader_keeps_established_flows_and_the_tables(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -579,16 +666,16 @@ fn restarting_the_loader_keeps_established_flows_and_the_tables() {
         .build();
     let dp = start(&topo, |_| {}, NodeState::default());
     dp.apply(state.clone(), &topo);
-    tcp_echo(&b.netns, IP_B, 8080);
-    tcp_echo(&b.netns, IP_B, 9090);
-    let mut conn = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("allowed");
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
+    tcp_echo(&b.netns, fam.ip(IP_B), 9090);
+    let mut conn = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("allowed");
     assert!(echo_round_trip(&mut conn, b"before"));
 
     // The agent goes away: programs and maps stay pinned and in force.
     dp.stop();
     assert!(echo_round_trip(&mut conn, b"while no agent runs"));
     assert!(
-        connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err(),
+        connect(&a.netns, fam.ip(IP_B), 9090, Duration::from_secs(1)).is_err(),
         "policy is still enforced while no agent runs"
     );
     let pinned: BTreeMap<String, bool> = maps::ALL
@@ -602,16 +689,15 @@ fn restarting_the_loader_keeps_established_flows_and_the_tables() {
     assert!(echo_round_trip(&mut conn, b"after the new loader attached"));
     dp.apply(state, &topo);
     assert!(echo_round_trip(&mut conn, b"after it reconciled"));
-    let mut c2 = connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).expect("new connections work");
+    let mut c2 = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("new connections work");
     assert!(echo_round_trip(&mut c2, b"new"));
-    assert!(connect(&a.netns, IP_B, 9090, Duration::from_secs(1)).is_err());
+    assert!(connect(&a.netns, fam.ip(IP_B), 9090, Duration::from_secs(1)).is_err());
     let links = std::fs::read_dir(topo.pin_dir.join("links")).unwrap().count();
     assert_eq!(links, 4, "two pods, two programs each, no stale link pins");
     dp.stop();
 }
 
-#[test]
-fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
+fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -619,8 +705,8 @@ fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
     dp.apply(StateBuilder::new().open().build(), &topo);
     {
         let s = dp.status.borrow();
-        assert_eq!(s.endpoints[&IP_A].identity, A);
-        assert_eq!(s.endpoints[&IP_B].identity, B);
+        assert_eq!(s.endpoints[&fam.ip(IP_A)].identity, A);
+        assert_eq!(s.endpoints[&fam.ip(IP_B)].identity, B);
         assert_eq!(s.local_node_id, NODE_ID as u16);
     }
     let mut state = StateBuilder::new().open().build();
@@ -632,7 +718,7 @@ fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
         let s = dp.status.borrow();
         s.revision >= revision && !s.attached.contains(&b.host_if) && s.attached.contains(&a.host_if)
     });
-    assert!(!dp.status.borrow().endpoints.contains_key(&IP_B));
+    assert!(!dp.status.borrow().endpoints.contains_key(&fam.ip(IP_B)));
     let pins: Vec<String> = std::fs::read_dir(topo.pin_dir.join("links"))
         .unwrap()
         .flatten()
@@ -651,27 +737,14 @@ fn removing_a_workload_detaches_its_interface_and_clears_its_endpoint() {
 /// the interface, enforcing, with the periodic resync an hour away. When the
 /// pod's veth goes (CNI DEL), so does its route, and the same notifications
 /// take its endpoint out.
-#[test]
-fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event() {
+fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event(fam: Fam) {
     const C: u32 = 303;
     const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
     let mut state = StateBuilder::new().open().build();
-    state
-        .workloads
-        .insert(("default".into(), "c".into()), workload("c", C, IP_C));
-    let cidr = format!("{IP_C}/32");
-    state.ipcache.insert(
-        cidr.clone(),
-        pb::IpcacheEntry {
-            cidr,
-            identity: C,
-            node_id: NODE_ID,
-            ..Default::default()
-        },
-    );
+    add_workload(&mut state, "c", C, IP_C);
     // c's ingress: nothing allowed (no entry), so what reaches it is dropped.
     let dp = start(
         &topo,
@@ -682,7 +755,7 @@ fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event(
     dp.apply(state, &topo);
     assert_eq!(
         dp.status.borrow().unresolved,
-        vec![IP_C],
+        both(IP_C),
         "c has no interface yet"
     );
 
@@ -692,24 +765,27 @@ fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event(
         "c's new interface to be attached",
         || {
             let s = dp.status.borrow();
-            s.attached.contains(&c.host_if) && s.endpoints.get(&IP_C).map(|e| e.identity) == Some(C)
+            s.attached.contains(&c.host_if)
+                && both(IP_C)
+                    .iter()
+                    .all(|ip| s.endpoints.get(ip).map(|e| e.identity) == Some(C))
         },
     );
     assert!(dp.status.borrow().unresolved.is_empty());
-    tcp_echo(&c.netns, IP_C, 8080);
+    tcp_echo(&c.netns, fam.ip(IP_C), 8080);
     assert!(
-        connect(&a.netns, IP_C, 8080, Duration::from_secs(1)).is_err(),
+        connect(&a.netns, fam.ip(IP_C), 8080, Duration::from_secs(1)).is_err(),
         "c's ingress is enforced"
     );
     let f = expect_flow(&mut flows, "a -> c denied at c", |f| {
-        f.dst == IP_C && f.dst_port == 8080 && !f.from_pod
+        f.dst == fam.ip(IP_C) && f.dst_port == 8080 && !f.from_pod
     });
     assert!(!f.forwarded);
     assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
     assert_eq!((f.src_identity, f.dst_identity), (A, C));
     // The others are untouched.
-    tcp_echo(&b.netns, IP_B, 8080);
-    assert!(connect(&a.netns, IP_B, 8080, Duration::from_secs(3)).is_ok());
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
+    assert!(connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).is_ok());
 
     // What a CNI DEL does. (Deleting c's namespace would not do here: the
     // echo server's thread still holds it, and with it the veth.)
@@ -719,10 +795,10 @@ fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event(
         "c's endpoint to go with its interface",
         || {
             let s = dp.status.borrow();
-            !s.attached.contains(&c.host_if) && !s.endpoints.contains_key(&IP_C)
+            !s.attached.contains(&c.host_if) && !s.endpoints.contains_key(&fam.ip(IP_C))
         },
     );
-    assert_eq!(dp.status.borrow().unresolved, vec![IP_C]);
+    assert_eq!(dp.status.borrow().unresolved, both(IP_C));
     dp.stop();
 }
 
@@ -771,8 +847,7 @@ fn a_pod_flapping_its_link_costs_the_agent_one_scan_per_gap() {
 /// Where no event comes (no rtnetlink here, as for a bridge pod's address
 /// when the agent may not hear the pods' namespaces), an address with no
 /// interface is looked for again on a backoff, not only at the resync.
-#[test]
-fn an_unplaced_address_is_retried_without_any_event() {
+fn an_unplaced_address_is_retried_without_any_event(fam: Fam) {
     const C: u32 = 303;
     const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
     let mut topo = Topology::new();
@@ -790,7 +865,7 @@ fn an_unplaced_address_is_retried_without_any_event() {
         NodeState::default(),
     );
     dp.apply(state, &topo);
-    assert!(dp.status.borrow().unresolved.contains(&IP_C));
+    assert!(dp.status.borrow().unresolved.contains(&fam.ip(IP_C)));
     let c = topo.add_pod("c", IP_C);
     wait_until(Duration::from_secs(10), "c found by the retry", || {
         dp.status.borrow().attached.contains(&c.host_if)
@@ -823,7 +898,9 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     let bridge = topo.add_bridge("10.201.0.254/24");
     let a = topo.add_bridged_pod(&bridge, "a", IP_A, 24, gateway);
     let b = topo.add_bridged_pod(&bridge, "b", IP_B, 24, gateway);
+    // The bridge layout here is IPv4 only.
     let mut builder = StateBuilder::new()
+        .v4_only()
         .default_allow(A, INGRESS)
         .default_allow(A, EGRESS)
         .default_allow(B, EGRESS)
@@ -838,6 +915,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         .rule((E, 0, 0, 0, INGRESS), false, "default-allow");
     for (name, id, ip) in [("c", C, IP_C), ("x", X, IP_X)] {
         add_workload(&mut builder.0, name, id, ip);
+        strip_v6(&mut builder.0);
     }
     // Each record names its pod's namespace; c's names none yet.
     for name in ["a", "b", "x"] {
@@ -851,7 +929,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         let s = dp.status.borrow();
         assert!(!s.attached.contains(&bridge), "never on the bridge itself: {s:?}");
         for (pod, id) in [(&a, A), (&b, B)] {
-            let ep = s.endpoints[&pod.ip];
+            let ep = s.endpoints[&IpAddr::V4(pod.ip)];
             assert_eq!(ep.identity, id);
             assert_eq!(
                 Some(ep.ifindex),
@@ -868,7 +946,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
         unresolved.sort();
         assert_eq!(unresolved, vec![IP_C, IP_X], "c and x have no pods yet");
         assert!(
-            matches!(s.withheld.get(&IP_C), Some(Withheld::Unbound(why)) if why.contains("no netns: or k8s:pod-uid: selector")),
+            matches!(s.withheld.get(&IpAddr::V4(IP_C)), Some(Withheld::Unbound(why)) if why.contains("no netns: or k8s:pod-uid: selector")),
             "nothing ties c to a namespace: {s:?}"
         );
         assert_eq!(s.withheld.len(), 1, "{s:?}");
@@ -917,11 +995,11 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     wait_until(Duration::from_secs(10), "c's bridge port to be attached", || {
         dp.status.borrow().attached.contains(&c.host_if)
     });
-    assert!(!dp.status.borrow().endpoints.contains_key(&IP_C));
+    assert!(!dp.status.borrow().endpoints.contains_key(&IpAddr::V4(IP_C)));
     home(&mut state, "c", format!("netns:{}", c.netns));
     dp.apply(state.clone(), &topo);
     assert_eq!(
-        dp.status.borrow().endpoints.get(&IP_C).map(|e| e.identity),
+        dp.status.borrow().endpoints.get(&IpAddr::V4(IP_C)).map(|e| e.identity),
         Some(C)
     );
     tcp_echo(&c.netns, IP_C, 8080);
@@ -937,7 +1015,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // processes, in a cgroup named after d's pod UID.
     let x = topo.add_bridged_pod(&bridge, "x", IP_X, 24, gateway);
     wait_until(Duration::from_secs(10), "x's own address placed", || {
-        dp.status.borrow().endpoints.contains_key(&IP_X)
+        dp.status.borrow().endpoints.contains_key(&IpAddr::V4(IP_X))
     });
     keyway_tests::netns::run(
         "ip",
@@ -977,6 +1055,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // not keep d from being placed.
     let _d_monitor = topo.process_in(&topo.node, D_UID);
     add_workload(&mut state, "d", D, IP_D);
+    strip_v6(&mut state);
     home(&mut state, "d", format!("k8s:pod-uid:{D_UID}"));
     dp.apply(state.clone(), &topo);
     {
@@ -987,7 +1066,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
                 move || node_agent::datapath::ifindex(&i)
             });
             assert_eq!(
-                Some(s.endpoints[&pod.ip].ifindex),
+                Some(s.endpoints[&IpAddr::V4(pod.ip)].ifindex),
                 index,
                 "{} behind its own port: {s:?}",
                 pod.name
@@ -1105,8 +1184,9 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     }
     let e = topo.add_bridged_pod(&bridge, "e", IP_E, 24, gateway);
     add_workload(&mut state, "e", E, IP_E);
+    strip_v6(&mut state);
     home(&mut state, "e", format!("netns:{}", e.netns));
-    let b_port = dp.status.borrow().endpoints[&IP_B];
+    let b_port = dp.status.borrow().endpoints[&IpAddr::V4(IP_B)];
     dp.apply(state.clone(), &topo);
     let node = topo.node.clone();
     let index_of = |pod: &keyway_tests::netns::Pod| {
@@ -1118,11 +1198,11 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     {
         let s = dp.status.borrow();
         assert_eq!(
-            s.endpoints.get(&IP_E).map(|ep| Some(ep.ifindex)),
+            s.endpoints.get(&IpAddr::V4(IP_E)).map(|ep| Some(ep.ifindex)),
             Some(index_of(&e)),
             "{s:?}"
         );
-        assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
+        assert_eq!(s.endpoints.get(&IpAddr::V4(IP_B)), Some(&b_port), "{s:?}");
         assert!(s.withheld.is_empty(), "{s:?}");
     }
     let f = send_as(&y, IP_E, &mut flows);
@@ -1133,7 +1213,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // now nor from an agent restarted with no memory of who claimed what.
     topo.unplug_pod("e");
     wait_until(Duration::from_secs(10), "e's endpoint gone with its port", || {
-        !dp.status.borrow().endpoints.contains_key(&IP_E)
+        !dp.status.borrow().endpoints.contains_key(&IpAddr::V4(IP_E))
     });
     let f = send_as(&y, IP_E, &mut flows);
     assert_eq!(
@@ -1147,8 +1227,8 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     dp.apply(state.clone(), &topo);
     {
         let s = dp.status.borrow();
-        assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
-        assert!(!s.endpoints.contains_key(&IP_E), "{s:?}");
+        assert_eq!(s.endpoints.get(&IpAddr::V4(IP_B)), Some(&b_port), "{s:?}");
+        assert!(!s.endpoints.contains_key(&IpAddr::V4(IP_E)), "{s:?}");
     }
     let f = send_as(&y, IP_E, &mut flows);
     assert_eq!(
@@ -1160,7 +1240,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // with static addresses): e is placed behind its new port, and reached.
     let e = topo.plug_bridged_pod(&bridge, "e", IP_E, 24, gateway);
     wait_until(Duration::from_secs(10), "e placed behind its new port", || {
-        dp.status.borrow().endpoints.get(&IP_E).map(|ep| Some(ep.ifindex)) == Some(index_of(&e))
+        dp.status.borrow().endpoints.get(&IpAddr::V4(IP_E)).map(|ep| Some(ep.ifindex)) == Some(index_of(&e))
     });
     tcp_echo(&e.netns, IP_E, 8080);
     let mut conn = connect(&a.netns, IP_E, 8080, Duration::from_secs(3)).expect("a reaches e's new sandbox");
@@ -1225,9 +1305,9 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     dp.apply(state, &topo);
     {
         let s = dp.status.borrow();
-        assert_eq!(s.endpoints.get(&IP_B), Some(&b_port), "{s:?}");
+        assert_eq!(s.endpoints.get(&IpAddr::V4(IP_B)), Some(&b_port), "{s:?}");
         assert_eq!(
-            s.withheld.get(&IP_X),
+            s.withheld.get(&IpAddr::V4(IP_X)),
             Some(&Withheld::MacInUse(b.host_if.clone())),
             "{s:?}"
         );

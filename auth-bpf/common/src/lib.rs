@@ -3,8 +3,11 @@
 //! explicit padding fields, so the kernel and user space agree on every byte
 //! and no uninitialised padding ever becomes part of a hash key.
 //!
-//! Addresses are IPv4 in network byte order (as they sit in the packet);
-//! ports likewise. Times are `bpf_ktime_get_ns` nanoseconds.
+//! IPv4 and IPv6 have maps of their own (the IPv4 keys stay four bytes, so
+//! IPv4 packets pay nothing for IPv6). Addresses are in network byte order,
+//! as they sit in the packet: an IPv4 address is a `u32` read from memory,
+//! an IPv6 one an [`Ipv6Key`]. Ports likewise. Times are `bpf_ktime_get_ns`
+//! nanoseconds.
 #![no_std]
 
 /// Numeric security identities as the datapath sees them (DESIGN.md section 2).
@@ -45,32 +48,47 @@ pub mod maps {
     pub const FLOW_TABLE: &str = "KEYWAY_FLOW_TABLE";
     pub const CONFIG: &str = "KEYWAY_CONFIG";
     pub const DROPS: &str = "KEYWAY_DROPS";
+    pub const IPCACHE6: &str = "KEYWAY_IPCACHE6";
+    pub const IPCACHE6_LPM: &str = "KEYWAY_IPCACHE6_LPM";
+    pub const ENDPOINTS6: &str = "KEYWAY_ENDPOINTS6";
+    pub const FLOW_TABLE6: &str = "KEYWAY_FLOW_TABLE6";
+    /// The IPv6 programs, by [`super::prog_index`].
+    pub const PROGS: &str = "KEYWAY_PROGS";
 
     /// Every pinned map, for tools that inspect or clean a pin directory.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         IPCACHE,
         IPCACHE_LPM,
+        IPCACHE6,
+        IPCACHE6_LPM,
         ENDPOINTS,
+        ENDPOINTS6,
         POLICY,
         AUTH,
         AUTH_DEDUP,
         SIGNALS,
         FLOWS,
         FLOW_TABLE,
+        FLOW_TABLE6,
         CONFIG,
         DROPS,
+        PROGS,
     ];
 
     /// Capacities. Hash maps other than the flow table are not preallocated,
     /// so a node pays kernel memory for the entries it holds, not for these.
     pub const IPCACHE_MAX: u32 = 1 << 20;
     pub const IPCACHE_LPM_MAX: u32 = 16 << 10;
+    pub const IPCACHE6_MAX: u32 = 1 << 20;
+    pub const IPCACHE6_LPM_MAX: u32 = 16 << 10;
     pub const ENDPOINTS_MAX: u32 = 4 << 10;
+    pub const ENDPOINTS6_MAX: u32 = 4 << 10;
     pub const POLICY_MAX: u32 = 2 << 20;
     /// Cilium's default auth map size.
     pub const AUTH_MAX: u32 = 512 << 10;
     pub const AUTH_DEDUP_MAX: u32 = 16 << 10;
     pub const FLOW_TABLE_MAX: u32 = 64 << 10;
+    pub const FLOW_TABLE6_MAX: u32 = 64 << 10;
     pub const SIGNALS_BYTES: u32 = 256 << 10;
     pub const FLOWS_BYTES: u32 = 1 << 20;
     /// Slots of the per-CPU drop counter array, indexed by drop reason.
@@ -85,6 +103,13 @@ pub mod hook {
     pub const TO_POD: u8 = 2;
 }
 
+/// Slots of [`maps::PROGS`]: the IPv6 program of each hook, which the IPv4
+/// one (the one attached) tail-calls for IPv6 frames.
+pub mod prog_index {
+    pub const FROM_POD6: u32 = 0;
+    pub const TO_POD6: u32 = 1;
+}
+
 /// Why a packet was dropped. Stable numbers: they travel in flow events.
 pub mod drop_reason {
     pub const NONE: u8 = 0;
@@ -94,7 +119,8 @@ pub mod drop_reason {
     pub const AUTH_REQUIRED: u8 = 2;
     /// The packet could not be parsed.
     pub const MALFORMED: u8 = 3;
-    /// Not IPv4 or ARP (IPv6 is not enforced yet, so it is not let through).
+    /// Not IPv4, IPv6 or ARP (or IPv6 while the IPv6 programs are not
+    /// loaded).
     pub const UNSUPPORTED_L3: u8 = 4;
     /// A pod sent a packet whose source address is not one of its own (the
     /// endpoint behind the interface it came in on): a forged sender.
@@ -103,6 +129,12 @@ pub mod drop_reason {
     /// answer to ARP from the wrong pod, or a frame the bridge flooded): it
     /// is delivered only on its own pod's port.
     pub const MISDELIVERED: u8 = 6;
+    /// An IPv6 packet whose extension headers could not be walked to the
+    /// transport header: more than [`super::IPV6_MAX_EXT_HEADERS`] of them,
+    /// one cut short, or a routing header with segments left (its real
+    /// destination is not the one the packet names). Never judged on a
+    /// guess.
+    pub const IPV6_EXT_HEADERS: u8 = 7;
 
     /// The name used in flow lines and metrics.
     pub const fn name(reason: u8) -> &'static str {
@@ -114,6 +146,7 @@ pub mod drop_reason {
             UNSUPPORTED_L3 => "unsupported-l3",
             SOURCE_SPOOFED => "source-spoofed",
             MISDELIVERED => "misdelivered",
+            IPV6_EXT_HEADERS => "ipv6-extension-headers",
             _ => "unknown",
         }
     }
@@ -177,6 +210,33 @@ pub struct FlowKey {
     pub ifindex: u32,
 }
 
+/// [`FlowKey`] of an IPv6 flow (its own table: IPv4 keys stay small).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey6 {
+    pub src_ip: Ipv6Key,
+    pub dst_ip: Ipv6Key,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub hook: u8,
+    pub _pad: [u8; 2],
+    pub ifindex: u32,
+}
+
+/// An IPv6 address as the maps key it: the packet's 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Ipv6Key {
+    pub addr: [u8; 16],
+}
+
+/// How many IPv6 extension headers the datapath walks to reach the
+/// transport header; a longer chain is dropped
+/// ([`drop_reason::IPV6_EXT_HEADERS`]). Real traffic carries one or two
+/// (hop-by-hop for MLD, a fragment header).
+pub const IPV6_MAX_EXT_HEADERS: usize = 8;
+
 /// What the datapath remembers of a flow: the verdict of its last full
 /// evaluation (reused while `epoch` is current and auth has not expired) and
 /// when it last reported it.
@@ -201,7 +261,7 @@ pub struct FlowState {
     pub dst_identity: u32,
 }
 
-/// Value of the ipcache (exact /32 hash, and the LPM trie for CIDRs).
+/// Value of the ipcache (exact /32 or /128 hash, and the LPM tries for CIDRs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IpcacheValue {
@@ -228,7 +288,7 @@ pub const fn absent_bit(direction: u8, probe: u8) -> u8 {
 }
 
 /// The data part of an LPM trie key for IPv4 (the prefix length travels
-/// beside it in the trie's key header).
+/// beside it in the trie's key header). IPv6 tries use [`Ipv6Key`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Ipv4LpmKey {
@@ -534,8 +594,10 @@ pub mod flow_kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEvent {
     pub ts_ns: u64,
-    pub src_ip: u32,
-    pub dst_ip: u32,
+    /// IPv6 addresses, or for [`FlowEvent::family`] 4 the IPv4 address in
+    /// the first four bytes (the rest zero).
+    pub src_ip: [u8; 16],
+    pub dst_ip: [u8; 16],
     pub src_identity: u32,
     pub dst_identity: u32,
     pub src_port: u16,
@@ -551,7 +613,9 @@ pub struct FlowEvent {
     pub hook: u8,
     /// 1 when the policy entry that decided required mutual authentication.
     pub auth_required: u8,
-    pub _pad: [u8; 6],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 5],
 }
 
 /// `aya::Pod` for every map type, so user space reads and writes them as-is.
@@ -572,9 +636,11 @@ mod pod {
     pod!(
         Config,
         FlowKey,
+        FlowKey6,
         FlowState,
         IpcacheValue,
         Ipv4LpmKey,
+        Ipv6Key,
         EndpointInfo,
         PolicyKey,
         PolicyValue,
@@ -650,12 +716,14 @@ mod tests {
         assert_eq!(size_of::<AuthValue>(), 8);
         assert_eq!(size_of::<AuthSignal>(), 24);
         assert_eq!(offset_of!(AuthSignal, ts_ns), 16);
-        assert_eq!(size_of::<FlowEvent>(), 48);
-        assert_eq!(offset_of!(FlowEvent, src_port), 24);
-        assert_eq!(offset_of!(FlowEvent, ifindex), 32);
-        assert_eq!(offset_of!(FlowEvent, rule_id), 36);
-        assert_eq!(offset_of!(FlowEvent, hook), 40);
-        assert_eq!(offset_of!(FlowEvent, auth_required), 41);
+        assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(offset_of!(FlowEvent, src_identity), 40);
+        assert_eq!(offset_of!(FlowEvent, src_port), 48);
+        assert_eq!(offset_of!(FlowEvent, ifindex), 56);
+        assert_eq!(offset_of!(FlowEvent, rule_id), 60);
+        assert_eq!(offset_of!(FlowEvent, hook), 64);
+        assert_eq!(offset_of!(FlowEvent, auth_required), 65);
+        assert_eq!(offset_of!(FlowEvent, family), 66);
         assert_eq!(align_of::<FlowEvent>(), 8);
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(offset_of!(Config, signal_interval_ns), 8);
@@ -668,5 +736,10 @@ mod tests {
         assert_eq!(offset_of!(FlowState, auth_expiry_ns), 16);
         assert_eq!(offset_of!(FlowState, src_identity), 32);
         assert_eq!(size_of::<Ipv4LpmKey>(), 4);
+        assert_eq!(size_of::<Ipv6Key>(), 16);
+        assert_eq!(size_of::<FlowKey6>(), 44);
+        assert_eq!(offset_of!(FlowKey6, src_port), 32);
+        assert_eq!(offset_of!(FlowKey6, proto), 36);
+        assert_eq!(offset_of!(FlowKey6, ifindex), 40);
     }
 }

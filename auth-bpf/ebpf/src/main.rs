@@ -1,7 +1,8 @@
 //! Keyway's TC programs, one on each side of a pod's host-side veth.
 //!
-//! Per packet (DESIGN.md section 6): parse Ethernet/IPv4/L4, look up both
-//! identities in the ipcache (exact /32 hash, then the CIDR trie, else
+//! Per packet (DESIGN.md section 6): parse Ethernet/IPv4 or IPv6 (walking
+//! a bounded chain of extension headers)/L4, look up both identities in the
+//! family's ipcache (exact /32 or /128 hash, then the CIDR trie, else
 //! WORLD), look up the policy entry of the endpoint this hook guards (most
 //! specific first: exact, any port, any peer, any peer and port), and when
 //! the entry requires mutual authentication look up the auth map and compare
@@ -16,6 +17,11 @@
 //! full evaluation. The same table makes flow events per flow (new flow,
 //! verdict change, and a reminder per report interval while a flow keeps
 //! being dropped), never per forwarded packet.
+//!
+//! IPv4 and IPv6 run the same code ([`Family`]) over maps of their own, so
+//! an IPv4 packet's keys stay four bytes. ARP and IPv6 link-scope control
+//! (neighbour discovery, router solicitation, MLD) are never judged by
+//! policy.
 #![no_std]
 #![no_main]
 
@@ -26,12 +32,13 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::helpers::r#gen::bpf_redirect_neigh;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use keyway_common::{
-    AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowState, IpcacheValue,
-    Ipv4LpmKey, PolicyKey, PolicyValue, absent_bit, auth_type, config_flags, direction, drop_reason,
-    endpoint_flags, flow_kind, hook, identity, maps, policy_flags, policy_probes,
+    AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowKey6, FlowState,
+    IPV6_MAX_EXT_HEADERS, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, absent_bit, auth_type,
+    config_flags, direction, drop_reason, endpoint_flags, flow_kind, hook, identity, maps, policy_flags,
+    policy_probes, prog_index,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -40,8 +47,14 @@ static IPCACHE: HashMap<u32, IpcacheValue> = HashMap::pinned(maps::IPCACHE_MAX, 
 #[map(name = "KEYWAY_IPCACHE_LPM")]
 static IPCACHE_LPM: LpmTrie<Ipv4LpmKey, IpcacheValue> =
     LpmTrie::pinned(maps::IPCACHE_LPM_MAX, BPF_F_NO_PREALLOC);
+#[map(name = "KEYWAY_IPCACHE6")]
+static IPCACHE6: HashMap<Ipv6Key, IpcacheValue> = HashMap::pinned(maps::IPCACHE6_MAX, BPF_F_NO_PREALLOC);
+#[map(name = "KEYWAY_IPCACHE6_LPM")]
+static IPCACHE6_LPM: LpmTrie<Ipv6Key, IpcacheValue> = LpmTrie::pinned(maps::IPCACHE6_LPM_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "KEYWAY_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(maps::ENDPOINTS_MAX, 0);
+#[map(name = "KEYWAY_ENDPOINTS6")]
+static ENDPOINTS6: HashMap<Ipv6Key, EndpointInfo> = HashMap::pinned(maps::ENDPOINTS6_MAX, 0);
 #[map(name = "KEYWAY_POLICY")]
 static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(maps::POLICY_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "KEYWAY_AUTH")]
@@ -54,14 +67,27 @@ static SIGNALS: RingBuf = RingBuf::pinned(maps::SIGNALS_BYTES, 0);
 static FLOWS: RingBuf = RingBuf::pinned(maps::FLOWS_BYTES, 0);
 #[map(name = "KEYWAY_FLOW_TABLE")]
 static FLOW_TABLE: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(maps::FLOW_TABLE_MAX, 0);
+#[map(name = "KEYWAY_FLOW_TABLE6")]
+static FLOW_TABLE6: LruHashMap<FlowKey6, FlowState> = LruHashMap::pinned(maps::FLOW_TABLE6_MAX, 0);
 #[map(name = "KEYWAY_CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// The IPv6 programs, tail-called by the IPv4 ones for IPv6 frames
+/// ([`keyway_common::prog_index`]): each family's program is verified, and
+/// gets its stack, on its own, and IPv4 pays nothing for IPv6.
+#[map(name = "KEYWAY_PROGS")]
+static PROGS: ProgramArray = ProgramArray::pinned(2, 0);
+/// Scratch space for the IPv6 program's flow keys (per CPU, not pinned).
+#[map(name = "KEYWAY_SCRATCH6")]
+static SCRATCH6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "KEYWAY_DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(maps::DROPS_SLOTS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
@@ -80,6 +106,18 @@ pub fn keyway_to_pod(ctx: TcContext) -> i32 {
     process(&ctx, hook::TO_POD)
 }
 
+/// `keyway_from_pod` for IPv6 frames (tail-called, never attached).
+#[classifier]
+pub fn keyway_from_pod6(ctx: TcContext) -> i32 {
+    run6(&ctx, hook::FROM_POD)
+}
+
+/// `keyway_to_pod` for IPv6 frames (tail-called, never attached).
+#[classifier]
+pub fn keyway_to_pod6(ctx: TcContext) -> i32 {
+    run6(&ctx, hook::TO_POD)
+}
+
 /// Does nothing: the baseline the benchmarks measure the gate against
 /// (never attached by the agent).
 #[classifier]
@@ -93,8 +131,15 @@ pub fn keyway_empty(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn keyway_source_check(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match parse(&ctx) {
-        Ok(Some(pkt)) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
+    match ethertype(&ctx) {
+        Ok(ETH_P_IP) => match parse4(&ctx) {
+            Ok(pkt) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
+            _ => TC_ACT_SHOT as i32,
+        },
+        Ok(ETH_P_IPV6) => match parse6(&ctx, hook::FROM_POD) {
+            Ok(Parsed6::Packet(pkt)) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
+            _ => TC_ACT_SHOT as i32,
+        },
         _ => TC_ACT_SHOT as i32,
     }
 }
@@ -102,44 +147,177 @@ pub fn keyway_source_check(ctx: TcContext) -> i32 {
 /// Only the parse: the part of `keyway_source_check` that is not the check.
 #[classifier]
 pub fn keyway_parse_only(ctx: TcContext) -> i32 {
-    match parse(&ctx) {
-        Ok(Some(_)) => TC_ACT_OK as i32,
+    match ethertype(&ctx) {
+        Ok(ETH_P_IP) if parse4(&ctx).is_ok() => TC_ACT_OK as i32,
+        Ok(ETH_P_IPV6) if matches!(parse6(&ctx, hook::FROM_POD), Ok(Parsed6::Packet(_))) => TC_ACT_OK as i32,
         _ => TC_ACT_SHOT as i32,
     }
 }
 
+/// An address family: its address type and the maps keyed by it. Every
+/// function generic over it is compiled once per family.
+trait Family: Copy {
+
+    /// 4 or 6, as flow events carry it.
+    const FAMILY: u8;
+    /// The flow table entry of `p` seen at hook `at` of `ifindex`.
+    fn flow_get(p: &Packet<Self>, at: u8, ifindex: u32) -> Option<*mut FlowState>;
+    /// With `rev`, the entry of the reverse of `p` (the reply direction).
+    fn flow_insert(p: &Packet<Self>, rev: bool, at: u8, ifindex: u32, state: &FlowState, flags: u64);
+    /// The exact entry, then the CIDR trie, else WORLD.
+    fn ipcache(self) -> IpcacheValue;
+    fn endpoint(self) -> Option<&'static EndpointInfo>;
+    /// The address as a flow event carries it.
+    fn event_bytes(self) -> [u8; 16];
+}
+
+const WORLD: IpcacheValue = IpcacheValue {
+    identity: identity::WORLD,
+    node_id: 0,
+    absent: 0,
+    _pad: 0,
+};
+
+impl Family for u32 {
+    const FAMILY: u8 = 4;
+
+    #[inline(always)]
+    fn flow_get(p: &Packet<u32>, at: u8, ifindex: u32) -> Option<*mut FlowState> {
+        FLOW_TABLE.get_ptr_mut(&flow_key4(p, false, at, ifindex))
+    }
+
+    #[inline(always)]
+    fn flow_insert(p: &Packet<u32>, rev: bool, at: u8, ifindex: u32, state: &FlowState, flags: u64) {
+        let _ = FLOW_TABLE.insert(&flow_key4(p, rev, at, ifindex), state, flags);
+    }
+
+    #[inline(always)]
+    fn ipcache(self) -> IpcacheValue {
+        if let Some(v) = unsafe { IPCACHE.get(&self) } {
+            return *v;
+        }
+        match IPCACHE_LPM.get(&Key::new(32, Ipv4LpmKey { addr: self })) {
+            Some(v) => *v,
+            None => WORLD,
+        }
+    }
+
+    #[inline(always)]
+    fn endpoint(self) -> Option<&'static EndpointInfo> {
+        unsafe { ENDPOINTS.get(&self) }
+    }
+
+    #[inline(always)]
+    fn event_bytes(self) -> [u8; 16] {
+        let b = self.to_ne_bytes();
+        [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    }
+}
+
+impl Family for Ipv6Key {
+    const FAMILY: u8 = 6;
+
+    #[inline(always)]
+    fn flow_get(p: &Packet<Ipv6Key>, at: u8, ifindex: u32) -> Option<*mut FlowState> {
+        FLOW_TABLE6.get_ptr_mut(flow_key6(p, false, at, ifindex)?)
+    }
+
+    #[inline(always)]
+    fn flow_insert(p: &Packet<Ipv6Key>, rev: bool, at: u8, ifindex: u32, state: &FlowState, flags: u64) {
+        if let Some(key) = flow_key6(p, rev, at, ifindex) {
+            let _ = FLOW_TABLE6.insert(key, state, flags);
+        }
+    }
+
+    #[inline(always)]
+    fn ipcache(self) -> IpcacheValue {
+        if let Some(v) = unsafe { IPCACHE6.get(&self) } {
+            return *v;
+        }
+        match IPCACHE6_LPM.get(&Key::new(128, self)) {
+            Some(v) => *v,
+            None => WORLD,
+        }
+    }
+
+    #[inline(always)]
+    fn endpoint(self) -> Option<&'static EndpointInfo> {
+        unsafe { ENDPOINTS6.get(&self) }
+    }
+
+    #[inline(always)]
+    fn event_bytes(self) -> [u8; 16] {
+        self.addr
+    }
+}
+
+#[inline(always)]
+fn flow_key4(p: &Packet<u32>, rev: bool, at: u8, ifindex: u32) -> FlowKey {
+    let (src_ip, dst_ip, src_port, dst_port) = p.ends(rev);
+    FlowKey {
+        src_ip,
+        dst_ip,
+        src_port,
+        dst_port,
+        proto: p.proto,
+        hook: at,
+        _pad: [0; 2],
+        ifindex,
+    }
+}
+
+/// An IPv6 flow key, built in this CPU's scratch slot: the IPv6 program's
+/// stack has no room for one. Valid until the next call on this CPU (a
+/// program run is never preempted by another on the same CPU).
+#[inline(always)]
+fn flow_key6(p: &Packet<Ipv6Key>, rev: bool, at: u8, ifindex: u32) -> Option<&'static FlowKey6> {
+    let k = SCRATCH6.get_ptr_mut(0)?;
+    let (src_ip, dst_ip, src_port, dst_port) = p.ends(rev);
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else runs on this
+    // CPU while the program does.
+    unsafe {
+        (*k).src_ip = src_ip;
+        (*k).dst_ip = dst_ip;
+        (*k).src_port = src_port;
+        (*k).dst_port = dst_port;
+        (*k).proto = p.proto;
+        (*k).hook = at;
+        (*k)._pad = [0; 2];
+        (*k).ifindex = ifindex;
+        Some(&*k)
+    }
+}
+
 #[derive(Clone, Copy)]
-struct Packet {
-    src_ip: u32,
-    dst_ip: u32,
+struct Packet<A: Family> {
+    src_ip: A,
+    dst_ip: A,
     src_port: u16,
     dst_port: u16,
     proto: u8,
 }
 
-impl Packet {
-    fn reversed(&self) -> Packet {
-        Packet {
-            src_ip: self.dst_ip,
-            dst_ip: self.src_ip,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
+impl<A: Family> Packet<A> {
+    /// Source and destination addresses and ports, swapped with `rev` (the
+    /// reply direction's).
+    #[inline(always)]
+    fn ends(&self, rev: bool) -> (A, A, u16, u16) {
+        if rev {
+            (self.dst_ip, self.src_ip, self.dst_port, self.src_port)
+        } else {
+            (self.src_ip, self.dst_ip, self.src_port, self.dst_port)
         }
     }
 
-    fn key(&self, at: u8, ifindex: u32) -> FlowKey {
-        FlowKey {
-            src_ip: self.src_ip,
-            dst_ip: self.dst_ip,
-            src_port: self.src_port,
-            dst_port: self.dst_port,
-            proto: self.proto,
-            hook: at,
-            _pad: [0; 2],
-            ifindex,
-        }
-    }
+}
+
+/// What `parse6` found.
+enum Parsed6 {
+    Packet(Packet<Ipv6Key>),
+    /// IPv6 link-scope control that stays on the link: neighbour discovery
+    /// and router messages (hop limit 255) or MLD (hop limit 1), with the
+    /// packet's source. Never judged by policy (see [`link_control`]).
+    LinkControl(Ipv6Key),
 }
 
 /// The outcome of a full evaluation.
@@ -164,18 +342,60 @@ const fn opposite(at: u8) -> u8 {
 
 #[inline(always)]
 fn process(ctx: &TcContext, at: u8) -> i32 {
-    let cfg = match CONFIG.get(0) {
+    match ethertype(ctx) {
+        Ok(ETH_P_IP) => run4(ctx, at),
+        Ok(ETH_P_IPV6) => {
+            let index = if at == hook::FROM_POD {
+                prog_index::FROM_POD6
+            } else {
+                prog_index::TO_POD6
+            };
+            // Does not return unless the IPv6 program is missing: then
+            // IPv6 is not let through unjudged.
+            let _ = unsafe { PROGS.tail_call(ctx, index) };
+            shot(drop_reason::UNSUPPORTED_L3)
+        }
+        Ok(ETH_P_ARP) => arp(ctx, at),
+        Ok(_) => shot(drop_reason::UNSUPPORTED_L3),
+        Err(reason) => shot(reason),
+    }
+}
+
+/// Counts a drop for `reason` and drops.
+#[inline(always)]
+fn shot(reason: u8) -> i32 {
+    count_drop(reason);
+    TC_ACT_SHOT as i32
+}
+
+#[inline(always)]
+fn config() -> Config {
+    match CONFIG.get(0) {
         Some(c) => *c,
         None => Config::default(),
-    };
-    let pkt = match parse(ctx) {
-        Ok(Some(p)) => p,
-        Ok(None) => return arp(ctx, at, &cfg),
-        Err(reason) => {
-            count_drop(reason);
-            return TC_ACT_SHOT as i32;
-        }
-    };
+    }
+}
+
+#[inline(always)]
+fn run4(ctx: &TcContext, at: u8) -> i32 {
+    match parse4(ctx) {
+        Ok(pkt) => judge(ctx, at, &config(), pkt),
+        Err(reason) => shot(reason),
+    }
+}
+
+#[inline(always)]
+fn run6(ctx: &TcContext, at: u8) -> i32 {
+    match parse6(ctx, at) {
+        Ok(Parsed6::Packet(pkt)) => judge(ctx, at, &config(), pkt),
+        Ok(Parsed6::LinkControl(src)) => link_control(ctx, at, src),
+        Err(reason) => shot(reason),
+    }
+}
+
+#[inline(always)]
+fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i32 {
+    let cfg = *cfg;
     // At TC ingress and egress of the host-side veth, the veth itself.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // On a bridge, every frame a pod sends teaches the bridge where its
@@ -188,8 +408,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         count_drop(drop_reason::SOURCE_SPOOFED);
         return TC_ACT_SHOT as i32;
     }
-    let key = pkt.key(at, ifindex);
-    let cached = FLOW_TABLE.get_ptr_mut(&key);
+    let cached = A::flow_get(&pkt, at, ifindex);
     let mut now = 0u64;
     let mut prev = FlowState::default();
     let mut known = false;
@@ -232,7 +451,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         let (reason, src_identity) = if spoofed {
             (drop_reason::SOURCE_SPOOFED, identity::UNKNOWN)
         } else {
-            (drop_reason::MISDELIVERED, lookup_ip(pkt.src_ip).identity)
+            (drop_reason::MISDELIVERED, pkt.src_ip.ipcache().identity)
         };
         Verdict {
             forwarded: false,
@@ -241,16 +460,16 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
             auth_required: false,
             auth_expiry_ns: 0,
             src_identity,
-            dst_identity: lookup_ip(pkt.dst_ip).identity,
+            dst_identity: pkt.dst_ip.ipcache().identity,
         }
     } else {
-        evaluate(&cfg, &pkt, at, now, true)
+        evaluate(&cfg, &pkt, at, now, true, false)
     };
     let mut is_reply = false;
     if !refused && !v.forwarded && known && prev.is_reply == 1 {
         // The reply direction of a flow that was allowed the other way:
         // allowed while the original direction still would be.
-        let orig = evaluate(&cfg, &pkt.reversed(), opposite(at), now, false);
+        let orig = evaluate(&cfg, &pkt, opposite(at), now, false, true);
         if orig.forwarded {
             v = Verdict {
                 src_identity: orig.dst_identity,
@@ -261,7 +480,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         }
     }
     let redirect_ifindex = if v.forwarded && at == hook::FROM_POD {
-        match unsafe { ENDPOINTS.get(&pkt.dst_ip) } {
+        match pkt.dst_ip.endpoint() {
             Some(ep) if ep.flags & endpoint_flags::BRIDGED == 0 => ep.ifindex,
             _ => 0,
         }
@@ -285,7 +504,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
     };
     let mut last_report_ns = prev.last_report_ns;
     if kind != 0 && cfg.flags & config_flags::FLOW_CAPTURE != 0 {
-        emit_flow(ctx, &pkt, &v, kind, at, now);
+        emit_flow(ifindex, &pkt, &v, kind, at, now);
         last_report_ns = now;
     } else if kind != 0 {
         last_report_ns = now;
@@ -314,7 +533,7 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         && prev.auth_expiry_ns == state.auth_expiry_ns
         && prev.last_report_ns == state.last_report_ns;
     if !unchanged {
-        let _ = FLOW_TABLE.insert(&key, &state, 0);
+        A::flow_insert(&pkt, false, at, ifindex, &state, 0);
     }
 
     if !v.forwarded {
@@ -330,13 +549,13 @@ fn process(ctx: &TcContext, at: u8) -> i32 {
         // A key already known is a flow of its own, first seen in that
         // direction: it is never turned into a reply (which would let it
         // ride on this flow's verdict instead of its own).
-        let rkey = pkt.reversed().key(opposite(at), ifindex);
+
         let placeholder = FlowState {
             is_reply: 1,
             epoch: cfg.epoch.wrapping_sub(1),
             ..FlowState::default()
         };
-        let _ = FLOW_TABLE.insert(&rkey, &placeholder, BPF_NOEXIST as u64);
+        A::flow_insert(&pkt, true, opposite(at), ifindex, &placeholder, BPF_NOEXIST as u64);
     }
     forward(redirect_ifindex)
 }
@@ -352,12 +571,14 @@ fn forward(ifindex: u32) -> i32 {
 }
 
 /// Identities of both ends, the policy entry of the endpoint this hook
-/// guards, and the auth check. `signal` is false when evaluating the
-/// original direction of a reply (its misses were signalled already).
+/// guards, and the auth check, of `pkt` or with `rev` of its reverse.
+/// `signal` is false when evaluating the original direction of a reply
+/// (its misses were signalled already).
 #[inline(always)]
-fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdict {
-    let src = lookup_ip(pkt.src_ip);
-    let dst = lookup_ip(pkt.dst_ip);
+fn evaluate<A: Family>(cfg: &Config, pkt: &Packet<A>, at: u8, now: u64, signal: bool, rev: bool) -> Verdict {
+    let (src_ip, dst_ip, _, dst_port) = pkt.ends(rev);
+    let src = src_ip.ipcache();
+    let dst = dst_ip.ipcache();
     let (subject, peer, peer_node, dir, absent) = if at == hook::FROM_POD {
         (
             src.identity,
@@ -384,7 +605,7 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
         src_identity: src.identity,
         dst_identity: dst.identity,
     };
-    let (rule_id, auth_required) = match lookup_policy(subject, peer, pkt.dst_port, pkt.proto, dir, absent) {
+    let (rule_id, auth_required) = match lookup_policy(subject, peer, dst_port, pkt.proto, dir, absent) {
         Some(e) => e,
         None => return v,
     };
@@ -428,8 +649,8 @@ fn evaluate(cfg: &Config, pkt: &Packet, at: u8, now: u64, signal: bool) -> Verdi
 /// (Whether `src` belongs behind `ifindex` at all is the source check's
 /// question.)
 #[inline(always)]
-fn from_own_mac(ctx: &TcContext, src: u32, ifindex: u32, mac_at: usize) -> bool {
-    match unsafe { ENDPOINTS.get(&src) } {
+fn from_own_mac<A: Family>(ctx: &TcContext, src: A, ifindex: u32, mac_at: usize) -> bool {
+    match src.endpoint() {
         Some(ep) if ep.flags & endpoint_flags::BRIDGED != 0 && ep.ifindex == ifindex => {
             match ptr_at::<[u8; 6]>(ctx, mac_at) {
                 Some(p) => (unsafe { *p }) == ep.mac,
@@ -442,8 +663,8 @@ fn from_own_mac(ctx: &TcContext, src: u32, ifindex: u32, mac_at: usize) -> bool 
 
 /// Whether `src` is an address of the endpoint behind `ifindex`.
 #[inline(always)]
-fn owns_source(src: u32, ifindex: u32) -> bool {
-    match unsafe { ENDPOINTS.get(&src) } {
+fn owns_source<A: Family>(src: A, ifindex: u32) -> bool {
+    match src.endpoint() {
         Some(ep) => ep.ifindex == ifindex,
         None => false,
     }
@@ -459,8 +680,8 @@ fn owns_source(src: u32, ifindex: u32) -> bool {
 /// (sender 0.0.0.0, RFC 5227): they name no address whose MAC they could be
 /// held to, and Linux sends none when an address is added.
 #[inline(always)]
-fn arp(ctx: &TcContext, at: u8, cfg: &Config) -> i32 {
-    if at != hook::FROM_POD || cfg.flags & config_flags::BRIDGED_PORTS == 0 {
+fn arp(ctx: &TcContext, at: u8) -> i32 {
+    if at != hook::FROM_POD || config().flags & config_flags::BRIDGED_PORTS == 0 {
         return TC_ACT_OK as i32;
     }
     // Ethernet/IPv4 ARP: hardware and protocol types and sizes, operation
@@ -486,29 +707,45 @@ fn arp(ctx: &TcContext, at: u8, cfg: &Config) -> i32 {
     TC_ACT_SHOT as i32
 }
 
-/// False when `dst` is a bridged local endpoint behind another port.
+/// IPv6 neighbour discovery, router solicitation and MLD are to IPv6 what
+/// ARP is to IPv4: never judged by policy. `parse6` only calls a packet
+/// that when its hop limit says it cannot have been routed (255 for
+/// neighbour discovery, as RFC 4861 makes receivers require; 1 for MLD),
+/// and, from a pod, only when it stays on the link: a router forwards a
+/// neighbour solicitation like any other packet, so one a pod sends to an
+/// address off its link is judged as the ICMPv6 packet it is.
+///
+/// On a bridge, like ARP, what a pod sends must speak from its own
+/// addresses and MAC: a source that is not link-local or unspecified must
+/// be the pod's own, sent from its own MAC.
 #[inline(always)]
-fn leaves_on_own_port(dst: u32, ifindex: u32) -> bool {
-    match unsafe { ENDPOINTS.get(&dst) } {
-        Some(ep) => ep.flags & endpoint_flags::BRIDGED == 0 || ep.ifindex == ifindex,
-        None => true,
+fn link_control(ctx: &TcContext, at: u8, src: Ipv6Key) -> i32 {
+    if at != hook::FROM_POD
+        || config().flags & config_flags::BRIDGED_PORTS == 0
+        || is_link_scope(&src)
+        || src.addr == [0; 16]
+    {
+        return TC_ACT_OK as i32;
     }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if owns_source(src, ifindex) && from_own_mac(ctx, src, ifindex, 6) {
+        return TC_ACT_OK as i32;
+    }
+    shot(drop_reason::SOURCE_SPOOFED)
 }
 
+/// fe80::/10 (link-local unicast) or ff02::/16 (link-local multicast).
 #[inline(always)]
-fn lookup_ip(ip: u32) -> IpcacheValue {
-    if let Some(v) = unsafe { IPCACHE.get(&ip) } {
-        return *v;
-    }
-    let key = Key::new(32, Ipv4LpmKey { addr: ip });
-    if let Some(v) = IPCACHE_LPM.get(&key) {
-        return *v;
-    }
-    IpcacheValue {
-        identity: identity::WORLD,
-        node_id: 0,
-        absent: 0,
-        _pad: 0,
+fn is_link_scope(a: &Ipv6Key) -> bool {
+    (a.addr[0] == 0xfe && a.addr[1] & 0xc0 == 0x80) || (a.addr[0] == 0xff && a.addr[1] & 0x0f == 0x02)
+}
+
+/// False when `dst` is a bridged local endpoint behind another port.
+#[inline(always)]
+fn leaves_on_own_port<A: Family>(dst: A, ifindex: u32) -> bool {
+    match dst.endpoint() {
+        Some(ep) => ep.flags & endpoint_flags::BRIDGED == 0 || ep.ifindex == ifindex,
+        None => true,
     }
 }
 
@@ -588,12 +825,16 @@ fn signal_missing_auth(cfg: &Config, key: &AuthKey, now: u64) {
 }
 
 #[inline(always)]
-fn emit_flow(ctx: &TcContext, pkt: &Packet, v: &Verdict, kind: u8, at: u8, now: u64) {
+fn emit_flow<A: Family>(ifindex: u32, pkt: &Packet<A>, v: &Verdict, kind: u8, at: u8, now: u64) {
+    if A::FAMILY == 6 {
+        emit_flow_in_place(ifindex, pkt, v, kind, at, now);
+        return;
+    }
     let _ = FLOWS.output(
         &FlowEvent {
             ts_ns: now,
-            src_ip: pkt.src_ip,
-            dst_ip: pkt.dst_ip,
+            src_ip: pkt.src_ip.event_bytes(),
+            dst_ip: pkt.dst_ip.event_bytes(),
             src_identity: v.src_identity,
             dst_identity: v.dst_identity,
             src_port: pkt.src_port,
@@ -602,14 +843,47 @@ fn emit_flow(ctx: &TcContext, pkt: &Packet, v: &Verdict, kind: u8, at: u8, now: 
             kind,
             forwarded: v.forwarded as u8,
             drop_reason: v.reason,
-            ifindex: unsafe { (*ctx.skb.skb).ifindex },
+            ifindex,
             rule_id: v.rule_id,
             hook: at,
             auth_required: v.auth_required as u8,
-            _pad: [0; 6],
+            family: A::FAMILY,
+            _pad: [0; 5],
         },
         0,
     );
+}
+
+/// `emit_flow` writing the event field by field in place: the IPv6
+/// program's stack has no room to build it.
+#[inline(always)]
+fn emit_flow_in_place<A: Family>(ifindex: u32, pkt: &Packet<A>, v: &Verdict, kind: u8, at: u8, now: u64) {
+    let Some(mut slot) = FLOWS.reserve::<FlowEvent>(0) else {
+        return;
+    };
+    // SAFETY: a reserved ring buffer slot of the event's size, ours until
+    // submitted; every field is written before it is.
+    unsafe {
+        let e = slot.as_mut_ptr();
+        (*e).ts_ns = now;
+        (*e).src_ip = pkt.src_ip.event_bytes();
+        (*e).dst_ip = pkt.dst_ip.event_bytes();
+        (*e).src_identity = v.src_identity;
+        (*e).dst_identity = v.dst_identity;
+        (*e).src_port = pkt.src_port;
+        (*e).dst_port = pkt.dst_port;
+        (*e).proto = pkt.proto;
+        (*e).kind = kind;
+        (*e).forwarded = v.forwarded as u8;
+        (*e).drop_reason = v.reason;
+        (*e).ifindex = ifindex;
+        (*e).rule_id = v.rule_id;
+        (*e).hook = at;
+        (*e).auth_required = v.auth_required as u8;
+        (*e).family = A::FAMILY;
+        (*e)._pad = [0; 5];
+    }
+    slot.submit(0);
 }
 
 #[inline(always)]
@@ -630,19 +904,17 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// `Ok(None)`: not ours to judge (ARP). `Err`: drop with this reason.
+/// The frame's ethertype. `Err`: drop with this reason.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Option<Packet>, u8> {
-    let ethertype = match ptr_at::<u16>(ctx, 12) {
-        Some(p) => u16::from_be(unsafe { *p }),
-        None => return Err(drop_reason::MALFORMED),
-    };
-    if ethertype == ETH_P_ARP {
-        return Ok(None);
+fn ethertype(ctx: &TcContext) -> Result<u16, u8> {
+    match ptr_at::<u16>(ctx, 12) {
+        Some(p) => Ok(u16::from_be(unsafe { *p })),
+        None => Err(drop_reason::MALFORMED),
     }
-    if ethertype != ETH_P_IP {
-        return Err(drop_reason::UNSUPPORTED_L3);
-    }
+}
+
+#[inline(always)]
+fn parse4(ctx: &TcContext) -> Result<Packet<u32>, u8> {
     let ip = match ptr_at::<[u8; 20]>(ctx, ETH_HLEN) {
         Some(p) => p,
         None => return Err(drop_reason::MALFORMED),
@@ -672,21 +944,120 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, u8> {
         dst_port: 0,
         proto,
     };
-    let has_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
-    if has_ports && frag == 0 {
-        let off = ETH_HLEN + (ihl & 0x3c);
-        let ports = match ptr_at::<[u16; 2]>(ctx, off) {
-            Some(p) => unsafe { *p },
-            // Headers beyond the linear part: copy them out.
-            None => match ctx.load::<[u16; 2]>(off) {
-                Ok(p) => p,
-                Err(_) => return Err(drop_reason::MALFORMED),
-            },
-        };
-        pkt.src_port = ports[0];
-        pkt.dst_port = ports[1];
+    if frag == 0 {
+        ports(ctx, ETH_HLEN + (ihl & 0x3c), &mut pkt)?;
     }
-    Ok(Some(pkt))
+    Ok(pkt)
+}
+
+/// The IPv6 header, then up to [`IPV6_MAX_EXT_HEADERS`] extension headers
+/// to the transport header. A chain longer than that, one cut short, or a
+/// routing header that still has segments to visit (the packet's real
+/// destination is not its destination address) is dropped with
+/// `IPV6_EXT_HEADERS`. A later fragment has no ports, as in IPv4.
+/// Link-scope control (see [`link_control`]) seen at hook `at` is told
+/// apart.
+#[inline(always)]
+fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
+    let ip = match ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) {
+        Some(p) => p,
+        None => return Err(drop_reason::MALFORMED),
+    };
+    let (mut next, hop_limit, src_ip, dst_ip) = unsafe {
+        let h = ip as *const u8;
+        (
+            *h.add(6),
+            *h.add(7),
+            Ipv6Key {
+                addr: core::ptr::read_unaligned(h.add(8) as *const [u8; 16]),
+            },
+            Ipv6Key {
+                addr: core::ptr::read_unaligned(h.add(24) as *const [u8; 16]),
+            },
+        )
+    };
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut later_fragment = false;
+    let mut walked = 0usize;
+    loop {
+        let len = match next {
+            // Hop-by-hop and destination options, routing, mobility, HIP,
+            // shim6: (length + 1) * 8 bytes.
+            0 | 43 | 60 | 135 | 139 | 140 => 0,
+            // Fragment: 8 bytes.
+            44 => 1,
+            // Authentication header: (length + 2) * 4 bytes.
+            51 => 2,
+            _ => break,
+        };
+        if walked == IPV6_MAX_EXT_HEADERS {
+            return Err(drop_reason::IPV6_EXT_HEADERS);
+        }
+        walked += 1;
+        let h = match ctx.load::<[u8; 4]>(off) {
+            Ok(h) => h,
+            Err(_) => return Err(drop_reason::IPV6_EXT_HEADERS),
+        };
+        if next == 43 && h[3] != 0 {
+            return Err(drop_reason::IPV6_EXT_HEADERS);
+        }
+        if next == 44 && u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
+            later_fragment = true;
+        }
+        next = h[0];
+        off += match len {
+            0 => (h[1] as usize + 1) * 8,
+            1 => 8,
+            _ => (h[1] as usize + 2) * 4,
+        };
+    }
+    if next == IPPROTO_ICMPV6 && !later_fragment {
+        let t = match ctx.load::<u8>(off) {
+            Ok(t) => t,
+            Err(_) => return Err(drop_reason::MALFORMED),
+        };
+        // Router solicitation and advertisement, neighbour solicitation and
+        // advertisement, redirect; MLD query, report, done, v2 report.
+        let nd = (133..=137).contains(&t) && hop_limit == 255;
+        let mld = (t == 130 || t == 131 || t == 132 || t == 143) && hop_limit == 1;
+        // From a pod: to a link-local or link-scope multicast address, or
+        // to a pod of this node (a neighbour on a bridge).
+        let on_link = at != hook::FROM_POD || is_link_scope(&dst_ip) || dst_ip.endpoint().is_some();
+        if (nd || mld) && on_link {
+            return Ok(Parsed6::LinkControl(src_ip));
+        }
+    }
+    let mut pkt = Packet {
+        src_ip,
+        dst_ip,
+        src_port: 0,
+        dst_port: 0,
+        proto: next,
+    };
+    if !later_fragment {
+        ports(ctx, off, &mut pkt)?;
+    }
+    Ok(Parsed6::Packet(pkt))
+}
+
+
+/// Source and destination ports at `off`, for the protocols that have them.
+#[inline(always)]
+fn ports<A: Family>(ctx: &TcContext, off: usize, pkt: &mut Packet<A>) -> Result<(), u8> {
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP && pkt.proto != IPPROTO_SCTP {
+        return Ok(());
+    }
+    let ports = match ptr_at::<[u16; 2]>(ctx, off) {
+        Some(p) => unsafe { *p },
+        // Headers beyond the linear part: copy them out.
+        None => match ctx.load::<[u16; 2]>(off) {
+            Ok(p) => p,
+            Err(_) => return Err(drop_reason::MALFORMED),
+        },
+    };
+    pkt.src_port = ports[0];
+    pkt.dst_port = ports[1];
+    Ok(())
 }
 
 #[cfg(not(test))]

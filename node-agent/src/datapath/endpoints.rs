@@ -12,16 +12,17 @@
 //! into the pod's network namespace ([`BridgePlacer`], [`podns`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::netlink::Link;
 use super::podns;
 
-/// One row of `/proc/net/route` that can reach an address directly.
+/// One row of `/proc/net/route` or `/proc/net/ipv6_route` that can reach
+/// an address directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub iface: String,
-    pub dest: Ipv4Addr,
+    pub dest: IpAddr,
     pub prefix_len: u32,
 }
 
@@ -50,8 +51,37 @@ pub fn parse_routes(text: &str) -> Vec<Route> {
         let mask = u32::from_be_bytes(mask.to_ne_bytes());
         out.push(Route {
             iface: f[0].to_string(),
-            dest: Ipv4Addr::from(dest.to_ne_bytes()),
+            dest: IpAddr::V4(Ipv4Addr::from(dest.to_ne_bytes())),
             prefix_len: mask.count_ones(),
+        });
+    }
+    out
+}
+
+/// Direct routes (up, no gateway) from the text of `/proc/net/ipv6_route`:
+/// destination, its prefix length, source, its length, next hop, metric,
+/// reference count, use count, flags, device; numbers in hex.
+pub fn parse_routes6(text: &str) -> Vec<Route> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let (Ok(dest), Ok(len), Ok(flags)) = (
+            u128::from_str_radix(f[0], 16),
+            u32::from_str_radix(f[1], 16),
+            u32::from_str_radix(f[8], 16),
+        ) else {
+            continue;
+        };
+        if flags & RTF_UP == 0 || flags & RTF_GATEWAY != 0 || len > 128 {
+            continue;
+        }
+        out.push(Route {
+            iface: f[9].to_string(),
+            dest: IpAddr::V6(Ipv6Addr::from(dest)),
+            prefix_len: len,
         });
     }
     out
@@ -59,18 +89,11 @@ pub fn parse_routes(text: &str) -> Vec<Route> {
 
 /// The interface of the most specific direct route to `ip`, if it is not
 /// the loopback.
-pub fn interface_for(routes: &[Route], ip: Ipv4Addr) -> Option<&str> {
+pub fn interface_for(routes: &[Route], ip: IpAddr) -> Option<&str> {
     routes
         .iter()
-        .filter(|r| r.iface != "lo")
-        .filter(|r| {
-            let m = if r.prefix_len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - r.prefix_len)
-            };
-            u32::from(ip) & m == u32::from(r.dest) & m
-        })
+        .filter(|r| r.iface != "lo" && r.dest.is_ipv4() == ip.is_ipv4())
+        .filter(|r| super::tables::masked(ip, r.prefix_len) == super::tables::masked(r.dest, r.prefix_len))
         .max_by_key(|r| r.prefix_len)
         .map(|r| r.iface.as_str())
 }
@@ -559,15 +582,29 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
 
     #[test]
     fn a_host_route_to_a_veth_names_the_pod_interface() {
-        let routes = parse_routes(ROUTES);
-        assert_eq!(interface_for(&routes, Ipv4Addr::new(10, 201, 0, 1)), Some("kwa"));
-        assert_eq!(
-            interface_for(&routes, Ipv4Addr::new(192, 168, 1, 7)),
-            Some("eth0")
-        );
+        let mut routes = parse_routes(ROUTES);
+        routes.extend(parse_routes6(ROUTES6));
+        let at = |ip: &str| interface_for(&routes, ip.parse().unwrap());
+        assert_eq!(at("10.201.0.1"), Some("kwa"));
+        assert_eq!(at("192.168.1.7"), Some("eth0"));
         // Reached only through a gateway (the default route): not local.
-        assert_eq!(interface_for(&routes, Ipv4Addr::new(8, 8, 8, 8)), None);
+        assert_eq!(at("8.8.8.8"), None);
         // A route that is not up does not count.
-        assert_eq!(interface_for(&routes, Ipv4Addr::new(10, 201, 0, 2)), None);
+        assert_eq!(at("10.201.0.2"), None);
+        // IPv6: the host route to the pod's veth beats the subnet's.
+        assert_eq!(at("fd00:201::1"), Some("kwa"));
+        assert_eq!(at("fd00:201::7"), Some("br0"));
+        assert_eq!(at("2001:db8::1"), None, "only through the default gateway");
+        assert_eq!(at("fd00:202::2"), None, "a route that is not up");
     }
+
+    /// As Linux prints it: a host route, a subnet on a bridge, the default
+    /// through a gateway, a route that is not up, and the loopback's.
+    const ROUTES6: &str = "\
+fd000201000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001      kwa
+fd000202000000000000000000000002 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000000      kwb
+fd000201000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001      br0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0
+00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 80200001       lo
+";
 }

@@ -2,14 +2,12 @@
 //! needs authentication) and per-flow events.
 
 use std::mem::{offset_of, size_of};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, RingBuf};
 use keyway_common::{AuthKey, AuthSignal, FlowEvent, drop_reason, flow_kind, hook};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, watch};
-
-use super::tables::ip_from_key;
 
 /// A packet was dropped because this pair has no valid auth entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +29,8 @@ pub enum FlowKind {
 pub struct Flow {
     pub at_ns: u64,
     pub kind: FlowKind,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -74,11 +72,20 @@ pub fn decode_flow(b: &[u8]) -> Option<Flow> {
         flow_kind::VERDICT_CHANGE => FlowKind::VerdictChange,
         _ => return None,
     };
+    let family = b[offset_of!(FlowEvent, family)];
+    let addr = |off: usize| -> Option<IpAddr> {
+        let a: [u8; 16] = b[off..off + 16].try_into().expect("16 bytes");
+        match family {
+            4 => Some(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+            6 => Some(IpAddr::V6(Ipv6Addr::from(a))),
+            _ => None,
+        }
+    };
     Some(Flow {
         at_ns: u64_at(b, offset_of!(FlowEvent, ts_ns)),
         kind,
-        src: ip_from_key(u32_at(b, offset_of!(FlowEvent, src_ip))),
-        dst: ip_from_key(u32_at(b, offset_of!(FlowEvent, dst_ip))),
+        src: addr(offset_of!(FlowEvent, src_ip))?,
+        dst: addr(offset_of!(FlowEvent, dst_ip))?,
         src_port: u16::from_be(u16_at(b, offset_of!(FlowEvent, src_port))),
         dst_port: u16::from_be(u16_at(b, offset_of!(FlowEvent, dst_port))),
         proto: b[offset_of!(FlowEvent, proto)],
@@ -202,6 +209,7 @@ mod tests {
         b[offset_of!(FlowEvent, kind)] = flow_kind::DROP;
         b[offset_of!(FlowEvent, drop_reason)] = drop_reason::AUTH_REQUIRED;
         b[offset_of!(FlowEvent, hook)] = hook::TO_POD;
+        b[offset_of!(FlowEvent, family)] = 4;
         let f = decode_flow(&b).unwrap();
         assert_eq!(f.at_ns, 7);
         assert_eq!(f.src, Ipv4Addr::new(10, 0, 0, 1));
@@ -212,6 +220,14 @@ mod tests {
         assert_eq!(f.drop_reason_name(), "auth-required");
         assert!(!f.forwarded && !f.from_pod);
         assert!(decode_flow(&b[..10]).is_none());
+        // IPv6: all sixteen bytes are the address.
+        let v6: Ipv6Addr = "fd00:201::1".parse().unwrap();
+        b[offset_of!(FlowEvent, src_ip)..][..16].copy_from_slice(&v6.octets());
+        b[offset_of!(FlowEvent, family)] = 6;
+        assert_eq!(decode_flow(&b).unwrap().src, v6);
+        // A family the datapath never writes is not guessed at.
+        b[offset_of!(FlowEvent, family)] = 0;
+        assert!(decode_flow(&b).is_none());
     }
 
     #[test]

@@ -5,30 +5,32 @@
 //! evaluation step by step and keeps every intermediate fact.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use keyway_common::{
-    AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyProbe, PolicyValue,
+    AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyProbe,
+    PolicyValue,
     auth_type, direction, drop_reason, hook, identity, maps, policy_flags, policy_probes,
 };
 
-use super::tables::{Tables, ip_key, mask};
+use super::tables::{Tables, ip_key, ip6_key, masked};
 use super::{DatapathError, open_pinned};
 
 /// Capability: the lookups one evaluation of the datapath makes.
 pub trait Lookup {
-    /// The exact /32 ipcache entry.
-    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, DatapathError>;
-    /// The longest CIDR of the LPM trie containing `ip`, with its prefix length.
-    fn ipcache_lpm(&self, ip: Ipv4Addr) -> Result<Option<(u32, IpcacheValue)>, DatapathError>;
+    /// The exact /32 or /128 ipcache entry.
+    fn ipcache(&self, ip: IpAddr) -> Result<Option<IpcacheValue>, DatapathError>;
+    /// The longest CIDR of the family's LPM trie containing `ip`, with its
+    /// prefix length.
+    fn ipcache_lpm(&self, ip: IpAddr) -> Result<Option<(u32, IpcacheValue)>, DatapathError>;
     fn policy(&self, key: &PolicyKey) -> Result<Option<PolicyValue>, DatapathError>;
     /// The auth entry's expiry (kernel monotonic ns).
     fn auth(&self, key: &AuthKey) -> Result<Option<u64>, DatapathError>;
     /// The local endpoint at `ip` (this node's datapath guards its veth).
-    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError>;
+    fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointInfo>, DatapathError>;
     fn config(&self) -> Result<Config, DatapathError>;
 }
 
@@ -40,7 +42,15 @@ pub struct PinnedLookup {
     policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
     auth: BpfHashMap<MapData, AuthKey, AuthValue>,
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    /// The IPv6 maps; `None` when the agent that pinned the maps predates them.
+    v6: Option<PinnedV6>,
     config: Array<MapData, Config>,
+}
+
+struct PinnedV6 {
+    ipcache: BpfHashMap<MapData, Ipv6Key, IpcacheValue>,
+    lpm: LpmTrie<MapData, Ipv6Key, IpcacheValue>,
+    endpoints: BpfHashMap<MapData, Ipv6Key, EndpointInfo>,
 }
 
 impl std::fmt::Debug for PinnedLookup {
@@ -74,34 +84,72 @@ impl PinnedLookup {
             policy: convert(pin_dir, maps::POLICY)?,
             auth: convert(pin_dir, maps::AUTH)?,
             endpoints: convert(pin_dir, maps::ENDPOINTS)?,
+            v6: (|| {
+                Ok::<_, DatapathError>(PinnedV6 {
+                    ipcache: convert(pin_dir, maps::IPCACHE6)?,
+                    lpm: convert(pin_dir, maps::IPCACHE6_LPM)?,
+                    endpoints: convert(pin_dir, maps::ENDPOINTS6)?,
+                })
+            })()
+            .ok(),
             config: convert(pin_dir, maps::CONFIG)?,
+        })
+    }
+
+    fn v6(&self) -> Result<&PinnedV6, DatapathError> {
+        self.v6.as_ref().ok_or_else(|| {
+            DatapathError::Load(
+                "the pinned maps have no IPv6 tables (an agent older than IPv6 support pinned them)".into(),
+            )
         })
     }
 }
 
 impl Lookup for PinnedLookup {
-    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, DatapathError> {
-        found(maps::IPCACHE, self.ipcache.get(&ip_key(ip), 0))
+    fn ipcache(&self, ip: IpAddr) -> Result<Option<IpcacheValue>, DatapathError> {
+        match ip {
+            IpAddr::V4(ip) => found(maps::IPCACHE, self.ipcache.get(&ip_key(ip), 0)),
+            IpAddr::V6(ip) => found(maps::IPCACHE6, self.v6()?.ipcache.get(&ip6_key(ip), 0)),
+        }
     }
 
-    fn ipcache_lpm(&self, ip: Ipv4Addr) -> Result<Option<(u32, IpcacheValue)>, DatapathError> {
+    fn ipcache_lpm(&self, ip: IpAddr) -> Result<Option<(u32, IpcacheValue)>, DatapathError> {
         // A lookup in an LPM trie is a longest-prefix match, as in the kernel.
-        let Some(v) = found(
-            maps::IPCACHE_LPM,
-            self.lpm.get(&Key::new(32, Ipv4LpmKey { addr: ip_key(ip) }), 0),
-        )?
-        else {
-            return Ok(None);
-        };
         // The trie does not say which prefix matched: the longest stored
         // prefix containing `ip` is the one the lookup returned.
         let mut len = 0;
-        for k in self.lpm.keys() {
-            let k = k.map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
-            if k.prefix_len() >= len && k.data().addr == ip_key(mask(ip, k.prefix_len())) {
-                len = k.prefix_len();
+        let v = match ip {
+            IpAddr::V4(v4) => {
+                let Some(v) = found(
+                    maps::IPCACHE_LPM,
+                    self.lpm.get(&Key::new(32, Ipv4LpmKey { addr: ip_key(v4) }), 0),
+                )?
+                else {
+                    return Ok(None);
+                };
+                for k in self.lpm.keys() {
+                    let k = k.map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
+                    if k.prefix_len() >= len && IpAddr::from(k.data().addr.to_ne_bytes()) == masked(ip, k.prefix_len())
+                    {
+                        len = k.prefix_len();
+                    }
+                }
+                v
             }
-        }
+            IpAddr::V6(v6) => {
+                let t = self.v6()?;
+                let Some(v) = found(maps::IPCACHE6_LPM, t.lpm.get(&Key::new(128, ip6_key(v6)), 0))? else {
+                    return Ok(None);
+                };
+                for k in t.lpm.keys() {
+                    let k = k.map_err(|e| DatapathError::map(maps::IPCACHE6_LPM, e))?;
+                    if k.prefix_len() >= len && IpAddr::from(k.data().addr) == masked(ip, k.prefix_len()) {
+                        len = k.prefix_len();
+                    }
+                }
+                v
+            }
+        };
         Ok(Some((len, v)))
     }
 
@@ -113,8 +161,11 @@ impl Lookup for PinnedLookup {
         Ok(found(maps::AUTH, self.auth.get(key, 0))?.map(|v| v.expiry_ns))
     }
 
-    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError> {
-        found(maps::ENDPOINTS, self.endpoints.get(&ip_key(ip), 0))
+    fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointInfo>, DatapathError> {
+        match ip {
+            IpAddr::V4(ip) => found(maps::ENDPOINTS, self.endpoints.get(&ip_key(ip), 0)),
+            IpAddr::V6(ip) => found(maps::ENDPOINTS6, self.v6()?.endpoints.get(&ip6_key(ip), 0)),
+        }
     }
 
     fn config(&self) -> Result<Config, DatapathError> {
@@ -130,21 +181,26 @@ impl Lookup for PinnedLookup {
 pub struct MemoryLookup {
     pub tables: Tables,
     pub auth: HashMap<AuthKey, u64>,
-    pub endpoints: HashMap<u32, EndpointInfo>,
+    pub endpoints: HashMap<IpAddr, EndpointInfo>,
     pub config: Config,
 }
 
 impl Lookup for MemoryLookup {
-    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, DatapathError> {
-        Ok(self.tables.ipcache.get(&ip_key(ip)).copied())
+    fn ipcache(&self, ip: IpAddr) -> Result<Option<IpcacheValue>, DatapathError> {
+        Ok(match ip {
+            IpAddr::V4(ip) => self.tables.ipcache.get(&ip_key(ip)).copied(),
+            IpAddr::V6(ip) => self.tables.ipcache6.get(&ip6_key(ip)).copied(),
+        })
     }
 
-    fn ipcache_lpm(&self, ip: Ipv4Addr) -> Result<Option<(u32, IpcacheValue)>, DatapathError> {
-        Ok((0..=32u32).rev().find_map(|len| {
-            self.tables
-                .lpm
-                .get(&(len, ip_key(mask(ip, len))))
-                .map(|v| (len, *v))
+    fn ipcache_lpm(&self, ip: IpAddr) -> Result<Option<(u32, IpcacheValue)>, DatapathError> {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        Ok((0..=max).rev().find_map(|len| {
+            match masked(ip, len) {
+                IpAddr::V4(m) => self.tables.lpm.get(&(len, ip_key(m))),
+                IpAddr::V6(m) => self.tables.lpm6.get(&(len, ip6_key(m))),
+            }
+            .map(|v| (len, *v))
         }))
     }
 
@@ -156,8 +212,8 @@ impl Lookup for MemoryLookup {
         Ok(self.auth.get(key).copied())
     }
 
-    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError> {
-        Ok(self.endpoints.get(&ip_key(ip)).copied())
+    fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointInfo>, DatapathError> {
+        Ok(self.endpoints.get(&ip).copied())
     }
 
     fn config(&self) -> Result<Config, DatapathError> {
@@ -176,8 +232,9 @@ pub enum IpSource {
     World,
 }
 
-/// The ipcache lookup the kernel makes: exact /32, then the trie, else WORLD.
-pub fn lookup_ip(t: &dyn Lookup, ip: Ipv4Addr) -> Result<(IpcacheValue, IpSource), DatapathError> {
+/// The ipcache lookup the kernel makes: exact /32 or /128, then the trie,
+/// else WORLD.
+pub fn lookup_ip(t: &dyn Lookup, ip: IpAddr) -> Result<(IpcacheValue, IpSource), DatapathError> {
     if let Some(v) = t.ipcache(ip)? {
         return Ok((v, IpSource::Exact));
     }
@@ -277,8 +334,8 @@ pub struct Evaluation {
 #[allow(clippy::too_many_arguments, reason = "the kernel's inputs, one each")]
 pub fn evaluate(
     t: &dyn Lookup,
-    src_ip: Ipv4Addr,
-    dst_ip: Ipv4Addr,
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
     port: u16,
     proto: u8,
     at: u8,

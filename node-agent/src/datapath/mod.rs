@@ -22,7 +22,7 @@ pub(crate) mod sys;
 pub mod tables;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,8 +33,8 @@ use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use keyway_common::{
-    Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, config_flags, endpoint_flags,
-    maps,
+    Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, config_flags,
+    endpoint_flags, maps,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -44,7 +44,7 @@ pub use events::{Flow, FlowKind, MissingAuth};
 pub use sys::{ifindex, monotonic_ns};
 
 use crate::state::NodeState;
-use tables::{MapDiff, Tables, diff, ip_key};
+use tables::{MapDiff, Tables, diff, ip_key, ip6_key};
 
 /// The kernel programs, built by build.rs from auth-bpf/ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEYWAY_BPF_OBJECT"));
@@ -53,6 +53,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEYWAY_BPF_OBJECT"));
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("keyway_from_pod", TcAttachType::Ingress, "from-pod"),
     ("keyway_to_pod", TcAttachType::Egress, "to-pod"),
+];
+
+/// The IPv6 programs, never attached: the attached ones tail-call them
+/// through `maps::PROGS` at these slots.
+const IPV6_PROGRAMS: [(&str, u32); 2] = [
+    ("keyway_from_pod6", keyway_common::prog_index::FROM_POD6),
+    ("keyway_to_pod6", keyway_common::prog_index::TO_POD6),
 ];
 
 pub const DEFAULT_PIN_DIR: &str = maps::PIN_DIR;
@@ -206,12 +213,12 @@ pub struct DatapathStatus {
     /// Interfaces with both programs attached.
     pub attached: BTreeSet<String>,
     /// Local endpoints in the endpoint map.
-    pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
+    pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
     /// Local workload addresses with no interface routed to them yet.
-    pub unresolved: Vec<Ipv4Addr>,
+    pub unresolved: Vec<IpAddr>,
     /// Of those, addresses of pods behind a bridge that no port is trusted
     /// with, and why (see [`endpoints::BridgePlacer`]).
-    pub withheld: BTreeMap<Ipv4Addr, endpoints::Withheld>,
+    pub withheld: BTreeMap<IpAddr, endpoints::Withheld>,
     /// Rule names by the id flow events carry.
     pub rules: Arc<BTreeMap<u32, String>>,
     pub local_node_id: u16,
@@ -230,9 +237,12 @@ pub struct Datapath {
     lpm: LpmTrie<MapData, Ipv4LpmKey, IpcacheValue>,
     policy: aya::maps::HashMap<MapData, PolicyKey, PolicyValue>,
     endpoints: aya::maps::HashMap<MapData, u32, EndpointInfo>,
+    ipcache6: aya::maps::HashMap<MapData, Ipv6Key, IpcacheValue>,
+    lpm6: LpmTrie<MapData, Ipv6Key, IpcacheValue>,
+    endpoints6: aya::maps::HashMap<MapData, Ipv6Key, EndpointInfo>,
     /// What the maps hold, once read or written.
     applied: Option<Tables>,
-    endpoints_applied: Option<HashMap<u32, EndpointInfo>>,
+    endpoints_applied: Option<HashMap<IpAddr, EndpointInfo>>,
     /// Which bridge port each pod behind a bridge is placed behind: the
     /// one into its network namespace (see [`endpoints::BridgePlacer`]).
     bridged: endpoints::BridgePlacer,
@@ -265,7 +275,7 @@ where
 
 /// Key and value sizes of every pinned map whose entries have a layout, as
 /// this build's programs use them.
-fn map_layouts() -> [(&'static str, usize, usize); 9] {
+fn map_layouts() -> [(&'static str, usize, usize); 13] {
     use keyway_common::*;
     use std::mem::size_of;
     [
@@ -276,6 +286,14 @@ fn map_layouts() -> [(&'static str, usize, usize); 9] {
             size_of::<IpcacheValue>(),
         ),
         (maps::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>()),
+        (maps::IPCACHE6, size_of::<Ipv6Key>(), size_of::<IpcacheValue>()),
+        (
+            maps::IPCACHE6_LPM,
+            4 + size_of::<Ipv6Key>(),
+            size_of::<IpcacheValue>(),
+        ),
+        (maps::ENDPOINTS6, size_of::<Ipv6Key>(), size_of::<EndpointInfo>()),
+        (maps::FLOW_TABLE6, size_of::<FlowKey6>(), size_of::<FlowState>()),
         (maps::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
         (maps::AUTH, size_of::<AuthKey>(), size_of::<AuthValue>()),
         (maps::AUTH_DEDUP, size_of::<AuthKey>(), size_of::<u64>()),
@@ -312,6 +330,18 @@ fn retire_changed_maps(pin_dir: &Path) {
             if let Err(e) = std::fs::remove_file(&path) {
                 warn!(map = name, error = %e, "cannot unpin the old map");
             }
+        }
+    }
+}
+
+/// How much of the verifier's budget (1M instructions) a program took: a
+/// program near it may not load on a kernel whose verifier is a little
+/// stricter.
+fn log_verified(name: &str, prog: &SchedClassifier) {
+    if let Some(n) = prog.info().ok().and_then(|i| i.verified_instruction_count()) {
+        debug!(program = name, verified_instructions = n, "program loaded");
+        if std::env::var_os("KEYWAY_VERIFIER_STATS").is_some() {
+            eprintln!("verified {name}: {n}");
         }
     }
 }
@@ -355,6 +385,27 @@ impl Datapath {
                 .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
             prog.load()
                 .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+            log_verified(name, prog);
+        }
+        // The IPv6 programs go into their slots before any program of this
+        // agent is attached: a slot replaced is replaced at once for every
+        // caller, an older agent's programs included.
+        let mut progs: aya::maps::ProgramArray<MapData> = take(&mut ebpf, maps::PROGS)?;
+        for (name, slot) in IPV6_PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+            log_verified(name, prog);
+            let fd = prog
+                .fd()
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+            progs
+                .set(slot, fd, 0)
+                .map_err(|e| DatapathError::map(maps::PROGS, e))?;
         }
         let config = Arc::new(ConfigSlot {
             map: Mutex::new(take(&mut ebpf, maps::CONFIG)?),
@@ -376,6 +427,9 @@ impl Datapath {
             lpm: take(&mut ebpf, maps::IPCACHE_LPM)?,
             policy: take(&mut ebpf, maps::POLICY)?,
             endpoints: take(&mut ebpf, maps::ENDPOINTS)?,
+            ipcache6: take(&mut ebpf, maps::IPCACHE6)?,
+            lpm6: take(&mut ebpf, maps::IPCACHE6_LPM)?,
+            endpoints6: take(&mut ebpf, maps::ENDPOINTS6)?,
             ebpf,
             cfg,
             config,
@@ -594,6 +648,19 @@ impl Datapath {
         for (len, addr) in d.deletes {
             let _ = self.lpm.remove(&Key::new(len, Ipv4LpmKey { addr }));
         }
+        let d = diff(&old.ipcache6, &new.ipcache6);
+        changed |= !d.is_empty();
+        write_hash(&mut self.ipcache6, d, maps::IPCACHE6)?;
+        let d = diff(&old.lpm6, &new.lpm6);
+        changed |= !d.is_empty();
+        for ((len, addr), v) in d.upserts {
+            self.lpm6
+                .insert(&Key::new(len, addr), v, 0)
+                .map_err(|e| DatapathError::map(maps::IPCACHE6_LPM, e))?;
+        }
+        for (len, addr) in d.deletes {
+            let _ = self.lpm6.remove(&Key::new(len, addr));
+        }
         Ok(changed)
     }
 
@@ -607,6 +674,14 @@ impl Datapath {
             let (k, v) = item.map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
             t.lpm.insert((k.prefix_len(), k.data().addr), v);
         }
+        for item in self.ipcache6.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::map(maps::IPCACHE6, e))?;
+            t.ipcache6.insert(k, v);
+        }
+        for item in self.lpm6.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::map(maps::IPCACHE6_LPM, e))?;
+            t.lpm6.insert((k.prefix_len(), k.data()), v);
+        }
         for item in self.policy.iter() {
             let (k, v) = item.map_err(|e| DatapathError::map(maps::POLICY, e))?;
             t.policy.insert(k, v);
@@ -618,21 +693,27 @@ impl Datapath {
     /// ones, detaches from ones no workload uses, and fills the endpoint map.
     pub fn apply_endpoints(&mut self, state: &NodeState) -> Result<(), DatapathError> {
         self.status.scans += 1;
-        let routes = endpoints::parse_routes(
+        let mut routes = endpoints::parse_routes(
             &endpoints::read_proc_net("route")
                 .map_err(|e| DatapathError::io("reading /proc/net/route", e))?,
         );
+        // Absent when the kernel has IPv6 off: no IPv6 routes, then.
+        match endpoints::read_proc_net("ipv6_route") {
+            Ok(text) => routes.extend(endpoints::parse_routes6(&text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DatapathError::io("reading /proc/net/ipv6_route", e)),
+        }
         let links = netlink::links()
             .map_err(|e| DatapathError::io("listing the node's interfaces (rtnetlink)", e))?;
         let by_name: HashMap<&str, &netlink::Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
-        let local: Vec<(Ipv4Addr, u32, &endpoints::WorkloadKey)> = state
+        let local: Vec<(IpAddr, u32, &endpoints::WorkloadKey)> = state
             .workloads
             .iter()
             .filter(|(_, w)| w.node == self.cfg.node_name)
             .flat_map(|(key, w)| {
                 w.ips
                     .iter()
-                    .filter_map(|s| s.parse::<Ipv4Addr>().ok())
+                    .filter_map(|s| s.parse::<IpAddr>().ok())
                     .map(move |ip| (ip, w.identity, key))
             })
             .collect();
@@ -646,7 +727,11 @@ impl Datapath {
                 let mut m = HashMap::new();
                 for item in self.endpoints.iter() {
                     let (k, v) = item.map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?;
-                    m.insert(k, v);
+                    m.insert(IpAddr::from(k.to_ne_bytes()), v);
+                }
+                for item in self.endpoints6.iter() {
+                    let (k, v) = item.map_err(|e| DatapathError::map(maps::ENDPOINTS6, e))?;
+                    m.insert(IpAddr::from(k.addr), v);
                 }
                 m
             }
@@ -654,7 +739,7 @@ impl Datapath {
 
         // Behind a bridge: the port into the pod's namespace.
         let mut wanted: BTreeMap<endpoints::WorkloadKey, endpoints::Wanted> = BTreeMap::new();
-        let mut bridge_of: HashMap<Ipv4Addr, u32> = HashMap::new();
+        let mut bridge_of: HashMap<IpAddr, u32> = HashMap::new();
         for (ip, _, key) in &local {
             if let Some(l) = endpoints::interface_for(&routes, *ip).and_then(|i| by_name.get(i))
                 && l.kind == "bridge"
@@ -685,7 +770,7 @@ impl Datapath {
         if first_scan {
             // The MACs the last agent placed pods with come first.
             for (ip, _, key) in &local {
-                if let Some(v) = old.get(&ip_key(*ip))
+                if let Some(v) = old.get(ip)
                     && v.flags & endpoint_flags::BRIDGED != 0
                 {
                     self.bridged.remember((*key).clone(), v.mac);
@@ -704,7 +789,7 @@ impl Datapath {
                     .map_err(|e| format!("reading the pod's end of its veth: {e}"))
             },
         );
-        let withheld: BTreeMap<Ipv4Addr, endpoints::Withheld> = local
+        let withheld: BTreeMap<IpAddr, endpoints::Withheld> = local
             .iter()
             .filter_map(|(ip, _, key)| withheld.get(*key).map(|w| (*ip, w.clone())))
             .collect();
@@ -716,7 +801,7 @@ impl Datapath {
         }
         self.status.withheld = withheld;
 
-        let mut desired: HashMap<u32, EndpointInfo> = HashMap::new();
+        let mut desired: HashMap<IpAddr, EndpointInfo> = HashMap::new();
         let mut ifaces: BTreeSet<String> = ports.iter().map(|p| p.name.clone()).collect();
         let mut unresolved = Vec::new();
         for (ip, identity, key) in local {
@@ -737,7 +822,7 @@ impl Datapath {
                 continue;
             };
             desired.insert(
-                ip_key(ip),
+                ip,
                 EndpointInfo {
                     ifindex: link.index,
                     identity,
@@ -802,20 +887,27 @@ impl Datapath {
             self.bridged_ports = Some(bridged);
         }
         for (k, v) in d.upserts {
-            self.endpoints
-                .insert(k, v, 0)
-                .map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?;
+            match k {
+                IpAddr::V4(ip) => self
+                    .endpoints
+                    .insert(ip_key(ip), v, 0)
+                    .map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?,
+                IpAddr::V6(ip) => self
+                    .endpoints6
+                    .insert(ip6_key(ip), v, 0)
+                    .map_err(|e| DatapathError::map(maps::ENDPOINTS6, e))?,
+            }
         }
         for k in d.deletes {
-            let _ = self.endpoints.remove(&k);
+            let _ = match k {
+                IpAddr::V4(ip) => self.endpoints.remove(&ip_key(ip)),
+                IpAddr::V6(ip) => self.endpoints6.remove(&ip6_key(ip)),
+            };
         }
         if changed {
             self.config.bump_epoch()?;
         }
-        self.status.endpoints = desired
-            .iter()
-            .map(|(k, v)| (tables::ip_from_key(*k), *v))
-            .collect();
+        self.status.endpoints = desired.iter().map(|(k, v)| (*k, *v)).collect();
         self.status.unresolved = unresolved;
         self.endpoints_applied = Some(desired);
         Ok(())

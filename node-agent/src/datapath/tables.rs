@@ -3,9 +3,9 @@
 //! such views.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use keyway_common::{IpcacheValue, PolicyKey, PolicyValue, absent_bit, policy_flags, probe_index};
+use keyway_common::{IpcacheValue, Ipv6Key, PolicyKey, PolicyValue, absent_bit, policy_flags, probe_index};
 
 use crate::state::NodeState;
 
@@ -32,6 +32,11 @@ pub fn ip_from_key(key: u32) -> Ipv4Addr {
     Ipv4Addr::from(key.to_ne_bytes())
 }
 
+/// An IPv6 address as the datapath keys it: the packet's 16 bytes.
+pub fn ip6_key(ip: Ipv6Addr) -> Ipv6Key {
+    Ipv6Key { addr: ip.octets() }
+}
+
 /// The kernel's view of ipcache and policy for one NodeState.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Tables {
@@ -39,10 +44,14 @@ pub struct Tables {
     pub ipcache: HashMap<u32, IpcacheValue>,
     /// Wider prefixes: (prefix length, masked [`ip_key`]).
     pub lpm: HashMap<(u32, u32), IpcacheValue>,
+    /// /128 entries, by [`ip6_key`].
+    pub ipcache6: HashMap<Ipv6Key, IpcacheValue>,
+    /// Wider IPv6 prefixes: (prefix length, masked [`ip6_key`]).
+    pub lpm6: HashMap<(u32, Ipv6Key), IpcacheValue>,
     pub policy: HashMap<PolicyKey, PolicyValue>,
     /// Rule names by [`rule_id`].
     pub rules: BTreeMap<u32, String>,
-    /// Entries the datapath cannot hold (IPv6, out-of-range numbers), with why.
+    /// Entries the datapath cannot hold (malformed CIDRs, out-of-range numbers), with why.
     pub skipped: Vec<String>,
 }
 
@@ -64,13 +73,19 @@ impl Tables {
                 ..IpcacheValue::default()
             };
             match parse_cidr(cidr) {
-                Some((ip, 32)) => {
+                Some((IpAddr::V4(ip), 32)) => {
                     t.ipcache.insert(ip_key(ip), value);
                 }
-                Some((ip, len)) => {
+                Some((IpAddr::V4(ip), len)) => {
                     t.lpm.insert((len, ip_key(mask(ip, len))), value);
                 }
-                None => t.skipped.push(format!("ipcache {cidr}: not an IPv4 CIDR")),
+                Some((IpAddr::V6(ip), 128)) => {
+                    t.ipcache6.insert(ip6_key(ip), value);
+                }
+                Some((IpAddr::V6(ip), len)) => {
+                    t.lpm6.insert((len, ip6_key(mask6(ip, len))), value);
+                }
+                None => t.skipped.push(format!("ipcache {cidr}: not an IPv4 or IPv6 CIDR")),
             }
         }
         for (&(subject, peer, block, protocol, direction), e) in &state.policy {
@@ -113,7 +128,7 @@ impl Tables {
     /// Sets every ipcache value's absent shapes from `masks` (see
     /// [`absent_shapes`]).
     pub fn mark_absent(&mut self, masks: &HashMap<u32, u8>) {
-        for v in self.ipcache.values_mut().chain(self.lpm.values_mut()) {
+        for v in self.values_mut() {
             v.absent = absent_of(masks, v.identity);
         }
     }
@@ -128,12 +143,23 @@ impl Tables {
         let mut t = Tables {
             ipcache: self.ipcache.clone(),
             lpm: self.lpm.clone(),
+            ipcache6: self.ipcache6.clone(),
+            lpm6: self.lpm6.clone(),
             ..Tables::default()
         };
-        for v in t.ipcache.values_mut().chain(t.lpm.values_mut()) {
+        for v in t.values_mut() {
             v.absent &= absent_of(&old, v.identity);
         }
         t
+    }
+
+    /// Every ipcache value, both families, exact and prefix.
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut IpcacheValue> {
+        self.ipcache
+            .values_mut()
+            .chain(self.lpm.values_mut())
+            .chain(self.ipcache6.values_mut())
+            .chain(self.lpm6.values_mut())
     }
 
     /// Whether `to` marks present a policy shape this marked absent, for an
@@ -146,7 +172,10 @@ impl Tables {
             to.iter()
                 .any(|(k, v)| from.get(k).is_some_and(|o| o.absent & !v.absent != 0))
         }
-        any(&self.ipcache, &to.ipcache) || any(&self.lpm, &to.lpm)
+        any(&self.ipcache, &to.ipcache)
+            || any(&self.lpm, &to.lpm)
+            || any(&self.ipcache6, &to.ipcache6)
+            || any(&self.lpm6, &to.lpm6)
     }
 }
 
@@ -193,21 +222,34 @@ pub fn diff<K: Copy + Eq + std::hash::Hash, V: Copy + PartialEq>(
     }
 }
 
-fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u32)> {
+fn parse_cidr(s: &str) -> Option<(IpAddr, u32)> {
     let (ip, len) = match s.split_once('/') {
-        Some((ip, len)) => (ip, len.parse().ok()?),
-        None => (s, 32),
+        Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, Some(len.parse::<u32>().ok()?)),
+        None => (s.parse::<IpAddr>().ok()?, None),
     };
-    if len > 32 {
-        return None;
-    }
-    Some((ip.parse().ok()?, len))
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = len.unwrap_or(max);
+    (len <= max).then_some((ip, len))
 }
 
 pub(crate) fn mask(ip: Ipv4Addr, len: u32) -> Ipv4Addr {
     let bits = u32::from(ip);
     let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
     Ipv4Addr::from(bits & m)
+}
+
+pub(crate) fn mask6(ip: Ipv6Addr, len: u32) -> Ipv6Addr {
+    let bits = u128::from(ip);
+    let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    Ipv6Addr::from(bits & m)
+}
+
+/// `ip` with all but its first `len` bits cleared, either family.
+pub fn masked(ip: IpAddr, len: u32) -> IpAddr {
+    match ip {
+        IpAddr::V4(ip) => IpAddr::V4(mask(ip, len)),
+        IpAddr::V6(ip) => IpAddr::V6(mask6(ip, len)),
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +263,8 @@ mod tests {
             ("10.0.0.1/32", 300, 1),
             ("10.1.0.0/16", 2, 0),
             ("fd00::1/128", 301, 1),
+            ("fd00:1::/64", 2, 0),
+            ("10.0.0.0/33", 2, 0),
         ] {
             s.ipcache.insert(
                 cidr.into(),
@@ -246,11 +290,13 @@ mod tests {
         let v = t.ipcache[&ip_key(Ipv4Addr::new(10, 0, 0, 1))];
         assert_eq!((v.identity, v.node_id), (300, 1));
         assert_eq!(t.lpm[&(16, ip_key(Ipv4Addr::new(10, 1, 0, 0)))].identity, 2);
+        let v = t.ipcache6[&ip6_key("fd00::1".parse().unwrap())];
+        assert_eq!((v.identity, v.node_id), (301, 1));
+        assert_eq!(t.lpm6[&(64, ip6_key("fd00:1::".parse().unwrap()))].identity, 2);
         assert_eq!(
-            t.skipped.len(),
-            1,
-            "IPv6 is reported, not silently dropped: {:?}",
-            t.skipped
+            t.skipped,
+            vec!["ipcache 10.0.0.0/33: not an IPv4 or IPv6 CIDR".to_string()],
+            "what cannot be held is reported, not silently dropped"
         );
     }
 

@@ -234,6 +234,9 @@ pub async fn serve_with_metrics(
             },
             _ = shutdown.changed() => return,
         };
+        // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; node
+        // addresses name them as IPv4.
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Ok(permit) = gate.admit(keyway_serve::PeerKey::ip(peer.ip())) else {
             continue;
         };

@@ -1,0 +1,28 @@
+//! Loads every TC program of a BPF object (maps pinned under a scratch
+//! directory) and prints how many instructions the verifier processed for
+//! each, out of its 1M budget. `cargo run -p keyway-tests --example verify -- OBJ`.
+use aya::programs::SchedClassifier;
+
+fn main() {
+    let path = std::env::args().nth(1).expect("usage: verify OBJECT");
+    let bytes = std::fs::read(&path).expect("read the object");
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/keyway-verify-{}", std::process::id()));
+    std::fs::create_dir_all(&pins).expect("pin dir");
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&pins)
+        .load(&bytes)
+        .expect("load the object");
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+    for name in names {
+        let prog: &mut SchedClassifier = ebpf.program_mut(&name).unwrap().try_into().unwrap();
+        match prog.load() {
+            Ok(()) => println!(
+                "{name}: {}",
+                prog.info().ok().and_then(|i| i.verified_instruction_count()).unwrap_or(0)
+            ),
+            Err(e) => println!("{name}: FAILED {}", e.to_string().lines().last().unwrap_or("")),
+        }
+    }
+    drop(ebpf);
+    let _ = std::fs::remove_dir_all(&pins);
+}
