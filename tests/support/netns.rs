@@ -76,6 +76,64 @@ pub fn v6_prefix(len: u8) -> u8 {
     64 + 2 * len
 }
 
+/// The family a dual-stack test runs its traffic in. Pods and the state
+/// are dual-stack either way (each pod has both addresses, one identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    /// The pod whose IPv4 address is `v4`'s address in this family.
+    pub fn ip(self, v4: Ipv4Addr) -> IpAddr {
+        match self {
+            Fam::V4 => IpAddr::V4(v4),
+            Fam::V6 => IpAddr::V6(v6_of(v4)),
+        }
+    }
+
+    /// The IPv4 prefix `v4/len`, or the IPv6 one covering the same pods.
+    pub fn cidr(self, v4: Ipv4Addr, len: u8) -> String {
+        match self {
+            Fam::V4 => format!("{v4}/{len}"),
+            Fam::V6 => format!("{}/{}", v6_of(v4), v6_prefix(len)),
+        }
+    }
+
+    /// `pod`'s address in this family.
+    pub fn of(self, pod: &Pod) -> IpAddr {
+        pod.addr(self == Fam::V6)
+    }
+
+    /// The sysctl that turns the node's routing on and off.
+    pub fn forwarding(self) -> &'static str {
+        match self {
+            Fam::V4 => "net.ipv4.ip_forward",
+            Fam::V6 => "net.ipv6.conf.all.forwarding",
+        }
+    }
+}
+
+/// `#[test]`s `name::ipv4` and `name::ipv6` for each `fn name(fam: Fam)`:
+/// every assertion made for IPv4 is also made for IPv6.
+#[macro_export]
+macro_rules! dual_stack {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ipv4() {
+                super::$name($crate::netns::Fam::V4)
+            }
+
+            #[test]
+            fn ipv6() {
+                super::$name($crate::netns::Fam::V6)
+            }
+        }
+    )*};
+}
+
 /// IPv6 on in namespace `ns`, with duplicate address detection off (so an
 /// address is usable the moment it is added; nothing here can collide).
 fn enable_ipv6(ns: &str) {
@@ -730,8 +788,13 @@ impl Drop for Cluster {
 /// A Workload document with an explicit `app` label (so two workloads can
 /// share one, or a workload can share none with its name).
 pub fn labelled_workload(name: &str, sa: &str, app: &str, node: &str, ip: Ipv4Addr) -> String {
+    // Dual-stack, as the cluster's pods are.
     crate::workload_yaml(name, sa, node, &ip.to_string())
         .replace(&format!("app: {name}"), &format!("app: {app}"))
+        .replace(
+            &format!("ips: [\"{ip}\"]"),
+            &format!("ips: [\"{ip}\", \"{}\"]", v6_of(ip)),
+        )
 }
 
 /// True once `node`'s agent has pinned both programs' links for `pod`'s

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyway_common::{AuthKey, auth_type, drop_reason, maps};
+use keyway_tests::dual_stack;
 use keyway_tests::netns::{
-    Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo, v6_of, v6_prefix,
+    Fam, Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo, v6_of,
 };
 use keyway_tests::wait_until;
 use node_agent::datapath::endpoints::Withheld;
@@ -37,61 +38,9 @@ const UDP: u32 = 17;
 
 // ---- address families ----
 
-/// The family a dual-stack test runs its traffic in. Pods and the state
-/// are dual-stack either way (each pod has both addresses, one identity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fam {
-    V4,
-    V6,
-}
-
-impl Fam {
-    /// The pod whose IPv4 address is `v4`'s address in this family.
-    fn ip(self, v4: Ipv4Addr) -> IpAddr {
-        match self {
-            Fam::V4 => IpAddr::V4(v4),
-            Fam::V6 => IpAddr::V6(v6_of(v4)),
-        }
-    }
-
-    /// The IPv4 prefix `v4/len`, or the IPv6 one covering the same pods.
-    fn cidr(self, v4: Ipv4Addr, len: u8) -> String {
-        match self {
-            Fam::V4 => format!("{v4}/{len}"),
-            Fam::V6 => format!("{}/{}", v6_of(v4), v6_prefix(len)),
-        }
-    }
-
-    /// The sysctl that turns the node's routing on and off.
-    fn forwarding(self) -> &'static str {
-        match self {
-            Fam::V4 => "net.ipv4.ip_forward",
-            Fam::V6 => "net.ipv6.conf.all.forwarding",
-        }
-    }
-}
-
 /// Both addresses of the dual-stack pod whose IPv4 address is `v4`.
 fn both(v4: Ipv4Addr) -> Vec<IpAddr> {
     vec![IpAddr::V4(v4), IpAddr::V6(v6_of(v4))]
-}
-
-/// `#[test]`s `name::ipv4` and `name::ipv6` for each `fn name(fam: Fam)`:
-/// every assertion made for IPv4 is also made for IPv6.
-macro_rules! dual_stack {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn ipv4() {
-                super::$name(super::Fam::V4)
-            }
-
-            #[test]
-            fn ipv6() {
-                super::$name(super::Fam::V6)
-            }
-        }
-    )*};
 }
 
 dual_stack!(

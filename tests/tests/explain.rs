@@ -10,9 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyway_tests::netns::{
-    AgentProcess, Cluster, Pod, attached, connect, echo_round_trip, labelled_workload, tcp_echo,
+    AgentProcess, Cluster, Fam, Pod, attached, connect, echo_round_trip, labelled_workload, tcp_echo,
 };
-use keyway_tests::wait_until;
+use keyway_tests::{dual_stack, wait_until};
 
 /// api takes 8080 from frontend with mutual auth, 9090 from intruder without.
 const POLICY: &str = "apiVersion: keyway.dev/v1alpha1
@@ -54,6 +54,7 @@ fn explain_json(agent: &AgentProcess, from: &str, to: &str, port: u16) -> serde_
 /// One pair: connect for real, then ask explain on the agent of the node
 /// whose hooks judge it, and compare.
 struct Case<'a> {
+    fam: Fam,
     what: &'a str,
     client: &'a Pod,
     from: String,
@@ -65,7 +66,7 @@ struct Case<'a> {
 }
 
 fn check(c: &Case<'_>) {
-    let passed = match connect(&c.client.netns, c.server.ip, c.port, Duration::from_secs(2)) {
+    let passed = match connect(&c.client.netns, c.fam.of(c.server), c.port, Duration::from_secs(2)) {
         Ok(mut s) => echo_round_trip(&mut s, c.what.as_bytes()),
         Err(_) => false,
     };
@@ -94,7 +95,7 @@ fn check(c: &Case<'_>) {
         .filter(|h| h["judged_here"] == true)
     {
         let direction = h["direction"].as_str().unwrap().to_string();
-        let src = c.client.ip.to_string();
+        let src = c.fam.of(c.client).to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         let record = loop {
             let flows = c.judge.observe(&["--port", &c.port.to_string()]);
@@ -130,8 +131,9 @@ fn check(c: &Case<'_>) {
     }
 }
 
-#[test]
-fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_pairs() {
+dual_stack!(explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_pairs);
+
+fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_pairs(fam: Fam) {
     let mut cluster = Cluster::new(&["node-a", "node-b"]);
     let frontend = cluster.add_pod("node-a", "fe", 10);
     let intruder = cluster.add_pod("node-a", "in", 20);
@@ -140,6 +142,12 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     let ghost = cluster.add_pod("node-a", "gh", 30);
     let api = cluster.add_pod("node-b", "api", 10);
     let (na, nb) = (cluster.node("node-a").clone(), cluster.node("node-b").clone());
+    // Workloads by name where names resolve to the family tested (IPv4, a
+    // dual-stack pod's first address); by IPv6 address otherwise.
+    let who = |name: &str, pod: &Pod| match fam {
+        Fam::V4 => format!("default/{name}"),
+        Fam::V6 => fam.of(pod).to_string(),
+    };
     let deployment = cluster.deploy(
         &[],
         &[
@@ -152,9 +160,9 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     );
     let agents = &deployment.agents;
     let (agent_a, agent_b) = (&agents[0], &agents[1]);
-    tcp_echo(&api.netns, api.ip, 8080);
-    tcp_echo(&api.netns, api.ip, 9090);
-    tcp_echo(&frontend.netns, frontend.ip, 7070);
+    tcp_echo(&api.netns, fam.of(&api), 8080);
+    tcp_echo(&api.netns, fam.of(&api), 9090);
+    tcp_echo(&frontend.netns, fam.of(&frontend), 7070);
     wait_until(
         Duration::from_secs(30),
         "both agents to attach to their pods",
@@ -180,14 +188,14 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     const SIGNALS: &str = r#"keyway_datapath_signals_total{result="queued"}"#;
 
     // Before any traffic: the names resolve and the answer reads.
-    let text = explain(agent_b, "default/frontend", "default/api", 8080, false);
+    let text = explain(agent_b, &who("frontend", &frontend), &who("api", &api), 8080, false);
     assert!(
         text.contains("FORWARDED")
             && text.contains("default/api-in ingress[0]")
             && text.contains("valid for"),
         "{text}"
     );
-    let r = explain_json(agent_b, "default/frontend", "default/api", 8080);
+    let r = explain_json(agent_b, &who("frontend", &frontend), &who("api", &api), 8080);
     assert_eq!(r["source"]["workload"], "frontend");
     assert_eq!(r["source"]["node"], "node-a");
     assert!(
@@ -204,51 +212,56 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
 
     let cases = [
         Case {
+            fam,
             what: "frontend -> api:8080 (auth required, pre-authenticated)",
             client: &frontend,
-            from: "default/frontend".into(),
+            from: who("frontend", &frontend),
             server: &api,
-            to: "default/api".into(),
+            to: who("api", &api),
             port: 8080,
             judge: agent_b,
             expect: "FORWARDED",
         },
         Case {
+            fam,
             what: "intruder -> api:9090 (allowed without auth)",
             client: &intruder,
-            from: "default/intruder".into(),
+            from: who("intruder", &intruder),
             server: &api,
-            to: api.ip.to_string(),
+            to: fam.of(&api).to_string(),
             port: 9090,
             judge: agent_b,
             expect: "FORWARDED",
         },
         Case {
+            fam,
             what: "intruder -> api:8080 (no rule: default-deny)",
             client: &intruder,
-            from: intruder.ip.to_string(),
+            from: fam.of(&intruder).to_string(),
             server: &api,
-            to: "default/api".into(),
+            to: who("api", &api),
             port: 8080,
             judge: agent_b,
             expect: "DROPPED policy-denied",
         },
         Case {
+            fam,
             what: "ghost -> api:8080 (auth required, nobody can authenticate)",
             client: &ghost,
-            from: "default/ghost".into(),
+            from: who("ghost", &ghost),
             server: &api,
-            to: "default/api".into(),
+            to: who("api", &api),
             port: 8080,
             judge: agent_b,
             expect: "DROPPED auth-required",
         },
         Case {
+            fam,
             what: "intruder -> frontend:7070 (same node, no policy: both hooks here)",
             client: &intruder,
-            from: "default/intruder".into(),
+            from: who("intruder", &intruder),
             server: &frontend,
-            to: "default/frontend".into(),
+            to: who("frontend", &frontend),
             port: 7070,
             judge: agent_a,
             expect: "FORWARDED",
@@ -292,16 +305,16 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     // What to change, for the two drops.
     eprintln!(
         "{}\n{}",
-        explain(agent_b, "default/intruder", "default/api", 8080, false),
-        explain(agent_b, "default/ghost", "default/api", 8080, false)
+        explain(agent_b, &who("intruder", &intruder), &who("api", &api), 8080, false),
+        explain(agent_b, &who("ghost", &ghost), &who("api", &api), 8080, false)
     );
-    let denied = explain_json(agent_b, "default/intruder", "default/api", 8080);
+    let denied = explain_json(agent_b, &who("intruder", &intruder), &who("api", &api), 8080);
     let hint = denied["hooks"][1]["to_allow"][0].as_str().unwrap();
     assert!(
         hint.contains("no rule allows") && hint.contains("policy default/api-in"),
         "{denied:#}"
     );
-    let ghostly = explain_json(agent_b, "default/ghost", "default/api", 8080);
+    let ghostly = explain_json(agent_b, &who("ghost", &ghost), &who("api", &api), 8080);
     assert_eq!(ghostly["hooks"][1]["auth"]["state"], "missing", "{ghostly:#}");
     assert!(
         ghostly["hooks"][1]["to_allow"][0]
@@ -310,7 +323,7 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
             .starts_with("auth required but no entry"),
         "{ghostly:#}"
     );
-    let both = explain_json(agent_a, "default/intruder", "default/frontend", 7070);
+    let both = explain_json(agent_a, &who("intruder", &intruder), &who("frontend", &frontend), 7070);
     assert!(
         both["hooks"]
             .as_array()

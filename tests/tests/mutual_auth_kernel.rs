@@ -4,14 +4,14 @@
 //! underlay address, and real TCP. Needs root; fails without it.
 
 use keyway_tests::MTLS_INGRESS;
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use keyway_tests::netns::{
-    AgentProcess, Cluster, Deployment, Pod, attached, echo_round_trip, labelled_workload, tcp_echo,
+    AgentProcess, Cluster, Deployment, Fam, Pod, attached, echo_round_trip, labelled_workload, tcp_echo,
     tcp_retransmits,
 };
-use keyway_tests::wait_until;
+use keyway_tests::{dual_stack, wait_until};
 
 struct Setup {
     cluster: Cluster,
@@ -50,11 +50,11 @@ fn setup(cp_flags: &[&str]) -> Setup {
     }
 }
 
-fn echo_server(pod: &Pod, port: u16) {
-    tcp_echo(&pod.netns, pod.ip, port);
+fn echo_server(fam: Fam, pod: &Pod, port: u16) {
+    tcp_echo(&pod.netns, fam.of(pod), port);
 }
 
-fn connect(from: &Pod, to: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+fn connect(from: &Pod, to: IpAddr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     keyway_tests::netns::connect(&from.netns, to, port, timeout)
 }
 
@@ -69,10 +69,14 @@ fn api_has_entry_for(agent: &AgentProcess, peer_sa: &str) -> bool {
     })
 }
 
-#[test]
-fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
+dual_stack!(
+    the_first_connection_of_a_pre_authenticated_pair_loses_no_packet,
+    rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection,
+);
+
+fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet(fam: Fam) {
     let s = setup(&[]);
-    echo_server(&s.api, 8080);
+    echo_server(fam, &s.api, 8080);
     let node_b = &s.deployment.agents[1];
     let (na, nb) = (s.cluster.node("node-a").clone(), s.cluster.node("node-b").clone());
     wait_until(
@@ -89,7 +93,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     // The very first connection: no drop, no SYN retransmit.
     let before = tcp_retransmits(&s.frontend.netns);
     let t0 = Instant::now();
-    let mut c = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("frontend -> api");
+    let mut c = connect(&s.frontend, fam.of(&s.api), 8080, Duration::from_secs(3)).expect("frontend -> api");
     let took = t0.elapsed();
     assert!(echo_round_trip(&mut c, b"first try"));
     assert_eq!(
@@ -103,7 +107,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
         let flows = node_b.observe(&["--port", "8080"]);
         let reported = flows
             .iter()
-            .any(|f| f["auth"] == "pre-authenticated" && f["source"]["ip"] == s.frontend.ip.to_string());
+            .any(|f| f["auth"] == "pre-authenticated" && f["source"]["ip"] == fam.of(&s.frontend).to_string());
         if reported {
             break;
         }
@@ -144,24 +148,24 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     assert!(drops.is_empty(), "nothing was dropped: {drops:?}");
 
     // The intruder (another service account) is dropped by policy.
-    assert!(connect(&s.intruder, s.api.ip, 8080, Duration::from_secs(1)).is_err());
+    assert!(connect(&s.intruder, fam.of(&s.api), 8080, Duration::from_secs(1)).is_err());
     wait_until(Duration::from_secs(5), "a policy-denied flow record", || {
         node_b
             .observe(&["--drop-reason", "policy-denied", "--port", "8080"])
             .iter()
-            .any(|f| f["source"]["ip"] == s.intruder.ip.to_string())
+            .any(|f| f["source"]["ip"] == fam.of(&s.intruder).to_string())
     });
 
     // ghost matches the policy but its SVID cannot be obtained (no agent on
     // its node): it stays dropped with AUTH_REQUIRED.
     for _ in 0..2 {
-        assert!(connect(&s.ghost, s.api.ip, 8080, Duration::from_secs(1)).is_err());
+        assert!(connect(&s.ghost, fam.of(&s.api), 8080, Duration::from_secs(1)).is_err());
     }
     let denied = node_b.observe(&["--drop-reason", "auth-required", "--port", "8080"]);
     assert!(
         denied
             .iter()
-            .any(|f| f["source"]["ip"] == s.ghost.ip.to_string() && f["auth"] == "missing"),
+            .any(|f| f["source"]["ip"] == fam.of(&s.ghost).to_string() && f["auth"] == "missing"),
         "{denied:?}"
     );
     assert!(!api_has_entry_for(node_b, "ghost"));
@@ -174,7 +178,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
         .map(|f| f["source"]["ip"].as_str().unwrap_or_default().to_string())
         .collect();
     let expected: std::collections::BTreeSet<String> =
-        [s.intruder.ip.to_string(), s.ghost.ip.to_string()].into();
+        [fam.of(&s.intruder).to_string(), fam.of(&s.ghost).to_string()].into();
     assert_eq!(sources, expected, "{drops:#?}");
     assert!(
         drops
@@ -186,7 +190,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
         !denied.is_empty()
             && denied
                 .iter()
-                .all(|f| f["source"]["ip"] == s.intruder.ip.to_string()),
+                .all(|f| f["source"]["ip"] == fam.of(&s.intruder).to_string()),
         "{denied:#?}"
     );
 
@@ -194,7 +198,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     // selects exactly the flows with that identity at one end.
     let ghost_flow = drops
         .iter()
-        .find(|f| f["source"]["ip"] == s.ghost.ip.to_string())
+        .find(|f| f["source"]["ip"] == fam.of(&s.ghost).to_string())
         .expect("a ghost flow");
     let ghost_id = ghost_flow["source"]["spiffe_id"]
         .as_str()
@@ -244,7 +248,7 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     // What is already in the ring comes first; then the new connection.
     while rx.recv_timeout(Duration::from_millis(300)).is_ok() {}
     let t0 = Instant::now();
-    let mut c = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("frontend -> api again");
+    let mut c = connect(&s.frontend, fam.of(&s.api), 8080, Duration::from_secs(3)).expect("frontend -> api again");
     assert!(echo_round_trip(&mut c, b"followed"));
     let port = c.local_addr().expect("local addr").port();
     let (at, line) = loop {
@@ -265,10 +269,9 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet() {
     let _ = (&s.deployment, &s.cluster);
 }
 
-#[test]
-fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
+fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection(fam: Fam) {
     let mut s = setup(&["--svid-ttl", "8s", "--ca-ttl", "60s"]);
-    echo_server(&s.api, 8080);
+    echo_server(fam, &s.api, 8080);
     let nb = s.cluster.node("node-b").clone();
     wait_until(Duration::from_secs(30), "the datapath on api's veth", || {
         attached(&nb, &s.api)
@@ -276,7 +279,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
     wait_until(Duration::from_secs(30), "pre-authentication", || {
         api_has_entry_for(&s.deployment.agents[1], "frontend")
     });
-    let mut long_lived = connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(3)).expect("connect");
+    let mut long_lived = connect(&s.frontend, fam.of(&s.api), 8080, Duration::from_secs(3)).expect("connect");
 
     // ~20 s of new connections, one every 100 ms, across SVID rotations (8 s
     // SVIDs), a CA prepare + activate, and a kill -9 and restart of api's agent.
@@ -287,7 +290,7 @@ fn rotations_and_an_agent_restart_during_steady_traffic_fail_no_connection() {
     let mut restarted = false;
     while start.elapsed() < Duration::from_secs(20) {
         attempts += 1;
-        match connect(&s.frontend, s.api.ip, 8080, Duration::from_secs(2)) {
+        match connect(&s.frontend, fam.of(&s.api), 8080, Duration::from_secs(2)) {
             Ok(mut c) => {
                 if !echo_round_trip(&mut c, b"steady") {
                     failures.push(format!("{:?}: no echo", start.elapsed()));

@@ -9,16 +9,18 @@
 //! the peer) and explained by `explain --via`; the real peer keeps working.
 //! Needs root; fails without it.
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, UdpSocket};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use keyway_tests::netns::{
-    Cluster, Forged, Pod, attached, connect, echo_round_trip, in_netns, labelled_workload, send_forged,
+    Cluster, Fam, Forged, Pod, attached, connect, echo_round_trip, in_netns, labelled_workload, send_forged,
     tcp_echo,
 };
-use keyway_tests::wait_until;
+use keyway_tests::{dual_stack, wait_until};
+
+dual_stack!(a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_peer_passes);
 
 /// The servers (app: api) take TCP 8080 from frontend with mutual auth and
 /// UDP 5353 from frontend without; nobody else.
@@ -38,8 +40,8 @@ spec:
 const SPOOFED: &str = r#"keyway_datapath_drops_total{reason="source-spoofed"}"#;
 
 /// A UDP server in `pod` that reports every datagram's payload and sender.
-fn udp_listener(pod: &Pod, port: u16) -> mpsc::Receiver<(Vec<u8>, std::net::SocketAddr)> {
-    let ip = pod.ip;
+fn udp_listener(fam: Fam, pod: &Pod, port: u16) -> mpsc::Receiver<(Vec<u8>, std::net::SocketAddr)> {
+    let ip = fam.of(pod);
     let sock = in_netns(&pod.netns, move || UdpSocket::bind((ip, port)).expect("bind udp"));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -53,8 +55,8 @@ fn udp_listener(pod: &Pod, port: u16) -> mpsc::Receiver<(Vec<u8>, std::net::Sock
     rx
 }
 
-fn udp_send(from: &Pod, to: Ipv4Addr, port: u16, payload: &'static [u8]) {
-    let ip = from.ip;
+fn udp_send(from: &Pod, to: IpAddr, port: u16, payload: &'static [u8]) {
+    let ip = if to.is_ipv6() { Fam::V6 } else { Fam::V4 }.of(from);
     let sock = in_netns(&from.netns, move || UdpSocket::bind((ip, 0)).expect("udp bind"));
     sock.send_to(payload, (to, port)).expect("udp send");
 }
@@ -74,8 +76,7 @@ fn received_until(rx: &mpsc::Receiver<(Vec<u8>, std::net::SocketAddr)>, payload:
     }
 }
 
-#[test]
-fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_peer_passes() {
+fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_peer_passes(fam: Fam) {
     let mut cluster = Cluster::new(&["node-a", "node-b"]);
     let frontend = cluster.add_pod("node-a", "fe", 10);
     let intruder = cluster.add_pod("node-a", "in", 20);
@@ -94,10 +95,10 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
     );
     let (agent_a, agent_b) = (&deployment.agents[0], &deployment.agents[1]);
     for server in [&cache, &api] {
-        tcp_echo(&server.netns, server.ip, 8080);
+        tcp_echo(&server.netns, fam.of(server), 8080);
     }
-    let udp_cache = udp_listener(&cache, 5353);
-    let udp_api = udp_listener(&api, 5353);
+    let udp_cache = udp_listener(fam, &cache, 5353);
+    let udp_api = udp_listener(fam, &api, 5353);
     wait_until(
         Duration::from_secs(30),
         "the agents to attach to every pod",
@@ -123,12 +124,12 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
 
     // The real peer passes, on both nodes, TCP (authenticated) and UDP.
     for server in [&cache, &api] {
-        let mut s = connect(&frontend.netns, server.ip, 8080, Duration::from_secs(3))
+        let mut s = connect(&frontend.netns, fam.of(server), 8080, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("frontend -> {}:8080: {e}", server.name));
         assert!(echo_round_trip(&mut s, b"real"));
     }
-    udp_send(&frontend, cache.ip, 5353, b"real-1");
-    udp_send(&frontend, api.ip, 5353, b"real-1");
+    udp_send(&frontend, fam.of(&cache), 5353, b"real-1");
+    udp_send(&frontend, fam.of(&api), 5353, b"real-1");
     received_until(&udp_cache, b"real-1");
     received_until(&udp_api, b"real-1");
     let series = |text: &str| keyway_tests::http::value(text, SPOOFED).unwrap_or(0.0);
@@ -138,8 +139,8 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
     for server in [&cache, &api] {
         send_forged(
             &intruder.netns,
-            frontend.ip,
-            server.ip,
+            fam.of(&frontend),
+            fam.of(server),
             Forged::Udp {
                 src_port: 40000,
                 dst_port: 5353,
@@ -148,8 +149,8 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
         );
         send_forged(
             &intruder.netns,
-            frontend.ip,
-            server.ip,
+            fam.of(&frontend),
+            fam.of(server),
             Forged::TcpSyn {
                 src_port: 40001,
                 dst_port: 8080,
@@ -162,13 +163,13 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
         || series(&agent_a.scrape()) >= before + 4.0,
     );
     // Nothing forged arrived: the next real datagram is the first one after.
-    udp_send(&frontend, cache.ip, 5353, b"real-2");
-    udp_send(&frontend, api.ip, 5353, b"real-2");
+    udp_send(&frontend, fam.of(&cache), 5353, b"real-2");
+    udp_send(&frontend, fam.of(&api), 5353, b"real-2");
     assert_eq!(received_until(&udp_cache, b"real-2"), vec![b"real-2".to_vec()]);
     assert_eq!(received_until(&udp_api, b"real-2"), vec![b"real-2".to_vec()]);
     // The real peer still passes after the attack.
     for server in [&cache, &api] {
-        let mut s = connect(&frontend.netns, server.ip, 8080, Duration::from_secs(3))
+        let mut s = connect(&frontend.netns, fam.of(server), 8080, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("frontend -> {}:8080 after the attack: {e}", server.name));
         assert!(echo_round_trip(&mut s, b"still real"));
     }
@@ -178,7 +179,7 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
     assert!(records.len() >= 4, "{records:#?}");
     for r in &records {
         assert_eq!(r["direction"], "egress", "{r:#}");
-        assert_eq!(r["source"]["ip"], frontend.ip.to_string(), "{r:#}");
+        assert_eq!(r["source"]["ip"], fam.of(&frontend).to_string(), "{r:#}");
         assert_eq!(
             r["source"]["pod"], "",
             "the forged address's owner is not blamed: {r:#}"
@@ -198,13 +199,18 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
     assert_eq!(forwarded_forged, 0, "node-b never saw the forged datagram");
 
     // explain: what the intruder's interface does with frontend's address.
+    // By name (IPv4, a pod's first address) or by IPv6 address.
+    let (from, to) = match fam {
+        Fam::V4 => ("default/frontend".to_string(), "default/cache".to_string()),
+        Fam::V6 => (fam.of(&frontend).to_string(), fam.of(&cache).to_string()),
+    };
     let out = Command::new(keyway_tests::bin("node-agent"))
         .args([
             "explain",
             "--from",
-            "default/frontend",
+            &from,
             "--to",
-            "default/cache",
+            &to,
             "--port",
             "8080",
         ])
@@ -227,9 +233,9 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
         .args([
             "explain",
             "--from",
-            "default/frontend",
+            &from,
             "--to",
-            "default/cache",
+            &to,
             "--port",
             "8080",
             "-o",
