@@ -1393,3 +1393,51 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
     }
     m
 }
+
+/// An IPv6 packet from `src` to `dst`: `chain`'s extension headers in
+/// order (each given whole, its first byte, the next header, filled in
+/// here), then `l4` of protocol `proto`, whose checksum (UDP, ICMPv6) is
+/// computed over the final header's pseudo-header when `checksum_at` says
+/// where it goes.
+pub fn ipv6_packet(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    chain: &[(u8, Vec<u8>)],
+    proto: u8,
+    mut l4: Vec<u8>,
+    checksum_at: Option<usize>,
+) -> Vec<u8> {
+    if let Some(at) = checksum_at {
+        l4[at..at + 2].copy_from_slice(&[0, 0]);
+        let sum = l4_checksum(IpAddr::V6(src), IpAddr::V6(dst), proto, &l4);
+        l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut rest = Vec::new();
+    for (i, (_, h)) in chain.iter().enumerate() {
+        let mut h = h.clone();
+        h[0] = chain.get(i + 1).map(|(t, _)| *t).unwrap_or(proto);
+        rest.extend_from_slice(&h);
+    }
+    rest.extend_from_slice(&l4);
+    let first = chain.first().map(|(t, _)| *t).unwrap_or(proto);
+    let mut p = ipv6_header(src, dst, first, rest.len());
+    p.extend_from_slice(&rest);
+    p
+}
+
+/// An 8-byte hop-by-hop (0) or destination options (60) header holding
+/// only padding, for [`ipv6_packet`].
+pub fn ipv6_options(kind: u8) -> (u8, Vec<u8>) {
+    (kind, vec![0, 0, 1, 4, 0, 0, 0, 0])
+}
+
+/// A UDP datagram (checksum left for [`ipv6_packet`], at 6).
+pub fn udp_datagram(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&src_port.to_be_bytes());
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}

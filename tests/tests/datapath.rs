@@ -1370,6 +1370,167 @@ fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
     drop(agent);
 }
 
+/// A UDP socket on `ip:port` in `ns`; every datagram's payload, as it comes.
+fn udp_inbox(ns: &str, ip: IpAddr, port: u16) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let sock = in_netns(ns, move || UdpSocket::bind((ip, port)).expect("bind udp"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// What `inbox` got until `last` (which must come within 5 s), `last` included.
+fn inbox_until(inbox: &std::sync::mpsc::Receiver<Vec<u8>>, last: &[u8]) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let p = inbox
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("no {:?} after {got:?}", String::from_utf8_lossy(last)));
+        got.push(String::from_utf8_lossy(&p).into_owned());
+        if p == last {
+            return got;
+        }
+    }
+}
+
+/// The drops counted for `reason` on this node so far.
+fn drops(topo: &Topology, reason: u8) -> u64 {
+    node_agent::datapath::drops::DropCounters::open(&topo.pin_dir)
+        .unwrap()
+        .read()
+        .unwrap()
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| n)
+}
+
+/// Neighbour discovery is to IPv6 what ARP is to IPv4: b may send and
+/// receive nothing under its policy, yet the node still learns b's MAC
+/// (its solicitation reaches b, b's advertisement comes back), or nothing
+/// could be delivered to b once policy allows it. The exemption holds on
+/// the link only: a neighbour solicitation a pod sends to an address off
+/// its link would be routed like any packet, so it is judged like one.
+#[test]
+fn ipv6_neighbour_discovery_is_never_judged_by_policy_but_stays_on_the_link() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let r = topo.add_remote(IP_R);
+    // b has no policy entry: nothing in, nothing out.
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    let (b6, r6) = (v6_of(IP_B), v6_of(IP_R));
+
+    // a's ping makes the node look for b's MAC (to redirect it to b); the
+    // ping itself is denied at b.
+    assert!(!ping(&a.netns, b6, 1), "policy denies a -> b");
+    wait_until(Duration::from_secs(5), "the node to learn b's MAC", || {
+        let out = keyway_tests::netns::run(
+            "ip",
+            &["-n", &topo.node, "-6", "neigh", "show", &b6.to_string(), "dev", &b.host_if],
+        );
+        out.contains("lladdr")
+    });
+    let f = expect_flow(&mut flows, "a's ping dropped at b", |f| {
+        f.dst == IpAddr::V6(b6) && f.proto == 58 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+    assert!(
+        drain_flows(&mut flows).iter().all(|f| f.src != IpAddr::V6(b6)),
+        "b's neighbour advertisement was not judged"
+    );
+
+    // A neighbour solicitation (hop limit 255) from b to the remote peer:
+    // off b's link, so judged, and b may send nothing.
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&r6.octets());
+    let mut packet = keyway_tests::netns::ipv6_packet(b6, r6, &[], 58, ns, Some(2));
+    packet[7] = 255;
+    keyway_tests::netns::send_raw(&b.netns, IpAddr::V6(r6), &packet);
+    let f = expect_flow(&mut flows, "b's off-link solicitation judged", |f| {
+        f.src == IpAddr::V6(b6) && f.dst == IpAddr::V6(r6) && f.proto == 58
+    });
+    assert!(!f.forwarded && f.from_pod);
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+    let _ = r;
+    dp.stop();
+}
+
+/// IPv6 extension headers are walked to the transport header, so policy
+/// judges the real port: b admits a on UDP 5454 only, and a datagram behind
+/// a hop-by-hop and a destination options header is judged on its port.
+/// What cannot be walked is dropped with its own reason, never passed
+/// unjudged: a chain longer than the datapath walks, a routing header with
+/// segments left (the real destination is not the packet's), and a header
+/// whose length runs past the packet. The receiving stack would accept the
+/// long chain, so only the datapath stands between it and b.
+#[test]
+fn an_ipv6_extension_header_chain_is_walked_to_the_port_and_what_cannot_be_walked_is_dropped() {
+    use keyway_tests::netns::{ipv6_options, ipv6_packet, send_raw, udp_datagram};
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, A, 5454, UDP, INGRESS), false, "default/b-udp ingress[0]")
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(state, &topo);
+    let (a6, b6) = (v6_of(IP_A), v6_of(IP_B));
+    let allowed = udp_inbox(&b.netns, IpAddr::V6(b6), 5454);
+    let denied = udp_inbox(&b.netns, IpAddr::V6(b6), 5455);
+    let send = |chain: &[(u8, Vec<u8>)], port: u16, payload: &[u8]| {
+        let p = ipv6_packet(a6, b6, chain, 17, udp_datagram(40000, port, payload), Some(6));
+        send_raw(&a.netns, IpAddr::V6(b6), &p);
+    };
+    let options = [ipv6_options(0), ipv6_options(60)];
+
+    send(&options, 5454, b"walked");
+    assert_eq!(inbox_until(&allowed, b"walked"), ["walked"]);
+    send(&options, 5455, b"denied");
+    let f = expect_flow(&mut flows, "the datagram to 5455 judged on its port", |f| {
+        f.dst_port == 5455 && !f.from_pod
+    });
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+
+    let before = drops(&topo, drop_reason::IPV6_EXT_HEADERS);
+    let too_long: Vec<(u8, Vec<u8>)> = (0..=keyway_common::IPV6_MAX_EXT_HEADERS)
+        .map(|_| ipv6_options(60))
+        .collect();
+    send(&too_long, 5454, b"too long");
+    // A segment routing header with one segment left, to the address of a.
+    let mut srh = vec![0, 2, 4, 1, 0, 0, 0, 0];
+    srh.extend_from_slice(&a6.octets());
+    send(&[(43, srh)], 5454, b"routed");
+    // Destination options claiming 2 KiB.
+    send(&[(60, vec![0, 255, 1, 4, 0, 0, 0, 0])], 5454, b"cut short");
+    wait_until(
+        Duration::from_secs(5),
+        "three drops for extension headers",
+        || drops(&topo, drop_reason::IPV6_EXT_HEADERS) >= before + 3,
+    );
+    assert_eq!(drops(&topo, drop_reason::IPV6_EXT_HEADERS), before + 3);
+    // None of them reached b: the next datagram is the first since "walked".
+    send(&[], 5454, b"plain");
+    assert_eq!(inbox_until(&allowed, b"plain"), ["plain"]);
+    assert!(denied.try_recv().is_err(), "nothing reached 5455");
+    dp.stop();
+}
+
 #[test]
 fn the_flow_ring_never_grows_past_its_bound_under_a_flood_of_a_million_flows() {
     const BOUND: usize = 4096;

@@ -1011,10 +1011,17 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
             _ => (h[1] as usize + 2) * 4,
         };
     }
+    // What is cut short after extension headers is an extension header
+    // that lied about its length.
+    let cut_short = if walked == 0 {
+        drop_reason::MALFORMED
+    } else {
+        drop_reason::IPV6_EXT_HEADERS
+    };
     if next == IPPROTO_ICMPV6 && !later_fragment {
         let t = match ctx.load::<u8>(off) {
             Ok(t) => t,
-            Err(_) => return Err(drop_reason::MALFORMED),
+            Err(_) => return Err(cut_short),
         };
         // Router solicitation and advertisement, neighbour solicitation and
         // advertisement, redirect; MLD query, report, done, v2 report.
@@ -1034,8 +1041,8 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
         dst_port: 0,
         proto: next,
     };
-    if !later_fragment {
-        ports(ctx, off, &mut pkt)?;
+    if !later_fragment && ports(ctx, off, &mut pkt).is_err() {
+        return Err(cut_short);
     }
     Ok(Parsed6::Packet(pkt))
 }
