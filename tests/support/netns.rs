@@ -240,8 +240,9 @@ impl Topology {
 
     /// A Linux bridge in the node namespace, as Debian's `bridge` CNI plugin
     /// leaves it with `isGateway: true`: it holds the pods' gateway address
-    /// (`gateway_cidr`, e.g. `10.201.0.254/24`), so the pods' whole subnet
-    /// is routed to the bridge, not to any pod's veth. Returns its name.
+    /// (`gateway_cidr`, e.g. `10.201.0.254/24`, and its [`v6_of`] in the
+    /// matching IPv6 prefix), so the pods' whole subnet is routed to the
+    /// bridge, not to any pod's veth. Returns its name.
     pub fn add_bridge(&mut self, gateway_cidr: &str) -> String {
         let bridge = format!("kw{}br", self.tag);
         run(
@@ -251,6 +252,14 @@ impl Topology {
         run(
             "ip",
             &["-n", &self.node, "addr", "add", gateway_cidr, "dev", &bridge],
+        );
+        // The same gateway and subnet in IPv6, for dual-stack pods.
+        let (gw, len) = gateway_cidr.split_once('/').expect("a CIDR");
+        let gw6 = v6_of(gw.parse().expect("an IPv4 gateway"));
+        let len6 = v6_prefix(len.parse().expect("a prefix length"));
+        run(
+            "ip",
+            &["-n", &self.node, "addr", "add", &format!("{gw6}/{len6}"), "dev", &bridge],
         );
         run("ip", &["-n", &self.node, "link", "set", &bridge, "up"]);
         bridge
@@ -326,6 +335,43 @@ impl Topology {
             ip6: None,
         };
         self.pods.push(pod.clone());
+        pod
+    }
+
+    /// [`Topology::add_bridged_pod`], dual-stack: the pod also gets
+    /// [`v6_of`] `ip` in the IPv6 prefix that covers what `prefix` covers,
+    /// and a default route via [`v6_of`] `gateway` (which
+    /// [`Topology::add_bridge`] puts on the bridge too).
+    pub fn add_dual_stack_bridged_pod(
+        &mut self,
+        bridge: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+    ) -> Pod {
+        let mut pod = self.add_bridged_pod(bridge, name, ip, prefix, gateway);
+        let ip6 = v6_of(ip);
+        run(
+            "ip",
+            &[
+                "-n",
+                &pod.netns,
+                "addr",
+                "add",
+                &format!("{ip6}/{}", v6_prefix(prefix)),
+                "dev",
+                "eth0",
+            ],
+        );
+        run(
+            "ip",
+            &["-n", &pod.netns, "-6", "route", "add", "default", "via", &v6_of(gateway).to_string()],
+        );
+        pod.ip6 = Some(ip6);
+        if let Some(p) = self.pods.iter_mut().find(|p| p.name == name) {
+            p.ip6 = Some(ip6);
+        }
         pod
     }
 

@@ -1370,6 +1370,128 @@ fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
     drop(agent);
 }
 
+/// The bridge layout, dual-stack: IPv6 is placed, judged and guarded at
+/// the bridge port like IPv4. Both of a pod's addresses are its endpoints
+/// behind the one port into its namespace, with its MAC. Authentication
+/// and policy hold for IPv6; a forged IPv6 source is dropped; and a pod
+/// advertising another pod's IPv6 address as its own (a neighbour
+/// advertisement naming b's address with x's MAC, which would have a's
+/// neighbour cache send b's traffic to x) is dropped at its port, as the
+/// ARP reply doing the same in IPv4 is.
+#[test]
+fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
+    use keyway_tests::netns::{Forged, ipv6_packet, mac, send_forged, send_raw};
+    const X: u32 = 309;
+    const IP_X: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 9);
+    let gateway = Ipv4Addr::new(10, 201, 0, 254);
+    let mut topo = Topology::new();
+    let bridge = topo.add_bridge("10.201.0.254/24");
+    let a = topo.add_dual_stack_bridged_pod(&bridge, "a", IP_A, 24, gateway);
+    let b = topo.add_dual_stack_bridged_pod(&bridge, "b", IP_B, 24, gateway);
+    let x = topo.add_dual_stack_bridged_pod(&bridge, "x", IP_X, 24, gateway);
+    let mut builder = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, A, 8080, TCP, INGRESS), true, "default/b-mtls ingress[0]")
+        .rule((B, A, 5454, UDP, INGRESS), false, "default/b-udp ingress[0]")
+        .rule((X, 0, 0, 0, INGRESS), false, "default-allow")
+        .rule((X, 0, 0, 0, EGRESS), false, "default-allow");
+    add_workload(&mut builder.0, "x", X, IP_X);
+    for name in ["a", "b", "x"] {
+        home(&mut builder.0, name, format!("netns:{}", topo.pod_netns(name)));
+    }
+    let mut dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(builder.build(), &topo);
+    let (a6, b6, x6) = (v6_of(IP_A), v6_of(IP_B), v6_of(IP_X));
+    wait_until(Duration::from_secs(10), "both addresses of a, b and x placed", || {
+        let s = dp.status.borrow();
+        [IP_A, IP_B, IP_X]
+            .iter()
+            .flat_map(|ip| both(*ip))
+            .all(|ip| s.endpoints.contains_key(&ip))
+    });
+    {
+        let s = dp.status.borrow();
+        for pod in [&a, &b, &x] {
+            let (v4, v6) = (s.endpoints[&IpAddr::V4(pod.ip)], s.endpoints[&fam_v6(pod)]);
+            assert_eq!(v4, v6, "{}: one endpoint, both addresses", pod.name);
+            assert_eq!(v6.flags, keyway_common::endpoint_flags::BRIDGED);
+            assert_eq!(v6.mac, keyway_tests::netns::parse_mac(&mac(&pod.netns, "eth0")));
+        }
+    }
+
+    // Authentication and policy, over IPv6, at b's port.
+    tcp_echo(&b.netns, b6, 8080);
+    tcp_echo(&b.netns, b6, 9090);
+    assert!(connect(&a.netns, b6, 8080, Duration::from_millis(1200)).is_err());
+    let f = expect_flow(&mut flows, "an auth-required drop at b's port", |f| {
+        f.dst == IpAddr::V6(b6) && f.dst_port == 8080 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason, drop_reason::AUTH_REQUIRED);
+    assert_eq!((f.src_identity, f.dst_identity, f.from_pod), (A, B, false));
+    let signal = dp.signals.try_recv().expect("the agent was signalled");
+    dp.auth
+        .upsert(signal.key, datapath::monotonic_ns() + 600_000_000_000)
+        .unwrap();
+    let mut conn = connect(&a.netns, b6, 8080, Duration::from_secs(3)).expect("authenticated pair passes");
+    assert!(echo_round_trip(&mut conn, b"over the bridge, in IPv6"));
+    assert!(connect(&a.netns, b6, 9090, Duration::from_secs(1)).is_err());
+    let f = expect_flow(&mut flows, "a policy drop at b's port", |f| {
+        f.dst == IpAddr::V6(b6) && f.dst_port == 9090 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+
+    // x forges a's IPv6 source: dropped at x's port.
+    let inbox = udp_inbox(&b.netns, IpAddr::V6(b6), 5454);
+    let spoofed_before = drops(&topo, drop_reason::SOURCE_SPOOFED);
+    send_forged(
+        &x.netns,
+        a6,
+        b6,
+        Forged::Udp {
+            src_port: 40000,
+            dst_port: 5454,
+            payload: b"forged",
+        },
+    );
+    wait_until(Duration::from_secs(5), "the forged datagram dropped", || {
+        drops(&topo, drop_reason::SOURCE_SPOOFED) > spoofed_before
+    });
+
+    // x advertises b's address with its own MAC (override set), to a, which
+    // knows b's MAC from the connection above.
+    let b_mac = mac(&b.netns, "eth0");
+    let neighbour_of_b = || {
+        keyway_tests::netns::run("ip", &["-n", &a.netns, "-6", "neigh", "show", &b6.to_string()])
+    };
+    assert!(neighbour_of_b().contains(&b_mac), "{}", neighbour_of_b());
+    let mut na = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    na.extend_from_slice(&b6.octets());
+    na.extend_from_slice(&[2, 1]);
+    na.extend_from_slice(&keyway_tests::netns::parse_mac(&mac(&x.netns, "eth0")));
+    let mut packet = ipv6_packet(x6, a6, &[], 58, na, Some(2));
+    packet[7] = 255;
+    let spoofed_before = drops(&topo, drop_reason::SOURCE_SPOOFED);
+    send_raw(&x.netns, IpAddr::V6(a6), &packet);
+    wait_until(Duration::from_secs(5), "x's advertisement dropped", || {
+        drops(&topo, drop_reason::SOURCE_SPOOFED) > spoofed_before
+    });
+    assert!(neighbour_of_b().contains(&b_mac), "a still has b's MAC: {}", neighbour_of_b());
+
+    // a still reaches b, and what reached b's UDP port came from a.
+    let sock = in_netns(&a.netns, move || UdpSocket::bind((a6, 0)).expect("udp bind"));
+    sock.send_to(b"real", (b6, 5454)).expect("udp send");
+    assert_eq!(inbox_until(&inbox, b"real"), ["real"]);
+    assert!(echo_round_trip(&mut conn, b"still b"));
+    dp.stop();
+}
+
+fn fam_v6(pod: &keyway_tests::netns::Pod) -> IpAddr {
+    Fam::V6.of(pod)
+}
+
 /// A UDP socket on `ip:port` in `ns`; every datagram's payload, as it comes.
 fn udp_inbox(ns: &str, ip: IpAddr, port: u16) -> std::sync::mpsc::Receiver<Vec<u8>> {
     let sock = in_netns(ns, move || UdpSocket::bind((ip, port)).expect("bind udp"));

@@ -316,7 +316,8 @@ enum Parsed6 {
     Packet(Packet<Ipv6Key>),
     /// IPv6 link-scope control that stays on the link: neighbour discovery
     /// and router messages (hop limit 255) or MLD (hop limit 1), with the
-    /// packet's source. Never judged by policy (see [`link_control`]).
+    /// address it speaks for (a neighbour advertisement's target, else the
+    /// source). Never judged by policy (see [`link_control`]).
     LinkControl(Ipv6Key),
 }
 
@@ -715,20 +716,23 @@ fn arp(ctx: &TcContext, at: u8) -> i32 {
 /// neighbour solicitation like any other packet, so one a pod sends to an
 /// address off its link is judged as the ICMPv6 packet it is.
 ///
-/// On a bridge, like ARP, what a pod sends must speak from its own
-/// addresses and MAC: a source that is not link-local or unspecified must
-/// be the pod's own, sent from its own MAC.
+/// On a bridge, like ARP, what a pod sends must speak for its own
+/// addresses, from its own MAC: the address a message speaks for (`claim`:
+/// an advertisement's target, else the source), unless link-local or
+/// unspecified, must be the pod's own. Otherwise a pod could advertise
+/// another pod's address with its own MAC and have the neighbours send it
+/// that pod's traffic. Dropped as source-spoofed.
 #[inline(always)]
-fn link_control(ctx: &TcContext, at: u8, src: Ipv6Key) -> i32 {
+fn link_control(ctx: &TcContext, at: u8, claim: Ipv6Key) -> i32 {
     if at != hook::FROM_POD
         || config().flags & config_flags::BRIDGED_PORTS == 0
-        || is_link_scope(&src)
-        || src.addr == [0; 16]
+        || is_link_scope(&claim)
+        || claim.addr == [0; 16]
     {
         return TC_ACT_OK as i32;
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if owns_source(src, ifindex) && from_own_mac(ctx, src, ifindex, 6) {
+    if owns_source(claim, ifindex) && from_own_mac(ctx, claim, ifindex, 6) {
         return TC_ACT_OK as i32;
     }
     shot(drop_reason::SOURCE_SPOOFED)
@@ -1031,6 +1035,15 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
         // to a pod of this node (a neighbour on a bridge).
         let on_link = at != hook::FROM_POD || is_link_scope(&dst_ip) || dst_ip.endpoint().is_some();
         if (nd || mld) && on_link {
+            // What the message speaks for: a neighbour advertisement, its
+            // target address (what a neighbour's cache will map to the
+            // sender's MAC); anything else, its source.
+            if t == 136 {
+                return match ctx.load::<[u8; 16]>(off + 8) {
+                    Ok(addr) => Ok(Parsed6::LinkControl(Ipv6Key { addr })),
+                    Err(_) => Err(cut_short),
+                };
+            }
             return Ok(Parsed6::LinkControl(src_ip));
         }
     }
