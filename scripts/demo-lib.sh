@@ -51,29 +51,43 @@ wait_for() {
   die "no $what after ${secs}s"
 }
 
+# A namespace with IPv6 on and duplicate address detection off (addresses
+# are usable at once; nothing here can collide).
 netns_add() {
   ip netns add "$1"
+  ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+    net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
   ip -n "$1" link set lo up
-  ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+}
+
+# v6 A.B.C.D: the IPv6 address of dual-stack A.B.C.D, fd00::a:b:c:d in hex
+# (so an IPv4 /24 is an IPv6 /112). Mirrors tests/support/netns.rs (`v6_of`).
+v6() {
+  local IFS=.
+  set -- $1
+  printf 'fd00::%x:%x:%x:%x' "$1" "$2" "$3" "$4"
 }
 
 mac_of() { ip -n "$1" -o link show "$2" | sed -n 's/.*link\/ether \([0-9a-f:]*\).*/\1/p'; }
 
-# add_node NAME N: namespace $PREFIX-NAME on the underlay bridge as 10.202.0.N,
-# forwarding on; its pods get 10.201.N.0/24.
+# add_node NAME N: namespace $PREFIX-NAME on the underlay bridge as 10.202.0.N
+# and its v6, forwarding on; its pods get 10.201.N.0/24 and its v6 /112.
 add_node() {
   local ns=$PREFIX-$1 n=$2 up=kd-up-$2
   netns_add "$ns"
-  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
   ip -n "$HUB" link add "$up" type veth peer name eth0 netns "$ns"
   ip -n "$HUB" link set "$up" master br0 up
   ip -n "$ns" addr add "10.202.0.$n/24" dev eth0
+  ip -n "$ns" addr add "$(v6 "10.202.0.$n")/112" dev eth0
   ip -n "$ns" link set eth0 up
 }
 
 # add_pod NODE POD IP: namespace $PREFIX-POD behind veth kd-POD of the node,
 # routed the way a Calico-style CNI leaves it (/32 on eth0, default route to
 # 169.254.1.1 on the link; the node routes the /32 to the host-side veth).
+# Dual-stack: also the /128 of `v6 IP`, a default route to fe80::1 (the
+# host-side veth's), neighbours found by neighbour discovery.
 add_pod() {
   local node=$PREFIX-$1 ns=$PREFIX-$2 hostif=kd-$2 ip=$3
   netns_add "$ns"
@@ -86,6 +100,10 @@ add_pod() {
   ip -n "$ns" neigh replace 169.254.1.1 lladdr "$(mac_of "$node" "$hostif")" dev eth0 nud permanent
   ip -n "$node" route add "$ip/32" dev "$hostif"
   ip -n "$node" neigh replace "$ip" lladdr "$(mac_of "$ns" eth0)" dev "$hostif" nud permanent
+  ip -n "$node" addr add fe80::1/64 dev "$hostif"
+  ip -n "$ns" addr add "$(v6 "$ip")/128" dev eth0
+  ip -n "$ns" -6 route add default via fe80::1 dev eth0
+  ip -n "$node" -6 route add "$(v6 "$ip")/128" dev "$hostif"
 }
 
 make_topology() {
@@ -96,6 +114,8 @@ make_topology() {
   add_node node-b 2
   ip -n "$PREFIX-node-a" route add 10.201.2.0/24 via 10.202.0.2
   ip -n "$PREFIX-node-b" route add 10.201.1.0/24 via 10.202.0.1
+  ip -n "$PREFIX-node-a" -6 route add "$(v6 10.201.2.0)/112" via "$(v6 10.202.0.2)"
+  ip -n "$PREFIX-node-b" -6 route add "$(v6 10.201.1.0)/112" via "$(v6 10.202.0.1)"
   add_pod node-a frontend 10.201.1.10
   add_pod node-a intruder 10.201.1.20
   add_pod node-b api 10.201.2.10

@@ -8,6 +8,7 @@
 # authenticated). It shows, with `node-agent observe` flow lines:
 #   - frontend -> api works at the first attempt (pre-authenticated),
 #   - intruder -> api is dropped by policy,
+#   - the same over IPv6: the pods are dual-stack, one identity each,
 #   - frontend's Workload deleted and re-added under a new identity: dropped
 #     with AUTH_REQUIRED until the agents have authenticated the new pair.
 # Everything it makes (namespaces, processes, pin dirs, temp dir) is removed
@@ -22,6 +23,7 @@ AGENT=$BIN/node-agent
 TD=demo.keyway.local
 CP_ADDR=10.202.0.1:8081
 API_IP=10.201.2.10
+API_IP6=fd00::a:c9:2:a # v6 $API_IP (scripts/demo-lib.sh)
 T_START=$(date +%s%3N)
 LOG_LEVEL=${KEYWAY_DEMO_LOG:-warn}
 
@@ -160,7 +162,8 @@ PY
 # http.server, whose start-up waits for a reverse DNS lookup nobody answers).
 cat >"$WORK/server.py" <<'PY'
 import socket, sys
-srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])), family=family)
 while True:
     conn, peer = srv.accept()
     with conn:
@@ -173,8 +176,9 @@ while True:
             print(f"{peer[0]}:{peer[1]} {e}", flush=True)
 PY
 client() { local pod=$1; shift; ip netns exec "$PREFIX-$pod" "$PY" "$WORK/client.py" "$API_IP" 8080 "$@"; }
+client6() { local pod=$1; shift; ip netns exec "$PREFIX-$pod" "$PY" "$WORK/client.py" "$API_IP6" 8080 "$@"; }
 
-workload() { # NAME SERVICE-ACCOUNT NODE IP
+workload() { # NAME SERVICE-ACCOUNT NODE IP (and its v6: the pods are dual-stack)
   cat <<YAML
 apiVersion: keyway.dev/v1alpha1
 kind: Workload
@@ -182,7 +186,7 @@ metadata: { name: $1, namespace: default, labels: { app: $1 } }
 spec:
   serviceAccount: $2
   node: $3
-  ips: ["$4"]
+  ips: ["$4", "$(v6 "$4")"]
   selectors: ["netns:$PREFIX-$1"]
 YAML
 }
@@ -215,6 +219,7 @@ step "Two nodes on one machine: network namespaces on a bridge, pods behind veth
 make_topology
 say "node-a  10.202.0.1   pods 10.201.1.0/24:  frontend 10.201.1.10 (sa frontend), intruder 10.201.1.20 (sa other)"
 say "node-b  10.202.0.2   pods 10.201.2.0/24:  api 10.201.2.10 (sa api)"
+say "dual-stack: every pod also has an IPv6 address ($(v6 10.201.1.10), $(v6 10.201.1.20), $API_IP6), one identity for both"
 
 step "The control plane on node-a ($CP_ADDR, embedded store), the workloads and the policy"
 RUST_LOG=$LOG_LEVEL nsenter --net="/run/netns/$PREFIX-node-a" -- "$CP" serve --trust-domain "$TD" \
@@ -286,6 +291,23 @@ wait_for 5 "a policy-denied flow" lines_match 1 "default/intruder (other) -> .*p
 say "node-agent observe --port 8080  (on node-b)"
 observe_b --port 8080 --since "$(since "$T0")" | indent
 ok "dropped in the kernel by policy; no authentication would help"
+
+step "The same over IPv6: frontend and intruder -> [$API_IP6]:8080"
+ip netns exec "$PREFIX-api" "$PY" "$WORK/server.py" "$API_IP6" 8080 </dev/null >"$WORK/api-server6.log" 2>&1 &
+started $!
+api_listening6() { [ -n "$(ip netns exec "$PREFIX-api" ss -Hltn6 'sport = :8080')" ]; }
+WAIT_PID=$! wait_for 10 "api's IPv6 server listening" api_listening6
+T0=$(date +%s%3N)
+say "frontend (one identity for both its addresses; the (api, frontend) pair is authenticated already):"
+client6 frontend 1 2 | indent || die "frontend's IPv6 connection to api failed"
+say "intruder:"
+if client6 intruder 1 1 | indent; then die "the intruder got through over IPv6"; fi
+wait_for 5 "an IPv6 policy-denied flow" lines_match 1 "default/intruder (other) -> .*policy-denied" observe_b --port 8080 --since "$(since "$T0")"
+say "node-agent observe --port 8080  (on node-b)"
+observe_b --port 8080 --since "$(since "$T0")" | indent
+out=$(observe_b --port 8080 --since "$(since "$T0")" -o json)
+[[ $out == *"\"ip\":\"$API_IP6\""* ]] || die "no IPv6 flow record on node-b: $out"
+ok "IPv6 judged like IPv4: the same identities, the same policy, the same authenticated pair"
 
 step "Revocation: frontend's Workload is deleted, then re-added under a new identity (sa frontend-v2)"
 "$CP" delete -f "$WORK/frontend.yaml" | indent

@@ -47,6 +47,7 @@ pub fn protocol_name(p: u8) -> String {
         6 => "TCP".into(),
         17 => "UDP".into(),
         1 => "ICMP".into(),
+        58 => "ICMPv6".into(),
         132 => "SCTP".into(),
         n => n.to_string(),
     }
@@ -698,10 +699,10 @@ pub fn to_json(r: &pb::ExplainResponse) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
     use crate::datapath::lookup::MemoryLookup;
     use crate::datapath::tables::Tables;
     use keyway_common::{EndpointInfo, auth_type, direction};
+    use std::net::Ipv4Addr;
 
     const TD: &str = "spiffe://example.org";
     const FRONTEND: u32 = 300;

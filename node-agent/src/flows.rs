@@ -12,6 +12,7 @@ use proto::keyway as pb;
 use tokio::sync::{broadcast, watch};
 
 use crate::datapath::{DatapathStatus, Flow, FlowKind, monotonic_ns};
+use crate::explain::protocol_name;
 use crate::mutual_auth::{AuthRecord, Via, pairs};
 use crate::state::NodeState;
 
@@ -72,16 +73,6 @@ pub fn matches(q: &pb::ObserveRequest, r: &pb::FlowRecord) -> bool {
         && (q.drop_reason.is_empty() || r.drop_reason == q.drop_reason)
         && (q.port == 0 || r.destination.as_ref().is_some_and(|d| d.port == q.port))
         && (q.since_unix_ms == 0 || r.time_unix_ms >= q.since_unix_ms)
-}
-
-fn protocol_name(p: u8) -> String {
-    match p {
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        1 => "ICMP".into(),
-        132 => "SCTP".into(),
-        n => n.to_string(),
-    }
 }
 
 fn endpoint(state: &NodeState, ip: IpAddr, port: u16, identity: u32) -> pb::FlowEndpoint {
@@ -263,11 +254,25 @@ pub fn format_time(unix_ms: i64) -> String {
     )
 }
 
+/// `ip:port`, an IPv6 address in brackets.
+fn host_port(ip: &str, port: u32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
 fn end_name(e: &pb::FlowEndpoint) -> String {
     match (e.namespace.is_empty(), e.pod.is_empty()) {
         (false, false) => format!("{}/{} ({})", e.namespace, e.pod, e.service_account),
-        (false, true) => format!("{}/{}:{} ({})", e.namespace, e.ip, e.port, e.service_account),
-        _ => format!("{}:{}", e.ip, e.port),
+        (false, true) => format!(
+            "{}/{} ({})",
+            e.namespace,
+            host_port(&e.ip, e.port),
+            e.service_account
+        ),
+        _ => host_port(&e.ip, e.port),
     }
 }
 
@@ -276,7 +281,11 @@ pub fn format_line(r: &pb::FlowRecord) -> String {
     let src = r.source.clone().unwrap_or_default();
     let dst = r.destination.clone().unwrap_or_default();
     let src_name = match &r.sender {
-        Some(sender) => format!("{}:{} (forged by {})", src.ip, src.port, end_name(sender)),
+        Some(sender) => format!(
+            "{} (forged by {})",
+            host_port(&src.ip, src.port),
+            end_name(sender)
+        ),
         None => end_name(&src),
     };
     let mut line = format!(
@@ -400,6 +409,26 @@ mod tests {
         assert_eq!(
             format_line(&r),
             "Nov 26 09:42:01.234 default/frontend (frontend) -> default/api (api) TCP 8080 FORWARDED auth=mtls"
+        );
+        // Addresses without a pod name: an IPv6 one in brackets, so its
+        // port reads apart from it.
+        let r = pb::FlowRecord {
+            source: Some(pb::FlowEndpoint {
+                ip: "fd00::a:c9:1:a".into(),
+                port: 40000,
+                ..Default::default()
+            }),
+            destination: Some(pb::FlowEndpoint {
+                ip: "10.201.2.10".into(),
+                port: 8080,
+                ..Default::default()
+            }),
+            ..r
+        };
+        assert!(
+            format_line(&r).contains(" [fd00::a:c9:1:a]:40000 -> 10.201.2.10:8080 TCP 8080 "),
+            "{}",
+            format_line(&r)
         );
     }
 }

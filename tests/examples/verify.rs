@@ -18,7 +18,10 @@ fn main() {
         match prog.load() {
             Ok(()) => println!(
                 "{name}: {}",
-                prog.info().ok().and_then(|i| i.verified_instruction_count()).unwrap_or(0)
+                prog.info()
+                    .ok()
+                    .and_then(|i| i.verified_instruction_count())
+                    .unwrap_or(0)
             ),
             Err(e) => println!("{name}: FAILED {}", e.to_string().lines().last().unwrap_or("")),
         }

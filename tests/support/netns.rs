@@ -259,7 +259,15 @@ impl Topology {
         let len6 = v6_prefix(len.parse().expect("a prefix length"));
         run(
             "ip",
-            &["-n", &self.node, "addr", "add", &format!("{gw6}/{len6}"), "dev", &bridge],
+            &[
+                "-n",
+                &self.node,
+                "addr",
+                "add",
+                &format!("{gw6}/{len6}"),
+                "dev",
+                &bridge,
+            ],
         );
         run("ip", &["-n", &self.node, "link", "set", &bridge, "up"]);
         bridge
@@ -366,7 +374,16 @@ impl Topology {
         );
         run(
             "ip",
-            &["-n", &pod.netns, "-6", "route", "add", "default", "via", &v6_of(gateway).to_string()],
+            &[
+                "-n",
+                &pod.netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &v6_of(gateway).to_string(),
+            ],
         );
         pod.ip6 = Some(ip6);
         if let Some(p) = self.pods.iter_mut().find(|p| p.name == name) {
@@ -478,7 +495,16 @@ impl Topology {
         );
         run(
             "ip",
-            &["-n", &netns, "-6", "route", "add", "default", "via", &gw6.to_string()],
+            &[
+                "-n",
+                &netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw6.to_string(),
+            ],
         );
         let pod = Pod {
             name: "remote".into(),
@@ -623,21 +649,29 @@ fn plug_pod(node: &str, tag: &str, name: &str, netns: String, ip: Ipv4Addr) -> P
         ],
     );
     let ip6 = v6_of(ip);
-    run(
-        "ip",
-        &["-n", node, "addr", "add", "fe80::1/64", "dev", &host_if],
-    );
+    run("ip", &["-n", node, "addr", "add", "fe80::1/64", "dev", &host_if]);
     run(
         "ip",
         &["-n", &netns, "addr", "add", &format!("{ip6}/128"), "dev", "eth0"],
     );
     run(
         "ip",
-        &["-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"],
+        &[
+            "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ],
     );
     run(
         "ip",
-        &["-n", node, "-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if],
+        &[
+            "-n",
+            node,
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &host_if,
+        ],
     );
     Pod {
         name: name.to_string(),
@@ -748,7 +782,15 @@ impl Cluster {
             );
             run(
                 "ip",
-                &["-n", &netns, "addr", "add", &format!("{}/112", v6_of(ip)), "dev", "eth0"],
+                &[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{}/112", v6_of(ip)),
+                    "dev",
+                    "eth0",
+                ],
             );
             run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
             c.nodes.push(Node {

@@ -358,9 +358,13 @@ fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect(fam: Fam
 
     tcp_echo(&b.netns, fam.ip(IP_B), 8080);
     udp_echo(&b.netns, fam.ip(IP_B), 5353);
-    let mut conn = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("a -> b TCP is allowed");
+    let mut conn =
+        connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("a -> b TCP is allowed");
     assert!(echo_round_trip(&mut conn, b"hello"), "TCP data flows both ways");
-    assert!(udp_round_trip(&a.netns, fam.ip(IP_B), 5353), "UDP a -> b and back");
+    assert!(
+        udp_round_trip(&a.netns, fam.ip(IP_B), 5353),
+        "UDP a -> b and back"
+    );
     assert!(ping(&a.netns, fam.ip(IP_B), 2), "ICMP a -> b and back");
 
     // New-flow events at both ends, with both identities.
@@ -370,7 +374,10 @@ fn allowed_tcp_udp_and_icmp_pass_and_local_pods_are_reached_by_redirect(fam: Fam
             f.kind == FlowKind::New && f.src_port == port && f.dst_port == 8080 && f.from_pod == from_pod
         });
         assert!(f.forwarded);
-        assert_eq!((f.src, f.dst, f.src_identity, f.dst_identity), (fam.ip(IP_A), fam.ip(IP_B), A, B));
+        assert_eq!(
+            (f.src, f.dst, f.src_identity, f.dst_identity),
+            (fam.ip(IP_A), fam.ip(IP_B), A, B)
+        );
         assert_eq!(f.proto, 6);
     }
 
@@ -436,7 +443,10 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied(fam: Fam) {
     assert_eq!(f.drop_reason_name(), "policy-denied");
     assert_eq!((f.src_identity, f.dst_identity), (A, B));
     assert!(!f.from_pod, "dropped where b's ingress policy is enforced");
-    assert!(!ping(&a.netns, fam.ip(IP_B), 1), "no rule allows ICMP to b either");
+    assert!(
+        !ping(&a.netns, fam.ip(IP_B), 1),
+        "no rule allows ICMP to b either"
+    );
 
     // b can still open connections to a (its egress is open, a's ingress too).
     tcp_echo(&a.netns, fam.ip(IP_A), 7070);
@@ -466,8 +476,8 @@ fn every_policy_shape_a_subject_has_is_looked_up(fam: Fam) {
     dp.apply(state, &topo);
     tcp_echo(&b.netns, fam.ip(IP_B), 9090);
     tcp_echo(&b.netns, fam.ip(IP_B), 7070);
-    let mut c =
-        connect(&a.netns, fam.ip(IP_B), 9090, Duration::from_secs(3)).expect("a -> b:9090 on the any-port entry");
+    let mut c = connect(&a.netns, fam.ip(IP_B), 9090, Duration::from_secs(3))
+        .expect("a -> b:9090 on the any-port entry");
     assert!(echo_round_trip(&mut c, b"any port"));
     assert!(connect(&a.netns, fam.ip(IP_B), 7070, Duration::from_millis(1200)).is_err());
     let f = expect_flow(&mut flows, "a -> b:7070 held for authentication", |f| {
@@ -522,7 +532,8 @@ fn auth_required_drops_and_signals_once_until_authenticated_and_again_after_expi
     // Authenticated for three seconds: the flow passes.
     let expiry = datapath::monotonic_ns() + 3_000_000_000;
     dp.auth.upsert(key, expiry).unwrap();
-    let mut conn = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("authenticated pair passes");
+    let mut conn =
+        connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("authenticated pair passes");
     assert!(echo_round_trip(&mut conn, b"authenticated"));
     expect_flow(&mut flows, "the verdict change to forwarded", |f| {
         f.dst_port == 8080 && f.forwarded && f.auth_required
@@ -948,7 +959,11 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     home(&mut state, "c", format!("netns:{}", c.netns));
     dp.apply(state.clone(), &topo);
     assert_eq!(
-        dp.status.borrow().endpoints.get(&IpAddr::V4(IP_C)).map(|e| e.identity),
+        dp.status
+            .borrow()
+            .endpoints
+            .get(&IpAddr::V4(IP_C))
+            .map(|e| e.identity),
         Some(C)
     );
     tcp_echo(&c.netns, IP_C, 8080);
@@ -1189,7 +1204,12 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // with static addresses): e is placed behind its new port, and reached.
     let e = topo.plug_bridged_pod(&bridge, "e", IP_E, 24, gateway);
     wait_until(Duration::from_secs(10), "e placed behind its new port", || {
-        dp.status.borrow().endpoints.get(&IpAddr::V4(IP_E)).map(|ep| Some(ep.ifindex)) == Some(index_of(&e))
+        dp.status
+            .borrow()
+            .endpoints
+            .get(&IpAddr::V4(IP_E))
+            .map(|ep| Some(ep.ifindex))
+            == Some(index_of(&e))
     });
     tcp_echo(&e.netns, IP_E, 8080);
     let mut conn = connect(&a.netns, IP_E, 8080, Duration::from_secs(3)).expect("a reaches e's new sandbox");
@@ -1405,13 +1425,17 @@ fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
     let mut flows = dp.flows.subscribe();
     dp.apply(builder.build(), &topo);
     let (a6, b6, x6) = (v6_of(IP_A), v6_of(IP_B), v6_of(IP_X));
-    wait_until(Duration::from_secs(10), "both addresses of a, b and x placed", || {
-        let s = dp.status.borrow();
-        [IP_A, IP_B, IP_X]
-            .iter()
-            .flat_map(|ip| both(*ip))
-            .all(|ip| s.endpoints.contains_key(&ip))
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "both addresses of a, b and x placed",
+        || {
+            let s = dp.status.borrow();
+            [IP_A, IP_B, IP_X]
+                .iter()
+                .flat_map(|ip| both(*ip))
+                .all(|ip| s.endpoints.contains_key(&ip))
+        },
+    );
     {
         let s = dp.status.borrow();
         for pod in [&a, &b, &x] {
@@ -1463,9 +1487,8 @@ fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
     // x advertises b's address with its own MAC (override set), to a, which
     // knows b's MAC from the connection above.
     let b_mac = mac(&b.netns, "eth0");
-    let neighbour_of_b = || {
-        keyway_tests::netns::run("ip", &["-n", &a.netns, "-6", "neigh", "show", &b6.to_string()])
-    };
+    let neighbour_of_b =
+        || keyway_tests::netns::run("ip", &["-n", &a.netns, "-6", "neigh", "show", &b6.to_string()]);
     assert!(neighbour_of_b().contains(&b_mac), "{}", neighbour_of_b());
     let mut na = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
     na.extend_from_slice(&b6.octets());
@@ -1478,7 +1501,11 @@ fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
     wait_until(Duration::from_secs(5), "x's advertisement dropped", || {
         drops(&topo, drop_reason::SOURCE_SPOOFED) > spoofed_before
     });
-    assert!(neighbour_of_b().contains(&b_mac), "a still has b's MAC: {}", neighbour_of_b());
+    assert!(
+        neighbour_of_b().contains(&b_mac),
+        "a still has b's MAC: {}",
+        neighbour_of_b()
+    );
 
     // a still reaches b, and what reached b's UDP port came from a.
     let sock = in_netns(&a.netns, move || UdpSocket::bind((a6, 0)).expect("udp bind"));
@@ -1560,7 +1587,16 @@ fn ipv6_neighbour_discovery_is_never_judged_by_policy_but_stays_on_the_link() {
     wait_until(Duration::from_secs(5), "the node to learn b's MAC", || {
         let out = keyway_tests::netns::run(
             "ip",
-            &["-n", &topo.node, "-6", "neigh", "show", &b6.to_string(), "dev", &b.host_if],
+            &[
+                "-n",
+                &topo.node,
+                "-6",
+                "neigh",
+                "show",
+                &b6.to_string(),
+                "dev",
+                &b.host_if,
+            ],
         );
         out.contains("lladdr")
     });

@@ -66,7 +66,12 @@ struct Case<'a> {
 }
 
 fn check(c: &Case<'_>) {
-    let passed = match connect(&c.client.netns, c.fam.of(c.server), c.port, Duration::from_secs(2)) {
+    let passed = match connect(
+        &c.client.netns,
+        c.fam.of(c.server),
+        c.port,
+        Duration::from_secs(2),
+    ) {
         Ok(mut s) => echo_round_trip(&mut s, c.what.as_bytes()),
         Err(_) => false,
     };
@@ -188,7 +193,13 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     const SIGNALS: &str = r#"keyway_datapath_signals_total{result="queued"}"#;
 
     // Before any traffic: the names resolve and the answer reads.
-    let text = explain(agent_b, &who("frontend", &frontend), &who("api", &api), 8080, false);
+    let text = explain(
+        agent_b,
+        &who("frontend", &frontend),
+        &who("api", &api),
+        8080,
+        false,
+    );
     assert!(
         text.contains("FORWARDED")
             && text.contains("default/api-in ingress[0]")
@@ -305,7 +316,13 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
     // What to change, for the two drops.
     eprintln!(
         "{}\n{}",
-        explain(agent_b, &who("intruder", &intruder), &who("api", &api), 8080, false),
+        explain(
+            agent_b,
+            &who("intruder", &intruder),
+            &who("api", &api),
+            8080,
+            false
+        ),
         explain(agent_b, &who("ghost", &ghost), &who("api", &api), 8080, false)
     );
     let denied = explain_json(agent_b, &who("intruder", &intruder), &who("api", &api), 8080);
@@ -323,7 +340,12 @@ fn explain_agrees_with_what_the_kernel_did_for_allowed_denied_and_auth_required_
             .starts_with("auth required but no entry"),
         "{ghostly:#}"
     );
-    let both = explain_json(agent_a, &who("intruder", &intruder), &who("frontend", &frontend), 7070);
+    let both = explain_json(
+        agent_a,
+        &who("intruder", &intruder),
+        &who("frontend", &frontend),
+        7070,
+    );
     assert!(
         both["hooks"]
             .as_array()

@@ -105,9 +105,9 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet(fam: Fam) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let flows = node_b.observe(&["--port", "8080"]);
-        let reported = flows
-            .iter()
-            .any(|f| f["auth"] == "pre-authenticated" && f["source"]["ip"] == fam.of(&s.frontend).to_string());
+        let reported = flows.iter().any(|f| {
+            f["auth"] == "pre-authenticated" && f["source"]["ip"] == fam.of(&s.frontend).to_string()
+        });
         if reported {
             break;
         }
@@ -248,7 +248,8 @@ fn the_first_connection_of_a_pre_authenticated_pair_loses_no_packet(fam: Fam) {
     // What is already in the ring comes first; then the new connection.
     while rx.recv_timeout(Duration::from_millis(300)).is_ok() {}
     let t0 = Instant::now();
-    let mut c = connect(&s.frontend, fam.of(&s.api), 8080, Duration::from_secs(3)).expect("frontend -> api again");
+    let mut c =
+        connect(&s.frontend, fam.of(&s.api), 8080, Duration::from_secs(3)).expect("frontend -> api again");
     assert!(echo_round_trip(&mut c, b"followed"));
     let port = c.local_addr().expect("local addr").port();
     let (at, line) = loop {

@@ -205,15 +205,7 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
         Fam::V6 => (fam.of(&frontend).to_string(), fam.of(&cache).to_string()),
     };
     let out = Command::new(keyway_tests::bin("node-agent"))
-        .args([
-            "explain",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--port",
-            "8080",
-        ])
+        .args(["explain", "--from", &from, "--to", &to, "--port", "8080"])
         .args(["--via", &intruder.host_if, "-o", "json"])
         .arg("--admin-socket")
         .arg(&agent_a.admin_socket)
@@ -231,15 +223,7 @@ fn a_forged_source_is_dropped_counted_and_blamed_on_the_forger_while_the_real_pe
     // Without --via, frontend's own traffic explains as forwarded.
     let out = Command::new(keyway_tests::bin("node-agent"))
         .args([
-            "explain",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--port",
-            "8080",
-            "-o",
-            "json",
+            "explain", "--from", &from, "--to", &to, "--port", "8080", "-o", "json",
         ])
         .arg("--admin-socket")
         .arg(&agent_a.admin_socket)

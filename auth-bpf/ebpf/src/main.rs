@@ -50,7 +50,8 @@ static IPCACHE_LPM: LpmTrie<Ipv4LpmKey, IpcacheValue> =
 #[map(name = "KEYWAY_IPCACHE6")]
 static IPCACHE6: HashMap<Ipv6Key, IpcacheValue> = HashMap::pinned(maps::IPCACHE6_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "KEYWAY_IPCACHE6_LPM")]
-static IPCACHE6_LPM: LpmTrie<Ipv6Key, IpcacheValue> = LpmTrie::pinned(maps::IPCACHE6_LPM_MAX, BPF_F_NO_PREALLOC);
+static IPCACHE6_LPM: LpmTrie<Ipv6Key, IpcacheValue> =
+    LpmTrie::pinned(maps::IPCACHE6_LPM_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "KEYWAY_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(maps::ENDPOINTS_MAX, 0);
 #[map(name = "KEYWAY_ENDPOINTS6")]
@@ -157,7 +158,6 @@ pub fn keyway_parse_only(ctx: TcContext) -> i32 {
 /// An address family: its address type and the maps keyed by it. Every
 /// function generic over it is compiled once per family.
 trait Family: Copy {
-
     /// 4 or 6, as flow events carry it.
     const FAMILY: u8;
     /// The flow table entry of `p` seen at hook `at` of `ifindex`.
@@ -308,7 +308,6 @@ impl<A: Family> Packet<A> {
             (self.src_ip, self.dst_ip, self.src_port, self.dst_port)
         }
     }
-
 }
 
 /// What `parse6` found.
@@ -556,7 +555,14 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
             epoch: cfg.epoch.wrapping_sub(1),
             ..FlowState::default()
         };
-        A::flow_insert(&pkt, true, opposite(at), ifindex, &placeholder, BPF_NOEXIST as u64);
+        A::flow_insert(
+            &pkt,
+            true,
+            opposite(at),
+            ifindex,
+            &placeholder,
+            BPF_NOEXIST as u64,
+        );
     }
     forward(redirect_ifindex)
 }
@@ -1059,7 +1065,6 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
     }
     Ok(Parsed6::Packet(pkt))
 }
-
 
 /// Source and destination ports at `off`, for the protocols that have them.
 #[inline(always)]

@@ -12,8 +12,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use keyway_common::{
     AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyProbe,
-    PolicyValue,
-    auth_type, direction, drop_reason, hook, identity, maps, policy_flags, policy_probes,
+    PolicyValue, auth_type, direction, drop_reason, hook, identity, maps, policy_flags, policy_probes,
 };
 
 use super::tables::{Tables, ip_key, ip6_key, masked};
@@ -129,7 +128,8 @@ impl Lookup for PinnedLookup {
                 };
                 for k in self.lpm.keys() {
                     let k = k.map_err(|e| DatapathError::map(maps::IPCACHE_LPM, e))?;
-                    if k.prefix_len() >= len && IpAddr::from(k.data().addr.to_ne_bytes()) == masked(ip, k.prefix_len())
+                    if k.prefix_len() >= len
+                        && IpAddr::from(k.data().addr.to_ne_bytes()) == masked(ip, k.prefix_len())
                     {
                         len = k.prefix_len();
                     }

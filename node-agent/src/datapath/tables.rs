@@ -85,7 +85,9 @@ impl Tables {
                 Some((IpAddr::V6(ip), len)) => {
                     t.lpm6.insert((len, ip6_key(mask6(ip, len))), value);
                 }
-                None => t.skipped.push(format!("ipcache {cidr}: not an IPv4 or IPv6 CIDR")),
+                None => t
+                    .skipped
+                    .push(format!("ipcache {cidr}: not an IPv4 or IPv6 CIDR")),
             }
         }
         for (&(subject, peer, block, protocol, direction), e) in &state.policy {
