@@ -22,10 +22,10 @@ use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 use keyway_common::{
-    AuthKey, AuthValue, EndpointInfo, IpcacheValue, Ipv4LpmKey, PolicyKey, PolicyValue, PortBits, auth_type,
-    config_flags, direction, maps, port_block,
+    AuthKey, AuthValue, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, PortBits,
+    auth_type, config_flags, direction, maps, port_block,
 };
-use keyway_tests::netns::{Topology, in_netns, require_root, run};
+use keyway_tests::netns::{Topology, in_netns, ipv6_packet, require_root, run, v6_of};
 use node_agent::datapath::{self, AuthMap, ConfigSlot, Datapath, DatapathConfig};
 use node_agent::state::NodeState;
 use proto::keyway as pb;
@@ -242,6 +242,22 @@ fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     f
 }
 
+/// `tcp_frame` in IPv6: Ethernet, IPv6 (no extension header), TCP (ACK,
+/// no payload); a valid TCP checksum. 74 bytes.
+fn tcp6_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x10;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x86, 0xdd];
+    f.extend(ipv6_packet(v6_of(src), v6_of(dst), &[], TCP, tcp, Some(16)));
+    f
+}
+
 /// One `bpftool prog run`: (return value, average ns per run).
 fn prog_run(prog: &Path, data: &Path, repeat: u32) -> (i64, f64) {
     let out = run(
@@ -431,6 +447,16 @@ fn micro() -> Micro {
     let miss_pkt = packet("miss.bin", IP_UNKNOWN, IP_B, 40002);
     // From a pod whose address is not A's: what the source check drops.
     let forged_pkt = packet("forged.bin", IP_C, IP_B, 40003);
+    // The same in IPv6, between the same pods' IPv6 addresses.
+    let packet6 = |name: &str, src: Ipv4Addr, dst: Ipv4Addr, sport: u16| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, tcp6_frame(src, dst, sport, 8080)).expect("packet file");
+        p
+    };
+    let exact6_pkt = packet6("exact6.bin", IP_A, IP_B, 40000);
+    let wild6_pkt = packet6("wildcard6.bin", IP_A, IP_C, 40001);
+    let wild4_6_pkt = packet6("wildcard4-6.bin", IP_A, IP_D, 40004);
+    let miss6_pkt = packet6("miss6.bin", IP_UNKNOWN, IP_B, 40002);
 
     let mut r = Rng(0x6b65_7977_6179);
     let mut fill = Vec::new();
@@ -486,6 +512,22 @@ fn micro() -> Micro {
         lpm.insert(&key, v, 0).expect("lpm insert");
     }
 
+    // And 64 in the IPv6 trie, none covering the unknown source's.
+    let mut lpm6: LpmTrie<MapData, Ipv6Key, IpcacheValue> = {
+        let data = MapData::from_pin(pin_dir.join(maps::IPCACHE6_LPM)).expect("lpm6 pin");
+        LpmTrie::try_from(Map::from_map_data(data).expect("lpm6")).expect("lpm6")
+    };
+    for i in 0..64u16 {
+        let addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, i, 0, 0, 0, 0, 0);
+        let v = IpcacheValue {
+            identity: 2,
+            node_id: 0,
+            ..IpcacheValue::default()
+        };
+        lpm6.insert(&Key::new(48, Ipv6Key { addr: addr.octets() }), v, 0)
+            .expect("lpm6 insert");
+    }
+
     // The endpoint map: A's address on the interface BPF_PROG_TEST_RUN gives
     // its packets (the loopback device, ifindex 1), so the from-pod source
     // check passes for A; C's address is on another interface.
@@ -497,6 +539,24 @@ fn micro() -> Micro {
             ..Default::default()
         };
         endpoints.insert(ip_key(ip), ep, 0).expect("endpoint");
+    }
+    let mut endpoints6: aya::maps::HashMap<MapData, Ipv6Key, EndpointInfo> =
+        open_hash(&pin_dir, maps::ENDPOINTS6);
+    for (ip, identity, ifindex) in [(IP_A, A, 1), (IP_C, C, 4242)] {
+        let ep = EndpointInfo {
+            ifindex,
+            identity,
+            ..Default::default()
+        };
+        endpoints6
+            .insert(
+                Ipv6Key {
+                    addr: v6_of(ip).octets(),
+                },
+                ep,
+                0,
+            )
+            .expect("endpoint");
     }
 
     // auth: the two pairs the packets need (subject = the destination pod,
@@ -575,6 +635,25 @@ fn micro() -> Micro {
         v.absent = datapath::tables::absent_of(&masks, v.identity);
     }
     insert_all(&mut ipcache, &ipcache_entries, maps::IPCACHE);
+    // The IPv6 ipcache: the same 100k entries, each address's IPv6 one
+    // (the pods' as the agent writes dual-stack pods, the filler's in
+    // fd00::/16 the same way).
+    let mut ipcache6: aya::maps::HashMap<MapData, Ipv6Key, IpcacheValue> =
+        open_hash(&pin_dir, maps::IPCACHE6);
+    let entries6: Vec<(Ipv6Key, IpcacheValue)> = ipcache_entries
+        .iter()
+        .map(|(k, v)| {
+            (
+                Ipv6Key {
+                    addr: v6_of(Ipv4Addr::from(k.to_ne_bytes())).octets(),
+                },
+                *v,
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    insert_all(&mut ipcache6, &entries6, maps::IPCACHE6);
+    fill.push(("ipcache (IPv6)".to_string(), entries6.len(), t.elapsed()));
     let mut policy_len = test_policy.len();
     let mut grow_policy = |to: usize, fill: &mut Vec<(String, usize, Duration)>| {
         let add = &filler[policy_len - test_policy.len()..to - test_policy.len()];
@@ -689,6 +768,48 @@ fn micro() -> Micro {
                 ),
                 variant(SOURCE_CHECK, &source_check, &exact_pkt, Cache::On, TC_ACT_OK),
                 variant(PARSE_ONLY, &parse_only, &exact_pkt, Cache::On, TC_ACT_OK),
+                variant(
+                    "IPv6: allow, exact policy key: established flow (cache on)",
+                    &to_pod,
+                    &exact6_pkt,
+                    Cache::On,
+                    TC_ACT_OK,
+                ),
+                variant(
+                    "IPv6: allow, exact policy key: full evaluation (cache off)",
+                    &to_pod,
+                    &exact6_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                ),
+                variant(
+                    "IPv6: allow, last wildcard (S,0,0,0): full evaluation",
+                    &to_pod,
+                    &wild6_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                ),
+                variant(
+                    "IPv6: allow, last wildcard, subject with entries of all four shapes: full evaluation",
+                    &to_pod,
+                    &wild4_6_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                ),
+                variant(
+                    "IPv6: miss: unknown source, cache off",
+                    &to_pod,
+                    &miss6_pkt,
+                    Cache::Off,
+                    TC_ACT_SHOT,
+                ),
+                variant(
+                    "IPv6: from-pod: source check + full evaluation, exact key (cache off)",
+                    &from_pod,
+                    &exact6_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                ),
             ]);
         } else {
             variants.extend([
@@ -1376,7 +1497,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
          the from-pod rows run `keyway_from_pod`, whose packets arrive on the interface BPF_PROG_TEST_RUN \
          gives them, registered as the sending pod's), \
          loaded by the agent's loader with its maps pinned, run by `bpftool prog run ... repeat {REPEAT}` on \
-         a 64-byte Ethernet/IPv4/TCP frame; {RUNS} runs per variant, interleaved round robin, median (min-max) \
+         a 64-byte Ethernet/IPv4/TCP frame (the IPv6 rows: a 74-byte Ethernet/IPv6/TCP frame between the same \
+         pods' IPv6 addresses); {RUNS} runs per variant, interleaved round robin, median (min-max) \
          of the per-run averages. Reference: `keyway_empty` (returns TC_ACT_OK), {} runs spread over the \
          whole measurement: **{empty:.0} ns** ({emin:.0}-{emax:.0}).\n\n",
         m.empty_runs.len()
@@ -1418,6 +1540,19 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         "allow, last wildcard, subject with entries of all four shapes: full evaluation",
     );
     let verdict = |x: f64| if x <= BUDGET_NS { "met" } else { "NOT met" };
+    let est6 = get(
+        100_000,
+        "IPv6: allow, exact policy key: established flow (cache on)",
+    );
+    let full6 = get(
+        100_000,
+        "IPv6: allow, exact policy key: full evaluation (cache off)",
+    );
+    let wild6 = get(100_000, "IPv6: allow, last wildcard (S,0,0,0): full evaluation");
+    let wild4_6 = get(
+        100_000,
+        "IPv6: allow, last wildcard, subject with entries of all four shapes: full evaluation",
+    );
     s.push_str(&format!(
         "\n**Budget (at most {BUDGET_NS:.0} ns above the empty program with 100k entries per table):**\n\
          - established flow: {est:+.0} ns, **{}**\n\
@@ -1430,6 +1565,22 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         verdict(full),
         verdict(wild_full),
         verdict(wild4_full),
+    ));
+    s.push_str(&format!(
+        "**IPv6** (the same pods' IPv6 addresses, 100k IPv6 ipcache entries; the attached IPv4 program \
+         tail-calls the IPv6 one, whose keys are 16-byte addresses):\n\
+         - established flow: {est6:+.0} ns, **{}** ({:+.0} ns beside IPv4)\n\
+         - full evaluation, exact policy key: {full6:+.0} ns, **{}** ({:+.0} ns)\n\
+         - full evaluation, last wildcard, the subject's only shape: {wild6:+.0} ns, **{}** ({:+.0} ns)\n\
+         - full evaluation, last wildcard of a subject with all four shapes: {wild4_6:+.0} ns, **{}** ({:+.0} ns)\n\n",
+        verdict(est6),
+        est6 - est,
+        verdict(full6),
+        full6 - full,
+        verdict(wild6),
+        wild6 - wild_full,
+        verdict(wild4_6),
+        wild4_6 - wild4_full,
     ));
     let flat: Vec<String> = [1_000usize, 100_000, 1_000_000]
         .iter()
