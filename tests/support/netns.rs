@@ -1364,6 +1364,13 @@ pub fn send_arp_reply_naming(
     f.extend_from_slice(&sender.octets());
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&target.octets());
+    send_frame(ns, iface, &f);
+}
+
+/// Writes `frame`, a whole Ethernet frame (whatever its source MAC), to
+/// `iface` in `ns` with a packet socket.
+pub fn send_frame(ns: &str, iface: &str, frame: &[u8]) {
+    let f = frame.to_vec();
     let iface = iface.to_string();
     in_netns(ns, move || {
         let index = if_index(&iface);
@@ -1375,10 +1382,10 @@ pub fn send_arp_reply_naming(
             assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = 0x0806u16.to_be();
+            addr.sll_protocol = u16::from_be_bytes([f[12], f[13]]).to_be();
             addr.sll_ifindex = index as i32;
             addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&dst_mac);
+            addr.sll_addr[..6].copy_from_slice(&f[..6]);
             let n = libc::sendto(
                 fd,
                 f.as_ptr().cast(),

@@ -1397,7 +1397,9 @@ fn policy_applied_to_the_control_plane_is_enforced_by_the_agent_binary() {
 /// advertising another pod's IPv6 address as its own (a neighbour
 /// advertisement naming b's address with x's MAC, which would have a's
 /// neighbour cache send b's traffic to x) is dropped at its port, as the
-/// ARP reply doing the same in IPv4 is.
+/// ARP reply doing the same in IPv4 is. And a frame from a pod that names
+/// no address (a router solicitation from a link-local one) must still
+/// come from the pod's own MAC: the bridge learns from it too.
 #[test]
 fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
     use keyway_tests::netns::{Forged, ipv6_packet, mac, send_forged, send_raw};
@@ -1506,6 +1508,42 @@ fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
         "a still has b's MAC: {}",
         neighbour_of_b()
     );
+
+    // x solicits routers from a link-local address, a frame that names no
+    // address of anyone's, but from b's MAC: the bridge, learning from it,
+    // would send b's frames to x's port. Dropped at x's port; the bridge
+    // still has b's MAC on b's port.
+    let fdb_port_of = |m: &str| {
+        let out = keyway_tests::netns::run("bridge", &["-n", &topo.node, "fdb", "show", "br", &bridge]);
+        out.lines().find(|l| l.starts_with(m)).and_then(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "dev")
+                .nth(1)
+                .map(str::to_string)
+        })
+    };
+    assert_eq!(fdb_port_of(&b_mac).as_deref(), Some(b.host_if.as_str()));
+    let mut rs = vec![0x33, 0x33, 0, 0, 0, 2];
+    rs.extend_from_slice(&keyway_tests::netns::parse_mac(&b_mac));
+    rs.extend_from_slice(&[0x86, 0xdd]);
+    let mut ip = ipv6_packet(
+        "fe80::dead".parse().unwrap(),
+        "ff02::2".parse().unwrap(),
+        &[],
+        58,
+        vec![133, 0, 0, 0, 0, 0, 0, 0],
+        Some(2),
+    );
+    ip[7] = 255;
+    rs.extend_from_slice(&ip);
+    let spoofed_before = drops(&topo, drop_reason::SOURCE_SPOOFED);
+    keyway_tests::netns::send_frame(&x.netns, "eth0", &rs);
+    wait_until(
+        Duration::from_secs(5),
+        "x's solicitation from b's MAC dropped",
+        || drops(&topo, drop_reason::SOURCE_SPOOFED) > spoofed_before,
+    );
+    assert_eq!(fdb_port_of(&b_mac).as_deref(), Some(b.host_if.as_str()));
 
     // a still reaches b, and what reached b's UDP port came from a.
     let sock = in_netns(&a.netns, move || UdpSocket::bind((a6, 0)).expect("udp bind"));

@@ -54,9 +54,15 @@ pub mod maps {
     pub const FLOW_TABLE6: &str = "KEYWAY_FLOW_TABLE6";
     /// The IPv6 programs, by [`super::prog_index`].
     pub const PROGS: &str = "KEYWAY_PROGS";
+    /// Every bridge port the programs are attached to, by ifindex: the
+    /// endpoint of the pod placed behind it ([`super::endpoint_flags::BRIDGED`],
+    /// its MAC), or an empty entry while none is. For what a pod sends that
+    /// names none of its addresses (IPv6 neighbour discovery from its
+    /// link-local address): only from that MAC.
+    pub const PORTS: &str = "KEYWAY_PORTS";
 
     /// Every pinned map, for tools that inspect or clean a pin directory.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         IPCACHE,
         IPCACHE_LPM,
         IPCACHE6,
@@ -73,6 +79,7 @@ pub mod maps {
         CONFIG,
         DROPS,
         PROGS,
+        PORTS,
     ];
 
     /// Capacities. Hash maps other than the flow table are not preallocated,
@@ -83,6 +90,7 @@ pub mod maps {
     pub const IPCACHE6_LPM_MAX: u32 = 16 << 10;
     pub const ENDPOINTS_MAX: u32 = 4 << 10;
     pub const ENDPOINTS6_MAX: u32 = 4 << 10;
+    pub const PORTS_MAX: u32 = 4 << 10;
     pub const POLICY_MAX: u32 = 2 << 20;
     /// Cilium's default auth map size.
     pub const AUTH_MAX: u32 = 512 << 10;

@@ -54,6 +54,8 @@ static IPCACHE6_LPM: LpmTrie<Ipv6Key, IpcacheValue> =
     LpmTrie::pinned(maps::IPCACHE6_LPM_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "KEYWAY_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(maps::ENDPOINTS_MAX, 0);
+#[map(name = "KEYWAY_PORTS")]
+static PORTS: HashMap<u32, EndpointInfo> = HashMap::pinned(maps::PORTS_MAX, 0);
 #[map(name = "KEYWAY_ENDPOINTS6")]
 static ENDPOINTS6: HashMap<Ipv6Key, EndpointInfo> = HashMap::pinned(maps::ENDPOINTS6_MAX, 0);
 #[map(name = "KEYWAY_POLICY")]
@@ -727,18 +729,35 @@ fn arp(ctx: &TcContext, at: u8) -> i32 {
 /// an advertisement's target, else the source), unless link-local or
 /// unspecified, must be the pod's own. Otherwise a pod could advertise
 /// another pod's address with its own MAC and have the neighbours send it
-/// that pod's traffic. Dropped as source-spoofed.
+/// that pod's traffic. And the frame must come from the MAC of the pod
+/// placed behind the port, whatever it claims: the bridge learns where a
+/// MAC lives from every frame, a router solicitation from a link-local
+/// address included. Dropped as source-spoofed.
 #[inline(always)]
 fn link_control(ctx: &TcContext, at: u8, claim: Ipv6Key) -> i32 {
-    if at != hook::FROM_POD
-        || config().flags & config_flags::BRIDGED_PORTS == 0
-        || is_link_scope(&claim)
-        || claim.addr == [0; 16]
-    {
+    if at != hook::FROM_POD || config().flags & config_flags::BRIDGED_PORTS == 0 {
         return TC_ACT_OK as i32;
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if owns_source(claim, ifindex) && from_own_mac(ctx, claim, ifindex, 6) {
+    let ok = if is_link_scope(&claim) || claim.addr == [0; 16] {
+        match unsafe { PORTS.get(&ifindex) } {
+            // A bridge port: only from the MAC of the pod placed behind it
+            // (none placed: nothing).
+            Some(port) => {
+                port.flags & endpoint_flags::BRIDGED != 0
+                    && match ptr_at::<[u8; 6]>(ctx, 6) {
+                        Some(p) => (unsafe { *p }) == port.mac,
+                        None => false,
+                    }
+            }
+            // Not a bridge port: a routed pod's interface, which no bridge
+            // learns from.
+            None => true,
+        }
+    } else {
+        owns_source(claim, ifindex) && from_own_mac(ctx, claim, ifindex, 6)
+    };
+    if ok {
         return TC_ACT_OK as i32;
     }
     shot(drop_reason::SOURCE_SPOOFED)

@@ -240,6 +240,9 @@ pub struct Datapath {
     ipcache6: aya::maps::HashMap<MapData, Ipv6Key, IpcacheValue>,
     lpm6: LpmTrie<MapData, Ipv6Key, IpcacheValue>,
     endpoints6: aya::maps::HashMap<MapData, Ipv6Key, EndpointInfo>,
+    /// Bridge ports by ifindex (`maps::PORTS`).
+    ports: aya::maps::HashMap<MapData, u32, EndpointInfo>,
+    ports_applied: Option<HashMap<u32, EndpointInfo>>,
     /// What the maps hold, once read or written.
     applied: Option<Tables>,
     endpoints_applied: Option<HashMap<IpAddr, EndpointInfo>>,
@@ -275,7 +278,7 @@ where
 
 /// Key and value sizes of every pinned map whose entries have a layout, as
 /// this build's programs use them.
-fn map_layouts() -> [(&'static str, usize, usize); 13] {
+fn map_layouts() -> [(&'static str, usize, usize); 14] {
     use keyway_common::*;
     use std::mem::size_of;
     [
@@ -294,6 +297,7 @@ fn map_layouts() -> [(&'static str, usize, usize); 13] {
         ),
         (maps::ENDPOINTS6, size_of::<Ipv6Key>(), size_of::<EndpointInfo>()),
         (maps::FLOW_TABLE6, size_of::<FlowKey6>(), size_of::<FlowState>()),
+        (maps::PORTS, size_of::<u32>(), size_of::<EndpointInfo>()),
         (maps::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
         (maps::AUTH, size_of::<AuthKey>(), size_of::<AuthValue>()),
         (maps::AUTH_DEDUP, size_of::<AuthKey>(), size_of::<u64>()),
@@ -430,6 +434,8 @@ impl Datapath {
             ipcache6: take(&mut ebpf, maps::IPCACHE6)?,
             lpm6: take(&mut ebpf, maps::IPCACHE6_LPM)?,
             endpoints6: take(&mut ebpf, maps::ENDPOINTS6)?,
+            ports: take(&mut ebpf, maps::PORTS)?,
+            ports_applied: None,
             ebpf,
             cfg,
             config,
@@ -871,10 +877,41 @@ impl Datapath {
                 }
             }
         }
-        let d = diff(&old, &desired);
-        let changed = !d.is_empty();
-        // The L2 checks (misdelivery, ARP senders) run while any attached
-        // interface is a bridge port.
+        // Every bridge port: its placed pod's endpoint (its MAC), or an
+        // empty entry, so what a port sends that names no address of the
+        // pod's (IPv6 neighbour discovery from a link-local address) is
+        // held to that MAC, and nothing passes a port nobody is placed at.
+        let mut desired_ports: HashMap<u32, EndpointInfo> =
+            ports.iter().map(|p| (p.index, EndpointInfo::default())).collect();
+        for ep in desired.values() {
+            if ep.flags & endpoint_flags::BRIDGED != 0
+                && let Some(slot) = desired_ports.get_mut(&ep.ifindex)
+            {
+                *slot = EndpointInfo {
+                    ifindex: ep.ifindex,
+                    identity: ep.identity,
+                    mac: ep.mac,
+                    flags: ep.flags,
+                    ..EndpointInfo::default()
+                };
+            }
+        }
+        let old_ports = match self.ports_applied.take() {
+            Some(p) => p,
+            None => {
+                let mut m = HashMap::new();
+                for item in self.ports.iter() {
+                    let (k, v) = item.map_err(|e| DatapathError::map(maps::PORTS, e))?;
+                    m.insert(k, v);
+                }
+                m
+            }
+        };
+        write_hash(&mut self.ports, diff(&old_ports, &desired_ports), maps::PORTS)?;
+        self.ports_applied = Some(desired_ports);
+        // The L2 checks (misdelivery, ARP and neighbour discovery senders)
+        // run while any attached interface is a bridge port: on before the
+        // endpoints they guard are written, once the ports are.
         let bridged = !ports.is_empty();
         if self.bridged_ports != Some(bridged) {
             self.config.update(|c| {
@@ -886,6 +923,8 @@ impl Datapath {
             })?;
             self.bridged_ports = Some(bridged);
         }
+        let d = diff(&old, &desired);
+        let changed = !d.is_empty();
         for (k, v) in d.upserts {
             match k {
                 IpAddr::V4(ip) => self
