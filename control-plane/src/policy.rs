@@ -50,6 +50,7 @@ pub const EXEMPT_HOST: &str = "keyway-exempt: host (node agent, kubelet probes)"
 pub mod ip_proto {
     pub const ANY: u32 = 0;
     pub const ICMP: u32 = 1;
+    pub const ICMPV6: u32 = 58;
     pub const TCP: u32 = 6;
     pub const UDP: u32 = 17;
     pub const SCTP: u32 = 132;
@@ -503,8 +504,9 @@ fn resolve_ports(rule: &Rule) -> PortSlots {
             Protocol::Tcp => &[ip_proto::TCP],
             Protocol::Udp => &[ip_proto::UDP],
             Protocol::Sctp => &[ip_proto::SCTP],
-            // ICMP has no ports: every packet of it.
-            Protocol::Icmp => &[ip_proto::ICMP],
+            // ICMP has no ports: every packet of it, in either family (a
+            // dual-stack pod's ping6 is ICMPv6).
+            Protocol::Icmp => &[ip_proto::ICMP, ip_proto::ICMPV6],
         };
         for &proto in protos {
             if lo == 0 || pp.protocol == Protocol::Icmp {
@@ -1064,6 +1066,7 @@ mod tests {
         assert_eq!(decide(&c, 257, 259, 53, TCP, EG), Some(false));
         assert_eq!(decide(&c, 257, 259, 53, UDP, EG), Some(false));
         assert_eq!(decide(&c, 257, 259, 0, 1, EG), Some(false), "ICMP");
+        assert_eq!(decide(&c, 257, 259, 0, 58, EG), Some(false), "ICMPv6");
         assert_eq!(decide(&c, 257, 259, 9000, 132, EG), Some(false));
         assert_eq!(
             decide(&c, 257, 259, 40000, UDP, EG),

@@ -293,19 +293,9 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     keyway_serve::raise_open_files_limit();
     // The auth port is bound before attestation so a taken port fails fast,
     // and so the advertised address carries the real port.
-    // Both families (IPv4 peers arrive as IPv4-mapped addresses), or IPv4
-    // alone on a kernel without IPv6.
-    let auth_listener = match mutual_auth::bind(std::net::SocketAddr::from((
-        std::net::Ipv6Addr::UNSPECIFIED,
-        args.auth_port,
-    )))
-    .await
-    {
-        Ok(l) => l,
-        Err(_) => mutual_auth::bind(std::net::SocketAddr::from(([0, 0, 0, 0], args.auth_port)))
-            .await
-            .with_context(|| format!("--auth-port {}: cannot listen", args.auth_port))?,
-    };
+    let auth_listener = mutual_auth::bind_any(args.auth_port)
+        .await
+        .with_context(|| format!("--auth-port {}: cannot listen", args.auth_port))?;
     let auth_port = auth_listener.local_addr()?.port();
     let ips = if args.auth_addresses.is_empty() {
         vec![route_source_ip(&cfg.server).await.with_context(|| {

@@ -31,13 +31,15 @@ pub enum ExplainError {
     Datapath(#[from] DatapathError),
 }
 
-/// `tcp`, `udp`, `sctp`, `icmp` or a number (empty: tcp).
+/// `tcp`, `udp`, `sctp`, `icmp` (ICMPv6 between IPv6 addresses),
+/// `icmpv6` or a number (empty: tcp).
 pub fn parse_protocol(s: &str) -> Result<u8, ExplainError> {
     match s.to_ascii_lowercase().as_str() {
         "" | "tcp" => Ok(6),
         "udp" => Ok(17),
         "sctp" => Ok(132),
         "icmp" => Ok(1),
+        "icmpv6" => Ok(58),
         n => n.parse().map_err(|_| ExplainError::BadProtocol(s.to_string())),
     }
 }
@@ -63,7 +65,7 @@ fn has_ports(p: u8) -> bool {
 /// with none asked for its first.
 pub fn resolve(state: &NodeState, workload: &str, family: Option<bool>) -> Result<IpAddr, ExplainError> {
     if let Ok(ip) = workload.parse::<IpAddr>() {
-        return Ok(ip);
+        return Ok(ip.to_canonical());
     }
     let Some((ns, name)) = workload.split_once('/') else {
         return Err(ExplainError::UnknownWorkload(workload.to_string()));
@@ -258,6 +260,11 @@ pub fn explain(
         None => resolve(state, from, Some(false)).or_else(|_| resolve(state, from, None))?,
     };
     let dst_ip = resolve(state, to, Some(src_ip.is_ipv6()))?;
+    // ICMP in IPv6 is ICMPv6.
+    let proto = match proto {
+        1 if src_ip.is_ipv6() => 58,
+        p => p,
+    };
     let src = endpoint(state, t, src_ip)?;
     let dst = endpoint(state, t, dst_ip)?;
     let cfg = t.config()?;

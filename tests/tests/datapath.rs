@@ -4,7 +4,7 @@
 //! root); fails, never skips, without it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1544,6 +1544,61 @@ fn on_a_dual_stack_bridge_ipv6_is_placed_judged_and_guarded_at_the_port() {
         || drops(&topo, drop_reason::SOURCE_SPOOFED) > spoofed_before,
     );
     assert_eq!(fdb_port_of(&b_mac).as_deref(), Some(b.host_if.as_str()));
+
+    // x poses as a router: an advertisement (high preference, a default
+    // router for 30 minutes) that a would take, routing its IPv6 through
+    // x. A pod is never a router: dropped.
+    let x_mac = keyway_tests::netns::parse_mac(&mac(&x.netns, "eth0"));
+    let frame = |icmp: Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr, dst_mac: [u8; 6]| {
+        let mut f = dst_mac.to_vec();
+        f.extend_from_slice(&x_mac);
+        f.extend_from_slice(&[0x86, 0xdd]);
+        let mut ip = ipv6_packet(src, dst, &[], 58, icmp, Some(2));
+        ip[7] = 255;
+        f.extend_from_slice(&ip);
+        f
+    };
+    let x_link_local: Ipv6Addr = "fe80::bad".parse().unwrap();
+    let ra = frame(
+        vec![134, 0, 0, 0, 64, 0x08, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0],
+        x_link_local,
+        "ff02::1".parse().unwrap(),
+        [0x33, 0x33, 0, 0, 0, 1],
+    );
+    // A duplicate address probe for b's address: b's answer (or, were b
+    // still probing, its giving the address up) makes the address x's.
+    let mut probe = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    probe.extend_from_slice(&b6.octets());
+    let b_solicited: Ipv6Addr = format!(
+        "ff02::1:ff{:02x}:{:02x}{:02x}",
+        b6.octets()[13],
+        b6.octets()[14],
+        b6.octets()[15]
+    )
+    .parse()
+    .unwrap();
+    let dad = frame(
+        probe,
+        Ipv6Addr::UNSPECIFIED,
+        b_solicited,
+        [
+            0x33,
+            0x33,
+            0xff,
+            b6.octets()[13],
+            b6.octets()[14],
+            b6.octets()[15],
+        ],
+    );
+    for (what, f) in [("router advertisement", ra), ("probe for b's address", dad)] {
+        let before = drops(&topo, drop_reason::SOURCE_SPOOFED);
+        keyway_tests::netns::send_frame(&x.netns, "eth0", &f);
+        wait_until(Duration::from_secs(5), &format!("x's {what} dropped"), || {
+            drops(&topo, drop_reason::SOURCE_SPOOFED) > before
+        });
+    }
+    let routes = keyway_tests::netns::run("ip", &["-n", &a.netns, "-6", "route", "show", "default"]);
+    assert!(!routes.contains("fe80::bad"), "a took x for a router: {routes}");
 
     // a still reaches b, and what reached b's UDP port came from a.
     let sock = in_netns(&a.netns, move || UdpSocket::bind((a6, 0)).expect("udp bind"));

@@ -54,11 +54,14 @@ pub mod maps {
     pub const FLOW_TABLE6: &str = "KEYWAY_FLOW_TABLE6";
     /// The IPv6 programs, by [`super::prog_index`].
     pub const PROGS: &str = "KEYWAY_PROGS";
-    /// Every bridge port the programs are attached to, by ifindex: the
-    /// endpoint of the pod placed behind it ([`super::endpoint_flags::BRIDGED`],
-    /// its MAC), or an empty entry while none is. For what a pod sends that
-    /// names none of its addresses (IPv6 neighbour discovery from its
-    /// link-local address): only from that MAC.
+    /// Every interface the programs are attached to, by ifindex: for a
+    /// bridge port the endpoint of the pod placed behind it
+    /// ([`super::endpoint_flags::BRIDGED`], its MAC), or an empty entry
+    /// while none is; a routed pod's interface flagged
+    /// [`super::endpoint_flags::ROUTED`]. For what a pod sends on a bridge
+    /// that names none of its addresses (IPv6 neighbour discovery from its
+    /// link-local address): only from that MAC, and nothing from an
+    /// interface not written yet.
     pub const PORTS: &str = "KEYWAY_PORTS";
 
     /// Every pinned map, for tools that inspect or clean a pin directory.
@@ -131,7 +134,10 @@ pub mod drop_reason {
     /// loaded).
     pub const UNSUPPORTED_L3: u8 = 4;
     /// A pod sent a packet whose source address is not one of its own (the
-    /// endpoint behind the interface it came in on): a forged sender.
+    /// endpoint behind the interface it came in on): a forged sender. Also
+    /// a pod speaking as a router (an IPv6 router advertisement, redirect
+    /// or MLD query), and on a bridge ARP or neighbour discovery for an
+    /// address or from a MAC not its own.
     pub const SOURCE_SPOOFED: u8 = 5;
     /// A packet for a pod on a bridge reached another pod's bridge port (an
     /// answer to ARP from the wrong pod, or a frame the bridge flooded): it
@@ -328,6 +334,9 @@ pub mod endpoint_flags {
     /// redirected to the port (a neighbour lookup on a port with no address
     /// of its own would fail).
     pub const BRIDGED: u8 = 1;
+    /// In [`super::maps::PORTS`]: a routed pod's interface (no bridge
+    /// learns from what it sends).
+    pub const ROUTED: u8 = 2;
 }
 
 /// Policy lookup key: {subject, peer, port block, proto, direction}. Peer 0

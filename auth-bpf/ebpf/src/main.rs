@@ -741,6 +741,8 @@ fn link_control(ctx: &TcContext, at: u8, claim: Ipv6Key) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ok = if is_link_scope(&claim) || claim.addr == [0; 16] {
         match unsafe { PORTS.get(&ifindex) } {
+            // A routed pod's interface, which no bridge learns from.
+            Some(port) if port.flags & endpoint_flags::ROUTED != 0 => true,
             // A bridge port: only from the MAC of the pod placed behind it
             // (none placed: nothing).
             Some(port) => {
@@ -750,9 +752,8 @@ fn link_control(ctx: &TcContext, at: u8, claim: Ipv6Key) -> i32 {
                         None => false,
                     }
             }
-            // Not a bridge port: a routed pod's interface, which no bridge
-            // learns from.
-            None => true,
+            // An interface the agent has not written yet: nothing.
+            None => false,
         }
     } else {
         owns_source(claim, ifindex) && from_own_mac(ctx, claim, ifindex, 6)
@@ -1007,12 +1008,16 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
     };
     let mut off = ETH_HLEN + IPV6_HLEN;
     let mut later_fragment = false;
+    let mut fragmented = false;
     let mut walked = 0usize;
-    loop {
+    // Linux walks these to the upper layer (mobility, HIP and shim6 it
+    // delivers as protocols of their own, and so are they here); after a
+    // later fragment what follows is payload, not headers.
+    while !later_fragment {
         let len = match next {
-            // Hop-by-hop and destination options, routing, mobility, HIP,
-            // shim6: (length + 1) * 8 bytes.
-            0 | 43 | 60 | 135 | 139 | 140 => 0,
+            // Hop-by-hop and destination options, routing: (length + 1) * 8
+            // bytes.
+            0 | 43 | 60 => 0,
             // Fragment: 8 bytes.
             44 => 1,
             // Authentication header: (length + 2) * 4 bytes.
@@ -1030,8 +1035,9 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
         if next == 43 && h[3] != 0 {
             return Err(drop_reason::IPV6_EXT_HEADERS);
         }
-        if next == 44 && u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
-            later_fragment = true;
+        if next == 44 {
+            fragmented = true;
+            later_fragment = u16::from_be_bytes([h[2], h[3]]) >> 3 != 0;
         }
         next = h[0];
         off += match len {
@@ -1047,11 +1053,19 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
     } else {
         drop_reason::IPV6_EXT_HEADERS
     };
-    if next == IPPROTO_ICMPV6 && !later_fragment {
+    // Neighbour discovery and MLD are never fragmented (RFC 6980): a
+    // fragmented one is judged like any packet.
+    if next == IPPROTO_ICMPV6 && !fragmented {
         let t = match ctx.load::<u8>(off) {
             Ok(t) => t,
             Err(_) => return Err(cut_short),
         };
+        // A pod is never a router: a router advertisement or redirect from
+        // one would have its neighbours route through it, and an MLD query
+        // from one speaks for the router too.
+        if at == hook::FROM_POD && (t == 134 || t == 137 || t == 130) {
+            return Err(drop_reason::SOURCE_SPOOFED);
+        }
         // Router solicitation and advertisement, neighbour solicitation and
         // advertisement, redirect; MLD query, report, done, v2 report.
         let nd = (133..=137).contains(&t) && hop_limit == 255;
@@ -1062,8 +1076,10 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
         if (nd || mld) && on_link {
             // What the message speaks for: a neighbour advertisement, its
             // target address (what a neighbour's cache will map to the
-            // sender's MAC); anything else, its source.
-            if t == 136 {
+            // sender's MAC); a duplicate address probe (a solicitation from
+            // ::), the address it probes (its answer takes the address
+            // from whoever holds it); anything else, its source.
+            if t == 136 || (t == 135 && src_ip.addr == [0; 16]) {
                 return match ctx.load::<[u8; 16]>(off + 8) {
                     Ok(addr) => Ok(Parsed6::LinkControl(Ipv6Key { addr })),
                     Err(_) => Err(cut_short),

@@ -28,6 +28,8 @@ pub struct Route {
 
 const RTF_UP: u32 = 0x1;
 const RTF_GATEWAY: u32 = 0x2;
+const RTF_ANYCAST: u32 = 0x0010_0000;
+const RTF_LOCAL: u32 = 0x8000_0000;
 
 /// Direct routes (up, no gateway) from the text of `/proc/net/route`.
 pub fn parse_routes(text: &str) -> Vec<Route> {
@@ -75,7 +77,9 @@ pub fn parse_routes6(text: &str) -> Vec<Route> {
         ) else {
             continue;
         };
-        if flags & RTF_UP == 0 || flags & RTF_GATEWAY != 0 || len > 128 {
+        // The local and anycast routes of the node's own addresses (the
+        // file lists every table; /proc/net/route only the main one).
+        if flags & RTF_UP == 0 || flags & (RTF_GATEWAY | RTF_LOCAL | RTF_ANYCAST) != 0 || len > 128 {
             continue;
         }
         out.push(Route {
@@ -594,6 +598,8 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         // IPv6: the host route to the pod's veth beats the subnet's.
         assert_eq!(at("fd00:201::1"), Some("kwa"));
         assert_eq!(at("fd00:201::7"), Some("br0"));
+        // A local route (an address of the node's own) is not a way to a pod.
+        assert_eq!(at("fd00:202::5"), None);
         assert_eq!(at("2001:db8::1"), None, "only through the default gateway");
         assert_eq!(at("fd00:202::2"), None, "a route that is not up");
     }
@@ -604,6 +610,7 @@ down0\t0200C90A\t00000000\t0000\t0\t0\t0\tFFFFFFFF\t0\t0\t0
 fd000201000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001      kwa
 fd000202000000000000000000000002 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000000      kwb
 fd000201000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001      br0
+fd000202000000000000000000000005 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 80200001      kwx
 00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0
 00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 80200001       lo
 ";

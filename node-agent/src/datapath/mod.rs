@@ -720,7 +720,7 @@ impl Datapath {
                 w.ips
                     .iter()
                     .filter_map(|s| s.parse::<IpAddr>().ok())
-                    .map(move |ip| (ip, w.identity, key))
+                    .map(move |ip| (ip.to_canonical(), w.identity, key))
             })
             .collect();
 
@@ -839,44 +839,6 @@ impl Datapath {
             );
             ifaces.insert(link.name.clone());
         }
-        // An attachment can go away under us (the link made defunct, another
-        // tool detaching it): check that both programs still sit on every
-        // interface we think is covered, and attach again where not.
-        let lost: Vec<String> = self
-            .status
-            .attached
-            .iter()
-            .filter(|i| ifaces.contains(*i) && !programs_attached(i))
-            .cloned()
-            .collect();
-        for iface in lost {
-            warn!(iface = %iface, "the datapath's programs are no longer attached here; attaching again");
-            self.detach(&iface);
-        }
-        let gone: Vec<String> = self.status.attached.difference(&ifaces).cloned().collect();
-        for iface in gone {
-            info!(iface = %iface, "no local workload uses this interface any more; detaching");
-            self.detach(&iface);
-        }
-        self.status.attach_errors.retain(|i, _| ifaces.contains(i));
-        for iface in &ifaces {
-            if !self.status.attached.contains(iface) {
-                match self.attach(iface) {
-                    Ok(()) => {
-                        info!(iface = %iface, "datapath attached");
-                        self.status.attach_errors.remove(iface);
-                    }
-                    Err(e) => {
-                        // Said once per distinct reason, not on every scan.
-                        let msg = e.to_string();
-                        if self.status.attach_errors.get(iface) != Some(&msg) {
-                            warn!(error = %msg, "could not attach the datapath; will retry");
-                        }
-                        self.status.attach_errors.insert(iface.clone(), msg);
-                    }
-                }
-            }
-        }
         // Every bridge port: its placed pod's endpoint (its MAC), or an
         // empty entry, so what a port sends that names no address of the
         // pod's (IPv6 neighbour discovery from a link-local address) is
@@ -922,6 +884,44 @@ impl Datapath {
                 }
             })?;
             self.bridged_ports = Some(bridged);
+        }
+        // An attachment can go away under us (the link made defunct, another
+        // tool detaching it): check that both programs still sit on every
+        // interface we think is covered, and attach again where not.
+        let lost: Vec<String> = self
+            .status
+            .attached
+            .iter()
+            .filter(|i| ifaces.contains(*i) && !programs_attached(i))
+            .cloned()
+            .collect();
+        for iface in lost {
+            warn!(iface = %iface, "the datapath's programs are no longer attached here; attaching again");
+            self.detach(&iface);
+        }
+        let gone: Vec<String> = self.status.attached.difference(&ifaces).cloned().collect();
+        for iface in gone {
+            info!(iface = %iface, "no local workload uses this interface any more; detaching");
+            self.detach(&iface);
+        }
+        self.status.attach_errors.retain(|i, _| ifaces.contains(i));
+        for iface in &ifaces {
+            if !self.status.attached.contains(iface) {
+                match self.attach(iface) {
+                    Ok(()) => {
+                        info!(iface = %iface, "datapath attached");
+                        self.status.attach_errors.remove(iface);
+                    }
+                    Err(e) => {
+                        // Said once per distinct reason, not on every scan.
+                        let msg = e.to_string();
+                        if self.status.attach_errors.get(iface) != Some(&msg) {
+                            warn!(error = %msg, "could not attach the datapath; will retry");
+                        }
+                        self.status.attach_errors.insert(iface.clone(), msg);
+                    }
+                }
+            }
         }
         let d = diff(&old, &desired);
         let changed = !d.is_empty();

@@ -231,7 +231,18 @@ fn parse_cidr(s: &str) -> Option<(IpAddr, u32)> {
     };
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = len.unwrap_or(max);
-    (len <= max).then_some((ip, len))
+    if len > max {
+        return None;
+    }
+    // An IPv4-mapped IPv6 prefix (::ffff:a.b.c.d) is IPv4: the packets it
+    // names carry IPv4 headers.
+    match ip {
+        IpAddr::V6(v6) if len >= 96 => match v6.to_ipv4_mapped() {
+            Some(v4) => Some((IpAddr::V4(v4), len - 96)),
+            None => Some((ip, len)),
+        },
+        _ => Some((ip, len)),
+    }
 }
 
 pub(crate) fn mask(ip: Ipv4Addr, len: u32) -> Ipv4Addr {
@@ -266,6 +277,7 @@ mod tests {
             ("10.1.0.0/16", 2, 0),
             ("fd00::1/128", 301, 1),
             ("fd00:1::/64", 2, 0),
+            ("::ffff:10.2.0.0/112", 2, 0),
             ("10.0.0.0/33", 2, 0),
         ] {
             s.ipcache.insert(
@@ -295,6 +307,11 @@ mod tests {
         let v = t.ipcache6[&ip6_key("fd00::1".parse().unwrap())];
         assert_eq!((v.identity, v.node_id), (301, 1));
         assert_eq!(t.lpm6[&(64, ip6_key("fd00:1::".parse().unwrap()))].identity, 2);
+        assert_eq!(
+            t.lpm[&(16, ip_key(Ipv4Addr::new(10, 2, 0, 0)))].identity,
+            2,
+            "an IPv4-mapped prefix is an IPv4 one"
+        );
         assert_eq!(
             t.skipped,
             vec!["ipcache 10.0.0.0/33: not an IPv4 or IPv6 CIDR".to_string()],

@@ -123,6 +123,39 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener
     tokio::net::TcpListener::bind(listen).await
 }
 
+/// Binds the auth port on every address of both families: IPv4 peers
+/// arrive as IPv4-mapped addresses (whatever `net.ipv6.bindv6only` says:
+/// the socket says so itself). On a kernel without IPv6, IPv4 alone.
+pub async fn bind_any(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let sock = match tokio::net::TcpSocket::new_v6() {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            return bind(SocketAddr::from(([0, 0, 0, 0], port))).await;
+        }
+        Err(e) => return Err(e),
+    };
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt on a socket this function owns, with a pointer to
+    // a c_int that outlives the call and its size.
+    #[allow(unsafe_code, reason = "IPV6_V6ONLY has no safe setter in std or tokio")]
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    sock.set_reuseaddr(true)?;
+    sock.bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
+    sock.listen(1024)
+}
+
 /// Once the first sync has brought a trust bundle, runs the auth port's
 /// server on `listener` and the manager.
 pub fn start(
