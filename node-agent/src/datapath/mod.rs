@@ -338,6 +338,22 @@ fn retire_changed_maps(pin_dir: &Path) {
     }
 }
 
+/// Program `name` of the object, loaded into the kernel (once: a program
+/// loaded already is returned as it is).
+fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+        log_verified(name, prog);
+    }
+    Ok(prog)
+}
+
 /// How much of the verifier's budget (1M instructions) a program took: a
 /// program near it may not load on a kernel whose verifier is a little
 /// stricter.
@@ -382,28 +398,14 @@ impl Datapath {
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
         for (name, _, _) in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
-            prog.load()
-                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
-            log_verified(name, prog);
+            load_program(&mut ebpf, name)?;
         }
         // The IPv6 programs go into their slots before any program of this
         // agent is attached: a slot replaced is replaced at once for every
         // caller, an older agent's programs included.
         let mut progs: aya::maps::ProgramArray<MapData> = take(&mut ebpf, maps::PROGS)?;
         for (name, slot) in IPV6_PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
-            prog.load()
-                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
-            log_verified(name, prog);
+            let prog = load_program(&mut ebpf, name)?;
             let fd = prog
                 .fd()
                 .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
@@ -466,16 +468,7 @@ impl Datapath {
     /// tools that run it outside an attachment (`bpftool prog run` in the
     /// benchmarks). `keyway_empty` is the do-nothing baseline.
     pub fn pin_program(&mut self, name: &str, path: &Path) -> Result<(), DatapathError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Load(format!("the object has no program {name}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
-        }
+        let prog = load_program(&mut self.ebpf, name)?;
         prog.pin(path)
             .map_err(|e| DatapathError::Load(format!("pinning {name} at {}: {e}", path.display())))
     }
