@@ -1225,15 +1225,7 @@ fn on_a_bridge_cni_each_pod_is_guarded_at_its_bridge_port() {
     // which policy allows): were either let onto the bridge, b's frames
     // would go to x's port (and be dropped there as misdelivered). Both
     // are dropped at x's port, and a still reaches b.
-    let counters = node_agent::datapath::drops::DropCounters::open(&topo.pin_dir).unwrap();
-    let spoofed = || {
-        counters
-            .read()
-            .unwrap()
-            .into_iter()
-            .find(|(r, _)| *r == drop_reason::SOURCE_SPOOFED)
-            .map_or(0, |(_, n)| n)
-    };
+    let spoofed = || drops(&topo, drop_reason::SOURCE_SPOOFED);
     let before = spoofed();
     let bm = keyway_tests::netns::parse_mac(&b_mac);
     keyway_tests::netns::send_arp_reply(
