@@ -404,7 +404,7 @@ fn fill(
     };
     let rule = e
         .policy
-        .and_then(|hit| rules.get(&hit.value.rule_id).cloned())
+        .and_then(|hit| rules.get(&hit.rule_id).cloned())
         .unwrap_or_default();
     if let Some(hit) = e.policy {
         h.policy = Some(pb::ExplainPolicy {
@@ -420,7 +420,7 @@ fn fill(
             allow: true,
             auth_required: hit.auth_required,
             rule: rule.clone(),
-            rule_id: hit.value.rule_id,
+            rule_id: hit.rule_id,
             port_block: u32::from(hit.key.port_block),
         });
         h.auth_required = hit.auth_required;

@@ -23,7 +23,10 @@ fn main() {
                     .and_then(|i| i.verified_instruction_count())
                     .unwrap_or(0)
             ),
-            Err(e) => println!("{name}: FAILED {}", e.to_string().lines().last().unwrap_or("")),
+            Err(e) => println!(
+                "{name}: FAILED {}",
+                e.to_string().lines().rev().take(8).collect::<Vec<_>>().join("\n")
+            ),
         }
     }
     drop(ebpf);

@@ -462,6 +462,15 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied(fam: Fam) {
 /// on the first alone; a -> b:7070 is allowed by both, and the second's
 /// authentication is required, though the more specific entry asks none.
 fn every_policy_shape_a_subject_has_is_looked_up(fam: Fam) {
+    // b's any-port entry for a and its any-peer entry for 7070 are folded
+    // into one exact key (the default), or, past the fold limit (0 here),
+    // kept apart and united by the kernel: the same verdicts either way.
+    for fold_limit in [datapath::tables::FOLD_LIMIT, 0] {
+        every_policy_shape_with(fam, fold_limit);
+    }
+}
+
+fn every_policy_shape_with(fam: Fam, fold_limit: usize) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
     let b = topo.add_pod("b", IP_B);
@@ -471,7 +480,7 @@ fn every_policy_shape_a_subject_has_is_looked_up(fam: Fam) {
         .rule((B, A, 0, TCP, INGRESS), false, "default/b-from-a ingress[0]")
         .rule((B, 0, 7070, TCP, INGRESS), true, "default/b-7070 ingress[0]")
         .build();
-    let dp = start(&topo, |_| {}, NodeState::default());
+    let dp = start(&topo, |c| c.policy_fold_limit = fold_limit, NodeState::default());
     let mut flows = dp.flows.subscribe();
     dp.apply(state, &topo);
     tcp_echo(&b.netns, fam.ip(IP_B), 9090);

@@ -6,8 +6,10 @@
 //! IPv4 and IPv6 have maps of their own (the IPv4 keys stay four bytes, so
 //! IPv4 packets pay nothing for IPv6). Addresses are in network byte order,
 //! as they sit in the packet: an IPv4 address is a `u32` read from memory,
-//! an IPv6 one an [`Ipv6Key`]. Ports likewise. Times are `bpf_ktime_get_ns`
-//! nanoseconds.
+//! an IPv6 one an [`Ipv6Key`]. Ports likewise. Times are `CLOCK_MONOTONIC`
+//! nanoseconds, read in the kernel at tick resolution
+//! (`bpf_ktime_get_coarse_ns`; the agent writes auth expiries one tick
+//! early, see `node_agent::datapath::kernel_clock_lag_ns`).
 #![no_std]
 
 /// Numeric security identities as the datapath sees them (DESIGN.md section 2).
@@ -457,28 +459,79 @@ impl PortBits {
     }
 }
 
-/// Policy verdict for a key: which ports of the key's block (or, for an
-/// any-port entry, which IP protocols) are allowed, and which of those need
-/// mutual authentication. A packet whose bit is clear is not matched by the
-/// entry: the lookup goes on to the next, less specific key.
+/// A kernel policy entry, compiled by the agent from the control plane's
+/// entries (see `node-agent/src/datapath/tables.rs`, `compile`): the
+/// complete verdict for every packet whose first key found, in
+/// [`policy_probes`] order, is this one. The agent folds into each entry
+/// what the less specific entries the packet would also match say (the
+/// union of the rules), so the datapath stops at the first entry it finds:
+/// one lookup for a pair a subject's policy names, instead of up to four.
+///
+/// The bits: one per port of the key's block (`port & 0xff`), or in an
+/// any-port entry one per IP protocol number. A packet whose bit is clear
+/// in `allowed` is dropped.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PolicyValue {
-    /// Which compiled rule decided (for flow records and `explain`).
+    /// The rule that allows the bits of `first` (for flow records and
+    /// `explain`: the most specific rule that matches).
     pub rule_id: u32,
+    /// The [`PolicyProbe`] shape (its index in [`policy_probes`] order) each
+    /// rule came from: `rule_id`'s, `second_rule_id`'s and
+    /// `rest_rule_id`'s, so that `explain` names the entry a rule was written
+    /// as. The datapath does not read them.
+    pub origins: [u8; 3],
     /// [`policy_flags`].
-    pub flags: u32,
+    pub flags: u8,
     pub allowed: PortBits,
     /// Always a subset of `allowed`.
     pub authenticated: PortBits,
+    /// The allowed bits whose rule is `rule_id`.
+    pub first: PortBits,
+    /// The allowed bits not in `first` whose rule is `second_rule_id`; every
+    /// other allowed bit's is `rest_rule_id`. (Three are enough: of the four
+    /// shapes folded into an entry, an any-port one covers every bit of the
+    /// packet's protocol, so what comes after it adds none.)
+    pub second: PortBits,
+    pub second_rule_id: u32,
+    pub rest_rule_id: u32,
 }
 
 /// Bits of [`PolicyValue::flags`].
 pub mod policy_flags {
-    /// The lookup stops after this entry, matched or not: the any-peer
-    /// entries never apply to this peer (exemptions; world and remote-node
-    /// beside a `cluster` rule).
-    pub const FINAL: u32 = 1;
+    /// On an any-port entry: this entry does not decide alone; the packet's
+    /// any-peer entry (the next probe), when there is one, is read too and
+    /// the two are united, the any-port entry's rule first. The agent sets
+    /// it where folding the subject's any-peer port entries into the pair's
+    /// exact keys would cost more than `tables::FOLD_LIMIT` entries: two
+    /// lookups instead of one, for that subject only.
+    pub const WITH_ANY_PEER: u8 = 1;
+}
+
+impl PolicyValue {
+    /// The rule that allows `bit`, or `None` when it is not allowed.
+    pub const fn rule_for(&self, bit: u8) -> Option<u32> {
+        if !self.allowed.get(bit) {
+            None
+        } else if self.first.get(bit) {
+            Some(self.rule_id)
+        } else if self.second.get(bit) {
+            Some(self.second_rule_id)
+        } else {
+            Some(self.rest_rule_id)
+        }
+    }
+
+    /// The shape (a [`policy_probes`] index) the rule of `bit` came from.
+    pub const fn origin_of(&self, bit: u8) -> u8 {
+        if self.first.get(bit) {
+            self.origins[0]
+        } else if self.second.get(bit) {
+            self.origins[1]
+        } else {
+            self.origins[2]
+        }
+    }
 }
 
 /// How a policy lookup went, most specific key first.
@@ -516,54 +569,46 @@ pub const fn policy_probes(
     proto: u8,
     direction: u8,
 ) -> [(PolicyProbe, PolicyKey, u8); 4] {
+    let e = policy_probe(subject, peer, port, proto, direction, 0);
+    let ap = policy_probe(subject, peer, port, proto, direction, 1);
+    let w = policy_probe(subject, peer, port, proto, direction, 2);
+    let wa = policy_probe(subject, peer, port, proto, direction, 3);
+    [
+        (PolicyProbe::Exact, e.0, e.1),
+        (PolicyProbe::AnyPort, ap.0, ap.1),
+        (PolicyProbe::AnyPeer, w.0, w.1),
+        (PolicyProbe::AnyPeerAndPort, wa.0, wa.1),
+    ]
+}
+
+/// Probe `i` (0-3) of [`policy_probes`] alone: its key and bit (what the
+/// datapath builds one at a time, to keep its stack small).
+pub const fn policy_probe(
+    subject: u32,
+    peer: u32,
+    port: u16,
+    proto: u8,
+    direction: u8,
+    i: usize,
+) -> (PolicyKey, u8) {
     let block = port_block(port);
     let bit = (port & 0xff) as u8;
-    [
-        (
-            PolicyProbe::Exact,
-            PolicyKey {
-                subject,
-                peer,
-                port_block: block,
-                proto,
-                direction,
-            },
-            bit,
-        ),
-        (
-            PolicyProbe::AnyPort,
-            PolicyKey {
-                subject,
-                peer,
-                port_block: 0,
-                proto: 0,
-                direction,
-            },
+    let (peer, port_block, proto, bit) = match i {
+        0 => (peer, block, proto, bit),
+        1 => (peer, 0, 0, proto),
+        2 => (identity::UNKNOWN, block, proto, bit),
+        _ => (identity::UNKNOWN, 0, 0, proto),
+    };
+    (
+        PolicyKey {
+            subject,
+            peer,
+            port_block,
             proto,
-        ),
-        (
-            PolicyProbe::AnyPeer,
-            PolicyKey {
-                subject,
-                peer: identity::UNKNOWN,
-                port_block: block,
-                proto,
-                direction,
-            },
-            bit,
-        ),
-        (
-            PolicyProbe::AnyPeerAndPort,
-            PolicyKey {
-                subject,
-                peer: identity::UNKNOWN,
-                port_block: 0,
-                proto: 0,
-                direction,
-            },
-            proto,
-        ),
-    ]
+            direction,
+        },
+        bit,
+    )
 }
 
 /// Auth map key: the pair and the node whose agent vouched for the peer.
@@ -722,11 +767,16 @@ mod tests {
         assert_eq!(offset_of!(PolicyKey, proto), 10);
         assert_eq!(offset_of!(PolicyKey, direction), 11);
         assert_eq!(size_of::<PortBits>(), 32);
-        assert_eq!(size_of::<PolicyValue>(), 72);
+        assert_eq!(size_of::<PolicyValue>(), 144);
         assert_eq!(offset_of!(PolicyValue, rule_id), 0);
-        assert_eq!(offset_of!(PolicyValue, flags), 4);
+        assert_eq!(offset_of!(PolicyValue, origins), 4);
+        assert_eq!(offset_of!(PolicyValue, flags), 7);
         assert_eq!(offset_of!(PolicyValue, allowed), 8);
         assert_eq!(offset_of!(PolicyValue, authenticated), 40);
+        assert_eq!(offset_of!(PolicyValue, first), 72);
+        assert_eq!(offset_of!(PolicyValue, second), 104);
+        assert_eq!(offset_of!(PolicyValue, second_rule_id), 136);
+        assert_eq!(offset_of!(PolicyValue, rest_rule_id), 140);
         assert_eq!(size_of::<AuthKey>(), 12);
         assert_eq!(offset_of!(AuthKey, remote_node_id), 8);
         assert_eq!(offset_of!(AuthKey, auth_type), 10);

@@ -28,7 +28,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::helpers::r#gen::bpf_redirect_neigh;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::Key;
@@ -38,7 +38,7 @@ use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowKey6, FlowState,
     IPV6_MAX_EXT_HEADERS, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, absent_bit, auth_type,
     config_flags, direction, drop_reason, endpoint_flags, flow_kind, hook, identity, maps, policy_flags,
-    policy_probes, prog_index,
+    policy_probe, prog_index,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -80,6 +80,11 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "KEYWAY_PROGS")]
 static PROGS: ProgramArray = ProgramArray::pinned(2, 0);
 /// Scratch space for the IPv6 program's flow keys (per CPU, not pinned).
+/// The policy key `lookup_policy` probes with, built here rather than on
+/// the stack: the IPv6 programs' frames and its own share 512 bytes.
+#[map(name = "KEYWAY_SCRATCH_PKEY")]
+static SCRATCH_PKEY: PerCpuArray<PolicyKey> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "KEYWAY_SCRATCH6")]
 static SCRATCH6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "KEYWAY_DROPS")]
@@ -424,14 +429,14 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
             if prev.auth_expiry_ns == 0 {
                 return forward(prev.redirect_ifindex);
             }
-            now = unsafe { bpf_ktime_get_ns() };
+            now = unsafe { bpf_ktime_get_coarse_ns() };
             if now < prev.auth_expiry_ns {
                 return forward(prev.redirect_ifindex);
             }
         }
     }
     if now == 0 {
-        now = unsafe { bpf_ktime_get_ns() };
+        now = unsafe { bpf_ktime_get_coarse_ns() };
     }
 
     // What a pod sends must come from one of its own addresses: the ipcache
@@ -614,10 +619,18 @@ fn evaluate<A: Family>(cfg: &Config, pkt: &Packet<A>, at: u8, now: u64, signal: 
         src_identity: src.identity,
         dst_identity: dst.identity,
     };
-    let (rule_id, auth_required) = match lookup_policy(subject, peer, dst_port, pkt.proto, dir, absent) {
-        Some(e) => e,
-        None => return v,
-    };
+    let found = lookup_policy(
+        subject,
+        peer,
+        u64::from(u16::from_be(dst_port))
+            | u64::from(pkt.proto) << 16
+            | u64::from(dir) << 24
+            | u64::from(absent) << 32,
+    );
+    if found == 0 {
+        return v;
+    }
+    let (rule_id, auth_required) = (found as u32, found & POLICY_AUTH != 0);
     v.rule_id = rule_id;
     if !auth_required {
         v.forwarded = true;
@@ -782,45 +795,71 @@ fn leaves_on_own_port<A: Family>(dst: A, ifindex: u32) -> bool {
 /// Most specific first (`keyway_common::policy_probes`): exact, any port,
 /// any peer, any peer and any port. An entry matches when the packet's bit
 /// (its port in the block, or its protocol in an any-port entry) is allowed.
-/// The packet is allowed when any entry matches, and needs authentication
-/// when any matching entry says so: the union of the rules, which is why the
-/// lookup goes on after a match without authentication, and stops at the
-/// first that requires it or at a final entry. The rule reported is the
-/// most specific match's. A probe of a shape the subject has no entry of
-/// (`absent`, the subject's ipcache bits, see `IpcacheValue::absent`) is not
-/// made: it could only miss.
-#[inline(always)]
-fn lookup_policy(subject: u32, peer: u32, port: u16, proto: u8, dir: u8, absent: u8) -> Option<(u32, bool)> {
-    let probes = policy_probes(subject, peer, u16::from_be(port), proto, dir);
-    let mut rule: Option<u32> = None;
+/// [`lookup_policy`]'s result bits: the packet is allowed (the rule is
+/// the low 32 bits), and it needs authentication.
+const POLICY_ALLOWED: u64 = 1 << 32;
+const POLICY_AUTH: u64 = 1 << 33;
+
+/// The first entry found, in `policy_probes` order, decides: the agent
+/// compiled into it what every less specific entry the packet also matches
+/// says (see `PolicyValue`), so a pair the subject's policy names costs one
+/// lookup. A probe of a shape the subject has no entry of (`absent`, the
+/// subject's ipcache bits, see `IpcacheValue::absent`) is not made: it
+/// could only miss.
+///
+/// `packed` is the destination port (host order) | proto << 16 | direction
+/// << 24 | absent << 32; returns 0 when the packet is not allowed, else the
+/// rule | [`POLICY_ALLOWED`] (| [`POLICY_AUTH`]). A function of its own,
+/// not inlined: the verifier then walks the probes once per call, not once
+/// per path of the caller into them (inlined, this loop took both IPv4
+/// programs over the verifier's million instructions).
+#[inline(never)]
+fn lookup_policy(subject: u32, peer: u32, packed: u64) -> u64 {
+    let port = packed as u16;
+    let proto = (packed >> 16) as u8;
+    let dir = (packed >> 24) as u8;
+    let absent = (packed >> 32) as u8;
+    let Some(key) = SCRATCH_PKEY.get_ptr_mut(0) else {
+        return 0;
+    };
     let mut i = 0;
-    while i < probes.len() {
-        if absent & absent_bit(dir, i as u8) != 0 {
-            i += 1;
-            continue;
-        }
-        let (_, key, bit) = probes[i];
-        if let Some(v) = unsafe { POLICY.get(&key) } {
-            if v.allowed.get(bit) {
-                let first = match rule {
-                    Some(r) => r,
-                    None => v.rule_id,
-                };
-                rule = Some(first);
-                if v.authenticated.get(bit) {
-                    return Some((first, true));
+    while i < 4 {
+        if absent & absent_bit(dir, i as u8) == 0 {
+            let (k, bit) = policy_probe(subject, peer, port, proto, dir, i);
+            // SAFETY: a per-CPU map value pointer, valid for this run and
+            // this CPU's alone.
+            unsafe { *key = k };
+            if let Some(v) = unsafe { POLICY.get(&*key) } {
+                let mut rule = v.rule_for(bit);
+                let mut auth = v.authenticated.get(bit);
+                if v.flags & policy_flags::WITH_ANY_PEER != 0 {
+                    // Only ever on an any-port key (probe 1) holding that
+                    // entry alone: united with the first any-peer key
+                    // found (probes 2 and 3), its rule after this one's.
+                    let mut j = 2;
+                    while j < 4 {
+                        let (k, b) = policy_probe(subject, peer, port, proto, dir, j);
+                        unsafe { *key = k };
+                        if let Some(w) = unsafe { POLICY.get(&*key) } {
+                            if rule.is_none() {
+                                rule = w.rule_for(b);
+                            }
+                            auth = auth || w.authenticated.get(b);
+                            break;
+                        }
+                        j += 1;
+                    }
                 }
-            }
-            if v.flags & policy_flags::FINAL != 0 {
-                break;
+                return match rule {
+                    Some(rule) if auth => u64::from(rule) | POLICY_ALLOWED | POLICY_AUTH,
+                    Some(rule) => u64::from(rule) | POLICY_ALLOWED,
+                    None => 0,
+                };
             }
         }
         i += 1;
     }
-    match rule {
-        Some(r) => Some((r, false)),
-        None => None,
-    }
+    0
 }
 
 /// At most one signal per key per interval. The check and the write are not

@@ -56,7 +56,11 @@ impl PinnedAuthMap {
 }
 
 impl AuthMap for PinnedAuthMap {
+    /// Written one kernel clock tick early ([`super::sys::kernel_clock_lag_ns`]):
+    /// the datapath's clock may run that far behind, and an entry must
+    /// never be honoured past its expiry.
     fn upsert(&self, key: AuthKey, expiry_ns: u64) -> Result<(), DatapathError> {
+        let expiry_ns = expiry_ns.saturating_sub(super::sys::kernel_clock_lag_ns());
         let mut map = self.map.lock().expect("auth map lock");
         let shortened = match map.get(&key, 0) {
             Ok(old) => old.expiry_ns > expiry_ns,

@@ -251,21 +251,28 @@ pub fn lookup_ip(t: &dyn Lookup, ip: IpAddr) -> Result<(IpcacheValue, IpSource),
     ))
 }
 
-/// What the kernel's policy lookup found: the most specific matching entry
-/// (whose rule flow records name) and whether any matching entry requires
-/// authentication (the union of the rules).
+/// What the kernel's policy lookup found: the entry that decided (the
+/// first found), the rule that allows the packet (the most specific
+/// matching one of the control plane's entries) and whether any matching
+/// entry requires authentication (the union of the rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyHit {
+    /// The shape of the control plane's entry the rule was written as.
     pub probe: PolicyProbe,
+    /// That entry's key.
     pub key: PolicyKey,
+    /// The kernel's entry that decided, found at `found`.
     pub value: PolicyValue,
+    pub found: PolicyKey,
+    pub rule_id: u32,
     pub auth_required: bool,
 }
 
 /// The kernel's `lookup_policy`: the probes of
-/// [`keyway_common::policy_probes`] in order (`port` in host order), every
-/// match OR-ed, stopping at the first that requires authentication or at a
-/// final entry.
+/// [`keyway_common::policy_probes`] in order (`port` in host order), the
+/// first entry found decides; one flagged
+/// [`policy_flags::WITH_ANY_PEER`] is united with the first any-peer entry
+/// found after it.
 pub fn lookup_policy(
     t: &dyn Lookup,
     subject: u32,
@@ -274,28 +281,38 @@ pub fn lookup_policy(
     proto: u8,
     dir: u8,
 ) -> Result<Option<PolicyHit>, DatapathError> {
-    let mut hit: Option<PolicyHit> = None;
-    for (probe, key, bit) in policy_probes(subject, peer, port, proto, dir) {
-        let Some(value) = t.policy(&key)? else {
+    let probes = policy_probes(subject, peer, port, proto, dir);
+    for (i, &(_, found, bit)) in probes.iter().enumerate() {
+        let Some(value) = t.policy(&found)? else {
             continue;
         };
-        if value.allowed.get(bit) {
-            let h = hit.get_or_insert(PolicyHit {
-                probe,
-                key,
-                value,
-                auth_required: false,
-            });
-            if value.authenticated.get(bit) {
-                h.auth_required = true;
-                break;
+        let mut decided = value.rule_for(bit).map(|rule| (rule, value.origin_of(bit)));
+        let mut auth_required = value.authenticated.get(bit);
+        if value.flags & policy_flags::WITH_ANY_PEER != 0 {
+            for &(_, key, b) in &probes[i.max(1) + 1..] {
+                if let Some(w) = t.policy(&key)? {
+                    if decided.is_none() {
+                        decided = w.rule_for(b).map(|rule| (rule, w.origin_of(b)));
+                    }
+                    auth_required |= w.authenticated.get(b);
+                    break;
+                }
             }
         }
-        if value.flags & policy_flags::FINAL != 0 {
-            break;
-        }
+        let Some((rule_id, origin)) = decided else {
+            return Ok(None);
+        };
+        let (probe, key, _) = probes[usize::from(origin) & 3];
+        return Ok(Some(PolicyHit {
+            probe,
+            key,
+            value,
+            found,
+            rule_id,
+            auth_required,
+        }));
     }
-    Ok(hit)
+    Ok(None)
 }
 
 /// The auth check of an entry that requires it.

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 pub use auth_map::{AuthMap, MemoryAuthMap, PinnedAuthMap};
 pub use events::{Flow, FlowKind, MissingAuth};
-pub use sys::{ifindex, monotonic_ns};
+pub use sys::{ifindex, kernel_clock_lag_ns, monotonic_ns};
 
 use crate::state::NodeState;
 use tables::{MapDiff, Tables, diff, ip_key, ip6_key};
@@ -99,6 +99,11 @@ pub struct DatapathConfig {
     pub proc_root: PathBuf,
     /// Where named network namespaces live (`netns:` selectors).
     pub netns_dir: PathBuf,
+    /// How many exact keys one subject's policy may gain, per direction, by
+    /// folding its any-peer port entries into its any-port pairs
+    /// ([`tables::FOLD_LIMIT`]); past it the kernel unites two entries for
+    /// that subject instead. The tests set 0 to drive that path.
+    pub policy_fold_limit: usize,
 }
 
 impl DatapathConfig {
@@ -115,6 +120,7 @@ impl DatapathConfig {
             min_scan_gap: Duration::from_millis(20),
             proc_root: PathBuf::from("/proc"),
             netns_dir: PathBuf::from("/var/run/netns"),
+            policy_fold_limit: tables::FOLD_LIMIT,
         }
     }
 }
@@ -572,7 +578,7 @@ impl Datapath {
     /// The first call after load compares with what the maps hold (an
     /// earlier agent's tables); later calls send only the differences.
     pub fn apply_tables(&mut self, state: &NodeState) -> Result<(), DatapathError> {
-        let new = Tables::from_state(state);
+        let new = Tables::from_state_with(state, self.cfg.policy_fold_limit);
         for s in &new.skipped {
             warn!(entry = %s, "not representable in the datapath; skipped");
         }

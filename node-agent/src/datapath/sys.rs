@@ -1,7 +1,12 @@
 //! The few system calls std has no safe wrapper for.
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
-/// auth expiries written from user space compare correctly in the kernel.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock the datapath reads, so auth
+/// expiries written from user space compare correctly in the kernel. The
+/// datapath reads it at tick resolution (`bpf_ktime_get_coarse_ns`: the
+/// precise `bpf_ktime_get_ns` cost about 40 ns per packet on this machine's
+/// VMs, a quarter of the per-packet budget), so it may be up to
+/// [`kernel_clock_lag_ns`] behind; the auth map is written that much
+/// earlier (see `PinnedAuthMap`), so no entry is honoured past its expiry.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -14,6 +19,27 @@ pub fn monotonic_ns() -> u64 {
     )]
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux");
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How far behind `CLOCK_MONOTONIC` the datapath's clock may be: the
+/// resolution of `CLOCK_MONOTONIC_COARSE`, which `bpf_ktime_get_coarse_ns`
+/// reads (one tick: 4 ms at HZ=250). 10 ms, the longest tick Linux has,
+/// if the kernel does not say.
+pub fn kernel_clock_lag_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    #[allow(
+        unsafe_code,
+        reason = "clock_getres(CLOCK_MONOTONIC_COARSE) has no std equivalent"
+    )]
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return 10_000_000;
+    }
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use keyway_common::{IpcacheValue, Ipv6Key, PolicyKey, PolicyValue, absent_bit, policy_flags, probe_index};
+use keyway_common::{
+    IpcacheValue, Ipv6Key, PolicyKey, PolicyValue, PortBits, absent_bit, policy_flags, probe_index,
+};
 
 use crate::state::NodeState;
 
@@ -57,6 +59,11 @@ pub struct Tables {
 
 impl Tables {
     pub fn from_state(state: &NodeState) -> Tables {
+        Tables::from_state_with(state, FOLD_LIMIT)
+    }
+
+    /// [`Tables::from_state`] with another fold limit (see [`compile_with`]).
+    pub fn from_state_with(state: &NodeState, fold_limit: usize) -> Tables {
         let mut t = Tables::default();
         for (cidr, e) in &state.ipcache {
             let node_id = match u16::try_from(e.node_id) {
@@ -90,6 +97,7 @@ impl Tables {
                     .push(format!("ipcache {cidr}: not an IPv4 or IPv6 CIDR")),
             }
         }
+        let mut entries = HashMap::new();
         for (&(subject, peer, block, protocol, direction), e) in &state.policy {
             let (Ok(port_block), Ok(proto), Ok(direction), Some(allowed), Some(authenticated)) = (
                 u16::try_from(block),
@@ -107,7 +115,7 @@ impl Tables {
             };
             let id = rule_id(&e.rule);
             t.rules.entry(id).or_insert_with(|| e.rule.clone());
-            t.policy.insert(
+            entries.insert(
                 PolicyKey {
                     subject,
                     peer,
@@ -115,14 +123,15 @@ impl Tables {
                     proto,
                     direction,
                 },
-                PolicyValue {
+                Entry {
                     rule_id: id,
-                    flags: if e.r#final { policy_flags::FINAL } else { 0 },
+                    r#final: e.r#final,
                     allowed,
                     authenticated: authenticated.and(allowed),
                 },
             );
         }
+        t.policy = compile_with(&entries, fold_limit);
         t.mark_absent(&absent_shapes(t.policy.keys()));
         t
     }
@@ -179,6 +188,190 @@ impl Tables {
             || any(&self.ipcache6, &to.ipcache6)
             || any(&self.lpm6, &to.lpm6)
     }
+}
+
+/// One policy entry as the control plane sends it: the packet is allowed
+/// when any entry it matches allows it, and needs authentication when any
+/// of those says so; the rule reported is the most specific match's; a
+/// `final` entry ends the lookup (the less specific ones never apply to the
+/// packets it is probed for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub rule_id: u32,
+    pub r#final: bool,
+    pub allowed: PortBits,
+    /// A subset of `allowed`.
+    pub authenticated: PortBits,
+}
+
+/// The kernel's policy table for the control plane's `entries`: for every
+/// key the kernel can find first, the complete verdict of the entries a
+/// packet probing it matches (see [`keyway_common::PolicyValue`]), so the
+/// datapath stops at the first entry it finds.
+///
+/// For a subject, direction and packet (peer, port block, protocol), the
+/// entries in lookup order are exact (E), any-port (AP), any-peer (W) and
+/// any-peer-and-port (WA). The kernel probes the same four keys and takes
+/// the first that exists, so each key holds:
+/// - exact: E, AP, W and WA folded together;
+/// - any-port: AP and WA;
+/// - any-peer: W and WA;
+/// - any-peer-and-port: WA.
+///
+/// Each is cut after a final entry. One more kind of key is written: where
+/// a pair has an any-port entry, an exact key for every block its subject
+/// has an any-peer entry for. Without it, a packet of that block would stop
+/// at the any-port key and miss the any-peer entry. That costs
+/// (any-port pairs x any-peer blocks) entries per subject and direction;
+/// where that product is over [`FOLD_LIMIT`], none are written and the
+/// subject's any-port entries are flagged
+/// [`keyway_common::policy_flags::WITH_ANY_PEER`] instead (the kernel then
+/// reads the any-peer key too: one lookup more for that subject, and no
+/// product a tenant's policy can blow up).
+pub fn compile(entries: &HashMap<PolicyKey, Entry>) -> HashMap<PolicyKey, PolicyValue> {
+    compile_with(entries, FOLD_LIMIT)
+}
+
+/// The most exact keys [`compile`] adds for one subject and direction by
+/// folding its any-peer port entries into its any-port pairs.
+pub const FOLD_LIMIT: usize = 4096;
+
+/// [`compile`] with another fold limit (the tests use 0 and unlimited).
+pub fn compile_with(
+    entries: &HashMap<PolicyKey, Entry>,
+    fold_limit: usize,
+) -> HashMap<PolicyKey, PolicyValue> {
+    let get = |subject, peer, port_block, proto, direction| {
+        entries.get(&PolicyKey {
+            subject,
+            peer,
+            port_block,
+            proto,
+            direction,
+        })
+    };
+    // Any-peer blocks per (subject, direction), for the extra exact keys.
+    let mut blocks: HashMap<(u32, u8), Vec<(u16, u8)>> = HashMap::new();
+    for k in entries.keys() {
+        if k.peer == 0 && k.port_block != 0 {
+            blocks
+                .entry((k.subject, k.direction))
+                .or_default()
+                .push((k.port_block, k.proto));
+        }
+    }
+    // Any-port pairs per (subject, direction) that folding would multiply.
+    let mut pairs: HashMap<(u32, u8), usize> = HashMap::new();
+    for (k, e) in entries {
+        if k.peer != 0 && k.port_block == 0 && !e.r#final {
+            *pairs.entry((k.subject, k.direction)).or_default() += 1;
+        }
+    }
+    let folds = |s: u32, d: u8| {
+        let n = pairs.get(&(s, d)).copied().unwrap_or(0);
+        n.saturating_mul(blocks.get(&(s, d)).map_or(0, Vec::len)) <= fold_limit
+    };
+    let mut out = HashMap::with_capacity(entries.len());
+    for (k, e) in entries {
+        let (s, d) = (k.subject, k.direction);
+        let value = match (k.peer == 0, k.port_block == 0) {
+            // Exact: E, AP, W, WA.
+            (false, false) => fold(&[
+                (0, Some(*e), None),
+                (1, get(s, k.peer, 0, 0, d).copied(), Some(k.proto)),
+                (2, get(s, 0, k.port_block, k.proto, d).copied(), None),
+                (3, get(s, 0, 0, 0, d).copied(), Some(k.proto)),
+            ]),
+            // Any-port: AP, WA (both per protocol).
+            (false, true) => {
+                let fold_here = folds(s, d);
+                if !e.r#final && fold_here {
+                    for &(block, proto) in blocks.get(&(s, d)).map(Vec::as_slice).unwrap_or(&[]) {
+                        let exact = PolicyKey {
+                            subject: s,
+                            peer: k.peer,
+                            port_block: block,
+                            proto,
+                            direction: d,
+                        };
+                        if entries.contains_key(&exact) {
+                            continue;
+                        }
+                        let v = fold(&[
+                            (1, Some(*e), Some(proto)),
+                            (2, get(s, 0, block, proto, d).copied(), None),
+                            (3, get(s, 0, 0, 0, d).copied(), Some(proto)),
+                        ]);
+                        out.insert(exact, v);
+                    }
+                }
+                if !e.r#final && !fold_here {
+                    // Alone: the kernel unites it with the packet's
+                    // any-peer key, which carries that key's own final cut.
+                    let mut v = fold(&[(1, Some(*e), None)]);
+                    v.flags |= policy_flags::WITH_ANY_PEER;
+                    v
+                } else {
+                    fold(&[(1, Some(*e), None), (3, get(s, 0, 0, 0, d).copied(), None)])
+                }
+            }
+            // Any-peer: W, WA.
+            (true, false) => fold(&[
+                (2, Some(*e), None),
+                (3, get(s, 0, 0, 0, d).copied(), Some(k.proto)),
+            ]),
+            (true, true) => fold(&[(3, Some(*e), None)]),
+        };
+        out.insert(*k, value);
+    }
+    out
+}
+
+/// Folds the entries a packet probing one key matches, most specific
+/// first: (shape, entry, `Some(protocol)` for an any-port entry read as a
+/// whole protocol: every bit when its `protocol` bit is set, none
+/// otherwise). Stops after a final entry.
+fn fold(layers: &[(u8, Option<Entry>, Option<u8>)]) -> PolicyValue {
+    let mut v = PolicyValue::default();
+    let mut attributed = 0;
+    for &(shape, entry, whole) in layers {
+        let Some(e) = entry else { continue };
+        let widen = |bits: PortBits| match whole {
+            Some(proto) if bits.get(proto) => PortBits::ALL,
+            Some(_) => PortBits::NONE,
+            None => bits,
+        };
+        let (allowed, authenticated) = (widen(e.allowed), widen(e.authenticated));
+        let new = allowed.and_not(v.allowed);
+        if !new.is_empty() {
+            match attributed {
+                0 => {
+                    v.rule_id = e.rule_id;
+                    v.first = new;
+                    v.origins[0] = shape;
+                }
+                1 => {
+                    v.second_rule_id = e.rule_id;
+                    v.second = new;
+                    v.origins[1] = shape;
+                }
+                _ => {
+                    // The rest: every bit not in first or second. A third
+                    // layer with new bits is the last (see PolicyValue).
+                    debug_assert!(attributed == 2, "a fourth layer adds bits: {layers:?}");
+                    v.rest_rule_id = e.rule_id;
+                    v.origins[2] = shape;
+                }
+            }
+            attributed += 1;
+        }
+        v.allowed = v.allowed.or(allowed);
+        v.authenticated = v.authenticated.or(authenticated);
+        if e.r#final {
+            break;
+        }
+    }
+    v
 }
 
 /// For each subject identity with policy entries, the lookups it has no
@@ -375,6 +568,125 @@ mod tests {
             between.ipcache[&ip].absent & (exact | any_peer),
             0,
             "both probed meanwhile"
+        );
+    }
+
+    /// The compiled table, read the kernel's way (the first entry found
+    /// decides), gives every packet the verdict, rule and authentication the
+    /// control plane's entries give it read the reference way
+    /// (`NodeState::decide`: every matching entry, up to a final one), over
+    /// random policies mixing all four shapes, final entries and
+    /// authentication.
+    #[test]
+    fn the_compiled_table_decides_every_packet_as_the_control_planes_entries_do() {
+        use crate::datapath::lookup::{MemoryLookup, lookup_policy};
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let (mut checked, mut one_lookup) = (0, 0);
+        for round in 0..400 {
+            let mut state = NodeState::default();
+            for i in 0..next(12) + 1 {
+                let subject = 1 + next(2) as u32;
+                let peer = [0, 0, 5, 6][next(4) as usize];
+                let direction = next(2) as u32;
+                let (block, proto) = match next(3) {
+                    0 => (0, 0),
+                    b => (b as u32, [6, 17][next(2) as usize]),
+                };
+                let mut allowed = PortBits::NONE;
+                let mut auth = PortBits::NONE;
+                for _ in 0..next(3) + 1 {
+                    // Ports 0-3 of the block, or TCP and UDP in an any-port entry.
+                    let bit = if block == 0 {
+                        [6, 17][next(2) as usize]
+                    } else {
+                        next(4) as u8
+                    };
+                    allowed.set(bit);
+                    if next(2) == 0 {
+                        auth.set(bit);
+                    }
+                }
+                if next(8) == 0 {
+                    allowed = PortBits::ALL;
+                }
+                let entry = pb::PolicyEntry {
+                    key: Some(pb::PolicyKey {
+                        subject,
+                        peer,
+                        port_block: block,
+                        protocol: proto,
+                        direction,
+                    }),
+                    rule: format!("r{round}-{i}"),
+                    allowed: allowed.to_bytes().to_vec(),
+                    authenticated: auth.to_bytes().to_vec(),
+                    r#final: next(5) == 0,
+                };
+                state
+                    .policy
+                    .insert((subject, peer, block, proto, direction), entry);
+            }
+            // Folded (the default), and with no fold at all (every
+            // any-port entry united with the any-peer keys in the kernel).
+            for fold_limit in [FOLD_LIMIT, 0] {
+                let t = Tables::from_state_with(&state, fold_limit);
+                let found = |k: &PolicyKey| t.policy.contains_key(k);
+                let memory = MemoryLookup {
+                    tables: t.clone(),
+                    ..MemoryLookup::default()
+                };
+                for subject in 1..=2 {
+                    for peer in [5, 6, 7] {
+                        for direction in 0..2u8 {
+                            for proto in [6u8, 17] {
+                                for port in [0u16, 1, 3, 256, 258, 300] {
+                                    let want = state.decide(subject, peer, port, proto, u32::from(direction));
+                                    let got = lookup_policy(&memory, subject, peer, port, proto, direction)
+                                        .expect("in memory");
+                                    let got_named =
+                                        got.map(|h| (t.rules[&h.rule_id].as_str(), h.auth_required));
+                                    assert_eq!(
+                                        got_named,
+                                        want,
+                                        "subject {subject} peer {peer} dir {direction} proto {proto} port {port}, policy {:?}",
+                                        state.policy.values().collect::<Vec<_>>()
+                                    );
+                                    if let Some(h) = got {
+                                        assert_eq!(
+                                            state.policy[&(
+                                                h.key.subject,
+                                                h.key.peer,
+                                                u32::from(h.key.port_block),
+                                                u32::from(h.key.proto),
+                                                u32::from(direction)
+                                            )]
+                                                .rule,
+                                            t.rules[&h.rule_id],
+                                            "explain names the entry the rule was written as"
+                                        );
+                                    }
+                                    let probes =
+                                        keyway_common::policy_probes(subject, peer, port, proto, direction);
+                                    if want.is_some() && found(&probes[0].1) {
+                                        one_lookup += 1;
+                                    }
+                                    checked += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            checked > 50_000 && one_lookup > 1_000,
+            "{checked} packets, {one_lookup} decided by the first key"
         );
     }
 

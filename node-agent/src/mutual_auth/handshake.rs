@@ -110,7 +110,7 @@ pub fn earlier_not_after(a: &CertificateDer<'_>, b: &CertificateDer<'_>) -> Resu
 }
 
 /// A wall-clock instant as kernel monotonic nanoseconds (what the auth map
-/// stores and `bpf_ktime_get_ns` compares with).
+/// stores, see [`crate::datapath::monotonic_ns`]).
 pub fn to_monotonic_ns(at: SystemTime) -> u64 {
     let now_mono = crate::datapath::monotonic_ns();
     match at.duration_since(SystemTime::now()) {
