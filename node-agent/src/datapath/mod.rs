@@ -619,20 +619,27 @@ impl Datapath {
     /// The ipcache first, marking absent only the policy shapes neither the
     /// old nor the new policy has; then, if that unmarked any, a wait for
     /// every program run that read the old marks (it could otherwise skip an
-    /// entry written next); then the policy, entries that require
-    /// authentication before those that do not (so a packet judged between
-    /// two writes meets a requirement before the entry that relaxes it) and
-    /// deletions last; then the new policy's marks (see `Tables::between`).
+    /// entry written next); then the policy, in [`tables::policy_writes`]
+    /// order (a packet judged between two writes gets the old verdict or
+    /// the new one); then the new policy's marks (see `Tables::between`).
     fn write_tables(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
         let between = new.between(&old.policy);
         let mut changed = self.write_ipcache(old, &between)?;
         if old.unmarked_by(&between) {
             sys::wait_for_program_runs();
         }
-        let mut d = diff(&old.policy, &new.policy);
-        changed |= !d.is_empty();
-        d.upserts.sort_by_key(|(_, v)| v.authenticated.count() == 0);
-        write_hash(&mut self.policy, d, maps::POLICY)?;
+        for w in tables::policy_writes(&old.policy, &new.policy) {
+            changed = true;
+            match w {
+                tables::PolicyWrite::Upsert(k, v) => self
+                    .policy
+                    .insert(k, v, 0)
+                    .map_err(|e| DatapathError::map(maps::POLICY, e))?,
+                tables::PolicyWrite::Delete(k) => {
+                    let _ = self.policy.remove(&k);
+                }
+            }
+        }
         changed |= self.write_ipcache(&between, new)?;
         Ok(changed)
     }

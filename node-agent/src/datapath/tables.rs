@@ -390,6 +390,39 @@ pub fn absent_of(masks: &HashMap<u32, u8>, identity: u32) -> u8 {
     masks.get(&identity).copied().unwrap_or(u8::MAX)
 }
 
+/// One write to the kernel's policy map.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PolicyWrite {
+    Upsert(PolicyKey, PolicyValue),
+    Delete(PolicyKey),
+}
+
+/// The writes that turn policy table `old` into `new`, in the order that
+/// gives every packet judged in between the old verdict or the new one:
+/// upserts most specific shape first, then deletes least specific first.
+/// The kernel takes the first entry it finds, in shape order, and each
+/// entry is the verdict for the packets that stop at it: so a packet stops
+/// at its old first entry (old value) until its new first entry, more
+/// specific or rewritten, is in; and an old entry goes only after every
+/// less specific old one, so nothing stale is found once it is gone.
+/// (Entries flagged `WITH_ANY_PEER`, which the kernel unites with a less
+/// specific one, can meet a mix of old and new for the writes between the
+/// two; they exist only past [`FOLD_LIMIT`].)
+pub fn policy_writes(
+    old: &HashMap<PolicyKey, PolicyValue>,
+    new: &HashMap<PolicyKey, PolicyValue>,
+) -> Vec<PolicyWrite> {
+    let shape = |k: &PolicyKey| probe_index(k.peer, k.port_block);
+    let mut d = diff(old, new);
+    d.upserts.sort_by_key(|(k, _)| (shape(k), *k));
+    d.deletes.sort_by_key(|k| (std::cmp::Reverse(shape(k)), *k));
+    d.upserts
+        .into_iter()
+        .map(|(k, v)| PolicyWrite::Upsert(k, v))
+        .chain(d.deletes.into_iter().map(PolicyWrite::Delete))
+        .collect()
+}
+
 /// Upserts and deletes that turn one map's content into another's.
 #[derive(Debug, PartialEq)]
 pub struct MapDiff<K, V> {
@@ -571,116 +604,148 @@ mod tests {
         );
     }
 
+    /// A small deterministic generator (the tests need no crate for it).
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// A random policy over two subjects, peers 5 and 6 (7 is named by
+    /// none), both directions, TCP and UDP, ports 0-3 of blocks 1 and 2:
+    /// all four shapes, final entries and authentication mixed.
+    fn random_state(r: &mut Lcg, round: usize) -> NodeState {
+        let mut state = NodeState::default();
+        for i in 0..r.below(12) + 1 {
+            let subject = 1 + r.below(2) as u32;
+            let peer = [0, 0, 5, 6][r.below(4) as usize];
+            let direction = r.below(2) as u32;
+            let (block, proto) = match r.below(3) {
+                0 => (0, 0),
+                b => (b as u32, [6, 17][r.below(2) as usize]),
+            };
+            let mut allowed = PortBits::NONE;
+            let mut auth = PortBits::NONE;
+            for _ in 0..r.below(3) + 1 {
+                // Ports 0-3 of the block, or TCP and UDP in an any-port entry.
+                let bit = if block == 0 {
+                    [6, 17][r.below(2) as usize]
+                } else {
+                    r.below(4) as u8
+                };
+                allowed.set(bit);
+                if r.below(2) == 0 {
+                    auth.set(bit);
+                }
+            }
+            if r.below(8) == 0 {
+                allowed = PortBits::ALL;
+            }
+            let entry = pb::PolicyEntry {
+                key: Some(pb::PolicyKey {
+                    subject,
+                    peer,
+                    port_block: block,
+                    protocol: proto,
+                    direction,
+                }),
+                rule: format!("r{round}-{i}"),
+                allowed: allowed.to_bytes().to_vec(),
+                authenticated: auth.to_bytes().to_vec(),
+                r#final: r.below(5) == 0,
+            };
+            state
+                .policy
+                .insert((subject, peer, block, proto, direction), entry);
+        }
+        state
+    }
+
+    /// Every packet `random_state`'s policies can tell apart: (subject,
+    /// peer, direction, proto, port).
+    fn packets() -> impl Iterator<Item = (u32, u32, u8, u8, u16)> {
+        (1..=2).flat_map(|s| {
+            [5, 6, 7].into_iter().flat_map(move |p| {
+                (0..2u8).flat_map(move |d| {
+                    [6u8, 17].into_iter().flat_map(move |proto| {
+                        [0u16, 1, 3, 256, 258, 300]
+                            .into_iter()
+                            .map(move |port| (s, p, d, proto, port))
+                    })
+                })
+            })
+        })
+    }
+
+    /// What the kernel decides from `t`'s policy: the rule's name and
+    /// whether it needs authentication.
+    fn kernel_decides(t: &Tables, (s, p, d, proto, port): (u32, u32, u8, u8, u16)) -> Option<(String, bool)> {
+        use crate::datapath::lookup::{MemoryLookup, lookup_policy};
+        let memory = MemoryLookup {
+            tables: t.clone(),
+            ..MemoryLookup::default()
+        };
+        lookup_policy(&memory, s, p, port, proto, d)
+            .expect("in memory")
+            .map(|h| (t.rules[&h.rule_id].clone(), h.auth_required))
+    }
+
     /// The compiled table, read the kernel's way (the first entry found
     /// decides), gives every packet the verdict, rule and authentication the
     /// control plane's entries give it read the reference way
     /// (`NodeState::decide`: every matching entry, up to a final one), over
     /// random policies mixing all four shapes, final entries and
-    /// authentication.
+    /// authentication; folded (the default) and with no fold at all (every
+    /// any-port entry united with the any-peer keys in the kernel).
     #[test]
     fn the_compiled_table_decides_every_packet_as_the_control_planes_entries_do() {
         use crate::datapath::lookup::{MemoryLookup, lookup_policy};
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) % n
-        };
+        let mut r = Lcg(0x9e37_79b9_7f4a_7c15);
         let (mut checked, mut one_lookup) = (0, 0);
         for round in 0..400 {
-            let mut state = NodeState::default();
-            for i in 0..next(12) + 1 {
-                let subject = 1 + next(2) as u32;
-                let peer = [0, 0, 5, 6][next(4) as usize];
-                let direction = next(2) as u32;
-                let (block, proto) = match next(3) {
-                    0 => (0, 0),
-                    b => (b as u32, [6, 17][next(2) as usize]),
-                };
-                let mut allowed = PortBits::NONE;
-                let mut auth = PortBits::NONE;
-                for _ in 0..next(3) + 1 {
-                    // Ports 0-3 of the block, or TCP and UDP in an any-port entry.
-                    let bit = if block == 0 {
-                        [6, 17][next(2) as usize]
-                    } else {
-                        next(4) as u8
-                    };
-                    allowed.set(bit);
-                    if next(2) == 0 {
-                        auth.set(bit);
-                    }
-                }
-                if next(8) == 0 {
-                    allowed = PortBits::ALL;
-                }
-                let entry = pb::PolicyEntry {
-                    key: Some(pb::PolicyKey {
-                        subject,
-                        peer,
-                        port_block: block,
-                        protocol: proto,
-                        direction,
-                    }),
-                    rule: format!("r{round}-{i}"),
-                    allowed: allowed.to_bytes().to_vec(),
-                    authenticated: auth.to_bytes().to_vec(),
-                    r#final: next(5) == 0,
-                };
-                state
-                    .policy
-                    .insert((subject, peer, block, proto, direction), entry);
-            }
-            // Folded (the default), and with no fold at all (every
-            // any-port entry united with the any-peer keys in the kernel).
+            let state = random_state(&mut r, round);
             for fold_limit in [FOLD_LIMIT, 0] {
                 let t = Tables::from_state_with(&state, fold_limit);
-                let found = |k: &PolicyKey| t.policy.contains_key(k);
                 let memory = MemoryLookup {
                     tables: t.clone(),
                     ..MemoryLookup::default()
                 };
-                for subject in 1..=2 {
-                    for peer in [5, 6, 7] {
-                        for direction in 0..2u8 {
-                            for proto in [6u8, 17] {
-                                for port in [0u16, 1, 3, 256, 258, 300] {
-                                    let want = state.decide(subject, peer, port, proto, u32::from(direction));
-                                    let got = lookup_policy(&memory, subject, peer, port, proto, direction)
-                                        .expect("in memory");
-                                    let got_named =
-                                        got.map(|h| (t.rules[&h.rule_id].as_str(), h.auth_required));
-                                    assert_eq!(
-                                        got_named,
-                                        want,
-                                        "subject {subject} peer {peer} dir {direction} proto {proto} port {port}, policy {:?}",
-                                        state.policy.values().collect::<Vec<_>>()
-                                    );
-                                    if let Some(h) = got {
-                                        assert_eq!(
-                                            state.policy[&(
-                                                h.key.subject,
-                                                h.key.peer,
-                                                u32::from(h.key.port_block),
-                                                u32::from(h.key.proto),
-                                                u32::from(direction)
-                                            )]
-                                                .rule,
-                                            t.rules[&h.rule_id],
-                                            "explain names the entry the rule was written as"
-                                        );
-                                    }
-                                    let probes =
-                                        keyway_common::policy_probes(subject, peer, port, proto, direction);
-                                    if want.is_some() && found(&probes[0].1) {
-                                        one_lookup += 1;
-                                    }
-                                    checked += 1;
-                                }
-                            }
-                        }
+                for (subject, peer, direction, proto, port) in packets() {
+                    let want = state.decide(subject, peer, port, proto, u32::from(direction));
+                    let got =
+                        lookup_policy(&memory, subject, peer, port, proto, direction).expect("in memory");
+                    let got_named = got.map(|h| (t.rules[&h.rule_id].as_str(), h.auth_required));
+                    assert_eq!(
+                        got_named,
+                        want,
+                        "subject {subject} peer {peer} dir {direction} proto {proto} port {port} fold limit \
+                         {fold_limit}, policy {:?}",
+                        state.policy.values().collect::<Vec<_>>()
+                    );
+                    if let Some(h) = got {
+                        assert_eq!(
+                            state.policy[&(
+                                h.key.subject,
+                                h.key.peer,
+                                u32::from(h.key.port_block),
+                                u32::from(h.key.proto),
+                                u32::from(direction)
+                            )]
+                                .rule,
+                            t.rules[&h.rule_id],
+                            "explain names the entry the rule was written as"
+                        );
                     }
+                    let first = keyway_common::policy_probes(subject, peer, port, proto, direction)[0].1;
+                    if want.is_some() && t.policy.contains_key(&first) {
+                        one_lookup += 1;
+                    }
+                    checked += 1;
                 }
             }
         }
@@ -688,6 +753,41 @@ mod tests {
             checked > 50_000 && one_lookup > 1_000,
             "{checked} packets, {one_lookup} decided by the first key"
         );
+    }
+
+    /// While one policy is written over another, entry by entry in
+    /// [`policy_writes`] order, every packet judged in between gets the old
+    /// policy's verdict or the new one's, never a mix (a mix could, for
+    /// one, drop an authentication both require).
+    #[test]
+    fn mid_update_every_packet_gets_the_old_verdict_or_the_new_one() {
+        let mut r = Lcg(0x5eed_0fc0_ffee);
+        let mut states = 0;
+        for round in 0..300 {
+            let (old_state, new_state) = (random_state(&mut r, round), random_state(&mut r, round + 1000));
+            let (old, new) = (Tables::from_state(&old_state), Tables::from_state(&new_state));
+            let mut mid = old.clone();
+            mid.rules.extend(new.rules.clone());
+            let verdicts: Vec<_> = packets()
+                .map(|pkt| (pkt, kernel_decides(&old, pkt), kernel_decides(&new, pkt)))
+                .collect();
+            for w in policy_writes(&old.policy, &new.policy) {
+                match w {
+                    PolicyWrite::Upsert(k, v) => mid.policy.insert(k, v),
+                    PolicyWrite::Delete(k) => mid.policy.remove(&k),
+                };
+                for (pkt, was, will) in &verdicts {
+                    let now = kernel_decides(&mid, *pkt);
+                    assert!(
+                        now == *was || now == *will,
+                        "{pkt:?} mid-update: {now:?}, neither the old {was:?} nor the new {will:?}"
+                    );
+                }
+                states += 1;
+            }
+            assert_eq!(mid.policy, new.policy);
+        }
+        assert!(states > 1_000, "{states} intermediate states");
     }
 
     #[test]
