@@ -57,8 +57,9 @@ impl PinnedAuthMap {
 
 impl AuthMap for PinnedAuthMap {
     /// Written one kernel clock tick early ([`super::sys::kernel_clock_lag_ns`]):
-    /// the datapath's clock may run that far behind, and an entry must
-    /// never be honoured past its expiry.
+    /// the datapath's clock may run that far behind, and an entry must not
+    /// be honoured past its expiry (a stalled tick, under heavy VM steal,
+    /// can still hold that clock back a few ticks).
     fn upsert(&self, key: AuthKey, expiry_ns: u64) -> Result<(), DatapathError> {
         let expiry_ns = expiry_ns.saturating_sub(super::sys::kernel_clock_lag_ns());
         let mut map = self.map.lock().expect("auth map lock");

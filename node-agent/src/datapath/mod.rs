@@ -99,10 +99,10 @@ pub struct DatapathConfig {
     pub proc_root: PathBuf,
     /// Where named network namespaces live (`netns:` selectors).
     pub netns_dir: PathBuf,
-    /// How many exact keys one subject's policy may gain, per direction, by
-    /// folding its any-peer port entries into its any-port pairs
-    /// ([`tables::FOLD_LIMIT`]); past it the kernel unites two entries for
-    /// that subject instead. The tests set 0 to drive that path.
+    /// How many exact keys the node's policy may gain by folding subjects'
+    /// any-peer port entries into their any-port pairs
+    /// ([`tables::FOLD_LIMIT`]); subjects past it have the kernel unite two
+    /// entries instead. The tests set 0 to drive that path.
     pub policy_fold_limit: usize,
 }
 

@@ -5,8 +5,8 @@
 /// datapath reads it at tick resolution (`bpf_ktime_get_coarse_ns`: the
 /// precise `bpf_ktime_get_ns` cost about 40 ns per packet on this machine's
 /// VMs, a quarter of the per-packet budget), so it may be up to
-/// [`kernel_clock_lag_ns`] behind; the auth map is written that much
-/// earlier (see `PinnedAuthMap`), so no entry is honoured past its expiry.
+/// [`kernel_clock_lag_ns`] behind (more only while the tick stalls); the
+/// auth map is written that much earlier (see `PinnedAuthMap`).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -222,19 +222,21 @@ pub struct Entry {
 /// a pair has an any-port entry, an exact key for every block its subject
 /// has an any-peer entry for. Without it, a packet of that block would stop
 /// at the any-port key and miss the any-peer entry. That costs
-/// (any-port pairs x any-peer blocks) entries per subject and direction;
-/// where that product is over [`FOLD_LIMIT`], none are written and the
-/// subject's any-port entries are flagged
-/// [`keyway_common::policy_flags::WITH_ANY_PEER`] instead (the kernel then
-/// reads the any-peer key too: one lookup more for that subject, and no
-/// product a tenant's policy can blow up).
+/// (any-port pairs x any-peer blocks) entries per subject and direction.
+/// The node spends at most [`FOLD_LIMIT`] such entries, cheapest subjects
+/// first; a subject left over gets none, and its any-port entries are
+/// flagged [`keyway_common::policy_flags::WITH_ANY_PEER`] instead (the
+/// kernel then reads the any-peer key too: one lookup more for that
+/// subject, and no product a tenant's policy can blow up the node's map
+/// with).
 pub fn compile(entries: &HashMap<PolicyKey, Entry>) -> HashMap<PolicyKey, PolicyValue> {
     compile_with(entries, FOLD_LIMIT)
 }
 
-/// The most exact keys [`compile`] adds for one subject and direction by
-/// folding its any-peer port entries into its any-port pairs.
-pub const FOLD_LIMIT: usize = 4096;
+/// The most exact keys [`compile`] adds on a node by folding subjects'
+/// any-peer port entries into their any-port pairs (about 9 MiB of kernel
+/// memory at 144 bytes a value).
+pub const FOLD_LIMIT: usize = 65_536;
 
 /// [`compile`] with another fold limit (the tests use 0 and unlimited).
 pub fn compile_with(
@@ -267,10 +269,26 @@ pub fn compile_with(
             *pairs.entry((k.subject, k.direction)).or_default() += 1;
         }
     }
-    let folds = |s: u32, d: u8| {
-        let n = pairs.get(&(s, d)).copied().unwrap_or(0);
-        n.saturating_mul(blocks.get(&(s, d)).map_or(0, Vec::len)) <= fold_limit
-    };
+    // What folding costs each (subject, direction), folded cheapest first
+    // while the node's budget lasts: a policy with a large product (one
+    // tenant's, say) is the one left unfolded, and the node's map never
+    // holds more than `fold_limit` keys of this kind.
+    let mut costs: Vec<(usize, u32, u8)> = pairs
+        .iter()
+        .map(|(&(s, d), &n)| (n.saturating_mul(blocks.get(&(s, d)).map_or(0, Vec::len)), s, d))
+        .filter(|&(cost, _, _)| cost > 0)
+        .collect();
+    costs.sort_unstable();
+    let mut spent = 0usize;
+    let mut folded: std::collections::HashSet<(u32, u8)> = std::collections::HashSet::new();
+    for (cost, s, d) in costs {
+        if spent.saturating_add(cost) > fold_limit {
+            break;
+        }
+        spent += cost;
+        folded.insert((s, d));
+    }
+    let folds = |s: u32, d: u8| !blocks.contains_key(&(s, d)) || folded.contains(&(s, d));
     let mut out = HashMap::with_capacity(entries.len());
     for (k, e) in entries {
         let (s, d) = (k.subject, k.direction);
@@ -405,9 +423,18 @@ pub enum PolicyWrite {
 /// at its old first entry (old value) until its new first entry, more
 /// specific or rewritten, is in; and an old entry goes only after every
 /// less specific old one, so nothing stale is found once it is gone.
-/// (Entries flagged `WITH_ANY_PEER`, which the kernel unites with a less
-/// specific one, can meet a mix of old and new for the writes between the
-/// two; they exist only past [`FOLD_LIMIT`].)
+///
+/// An entry flagged `WITH_ANY_PEER` (only past [`FOLD_LIMIT`]) is united by
+/// the kernel with a less specific one, so between their writes a packet
+/// can meet one half old and the other new. Where such an entry is added,
+/// changed or removed, it is first written as what either side allows,
+/// all of it requiring authentication (see [`transitional`]), and its new
+/// value (or its removal)
+/// goes once the any-peer entries are new and before the more specific
+/// old entries go: meanwhile a packet is never let through unless the old or
+/// the new policy lets it, nor without authentication unless one of them
+/// does (a flow of that subject's may have to authenticate for that
+/// while).
 pub fn policy_writes(
     old: &HashMap<PolicyKey, PolicyValue>,
     new: &HashMap<PolicyKey, PolicyValue>,
@@ -416,11 +443,72 @@ pub fn policy_writes(
     let mut d = diff(old, new);
     d.upserts.sort_by_key(|(k, _)| (shape(k), *k));
     d.deletes.sort_by_key(|k| (std::cmp::Reverse(shape(k)), *k));
+    let flagged = |v: Option<&PolicyValue>| v.is_some_and(|v| v.flags & policy_flags::WITH_ANY_PEER != 0);
+    let mut last = Vec::new();
+    let mut interim = Vec::new();
+    d.upserts.retain(|(k, v)| {
+        let o = old.get(k);
+        if !flagged(o) && v.flags & policy_flags::WITH_ANY_PEER == 0 {
+            return true;
+        }
+        interim.push((*k, transitional(o, Some(v))));
+        last.push(PolicyWrite::Upsert(*k, *v));
+        false
+    });
+    d.deletes.retain(|k| {
+        if !flagged(old.get(k)) {
+            return true;
+        }
+        interim.push((*k, transitional(old.get(k), None)));
+        last.push(PolicyWrite::Delete(*k));
+        false
+    });
+    d.upserts.extend(interim);
+    d.upserts.sort_by_key(|(k, _)| (shape(k), *k));
+    // The flagged entries' own values once their any-peer halves are all
+    // new, before the more specific old entries that stopped packets short
+    // of them go.
+    let (any_peer, specific): (Vec<_>, Vec<_>) = d.deletes.into_iter().partition(|k| shape(k) >= 2);
     d.upserts
         .into_iter()
         .map(|(k, v)| PolicyWrite::Upsert(k, v))
-        .chain(d.deletes.into_iter().map(PolicyWrite::Delete))
+        .chain(any_peer.into_iter().map(PolicyWrite::Delete))
+        .chain(last)
+        .chain(specific.into_iter().map(PolicyWrite::Delete))
         .collect()
+}
+
+/// What a `WITH_ANY_PEER` entry holds while it changes (see
+/// [`policy_writes`]): every bit either side allows, each requiring
+/// authentication, united with the any-peer entries only if every side
+/// that has the entry unites it too (an entry that does not, a final one
+/// among others, stops packets short of the any-peer entries, and uniting
+/// meanwhile would reach the ones it cuts off).
+fn transitional(old: Option<&PolicyValue>, new: Option<&PolicyValue>) -> PolicyValue {
+    let base = new.or(old).copied().unwrap_or_default();
+    let allowed = old
+        .map_or(PortBits::NONE, |o| o.allowed)
+        .or(new.map_or(PortBits::NONE, |n| n.allowed));
+    PolicyValue {
+        allowed,
+        authenticated: allowed,
+        flags: (base.flags & !policy_flags::WITH_ANY_PEER)
+            | if [old, new]
+                .iter()
+                .all(|v| v.is_none_or(|v| v.flags & policy_flags::WITH_ANY_PEER != 0))
+            {
+                policy_flags::WITH_ANY_PEER
+            } else {
+                0
+            },
+        // The bits only the other side allows, reported as its rule.
+        rest_rule_id: if base.rest_rule_id != 0 {
+            base.rest_rule_id
+        } else {
+            old.or(new).map_or(0, |v| v.rule_id)
+        },
+        ..base
+    }
 }
 
 /// Upserts and deletes that turn one map's content into another's.
@@ -692,7 +780,15 @@ mod tests {
         };
         lookup_policy(&memory, s, p, port, proto, d)
             .expect("in memory")
-            .map(|h| (t.rules[&h.rule_id].clone(), h.auth_required))
+            .map(|h| {
+                (
+                    t.rules
+                        .get(&h.rule_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{}", h.rule_id)),
+                    h.auth_required,
+                )
+            })
     }
 
     /// The compiled table, read the kernel's way (the first entry found
@@ -758,14 +854,26 @@ mod tests {
     /// While one policy is written over another, entry by entry in
     /// [`policy_writes`] order, every packet judged in between gets the old
     /// policy's verdict or the new one's, never a mix (a mix could, for
-    /// one, drop an authentication both require).
+    /// one, drop an authentication both require). With nothing folded
+    /// (entries the kernel unites), the weaker guarantee: a packet is let
+    /// through, or let through without authentication, only if the old or
+    /// the new policy does so.
     #[test]
     fn mid_update_every_packet_gets_the_old_verdict_or_the_new_one() {
+        for fold_limit in [FOLD_LIMIT, 0] {
+            mid_update_with(fold_limit);
+        }
+    }
+
+    fn mid_update_with(fold_limit: usize) {
         let mut r = Lcg(0x5eed_0fc0_ffee);
         let mut states = 0;
-        for round in 0..300 {
+        for round in 0..1000 {
             let (old_state, new_state) = (random_state(&mut r, round), random_state(&mut r, round + 1000));
-            let (old, new) = (Tables::from_state(&old_state), Tables::from_state(&new_state));
+            let (old, new) = (
+                Tables::from_state_with(&old_state, fold_limit),
+                Tables::from_state_with(&new_state, fold_limit),
+            );
             let mut mid = old.clone();
             mid.rules.extend(new.rules.clone());
             let verdicts: Vec<_> = packets()
@@ -778,16 +886,80 @@ mod tests {
                 };
                 for (pkt, was, will) in &verdicts {
                     let now = kernel_decides(&mid, *pkt);
-                    assert!(
-                        now == *was || now == *will,
-                        "{pkt:?} mid-update: {now:?}, neither the old {was:?} nor the new {will:?}"
-                    );
+                    if fold_limit > 0 {
+                        assert!(
+                            now == *was || now == *will,
+                            "{pkt:?} mid-update: {now:?}, neither the old {was:?} nor the new {will:?}"
+                        );
+                    } else {
+                        let allows = |v: &Option<(String, bool)>| v.is_some();
+                        let allows_bare = |v: &Option<(String, bool)>| matches!(v, Some((_, false)));
+                        assert!(
+                            !allows(&now) || allows(was) || allows(will),
+                            "{pkt:?} let through mid-update, by neither policy ({was:?}, {will:?})"
+                        );
+                        assert!(
+                            !allows_bare(&now) || allows_bare(was) || allows_bare(will),
+                            "{pkt:?} let through without authentication mid-update, which neither \
+                             policy does ({was:?}, {will:?})"
+                        );
+                    }
                 }
                 states += 1;
             }
             assert_eq!(mid.policy, new.policy);
         }
         assert!(states > 1_000, "{states} intermediate states");
+    }
+
+    /// Folding costs (any-port pairs x any-peer blocks) keys per subject;
+    /// the node spends at most its limit, cheapest subjects first, and a
+    /// subject left over (a tenant's policy with a large product) is flagged
+    /// for the kernel to unite instead, at no extra keys.
+    #[test]
+    fn the_fold_is_spent_cheapest_first_within_the_nodes_limit() {
+        let entry = Entry {
+            rule_id: 1,
+            r#final: false,
+            allowed: PortBits::ALL,
+            authenticated: PortBits::NONE,
+        };
+        let key = |subject, peer, port_block, proto| PolicyKey {
+            subject,
+            peer,
+            port_block,
+            proto,
+            direction: 0,
+        };
+        let mut entries = HashMap::new();
+        // Subject 1: 3 any-port peers x 2 any-peer blocks = 6 extra keys.
+        // Subject 2: 10 x 10 = 100.
+        for (subject, n) in [(1u32, (3u32, 2u16)), (2, (10, 10))] {
+            for p in 0..n.0 {
+                entries.insert(key(subject, 100 + p, 0, 0), entry);
+            }
+            for b in 0..n.1 {
+                entries.insert(key(subject, 0, 1 + b, 6), entry);
+            }
+        }
+        let flagged = |t: &HashMap<PolicyKey, PolicyValue>, subject| {
+            t.iter()
+                .filter(|(k, v)| k.subject == subject && v.flags & policy_flags::WITH_ANY_PEER != 0)
+                .count()
+        };
+        let t = compile_with(&entries, 50);
+        assert_eq!(
+            t.len(),
+            entries.len() + 6,
+            "subject 1's six extra keys, none of subject 2's"
+        );
+        assert_eq!((flagged(&t, 1), flagged(&t, 2)), (0, 10));
+        let t = compile_with(&entries, 106);
+        assert_eq!(t.len(), entries.len() + 106);
+        assert_eq!((flagged(&t, 1), flagged(&t, 2)), (0, 0));
+        let t = compile_with(&entries, 5);
+        assert_eq!(t.len(), entries.len());
+        assert_eq!((flagged(&t, 1), flagged(&t, 2)), (3, 10));
     }
 
     #[test]
