@@ -564,10 +564,13 @@ fn micro() -> Micro {
     let wild_pkt = packet("wildcard.bin", IP_A, IP_C, 40001);
     // a -> d:8080: d has entries of all four shapes, only the last matches.
     let wild4_pkt = packet("wildcard4.bin", IP_A, IP_D, 40004);
-    // c -> d:8080: the same subject, from a peer none of d's entries names:
-    // the exact and any-port keys are probed and missed, the any-peer key
-    // (d's 8081 entry with the last wildcard folded in) decides.
+    // c -> d:8080: the same subject, from a peer no local policy names
+    // (its ipcache value says so): the any-peer key (d's 8081 entry with
+    // the last wildcard folded in) is the only lookup. b -> d:8080: from a
+    // peer another subject's policy names (a's ingress), so d's exact and
+    // any-port keys are probed and missed first: the worst case left.
     let unnamed_pkt = packet("unnamed.bin", IP_C, IP_D, 40005);
+    let other_pkt = packet("other.bin", IP_B, IP_D, 40006);
     let miss_pkt = packet("miss.bin", IP_UNKNOWN, IP_B, 40002);
     // From a pod whose address is not A's: what the source check drops.
     let forged_pkt = packet("forged.bin", IP_C, IP_B, 40003);
@@ -581,6 +584,7 @@ fn micro() -> Micro {
     let wild6_pkt = packet6("wildcard6.bin", IP_A, IP_C, 40001);
     let wild4_6_pkt = packet6("wildcard4-6.bin", IP_A, IP_D, 40004);
     let unnamed6_pkt = packet6("unnamed6.bin", IP_C, IP_D, 40005);
+    let other6_pkt = packet6("other6.bin", IP_B, IP_D, 40006);
     let miss6_pkt = packet6("miss6.bin", IP_UNKNOWN, IP_B, 40002);
 
     let mut r = Rng(0x6b65_7977_6179);
@@ -687,7 +691,7 @@ fn micro() -> Micro {
     // auth: the two pairs the packets need (subject = the destination pod,
     // peer = the source, the source's node), and 99,998 others.
     let mut auth: aya::maps::HashMap<MapData, AuthKey, AuthValue> = open_hash(&pin_dir, maps::AUTH);
-    let entries: Vec<(AuthKey, AuthValue)> = [(B, A), (C, A), (A, B), (D, A), (D, C)]
+    let entries: Vec<(AuthKey, AuthValue)> = [(B, A), (C, A), (A, B), (D, A), (D, C), (D, B)]
         .into_iter()
         .map(|(local_id, remote_id)| AuthKey {
             local_id,
@@ -696,7 +700,7 @@ fn micro() -> Micro {
             auth_type: auth_type::MTLS_SPIFFE,
             _pad: 0,
         })
-        .chain(filler_auth(&mut r, 100_000 - 5))
+        .chain(filler_auth(&mut r, 100_000 - 6))
         .map(|k| (k, AuthValue { expiry_ns: far }))
         .collect();
     let t = Instant::now();
@@ -748,6 +752,11 @@ fn micro() -> Micro {
             required(4, (8081 & 0xff) as u8),
         ),
         (key(D, 0, 0, 0, direction::INGRESS), required(2, 0)),
+        // a names b in its ingress: b is a peer some local policy names.
+        (
+            key(A, B, port_block(9999), TCP, direction::INGRESS),
+            required(5, (9999 & 0xff) as u8),
+        ),
     ];
     // Compiled as the agent compiles them (`tables::compile`), the test
     // entries and the filler apart: their subjects differ, so each
@@ -778,8 +787,10 @@ fn micro() -> Micro {
     // inserted yet only costs a probe), written into the ipcache as the
     // agent writes them (`Tables::from_state`).
     let masks = datapath::tables::absent_shapes(test_policy.iter().chain(&filler).map(|(k, _)| k));
+    let named = datapath::tables::named_peers(test_policy.iter().chain(&filler).map(|(k, _)| k));
     for (_, v) in &mut ipcache_entries {
         v.absent = datapath::tables::absent_of(&masks, v.identity);
+        v.unnamed = datapath::tables::unnamed_of(&named, v.identity);
     }
     insert_all(&mut ipcache, &ipcache_entries, maps::IPCACHE);
     // The IPv6 ipcache: the same 100k entries, each address's IPv6 one
@@ -879,9 +890,16 @@ fn micro() -> Micro {
                     TC_ACT_OK,
                 ),
                 variant(
-                    "allow, last wildcard, subject with all four shapes, peer none of them names: full evaluation",
+                    "allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
                     &to_pod,
                     &unnamed_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                ),
+                variant(
+                    "allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
+                    &to_pod,
+                    &other_pkt,
                     Cache::Off,
                     TC_ACT_OK,
                 ),
@@ -951,9 +969,16 @@ fn micro() -> Micro {
                     TC_ACT_OK,
                 ),
                 variant(
-                    "IPv6: allow, last wildcard, subject with all four shapes, peer none of them names: full evaluation",
+                    "IPv6: allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
                     &to_pod,
                     &unnamed6_pkt,
+                    Cache::Off,
+                    TC_ACT_OK,
+                ),
+                variant(
+                    "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
+                    &to_pod,
+                    &other6_pkt,
                     Cache::Off,
                     TC_ACT_OK,
                 ),
@@ -1711,12 +1736,20 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
     );
     let unnamed = get(
         100_000,
-        "allow, last wildcard, subject with all four shapes, peer none of them names: full evaluation",
+        "allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
+    );
+    let other = get(
+        100_000,
+        "allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
     );
     let verdict = |x: f64| if x <= BUDGET_NS { "met" } else { "NOT met" };
     let unnamed6 = get(
         100_000,
-        "IPv6: allow, last wildcard, subject with all four shapes, peer none of them names: full evaluation",
+        "IPv6: allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
+    );
+    let other6 = get(
+        100_000,
+        "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
     );
     let est6 = get(
         100_000,
@@ -1740,13 +1773,16 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
          - full evaluation, policy match on the last wildcard of a subject with entries of all four shapes, \
          from a peer they name (one policy lookup: the agent folds the wildcards into the pair's entry): \
          {wild4_full:+.0} ns, **{}**\n\
-         - full evaluation, the same subject, from a peer none of its entries names (three policy lookups, \
-         two of them misses: the worst case left): {unnamed:+.0} ns, **{}**\n\n",
+         - full evaluation, the same subject, from a peer no local policy names (one policy lookup: the \
+         peer's ipcache value says the pair's own keys cannot exist): {unnamed:+.0} ns, **{}**\n\
+         - full evaluation, the same subject, from a peer another local subject's policy names (three \
+         policy lookups, two of them misses: the worst case left): {other:+.0} ns, **{}**\n\n",
         verdict(est),
         verdict(full),
         verdict(wild_full),
         verdict(wild4_full),
         verdict(unnamed),
+        verdict(other),
     ));
     s.push_str(&format!(
         "**IPv6** (the same pods' IPv6 addresses, 100k IPv6 ipcache entries; the attached IPv4 program \
@@ -1755,7 +1791,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
          - full evaluation, exact policy key: {full6:+.0} ns, **{}** ({:+.0} ns)\n\
          - full evaluation, last wildcard, the subject's only shape: {wild6:+.0} ns, **{}** ({:+.0} ns)\n\
          - full evaluation, last wildcard of a subject with all four shapes: {wild4_6:+.0} ns, **{}** ({:+.0} ns)\n\
-         - full evaluation, the same from a peer none of them names: {unnamed6:+.0} ns, **{}** ({:+.0} ns)\n\n",
+         - full evaluation, the same from a peer no local policy names: {unnamed6:+.0} ns, **{}** ({:+.0} ns)\n\
+         - full evaluation, the same from a peer another local subject names: {other6:+.0} ns, **{}** ({:+.0} ns)\n\n",
         verdict(est6),
         est6 - est,
         verdict(full6),
@@ -1766,6 +1803,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         wild4_6 - wild4_full,
         verdict(unnamed6),
         unnamed6 - unnamed,
+        verdict(other6),
+        other6 - other,
     ));
     // Interference (other tenants of the host, interrupts) only adds time,
     // and on this machine it comes in spells of tens of seconds that a
@@ -1777,12 +1816,14 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         "allow, exact policy key: full evaluation (cache off)",
         "allow, last wildcard (S,0,0,0): full evaluation",
         "allow, last wildcard, subject with entries of all four shapes: full evaluation",
-        "allow, last wildcard, subject with all four shapes, peer none of them names: full evaluation",
+        "allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
+        "allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
         "IPv6: allow, exact policy key: established flow (cache on)",
         "IPv6: allow, exact policy key: full evaluation (cache off)",
         "IPv6: allow, last wildcard (S,0,0,0): full evaluation",
         "IPv6: allow, last wildcard, subject with entries of all four shapes: full evaluation",
-        "IPv6: allow, last wildcard, subject with all four shapes, peer none of them names: full evaluation",
+        "IPv6: allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
+        "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
     ]
     .iter()
     .map(|name| {

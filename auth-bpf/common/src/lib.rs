@@ -288,7 +288,12 @@ pub struct IpcacheValue {
     /// exists, so that probe is skipped. 0 (what an agent that predates it
     /// leaves) probes all four.
     pub absent: u8,
-    pub _pad: u8,
+    /// Bit [`unnamed_bit`]`(direction)` set: no local subject's policy names
+    /// this identity as its peer in that direction (no exact or any-port
+    /// entry with it), so with this identity as the peer the exact and
+    /// any-port probes are skipped: they could only miss. 0 (what an agent
+    /// that predates it leaves) probes them.
+    pub unnamed: u8,
 }
 
 /// The index, in [`policy_probes`] order, of the probe that finds a policy
@@ -296,6 +301,22 @@ pub struct IpcacheValue {
 /// peer and any port.
 pub const fn probe_index(peer: u32, port_block: u16) -> u8 {
     (if peer == identity::UNKNOWN { 2 } else { 0 }) + (if port_block == 0 { 1 } else { 0 })
+}
+
+/// The bit of [`IpcacheValue::unnamed`] for one direction.
+pub const fn unnamed_bit(direction: u8) -> u8 {
+    1 << (direction & 1)
+}
+
+/// The probes (bits of [`absent_bit`]) the datapath skips for a subject
+/// whose ipcache value says `absent` and a peer whose says `unnamed`, in
+/// `direction`.
+pub const fn skipped_probes(absent: u8, unnamed: u8, direction: u8) -> u8 {
+    if unnamed & unnamed_bit(direction) != 0 {
+        absent | absent_bit(direction, 0) | absent_bit(direction, 1)
+    } else {
+        absent
+    }
 }
 
 /// The bit of [`IpcacheValue::absent`] for one probe in one direction.

@@ -38,7 +38,7 @@ use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowKey6, FlowState,
     IPV6_MAX_EXT_HEADERS, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, absent_bit, auth_type,
     config_flags, direction, drop_reason, endpoint_flags, flow_kind, hook, identity, maps, policy_flags,
-    policy_probe, prog_index,
+    policy_probe, prog_index, skipped_probes,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -182,7 +182,7 @@ const WORLD: IpcacheValue = IpcacheValue {
     identity: identity::WORLD,
     node_id: 0,
     absent: 0,
-    _pad: 0,
+    unnamed: 0,
 };
 
 impl Family for u32 {
@@ -593,13 +593,14 @@ fn evaluate<A: Family>(cfg: &Config, pkt: &Packet<A>, at: u8, now: u64, signal: 
     let (src_ip, dst_ip, _, dst_port) = pkt.ends(rev);
     let src = src_ip.ipcache();
     let dst = dst_ip.ipcache();
-    let (subject, peer, peer_node, dir, absent) = if at == hook::FROM_POD {
+    let (subject, peer, peer_node, dir, absent, unnamed) = if at == hook::FROM_POD {
         (
             src.identity,
             dst.identity,
             dst.node_id,
             direction::EGRESS,
             src.absent,
+            dst.unnamed,
         )
     } else {
         (
@@ -608,8 +609,11 @@ fn evaluate<A: Family>(cfg: &Config, pkt: &Packet<A>, at: u8, now: u64, signal: 
             src.node_id,
             direction::INGRESS,
             dst.absent,
+            src.unnamed,
         )
     };
+    // And for a peer no local subject names, the pair's own keys.
+    let absent = skipped_probes(absent, unnamed, dir);
     let mut v = Verdict {
         forwarded: false,
         reason: drop_reason::POLICY_DENIED,

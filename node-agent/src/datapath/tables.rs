@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use keyway_common::{
     IpcacheValue, Ipv6Key, PolicyKey, PolicyValue, PortBits, absent_bit, policy_flags, probe_index,
+    unnamed_bit,
 };
 
 use crate::state::NodeState;
@@ -132,25 +133,30 @@ impl Tables {
             );
         }
         t.policy = compile_with(&entries, fold_limit);
-        t.mark_absent(&absent_shapes(t.policy.keys()));
+        let (masks, named) = (absent_shapes(t.policy.keys()), named_peers(t.policy.keys()));
+        t.mark(&masks, &named);
         t
     }
 
     /// Sets every ipcache value's absent shapes from `masks` (see
-    /// [`absent_shapes`]).
-    pub fn mark_absent(&mut self, masks: &HashMap<u32, u8>) {
+    /// [`absent_shapes`]) and its unnamed directions from `named` (see
+    /// [`named_peers`]).
+    pub fn mark(&mut self, masks: &HashMap<u32, u8>, named: &HashMap<u32, u8>) {
         for v in self.values_mut() {
             v.absent = absent_of(masks, v.identity);
+            v.unnamed = unnamed_of(named, v.identity);
         }
     }
 
     /// The ipcache to write before the policy changes from `old_policy` to
-    /// this one's: a shape is skipped only if it is absent on both sides,
+    /// this one's: a shape is skipped only if it is absent on both sides
+    /// (and a peer's own keys only if neither side names it),
     /// so no packet judged between the two writes skips an entry either
     /// policy has (skipping one that requires authentication could let a
     /// packet through without it). After the policy, `self` is written.
     pub fn between(&self, old_policy: &HashMap<PolicyKey, PolicyValue>) -> Tables {
         let old = absent_shapes(old_policy.keys());
+        let old_named = named_peers(old_policy.keys());
         let mut t = Tables {
             ipcache: self.ipcache.clone(),
             lpm: self.lpm.clone(),
@@ -160,6 +166,7 @@ impl Tables {
         };
         for v in t.values_mut() {
             v.absent &= absent_of(&old, v.identity);
+            v.unnamed &= unnamed_of(&old_named, v.identity);
         }
         t
     }
@@ -180,8 +187,10 @@ impl Tables {
             from: &HashMap<K, IpcacheValue>,
             to: &HashMap<K, IpcacheValue>,
         ) -> bool {
-            to.iter()
-                .any(|(k, v)| from.get(k).is_some_and(|o| o.absent & !v.absent != 0))
+            to.iter().any(|(k, v)| {
+                from.get(k)
+                    .is_some_and(|o| o.absent & !v.absent != 0 || o.unnamed & !v.unnamed != 0)
+            })
         }
         any(&self.ipcache, &to.ipcache)
             || any(&self.lpm, &to.lpm)
@@ -406,6 +415,26 @@ pub fn absent_shapes<'a>(keys: impl IntoIterator<Item = &'a PolicyKey>) -> HashM
 /// `identity`'s absent shapes in `masks`: all when it has no entry.
 pub fn absent_of(masks: &HashMap<u32, u8>, identity: u32) -> u8 {
     masks.get(&identity).copied().unwrap_or(u8::MAX)
+}
+
+/// For each identity some subject's policy names as its peer (an exact or
+/// any-port entry with it), the directions it is named in (bits of
+/// [`unnamed_bit`]). With any other identity as the peer the kernel skips
+/// the exact and any-port probes ([`IpcacheValue::unnamed`]): a packet
+/// from a peer no local policy names costs the any-peer lookups alone.
+pub fn named_peers<'a>(keys: impl IntoIterator<Item = &'a PolicyKey>) -> HashMap<u32, u8> {
+    let mut named: HashMap<u32, u8> = HashMap::new();
+    for k in keys {
+        if k.peer != keyway_common::identity::UNKNOWN {
+            *named.entry(k.peer).or_default() |= unnamed_bit(k.direction);
+        }
+    }
+    named
+}
+
+/// `identity`'s unnamed directions: those `named` does not list it in.
+pub fn unnamed_of(named: &HashMap<u32, u8>, identity: u32) -> u8 {
+    !named.get(&identity).copied().unwrap_or(0) & (unnamed_bit(0) | unnamed_bit(1))
 }
 
 /// One write to the kernel's policy map.
@@ -960,6 +989,53 @@ mod tests {
         let t = compile_with(&entries, 5);
         assert_eq!(t.len(), entries.len());
         assert_eq!((flagged(&t, 1), flagged(&t, 2)), (3, 10));
+    }
+
+    /// The kernel skips a subject's absent shapes and, for a peer no
+    /// subject names, the pair's own keys: over random policies, no skipped
+    /// probe is ever one with an entry, in the old table, the new one, or
+    /// (with the marks `between` writes) either while one replaces the
+    /// other.
+    #[test]
+    fn the_marks_never_skip_an_entry_either_side_has() {
+        use keyway_common::skipped_probes;
+        let mut r = Lcg(0x0ddb_a110);
+        let mut skipped = 0;
+        for round in 0..400 {
+            let fold_limit = if round % 2 == 0 { FOLD_LIMIT } else { 0 };
+            let old = Tables::from_state_with(&random_state(&mut r, round), fold_limit);
+            let new = Tables::from_state_with(&random_state(&mut r, round + 1000), fold_limit);
+            let marks = |t: &Tables| (absent_shapes(t.policy.keys()), named_peers(t.policy.keys()));
+            let ((ma, na), (mb, nb)) = (marks(&old), marks(&new));
+            for (s, p, d, proto, port) in packets() {
+                let views = [
+                    (absent_of(&ma, s), unnamed_of(&na, p), vec![&old.policy]),
+                    (absent_of(&mb, s), unnamed_of(&nb, p), vec![&new.policy]),
+                    (
+                        absent_of(&ma, s) & absent_of(&mb, s),
+                        unnamed_of(&na, p) & unnamed_of(&nb, p),
+                        vec![&old.policy, &new.policy],
+                    ),
+                ];
+                for (absent, unnamed, tables) in views {
+                    let skip = skipped_probes(absent, unnamed, d);
+                    for (i, (_, key, _)) in keyway_common::policy_probes(s, p, port, proto, d)
+                        .iter()
+                        .enumerate()
+                    {
+                        if skip & absent_bit(d, i as u8) != 0 {
+                            skipped += 1;
+                            assert!(
+                                tables.iter().all(|t| !t.contains_key(key)),
+                                "probe {i} of {:?} skipped, but {key:?} has an entry",
+                                (s, p, d, proto, port)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(skipped > 10_000, "{skipped} probes skipped");
     }
 
     #[test]
