@@ -282,14 +282,15 @@ pub fn lookup_policy(
     dir: u8,
 ) -> Result<Option<PolicyHit>, DatapathError> {
     let probes = policy_probes(subject, peer, port, proto, dir);
-    for (i, &(_, found, bit)) in probes.iter().enumerate() {
+    for &(_, found, bit) in &probes {
         let Some(value) = t.policy(&found)? else {
             continue;
         };
         let mut decided = value.rule_for(bit).map(|rule| (rule, value.origin_of(bit)));
         let mut auth_required = value.authenticated.get(bit);
         if value.flags & policy_flags::WITH_ANY_PEER != 0 {
-            for &(_, key, b) in &probes[i.max(1) + 1..] {
+            // Only ever on the any-port key: the any-peer keys follow it.
+            for &(_, key, b) in &probes[2..] {
                 if let Some(w) = t.policy(&key)? {
                     if decided.is_none() {
                         decided = w.rule_for(b).map(|rule| (rule, w.origin_of(b)));

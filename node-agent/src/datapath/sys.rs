@@ -8,25 +8,24 @@
 /// [`kernel_clock_lag_ns`] behind (more only while the tick stalls); the
 /// auth map is written that much earlier (see `PinnedAuthMap`).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    #[allow(
-        unsafe_code,
-        reason = "clock_gettime(CLOCK_MONOTONIC) has no std equivalent that exposes nanoseconds"
-    )]
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux");
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    let ns = clock_ns(libc::clock_gettime, libc::CLOCK_MONOTONIC);
+    ns.expect("clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux")
 }
 
 /// How far behind `CLOCK_MONOTONIC` the datapath's clock may be: the
 /// resolution of `CLOCK_MONOTONIC_COARSE`, which `bpf_ktime_get_coarse_ns`
 /// reads (one tick: 4 ms at HZ=250). 10 ms, the longest tick Linux has,
-/// if the kernel does not say.
+/// if the kernel does not say. Asked once: it never changes.
 pub fn kernel_clock_lag_ns() -> u64 {
+    static LAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LAG.get_or_init(|| clock_ns(libc::clock_getres, libc::CLOCK_MONOTONIC_COARSE).unwrap_or(10_000_000))
+}
+
+/// `call` (`clock_gettime` or `clock_getres`) on `clock`, in nanoseconds.
+fn clock_ns(
+    call: unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int,
+    clock: libc::clockid_t,
+) -> Option<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -34,13 +33,10 @@ pub fn kernel_clock_lag_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
     #[allow(
         unsafe_code,
-        reason = "clock_getres(CLOCK_MONOTONIC_COARSE) has no std equivalent"
+        reason = "clock_gettime and clock_getres have no std equivalent that exposes nanoseconds"
     )]
-    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    if rc != 0 {
-        return 10_000_000;
-    }
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    let rc = unsafe { call(clock, &mut ts) };
+    (rc == 0).then(|| (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Returns once every BPF program run that began before the call has
