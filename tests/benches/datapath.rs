@@ -23,7 +23,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 use keyway_common::{
     AuthKey, AuthValue, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, PortBits,
-    auth_type, config_flags, direction, maps, port_block,
+    auth_type, config_flags, direction, maps, namer_bit, port_block,
 };
 use keyway_tests::netns::{Topology, in_netns, ipv6_packet, require_root, run, v6_of};
 use node_agent::datapath::tables::Entry;
@@ -34,13 +34,16 @@ use proto::keyway as pb;
 /// Runs per variant (medians reported) and packets per run.
 const RUNS: usize = 11;
 const REPEAT: u32 = 1_000_000;
-/// iperf3 runs per configuration.
-/// Rounds of (a) and (b), paired: (b)/(a) is taken round by round, so
-/// drift over the run (the machine's other load, its clocks) cancels.
+/// TCP runs of (a) and (b), in pairs back to back: (b)/(a) is taken pair
+/// by pair, so drift over the run (the machine's other load comes in
+/// spells) cancels; short runs, many pairs, so a spell covers both runs of
+/// a pair and the spread of the ratios narrows.
+const TCP_PAIRS: usize = 30;
+/// UDP runs of (a) and (b), one round after each of the first pairs.
 const IPERF_RUNS: usize = 9;
-/// Rounds of (c), the slow one, among the first of those.
+/// Rounds of (c), the slow one (TCP and UDP), among the first of those.
 const IPTABLES_RUNS: usize = 3;
-const TCP_SECS: &str = "5";
+const TCP_SECS: &str = "2";
 const UDP_SECS: &str = "4";
 const IPERF_PORT: u16 = 5201;
 const IPTABLES_RULES: usize = 10_000;
@@ -171,10 +174,15 @@ const A: u32 = 300;
 const B: u32 = 301;
 const C: u32 = 302;
 const D: u32 = 303;
+const E: u32 = 304;
+/// A subject with no address here whose [`namer_bit`] is D's: its policy
+/// naming E puts D's bit in E's filter, so E -> D probes D's own keys.
+const F_SHARES_D_BIT: u32 = 337;
 const IP_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 const IP_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 const IP_C: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 3);
 const IP_D: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 4);
+const IP_E: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 5);
 /// In no ipcache entry or CIDR: WORLD.
 const IP_UNKNOWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
 const TCP: u8 = 6;
@@ -567,10 +575,23 @@ fn micro() -> Micro {
     // c -> d:8080: the same subject, from a peer no local policy names
     // (its ipcache value says so): the any-peer key (d's 8081 entry with
     // the last wildcard folded in) is the only lookup. b -> d:8080: from a
-    // peer another subject's policy names (a's ingress), so d's exact and
-    // any-port keys are probed and missed first: the worst case left.
+    // peer another subject's policy names (a's ingress), whose filter bit
+    // is not d's: the same one lookup. e -> d:8080: from a peer named by
+    // a subject whose filter bit is d's, so d's exact and any-port keys are
+    // probed and missed first: the worst case left.
+    assert_ne!(
+        namer_bit(A),
+        namer_bit(D),
+        "the b -> d row needs a's bit apart from d's"
+    );
+    assert_eq!(
+        namer_bit(F_SHARES_D_BIT),
+        namer_bit(D),
+        "the e -> d row needs d's bit shared"
+    );
     let unnamed_pkt = packet("unnamed.bin", IP_C, IP_D, 40005);
     let other_pkt = packet("other.bin", IP_B, IP_D, 40006);
+    let shared_pkt = packet("shared.bin", IP_E, IP_D, 40007);
     let miss_pkt = packet("miss.bin", IP_UNKNOWN, IP_B, 40002);
     // From a pod whose address is not A's: what the source check drops.
     let forged_pkt = packet("forged.bin", IP_C, IP_B, 40003);
@@ -585,6 +606,7 @@ fn micro() -> Micro {
     let wild4_6_pkt = packet6("wildcard4-6.bin", IP_A, IP_D, 40004);
     let unnamed6_pkt = packet6("unnamed6.bin", IP_C, IP_D, 40005);
     let other6_pkt = packet6("other6.bin", IP_B, IP_D, 40006);
+    let shared6_pkt = packet6("shared6.bin", IP_E, IP_D, 40007);
     let miss6_pkt = packet6("miss6.bin", IP_UNKNOWN, IP_B, 40002);
 
     let mut r = Rng(0x6b65_7977_6179);
@@ -594,7 +616,7 @@ fn micro() -> Micro {
 
     // ipcache: the three pods (on this node) and 99,997 others.
     let mut ipcache: aya::maps::HashMap<MapData, u32, IpcacheValue> = open_hash(&pin_dir, maps::IPCACHE);
-    let mut entries: Vec<(u32, IpcacheValue)> = [(IP_A, A), (IP_B, B), (IP_C, C), (IP_D, D)]
+    let mut entries: Vec<(u32, IpcacheValue)> = [(IP_A, A), (IP_B, B), (IP_C, C), (IP_D, D), (IP_E, E)]
         .into_iter()
         .map(|(ip, id)| {
             (
@@ -688,10 +710,11 @@ fn micro() -> Micro {
             .expect("endpoint");
     }
 
-    // auth: the two pairs the packets need (subject = the destination pod,
-    // peer = the source, the source's node), and 99,998 others.
+    // auth: the pairs the packets need (subject = the destination pod,
+    // peer = the source, the source's node), and others to 100,000.
     let mut auth: aya::maps::HashMap<MapData, AuthKey, AuthValue> = open_hash(&pin_dir, maps::AUTH);
-    let entries: Vec<(AuthKey, AuthValue)> = [(B, A), (C, A), (A, B), (D, A), (D, C), (D, B)]
+    let pairs = [(B, A), (C, A), (A, B), (D, A), (D, C), (D, B), (D, E)];
+    let entries: Vec<(AuthKey, AuthValue)> = pairs
         .into_iter()
         .map(|(local_id, remote_id)| AuthKey {
             local_id,
@@ -700,7 +723,7 @@ fn micro() -> Micro {
             auth_type: auth_type::MTLS_SPIFFE,
             _pad: 0,
         })
-        .chain(filler_auth(&mut r, 100_000 - 6))
+        .chain(filler_auth(&mut r, 100_000 - pairs.len()))
         .map(|k| (k, AuthValue { expiry_ns: far }))
         .collect();
     let t = Instant::now();
@@ -757,6 +780,11 @@ fn micro() -> Micro {
             key(A, B, port_block(9999), TCP, direction::INGRESS),
             required(5, (9999 & 0xff) as u8),
         ),
+        // And a subject sharing d's filter bit names e.
+        (
+            key(F_SHARES_D_BIT, E, port_block(9999), TCP, direction::INGRESS),
+            required(6, (9999 & 0xff) as u8),
+        ),
     ];
     // Compiled as the agent compiles them (`tables::compile`), the test
     // entries and the filler apart: their subjects differ, so each
@@ -790,7 +818,7 @@ fn micro() -> Micro {
     let named = datapath::tables::named_peers(test_policy.iter().chain(&filler).map(|(k, _)| k));
     for (_, v) in &mut ipcache_entries {
         v.absent = datapath::tables::absent_of(&masks, v.identity);
-        v.unnamed = datapath::tables::unnamed_of(&named, v.identity);
+        v.unnamed_by = datapath::tables::unnamed_of(&named, v.identity);
     }
     insert_all(&mut ipcache, &ipcache_entries, maps::IPCACHE);
     // The IPv6 ipcache: the same 100k entries, each address's IPv6 one
@@ -903,6 +931,7 @@ fn micro() -> Micro {
                     Cache::Off,
                     TC_ACT_OK,
                 ),
+                variant(SHARED, &to_pod, &shared_pkt, Cache::Off, TC_ACT_OK),
                 variant(
                     "miss: unknown source -> WORLD -> policy miss -> drop (cache on)",
                     &to_pod,
@@ -982,6 +1011,7 @@ fn micro() -> Micro {
                     Cache::Off,
                     TC_ACT_OK,
                 ),
+                variant(SHARED6, &to_pod, &shared6_pkt, Cache::Off, TC_ACT_OK),
                 variant(
                     "IPv6: miss: unknown source, cache off",
                     &to_pod,
@@ -1045,6 +1075,8 @@ fn micro() -> Micro {
 
 const SOURCE_CHECK: &str = "source check alone: parse + one endpoint-map lookup";
 const PARSE_ONLY: &str = "parse alone";
+const SHARED: &str = "allow, last wildcard, subject with all four shapes, peer named by a subject sharing its filter bit: full evaluation";
+const SHARED6: &str = "IPv6: allow, last wildcard, subject with all four shapes, peer named by a subject sharing its filter bit: full evaluation";
 
 fn human(n: usize) -> String {
     match n {
@@ -1388,39 +1420,60 @@ fn throughput() -> Throughput {
         }
         config.bump_epoch().expect("epoch");
     };
-    for round in 0..IPERF_RUNS {
-        // (a) and (b) back to back, (c) after them.
-        for setup in [Setup::NoProgram, Setup::Keyway, Setup::Iptables] {
-            if setup == Setup::Iptables && round >= IPTABLES_RUNS {
-                continue;
+    // The schedule: TCP in (a)/(b) pairs back to back, their order
+    // alternating so neither always runs first; after each of the first
+    // pairs, a UDP round of (a) and (b), and in the first few (c).
+    let mut steps: Vec<(Setup, bool, bool)> = Vec::new();
+    for pair in 0..TCP_PAIRS {
+        let order = if pair % 2 == 0 {
+            [Setup::NoProgram, Setup::Keyway]
+        } else {
+            [Setup::Keyway, Setup::NoProgram]
+        };
+        steps.extend(order.map(|setup| (setup, true, false)));
+        if pair < IPERF_RUNS {
+            steps.push((Setup::NoProgram, false, true));
+            steps.push((Setup::Keyway, false, true));
+        }
+        if pair < IPTABLES_RUNS {
+            steps.push((Setup::Iptables, true, true));
+        }
+    }
+    let total = steps.len();
+    for (n, (setup, tcp, udp)) in steps.into_iter().enumerate() {
+        eprintln!(
+            "datapath bench: iperf3 step {} of {total}: {}{}{}",
+            n + 1,
+            setup.label(),
+            if tcp { ", TCP" } else { "" },
+            if udp { ", UDP" } else { "" },
+        );
+        match setup {
+            Setup::NoProgram => {}
+            Setup::Iptables => iptables_restore(&b.netns, &rules),
+            Setup::Keyway => {
+                dp = attach(dp, &node_ns, &ifaces);
+                set_redirect(&mut endpoints, true);
             }
-            eprintln!(
-                "datapath bench: iperf3 round {} of {IPERF_RUNS}: {}",
-                round + 1,
-                setup.label()
-            );
-            match setup {
-                Setup::NoProgram => {}
-                Setup::Iptables => iptables_restore(&b.netns, &rules),
-                Setup::Keyway => {
-                    dp = attach(dp, &node_ns, &ifaces);
-                    set_redirect(&mut endpoints, true);
+        }
+        if tcp {
+            let x = tcp_gbps(&a.netns);
+            assert!(x > 0.0, "{}: no TCP traffic passed", setup.label());
+            out.tcp.entry(setup).or_default().push(x);
+        }
+        if udp {
+            let x = udp_kpps(&a.netns);
+            assert!(x > 0.0, "{}: no UDP traffic passed", setup.label());
+            out.udp.entry(setup).or_default().push(x);
+        }
+        match setup {
+            Setup::Iptables => iptables_clear(&b.netns),
+            Setup::Keyway => {
+                for i in &ifaces {
+                    dp.detach(i);
                 }
             }
-            let tcp = tcp_gbps(&a.netns);
-            let udp = udp_kpps(&a.netns);
-            assert!(tcp > 0.0 && udp > 0.0, "{}: no traffic passed", setup.label());
-            out.tcp.entry(setup).or_default().push(tcp);
-            out.udp.entry(setup).or_default().push(udp);
-            match setup {
-                Setup::Iptables => iptables_clear(&b.netns),
-                Setup::Keyway => {
-                    for i in &ifaces {
-                        dp.detach(i);
-                    }
-                }
-                _ => {}
-            }
+            _ => {}
         }
     }
     drop(server);
@@ -1751,6 +1804,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         100_000,
         "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
     );
+    let (shared, shared6) = (get(100_000, SHARED), get(100_000, SHARED6));
     let est6 = get(
         100_000,
         "IPv6: allow, exact policy key: established flow (cache on)",
@@ -1775,14 +1829,20 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
          {wild4_full:+.0} ns, **{}**\n\
          - full evaluation, the same subject, from a peer no local policy names (one policy lookup: the \
          peer's ipcache value says the pair's own keys cannot exist): {unnamed:+.0} ns, **{}**\n\
-         - full evaluation, the same subject, from a peer another local subject's policy names (three \
-         policy lookups, two of them misses: the worst case left): {other:+.0} ns, **{}**\n\n",
+         - full evaluation, the same subject, from a peer another local subject's policy names (one policy \
+         lookup: the peer's ipcache value holds a 32-bit filter of the subjects that name it, and this \
+         subject's bit is not in it; three lookups at 649a611, before the filter, +131 ns in that run): \
+         {other:+.0} ns, **{}**\n\
+         - full evaluation, the same subject, from a peer named by a subject that shares its filter bit \
+         (three policy lookups, two of them misses: the worst case left, for a subject whose bit a namer \
+         of the peer shares, about one in 32 per namer): {shared:+.0} ns, **{}**\n\n",
         verdict(est),
         verdict(full),
         verdict(wild_full),
         verdict(wild4_full),
         verdict(unnamed),
         verdict(other),
+        verdict(shared),
     ));
     s.push_str(&format!(
         "**IPv6** (the same pods' IPv6 addresses, 100k IPv6 ipcache entries; the attached IPv4 program \
@@ -1792,7 +1852,10 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
          - full evaluation, last wildcard, the subject's only shape: {wild6:+.0} ns, **{}** ({:+.0} ns)\n\
          - full evaluation, last wildcard of a subject with all four shapes: {wild4_6:+.0} ns, **{}** ({:+.0} ns)\n\
          - full evaluation, the same from a peer no local policy names: {unnamed6:+.0} ns, **{}** ({:+.0} ns)\n\
-         - full evaluation, the same from a peer another local subject names: {other6:+.0} ns, **{}** ({:+.0} ns)\n\n",
+         - full evaluation, the same from a peer another local subject names: {other6:+.0} ns, **{}** ({:+.0} ns; \
+         +162 ns at 649a611, before the filter)\n\
+         - full evaluation, the same from a peer named by a subject sharing its filter bit: {shared6:+.0} ns, \
+         **{}** ({:+.0} ns)\n\n",
         verdict(est6),
         est6 - est,
         verdict(full6),
@@ -1805,6 +1868,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         unnamed6 - unnamed,
         verdict(other6),
         other6 - other,
+        verdict(shared6),
+        shared6 - shared,
     ));
     // Interference (other tenants of the host, interrupts) only adds time,
     // and on this machine it comes in spells of tens of seconds that a
@@ -1818,12 +1883,14 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         "allow, last wildcard, subject with entries of all four shapes: full evaluation",
         "allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
         "allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
+        SHARED,
         "IPv6: allow, exact policy key: established flow (cache on)",
         "IPv6: allow, exact policy key: full evaluation (cache off)",
         "IPv6: allow, last wildcard (S,0,0,0): full evaluation",
         "IPv6: allow, last wildcard, subject with entries of all four shapes: full evaluation",
         "IPv6: allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
         "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
+        SHARED6,
     ]
     .iter()
     .map(|name| {
@@ -1910,8 +1977,9 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
         "Two pod namespaces a ({IP_A}) and b ({IP_B}) behind veths on one node namespace, routed as a \
          routing CNI leaves them. iperf3 server in b, client in a: TCP `-t {TCP_SECS} -O 1`, and UDP \
          `-u -b 0 -l 64 -t {UDP_SECS} -O 1` (datagrams received per second, from the receiver's byte \
-         count). {IPERF_RUNS} rounds of (a) and (b), and (c) in the first {IPTABLES_RUNS}, the \
-         configurations interleaved in each round; medians, runs in brackets. For (b), the datapath was loaded and fed as the agent does it (tables from a \
+         count). TCP: {TCP_PAIRS} pairs of (a) and (b) run back to back, the order alternating pair by \
+         pair; UDP: {IPERF_RUNS} rounds of (a) and (b), one after each of the first pairs; (c), TCP and \
+         UDP, after each of the first {IPTABLES_RUNS}. Medians, runs in brackets. For (b), the datapath was loaded and fed as the agent does it (tables from a \
          synced node state, endpoints from the node's routes, flow capture on as the agent's default): \
          {}; b's ingress from a on port {IPERF_PORT} requires mutual auth and the pair has an auth entry. \
          Before the runs the benchmark checked that a -> b is dropped without that entry and passes with \
@@ -1957,7 +2025,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
          spread are noise. From 1/pps, the {IPTABLES_RULES} iptables rules cost about {per_rule_ns:.0} ns \
          per rule on each received packet.\n"
     ));
-    // (b)/(a) round by round: each pair ran back to back.
+    // (b)/(a) pair by pair: each pair ran back to back.
     let mut paired: Vec<f64> = t.tcp[&Setup::Keyway]
         .iter()
         .zip(&t.tcp[&Setup::NoProgram])
@@ -1971,13 +2039,13 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
     let (q1, q3) = (paired[paired.len() / 4], paired[(3 * paired.len()) / 4]);
     let ok = |x: f64| if x >= BUDGET_TCP { "met" } else { "NOT met" };
     let shown = if q1 >= BUDGET_TCP {
-        "the middle half of the rounds is above the budget, so the margin is larger than the spread"
+        "the middle half of the pairs is above the budget, so the margin is larger than the spread"
     } else {
-        "the middle half of the rounds reaches below the budget: not shown beyond the spread"
+        "the middle half of the pairs reaches below the budget: not shown beyond the spread"
     };
     s.push_str(&format!(
-        "\n**Budget (TCP with the programs at least {:.0}% of no program, same run):** (b)/(a), taken round by \
-         round, median {:.1}% (middle half {:.1}-{:.1}%, all {:.1}-{:.1}% over {} rounds), **{}**: {}.\n\n",
+        "\n**Budget (TCP with the programs at least {:.0}% of no program, same run):** (b)/(a), taken pair by \
+         pair, median {:.1}% (middle half {:.1}-{:.1}%, all {:.1}-{:.1}% over {} pairs), **{}**: {}.\n\n",
         BUDGET_TCP * 100.0,
         ratio_b * 100.0,
         q1 * 100.0,

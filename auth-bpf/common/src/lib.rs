@@ -288,12 +288,18 @@ pub struct IpcacheValue {
     /// exists, so that probe is skipped. 0 (what an agent that predates it
     /// leaves) probes all four.
     pub absent: u8,
-    /// Bit [`unnamed_bit`]`(direction)` set: no local subject's policy names
-    /// this identity as its peer in that direction (no exact or any-port
-    /// entry with it), so with this identity as the peer the exact and
-    /// any-port probes are skipped: they could only miss. 0 (what an agent
-    /// that predates it leaves) probes them.
-    pub unnamed: u8,
+    pub _pad: u8,
+    /// Per direction (index `direction & 1`), a filter of the subjects
+    /// that do not name this identity as their peer: bit
+    /// [`namer_bit`]`(subject)` set means no local subject whose bit that
+    /// is has an exact or any-port entry with this identity as the peer in
+    /// that direction, so with this identity as the peer of such a subject
+    /// the exact and any-port probes are skipped: they could only miss.
+    /// All ones: no local subject names it. A subject sharing its bit with
+    /// one that does name it probes them (a false positive of the filter
+    /// costs two lookups that miss, never a skipped entry). 0 (what an
+    /// agent that predates it leaves) probes them.
+    pub unnamed_by: [u32; 2],
 }
 
 /// The index, in [`policy_probes`] order, of the probe that finds a policy
@@ -303,16 +309,18 @@ pub const fn probe_index(peer: u32, port_block: u16) -> u8 {
     (if peer == identity::UNKNOWN { 2 } else { 0 }) + (if port_block == 0 { 1 } else { 0 })
 }
 
-/// The bit of [`IpcacheValue::unnamed`] for one direction.
-pub const fn unnamed_bit(direction: u8) -> u8 {
-    1 << (direction & 1)
+/// A subject's bit in [`IpcacheValue::unnamed_by`]: the top five bits of a
+/// multiplicative (Fibonacci) hash of its identity, so identities numbered
+/// one after another spread over all 32 bits.
+pub const fn namer_bit(subject: u32) -> u32 {
+    1 << (subject.wrapping_mul(0x9e37_79b1) >> 27)
 }
 
-/// The probes (bits of [`absent_bit`]) the datapath skips for a subject
-/// whose ipcache value says `absent` and a peer whose says `unnamed`, in
-/// `direction`.
-pub const fn skipped_probes(absent: u8, unnamed: u8, direction: u8) -> u8 {
-    if unnamed & unnamed_bit(direction) != 0 {
+/// The probes (bits of [`absent_bit`]) the datapath skips for `subject`,
+/// whose ipcache value says `absent`, and a peer whose says `unnamed_by`,
+/// in `direction`.
+pub const fn skipped_probes(absent: u8, unnamed_by: &[u32; 2], subject: u32, direction: u8) -> u8 {
+    if unnamed_by[(direction & 1) as usize] & namer_bit(subject) != 0 {
         absent | absent_bit(direction, 0) | absent_bit(direction, 1)
     } else {
         absent

@@ -182,7 +182,8 @@ const WORLD: IpcacheValue = IpcacheValue {
     identity: identity::WORLD,
     node_id: 0,
     absent: 0,
-    unnamed: 0,
+    _pad: 0,
+    unnamed_by: [0; 2],
 };
 
 impl Family for u32 {
@@ -593,14 +594,14 @@ fn evaluate<A: Family>(cfg: &Config, pkt: &Packet<A>, at: u8, now: u64, signal: 
     let (src_ip, dst_ip, _, dst_port) = pkt.ends(rev);
     let src = src_ip.ipcache();
     let dst = dst_ip.ipcache();
-    let (subject, peer, peer_node, dir, absent, unnamed) = if at == hook::FROM_POD {
+    let (subject, peer, peer_node, dir, absent, unnamed_by) = if at == hook::FROM_POD {
         (
             src.identity,
             dst.identity,
             dst.node_id,
             direction::EGRESS,
             src.absent,
-            dst.unnamed,
+            dst.unnamed_by,
         )
     } else {
         (
@@ -609,11 +610,11 @@ fn evaluate<A: Family>(cfg: &Config, pkt: &Packet<A>, at: u8, now: u64, signal: 
             src.node_id,
             direction::INGRESS,
             dst.absent,
-            src.unnamed,
+            src.unnamed_by,
         )
     };
-    // And for a peer no local subject names, the pair's own keys.
-    let absent = skipped_probes(absent, unnamed, dir);
+    // And for a peer this subject does not name, the pair's own keys.
+    let absent = skipped_probes(absent, &unnamed_by, subject, dir);
     let mut v = Verdict {
         forwarded: false,
         reason: drop_reason::POLICY_DENIED,

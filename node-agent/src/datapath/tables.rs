@@ -6,8 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use keyway_common::{
-    IpcacheValue, Ipv6Key, PolicyKey, PolicyValue, PortBits, absent_bit, policy_flags, probe_index,
-    unnamed_bit,
+    IpcacheValue, Ipv6Key, PolicyKey, PolicyValue, PortBits, absent_bit, namer_bit, policy_flags, probe_index,
 };
 
 use crate::state::NodeState;
@@ -139,18 +138,19 @@ impl Tables {
     }
 
     /// Sets every ipcache value's absent shapes from `masks` (see
-    /// [`absent_shapes`]) and its unnamed directions from `named` (see
-    /// [`named_peers`]).
-    pub fn mark(&mut self, masks: &HashMap<u32, u8>, named: &HashMap<u32, u8>) {
+    /// [`absent_shapes`]) and the subjects that do not name it from `named`
+    /// (see [`named_peers`]).
+    pub fn mark(&mut self, masks: &HashMap<u32, u8>, named: &HashMap<u32, Namers>) {
         for v in self.values_mut() {
             v.absent = absent_of(masks, v.identity);
-            v.unnamed = unnamed_of(named, v.identity);
+            v.unnamed_by = unnamed_of(named, v.identity);
         }
     }
 
     /// The ipcache to write before the policy changes from `old_policy` to
     /// this one's: a shape is skipped only if it is absent on both sides
-    /// (and a peer's own keys only if neither side names it),
+    /// (and a pair's own keys only if neither side's filter lets its
+    /// subject name the peer),
     /// so no packet judged between the two writes skips an entry either
     /// policy has (skipping one that requires authentication could let a
     /// packet through without it). After the policy, `self` is written.
@@ -166,7 +166,8 @@ impl Tables {
         };
         for v in t.values_mut() {
             v.absent &= absent_of(&old, v.identity);
-            v.unnamed &= unnamed_of(&old_named, v.identity);
+            let old = unnamed_of(&old_named, v.identity);
+            v.unnamed_by = [v.unnamed_by[0] & old[0], v.unnamed_by[1] & old[1]];
         }
         t
     }
@@ -188,8 +189,9 @@ impl Tables {
             to: &HashMap<K, IpcacheValue>,
         ) -> bool {
             to.iter().any(|(k, v)| {
-                from.get(k)
-                    .is_some_and(|o| o.absent & !v.absent != 0 || o.unnamed & !v.unnamed != 0)
+                from.get(k).is_some_and(|o| {
+                    o.absent & !v.absent != 0 || (0..2).any(|d| o.unnamed_by[d] & !v.unnamed_by[d] != 0)
+                })
             })
         }
         any(&self.ipcache, &to.ipcache)
@@ -417,24 +419,31 @@ pub fn absent_of(masks: &HashMap<u32, u8>, identity: u32) -> u8 {
     masks.get(&identity).copied().unwrap_or(u8::MAX)
 }
 
+/// Per direction (index `direction & 1`), the [`namer_bit`]s of the
+/// subjects that name one identity as their peer.
+pub type Namers = [u32; 2];
+
 /// For each identity some subject's policy names as its peer (an exact or
-/// any-port entry with it), the directions it is named in (bits of
-/// [`unnamed_bit`]). With any other identity as the peer the kernel skips
-/// the exact and any-port probes ([`IpcacheValue::unnamed`]): a packet
-/// from a peer no local policy names costs the any-peer lookups alone.
-pub fn named_peers<'a>(keys: impl IntoIterator<Item = &'a PolicyKey>) -> HashMap<u32, u8> {
-    let mut named: HashMap<u32, u8> = HashMap::new();
+/// any-port entry with it), per direction, the bits of the subjects that
+/// name it. With it as the peer of a subject whose bit is not among them,
+/// the kernel skips the exact and any-port probes
+/// ([`IpcacheValue::unnamed_by`]): such a packet costs the any-peer lookups
+/// alone.
+pub fn named_peers<'a>(keys: impl IntoIterator<Item = &'a PolicyKey>) -> HashMap<u32, Namers> {
+    let mut named: HashMap<u32, Namers> = HashMap::new();
     for k in keys {
         if k.peer != keyway_common::identity::UNKNOWN {
-            *named.entry(k.peer).or_default() |= unnamed_bit(k.direction);
+            named.entry(k.peer).or_default()[usize::from(k.direction & 1)] |= namer_bit(k.subject);
         }
     }
     named
 }
 
-/// `identity`'s unnamed directions: those `named` does not list it in.
-pub fn unnamed_of(named: &HashMap<u32, u8>, identity: u32) -> u8 {
-    !named.get(&identity).copied().unwrap_or(0) & (unnamed_bit(0) | unnamed_bit(1))
+/// The subjects that do not name `identity`, per direction, as
+/// [`IpcacheValue::unnamed_by`] holds them: all but the bits `named` lists.
+pub fn unnamed_of(named: &HashMap<u32, Namers>, identity: u32) -> [u32; 2] {
+    let n = named.get(&identity).copied().unwrap_or_default();
+    [!n[0], !n[1]]
 }
 
 /// One write to the kernel's policy map.
@@ -991,8 +1000,8 @@ mod tests {
         assert_eq!((flagged(&t, 1), flagged(&t, 2)), (3, 10));
     }
 
-    /// The kernel skips a subject's absent shapes and, for a peer no
-    /// subject names, the pair's own keys: over random policies, no skipped
+    /// The kernel skips a subject's absent shapes and, for a peer whose
+    /// filter says this subject does not name it, the pair's own keys: over random policies, no skipped
     /// probe is ever one with an entry, in the old table, the new one, or
     /// (with the marks `between` writes) either while one replaces the
     /// other.
@@ -1013,12 +1022,15 @@ mod tests {
                     (absent_of(&mb, s), unnamed_of(&nb, p), vec![&new.policy]),
                     (
                         absent_of(&ma, s) & absent_of(&mb, s),
-                        unnamed_of(&na, p) & unnamed_of(&nb, p),
+                        {
+                            let (o, n) = (unnamed_of(&na, p), unnamed_of(&nb, p));
+                            [o[0] & n[0], o[1] & n[1]]
+                        },
                         vec![&old.policy, &new.policy],
                     ),
                 ];
                 for (absent, unnamed, tables) in views {
-                    let skip = skipped_probes(absent, unnamed, d);
+                    let skip = skipped_probes(absent, &unnamed, s, d);
                     for (i, (_, key, _)) in keyway_common::policy_probes(s, p, port, proto, d)
                         .iter()
                         .enumerate()
