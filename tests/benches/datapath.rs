@@ -791,25 +791,19 @@ fn micro() -> Micro {
     // compiles alone to what it would among the other. The filler is
     // inserted in its random order; a compiled entry inserted before the
     // entries folded into it only misjudges filler packets, never sent.
+    // In the entries' order; the keys the fold adds (absent from it) last.
     let compile = |entries: &[(PolicyKey, Entry)]| -> Vec<(PolicyKey, PolicyValue)> {
-        let mut v: Vec<_> = datapath::tables::compile(&entries.iter().copied().collect())
-            .into_iter()
-            .collect();
-        v.sort_by_key(|(k, _)| entries.iter().position(|(e, _)| e == k).unwrap_or(usize::MAX));
-        v
-    };
-    let test_policy = compile(&test_policy);
-    insert_all(&mut policy, &test_policy, maps::POLICY);
-    let filler = filler_policy(&mut r, 1_000_000 - test_policy.len());
-    let filler = {
         let order: std::collections::HashMap<PolicyKey, usize> =
-            filler.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
-        let mut v: Vec<_> = datapath::tables::compile(&filler.iter().copied().collect())
+            entries.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
+        let mut v: Vec<_> = datapath::tables::compile(&entries.iter().copied().collect())
             .into_iter()
             .collect();
         v.sort_by_key(|(k, _)| order.get(k).copied().unwrap_or(usize::MAX));
         v
     };
+    let test_policy = compile(&test_policy);
+    insert_all(&mut policy, &test_policy, maps::POLICY);
+    let filler = compile(&filler_policy(&mut r, 1_000_000 - test_policy.len()));
     // The policy shapes each subject has no entry of, over the whole
     // million (so right at every size: a shape marked present but not
     // inserted yet only costs a probe), written into the ipcache as the

@@ -1257,6 +1257,142 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
     inet_checksum(&[&pseudo, l4])
 }
 
+/// An ICMP destination unreachable (IPv4: host unreachable; IPv6: address
+/// unreachable) from `src` to `dst`, sent from namespace `ns`, quoting the
+/// headers of a UDP datagram `from` -> `about`, as a router on the path
+/// would send it. Checksums are correct.
+pub fn send_icmp_unreachable(ns: &str, src: IpAddr, dst: IpAddr, from: (IpAddr, u16), about: (IpAddr, u16)) {
+    let mut udp = Vec::with_capacity(8);
+    udp.extend_from_slice(&from.1.to_be_bytes());
+    udp.extend_from_slice(&about.1.to_be_bytes());
+    udp.extend_from_slice(&[0, 8, 0, 0]);
+    let packet = match (src, dst, from.0, about.0) {
+        (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(qs), IpAddr::V4(qd)) => {
+            let mut quoted = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+            quoted.extend_from_slice(&qs.octets());
+            quoted.extend_from_slice(&qd.octets());
+            let sum = inet_checksum(&[&quoted]);
+            quoted[10..12].copy_from_slice(&sum.to_be_bytes());
+            let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(&quoted);
+            icmp.extend_from_slice(&udp);
+            let sum = inet_checksum(&[&icmp]);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            let total = (20 + icmp.len()) as u16;
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let sum = inet_checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            ip.extend_from_slice(&icmp);
+            ip
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(qs), IpAddr::V6(qd)) => {
+            let mut icmp = vec![1, 3, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(&ipv6_header(qs, qd, 17, udp.len()));
+            icmp.extend_from_slice(&udp);
+            ipv6_packet(src, dst, &[], 58, icmp, Some(2))
+        }
+        _ => panic!("an ICMP error and what it quotes are of one family"),
+    };
+    send_raw(ns, dst, &packet);
+}
+
+/// A UDP socket in `ns`, bound to `local`:`port` and connected to `to`,
+/// that sends without fragmenting (path MTU discovery, as TCP does) and
+/// queues the ICMP errors about what it sends (`IP_RECVERR`), for
+/// [`icmp_error`].
+pub fn pmtu_socket(ns: &str, local: IpAddr, port: u16, to: std::net::SocketAddr) -> std::net::UdpSocket {
+    use std::os::fd::AsRawFd;
+    in_netns(ns, move || {
+        let s = std::net::UdpSocket::bind((local, port)).expect("bind");
+        s.connect(to).expect("connect");
+        let (level, recverr, discover, always) = if local.is_ipv4() {
+            (
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DO,
+            )
+        } else {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVERR,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DO,
+            )
+        };
+        for (opt, v) in [(recverr, 1), (discover, always)] {
+            let v: libc::c_int = v;
+            #[allow(unsafe_code, reason = "IP_RECVERR and IP_MTU_DISCOVER have no std equivalent")]
+            // SAFETY: a valid socket and an int option of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    level,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
+        }
+        s
+    })
+}
+
+/// The next ICMP error queued on a [`pmtu_socket`] within `wait` (none:
+/// only one already queued): its type, code and info (the MTU, for
+/// fragmentation needed and packet too big).
+pub fn icmp_error(s: &std::net::UdpSocket, wait: Duration) -> Option<(u8, u8, u32)> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let mut pfd = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    let mut data = [0u8; 2048];
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    #[allow(unsafe_code, reason = "the socket error queue has no std equivalent")]
+    // SAFETY: poll on one valid pollfd; recvmsg into buffers that outlive
+    // the call; the control messages walked are the ones it filled in.
+    unsafe {
+        let n = libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int);
+        if n <= 0 || pfd.revents & libc::POLLERR == 0 {
+            return None;
+        }
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let rc = libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT);
+        assert!(
+            rc >= 0,
+            "reading the error queue: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
+            if (level, ty) == (libc::IPPROTO_IP, libc::IP_RECVERR)
+                || (level, ty) == (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+            {
+                let e: libc::sock_extended_err = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                return Some((e.ee_type, e.ee_code, e.ee_info));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    panic!("an error was queued with no IP_RECVERR message");
+}
+
 /// An IPv6 header (hop limit 64) for `payload_len` bytes after it, the
 /// first of which is a header of type `next`.
 pub fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload_len: usize) -> Vec<u8> {

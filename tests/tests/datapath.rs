@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use keyway_common::{AuthKey, auth_type, drop_reason, maps};
 use keyway_tests::dual_stack;
 use keyway_tests::netns::{
-    Fam, Topology, connect, echo_round_trip, enter_netns, in_netns, ping, sysctl, tcp_echo, v6_of,
+    Fam, Topology, connect, echo_round_trip, enter_netns, icmp_error, in_netns, ping, pmtu_socket,
+    send_icmp_unreachable, sysctl, tcp_echo, v6_of,
 };
 use keyway_tests::wait_until;
 use node_agent::datapath::endpoints::Withheld;
@@ -53,6 +54,7 @@ dual_stack!(
     removing_a_workload_detaches_its_interface_and_clears_its_endpoint,
     a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event,
     an_unplaced_address_is_retried_without_any_event,
+    an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -619,6 +621,86 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy(fam: Fam)
     assert!(
         f.from_pod,
         "a's egress policy is enforced where a's packets leave it"
+    );
+    dp.stop();
+}
+
+/// Path MTU discovery through a policy that names no router. a may send
+/// to R on UDP 9000 and may receive nothing. The node's link to R has an
+/// MTU of 1280, so a's 1400-byte datagram, sent without fragmentation,
+/// makes the node send a an ICMP fragmentation needed (IPv6: packet too
+/// big). The error reaches a's socket with the link's MTU: it is about a
+/// flow a was allowed to send. Without that, the error is dropped by a's
+/// ingress policy and the path is a black hole. An error from R about a
+/// flow a never sent, and one about a's flow once its policy is gone, are
+/// dropped, and an echo request from R is judged by policy as before.
+fn an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does(fam: Fam) {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let r = topo.add_remote(IP_R);
+    keyway_tests::netns::run(
+        "ip",
+        &["-n", &topo.node, "link", "set", &r.host_if, "mtu", "1280"],
+    );
+    keyway_tests::netns::run("ip", &["-n", &r.netns, "link", "set", "eth0", "mtu", "1280"]);
+    let with_rule = StateBuilder::new()
+        .rule((A, R, 9000, UDP, EGRESS), false, "default/a-to-r egress[0]")
+        .build();
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(with_rule, &topo);
+    let (a_ip, r_ip) = (fam.of(&a), fam.ip(IP_R));
+
+    let s = pmtu_socket(&a.netns, a_ip, 5000, (r_ip, 9000).into());
+    s.send(&[7u8; 1400])
+        .expect("the first datagram leaves a (the pod's link MTU is 1500)");
+    let (ty, _, mtu) = icmp_error(&s, Duration::from_secs(5)).expect(
+        "the node's fragmentation needed / packet too big reaches a, about a flow a was allowed to send",
+    );
+    let too_big = if fam == Fam::V4 { 3 } else { 2 };
+    assert_eq!(
+        (ty, mtu),
+        (too_big, 1280),
+        "the error and the MTU of the node's link to R"
+    );
+
+    // An error from R about a flow a never sent (5001 -> R:7777): dropped.
+    let never = pmtu_socket(&a.netns, a_ip, 5001, (r_ip, 7777).into());
+    let denied = drops(&topo, drop_reason::POLICY_DENIED);
+    send_icmp_unreachable(&r.netns, r_ip, a_ip, (a_ip, 5001), (r_ip, 7777));
+    wait_until(Duration::from_secs(5), "the forged error to be judged", || {
+        drops(&topo, drop_reason::POLICY_DENIED) > denied
+    });
+    assert_eq!(
+        icmp_error(&never, Duration::ZERO),
+        None,
+        "an error about no flow of a's is dropped"
+    );
+
+    // An error about a's flow quoted right, from R: it passes while the
+    // flow is allowed...
+    send_icmp_unreachable(&r.netns, r_ip, a_ip, (a_ip, 5000), (r_ip, 9000));
+    assert!(
+        icmp_error(&s, Duration::from_secs(5)).is_some(),
+        "an error about a's allowed flow reaches a"
+    );
+    // ... and not once the policy that allowed it is gone.
+    dp.apply(StateBuilder::new().build(), &topo);
+    let denied = drops(&topo, drop_reason::POLICY_DENIED);
+    send_icmp_unreachable(&r.netns, r_ip, a_ip, (a_ip, 5000), (r_ip, 9000));
+    wait_until(
+        Duration::from_secs(5),
+        "the stale flow's error to be judged",
+        || drops(&topo, drop_reason::POLICY_DENIED) > denied,
+    );
+    assert_eq!(
+        icmp_error(&s, Duration::ZERO),
+        None,
+        "an error about a flow no longer allowed is dropped"
+    );
+    // Echo requests are no errors: judged by a's policy, which allows none.
+    assert!(
+        !ping(&r.netns, a_ip, 1),
+        "R's echo request is dropped by a's policy"
     );
     dp.stop();
 }

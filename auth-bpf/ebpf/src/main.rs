@@ -95,6 +95,7 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -387,7 +388,13 @@ fn config() -> Config {
 #[inline(always)]
 fn run4(ctx: &TcContext, at: u8) -> i32 {
     match parse4(ctx) {
-        Ok(pkt) => judge(ctx, at, &config(), pkt),
+        Ok(pkt) => {
+            let cfg = config();
+            if at == hook::TO_POD && pkt.proto == IPPROTO_ICMP && related4(ctx, &cfg, &pkt) {
+                return TC_ACT_OK as i32;
+            }
+            judge(ctx, at, &cfg, pkt)
+        }
         Err(reason) => shot(reason),
     }
 }
@@ -395,10 +402,147 @@ fn run4(ctx: &TcContext, at: u8) -> i32 {
 #[inline(always)]
 fn run6(ctx: &TcContext, at: u8) -> i32 {
     match parse6(ctx, at) {
-        Ok(Parsed6::Packet(pkt)) => judge(ctx, at, &config(), pkt),
+        Ok(Parsed6::Packet(pkt)) => {
+            let cfg = config();
+            if at == hook::TO_POD && pkt.proto == IPPROTO_ICMPV6 && related6(ctx, &cfg, &pkt) {
+                return TC_ACT_OK as i32;
+            }
+            judge(ctx, at, &cfg, pkt)
+        }
         Ok(Parsed6::LinkControl(src)) => link_control(ctx, at, src),
         Err(reason) => shot(reason),
     }
+}
+
+/// ICMP errors for a pod: destination unreachable (fragmentation needed
+/// included), time exceeded, parameter problem, and in ICMPv6 packet too
+/// big. Each quotes the packet it is about, one the pod sent. The error is
+/// let through when that packet's flow is one this datapath forwarded from
+/// this pod, at this interface, in the current epoch, its authentication
+/// unexpired: what conntrack calls related. The error must be addressed to
+/// the quoted packet's source, and nothing is cached for it. Anything else
+/// is judged as the ICMP packet it is. Path MTU discovery needs this: the
+/// router that sends a packet too big is no peer any policy names, and
+/// without it a path with a smaller MTU is a black hole.
+///
+/// Only errors that fit in the linear part of the packet are matched (a
+/// node's own errors are), the quoted IPv4 header without options, the
+/// ICMPv6 error right after the IPv6 header and the quoted IPv6 header
+/// followed by its transport header.
+#[inline(always)]
+fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
+    let Some(ip) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let (ihl, frag) = unsafe {
+        (
+            (((*ip)[0] & 0x0f) as usize) * 4,
+            u16::from_be_bytes([(*ip)[6], (*ip)[7]]),
+        )
+    };
+    if frag & IP_OFFSET_MASK != 0 {
+        return false;
+    }
+    // The ICMP header, the quoted IPv4 header and its first four bytes.
+    let Some(q) = ptr_at::<[u8; 32]>(ctx, ETH_HLEN + (ihl & 0x3c)) else {
+        return false;
+    };
+    let q = unsafe { &*q };
+    if !(q[0] == 3 || q[0] == 11 || q[0] == 12) || q[8] != 0x45 {
+        return false;
+    }
+    if u16::from_be_bytes([q[14], q[15]]) & IP_OFFSET_MASK != 0 {
+        return false;
+    }
+    let proto = q[17];
+    let with_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+    let inner = Packet {
+        src_ip: u32::from_ne_bytes([q[20], q[21], q[22], q[23]]),
+        dst_ip: u32::from_ne_bytes([q[24], q[25], q[26], q[27]]),
+        src_port: if with_ports {
+            u16::from_ne_bytes([q[28], q[29]])
+        } else {
+            0
+        },
+        dst_port: if with_ports {
+            u16::from_ne_bytes([q[30], q[31]])
+        } else {
+            0
+        },
+        proto,
+    };
+    if inner.src_ip != pkt.dst_ip {
+        return false;
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    live(cfg, <u32 as Family>::flow_get(&inner, hook::FROM_POD, ifindex))
+}
+
+/// [`related4`] for IPv6; the quoted flow's key is built in the scratch
+/// slot, as the IPv6 program's stack has no room for it.
+#[inline(always)]
+fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
+    // Right after the fixed header: no extension header between.
+    let Some(next) = ptr_at::<u8>(ctx, ETH_HLEN + 6) else {
+        return false;
+    };
+    if unsafe { *next } != IPPROTO_ICMPV6 {
+        return false;
+    }
+    // The ICMPv6 header, the quoted IPv6 header and four bytes after it.
+    let Some(q) = ptr_at::<[u8; 52]>(ctx, ETH_HLEN + IPV6_HLEN) else {
+        return false;
+    };
+    let q = q as *const u8;
+    let (t, proto) = unsafe { (*q, *q.add(14)) };
+    if !(1..=4).contains(&t) {
+        return false;
+    }
+    let with_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+    if !with_ports && proto != IPPROTO_ICMPV6 {
+        return false;
+    }
+    let Some(k) = SCRATCH6.get_ptr_mut(0) else {
+        return false;
+    };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: `q` is within the packet (checked by `ptr_at`); `k` is this
+    // CPU's scratch slot (see `flow_key6`).
+    unsafe {
+        let src = core::ptr::read_unaligned(q.add(16) as *const [u64; 2]);
+        let to = core::ptr::read_unaligned(pkt.dst_ip.addr.as_ptr() as *const [u64; 2]);
+        if src[0] != to[0] || src[1] != to[1] {
+            return false;
+        }
+        (*k).src_ip.addr = core::ptr::read_unaligned(q.add(16) as *const [u8; 16]);
+        (*k).dst_ip.addr = core::ptr::read_unaligned(q.add(32) as *const [u8; 16]);
+        (*k).src_port = if with_ports {
+            core::ptr::read_unaligned(q.add(48) as *const u16)
+        } else {
+            0
+        };
+        (*k).dst_port = if with_ports {
+            core::ptr::read_unaligned(q.add(50) as *const u16)
+        } else {
+            0
+        };
+        (*k).proto = proto;
+        (*k).hook = hook::FROM_POD;
+        (*k)._pad = [0; 2];
+        (*k).ifindex = ifindex;
+        live(cfg, FLOW_TABLE6.get_ptr_mut(&*k))
+    }
+}
+
+/// Whether a flow table entry is a verdict to forward that still holds.
+#[inline(always)]
+fn live(cfg: &Config, st: Option<*mut FlowState>) -> bool {
+    let Some(st) = st else {
+        return false;
+    };
+    // SAFETY: from a successful map lookup, valid for this program run.
+    let (forwarded, epoch, expiry) = unsafe { ((*st).forwarded, (*st).epoch, (*st).auth_expiry_ns) };
+    forwarded == 1 && epoch == cfg.epoch && (expiry == 0 || unsafe { bpf_ktime_get_coarse_ns() } < expiry)
 }
 
 #[inline(always)]
