@@ -1708,7 +1708,7 @@ fn source_version() -> String {
     }
 }
 
-fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> String {
+fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source: &str) -> String {
     let empty = median(&m.empty_runs);
     let (emin, emax) = range(&m.empty_runs);
     let mut s = String::new();
@@ -1721,7 +1721,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
             .unwrap_or_default()
             .trim(),
         elapsed.as_secs_f64(),
-        source_version()
+        source
     ));
 
     s.push_str("## 1. Cost per packet (BPF_PROG_TEST_RUN)\n\n");
@@ -2119,6 +2119,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration) -> Stri
 fn main() {
     require_root();
     let start = Instant::now();
+    // Now, as built: an edit made while the benchmark runs is not in it.
+    let source = source_version();
     let m = micro();
     // `KEYWAY_BENCH_MICRO_ONLY=1`: the per-packet table alone, printed and
     // not written (a quick check while working on the programs).
@@ -2133,7 +2135,7 @@ fn main() {
     }
     let t = throughput();
     let d = discovery();
-    let report = report(&m, &t, &d, start.elapsed());
+    let report = report(&m, &t, &d, start.elapsed(), &source);
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
     std::fs::create_dir_all(&out).expect("results dir");
     std::fs::write(out.join("datapath.md"), &report).expect("write results");

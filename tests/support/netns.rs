@@ -1257,11 +1257,19 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
     inet_checksum(&[&pseudo, l4])
 }
 
-/// An ICMP destination unreachable (IPv4: host unreachable; IPv6: address
-/// unreachable) from `src` to `dst`, sent from namespace `ns`, quoting the
-/// headers of a UDP datagram `from` -> `about`, as a router on the path
-/// would send it. Checksums are correct.
-pub fn send_icmp_unreachable(ns: &str, src: IpAddr, dst: IpAddr, from: (IpAddr, u16), about: (IpAddr, u16)) {
+/// An ICMP message of `(type, code)` from `src` to `dst`, sent from
+/// namespace `ns`, quoting the headers of a UDP datagram `from` ->
+/// `about`, as a router on the path sends an error (with
+/// [`unreachable`]: IPv4 host unreachable, IPv6 address unreachable).
+/// Checksums are correct.
+pub fn send_icmp_error(
+    ns: &str,
+    src: IpAddr,
+    dst: IpAddr,
+    (ty, code): (u8, u8),
+    from: (IpAddr, u16),
+    about: (IpAddr, u16),
+) {
     let mut udp = Vec::with_capacity(8);
     udp.extend_from_slice(&from.1.to_be_bytes());
     udp.extend_from_slice(&about.1.to_be_bytes());
@@ -1273,7 +1281,7 @@ pub fn send_icmp_unreachable(ns: &str, src: IpAddr, dst: IpAddr, from: (IpAddr, 
             quoted.extend_from_slice(&qd.octets());
             let sum = inet_checksum(&[&quoted]);
             quoted[10..12].copy_from_slice(&sum.to_be_bytes());
-            let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+            let mut icmp = vec![ty, code, 0, 0, 0, 0, 0, 0];
             icmp.extend_from_slice(&quoted);
             icmp.extend_from_slice(&udp);
             let sum = inet_checksum(&[&icmp]);
@@ -1289,7 +1297,7 @@ pub fn send_icmp_unreachable(ns: &str, src: IpAddr, dst: IpAddr, from: (IpAddr, 
             ip
         }
         (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(qs), IpAddr::V6(qd)) => {
-            let mut icmp = vec![1, 3, 0, 0, 0, 0, 0, 0];
+            let mut icmp = vec![ty, code, 0, 0, 0, 0, 0, 0];
             icmp.extend_from_slice(&ipv6_header(qs, qd, 17, udp.len()));
             icmp.extend_from_slice(&udp);
             ipv6_packet(src, dst, &[], 58, icmp, Some(2))
@@ -1297,6 +1305,12 @@ pub fn send_icmp_unreachable(ns: &str, src: IpAddr, dst: IpAddr, from: (IpAddr, 
         _ => panic!("an ICMP error and what it quotes are of one family"),
     };
     send_raw(ns, dst, &packet);
+}
+
+/// `(type, code)` of the destination unreachable [`send_icmp_error`] sends
+/// to `dst`: host unreachable in IPv4, address unreachable in IPv6.
+pub fn unreachable(dst: IpAddr) -> (u8, u8) {
+    if dst.is_ipv4() { (3, 1) } else { (1, 3) }
 }
 
 /// A UDP socket in `ns`, bound to `local`:`port` and connected to `to`,

@@ -12,7 +12,7 @@ use keyway_common::{AuthKey, auth_type, drop_reason, maps};
 use keyway_tests::dual_stack;
 use keyway_tests::netns::{
     Fam, Topology, connect, echo_round_trip, enter_netns, icmp_error, in_netns, ping, pmtu_socket,
-    send_icmp_unreachable, sysctl, tcp_echo, v6_of,
+    send_icmp_error, sysctl, tcp_echo, unreachable, v6_of,
 };
 use keyway_tests::wait_until;
 use node_agent::datapath::endpoints::Withheld;
@@ -633,7 +633,9 @@ fn traffic_to_a_remote_peer_goes_through_the_stack_under_egress_policy(fam: Fam)
 /// flow a was allowed to send. Without that, the error is dropped by a's
 /// ingress policy and the path is a black hole. An error from R about a
 /// flow a never sent, and one about a's flow once its policy is gone, are
-/// dropped, and an echo request from R is judged by policy as before.
+/// dropped, as are errors about a flow a sent but was denied, and a
+/// message that is no error; an echo request from R is judged by policy
+/// as before.
 fn an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does(fam: Fam) {
     let mut topo = Topology::new();
     let a = topo.add_pod("a", IP_A);
@@ -663,22 +665,56 @@ fn an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does(fam:
         "the error and the MTU of the node's link to R"
     );
 
-    // An error from R about a flow a never sent (5001 -> R:7777): dropped.
-    let never = pmtu_socket(&a.netns, a_ip, 5001, (r_ip, 7777).into());
+    // Errors from R about a flow a sent but was not allowed to (5001 ->
+    // R:7777, dropped by a's egress policy), and about one a never sent
+    // (5002 -> R:7778): dropped.
+    let denied_flow = pmtu_socket(&a.netns, a_ip, 5001, (r_ip, 7777).into());
+    let dropped = drops(&topo, drop_reason::POLICY_DENIED);
+    denied_flow.send(b"denied").expect("sent (and dropped)");
+    wait_until(
+        Duration::from_secs(5),
+        "a's datagram to R:7777 to be dropped",
+        || drops(&topo, drop_reason::POLICY_DENIED) > dropped,
+    );
+    let never = pmtu_socket(&a.netns, a_ip, 5002, (r_ip, 7778).into());
+    for (s, from, about) in [(&denied_flow, 5001, 7777), (&never, 5002, 7778)] {
+        let denied = drops(&topo, drop_reason::POLICY_DENIED);
+        send_icmp_error(
+            &r.netns,
+            r_ip,
+            a_ip,
+            unreachable(a_ip),
+            (a_ip, from),
+            (r_ip, about),
+        );
+        wait_until(Duration::from_secs(5), "the forged error to be judged", || {
+            drops(&topo, drop_reason::POLICY_DENIED) > denied
+        });
+        assert_eq!(
+            icmp_error(s, Duration::ZERO),
+            None,
+            "an error about no flow a was allowed to send ({from} -> {about}) is dropped"
+        );
+    }
+    // A message that is no error, quoting a's allowed flow: judged by
+    // a's policy, which allows none.
     let denied = drops(&topo, drop_reason::POLICY_DENIED);
-    send_icmp_unreachable(&r.netns, r_ip, a_ip, (a_ip, 5001), (r_ip, 7777));
-    wait_until(Duration::from_secs(5), "the forged error to be judged", || {
+    let echo_reply = if fam == Fam::V4 { (0, 0) } else { (129, 0) };
+    send_icmp_error(&r.netns, r_ip, a_ip, echo_reply, (a_ip, 5000), (r_ip, 9000));
+    wait_until(Duration::from_secs(5), "the echo reply to be judged", || {
         drops(&topo, drop_reason::POLICY_DENIED) > denied
     });
-    assert_eq!(
-        icmp_error(&never, Duration::ZERO),
-        None,
-        "an error about no flow of a's is dropped"
-    );
 
     // An error about a's flow quoted right, from R: it passes while the
     // flow is allowed...
-    send_icmp_unreachable(&r.netns, r_ip, a_ip, (a_ip, 5000), (r_ip, 9000));
+    send_icmp_error(
+        &r.netns,
+        r_ip,
+        a_ip,
+        unreachable(a_ip),
+        (a_ip, 5000),
+        (r_ip, 9000),
+    );
     assert!(
         icmp_error(&s, Duration::from_secs(5)).is_some(),
         "an error about a's allowed flow reaches a"
@@ -686,7 +722,14 @@ fn an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does(fam:
     // ... and not once the policy that allowed it is gone.
     dp.apply(StateBuilder::new().build(), &topo);
     let denied = drops(&topo, drop_reason::POLICY_DENIED);
-    send_icmp_unreachable(&r.netns, r_ip, a_ip, (a_ip, 5000), (r_ip, 9000));
+    send_icmp_error(
+        &r.netns,
+        r_ip,
+        a_ip,
+        unreachable(a_ip),
+        (a_ip, 5000),
+        (r_ip, 9000),
+    );
     wait_until(
         Duration::from_secs(5),
         "the stale flow's error to be judged",

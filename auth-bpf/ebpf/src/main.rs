@@ -102,6 +102,7 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 /// Fragment offset bits of the IPv4 frag_off field (host order).
 const IP_OFFSET_MASK: u16 = 0x1fff;
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
 
 /// TC ingress of the host-side veth: what the pod sends.
 #[classifier]
@@ -440,7 +441,8 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
             u16::from_be_bytes([(*ip)[6], (*ip)[7]]),
         )
     };
-    if frag & IP_OFFSET_MASK != 0 {
+    // Not a fragment, first or later: a real error is never fragmented.
+    if frag & (IP_OFFSET_MASK | IP_MORE_FRAGMENTS) != 0 {
         return false;
     }
     // The ICMP header, the quoted IPv4 header and its first four bytes.
@@ -456,6 +458,11 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
     }
     let proto = q[17];
     let with_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+    // A portless flow's key (ports 0) names no connection: of those, only
+    // an error about an echo request the pod sent.
+    if !with_ports && !(proto == IPPROTO_ICMP && q[28] == 8) {
+        return false;
+    }
     let inner = Packet {
         src_ip: u32::from_ne_bytes([q[20], q[21], q[22], q[23]]),
         dst_ip: u32::from_ne_bytes([q[24], q[25], q[26], q[27]]),
@@ -499,7 +506,7 @@ fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
         return false;
     }
     let with_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
-    if !with_ports && proto != IPPROTO_ICMPV6 {
+    if !with_ports && !(proto == IPPROTO_ICMPV6 && unsafe { *q.add(48) } == 128) {
         return false;
     }
     let Some(k) = SCRATCH6.get_ptr_mut(0) else {
