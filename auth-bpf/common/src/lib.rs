@@ -788,7 +788,8 @@ mod tests {
     /// change here is an ABI change for pinned maps and must be deliberate.
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<IpcacheValue>(), 16);
+        assert_eq!(offset_of!(IpcacheValue, unnamed_by), 8);
         assert_eq!(size_of::<EndpointInfo>(), 16);
         assert_eq!(offset_of!(EndpointInfo, mac), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
