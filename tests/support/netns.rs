@@ -1214,13 +1214,7 @@ pub fn send_forged(ns: &str, src: impl Into<IpAddr>, dst: impl Into<IpAddr>, pac
     l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     let packet = match (src, dst) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let total = (20 + l4.len()) as u16;
-            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
-            ip[2..4].copy_from_slice(&total.to_be_bytes());
-            ip.extend_from_slice(&src.octets());
-            ip.extend_from_slice(&dst.octets());
-            let sum = inet_checksum(&[&ip]);
-            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            let mut ip = ipv4_header(src, dst, proto, l4.len(), true);
             ip.extend_from_slice(&l4);
             ip
         }
@@ -1276,23 +1270,12 @@ pub fn send_icmp_error(
     udp.extend_from_slice(&[0, 8, 0, 0]);
     let packet = match (src, dst, from.0, about.0) {
         (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(qs), IpAddr::V4(qd)) => {
-            let mut quoted = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
-            quoted.extend_from_slice(&qs.octets());
-            quoted.extend_from_slice(&qd.octets());
-            let sum = inet_checksum(&[&quoted]);
-            quoted[10..12].copy_from_slice(&sum.to_be_bytes());
             let mut icmp = vec![ty, code, 0, 0, 0, 0, 0, 0];
-            icmp.extend_from_slice(&quoted);
+            icmp.extend_from_slice(&ipv4_header(qs, qd, 17, udp.len(), true));
             icmp.extend_from_slice(&udp);
             let sum = inet_checksum(&[&icmp]);
             icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-            let total = (20 + icmp.len()) as u16;
-            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
-            ip[2..4].copy_from_slice(&total.to_be_bytes());
-            ip.extend_from_slice(&src.octets());
-            ip.extend_from_slice(&dst.octets());
-            let sum = inet_checksum(&[&ip]);
-            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            let mut ip = ipv4_header(src, dst, 1, icmp.len(), false);
             ip.extend_from_slice(&icmp);
             ip
         }
@@ -1405,6 +1388,18 @@ pub fn icmp_error(s: &std::net::UdpSocket, wait: Duration) -> Option<(u8, u8, u3
         }
     }
     panic!("an error was queued with no IP_RECVERR message");
+}
+
+/// An IPv4 header without options (TTL 64, don't-fragment as `df` says)
+/// for `payload_len` bytes of protocol `proto` after it, its checksum set.
+pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize, df: bool) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, if df { 0x40 } else { 0 }, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = inet_checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip
 }
 
 /// An IPv6 header (hop limit 64) for `payload_len` bytes after it, the

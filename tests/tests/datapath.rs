@@ -665,30 +665,30 @@ fn an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does(fam:
         "the error and the MTU of the node's link to R"
     );
 
+    // `send`, then the policy drop it causes.
+    let dropped_after = |what: &str, send: &dyn Fn()| {
+        let before = drops(&topo, drop_reason::POLICY_DENIED);
+        send();
+        wait_until(Duration::from_secs(5), what, || {
+            drops(&topo, drop_reason::POLICY_DENIED) > before
+        });
+    };
+    // From R to a, a message of `kind` quoting a's datagram `from` -> R:`about`.
+    let from_r = |kind: (u8, u8), from: u16, about: u16| {
+        send_icmp_error(&r.netns, r_ip, a_ip, kind, (a_ip, from), (r_ip, about))
+    };
+
     // Errors from R about a flow a sent but was not allowed to (5001 ->
     // R:7777, dropped by a's egress policy), and about one a never sent
     // (5002 -> R:7778): dropped.
     let denied_flow = pmtu_socket(&a.netns, a_ip, 5001, (r_ip, 7777).into());
-    let dropped = drops(&topo, drop_reason::POLICY_DENIED);
-    denied_flow.send(b"denied").expect("sent (and dropped)");
-    wait_until(
-        Duration::from_secs(5),
-        "a's datagram to R:7777 to be dropped",
-        || drops(&topo, drop_reason::POLICY_DENIED) > dropped,
-    );
+    dropped_after("a's datagram to R:7777 to be dropped", &|| {
+        denied_flow.send(b"denied").expect("sent (and dropped)");
+    });
     let never = pmtu_socket(&a.netns, a_ip, 5002, (r_ip, 7778).into());
     for (s, from, about) in [(&denied_flow, 5001, 7777), (&never, 5002, 7778)] {
-        let denied = drops(&topo, drop_reason::POLICY_DENIED);
-        send_icmp_error(
-            &r.netns,
-            r_ip,
-            a_ip,
-            unreachable(a_ip),
-            (a_ip, from),
-            (r_ip, about),
-        );
-        wait_until(Duration::from_secs(5), "the forged error to be judged", || {
-            drops(&topo, drop_reason::POLICY_DENIED) > denied
+        dropped_after("the forged error to be judged", &|| {
+            from_r(unreachable(a_ip), from, about)
         });
         assert_eq!(
             icmp_error(s, Duration::ZERO),
@@ -698,43 +698,21 @@ fn an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does(fam:
     }
     // A message that is no error, quoting a's allowed flow: judged by
     // a's policy, which allows none.
-    let denied = drops(&topo, drop_reason::POLICY_DENIED);
     let echo_reply = if fam == Fam::V4 { (0, 0) } else { (129, 0) };
-    send_icmp_error(&r.netns, r_ip, a_ip, echo_reply, (a_ip, 5000), (r_ip, 9000));
-    wait_until(Duration::from_secs(5), "the echo reply to be judged", || {
-        drops(&topo, drop_reason::POLICY_DENIED) > denied
-    });
+    dropped_after("the echo reply to be judged", &|| from_r(echo_reply, 5000, 9000));
 
     // An error about a's flow quoted right, from R: it passes while the
     // flow is allowed...
-    send_icmp_error(
-        &r.netns,
-        r_ip,
-        a_ip,
-        unreachable(a_ip),
-        (a_ip, 5000),
-        (r_ip, 9000),
-    );
+    from_r(unreachable(a_ip), 5000, 9000);
     assert!(
         icmp_error(&s, Duration::from_secs(5)).is_some(),
         "an error about a's allowed flow reaches a"
     );
     // ... and not once the policy that allowed it is gone.
     dp.apply(StateBuilder::new().build(), &topo);
-    let denied = drops(&topo, drop_reason::POLICY_DENIED);
-    send_icmp_error(
-        &r.netns,
-        r_ip,
-        a_ip,
-        unreachable(a_ip),
-        (a_ip, 5000),
-        (r_ip, 9000),
-    );
-    wait_until(
-        Duration::from_secs(5),
-        "the stale flow's error to be judged",
-        || drops(&topo, drop_reason::POLICY_DENIED) > denied,
-    );
+    dropped_after("the stale flow's error to be judged", &|| {
+        from_r(unreachable(a_ip), 5000, 9000)
+    });
     assert_eq!(
         icmp_error(&s, Duration::ZERO),
         None,

@@ -457,7 +457,7 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
         return false;
     }
     let proto = q[17];
-    let with_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+    let with_ports = has_ports(proto);
     // A portless flow's key (ports 0) names no connection: of those, only
     // an error about an echo request the pod sent.
     if !with_ports && !(proto == IPPROTO_ICMP && q[28] == 8) {
@@ -505,7 +505,7 @@ fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
     if !(1..=4).contains(&t) {
         return false;
     }
-    let with_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+    let with_ports = has_ports(proto);
     if !with_ports && !(proto == IPPROTO_ICMPV6 && unsafe { *q.add(48) } == 128) {
         return false;
     }
@@ -1296,10 +1296,16 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
     Ok(Parsed6::Packet(pkt))
 }
 
+/// The transport protocols whose flows the datapath keys by ports.
+#[inline(always)]
+const fn has_ports(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
+}
+
 /// Source and destination ports at `off`, for the protocols that have them.
 #[inline(always)]
 fn ports<A: Family>(ctx: &TcContext, off: usize, pkt: &mut Packet<A>) -> Result<(), u8> {
-    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP && pkt.proto != IPPROTO_SCTP {
+    if !has_ports(pkt.proto) {
         return Ok(());
     }
     let ports = match ptr_at::<[u16; 2]>(ctx, off) {

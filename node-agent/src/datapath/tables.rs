@@ -166,8 +166,7 @@ impl Tables {
         };
         for v in t.values_mut() {
             v.absent &= absent_of(&old, v.identity);
-            let old = unnamed_of(&old_named, v.identity);
-            v.unnamed_by = [v.unnamed_by[0] & old[0], v.unnamed_by[1] & old[1]];
+            v.unnamed_by = unnamed_by_both(v.unnamed_by, unnamed_of(&old_named, v.identity));
         }
         t
     }
@@ -444,6 +443,12 @@ pub fn named_peers<'a>(keys: impl IntoIterator<Item = &'a PolicyKey>) -> HashMap
 pub fn unnamed_of(named: &HashMap<u32, Namers>, identity: u32) -> [u32; 2] {
     let n = named.get(&identity).copied().unwrap_or_default();
     [!n[0], !n[1]]
+}
+
+/// The subjects that name an identity on neither side, per direction: a
+/// probe skipped with these is skipped by both.
+pub fn unnamed_by_both(a: [u32; 2], b: [u32; 2]) -> [u32; 2] {
+    [a[0] & b[0], a[1] & b[1]]
 }
 
 /// One write to the kernel's policy map.
@@ -1001,10 +1006,10 @@ mod tests {
     }
 
     /// The kernel skips a subject's absent shapes and, for a peer whose
-    /// filter says this subject does not name it, the pair's own keys: over random policies, no skipped
-    /// probe is ever one with an entry, in the old table, the new one, or
-    /// (with the marks `between` writes) either while one replaces the
-    /// other.
+    /// filter says this subject does not name it, the pair's own keys:
+    /// over random policies, no skipped probe is ever one with an entry,
+    /// in the old table, the new one, or (with the marks `between` writes)
+    /// either while one replaces the other.
     #[test]
     fn the_marks_never_skip_an_entry_either_side_has() {
         use keyway_common::skipped_probes;
@@ -1022,10 +1027,7 @@ mod tests {
                     (absent_of(&mb, s), unnamed_of(&nb, p), vec![&new.policy]),
                     (
                         absent_of(&ma, s) & absent_of(&mb, s),
-                        {
-                            let (o, n) = (unnamed_of(&na, p), unnamed_of(&nb, p));
-                            [o[0] & n[0], o[1] & n[1]]
-                        },
+                        unnamed_by_both(unnamed_of(&na, p), unnamed_of(&nb, p)),
                         vec![&old.policy, &new.policy],
                     ),
                 ];
