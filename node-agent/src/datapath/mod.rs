@@ -617,18 +617,20 @@ impl Datapath {
     /// Writes the differences from `old` to `new`; true if there were any.
     ///
     /// The ipcache first, marking absent only the policy shapes neither the
-    /// old nor the new policy has; then, if that unmarked any, a wait for
-    /// every program run that read the old marks (it could otherwise skip an
+    /// old nor the new policy has; then, if the policy changes and that
+    /// unmarked any or deleted an address with marks, a wait for every
+    /// program run that read the old marks (it could otherwise skip an
     /// entry written next); then the policy, in [`tables::policy_writes`]
     /// order (a packet judged between two writes gets the old verdict or
     /// the new one); then the new policy's marks (see `Tables::between`).
     fn write_tables(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
         let between = new.between(&old.policy);
         let mut changed = self.write_ipcache(old, &between)?;
-        if old.unmarked_by(&between) {
+        let writes = tables::policy_writes(&old.policy, &new.policy);
+        if !writes.is_empty() && old.unmarked_by(&between) {
             sys::wait_for_program_runs();
         }
-        for w in tables::policy_writes(&old.policy, &new.policy) {
+        for w in writes {
             changed = true;
             match w {
                 tables::PolicyWrite::Upsert(k, v) => self
