@@ -486,6 +486,153 @@ struct Micro {
     groups: Vec<Group>,
     empty_runs: Vec<f64>,
     fill: Vec<(String, usize, Duration)>,
+    new_flows: NewFlows,
+}
+
+/// Single runs (`repeat 1`) of the to-pod program: a flow's first packet,
+/// its flow-table entries deleted just before, against the same packet
+/// once its flow is known, evaluated in full (the same lookups, no writes).
+#[derive(Debug)]
+struct NewFlows {
+    empty: Vec<f64>,
+    rows: Vec<NewFlowRow>,
+}
+
+#[derive(Debug)]
+struct NewFlowRow {
+    name: &'static str,
+    new: Vec<f64>,
+    known: Vec<f64>,
+}
+
+type Flows<K> = aya::maps::HashMap<MapData, K, keyway_common::FlowState>;
+
+/// Deletes every flow-table entry (a walk of every bucket).
+fn clear_flows(flows: &mut Flows<keyway_common::FlowKey>, flows6: &mut Flows<keyway_common::FlowKey6>) {
+    let keys: Vec<_> = flows.keys().map(|k| k.expect("flow key")).collect();
+    let keys6: Vec<_> = flows6.keys().map(|k| k.expect("flow key")).collect();
+    for k in &keys {
+        flows.remove(k).expect("flow delete");
+    }
+    for k in &keys6 {
+        flows6.remove(k).expect("flow delete");
+    }
+}
+
+/// Deletes `k`, which the last sample's new flow wrote.
+fn flows_remove<K: Pod>(map: &mut Flows<K>, k: &K) {
+    map.remove(k)
+        .expect("the new flow's entry, written by the last sample");
+}
+
+/// The same measurement of the same rows at the commit before the reply
+/// placeholder went (measured the same way in the session that removed it,
+/// not in this run): (row, new flow, known flow in full), ns above empty.
+const NEW_FLOW_BEFORE_COMMIT: &str = "dece842";
+const NEW_FLOW_BEFORE: &[(&str, f64, f64)] = &[
+    ("allow, exact policy key", 581.0, 270.0),
+    ("IPv6: allow, exact policy key", 621.0, 281.0),
+];
+
+/// Samples per row of [`NewFlows`], interleaved.
+const NEW_FLOW_SAMPLES: usize = 5_000;
+
+/// What a flow-table miss costs: the to-pod program run once per sample
+/// (BPF_PROG_TEST_RUN, `repeat 1`, aya's `TestRun`) on a flow it has never
+/// seen (its flow-table entry deleted first: a miss, then the entry
+/// written), then once more on the same packet with the flow
+/// known and `NO_VERDICT_CACHE` set (the same lookups, a hit, nothing
+/// written), and the empty program run the same way as the reference.
+/// The difference is what the flow table costs a new flow: a lookup that
+/// misses instead of one that hits, and the flow's entry written.
+fn new_flows(
+    config: &ConfigSlot,
+    pin_dir: &Path,
+    empty: &Path,
+    to_pod: &Path,
+    frames: &[(&'static str, &Path)],
+) -> NewFlows {
+    use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+    let prog = |p: &Path| SchedClassifier::from_pin(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let (empty, to_pod) = (prog(empty), prog(to_pod));
+    let once = |p: &SchedClassifier, frame: &[u8]| -> (i64, f64) {
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        (i64::from(r.return_value), r.duration.as_nanos() as f64)
+    };
+    let mut flows: Flows<keyway_common::FlowKey> = open_hash(pin_dir, maps::FLOW_TABLE);
+    let mut flows6: Flows<keyway_common::FlowKey6> = open_hash(pin_dir, maps::FLOW_TABLE6);
+    let frames: Vec<(&'static str, Vec<u8>)> = frames
+        .iter()
+        .map(|(name, p)| (*name, std::fs::read(p).expect("packet file")))
+        .collect();
+    let mut out = NewFlows {
+        empty: Vec::new(),
+        rows: frames
+            .iter()
+            .map(|(name, _)| NewFlowRow {
+                name,
+                new: Vec::new(),
+                known: Vec::new(),
+            })
+            .collect(),
+    };
+    // Each row's flow-table keys, as its first sample finds them.
+    let mut keys: Vec<(Vec<keyway_common::FlowKey>, Vec<keyway_common::FlowKey6>)> = Vec::new();
+    clear_flows(&mut flows, &mut flows6);
+    for i in 0..NEW_FLOW_SAMPLES {
+        let (ret, ns) = once(&empty, &frames[0].1);
+        assert_eq!(ret, TC_ACT_OK);
+        out.empty.push(ns);
+        for (r, (row, (name, frame))) in out.rows.iter_mut().zip(&frames).enumerate() {
+            set_cache(config, Cache::On, false);
+            if let Some((k4, k6)) = keys.get(r) {
+                for k in k4 {
+                    flows_remove(&mut flows, k);
+                }
+                for k in k6 {
+                    flows_remove(&mut flows6, k);
+                }
+            }
+            let (ret, ns) = once(&to_pod, frame);
+            assert_eq!(ret, TC_ACT_OK, "{name}: the new flow was not allowed");
+            row.new.push(ns);
+            if i == 0 {
+                // The path it names: a miss, then the flow's entry written
+                // where nothing was (and none for its replies: their first
+                // packet finds it).
+                let earlier = |k4: &keyway_common::FlowKey, k6: Option<&keyway_common::FlowKey6>| {
+                    keys.iter().any(|(e4, e6)| match k6 {
+                        Some(k6) => e6.contains(k6),
+                        None => e4.contains(k4),
+                    })
+                };
+                let k4: Vec<_> = flows
+                    .keys()
+                    .map(|k| k.expect("flow key"))
+                    .filter(|k| !earlier(k, None))
+                    .collect();
+                let k6: Vec<_> = flows6
+                    .keys()
+                    .map(|k| k.expect("flow key"))
+                    .filter(|k| !earlier(&keyway_common::FlowKey::default(), Some(k)))
+                    .collect();
+                assert_eq!(k4.len() + k6.len(), 1, "{name}: a new flow writes its entry");
+                keys.push((k4, k6));
+            }
+            set_cache(config, Cache::Off, false);
+            let (ret, ns) = once(&to_pod, frame);
+            assert_eq!(ret, TC_ACT_OK, "{name}: the known flow was not allowed");
+            row.known.push(ns);
+        }
+    }
+    set_cache(config, Cache::On, false);
+    out
 }
 
 /// Runs every variant of a group RUNS times, interleaved (round robin), so
@@ -1058,12 +1205,24 @@ fn micro() -> Micro {
             g.variants.remove(i).runs
         })
         .collect();
+    eprintln!("datapath bench: a flow's first packet, {NEW_FLOW_SAMPLES} single runs");
+    let new_flows = new_flows(
+        &config,
+        &pin_dir,
+        &empty,
+        &to_pod,
+        &[
+            ("allow, exact policy key", &exact_pkt),
+            ("IPv6: allow, exact policy key", &exact6_pkt),
+        ],
+    );
     drop(dp);
     drop(guard);
     Micro {
         groups,
         empty_runs,
         fill,
+        new_flows,
     }
 }
 
@@ -1915,6 +2074,44 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         "Full evaluation (exact key) against policy size: {} (goal: flat).\n\n",
         flat.join(", ")
     ));
+    // A flow's first packet: the flow table on a miss.
+    {
+        let nf = &m.new_flows;
+        let e = median(&nf.empty);
+        let (lo, hi) = range(&nf.empty);
+        s.push_str(&format!(
+            "**A flow's first packet** (the flow table on a miss): the to-pod program run once per sample \
+             (`repeat 1`, {NEW_FLOW_SAMPLES} samples per row, interleaved) on a flow it has never seen (its \
+             flow-table entry deleted just before: the lookup misses, the evaluation runs, the entry is written), \
+             then on the same packet with the flow known and every lookup made (`NO_VERDICT_CACHE`: the lookup \
+             hits, nothing is written). Single runs carry the test-run timer and colder caches, so they read \
+             higher than the repeated rows above; reference: the empty program run the same way, **{e:.0} ns** \
+             ({lo:.0}-{hi:.0}).\n\n\
+             | Packet | new flow, above empty | known flow in full, above empty | the flow table on a miss | before ({NEW_FLOW_BEFORE_COMMIT}: new / known / miss) |\n\
+             |---|---|---|---|---|\n"
+        ));
+        for r in &nf.rows {
+            let (new, known) = (median(&r.new) - e, median(&r.known) - e);
+            let before = NEW_FLOW_BEFORE
+                .iter()
+                .find(|(n, _, _)| *n == r.name)
+                .map(|(_, n, k)| format!("+{n:.0} / +{k:.0} / +{:.0} ns", n - k))
+                .unwrap_or_else(|| "(new row)".into());
+            s.push_str(&format!(
+                "| {} | **{new:+.0} ns** | {known:+.0} ns | **{:+.0} ns** ({:.2}x the known flow) | {before} |\n",
+                r.name,
+                new - known,
+                new / known
+            ));
+        }
+        s.push_str(
+            "\nA new flow writes one flow-table entry, its own. Its replies are recognised on their first packet \
+             by a lookup of that entry (the reverse key at the other hook of the same interface) and write their \
+             own; before, every new flow also wrote a placeholder for its replies, a second LRU update whether \
+             or not a reply ever came. A write costs several lookups: it locks the bucket and takes an element \
+             from the LRU's free list.\n\n",
+        );
+    }
     // The source check: one endpoint-map lookup at the from-pod hook on a
     // flow's first packet (and whenever its verdict is evaluated again);
     // established flows pay nothing, the interface being in the flow key.
@@ -2130,6 +2327,16 @@ fn main() {
             for v in &g.variants {
                 println!("{:+6.0} ns  {} | {}", median(&v.runs) - empty, g.entries, v.name);
             }
+        }
+        let empty = median(&m.new_flows.empty);
+        println!("single runs, empty program {empty:.0} ns:");
+        for r in &m.new_flows.rows {
+            println!(
+                "{:+6.0} ns new flow, {:+6.0} ns known flow in full | {}",
+                median(&r.new) - empty,
+                median(&r.known) - empty,
+                r.name
+            );
         }
         return;
     }

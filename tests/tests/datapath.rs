@@ -55,6 +55,7 @@ dual_stack!(
     a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event,
     an_unplaced_address_is_retried_without_any_event,
     an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does,
+    a_reply_stays_a_reply_when_the_policy_that_also_allowed_it_goes,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -454,6 +455,41 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied(fam: Fam) {
     tcp_echo(&a.netns, fam.ip(IP_A), 7070);
     let mut c = connect(&b.netns, fam.ip(IP_A), 7070, Duration::from_secs(3)).expect("b -> a is allowed");
     assert!(echo_round_trip(&mut c, b"replies get back in"));
+    dp.stop();
+}
+
+/// A flow's replies are recognised on their first packet, by the flow's
+/// own entry the other way, and stay replies: here b's answers to a's
+/// connection are first allowed by a's open ingress as well, and when a's
+/// ingress closes they keep passing as the replies they are, while a new
+/// connection to a is dropped.
+fn a_reply_stays_a_reply_when_the_policy_that_also_allowed_it_goes(fam: Fam) {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    dp.apply(StateBuilder::new().open().build(), &topo);
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
+    tcp_echo(&a.netns, fam.ip(IP_A), 7070);
+    let mut c = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3)).expect("a -> b is allowed");
+    assert!(echo_round_trip(&mut c, b"allowed both ways"));
+
+    // a's ingress now admits only R on 9999.
+    let closed = StateBuilder::new()
+        .default_allow(A, EGRESS)
+        .default_allow(B, INGRESS)
+        .default_allow(B, EGRESS)
+        .rule((A, R, 9999, TCP, INGRESS), false, "default/a-from-r ingress[0]")
+        .build();
+    dp.apply(closed, &topo);
+    assert!(
+        connect(&b.netns, fam.ip(IP_A), 7070, Duration::from_secs(1)).is_err(),
+        "b -> a must be dropped now"
+    );
+    assert!(
+        echo_round_trip(&mut c, b"still the replies of a's connection"),
+        "b's replies on a's connection must still reach a"
+    );
     dp.stop();
 }
 

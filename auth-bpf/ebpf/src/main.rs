@@ -169,10 +169,11 @@ pub fn keyway_parse_only(ctx: TcContext) -> i32 {
 trait Family: Copy {
     /// 4 or 6, as flow events carry it.
     const FAMILY: u8;
-    /// The flow table entry of `p` seen at hook `at` of `ifindex`.
-    fn flow_get(p: &Packet<Self>, at: u8, ifindex: u32) -> Option<*mut FlowState>;
-    /// With `rev`, the entry of the reverse of `p` (the reply direction).
-    fn flow_insert(p: &Packet<Self>, rev: bool, at: u8, ifindex: u32, state: &FlowState, flags: u64);
+    /// The flow table entry of `p` (with `rev`, of its reverse) seen at
+    /// hook `at` of `ifindex`.
+    fn flow_get(p: &Packet<Self>, rev: bool, at: u8, ifindex: u32) -> Option<*mut FlowState>;
+    /// Writes the entry [`Family::flow_get`] finds for `p`.
+    fn flow_insert(p: &Packet<Self>, at: u8, ifindex: u32, state: &FlowState);
     /// The exact entry, then the CIDR trie, else WORLD.
     fn ipcache(self) -> IpcacheValue;
     fn endpoint(self) -> Option<&'static EndpointInfo>;
@@ -192,13 +193,13 @@ impl Family for u32 {
     const FAMILY: u8 = 4;
 
     #[inline(always)]
-    fn flow_get(p: &Packet<u32>, at: u8, ifindex: u32) -> Option<*mut FlowState> {
-        FLOW_TABLE.get_ptr_mut(&flow_key4(p, false, at, ifindex))
+    fn flow_get(p: &Packet<u32>, rev: bool, at: u8, ifindex: u32) -> Option<*mut FlowState> {
+        FLOW_TABLE.get_ptr_mut(&flow_key4(p, rev, at, ifindex))
     }
 
     #[inline(always)]
-    fn flow_insert(p: &Packet<u32>, rev: bool, at: u8, ifindex: u32, state: &FlowState, flags: u64) {
-        let _ = FLOW_TABLE.insert(&flow_key4(p, rev, at, ifindex), state, flags);
+    fn flow_insert(p: &Packet<u32>, at: u8, ifindex: u32, state: &FlowState) {
+        let _ = FLOW_TABLE.insert(&flow_key4(p, false, at, ifindex), state, 0);
     }
 
     #[inline(always)]
@@ -228,14 +229,14 @@ impl Family for Ipv6Key {
     const FAMILY: u8 = 6;
 
     #[inline(always)]
-    fn flow_get(p: &Packet<Ipv6Key>, at: u8, ifindex: u32) -> Option<*mut FlowState> {
-        FLOW_TABLE6.get_ptr_mut(flow_key6(p, false, at, ifindex)?)
+    fn flow_get(p: &Packet<Ipv6Key>, rev: bool, at: u8, ifindex: u32) -> Option<*mut FlowState> {
+        FLOW_TABLE6.get_ptr_mut(flow_key6(p, rev, at, ifindex)?)
     }
 
     #[inline(always)]
-    fn flow_insert(p: &Packet<Ipv6Key>, rev: bool, at: u8, ifindex: u32, state: &FlowState, flags: u64) {
-        if let Some(key) = flow_key6(p, rev, at, ifindex) {
-            let _ = FLOW_TABLE6.insert(key, state, flags);
+    fn flow_insert(p: &Packet<Ipv6Key>, at: u8, ifindex: u32, state: &FlowState) {
+        if let Some(key) = flow_key6(p, false, at, ifindex) {
+            let _ = FLOW_TABLE6.insert(key, state, 0);
         }
     }
 
@@ -482,7 +483,10 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
         return false;
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    live(cfg, <u32 as Family>::flow_get(&inner, hook::FROM_POD, ifindex))
+    live(
+        cfg,
+        <u32 as Family>::flow_get(&inner, false, hook::FROM_POD, ifindex),
+    )
 }
 
 /// [`related4`] for IPv6; the quoted flow's key is built in the scratch
@@ -567,7 +571,7 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
         count_drop(drop_reason::SOURCE_SPOOFED);
         return TC_ACT_SHOT as i32;
     }
-    let cached = A::flow_get(&pkt, at, ifindex);
+    let cached = A::flow_get(&pkt, false, at, ifindex);
     let mut now = 0u64;
     let mut prev = FlowState::default();
     let mut known = false;
@@ -624,10 +628,19 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
     } else {
         evaluate(&cfg, &pkt, at, now, true, false)
     };
+    // The reply direction of a flow allowed the other way: decided on a
+    // flow's first packet by the other direction's entry, and remembered
+    // in its own. A key already known is a flow of its own, first seen in
+    // this direction: it is never turned into a reply (which would let it
+    // ride on the other flow's verdict instead of its own).
+    let reply_dir = if known {
+        prev.is_reply == 1
+    } else {
+        !refused && allowed_other_way(&pkt, at, ifindex)
+    };
     let mut is_reply = false;
-    if !refused && !v.forwarded && known && prev.is_reply == 1 {
-        // The reply direction of a flow that was allowed the other way:
-        // allowed while the original direction still would be.
+    if !refused && !v.forwarded && reply_dir {
+        // Allowed while the original direction still would be.
         let orig = evaluate(&cfg, &pkt, opposite(at), now, false, true);
         if orig.forwarded {
             v = Verdict {
@@ -672,7 +685,7 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
         epoch: cfg.epoch,
         forwarded: v.forwarded as u8,
         drop_reason: v.reason,
-        is_reply: (is_reply || prev.is_reply == 1) as u8,
+        is_reply: (is_reply || reply_dir) as u8,
         _pad: 0,
         rule_id: v.rule_id,
         redirect_ifindex,
@@ -692,38 +705,28 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
         && prev.auth_expiry_ns == state.auth_expiry_ns
         && prev.last_report_ns == state.last_report_ns;
     if !unchanged {
-        A::flow_insert(&pkt, false, at, ifindex, &state, 0);
+        A::flow_insert(&pkt, at, ifindex, &state);
     }
 
     if !v.forwarded {
         count_drop(v.reason);
         return TC_ACT_SHOT as i32;
     }
-    // Once per flow and epoch: the cached path never gets here again.
-    let was_forwarded = known && prev.forwarded == 1 && prev.epoch == cfg.epoch;
-    if !is_reply && !was_forwarded {
-        // Let the replies of an allowed flow back in, at the other hook of the
-        // same veth. Their first packet takes the full path (to find the
-        // redirect target) and from then on the cache.
-        // A key already known is a flow of its own, first seen in that
-        // direction: it is never turned into a reply (which would let it
-        // ride on this flow's verdict instead of its own).
-
-        let placeholder = FlowState {
-            is_reply: 1,
-            epoch: cfg.epoch.wrapping_sub(1),
-            ..FlowState::default()
-        };
-        A::flow_insert(
-            &pkt,
-            true,
-            opposite(at),
-            ifindex,
-            &placeholder,
-            BPF_NOEXIST as u64,
-        );
-    }
     forward(redirect_ifindex)
+}
+
+/// Whether the reverse of `pkt`, at the other hook of the same interface,
+/// is a flow of its own (not itself a reply) that was forwarded: then `pkt`
+/// is its reply. Looked up on the first packet of every flow, rather than
+/// an entry written for the reply of every new flow on the chance of one:
+/// a flow-table write costs several lookups.
+#[inline(always)]
+fn allowed_other_way<A: Family>(pkt: &Packet<A>, at: u8, ifindex: u32) -> bool {
+    match A::flow_get(pkt, true, opposite(at), ifindex) {
+        // SAFETY: from a successful map lookup, valid for this program run.
+        Some(st) => unsafe { (*st).forwarded == 1 && (*st).is_reply == 0 },
+        None => false,
+    }
 }
 
 #[inline(always)]
