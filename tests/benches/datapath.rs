@@ -50,9 +50,10 @@ const IPTABLES_RULES: usize = 10_000;
 const BUDGET_NS: f64 = 150.0;
 const BUDGET_TCP: f64 = 0.97;
 
-/// The same rows measured before the compiled policy table and the coarse
-/// clock (commit 0bca013, bench-results/datapath.md of e8e9689): another
+/// The same rows at the start of this round of work (programs of commit
+/// 27bfba2, bench-results/datapath.md of 3f1323e, this machine): another
 /// run, so another moment's noise; compare with the spread in mind.
+const BEFORE_COMMIT: &str = "27bfba2";
 const BEFORE: &[(&str, &str, f64)] = &[
     (
         "allow, exact policy key: full evaluation (cache off)",
@@ -62,109 +63,139 @@ const BEFORE: &[(&str, &str, f64)] = &[
     (
         "allow, last wildcard (S,0,0,0): full evaluation",
         "100k / 1k / 100k",
-        180.0,
+        178.0,
     ),
     (
         "allow, exact policy key: established flow (cache on)",
         "100k / 100k / 100k",
-        73.0,
+        52.0,
     ),
     (
         "allow, exact policy key: full evaluation (cache off)",
         "100k / 100k / 100k",
-        155.0,
+        180.0,
     ),
     (
         "allow, exact policy key: established flow, flow capture on",
         "100k / 100k / 100k",
-        71.0,
+        52.0,
     ),
     (
         "allow, exact policy key: full evaluation, flow capture on",
         "100k / 100k / 100k",
-        151.0,
+        179.0,
     ),
     (
         "allow, last wildcard (S,0,0,0): established flow",
         "100k / 100k / 100k",
-        69.0,
+        54.0,
     ),
     (
         "allow, last wildcard (S,0,0,0): full evaluation",
         "100k / 100k / 100k",
-        149.0,
+        179.0,
     ),
     (
         "allow, last wildcard, subject with entries of all four shapes: full evaluation",
         "100k / 100k / 100k",
-        213.0,
+        180.0,
+    ),
+    (
+        "allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
+        "100k / 100k / 100k",
+        185.0,
+    ),
+    (
+        "allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
+        "100k / 100k / 100k",
+        181.0,
+    ),
+    (
+        "allow, last wildcard, subject with all four shapes, peer named by a subject sharing its filter bit: full evaluation",
+        "100k / 100k / 100k",
+        217.0,
     ),
     (
         "miss: unknown source -> WORLD -> policy miss -> drop (cache on)",
         "100k / 100k / 100k",
-        137.0,
+        146.0,
     ),
-    ("miss: same, cache off", "100k / 100k / 100k", 142.0),
+    ("miss: same, cache off", "100k / 100k / 100k", 147.0),
     (
         "from-pod: source check + full evaluation, exact key (cache off)",
         "100k / 100k / 100k",
-        180.0,
+        221.0,
     ),
     (
         "from-pod: established flow (cache on)",
         "100k / 100k / 100k",
-        69.0,
+        52.0,
     ),
     (
         "from-pod: forged source, dropped source-spoofed",
         "100k / 100k / 100k",
-        110.0,
+        113.0,
     ),
     (
         "source check alone: parse + one endpoint-map lookup",
         "100k / 100k / 100k",
-        21.0,
+        28.0,
     ),
-    ("parse alone", "100k / 100k / 100k", 4.0),
+    ("parse alone", "100k / 100k / 100k", 3.0),
     (
         "IPv6: allow, exact policy key: established flow (cache on)",
         "100k / 100k / 100k",
-        100.0,
+        68.0,
     ),
     (
         "IPv6: allow, exact policy key: full evaluation (cache off)",
         "100k / 100k / 100k",
-        181.0,
+        204.0,
     ),
     (
         "IPv6: allow, last wildcard (S,0,0,0): full evaluation",
         "100k / 100k / 100k",
-        173.0,
+        210.0,
     ),
     (
         "IPv6: allow, last wildcard, subject with entries of all four shapes: full evaluation",
         "100k / 100k / 100k",
-        226.0,
+        206.0,
+    ),
+    (
+        "IPv6: allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
+        "100k / 100k / 100k",
+        206.0,
+    ),
+    (
+        "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
+        "100k / 100k / 100k",
+        204.0,
+    ),
+    (
+        "IPv6: allow, last wildcard, subject with all four shapes, peer named by a subject sharing its filter bit: full evaluation",
+        "100k / 100k / 100k",
+        247.0,
     ),
     (
         "IPv6: miss: unknown source, cache off",
         "100k / 100k / 100k",
-        166.0,
+        172.0,
     ),
     (
         "IPv6: from-pod: source check + full evaluation, exact key (cache off)",
         "100k / 100k / 100k",
-        223.0,
+        255.0,
     ),
     (
         "allow, exact policy key: full evaluation (cache off)",
         "100k / 1M / 100k",
-        181.0,
+        187.0,
     ),
     (
         "allow, last wildcard (S,0,0,0): full evaluation",
         "100k / 1M / 100k",
-        180.0,
+        203.0,
     ),
 ];
 
@@ -458,6 +489,9 @@ enum Cache {
     On,
     /// `NO_VERDICT_CACHE`: every lookup on every packet.
     Off,
+    /// `NO_VERDICT_CACHE | NO_SUBJECT_MEMO`: and the subject read from the
+    /// ipcache, as on an endpoint's first evaluation in an epoch.
+    Cold,
 }
 
 #[derive(Debug)]
@@ -660,9 +694,13 @@ fn measure(config: &ConfigSlot, variants: &mut [Variant]) {
 fn set_cache(config: &ConfigSlot, cache: Cache, capture: bool) {
     config
         .update(|c| {
-            c.flags &= !(config_flags::FLOW_CAPTURE | config_flags::NO_VERDICT_CACHE);
-            if cache == Cache::Off {
-                c.flags |= config_flags::NO_VERDICT_CACHE;
+            c.flags &= !(config_flags::FLOW_CAPTURE
+                | config_flags::NO_VERDICT_CACHE
+                | config_flags::NO_SUBJECT_MEMO);
+            match cache {
+                Cache::On => {}
+                Cache::Off => c.flags |= config_flags::NO_VERDICT_CACHE,
+                Cache::Cold => c.flags |= config_flags::NO_VERDICT_CACHE | config_flags::NO_SUBJECT_MEMO,
             }
             if capture {
                 c.flags |= config_flags::FLOW_CAPTURE;
@@ -1023,6 +1061,7 @@ fn micro() -> Micro {
                     Cache::Off,
                     TC_ACT_OK,
                 ),
+                variant(COLD, &to_pod, &exact_pkt, Cache::Cold, TC_ACT_OK),
                 captured(variant(
                     "allow, exact policy key: established flow, flow capture on",
                     &to_pod,
@@ -1124,6 +1163,7 @@ fn micro() -> Micro {
                     Cache::Off,
                     TC_ACT_OK,
                 ),
+                variant(COLD6, &to_pod, &exact6_pkt, Cache::Cold, TC_ACT_OK),
                 variant(
                     "IPv6: allow, last wildcard (S,0,0,0): full evaluation",
                     &to_pod,
@@ -1226,6 +1266,9 @@ fn micro() -> Micro {
     }
 }
 
+const COLD: &str = "allow, exact policy key: full evaluation, subject memo off (its first in an epoch)";
+const COLD6: &str =
+    "IPv6: allow, exact policy key: full evaluation, subject memo off (its first in an epoch)";
 const SOURCE_CHECK: &str = "source check alone: parse + one endpoint-map lookup";
 const PARSE_ONLY: &str = "parse alone";
 const SHARED: &str = "allow, last wildcard, subject with all four shapes, peer named by a subject sharing its filter bit: full evaluation";
@@ -1902,14 +1945,18 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
          agent writes them: the first entry found decides, with the less specific entries a packet also \
          matches folded into it). Flow capture off. \
          \"Established\" is the default configuration: after the first packet the flow's verdict comes \
-         from the flow table. \"Full evaluation\" sets `NO_VERDICT_CACHE`: both ipcache lookups, the \
+         from the flow table. \"Full evaluation\" sets `NO_VERDICT_CACHE`: both ipcache reads (the \
+         subject's, the endpoint behind the interface, from the programs' per-CPU memo of the last one read \
+         there in this epoch, except in the rows that say the memo is off), the \
          policy lookups, the auth lookup and the kernel time (tick resolution) on every packet and the flow-table \
          lookup, plus whatever flow-table writes the program does on that path (LRU hash updates cost \
-         more than lookups). Every run's return value is checked (OK for the allowed \
+         more than lookups; a flow's first packet is measured apart, below). Every run's return value is checked (OK for the allowed \
          packets, SHOT for the miss), so each variant measures the path it names.\n\n",
     );
     s.push_str(
-        "| Packet and configuration | ipcache / policy / auth | median ns (min-max) | above empty | before (0bca013) |\n|---|---|---|---|---|\n",
+        &format!(
+            "| Packet and configuration | ipcache / policy / auth | median ns (min-max) | above empty | before ({BEFORE_COMMIT}) |\n|---|---|---|---|---|\n"
+        ),
     );
     let mut above = BTreeMap::new();
     let mut fastest = BTreeMap::new();
@@ -1958,6 +2005,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
     );
     let (shared, shared6) = (get(100_000, SHARED), get(100_000, SHARED6));
+    let (cold, cold6) = (get(100_000, COLD), get(100_000, COLD6));
     let est6 = get(
         100_000,
         "IPv6: allow, exact policy key: established flow (cache on)",
@@ -1988,7 +2036,10 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
          {other:+.0} ns, **{}**\n\
          - full evaluation, the same subject, from a peer named by a subject that shares its filter bit \
          (three policy lookups, two of them misses: the worst case left, for a subject whose bit a namer \
-         of the peer shares, about one in 32 per namer): {shared:+.0} ns, **{}**\n\n",
+         of the peer shares, about one in 32 per namer): {shared:+.0} ns, **{}**\n\
+         - full evaluation, exact policy key, the subject memo off (an endpoint's first full evaluation in \
+         an epoch on a CPU: the subject read from the ipcache hash; every later one reads the memo): \
+         {cold:+.0} ns, **{}**\n\n",
         verdict(est),
         verdict(full),
         verdict(wild_full),
@@ -1996,6 +2047,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         verdict(unnamed),
         verdict(other),
         verdict(shared),
+        verdict(cold),
     ));
     s.push_str(&format!(
         "**IPv6** (the same pods' IPv6 addresses, 100k IPv6 ipcache entries; the attached IPv4 program \
@@ -2008,7 +2060,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
          - full evaluation, the same from a peer another local subject names: {other6:+.0} ns, **{}** ({:+.0} ns; \
          +162 ns at 649a611, before the filter)\n\
          - full evaluation, the same from a peer named by a subject sharing its filter bit: {shared6:+.0} ns, \
-         **{}** ({:+.0} ns)\n\n",
+         **{}** ({:+.0} ns)\n\
+         - full evaluation, exact policy key, the subject memo off: {cold6:+.0} ns, **{}** ({:+.0} ns)\n\n",
         verdict(est6),
         est6 - est,
         verdict(full6),
@@ -2023,6 +2076,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         other6 - other,
         verdict(shared6),
         shared6 - shared,
+        verdict(cold6),
+        cold6 - cold,
     ));
     // Interference (other tenants of the host, interrupts) only adds time,
     // and on this machine it comes in spells of tens of seconds that a
@@ -2044,6 +2099,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         "IPv6: allow, last wildcard, subject with all four shapes, peer no local policy names: full evaluation",
         "IPv6: allow, last wildcard, subject with all four shapes, peer another local subject names: full evaluation",
         SHARED6,
+        COLD,
+        COLD6,
     ]
     .iter()
     .map(|name| {

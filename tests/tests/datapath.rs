@@ -56,6 +56,7 @@ dual_stack!(
     an_unplaced_address_is_retried_without_any_event,
     an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does,
     a_reply_stays_a_reply_when_the_policy_that_also_allowed_it_goes,
+    a_pod_whose_identity_changes_is_judged_as_its_new_identity,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -455,6 +456,44 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied(fam: Fam) {
     tcp_echo(&a.netns, fam.ip(IP_A), 7070);
     let mut c = connect(&b.netns, fam.ip(IP_A), 7070, Duration::from_secs(3)).expect("b -> a is allowed");
     assert!(echo_round_trip(&mut c, b"replies get back in"));
+    dp.stop();
+}
+
+/// The programs remember each interface's subject (its identity and marks)
+/// for the epoch they read it in. When b's identity changes, the next
+/// connections to b are judged as the new identity, which no policy admits,
+/// on every CPU that remembered the old one.
+fn a_pod_whose_identity_changes_is_judged_as_its_new_identity(fam: Fam) {
+    const B2: u32 = 399;
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let state = || {
+        StateBuilder::new()
+            .default_allow(A, INGRESS)
+            .default_allow(A, EGRESS)
+            .default_allow(B, EGRESS)
+            .default_allow(B2, EGRESS)
+            .rule((B, A, 8080, TCP, INGRESS), false, "default/b-from-a ingress[0]")
+            .build()
+    };
+    dp.apply(state(), &topo);
+    tcp_echo(&b.netns, fam.ip(IP_B), 8080);
+    for i in 0..4 {
+        let mut c = connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("a -> b ({i}) is allowed: {e}"));
+        assert!(echo_round_trip(&mut c, b"as b"));
+    }
+    let mut renamed = state();
+    add_workload(&mut renamed, "b", B2, IP_B);
+    dp.apply(renamed, &topo);
+    for i in 0..4 {
+        assert!(
+            connect(&a.netns, fam.ip(IP_B), 8080, Duration::from_secs(1)).is_err(),
+            "a -> b ({i}) must be dropped: b is {B2} now, which admits no one"
+        );
+    }
     dp.stop();
 }
 

@@ -179,6 +179,11 @@ pub mod config_flags {
     /// that a packet for a [`super::endpoint_flags::BRIDGED`] endpoint leaves
     /// on its port, and the from-pod program checks ARP senders.
     pub const BRIDGED_PORTS: u8 = 4;
+    /// Read the subject's ipcache entry from the maps on every evaluation,
+    /// never from the programs' per-CPU memo of the last one read at its
+    /// interface (benchmarks use it to measure an endpoint's first
+    /// evaluation in an epoch).
+    pub const NO_SUBJECT_MEMO: u8 = 8;
 }
 
 /// Policy direction, seen from the subject endpoint.
@@ -194,7 +199,9 @@ pub mod direction {
 pub struct Config {
     /// Bumped by the agent whenever a change may turn an allowed flow into a
     /// denied one (ipcache, policy, endpoints, an auth entry removed or
-    /// shortened); cached verdicts from an older epoch are re-evaluated.
+    /// shortened); cached verdicts from an older epoch are re-evaluated, and
+    /// the programs' per-CPU memo of each interface's subject (its ipcache
+    /// value) is read again, so every ipcache write is followed by a bump.
     pub epoch: u32,
     /// This node's id, for auth keys of same-node peers.
     pub local_node_id: u16,

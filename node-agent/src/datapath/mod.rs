@@ -203,7 +203,8 @@ impl ConfigSlot {
         Ok(c)
     }
 
-    /// Sends every cached flow verdict back through a full evaluation.
+    /// Sends every cached flow verdict back through a full evaluation, and
+    /// makes the programs read every subject from the ipcache again.
     pub fn bump_epoch(&self) -> Result<(), DatapathError> {
         self.update(|c| c.epoch = c.epoch.wrapping_add(1)).map(|_| ())
     }
@@ -618,9 +619,10 @@ impl Datapath {
     ///
     /// The ipcache first, marking absent only the policy shapes neither the
     /// old nor the new policy has; then, if the policy changes and that
-    /// unmarked any or deleted an address with marks, a wait for every
-    /// program run that read the old marks (it could otherwise skip an
-    /// entry written next); then the policy, in [`tables::policy_writes`]
+    /// unmarked any or deleted an address with marks, a new epoch (the
+    /// programs' subject memo holds marks for the epoch it read them in)
+    /// and a wait for every program run that read the old marks (it could
+    /// otherwise skip an entry written next); then the policy, in [`tables::policy_writes`]
     /// order (a packet judged between two writes gets the old verdict or
     /// the new one); then the new policy's marks (see `Tables::between`).
     fn write_tables(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
@@ -628,6 +630,10 @@ impl Datapath {
         let mut changed = self.write_ipcache(old, &between)?;
         let writes = tables::policy_writes(&old.policy, &new.policy);
         if !writes.is_empty() && old.unmarked_by(&between) {
+            // The programs remember each interface's subject, marks
+            // included, for the epoch they read it in: a new epoch first,
+            // so that no run from here on uses the old marks.
+            self.config.bump_epoch()?;
             sys::wait_for_program_runs();
         }
         for w in writes {
