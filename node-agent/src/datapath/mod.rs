@@ -423,11 +423,17 @@ impl Datapath {
         let config = Arc::new(ConfigSlot {
             map: Mutex::new(take(&mut ebpf, maps::CONFIG)?),
         });
-        let flags = if cfg.flow_capture {
+        let mut flags = if cfg.flow_capture {
             config_flags::FLOW_CAPTURE
         } else {
             0
         };
+        // On a PREEMPT_RT kernel a program run can be preempted by another
+        // on the same CPU, which could read a memo slot half written: the
+        // subject is read from the ipcache there.
+        if sys::is_realtime() {
+            flags |= config_flags::NO_SUBJECT_MEMO;
+        }
         config.update(|c| {
             // Whether the pinned endpoints include bridge ports is the last
             // agent's finding, kept until this one's first scan.
@@ -618,21 +624,21 @@ impl Datapath {
     /// Writes the differences from `old` to `new`; true if there were any.
     ///
     /// The ipcache first, marking absent only the policy shapes neither the
-    /// old nor the new policy has; then, if the policy changes and that
-    /// unmarked any or deleted an address with marks, a new epoch (the
-    /// programs' subject memo holds marks for the epoch it read them in)
-    /// and a wait for every program run that read the old marks (it could
-    /// otherwise skip an entry written next); then the policy, in [`tables::policy_writes`]
-    /// order (a packet judged between two writes gets the old verdict or
-    /// the new one); then the new policy's marks (see `Tables::between`).
+    /// old nor the new policy has. Then, if that changed anything and the
+    /// policy changes too, a new epoch and a wait for every program run
+    /// under way: a run that read an address before that write, from the
+    /// map or from the programs' per-CPU subject memo (which keeps a read
+    /// for the epoch it was made in), would judge it by its old identity or
+    /// marks against the policy written next, a state neither side is (an
+    /// old mark could skip an entry written next). Then the policy, in
+    /// [`tables::policy_writes`] order (a packet judged between two writes
+    /// gets the old verdict or the new one); then the new policy's marks
+    /// (see `Tables::between`), which only skip more.
     fn write_tables(&mut self, old: &Tables, new: &Tables) -> Result<bool, DatapathError> {
         let between = new.between(&old.policy);
         let mut changed = self.write_ipcache(old, &between)?;
         let writes = tables::policy_writes(&old.policy, &new.policy);
-        if !writes.is_empty() && old.unmarked_by(&between) {
-            // The programs remember each interface's subject, marks
-            // included, for the epoch they read it in: a new epoch first,
-            // so that no run from here on uses the old marks.
+        if changed && !writes.is_empty() {
             self.config.bump_epoch()?;
             sys::wait_for_program_runs();
         }

@@ -54,6 +54,11 @@ pub fn wait_for_program_runs() {
     }
 }
 
+/// Whether the running kernel is PREEMPT_RT (`/sys/kernel/realtime` reads 1).
+pub fn is_realtime() -> bool {
+    std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1")
+}
+
 /// The index of a network interface in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;

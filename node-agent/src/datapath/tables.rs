@@ -179,30 +179,6 @@ impl Tables {
             .chain(self.ipcache6.values_mut())
             .chain(self.lpm6.values_mut())
     }
-
-    /// Whether a program run that read this table's marks could skip a
-    /// probe `to`'s marks make: `to` marks present a shape (or clears a
-    /// filter bit) this marked absent, or `to` no longer holds an address
-    /// this marked anything absent for. A run that read that address just
-    /// before its delete still skips by its old marks, whichever identity
-    /// it names and whatever the policy writes next.
-    pub fn unmarked_by(&self, to: &Tables) -> bool {
-        fn any<K: Eq + std::hash::Hash>(
-            from: &HashMap<K, IpcacheValue>,
-            to: &HashMap<K, IpcacheValue>,
-        ) -> bool {
-            from.iter().any(|(k, o)| match to.get(k) {
-                Some(v) => {
-                    o.absent & !v.absent != 0 || (0..2).any(|d| o.unnamed_by[d] & !v.unnamed_by[d] != 0)
-                }
-                None => o.absent != 0 || o.unnamed_by != [0; 2],
-            })
-        }
-        any(&self.ipcache, &to.ipcache)
-            || any(&self.lpm, &to.lpm)
-            || any(&self.ipcache6, &to.ipcache6)
-            || any(&self.lpm6, &to.lpm6)
-    }
 }
 
 /// One policy entry as the control plane sends it: the packet is allowed
@@ -738,36 +714,6 @@ mod tests {
             0,
             "both probed meanwhile"
         );
-    }
-
-    /// A program run reads an address's marks, the agent deletes the
-    /// address and writes the new policy, and the run goes on probing by
-    /// the marks it read: the writer must wait for it as for marks it
-    /// clears. Here pod 10.0.0.1 (identity 300, no any-peer entry, so that
-    /// probe skipped) leaves as 300 gains an any-peer entry.
-    #[test]
-    fn an_address_deleted_while_the_policy_changes_is_waited_for() {
-        let old = Tables::from_state(&state());
-        let mut s = state();
-        s.ipcache.remove("10.0.0.1/32");
-        let (k, e) = crate::state::port_entry((300, 0, 8080, 6, 0), true, "default/any ingress[0]");
-        s.policy.insert(k, e);
-        let new = Tables::from_state(&s);
-        let between = new.between(&old.policy);
-        let ip = ip_key(Ipv4Addr::new(10, 0, 0, 1));
-        assert_ne!(
-            old.ipcache[&ip].absent & absent_bit(0, 2),
-            0,
-            "the run skips any-peer"
-        );
-        assert!(!between.ipcache.contains_key(&ip));
-        assert!(
-            old.unmarked_by(&between),
-            "a run that read 10.0.0.1 is not waited for"
-        );
-        // And nothing is waited for when nothing is unmarked or deleted.
-        let same = old.between(&old.policy);
-        assert!(!old.unmarked_by(&same));
     }
 
     /// A small deterministic generator (the tests need no crate for it).
