@@ -57,6 +57,7 @@ dual_stack!(
     an_icmp_error_about_a_flow_the_pod_sent_reaches_it_and_nothing_else_does,
     a_reply_stays_a_reply_when_the_policy_that_also_allowed_it_goes,
     a_pod_whose_identity_changes_is_judged_as_its_new_identity,
+    a_dropped_packet_does_not_keep_the_replies_of_a_later_flow_out,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -456,6 +457,55 @@ fn a_flow_no_rule_allows_is_dropped_and_reported_policy_denied(fam: Fam) {
     tcp_echo(&a.netns, fam.ip(IP_A), 7070);
     let mut c = connect(&b.netns, fam.ip(IP_A), 7070, Duration::from_secs(3)).expect("b -> a is allowed");
     assert!(echo_round_trip(&mut c, b"replies get back in"));
+    dp.stop();
+}
+
+/// A packet dropped before any flow exists does not make its tuple a flow
+/// of its own. a sends to b:6000 from 7070 first, and b admits no one;
+/// then b's own datagram to a:7070 opens the flow, and a's answer on it
+/// reaches b, as conntrack would have it. Otherwise whoever sends the
+/// reverse tuple first (a host off the cluster forging a server's
+/// address) would keep a pod's replies out.
+fn a_dropped_packet_does_not_keep_the_replies_of_a_later_flow_out(fam: Fam) {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, R, 9999, UDP, INGRESS), false, "default/b-from-r ingress[0]")
+        .build();
+    dp.apply(state, &topo);
+    let (ip_a, ip_b) = (fam.ip(IP_A), fam.ip(IP_B));
+    let sa = in_netns(&a.netns, move || {
+        UdpSocket::bind((ip_a, 7070)).expect("bind a:7070")
+    });
+    let sb = in_netns(&b.netns, move || {
+        UdpSocket::bind((ip_b, 6000)).expect("bind b:6000")
+    });
+    for s in [&sa, &sb] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    }
+    let mut buf = [0u8; 64];
+
+    sa.send_to(b"first, unasked", (ip_b, 6000)).expect("a sends");
+    let f = expect_flow(&mut flows, "a -> b:6000 dropped", |f| {
+        f.dst_port == 6000 && f.src_port == 7070 && !f.forwarded
+    });
+    assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED);
+    assert!(sb.recv_from(&mut buf).is_err(), "b admits no one");
+
+    sb.send_to(b"b asks", (ip_a, 7070)).expect("b sends");
+    let (n, from) = sa.recv_from(&mut buf).expect("b -> a:7070 is allowed");
+    assert_eq!((&buf[..n], from.port()), (&b"b asks"[..], 6000));
+    sa.send_to(b"a answers", (ip_b, 6000)).expect("a answers");
+    let (n, _) = sb
+        .recv_from(&mut buf)
+        .expect("a's answer on b's flow must reach b, its earlier drop notwithstanding");
+    assert_eq!(&buf[..n], b"a answers");
     dp.stop();
 }
 

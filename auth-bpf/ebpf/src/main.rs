@@ -668,10 +668,15 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
     };
     // The reply direction of a flow allowed the other way: decided on a
     // flow's first packet by the other direction's entry, and remembered
-    // in its own. A key already known is a flow of its own, first seen in
-    // this direction: it is never turned into a reply (which would let it
-    // ride on the other flow's verdict instead of its own).
-    let reply_dir = if known {
+    // in its own. A key already forwarded as a flow of its own, first seen
+    // in this direction, is never turned into a reply (which would let it
+    // ride on the other flow's verdict instead of its own). A key only
+    // ever dropped is no flow yet, as conntrack confirms no entry for a
+    // dropped packet: otherwise whoever sends the reverse tuple first (a
+    // host off the cluster forging a server's address, one port after
+    // another) would keep the replies of a pod's later flows out.
+    let settled = known & (prev.forwarded | prev.is_reply != 0);
+    let reply_dir = if settled {
         prev.is_reply == 1
     } else {
         !refused && allowed_other_way(&pkt, at, ifindex)
