@@ -93,10 +93,10 @@ static SCRATCH6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
 /// slot costs a few instructions where a hash lookup costs kernel calls.
 /// Slot `ifindex % MEMO_SLOTS`; a read is used only for the same
 /// interface, address and epoch. The agent bumps the epoch after every
-/// ipcache write, and, when it is about to write a policy the marks read
-/// before would misjudge, before it waits for the program runs under way
-/// (`Datapath::write_tables`): a memo never outlives what it remembers by
-/// more than a cached verdict does.
+/// ipcache write, and, when an update changes the ipcache and the policy
+/// both, also before the policy writes, then waits for the program runs
+/// under way (`Datapath::write_tables`): a memo never outlives what it
+/// remembers by more than a cached verdict does.
 #[map(name = "KEYWAY_SUBJECT_MEMO")]
 static SUBJECT_MEMO: PerCpuArray<Memo<u32>> = PerCpuArray::with_max_entries(MEMO_SLOTS, 0);
 #[map(name = "KEYWAY_SUBJECT_MEMO6")]
@@ -760,9 +760,10 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
 
 /// Whether the reverse of `pkt`, at the other hook of the same interface,
 /// is a flow of its own (not itself a reply) that was forwarded: then `pkt`
-/// is its reply. Looked up on the first packet of every flow, rather than
-/// an entry written for the reply of every new flow on the chance of one:
-/// a flow-table write costs several lookups.
+/// is its reply. Looked up on the first packet of every flow and on every
+/// packet of a flow only ever dropped, rather than an entry written for the
+/// reply of every new flow on the chance of one: a flow-table write costs
+/// several lookups.
 #[inline(always)]
 fn allowed_other_way<A: Family>(pkt: &Packet<A>, at: u8, ifindex: u32) -> bool {
     match A::flow_get(pkt, true, opposite(at), ifindex) {
