@@ -1290,6 +1290,110 @@ pub fn send_icmp_error(
     send_raw(ns, dst, &packet);
 }
 
+/// The types of an echo request and an echo reply in `ip`'s ICMP version.
+pub fn echo_types(ip: IpAddr) -> (u8, u8) {
+    if ip.is_ipv4() { (8, 0) } else { (128, 129) }
+}
+
+/// Sends one ICMP (ICMPv6) message of type `ty` from `src` to `dst` in
+/// namespace `ns`, its identifier `id` (an echo's), its sequence 1.
+pub fn send_icmp(ns: &str, src: IpAddr, dst: IpAddr, ty: u8, id: u16) {
+    let mut icmp = vec![ty, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&[0, 1]);
+    icmp.extend_from_slice(b"keyway echo");
+    let packet = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let sum = inet_checksum(&[&icmp]);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            let mut ip = ipv4_header(src, dst, 1, icmp.len(), false);
+            ip.extend_from_slice(&icmp);
+            ip
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => ipv6_packet(src, dst, &[], 58, icmp, Some(2)),
+        _ => panic!("one family"),
+    };
+    send_raw(ns, dst, &packet);
+}
+
+/// A raw ICMP (ICMPv6, with `v6`) socket in namespace `ns`: it sees a copy
+/// of every such message the namespace receives.
+pub fn icmp_socket(ns: &str, v6: bool) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    in_netns(ns, move || {
+        let (family, proto) = if v6 {
+            (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+        } else {
+            (libc::AF_INET, libc::IPPROTO_ICMP)
+        };
+        #[allow(unsafe_code, reason = "raw sockets have no std equivalent")]
+        // SAFETY: a new descriptor, owned from here on.
+        unsafe {
+            let fd = libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto);
+            assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
+            std::os::fd::OwnedFd::from_raw_fd(fd)
+        }
+    })
+}
+
+/// Whether an ICMP message of type `ty` with identifier `id` from `from`
+/// reaches an [`icmp_socket`] within `wait`.
+pub fn icmp_arrives(sock: &std::os::fd::OwnedFd, from: IpAddr, ty: u8, id: u16, wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + wait;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        #[allow(unsafe_code, reason = "raw sockets have no std equivalent")]
+        // SAFETY: poll on one valid pollfd; recvfrom into buffers that
+        // outlive the call, with their true sizes (all-zero bytes are a
+        // valid sockaddr_storage).
+        let (n, sa) = unsafe {
+            let mut sa: libc::sockaddr_storage = std::mem::zeroed();
+            if libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) <= 0 {
+                return false;
+            }
+            let n = libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                (&mut sa as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            );
+            (n, sa)
+        };
+        if n <= 0 {
+            continue;
+        }
+        let msg = &buf[..n as usize];
+        // IPv4 raw sockets deliver the IP header; IPv6 ones do not.
+        let (src, icmp) = match from {
+            IpAddr::V4(_) if msg.len() >= 20 => {
+                let ihl = usize::from(msg[0] & 0x0f) * 4;
+                let src = IpAddr::V4(Ipv4Addr::new(msg[12], msg[13], msg[14], msg[15]));
+                (src, msg.get(ihl..).unwrap_or(&[]))
+            }
+            IpAddr::V6(_) => {
+                #[allow(unsafe_code, reason = "reading the sockaddr recvfrom filled in")]
+                // SAFETY: an AF_INET6 socket fills in a sockaddr_in6.
+                let sin6 = unsafe { *(&sa as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                (IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)), msg)
+            }
+            _ => continue,
+        };
+        if src == from && icmp.len() >= 8 && icmp[0] == ty && icmp[4..6] == id.to_be_bytes() {
+            return true;
+        }
+    }
+}
+
 /// `(type, code)` of the destination unreachable [`send_icmp_error`] sends
 /// to `dst`: host unreachable in IPv4, address unreachable in IPv6.
 pub fn unreachable(dst: IpAddr) -> (u8, u8) {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use keyway_common::{AuthKey, auth_type, drop_reason, maps};
 use keyway_tests::dual_stack;
 use keyway_tests::netns::{
-    Fam, Topology, connect, echo_round_trip, enter_netns, icmp_error, in_netns, ping, pmtu_socket,
-    send_icmp_error, sysctl, tcp_echo, unreachable, v6_of,
+    Fam, Topology, connect, echo_round_trip, echo_types, enter_netns, icmp_arrives, icmp_error, icmp_socket,
+    in_netns, ping, pmtu_socket, send_icmp, send_icmp_error, sysctl, tcp_echo, unreachable, v6_of,
 };
 use keyway_tests::wait_until;
 use node_agent::datapath::endpoints::Withheld;
@@ -58,6 +58,7 @@ dual_stack!(
     a_reply_stays_a_reply_when_the_policy_that_also_allowed_it_goes,
     a_pod_whose_identity_changes_is_judged_as_its_new_identity,
     a_dropped_packet_does_not_keep_the_replies_of_a_later_flow_out,
+    only_the_echo_replies_to_a_pods_echo_request_come_back_as_its_replies,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -506,6 +507,63 @@ fn a_dropped_packet_does_not_keep_the_replies_of_a_later_flow_out(fam: Fam) {
         .recv_from(&mut buf)
         .expect("a's answer on b's flow must reach b, its earlier drop notwithstanding");
     assert_eq!(&buf[..n], b"a answers");
+    dp.stop();
+}
+
+/// An ICMP flow's replies are the echo replies to its echo requests, with
+/// their identifier, as conntrack has it, and nothing else. a may send b
+/// anything and admits nothing from b. a's echo request gets its reply; an
+/// echo request from b with the same identifier (else a ping that passes a
+/// pod's ingress on another's egress), an echo reply to no request, and
+/// another message type are each judged as a flow of their own, and
+/// dropped at a.
+fn only_the_echo_replies_to_a_pods_echo_request_come_back_as_its_replies(fam: Fam) {
+    const ID: u16 = 0x4b57;
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    let state = StateBuilder::new()
+        .rule((A, B, 0, 0, EGRESS), false, "default/a-to-b egress[0]")
+        .rule((A, R, 9999, UDP, INGRESS), false, "default/a-from-r ingress[0]")
+        .default_allow(B, INGRESS)
+        .default_allow(B, EGRESS)
+        .build();
+    dp.apply(state, &topo);
+    let (ip_a, ip_b) = (fam.ip(IP_A), fam.ip(IP_B));
+    let (request, reply) = echo_types(ip_a);
+    let inbox = icmp_socket(&a.netns, ip_a.is_ipv6());
+
+    assert!(ping(&a.netns, ip_b, 2), "a's ping gets its replies");
+    send_icmp(&a.netns, ip_a, ip_b, request, ID);
+    assert!(
+        icmp_arrives(&inbox, ip_b, reply, ID, Duration::from_secs(3)),
+        "b's echo reply to a's echo request reaches a"
+    );
+
+    // Each is a new flow b -> a, dropped where a's ingress is enforced.
+    let other = if fam == Fam::V4 { 13 } else { 139 };
+    for (ty, id, what) in [
+        (request, ID, "an echo request with a's identifier"),
+        (reply, ID + 1, "an echo reply to no request"),
+        (other, 0, "another message type"),
+    ] {
+        drain_flows(&mut flows);
+        send_icmp(&b.netns, ip_b, ip_a, ty, id);
+        let f = expect_flow(&mut flows, what, |f| {
+            f.src == ip_b && f.dst == ip_a && !f.from_pod
+        });
+        assert!(
+            !f.forwarded,
+            "{what} from b must be dropped at a, not taken for a's reply"
+        );
+        assert_eq!(f.drop_reason, drop_reason::POLICY_DENIED, "{what}");
+        assert!(
+            !icmp_arrives(&inbox, ip_b, ty, id, Duration::ZERO),
+            "{what} reached a"
+        );
+    }
     dp.stop();
 }
 

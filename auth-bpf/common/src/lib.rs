@@ -222,15 +222,35 @@ pub struct Config {
 pub struct FlowKey {
     pub src_ip: u32,
     pub dst_ip: u32,
-    /// Network byte order; 0 for protocols without ports.
+    /// Network byte order; 0 for protocols without ports. An ICMP message
+    /// has the 16 bits after its checksum in both (an echo's identifier,
+    /// which conntrack keys an echo by).
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
     /// [`hook`] the packet was seen at.
     pub hook: u8,
-    pub _pad: [u8; 2],
+    /// ICMP (ICMPv6) messages: the type, then [`icmp_key::MESSAGE`]. [0,
+    /// [`icmp_key::NONE`]] for other protocols and later fragments.
+    pub icmp: [u8; 2],
     /// The interface (host-side veth) the hook runs on.
     pub ifindex: u32,
+}
+
+/// The second byte of a flow key's `icmp`. A flow is stored under its
+/// packets' own type. Its reply is looked up under the type it answers: an
+/// echo reply's, under echo request with its identifier. Any other message
+/// answers none, and its reverse key is marked [`NO_REPLY`], which no
+/// stored key holds: so no message but an echo reply with the request's
+/// identifier is ever a reply to an ICMP flow (an echo request taken for
+/// one would pass against the policy of the pod that sent it).
+pub mod icmp_key {
+    /// No ICMP header was read: another protocol, or a later fragment.
+    pub const NONE: u8 = 0;
+    /// The first byte is the message's type.
+    pub const MESSAGE: u8 = 1;
+    /// The reverse of a message that is no reply.
+    pub const NO_REPLY: u8 = 2;
 }
 
 /// [`FlowKey`] of an IPv6 flow (its own table: IPv4 keys stay small).
@@ -243,7 +263,7 @@ pub struct FlowKey6 {
     pub dst_port: u16,
     pub proto: u8,
     pub hook: u8,
-    pub _pad: [u8; 2],
+    pub icmp: [u8; 2],
     pub ifindex: u32,
 }
 
@@ -834,6 +854,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 20);
         assert_eq!(offset_of!(FlowKey, proto), 12);
         assert_eq!(offset_of!(FlowKey, hook), 13);
+        assert_eq!(offset_of!(FlowKey, icmp), 14);
         assert_eq!(offset_of!(FlowKey, ifindex), 16);
         assert_eq!(size_of::<FlowState>(), 40);
         assert_eq!(offset_of!(FlowState, rule_id), 8);
@@ -844,6 +865,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey6>(), 44);
         assert_eq!(offset_of!(FlowKey6, src_port), 32);
         assert_eq!(offset_of!(FlowKey6, proto), 36);
+        assert_eq!(offset_of!(FlowKey6, icmp), 38);
         assert_eq!(offset_of!(FlowKey6, ifindex), 40);
     }
 }

@@ -37,8 +37,8 @@ use aya_ebpf::programs::TcContext;
 use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowKey6, FlowState,
     IPV6_MAX_EXT_HEADERS, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, absent_bit, auth_type,
-    config_flags, direction, drop_reason, endpoint_flags, flow_kind, hook, identity, maps, policy_flags,
-    policy_probe, prog_index, skipped_probes,
+    config_flags, direction, drop_reason, endpoint_flags, flow_kind, hook, icmp_key, identity, maps,
+    policy_flags, policy_probe, prog_index, skipped_probes,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -195,6 +195,8 @@ pub fn keyway_parse_only(ctx: TcContext) -> i32 {
 trait Family: Copy + PartialEq {
     /// 4 or 6, as flow events carry it.
     const FAMILY: u8;
+    /// The family's ICMP: its protocol number, echo request and reply types.
+    const ICMP: (u8, u8, u8);
     /// The flow table entry of `p` (with `rev`, of its reverse) seen at
     /// hook `at` of `ifindex`.
     fn flow_get(p: &Packet<Self>, rev: bool, at: u8, ifindex: u32) -> Option<*mut FlowState>;
@@ -219,6 +221,7 @@ const WORLD: IpcacheValue = IpcacheValue {
 
 impl Family for u32 {
     const FAMILY: u8 = 4;
+    const ICMP: (u8, u8, u8) = (IPPROTO_ICMP, 8, 0);
 
     #[inline(always)]
     fn flow_get(p: &Packet<u32>, rev: bool, at: u8, ifindex: u32) -> Option<*mut FlowState> {
@@ -260,6 +263,7 @@ impl Family for u32 {
 
 impl Family for Ipv6Key {
     const FAMILY: u8 = 6;
+    const ICMP: (u8, u8, u8) = (IPPROTO_ICMPV6, 128, 129);
 
     #[inline(always)]
     fn flow_get(p: &Packet<Ipv6Key>, rev: bool, at: u8, ifindex: u32) -> Option<*mut FlowState> {
@@ -306,11 +310,11 @@ fn flow_key4(p: &Packet<u32>, rev: bool, at: u8, ifindex: u32) -> FlowKey {
     FlowKey {
         src_ip,
         dst_ip,
-        src_port,
-        dst_port,
+        src_port: src_port | p.echo_id,
+        dst_port: dst_port | p.echo_id,
         proto: p.proto,
         hook: at,
-        _pad: [0; 2],
+        icmp: icmp_of(p.icmp, rev),
         ifindex,
     }
 }
@@ -327,23 +331,40 @@ fn flow_key6(p: &Packet<Ipv6Key>, rev: bool, at: u8, ifindex: u32) -> Option<&'s
     unsafe {
         (*k).src_ip = src_ip;
         (*k).dst_ip = dst_ip;
-        (*k).src_port = src_port;
-        (*k).dst_port = dst_port;
+        (*k).src_port = src_port | p.echo_id;
+        (*k).dst_port = dst_port | p.echo_id;
         (*k).proto = p.proto;
         (*k).hook = at;
-        (*k)._pad = [0; 2];
+        (*k).icmp = icmp_of(p.icmp, rev);
         (*k).ifindex = ifindex;
         Some(&*k)
     }
+}
+
+/// The flow key's `icmp` bytes of a packet (with `rev`, of its reverse)
+/// from [`Packet::icmp`].
+#[inline(always)]
+fn icmp_of(icmp: u32, rev: bool) -> [u8; 2] {
+    let b = icmp.to_ne_bytes();
+    if rev { [b[2], b[3]] } else { [b[0], b[1]] }
 }
 
 #[derive(Clone, Copy)]
 struct Packet<A: Family> {
     src_ip: A,
     dst_ip: A,
+    /// Network byte order; 0 for protocols without ports (what policy
+    /// matches).
     src_port: u16,
     dst_port: u16,
     proto: u8,
+    /// The `icmp` bytes of the packet's flow key, then of its reverse's
+    /// (see [`icmp_key`] and [`icmp_of`]); 0 when no ICMP header was read.
+    icmp: u32,
+    /// An ICMP message's 16 bits after the checksum (an echo's identifier),
+    /// else 0: in both ports of the flow key, so that an echo reply matches
+    /// only its request.
+    echo_id: u16,
 }
 
 impl<A: Family> Packet<A> {
@@ -484,8 +505,9 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
     if frag & (IP_OFFSET_MASK | IP_MORE_FRAGMENTS) != 0 {
         return false;
     }
-    // The ICMP header, the quoted IPv4 header and its first four bytes.
-    let Some(q) = ptr_at::<[u8; 32]>(ctx, ETH_HLEN + (ihl & 0x3c)) else {
+    // The ICMP header, the quoted IPv4 header and its first eight bytes
+    // (an echo request's identifier included).
+    let Some(q) = ptr_at::<[u8; 36]>(ctx, ETH_HLEN + (ihl & 0x3c)) else {
         return false;
     };
     let q = unsafe { &*q };
@@ -497,9 +519,10 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
     }
     let proto = q[17];
     let with_ports = has_ports(proto);
-    // A portless flow's key (ports 0) names no connection: of those, only
-    // an error about an echo request the pod sent.
-    if !with_ports && !(proto == IPPROTO_ICMP && q[28] == 8) {
+    // A portless flow's key names no connection: of those, only an error
+    // about an echo request the pod sent.
+    let echo = proto == IPPROTO_ICMP && q[28] == 8;
+    if !with_ports && !echo {
         return false;
     }
     let inner = Packet {
@@ -516,6 +539,16 @@ fn related4(ctx: &TcContext, cfg: &Config, pkt: &Packet<u32>) -> bool {
             0
         },
         proto,
+        icmp: if echo {
+            u32::from_ne_bytes([8, icmp_key::MESSAGE, 0, 0])
+        } else {
+            0
+        },
+        echo_id: if echo {
+            u16::from_ne_bytes([q[32], q[33]])
+        } else {
+            0
+        },
     };
     if inner.src_ip != pkt.dst_ip {
         return false;
@@ -538,8 +571,8 @@ fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
     if unsafe { *next } != IPPROTO_ICMPV6 {
         return false;
     }
-    // The ICMPv6 header, the quoted IPv6 header and four bytes after it.
-    let Some(q) = ptr_at::<[u8; 52]>(ctx, ETH_HLEN + IPV6_HLEN) else {
+    // The ICMPv6 header, the quoted IPv6 header and eight bytes after it.
+    let Some(q) = ptr_at::<[u8; 56]>(ctx, ETH_HLEN + IPV6_HLEN) else {
         return false;
     };
     let q = q as *const u8;
@@ -548,7 +581,8 @@ fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
         return false;
     }
     let with_ports = has_ports(proto);
-    if !with_ports && !(proto == IPPROTO_ICMPV6 && unsafe { *q.add(48) } == 128) {
+    let echo = proto == IPPROTO_ICMPV6 && unsafe { *q.add(48) } == 128;
+    if !with_ports && !echo {
         return false;
     }
     let Some(k) = SCRATCH6.get_ptr_mut(0) else {
@@ -565,19 +599,17 @@ fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
         }
         (*k).src_ip.addr = core::ptr::read_unaligned(q.add(16) as *const [u8; 16]);
         (*k).dst_ip.addr = core::ptr::read_unaligned(q.add(32) as *const [u8; 16]);
-        (*k).src_port = if with_ports {
-            core::ptr::read_unaligned(q.add(48) as *const u16)
-        } else {
-            0
-        };
-        (*k).dst_port = if with_ports {
-            core::ptr::read_unaligned(q.add(50) as *const u16)
-        } else {
-            0
-        };
+        // An echo request's key has its identifier in both ports.
+        let (sport, dport) = if echo { (52, 52) } else { (48, 50) };
+        (*k).src_port = core::ptr::read_unaligned(q.add(sport) as *const u16);
+        (*k).dst_port = core::ptr::read_unaligned(q.add(dport) as *const u16);
         (*k).proto = proto;
         (*k).hook = hook::FROM_POD;
-        (*k)._pad = [0; 2];
+        (*k).icmp = if echo {
+            [128, icmp_key::MESSAGE]
+        } else {
+            [0, icmp_key::NONE]
+        };
         (*k).ifindex = ifindex;
         live(cfg, FLOW_TABLE6.get_ptr_mut(&*k))
     }
@@ -1245,6 +1277,8 @@ fn parse4(ctx: &TcContext) -> Result<Packet<u32>, u8> {
         src_port: 0,
         dst_port: 0,
         proto,
+        icmp: 0,
+        echo_id: 0,
     };
     if frag == 0 {
         ports(ctx, ETH_HLEN + (ihl & 0x3c), &mut pkt)?;
@@ -1366,6 +1400,8 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
         src_port: 0,
         dst_port: 0,
         proto: next,
+        icmp: 0,
+        echo_id: 0,
     };
     if !later_fragment && ports(ctx, off, &mut pkt).is_err() {
         return Err(cut_short);
@@ -1379,22 +1415,47 @@ const fn has_ports(proto: u8) -> bool {
     proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
 }
 
-/// Source and destination ports at `off`, for the protocols that have them.
+/// Source and destination ports at `off`, for the protocols that have
+/// them; for the family's ICMP, the type and identifier its flow key
+/// holds (see [`icmp_key`]). An ICMP message shorter than its 8-byte header
+/// is malformed, as the kernel has it.
 #[inline(always)]
 fn ports<A: Family>(ctx: &TcContext, off: usize, pkt: &mut Packet<A>) -> Result<(), u8> {
-    if !has_ports(pkt.proto) {
+    let (icmp, echo_request, echo_reply) = A::ICMP;
+    // Not `pkt.proto == icmp`: the verifier would then know the protocol
+    // on one side and explore everything after twice (here it learns only
+    // of `is_icmp`, which nothing after reads).
+    let is_icmp = ((u32::from(pkt.proto ^ icmp) + 255) >> 8) == 0;
+    if !is_icmp && !has_ports(pkt.proto) {
         return Ok(());
     }
-    let ports = match ptr_at::<[u16; 2]>(ctx, off) {
+    // Ports are the first four bytes; ICMP's header is eight.
+    let h = match ptr_at::<[u8; 8]>(ctx, off) {
         Some(p) => unsafe { *p },
         // Headers beyond the linear part: copy them out.
-        None => match ctx.load::<[u16; 2]>(off) {
-            Ok(p) => p,
+        None => match ctx.load::<[u8; 8]>(off) {
+            Ok(h) => h,
             Err(_) => return Err(drop_reason::MALFORMED),
         },
     };
-    pkt.src_port = ports[0];
-    pkt.dst_port = ports[1];
+    if is_icmp {
+        // An echo reply's reverse is its echo request; any other type's is
+        // marked as answering none (`t ^ echo_reply` is 0 only for an echo
+        // reply). Arithmetic, not branches: each branch would be one more
+        // path for the verifier through everything after.
+        let t = h[0];
+        let answers_none = ((u32::from(t ^ echo_reply) + 255) >> 8) as u8;
+        pkt.icmp = u32::from_ne_bytes([
+            t,
+            icmp_key::MESSAGE,
+            t ^ echo_reply ^ echo_request,
+            icmp_key::MESSAGE + answers_none,
+        ]);
+        pkt.echo_id = u16::from_ne_bytes([h[4], h[5]]);
+    } else {
+        pkt.src_port = u16::from_ne_bytes([h[0], h[1]]);
+        pkt.dst_port = u16::from_ne_bytes([h[2], h[3]]);
+    }
     Ok(())
 }
 
