@@ -59,6 +59,7 @@ dual_stack!(
     a_pod_whose_identity_changes_is_judged_as_its_new_identity,
     a_dropped_packet_does_not_keep_the_replies_of_a_later_flow_out,
     only_the_echo_replies_to_a_pods_echo_request_come_back_as_its_replies,
+    a_pair_still_unauthenticated_is_signalled_again_once_the_interval_has_passed,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -678,6 +679,55 @@ fn every_policy_shape_with(fam: Fam, fold_limit: usize) {
         f.dst_port == 7070 && !f.forwarded
     });
     assert_eq!(f.drop_reason, drop_reason::AUTH_REQUIRED);
+    dp.stop();
+}
+
+/// The agent's handshake for a pair can fail; while the pair's packets
+/// keep being dropped, the agent is signalled again once the signal
+/// interval has passed, with the time of the drop.
+fn a_pair_still_unauthenticated_is_signalled_again_once_the_interval_has_passed(fam: Fam) {
+    let interval = Duration::from_millis(1500);
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    topo.add_pod("b", IP_B);
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, A, 5353, UDP, INGRESS), true, "default/dns-mtls ingress[0]")
+        .build();
+    let mut dp = start(&topo, |c| c.signal_interval = interval, NodeState::default());
+    dp.apply(state, &topo);
+    let ip_b = fam.ip(IP_B);
+    let sa = in_netns(&a.netns, move || {
+        UdpSocket::bind((fam.ip(IP_A), 0)).expect("bind a")
+    });
+    let mut signal = || {
+        let mut got = None;
+        wait_until(Duration::from_secs(5), "a signal for the pair", || {
+            got = dp.signals.try_recv().ok();
+            got.is_some()
+        });
+        got.expect("signalled")
+    };
+
+    let sent = datapath::monotonic_ns();
+    sa.send_to(b"first", (ip_b, 5353)).expect("send");
+    let first = signal();
+    // The programs read the coarse clock: up to a tick behind.
+    assert!(
+        first.at_ns + 50_000_000 >= sent,
+        "the signal carries the drop's time: {} long before {sent}",
+        first.at_ns
+    );
+    // Past the interval on the programs' clock too, a tick behind this one.
+    wait_until(Duration::from_secs(10), "the signal interval to pass", || {
+        datapath::monotonic_ns() > first.at_ns + interval.as_nanos() as u64 + 50_000_000
+    });
+    sa.send_to(b"later", (ip_b, 5353)).expect("send");
+    let second = signal();
+    assert_eq!(second.key, first.key);
+    assert!(second.at_ns > first.at_ns + interval.as_nanos() as u64);
     dp.stop();
 }
 

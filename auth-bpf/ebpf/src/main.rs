@@ -661,9 +661,10 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
             }
         }
     }
-    if now == 0 {
-        now = unsafe { bpf_ktime_get_coarse_ns() };
-    }
+    // The clock is read only when something needs it (an auth entry's
+    // expiry, a drop's report interval, an event): a helper call costs as
+    // much as a map lookup here, and an allowed flow with no
+    // authentication needs none.
 
     // What a pod sends must come from one of its own addresses: the ipcache
     // maps addresses to identities, so a forged source would otherwise be
@@ -696,7 +697,7 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
             dst_identity: pkt.dst_ip.ipcache().identity,
         }
     } else {
-        evaluate(&cfg, &pkt, ifindex, at, now, true, false)
+        evaluate(&cfg, &pkt, ifindex, at, &mut now, true, false)
     };
     // The reply direction of a flow allowed the other way: decided on a
     // flow's first packet by the other direction's entry, and remembered
@@ -716,7 +717,7 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
     let mut is_reply = false;
     if !refused && !v.forwarded && reply_dir {
         // Allowed while the original direction still would be.
-        let orig = evaluate(&cfg, &pkt, ifindex, opposite(at), now, false, true);
+        let orig = evaluate(&cfg, &pkt, ifindex, opposite(at), &mut now, false, true);
         if orig.forwarded {
             v = Verdict {
                 src_identity: orig.dst_identity,
@@ -744,17 +745,18 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
         if is_reply { 0 } else { flow_kind::NEW }
     } else if changed {
         flow_kind::VERDICT_CHANGE
-    } else if !v.forwarded && now.wrapping_sub(prev.last_report_ns) >= cfg.flow_report_interval_ns {
+    } else if !v.forwarded && clock(&mut now).wrapping_sub(prev.last_report_ns) >= cfg.flow_report_interval_ns
+    {
         flow_kind::DROP
     } else {
         0
     };
     let mut last_report_ns = prev.last_report_ns;
     if kind != 0 && cfg.flags & config_flags::FLOW_CAPTURE != 0 {
-        emit_flow(ifindex, &pkt, &v, kind, at, now);
+        emit_flow(ifindex, &pkt, &v, kind, at, clock(&mut now));
         last_report_ns = now;
     } else if kind != 0 {
-        last_report_ns = now;
+        last_report_ns = clock(&mut now);
     }
     let state = FlowState {
         epoch: cfg.epoch,
@@ -805,6 +807,16 @@ fn allowed_other_way<A: Family>(pkt: &Packet<A>, at: u8, ifindex: u32) -> bool {
     }
 }
 
+/// The kernel's coarse monotonic clock, read into `now` the first time a
+/// run needs it (0: not yet).
+#[inline(always)]
+fn clock(now: &mut u64) -> u64 {
+    if *now == 0 {
+        *now = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    *now
+}
+
 #[inline(always)]
 fn forward(ifindex: u32) -> i32 {
     if ifindex == 0 {
@@ -852,7 +864,7 @@ fn evaluate<A: Family>(
     pkt: &Packet<A>,
     ifindex: u32,
     at: u8,
-    now: u64,
+    now: &mut u64,
     signal: bool,
     rev: bool,
 ) -> Verdict {
@@ -914,7 +926,7 @@ fn evaluate<A: Family>(
     };
     if let Some(a) = unsafe { AUTH.get(&akey) } {
         let expiry = a.expiry_ns;
-        if now < expiry {
+        if clock(now) < expiry {
             v.forwarded = true;
             v.reason = drop_reason::NONE;
             v.auth_expiry_ns = expiry;
@@ -923,7 +935,7 @@ fn evaluate<A: Family>(
     }
     v.reason = drop_reason::AUTH_REQUIRED;
     if signal {
-        signal_missing_auth(cfg, &akey, now);
+        signal_missing_auth(cfg, &akey, clock(now));
     }
     v
 }
