@@ -60,6 +60,7 @@ dual_stack!(
     a_dropped_packet_does_not_keep_the_replies_of_a_later_flow_out,
     only_the_echo_replies_to_a_pods_echo_request_come_back_as_its_replies,
     a_pair_still_unauthenticated_is_signalled_again_once_the_interval_has_passed,
+    a_pod_whose_address_moves_can_no_longer_send_from_the_old_one,
 );
 
 // ---- the datapath, running on a thread inside the node namespace ----
@@ -604,6 +605,80 @@ fn a_pod_whose_identity_changes_is_judged_as_its_new_identity(fam: Fam) {
         );
     }
     dp.stop();
+}
+
+/// The programs remember, per interface, that the pod behind it owns the
+/// source it sends from. When the pod's record names another address (its
+/// old one still configured in it), what it sends from the old one is
+/// forged, and dropped, on every CPU that remembered it.
+fn a_pod_whose_address_moves_can_no_longer_send_from_the_old_one(fam: Fam) {
+    const IP_A2: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 5);
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    let dp = start(&topo, |_| {}, NodeState::default());
+    let mut flows = dp.flows.subscribe();
+    dp.apply(StateBuilder::new().open().build(), &topo);
+    let (ip_a, ip_b) = (fam.ip(IP_A), fam.ip(IP_B));
+    let inbox = udp_inbox(&b.netns, ip_b, 6000);
+    let cpus = send_from_each_cpu(&a.netns, ip_a, 7000, (ip_b, 6000), b"as a");
+    for _ in 0..cpus {
+        inbox_until(&inbox, b"as a");
+    }
+
+    // a's record now names IP_A2, routed to a's interface as a CNI would.
+    for (cidr, v6) in [
+        (format!("{IP_A2}/32"), false),
+        (format!("{}/128", v6_of(IP_A2)), true),
+    ] {
+        let mut args = vec!["-n", topo.node.as_str()];
+        if v6 {
+            args.push("-6");
+        }
+        args.extend(["route", "add", cidr.as_str(), "dev", a.host_if.as_str()]);
+        keyway_tests::netns::run("ip", &args);
+    }
+    let mut moved = StateBuilder::new().open().build();
+    add_workload(&mut moved, "a", A, IP_A2);
+    dp.apply(moved, &topo);
+    drain_flows(&mut flows);
+    send_from_each_cpu(&a.netns, ip_a, 7100, (ip_b, 6000), b"from the old address");
+    for port in 7100..7100 + cpus as u16 {
+        let f = expect_flow(&mut flows, "a's packet from its old address", |f| {
+            f.src_port == port && f.from_pod
+        });
+        assert!(!f.forwarded, "sent from {port} after the move");
+        assert_eq!(f.drop_reason, drop_reason::SOURCE_SPOOFED);
+    }
+    dp.stop();
+}
+
+/// One datagram from `src`, port `first_port + cpu`, to `to` from a thread
+/// in `ns` pinned to each CPU in turn (a veth runs the peer's ingress on
+/// the sender's CPU, so each CPU's per-CPU state is exercised); how many.
+fn send_from_each_cpu(
+    ns: &str,
+    src: IpAddr,
+    first_port: u16,
+    to: (IpAddr, u16),
+    what: &'static [u8],
+) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for cpu in 0..cpus {
+        in_netns(ns, move || {
+            #[allow(unsafe_code, reason = "sched_setaffinity has no std equivalent")]
+            // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                assert_eq!(rc, 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+            }
+            let s = UdpSocket::bind((src, first_port + cpu as u16)).expect("bind");
+            s.send_to(what, to).expect("send");
+        });
+    }
+    cpus
 }
 
 /// A flow's replies are recognised on their first packet, by the flow's

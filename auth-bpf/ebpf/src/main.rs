@@ -96,7 +96,10 @@ static SCRATCH6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
 /// ipcache write, and, when an update changes the ipcache and the policy
 /// both, also before the policy writes, then waits for the program runs
 /// under way (`Datapath::write_tables`): a memo never outlives what it
-/// remembers by more than a cached verdict does.
+/// remembers by more than a cached verdict does. The slot also remembers,
+/// once the from-pod hook has asked, whether the endpoint map puts the
+/// address behind the interface (the source check); the agent bumps the
+/// epoch after every endpoint map write too.
 #[map(name = "KEYWAY_SUBJECT_MEMO")]
 static SUBJECT_MEMO: PerCpuArray<Memo<u32>> = PerCpuArray::with_max_entries(MEMO_SLOTS, 0);
 #[map(name = "KEYWAY_SUBJECT_MEMO6")]
@@ -112,7 +115,13 @@ struct Memo<A> {
     epoch: u32,
     addr: A,
     value: IpcacheValue,
+    /// [`OWN_UNKNOWN`], [`OWN_YES`] or [`OWN_NO`]: whether `addr` is an
+    /// address of the endpoint behind `ifindex`.
+    own: u32,
 }
+const OWN_UNKNOWN: u32 = 0;
+const OWN_YES: u32 = 1;
+const OWN_NO: u32 = 2;
 #[map(name = "KEYWAY_DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(maps::DROPS_SLOTS, 0);
 
@@ -670,7 +679,7 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
     // maps addresses to identities, so a forged source would otherwise be
     // judged (and reported) as the pod it impersonates. Same-node traffic is
     // redirected past the stack, so rp_filter never sees it.
-    let spoofed = at == hook::FROM_POD && !owns_source(pkt.src_ip, ifindex);
+    let spoofed = at == hook::FROM_POD && !owns_source_memo(pkt.src_ip, ifindex, &cfg);
     // On a bridge, L2 decides which port a frame leaves on, and a pod can
     // answer ARP for another pod's address (or the bridge floods a frame
     // it has not learnt yet): a packet for a bridged endpoint is delivered
@@ -851,7 +860,39 @@ fn subject_of<A: Family>(addr: &A, ifindex: u32, cfg: &Config) -> IpcacheValue {
     m.epoch = cfg.epoch;
     m.addr = *addr;
     m.value = value;
+    m.own = OWN_UNKNOWN;
     value
+}
+
+/// [`owns_source`] through this CPU's memo of the subject at `ifindex`
+/// (see [`SUBJECT_MEMO`]), which a pod's own source is at the from-pod
+/// hook. A source that is not the pod's never takes the slot: a pod
+/// forging addresses would otherwise only evict its own memo.
+#[inline(always)]
+fn owns_source_memo<A: Family>(src: A, ifindex: u32, cfg: &Config) -> bool {
+    if cfg.flags & config_flags::NO_SUBJECT_MEMO != 0 {
+        return owns_source(src, ifindex);
+    }
+    let Some(m) = A::memo(ifindex) else {
+        return owns_source(src, ifindex);
+    };
+    // SAFETY: as in `subject_of`.
+    let m = unsafe { &mut *m };
+    let hit = m.ifindex == ifindex && m.epoch == cfg.epoch && m.addr == src;
+    if hit && m.own != OWN_UNKNOWN {
+        return m.own == OWN_YES;
+    }
+    let own = owns_source(src, ifindex);
+    if hit {
+        m.own = if own { OWN_YES } else { OWN_NO };
+    } else if own {
+        m.ifindex = ifindex;
+        m.epoch = cfg.epoch;
+        m.addr = src;
+        m.value = src.ipcache();
+        m.own = OWN_YES;
+    }
+    own
 }
 
 /// Identities of both ends, the policy entry of the endpoint this hook
