@@ -1182,6 +1182,44 @@ fn a_pod_interface_made_after_the_agent_started_is_covered_on_the_netlink_event(
     dp.stop();
 }
 
+/// An interface detached and at once attached again is guarded, round
+/// after round: `detach` takes the programs off the hook when it returns.
+/// Removing a link's pin alone leaves the kernel to free the link later,
+/// and an attach meanwhile is refused (a program is attached once per
+/// hook), after which the old link goes and nothing is attached.
+#[test]
+fn an_interface_detached_and_attached_again_at_once_stays_guarded() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    topo.add_pod("b", IP_B);
+    let (pin_dir, host_if) = (topo.pin_dir.clone(), a.host_if.clone());
+    let ns = format!("/run/netns/{}", topo.node);
+    let mut dp = std::thread::spawn(move || {
+        enter_netns(&ns);
+        let mut dp = datapath::Datapath::load(DatapathConfig::new(&pin_dir, NODE)).expect("load");
+        for round in 0..200 {
+            dp.attach(&host_if)
+                .unwrap_or_else(|e| panic!("attaching again, round {round}: {e}"));
+            dp.detach(&host_if);
+        }
+        dp
+    })
+    .join()
+    .expect("attach and detach");
+    assert!(ping(&a.netns, IP_B, 2), "detached: nothing judges a's packets");
+    let host_if = a.host_if.clone();
+    let ns = format!("/run/netns/{}", topo.node);
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        dp.attach(&host_if).expect("attach");
+        dp
+    })
+    .join()
+    .expect("attach");
+    // No tables: a is no one the programs know, and nothing allows it.
+    assert!(!ping(&a.netns, IP_B, 1), "attached: a's packets are judged");
+}
+
 /// Every flap of a pod's link is an rtnetlink message to the node (the
 /// host veth's carrier): a pod flapping its own link as fast as it can
 /// must not keep the agent scanning without pause. Scans come at most once

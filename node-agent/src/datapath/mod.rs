@@ -551,21 +551,32 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches both programs from `iface` (its pinned links are removed).
+    /// Detaches both programs from `iface`, at once (see
+    /// [`sys::detach_pinned_link`]), and removes their pinned links.
     pub fn detach(&mut self, iface: &str) {
-        self.remove_link_pins(|name| name.starts_with(&format!("{iface}@")));
+        let prefix = format!("{iface}@");
+        for path in self.link_pins(|name| name.starts_with(&prefix)) {
+            if let Err(e) = sys::detach_pinned_link(&path) {
+                warn!(iface, link = %path.display(), error = %e, "detaching a link; its removal detaches it later");
+            }
+            let _ = std::fs::remove_file(&path);
+        }
         self.status.attached.remove(iface);
     }
 
-    fn remove_link_pins(&self, matches: impl Fn(&str) -> bool) {
+    fn link_pins(&self, matches: impl Fn(&str) -> bool) -> Vec<PathBuf> {
         let Ok(dir) = std::fs::read_dir(self.cfg.pin_dir.join("links")) else {
-            return;
+            return Vec::new();
         };
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if matches(&name) {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        dir.flatten()
+            .filter(|entry| matches(&entry.file_name().to_string_lossy()))
+            .map(|entry| entry.path())
+            .collect()
+    }
+
+    fn remove_link_pins(&self, matches: impl Fn(&str) -> bool) {
+        for path in self.link_pins(matches) {
+            let _ = std::fs::remove_file(path);
         }
     }
 

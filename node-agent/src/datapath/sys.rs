@@ -54,6 +54,71 @@ pub fn wait_for_program_runs() {
     }
 }
 
+/// Detaches the BPF link pinned at `path` from its hook now
+/// (`BPF_LINK_DETACH`). Removing the pin alone drops the last reference,
+/// and the kernel frees the link later, from a work queue: an interface
+/// detached and attached again straight after would still hold the old
+/// link, the new attach would be refused (a program is attached once per
+/// hook), and then the old link would go, leaving nothing attached. The
+/// pin stays for the caller to remove.
+pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    // The leading fields of `union bpf_attr` for each command; the kernel
+    // takes the rest as zero.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let get = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    #[allow(unsafe_code, reason = "bpf(2) has no std equivalent")]
+    // SAFETY: bpf(BPF_OBJ_GET) reads the attr of the size given, whose
+    // path is a NUL-terminated string alive for the call; it returns a new
+    // descriptor, owned from here on.
+    let link = unsafe {
+        let fd = libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd as i32)
+    };
+    let detach = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    #[allow(unsafe_code, reason = "bpf(2) has no std equivalent")]
+    // SAFETY: bpf(BPF_LINK_DETACH) reads the attr of the size given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &detach as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether the running kernel is PREEMPT_RT (`/sys/kernel/realtime` reads 1).
 pub fn is_realtime() -> bool {
     std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1")
