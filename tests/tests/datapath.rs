@@ -1220,6 +1220,58 @@ fn an_interface_detached_and_attached_again_at_once_stays_guarded() {
     assert!(!ping(&a.netns, IP_B, 1), "attached: a's packets are judged");
 }
 
+/// A program taken off a pod's interface by another tool (`bpftool link
+/// detach`, here the same call) leaves that side unguarded until the next
+/// scan, which attaches it again; the other program stays on its hook.
+#[test]
+fn a_program_another_tool_detached_is_attached_again_on_the_next_scan() {
+    let mut topo = Topology::new();
+    let a = topo.add_pod("a", IP_A);
+    let b = topo.add_pod("b", IP_B);
+    // b admits no one; a sends anything.
+    let state = StateBuilder::new()
+        .default_allow(A, INGRESS)
+        .default_allow(A, EGRESS)
+        .default_allow(B, EGRESS)
+        .rule((B, R, 9999, UDP, INGRESS), false, "default/b-from-r ingress[0]")
+        .build();
+    let ns = format!("/run/netns/{}", topo.node);
+    let in_node = |dp: Option<datapath::Datapath>| {
+        let (ns, pin_dir, state) = (ns.clone(), topo.pin_dir.clone(), state.clone());
+        std::thread::spawn(move || {
+            enter_netns(&ns);
+            let mut dp = dp.unwrap_or_else(|| {
+                let mut dp = datapath::Datapath::load(DatapathConfig::new(&pin_dir, NODE)).expect("load");
+                dp.apply_tables(&state).expect("tables");
+                dp
+            });
+            dp.apply_endpoints(&state).expect("a scan");
+            dp
+        })
+        .join()
+        .expect("in the node")
+    };
+    let dp = in_node(None);
+    assert!(!ping(&a.netns, IP_B, 1), "b admits no one");
+
+    let name = b.host_if.clone();
+    let index = in_netns(&topo.node, move || datapath::ifindex(&name).expect("b's veth"));
+    let pin = |suffix: &str| {
+        topo.pin_dir
+            .join("links")
+            .join(format!("{}@{index}@{suffix}", b.host_if))
+    };
+    datapath::detach_pinned_link(&pin("to-pod")).expect("detaching b's to-pod link");
+    assert!(
+        ping(&a.netns, IP_B, 2),
+        "b's side unguarded: nothing judges a's ping there"
+    );
+
+    let _dp = in_node(Some(dp));
+    assert!(!ping(&a.netns, IP_B, 1), "attached again: b admits no one");
+    assert!(pin("from-pod").exists() && pin("to-pod").exists());
+}
+
 /// Every flap of a pod's link is an rtnetlink message to the node (the
 /// host veth's carrier): a pod flapping its own link as fast as it can
 /// must not keep the agent scanning without pause. Scans come at most once

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 pub use auth_map::{AuthMap, MemoryAuthMap, PinnedAuthMap};
 pub use events::{Flow, FlowKind, MissingAuth};
-pub use sys::{ifindex, kernel_clock_lag_ns, monotonic_ns};
+pub use sys::{detach_pinned_link, ifindex, kernel_clock_lag_ns, monotonic_ns};
 
 use crate::state::NodeState;
 use tables::{MapDiff, Tables, diff, ip_key, ip6_key};
@@ -926,9 +926,12 @@ impl Datapath {
             .filter(|i| ifaces.contains(*i) && !programs_attached(i))
             .cloned()
             .collect();
+        // Attached again below, in place: the program still there keeps its
+        // link (swapped, never off the hook), the missing one is attached
+        // afresh.
         for iface in lost {
             warn!(iface = %iface, "the datapath's programs are no longer attached here; attaching again");
-            self.detach(&iface);
+            self.status.attached.remove(&iface);
         }
         let gone: Vec<String> = self.status.attached.difference(&ifaces).cloned().collect();
         for iface in gone {
@@ -956,27 +959,34 @@ impl Datapath {
         }
         let d = diff(&old, &desired);
         let changed = !d.is_empty();
-        for (k, v) in d.upserts {
-            match k {
-                IpAddr::V4(ip) => self
-                    .endpoints
-                    .insert(ip_key(ip), v, 0)
-                    .map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?,
-                IpAddr::V6(ip) => self
-                    .endpoints6
-                    .insert(ip6_key(ip), v, 0)
-                    .map_err(|e| DatapathError::map(maps::ENDPOINTS6, e))?,
+        let (endpoints, endpoints6) = (&mut self.endpoints, &mut self.endpoints6);
+        let written = (|| {
+            for (k, v) in d.upserts {
+                match k {
+                    IpAddr::V4(ip) => endpoints
+                        .insert(ip_key(ip), v, 0)
+                        .map_err(|e| DatapathError::map(maps::ENDPOINTS, e))?,
+                    IpAddr::V6(ip) => endpoints6
+                        .insert(ip6_key(ip), v, 0)
+                        .map_err(|e| DatapathError::map(maps::ENDPOINTS6, e))?,
+                }
             }
-        }
-        for k in d.deletes {
-            let _ = match k {
-                IpAddr::V4(ip) => self.endpoints.remove(&ip_key(ip)),
-                IpAddr::V6(ip) => self.endpoints6.remove(&ip6_key(ip)),
-            };
-        }
+            for k in d.deletes {
+                let _ = match k {
+                    IpAddr::V4(ip) => endpoints.remove(&ip_key(ip)),
+                    IpAddr::V6(ip) => endpoints6.remove(&ip6_key(ip)),
+                };
+            }
+            Ok(())
+        })();
+        // Also when a write failed half-way: the programs' memo of who owns
+        // which address (and every cached verdict) must not outlive what
+        // was written, and the next scan reads the map again and sees no
+        // change to bump for.
         if changed {
             self.config.bump_epoch()?;
         }
+        written?;
         self.status.endpoints = desired.iter().map(|(k, v)| (*k, *v)).collect();
         self.status.unresolved = unresolved;
         self.endpoints_applied = Some(desired);
