@@ -1987,8 +1987,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
          from the flow table. \"Full evaluation\" sets `NO_VERDICT_CACHE`: both ipcache reads (the \
          subject's, the endpoint behind the interface, from the programs' per-CPU memo of the last one read \
          there in this epoch, except in the rows that say the memo is off), the \
-         policy lookups, the auth lookup and the kernel time (tick resolution) on every packet and the flow-table \
-         lookup, plus whatever flow-table writes the program does on that path (LRU hash updates cost \
+         policy lookups, the auth lookup and the flow-table lookup on every packet, the kernel time (tick \
+         resolution) where something needs it (an auth expiry, a drop's report interval), plus whatever flow-table writes the program does on that path (LRU hash updates cost \
          more than lookups; a flow's first packet is measured apart, below). Every run's return value is checked (OK for the allowed \
          packets, SHOT for the miss), so each variant measures the path it names.\n\n",
     );
@@ -2209,19 +2209,24 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         );
     }
     // The source check: one endpoint-map lookup at the from-pod hook on a
-    // flow's first packet (and whenever its verdict is evaluated again);
-    // established flows pay nothing, the interface being in the flow key.
+    // pod's first full evaluation in an epoch on a CPU, the subject memo
+    // after; established flows pay nothing, the interface being in the
+    // flow key.
     let check = get(100_000, SOURCE_CHECK) - get(100_000, PARSE_ONLY);
     s.push_str(&format!(
         "**Source check** (from-pod: the sender's address must be the endpoint's own on that interface): \
          a program doing only the parse and the check costs {:+.0} ns above the empty program, the parse \
-         alone {:+.0} ns, so the check itself is **{check:.0} ns** per full evaluation, {:.0}% of the \
-         from-pod full evaluation ({:+.0} ns) in this run; established flows do not pay it (the interface \
-         is part of the flow key). A forged packet is dropped after the parse and that lookup ({:+.0} ns).\n\n",
+         alone {:+.0} ns, so the check reading the endpoint map is **{check:.0} ns**. A pod's first full \
+         evaluation in an epoch on a CPU pays it; later ones find the answer in the subject memo, beside \
+         the subject's ipcache read (the from-pod full evaluation, {:+.0} ns in this run). Established \
+         flows do not pay it (the interface is part of the flow key). A forged packet is dropped after the \
+         parse and that lookup ({:+.0} ns); a forged source never takes the memo.\n\n",
         get(100_000, SOURCE_CHECK),
         get(100_000, PARSE_ONLY),
-        100.0 * check / get(100_000, "from-pod: source check + full evaluation, exact key (cache off)"),
-        get(100_000, "from-pod: source check + full evaluation, exact key (cache off)"),
+        get(
+            100_000,
+            "from-pod: source check + full evaluation, exact key (cache off)"
+        ),
         get(100_000, "from-pod: forged source, dropped source-spoofed"),
     ));
     // Flow capture on vs off, same run, same tables: the per-packet cost of
