@@ -854,14 +854,19 @@ fn subject_of<A: Family>(addr: &A, ifindex: u32, cfg: &Config) -> IpcacheValue {
         return m.value;
     }
     let value = addr.ipcache();
-    // Field by field: a whole `Memo` built first would take stack the IPv6
-    // programs do not have.
-    m.ifindex = ifindex;
-    m.epoch = cfg.epoch;
-    m.addr = *addr;
-    m.value = value;
-    m.own = OWN_UNKNOWN;
+    memo_fill(m, ifindex, cfg.epoch, *addr, value, OWN_UNKNOWN);
     value
+}
+
+/// Makes `m` remember `addr` at `ifindex` in `epoch`. Field by field: a
+/// whole `Memo` built first would take stack the IPv6 programs do not have.
+#[inline(always)]
+fn memo_fill<A: Family>(m: &mut Memo<A>, ifindex: u32, epoch: u32, addr: A, value: IpcacheValue, own: u32) {
+    m.ifindex = ifindex;
+    m.epoch = epoch;
+    m.addr = addr;
+    m.value = value;
+    m.own = own;
 }
 
 /// [`owns_source`] through this CPU's memo of the subject at `ifindex`
@@ -886,11 +891,7 @@ fn owns_source_memo<A: Family>(src: A, ifindex: u32, cfg: &Config) -> bool {
     if hit {
         m.own = if own { OWN_YES } else { OWN_NO };
     } else if own {
-        m.ifindex = ifindex;
-        m.epoch = cfg.epoch;
-        m.addr = src;
-        m.value = src.ipcache();
-        m.own = OWN_YES;
+        memo_fill(m, ifindex, cfg.epoch, src, src.ipcache(), OWN_YES);
     }
     own
 }

@@ -66,8 +66,6 @@ pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
-    // The leading fields of `union bpf_attr` for each command; the kernel
-    // takes the rest as zero.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -84,39 +82,31 @@ pub fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
         bpf_fd: 0,
         file_flags: 0,
     };
+    // The path is a NUL-terminated string alive for the call.
+    let fd = bpf(BPF_OBJ_GET, &get)?;
+    #[allow(unsafe_code, reason = "taking ownership of the descriptor bpf(2) returned")]
+    // SAFETY: BPF_OBJ_GET returns a new descriptor, owned from here on.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    bpf(
+        BPF_LINK_DETACH,
+        &LinkDetach {
+            link_fd: link.as_raw_fd() as u32,
+        },
+    )?;
+    Ok(())
+}
+
+/// bpf(2) with `cmd` and `attr`, the leading fields of its `union
+/// bpf_attr` (the kernel takes the rest as zero).
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
     #[allow(unsafe_code, reason = "bpf(2) has no std equivalent")]
-    // SAFETY: bpf(BPF_OBJ_GET) reads the attr of the size given, whose
-    // path is a NUL-terminated string alive for the call; it returns a new
-    // descriptor, owned from here on.
-    let link = unsafe {
-        let fd = libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        );
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        OwnedFd::from_raw_fd(fd as i32)
-    };
-    let detach = LinkDetach {
-        link_fd: link.as_raw_fd() as u32,
-    };
-    #[allow(unsafe_code, reason = "bpf(2) has no std equivalent")]
-    // SAFETY: bpf(BPF_LINK_DETACH) reads the attr of the size given.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &detach as *const LinkDetach,
-            std::mem::size_of::<LinkDetach>(),
-        )
-    };
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of `attr`, alive for
+    // the call; pointers inside it are the caller's to keep valid.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 /// Whether the running kernel is PREEMPT_RT (`/sys/kernel/realtime` reads 1).
