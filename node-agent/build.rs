@@ -17,7 +17,13 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("node-agent has a parent directory")?;
     let ebpf = root.join("auth-bpf/ebpf");
-    for p in ["src", "Cargo.toml", "Cargo.lock", "rust-toolchain.toml"] {
+    for p in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "rust-toolchain.toml",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf.join(p).display());
     }
     for p in ["src", "Cargo.toml"] {

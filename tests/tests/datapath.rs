@@ -789,10 +789,17 @@ fn a_pair_still_unauthenticated_is_signalled_again_once_the_interval_has_passed(
     let sent = datapath::monotonic_ns();
     sa.send_to(b"first", (ip_b, 5353)).expect("send");
     let first = signal();
-    // The programs read the coarse clock: up to a tick behind.
+    let received = datapath::monotonic_ns();
+    // The programs' clock is this one at tick resolution (jiffies, tied to
+    // it when they were loaded): up to a tick behind, never ahead.
     assert!(
         first.at_ns + 50_000_000 >= sent,
         "the signal carries the drop's time: {} long before {sent}",
+        first.at_ns
+    );
+    assert!(
+        first.at_ns <= received,
+        "the programs' clock is ahead of CLOCK_MONOTONIC: a drop at {} seen at {received}",
         first.at_ns
     );
     // Past the interval on the programs' clock too, a tick behind this one.

@@ -7,9 +7,9 @@
 //! IPv4 packets pay nothing for IPv6). Addresses are in network byte order,
 //! as they sit in the packet: an IPv4 address is a `u32` read from memory,
 //! an IPv6 one an [`Ipv6Key`]. Ports likewise. Times are `CLOCK_MONOTONIC`
-//! nanoseconds, read in the kernel at tick resolution
-//! (`bpf_ktime_get_coarse_ns`; the agent writes auth expiries one tick
-//! early, see `node_agent::datapath::kernel_clock_lag_ns`).
+//! nanoseconds, read in the kernel at tick resolution (from jiffies, see
+//! [`Config::jiffy_ns`]; the agent writes auth expiries one tick early, see
+//! `node_agent::datapath::kernel_clock_lag_ns`).
 #![no_std]
 
 /// Numeric security identities as the datapath sees them (DESIGN.md section 2).
@@ -211,6 +211,14 @@ pub struct Config {
     pub signal_interval_ns: u64,
     /// At most one drop event per flow per this many nanoseconds.
     pub flow_report_interval_ns: u64,
+    /// The programs' clock is `jiffies * jiffy_ns + clock_base_ns`
+    /// (wrapping): `CLOCK_MONOTONIC` at tick resolution, read without a
+    /// helper call. `jiffy_ns` is the tick (`clock_getres` of
+    /// `CLOCK_MONOTONIC_COARSE`), and the agent measures `clock_base_ns`
+    /// when it loads the programs. 0 (not measured): the programs read
+    /// `bpf_ktime_get_coarse_ns`, the same clock.
+    pub jiffy_ns: u64,
+    pub clock_base_ns: u64,
 }
 
 /// Key of the flow table: one direction of one flow at one hook of one
@@ -267,8 +275,12 @@ pub struct FlowKey6 {
     pub ifindex: u32,
 }
 
-/// An IPv6 address as the maps key it: the packet's 16 bytes.
-#[repr(C)]
+/// An IPv6 address as the maps key it: the packet's 16 bytes. Aligned to
+/// four so that the programs move and compare it as four 32-bit words (BPF
+/// has no unaligned loads: a byte array on its own is copied a byte at a
+/// time); every structure holding one already has it at a multiple of four,
+/// so no layout changes.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Ipv6Key {
     pub addr: [u8; 16],
@@ -849,7 +861,8 @@ mod tests {
         assert_eq!(offset_of!(FlowEvent, auth_required), 65);
         assert_eq!(offset_of!(FlowEvent, family), 66);
         assert_eq!(align_of::<FlowEvent>(), 8);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(offset_of!(Config, jiffy_ns), 24);
         assert_eq!(offset_of!(Config, signal_interval_ns), 8);
         assert_eq!(size_of::<FlowKey>(), 20);
         assert_eq!(offset_of!(FlowKey, proto), 12);
@@ -862,6 +875,7 @@ mod tests {
         assert_eq!(offset_of!(FlowState, src_identity), 32);
         assert_eq!(size_of::<Ipv4LpmKey>(), 4);
         assert_eq!(size_of::<Ipv6Key>(), 16);
+        assert_eq!(align_of::<Ipv6Key>(), 4);
         assert_eq!(size_of::<FlowKey6>(), 44);
         assert_eq!(offset_of!(FlowKey6, src_port), 32);
         assert_eq!(offset_of!(FlowKey6, proto), 36);

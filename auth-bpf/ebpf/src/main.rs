@@ -24,11 +24,15 @@
 //! policy.
 #![no_std]
 #![no_main]
+// BPF load instructions written out, for packet reads the compiler would
+// otherwise split into bytes (see `load_ipv6`).
+#![feature(asm_experimental_arch)]
 
 use core::mem::size_of;
 
 use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::r#gen::bpf_jiffies64;
 use aya_ebpf::helpers::r#gen::bpf_redirect_neigh;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::Key;
@@ -181,10 +185,13 @@ pub fn keyway_source_check(ctx: TcContext) -> i32 {
             Ok(pkt) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
             _ => TC_ACT_SHOT as i32,
         },
-        Ok(ETH_P_IPV6) => match parse6(&ctx, hook::FROM_POD) {
-            Ok(Parsed6::Packet(pkt)) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
-            _ => TC_ACT_SHOT as i32,
-        },
+        Ok(ETH_P_IPV6) => {
+            let mut pkt = unparsed6();
+            match parse6(&ctx, hook::FROM_POD, &mut pkt) {
+                Ok(Parsed6::Packet) if owns_source(pkt.src_ip, ifindex) => TC_ACT_OK as i32,
+                _ => TC_ACT_SHOT as i32,
+            }
+        }
         _ => TC_ACT_SHOT as i32,
     }
 }
@@ -194,9 +201,37 @@ pub fn keyway_source_check(ctx: TcContext) -> i32 {
 pub fn keyway_parse_only(ctx: TcContext) -> i32 {
     match ethertype(&ctx) {
         Ok(ETH_P_IP) if parse4(&ctx).is_ok() => TC_ACT_OK as i32,
-        Ok(ETH_P_IPV6) if matches!(parse6(&ctx, hook::FROM_POD), Ok(Parsed6::Packet(_))) => TC_ACT_OK as i32,
+        Ok(ETH_P_IPV6)
+            if matches!(
+                parse6(&ctx, hook::FROM_POD, &mut unparsed6()),
+                Ok(Parsed6::Packet)
+            ) =>
+        {
+            TC_ACT_OK as i32
+        }
         _ => TC_ACT_SHOT as i32,
     }
+}
+
+/// Never attached: the agent runs it (BPF_PROG_TEST_RUN) to tie jiffies
+/// to `CLOCK_MONOTONIC` (see [`kernel_ns`]). Writes the coarse monotonic
+/// clock, jiffies, and the coarse clock again over the first 24 bytes of the
+/// packet it is given; a tick fell between the reads when the two clock
+/// readings differ.
+#[classifier]
+pub fn keyway_clock(ctx: TcContext) -> i32 {
+    let Some(p) = ptr_at::<[u64; 3]>(&ctx, 0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: 24 bytes within the packet (checked just above), which a TC
+    // program may write.
+    unsafe {
+        let before = bpf_ktime_get_coarse_ns();
+        let jiffies = bpf_jiffies64();
+        let after = bpf_ktime_get_coarse_ns();
+        *(p as *mut [u64; 3]) = [before, jiffies, after];
+    }
+    TC_ACT_OK as i32
 }
 
 /// An address family: its address type and the maps keyed by it. Every
@@ -218,6 +253,8 @@ trait Family: Copy + PartialEq {
     fn endpoint(self) -> Option<&'static EndpointInfo>;
     /// The address as a flow event carries it.
     fn event_bytes(self) -> [u8; 16];
+    /// `self == other`, word by word and without branches.
+    fn same(&self, other: &Self) -> bool;
 }
 
 const WORLD: IpcacheValue = IpcacheValue {
@@ -245,10 +282,10 @@ impl Family for u32 {
     #[inline(always)]
     fn ipcache(self) -> IpcacheValue {
         if let Some(v) = unsafe { IPCACHE.get(&self) } {
-            return *v;
+            return copy_ipcache(v);
         }
         match IPCACHE_LPM.get(&Key::new(32, Ipv4LpmKey { addr: self })) {
-            Some(v) => *v,
+            Some(v) => copy_ipcache(v),
             None => WORLD,
         }
     }
@@ -267,6 +304,11 @@ impl Family for u32 {
     fn event_bytes(self) -> [u8; 16] {
         let b = self.to_ne_bytes();
         [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    }
+
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        self == other
     }
 }
 
@@ -289,10 +331,10 @@ impl Family for Ipv6Key {
     #[inline(always)]
     fn ipcache(self) -> IpcacheValue {
         if let Some(v) = unsafe { IPCACHE6.get(&self) } {
-            return *v;
+            return copy_ipcache(v);
         }
         match IPCACHE6_LPM.get(&Key::new(128, self)) {
-            Some(v) => *v,
+            Some(v) => copy_ipcache(v),
             None => WORLD,
         }
     }
@@ -310,6 +352,84 @@ impl Family for Ipv6Key {
     #[inline(always)]
     fn event_bytes(self) -> [u8; 16] {
         self.addr
+    }
+
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        let (a, b) = (words(self), words(other));
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+    }
+}
+
+/// An ipcache value read out of its map, field by field: a whole-value copy
+/// is split at the padding byte, and the nine bytes from there on are
+/// copied one at a time.
+#[inline(always)]
+fn copy_ipcache(v: &IpcacheValue) -> IpcacheValue {
+    IpcacheValue {
+        identity: v.identity,
+        node_id: v.node_id,
+        absent: v.absent,
+        _pad: 0,
+        unnamed_by: v.unnamed_by,
+    }
+}
+
+/// An IPv6 key as the four 32-bit words it is moved and compared in (the
+/// bytes in memory order).
+#[inline(always)]
+fn words(k: &Ipv6Key) -> [u32; 4] {
+    // SAFETY: `Ipv6Key` is 16 bytes aligned to 4, with no padding.
+    unsafe { *(k as *const Ipv6Key as *const [u32; 4]) }
+}
+
+/// The 4 packet bytes at `p` as a `u32` in memory order, in one load (see
+/// [`load_ipv6`]: an IPv4 header's addresses are at 26 and 30 into the
+/// frame, 28 and 32 as the verifier models it).
+#[inline(always)]
+unsafe fn load_u32(p: *const u8) -> u32 {
+    let v: u64;
+    // SAFETY: a load only, of bytes the caller vouches for.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u32 *)({p} + 0)",
+            p = in(reg) p,
+            v = out(reg) v,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    v as u32
+}
+
+/// The IPv6 address in the 16 packet bytes at `p`, read in four 32-bit
+/// loads. The caller has checked that they are within the packet (the
+/// verifier checks it too). Written as BPF instructions because Rust cannot
+/// know the alignment: `read_unaligned` of the bytes compiles to sixteen
+/// byte loads on a target without unaligned access. The kernel takes
+/// unaligned packet loads where the architecture handles them, and where it
+/// does not, it checks alignment as if the IP header were 4-byte aligned
+/// (NET_IP_ALIGN), which puts every address this is used on at a multiple
+/// of four: the IPv6 header's at 22 and 38 into the frame, an ICMPv6 error's
+/// quoted ones at 70 and 86.
+#[inline(always)]
+unsafe fn load_ipv6(p: *const u8) -> Ipv6Key {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: loads only, of bytes the caller vouches for.
+    unsafe {
+        core::arch::asm!(
+            "{a} = *(u32 *)({p} + 0)",
+            "{b} = *(u32 *)({p} + 4)",
+            "{c} = *(u32 *)({p} + 8)",
+            "{d} = *(u32 *)({p} + 12)",
+            p = in(reg) p,
+            a = out(reg) a,
+            b = out(reg) b,
+            c = out(reg) c,
+            d = out(reg) d,
+            options(nostack, readonly, preserves_flags),
+        );
+        // SAFETY: four words are an `Ipv6Key` (16 bytes, aligned to 4).
+        core::mem::transmute::<[u32; 4], Ipv6Key>([a as u32, b as u32, c as u32, d as u32])
     }
 }
 
@@ -389,14 +509,32 @@ impl<A: Family> Packet<A> {
     }
 }
 
+/// An IPv6 packet for `parse6` to fill in: all zero, so that every field
+/// is defined whatever it finds. (A packet returned inside an enum is
+/// undefined on the enum's other paths, and the compiler may spill those
+/// registers unset there, which the verifier refuses.)
+#[inline(always)]
+fn unparsed6() -> Packet<Ipv6Key> {
+    Packet {
+        src_ip: Ipv6Key::default(),
+        dst_ip: Ipv6Key::default(),
+        src_port: 0,
+        dst_port: 0,
+        proto: 0,
+        icmp: 0,
+        echo_id: 0,
+    }
+}
+
 /// What `parse6` found.
 enum Parsed6 {
-    Packet(Packet<Ipv6Key>),
+    /// A packet to judge, in the `Packet` it was given.
+    Packet,
     /// IPv6 link-scope control that stays on the link: neighbour discovery
-    /// and router messages (hop limit 255) or MLD (hop limit 1), with the
-    /// address it speaks for (a neighbour advertisement's target, else the
-    /// source). Never judged by policy (see [`link_control`]).
-    LinkControl(Ipv6Key),
+    /// and router messages (hop limit 255) or MLD (hop limit 1), never
+    /// judged by policy: [`link_control`]'s verdict on the address it
+    /// speaks for (a neighbour advertisement's target, else the source).
+    LinkControl(i32),
 }
 
 /// The outcome of a full evaluation.
@@ -471,15 +609,16 @@ fn run4(ctx: &TcContext, at: u8) -> i32 {
 
 #[inline(always)]
 fn run6(ctx: &TcContext, at: u8) -> i32 {
-    match parse6(ctx, at) {
-        Ok(Parsed6::Packet(pkt)) => {
+    let mut pkt = unparsed6();
+    match parse6(ctx, at, &mut pkt) {
+        Ok(Parsed6::Packet) => {
             let cfg = config();
             if at == hook::TO_POD && pkt.proto == IPPROTO_ICMPV6 && related6(ctx, &cfg, &pkt) {
                 return TC_ACT_OK as i32;
             }
             judge(ctx, at, &cfg, pkt)
         }
-        Ok(Parsed6::LinkControl(src)) => link_control(ctx, at, src),
+        Ok(Parsed6::LinkControl(verdict)) => verdict,
         Err(reason) => shot(reason),
     }
 }
@@ -601,13 +740,12 @@ fn related6(ctx: &TcContext, cfg: &Config, pkt: &Packet<Ipv6Key>) -> bool {
     // SAFETY: `q` is within the packet (checked by `ptr_at`); `k` is this
     // CPU's scratch slot (see `flow_key6`).
     unsafe {
-        let src = core::ptr::read_unaligned(q.add(16) as *const [u64; 2]);
-        let to = core::ptr::read_unaligned(pkt.dst_ip.addr.as_ptr() as *const [u64; 2]);
-        if src[0] != to[0] || src[1] != to[1] {
+        let src = load_ipv6(q.add(16));
+        if !src.same(&pkt.dst_ip) {
             return false;
         }
-        (*k).src_ip.addr = core::ptr::read_unaligned(q.add(16) as *const [u8; 16]);
-        (*k).dst_ip.addr = core::ptr::read_unaligned(q.add(32) as *const [u8; 16]);
+        (*k).src_ip = src;
+        (*k).dst_ip = load_ipv6(q.add(32));
         // An echo request's key has its identifier in both ports.
         let (sport, dport) = if echo { (52, 52) } else { (48, 50) };
         (*k).src_port = core::ptr::read_unaligned(q.add(sport) as *const u16);
@@ -632,7 +770,7 @@ fn live(cfg: &Config, st: Option<*mut FlowState>) -> bool {
     };
     // SAFETY: from a successful map lookup, valid for this program run.
     let (forwarded, epoch, expiry) = unsafe { ((*st).forwarded, (*st).epoch, (*st).auth_expiry_ns) };
-    forwarded == 1 && epoch == cfg.epoch && (expiry == 0 || unsafe { bpf_ktime_get_coarse_ns() } < expiry)
+    forwarded == 1 && epoch == cfg.epoch && (expiry == 0 || kernel_ns(cfg) < expiry)
 }
 
 #[inline(always)]
@@ -664,7 +802,7 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
             if prev.auth_expiry_ns == 0 {
                 return forward(prev.redirect_ifindex);
             }
-            now = unsafe { bpf_ktime_get_coarse_ns() };
+            now = kernel_ns(&cfg);
             if now < prev.auth_expiry_ns {
                 return forward(prev.redirect_ifindex);
             }
@@ -754,7 +892,8 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
         if is_reply { 0 } else { flow_kind::NEW }
     } else if changed {
         flow_kind::VERDICT_CHANGE
-    } else if !v.forwarded && clock(&mut now).wrapping_sub(prev.last_report_ns) >= cfg.flow_report_interval_ns
+    } else if !v.forwarded
+        && clock(&cfg, &mut now).wrapping_sub(prev.last_report_ns) >= cfg.flow_report_interval_ns
     {
         flow_kind::DROP
     } else {
@@ -762,10 +901,10 @@ fn judge<A: Family>(ctx: &TcContext, at: u8, cfg: &Config, pkt: Packet<A>) -> i3
     };
     let mut last_report_ns = prev.last_report_ns;
     if kind != 0 && cfg.flags & config_flags::FLOW_CAPTURE != 0 {
-        emit_flow(ifindex, &pkt, &v, kind, at, clock(&mut now));
+        emit_flow(ifindex, &pkt, &v, kind, at, clock(&cfg, &mut now));
         last_report_ns = now;
     } else if kind != 0 {
-        last_report_ns = clock(&mut now);
+        last_report_ns = clock(&cfg, &mut now);
     }
     let state = FlowState {
         epoch: cfg.epoch,
@@ -816,14 +955,49 @@ fn allowed_other_way<A: Family>(pkt: &Packet<A>, at: u8, ifindex: u32) -> bool {
     }
 }
 
-/// The kernel's coarse monotonic clock, read into `now` the first time a
-/// run needs it (0: not yet).
+/// [`kernel_ns`], read into `now` the first time a run needs it (0: not
+/// yet).
 #[inline(always)]
-fn clock(now: &mut u64) -> u64 {
+fn clock(cfg: &Config, now: &mut u64) -> u64 {
     if *now == 0 {
-        *now = unsafe { bpf_ktime_get_coarse_ns() };
+        *now = kernel_ns(cfg);
     }
     *now
+}
+
+/// The datapath's clock: `CLOCK_MONOTONIC` at tick resolution, what the
+/// agent writes auth expiries in. From jiffies, as the agent has tied them
+/// to that clock (`Config::jiffy_ns`): the verifier turns `bpf_jiffies64`
+/// into one load, where a helper call (`bpf_ktime_get_coarse_ns`) costs as
+/// much as a map lookup. Both move at the tick, from the same update: the
+/// kernel advances jiffies by one per `jiffy_ns` of monotonic time. The
+/// agent writes the tie before it attaches a program. Without it (a zero
+/// `jiffy_ns`) the clock reads the end of time: every auth entry has
+/// expired, and nothing that needs one passes.
+#[inline(always)]
+fn kernel_ns(cfg: &Config) -> u64 {
+    let jiffies = unsafe { bpf_jiffies64() };
+    let j = cfg.jiffy_ns;
+    // All ones when `j` is 0, else 0 (`j | -j` has the top bit set for any
+    // other value). Written out as instructions: the compiler turns the
+    // same arithmetic in Rust back into a branch, one more path for the
+    // verifier through everything after each read of the clock.
+    let unset: u64;
+    // SAFETY: register arithmetic only.
+    unsafe {
+        core::arch::asm!(
+            "{u} = {j}",
+            "{u} = -{u}",
+            "{u} |= {j}",
+            "{u} >>= 63",
+            "{u} ^= 1",
+            "{u} = -{u}",
+            j = in(reg) j,
+            u = out(reg) unset,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    jiffies.wrapping_mul(j).wrapping_add(cfg.clock_base_ns) | unset
 }
 
 #[inline(always)]
@@ -850,7 +1024,7 @@ fn subject_of<A: Family>(addr: &A, ifindex: u32, cfg: &Config) -> IpcacheValue {
     // migrate, and no other run on this CPU interleaves with it (the
     // per-CPU scratch maps rely on the same).
     let m = unsafe { &mut *m };
-    if m.ifindex == ifindex && m.epoch == cfg.epoch && m.addr == *addr {
+    if m.ifindex == ifindex && m.epoch == cfg.epoch && m.addr.same(addr) {
         return m.value;
     }
     let value = addr.ipcache();
@@ -883,7 +1057,7 @@ fn owns_source_memo<A: Family>(src: A, ifindex: u32, cfg: &Config) -> bool {
     };
     // SAFETY: as in `subject_of`.
     let m = unsafe { &mut *m };
-    let hit = m.ifindex == ifindex && m.epoch == cfg.epoch && m.addr == src;
+    let hit = m.ifindex == ifindex && m.epoch == cfg.epoch && m.addr.same(&src);
     if hit && m.own != OWN_UNKNOWN {
         return m.own == OWN_YES;
     }
@@ -968,7 +1142,7 @@ fn evaluate<A: Family>(
     };
     if let Some(a) = unsafe { AUTH.get(&akey) } {
         let expiry = a.expiry_ns;
-        if clock(now) < expiry {
+        if clock(cfg, now) < expiry {
             v.forwarded = true;
             v.reason = drop_reason::NONE;
             v.auth_expiry_ns = expiry;
@@ -977,7 +1151,7 @@ fn evaluate<A: Family>(
     }
     v.reason = drop_reason::AUTH_REQUIRED;
     if signal {
-        signal_missing_auth(cfg, &akey, clock(now));
+        signal_missing_auth(cfg, &akey, clock(cfg, now));
     }
     v
 }
@@ -1068,7 +1242,7 @@ fn link_control(ctx: &TcContext, at: u8, claim: Ipv6Key) -> i32 {
         return TC_ACT_OK as i32;
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let ok = if is_link_scope(&claim) || claim.addr == [0; 16] {
+    let ok = if is_link_scope(&claim) || claim.same(&Ipv6Key::default()) {
         match unsafe { PORTS.get(&ifindex) } {
             // A routed pod's interface, which no bridge learns from.
             Some(port) if port.flags & endpoint_flags::ROUTED != 0 => true,
@@ -1320,10 +1494,7 @@ fn parse4(ctx: &TcContext) -> Result<Packet<u32>, u8> {
     }
     let (src_ip, dst_ip) = unsafe {
         let h = ip as *const u8;
-        (
-            core::ptr::read_unaligned(h.add(12) as *const u32),
-            core::ptr::read_unaligned(h.add(16) as *const u32),
-        )
+        (load_u32(h.add(12)), load_u32(h.add(16)))
     };
     let mut pkt = Packet {
         src_ip,
@@ -1348,23 +1519,14 @@ fn parse4(ctx: &TcContext) -> Result<Packet<u32>, u8> {
 /// Link-scope control (see [`link_control`]) seen at hook `at` is told
 /// apart.
 #[inline(always)]
-fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
+fn parse6(ctx: &TcContext, at: u8, pkt: &mut Packet<Ipv6Key>) -> Result<Parsed6, u8> {
     let ip = match ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) {
         Some(p) => p,
         None => return Err(drop_reason::MALFORMED),
     };
     let (mut next, hop_limit, src_ip, dst_ip) = unsafe {
         let h = ip as *const u8;
-        (
-            *h.add(6),
-            *h.add(7),
-            Ipv6Key {
-                addr: core::ptr::read_unaligned(h.add(8) as *const [u8; 16]),
-            },
-            Ipv6Key {
-                addr: core::ptr::read_unaligned(h.add(24) as *const [u8; 16]),
-            },
-        )
+        (*h.add(6), *h.add(7), load_ipv6(h.add(8)), load_ipv6(h.add(24)))
     };
     let mut off = ETH_HLEN + IPV6_HLEN;
     let mut later_fragment = false;
@@ -1439,28 +1601,22 @@ fn parse6(ctx: &TcContext, at: u8) -> Result<Parsed6, u8> {
             // sender's MAC); a duplicate address probe (a solicitation from
             // ::), the address it probes (its answer takes the address
             // from whoever holds it); anything else, its source.
-            if t == 136 || (t == 135 && src_ip.addr == [0; 16]) {
+            if t == 136 || (t == 135 && src_ip.same(&Ipv6Key::default())) {
                 return match ctx.load::<[u8; 16]>(off + 8) {
-                    Ok(addr) => Ok(Parsed6::LinkControl(Ipv6Key { addr })),
+                    Ok(addr) => Ok(Parsed6::LinkControl(link_control(ctx, at, Ipv6Key { addr }))),
                     Err(_) => Err(cut_short),
                 };
             }
-            return Ok(Parsed6::LinkControl(src_ip));
+            return Ok(Parsed6::LinkControl(link_control(ctx, at, src_ip)));
         }
     }
-    let mut pkt = Packet {
-        src_ip,
-        dst_ip,
-        src_port: 0,
-        dst_port: 0,
-        proto: next,
-        icmp: 0,
-        echo_id: 0,
-    };
-    if !later_fragment && ports(ctx, off, &mut pkt).is_err() {
+    pkt.src_ip = src_ip;
+    pkt.dst_ip = dst_ip;
+    pkt.proto = next;
+    if !later_fragment && ports(ctx, off, pkt).is_err() {
         return Err(cut_short);
     }
-    Ok(Parsed6::Packet(pkt))
+    Ok(Parsed6::Packet)
 }
 
 /// The transport protocols whose flows the datapath keys by ports.
@@ -1483,15 +1639,21 @@ fn ports<A: Family>(ctx: &TcContext, off: usize, pkt: &mut Packet<A>) -> Result<
     if !is_icmp && !has_ports(pkt.proto) {
         return Ok(());
     }
-    // Ports are the first four bytes; ICMP's header is eight.
-    let h = match ptr_at::<[u8; 8]>(ctx, off) {
-        Some(p) => unsafe { *p },
+    // Ports are the first four bytes; ICMP's header is eight. Read as two
+    // words (see `load_u32`: the transport header is at a multiple of four
+    // as the verifier models it).
+    let (w0, w1) = match ptr_at::<[u8; 8]>(ctx, off) {
+        Some(p) => unsafe {
+            let p = p as *const u8;
+            (load_u32(p), load_u32(p.add(4)))
+        },
         // Headers beyond the linear part: copy them out.
-        None => match ctx.load::<[u8; 8]>(off) {
-            Ok(h) => h,
+        None => match ctx.load::<[u32; 2]>(off) {
+            Ok(w) => (w[0], w[1]),
             Err(_) => return Err(drop_reason::MALFORMED),
         },
     };
+    let (h, h4) = (w0.to_ne_bytes(), w1.to_ne_bytes());
     if is_icmp {
         // An echo reply's reverse is its echo request; any other type's is
         // marked as answering none (`t ^ echo_reply` is 0 only for an echo
@@ -1505,7 +1667,7 @@ fn ports<A: Family>(ctx: &TcContext, off: usize, pkt: &mut Packet<A>) -> Result<
             t ^ echo_reply ^ echo_request,
             icmp_key::MESSAGE + answers_none,
         ]);
-        pkt.echo_id = u16::from_ne_bytes([h[4], h[5]]);
+        pkt.echo_id = u16::from_ne_bytes([h4[0], h4[1]]);
     } else {
         pkt.src_port = u16::from_ne_bytes([h[0], h[1]]);
         pkt.dst_port = u16::from_ne_bytes([h[2], h[3]]);

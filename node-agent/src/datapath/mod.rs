@@ -361,6 +361,71 @@ fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Sched
     Ok(prog)
 }
 
+/// The programs' clock (`Config::jiffy_ns`): the tick, and the coarse
+/// monotonic time jiffy 0 stands for, from the kernel's own readings of
+/// jiffies and the coarse clock at one instant (`keyway_clock`, run with
+/// BPF_PROG_TEST_RUN). The tie is exact and lasting: the kernel advances
+/// jiffies by one for every tick of monotonic time, in the same update that
+/// moves the coarse clock, so measuring it once is enough. A reading with a
+/// tick between its two clock reads is taken again; of several, the latest
+/// base is kept (a reading taken between the jiffies update and the clock's
+/// would put the base a tick early).
+fn measure_clock(ebpf: &mut aya::Ebpf) -> Result<(u64, u64), DatapathError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    const READINGS: usize = 5;
+    let prog = load_program(ebpf, "keyway_clock")?;
+    let jiffy_ns = sys::kernel_clock_lag_ns();
+    let frame = [0u8; 64];
+    let mut base: Option<u64> = None;
+    let mut taken = 0;
+    for _ in 0..READINGS * 10 {
+        let mut out = [0u8; 64];
+        let run = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .map_err(|e| DatapathError::Load(format!("keyway_clock: {e}")))?;
+        if run.return_value != 0 {
+            return Err(DatapathError::Load(format!(
+                "keyway_clock returned {}",
+                run.return_value
+            )));
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&out[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(b)
+        };
+        let (before, jiffies, after) = (word(0), word(1), word(2));
+        if before != after {
+            continue;
+        }
+        let b = before.wrapping_sub(jiffies.wrapping_mul(jiffy_ns));
+        // Wrapping values: later means less than half the range ahead.
+        base = Some(match base {
+            Some(prev) if b.wrapping_sub(prev) > u64::MAX / 2 => prev,
+            _ => b,
+        });
+        taken += 1;
+        if taken == READINGS {
+            break;
+        }
+    }
+    let base = base.ok_or_else(|| {
+        DatapathError::Load(
+            "keyway_clock: no reading of jiffies without a tick between its clock reads".into(),
+        )
+    })?;
+    debug!(
+        jiffy_ns,
+        clock_base_ns = base,
+        "datapath clock tied to CLOCK_MONOTONIC"
+    );
+    Ok((jiffy_ns, base))
+}
+
 /// How much of the verifier's budget (1M instructions) a program took: a
 /// program near it may not load on a kernel whose verifier is a little
 /// stricter.
@@ -434,12 +499,15 @@ impl Datapath {
         if sys::is_realtime() {
             flags |= config_flags::NO_SUBJECT_MEMO;
         }
+        let (jiffy_ns, clock_base_ns) = measure_clock(&mut ebpf)?;
         config.update(|c| {
             // Whether the pinned endpoints include bridge ports is the last
             // agent's finding, kept until this one's first scan.
             c.flags = flags | (c.flags & config_flags::BRIDGED_PORTS);
             c.signal_interval_ns = cfg.signal_interval.as_nanos() as u64;
             c.flow_report_interval_ns = cfg.flow_report_interval.as_nanos() as u64;
+            c.jiffy_ns = jiffy_ns;
+            c.clock_base_ns = clock_base_ns;
         })?;
         let dp = Datapath {
             ipcache: take(&mut ebpf, maps::IPCACHE)?,

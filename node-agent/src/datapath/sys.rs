@@ -2,20 +2,22 @@
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock the datapath reads, so auth
 /// expiries written from user space compare correctly in the kernel. The
-/// datapath reads it at tick resolution (`bpf_ktime_get_coarse_ns`: the
-/// precise `bpf_ktime_get_ns` cost about 40 ns per packet on this machine's
-/// VMs, a quarter of the per-packet budget), so it may be up to
-/// [`kernel_clock_lag_ns`] behind (more only while the tick stalls); the
-/// auth map is written that much earlier (see `PinnedAuthMap`).
+/// datapath reads it at tick resolution (from jiffies, tied to this clock
+/// when the programs are loaded, see `Config::jiffy_ns`: the precise
+/// `bpf_ktime_get_ns` cost about 40 ns per packet on this machine's VMs, a
+/// quarter of the per-packet budget, and even the coarse clock's helper
+/// call 10 ns), so it may be up to [`kernel_clock_lag_ns`] behind (more only
+/// while the tick stalls); the auth map is written that much earlier (see
+/// `PinnedAuthMap`).
 pub fn monotonic_ns() -> u64 {
     let ns = clock_ns(libc::clock_gettime, libc::CLOCK_MONOTONIC);
     ns.expect("clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux")
 }
 
 /// How far behind `CLOCK_MONOTONIC` the datapath's clock may be: the
-/// resolution of `CLOCK_MONOTONIC_COARSE`, which `bpf_ktime_get_coarse_ns`
-/// reads (one tick: 4 ms at HZ=250). 10 ms, the longest tick Linux has,
-/// if the kernel does not say. Asked once: it never changes.
+/// resolution of `CLOCK_MONOTONIC_COARSE`, the tick (4 ms at HZ=250), which
+/// is also how long a jiffy is. 10 ms, the longest tick Linux has, if the
+/// kernel does not say. Asked once: it never changes.
 pub fn kernel_clock_lag_ns() -> u64 {
     static LAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *LAG.get_or_init(|| clock_ns(libc::clock_getres, libc::CLOCK_MONOTONIC_COARSE).unwrap_or(10_000_000))
