@@ -1988,7 +1988,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
          subject's, the endpoint behind the interface, from the programs' per-CPU memo of the last one read \
          there in this epoch, except in the rows that say the memo is off), the \
          policy lookups, the auth lookup and the flow-table lookup on every packet, the kernel time (tick \
-         resolution) where something needs it (an auth expiry, a drop's report interval), plus whatever flow-table writes the program does on that path (LRU hash updates cost \
+         resolution, from jiffies: one load the verifier inlines, where the helper call          `bpf_ktime_get_coarse_ns` read before cost 10-14 ns here) where something needs it (an auth          expiry, a drop's report interval), plus whatever flow-table writes the program does on that path (LRU hash updates cost \
          more than lookups; a flow's first packet is measured apart, below). Every run's return value is checked (OK for the allowed \
          packets, SHOT for the miss), so each variant measures the path it names.\n\n",
     );
@@ -2090,7 +2090,8 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
     ));
     s.push_str(&format!(
         "**IPv6** (the same pods' IPv6 addresses, 100k IPv6 ipcache entries; the attached IPv4 program \
-         tail-calls the IPv6 one, whose keys are 16-byte addresses):\n\
+         tail-calls the IPv6 one, whose keys are 16-byte addresses, read from the packet, moved and \
+         compared as four 32-bit words, a byte at a time before):\n\
          - established flow: {est6:+.0} ns, **{}** ({:+.0} ns beside IPv4)\n\
          - full evaluation, exact policy key: {full6:+.0} ns, **{}** ({:+.0} ns)\n\
          - full evaluation, last wildcard, the subject's only shape: {wild6:+.0} ns, **{}** ({:+.0} ns)\n\
