@@ -2390,3 +2390,115 @@ fn the_flow_ring_never_grows_past_its_bound_under_a_flood_of_a_million_flows() {
     counter.abort();
     dp.stop();
 }
+
+/// An upgrade whose config map has another layout (here: the 24-byte one
+/// before the programs' clock came from jiffies) replaces the pinned map
+/// with an empty one. The new one goes on from the old one's epoch, node
+/// id and flags, and the flow tables, whose verdicts are stamped with the
+/// old epochs, are replaced with it. A counter starting again from 0 would
+/// bring a verdict cached under epoch 8 back to life at its eighth bump: a
+/// flow denied since would pass again.
+#[test]
+fn an_upgrade_that_replaces_the_config_map_keeps_its_epoch_and_drops_cached_verdicts() {
+    use keyway_common::{Config, FlowKey, FlowState, config_flags, hook};
+    let topo = Topology::new();
+    std::fs::create_dir_all(&topo.pin_dir).expect("pin dir");
+    let pin = |name: &str| topo.pin_dir.join(name).to_str().expect("utf-8").to_string();
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let bytes = |b: &[u8]| b.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    // What an agent of the earlier layout left: epoch 7, node 3, bridge
+    // ports seen; and a forwarded verdict cached under epoch 8.
+    bpftool(&[
+        "map",
+        "create",
+        &pin(maps::CONFIG),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "24",
+        "entries",
+        "1",
+        "name",
+        "KEYWAY_CONFIG",
+    ]);
+    let mut old = vec![7, 0, 0, 0, 3, 0, config_flags::BRIDGED_PORTS, 0];
+    old.extend([0u8; 16]);
+    let mut args = vec![
+        "map".to_string(),
+        "update".into(),
+        "pinned".into(),
+        pin(maps::CONFIG),
+        "key".into(),
+    ];
+    args.extend(bytes(&[0, 0, 0, 0]));
+    args.push("value".into());
+    args.extend(bytes(&old));
+    bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    bpftool(&[
+        "map",
+        "create",
+        &pin(maps::FLOW_TABLE),
+        "type",
+        "lru_hash",
+        "key",
+        &size_of::<FlowKey>().to_string(),
+        "value",
+        &size_of::<FlowState>().to_string(),
+        "entries",
+        &maps::FLOW_TABLE_MAX.to_string(),
+        "name",
+        "KEYWAY_FLOW_TAB",
+    ]);
+    let key = FlowKey {
+        src_ip: u32::from_ne_bytes(IP_A.octets()),
+        dst_ip: u32::from_ne_bytes(IP_B.octets()),
+        src_port: 40000u16.to_be(),
+        dst_port: 8080u16.to_be(),
+        proto: 6,
+        hook: hook::FROM_POD,
+        icmp: [0, 0],
+        ifindex: 7,
+    };
+    let verdict = FlowState {
+        epoch: 8,
+        forwarded: 1,
+        ..FlowState::default()
+    };
+    {
+        let data = aya::maps::MapData::from_pin(topo.pin_dir.join(maps::FLOW_TABLE)).expect("old flow table");
+        let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flow table");
+        flows.insert(key, verdict, 0).expect("cached verdict");
+    }
+
+    let dp = datapath::Datapath::load(DatapathConfig::new(&topo.pin_dir, NODE)).expect("the new agent loads");
+    let cfg: Config = dp.config().get().expect("config");
+    assert_eq!(cfg.epoch, 8, "the epoch goes on from the old map's");
+    assert_eq!(cfg.local_node_id, 3);
+    assert_ne!(
+        cfg.flags & config_flags::BRIDGED_PORTS,
+        0,
+        "the last agent's finding is kept"
+    );
+    assert_ne!(cfg.jiffy_ns, 0, "the programs' clock is tied");
+    let data = aya::maps::MapData::from_pin(topo.pin_dir.join(maps::FLOW_TABLE)).expect("flow table");
+    let flows: aya::maps::HashMap<_, FlowKey, FlowState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flow table");
+    assert!(
+        flows.get(&key, 0).is_err(),
+        "a verdict cached under the old config's epochs is gone"
+    );
+    drop(dp);
+}

@@ -215,8 +215,8 @@ pub struct Config {
     /// (wrapping): `CLOCK_MONOTONIC` at tick resolution, read without a
     /// helper call. `jiffy_ns` is the tick (`clock_getres` of
     /// `CLOCK_MONOTONIC_COARSE`), and the agent measures `clock_base_ns`
-    /// when it loads the programs. 0 (not measured): the programs read
-    /// `bpf_ktime_get_coarse_ns`, the same clock.
+    /// when it loads the programs, before any of them can run. A zero
+    /// `jiffy_ns` reads as the end of time: every auth entry has expired.
     pub jiffy_ns: u64,
     pub clock_base_ns: u64,
 }

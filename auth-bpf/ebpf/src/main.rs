@@ -31,7 +31,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::helpers::r#gen::bpf_jiffies64;
 use aya_ebpf::helpers::r#gen::bpf_redirect_neigh;
 use aya_ebpf::macros::{classifier, map};
@@ -214,10 +214,10 @@ pub fn keyway_parse_only(ctx: TcContext) -> i32 {
 }
 
 /// Never attached: the agent runs it (BPF_PROG_TEST_RUN) to tie jiffies
-/// to `CLOCK_MONOTONIC` (see [`kernel_ns`]). Writes the coarse monotonic
-/// clock, jiffies, and the coarse clock again over the first 24 bytes of the
-/// packet it is given; a tick fell between the reads when the two clock
-/// readings differ.
+/// to `CLOCK_MONOTONIC` (see [`kernel_ns`]). Writes jiffies, the precise
+/// monotonic clock, and jiffies again over the first 24 bytes of the
+/// packet it is given (a tick fell between the reads when the two differ),
+/// a byte at a time: no alignment is assumed.
 #[classifier]
 pub fn keyway_clock(ctx: TcContext) -> i32 {
     let Some(p) = ptr_at::<[u64; 3]>(&ctx, 0) else {
@@ -226,10 +226,10 @@ pub fn keyway_clock(ctx: TcContext) -> i32 {
     // SAFETY: 24 bytes within the packet (checked just above), which a TC
     // program may write.
     unsafe {
-        let before = bpf_ktime_get_coarse_ns();
-        let jiffies = bpf_jiffies64();
-        let after = bpf_ktime_get_coarse_ns();
-        *(p as *mut [u64; 3]) = [before, jiffies, after];
+        let before = bpf_jiffies64();
+        let ns = bpf_ktime_get_ns();
+        let after = bpf_jiffies64();
+        core::ptr::write_unaligned(p as *mut [u64; 3], [before, ns, after]);
     }
     TC_ACT_OK as i32
 }
@@ -969,11 +969,12 @@ fn clock(cfg: &Config, now: &mut u64) -> u64 {
 /// agent writes auth expiries in. From jiffies, as the agent has tied them
 /// to that clock (`Config::jiffy_ns`): the verifier turns `bpf_jiffies64`
 /// into one load, where a helper call (`bpf_ktime_get_coarse_ns`) costs as
-/// much as a map lookup. Both move at the tick, from the same update: the
-/// kernel advances jiffies by one per `jiffy_ns` of monotonic time. The
-/// agent writes the tie before it attaches a program. Without it (a zero
-/// `jiffy_ns`) the clock reads the end of time: every auth entry has
-/// expired, and nothing that needs one passes.
+/// much as a map lookup. The kernel moves jiffies on by one for every tick
+/// of monotonic time, so this reads at most a tick behind (and, from how the
+/// agent measures the tie, microseconds ahead at most). The agent writes
+/// the tie before any program can run. Without it (a zero `jiffy_ns`) the
+/// clock reads the end of time: every auth entry has expired, and nothing
+/// that needs one passes.
 #[inline(always)]
 fn kernel_ns(cfg: &Config) -> u64 {
     let jiffies = unsafe { bpf_jiffies64() };

@@ -321,8 +321,13 @@ fn map_layouts() -> [(&'static str, usize, usize); 14] {
 /// references until this agent swaps its programs into the links, so
 /// enforcement continues meanwhile; the new map starts empty and the agent
 /// fills it from its state (auth entries are re-established, the flow table
-/// is a cache).
-fn retire_changed_maps(pin_dir: &Path) {
+/// is a cache). A replaced config map takes the flow tables with it (their
+/// verdicts are stamped with its epochs), and what it held is returned for
+/// the new one, where it can be read (a config of the one earlier layout,
+/// whose fields the current one begins with).
+fn retire_changed_maps(pin_dir: &Path) -> Option<Config> {
+    let mut carried = None;
+    let mut config_retired = false;
     for (name, key, value) in map_layouts() {
         let path = pin_dir.join(name);
         let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
@@ -338,11 +343,44 @@ fn retire_changed_maps(pin_dir: &Path) {
                 value,
                 "a pinned map has the layout of another Keyway version; replacing it"
             );
+            if name == maps::CONFIG {
+                config_retired = true;
+                carried = read_old_config(&path);
+            }
             if let Err(e) = std::fs::remove_file(&path) {
                 warn!(map = name, error = %e, "cannot unpin the old map");
             }
         }
     }
+    if config_retired {
+        for name in [maps::FLOW_TABLE, maps::FLOW_TABLE6] {
+            match std::fs::remove_file(pin_dir.join(name)) {
+                Ok(()) => info!(map = name, "flow table replaced with the config map"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(map = name, error = %e, "cannot unpin the old flow table"),
+            }
+        }
+    }
+    carried
+}
+
+/// The config an agent of the earlier layout (24 bytes: the epoch, node id
+/// and flags, then the two intervals) left in the pinned map at `path`.
+fn read_old_config(path: &Path) -> Option<Config> {
+    let data = MapData::from_pin(path).ok()?;
+    let old: Array<MapData, [u8; 24]> = Array::try_from(Map::Array(data)).ok()?;
+    let b = old.get(&0, 0).ok()?;
+    let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    Some(Config {
+        epoch: u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
+        local_node_id: u16::from_ne_bytes([b[4], b[5]]),
+        flags: b[6],
+        _pad: 0,
+        signal_interval_ns: word(8),
+        flow_report_interval_ns: word(16),
+        jiffy_ns: 0,
+        clock_base_ns: 0,
+    })
 }
 
 /// Program `name` of the object, loaded into the kernel (once: a program
@@ -361,24 +399,23 @@ fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Sched
     Ok(prog)
 }
 
-/// The programs' clock (`Config::jiffy_ns`): the tick, and the coarse
-/// monotonic time jiffy 0 stands for, from the kernel's own readings of
-/// jiffies and the coarse clock at one instant (`keyway_clock`, run with
-/// BPF_PROG_TEST_RUN). The tie is exact and lasting: the kernel advances
-/// jiffies by one for every tick of monotonic time, in the same update that
-/// moves the coarse clock, so measuring it once is enough. A reading with a
-/// tick between its two clock reads is taken again; of several, the latest
-/// base is kept (a reading taken between the jiffies update and the clock's
-/// would put the base a tick early).
+/// The programs' clock (`Config::jiffy_ns`): the tick, and the monotonic
+/// time jiffy 0 stands for. The kernel moves jiffies on by one for every
+/// tick of monotonic time, each at or just after the tick's own time, so
+/// `now - jiffies * tick` is at least the base, and close to it just after
+/// jiffies moves: `keyway_clock` (run with BPF_PROG_TEST_RUN) reads jiffies
+/// and the precise monotonic clock together, and the first reading of a new
+/// jiffy gives the base (microseconds late, so the clock reads that much
+/// ahead at most, and never more than a tick behind). Measured once: the
+/// tie holds for as long as the kernel runs. Polled for up to three ticks;
+/// if jiffies never moves, the smallest difference seen is kept, up to a
+/// tick ahead (auth entries then expire that much early, never late).
 fn measure_clock(ebpf: &mut aya::Ebpf) -> Result<(u64, u64), DatapathError> {
     use aya::programs::{TestRun, TestRunOptions};
-    const READINGS: usize = 5;
     let prog = load_program(ebpf, "keyway_clock")?;
     let jiffy_ns = sys::kernel_clock_lag_ns();
     let frame = [0u8; 64];
-    let mut base: Option<u64> = None;
-    let mut taken = 0;
-    for _ in 0..READINGS * 10 {
+    let read = || -> Result<Option<(u64, u64)>, DatapathError> {
         let mut out = [0u8; 64];
         let run = prog
             .test_run(TestRunOptions {
@@ -393,35 +430,43 @@ fn measure_clock(ebpf: &mut aya::Ebpf) -> Result<(u64, u64), DatapathError> {
                 run.return_value
             )));
         }
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&out[i * 8..i * 8 + 8]);
-            u64::from_ne_bytes(b)
-        };
-        let (before, jiffies, after) = (word(0), word(1), word(2));
-        if before != after {
+        let word = |i: usize| u64::from_ne_bytes(out[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let (before, ns, after) = (word(0), word(1), word(2));
+        Ok((before == after).then_some((before, ns)))
+    };
+    // Wrapping: `a` is below `b` when `b - a` is less than half the range.
+    let below = |a: u64, b: u64| b.wrapping_sub(a) < u64::MAX / 2 && a != b;
+    let mut first = None;
+    let mut least: Option<u64> = None;
+    let deadline = std::time::Instant::now() + Duration::from_nanos(3 * jiffy_ns);
+    while std::time::Instant::now() < deadline {
+        let Some((jiffies, ns)) = read()? else {
             continue;
+        };
+        let base = ns.wrapping_sub(jiffies.wrapping_mul(jiffy_ns));
+        match first {
+            None => first = Some(jiffies),
+            Some(j) if j != jiffies => {
+                debug!(
+                    jiffy_ns,
+                    clock_base_ns = base,
+                    "datapath clock tied to CLOCK_MONOTONIC"
+                );
+                return Ok((jiffy_ns, base));
+            }
+            Some(_) => {}
         }
-        let b = before.wrapping_sub(jiffies.wrapping_mul(jiffy_ns));
-        // Wrapping values: later means less than half the range ahead.
-        base = Some(match base {
-            Some(prev) if b.wrapping_sub(prev) > u64::MAX / 2 => prev,
-            _ => b,
+        least = Some(match least {
+            Some(l) if below(l, base) => l,
+            _ => base,
         });
-        taken += 1;
-        if taken == READINGS {
-            break;
-        }
     }
-    let base = base.ok_or_else(|| {
-        DatapathError::Load(
-            "keyway_clock: no reading of jiffies without a tick between its clock reads".into(),
-        )
+    let base = least.ok_or_else(|| {
+        DatapathError::Load("keyway_clock: no reading of jiffies without a tick between its reads".into())
     })?;
-    debug!(
+    warn!(
         jiffy_ns,
-        clock_base_ns = base,
-        "datapath clock tied to CLOCK_MONOTONIC"
+        "jiffies did not move while the datapath clock was measured; it may read up to a tick ahead"
     );
     Ok((jiffy_ns, base))
 }
@@ -464,26 +509,13 @@ impl Datapath {
         let links = cfg.pin_dir.join("links");
         std::fs::create_dir_all(&links)
             .map_err(|e| DatapathError::io(format!("creating {}", links.display()), e))?;
-        retire_changed_maps(&cfg.pin_dir);
+        let carried = retire_changed_maps(&cfg.pin_dir);
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
         for (name, _, _) in PROGRAMS {
             load_program(&mut ebpf, name)?;
-        }
-        // The IPv6 programs go into their slots before any program of this
-        // agent is attached: a slot replaced is replaced at once for every
-        // caller, an older agent's programs included.
-        let mut progs: aya::maps::ProgramArray<MapData> = take(&mut ebpf, maps::PROGS)?;
-        for (name, slot) in IPV6_PROGRAMS {
-            let prog = load_program(&mut ebpf, name)?;
-            let fd = prog
-                .fd()
-                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
-            progs
-                .set(slot, fd, 0)
-                .map_err(|e| DatapathError::map(maps::PROGS, e))?;
         }
         let config = Arc::new(ConfigSlot {
             map: Mutex::new(take(&mut ebpf, maps::CONFIG)?),
@@ -501,6 +533,15 @@ impl Datapath {
         }
         let (jiffy_ns, clock_base_ns) = measure_clock(&mut ebpf)?;
         config.update(|c| {
+            // A config map of another layout was replaced by an empty one:
+            // what the last agent had in it goes on. The epoch most of all:
+            // counting again from 0 would bring verdicts cached under old
+            // epochs back to life as it passed them.
+            if let Some(old) = carried {
+                c.epoch = old.epoch.wrapping_add(1);
+                c.local_node_id = old.local_node_id;
+                c.flags = old.flags;
+            }
             // Whether the pinned endpoints include bridge ports is the last
             // agent's finding, kept until this one's first scan.
             c.flags = flags | (c.flags & config_flags::BRIDGED_PORTS);
@@ -509,6 +550,20 @@ impl Datapath {
             c.jiffy_ns = jiffy_ns;
             c.clock_base_ns = clock_base_ns;
         })?;
+        // The IPv6 programs go into their slots after the config is written
+        // (they read it from their first run) and before any program of
+        // this agent is attached: a slot replaced is replaced at once for
+        // every caller, an older agent's programs included.
+        let mut progs: aya::maps::ProgramArray<MapData> = take(&mut ebpf, maps::PROGS)?;
+        for (name, slot) in IPV6_PROGRAMS {
+            let prog = load_program(&mut ebpf, name)?;
+            let fd = prog
+                .fd()
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+            progs
+                .set(slot, fd, 0)
+                .map_err(|e| DatapathError::map(maps::PROGS, e))?;
+        }
         let dp = Datapath {
             ipcache: take(&mut ebpf, maps::IPCACHE)?,
             lpm: take(&mut ebpf, maps::IPCACHE_LPM)?,
