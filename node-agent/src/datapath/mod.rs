@@ -322,10 +322,14 @@ fn map_layouts() -> [(&'static str, usize, usize); 14] {
 /// enforcement continues meanwhile; the new map starts empty and the agent
 /// fills it from its state (auth entries are re-established, the flow table
 /// is a cache). A replaced config map takes the flow tables with it (their
-/// verdicts are stamped with its epochs), and what it held is returned for
-/// the new one, where it can be read (a config of the one earlier layout,
-/// whose fields the current one begins with).
-fn retire_changed_maps(pin_dir: &Path) -> Option<Config> {
+/// verdicts are stamped with its epochs; one that cannot be unpinned fails
+/// the load), and what it held is returned for the new one, where it can be
+/// read (a config of the one earlier layout, whose fields the current one
+/// begins with). The old programs, still attached, keep reading the old
+/// config, which no agent bumps any more: it is left with its cached
+/// verdicts and subject memo turned off, so they judge every packet by the
+/// tables this agent writes until their links are swapped.
+fn retire_changed_maps(pin_dir: &Path) -> Result<Option<Config>, DatapathError> {
     let mut carried = None;
     let mut config_retired = false;
     for (name, key, value) in map_layouts() {
@@ -345,7 +349,12 @@ fn retire_changed_maps(pin_dir: &Path) -> Option<Config> {
             );
             if name == maps::CONFIG {
                 config_retired = true;
-                carried = read_old_config(&path);
+                carried = retire_old_config(&path);
+                if carried.is_none() {
+                    warn!(
+                        "the old config map cannot be read: the epoch starts again from 0 (the flow tables are replaced)"
+                    );
+                }
             }
             if let Err(e) = std::fs::remove_file(&path) {
                 warn!(map = name, error = %e, "cannot unpin the old map");
@@ -357,19 +366,33 @@ fn retire_changed_maps(pin_dir: &Path) -> Option<Config> {
             match std::fs::remove_file(pin_dir.join(name)) {
                 Ok(()) => info!(map = name, "flow table replaced with the config map"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!(map = name, error = %e, "cannot unpin the old flow table"),
+                Err(e) => {
+                    return Err(DatapathError::io(
+                        format!("unpinning {name}, whose verdicts the replaced config map's epochs stamp"),
+                        e,
+                    ));
+                }
             }
         }
     }
-    carried
+    Ok(carried)
 }
 
 /// The config an agent of the earlier layout (24 bytes: the epoch, node id
-/// and flags, then the two intervals) left in the pinned map at `path`.
-fn read_old_config(path: &Path) -> Option<Config> {
+/// and flags, then the two intervals) left in the pinned map at `path`,
+/// which is then bumped and told to cache nothing (see
+/// [`retire_changed_maps`]; the flags are as old as that layout).
+fn retire_old_config(path: &Path) -> Option<Config> {
     let data = MapData::from_pin(path).ok()?;
-    let old: Array<MapData, [u8; 24]> = Array::try_from(Map::Array(data)).ok()?;
+    let mut old: Array<MapData, [u8; 24]> = Array::try_from(Map::Array(data)).ok()?;
     let b = old.get(&0, 0).ok()?;
+    let mut frozen = b;
+    let epoch = u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")).wrapping_add(1);
+    frozen[0..4].copy_from_slice(&epoch.to_ne_bytes());
+    frozen[6] |= config_flags::NO_VERDICT_CACHE | config_flags::NO_SUBJECT_MEMO;
+    if let Err(e) = old.set(0, frozen, 0) {
+        warn!(error = %e, "cannot turn the old programs' caches off; they judge from their cache until swapped");
+    }
     let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
     Some(Config {
         epoch: u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
@@ -405,13 +428,18 @@ fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Sched
 /// `now - jiffies * tick` is at least the base, and close to it just after
 /// jiffies moves: `keyway_clock` (run with BPF_PROG_TEST_RUN) reads jiffies
 /// and the precise monotonic clock together, and the first reading of a new
-/// jiffy gives the base (microseconds late, so the clock reads that much
-/// ahead at most, and never more than a tick behind). Measured once: the
-/// tie holds for as long as the kernel runs. Polled for up to three ticks;
-/// if jiffies never moves, the smallest difference seen is kept, up to a
-/// tick ahead (auth entries then expire that much early, never late).
+/// jiffy, taken within [`EDGE_NS`] of the last reading of the one before,
+/// gives the base (that late at most, so the clock reads that much ahead at
+/// most, and never more than a tick behind). An edge seen across a longer
+/// gap (this thread was preempted between two readings) is passed over for
+/// the next. Measured once: the tie holds for as long as the kernel runs.
+/// Polled for up to ten ticks; failing a close edge, the smallest
+/// difference seen is kept, up to a tick ahead (auth entries then expire up
+/// to a tick early, never late), and said.
 fn measure_clock(ebpf: &mut aya::Ebpf) -> Result<(u64, u64), DatapathError> {
     use aya::programs::{TestRun, TestRunOptions};
+    /// How close to the jiffy edge its first reading must be.
+    const EDGE_NS: u64 = 50_000;
     let prog = load_program(ebpf, "keyway_clock")?;
     let jiffy_ns = sys::kernel_clock_lag_ns();
     let frame = [0u8; 64];
@@ -436,26 +464,28 @@ fn measure_clock(ebpf: &mut aya::Ebpf) -> Result<(u64, u64), DatapathError> {
     };
     // Wrapping: `a` is below `b` when `b - a` is less than half the range.
     let below = |a: u64, b: u64| b.wrapping_sub(a) < u64::MAX / 2 && a != b;
-    let mut first = None;
+    // The last reading: its jiffy and its time.
+    let mut last: Option<(u64, u64)> = None;
     let mut least: Option<u64> = None;
-    let deadline = std::time::Instant::now() + Duration::from_nanos(3 * jiffy_ns);
+    let deadline = std::time::Instant::now() + Duration::from_nanos(10 * jiffy_ns);
     while std::time::Instant::now() < deadline {
         let Some((jiffies, ns)) = read()? else {
+            last = None;
             continue;
         };
         let base = ns.wrapping_sub(jiffies.wrapping_mul(jiffy_ns));
-        match first {
-            None => first = Some(jiffies),
-            Some(j) if j != jiffies => {
-                debug!(
-                    jiffy_ns,
-                    clock_base_ns = base,
-                    "datapath clock tied to CLOCK_MONOTONIC"
-                );
-                return Ok((jiffy_ns, base));
-            }
-            Some(_) => {}
+        if let Some((j, at)) = last
+            && j != jiffies
+            && ns.wrapping_sub(at) <= EDGE_NS
+        {
+            debug!(
+                jiffy_ns,
+                clock_base_ns = base,
+                "datapath clock tied to CLOCK_MONOTONIC"
+            );
+            return Ok((jiffy_ns, base));
         }
+        last = Some((jiffies, ns));
         least = Some(match least {
             Some(l) if below(l, base) => l,
             _ => base,
@@ -466,7 +496,7 @@ fn measure_clock(ebpf: &mut aya::Ebpf) -> Result<(u64, u64), DatapathError> {
     })?;
     warn!(
         jiffy_ns,
-        "jiffies did not move while the datapath clock was measured; it may read up to a tick ahead"
+        "no jiffy edge was seen up close while the datapath clock was measured; it may read up to a tick ahead"
     );
     Ok((jiffy_ns, base))
 }
@@ -509,7 +539,7 @@ impl Datapath {
         let links = cfg.pin_dir.join("links");
         std::fs::create_dir_all(&links)
             .map_err(|e| DatapathError::io(format!("creating {}", links.display()), e))?;
-        let carried = retire_changed_maps(&cfg.pin_dir);
+        let carried = retire_changed_maps(&cfg.pin_dir)?;
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .load(OBJECT)
@@ -520,6 +550,19 @@ impl Datapath {
         let config = Arc::new(ConfigSlot {
             map: Mutex::new(take(&mut ebpf, maps::CONFIG)?),
         });
+        // A config map of another layout was replaced by an empty one: what
+        // the last agent had in it goes on, written at once (a load that
+        // fails after this point and is tried again finds the new layout
+        // and nothing left to carry). The epoch most of all: counting again
+        // from 0 would bring verdicts cached under old epochs back to life
+        // as it passed them (the flow tables went too).
+        if let Some(old) = carried {
+            config.update(|c| {
+                c.epoch = old.epoch.wrapping_add(1);
+                c.local_node_id = old.local_node_id;
+                c.flags = old.flags;
+            })?;
+        }
         let mut flags = if cfg.flow_capture {
             config_flags::FLOW_CAPTURE
         } else {
@@ -533,15 +576,6 @@ impl Datapath {
         }
         let (jiffy_ns, clock_base_ns) = measure_clock(&mut ebpf)?;
         config.update(|c| {
-            // A config map of another layout was replaced by an empty one:
-            // what the last agent had in it goes on. The epoch most of all:
-            // counting again from 0 would bring verdicts cached under old
-            // epochs back to life as it passed them.
-            if let Some(old) = carried {
-                c.epoch = old.epoch.wrapping_add(1);
-                c.local_node_id = old.local_node_id;
-                c.flags = old.flags;
-            }
             // Whether the pinned endpoints include bridge ports is the last
             // agent's finding, kept until this one's first scan.
             c.flags = flags | (c.flags & config_flags::BRIDGED_PORTS);
