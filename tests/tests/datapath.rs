@@ -2404,67 +2404,64 @@ fn the_flow_ring_never_grows_past_its_bound_under_a_flood_of_a_million_flows() {
 /// bumped once more and told to cache nothing.
 #[test]
 fn an_upgrade_that_replaces_the_config_map_keeps_its_epoch_and_drops_cached_verdicts() {
+    use aya::maps::{Array, HashMap, Map, MapData};
     use keyway_common::{Config, FlowKey, FlowKey6, FlowState, Ipv6Key, config_flags, hook};
+    fn flows<K: aya::Pod>(pin_dir: &std::path::Path, name: &str) -> HashMap<MapData, K, FlowState> {
+        let data = MapData::from_pin(pin_dir.join(name)).expect(name);
+        HashMap::try_from(Map::LruHashMap(data)).expect(name)
+    }
     let topo = Topology::new();
     std::fs::create_dir_all(&topo.pin_dir).expect("pin dir");
-    let pin = |name: &str| topo.pin_dir.join(name).to_str().expect("utf-8").to_string();
-    let bpftool = |args: &[&str]| {
+    // A map pinned as an agent of the earlier layout left it.
+    let create = |name: &str, kind: &str, key: usize, value: usize, entries: u32| {
         let out = std::process::Command::new("bpftool")
-            .args(args)
+            .args(["map", "create"])
+            .arg(topo.pin_dir.join(name))
+            .args(["type", kind, "key", &key.to_string(), "value", &value.to_string()])
+            .args([
+                "entries",
+                &entries.to_string(),
+                "name",
+                &name[..name.len().min(15)],
+            ])
             .output()
             .expect("bpftool");
         assert!(
             out.status.success(),
-            "bpftool {args:?}: {}",
+            "bpftool map create {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let bytes = |b: &[u8]| b.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    // What an agent of the earlier layout left: epoch 7, node 3, bridge
-    // ports seen; and a forwarded verdict cached under epoch 8.
-    bpftool(&[
-        "map",
-        "create",
-        &pin(maps::CONFIG),
-        "type",
-        "array",
-        "key",
-        "4",
-        "value",
-        "24",
-        "entries",
-        "1",
-        "name",
-        "KEYWAY_CONFIG",
-    ]);
-    let mut old = vec![7, 0, 0, 0, 3, 0, config_flags::BRIDGED_PORTS, 0];
-    old.extend([0u8; 16]);
-    let mut args = vec![
-        "map".to_string(),
-        "update".into(),
-        "pinned".into(),
-        pin(maps::CONFIG),
-        "key".into(),
-    ];
-    args.extend(bytes(&[0, 0, 0, 0]));
-    args.push("value".into());
-    args.extend(bytes(&old));
-    bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    bpftool(&[
-        "map",
-        "create",
-        &pin(maps::FLOW_TABLE),
-        "type",
+    create(maps::CONFIG, "array", 4, 24, 1);
+    create(
+        maps::FLOW_TABLE,
         "lru_hash",
-        "key",
-        &size_of::<FlowKey>().to_string(),
-        "value",
-        &size_of::<FlowState>().to_string(),
-        "entries",
-        &maps::FLOW_TABLE_MAX.to_string(),
-        "name",
-        "KEYWAY_FLOW_TAB",
-    ]);
+        size_of::<FlowKey>(),
+        size_of::<FlowState>(),
+        maps::FLOW_TABLE_MAX,
+    );
+    create(
+        maps::FLOW_TABLE6,
+        "lru_hash",
+        size_of::<FlowKey6>(),
+        size_of::<FlowState>(),
+        maps::FLOW_TABLE6_MAX,
+    );
+    // Its config: epoch 7, node 3, bridge ports seen (and what the old
+    // programs hold on to); a forwarded verdict cached under epoch 8 in
+    // each flow table.
+    let mut old_config: Array<MapData, [u8; 24]> = Array::try_from(Map::Array(
+        MapData::from_pin(topo.pin_dir.join(maps::CONFIG)).expect("old config"),
+    ))
+    .expect("old config");
+    let mut old = [0u8; 24];
+    old[..8].copy_from_slice(&[7, 0, 0, 0, 3, 0, config_flags::BRIDGED_PORTS, 0]);
+    old_config.set(0, old, 0).expect("old config value");
+    let verdict = FlowState {
+        epoch: 8,
+        forwarded: 1,
+        ..FlowState::default()
+    };
     let key = FlowKey {
         src_ip: u32::from_ne_bytes(IP_A.octets()),
         dst_ip: u32::from_ne_bytes(IP_B.octets()),
@@ -2475,26 +2472,6 @@ fn an_upgrade_that_replaces_the_config_map_keeps_its_epoch_and_drops_cached_verd
         icmp: [0, 0],
         ifindex: 7,
     };
-    let verdict = FlowState {
-        epoch: 8,
-        forwarded: 1,
-        ..FlowState::default()
-    };
-    bpftool(&[
-        "map",
-        "create",
-        &pin(maps::FLOW_TABLE6),
-        "type",
-        "lru_hash",
-        "key",
-        &size_of::<FlowKey6>().to_string(),
-        "value",
-        &size_of::<FlowState>().to_string(),
-        "entries",
-        &maps::FLOW_TABLE6_MAX.to_string(),
-        "name",
-        "KEYWAY_FLOW_TAB",
-    ]);
     let key6 = FlowKey6 {
         src_ip: Ipv6Key {
             addr: v6_of(IP_A).octets(),
@@ -2502,26 +2479,19 @@ fn an_upgrade_that_replaces_the_config_map_keeps_its_epoch_and_drops_cached_verd
         dst_ip: Ipv6Key {
             addr: v6_of(IP_B).octets(),
         },
-        src_port: 40000u16.to_be(),
-        dst_port: 8080u16.to_be(),
-        proto: 6,
-        hook: hook::FROM_POD,
-        icmp: [0, 0],
-        ifindex: 7,
+        src_port: key.src_port,
+        dst_port: key.dst_port,
+        proto: key.proto,
+        hook: key.hook,
+        icmp: key.icmp,
+        ifindex: key.ifindex,
     };
-    {
-        let data = aya::maps::MapData::from_pin(topo.pin_dir.join(maps::FLOW_TABLE)).expect("old flow table");
-        let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flow table");
-        flows.insert(key, verdict, 0).expect("cached verdict");
-        let data =
-            aya::maps::MapData::from_pin(topo.pin_dir.join(maps::FLOW_TABLE6)).expect("old flow table");
-        let mut flows: aya::maps::HashMap<_, FlowKey6, FlowState> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flow table");
-        flows.insert(key6, verdict, 0).expect("cached verdict");
-    }
-    // What the old programs hold on to.
-    let old_config = aya::maps::MapData::from_pin(topo.pin_dir.join(maps::CONFIG)).expect("old config");
+    flows::<FlowKey>(&topo.pin_dir, maps::FLOW_TABLE)
+        .insert(key, verdict, 0)
+        .expect("cached verdict");
+    flows::<FlowKey6>(&topo.pin_dir, maps::FLOW_TABLE6)
+        .insert(key6, verdict, 0)
+        .expect("cached verdict");
 
     let dp = datapath::Datapath::load(DatapathConfig::new(&topo.pin_dir, NODE)).expect("the new agent loads");
     let cfg: Config = dp.config().get().expect("config");
@@ -2533,20 +2503,19 @@ fn an_upgrade_that_replaces_the_config_map_keeps_its_epoch_and_drops_cached_verd
         "the last agent's finding is kept"
     );
     assert_ne!(cfg.jiffy_ns, 0, "the programs' clock is tied");
-    let data = aya::maps::MapData::from_pin(topo.pin_dir.join(maps::FLOW_TABLE)).expect("flow table");
-    let flows: aya::maps::HashMap<_, FlowKey, FlowState> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flow table");
     assert!(
-        flows.get(&key, 0).is_err(),
+        flows::<FlowKey>(&topo.pin_dir, maps::FLOW_TABLE)
+            .get(&key, 0)
+            .is_err(),
         "a verdict cached under the old config's epochs is gone"
     );
-    let data = aya::maps::MapData::from_pin(topo.pin_dir.join(maps::FLOW_TABLE6)).expect("flow table");
-    let flows: aya::maps::HashMap<_, FlowKey6, FlowState> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("flow table");
-    assert!(flows.get(&key6, 0).is_err(), "and the IPv6 one's");
-    let old: aya::maps::Array<_, [u8; 24]> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(old_config)).expect("old config");
-    let old = old.get(&0, 0).expect("old config value");
+    assert!(
+        flows::<FlowKey6>(&topo.pin_dir, maps::FLOW_TABLE6)
+            .get(&key6, 0)
+            .is_err(),
+        "and the IPv6 one's"
+    );
+    let old = old_config.get(&0, 0).expect("old config value");
     assert_eq!(
         old[0], 8,
         "the old config is bumped past every verdict the old programs cached"

@@ -383,9 +383,16 @@ fn words(k: &Ipv6Key) -> [u32; 4] {
     unsafe { *(k as *const Ipv6Key as *const [u32; 4]) }
 }
 
-/// The 4 packet bytes at `p` as a `u32` in memory order, in one load (see
-/// [`load_ipv6`]: an IPv4 header's addresses are at 26 and 30 into the
-/// frame, 28 and 32 as the verifier models it).
+/// The 4 packet bytes at `p` as a `u32` in memory order, in one load. The
+/// caller has checked that they are within the packet (the verifier checks
+/// it too). Written as a BPF instruction because Rust cannot know the
+/// alignment: `read_unaligned` compiles to byte loads on a target without
+/// unaligned access. The kernel takes unaligned packet loads where the
+/// architecture handles them, and where it does not, it checks alignment as
+/// if the IP header were 4-byte aligned (NET_IP_ALIGN), which puts every
+/// word this reads at a multiple of four: IPv4 addresses at 26 and 30 into
+/// the frame, IPv6 ones at 22 and 38, an ICMPv6 error's quoted ones at 70
+/// and 86, and the transport header (ports) after any of them.
 #[inline(always)]
 unsafe fn load_u32(p: *const u8) -> u32 {
     let v: u64;
@@ -401,35 +408,19 @@ unsafe fn load_u32(p: *const u8) -> u32 {
     v as u32
 }
 
-/// The IPv6 address in the 16 packet bytes at `p`, read in four 32-bit
-/// loads. The caller has checked that they are within the packet (the
-/// verifier checks it too). Written as BPF instructions because Rust cannot
-/// know the alignment: `read_unaligned` of the bytes compiles to sixteen
-/// byte loads on a target without unaligned access. The kernel takes
-/// unaligned packet loads where the architecture handles them, and where it
-/// does not, it checks alignment as if the IP header were 4-byte aligned
-/// (NET_IP_ALIGN), which puts every address this is used on at a multiple
-/// of four: the IPv6 header's at 22 and 38 into the frame, an ICMPv6 error's
-/// quoted ones at 70 and 86.
+/// The IPv6 address in the 16 packet bytes at `p`, in four [`load_u32`]s.
 #[inline(always)]
 unsafe fn load_ipv6(p: *const u8) -> Ipv6Key {
-    let (a, b, c, d): (u64, u64, u64, u64);
-    // SAFETY: loads only, of bytes the caller vouches for.
+    // SAFETY: loads of bytes the caller vouches for; four words are an
+    // `Ipv6Key` (16 bytes, aligned to 4).
     unsafe {
-        core::arch::asm!(
-            "{a} = *(u32 *)({p} + 0)",
-            "{b} = *(u32 *)({p} + 4)",
-            "{c} = *(u32 *)({p} + 8)",
-            "{d} = *(u32 *)({p} + 12)",
-            p = in(reg) p,
-            a = out(reg) a,
-            b = out(reg) b,
-            c = out(reg) c,
-            d = out(reg) d,
-            options(nostack, readonly, preserves_flags),
-        );
-        // SAFETY: four words are an `Ipv6Key` (16 bytes, aligned to 4).
-        core::mem::transmute::<[u32; 4], Ipv6Key>([a as u32, b as u32, c as u32, d as u32])
+        let w = [
+            load_u32(p),
+            load_u32(p.add(4)),
+            load_u32(p.add(8)),
+            load_u32(p.add(12)),
+        ];
+        core::mem::transmute::<[u32; 4], Ipv6Key>(w)
     }
 }
 

@@ -386,15 +386,8 @@ fn retire_old_config(path: &Path) -> Option<Config> {
     let data = MapData::from_pin(path).ok()?;
     let mut old: Array<MapData, [u8; 24]> = Array::try_from(Map::Array(data)).ok()?;
     let b = old.get(&0, 0).ok()?;
-    let mut frozen = b;
-    let epoch = u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")).wrapping_add(1);
-    frozen[0..4].copy_from_slice(&epoch.to_ne_bytes());
-    frozen[6] |= config_flags::NO_VERDICT_CACHE | config_flags::NO_SUBJECT_MEMO;
-    if let Err(e) = old.set(0, frozen, 0) {
-        warn!(error = %e, "cannot turn the old programs' caches off; they judge from their cache until swapped");
-    }
     let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-    Some(Config {
+    let config = Config {
         epoch: u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
         local_node_id: u16::from_ne_bytes([b[4], b[5]]),
         flags: b[6],
@@ -403,7 +396,14 @@ fn retire_old_config(path: &Path) -> Option<Config> {
         flow_report_interval_ns: word(16),
         jiffy_ns: 0,
         clock_base_ns: 0,
-    })
+    };
+    let mut frozen = b;
+    frozen[0..4].copy_from_slice(&config.epoch.wrapping_add(1).to_ne_bytes());
+    frozen[6] |= config_flags::NO_VERDICT_CACHE | config_flags::NO_SUBJECT_MEMO;
+    if let Err(e) = old.set(0, frozen, 0) {
+        warn!(error = %e, "cannot turn the old programs' caches off; they judge from their cache until swapped");
+    }
+    Some(config)
 }
 
 /// Program `name` of the object, loaded into the kernel (once: a program
