@@ -3,11 +3,14 @@
 # as it was before per-object state (commit below: pods copied into one
 # ConfigMap, every watch event recomputing the whole cluster, every Sync
 # stream recomputing its whole view). Built once, from `git archive` of that
-# commit into target/scale/, with this tree's target directory so the
-# dependencies are shared; prints the binary's path.
+# commit into target/scale/, in a target directory of its own (removed once
+# the binary is kept); prints the binary's path.
 #
-# It lands in target/release/control-plane on the way (same target
-# directory), so build this tree's binaries after it: `make bench-scale` does.
+# Not this tree's target directory: Cargo names a workspace member's build
+# output by its path within the workspace, so the baseline's `proto` and this
+# tree's share one generated-code directory, and whichever built last was
+# taken as fresh by the other (the baseline failed to build against this
+# tree's generated API).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REV=4b68ddf3e56054cf4a78f8770240576cb686f4e8
@@ -25,9 +28,10 @@ rm -rf "$src"
 mkdir -p "$src"
 git archive "$REV" | tar -x -C "$src"
 echo "scale-baseline.sh: building the control plane at ${REV:0:12} (once)" >&2
+target="$PWD/target/scale/target"
 ( cd "$src" && "${CARGO:-cargo}" build --release --locked -p control-plane --bin control-plane \
-    --target-dir "$PWD/../../" >&2 )
-cp "$PWD/target/release/control-plane" "$out.tmp"
+    --target-dir "$target" >&2 )
+cp "$target/release/control-plane" "$out.tmp"
 mv "$out.tmp" "$out"
-rm -rf "$src"
+rm -rf "$src" "$target"
 echo "$out"
