@@ -21,8 +21,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::attest;
+use crate::error::ApiError;
 use crate::metrics::Refusal;
-use crate::server::{ApiError, ControlPlane, NodeSvid};
+use crate::server::{ControlPlane, NodeSvid};
 use crate::sync;
 
 /// Who is on the other end of a connection, as TLS established it.
@@ -170,10 +172,14 @@ impl AgentApi for AgentService {
         let result = match req.method {
             Some(Method::JoinToken(jt)) => {
                 self.cp
-                    .attest_join_token(&jt.token, &jt.node_name, &req.csr)
+                    .attest(attest::Method::JoinToken, &jt.token, &jt.node_name, &req.csr)
                     .await
             }
-            Some(Method::Kubernetes(k)) => self.cp.attest_kubernetes(&k.token, &k.node_name, &req.csr).await,
+            Some(Method::Kubernetes(k)) => {
+                self.cp
+                    .attest(attest::Method::Kubernetes, &k.token, &k.node_name, &req.csr)
+                    .await
+            }
             None => {
                 self.cp.count_refusal(Refusal::BadRequest);
                 Err(ApiError::InvalidArgument(
@@ -463,8 +469,9 @@ mod tests {
     use super::*;
     use crate::ca::CaConfig;
     use crate::config::Config;
+    use crate::model::WorkloadRecord;
     use crate::server::SourcedChanges;
-    use crate::store::{SledStore, WorkloadRecord};
+    use crate::store::SledStore;
 
     /// A Kubernetes-mode control plane (sled store) and one node attested
     /// with a join token: the control plane, and that node's serial tag.
@@ -501,7 +508,10 @@ mod tests {
             .await
             .unwrap();
         let (_key, csr) = keyway_identity::csr::generate().unwrap();
-        let svid = cp.attest_join_token(&token, "n1", &csr).await.unwrap();
+        let svid = cp
+            .attest(crate::attest::Method::JoinToken, &token, "n1", &csr)
+            .await
+            .unwrap();
         let tag = (svid.node.registration != 0).then_some(svid.node.registration);
         (cp, tag)
     }

@@ -20,7 +20,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::jwt::{self, JwtSigner};
-use crate::store::{CaPhase, CaRecord, CaState, Secret};
+use crate::model::{CaPhase, CaRecord, CaState, Secret};
 
 /// NotBefore is backdated this much to absorb clock skew between nodes.
 pub const BACKDATE_SECS: i64 = 10;

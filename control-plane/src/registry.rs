@@ -9,11 +9,11 @@ use std::net::IpAddr;
 use keyway_identity::{TrustDomain, spiffe_id};
 use serde::Deserialize;
 
-use crate::policy::{
+use crate::model::policy::{
     AuthMode, Direction, Entity, NAMESPACE_LABEL, Operator, PolicySpec, PortProtocol, Protocol, Requirement,
     Rule, SERVICE_ACCOUNT_LABEL, Selector,
 };
-use crate::store::{DocumentKind, DocumentRef, PolicyRecord, WorkloadRecord};
+use crate::model::{DocumentKind, DocumentRef, PolicyRecord, WorkloadRecord};
 
 pub const API_VERSION: &str = "keyway.dev/v1alpha1";
 

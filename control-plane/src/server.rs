@@ -13,6 +13,7 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::{Mutex, watch};
 use tracing::{info, warn};
 
+use crate::attest::{Method, NodeAttestor, Refused};
 use crate::ca::{self, Authority, CaConfig, Issued, Step};
 use crate::config::Config;
 use crate::csr;
@@ -20,85 +21,15 @@ use crate::metrics::{IssuedKind, Metrics, Refusal, RotationStep};
 use crate::registry;
 use std::collections::{HashMap, HashSet};
 
-use crate::store::{
-    ApplyOutcome, CaPhase, CaState, DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, NodeRecord,
-    PolicyRecord, RegistrySnapshot, Store, StoreError, WorkloadRecord,
+use crate::model::{
+    CaPhase, CaState, DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, NodeRecord, PolicyRecord,
+    WorkloadRecord,
 };
+use crate::store::{ApplyOutcome, RegistrySnapshot, Store, StoreError};
 use crate::sync::Cluster;
 
 use crate::clock::now_unix;
-
-/// Why a call was refused. Each maps to the gRPC code the SPIFFE specs use.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl ApiError {
-    /// The kind of refusal, for log limiter keys and metrics (never the
-    /// message, which repeats caller input).
-    pub fn code_name(&self) -> &'static str {
-        match self {
-            ApiError::InvalidArgument(_) => "invalid_argument",
-            ApiError::Unauthenticated(_) => "unauthenticated",
-            ApiError::PermissionDenied(_) => "permission_denied",
-            ApiError::FailedPrecondition(_) => "failed_precondition",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::Internal(_) => "internal",
-        }
-    }
-}
-
-impl From<ApiError> for tonic::Status {
-    fn from(e: ApiError) -> Self {
-        use tonic::Status;
-        match e {
-            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
-            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
-            ApiError::PermissionDenied(m) => Status::permission_denied(m),
-            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::Unavailable(m) => Status::unavailable(m),
-            ApiError::Internal(m) => Status::internal(m),
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::TokenRefused(p) => ApiError::PermissionDenied(format!("join token refused: {p}")),
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<ca::CaError> for ApiError {
-    fn from(e: ca::CaError) -> Self {
-        match e {
-            ca::CaError::AlreadyPrepared(_) | ca::CaError::NothingPrepared => {
-                ApiError::FailedPrecondition(e.to_string())
-            }
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<csr::CsrError> for ApiError {
-    fn from(e: csr::CsrError) -> Self {
-        ApiError::InvalidArgument(e.to_string())
-    }
-}
+use crate::error::ApiError;
 
 /// Looks up a Node's addresses (Kubernetes mode): `None` while the Node is
 /// not known (yet).
@@ -125,8 +56,10 @@ struct Inner {
     /// Serialises registry writes so each published snapshot is consistent.
     registry_lock: Mutex<()>,
     own_cert: watch::Sender<Option<Arc<CertifiedKey>>>,
-    /// Kubernetes mode: checks agents' service account tokens.
-    token_reviewer: std::sync::OnceLock<crate::kubernetes::attest::TokenReviewer>,
+    /// The attestor of each [`Method`] (indexed by it): join tokens from the
+    /// start unless Kubernetes mode turned them off, Kubernetes tokens once
+    /// Kubernetes mode enables them ([`ControlPlane::enable_attestor`]).
+    attestors: [std::sync::OnceLock<Arc<dyn NodeAttestor>>; 2],
     /// Kubernetes mode: a Node's own addresses, which are the only ones its
     /// agent may advertise for mutual auth.
     node_addresses: std::sync::OnceLock<NodeAddresses>,
@@ -162,7 +95,7 @@ struct Sourced {
     /// The stored identities the workloads were last resolved against, and
     /// their numbers by [`crate::store::identity_key`]: rebuilt only when
     /// the stored identities change, not per batch.
-    resolved: Option<(Vec<crate::store::IdentityRecord>, HashMap<String, u32>)>,
+    resolved: Option<(Vec<crate::model::IdentityRecord>, HashMap<String, u32>)>,
     /// Grows each time `resolved` is rebuilt; a workload resolved since
     /// (whose record did not change) keeps its identity without a lookup.
     resolution: u64,
@@ -324,7 +257,7 @@ impl ControlPlane {
                 registry,
                 registry_lock: Mutex::new(()),
                 own_cert,
-                token_reviewer: std::sync::OnceLock::new(),
+                attestors: Default::default(),
                 node_addresses: std::sync::OnceLock::new(),
                 attest_rate: crate::rate_limit::PerSource::new(cfg_attest_per_minute),
                 leader: std::sync::OnceLock::new(),
@@ -335,6 +268,9 @@ impl ControlPlane {
                 metrics,
             }),
         };
+        if !cp.inner.cfg.kubernetes || cp.inner.cfg.allow_join_tokens {
+            cp.enable_attestor(Arc::new(crate::tokens::JoinTokens::new(cp.inner.store.clone())));
+        }
         cp.renew_own_svid().await?;
         cp.collect_at_scrape();
         cp.inner.metrics.readiness.set_ready(crate::metrics::READY_CA);
@@ -390,9 +326,10 @@ impl ControlPlane {
         self.inner.own_cert.subscribe()
     }
 
-    /// Accepts Kubernetes service account tokens for node attestation.
-    pub fn enable_kubernetes_attestation(&self, reviewer: crate::kubernetes::attest::TokenReviewer) {
-        let _ = self.inner.token_reviewer.set(reviewer);
+    /// Accepts the proofs `attestor` checks for node attestation (its
+    /// method's first attestor stays).
+    pub fn enable_attestor(&self, attestor: Arc<dyn NodeAttestor>) {
+        let _ = self.inner.attestors[attestor.method() as usize].set(attestor);
     }
 
     /// Checks the mutual-auth addresses agents advertise against their
@@ -544,74 +481,96 @@ impl ControlPlane {
 
     // ---- agent API ------------------------------------------------------
 
-    /// Join-token attestation: consumes the token and issues the node SVID.
+    /// Node attestation: checks the node name, the CSR and the proof (with
+    /// the method's [`NodeAttestor`]), then signs the node SVID and registers
+    /// the node, consuming a single-use proof in the same store write.
     ///
-    /// Cheapest refusal first: the token is looked up (one read, no lock)
-    /// before the CSR is checked or anything is signed, so a flood of bad
-    /// tokens costs a hash and a read each. In Kubernetes mode join tokens
-    /// are off unless `--allow-join-tokens` turns them on: agents there
-    /// attest with their projected service account token.
-    pub async fn attest_join_token(
+    /// Cheapest refusal first: a join token is looked up (a hash and one
+    /// read, no lock) before the CSR is checked or anything is signed, so a
+    /// flood of bad tokens costs no signature checks; a Kubernetes token is
+    /// reviewed (a call to the API server) only for a request whose CSR
+    /// holds. In Kubernetes mode join tokens are off unless
+    /// `--allow-join-tokens` turns them on: agents there attest with their
+    /// projected service account token.
+    pub async fn attest(
         &self,
-        token: &str,
+        method: Method,
+        proof: &str,
         node: &str,
         csr_der: &[u8],
     ) -> Result<NodeSvid, ApiError> {
         let started = std::time::Instant::now();
-        if self.inner.cfg.kubernetes && !self.inner.cfg.allow_join_tokens {
-            return Err(self.refuse(
-                Refusal::JoinTokensOff,
-                ApiError::FailedPrecondition(
-                    "join-token attestation is off in Kubernetes mode: agents attest with their projected \
-                     service account token (--k8s-token-file); start the control plane with \
-                     --allow-join-tokens to accept join tokens too"
-                        .into(),
+        let Some(attestor) = self.inner.attestors[method as usize].get() else {
+            return Err(match method {
+                Method::JoinToken => self.refuse(
+                    Refusal::JoinTokensOff,
+                    ApiError::FailedPrecondition(
+                        "join-token attestation is off in Kubernetes mode: agents attest with their projected \
+                         service account token (--k8s-token-file); start the control plane with \
+                         --allow-join-tokens to accept join tokens too"
+                            .into(),
+                    ),
                 ),
-            ));
-        }
+                Method::Kubernetes => self.refuse(
+                    Refusal::NotKubernetes,
+                    ApiError::FailedPrecondition(
+                        "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token"
+                            .into(),
+                    ),
+                ),
+            });
+        };
         let bad = |e: String| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e));
         spiffe_id::check_name("node name", node).map_err(|e| bad(e.to_string()))?;
-        if token.is_empty() {
-            return Err(bad("join token is empty".into()));
-        }
-        if token.len() > crate::tokens::MAX_TOKEN_BYTES {
-            return Err(self.refuse(
-                Refusal::TokenRefused,
-                ApiError::PermissionDenied(format!(
-                    "join token refused: {}",
-                    crate::store::TokenProblem::Unknown
-                )),
-            ));
-        }
-        let hash = crate::tokens::hash(token);
-        let stored = self.inner.store.join_token(&hash).await?;
-        if let Some(problem) = crate::store::token_problem(stored.as_ref(), node, now_unix()) {
-            return Err(self.refuse(Refusal::TokenRefused, StoreError::TokenRefused(problem)));
-        }
         let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
+        let refused = |r: Refused| match r.reason {
+            Some(reason) => self.refuse(reason, r.error),
+            None => r.error,
+        };
+        let checked_first = if attestor.proof_before_csr() {
+            Some(attestor.verify(proof, node).await.map_err(refused)?)
+        } else {
+            None
+        };
         let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
+        let attested = match checked_first {
+            Some(attested) => attested,
+            None => attestor.verify(proof, node).await.map_err(refused)?,
+        };
         // Signed under the registry lock: when the node's registration
         // begins is decided with nothing able to revoke it in between.
         let _guard = self.inner.registry_lock.lock().await;
         let (now, registration, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
-        // Consuming is what makes the token single-use: two attempts with
-        // the same token both pass the read above, one of them consumes.
-        let node_rec = self
-            .inner
-            .store
-            .consume_join_token(&hash, node, now, registration, &record)
-            .await
-            .map_err(|e| match e {
-                StoreError::TokenRefused(_) => self.refuse(Refusal::TokenRefused, e),
-                other => other.into(),
-            })?;
+        let store = &self.inner.store;
+        let node_rec = match &attested.consumes {
+            // Consuming is what makes a proof single-use: two attempts with
+            // the same token both pass its check, one of them consumes.
+            Some(key) => store
+                .consume_join_token(key, node, now, registration, &record)
+                .await
+                .map_err(|e| match e {
+                    StoreError::TokenRefused(_) => self.refuse(Refusal::TokenRefused, e),
+                    other => other.into(),
+                })?,
+            None => store.register_node(node, now, registration, &record).await?,
+        };
         self.refresh_registry().await?;
         self.inner.metrics.issued(IssuedKind::Node, started);
-        info!(
-            node,
-            node_id = node_rec.node_id,
-            "node attested with a join token"
-        );
+        match &attested.pod {
+            Some(pod) => info!(
+                node,
+                node_id = node_rec.node_id,
+                pod = %pod,
+                "node attested with a {}",
+                method.describe()
+            ),
+            None => info!(
+                node,
+                node_id = node_rec.node_id,
+                "node attested with a {}",
+                method.describe()
+            ),
+        }
         Ok(NodeSvid {
             spiffe_id: id,
             issued,
@@ -666,58 +625,6 @@ impl ControlPlane {
             not_after: issued.not_after,
         };
         Ok((now, registration, issued, record))
-    }
-
-    /// Kubernetes attestation: a projected service account token bound to a
-    /// node-agent pod, checked with TokenReview; issues the SVID of the node
-    /// the pod is scheduled to.
-    pub async fn attest_kubernetes(
-        &self,
-        token: &str,
-        node: &str,
-        csr_der: &[u8],
-    ) -> Result<NodeSvid, ApiError> {
-        let started = std::time::Instant::now();
-        let Some(reviewer) = self.inner.token_reviewer.get() else {
-            return Err(self.refuse(
-                Refusal::NotKubernetes,
-                ApiError::FailedPrecondition(
-                    "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token"
-                        .into(),
-                ),
-            ));
-        };
-        let bad = |e: String| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e));
-        spiffe_id::check_name("node name", node).map_err(|e| bad(e.to_string()))?;
-        let id = spiffe_id::node_id(&self.inner.cfg.trust_domain, node).map_err(|e| bad(e.to_string()))?;
-        let public_key = csr::check(csr_der, &id.to_string()).map_err(|e| self.refuse(Refusal::BadCsr, e))?;
-        let pod = reviewer.review(token, node).await.map_err(|e| match e {
-            ApiError::Unavailable(_) => self.refuse(Refusal::TokenreviewUnavailable, e),
-            ApiError::InvalidArgument(_) | ApiError::PermissionDenied(_) => {
-                self.refuse(Refusal::TokenreviewRefused, e)
-            }
-            other => other,
-        })?;
-        let _guard = self.inner.registry_lock.lock().await;
-        let (now, registration, issued, record) = self.issue_node_svid(&public_key, &id, node)?;
-        let node_rec = self
-            .inner
-            .store
-            .register_node(node, now, registration, &record)
-            .await?;
-        self.refresh_registry().await?;
-        self.inner.metrics.issued(IssuedKind::Node, started);
-        info!(
-            node,
-            node_id = node_rec.node_id,
-            pod = %format!("{}/{}", pod.namespace, pod.name),
-            "node attested with a Kubernetes service account token"
-        );
-        Ok(NodeSvid {
-            spiffe_id: id,
-            issued,
-            node: node_rec,
-        })
     }
 
     /// Forgets the numeric identities no workload has used for `grace`
@@ -1173,7 +1080,8 @@ impl ControlPlane {
         workloads: &[WorkloadRecord],
         policies: &[PolicyRecord],
     ) -> Result<(), ApiError> {
-        use crate::store::{IdentityRecord, identity_key, identity_labels};
+        use crate::model::IdentityRecord;
+        use crate::store::{identity_key, identity_labels};
         let current = self.registry();
         let records = &current.records;
         let applied: HashSet<String> = workloads.iter().map(WorkloadRecord::key).collect();
@@ -1340,9 +1248,9 @@ impl ControlPlane {
         let (mut records, mut unresolved) =
             merge_sourced(self.inner.sourced.get(), stored, &previous.records.workloads);
         if leader && !unresolved.is_empty() {
-            let wanted: Vec<crate::store::IdentityRecord> = unresolved
+            let wanted: Vec<crate::model::IdentityRecord> = unresolved
                 .iter()
-                .map(|w| crate::store::IdentityRecord {
+                .map(|w| crate::model::IdentityRecord {
                     id: 0,
                     spiffe_id: w.spiffe_id.clone(),
                     namespace: w.namespace.clone(),
@@ -1622,7 +1530,7 @@ mod tests {
 
     #[test]
     fn workloads_take_the_lowest_number_of_a_duplicated_identity_and_keep_theirs_while_relabelled() {
-        let ident = |id: u32, sa: &str| crate::store::IdentityRecord {
+        let ident = |id: u32, sa: &str| crate::model::IdentityRecord {
             id,
             spiffe_id: format!("spiffe://td/ns/default/sa/{sa}"),
             namespace: "default".into(),

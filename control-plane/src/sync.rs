@@ -52,8 +52,9 @@ use imbl::{OrdMap, OrdSet};
 
 use proto::keyway::{self as pb, update::Kind};
 
+use crate::model::{IdentityRecord, PolicyRecord, WorkloadRecord};
 use crate::policy::{self, CompiledPolicy};
-use crate::store::{IdentityRecord, PolicyRecord, RegistrySnapshot, WorkloadRecord};
+use crate::store::RegistrySnapshot;
 
 /// Updates per message while streaming a snapshot; keeps every message far
 /// below gRPC limits however many identities a node has.
@@ -202,7 +203,7 @@ fn identity_message(i: &IdentityRecord) -> pb::Identity {
     }
 }
 
-fn node_message(n: &crate::store::NodeRecord) -> pb::Node {
+fn node_message(n: &crate::model::NodeRecord) -> pb::Node {
     pb::Node {
         name: n.name.clone(),
         node_id: u32::from(n.node_id),
@@ -456,7 +457,7 @@ impl Cluster {
     pub fn workloads_on<'a>(
         &'a self,
         node: &str,
-    ) -> impl Iterator<Item = &'a crate::store::WorkloadRecord> + 'a {
+    ) -> impl Iterator<Item = &'a crate::model::WorkloadRecord> + 'a {
         self.records_on(node).map(|w| &**w)
     }
 
@@ -469,7 +470,7 @@ impl Cluster {
     pub fn workloads_with<'a>(
         &'a self,
         spiffe_id: &str,
-    ) -> impl Iterator<Item = &'a crate::store::WorkloadRecord> + 'a {
+    ) -> impl Iterator<Item = &'a crate::model::WorkloadRecord> + 'a {
         self.by_spiffe_id
             .get(spiffe_id)
             .into_iter()
@@ -1034,7 +1035,7 @@ pub fn bundle_message(bundle: &keyway_identity::TrustBundle) -> pb::Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{NodeRecord, WorkloadRecord};
+    use crate::model::{NodeRecord, WorkloadRecord};
 
     fn wl(name: &str, node: &str, identity: u32) -> WorkloadRecord {
         WorkloadRecord {
@@ -1071,7 +1072,7 @@ mod tests {
         a.ips = vec!["10.0.1.10".into()];
         let mut b = wl("api", "n2", 257);
         b.ips = vec!["10.0.2.10".into(), "fd00::2".into()];
-        let policy: crate::policy::PolicySpec = serde_json::from_value(serde_json::json!({
+        let policy: crate::model::policy::PolicySpec = serde_json::from_value(serde_json::json!({
             "endpointSelector": { "matchLabels": { "app": "api" } },
             "ingress": [{
                 "authentication": "required",
@@ -1237,7 +1238,8 @@ mod tests {
     fn a_policy_change_sends_only_the_changed_entries() {
         let mut snap = two_nodes();
         let before = view(&snap, "n2");
-        snap.policies[0].spec.ingress.as_mut().unwrap()[0].authentication = crate::policy::AuthMode::Disabled;
+        snap.policies[0].spec.ingress.as_mut().unwrap()[0].authentication =
+            crate::model::policy::AuthMode::Disabled;
         let after = view(&snap, "n2");
         let d = diff(&before, &after);
         assert_eq!(d.len(), 1);
@@ -1383,10 +1385,10 @@ mod tests {
             }
             _ => {
                 let auth = &mut snap.policies[0].spec.ingress.as_mut().unwrap()[0].authentication;
-                *auth = if *auth == crate::policy::AuthMode::Required {
-                    crate::policy::AuthMode::Disabled
+                *auth = if *auth == crate::model::policy::AuthMode::Required {
+                    crate::model::policy::AuthMode::Disabled
                 } else {
-                    crate::policy::AuthMode::Required
+                    crate::model::policy::AuthMode::Required
                 };
             }
         }

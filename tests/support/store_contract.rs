@@ -8,10 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use control_plane::store::model::TOKEN_RETENTION_SECS;
-use control_plane::store::{
-    IdentityRecord, IssuanceRecord, IssuanceRetention, JoinTokenRecord, Store, StoreError, TokenProblem,
-};
+use control_plane::model::{IdentityRecord, IssuanceRecord, JoinTokenRecord};
+use control_plane::store::rules::TOKEN_RETENTION_SECS;
+use control_plane::store::{IssuanceRetention, Store, StoreError, TokenProblem};
 
 fn identity(sa: &str) -> IdentityRecord {
     IdentityRecord {

@@ -498,7 +498,7 @@ spec:
     // Nothing else changed: the policies in force (the last valid
     // api-mtls, and no `broken`) are what they were.
     let after = cp.cp.registry().records.policies.clone();
-    let ours = |list: &[control_plane::store::PolicyRecord]| {
+    let ours = |list: &[control_plane::model::PolicyRecord]| {
         list.iter()
             .filter(|p| p.namespace == ns)
             .cloned()

@@ -13,10 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use control_plane::ca::CaConfig;
 use control_plane::kubernetes::leader::{LeaderConfig, LeaderElection};
-use control_plane::store::{
-    IdentityRecord, IssuanceRecord, JoinTokenRecord, KubeStore, RegistrySnapshot, Store, StoreError,
-    TokenProblem,
-};
+use control_plane::model::{IdentityRecord, IssuanceRecord, JoinTokenRecord};
+use control_plane::store::{KubeStore, RegistrySnapshot, Store, StoreError, TokenProblem};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};

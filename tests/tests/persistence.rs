@@ -293,7 +293,8 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 /// everything would be four times as big). Then the caps: count, then bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_issuance_log_keeps_its_window_and_stops_growing() {
-    use control_plane::store::{IssuanceRecord, IssuanceRetention};
+    use control_plane::model::IssuanceRecord;
+    use control_plane::store::IssuanceRetention;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("sled");
     let store = SledStore::open(&data).unwrap();

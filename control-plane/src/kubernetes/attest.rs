@@ -14,7 +14,9 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
-use crate::server::ApiError;
+use crate::attest::{Attested, Method, NodeAttestor, Refused};
+use crate::error::ApiError;
+use crate::metrics::Refusal;
 
 /// The audience agents' projected tokens carry.
 pub const AUDIENCE: &str = "keyway";
@@ -158,5 +160,30 @@ impl TokenReviewer {
             uid: pod_uid,
             node: pod_node,
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeAttestor for TokenReviewer {
+    fn method(&self) -> Method {
+        Method::Kubernetes
+    }
+
+    fn proof_before_csr(&self) -> bool {
+        false
+    }
+
+    async fn verify(&self, token: &str, node: &str) -> Result<Attested, Refused> {
+        match self.review(token, node).await {
+            Ok(pod) => Ok(Attested {
+                consumes: None,
+                pod: Some(format!("{}/{}", pod.namespace, pod.name)),
+            }),
+            Err(e @ ApiError::Unavailable(_)) => Err(Refused::new(Refusal::TokenreviewUnavailable, e)),
+            Err(e @ (ApiError::InvalidArgument(_) | ApiError::PermissionDenied(_))) => {
+                Err(Refused::new(Refusal::TokenreviewRefused, e))
+            }
+            Err(e) => Err(Refused::failed(e)),
+        }
     }
 }

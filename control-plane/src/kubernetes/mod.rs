@@ -47,10 +47,10 @@ pub fn start(
     opts: Options,
     shutdown: watch::Receiver<bool>,
 ) -> Result<impl std::future::Future<Output = ()>, String> {
-    cp.enable_kubernetes_attestation(attest::TokenReviewer::new(
+    cp.enable_attestor(std::sync::Arc::new(attest::TokenReviewer::new(
         client.clone(),
         &opts.agent_service_account,
-    )?);
+    )?));
     cp.read_workloads_from_kubernetes();
     let mut tasks = Vec::new();
     let mut always_leader = None;

@@ -37,10 +37,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
-use crate::policy::NAMESPACE_LABELS_PREFIX;
+use crate::model::policy::NAMESPACE_LABELS_PREFIX;
+use crate::model::{PolicyRecord, WorkloadRecord};
 use crate::registry::policy_spec;
 use crate::server::{ControlPlane, SourcedChanges};
-use crate::store::{PolicyRecord, WorkloadRecord};
 
 /// Prefix of the store names of policies that come from a networking.k8s.io
 /// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
@@ -375,7 +375,7 @@ fn selector_value(pods: Option<&K8sSelector>, namespaces: Option<&K8sSelector>) 
         add(sel, NAMESPACE_LABELS_PREFIX);
         // `namespaceSelector: {}` selects every namespace.
         let mut m = Mapping::new();
-        m.insert("key".into(), crate::policy::NAMESPACE_LABEL.into());
+        m.insert("key".into(), crate::model::policy::NAMESPACE_LABEL.into());
         m.insert("operator".into(), "Exists".into());
         exprs.push(Value::Mapping(m));
     }

@@ -38,7 +38,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use super::kube_index::{self, Index};
-use super::{IdentityRecord, StoreError, StoreResult, identity_key, identity_labels};
+use super::{StoreError, StoreResult, identity_key, identity_labels};
+use crate::model::IdentityRecord;
 
 pub(super) const IDENTITY_PREFIX: &str = "keyway-identity-";
 pub(super) const IDENTITY_COMPONENT: &str = "identity";
@@ -149,9 +150,9 @@ pub(super) fn lock(index: &SharedIndex) -> std::sync::MutexGuard<'_, IdentityInd
 pub(super) fn identity_configmap(rec: &IdentityRecord, writer: &str) -> StoreResult<ConfigMap> {
     let json = serde_json::to_string(rec)
         .map_err(|e| StoreError::Backend(format!("cannot encode identity {}: {e}", rec.id)))?;
-    let mut meta = super::kube_store::object_meta(&identity_object_name(rec.id), IDENTITY_COMPONENT);
+    let mut meta = super::kube_api::object_meta(&identity_object_name(rec.id), IDENTITY_COMPONENT);
     meta.annotations = Some(BTreeMap::from([(
-        super::kube_store::LAST_WRITER.to_owned(),
+        super::kube_api::LAST_WRITER.to_owned(),
         writer.to_owned(),
     )]));
     Ok(ConfigMap {
@@ -262,12 +263,12 @@ impl Allocator<'_> {
                 match r {
                     Ok(()) => lock(self.index).insert(rec),
                     // The number is taken (the counter was behind): try the next.
-                    Err(e) if super::kube_store::is_already_exists(&e) => {
+                    Err(e) if super::kube_api::is_already_exists(&e) => {
                         tracing::warn!(id = rec.id, "identity number already taken; allocating another");
                         todo.push(IdentityRecord { id: 0, ..rec });
                     }
                     Err(e) => {
-                        return Err(super::kube_store::api_error(
+                        return Err(super::kube_api::api_error(
                             e,
                             "create",
                             "configmaps",
@@ -295,9 +296,9 @@ impl Allocator<'_> {
             let name = identity_object_name(*id);
             match self.api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => n += 1,
-                Err(e) if super::kube_store::is_not_found(&e) => {}
+                Err(e) if super::kube_api::is_not_found(&e) => {}
                 Err(e) => {
-                    return Err(super::kube_store::api_error(
+                    return Err(super::kube_api::api_error(
                         e,
                         "delete",
                         "configmaps",

@@ -39,7 +39,7 @@ pub(super) fn lock<I>(index: &Shared<I>) -> MutexGuard<'_, I> {
 }
 
 pub(super) fn selector<I: Index>() -> String {
-    format!("{}={}", super::kube_store::COMPONENT, I::COMPONENT)
+    format!("{}={}", super::kube_api::COMPONENT, I::COMPONENT)
 }
 
 /// Every object of the kind, read page by page, into a new index.

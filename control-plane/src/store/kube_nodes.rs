@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::kube_index::Index;
-use super::{JoinTokenRecord, NodeRecord, StoreError, StoreResult};
+use super::{StoreError, StoreResult};
+use crate::model::{JoinTokenRecord, NodeRecord};
 
 pub(super) const NODE_PREFIX: &str = "keyway-node-";
 /// For names that do not fit; never a prefix of a plain name.
@@ -80,7 +81,7 @@ fn with_record<T: serde::Serialize>(
     cm.metadata
         .annotations
         .get_or_insert_default()
-        .insert(super::kube_store::LAST_WRITER.to_owned(), writer.to_owned());
+        .insert(super::kube_api::LAST_WRITER.to_owned(), writer.to_owned());
     Ok(cm)
 }
 
@@ -91,7 +92,7 @@ pub(super) fn node_configmap(
     writer: &str,
 ) -> StoreResult<ConfigMap> {
     let cm = cm.unwrap_or_else(|| ConfigMap {
-        metadata: super::kube_store::object_meta(&node_object_name(&rec.name), NODE_COMPONENT),
+        metadata: super::kube_api::object_meta(&node_object_name(&rec.name), NODE_COMPONENT),
         ..Default::default()
     });
     with_record(
@@ -111,7 +112,7 @@ pub(super) fn token_configmap(
     writer: &str,
 ) -> StoreResult<ConfigMap> {
     let cm = cm.unwrap_or_else(|| ConfigMap {
-        metadata: super::kube_store::object_meta(&token_object_name(hash_hex), TOKEN_COMPONENT),
+        metadata: super::kube_api::object_meta(&token_object_name(hash_hex), TOKEN_COMPONENT),
         ..Default::default()
     });
     with_record(cm, TOKEN_KEY, rec, writer, "a join token")

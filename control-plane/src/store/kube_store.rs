@@ -92,7 +92,7 @@
 //!   except the log chunks (capped below) and the CA Secret (a few
 //!   authorities). A state not yet migrated from format 2 is refused above
 //!   [`STATE_LIMIT`] (900 KiB) with [`StoreError::Exhausted`].
-//! - Join tokens that expired more than [`model::TOKEN_RETENTION_SECS`] ago
+//! - Join tokens that expired more than [`rules::TOKEN_RETENTION_SECS`] ago
 //!   are deleted by a sweep on token writes, at most every
 //!   [`TOKEN_SWEEP_SECS`] (presenting one then reads "unknown token": still
 //!   refused).
@@ -117,15 +117,19 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret as KubeSecret};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::kube_api::{
+    COMPONENT, LAST_WRITER, api_error, is_already_exists, is_conflict, is_not_found, object_meta,
+};
 use super::kube_identities as ids;
 use super::kube_index;
 use super::kube_nodes as nodes;
 use super::*;
+use serde::{Deserialize, Serialize};
 
 const STATE: &str = "keyway-state";
 const STATE_KEY: &str = "state.json";
@@ -133,9 +137,6 @@ const CA: &str = "keyway-ca";
 const CA_KEY: &str = "ca.json";
 const CHUNK_PREFIX: &str = "keyway-issuance-";
 
-const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub(super) const COMPONENT: &str = "keyway.dev/component";
-pub(super) const LAST_WRITER: &str = "keyway.dev/last-writer";
 const ISSUANCE_COMPONENT: &str = "issuance-log";
 
 /// The largest `state.json` written: Kubernetes refuses objects over 1 MiB,
@@ -516,7 +517,7 @@ impl KubeStore {
         Ok(Some((cm, token)))
     }
 
-    /// Registers `node` ([`model::register_node`]): a known node's object
+    /// Registers `node` ([`rules::register_node`]): a known node's object
     /// is rewritten by a conditional write; a new node takes a node id from
     /// the counter in `keyway-state` (written first, so a crash leaves an
     /// unused id, never an id given twice) and its object is created, which
@@ -528,7 +529,7 @@ impl KubeStore {
             let written = match self.get_configmap(&name).await? {
                 Some(cm) => {
                     let known = nodes::node_record_of(&cm, node)?;
-                    let (rec, _) = model::register_node(Some(known), 0, node, now, registration)?;
+                    let (rec, _) = rules::register_node(Some(known), 0, node, now, registration)?;
                     let cm = nodes::node_configmap(Some(cm), &rec, &self.writer)?;
                     (
                         rec,
@@ -548,7 +549,7 @@ impl KubeStore {
                     let rec = self
                         .update_state("node id", |state| {
                             let next_id = state.next_node_id.max(floor);
-                            let (rec, next) = model::register_node(None, next_id, node, now, registration)?;
+                            let (rec, next) = rules::register_node(None, next_id, node, now, registration)?;
                             state.next_node_id = next;
                             Ok(Written::Changed(rec))
                         })
@@ -618,7 +619,7 @@ impl KubeStore {
     }
 
     /// Deletes the join tokens past their retention
-    /// ([`model::token_forgotten`]), at most every [`TOKEN_SWEEP_SECS`] of
+    /// ([`rules::token_forgotten`]), at most every [`TOKEN_SWEEP_SECS`] of
     /// `now`. Best effort: what fails is swept next time.
     async fn sweep_tokens(&self, now: i64) {
         {
@@ -640,7 +641,7 @@ impl KubeStore {
             }
         };
         for cm in listed {
-            let forgotten = nodes::token_record(&cm).is_ok_and(|t| model::token_forgotten(&t, now));
+            let forgotten = nodes::token_record(&cm).is_ok_and(|t| rules::token_forgotten(&t, now));
             let (Some(name), Some(version)) =
                 (cm.metadata.name.as_deref(), cm.metadata.resource_version.clone())
             else {
@@ -955,7 +956,7 @@ impl Store for KubeStore {
         let name = nodes::token_object_name(&hash_hex);
         // 1. Refused tokens stop here, before anything is written.
         let mut read = self.read_token(&hash_hex).await?;
-        if let Some(problem) = model::token_problem(read.as_ref().map(|(_, t)| t), node, now) {
+        if let Some(problem) = rules::token_problem(read.as_ref().map(|(_, t)| t), node, now) {
             return Err(StoreError::TokenRefused(problem));
         }
         self.check_registration_current(node, registration).await?;
@@ -968,7 +969,7 @@ impl Store for KubeStore {
         let mut attempt = 0;
         loop {
             let (cm, token) = read.ok_or(StoreError::TokenRefused(TokenProblem::Unknown))?;
-            let used = model::consume_token(Some(token), node, now)?;
+            let used = rules::consume_token(Some(token), node, now)?;
             let cm = nodes::token_configmap(Some(cm), &hash_hex, &used, &self.writer)?;
             match self.configmaps.replace(&name, &PostParams::default(), &cm).await {
                 Ok(_) => break,
@@ -1219,7 +1220,7 @@ impl Store for KubeStore {
                 return Ok(None);
             };
             let mut rec = nodes::node_record_of(&cm, node)?;
-            if !model::set_node_addresses(&mut rec, &addresses) {
+            if !rules::set_node_addresses(&mut rec, &addresses) {
                 kube_index::Index::upsert(&mut *kube_index::lock(&self.nodes), rec);
                 return Ok(Some(false));
             }
@@ -1241,7 +1242,7 @@ impl Store for KubeStore {
         self.allocator()
             .allocate(wanted, |n| {
                 self.update_state("identity numbers", move |state| {
-                    let (block, next) = model::reserve_identities(state.next_identity, n)?;
+                    let (block, next) = rules::reserve_identities(state.next_identity, n)?;
                     state.next_identity = next;
                     Ok(Written::Changed(block))
                 })
@@ -1330,8 +1331,8 @@ impl SharedState {
     fn new() -> Self {
         Self {
             format: FORMAT,
-            next_identity: model::first_identity(),
-            next_node_id: model::FIRST_NODE_ID,
+            next_identity: rules::first_identity(),
+            next_node_id: rules::FIRST_NODE_ID,
             ..Default::default()
         }
     }
@@ -1391,17 +1392,6 @@ fn set_state(cm: &mut ConfigMap, state: &SharedState, writer: &str) -> StoreResu
     let annotations = cm.metadata.annotations.get_or_insert_default();
     annotations.insert(LAST_WRITER.into(), writer.to_owned());
     Ok(())
-}
-
-pub(super) fn object_meta(name: &str, component: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        labels: Some(BTreeMap::from([
-            (MANAGED_BY.to_owned(), "keyway".to_owned()),
-            (COMPONENT.to_owned(), component.to_owned()),
-        ])),
-        ..Default::default()
-    }
 }
 
 fn version_of(secret: &KubeSecret) -> CaSeen {
@@ -1776,65 +1766,6 @@ async fn watch_shared(
 
 // ---- errors -----------------------------------------------------------------
 
-fn status(e: &kube::Error) -> Option<&kube::core::Status> {
-    match e {
-        kube::Error::Api(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn is_conflict(e: &kube::Error) -> bool {
-    status(e).is_some_and(|s| s.is_conflict())
-}
-
-pub(super) fn is_already_exists(e: &kube::Error) -> bool {
-    status(e).is_some_and(|s| s.is_already_exists())
-}
-
-pub(super) fn is_not_found(e: &kube::Error) -> bool {
-    status(e).is_some_and(|s| s.is_not_found())
-}
-
-/// An API failure as a message that says what failed and what to do. The
-/// API server's messages name objects and fields, never their contents.
-/// `name` is empty for operations on the collection (list).
-pub(super) fn api_error(
-    e: kube::Error,
-    verb: &str,
-    resource: &str,
-    name: &str,
-    namespace: &str,
-) -> StoreError {
-    let target = if name.is_empty() {
-        resource.to_owned()
-    } else {
-        format!("{resource}/{name}")
-    };
-    let message = match status(&e) {
-        Some(s) if s.is_forbidden() => format!(
-            "the control plane's service account cannot {verb} {resource} in namespace {namespace}: \
-             check the chart's Role (the Kubernetes store needs get, list, watch, create and update \
-             on configmaps and secrets)"
-        ),
-        Some(s) if s.code == 401 => format!(
-            "the Kubernetes API server did not accept the control plane's credentials (to {verb} \
-             {target} in namespace {namespace}): check its service account token"
-        ),
-        Some(s) if s.is_not_found() => {
-            format!("cannot {verb} {target} in namespace {namespace}: not found (does the namespace exist?)")
-        }
-        Some(s) => format!(
-            "cannot {verb} {target} in namespace {namespace}: {} {}: {}",
-            s.code, s.reason, s.message
-        ),
-        None => format!(
-            "cannot {verb} {target} in namespace {namespace}: the Kubernetes API server did not \
-             answer ({e}); if this was a write, it may or may not have been applied"
-        ),
-    };
-    StoreError::Backend(message)
-}
-
 fn too_many_conflicts(what: &str, object: &str, namespace: &str) -> StoreError {
     StoreError::Backend(format!(
         "gave up writing {what}: ConfigMap {object} in namespace {namespace} changed underneath \
@@ -1893,7 +1824,7 @@ mod tests {
         for i in 0..10_000u32 {
             let name = format!("ip-10-0-{}-{}.eu-west-1.compute.internal", i / 250, i % 250);
             let (rec, _) =
-                model::register_node(None, u64::from(i % 60_000) + 1, &name, 1_700_000_000, 1).unwrap();
+                rules::register_node(None, u64::from(i % 60_000) + 1, &name, 1_700_000_000, 1).unwrap();
             state.legacy_nodes.insert(name, rec);
         }
         match state.encode() {

@@ -7,6 +7,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::*;
+use serde::{Deserialize, Serialize};
 
 const CA_KEY: &[u8] = b"state";
 const REVISION: &[u8] = b"revision";
@@ -95,7 +96,7 @@ fn register_in(
         .map_err(TxError::Abort)?;
     let counter = read_u64(meta.get(NEXT_NODE_ID)?);
     let (record, next) =
-        model::register_node(existing, counter, node, now, registration).map_err(TxError::Abort)?;
+        rules::register_node(existing, counter, node, now, registration).map_err(TxError::Abort)?;
     if next != counter {
         meta.insert(NEXT_NODE_ID, &next.to_be_bytes())?;
     }
@@ -144,7 +145,7 @@ impl SledStore {
         })
     }
 
-    /// Drops the join tokens [`model::token_forgotten`] says go. Not
+    /// Drops the join tokens [`rules::token_forgotten`] says go. Not
     /// flushed here: the caller's write is, and a token that comes back
     /// after a crash is dropped by the next write.
     fn forget_expired_tokens(&self, now: i64) -> StoreResult<()> {
@@ -154,7 +155,7 @@ impl SledStore {
             let (k, v) = kv.map_err(backend)?;
             // A record that cannot be read is kept (never judged).
             if let Ok(t) = decode::<JoinTokenRecord>("join token", &v)
-                && model::token_forgotten(&t, now)
+                && rules::token_forgotten(&t, now)
             {
                 batch.remove(k);
                 any = true;
@@ -222,7 +223,7 @@ impl Store for SledStore {
                     .map(|raw| decode("join token", &raw))
                     .transpose()
                     .map_err(TxError::Abort)?;
-                let used = model::consume_token(token, node, now).map_err(TxError::Abort)?;
+                let used = rules::consume_token(token, node, now).map_err(TxError::Abort)?;
                 tokens.insert(token_hash, encode(&used))?;
 
                 let record = register_in(nodes, meta, node, now, registration)?;
@@ -326,7 +327,7 @@ impl Store for SledStore {
         let result = trees.transaction(|(wl_tree, id_tree, key_tree, policy_tree, meta)| {
             let mut changes = Vec::new();
             let mut changed = false;
-            let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?).max(model::first_identity());
+            let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?).max(rules::first_identity());
             let start_id = next_id;
             for w in &workloads {
                 let mut w = w.clone();
@@ -445,7 +446,7 @@ impl Store for SledStore {
                 return Ok(None);
             };
             let mut rec: NodeRecord = decode("node", &raw).map_err(TxError::Abort)?;
-            if !model::set_node_addresses(&mut rec, &addresses) {
+            if !rules::set_node_addresses(&mut rec, &addresses) {
                 return Ok(Some(false));
             }
             nodes.insert(node.as_bytes(), encode(&rec))?;
@@ -463,7 +464,7 @@ impl Store for SledStore {
     async fn allocate_identities(&self, wanted: &[IdentityRecord]) -> StoreResult<Vec<IdentityRecord>> {
         let trees = (&self.identities, &self.identity_keys, &self.meta);
         let result = trees.transaction(|(id_tree, key_tree, meta)| {
-            let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?).max(model::first_identity());
+            let mut next_id = read_u64(meta.get(NEXT_IDENTITY)?).max(rules::first_identity());
             let start_id = next_id;
             let mut out = Vec::with_capacity(wanted.len());
             for w in wanted {
@@ -589,7 +590,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{AuthMode, PolicySpec, Rule};
+    use crate::model::policy::{AuthMode, PolicySpec, Rule};
 
     fn policy(name: &str, auth: AuthMode) -> PolicyRecord {
         PolicyRecord {

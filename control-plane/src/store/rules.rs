@@ -4,7 +4,8 @@
 //! writes what the rule returns, so the two stores cannot drift apart. The
 //! contract test suite (`tests/support/store_contract.rs`) runs against both.
 
-use super::{JoinTokenRecord, NodeRecord, StoreError, StoreResult, TokenProblem};
+use super::{StoreError, StoreResult, TokenProblem};
+use crate::model::{JoinTokenRecord, NodeRecord};
 
 /// How long a join token is remembered after it expired. A token forgotten
 /// after that reads "unknown token" when presented: still refused.
