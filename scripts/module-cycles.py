@@ -23,34 +23,27 @@ import os
 import re
 import sys
 
-STRING = re.compile(
-    r'r(#*)"(?:.|\n)*?"\1'  # raw strings
-    r'|b?"(?:\\.|[^"\\])*"'  # strings
-    r"|b?'(?:\\u\{[0-9a-fA-F]+\}|\\.|[^\\'\n])'"  # chars (not lifetimes)
+# One left-to-right pass, so a "/*" in a string or a quote in a comment is
+# taken for what it is: comments, raw strings, strings, chars (not lifetimes).
+TOKEN = re.compile(
+    r"//[^\n]*"
+    r"|/\*.*?\*/"
+    r'|\bb?r(#*)".*?"\1'
+    r'|b?"(?:\\.|[^"\\])*"'
+    r"|b?'(?:\\u\{[0-9a-fA-F]+\}|\\.|[^\\'\n])'",
+    re.S,
 )
-LINE_COMMENT = re.compile(r"//[^\n]*")
-BLOCK_COMMENT = re.compile(r"/\*(?:.|\n)*?\*/")
 CFG_TEST = re.compile(r"#\[cfg\(test\)\]")
 PATH = re.compile(r"\b(crate|super)((?:::(?:super\b|self\b|\w+|\{))+)")
 
 
 def strip(text):
-    text = BLOCK_COMMENT.sub(" ", text)
-    # Strings before line comments: "//" inside a string is not a comment.
-    out, pos = [], 0
-    while pos < len(text):
-        s = STRING.search(text, pos)
-        c = LINE_COMMENT.search(text, pos)
-        if c and (not s or c.start() < s.start()):
-            out.append(text[pos : c.start()])
-            pos = c.end()
-        elif s:
-            out.append(text[pos : s.start()] + '""')
-            pos = s.end()
-        else:
-            out.append(text[pos:])
-            break
-    return "".join(out)
+    """Comments and literals out; strings kept as "" so no path is found in one."""
+
+    def keep(m):
+        return " " if m.group(0).startswith("/") else '""'
+
+    return TOKEN.sub(keep, text)
 
 
 def skip_item(text, pos):

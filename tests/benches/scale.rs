@@ -945,32 +945,8 @@ fn main() {
     rt.block_on(run());
 }
 
-/// The KeywayNetworkPolicy CRD the control plane watches, as the chart
-/// installs it; returns once the apiserver serves it.
-async fn install_crd() {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::CustomResourceExt;
-    let client = cluster().admin().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = control_plane::kubernetes::crd::KeywayNetworkPolicy::crd();
-    let _ = crds
-        .patch(
-            crd.metadata.name.as_deref().expect("name"),
-            &PatchParams::apply("keyway-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("install the KeywayNetworkPolicy CRD");
-    let policies: Api<control_plane::kubernetes::crd::KeywayNetworkPolicy> = Api::all(client);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while policies.list(&ListParams::default().limit(1)).await.is_err() {
-        assert!(Instant::now() < deadline, "the CRD is not served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn run() {
-    install_crd().await;
+    keyway_tests::kube::install_crd(&cluster().admin().await).await;
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scale");
     std::fs::create_dir_all(&work).expect("work dir");
     let current = keyway_tests::bin("control-plane");

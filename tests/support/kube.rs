@@ -329,3 +329,31 @@ pub async fn apply_object(
         .unwrap_or_else(|e| panic!("the apiserver refused {kind} {name}: {e}\n{obj:#}"));
     serde_json::to_value(&returned).expect("object JSON")
 }
+
+/// The KeywayNetworkPolicy CRD the control plane watches, as the chart
+/// installs it (server-side apply: idempotent); returns once the apiserver
+/// serves it. A control plane started without it never completes its view.
+pub async fn install_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::ListParams;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = control_plane::kubernetes::crd::KeywayNetworkPolicy::crd();
+    crds.patch(
+        crd.metadata.name.as_deref().expect("name"),
+        &PatchParams::apply("keyway-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("install the KeywayNetworkPolicy CRD");
+    let policies: Api<control_plane::kubernetes::crd::KeywayNetworkPolicy> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Polled: the apiserver says nothing when it starts serving a new type.
+    while policies.list(&ListParams::default().limit(1)).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the KeywayNetworkPolicy CRD is not served after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

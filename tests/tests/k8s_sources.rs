@@ -36,6 +36,7 @@ async fn control_plane(agent_sa_namespace: &str) -> K8sControlPlane {
 async fn control_plane_with(agent_sa_namespace: &str, opts: Options) -> K8sControlPlane {
     let cp = InProcess::start(opts).await;
     let client = cluster().admin().await;
+    keyway_tests::kube::install_crd(&client).await;
     let (stop, rx) = watch::channel(false);
     let run = start_kubernetes(
         cp.cp.clone(),
@@ -402,6 +403,7 @@ async fn deleting_a_pod_or_its_service_account_revokes_the_identity_on_the_node(
 async fn an_invalid_policy_gets_a_status_condition_and_changes_nothing_else() {
     let k = cluster();
     let admin = k.admin().await;
+    keyway_tests::kube::install_crd(&admin).await;
     let ns = k.namespace("k8s-status").await;
     let node = unique("node");
     create_node(&admin, &node).await;
