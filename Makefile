@@ -33,9 +33,15 @@ clean-tiers:
 	@rm -rf $(TIER_DIR) && mkdir -p $(TIER_DIR)
 
 # Tier: formatting and clippy with warnings denied.
+# Every library crate's modules, for the cycle check (scripts/module-cycles.py:
+# `python3 scripts/module-cycles.py --graph $(MODULE_SRCS)` prints the graph).
+MODULE_SRCS := control-plane/src node-agent/src identity/src serve/src proto/src auth-bpf/common/src tests/support
+
 lint: setup
 	$(CARGO) fmt --all -- --check
 	rustfmt --edition 2024 --check auth-bpf/ebpf/src/main.rs
+	python3 scripts/module-cycles.py --self-test
+	python3 scripts/module-cycles.py $(MODULE_SRCS)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@mkdir -p $(TIER_DIR) && touch $(TIER_DIR)/lint
 

@@ -17,6 +17,7 @@ use crate::control_plane::{self, ClientError, ControlPlaneClient};
 use crate::node_svid;
 use crate::state::NodeState;
 use crate::svid_cache::{SvidCache, renew_after};
+use crate::telemetry::Telemetry;
 
 /// Validated `node-agent run` configuration.
 #[derive(Debug, Clone)]
@@ -61,9 +62,21 @@ pub struct AgentHandles {
     pub svids: watch::Receiver<crate::svid_cache::SvidSet>,
     pub client: watch::Receiver<Option<ControlPlaneClient>>,
     pub rotations: watch::Receiver<u64>,
-    /// The agent's metrics; the Workload API and mutual auth record into it.
-    pub metrics: crate::metrics::AgentMetrics,
+    /// The registry the agent's subsystems register their metrics in, and
+    /// its readiness.
+    pub telemetry: Telemetry,
 }
+
+/// Readiness components of the agent: `/readyz` answers 200 once each is
+/// ready. The node SVID and the first complete Sync are decided here, the
+/// Workload API by its server once it serves.
+pub const READY_NODE_SVID: &str = "node_svid";
+pub const READY_FIRST_SYNC: &str = "first_sync";
+pub const READY_WORKLOAD_API: &str = "workload_api";
+/// Only with `--datapath` (`node-agent run` expects it then).
+pub const READY_DATAPATH: &str = "datapath";
+/// What every agent waits for.
+pub const READY_COMPONENTS: &[&str] = &[READY_NODE_SVID, READY_FIRST_SYNC, READY_WORKLOAD_API];
 
 /// How long one attestation call may take before it counts as unanswered.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -164,15 +177,15 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
 /// Starts the agent's background tasks; returns once the node identity is
 /// established. Everything stops when `shutdown` turns true.
 pub async fn start(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<AgentHandles, AgentError> {
-    start_with_metrics(cfg, crate::metrics::AgentMetrics::default(), shutdown).await
+    start_with_telemetry(cfg, Telemetry::new(READY_COMPONENTS), shutdown).await
 }
 
-/// Like [`start`], recording into `metrics` (the registry the `/metrics`
+/// Like [`start`], registering into `telemetry` (what the `/metrics`
 /// listener serves, started before attestation so `/readyz` answers 503
 /// meanwhile).
-pub async fn start_with_metrics(
+pub async fn start_with_telemetry(
     cfg: AgentConfig,
-    metrics: crate::metrics::AgentMetrics,
+    telemetry: Telemetry,
     shutdown: watch::Receiver<bool>,
 ) -> Result<AgentHandles, AgentError> {
     node_svid::prepare_dir(&cfg.data_dir)?;
@@ -205,9 +218,9 @@ pub async fn start_with_metrics(
         svids: cache.subscribe(),
         client: client_rx.clone(),
         rotations: cache.rotations(),
-        metrics,
+        telemetry,
     };
-    handles.metrics.watch_agent(&handles, shutdown.clone());
+    watch_for_telemetry(&handles, shutdown.clone());
     let link = Link {
         cfg: cfg.clone(),
         node_svid: svid,
@@ -315,5 +328,177 @@ impl Link {
 
     fn node_renew_at(&self) -> tokio::time::Instant {
         tokio::time::Instant::now() + renew_after(&self.node_svid, SystemTime::now(), unit_random())
+    }
+}
+
+/// The agent core's metrics, filled from what it publishes: the workload
+/// SVIDs held (their expiry, read at scrape time) and their renewals, and
+/// how current the view from Sync is. Also decides the readiness of the
+/// node SVID (held once there are handles) and of the first complete Sync.
+fn watch_for_telemetry(handles: &AgentHandles, shutdown: watch::Receiver<bool>) {
+    let r = &handles.telemetry.registry;
+    let expiry = r.gauge(
+        "keyway_svid_expiry_timestamp_seconds",
+        "When each workload X509-SVID this agent holds expires (Unix seconds).",
+        &["spiffe_id"],
+    );
+    let rotated = r.counter(
+        "keyway_svid_rotations_total",
+        "Workload X509-SVIDs renewed (replaced before expiry).",
+        &[],
+    );
+    let gauge = r.gauge(
+        "keyway_sync_lag_seconds",
+        "0 while the Sync stream is connected and its last complete update is applied; \
+         otherwise seconds since this agent's view was last known current (the connection \
+         loss, or start-up before the first complete snapshot).",
+        &[],
+    );
+    let last_applied = r.gauge(
+        "keyway_sync_last_applied_timestamp_seconds",
+        "When the last complete Sync update was applied (Unix seconds; 0 before the first).",
+        &[],
+    );
+    let readiness = handles.telemetry.readiness.clone();
+    readiness.set_ready(READY_NODE_SVID);
+    let svids = handles.svids.clone();
+    r.on_scrape(move || {
+        let held = svids.borrow().clone();
+        expiry.retain(|labels| held.contains_key(&labels[0]));
+        for (id, svid) in held.iter() {
+            let at = svid
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            expiry.set(&[id], at);
+        }
+    });
+    // A rotation is a held SVID replaced by a newer one for the same ID
+    // (first issuances are not rotations).
+    let mut svids = handles.svids.clone();
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut held = svids.borrow_and_update().clone();
+        loop {
+            tokio::select! {
+                r = svids.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            let next = svids.borrow_and_update().clone();
+            let renewed = next
+                .iter()
+                .filter(|(id, svid)| held.get(*id).is_some_and(|old| old.serial() != svid.serial()))
+                .count();
+            rotated.inc_by(&[], renewed as u64);
+            held = next;
+        }
+    });
+    let lag = Arc::new(std::sync::Mutex::new(SyncLag::new(std::time::Instant::now())));
+    r.on_scrape({
+        let lag = lag.clone();
+        move || {
+            let secs = lag
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .seconds(std::time::Instant::now());
+            gauge.set(&[], secs);
+        }
+    });
+    let mut state = handles.state.clone();
+    let mut client = handles.client.clone();
+    let mut shutdown = shutdown;
+    tokio::spawn(async move {
+        loop {
+            let connected = client.borrow_and_update().is_some();
+            lag.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .connection(connected, std::time::Instant::now());
+            tokio::select! {
+                r = state.changed() => {
+                    if r.is_err() { return; }
+                    if state.borrow_and_update().synced {
+                        readiness.set_ready(READY_FIRST_SYNC);
+                        let now = SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        last_applied.set(&[], now);
+                        let connected = client.borrow().is_some();
+                        lag.lock().unwrap_or_else(|e| e.into_inner()).applied(connected);
+                    }
+                }
+                r = client.changed() => if r.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+/// The sync lag's definition, sans-IO: the view is *current* while the
+/// Sync stream is connected and its latest complete update was applied
+/// (the control plane pushes every change, so nothing is missing); it goes
+/// stale when the connection drops, and is stale from start-up until the
+/// first complete snapshot. The lag is how long it has been stale.
+#[derive(Debug, Clone, Copy)]
+struct SyncLag {
+    current: bool,
+    stale_since: std::time::Instant,
+}
+
+impl SyncLag {
+    fn new(start: std::time::Instant) -> Self {
+        Self {
+            current: false,
+            stale_since: start,
+        }
+    }
+
+    fn connection(&mut self, connected: bool, now: std::time::Instant) {
+        if !connected && self.current {
+            self.current = false;
+            self.stale_since = now;
+        }
+    }
+
+    fn applied(&mut self, connected: bool) {
+        if connected {
+            self.current = true;
+        }
+    }
+
+    fn seconds(&self, now: std::time::Instant) -> f64 {
+        if self.current {
+            0.0
+        } else {
+            now.duration_since(self.stale_since).as_secs_f64()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_lag_counts_from_start_up_then_from_the_connection_loss() {
+        let t0 = std::time::Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut l = SyncLag::new(t0);
+        assert_eq!(l.seconds(s(3)), 3.0, "stale until the first snapshot");
+        l.connection(true, s(3));
+        assert_eq!(l.seconds(s(4)), 4.0, "connected is not enough");
+        l.applied(true);
+        assert_eq!(l.seconds(s(100)), 0.0, "connected and applied: current");
+        l.connection(false, s(100));
+        assert_eq!(l.seconds(s(130)), 30.0);
+        l.connection(true, s(131));
+        assert_eq!(
+            l.seconds(s(132)),
+            32.0,
+            "reconnected, new snapshot not applied yet"
+        );
+        l.applied(true);
+        assert_eq!(l.seconds(s(140)), 0.0);
     }
 }

@@ -333,26 +333,31 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     // Listening before attestation, so /readyz says what is missing meanwhile.
-    let metrics = crate::metrics::AgentMetrics::default();
+    let telemetry = crate::telemetry::Telemetry::new(agent::READY_COMPONENTS);
     if args.datapath {
-        metrics.readiness.expect(crate::metrics::READY_DATAPATH);
+        telemetry.readiness.expect(agent::READY_DATAPATH);
     }
+    // Registered either way, so /metrics lists the datapath's families.
+    let datapath_metrics = datapath::metrics::DatapathMetrics::register(&telemetry.registry);
     if let Some(address) = metrics_address {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("--metrics-address: cannot bind {address}"))?;
         info!(metrics_address = %listener.local_addr()?, "metrics and health endpoints listening");
-        let gate =
-            keyway_serve::Gate::new("metrics", keyway_serve::http::limits(), metrics.listeners.clone());
+        let gate = keyway_serve::Gate::new(
+            "metrics",
+            keyway_serve::http::limits(),
+            telemetry.listeners.clone(),
+        );
         tokio::spawn(keyway_serve::http::serve(
             listener,
             gate,
-            metrics.registry.clone(),
-            metrics.readiness.clone(),
+            telemetry.registry.clone(),
+            telemetry.readiness.clone(),
             stop_rx.clone(),
         ));
     }
-    let handles = agent::start_with_metrics(cfg.clone(), metrics.clone(), stop_rx.clone()).await?;
+    let handles = agent::start_with_telemetry(cfg.clone(), telemetry.clone(), stop_rx.clone()).await?;
     let mut datapath_streams = None;
     let (auth_map, signals): (Arc<dyn AuthMap>, _) = if args.datapath {
         let mut dcfg = datapath::DatapathConfig::new(&args.bpf_pin_dir, &cfg.node_name);
@@ -363,20 +368,24 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--datapath (pins in {})", args.bpf_pin_dir.display()))?;
         info!(pin_dir = %args.bpf_pin_dir.display(), "datapath loaded");
         match datapath::drops::DropCounters::open(&args.bpf_pin_dir) {
-            Ok(drops) => metrics.watch_datapath(drops, dp.signal_queue.clone(), dp.signal_counts.clone()),
+            Ok(drops) => datapath_metrics.watch_drops_and_signals(
+                drops,
+                dp.signal_queue.clone(),
+                dp.signal_counts.clone(),
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the datapath's drop counters; keyway_datapath_drops_total stays empty")
             }
         }
-        metrics.watch_endpoints(dp.status.clone());
-        metrics.readiness.set_ready(crate::metrics::READY_DATAPATH);
+        datapath_metrics.watch_endpoints(dp.status.clone());
+        telemetry.readiness.set_ready(agent::READY_DATAPATH);
         datapath_streams = Some((dp.flows, dp.status));
         (dp.auth, Some(dp.signals))
     } else {
         (Arc::new(datapath::MemoryAuthMap::default()), None)
     };
     let mut auth_cfg = mutual_auth::MutualAuthConfig::new(&cfg.node_name);
-    auth_cfg.metrics = metrics.clone();
+    auth_cfg.metrics = mutual_auth::AuthMetrics::register(&telemetry.registry, telemetry.listeners.clone());
     let auth = mutual_auth::start(
         auth_cfg,
         auth_listener,
@@ -387,7 +396,6 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         stop_rx.clone(),
     )?;
     info!(listen = %auth.listen, advertised = ?cfg.auth_addresses, "mutual-auth port listening");
-    metrics.watch_auth_entries(auth.entries.clone());
     let flow_log = datapath_streams.map(|(flows, status)| {
         let log = flows::FlowLog::new(args.flow_buffer);
         flows::run(
@@ -410,7 +418,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             flows: flow_log,
             pin_dir: args.datapath.then(|| args.bpf_pin_dir.clone()),
         },
-        metrics.listeners.clone(),
+        telemetry.listeners.clone(),
         stop_rx.clone(),
     );
     let server = workload_api::start(&cfg, &handles, stop_rx.clone())

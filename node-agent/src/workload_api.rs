@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::Stream;
+use keyway_identity::metrics::{Gauge, Registry};
 use proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use proto::workload::{self as pb};
 use tokio::net::UnixListener;
@@ -171,17 +172,64 @@ pub fn start(
         cfg.proc_root.clone(),
         cfg.netns_dir.clone(),
     )
-    .with_metrics(handles.metrics.clone());
+    .with_metrics(StreamMetrics::register(
+        &handles.telemetry.registry,
+        handles.telemetry.listeners.clone(),
+    ));
     handles
-        .metrics
+        .telemetry
         .readiness
-        .set_ready(crate::metrics::READY_WORKLOAD_API);
+        .set_ready(crate::agent::READY_WORKLOAD_API);
     Ok(tokio::spawn(serve(
         api,
         listener,
         cfg.workload_api_limits.clone(),
         shutdown,
     )))
+}
+
+/// The Workload API's metrics: the streams open, and its listener's.
+#[derive(Debug, Clone)]
+pub struct StreamMetrics {
+    streams: Gauge,
+    pub listeners: keyway_serve::ListenerMetrics,
+}
+
+impl Default for StreamMetrics {
+    /// In a registry of their own (tests, and agents no one scrapes).
+    fn default() -> Self {
+        let r = Registry::new();
+        Self::register(&r, keyway_serve::ListenerMetrics::register(&r))
+    }
+}
+
+impl StreamMetrics {
+    pub fn register(r: &Registry, listeners: keyway_serve::ListenerMetrics) -> Self {
+        Self {
+            streams: r.gauge(
+                "keyway_workload_api_streams",
+                "Open Workload API streams (X.509 SVIDs, bundles, JWT bundles).",
+                &[],
+            ),
+            listeners,
+        }
+    }
+
+    /// Counts an open Workload API stream until the guard drops.
+    pub fn stream(&self) -> StreamGuard {
+        self.streams.add(&[], 1.0);
+        StreamGuard(self.streams.clone())
+    }
+}
+
+/// One open Workload API stream (see [`StreamMetrics::stream`]).
+#[derive(Debug)]
+pub struct StreamGuard(Gauge);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.add(&[], -1.0);
+    }
 }
 
 /// The Workload API service.
@@ -192,7 +240,7 @@ pub struct WorkloadApi {
     client: watch::Receiver<Option<ControlPlaneClient>>,
     proc_root: PathBuf,
     netns_dir: PathBuf,
-    metrics: crate::metrics::AgentMetrics,
+    metrics: StreamMetrics,
 }
 
 impl WorkloadApi {
@@ -209,12 +257,12 @@ impl WorkloadApi {
             client,
             proc_root,
             netns_dir,
-            metrics: crate::metrics::AgentMetrics::default(),
+            metrics: StreamMetrics::default(),
         }
     }
 
     /// Counts open streams in `metrics`.
-    pub fn with_metrics(mut self, metrics: crate::metrics::AgentMetrics) -> Self {
+    pub fn with_metrics(mut self, metrics: StreamMetrics) -> Self {
         self.metrics = metrics;
         self
     }
@@ -317,7 +365,7 @@ fn fingerprint<T: prost::Message>(msg: &T) -> u64 {
 /// are not pushed again). The first message goes out as soon as there is one
 /// (WL-05). An error ends the stream.
 fn watch_stream<T, F>(
-    metrics: &crate::metrics::AgentMetrics,
+    metrics: &StreamMetrics,
     state: watch::Receiver<Arc<NodeState>>,
     svids: watch::Receiver<SvidSet>,
     compute: F,
@@ -328,7 +376,7 @@ where
 {
     let compute = Arc::new(compute);
     // Counted while the stream exists: the closure owns the guard.
-    let open = metrics.workload_stream();
+    let open = metrics.stream();
     let stream = futures::stream::unfold(
         (state, svids, None::<u64>, false),
         move |(mut state, mut svids, last, done)| {
@@ -566,5 +614,20 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
 fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
         fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_streams_are_counted_until_they_end() {
+        let r = Registry::new();
+        let m = StreamMetrics::register(&r, keyway_serve::ListenerMetrics::register(&r));
+        let g = m.stream();
+        assert!(r.render().contains("keyway_workload_api_streams 1\n"));
+        drop(g);
+        assert!(r.render().contains("keyway_workload_api_streams 0\n"));
     }
 }

@@ -286,15 +286,18 @@ fn a_taken_metrics_address_is_a_start_up_error_naming_the_flag() {
 }
 
 /// Serves `metrics` over HTTP on a free loopback port; returns the address.
-async fn serve_metrics(metrics: &node_agent::metrics::AgentMetrics) -> String {
+async fn serve_metrics(telemetry: &node_agent::telemetry::Telemetry) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (_stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn({
-        let registry = metrics.registry.clone();
-        let readiness = metrics.readiness.clone();
-        let gate =
-            keyway_serve::Gate::new("metrics", keyway_serve::http::limits(), metrics.listeners.clone());
+        let registry = telemetry.registry.clone();
+        let readiness = telemetry.readiness.clone();
+        let gate = keyway_serve::Gate::new(
+            "metrics",
+            keyway_serve::http::limits(),
+            telemetry.listeners.clone(),
+        );
         async move {
             let _stop = _stop;
             keyway_serve::http::serve(listener, gate, registry, readiness, rx).await
@@ -315,11 +318,17 @@ async fn handshakes_and_auth_entries_are_counted() {
         keyway_tests::workload_yaml("api", "api", "node-b", "10.0.2.1"),
     ))
     .await;
-    let metrics_a = node_agent::metrics::AgentMetrics::default();
-    let metrics_b = node_agent::metrics::AgentMetrics::default();
-    let a = keyway_tests::mesh::MeshAgent::start_with(&cp, "node-a", |c| c.metrics = metrics_a.clone()).await;
-    let b = keyway_tests::mesh::MeshAgent::start_with(&cp, "node-b", |c| c.metrics = metrics_b.clone()).await;
-    metrics_b.watch_auth_entries(b.mutual.entries.clone());
+    let metrics_a = node_agent::telemetry::Telemetry::new(node_agent::agent::READY_COMPONENTS);
+    let metrics_b = node_agent::telemetry::Telemetry::new(node_agent::agent::READY_COMPONENTS);
+    let auth_metrics = |t: &node_agent::telemetry::Telemetry| {
+        node_agent::mutual_auth::AuthMetrics::register(&t.registry, t.listeners.clone())
+    };
+    let a =
+        keyway_tests::mesh::MeshAgent::start_with(&cp, "node-a", |c| c.metrics = auth_metrics(&metrics_a))
+            .await;
+    let b =
+        keyway_tests::mesh::MeshAgent::start_with(&cp, "node-b", |c| c.metrics = auth_metrics(&metrics_b))
+            .await;
     let addr_a = serve_metrics(&metrics_a).await;
     let addr_b = serve_metrics(&metrics_b).await;
     // b guards api's ingress: it dials node-a and holds one entry.
@@ -368,7 +377,7 @@ async fn workload_api_streams_are_counted_while_open() {
     let agent = keyway_tests::Agent::start(&cp, "node-a", None).await;
     let spiffe_id = format!("spiffe://{TD}/ns/default/sa/web");
     agent.wait_for_svid(&spiffe_id).await;
-    let addr = serve_metrics(&agent.handles.metrics).await;
+    let addr = serve_metrics(&agent.handles.telemetry).await;
     let streams = |want: f64| {
         let addr = addr.clone();
         tokio::task::spawn_blocking(move || wait_metric(&addr, "keyway_workload_api_streams", want))

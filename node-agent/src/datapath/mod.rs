@@ -16,6 +16,7 @@ pub mod drops;
 pub mod endpoints;
 pub mod events;
 pub mod lookup;
+pub mod metrics;
 pub mod netlink;
 pub mod podns;
 pub(crate) mod sys;

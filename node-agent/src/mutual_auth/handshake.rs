@@ -174,7 +174,7 @@ pub async fn serve(
     accepted: mpsc::Sender<Accepted>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let metrics = crate::metrics::AgentMetrics::default();
+    let metrics = super::AuthMetrics::default();
     serve_with_metrics(listener, bundle, certs, directory, accepted, metrics, shutdown).await
 }
 
@@ -198,10 +198,10 @@ pub async fn serve_with_metrics(
     certs: Arc<LocalCerts>,
     directory: watch::Receiver<Arc<PeerDirectory>>,
     accepted: mpsc::Sender<Accepted>,
-    metrics: crate::metrics::AgentMetrics,
+    metrics: super::AuthMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use crate::metrics::HandshakeRole;
+    use super::HandshakeRole;
     let mut config = match rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
     {

@@ -10,6 +10,7 @@
 //! of the auth map; the auth port's server hands it what it verified.
 
 pub mod handshake;
+mod metrics;
 pub mod pairs;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,6 +32,7 @@ use crate::datapath::{AuthMap, MissingAuth, monotonic_ns};
 use crate::state::NodeState;
 use crate::svid_cache::SvidSet;
 use handshake::{Accepted, HandshakeError, LocalCerts, PeerDirectory};
+pub use metrics::{AuthMetrics, HandshakeRole};
 
 pub const DEFAULT_PORT: u16 = 4250;
 
@@ -45,7 +47,7 @@ pub struct MutualAuthConfig {
     /// GC and refresh cadence (flushes on state changes are immediate).
     pub tick: Duration,
     /// Where handshakes are counted and timed.
-    pub metrics: crate::metrics::AgentMetrics,
+    pub metrics: AuthMetrics,
 }
 
 impl MutualAuthConfig {
@@ -55,7 +57,7 @@ impl MutualAuthConfig {
             max_in_flight: 32,
             rotation_spread: Duration::from_secs(5),
             tick: Duration::from_millis(250),
-            metrics: crate::metrics::AgentMetrics::default(),
+            metrics: AuthMetrics::default(),
         }
     }
 }
@@ -170,6 +172,7 @@ pub fn start(
     let listen = listener.local_addr()?;
     let (entries_tx, entries_rx) = watch::channel(Arc::new(Vec::new()));
     let (stats_tx, stats_rx) = watch::channel(AuthStats::default());
+    cfg.metrics.watch_entries(entries_rx.clone());
     tokio::spawn(async move {
         let mut first = state.clone();
         let mut stop = shutdown.clone();
@@ -525,7 +528,7 @@ impl Manager {
                 )
                 .await;
                 metrics.handshake(
-                    crate::metrics::HandshakeRole::Dial,
+                    HandshakeRole::Dial,
                     r.as_ref().map(|_| ()).map_err(|e| e.kind()),
                     started,
                 );
