@@ -10,6 +10,7 @@
 pub mod bundle;
 pub mod csr;
 pub mod duration;
+pub mod jitter;
 pub mod jwt;
 pub mod metrics;
 pub mod pem;

@@ -12,7 +12,7 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::backoff::{Backoff, unit_random};
+use crate::backoff::Backoff;
 use crate::control_plane::{self, ClientError, ControlPlaneClient};
 use crate::node_svid;
 use crate::state::NodeState;
@@ -327,7 +327,12 @@ impl Link {
     }
 
     fn node_renew_at(&self) -> tokio::time::Instant {
-        tokio::time::Instant::now() + renew_after(&self.node_svid, SystemTime::now(), unit_random())
+        tokio::time::Instant::now()
+            + renew_after(
+                &self.node_svid,
+                SystemTime::now(),
+                keyway_identity::jitter::unit(),
+            )
     }
 }
 

@@ -1,18 +1,9 @@
-//! Exponential backoff with full jitter, one per peer or identity, reset on
+//! Exponential backoff with half jitter, one per peer or identity, reset on
 //! success.
 
 use std::time::Duration;
 
-use ring::rand::{SecureRandom, SystemRandom};
-
-/// A random fraction in [0, 1).
-pub fn unit_random() -> f64 {
-    let mut b = [0u8; 4];
-    if SystemRandom::new().fill(&mut b).is_err() {
-        return 0.5;
-    }
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
-}
+use keyway_identity::jitter;
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -39,7 +30,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        cap.mul_f64(0.5 + 0.5 * unit_random())
+        jitter::between(cap, 0.5, 1.0)
     }
 
     pub fn reset(&mut self) {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::backoff::{Backoff, unit_random};
+use crate::backoff::Backoff;
 use crate::control_plane::ControlPlaneClient;
 use crate::state::NodeState;
 
@@ -159,7 +159,7 @@ async fn rotate(
                 backoff.reset();
                 failures_logged = false;
                 let received = SystemTime::now();
-                let wait = renew_after(&svid, received, unit_random());
+                let wait = renew_after(&svid, received, keyway_identity::jitter::unit());
                 debug!(spiffe_id = %id, renew_in = ?wait, "SVID issued");
                 current = Some(svid.clone());
                 if tx.send(Event::Issued(id.clone(), svid)).await.is_err() {

@@ -215,7 +215,7 @@ impl LeaderElection {
                 + if renewed_at.is_some() {
                     retry_period
                 } else {
-                    retry_period.mul_f64(1.0 + JITTER * random_fraction())
+                    keyway_identity::jitter::between(retry_period, 1.0, 1.0 + JITTER)
                 };
             if let Some(at) = renewed_at {
                 next = next.min(at + renew_deadline);
@@ -389,15 +389,6 @@ impl Reported {
             warn!(lease, error, "leader election attempt failed; retrying");
             self.failure = Some(error.to_owned());
         }
-    }
-}
-
-fn random_fraction() -> f64 {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut byte = [0u8; 1];
-    match SystemRandom::new().fill(&mut byte) {
-        Ok(()) => f64::from(byte[0]) / 255.0,
-        Err(_) => 0.5,
     }
 }
 

@@ -1788,14 +1788,7 @@ fn clone_error(e: &StoreError) -> StoreError {
 /// Jittered exponential wait after a conflicting write, so two replicas
 /// that collided do not collide again in lockstep.
 fn conflict_backoff(attempt: u32) -> Duration {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let ceiling = Duration::from_millis(10 << attempt.min(6));
-    let mut byte = [0u8; 1];
-    let fraction = match SystemRandom::new().fill(&mut byte) {
-        Ok(()) => f64::from(byte[0]) / 255.0,
-        Err(_) => 1.0,
-    };
-    ceiling.mul_f64(0.5 + fraction / 2.0)
+    keyway_identity::jitter::between(Duration::from_millis(10 << attempt.min(6)), 0.5, 1.0)
 }
 
 #[cfg(test)]

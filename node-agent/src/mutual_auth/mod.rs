@@ -27,7 +27,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backoff::{Backoff, unit_random};
+use keyway_identity::jitter;
+
+use crate::backoff::Backoff;
 use crate::datapath::{AuthMap, MissingAuth, monotonic_ns};
 use crate::state::NodeState;
 use crate::svid_cache::SvidSet;
@@ -255,7 +257,7 @@ type Outcome = (AuthKey, Result<SystemTime, HandshakeError>);
 /// Jittered refresh point: between 50% and 70% of the remaining validity.
 fn refresh_at(now: Instant, expiry: SystemTime) -> Instant {
     let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
-    now + left.mul_f64(0.5 + 0.2 * unit_random())
+    now + jitter::between(left, 0.5, 0.7)
 }
 
 impl Manager {
@@ -334,7 +336,7 @@ impl Manager {
                     expiry_ns,
                     authenticated_at: SystemTime::now(),
                     via: Via::Inherited,
-                    refresh_at: now + self.cfg.rotation_spread.mul_f64(unit_random()),
+                    refresh_at: now + jitter::between(self.cfg.rotation_spread, 0.0, 1.0),
                     local_serial: Vec::new(),
                 },
             );
@@ -425,7 +427,7 @@ impl Manager {
             .collect();
         for r in self.records.values_mut() {
             if serials.get(&r.key.local_id).is_some_and(|s| *s != r.local_serial) {
-                let at = now + spread.mul_f64(unit_random());
+                let at = now + jitter::between(spread, 0.0, 1.0);
                 r.refresh_at = r.refresh_at.min(at);
             }
         }
