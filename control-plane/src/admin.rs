@@ -12,7 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::ca::Step;
-use crate::server::ControlPlane;
+use crate::core::ControlPlane;
 use crate::sync;
 
 /// Binds the admin socket with mode 0600 from the start (in a 0700
@@ -231,7 +231,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
-        let cluster = self.cp.registry();
+        let cluster = self.cp.cluster();
         let reg = &cluster.records;
         let mut by_identity: std::collections::HashMap<u32, Vec<String>> = std::collections::HashMap::new();
         for w in &reg.workloads {

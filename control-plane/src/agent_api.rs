@@ -22,9 +22,9 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::attest;
+use crate::core::{ControlPlane, NodeSvid};
 use crate::error::ApiError;
 use crate::metrics::Refusal;
-use crate::server::{ControlPlane, NodeSvid};
 use crate::sync;
 
 /// Who is on the other end of a connection, as TLS established it.
@@ -302,7 +302,7 @@ async fn stream_sync(
         () = cp.view_ready() => {}
         () = tx.closed() => return,
     }
-    let mut registry = cp.subscribe_registry();
+    let mut registry = cp.subscribe_cluster();
     let mut bundle = cp.subscribe_bundle();
     let mut stream = sync::Stream::open(&registry.borrow(), &node);
     if send_snapshot(
@@ -469,8 +469,8 @@ mod tests {
     use super::*;
     use crate::ca::CaConfig;
     use crate::config::Config;
+    use crate::core::SourcedChanges;
     use crate::model::WorkloadRecord;
-    use crate::server::SourcedChanges;
     use crate::store::SledStore;
 
     /// A Kubernetes-mode control plane (sled store) and one node attested

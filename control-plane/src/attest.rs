@@ -1,7 +1,7 @@
 //! Node attestation: how an agent proves which node it runs on before it gets
 //! its node SVID.
 //!
-//! The core ([`crate::server::ControlPlane::attest`]) owns the steps every
+//! The core ([`crate::core::ControlPlane::attest`]) owns the steps every
 //! method shares: the node name, the CSR, signing under the registry lock, and
 //! the node's registration. A [`NodeAttestor`] only says whether a proof holds
 //! for a node. There are two: join tokens ([`crate::tokens::JoinTokens`]) and

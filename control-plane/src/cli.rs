@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::ca::{CaConfig, Upstream};
 use crate::config::{Config, UpstreamFiles, duration_flag};
-use crate::server::ControlPlane;
+use crate::core::ControlPlane;
 use crate::store::SledStore;
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/keyway/control-plane";

@@ -12,12 +12,15 @@
 //! - `ca` (authorities, issuance, rotation schedule), `jwt`, `csr` (CA-side
 //!   CSR checks), `store` (the `Store` trait, its rules in `store::rules`, the
 //!   sled and Kubernetes stores), `policy` (compilation of policies to
-//!   datapath entries), `registry` (standalone documents), `sync` (per-node
+//!   datapath entries), `documents` (standalone YAML documents), `sync` (per-node
 //!   views and deltas), `attest` (the `NodeAttestor` trait), `tokens` (join
 //!   tokens, one attestor);
-//! - `server` (the core: the control plane as one value), then what drives
-//!   it: `agent_api` and `admin` (the gRPC servers), `kubernetes` (watch
-//!   caches, leader election, the service-account-token attestor), `cli`.
+//! - `core` (the control plane as one value: `attest` nodes and their
+//!   registration, `issue` SVIDs, CA `rotation`, the `registry` of workloads,
+//!   identities and policies, published as a `sync::Cluster`), then what
+//!   drives it: `agent_api` and `admin` (the gRPC servers), `kubernetes`
+//!   (watch caches, leader election, the service-account-token attestor),
+//!   `cli`.
 
 pub mod admin;
 pub mod agent_api;
@@ -26,7 +29,9 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod core;
 pub mod csr;
+pub mod documents;
 pub mod error;
 pub mod jwt;
 pub mod kubernetes;
@@ -34,8 +39,6 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod rate_limit;
-pub mod registry;
-pub mod server;
 pub mod store;
 pub mod sync;
 pub mod tokens;

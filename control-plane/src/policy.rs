@@ -2,7 +2,7 @@
 //! compilation into the per-identity-pair entries the datapath looks up.
 //!
 //! Pure: no IO, so every rule of the semantics is tested here. Parsing the
-//! YAML documents into this model lives in `registry`.
+//! YAML documents into this model lives in `documents`.
 //!
 //! The datapath probes, for a packet, the keys (subject, peer, port block,
 //! proto), (subject, peer, any port), (subject, any peer, port block, proto)

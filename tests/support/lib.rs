@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use control_plane::ca::CaConfig;
 use control_plane::config::Config;
-use control_plane::server::ControlPlane;
+use control_plane::core::ControlPlane;
 use control_plane::store::SledStore;
 use keyway_identity::{TrustBundle, TrustDomain, spiffe_id};
 use tokio::sync::watch;

@@ -80,7 +80,7 @@ fn identity_of(state: &NodeState, ns: &str, name: &str) -> Option<u32> {
 }
 
 async fn wait_cp<T>(cp: &InProcess, what: &str, f: impl Fn(&control_plane::sync::Cluster) -> Option<T>) -> T {
-    let mut rx = cp.cp.subscribe_registry();
+    let mut rx = cp.cp.subscribe_cluster();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(v) = f(&rx.borrow_and_update()) {
@@ -499,7 +499,7 @@ spec:
     );
     // Nothing else changed: the policies in force (the last valid
     // api-mtls, and no `broken`) are what they were.
-    let after = cp.cp.registry().records.policies.clone();
+    let after = cp.cp.cluster().records.policies.clone();
     let ours = |list: &[control_plane::model::PolicyRecord]| {
         list.iter()
             .filter(|p| p.namespace == ns)
@@ -559,7 +559,7 @@ spec:
     })
     .await;
     assert!(why.contains("per-policy budget of 200"), "{why}");
-    let reg = cp.cp.registry();
+    let reg = cp.cp.cluster();
     let api = reg
         .records
         .workloads

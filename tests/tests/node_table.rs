@@ -85,7 +85,7 @@ fn spiffe(sa: &str) -> String {
 
 fn identity_of(cp: &InProcess, name: &str) -> u32 {
     cp.cp
-        .registry()
+        .cluster()
         .records
         .workloads
         .iter()

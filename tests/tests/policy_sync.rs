@@ -58,7 +58,7 @@ const BLOCK_8080: u32 = 32;
 
 fn identity_of(cp: &InProcess, name: &str) -> u32 {
     cp.cp
-        .registry()
+        .cluster()
         .records
         .workloads
         .iter()
@@ -163,7 +163,7 @@ async fn policy_and_ipcache_reach_the_node_and_follow_changes() {
 
     // A bad policy is refused with the document, policy and field named, and
     // nothing in the same apply is stored, not even a valid Workload.
-    let revision = cp.cp.registry().records.revision;
+    let revision = cp.cp.cluster().records.revision;
     let bad = format!(
         "{}---\n{}",
         workload_yaml("worker", "worker", "node-b", "10.244.2.20"),
@@ -192,7 +192,7 @@ async fn policy_and_ipcache_reach_the_node_and_follow_changes() {
         .expect_err("bad operator refused")
         .to_string();
     assert!(err.contains("matchExpressions[0].operator"), "{err}");
-    let reg = cp.cp.registry();
+    let reg = cp.cp.cluster();
     assert_eq!(reg.records.revision, revision);
     assert!(reg.records.workloads.iter().all(|w| w.name != "worker"));
     // The agent's state is what it was (and a later good change still flows).
@@ -214,7 +214,7 @@ async fn policy_and_ipcache_reach_the_node_and_follow_changes() {
         outcome.changes,
         vec!["keywaynetworkpolicy default/api-mtls deleted"]
     );
-    assert!(cp.cp.registry().records.policies.is_empty());
+    assert!(cp.cp.cluster().records.policies.is_empty());
     wait_state(&agent_b, "api's default-allow ingress", |s| {
         s.policy
             .get(&(api, 0, 0, 0, 0))

@@ -155,7 +155,7 @@ async fn unused_identities_are_forgotten_after_the_grace_and_numbers_never_come_
     let cp = InProcess::start(Options::default()).await;
     let doc = workload_yaml("batch", "batch", "node-a", "10.0.3.1");
     cp.apply(&doc).await;
-    let first = cp.cp.registry().records.identities[0].id;
+    let first = cp.cp.cluster().records.identities[0].id;
     let file = cp.dir.path().join("gone.yaml");
     std::fs::write(&file, &doc).unwrap();
     let out = std::process::Command::new(bin("control-plane"))
@@ -171,7 +171,7 @@ async fn unused_identities_are_forgotten_after_the_grace_and_numbers_never_come_
         cp.cp.collect_unused_identities(&mut unused, grace).await.unwrap(),
         0
     );
-    assert_eq!(cp.cp.registry().records.identities.len(), 1);
+    assert_eq!(cp.cp.cluster().records.identities.len(), 1);
     // Past it: forgotten.
     assert_eq!(
         cp.cp
@@ -180,14 +180,14 @@ async fn unused_identities_are_forgotten_after_the_grace_and_numbers_never_come_
             .unwrap(),
         1
     );
-    assert!(cp.cp.registry().records.identities.is_empty());
+    assert!(cp.cp.cluster().records.identities.is_empty());
     assert!(
         cp.cp.store().registry().await.unwrap().identities.is_empty(),
         "durably"
     );
     // The same workload again gets a new number, never the old one.
     cp.apply(&doc).await;
-    let again = cp.cp.registry().records.identities[0].id;
+    let again = cp.cp.cluster().records.identities[0].id;
     assert!(again > first, "{again} after {first}");
     // An identity in use is never collected.
     assert_eq!(
@@ -197,5 +197,5 @@ async fn unused_identities_are_forgotten_after_the_grace_and_numbers_never_come_
             .unwrap(),
         0
     );
-    assert_eq!(cp.cp.registry().records.identities.len(), 1);
+    assert_eq!(cp.cp.cluster().records.identities.len(), 1);
 }

@@ -5,7 +5,7 @@
 //!
 //! The schema is deliberately structural rather than semantic: the API server
 //! checks shapes and types, and the control plane checks meaning with the
-//! same validator standalone `apply` uses ([`crate::registry::policy_spec`]),
+//! same validator standalone `apply` uses ([`crate::documents::policy_spec`]),
 //! reporting what it refused as a status condition on the object. Lists have
 //! `maxItems`, so the API server itself turns away a document built to make
 //! the compiler expand it; what fits is still held to the entry budgets
@@ -204,7 +204,7 @@ ingress:
 "#;
         let spec: KeywayNetworkPolicySpec = serde_yaml::from_str(yaml).unwrap();
         let value = serde_yaml::to_value(&spec).unwrap();
-        let compiled = crate::registry::policy_spec(value).unwrap();
+        let compiled = crate::documents::policy_spec(value).unwrap();
         assert_eq!(compiled.ingress.as_ref().map(Vec::len), Some(1));
         assert!(
             compiled.egress.is_none(),

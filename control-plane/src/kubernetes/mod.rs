@@ -17,7 +17,7 @@ use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::server::ControlPlane;
+use crate::core::ControlPlane;
 
 /// The ConfigMap agents bootstrap trust from (key `bundle.pem`), kept equal
 /// to the current X.509 bundle by the leader.

@@ -37,10 +37,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
+use crate::core::{ControlPlane, SourcedChanges};
+use crate::documents::policy_spec;
 use crate::model::policy::NAMESPACE_LABELS_PREFIX;
 use crate::model::{PolicyRecord, WorkloadRecord};
-use crate::registry::policy_spec;
-use crate::server::{ControlPlane, SourcedChanges};
 
 /// Prefix of the store names of policies that come from a networking.k8s.io
 /// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
@@ -1009,7 +1009,7 @@ async fn process(
     // Conditions: a policy's own validity, and whether it fits its budget,
     // which any change of policies or identities can alter.
     if *statuses_due || policies_touched || outcome.allocated > 0 {
-        let refused = cp.registry().policy.refused.clone();
+        let refused = cp.cluster().policy.refused.clone();
         for knp in caches.keyway_policies.state() {
             let (_, mut update) = keyway_policy(&knp);
             if update.result.is_ok()
@@ -1054,7 +1054,7 @@ async fn revoke_deleted_nodes(cp: &ControlPlane, nodes: &Cache<Node>) -> Result<
     let now = crate::clock::now_unix();
     let mut recheck: Option<i64> = None;
     for record in cp
-        .registry()
+        .cluster()
         .records
         .nodes
         .iter()

@@ -1,7 +1,7 @@
 //! A KeywayNetworkPolicy as the control plane holds it once validated
 //! (DESIGN.md section 4): selectors, rules, ports, entities. What it means
 //! for the datapath is [`crate::policy`]'s business; how a document or an
-//! object becomes one is [`crate::registry`]'s and [`crate::kubernetes`]'s.
+//! object becomes one is [`crate::documents`]'s and [`crate::kubernetes`]'s.
 
 use std::collections::BTreeMap;
 
