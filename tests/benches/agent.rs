@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keyway_tests::bench::percentile;
 use keyway_tests::{Binary, TD, bin};
 use proto::workload as pb;
 
@@ -17,22 +18,8 @@ const STREAMS: usize = 1000;
 const WORKLOADS: usize = 1000;
 const ROTATIONS: usize = 4;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     let dir = tempfile::tempdir().expect("tmp");
     let cp = Binary::spawn(&dir.path().join("cp"), &["--ca-ttl", "600s"]);
     let uid = std::fs::metadata("/proc/self")
@@ -171,8 +158,8 @@ async fn run() {
          | agent RSS with {WORKLOADS} workloads and {STREAMS} streams | {rss_mb:.1} MB (budget 30 MB: {verdict}) |\n\n\
          Fan-out is measured from the first stream to see a new SVID to each other stream seeing it.\n",
         rot = fanout.len() / STREAMS,
-        p50 = percentile(&fanout, 0.5).as_secs_f64() * 1000.0,
-        p99 = percentile(&fanout, 0.99).as_secs_f64() * 1000.0,
+        p50 = percentile(&fanout, 0.5).unwrap_or_default().as_secs_f64() * 1000.0,
+        p99 = percentile(&fanout, 0.99).unwrap_or_default().as_secs_f64() * 1000.0,
         max = fanout.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
         rss_mb = rss as f64 / 1024.0,
         verdict = if rss as f64 / 1024.0 <= 30.0 {

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use keyway_common::AuthKey;
 use keyway_identity::Svid;
+use keyway_tests::bench::{median, percentile, source_version};
 use keyway_tests::mesh::MeshAgent;
 use keyway_tests::netns::{Cluster, Pod, in_netns, require_root, tcp_retransmits};
 use keyway_tests::{InProcess, Options, TD, bin, wait_until, workload_yaml};
@@ -48,25 +49,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 // ---- shared helpers ----
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-/// Nearest-rank percentile of a sorted slice.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -1004,43 +986,6 @@ async fn signal_latency(n_seq: usize, n_burst: usize) -> SignalLatency {
 
 // ---- report ----
 
-/// Which source the agent code under test was built from.
-fn source_version() -> String {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim_end().to_string())
-    };
-    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
-        return "source version unknown (no git)".into();
-    };
-    let dirty: Vec<String> = git(&[
-        "status",
-        "--porcelain",
-        "--",
-        "auth-bpf",
-        "node-agent",
-        "identity",
-        "control-plane",
-        "tests/support",
-    ])
-    .unwrap_or_default()
-    .lines()
-    .filter_map(|l| l.get(3..).map(str::to_string))
-    .collect();
-    if dirty.is_empty() {
-        format!("commit {head}")
-    } else {
-        format!("commit {head} plus uncommitted changes to {}", dirty.join(", "))
-    }
-}
-
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -1074,7 +1019,13 @@ fn report(
             .unwrap_or_default()
             .trim(),
         elapsed.as_secs_f64(),
-        source_version()
+        source_version(&[
+            "auth-bpf",
+            "node-agent",
+            "identity",
+            "control-plane",
+            "tests/support"
+        ])
     ));
 
     // 1.
@@ -1216,7 +1167,7 @@ fn report(
             "| {label} | {} | {:.3} ms | {:.3} ms | {:.2}x |\n",
             connect_ms(first),
             median(&sorted),
-            percentile(&sorted, 0.9),
+            percentile(&sorted, 0.9).unwrap_or(f64::NAN),
             median(&sorted) / a_med,
         ));
     }
@@ -1277,7 +1228,7 @@ fn report(
     ));
 
     // 3.
-    let p = |v: &[f64], q: f64| percentile(v, q);
+    let p = |v: &[f64], q: f64| percentile(v, q).unwrap_or(f64::NAN);
     out.push_str("## 3. On-demand auth: datapath signal to auth entry, loopback\n\n");
     out.push_str(
         "Two in-process node agents (real control plane, real TLS over 127.0.0.1, in-memory auth maps; the \

@@ -25,6 +25,7 @@ use keyway_common::{
     AuthKey, AuthValue, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, PortBits,
     auth_type, config_flags, direction, maps, namer_bit, port_block,
 };
+use keyway_tests::bench::{median, percentile, source_version};
 use keyway_tests::netns::{Topology, in_netns, ipv6_packet, require_root, run, v6_of};
 use node_agent::datapath::tables::Entry;
 use node_agent::datapath::{self, AuthMap, ConfigSlot, Datapath, DatapathConfig};
@@ -223,16 +224,6 @@ const TC_ACT_SHOT: i64 = 2;
 
 fn ip_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
 }
 
 fn range(v: &[f64]) -> (f64, f64) {
@@ -1904,50 +1895,7 @@ fn geomean_ci(ratios: &[f64]) -> (f64, f64, f64) {
     (mean.exp(), (mean - half).exp(), (mean + half).exp())
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
 // ---- report ----
-
-/// Which source the measured programs and loader were built from, so a
-/// results file never passes off a work in progress as a commit.
-fn source_version() -> String {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim_end().to_string())
-    };
-    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
-        return "source version unknown (no git)".into();
-    };
-    let dirty: Vec<String> = git(&[
-        "status",
-        "--porcelain",
-        "--",
-        "auth-bpf",
-        "node-agent/src/datapath",
-        "node-agent/build.rs",
-    ])
-    .unwrap_or_default()
-    .lines()
-    .filter_map(|l| l.get(3..).map(str::to_string))
-    .collect();
-    if dirty.is_empty() {
-        format!("commit {head}")
-    } else {
-        format!("commit {head} plus uncommitted changes to {}", dirty.join(", "))
-    }
-}
 
 fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source: &str) -> String {
     let empty = median(&m.empty_runs);
@@ -2377,7 +2325,7 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
         format!(
             "{:.1} / {:.1} / {:.1}",
             median(v),
-            percentile(v, 0.99),
+            percentile(v, 0.99).unwrap_or(f64::NAN),
             v.iter().copied().fold(f64::MIN, f64::max)
         )
     };
@@ -2398,9 +2346,10 @@ fn report(m: &Micro, t: &Throughput, d: &[Discovery], elapsed: Duration, source:
              after the plumbing's last command returned: median {:.1} ms with events, {:.1} ms polling. \
              Until it is attached a pod's packets are not judged (the pod could send unjudged for that \
              long).\n\n",
-            percentile(&now.veth_to_attached, 0.99),
-            percentile(&before.veth_to_attached, 0.99),
-            percentile(&now.veth_to_attached, 0.99) / percentile(&before.veth_to_attached, 0.99),
+            percentile(&now.veth_to_attached, 0.99).unwrap_or(f64::NAN),
+            percentile(&before.veth_to_attached, 0.99).unwrap_or(f64::NAN),
+            percentile(&now.veth_to_attached, 0.99).unwrap_or(f64::NAN)
+                / percentile(&before.veth_to_attached, 0.99).unwrap_or(f64::NAN),
             median(&now.plumbed_to_attached),
             median(&before.plumbed_to_attached),
         ));
@@ -2427,7 +2376,7 @@ fn main() {
     require_root();
     let start = Instant::now();
     // Now, as built: an edit made while the benchmark runs is not in it.
-    let source = source_version();
+    let source = source_version(&["auth-bpf", "node-agent/src/datapath", "node-agent/build.rs"]);
     let m = micro();
     // `KEYWAY_BENCH_MICRO_ONLY=1`: the per-packet table alone, printed and
     // not written (a quick check while working on the programs).

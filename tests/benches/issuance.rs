@@ -26,15 +26,8 @@ fn per_sec(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     let cp = InProcess::start(Options::default()).await;
     cp.apply(&workload_yaml("frontend", "frontend", "node-a", "10.244.1.10"))
         .await;

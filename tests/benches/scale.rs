@@ -36,6 +36,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Node, Pod, PodIP, PodSpec, PodStatus, Secret, ServiceAccount,
 };
+use keyway_tests::bench::percentile;
 use keyway_tests::kube::cluster;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use node_agent::control_plane::{ControlPlaneClient, attest_with_join_token};
@@ -543,14 +544,6 @@ async fn clean_keyway(client: &kube::Client, keyway_ns: &str) {
         .await;
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 #[derive(Debug, Default, Clone)]
 struct Figures {
     /// Why the scenario stopped early, if it did.
@@ -755,8 +748,8 @@ async fn run_scenario(
     };
     let mut latencies = latencies;
     latencies.sort();
-    fig.p50 = Some(percentile(&latencies, 0.50));
-    fig.p99 = Some(percentile(&latencies, 0.99));
+    fig.p50 = percentile(&latencies, 0.50);
+    fig.p99 = percentile(&latencies, 0.99);
     let writes_after = keyway_writes().await;
     fig.writes_per_change = Some((writes_after - writes_before) / changes as f64);
     let mut node_scoped = 0u64;
@@ -937,15 +930,8 @@ fn ratio(new: Option<f64>, old: Option<f64>) -> String {
     }
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     keyway_tests::kube::install_crd(&cluster().admin().await).await;
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scale");
     std::fs::create_dir_all(&work).expect("work dir");

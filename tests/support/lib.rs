@@ -3,6 +3,7 @@
 //! the real binaries, and helpers that wait on events with deadlines instead
 //! of sleeping.
 
+pub mod bench;
 pub mod helm;
 pub mod http;
 pub mod kube;
