@@ -384,6 +384,54 @@ impl<R: tokio::io::AsyncRead> TakeLimited for R {
     }
 }
 
+/// One handshake the manager asks for: whom to dial, as whom, and whom to
+/// expect.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    pub bundle: BundleWatch,
+    /// The local SVID's signing key and chain.
+    pub key: Arc<CertifiedKey>,
+    pub local_id: u32,
+    pub remote_id: u32,
+    pub remote_spiffe_id: String,
+    /// This node's name, which the peer checks against the SVID's node.
+    pub node: String,
+}
+
+/// What a dial comes to: the pair's expiry (the earlier NotAfter of the two
+/// leaves), or why not.
+pub type DialFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<SystemTime, HandshakeError>> + Send>>;
+
+/// How the manager reaches a peer's agent. The manager bounds every dial by
+/// [`TIMEOUT`] itself, so a dialer need not. The agent's is [`TlsDialer`];
+/// tests answer in memory.
+pub trait Dialer: Send + Sync + std::fmt::Debug + 'static {
+    fn dial(&self, to: Dial) -> DialFuture;
+}
+
+/// TLS 1.3 to the peer agent's auth port, both SVIDs checked.
+#[derive(Debug, Default)]
+pub struct TlsDialer;
+
+impl Dialer for TlsDialer {
+    fn dial(&self, d: Dial) -> DialFuture {
+        Box::pin(async move {
+            dial_inner(
+                d.addr,
+                d.bundle,
+                d.key,
+                d.local_id,
+                d.remote_id,
+                &d.remote_spiffe_id,
+                &d.node,
+            )
+            .await
+        })
+    }
+}
+
 /// The dialer's side: authenticate `local` (whose SVID is `svid`) to
 /// `remote_id` (`remote_spiffe_id`) at `addr`, speaking for `node`. Returns
 /// the expiry of the pair: the earlier NotAfter of the two leaves.

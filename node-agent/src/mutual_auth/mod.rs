@@ -12,6 +12,8 @@
 pub mod handshake;
 mod metrics;
 pub mod pairs;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -33,7 +35,7 @@ use crate::backoff::Backoff;
 use crate::datapath::{AuthMap, MissingAuth, monotonic_ns};
 use crate::state::NodeState;
 use crate::svid_cache::SvidSet;
-use handshake::{Accepted, HandshakeError, LocalCerts, PeerDirectory};
+use handshake::{Accepted, Dial, Dialer, HandshakeError, LocalCerts, PeerDirectory};
 pub use metrics::{AuthMetrics, HandshakeRole};
 
 pub const DEFAULT_PORT: u16 = 4250;
@@ -50,6 +52,8 @@ pub struct MutualAuthConfig {
     pub tick: Duration,
     /// Where handshakes are counted and timed.
     pub metrics: AuthMetrics,
+    /// How peers are dialled ([`handshake::TlsDialer`]).
+    pub dialer: Arc<dyn Dialer>,
 }
 
 impl MutualAuthConfig {
@@ -60,6 +64,7 @@ impl MutualAuthConfig {
             rotation_spread: Duration::from_secs(5),
             tick: Duration::from_millis(250),
             metrics: AuthMetrics::default(),
+            dialer: Arc::new(handshake::TlsDialer),
         }
     }
 }
@@ -185,40 +190,18 @@ pub fn start(
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let (bundle_tx, bundle_rx) = watch::channel(bundle);
-        let certs = Arc::new(LocalCerts::default());
-        let (dir_tx, dir_rx) = watch::channel(Arc::new(PeerDirectory {
-            spiffe_ids: HashMap::new(),
-            nodes: HashMap::new(),
-        }));
         let (accepted_tx, accepted_rx) = mpsc::channel(1024);
+        let metrics = cfg.metrics.clone();
+        let manager = Manager::new(cfg, auth, bundle, entries_tx, stats_tx);
         tokio::spawn(handshake::serve_with_metrics(
             listener,
-            bundle_rx.clone(),
-            certs.clone(),
-            dir_rx,
+            manager.bundle_rx.clone(),
+            manager.certs.clone(),
+            manager.dir_tx.subscribe(),
             accepted_tx,
-            cfg.metrics.clone(),
+            metrics,
             shutdown.clone(),
         ));
-        let manager = Manager {
-            cfg,
-            auth,
-            bundle_tx,
-            bundle_rx,
-            certs,
-            cert_cache: HashMap::new(),
-            dir_tx,
-            records: HashMap::new(),
-            on_demand: HashSet::new(),
-            in_flight: HashSet::new(),
-            backoff: HashMap::new(),
-            entries_tx,
-            stats_tx,
-            stats: AuthStats::default(),
-            last_errors: HashMap::new(),
-            view: pairs::View::default(),
-        };
         manager.run(state, svids, signals, accepted_rx, shutdown).await;
     });
     Ok(MutualAuthHandles {
@@ -261,6 +244,38 @@ fn refresh_at(now: Instant, expiry: SystemTime) -> Instant {
 }
 
 impl Manager {
+    fn new(
+        cfg: MutualAuthConfig,
+        auth: Arc<dyn AuthMap>,
+        bundle: Arc<TrustBundle>,
+        entries_tx: watch::Sender<Arc<Vec<AuthRecord>>>,
+        stats_tx: watch::Sender<AuthStats>,
+    ) -> Self {
+        let (bundle_tx, bundle_rx) = watch::channel(bundle);
+        let (dir_tx, _) = watch::channel(Arc::new(PeerDirectory {
+            spiffe_ids: HashMap::new(),
+            nodes: HashMap::new(),
+        }));
+        Manager {
+            cfg,
+            auth,
+            bundle_tx,
+            bundle_rx,
+            certs: Arc::new(LocalCerts::default()),
+            cert_cache: HashMap::new(),
+            dir_tx,
+            records: HashMap::new(),
+            on_demand: HashSet::new(),
+            in_flight: HashSet::new(),
+            backoff: HashMap::new(),
+            entries_tx,
+            stats_tx,
+            stats: AuthStats::default(),
+            last_errors: HashMap::new(),
+            view: pairs::View::default(),
+        }
+    }
+
     async fn run(
         mut self,
         mut state: watch::Receiver<Arc<NodeState>>,
@@ -433,10 +448,20 @@ impl Manager {
         }
     }
 
+    /// One pass: collect what lost its justification, then dispatch what is
+    /// due.
     fn reconcile(&mut self, state: &NodeState, svids: &SvidSet, tasks: &mut JoinSet<Outcome>) {
+        self.collect(state);
+        let due = self.due(state);
+        self.dispatch(state, svids, due, tasks);
+    }
+
+    /// GC: flushes the entries that expired or lost their justification
+    /// (the workload, identity, node, SVID or policy went away), and forgets
+    /// on-demand requests and backoffs for pairs no longer justified.
+    fn collect(&mut self, state: &NodeState) {
         let node = self.cfg.node_name.clone();
         let now_ns = monotonic_ns();
-        // Flush what lost its justification, and collect the expired.
         let doomed: Vec<(AuthKey, &'static str)> = self
             .records
             .values()
@@ -467,29 +492,48 @@ impl Manager {
             .retain(|k| pairs::unjustified(state, &node, k).is_none() && !self.records.contains_key(k));
         self.backoff
             .retain(|k, _| pairs::unjustified(state, &node, k).is_none());
+    }
 
-        let my_node = pairs::local_node_id(state, &node);
+    /// Refresh: the pairs to authenticate now, the wanted ones and those a
+    /// signal asked for, minus those in flight, still fresh (before their
+    /// jittered refresh point) or backing off after a failure.
+    fn due(&self, state: &NodeState) -> Vec<AuthKey> {
         let now = Instant::now();
-        let mut targets: Vec<AuthKey> = pairs::wanted(state, &node).into_iter().collect();
+        let mut targets: Vec<AuthKey> = pairs::wanted(state, &self.cfg.node_name).into_iter().collect();
         targets.extend(self.on_demand.iter().copied());
-        for key in targets {
+        targets.retain(|key| {
+            !self.in_flight.contains(key)
+                && self.records.get(key).is_none_or(|r| r.refresh_at <= now)
+                && self.backoff.get(key).is_none_or(|(_, at)| *at <= now)
+        });
+        targets
+    }
+
+    /// Dispatch: authenticates `due` pairs, at most `max_in_flight`
+    /// handshakes at once. A pair whose two workloads both run here needs no
+    /// handshake (both SVIDs are in hand); the rest are dialled, each bounded
+    /// by the handshake timeout, so a peer that never answers costs a slot
+    /// for that long and then backs off like any failure.
+    fn dispatch(
+        &mut self,
+        state: &NodeState,
+        svids: &SvidSet,
+        due: Vec<AuthKey>,
+        tasks: &mut JoinSet<Outcome>,
+    ) {
+        let node = self.cfg.node_name.clone();
+        let my_node = pairs::local_node_id(state, &node);
+        for key in due {
             if self.in_flight.len() >= self.cfg.max_in_flight {
                 break;
             }
             if self.in_flight.contains(&key) {
-                continue;
-            }
-            if self.records.get(&key).is_some_and(|r| r.refresh_at > now) {
-                continue;
-            }
-            if self.backoff.get(&key).is_some_and(|(_, at)| *at > now) {
-                continue;
+                continue; // named twice: wanted and asked for by a signal
             }
             let Some(local_svid) = self.svid_for(state, svids, key.local_id).cloned() else {
                 continue;
             };
             if Some(key.remote_node_id) == my_node {
-                // Both workloads run here: both SVIDs are in hand.
                 let Some(remote_svid) = self.svid_for(state, svids, key.remote_id).cloned() else {
                     continue;
                 };
@@ -507,28 +551,30 @@ impl Manager {
                 debug!(node = key.remote_node_id, "no auth address for the node yet");
                 continue;
             };
-            let Some(remote_id) = state.identities.get(&key.remote_id).map(|i| i.spiffe_id.clone()) else {
+            let Some(remote_spiffe_id) = state.identities.get(&key.remote_id).map(|i| i.spiffe_id.clone())
+            else {
                 continue;
             };
             let Some(ck) = self.certs.get(key.local_id) else {
                 continue;
             };
             self.in_flight.insert(key);
-            let bundle = self.bundle_rx.clone();
-            let node = node.clone();
+            let dial = Dial {
+                addr,
+                bundle: self.bundle_rx.clone(),
+                key: ck,
+                local_id: key.local_id,
+                remote_id: key.remote_id,
+                remote_spiffe_id,
+                node: node.clone(),
+            };
+            let dialer = self.cfg.dialer.clone();
             let metrics = self.cfg.metrics.clone();
             tasks.spawn(async move {
                 let started = std::time::Instant::now();
-                let r = handshake::dial_with_key(
-                    addr,
-                    bundle,
-                    ck,
-                    key.local_id,
-                    key.remote_id,
-                    &remote_id,
-                    &node,
-                )
-                .await;
+                let r = tokio::time::timeout(handshake::TIMEOUT, dialer.dial(dial))
+                    .await
+                    .unwrap_or(Err(HandshakeError::Timeout(handshake::TIMEOUT)));
                 metrics.handshake(
                     HandshakeRole::Dial,
                     r.as_ref().map(|_| ()).map_err(|e| e.kind()),
