@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use keyway_identity::lock::Recover;
 use keyway_serve::PeerKey;
 
 /// A token bucket per source address (an IPv6 source counts per /64): up
@@ -50,7 +51,7 @@ impl PerSource {
         }
         let rate = f64::from(self.per_minute) / 60.0;
         let burst = self.burst();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.locked();
         let refill = |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         let key = PeerKey::ip(source);
         if !buckets.contains_key(&key) && buckets.len() >= Self::MAX_SOURCES {

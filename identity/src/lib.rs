@@ -12,6 +12,7 @@ pub mod csr;
 pub mod duration;
 pub mod jitter;
 pub mod jwt;
+pub mod lock;
 pub mod metrics;
 pub mod pem;
 pub mod spiffe_id;

@@ -9,6 +9,7 @@
 //!
 //! The HTTP side (`/metrics`, `/healthz`, `/readyz`) is `keyway_serve::http`.
 
+use crate::lock::Recover;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,14 +67,11 @@ impl Registry {
     /// Runs `f` before every render: for values read from elsewhere at
     /// scrape time (it sets gauges or mirrors counters).
     pub fn on_scrape(&self, f: impl Fn() + Send + Sync + 'static) {
-        self.collectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Box::new(f));
+        self.collectors.locked().push(Box::new(f));
     }
 
     fn add(&self, f: Arc<dyn Family>) {
-        let mut families = self.families.lock().unwrap_or_else(|e| e.into_inner());
+        let mut families = self.families.locked();
         assert!(
             !families.iter().any(|g| g.name() == f.name()),
             "metric {} registered twice",
@@ -84,10 +82,10 @@ impl Registry {
 
     /// The text exposition format 0.0.4.
     pub fn render(&self) -> String {
-        for c in self.collectors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for c in self.collectors.locked().iter() {
             c();
         }
-        let families = self.families.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let families = self.families.locked().clone();
         let mut out = String::new();
         for f in families {
             f.render(&mut out);
@@ -152,8 +150,7 @@ impl<V: Value> Metric<V> {
         );
         let key: Vec<String> = values.iter().map(|s| (*s).to_owned()).collect();
         self.series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .entry(key)
             .or_insert_with(|| Arc::new(V::with_config(&self.config)))
             .clone()
@@ -161,14 +158,11 @@ impl<V: Value> Metric<V> {
 
     fn remove(&self, values: &[&str]) {
         let key: Vec<String> = values.iter().map(|s| (*s).to_owned()).collect();
-        self.series.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        self.series.locked().remove(&key);
     }
 
     fn retain(&self, mut keep: impl FnMut(&[String]) -> bool) {
-        self.series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| keep(k));
+        self.series.locked().retain(|k, _| keep(k));
     }
 }
 
@@ -182,8 +176,7 @@ impl<V: Value> Family for Metric<V> {
         let _ = writeln!(out, "# TYPE {} {}", self.name, V::TYPE);
         let series: Vec<(Vec<String>, Arc<V>)> = self
             .series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -421,14 +414,14 @@ impl Readiness {
 
     /// Adds a component to wait for (one only some configurations have).
     pub fn expect(&self, component: &str) {
-        let mut c = self.components.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.components.locked();
         if !c.iter().any(|(n, _)| n == component) {
             c.push((component.to_owned(), false));
         }
     }
 
     pub fn set_ready(&self, component: &str) {
-        let mut c = self.components.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.components.locked();
         match c.iter_mut().find(|(n, _)| n == component) {
             Some((_, ready)) => *ready = true,
             None => c.push((component.to_owned(), true)),
@@ -437,7 +430,7 @@ impl Readiness {
 
     /// Every component and whether it is ready, in registration order.
     pub fn components(&self) -> Vec<(String, bool)> {
-        self.components.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.components.locked().clone()
     }
 
     /// The components not ready yet, in registration order.
@@ -478,7 +471,7 @@ impl LogLimiter {
     /// Whether this occurrence of `key` should be logged loudly.
     pub fn should_warn(&self, key: &str) -> bool {
         let now = std::time::Instant::now();
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.locked();
         if let Some(last) = seen.get(key)
             && now.duration_since(*last) < self.interval
         {

@@ -18,6 +18,7 @@ use crate::node_svid;
 use crate::state::NodeState;
 use crate::svid_cache::{SvidCache, renew_after};
 use crate::telemetry::Telemetry;
+use keyway_identity::lock::Recover;
 
 /// Validated `node-agent run` configuration.
 #[derive(Debug, Clone)]
@@ -403,10 +404,7 @@ fn watch_for_telemetry(handles: &AgentHandles, shutdown: watch::Receiver<bool>) 
     r.on_scrape({
         let lag = lag.clone();
         move || {
-            let secs = lag
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .seconds(std::time::Instant::now());
+            let secs = lag.locked().seconds(std::time::Instant::now());
             gauge.set(&[], secs);
         }
     });
@@ -416,9 +414,7 @@ fn watch_for_telemetry(handles: &AgentHandles, shutdown: watch::Receiver<bool>) 
     tokio::spawn(async move {
         loop {
             let connected = client.borrow_and_update().is_some();
-            lag.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .connection(connected, std::time::Instant::now());
+            lag.locked().connection(connected, std::time::Instant::now());
             tokio::select! {
                 r = state.changed() => {
                     if r.is_err() { return; }
@@ -430,7 +426,7 @@ fn watch_for_telemetry(handles: &AgentHandles, shutdown: watch::Receiver<bool>) 
                             .unwrap_or(0.0);
                         last_applied.set(&[], now);
                         let connected = client.borrow().is_some();
-                        lag.lock().unwrap_or_else(|e| e.into_inner()).applied(connected);
+                        lag.locked().applied(connected);
                     }
                 }
                 r = client.changed() => if r.is_err() { return },

@@ -15,6 +15,7 @@ use crate::datapath::{DatapathStatus, Flow, FlowKind, monotonic_ns};
 use crate::explain::protocol_name;
 use crate::mutual_auth::{AuthRecord, Via, pairs};
 use crate::state::NodeState;
+use keyway_identity::lock::Recover;
 
 pub const DEFAULT_CAPACITY: usize = 4096;
 
@@ -37,7 +38,7 @@ impl FlowLog {
 
     pub fn push(&self, r: pb::FlowRecord) {
         {
-            let mut ring = self.ring.lock().expect("flow ring");
+            let mut ring = self.ring.locked();
             if ring.len() == self.capacity {
                 ring.pop_front();
             }
@@ -47,7 +48,7 @@ impl FlowLog {
     }
 
     pub fn len(&self) -> usize {
-        self.ring.lock().expect("flow ring").len()
+        self.ring.locked().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -56,7 +57,7 @@ impl FlowLog {
 
     /// What the buffer holds now, and a receiver for what comes after.
     pub fn snapshot_and_subscribe(&self) -> (Vec<pb::FlowRecord>, broadcast::Receiver<pb::FlowRecord>) {
-        let ring = self.ring.lock().expect("flow ring");
+        let ring = self.ring.locked();
         (ring.iter().cloned().collect(), self.live.subscribe())
     }
 }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keyway_identity::lock::Recover;
 use keyway_identity::metrics::{Counter, Gauge, LogLimiter, Registry};
 
 /// What one listener allows. Every field has a default fit for a listener
@@ -185,7 +186,7 @@ impl Gate {
     /// [`Permit`] is dropped.
     pub fn admit(self: &Arc<Self>, peer: PeerKey) -> Result<Permit, Refused> {
         let refused = {
-            let mut c = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self.state.locked();
             let mine = c.per_peer.get(&peer).copied().unwrap_or(0);
             if c.total >= self.limits.max_connections {
                 Some(Refused::ConnectionLimit)
@@ -243,7 +244,7 @@ impl Gate {
 
     /// Connections held now.
     pub fn held(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).total
+        self.state.locked().total
     }
 }
 
@@ -267,7 +268,7 @@ impl Permit {
             return Ok(());
         }
         let gate = self.gate.clone();
-        let mut c = gate.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = gate.state.locked();
         if c.per_peer.get(&peer).copied().unwrap_or(0) >= gate.limits.max_per_peer {
             drop(c);
             gate.refuse(&peer, Refused::PeerLimit);
@@ -287,7 +288,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut c = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.gate.state.locked();
         c.total = c.total.saturating_sub(1);
         if let Some(n) = c.per_peer.get_mut(&self.peer) {
             *n -= 1;

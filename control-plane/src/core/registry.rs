@@ -4,6 +4,7 @@
 //! [`Cluster`] per change; identities no workload uses are collected.
 
 use super::*;
+use keyway_identity::lock::Recover;
 
 /// Kubernetes mode's view of the API server (see [`ControlPlane::apply_sourced`]).
 #[derive(Debug, Default)]
@@ -280,7 +281,7 @@ impl ControlPlane {
         let mut out = SourcedOutcome::default();
         let generation;
         {
-            let mut view = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut view = sourced.locked();
             for (key, mut record) in changes.workloads {
                 // The identity is the view's (the watch caches do not know it).
                 let same = match (view.workloads.get(&key), record.as_mut()) {
@@ -395,19 +396,14 @@ impl ControlPlane {
 
     /// How many workloads Kubernetes mode's view holds (0 otherwise).
     pub fn sourced_len(&self) -> usize {
-        self.inner.sourced.get().map_or(0, |s| {
-            s.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .workloads
-                .len()
-        })
+        self.inner.sourced.get().map_or(0, |s| s.locked().workloads.len())
     }
 
     /// Kubernetes mode: the keys (namespace/name) of the workloads and
     /// policies in the view.
     pub fn sourced_keys(&self) -> (Vec<String>, Vec<String>) {
         self.inner.sourced.get().map_or_else(Default::default, |s| {
-            let view = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let view = s.locked();
             (
                 view.workloads.keys().cloned().collect(),
                 view.policies.keys().cloned().collect(),
@@ -480,7 +476,7 @@ fn merge_sourced(
     let Some(sourced) = sourced else {
         return (stored, Vec::new());
     };
-    let mut guard = sourced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut guard = sourced.locked();
     let view = &mut *guard;
     if !view
         .resolved

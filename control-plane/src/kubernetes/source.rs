@@ -41,6 +41,7 @@ use crate::core::{ControlPlane, SourcedChanges};
 use crate::documents::policy_spec;
 use crate::model::policy::NAMESPACE_LABELS_PREFIX;
 use crate::model::{PolicyRecord, WorkloadRecord};
+use keyway_identity::lock::Recover;
 
 /// Prefix of the store names of policies that come from a networking.k8s.io
 /// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
@@ -677,10 +678,7 @@ impl Dirty {
             Touched::Node(node) => {
                 let present = caches.nodes.get(&reflector::ObjectRef::new(&node)).is_some();
                 let came_or_went = {
-                    let mut known = caches
-                        .nodes_present
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut known = caches.nodes_present.locked();
                     if present {
                         known.insert(node.clone())
                     } else {
@@ -710,10 +708,7 @@ impl Dirty {
                     }
                 }
                 Kind::Nodes => {
-                    *caches
-                        .nodes_present
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    *caches.nodes_present.locked() =
                         caches.nodes.state().iter().map(|n| n.name_any()).collect();
                     self.nodes_changed = true;
                     pods_where(self, &|_| true);

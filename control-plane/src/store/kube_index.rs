@@ -3,10 +3,11 @@
 //! then by a label-selected watch, so reads cost no API call and every
 //! replica sees the others' writes as they are made.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use keyway_identity::lock::Recover;
 use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
@@ -35,7 +36,7 @@ pub(super) type Shared<I> = Arc<Mutex<I>>;
 /// The index, whatever a panicking holder left (every change to an index
 /// is a single insert or remove, so it is never half-made).
 pub(super) fn lock<I>(index: &Shared<I>) -> MutexGuard<'_, I> {
-    index.lock().unwrap_or_else(PoisonError::into_inner)
+    index.locked()
 }
 
 pub(super) fn selector<I: Index>() -> String {

@@ -111,7 +111,7 @@
 //!   on configmaps, and get, create and update on secrets, in the namespace.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -129,6 +129,7 @@ use super::kube_identities as ids;
 use super::kube_index;
 use super::kube_nodes as nodes;
 use super::*;
+use keyway_identity::lock::Recover;
 use serde::{Deserialize, Serialize};
 
 const STATE: &str = "keyway-state";
@@ -623,10 +624,7 @@ impl KubeStore {
     /// `now`. Best effort: what fails is swept next time.
     async fn sweep_tokens(&self, now: i64) {
         {
-            let mut last = self
-                .tokens_swept_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut last = self.tokens_swept_at.locked();
             if last.is_some_and(|t| now >= t && now - t < TOKEN_SWEEP_SECS) {
                 return;
             }
@@ -801,7 +799,7 @@ impl KubeStore {
     }
 
     fn set_ca_seen(&self, seen: CaSeen) {
-        *self.ca_seen.lock().unwrap_or_else(PoisonError::into_inner) = seen;
+        *self.ca_seen.locked() = seen;
     }
 
     /// `ca.json` and this writer's annotation, into `secret` (new or read).
@@ -910,11 +908,7 @@ impl Store for KubeStore {
     }
 
     async fn save_ca(&self, state: &CaState) -> StoreResult<()> {
-        let seen = self
-            .ca_seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let seen = self.ca_seen.locked().clone();
         let written = self.write_ca(state, seen).await?;
         self.own_writes.record(&written);
         self.set_ca_seen(version_of(&written));
@@ -1642,7 +1636,7 @@ impl OwnWrites {
         let Some(version) = written.meta().resource_version.clone() else {
             return;
         };
-        let mut versions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut versions = self.0.locked();
         if versions.len() == OWN_WRITES_REMEMBERED {
             versions.pop_front();
         }
@@ -1650,11 +1644,7 @@ impl OwnWrites {
     }
 
     fn contains(&self, version: &str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .any(|v| v == version)
+        self.0.locked().iter().any(|v| v == version)
     }
 }
 

@@ -11,6 +11,7 @@ use aya::maps::{Map, MapData};
 use keyway_common::{AuthKey, AuthValue, maps};
 
 use super::{ConfigSlot, DatapathError};
+use keyway_identity::lock::Recover;
 
 /// Capability: record, forget and list authenticated pairs.
 pub trait AuthMap: Send + Sync + std::fmt::Debug {
@@ -62,7 +63,7 @@ impl AuthMap for PinnedAuthMap {
     /// can still hold that clock back a few ticks).
     fn upsert(&self, key: AuthKey, expiry_ns: u64) -> Result<(), DatapathError> {
         let expiry_ns = expiry_ns.saturating_sub(super::sys::kernel_clock_lag_ns());
-        let mut map = self.map.lock().expect("auth map lock");
+        let mut map = self.map.locked();
         let shortened = match map.get(&key, 0) {
             Ok(old) => old.expiry_ns > expiry_ns,
             Err(_) => false,
@@ -77,7 +78,7 @@ impl AuthMap for PinnedAuthMap {
     }
 
     fn remove(&self, key: &AuthKey) -> Result<bool, DatapathError> {
-        let mut map = self.map.lock().expect("auth map lock");
+        let mut map = self.map.locked();
         let removed = match map.remove(key) {
             Ok(()) => true,
             Err(aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound) => false,
@@ -91,7 +92,7 @@ impl AuthMap for PinnedAuthMap {
     }
 
     fn get(&self, key: &AuthKey) -> Result<Option<u64>, DatapathError> {
-        let map = self.map.lock().expect("auth map lock");
+        let map = self.map.locked();
         match map.get(key, 0) {
             Ok(v) => Ok(Some(v.expiry_ns)),
             Err(aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound) => Ok(None),
@@ -100,7 +101,7 @@ impl AuthMap for PinnedAuthMap {
     }
 
     fn entries(&self) -> Result<Vec<(AuthKey, u64)>, DatapathError> {
-        let map = self.map.lock().expect("auth map lock");
+        let map = self.map.locked();
         let mut out = Vec::new();
         for item in map.iter() {
             let (k, v) = item.map_err(|e| DatapathError::map(maps::AUTH, e))?;
@@ -119,26 +120,20 @@ pub struct MemoryAuthMap {
 
 impl AuthMap for MemoryAuthMap {
     fn upsert(&self, key: AuthKey, expiry_ns: u64) -> Result<(), DatapathError> {
-        self.entries.lock().expect("auth map lock").insert(key, expiry_ns);
+        self.entries.locked().insert(key, expiry_ns);
         Ok(())
     }
 
     fn remove(&self, key: &AuthKey) -> Result<bool, DatapathError> {
-        Ok(self.entries.lock().expect("auth map lock").remove(key).is_some())
+        Ok(self.entries.locked().remove(key).is_some())
     }
 
     fn get(&self, key: &AuthKey) -> Result<Option<u64>, DatapathError> {
-        Ok(self.entries.lock().expect("auth map lock").get(key).copied())
+        Ok(self.entries.locked().get(key).copied())
     }
 
     fn entries(&self) -> Result<Vec<(AuthKey, u64)>, DatapathError> {
-        Ok(self
-            .entries
-            .lock()
-            .expect("auth map lock")
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect())
+        Ok(self.entries.locked().iter().map(|(k, v)| (*k, *v)).collect())
     }
 }
 

@@ -9,6 +9,7 @@ use aya::maps::{MapData, PerCpuArray};
 use keyway_common::maps;
 
 use super::{DatapathError, open_pinned};
+use keyway_identity::lock::Recover;
 
 /// A handle on the pinned drop counters.
 pub struct DropCounters {
@@ -31,7 +32,7 @@ impl DropCounters {
 
     /// Drops so far per reason (summed over CPUs), reasons with none left out.
     pub fn read(&self) -> Result<Vec<(u8, u64)>, DatapathError> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.locked();
         let mut out = Vec::new();
         for reason in 1..maps::DROPS_SLOTS {
             let per_cpu = map

@@ -45,6 +45,7 @@ pub use events::{Flow, FlowKind, MissingAuth};
 pub use sys::{detach_pinned_link, ifindex, kernel_clock_lag_ns, monotonic_ns};
 
 use crate::state::NodeState;
+use keyway_identity::lock::Recover;
 use tables::{MapDiff, Tables, diff, ip_key, ip6_key};
 
 /// The kernel programs, built by build.rs from auth-bpf/ebpf.
@@ -190,13 +191,13 @@ impl ConfigSlot {
     }
 
     pub fn get(&self) -> Result<Config, DatapathError> {
-        let map = self.map.lock().expect("config lock");
+        let map = self.map.locked();
         map.get(&0, 0).map_err(|e| DatapathError::map(maps::CONFIG, e))
     }
 
     /// Read-modify-write of the slot.
     pub fn update(&self, f: impl FnOnce(&mut Config)) -> Result<Config, DatapathError> {
-        let mut map = self.map.lock().expect("config lock");
+        let mut map = self.map.locked();
         let mut c = map.get(&0, 0).map_err(|e| DatapathError::map(maps::CONFIG, e))?;
         f(&mut c);
         map.set(0, c, 0)

@@ -185,8 +185,10 @@ pub fn mount_bpffs(path: &std::path::Path) -> std::io::Result<()> {
 /// filesystem over the other's.
 pub fn with_file_lock<T>(path: &std::path::Path, f: impl FnOnce() -> T) -> std::io::Result<T> {
     use std::os::fd::AsRawFd;
+
+    use keyway_identity::lock::Recover;
     static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = IN_PROCESS.locked();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use keyway_common::AuthKey;
+use keyway_identity::lock::Recover;
 use keyway_identity::tls::{BundleWatch, PeerMatch, SpiffeClientVerifier, SpiffeServerVerifier, provider};
 use keyway_identity::{SpiffeId, Svid, x509};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -128,11 +129,11 @@ pub struct LocalCerts {
 
 impl LocalCerts {
     pub fn replace(&self, table: HashMap<u32, Arc<CertifiedKey>>) {
-        *self.by_identity.write().expect("certs lock") = table;
+        *self.by_identity.locked() = table;
     }
 
     pub fn get(&self, id: u32) -> Option<Arc<CertifiedKey>> {
-        self.by_identity.read().expect("certs lock").get(&id).cloned()
+        self.by_identity.read_locked().get(&id).cloned()
     }
 }
 
