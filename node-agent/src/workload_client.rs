@@ -1,5 +1,15 @@
 //! A Workload API client for the agent's own CLI (`svid fetch`,
 //! `healthcheck`): what `spire-agent api fetch` is to SPIRE.
+//!
+//! It is the generated tonic client, not the `spiffe` crate's
+//! `WorkloadApiClient` (which the tests use as a third-party client), on
+//! purpose: the CLI is a diagnostic that prints what the agent served as it
+//! was served (each SVID with its hint, every bundle by trust domain, a
+//! refusal's gRPC code and message) and tells a connection the agent closed
+//! at its per-caller limit from no agent at all; the crate returns validated
+//! types for an application to use and would hide both. What is shared with
+//! the server side is only the endpoint rules (EP-06..08) and the security
+//! header (EP-03), both here.
 
 use std::path::{Path, PathBuf};
 
