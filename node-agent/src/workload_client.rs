@@ -4,10 +4,11 @@
 //! It is the generated tonic client, not the `spiffe` crate's
 //! `WorkloadApiClient` (which the tests use as a third-party client), on
 //! purpose: the CLI is a diagnostic that prints what the agent served as it
-//! was served (each SVID with its hint, every bundle by trust domain, a
-//! refusal's gRPC code and message) and tells a connection the agent closed
-//! at its per-caller limit from no agent at all; the crate returns validated
-//! types for an application to use and would hide both. What is shared with
+//! was served (the SVIDs' serials and expiries, a refusal's gRPC code and
+//! message; `healthcheck` counts PermissionDenied, a caller the agent
+//! serves but gives no identity, as healthy) and tells a connection the
+//! agent closed at its per-caller limit from no agent at all; the crate
+//! returns validated types for an application to use. What is shared with
 //! the server side is only the endpoint rules (EP-06..08) and the security
 //! header (EP-03), both here.
 
