@@ -182,7 +182,9 @@ async fn ca_state_round_trips_through_the_secret_and_only_the_secret() {
     let mut stale = state.clone();
     stale.bundle_sequence += 5;
     match other.save_ca(&stale).await {
-        Err(StoreError::Backend(m)) => assert!(m.contains("another replica changed the CA"), "{m}"),
+        Err(StoreError::Backend { message: m, .. }) => {
+            assert!(m.contains("another replica changed the CA"), "{m}")
+        }
         other => panic!("a stale CA write must be refused, got {other:?}"),
     }
     let now_stored = other.load_ca().await.expect("load").expect("a CA");
@@ -829,7 +831,7 @@ async fn a_registration_revoked_on_one_replica_is_not_recreated_by_another() {
     // just caught up): an SVID signed with it must not bring it back.
     let refused = b.register_node("node-a", now(), 7, &svid("3b")).await;
     assert!(
-        matches!(&refused, Err(StoreError::Backend(m)) if m.contains("revoked")),
+        matches!(&refused, Err(StoreError::Backend { message: m, .. }) if m.contains("revoked")),
         "{refused:?}"
     );
     let fresh = b
@@ -901,7 +903,7 @@ async fn missing_permissions_are_reported_with_what_to_fix() {
     let token = cluster().sa_token(&ns, "no-rights", &[], None).await;
     let client = cluster().client_with_token(&token).await;
     match KubeStore::open(client, &ns, "replica-a").await {
-        Err(StoreError::Backend(m)) => assert!(
+        Err(StoreError::Backend { message: m, .. }) => assert!(
             m.contains(&format!("cannot list configmaps in namespace {ns}")) && m.contains("Role"),
             "{m}"
         ),

@@ -155,7 +155,7 @@ impl ControlPlane {
     ) -> Result<(i64, u32, Issued, IssuanceRecord), ApiError> {
         let registration = match self.node(node) {
             Some(rec) => rec.registration,
-            None => crate::tokens::random_u32().map_err(|_| ApiError::Internal("no randomness".into()))?,
+            None => crate::tokens::random_u32().map_err(|_| ApiError::internal("no randomness"))?,
         };
         let now = now_unix();
         let issued = self.authority().issue(
@@ -284,7 +284,7 @@ impl ControlPlane {
 
     pub async fn create_join_token(&self, node: &str, ttl: Duration) -> Result<(String, i64), ApiError> {
         spiffe_id::check_name("node name", node).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let token = crate::tokens::generate().map_err(|_| ApiError::Internal("no randomness".into()))?;
+        let token = crate::tokens::generate().map_err(|_| ApiError::internal("no randomness"))?;
         let now = now_unix();
         let expires_at = now + ttl.as_secs() as i64;
         self.inner

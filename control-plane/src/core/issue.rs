@@ -41,8 +41,7 @@ impl ControlPlane {
     /// Issues the control plane's own serving SVID and publishes it to the
     /// TLS listener.
     pub async fn renew_own_svid(&self) -> Result<SystemTime, ApiError> {
-        let (key, csr_der) =
-            keyway_identity::csr::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (key, csr_der) = keyway_identity::csr::generate().map_err(ApiError::internal_from)?;
         let id = spiffe_id::control_plane_id(&self.inner.cfg.trust_domain);
         let issued = self
             .issue(
@@ -54,11 +53,9 @@ impl ControlPlane {
                 None,
             )
             .await?;
-        let svid = keyway_identity::Svid::new(issued.chain, key.serialize_der())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let certified = svid
-            .certified_key()
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let svid =
+            keyway_identity::Svid::new(issued.chain, key.serialize_der()).map_err(ApiError::internal_from)?;
+        let certified = svid.certified_key().map_err(ApiError::internal_from)?;
         self.inner.own_cert.send_replace(Some(certified));
         Ok(svid.not_after())
     }

@@ -79,5 +79,5 @@ pub(super) fn api_error(
              answer ({e}); if this was a write, it may or may not have been applied"
         ),
     };
-    StoreError::Backend(message)
+    StoreError::backend_from(message, e)
 }

@@ -149,7 +149,7 @@ pub(super) fn lock(index: &SharedIndex) -> std::sync::MutexGuard<'_, IdentityInd
 
 pub(super) fn identity_configmap(rec: &IdentityRecord, writer: &str) -> StoreResult<ConfigMap> {
     let json = serde_json::to_string(rec)
-        .map_err(|e| StoreError::Backend(format!("cannot encode identity {}: {e}", rec.id)))?;
+        .map_err(|e| StoreError::backend_from(format!("cannot encode identity {}: {e}", rec.id), e))?;
     let mut meta = super::kube_api::object_meta(&identity_object_name(rec.id), IDENTITY_COMPONENT);
     meta.annotations = Some(BTreeMap::from([(
         super::kube_api::LAST_WRITER.to_owned(),
@@ -239,7 +239,7 @@ impl Allocator<'_> {
                         let mut idx = lock(self.index);
                         idx.reserved = range;
                         idx.take_reserved().ok_or_else(|| {
-                            StoreError::Backend("reserved an empty block of identity numbers".into())
+                            StoreError::backend("reserved an empty block of identity numbers")
                         })?
                     }
                 };
@@ -283,7 +283,7 @@ impl Allocator<'_> {
         keys.iter()
             .map(|k| {
                 idx.lookup(k).cloned().ok_or_else(|| {
-                    StoreError::Backend("an identity just allocated is missing from the index".into())
+                    StoreError::backend("an identity just allocated is missing from the index")
                 })
             })
             .collect()

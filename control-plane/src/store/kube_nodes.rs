@@ -76,7 +76,7 @@ fn with_record<T: serde::Serialize>(
     what: &str,
 ) -> StoreResult<ConfigMap> {
     let json = serde_json::to_string(record)
-        .map_err(|e| StoreError::Backend(format!("cannot encode {what}: {e}")))?;
+        .map_err(|e| StoreError::backend_from(format!("cannot encode {what}: {e}"), e))?;
     cm.data = Some(BTreeMap::from([(key.to_owned(), json)]));
     cm.metadata
         .annotations

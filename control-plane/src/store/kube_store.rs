@@ -589,7 +589,7 @@ impl KubeStore {
             idx.remove(node);
             drop(idx);
             self.changes.send_modify(|n| *n += 1);
-            return Err(StoreError::Backend(format!(
+            return Err(StoreError::backend(format!(
                 "node {node} was revoked by another replica while it attested; attest again"
             )));
         }
@@ -687,7 +687,7 @@ impl KubeStore {
     }
 
     fn state_missing(&self) -> StoreError {
-        StoreError::Backend(format!(
+        StoreError::backend(format!(
             "ConfigMap {STATE} in namespace {} is gone although this control plane created it: \
              restore it from a backup (recreating it empty would hand out numeric identities again)",
             self.namespace
@@ -747,7 +747,7 @@ impl KubeStore {
 
     /// Hands records to the log writer and waits until they are written.
     async fn append_to_log(&self, records: Vec<IssuanceRecord>) -> StoreResult<()> {
-        let gone = || StoreError::Backend("the issuance log writer has stopped".into());
+        let gone = || StoreError::backend("the issuance log writer has stopped");
         let (done, result) = oneshot::channel();
         self.log
             .send(LogRequest { records, done })
@@ -805,7 +805,7 @@ impl KubeStore {
     /// `ca.json` and this writer's annotation, into `secret` (new or read).
     fn fill_ca_secret(&self, secret: &mut KubeSecret, state: &CaState) -> StoreResult<()> {
         let json = serde_json::to_vec(state)
-            .map_err(|e| StoreError::Backend(format!("cannot encode the CA state: {e}")))?;
+            .map_err(|e| StoreError::backend_from(format!("cannot encode the CA state: {e}"), e))?;
         secret
             .metadata
             .annotations
@@ -817,7 +817,7 @@ impl KubeStore {
     }
 
     fn ca_changed_elsewhere(&self) -> StoreError {
-        StoreError::Backend(format!(
+        StoreError::backend(format!(
             "another replica changed the CA (Secret {CA} in namespace {}) since this one read it; \
              the change was not saved: reload the CA state and retry",
             self.namespace
@@ -834,7 +834,7 @@ impl KubeStore {
             .map_err(|e| self.error(e, "get", "secrets", CA))?;
         let Some(mut secret) = current else {
             if let CaSeen::At(_) = seen {
-                return Err(StoreError::Backend(format!(
+                return Err(StoreError::backend(format!(
                     "Secret {CA} in namespace {} was deleted since this replica read it; restore it \
                      from a backup, or restart the control plane to create a new CA",
                     self.namespace
@@ -847,7 +847,7 @@ impl KubeStore {
             self.fill_ca_secret(&mut secret, state)?;
             return match self.secrets.create(&PostParams::default(), &secret).await {
                 Ok(created) => Ok(created),
-                Err(e) if is_already_exists(&e) => Err(StoreError::Backend(format!(
+                Err(e) if is_already_exists(&e) => Err(StoreError::backend(format!(
                     "another replica created the CA (Secret {CA} in namespace {}) while this one \
                      was creating its own; restart this replica to load theirs",
                     self.namespace
@@ -857,7 +857,7 @@ impl KubeStore {
         };
         match seen {
             CaSeen::Absent => {
-                return Err(StoreError::Backend(format!(
+                return Err(StoreError::backend(format!(
                     "another replica created the CA (Secret {CA} in namespace {}) while this one \
                      was creating its own; restart this replica to load theirs",
                     self.namespace
@@ -923,7 +923,7 @@ impl Store for KubeStore {
             Ok(_) => {}
             // 256 random bits do not collide: this is the same token again.
             Err(e) if is_already_exists(&e) => {
-                return Err(StoreError::Backend(format!(
+                return Err(StoreError::backend(format!(
                     "a join token with this hash is stored already (ConfigMap {name}); create a new token"
                 )));
             }
@@ -1281,10 +1281,9 @@ impl Store for KubeStore {
 }
 
 fn no_documents() -> StoreError {
-    StoreError::Backend(
+    StoreError::backend(
         "the Kubernetes store keeps no workloads or policies: the API server holds the Pods and \
-         policies, and the control plane reads them from its watch cache"
-            .into(),
+         policies, and the control plane reads them from its watch cache",
     )
 }
 
@@ -1349,7 +1348,7 @@ impl SharedState {
     fn decode(raw: &str) -> Result<StoreResult<Self>, String> {
         let state: Self = serde_json::from_str(raw).map_err(|e| e.to_string())?;
         if state.format > FORMAT {
-            return Ok(Err(StoreError::Backend(format!(
+            return Ok(Err(StoreError::backend(format!(
                 "ConfigMap {STATE} was written in format {} by a newer Keyway; this replica knows \
                  format {FORMAT}: upgrade it",
                 state.format
@@ -1362,7 +1361,7 @@ impl SharedState {
     /// state not yet migrated can be that large).
     fn encode(&self) -> StoreResult<String> {
         let json = serde_json::to_string(self)
-            .map_err(|e| StoreError::Backend(format!("cannot encode the shared state: {e}")))?;
+            .map_err(|e| StoreError::backend_from(format!("cannot encode the shared state: {e}"), e))?;
         if json.len() > STATE_LIMIT {
             return Err(StoreError::Exhausted(format!(
                 "the shared state would take {} KiB, more than the {} KiB a ConfigMap can hold \
@@ -1415,7 +1414,7 @@ fn check_serial(serial: &str) -> StoreResult<()> {
     if valid {
         Ok(())
     } else {
-        Err(StoreError::Backend(format!(
+        Err(StoreError::backend(format!(
             "certificate serial {serial:?} cannot be an issuance log key: expected 1 to 253 \
              characters of [-._a-zA-Z0-9]"
         )))
@@ -1507,7 +1506,7 @@ impl IssuanceLog {
         let mut todo: BTreeMap<String, String> = BTreeMap::new();
         for r in records {
             let json = serde_json::to_string(&r)
-                .map_err(|e| StoreError::Backend(format!("cannot encode an issuance record: {e}")))?;
+                .map_err(|e| StoreError::backend_from(format!("cannot encode an issuance record: {e}"), e))?;
             todo.insert(r.serial, json);
         }
         let mut conflicts = 0;
@@ -1527,7 +1526,7 @@ impl IssuanceLog {
             let (taken, _) = fit(data, &todo);
             if taken.is_empty() {
                 if data.is_empty() {
-                    return Err(StoreError::Backend(format!(
+                    return Err(StoreError::backend(format!(
                         "an issuance record does not fit an empty log chunk of {CHUNK_LIMIT} bytes"
                     )));
                 }
@@ -1562,7 +1561,7 @@ impl IssuanceLog {
                     // chunk, and this one aged out. Move to the newest.
                     let newest = newest_chunk(&self.api, &self.namespace).await?;
                     if newest <= self.head_index {
-                        return Err(StoreError::Backend(format!(
+                        return Err(StoreError::backend(format!(
                             "issuance log chunk {name} in namespace {} was deleted while in use \
                              (only older chunks are ever pruned)",
                             self.namespace
@@ -1757,7 +1756,7 @@ async fn watch_shared(
 // ---- errors -----------------------------------------------------------------
 
 fn too_many_conflicts(what: &str, object: &str, namespace: &str) -> StoreError {
-    StoreError::Backend(format!(
+    StoreError::backend(format!(
         "gave up writing {what}: ConfigMap {object} in namespace {namespace} changed underneath \
          {MAX_ATTEMPTS} times in a row; other replicas are writing heavily, retry"
     ))
@@ -1765,7 +1764,7 @@ fn too_many_conflicts(what: &str, object: &str, namespace: &str) -> StoreError {
 
 fn clone_error(e: &StoreError) -> StoreError {
     match e {
-        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+        StoreError::Backend { message, .. } => StoreError::backend(message.clone()),
         StoreError::Corrupt { what, reason } => StoreError::Corrupt {
             what: what.clone(),
             reason: reason.clone(),
@@ -1855,7 +1854,7 @@ mod tests {
     fn state_from_a_newer_format_is_refused() {
         let raw = r#"{"format": 4}"#;
         match SharedState::decode(raw) {
-            Ok(Err(StoreError::Backend(m))) => assert!(m.contains("upgrade"), "{m}"),
+            Ok(Err(StoreError::Backend { message: m, .. })) => assert!(m.contains("upgrade"), "{m}"),
             _ => panic!("a newer format must be refused"),
         }
         assert!(SharedState::decode("{not json").is_err());

@@ -83,8 +83,15 @@ pub struct RegistrySnapshot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("storage error: {0}")]
-    Backend(String),
+    /// The backend failed: `message` says what failed and what to do, and
+    /// `source` is the backend's own error where there is one (sled's, the
+    /// API server's, the encoder's), kept for the error chain.
+    #[error("storage error: {message}")]
+    Backend {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("stored record {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
     #[error("join token refused: {0}")]
@@ -107,6 +114,27 @@ pub enum TokenProblem {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+impl StoreError {
+    /// A backend failure that `message` describes in full.
+    pub fn backend(message: impl Into<String>) -> Self {
+        StoreError::Backend {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A backend failure caused by `source` (which `message` may quote).
+    pub fn backend_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Backend {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
 
 pub use rules::token_problem;
 

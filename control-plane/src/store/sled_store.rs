@@ -56,8 +56,9 @@ pub struct SledStore {
     meta: sled::Tree,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+/// A sled failure, kept as the error's source.
+fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
+    StoreError::backend_from(e.to_string(), e)
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -123,7 +124,7 @@ impl SledStore {
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Backend(format!(
+                    StoreError::backend(format!(
                         "{} is in use by another process (is a control plane already running with this --data-dir?)",
                         dir.display()
                     ))
@@ -172,10 +173,10 @@ impl SledStore {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.flusher
             .send(tx)
-            .map_err(|_| backend("the store flush thread is gone"))?;
+            .map_err(|_| StoreError::backend("the store flush thread is gone"))?;
         rx.await
-            .map_err(|_| backend("the store flush thread is gone"))?
-            .map_err(StoreError::Backend)
+            .map_err(|_| StoreError::backend("the store flush thread is gone"))?
+            .map_err(StoreError::backend)
     }
 }
 
