@@ -24,31 +24,57 @@ import os
 import re
 import sys
 
-# One left-to-right pass, so a "/*" in a string or a quote in a comment is
-# taken for what it is: comments, raw strings, strings, chars (not lifetimes).
-TOKEN = re.compile(
-    r"//[^\n]*"
-    r"|/\*.*?\*/"
-    r'|\bb?r(#*)".*?"\1'
-    r'|b?"(?:\\.|[^"\\])*"'
-    r"|b?'(?:\\u\{[0-9a-fA-F]+\}|\\.|[^\\'\n])'",
-    re.S,
-)
 CFG_TEST = re.compile(r"#\[cfg\(test\)\]")
 PATH = re.compile(r"\b(crate|super)((?:::(?:super\b|self\b|\w+|\{))+)")
+ITEM = re.compile(
+    r"\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?"
+    r"(?:mod|fn|async|unsafe|use|impl|struct|enum|const|static|type|trait|extern|macro_rules!)\b"
+)
 
 
 def strip(text):
-    """Comments and literals out; strings kept as "" so no path is found in one."""
-
-    def keep(m):
-        return " " if m.group(0).startswith("/") else '""'
-
-    return TOKEN.sub(keep, text)
+    """Comments and literals out, in one left-to-right pass (so a "/*" in a
+    string or a quote in a comment is taken for what it is); each string
+    or char literal is kept as "" so no path is found in one. Block comments
+    nest, as in Rust; a lifetime is not a char literal."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            out.append(" ")
+        elif (m := re.match(r'(?:b|c)?r(#*)"', text[i:])) and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
+            end = text.find('"' + m.group(1), i + m.end())
+            i = n if end < 0 else end + 1 + len(m.group(1))
+            out.append('""')
+        elif c == '"' or (c in "bc" and text.startswith('"', i + 1) and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_"))):
+            i += 1 if c == '"' else 2
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+            out.append('""')
+        elif c == "'" and (m := re.match(r"'(?:\\u\{[0-9a-fA-F]+\}|\\x[0-9a-fA-F]{2}|\\.|[^\\'\n])'", text[i:])):
+            i += m.end()
+            out.append('""')
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def skip_item(text, pos):
-    """The end of the item starting at pos: its `;` or its balanced block."""
+    """The end of the item starting at pos: its `;` or its balanced block.
+    Stops at the `}` that closes what encloses it (never reads past it)."""
     depth = 0
     while pos < len(text):
         ch = text[pos]
@@ -60,17 +86,21 @@ def skip_item(text, pos):
             depth -= 1
             if depth == 0:
                 return pos + 1
+            if depth < 0:
+                return pos
         pos += 1
     return pos
 
 
 def drop_tests(text):
+    """Items under #[cfg(test)] out. The attribute on anything but an item
+    (a field, a statement) drops nothing: such code is not a module's use."""
     out, pos = [], 0
     for m in CFG_TEST.finditer(text):
         if m.start() < pos:
             continue
         out.append(text[pos : m.start()])
-        pos = skip_item(text, m.end())
+        pos = skip_item(text, m.end()) if ITEM.match(text, m.end()) else m.end()
     out.append(text[pos:])
     return "".join(out)
 
@@ -136,6 +166,8 @@ def references(mod, text):
 
 
 def crate_graph(src):
+    if not os.path.isfile(os.path.join(src, "lib.rs")):
+        raise SystemExit(f"module-cycles.py: {src} has no lib.rs: not a library crate's sources (a renamed crate?)")
     files = []
     for root, _, names in os.walk(src):
         files += [os.path.join(root, n) for n in names if n.endswith(".rs")]
@@ -217,8 +249,14 @@ def self_test():
 
     files = {
         "lib.rs": "mod a;\nmod b;\nmod c;\n",
-        "a.rs": 'pub struct A;\nconst S: &str = "/* not a comment";\nuse crate::b::B;\n',
-        "b.rs": "pub struct B;\nuse crate::{a::A, c};\n",
+        "a.rs": (
+            "pub struct A;\n/* a /* nested */ \"c */\n"
+            'const S: &str = "/* not a comment";\n'
+            'const R: &str = r#"crate::c::C "# quote"#;\n'
+            "fn f<'a>(x: &'a str) -> char { '\"' }\n"
+            "use crate::b::B;\n"
+        ),
+        "b.rs": "pub struct B {\n    #[cfg(test)]\n    t: u8,\n    x: u8,\n}\nuse crate::{a::A, c};\n",
         "c.rs": (
             "pub struct C;\n// use crate::a::A;\nconst T: &str = \"crate::a::A\";\n"
             "#[cfg(test)]\nmod tests {\n    use crate::b::B;\n}\n"
@@ -237,6 +275,11 @@ def self_test():
             f.write("mod b;\nmod c;\n")
         top, _ = crate_graph(d)
         assert cycles(top) == [], top
+        try:
+            crate_graph(os.path.join(d, "missing"))
+            raise AssertionError("a directory with no lib.rs must fail the check")
+        except SystemExit:
+            pass
     print("module-cycles.py: self-test passed")
     return 0
 

@@ -19,6 +19,7 @@ use crate::state::NodeState;
 use crate::svid_cache::{SvidCache, renew_after};
 use crate::telemetry::Telemetry;
 use keyway_identity::lock::Recover;
+use keyway_identity::metrics::{Counter, Gauge, Registry};
 
 /// Validated `node-agent run` configuration.
 #[derive(Debug, Clone)]
@@ -178,7 +179,9 @@ async fn node_identity(cfg: &AgentConfig, bundle: Arc<TrustBundle>) -> Result<Sv
 /// Starts the agent's background tasks; returns once the node identity is
 /// established. Everything stops when `shutdown` turns true.
 pub async fn start(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<AgentHandles, AgentError> {
-    start_with_telemetry(cfg, Telemetry::new(READY_COMPONENTS), shutdown).await
+    let telemetry = Telemetry::new(READY_COMPONENTS);
+    let metrics = CoreMetrics::register(&telemetry.registry);
+    start_with_telemetry(cfg, telemetry, metrics, shutdown).await
 }
 
 /// Like [`start`], registering into `telemetry` (what the `/metrics`
@@ -187,6 +190,7 @@ pub async fn start(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<
 pub async fn start_with_telemetry(
     cfg: AgentConfig,
     telemetry: Telemetry,
+    metrics: CoreMetrics,
     shutdown: watch::Receiver<bool>,
 ) -> Result<AgentHandles, AgentError> {
     node_svid::prepare_dir(&cfg.data_dir)?;
@@ -221,7 +225,7 @@ pub async fn start_with_telemetry(
         rotations: cache.rotations(),
         telemetry,
     };
-    watch_for_telemetry(&handles, shutdown.clone());
+    watch_for_telemetry(&handles, metrics, shutdown.clone());
     let link = Link {
         cfg: cfg.clone(),
         node_svid: svid,
@@ -337,34 +341,58 @@ impl Link {
     }
 }
 
-/// The agent core's metrics, filled from what it publishes: the workload
-/// SVIDs held (their expiry, read at scrape time) and their renewals, and
-/// how current the view from Sync is. Also decides the readiness of the
-/// node SVID (held once there are handles) and of the first complete Sync.
-fn watch_for_telemetry(handles: &AgentHandles, shutdown: watch::Receiver<bool>) {
+/// The agent core's metric families: the workload SVIDs held (their
+/// expiry) and their renewals, and how current the view from Sync is.
+/// Registered before the metrics listener binds, so `/metrics` lists them
+/// while the agent is still attesting.
+#[derive(Debug, Clone)]
+pub struct CoreMetrics {
+    expiry: Gauge,
+    rotated: Counter,
+    lag: Gauge,
+    last_applied: Gauge,
+}
+
+impl CoreMetrics {
+    pub fn register(r: &Registry) -> Self {
+        Self {
+            expiry: r.gauge(
+                "keyway_svid_expiry_timestamp_seconds",
+                "When each workload X509-SVID this agent holds expires (Unix seconds).",
+                &["spiffe_id"],
+            ),
+            rotated: r.counter(
+                "keyway_svid_rotations_total",
+                "Workload X509-SVIDs renewed (replaced before expiry).",
+                &[],
+            ),
+            lag: r.gauge(
+                "keyway_sync_lag_seconds",
+                "0 while the Sync stream is connected and its last complete update is applied; \
+                 otherwise seconds since this agent's view was last known current (the connection \
+                 loss, or start-up before the first complete snapshot).",
+                &[],
+            ),
+            last_applied: r.gauge(
+                "keyway_sync_last_applied_timestamp_seconds",
+                "When the last complete Sync update was applied (Unix seconds; 0 before the first).",
+                &[],
+            ),
+        }
+    }
+}
+
+/// Fills the agent core's metrics from what it publishes (the SVIDs held
+/// are read at scrape time), and decides the readiness of the node SVID
+/// (held once there are handles) and of the first complete Sync.
+fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: watch::Receiver<bool>) {
     let r = &handles.telemetry.registry;
-    let expiry = r.gauge(
-        "keyway_svid_expiry_timestamp_seconds",
-        "When each workload X509-SVID this agent holds expires (Unix seconds).",
-        &["spiffe_id"],
-    );
-    let rotated = r.counter(
-        "keyway_svid_rotations_total",
-        "Workload X509-SVIDs renewed (replaced before expiry).",
-        &[],
-    );
-    let gauge = r.gauge(
-        "keyway_sync_lag_seconds",
-        "0 while the Sync stream is connected and its last complete update is applied; \
-         otherwise seconds since this agent's view was last known current (the connection \
-         loss, or start-up before the first complete snapshot).",
-        &[],
-    );
-    let last_applied = r.gauge(
-        "keyway_sync_last_applied_timestamp_seconds",
-        "When the last complete Sync update was applied (Unix seconds; 0 before the first).",
-        &[],
-    );
+    let CoreMetrics {
+        expiry,
+        rotated,
+        lag: gauge,
+        last_applied,
+    } = metrics;
     let readiness = handles.telemetry.readiness.clone();
     readiness.set_ready(READY_NODE_SVID);
     let svids = handles.svids.clone();

@@ -337,7 +337,13 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     if args.datapath {
         telemetry.readiness.expect(agent::READY_DATAPATH);
     }
-    // Registered either way, so /metrics lists the datapath's families.
+    // Every family is registered before the listener binds, so /metrics
+    // lists them all while the agent attests (the datapath's whether or not
+    // it runs).
+    let core_metrics = agent::CoreMetrics::register(&telemetry.registry);
+    let auth_metrics = mutual_auth::AuthMetrics::register(&telemetry.registry, telemetry.listeners.clone());
+    let stream_metrics =
+        workload_api::StreamMetrics::register(&telemetry.registry, telemetry.listeners.clone());
     let datapath_metrics = datapath::metrics::DatapathMetrics::register(&telemetry.registry);
     if let Some(address) = metrics_address {
         let listener = tokio::net::TcpListener::bind(address)
@@ -357,7 +363,8 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
     }
-    let handles = agent::start_with_telemetry(cfg.clone(), telemetry.clone(), stop_rx.clone()).await?;
+    let handles =
+        agent::start_with_telemetry(cfg.clone(), telemetry.clone(), core_metrics, stop_rx.clone()).await?;
     let mut datapath_streams = None;
     let (auth_map, signals): (Arc<dyn AuthMap>, _) = if args.datapath {
         let mut dcfg = datapath::DatapathConfig::new(&args.bpf_pin_dir, &cfg.node_name);
@@ -385,7 +392,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         (Arc::new(datapath::MemoryAuthMap::default()), None)
     };
     let mut auth_cfg = mutual_auth::MutualAuthConfig::new(&cfg.node_name);
-    auth_cfg.metrics = mutual_auth::AuthMetrics::register(&telemetry.registry, telemetry.listeners.clone());
+    auth_cfg.metrics = auth_metrics;
     let auth = mutual_auth::start(
         auth_cfg,
         auth_listener,
@@ -421,7 +428,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         telemetry.listeners.clone(),
         stop_rx.clone(),
     );
-    let server = workload_api::start(&cfg, &handles, stop_rx.clone())
+    let server = workload_api::start(&cfg, &handles, stream_metrics, stop_rx.clone())
         .with_context(|| format!("--socket: cannot serve on {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "workload API serving");
     wait_for_signal().await;

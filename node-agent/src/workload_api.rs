@@ -162,6 +162,7 @@ pub async fn serve(
 pub fn start(
     cfg: &crate::agent::AgentConfig,
     handles: &crate::agent::AgentHandles,
+    metrics: StreamMetrics,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = bind(&cfg.socket).map_err(std::io::Error::other)?;
@@ -172,10 +173,7 @@ pub fn start(
         cfg.proc_root.clone(),
         cfg.netns_dir.clone(),
     )
-    .with_metrics(StreamMetrics::register(
-        &handles.telemetry.registry,
-        handles.telemetry.listeners.clone(),
-    ));
+    .with_metrics(metrics);
     handles
         .telemetry
         .readiness

@@ -545,7 +545,12 @@ impl Agent {
         };
         let (stop, rx) = watch::channel(false);
         let handles = node_agent::agent::start(cfg.clone(), rx.clone()).await?;
-        let server = node_agent::workload_api::start(&cfg, &handles, rx).expect("serve the workload API");
+        let metrics = node_agent::workload_api::StreamMetrics::register(
+            &handles.telemetry.registry,
+            handles.telemetry.listeners.clone(),
+        );
+        let server =
+            node_agent::workload_api::start(&cfg, &handles, metrics, rx).expect("serve the workload API");
         Ok(Self {
             handles,
             server,

@@ -144,6 +144,23 @@ fn metrics_and_readiness_follow_the_events() {
             "{missing} not listed in {body:?}"
         );
     }
+    // Every family is listed while the agent attests, as after: dashboards
+    // and absent() alerts see the same names either side of attestation.
+    let text = scrape(&agent_metrics);
+    for family in [
+        "keyway_svid_expiry_timestamp_seconds",
+        "keyway_svid_rotations_total",
+        "keyway_sync_lag_seconds",
+        "keyway_handshakes_total",
+        "keyway_auth_map_entries",
+        "keyway_workload_api_streams",
+        "keyway_datapath_drops_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} not listed while the agent attests:\n{text}"
+        );
+    }
 
     // Back in place: the agent attests, syncs, serves, gets the workload's SVID.
     let cp = Binary::spawn_on(&cp_dir, &listen, &["--metrics-address", &cp_metrics]);

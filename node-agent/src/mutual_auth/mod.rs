@@ -501,8 +501,11 @@ impl Manager {
         let now = Instant::now();
         let mut targets: Vec<AuthKey> = pairs::wanted(state, &self.cfg.node_name).into_iter().collect();
         targets.extend(self.on_demand.iter().copied());
+        // A pair can be both wanted and signalled for: once.
+        let mut seen = HashSet::new();
         targets.retain(|key| {
-            !self.in_flight.contains(key)
+            seen.insert(*key)
+                && !self.in_flight.contains(key)
                 && self.records.get(key).is_none_or(|r| r.refresh_at <= now)
                 && self.backoff.get(key).is_none_or(|(_, at)| *at <= now)
         });
@@ -526,9 +529,6 @@ impl Manager {
         for key in due {
             if self.in_flight.len() >= self.cfg.max_in_flight {
                 break;
-            }
-            if self.in_flight.contains(&key) {
-                continue; // named twice: wanted and asked for by a signal
             }
             let Some(local_svid) = self.svid_for(state, svids, key.local_id).cloned() else {
                 continue;

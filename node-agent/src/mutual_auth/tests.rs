@@ -184,12 +184,15 @@ struct Harness {
     auth: Arc<MemoryAuthMap>,
     dialer: Arc<FakeDialer>,
     _accepted: mpsc::Sender<Accepted>,
-    _svids: watch::Sender<SvidSet>,
+    svids: watch::Sender<SvidSet>,
     _shutdown: watch::Sender<bool>,
 }
 
 fn start(state: NodeState, dialer: FakeDialer, max_in_flight: usize) -> Harness {
-    let ca = Ca::new();
+    start_with(&Ca::new(), state, dialer, max_in_flight)
+}
+
+fn start_with(ca: &Ca, state: NodeState, dialer: FakeDialer, max_in_flight: usize) -> Harness {
     let svids: SvidSet = Arc::new(BTreeMap::from([(
         spiffe_id(LOCAL),
         ca.svid(&spiffe_id(LOCAL), Duration::from_secs(3600)),
@@ -216,7 +219,7 @@ fn start(state: NodeState, dialer: FakeDialer, max_in_flight: usize) -> Harness 
         auth,
         dialer,
         _accepted: accepted_tx,
-        _svids: svids_tx,
+        svids: svids_tx,
         _shutdown: shutdown_tx,
     }
 }
@@ -378,5 +381,36 @@ async fn a_peer_that_never_answers_is_given_up_on_and_retried_with_backoff() {
         started.elapsed() >= handshake::TIMEOUT * 6,
         "{:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_pair_both_wanted_and_signalled_is_authenticated_once() {
+    // Peer 301 runs on this node too: the pair needs no handshake, only
+    // both SVIDs, and 301's arrives after a signal asked for the pair.
+    let mut s = state(1);
+    s.ipcache.get_mut("10.0.2.1/32").unwrap().node_id = 1;
+    let ca = Ca::new();
+    let mut h = start_with(&ca, s, FakeDialer::default(), 32);
+    h.signals
+        .send(MissingAuth {
+            key: pairs::key(LOCAL, 301, 1),
+            at_ns: 0,
+        })
+        .await
+        .unwrap();
+    h.stats.wait_for(|s| s.signals == 1).await.unwrap();
+    let mut both = (*h.svids.borrow().clone()).clone();
+    both.insert(
+        spiffe_id(301),
+        ca.svid(&spiffe_id(301), Duration::from_secs(3600)),
+    );
+    h.svids.send_replace(Arc::new(both));
+    h.entries_until("the local entry", |e| e.len() == 1).await;
+    assert_eq!(h.stats.borrow().local_auths, 1, "authenticated once");
+    assert_eq!(h.entries.borrow()[0].via, Via::Local);
+    assert!(
+        h.dialer.dials.lock().unwrap().is_empty(),
+        "no handshake for a local pair"
     );
 }
