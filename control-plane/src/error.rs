@@ -108,7 +108,10 @@ mod tests {
     fn an_internal_error_keeps_its_cause_and_tells_the_caller_only_the_message() {
         let io = std::io::Error::other("disk on fire");
         let e: ApiError = StoreError::backend_from("cannot write the issuance log", io).into();
-        assert_eq!(e.to_string(), "internal error: storage error: cannot write the issuance log");
+        assert_eq!(
+            e.to_string(),
+            "internal error: storage error: cannot write the issuance log"
+        );
         let store = std::error::Error::source(&e).expect("the store's error");
         assert_eq!(store.source().expect("the I/O error").to_string(), "disk on fire");
         let status = tonic::Status::from(e);
