@@ -27,6 +27,23 @@ impl Method {
             Method::Kubernetes => "Kubernetes service account token",
         }
     }
+
+    /// Why this control plane takes no proof of this method: the counted
+    /// reason and what to do instead.
+    pub fn off(self) -> (Refusal, &'static str) {
+        match self {
+            Method::JoinToken => (
+                Refusal::JoinTokensOff,
+                "join-token attestation is off in Kubernetes mode: agents attest with their projected \
+                 service account token (--k8s-token-file); start the control plane with \
+                 --allow-join-tokens to accept join tokens too",
+            ),
+            Method::Kubernetes => (
+                Refusal::NotKubernetes,
+                "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token",
+            ),
+        }
+    }
 }
 
 /// What a proof that holds showed.

@@ -4,55 +4,34 @@
 //! whole (an insert, a removal, a swap, a counter). A panic while one is held
 //! is a bug elsewhere, which the panic itself reports; taking every later
 //! user of the lock down with it would turn one failed task into a dead
-//! agent or control plane. So locks are taken with [`Recover`], never with
+//! agent or control plane. So locks are taken with [`Recover`] (a mutex) or
+//! [`RecoverRw`] (a read-write lock), never with
 //! `unwrap` or `expect`.
 
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Taking a lock whether or not an earlier holder panicked.
+/// Taking a mutex whether or not an earlier holder panicked.
 pub trait Recover<T: ?Sized> {
-    type Read<'a>
-    where
-        Self: 'a;
-    type Write<'a>
-    where
-        Self: 'a;
-    /// The shared (or, for a mutex, the only) guard.
-    fn read_locked(&self) -> Self::Read<'_>;
-    /// The exclusive guard.
-    fn locked(&self) -> Self::Write<'_>;
+    fn locked(&self) -> MutexGuard<'_, T>;
 }
 
 impl<T: ?Sized> Recover<T> for Mutex<T> {
-    type Read<'a>
-        = MutexGuard<'a, T>
-    where
-        T: 'a;
-    type Write<'a>
-        = MutexGuard<'a, T>
-    where
-        T: 'a;
-    fn read_locked(&self) -> MutexGuard<'_, T> {
-        self.lock().unwrap_or_else(PoisonError::into_inner)
-    }
     fn locked(&self) -> MutexGuard<'_, T> {
         self.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl<T: ?Sized> Recover<T> for RwLock<T> {
-    type Read<'a>
-        = RwLockReadGuard<'a, T>
-    where
-        T: 'a;
-    type Write<'a>
-        = RwLockWriteGuard<'a, T>
-    where
-        T: 'a;
+/// Taking a read-write lock whether or not an earlier holder panicked.
+pub trait RecoverRw<T: ?Sized> {
+    fn read_locked(&self) -> RwLockReadGuard<'_, T>;
+    fn write_locked(&self) -> RwLockWriteGuard<'_, T>;
+}
+
+impl<T: ?Sized> RecoverRw<T> for RwLock<T> {
     fn read_locked(&self) -> RwLockReadGuard<'_, T> {
         self.read().unwrap_or_else(PoisonError::into_inner)
     }
-    fn locked(&self) -> RwLockWriteGuard<'_, T> {
+    fn write_locked(&self) -> RwLockWriteGuard<'_, T> {
         self.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -74,7 +53,7 @@ mod tests {
         .join();
         assert!(m.is_poisoned() && r.is_poisoned());
         *m.locked() += 1;
-        *r.locked() += 1;
-        assert_eq!((*m.read_locked(), *r.read_locked()), (2, 2));
+        *r.write_locked() += 1;
+        assert_eq!((*m.locked(), *r.read_locked()), (2, 2));
     }
 }

@@ -349,7 +349,7 @@ impl Link {
 pub struct CoreMetrics {
     expiry: Gauge,
     rotated: Counter,
-    lag: Gauge,
+    sync_lag: Gauge,
     last_applied: Gauge,
 }
 
@@ -366,7 +366,7 @@ impl CoreMetrics {
                 "Workload X509-SVIDs renewed (replaced before expiry).",
                 &[],
             ),
-            lag: r.gauge(
+            sync_lag: r.gauge(
                 "keyway_sync_lag_seconds",
                 "0 while the Sync stream is connected and its last complete update is applied; \
                  otherwise seconds since this agent's view was last known current (the connection \
@@ -390,7 +390,7 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
     let CoreMetrics {
         expiry,
         rotated,
-        lag: gauge,
+        sync_lag,
         last_applied,
     } = metrics;
     let readiness = handles.telemetry.readiness.clone();
@@ -433,7 +433,7 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
         let lag = lag.clone();
         move || {
             let secs = lag.locked().seconds(std::time::Instant::now());
-            gauge.set(&[], secs);
+            sync_lag.set(&[], secs);
         }
     });
     let mut state = handles.state.clone();

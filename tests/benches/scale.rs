@@ -746,8 +746,6 @@ async fn run_scenario(
         drop(ops);
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let mut latencies = latencies;
-    latencies.sort();
     fig.p50 = percentile(&latencies, 0.50);
     fig.p99 = percentile(&latencies, 0.99);
     let writes_after = keyway_writes().await;

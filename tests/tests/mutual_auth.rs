@@ -135,6 +135,31 @@ async fn forged_or_wrong_identity_peers_never_produce_an_entry() {
     let on_b = pairs::key(m.api, m.frontend, m.node_a);
     m.b.wait_entries("the legitimate entry", Duration::from_secs(15), |e| has(e, on_b))
         .await;
+    // Settled first: a holds its entry too, neither agent has a handshake in
+    // flight, and b has counted every answer to a's dials. Then b answers
+    // nobody but the attempts below (a's own dial could otherwise land
+    // after b's entry and be counted as one of them).
+    let on_a = pairs::key(m.frontend, m.api, m.node_b);
+    m.a.wait_entries("a's entry", Duration::from_secs(15), |e| has(e, on_a))
+        .await;
+    let (mut a_stats, mut b_stats) = (m.a.mutual.stats.clone(), m.b.mutual.stats.clone());
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let (a, b) = (
+                a_stats.borrow_and_update().clone(),
+                b_stats.borrow_and_update().clone(),
+            );
+            if a.in_flight == 0 && b.in_flight == 0 && b.answered >= a.handshakes_ok {
+                break;
+            }
+            tokio::select! {
+                _ = a_stats.changed() => {}
+                _ = b_stats.changed() => {}
+            }
+        }
+    })
+    .await
+    .expect("both agents settled");
     let answered_before = m.b.mutual.stats.borrow().answered;
     let addr = m.b.mutual.listen;
     let bundle = watch::channel(m.cp.bundle()).1;

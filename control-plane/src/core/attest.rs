@@ -50,24 +50,8 @@ impl ControlPlane {
     ) -> Result<NodeSvid, ApiError> {
         let started = std::time::Instant::now();
         let Some(attestor) = self.inner.attestors[method as usize].get() else {
-            return Err(match method {
-                Method::JoinToken => self.refuse(
-                    Refusal::JoinTokensOff,
-                    ApiError::FailedPrecondition(
-                        "join-token attestation is off in Kubernetes mode: agents attest with their projected \
-                         service account token (--k8s-token-file); start the control plane with \
-                         --allow-join-tokens to accept join tokens too"
-                            .into(),
-                    ),
-                ),
-                Method::Kubernetes => self.refuse(
-                    Refusal::NotKubernetes,
-                    ApiError::FailedPrecondition(
-                        "this control plane does not run in Kubernetes mode (--kubernetes); attest with a join token"
-                            .into(),
-                    ),
-                ),
-            });
+            let (reason, why) = method.off();
+            return Err(self.refuse(reason, ApiError::FailedPrecondition(why.into())));
         };
         let bad = |e: String| self.refuse(Refusal::BadRequest, ApiError::InvalidArgument(e));
         spiffe_id::check_name("node name", node).map_err(|e| bad(e.to_string()))?;
@@ -105,21 +89,13 @@ impl ControlPlane {
         };
         self.refresh_registry().await?;
         self.inner.metrics.issued(IssuedKind::Node, started);
-        match &attested.pod {
-            Some(pod) => info!(
-                node,
-                node_id = node_rec.node_id,
-                pod = %pod,
-                "node attested with a {}",
-                method.describe()
-            ),
-            None => info!(
-                node,
-                node_id = node_rec.node_id,
-                "node attested with a {}",
-                method.describe()
-            ),
-        }
+        info!(
+            node,
+            node_id = node_rec.node_id,
+            pod = attested.pod.as_ref().map(tracing::field::display),
+            "node attested with a {}",
+            method.describe()
+        );
         Ok(NodeSvid {
             spiffe_id: id,
             issued,

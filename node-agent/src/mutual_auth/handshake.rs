@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use keyway_common::AuthKey;
-use keyway_identity::lock::Recover;
+use keyway_identity::lock::RecoverRw;
 use keyway_identity::tls::{BundleWatch, PeerMatch, SpiffeClientVerifier, SpiffeServerVerifier, provider};
 use keyway_identity::{SpiffeId, Svid, x509};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -129,7 +129,7 @@ pub struct LocalCerts {
 
 impl LocalCerts {
     pub fn replace(&self, table: HashMap<u32, Arc<CertifiedKey>>) {
-        *self.by_identity.locked() = table;
+        *self.by_identity.write_locked() = table;
     }
 
     pub fn get(&self, id: u32) -> Option<Arc<CertifiedKey>> {

@@ -116,6 +116,8 @@ pub struct AuthStats {
     pub answered: u64,
     pub flushed: u64,
     pub signals: u64,
+    /// Handshakes dialled and not finished yet (a gauge, not a counter).
+    pub in_flight: u64,
 }
 
 #[derive(Debug)]
@@ -460,7 +462,6 @@ impl Manager {
     /// (the workload, identity, node, SVID or policy went away), and forgets
     /// on-demand requests and backoffs for pairs no longer justified.
     fn collect(&mut self, state: &NodeState) {
-        let node = self.cfg.node_name.clone();
         let now_ns = monotonic_ns();
         let doomed: Vec<(AuthKey, &'static str)> = self
             .records
@@ -489,9 +490,9 @@ impl Manager {
             }
         }
         self.on_demand
-            .retain(|k| pairs::unjustified(state, &node, k).is_none() && !self.records.contains_key(k));
+            .retain(|k| self.view.unjustified(state, k).is_none() && !self.records.contains_key(k));
         self.backoff
-            .retain(|k, _| pairs::unjustified(state, &node, k).is_none());
+            .retain(|k, _| self.view.unjustified(state, k).is_none());
     }
 
     /// Refresh: the pairs to authenticate now, the wanted ones and those a
@@ -499,7 +500,7 @@ impl Manager {
     /// jittered refresh point) or backing off after a failure.
     fn due(&self, state: &NodeState) -> Vec<AuthKey> {
         let now = Instant::now();
-        let mut targets: Vec<AuthKey> = pairs::wanted(state, &self.cfg.node_name).into_iter().collect();
+        let mut targets: Vec<AuthKey> = self.view.wanted(state).into_iter().collect();
         targets.extend(self.on_demand.iter().copied());
         // A pair can be both wanted and signalled for: once.
         let mut seen = HashSet::new();
@@ -525,7 +526,7 @@ impl Manager {
         tasks: &mut JoinSet<Outcome>,
     ) {
         let node = self.cfg.node_name.clone();
-        let my_node = pairs::local_node_id(state, &node);
+        let my_node = self.view.local_node_id();
         for key in due {
             if self.in_flight.len() >= self.cfg.max_in_flight {
                 break;
@@ -688,6 +689,7 @@ impl Manager {
     /// Stats first: whoever wakes on a changed entry list sees the counters
     /// that go with it.
     fn publish(&mut self) {
+        self.stats.in_flight = self.in_flight.len() as u64;
         self.stats_tx.send_if_modified(|s| {
             let changed = *s != self.stats;
             if changed {

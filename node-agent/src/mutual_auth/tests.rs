@@ -127,6 +127,14 @@ struct FakeDialer {
 }
 
 impl FakeDialer {
+    /// Answers every dial with an entry valid for `valid`.
+    fn answering(valid: Duration) -> Self {
+        Self {
+            valid: Some(valid),
+            ..Default::default()
+        }
+    }
+
     fn dials_of(&self, key: AuthKey) -> usize {
         self.dials.lock().unwrap().iter().filter(|k| **k == key).count()
     }
@@ -281,14 +289,7 @@ async fn a_signal_storm_dials_each_pair_once_at_a_time_within_the_in_flight_cap(
 
 #[tokio::test(start_paused = true)]
 async fn an_entry_is_refreshed_before_it_expires() {
-    let mut h = start(
-        state(1),
-        FakeDialer {
-            valid: Some(Duration::from_secs(100)),
-            ..Default::default()
-        },
-        32,
-    );
+    let mut h = start(state(1), FakeDialer::answering(Duration::from_secs(100)), 32);
     h.entries_until("the first entry", |e| e.len() == 1).await;
     let first = h.entries.borrow()[0].authenticated_at;
     assert_eq!(h.dialer.dials_of(pair(301)), 1);
@@ -318,14 +319,7 @@ async fn an_entry_is_refreshed_before_it_expires() {
 
 #[tokio::test(start_paused = true)]
 async fn an_entry_is_flushed_when_its_peer_is_revoked() {
-    let mut h = start(
-        state(2),
-        FakeDialer {
-            valid: Some(Duration::from_secs(600)),
-            ..Default::default()
-        },
-        32,
-    );
+    let mut h = start(state(2), FakeDialer::answering(Duration::from_secs(600)), 32);
     h.entries_until("both entries", |e| e.len() == 2).await;
     // The peer identity 302 is revoked: gone from the node's view.
     let mut revoked = state(2);
