@@ -753,7 +753,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file } => documents(socket, &file, Documents::Apply).await,
         Command::Delete { file } => documents(socket, &file, Documents::Delete).await,
         Command::Crd => {
-            print!("{}", crate::kubernetes::crd::crd_yaml());
+            print!("{}", crate::crd::crd_yaml());
             Ok(())
         }
         Command::Node(NodeCommand::Revoke { name }) => {

@@ -1,7 +1,7 @@
 //! Standalone-mode documents: `Workload` (DESIGN.md section 9) and
 //! `KeywayNetworkPolicy` (section 4) parsed and validated into store records.
-//! Kubernetes mode produces the same records from Pods and the policy CRD
-//! ([`policy_spec`] reads the CRD's spec either way).
+//! Kubernetes mode produces the same records from Pods and the policy CRD; a
+//! policy document's spec is read into the CRD's own types ([`policy_spec`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,10 +9,8 @@ use std::net::IpAddr;
 use keyway_identity::{TrustDomain, spiffe_id};
 use serde::Deserialize;
 
-use crate::model::policy::{
-    AuthMode, Direction, Entity, NAMESPACE_LABEL, Operator, PolicySpec, PortProtocol, Protocol, Requirement,
-    Rule, SERVICE_ACCOUNT_LABEL, Selector,
-};
+use crate::crd;
+use crate::model::policy::{Direction, InvalidSpec, PolicySpec};
 use crate::model::{DocumentKind, DocumentRef, PolicyRecord, WorkloadRecord};
 
 pub const API_VERSION: &str = "keyway.dev/v1alpha1";
@@ -247,345 +245,98 @@ fn network_policy(n: usize, doc: Document) -> Result<PolicyRecord, String> {
     })
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawPolicySpec {
-    endpoint_selector: Option<serde_yaml::Value>,
-    ingress: Option<Vec<serde_yaml::Value>>,
-    egress: Option<Vec<serde_yaml::Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawRule {
-    authentication: Option<serde_yaml::Value>,
-    from_endpoints: Option<Vec<serde_yaml::Value>>,
-    to_endpoints: Option<Vec<serde_yaml::Value>>,
-    from_entities: Option<Vec<String>>,
-    to_entities: Option<Vec<String>>,
-    to_ports: Option<Vec<serde_yaml::Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuthentication {
-    mode: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPortRule {
-    ports: Option<Vec<serde_yaml::Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawPort {
-    port: Option<serde_yaml::Value>,
-    end_port: Option<serde_yaml::Value>,
-    protocol: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawSelector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    match_expressions: Vec<serde_yaml::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRequirement {
-    key: String,
-    operator: String,
-    #[serde(default)]
-    values: Vec<String>,
-}
-
-/// Deserializes one level of the spec, naming its path in the error.
-fn level<T: for<'de> Deserialize<'de>>(path: &str, value: serde_yaml::Value) -> Result<T, String> {
-    serde_yaml::from_value(value).map_err(|e| format!("{path}: {e}"))
-}
-
-/// Validates a KeywayNetworkPolicy spec (the same shape as a
-/// CiliumNetworkPolicy's, restricted to what Keyway enforces). Errors name
-/// the field, e.g. `spec.ingress[0].toPorts[0].ports[0].port`.
-pub fn policy_spec(spec: serde_yaml::Value) -> Result<PolicySpec, String> {
+/// Reads a KeywayNetworkPolicy document's spec into the CRD's types (the one
+/// raw shape, [`crate::crd`]) and validates it. Errors name the field, e.g.
+/// `spec.ingress[0].toPorts[0].ports[0].port`. The API server prunes fields
+/// its schema does not know; a document has no such guard, so a field the
+/// CRD does not have is refused here, which turns a typo (`fromEndpoint`)
+/// into an error instead of a rule that silently allows more.
+pub fn policy_spec(spec: serde_yaml::Value) -> Result<PolicySpec, InvalidSpec> {
     if spec.is_null() {
-        return Err("spec is missing".into());
+        return Err(InvalidSpec("spec is missing".into()));
     }
-    let raw: RawPolicySpec = level("spec", spec)?;
-    let endpoint_selector = match raw.endpoint_selector {
-        Some(v) => selector("spec.endpointSelector", v)?,
-        None => {
-            return Err(
-                "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
-                    .into(),
-            );
-        }
-    };
-    let rules = |direction: Direction, list: Option<Vec<serde_yaml::Value>>| {
-        list.map(|list| {
-            list.into_iter()
-                .enumerate()
-                .map(|(i, v)| rule(&format!("spec.{}[{i}]", direction.name()), direction, v))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()
-    };
-    Ok(PolicySpec {
-        endpoint_selector,
-        ingress: rules(Direction::Ingress, raw.ingress)?,
-        egress: rules(Direction::Egress, raw.egress)?,
-    })
-}
-
-fn rule(path: &str, direction: Direction, value: serde_yaml::Value) -> Result<Rule, String> {
-    let raw: RawRule = level(path, value)?;
-    let (peers, other_peers, entities, other_entities) = match direction {
-        Direction::Ingress => ("fromEndpoints", "toEndpoints", "fromEntities", "toEntities"),
-        Direction::Egress => ("toEndpoints", "fromEndpoints", "toEntities", "fromEntities"),
-    };
-    let (endpoints, wrong_endpoints, entity_names, wrong_entities) = match direction {
-        Direction::Ingress => (
-            raw.from_endpoints,
-            raw.to_endpoints,
-            raw.from_entities,
-            raw.to_entities,
-        ),
-        Direction::Egress => (
-            raw.to_endpoints,
-            raw.from_endpoints,
-            raw.to_entities,
-            raw.from_entities,
-        ),
-    };
-    let dir = direction.name();
-    if wrong_endpoints.is_some() {
-        return Err(format!(
-            "{path}.{other_peers}: not allowed in an {dir} rule; an {dir} rule names its peers with {peers}"
-        ));
-    }
-    if wrong_entities.is_some() {
-        return Err(format!(
-            "{path}.{other_entities}: not allowed in an {dir} rule; an {dir} rule names its peers with {entities}"
-        ));
-    }
-    let authentication = match raw.authentication {
-        None => AuthMode::Disabled,
-        Some(v) => {
-            let auth: RawAuthentication = level(&format!("{path}.authentication"), v)?;
-            match auth.mode.as_deref() {
-                Some("required") => AuthMode::Required,
-                Some("disabled") => AuthMode::Disabled,
-                Some(other) => {
-                    return Err(format!(
-                        "{path}.authentication.mode: {other:?} is not a mode; use required or disabled"
-                    ));
-                }
-                None => {
-                    return Err(format!(
-                        "{path}.authentication.mode is missing; use required or disabled"
-                    ));
-                }
-            }
-        }
-    };
-    let endpoints = endpoints
-        .map(|list| {
-            list.into_iter()
-                .enumerate()
-                .map(|(i, v)| selector(&format!("{path}.{peers}[{i}]"), v))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    let entities = entity_names
-        .map(|list| {
-            list.iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    Entity::parse(e).ok_or_else(|| {
-                        format!(
-                            "{path}.{entities}[{i}]: {e:?} is not a supported entity; use one of {}",
-                            Entity::NAMES
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    let ports = raw
-        .to_ports
-        .map(|list| ports(&format!("{path}.toPorts"), list))
-        .transpose()?;
-    Ok(Rule {
-        authentication,
-        endpoints,
-        entities,
-        ports,
-    })
-}
-
-fn ports(path: &str, list: Vec<serde_yaml::Value>) -> Result<Vec<PortProtocol>, String> {
-    if list.is_empty() {
-        return Err(format!(
-            "{path} is empty; list ports, or leave toPorts out to allow every port and protocol"
-        ));
-    }
-    let mut out = Vec::new();
-    for (i, v) in list.into_iter().enumerate() {
-        let path = format!("{path}[{i}]");
-        let rule: RawPortRule = level(&path, v)?;
-        let items = rule.ports.unwrap_or_default();
-        if items.is_empty() {
-            return Err(format!(
-                "{path}.ports is missing or empty; list at least one port"
-            ));
-        }
-        for (j, v) in items.into_iter().enumerate() {
-            let path = format!("{path}.ports[{j}]");
-            let raw: RawPort = level(&path, v)?;
-            let protocol = match raw.protocol.as_deref() {
-                None => Protocol::Any,
-                Some(p) => Protocol::parse(p).ok_or_else(|| {
-                    format!(
-                        "{path}.protocol: {p:?} is not a supported protocol; use {}",
-                        Protocol::NAMES
-                    )
-                })?,
-            };
-            // As in Cilium: a port left out, or "0", is every port.
-            let port = raw
-                .port
-                .map(|p| port_number(&format!("{path}.port"), p))
-                .transpose()?
-                .unwrap_or(0);
-            if protocol == Protocol::Icmp && port != 0 {
-                return Err(format!("{path}.port: ICMP has no ports; leave port out"));
-            }
-            let end_port = raw
-                .end_port
-                .map(|p| port_number(&format!("{path}.endPort"), p))
-                .transpose()?;
-            if let Some(end) = end_port {
-                if port == 0 || protocol == Protocol::Icmp {
-                    return Err(format!(
-                        "{path}.endPort: a range needs a start port (port) and a protocol with ports"
-                    ));
-                }
-                if end < port {
-                    return Err(format!("{path}.endPort: {end} is below port {port}"));
-                }
-            }
-            out.push(PortProtocol {
-                port,
-                end_port,
-                protocol,
-            });
-        }
-    }
-    Ok(out)
-}
-
-fn port_number(path: &str, value: serde_yaml::Value) -> Result<u16, String> {
-    let parsed = match &value {
-        serde_yaml::Value::String(s) => s.parse::<u16>().ok(),
-        serde_yaml::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-        _ => None,
-    };
-    match parsed {
-        Some(p) => Ok(p),
-        _ => {
-            let shown = match &value {
-                serde_yaml::Value::String(s) => format!("{s:?}"),
-                other => serde_yaml::to_string(other).unwrap_or_default().trim().to_owned(),
-            };
-            Err(format!(
-                "{path}: {shown} is not a port number (0-65535, 0 meaning every port; named ports are not supported)"
-            ))
-        }
-    }
-}
-
-/// A label selector key in its stored form: `k8s:` (or `any:`) dropped.
-fn selector_key(path: &str, key: &str) -> Result<String, String> {
-    let plain = key
-        .strip_prefix("k8s:")
-        .or_else(|| key.strip_prefix("any:"))
-        .unwrap_or(key);
-    if plain.starts_with("reserved:") || key.starts_with("reserved:") {
-        return Err(format!(
-            "{path}: {key:?}: reserved identities are selected with fromEntities/toEntities ({})",
-            Entity::NAMES
-        ));
-    }
-    if plain.is_empty() || plain.contains(':') || plain.len() > 317 {
-        return Err(format!(
-            "{path}: {key:?} is not a label key (use KEY, k8s:KEY, k8s:{NAMESPACE_LABEL} or k8s:{SERVICE_ACCOUNT_LABEL})"
-        ));
-    }
-    Ok(plain.to_owned())
-}
-
-fn selector(path: &str, value: serde_yaml::Value) -> Result<Selector, String> {
-    if value.is_null() {
-        return Ok(Selector::default());
-    }
-    let raw: RawSelector = level(path, value)?;
-    let mut match_labels = BTreeMap::new();
-    for (k, v) in raw.match_labels {
-        let key = selector_key(&format!("{path}.matchLabels"), &k)?;
-        if let Some(previous) = match_labels.insert(key.clone(), v.clone())
-            && previous != v
-        {
-            return Err(format!(
-                "{path}.matchLabels: {key:?} is given twice with different values"
-            ));
-        }
-    }
-    let mut match_expressions = Vec::new();
-    for (i, v) in raw.match_expressions.into_iter().enumerate() {
-        let path = format!("{path}.matchExpressions[{i}]");
-        let raw: RawRequirement = level(&path, v)?;
-        let key = selector_key(&format!("{path}.key"), &raw.key)?;
-        let operator = match raw.operator.as_str() {
-            "In" => Operator::In,
-            "NotIn" => Operator::NotIn,
-            "Exists" => Operator::Exists,
-            "DoesNotExist" => Operator::DoesNotExist,
-            other => {
-                return Err(format!(
-                    "{path}.operator: {other:?} is not an operator; use In, NotIn, Exists or DoesNotExist"
-                ));
-            }
-        };
-        match operator {
-            Operator::In | Operator::NotIn if raw.values.is_empty() => {
-                return Err(format!(
-                    "{path}.values: {} needs at least one value",
-                    raw.operator
-                ));
-            }
-            Operator::Exists | Operator::DoesNotExist if !raw.values.is_empty() => {
-                return Err(format!("{path}.values: {} takes no values", raw.operator));
-            }
-            _ => {}
-        }
-        let mut values = raw.values;
-        values.sort();
-        values.dedup();
-        match_expressions.push(Requirement {
-            key,
-            operator,
-            values,
+    let lacks_selector = spec
+        .as_mapping()
+        .is_some_and(|m| !m.contains_key("endpointSelector"));
+    let mut unknown = None;
+    let mut track = serde_path_to_error::Track::new();
+    let read: Result<crd::KeywayNetworkPolicySpec, _> =
+        serde_ignored::deserialize(serde_path_to_error::Deserializer::new(spec, &mut track), |path| {
+            unknown.get_or_insert_with(|| unknown_field(&path));
         });
+    if let Some(refused) = unknown {
+        return Err(refused);
     }
-    Ok(Selector {
-        match_labels,
-        match_expressions,
-    })
+    match read {
+        Ok(raw) => PolicySpec::try_from(&raw),
+        Err(_) if lacks_selector => Err(InvalidSpec(
+            "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
+                .into(),
+        )),
+        Err(e) => {
+            let at = track.path().to_string();
+            let at = if at == "." { "spec".to_owned() } else { format!("spec.{at}") };
+            Err(InvalidSpec(format!("{at}: {e}")))
+        }
+    }
+}
+
+/// The refusal of a field the CRD does not have, at `path`. A rule naming
+/// its peers for the other direction (`toEndpoints` in an ingress rule) is
+/// told which field it meant.
+fn unknown_field(path: &serde_ignored::Path<'_>) -> InvalidSpec {
+    fn segments(path: &serde_ignored::Path<'_>, out: &mut Vec<String>) {
+        use serde_ignored::Path;
+        match path {
+            Path::Root => {}
+            Path::Seq { parent, index } => {
+                segments(parent, out);
+                out.push(format!("[{index}]"));
+            }
+            Path::Map { parent, key } => {
+                segments(parent, out);
+                out.push(format!(".{key}"));
+            }
+            Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+                segments(parent, out)
+            }
+        }
+    }
+    let mut parts = Vec::new();
+    segments(path, &mut parts);
+    let key = parts.pop().unwrap_or_default();
+    let key = key.trim_start_matches('.');
+    let parent = format!("spec{}", parts.concat());
+    let rule_of = |direction: Direction| {
+        parts.len() == 2 && parts[0] == format!(".{}", direction.name()) && parts[1].starts_with('[')
+    };
+    for (direction, peers, entities, wrong) in [
+        (
+            Direction::Ingress,
+            "fromEndpoints",
+            "fromEntities",
+            ["toEndpoints", "toEntities"],
+        ),
+        (
+            Direction::Egress,
+            "toEndpoints",
+            "toEntities",
+            ["fromEndpoints", "fromEntities"],
+        ),
+    ] {
+        if rule_of(direction) && wrong.contains(&key) {
+            let dir = direction.name();
+            let right = if key.ends_with("Endpoints") {
+                peers
+            } else {
+                entities
+            };
+            return InvalidSpec(format!(
+                "{parent}.{key}: not allowed in an {dir} rule; an {dir} rule names its peers with {right}"
+            ));
+        }
+    }
+    InvalidSpec(format!("{parent}: unknown field `{key}`"))
 }
 
 /// Selectors say how the node agent recognises a caller of the Workload API.
@@ -607,6 +358,9 @@ fn check_selector(s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::policy::{
+        AuthMode, Entity, NAMESPACE_LABEL, Operator, PortProtocol, Protocol, SERVICE_ACCOUNT_LABEL,
+    };
     use std::time::Duration;
 
     fn td() -> TrustDomain {
@@ -912,5 +666,40 @@ spec:
         assert!(policy_err(&no_selector).contains("spec.endpointSelector is missing"));
         let twice = format!("{POLICY}---{POLICY}");
         assert!(policy_err(&twice).contains("appears twice"));
+    }
+
+    /// The API server prunes what its schema does not know; a document has
+    /// no API server, so a field the CRD lacks is refused at any depth (a
+    /// misspelt `values` would otherwise leave an `In` with no values, or a
+    /// misspelt peer list a rule that allows every peer).
+    #[test]
+    fn a_field_the_crd_does_not_have_is_refused_at_any_depth_and_type_errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "matchLabels: { app: frontend }",
+                "matchExpressions: [{ key: app, operator: In, value: [x] }]",
+            ),
+            ("protocol: TCP", "protocol: TCP, hostPort: 1"),
+            ("mode: required", "mode: required, level: 2"),
+        ];
+        let want = [
+            "spec.ingress[0].fromEndpoints[0].matchExpressions[0]: unknown field `value`",
+            "spec.ingress[0].toPorts[0].ports[0]: unknown field `hostPort`",
+            "spec.ingress[0].authentication: unknown field `level`",
+        ];
+        for ((from, to), want) in cases.iter().zip(want) {
+            let e = policy_err(&POLICY.replacen(from, to, 1));
+            assert!(e.contains(want), "{to}: {e:?} does not mention {want:?}");
+        }
+        let e = policy_err(&POLICY.replacen("port: \"8080\"", "port: [8080]", 1));
+        assert!(
+            e.contains("spec.ingress[0].toPorts[0].ports[0].port: invalid type: sequence"),
+            "{e:?}"
+        );
+        let e = policy_err(&POLICY.replacen("{ app: frontend }", "{ app: [frontend] }", 1));
+        assert!(
+            e.contains("spec.ingress[0].fromEndpoints[0].matchLabels.app: invalid type"),
+            "{e:?}"
+        );
     }
 }

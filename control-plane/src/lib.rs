@@ -5,8 +5,10 @@
 //! Module map, roughly from the leaves up (`make lint` fails on a cycle
 //! between modules; `scripts/module-cycles.py --graph control-plane/src`
 //! prints the graph):
-//! - `model` (the records the control plane stores and reads, and the
-//!   validated policy they carry: a leaf), `clock` (wall-clock seconds, read
+//! - `crd` (the KeywayNetworkPolicy resource: the one raw shape of a policy,
+//!   a leaf), `model` (the records the control plane stores and reads, and
+//!   the validated policy they carry, made from `crd`'s spec by `TryFrom`),
+//!   `clock` (wall-clock seconds, read
 //!   in one place), `error` (`ApiError`), `config`, `metrics` (Prometheus
 //!   families and readiness), `rate_limit`;
 //! - `ca` (authorities, issuance, rotation schedule), `jwt`, `csr` (CA-side
@@ -19,7 +21,8 @@
 //!   registration, `issue` SVIDs, CA `rotation`, the `registry` of workloads,
 //!   identities and policies, published as a `sync::Cluster`), then what
 //!   drives it: `agent_api` and `admin` (the gRPC servers), `kubernetes`
-//!   (watch caches, leader election, the service-account-token attestor),
+//!   (watch caches, the NetworkPolicy translator, leader election, the
+//!   service-account-token attestor),
 //!   `cli`.
 
 pub mod admin;
@@ -30,6 +33,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod crd;
 pub mod csr;
 pub mod documents;
 pub mod error;

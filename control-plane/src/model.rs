@@ -1,7 +1,8 @@
 //! The control plane's data: the records it stores and reads (workloads,
 //! identities, nodes, join tokens, the CA, the issuance log) and the
-//! validated policy they carry ([`policy`]). A leaf: the store, the policy
-//! compiler, the registry and the core all use it, and it uses none of them.
+//! validated policy they carry ([`policy`]), made from the raw shape in
+//! [`crate::crd`]. Near the leaves: the store, the policy compiler, the
+//! registry and the core all use it, and it uses none of them.
 
 pub mod policy;
 

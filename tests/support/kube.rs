@@ -338,7 +338,7 @@ pub async fn install_crd(client: &kube::Client) {
     use kube::CustomResourceExt;
     use kube::api::ListParams;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = control_plane::kubernetes::crd::KeywayNetworkPolicy::crd();
+    let crd = control_plane::crd::KeywayNetworkPolicy::crd();
     crds.patch(
         crd.metadata.name.as_deref().expect("name"),
         &PatchParams::apply("keyway-tests").force(),
@@ -346,7 +346,7 @@ pub async fn install_crd(client: &kube::Client) {
     )
     .await
     .expect("install the KeywayNetworkPolicy CRD");
-    let policies: Api<control_plane::kubernetes::crd::KeywayNetworkPolicy> = Api::all(client.clone());
+    let policies: Api<control_plane::crd::KeywayNetworkPolicy> = Api::all(client.clone());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // Polled: the apiserver says nothing when it starts serving a new type.
     while policies.list(&ListParams::default().limit(1)).await.is_err() {

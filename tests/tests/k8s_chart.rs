@@ -538,7 +538,7 @@ fn the_chart_crd_is_the_one_generated_from_the_rust_types() {
     let path = chart_dir().join("crds/keywaynetworkpolicies.yaml");
     let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
-        committed == control_plane::kubernetes::crd::crd_yaml(),
+        committed == control_plane::crd::crd_yaml(),
         "{} differs from the KeywayNetworkPolicy Rust types; regenerate it with \
          `cargo build -p control-plane && ./target/debug/control-plane crd > charts/keyway/crds/keywaynetworkpolicies.yaml`",
         path.display()

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use control_plane::kubernetes::crd::KeywayNetworkPolicy;
+use control_plane::crd::KeywayNetworkPolicy;
 use control_plane::store::Store;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;

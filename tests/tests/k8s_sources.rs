@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use control_plane::kubernetes::crd::KeywayNetworkPolicy;
+use control_plane::crd::KeywayNetworkPolicy;
 use control_plane::kubernetes::{Options as K8sOptions, start as start_kubernetes};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use keyway_tests::kube::{PodSpecOpts, cluster, create_node, create_pod, delete_pod, unique};

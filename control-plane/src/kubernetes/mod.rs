@@ -4,8 +4,8 @@
 //! attestation, and leader election between replicas.
 
 pub mod attest;
-pub mod crd;
 pub mod leader;
+pub mod network_policy;
 pub mod source;
 
 use std::collections::BTreeMap;

@@ -2,12 +2,13 @@
 //!
 //! Watchers (kube-runtime reflectors) keep a cache of Pods, ServiceAccounts,
 //! Namespaces, Nodes, networking.k8s.io NetworkPolicies and
-//! KeywayNetworkPolicies. Whenever any of them changes, [`desired`] turns the
-//! caches into the same records standalone `control-plane apply` stores
-//! ([`WorkloadRecord`], [`PolicyRecord`]), and the control plane reconciles
-//! the store to them ([`ControlPlane::reconcile`]). From the store on there is
-//! one code path for both modes: identities, placement, policy compilation
-//! and the per-node sync deltas.
+//! KeywayNetworkPolicies. Each change turns what it touched into the same
+//! records standalone `control-plane apply` stores ([`WorkloadRecord`],
+//! [`PolicyRecord`]; a NetworkPolicy through [`super::network_policy`]), and
+//! the control plane applies them as a batch of changes
+//! ([`SourcedChanges`]). From there on there is one code path for both
+//! modes: identities, placement, policy compilation and the per-node sync
+//! deltas.
 //!
 //! A pod is a workload when it is bound to a node that exists, its service
 //! account exists, and it has not finished (phase Succeeded or Failed). So
@@ -24,29 +25,21 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as K8sSelector;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keyway_identity::{TrustDomain, spiffe_id};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde_yaml::{Mapping, Value};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
+use super::network_policy::{NETWORK_POLICY_PREFIX, network_policy};
 use crate::core::{ControlPlane, SourcedChanges};
-use crate::documents::policy_spec;
-use crate::model::policy::NAMESPACE_LABELS_PREFIX;
+use crate::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
+use crate::model::policy::{NAMESPACE_LABELS_PREFIX, PolicySpec};
 use crate::model::{PolicyRecord, WorkloadRecord};
 use keyway_identity::lock::Recover;
-
-/// Prefix of the store names of policies that come from a networking.k8s.io
-/// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
-/// never collide with a KeywayNetworkPolicy of the same name.
-pub const NETWORK_POLICY_PREFIX: &str = "networkpolicy:";
 
 /// The condition type Keyway sets on every KeywayNetworkPolicy.
 pub const CONDITION_VALID: &str = "Valid";
@@ -116,9 +109,7 @@ fn condition_fields(result: &Result<(), PolicyRefusal>) -> (&'static str, &'stat
 fn keyway_policy(knp: &KeywayNetworkPolicy) -> (Option<PolicyRecord>, StatusUpdate) {
     let namespace = knp.namespace().unwrap_or_default();
     let name = knp.name_any();
-    let result = serde_yaml::to_value(&knp.spec)
-        .map_err(|e| e.to_string())
-        .and_then(policy_spec);
+    let result = PolicySpec::try_from(&knp.spec);
     let current = knp
         .status
         .as_ref()
@@ -130,7 +121,7 @@ fn keyway_policy(knp: &KeywayNetworkPolicy) -> (Option<PolicyRecord>, StatusUpda
         result: result
             .as_ref()
             .map(|_| ())
-            .map_err(|e| PolicyRefusal::InvalidSpec(e.clone())),
+            .map_err(|e| PolicyRefusal::InvalidSpec(e.to_string())),
         current,
     };
     let record = result.ok().map(|spec| PolicyRecord {
@@ -214,180 +205,6 @@ fn workload(pod: &SlimPod, td: &TrustDomain, lookups: &Lookups<'_>) -> Option<Wo
         identity: 0,
         spiffe_id: spiffe_id.to_string(),
     })
-}
-
-/// A networking.k8s.io NetworkPolicy as a KeywayNetworkPolicy spec (without
-/// authentication), validated by the same [`policy_spec`].
-///
-/// - `podSelector` selects endpoints in the policy's namespace.
-/// - A peer's `namespaceSelector` matches namespace labels (carried on every
-///   workload as `io.kubernetes.pod.namespace.labels.<key>`); `{}` means every
-///   namespace. Without it a peer's `podSelector` picks from the policy's
-///   namespace.
-/// - An absent or empty `from`/`to` allows every peer; absent `ports` every port.
-/// - `ipBlock` peers and named ports are not enforced (Keyway matches
-///   identities, not CIDRs, and a pod's named ports are not in its identity):
-///   such a peer or port is left out, which fails closed.
-pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, String> {
-    let namespace = np.namespace().unwrap_or_default();
-    let name = np.name_any();
-    let spec = np.spec.as_ref().ok_or("spec is missing")?;
-    let mut out = Mapping::new();
-    out.insert(
-        "endpointSelector".into(),
-        selector_value(spec.pod_selector.as_ref(), None),
-    );
-    let types: Vec<String> = spec.policy_types.clone().unwrap_or_else(|| {
-        let mut t = vec!["Ingress".to_string()];
-        if spec.egress.is_some() {
-            t.push("Egress".into());
-        }
-        t
-    });
-    if types.iter().any(|t| t == "Ingress") {
-        let rules = spec.ingress.clone().unwrap_or_default();
-        let list: Vec<Value> = rules
-            .iter()
-            .filter_map(|r| {
-                rule_value(
-                    r.from.as_deref(),
-                    r.ports.as_deref(),
-                    "fromEndpoints",
-                    "fromEntities",
-                )
-            })
-            .collect();
-        out.insert("ingress".into(), Value::Sequence(list));
-    }
-    if types.iter().any(|t| t == "Egress") {
-        let rules = spec.egress.clone().unwrap_or_default();
-        let list: Vec<Value> = rules
-            .iter()
-            .filter_map(|r| rule_value(r.to.as_deref(), r.ports.as_deref(), "toEndpoints", "toEntities"))
-            .collect();
-        out.insert("egress".into(), Value::Sequence(list));
-    }
-    let spec = policy_spec(Value::Mapping(out))?;
-    Ok(PolicyRecord {
-        namespace,
-        name: format!("{NETWORK_POLICY_PREFIX}{name}"),
-        spec,
-    })
-}
-
-/// One NetworkPolicy rule, or `None` when nothing of it can be enforced
-/// (then it allows nothing, like a rule whose peers all fail to match).
-fn rule_value(
-    peers: Option<&[NetworkPolicyPeer]>,
-    ports: Option<&[NetworkPolicyPort]>,
-    endpoints_key: &str,
-    entities_key: &str,
-) -> Option<Value> {
-    let mut rule = Mapping::new();
-    match peers {
-        None | Some([]) => {
-            rule.insert(entities_key.into(), Value::Sequence(vec!["all".into()]));
-        }
-        Some(peers) => {
-            let selectors: Vec<Value> = peers
-                .iter()
-                .filter_map(|p| {
-                    if p.ip_block.is_some() {
-                        warn!("NetworkPolicy ipBlock peers are not enforced by Keyway; the peer is left out (fails closed)");
-                        return None;
-                    }
-                    Some(selector_value(p.pod_selector.as_ref(), p.namespace_selector.as_ref()))
-                })
-                .collect();
-            if selectors.is_empty() {
-                return None;
-            }
-            rule.insert(endpoints_key.into(), Value::Sequence(selectors));
-        }
-    }
-    if let Some(ports) = ports.filter(|p| !p.is_empty()) {
-        let mut list = Vec::new();
-        for p in ports {
-            let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-            match &p.port {
-                // No port: every port of the protocol.
-                None => list.push(port_value("0", None, &protocol)),
-                // A range stays a range: it compiles to one entry per 256
-                // ports, and the policy budget bounds the rest.
-                Some(IntOrString::Int(n)) => list.push(port_value(
-                    &n.to_string(),
-                    p.end_port.filter(|end| end > n),
-                    &protocol,
-                )),
-                Some(IntOrString::String(s)) => match s.parse::<u16>() {
-                    Ok(n) => list.push(port_value(&n.to_string(), None, &protocol)),
-                    Err(_) => {
-                        warn!(port = %s, "NetworkPolicy named ports are not enforced by Keyway; left out (fails closed)")
-                    }
-                },
-            }
-        }
-        if list.is_empty() {
-            return None;
-        }
-        let mut port_rule = Mapping::new();
-        port_rule.insert("ports".into(), Value::Sequence(list));
-        rule.insert("toPorts".into(), Value::Sequence(vec![Value::Mapping(port_rule)]));
-    }
-    Some(Value::Mapping(rule))
-}
-
-fn port_value(port: &str, end_port: Option<i32>, protocol: &str) -> Value {
-    let mut m = Mapping::new();
-    m.insert("port".into(), port.into());
-    if let Some(end) = end_port {
-        m.insert("endPort".into(), Value::Number(end.into()));
-    }
-    m.insert("protocol".into(), protocol.into());
-    Value::Mapping(m)
-}
-
-/// A pod selector, optionally combined with a namespace selector, in the
-/// KeywayNetworkPolicy selector shape.
-fn selector_value(pods: Option<&K8sSelector>, namespaces: Option<&K8sSelector>) -> Value {
-    let mut labels = Mapping::new();
-    let mut exprs = Vec::new();
-    let mut add = |sel: &K8sSelector, prefix: &str| {
-        for (k, v) in sel.match_labels.iter().flatten() {
-            labels.insert(format!("{prefix}{k}").into(), v.clone().into());
-        }
-        for r in sel.match_expressions.iter().flatten() {
-            let mut m = Mapping::new();
-            m.insert("key".into(), format!("{prefix}{}", r.key).into());
-            m.insert("operator".into(), r.operator.clone().into());
-            if let Some(values) = &r.values {
-                m.insert(
-                    "values".into(),
-                    Value::Sequence(values.iter().map(|v| v.clone().into()).collect()),
-                );
-            }
-            exprs.push(Value::Mapping(m));
-        }
-    };
-    if let Some(sel) = pods {
-        add(sel, "");
-    }
-    if let Some(sel) = namespaces {
-        add(sel, NAMESPACE_LABELS_PREFIX);
-        // `namespaceSelector: {}` selects every namespace.
-        let mut m = Mapping::new();
-        m.insert("key".into(), crate::model::policy::NAMESPACE_LABEL.into());
-        m.insert("operator".into(), "Exists".into());
-        exprs.push(Value::Mapping(m));
-    }
-    let mut out = Mapping::new();
-    if !labels.is_empty() {
-        out.insert("matchLabels".into(), Value::Mapping(labels));
-    }
-    if !exprs.is_empty() {
-        out.insert("matchExpressions".into(), Value::Sequence(exprs));
-    }
-    Value::Mapping(out)
 }
 
 /// The reflector caches of the watched kinds.

@@ -1,13 +1,18 @@
 //! A KeywayNetworkPolicy as the control plane holds it once validated
 //! (DESIGN.md section 4): selectors, rules, ports, entities. What it means
-//! for the datapath is [`crate::policy`]'s business; how a document or an
-//! object becomes one is [`crate::documents`]'s and [`crate::kubernetes`]'s.
+//! for the datapath is [`crate::policy`]'s business. It is made from the one
+//! raw shape, the CRD's spec ([`crate::crd`]), by `PolicySpec::try_from`
+//! (`validate`), whichever way the policy arrived.
+
+mod validate;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::IdentityRecord;
+
+pub use validate::InvalidSpec;
 
 /// Pseudo label: the identity's namespace (Cilium's name for it).
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";

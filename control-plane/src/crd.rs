@@ -1,15 +1,20 @@
 //! The `KeywayNetworkPolicy` custom resource (group `keyway.dev`, version
-//! `v1alpha1`), defined once here in Rust. The CRD manifest in the Helm chart
-//! is generated from these types (`control-plane crd`), and a test fails when
-//! the committed manifest drifts from them.
+//! `v1alpha1`), defined once here in Rust: the one raw shape of a policy.
+//! Kubernetes mode reads these objects from the API server, standalone
+//! `apply` reads its YAML documents into the same types
+//! ([`crate::documents`]), and a networking.k8s.io NetworkPolicy is
+//! translated into them ([`crate::kubernetes::network_policy`]). All three
+//! become a validated [`crate::model::policy::PolicySpec`] through one
+//! `TryFrom`, whose errors name the field.
 //!
-//! The schema is deliberately structural rather than semantic: the API server
-//! checks shapes and types, and the control plane checks meaning with the
-//! same validator standalone `apply` uses ([`crate::documents::policy_spec`]),
-//! reporting what it refused as a status condition on the object. Lists have
-//! `maxItems`, so the API server itself turns away a document built to make
-//! the compiler expand it; what fits is still held to the entry budgets
-//! (`crate::policy::Budget`), refused with reason `OverBudget`.
+//! The CRD manifest in the Helm chart is generated from these types
+//! (`control-plane crd`), and a test fails when the committed manifest
+//! drifts from them. The schema is deliberately structural rather than
+//! semantic: the API server checks shapes and types, the control plane checks
+//! meaning and reports what it refused as a status condition on the object.
+//! Lists have `maxItems`, so the API server itself turns away a document
+//! built to make the compiler expand it; what fits is still held to the entry
+//! budgets (`crate::policy::Budget`), refused with reason `OverBudget`.
 
 use std::collections::BTreeMap;
 
@@ -124,15 +129,53 @@ pub struct PortRule {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortProtocol {
-    /// A port number as a string ("8080"), or "0" for any port.
-    pub port: String,
+    /// A port number as a string ("8080"); "0" or left out for every port
+    /// of the protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub port: Option<PortValue>,
     /// With `port`, the last port of a range (inclusive), as in
     /// NetworkPolicy. A range costs one datapath entry per 256 ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_port: Option<u16>,
+    #[schemars(with = "Option<u16>")]
+    pub end_port: Option<PortValue>,
     /// TCP (default), UDP, SCTP, ICMP or ANY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+}
+
+/// A port as written. The API server holds `port` as a string and `endPort`
+/// as an integer; a standalone document may write either as either
+/// (`port: 53`). Whether it is a port number is the validator's question,
+/// so its error can quote what was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for PortValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number, or a string holding one")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortValue, E> {
+                Ok(PortValue::Number(n))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortValue, E> {
+                // Beyond i64 is beyond any port; the validator says so.
+                Ok(PortValue::Number(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortValue, E> {
+                Ok(PortValue::Text(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// What the control plane made of the policy.
@@ -167,7 +210,7 @@ pub fn crd_yaml() -> String {
     let crd = KeywayNetworkPolicy::crd();
     let body = serde_yaml::to_string(&crd).expect("a CRD serializes to YAML");
     format!(
-        "# Generated from control-plane/src/kubernetes/crd.rs by `control-plane crd`; do not edit.\n\
+        "# Generated from control-plane/src/crd.rs by `control-plane crd`; do not edit.\n\
          # A test fails when this file and the Rust types drift apart.\n{body}"
     )
 }
@@ -188,27 +231,6 @@ mod tests {
                 .subresources
                 .as_ref()
                 .is_some_and(|s| s.status.is_some())
-        );
-    }
-
-    #[test]
-    fn spec_serializes_to_the_standalone_document_shape() {
-        let yaml = r#"
-endpointSelector: { matchLabels: { app: api } }
-ingress:
-  - authentication: { mode: required }
-    fromEndpoints:
-      - matchLabels: { app: frontend }
-    toPorts:
-      - ports: [{ port: "8080", protocol: TCP }]
-"#;
-        let spec: KeywayNetworkPolicySpec = serde_yaml::from_str(yaml).unwrap();
-        let value = serde_yaml::to_value(&spec).unwrap();
-        let compiled = crate::documents::policy_spec(value).unwrap();
-        assert_eq!(compiled.ingress.as_ref().map(Vec::len), Some(1));
-        assert!(
-            compiled.egress.is_none(),
-            "an absent egress list must stay absent"
         );
     }
 }

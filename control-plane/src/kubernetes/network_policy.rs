@@ -1,0 +1,401 @@
+//! A networking.k8s.io NetworkPolicy as a KeywayNetworkPolicy: translated
+//! into the CRD's spec ([`crate::crd`], without authentication) and validated
+//! by the same `PolicySpec::try_from` every policy goes through.
+//!
+//! - `podSelector` selects endpoints in the policy's namespace.
+//! - A peer's `namespaceSelector` matches namespace labels (carried on every
+//!   workload as `io.kubernetes.pod.namespace.labels.<key>`); `{}` means every
+//!   namespace. Without it a peer's `podSelector` picks from the policy's
+//!   namespace.
+//! - An absent or empty `from`/`to` allows every peer; absent `ports` every port.
+//! - `policyTypes` left out means Ingress, plus Egress when there are egress
+//!   rules, as the API documents.
+//! - `ipBlock` peers and named ports are not enforced (Keyway matches
+//!   identities, not CIDRs, and a pod's named ports are not in its identity):
+//!   such a peer or port is left out, which fails closed. A rule left with no
+//!   peer or no port allows nothing.
+//!
+//! The translator is security-relevant: what it widens and what it refuses
+//! is pinned by the tests below, one per case.
+
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as K8sSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use tracing::warn;
+
+use crate::crd;
+use crate::model::PolicyRecord;
+use crate::model::policy::{InvalidSpec, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, PolicySpec};
+
+/// Prefix of the store names of policies that come from a networking.k8s.io
+/// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
+/// never collide with a KeywayNetworkPolicy of the same name.
+pub const NETWORK_POLICY_PREFIX: &str = "networkpolicy:";
+
+/// The policy record a NetworkPolicy stands for, or why it is refused (then
+/// it is not enforced at all, and the caller says so).
+pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
+    let namespace = np.namespace().unwrap_or_default();
+    let name = np.name_any();
+    let spec = np
+        .spec
+        .as_ref()
+        .ok_or_else(|| InvalidSpec("spec is missing".into()))?;
+    let types: Vec<&str> = match &spec.policy_types {
+        Some(types) => types.iter().map(String::as_str).collect(),
+        None if spec.egress.is_some() => vec!["Ingress", "Egress"],
+        None => vec!["Ingress"],
+    };
+    let ingress = types.contains(&"Ingress").then(|| {
+        spec.ingress
+            .iter()
+            .flatten()
+            .filter_map(|r| {
+                let (endpoints, entities, to_ports) = rule(r.from.as_deref(), r.ports.as_deref())?;
+                Some(crd::IngressRule {
+                    authentication: None,
+                    from_endpoints: endpoints,
+                    from_entities: entities,
+                    to_ports,
+                })
+            })
+            .collect()
+    });
+    let egress = types.contains(&"Egress").then(|| {
+        spec.egress
+            .iter()
+            .flatten()
+            .filter_map(|r| {
+                let (endpoints, entities, to_ports) = rule(r.to.as_deref(), r.ports.as_deref())?;
+                Some(crd::EgressRule {
+                    authentication: None,
+                    to_endpoints: endpoints,
+                    to_entities: entities,
+                    to_ports,
+                })
+            })
+            .collect()
+    });
+    let raw = crd::KeywayNetworkPolicySpec {
+        endpoint_selector: selector(spec.pod_selector.as_ref(), None),
+        ingress,
+        egress,
+    };
+    Ok(PolicyRecord {
+        namespace,
+        name: format!("{NETWORK_POLICY_PREFIX}{name}"),
+        spec: PolicySpec::try_from(&raw)?,
+    })
+}
+
+/// A rule's peers (as endpoint selectors or entities) and ports, or `None`
+/// when nothing of it can be enforced: then it allows nothing, like a rule
+/// whose peers all fail to match.
+type RuleParts = (
+    Option<Vec<crd::LabelSelector>>,
+    Option<Vec<String>>,
+    Option<Vec<crd::PortRule>>,
+);
+
+fn rule(peers: Option<&[NetworkPolicyPeer]>, ports: Option<&[NetworkPolicyPort]>) -> Option<RuleParts> {
+    let (endpoints, entities) = match peers {
+        // No peer named: every peer, in or out of the cluster.
+        None | Some([]) => (None, Some(vec!["all".to_string()])),
+        Some(peers) => {
+            let selectors: Vec<crd::LabelSelector> = peers
+                .iter()
+                .filter_map(|p| {
+                    if p.ip_block.is_some() {
+                        warn!("NetworkPolicy ipBlock peers are not enforced by Keyway; the peer is left out (fails closed)");
+                        return None;
+                    }
+                    Some(selector(p.pod_selector.as_ref(), p.namespace_selector.as_ref()))
+                })
+                .collect();
+            if selectors.is_empty() {
+                return None;
+            }
+            (Some(selectors), None)
+        }
+    };
+    let to_ports = match ports.filter(|p| !p.is_empty()) {
+        None => None,
+        Some(ports) => {
+            let list: Vec<crd::PortProtocol> = ports.iter().filter_map(port).collect();
+            if list.is_empty() {
+                return None;
+            }
+            Some(vec![crd::PortRule { ports: list }])
+        }
+    };
+    Some((endpoints, entities, to_ports))
+}
+
+/// One NetworkPolicy port; `None` for a named port (not enforced).
+fn port(p: &NetworkPolicyPort) -> Option<crd::PortProtocol> {
+    let protocol = Some(p.protocol.clone().unwrap_or_else(|| "TCP".into()));
+    let (port, end_port) = match &p.port {
+        // No port: every port of the protocol.
+        None => (None, None),
+        // A range stays a range: it compiles to one entry per 256 ports, and
+        // the policy budget bounds the rest.
+        Some(IntOrString::Int(n)) => (
+            Some(crd::PortValue::Number(i64::from(*n))),
+            p.end_port
+                .filter(|end| end > n)
+                .map(|end| crd::PortValue::Number(i64::from(end))),
+        ),
+        Some(IntOrString::String(s)) => match s.parse::<u16>() {
+            Ok(n) => (Some(crd::PortValue::Number(i64::from(n))), None),
+            Err(_) => {
+                warn!(port = %s, "NetworkPolicy named ports are not enforced by Keyway; left out (fails closed)");
+                return None;
+            }
+        },
+    };
+    Some(crd::PortProtocol {
+        port,
+        end_port,
+        protocol,
+    })
+}
+
+/// A pod selector, optionally combined with a namespace selector, as one
+/// KeywayNetworkPolicy selector.
+fn selector(pods: Option<&K8sSelector>, namespaces: Option<&K8sSelector>) -> crd::LabelSelector {
+    let mut labels = std::collections::BTreeMap::new();
+    let mut exprs = Vec::new();
+    let mut add = |sel: &K8sSelector, prefix: &str| {
+        for (k, v) in sel.match_labels.iter().flatten() {
+            labels.insert(format!("{prefix}{k}"), v.clone());
+        }
+        for r in sel.match_expressions.iter().flatten() {
+            exprs.push(crd::LabelSelectorRequirement {
+                key: format!("{prefix}{}", r.key),
+                operator: r.operator.clone(),
+                values: r.values.clone(),
+            });
+        }
+    };
+    if let Some(sel) = pods {
+        add(sel, "");
+    }
+    if let Some(sel) = namespaces {
+        add(sel, NAMESPACE_LABELS_PREFIX);
+        // `namespaceSelector: {}` selects every namespace.
+        exprs.push(crd::LabelSelectorRequirement {
+            key: NAMESPACE_LABEL.into(),
+            operator: "Exists".into(),
+            values: None,
+        });
+    }
+    crd::LabelSelector {
+        match_labels: (!labels.is_empty()).then_some(labels),
+        match_expressions: (!exprs.is_empty()).then_some(exprs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::policy::{Entity, Operator, PortProtocol, Protocol, Rule};
+
+    fn translate(spec: serde_json::Value) -> Result<PolicyRecord, InvalidSpec> {
+        let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": { "name": "np", "namespace": "shop" },
+            "spec": spec,
+        }))
+        .unwrap();
+        network_policy(&np)
+    }
+
+    fn spec(spec: serde_json::Value) -> PolicySpec {
+        translate(spec).unwrap().spec
+    }
+
+    fn only_rule(rules: Option<&[Rule]>) -> &Rule {
+        match rules {
+            Some([rule]) => rule,
+            other => panic!("want one rule, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_record_is_named_apart_from_keyway_policies_and_selects_in_its_namespace() {
+        let record =
+            translate(serde_json::json!({ "podSelector": { "matchLabels": { "app": "db" } } })).unwrap();
+        assert_eq!(record.key(), "shop/networkpolicy:np");
+        assert_eq!(record.spec.endpoint_selector.match_labels["app"], "db");
+        assert!(!record.spec.endpoint_selector.constrains_namespace());
+    }
+
+    #[test]
+    fn without_policy_types_ingress_is_isolated_and_egress_only_when_it_has_rules() {
+        // No rules at all: ingress isolated (nothing allowed), egress untouched.
+        let s = spec(serde_json::json!({ "podSelector": {} }));
+        assert_eq!(s.ingress, Some(vec![]));
+        assert_eq!(s.egress, None);
+        // Egress rules present: egress isolated too.
+        let s = spec(serde_json::json!({ "podSelector": {}, "egress": [] }));
+        assert_eq!(s.ingress, Some(vec![]));
+        assert_eq!(s.egress, Some(vec![]));
+        // Explicit Egress only: ingress untouched even though rules are listed.
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "ingress": [{}],
+        }));
+        assert_eq!(s.ingress, None);
+        assert_eq!(s.egress, Some(vec![]));
+    }
+
+    #[test]
+    fn an_absent_or_empty_peer_list_widens_to_every_peer() {
+        for from in [serde_json::json!(null), serde_json::json!([])] {
+            let s = spec(serde_json::json!({ "podSelector": {}, "ingress": [{ "from": from }] }));
+            let rule = only_rule(s.rules(crate::model::policy::Direction::Ingress));
+            assert_eq!(rule.entities, Some(vec![Entity::All]), "from: {from}");
+            assert_eq!(rule.endpoints, None);
+            assert_eq!(rule.ports, None, "no ports listed: every port");
+        }
+    }
+
+    #[test]
+    fn ip_block_peers_are_left_out_and_a_rule_of_only_ip_blocks_allows_nothing() {
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "ingress": [
+                { "from": [{ "ipBlock": { "cidr": "10.0.0.0/8" } }] },
+                { "from": [
+                    { "ipBlock": { "cidr": "0.0.0.0/0" } },
+                    { "podSelector": { "matchLabels": { "app": "web" } } },
+                ] },
+            ],
+        }));
+        // The first rule is gone, not widened; the second keeps its pod peer.
+        let rule = only_rule(s.ingress.as_deref());
+        let peers = rule.endpoints.as_ref().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].match_labels["app"], "web");
+        assert_eq!(rule.entities, None);
+    }
+
+    #[test]
+    fn named_ports_are_left_out_and_a_rule_of_only_named_ports_allows_nothing() {
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "egress": [
+                { "ports": [{ "port": "http" }] },
+                { "ports": [{ "port": "metrics" }, { "port": "8443" }] },
+            ],
+        }));
+        let rule = only_rule(s.egress.as_deref());
+        assert_eq!(rule.ports, Some(vec![PortProtocol::single(8443, Protocol::Tcp)]));
+    }
+
+    #[test]
+    fn ports_default_to_tcp_and_a_port_left_out_is_every_port_of_its_protocol() {
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "ingress": [{ "ports": [{ "port": 53 }, { "protocol": "UDP" }, { "protocol": "SCTP", "port": 9 }] }],
+        }));
+        let rule = only_rule(s.ingress.as_deref());
+        assert_eq!(
+            rule.ports,
+            Some(vec![
+                PortProtocol::single(53, Protocol::Tcp),
+                PortProtocol::single(0, Protocol::Udp),
+                PortProtocol::single(9, Protocol::Sctp),
+            ])
+        );
+    }
+
+    #[test]
+    fn an_end_port_makes_a_range_only_above_a_numeric_port() {
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "ingress": [{ "ports": [
+                { "port": 8000, "endPort": 8100 },
+                { "port": 9000, "endPort": 9000 },
+                { "port": "7000", "endPort": 7100 },
+            ] }],
+        }));
+        let rule = only_rule(s.ingress.as_deref());
+        let ranges: Vec<(u16, Option<u16>)> = rule
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.port, p.end_port))
+            .collect();
+        // A string port with an endPort keeps only its first port: narrower,
+        // never wider, than what was asked.
+        assert_eq!(ranges, [(8000, Some(8100)), (9000, None), (7000, None)]);
+    }
+
+    #[test]
+    fn namespace_selectors_match_namespace_labels_and_empty_means_every_namespace() {
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "ingress": [{ "from": [
+                { "namespaceSelector": {} },
+                { "namespaceSelector": { "matchLabels": { "team": "a" } },
+                  "podSelector": { "matchExpressions": [{ "key": "tier", "operator": "In", "values": ["web"] }] } },
+                { "podSelector": { "matchLabels": { "app": "web" } } },
+            ] }],
+        }));
+        let peers = only_rule(s.ingress.as_deref()).endpoints.as_ref().unwrap();
+        // `{}`: any workload in any namespace (every identity has a namespace).
+        assert!(peers[0].match_labels.is_empty());
+        assert_eq!(peers[0].match_expressions.len(), 1);
+        assert_eq!(peers[0].match_expressions[0].key, NAMESPACE_LABEL);
+        assert_eq!(peers[0].match_expressions[0].operator, Operator::Exists);
+        assert!(peers[0].constrains_namespace());
+        // Labels: the namespace's labels, and the pod part as written.
+        assert_eq!(
+            peers[1].match_labels[&format!("{NAMESPACE_LABELS_PREFIX}team")],
+            "a"
+        );
+        assert_eq!(peers[1].match_expressions[0].key, "tier");
+        assert!(peers[1].constrains_namespace());
+        // A pod selector alone picks from the policy's own namespace.
+        assert!(!peers[2].constrains_namespace());
+    }
+
+    #[test]
+    fn what_the_validator_refuses_refuses_the_whole_policy() {
+        let cases = [
+            (
+                serde_json::json!({ "podSelector": { "matchExpressions": [{ "key": "app", "operator": "Equals", "values": ["x"] }] } }),
+                "spec.endpointSelector.matchExpressions[0].operator",
+            ),
+            (
+                serde_json::json!({ "podSelector": {}, "ingress": [{ "ports": [{ "port": 70000 }] }] }),
+                "spec.ingress[0].toPorts[0].ports[0].port: 70000 is not a port number",
+            ),
+            (
+                serde_json::json!({ "podSelector": {}, "egress": [{ "ports": [{ "port": 80, "protocol": "HTTP" }] }] }),
+                "spec.egress[0].toPorts[0].ports[0].protocol: \"HTTP\"",
+            ),
+            (
+                serde_json::json!({ "podSelector": {}, "ingress": [{ "from": [{ "podSelector": { "matchExpressions": [{ "key": "app", "operator": "In" }] } }] }] }),
+                "In needs at least one value",
+            ),
+        ];
+        for (spec, want) in cases {
+            let e = translate(spec.clone()).unwrap_err().to_string();
+            assert!(e.contains(want), "{spec}: {e:?} does not mention {want:?}");
+        }
+        let np = NetworkPolicy {
+            metadata: kube::api::ObjectMeta {
+                name: Some("np".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            spec: None,
+        };
+        assert_eq!(network_policy(&np).unwrap_err().to_string(), "spec is missing");
+    }
+}
