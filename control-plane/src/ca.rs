@@ -43,6 +43,23 @@ pub enum CaError {
     NothingPrepared,
     #[error("upstream CA: {0}")]
     Upstream(String),
+    #[error("stored CA material is unusable: {0}")]
+    Jwk(#[from] JwkError),
+}
+
+/// Why an authority's key cannot be published as a JWK.
+#[derive(Debug, thiserror::Error)]
+pub enum JwkError {
+    #[error("{0}")]
+    Certificate(#[from] keyway_identity::x509::SvidError),
+    #[error("its public key: {0}")]
+    Key(#[from] x509_parser::error::X509Error),
+    #[error("unsupported EC curve {0:?}")]
+    Curve(Option<String>),
+    #[error("EC point is not uncompressed")]
+    Point,
+    #[error("unsupported public key type")]
+    KeyType,
 }
 
 /// An upstream CA Keyway's signing certificate is issued by.
@@ -374,7 +391,7 @@ impl Authority {
     fn jwks_document(&self) -> Result<Vec<u8>, CaError> {
         let mut keys = Vec::new();
         for der in self.bundle.authorities() {
-            let mut jwk = jwk_for_cert(der).map_err(CaError::Corrupt)?;
+            let mut jwk = jwk_for_cert(der)?;
             jwk["use"] = json!("x509-svid");
             jwk["x5c"] = json!([B64.encode(der.as_ref())]);
             keys.push(jwk);
@@ -461,11 +478,11 @@ impl Authority {
 }
 
 /// A certificate's public key as a JWK (EC P-256/P-384 or RSA).
-fn jwk_for_cert(der: &[u8]) -> Result<serde_json::Value, String> {
+fn jwk_for_cert(der: &[u8]) -> Result<serde_json::Value, JwkError> {
     use x509_parser::public_key::PublicKey;
-    let cert = keyway_identity::x509::parse(der).map_err(|e| e.to_string())?;
+    let cert = keyway_identity::x509::parse(der)?;
     let spki = cert.public_key();
-    match spki.parsed().map_err(|e| e.to_string())? {
+    match spki.parsed()? {
         PublicKey::EC(point) => {
             let data = point.data();
             let curve = spki
@@ -477,10 +494,10 @@ fn jwk_for_cert(der: &[u8]) -> Result<serde_json::Value, String> {
             let (crv, len) = match curve.as_deref() {
                 Some("1.2.840.10045.3.1.7") => ("P-256", 32),
                 Some("1.3.132.0.34") => ("P-384", 48),
-                other => return Err(format!("unsupported EC curve {other:?}")),
+                other => return Err(JwkError::Curve(other.map(str::to_owned))),
             };
             if data.len() != 1 + 2 * len || data[0] != 4 {
-                return Err("EC point is not uncompressed".into());
+                return Err(JwkError::Point);
             }
             Ok(json!({
                 "kty": "EC",
@@ -494,7 +511,7 @@ fn jwk_for_cert(der: &[u8]) -> Result<serde_json::Value, String> {
             "n": B64URL.encode(rsa.modulus.strip_prefix(&[0]).unwrap_or(rsa.modulus)),
             "e": B64URL.encode(rsa.exponent),
         })),
-        _ => Err("unsupported public key type".into()),
+        _ => Err(JwkError::KeyType),
     }
 }
 

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 use super::network_policy::{NETWORK_POLICY_PREFIX, network_policy};
 use crate::core::{ControlPlane, SourcedChanges};
 use crate::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
+use crate::error::ApiError;
 use crate::model::policy::{NAMESPACE_LABELS_PREFIX, PolicySpec};
 use crate::model::{PolicyRecord, WorkloadRecord};
 use keyway_identity::lock::Recover;
@@ -754,7 +755,7 @@ async fn process(
     batch: Dirty,
     leading: bool,
     statuses_due: &mut bool,
-) -> Result<Option<Duration>, (String, Dirty)> {
+) -> Result<Option<Duration>, (ProcessError, Dirty)> {
     let td = cp.config().trust_domain.clone();
     let lookups = caches.lookups();
     let mut changes = SourcedChanges::default();
@@ -804,7 +805,7 @@ async fn process(
     } else {
         match cp.apply_sourced(changes).await {
             Ok(o) => o,
-            Err(e) => return Err((e.to_string(), batch)),
+            Err(e) => return Err((ProcessError::Apply(e), batch)),
         }
     };
     if outcome.changed > 0 {
@@ -841,9 +842,25 @@ async fn process(
     if batch.nodes_changed || *statuses_due {
         return revoke_deleted_nodes(cp, &caches.nodes)
             .await
-            .map_err(|e| (e, Dirty::default()));
+            .map_err(|e| (ProcessError::Revoke(e), Dirty::default()));
     }
     Ok(None)
+}
+
+/// Why a batch of changes was not taken in (it is retried).
+#[derive(Debug, thiserror::Error)]
+enum ProcessError {
+    #[error("{0}")]
+    Apply(#[source] ApiError),
+    #[error("{0}")]
+    Revoke(#[source] ApiError),
+    #[error("cannot write the status of KeywayNetworkPolicy {namespace}/{name}: {source}")]
+    Status {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// How long a node record may exist without its Node before it is revoked:
@@ -862,7 +879,7 @@ fn node_addresses(node: &Node) -> Vec<std::net::IpAddr> {
 
 /// Revokes the attested nodes whose Node is gone (after the grace period);
 /// returns when to look again for those still within it.
-async fn revoke_deleted_nodes(cp: &ControlPlane, nodes: &Cache<Node>) -> Result<Option<Duration>, String> {
+async fn revoke_deleted_nodes(cp: &ControlPlane, nodes: &Cache<Node>) -> Result<Option<Duration>, ApiError> {
     let now = crate::clock::now_unix();
     let mut recheck: Option<i64> = None;
     for record in cp
@@ -874,7 +891,7 @@ async fn revoke_deleted_nodes(cp: &ControlPlane, nodes: &Cache<Node>) -> Result<
     {
         let age = now - record.attested_at;
         if age >= NODE_GRACE_SECS {
-            if cp.revoke_node(&record.name).await.map_err(|e| e.to_string())? {
+            if cp.revoke_node(&record.name).await? {
                 info!(node = %record.name, "the Node was deleted: node revoked");
             }
         } else {
@@ -898,7 +915,10 @@ fn rfc3339_now() -> String {
     )
 }
 
-async fn write_status(policies: &Api<KeywayNetworkPolicy>, update: &StatusUpdate) -> Result<(), String> {
+async fn write_status(
+    policies: &Api<KeywayNetworkPolicy>,
+    update: &StatusUpdate,
+) -> Result<(), ProcessError> {
     let (status, reason, message) = condition_fields(&update.result);
     let transition = match &update.current {
         Some(c) if c.status == status => c.last_transition_time.clone(),
@@ -934,10 +954,11 @@ async fn write_status(policies: &Api<KeywayNetworkPolicy>, update: &StatusUpdate
         }
         // Deleted since the cache saw it: nothing to say.
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(format!(
-            "cannot write the status of KeywayNetworkPolicy {}/{}: {e}",
-            update.namespace, update.name
-        )),
+        Err(source) => Err(ProcessError::Status {
+            namespace: update.namespace.clone(),
+            name: update.name.clone(),
+            source,
+        }),
     }
 }
 

@@ -14,7 +14,9 @@ const REVISION: &[u8] = b"revision";
 const NEXT_IDENTITY: &[u8] = b"next_identity";
 const NEXT_NODE_ID: &[u8] = b"next_node_id";
 
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+/// Every waiter of one flush gets its result; sled's error is shared, not
+/// turned into text, so the store error keeps it as its source.
+type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), std::sync::Arc<sled::Error>>>;
 
 /// Group commit: one thread owns `Db::flush`, and every waiter that arrived
 /// while a flush was running is answered by the next one. Concurrent
@@ -29,7 +31,7 @@ fn start_flusher(db: sled::Db) -> std::sync::mpsc::Sender<FlushWaiter> {
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter());
-                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                let result = db.flush().map(|_| ()).map_err(std::sync::Arc::new);
                 for waiter in batch {
                     let _ = waiter.send(result.clone());
                 }
@@ -176,7 +178,7 @@ impl SledStore {
             .map_err(|_| StoreError::backend("the store flush thread is gone"))?;
         rx.await
             .map_err(|_| StoreError::backend("the store flush thread is gone"))?
-            .map_err(StoreError::backend)
+            .map_err(|e| StoreError::backend_from(e.to_string(), e))
     }
 }
 

@@ -53,6 +53,9 @@ pub enum HandshakeError {
     Refused(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A leaf whose validity could not be read (a protocol failure too).
+    #[error("protocol: {0}")]
+    Certificate(#[from] x509::SvidError),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
@@ -66,7 +69,7 @@ impl HandshakeError {
             HandshakeError::Connect { .. } => "connect",
             HandshakeError::Tls { .. } => "tls",
             HandshakeError::Refused(_) => "refused",
-            HandshakeError::Protocol(_) => "protocol",
+            HandshakeError::Protocol(_) | HandshakeError::Certificate(_) => "protocol",
             HandshakeError::Timeout(_) => "timeout",
             HandshakeError::Local(_) => "local",
         }
@@ -104,9 +107,12 @@ fn id_from_sni(sni: &str) -> Option<u32> {
 }
 
 /// The earlier NotAfter of two leaves.
-pub fn earlier_not_after(a: &CertificateDer<'_>, b: &CertificateDer<'_>) -> Result<SystemTime, String> {
-    let a = x509::inspect_leaf(a).map_err(|e| e.to_string())?;
-    let b = x509::inspect_leaf(b).map_err(|e| e.to_string())?;
+pub fn earlier_not_after(
+    a: &CertificateDer<'_>,
+    b: &CertificateDer<'_>,
+) -> Result<SystemTime, x509::SvidError> {
+    let a = x509::inspect_leaf(a)?;
+    let b = x509::inspect_leaf(b)?;
     Ok(a.not_after.min(b.not_after))
 }
 
@@ -309,7 +315,7 @@ async fn answer(
         .await
         .map_err(|e| HandshakeError::Protocol(e.to_string()))?;
     let verdict = check_hello(&line, &client_leaf, server_identity, peer, directory).and_then(|key| {
-        let expiry = earlier_not_after(&client_leaf, &own_leaf).map_err(HandshakeError::Protocol)?;
+        let expiry = earlier_not_after(&client_leaf, &own_leaf)?;
         Ok(Accepted { key, expiry })
     });
     let reply = match &verdict {
@@ -515,7 +521,7 @@ async fn dial_inner(
         .and_then(|c| c.first())
         .cloned()
         .ok_or_else(|| HandshakeError::Protocol("no server certificate".into()))?;
-    let expiry = earlier_not_after(&local_leaf, &server_leaf).map_err(HandshakeError::Protocol)?;
+    let expiry = earlier_not_after(&local_leaf, &server_leaf)?;
     let (read, mut write) = tokio::io::split(tls);
     let mut req = serde_json::to_vec(&Hello {
         local: local_id,
