@@ -139,7 +139,9 @@ pub struct PortProtocol {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<u16>")]
     pub end_port: Option<PortValue>,
-    /// TCP (default), UDP, SCTP, ICMP or ANY.
+    /// TCP, UDP, SCTP, ICMP or ANY (the default: TCP and UDP with a port,
+    /// every protocol without one). An entry names a port, a protocol or
+    /// both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
 }

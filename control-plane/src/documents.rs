@@ -255,9 +255,11 @@ pub fn policy_spec(spec: serde_yaml::Value) -> Result<PolicySpec, InvalidSpec> {
     if spec.is_null() {
         return Err(InvalidSpec("spec is missing".into()));
     }
+    // Absent or null (`endpointSelector:` with its selector commented out):
+    // missing, never "select everything".
     let lacks_selector = spec
         .as_mapping()
-        .is_some_and(|m| !m.contains_key("endpointSelector"));
+        .is_some_and(|m| m.get("endpointSelector").is_none_or(serde_yaml::Value::is_null));
     let mut unknown = None;
     let mut track = serde_path_to_error::Track::new();
     let read: Result<crd::KeywayNetworkPolicySpec, _> =
@@ -267,18 +269,28 @@ pub fn policy_spec(spec: serde_yaml::Value) -> Result<PolicySpec, InvalidSpec> {
     if let Some(refused) = unknown {
         return Err(refused);
     }
+    if lacks_selector {
+        return Err(missing_selector());
+    }
     match read {
         Ok(raw) => PolicySpec::try_from(&raw),
-        Err(_) if lacks_selector => Err(InvalidSpec(
-            "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
-                .into(),
-        )),
         Err(e) => {
             let at = track.path().to_string();
-            let at = if at == "." { "spec".to_owned() } else { format!("spec.{at}") };
+            let at = if at == "." {
+                "spec".to_owned()
+            } else {
+                format!("spec.{at}")
+            };
             Err(InvalidSpec(format!("{at}: {e}")))
         }
     }
+}
+
+fn missing_selector() -> InvalidSpec {
+    InvalidSpec(
+        "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
+            .into(),
+    )
 }
 
 /// The refusal of a field the CRD does not have, at `path`. A rule naming
@@ -648,6 +660,19 @@ spec:
                 &["fromEntities[0]", "\"internet\""],
             ),
             ("name: api-mtls", "name: Api_Mtls", &["metadata.name"]),
+            (
+                "- ports: [{ port: \"8080\", protocol: TCP }]",
+                "- ports: [{}]",
+                &["ports[0]: names neither a port nor a protocol"],
+            ),
+            (
+                "      fromEndpoints:",
+                "      toEntities: [world]\n      fromEndpoints:",
+                &[
+                    "spec.ingress[0].toEntities: not allowed in an ingress rule",
+                    "fromEntities",
+                ],
+            ),
         ];
         for (from, to, wants) in cases {
             assert!(two.contains(from), "{from}");
@@ -664,6 +689,12 @@ spec:
         }
         let no_selector = POLICY.replace("  endpointSelector: { matchLabels: { app: api } }\n", "");
         assert!(policy_err(&no_selector).contains("spec.endpointSelector is missing"));
+        // Its selector commented out: missing too, not "every endpoint".
+        let null_selector = POLICY.replace(
+            "  endpointSelector: { matchLabels: { app: api } }\n",
+            "  endpointSelector:\n  #  matchLabels: { app: api }\n",
+        );
+        assert!(policy_err(&null_selector).contains("spec.endpointSelector is missing"));
         let twice = format!("{POLICY}---{POLICY}");
         assert!(policy_err(&twice).contains("appears twice"));
     }

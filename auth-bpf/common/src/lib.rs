@@ -679,6 +679,100 @@ pub const fn policy_probe(
     )
 }
 
+/// What the datapath's policy lookup decided for a packet it allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyDecision {
+    /// The probe (a [`policy_probes`] index) whose entry decided.
+    pub probe: u8,
+    /// The rule that allows the packet.
+    pub rule_id: u32,
+    /// The shape (a [`policy_probes`] index) that rule was written as.
+    pub origin: u8,
+    /// Whether the packet must also be mutually authenticated.
+    pub auth_required: bool,
+}
+
+/// The datapath's policy lookup, written once for the kernel and for
+/// `explain`: the probes of [`policy_probes`] in order, less the ones
+/// `skipped` names (bits of [`absent_bit`], see [`skipped_probes`]: shapes
+/// the subject has no entry of, which could only miss). The first entry
+/// found decides, with what the agent folded into it (see [`PolicyValue`]);
+/// one flagged [`policy_flags::WITH_ANY_PEER`] (only ever an any-port
+/// entry) is united with the first any-peer entry found after it, its own
+/// rule first. `None`: the packet is not allowed.
+///
+/// `get` looks one key up; its error (user space reads maps that can fail)
+/// ends the lookup. Inlined, so the kernel's copy has no call, and
+/// iterative, so the verifier walks a bounded loop.
+#[inline(always)]
+pub fn resolve_policy<V, E>(
+    subject: u32,
+    peer: u32,
+    port: u16,
+    proto: u8,
+    direction: u8,
+    skipped: u8,
+    mut get: impl FnMut(&PolicyKey) -> Result<Option<V>, E>,
+) -> Result<Option<PolicyDecision>, E>
+where
+    V: core::borrow::Borrow<PolicyValue>,
+{
+    let mut i = 0;
+    while i < 4 {
+        if skipped & absent_bit(direction, i as u8) == 0 {
+            let (key, bit) = policy_probe(subject, peer, port, proto, direction, i);
+            if let Some(found) = get(&key)? {
+                let v = found.borrow();
+                let mut rule = v.rule_for(bit);
+                let mut origin = v.origin_of(bit);
+                let mut auth_required = v.authenticated.get(bit);
+                if v.flags & policy_flags::WITH_ANY_PEER != 0 {
+                    let mut j = 2;
+                    while j < 4 {
+                        let (key, bit) = policy_probe(subject, peer, port, proto, direction, j);
+                        if let Some(any_peer) = get(&key)? {
+                            let w = any_peer.borrow();
+                            if rule.is_none() {
+                                rule = w.rule_for(bit);
+                                origin = w.origin_of(bit);
+                            }
+                            auth_required = auth_required || w.authenticated.get(bit);
+                            break;
+                        }
+                        j += 1;
+                    }
+                }
+                return Ok(match rule {
+                    Some(rule_id) => Some(PolicyDecision {
+                        probe: i as u8,
+                        rule_id,
+                        origin,
+                        auth_required,
+                    }),
+                    None => None,
+                });
+            }
+        }
+        i += 1;
+    }
+    Ok(None)
+}
+
+/// The auth entry a pair the policy requires authentication for must have:
+/// the subject, the peer, and the node whose agent vouched for the peer
+/// (`peer_node` from the peer's ipcache value; this node, `local_node`,
+/// for a peer with none).
+#[inline(always)]
+pub const fn auth_key(subject: u32, peer: u32, peer_node: u16, local_node: u16) -> AuthKey {
+    AuthKey {
+        local_id: subject,
+        remote_id: peer,
+        remote_node_id: if peer_node == 0 { local_node } else { peer_node },
+        auth_type: auth_type::MTLS_SPIFFE,
+        _pad: 0,
+    }
+}
+
 /// Auth map key: the pair and the node whose agent vouched for the peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

@@ -40,9 +40,9 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramAr
 use aya_ebpf::programs::TcContext;
 use keyway_common::{
     AuthKey, AuthSignal, AuthValue, Config, EndpointInfo, FlowEvent, FlowKey, FlowKey6, FlowState,
-    IPV6_MAX_EXT_HEADERS, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, absent_bit, auth_type,
-    config_flags, direction, drop_reason, endpoint_flags, flow_kind, hook, icmp_key, identity, maps,
-    policy_flags, policy_probe, prog_index, skipped_probes,
+    IPV6_MAX_EXT_HEADERS, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyValue, auth_key, config_flags,
+    direction, drop_reason, endpoint_flags, flow_kind, hook, icmp_key, identity, maps, prog_index,
+    resolve_policy, skipped_probes,
 };
 
 // Map names must match `keyway_common::maps` (the loader checks every one).
@@ -1120,18 +1120,7 @@ fn evaluate<A: Family>(
         return v;
     }
     v.auth_required = true;
-    let node = if peer_node == 0 {
-        cfg.local_node_id
-    } else {
-        peer_node
-    };
-    let akey = AuthKey {
-        local_id: subject,
-        remote_id: peer,
-        remote_node_id: node,
-        auth_type: auth_type::MTLS_SPIFFE,
-        _pad: 0,
-    };
+    let akey = auth_key(subject, peer, peer_node, cfg.local_node_id);
     if let Some(a) = unsafe { AUTH.get(&akey) } {
         let expiry = a.expiry_ns;
         if clock(cfg, now) < expiry {
@@ -1282,12 +1271,13 @@ fn leaves_on_own_port<A: Family>(dst: A, ifindex: u32) -> bool {
 const POLICY_ALLOWED: u64 = 1 << 32;
 const POLICY_AUTH: u64 = 1 << 33;
 
-/// The first entry found, in `policy_probes` order, decides: the agent
-/// compiled into it what every less specific entry the packet also matches
-/// says (see `PolicyValue`), so a pair the subject's policy names costs one
-/// lookup. A probe of a shape the subject has no entry of (`absent`, the
-/// subject's ipcache bits, see `IpcacheValue::absent`) is not made: it
-/// could only miss.
+/// `keyway_common::resolve_policy`, the lookup `explain` makes too: the
+/// first entry found, in `policy_probes` order, decides (the agent compiled
+/// into it what every less specific entry the packet also matches says), so
+/// a pair the subject's policy names costs one lookup. A probe of a shape
+/// the subject has no entry of (`absent`, the subject's ipcache bits, see
+/// `IpcacheValue::absent`) is not made: it could only miss. Each key is
+/// built in per-CPU scratch, not on the stack.
 ///
 /// `packed` is the destination port (host order) | proto << 16 | direction
 /// << 24 | absent << 32; returns 0 when the packet is not allowed, else the
@@ -1307,44 +1297,17 @@ fn lookup_policy(subject: u32, peer: u32, packed: u64) -> u64 {
     let Some(key) = SCRATCH_PKEY.get_ptr_mut(0) else {
         return 0;
     };
-    let mut i = 0;
-    while i < 4 {
-        if absent & absent_bit(dir, i as u8) == 0 {
-            let (k, bit) = policy_probe(subject, peer, port, proto, dir, i);
-            // SAFETY: a per-CPU map value pointer, valid for this run and
-            // this CPU's alone.
-            unsafe { *key = k };
-            if let Some(v) = unsafe { POLICY.get(&*key) } {
-                let mut rule = v.rule_for(bit);
-                let mut auth = v.authenticated.get(bit);
-                if v.flags & policy_flags::WITH_ANY_PEER != 0 {
-                    // Only ever on an any-port key (probe 1) holding that
-                    // entry alone: united with the first any-peer key
-                    // found (probes 2 and 3), its rule after this one's.
-                    let mut j = 2;
-                    while j < 4 {
-                        let (k, b) = policy_probe(subject, peer, port, proto, dir, j);
-                        unsafe { *key = k };
-                        if let Some(w) = unsafe { POLICY.get(&*key) } {
-                            if rule.is_none() {
-                                rule = w.rule_for(b);
-                            }
-                            auth = auth || w.authenticated.get(b);
-                            break;
-                        }
-                        j += 1;
-                    }
-                }
-                return match rule {
-                    Some(rule) if auth => u64::from(rule) | POLICY_ALLOWED | POLICY_AUTH,
-                    Some(rule) => u64::from(rule) | POLICY_ALLOWED,
-                    None => 0,
-                };
-            }
-        }
-        i += 1;
+    let found = resolve_policy(subject, peer, port, proto, dir, absent, |k| {
+        // SAFETY: a per-CPU map value pointer, valid for this run and this
+        // CPU's alone; the map's values live as long as the program.
+        unsafe { *key = *k };
+        Ok::<_, core::convert::Infallible>(unsafe { POLICY.get(&*key) })
+    });
+    match found {
+        Ok(Some(d)) if d.auth_required => u64::from(d.rule_id) | POLICY_ALLOWED | POLICY_AUTH,
+        Ok(Some(d)) => u64::from(d.rule_id) | POLICY_ALLOWED,
+        _ => 0,
     }
-    0
 }
 
 /// At most one signal per key per interval. The check and the write are not

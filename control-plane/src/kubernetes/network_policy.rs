@@ -9,7 +9,7 @@
 //!   namespace.
 //! - An absent or empty `from`/`to` allows every peer; absent `ports` every port.
 //! - `policyTypes` left out means Ingress, plus Egress when there are egress
-//!   rules, as the API documents.
+//!   rules, as the API server defaults it.
 //! - `ipBlock` peers and named ports are not enforced (Keyway matches
 //!   identities, not CIDRs, and a pod's named ports are not in its identity):
 //!   such a peer or port is left out, which fails closed. A rule left with no
@@ -44,7 +44,7 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
         .ok_or_else(|| InvalidSpec("spec is missing".into()))?;
     let types: Vec<&str> = match &spec.policy_types {
         Some(types) => types.iter().map(String::as_str).collect(),
-        None if spec.egress.is_some() => vec!["Ingress", "Egress"],
+        None if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) => vec!["Ingress", "Egress"],
         None => vec!["Ingress"],
     };
     let ingress = types.contains(&"Ingress").then(|| {
@@ -238,10 +238,13 @@ mod tests {
         let s = spec(serde_json::json!({ "podSelector": {} }));
         assert_eq!(s.ingress, Some(vec![]));
         assert_eq!(s.egress, None);
-        // Egress rules present: egress isolated too.
+        // An empty egress list is no egress rule: egress untouched.
         let s = spec(serde_json::json!({ "podSelector": {}, "egress": [] }));
+        assert_eq!(s.egress, None);
+        // Egress rules present: egress isolated too (this one allows all).
+        let s = spec(serde_json::json!({ "podSelector": {}, "egress": [{}] }));
         assert_eq!(s.ingress, Some(vec![]));
-        assert_eq!(s.egress, Some(vec![]));
+        assert_eq!(only_rule(s.egress.as_deref()).entities, Some(vec![Entity::All]));
         // Explicit Egress only: ingress untouched even though rules are listed.
         let s = spec(serde_json::json!({
             "podSelector": {},
@@ -281,6 +284,12 @@ mod tests {
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].match_labels["app"], "web");
         assert_eq!(rule.entities, None);
+        // Its only rule gone, the policy still isolates: nothing is allowed.
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "ingress": [{ "from": [{ "ipBlock": { "cidr": "10.0.0.0/8" } }], "ports": [{ "port": 80 }] }],
+        }));
+        assert_eq!(s.ingress, Some(vec![]));
     }
 
     #[test]
@@ -289,11 +298,16 @@ mod tests {
             "podSelector": {},
             "egress": [
                 { "ports": [{ "port": "http" }] },
-                { "ports": [{ "port": "metrics" }, { "port": "8443" }] },
+                { "ports": [{ "port": "metrics" }, { "port": 8443 }] },
             ],
         }));
         let rule = only_rule(s.egress.as_deref());
         assert_eq!(rule.ports, Some(vec![PortProtocol::single(8443, Protocol::Tcp)]));
+        assert_eq!(
+            s.egress.as_ref().map(Vec::len),
+            Some(1),
+            "the all-named rule allows nothing"
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::network_policy::{NETWORK_POLICY_PREFIX, network_policy};
 use crate::core::{ControlPlane, SourcedChanges};
 use crate::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
 use crate::error::ApiError;
-use crate::model::policy::{NAMESPACE_LABELS_PREFIX, PolicySpec};
+use crate::model::policy::{NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, PolicySpec, SERVICE_ACCOUNT_LABEL};
 use crate::model::{PolicyRecord, WorkloadRecord};
 use keyway_identity::lock::Recover;
 
@@ -140,6 +140,30 @@ struct Lookups<'a> {
     namespaces: &'a Cache<Namespace>,
 }
 
+/// A pod's identity labels: its own, and its namespace's under
+/// [`NAMESPACE_LABELS_PREFIX`] (what a `namespaceSelector` matches). A pod
+/// label that spells a namespace label, or a pseudo label, is dropped: a pod
+/// in a namespace without label `team` could otherwise label itself
+/// `io.kubernetes.pod.namespace.labels.team: payments` and be let in by a
+/// policy admitting namespace `team: payments`.
+fn identity_labels(
+    pod: &std::collections::BTreeMap<String, String>,
+    namespace: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let reserved = |k: &str| {
+        k == NAMESPACE_LABEL || k == SERVICE_ACCOUNT_LABEL || k.starts_with(NAMESPACE_LABELS_PREFIX)
+    };
+    let mut labels: std::collections::BTreeMap<String, String> = pod
+        .iter()
+        .filter(|(k, _)| !reserved(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in namespace {
+        labels.insert(format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone());
+    }
+    labels
+}
+
 /// The workload a pod stands for, if it should have an identity now.
 fn workload(pod: &SlimPod, td: &TrustDomain, lookups: &Lookups<'_>) -> Option<WorkloadRecord> {
     let namespace = pod.namespace()?;
@@ -190,10 +214,7 @@ fn workload(pod: &SlimPod, td: &TrustDomain, lookups: &Lookups<'_>) -> Option<Wo
         ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
         ips
     };
-    let mut labels = pod.labels().clone();
-    for (k, v) in ns_labels {
-        labels.insert(format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone());
-    }
+    let labels = identity_labels(pod.labels(), ns_labels);
     Some(WorkloadRecord {
         namespace,
         name,
@@ -1013,6 +1034,46 @@ mod tests {
             SlimPod::url_path(&(), Some("shop")),
             "/api/v1/namespaces/shop/pods"
         );
+    }
+
+    /// The attack: a pod in a namespace without label `team` labels itself
+    /// as if its namespace had `team: payments`, to be admitted by a
+    /// `namespaceSelector` for that team.
+    #[test]
+    fn a_pod_cannot_label_itself_into_another_namespaces_labels() {
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let forged = labels(&[
+            ("app", "web"),
+            ("io.kubernetes.pod.namespace.labels.team", "payments"),
+            ("io.kubernetes.pod.namespace", "payments"),
+            ("io.kubernetes.pod.serviceaccount", "payer"),
+        ]);
+        let got = identity_labels(&forged, &labels(&[("env", "dev")]));
+        assert_eq!(
+            got,
+            labels(&[("app", "web"), ("io.kubernetes.pod.namespace.labels.env", "dev")])
+        );
+        // The namespace's own label stands, whatever the pod says.
+        let got = identity_labels(&forged, &labels(&[("team", "shop")]));
+        assert_eq!(got["io.kubernetes.pod.namespace.labels.team"], "shop");
+        // And a selector for the payments team does not select it.
+        let id = crate::model::IdentityRecord {
+            id: 300,
+            spiffe_id: "spiffe://cluster.local/ns/evil/sa/default".into(),
+            namespace: "evil".into(),
+            service_account: "default".into(),
+            labels: got,
+        };
+        let payments = crate::model::policy::Selector {
+            match_labels: labels(&[("io.kubernetes.pod.namespace.labels.team", "payments")]),
+            ..Default::default()
+        };
+        assert!(!payments.matches(&id));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use keyway_common::{
     AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyProbe,
-    PolicyValue, auth_type, direction, drop_reason, hook, identity, maps, policy_flags, policy_probes,
+    PolicyValue, auth_key, direction, drop_reason, hook, identity, maps, policy_probes, probe_index,
+    resolve_policy, skipped_probes,
 };
 
 use super::tables::{Tables, ip_key, ip6_key, masked};
@@ -268,11 +269,11 @@ pub struct PolicyHit {
     pub auth_required: bool,
 }
 
-/// The kernel's `lookup_policy`: the probes of
-/// [`keyway_common::policy_probes`] in order (`port` in host order), the
-/// first entry found decides; one flagged
-/// [`policy_flags::WITH_ANY_PEER`] is united with the first any-peer entry
-/// found after it.
+/// The kernel's policy lookup, by the same function
+/// ([`keyway_common::resolve_policy`], `port` in host order), less the
+/// probes `skipped` names (the kernel's [`skipped_probes`] of the subject's
+/// and the peer's ipcache values), keeping the entry that decided.
+#[allow(clippy::too_many_arguments, reason = "the kernel's inputs, one each")]
 pub fn lookup_policy(
     t: &dyn Lookup,
     subject: u32,
@@ -280,40 +281,28 @@ pub fn lookup_policy(
     port: u16,
     proto: u8,
     dir: u8,
+    skipped: u8,
 ) -> Result<Option<PolicyHit>, DatapathError> {
-    let probes = policy_probes(subject, peer, port, proto, dir);
-    for &(_, found, bit) in &probes {
-        let Some(value) = t.policy(&found)? else {
-            continue;
-        };
-        let mut decided = value.rule_for(bit).map(|rule| (rule, value.origin_of(bit)));
-        let mut auth_required = value.authenticated.get(bit);
-        if value.flags & policy_flags::WITH_ANY_PEER != 0 {
-            // Only ever on the any-port key: the any-peer keys follow it.
-            for &(_, key, b) in &probes[2..] {
-                if let Some(w) = t.policy(&key)? {
-                    if decided.is_none() {
-                        decided = w.rule_for(b).map(|rule| (rule, w.origin_of(b)));
-                    }
-                    auth_required |= w.authenticated.get(b);
-                    break;
-                }
-            }
-        }
-        let Some((rule_id, origin)) = decided else {
-            return Ok(None);
-        };
-        let (probe, key, _) = probes[usize::from(origin) & 3];
-        return Ok(Some(PolicyHit {
-            probe,
-            key,
-            value,
-            found,
-            rule_id,
-            auth_required,
-        }));
-    }
-    Ok(None)
+    // What each probe found, by its index: the entry that decided is one.
+    let mut seen = [None; 4];
+    let decision = resolve_policy(subject, peer, port, proto, dir, skipped, |key| {
+        let value = t.policy(key)?;
+        seen[usize::from(probe_index(key.peer, key.port_block))] = value.map(|v| (*key, v));
+        Ok::<_, DatapathError>(value)
+    })?;
+    let Some(d) = decision else {
+        return Ok(None);
+    };
+    let (found, value) = seen[usize::from(d.probe)].expect("the deciding probe found its entry");
+    let (probe, key, _) = policy_probes(subject, peer, port, proto, dir)[usize::from(d.origin) & 3];
+    Ok(Some(PolicyHit {
+        probe,
+        key,
+        value,
+        found,
+        rule_id: d.rule_id,
+        auth_required: d.auth_required,
+    }))
 }
 
 /// The auth check of an entry that requires it.
@@ -407,7 +396,13 @@ pub fn evaluate(
         forwarded: false,
         reason: drop_reason::POLICY_DENIED,
     };
-    e.policy = lookup_policy(t, subject, peer, port, proto, dir)?;
+    let (subject_value, peer_value) = if at == hook::FROM_POD {
+        (src.0, dst.0)
+    } else {
+        (dst.0, src.0)
+    };
+    let skipped = skipped_probes(subject_value.absent, &peer_value.unnamed_by, subject, dir);
+    e.policy = lookup_policy(t, subject, peer, port, proto, dir, skipped)?;
     let Some(hit) = e.policy else {
         return Ok(e);
     };
@@ -416,17 +411,7 @@ pub fn evaluate(
         e.reason = drop_reason::NONE;
         return Ok(e);
     }
-    let key = AuthKey {
-        local_id: subject,
-        remote_id: peer,
-        remote_node_id: if peer_node == 0 {
-            cfg.local_node_id
-        } else {
-            peer_node
-        },
-        auth_type: auth_type::MTLS_SPIFFE,
-        _pad: 0,
-    };
+    let key = auth_key(subject, peer, peer_node, cfg.local_node_id);
     let expiry_ns = t.auth(&key)?;
     let valid = expiry_ns.is_some_and(|x| now_ns < x);
     e.auth = Some(AuthCheck {

@@ -802,7 +802,7 @@ mod tests {
             tables: t.clone(),
             ..MemoryLookup::default()
         };
-        lookup_policy(&memory, s, p, port, proto, d)
+        lookup_policy(&memory, s, p, port, proto, d, 0)
             .expect("in memory")
             .map(|h| {
                 (
@@ -838,7 +838,7 @@ mod tests {
                 for (subject, peer, direction, proto, port) in packets() {
                     let want = state.decide(subject, peer, port, proto, u32::from(direction));
                     let got =
-                        lookup_policy(&memory, subject, peer, port, proto, direction).expect("in memory");
+                        lookup_policy(&memory, subject, peer, port, proto, direction, 0).expect("in memory");
                     let got_named = got.map(|h| (t.rules[&h.rule_id].as_str(), h.auth_required));
                     assert_eq!(
                         got_named,

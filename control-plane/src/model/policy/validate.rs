@@ -144,6 +144,12 @@ fn ports(path: &str, list: &[crd::PortRule]) -> Result<Vec<PortProtocol>, Invali
         }
         for (j, raw) in rule.ports.iter().enumerate() {
             let path = format!("{path}.ports[{j}]");
+            // `{}` would be every port of every protocol: say so instead.
+            if raw.port.is_none() && raw.protocol.is_none() {
+                return Err(invalid(format!(
+                    "{path}: names neither a port nor a protocol; leave toPorts out to allow every port and protocol"
+                )));
+            }
             let protocol = match raw.protocol.as_deref() {
                 None => Protocol::Any,
                 Some(p) => Protocol::parse(p).ok_or_else(|| {
