@@ -8,7 +8,7 @@ TIER_DIR := target/tiers
 # Every test tier `make test` runs. `.ci/run` fails if any of them did not run.
 TIERS := lint unit integration datapath kubernetes cluster
 # Test files of the privileged tier (root: namespaces, veths, BPF programs).
-PRIVILEGED_TESTS := datapath mutual_auth_kernel explain source_spoofing
+PRIVILEGED_TESTS := datapath mutual_auth_kernel explain source_spoofing lookup_agreement
 # Test files of the Kubernetes tier (a real kube-apiserver on 127.0.0.1).
 KUBERNETES_TESTS := $(basename $(notdir $(wildcard tests/tests/k8s_*.rs)))
 # The test file of the cluster tier (a real node: kubelet, containerd, the chart's pods).

@@ -742,15 +742,12 @@ where
                         j += 1;
                     }
                 }
-                return Ok(match rule {
-                    Some(rule_id) => Some(PolicyDecision {
-                        probe: i as u8,
-                        rule_id,
-                        origin,
-                        auth_required,
-                    }),
-                    None => None,
-                });
+                return Ok(rule.map(|rule_id| PolicyDecision {
+                    probe: i as u8,
+                    rule_id,
+                    origin,
+                    auth_required,
+                }));
             }
         }
         i += 1;
