@@ -53,12 +53,6 @@ pub struct KeywayNetworkPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub egress: Option<Vec<EgressRule>>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// A Kubernetes label selector. Keys may carry a `k8s:` source prefix and use
@@ -73,12 +67,6 @@ pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub match_expressions: Option<Vec<LabelSelectorRequirement>>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -89,12 +77,6 @@ pub struct LabelSelectorRequirement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub values: Option<Vec<String>>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// Whether traffic a rule allows must also be mutually authenticated.
@@ -102,12 +84,6 @@ pub struct LabelSelectorRequirement {
 pub struct Authentication {
     /// `required` or `disabled` (the default).
     pub mode: String,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -125,12 +101,6 @@ pub struct IngressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub to_ports: Option<Vec<PortRule>>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -148,24 +118,12 @@ pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub to_ports: Option<Vec<PortRule>>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PortRule {
     #[schemars(length(max = 128))]
     pub ports: Vec<PortProtocol>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -186,12 +144,6 @@ pub struct PortProtocol {
     /// both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
-    /// Fields this version does not know. The schema keeps them
-    /// (`x-kubernetes-preserve-unknown-fields`) and the validator refuses
-    /// them: pruned, a misspelt or Cilium-only peer list would leave a rule
-    /// that allows every peer.
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// A port as written. The API server holds `port` as a string and `endPort`

@@ -10,7 +10,7 @@ use keyway_identity::{TrustDomain, spiffe_id};
 use serde::Deserialize;
 
 use crate::crd;
-use crate::model::policy::{InvalidSpec, PolicySpec};
+use crate::model::policy::{Direction, InvalidSpec, PolicySpec};
 use crate::model::{DocumentKind, DocumentRef, PolicyRecord, WorkloadRecord};
 
 pub const API_VERSION: &str = "keyway.dev/v1alpha1";
@@ -246,46 +246,109 @@ fn network_policy(n: usize, doc: Document) -> Result<PolicyRecord, String> {
 }
 
 /// Reads a KeywayNetworkPolicy document's spec into the CRD's types (the one
-/// raw shape, [`crate::crd`]) and validates it like an object from the API
-/// server, unknown fields included: they are refused at any depth. Errors
-/// name the field, e.g. `spec.ingress[0].toPorts[0].ports[0].port`.
+/// raw shape, [`crate::crd`]) and validates it. Errors name the field, e.g.
+/// `spec.ingress[0].toPorts[0].ports[0].port`. The API server prunes fields
+/// its schema does not know; a document has no such guard, so a field the
+/// CRD does not have is refused here, which turns a typo (`fromEndpoint`)
+/// into an error instead of a rule that silently allows more.
 pub fn policy_spec(spec: serde_yaml::Value) -> Result<PolicySpec, InvalidSpec> {
     if spec.is_null() {
         return Err(InvalidSpec("spec is missing".into()));
     }
     // Absent or null (`endpointSelector:` with its selector commented out):
-    // missing, never "select everything". A misspelling of it (or another
-    // policy kind's `podSelector`) is named as the field it is.
-    if let Some(m) = spec.as_mapping()
-        && m.get("endpointSelector").is_none_or(serde_yaml::Value::is_null)
-    {
-        const FIELDS: [&str; 3] = ["endpointSelector", "ingress", "egress"];
-        if let Some(other) = m
-            .keys()
-            .filter_map(serde_yaml::Value::as_str)
-            .find(|k| !FIELDS.contains(k))
-        {
-            return Err(InvalidSpec(format!("spec: unknown field `{other}`")));
-        }
-        return Err(InvalidSpec(
-            "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
-                .into(),
-        ));
-    }
+    // missing, never "select everything".
+    let lacks_selector = spec
+        .as_mapping()
+        .is_some_and(|m| m.get("endpointSelector").is_none_or(serde_yaml::Value::is_null));
+    let mut unknown = None;
     let mut track = serde_path_to_error::Track::new();
-    let raw: crd::KeywayNetworkPolicySpec = serde::Deserialize::deserialize(
-        serde_path_to_error::Deserializer::new(spec, &mut track),
+    let read: Result<crd::KeywayNetworkPolicySpec, _> =
+        serde_ignored::deserialize(serde_path_to_error::Deserializer::new(spec, &mut track), |path| {
+            unknown.get_or_insert_with(|| unknown_field(&path));
+        });
+    if let Some(refused) = unknown {
+        return Err(refused);
+    }
+    if lacks_selector {
+        return Err(missing_selector());
+    }
+    match read {
+        Ok(raw) => PolicySpec::try_from(&raw),
+        Err(e) => {
+            let at = track.path().to_string();
+            let at = if at == "." {
+                "spec".to_owned()
+            } else {
+                format!("spec.{at}")
+            };
+            Err(InvalidSpec(format!("{at}: {e}")))
+        }
+    }
+}
+
+fn missing_selector() -> InvalidSpec {
+    InvalidSpec(
+        "spec.endpointSelector is missing (use `endpointSelector: {}` to select every endpoint in the namespace)"
+            .into(),
     )
-    .map_err(|e| {
-        let at = track.path().to_string();
-        let at = if at == "." {
-            "spec".to_owned()
-        } else {
-            format!("spec.{at}")
-        };
-        InvalidSpec(format!("{at}: {e}"))
-    })?;
-    PolicySpec::try_from(&raw)
+}
+
+/// The refusal of a field the CRD does not have, at `path`. A rule naming
+/// its peers for the other direction (`toEndpoints` in an ingress rule) is
+/// told which field it meant.
+fn unknown_field(path: &serde_ignored::Path<'_>) -> InvalidSpec {
+    fn segments(path: &serde_ignored::Path<'_>, out: &mut Vec<String>) {
+        use serde_ignored::Path;
+        match path {
+            Path::Root => {}
+            Path::Seq { parent, index } => {
+                segments(parent, out);
+                out.push(format!("[{index}]"));
+            }
+            Path::Map { parent, key } => {
+                segments(parent, out);
+                out.push(format!(".{key}"));
+            }
+            Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+                segments(parent, out)
+            }
+        }
+    }
+    let mut parts = Vec::new();
+    segments(path, &mut parts);
+    let key = parts.pop().unwrap_or_default();
+    let key = key.trim_start_matches('.');
+    let parent = format!("spec{}", parts.concat());
+    let rule_of = |direction: Direction| {
+        parts.len() == 2 && parts[0] == format!(".{}", direction.name()) && parts[1].starts_with('[')
+    };
+    for (direction, peers, entities, wrong) in [
+        (
+            Direction::Ingress,
+            "fromEndpoints",
+            "fromEntities",
+            ["toEndpoints", "toEntities"],
+        ),
+        (
+            Direction::Egress,
+            "toEndpoints",
+            "toEntities",
+            ["fromEndpoints", "fromEntities"],
+        ),
+    ] {
+        if rule_of(direction) && wrong.contains(&key) {
+            let dir = direction.name();
+            let right = if key.ends_with("Endpoints") {
+                peers
+            } else {
+                entities
+            };
+            return InvalidSpec(format!(
+                "{parent}.{key}: not allowed in an {dir} rule; an {dir} rule names its peers with {right}"
+            ));
+        }
+    }
+    InvalidSpec(format!("{parent}: unknown field `{key}`"))
 }
 
 /// Selectors say how the node agent recognises a caller of the Workload API.

@@ -54,10 +54,10 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
             .filter_map(|r| {
                 let (endpoints, entities, to_ports) = rule(r.from.as_deref(), r.ports.as_deref())?;
                 Some(crd::IngressRule {
+                    authentication: None,
                     from_endpoints: endpoints,
                     from_entities: entities,
                     to_ports,
-                    ..Default::default()
                 })
             })
             .collect()
@@ -69,10 +69,10 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
             .filter_map(|r| {
                 let (endpoints, entities, to_ports) = rule(r.to.as_deref(), r.ports.as_deref())?;
                 Some(crd::EgressRule {
+                    authentication: None,
                     to_endpoints: endpoints,
                     to_entities: entities,
                     to_ports,
-                    ..Default::default()
                 })
             })
             .collect()
@@ -81,7 +81,6 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
         endpoint_selector: selector(spec.pod_selector.as_ref(), None),
         ingress,
         egress,
-        ..Default::default()
     };
     Ok(PolicyRecord {
         namespace,
@@ -127,10 +126,7 @@ fn rule(peers: Option<&[NetworkPolicyPeer]>, ports: Option<&[NetworkPolicyPort]>
             if list.is_empty() {
                 return None;
             }
-            Some(vec![crd::PortRule {
-                ports: list,
-                ..Default::default()
-            }])
+            Some(vec![crd::PortRule { ports: list }])
         }
     };
     Some((endpoints, entities, to_ports))
@@ -162,7 +158,6 @@ fn port(p: &NetworkPolicyPort) -> Option<crd::PortProtocol> {
         port,
         end_port,
         protocol,
-        ..Default::default()
     })
 }
 
@@ -180,7 +175,6 @@ fn selector(pods: Option<&K8sSelector>, namespaces: Option<&K8sSelector>) -> crd
                 key: format!("{prefix}{}", r.key),
                 operator: r.operator.clone(),
                 values: r.values.clone(),
-                ..Default::default()
             });
         }
     };
@@ -194,13 +188,11 @@ fn selector(pods: Option<&K8sSelector>, namespaces: Option<&K8sSelector>) -> crd
             key: NAMESPACE_LABEL.into(),
             operator: "Exists".into(),
             values: None,
-            ..Default::default()
         });
     }
     crd::LabelSelector {
         match_labels: (!labels.is_empty()).then_some(labels),
         match_expressions: (!exprs.is_empty()).then_some(exprs),
-        ..Default::default()
     }
 }
 

@@ -22,7 +22,6 @@ impl TryFrom<&crd::KeywayNetworkPolicySpec> for PolicySpec {
     type Error = InvalidSpec;
 
     fn try_from(raw: &crd::KeywayNetworkPolicySpec) -> Result<Self, InvalidSpec> {
-        known("spec", &raw.unknown)?;
         let ingress = raw.ingress.as_ref().map(|rules| {
             rules
                 .iter()
@@ -30,7 +29,6 @@ impl TryFrom<&crd::KeywayNetworkPolicySpec> for PolicySpec {
                 .map(|(i, r)| {
                     RuleParts {
                         direction: Direction::Ingress,
-                        unknown: &r.unknown,
                         authentication: r.authentication.as_ref(),
                         endpoints: r.from_endpoints.as_deref(),
                         entities: r.from_entities.as_deref(),
@@ -47,7 +45,6 @@ impl TryFrom<&crd::KeywayNetworkPolicySpec> for PolicySpec {
                 .map(|(i, r)| {
                     RuleParts {
                         direction: Direction::Egress,
-                        unknown: &r.unknown,
                         authentication: r.authentication.as_ref(),
                         endpoints: r.to_endpoints.as_deref(),
                         entities: r.to_entities.as_deref(),
@@ -69,21 +66,9 @@ fn invalid(message: String) -> InvalidSpec {
     InvalidSpec(message)
 }
 
-/// Refuses a field the CRD does not have (the first, in key order): the
-/// API server keeps them for this check, and a document has no API server.
-/// Dropped instead, a misspelt `values` would leave an `In` with no
-/// values, or a misspelt peer list a rule that allows every peer.
-fn known(path: &str, unknown: &BTreeMap<String, serde_json::Value>) -> Result<(), InvalidSpec> {
-    match unknown.keys().next() {
-        Some(key) => Err(invalid(format!("{path}: unknown field `{key}`"))),
-        None => Ok(()),
-    }
-}
-
 /// An ingress or egress rule, its peers named for its direction.
 struct RuleParts<'a> {
     direction: Direction,
-    unknown: &'a BTreeMap<String, serde_json::Value>,
     authentication: Option<&'a crd::Authentication>,
     endpoints: Option<&'a [crd::LabelSelector]>,
     entities: Option<&'a [String]>,
@@ -92,23 +77,10 @@ struct RuleParts<'a> {
 
 impl RuleParts<'_> {
     fn validate(&self, path: &str) -> Result<Rule, InvalidSpec> {
-        let (peers, entities, other_peers, other_entities) = match self.direction {
-            Direction::Ingress => ("fromEndpoints", "fromEntities", "toEndpoints", "toEntities"),
-            Direction::Egress => ("toEndpoints", "toEntities", "fromEndpoints", "fromEntities"),
+        let (peers, entities) = match self.direction {
+            Direction::Ingress => ("fromEndpoints", "fromEntities"),
+            Direction::Egress => ("toEndpoints", "toEntities"),
         };
-        // Peers named for the other direction: say which field was meant.
-        let dir = self.direction.name();
-        for (wrong, right) in [(other_peers, peers), (other_entities, entities)] {
-            if self.unknown.contains_key(wrong) {
-                return Err(invalid(format!(
-                    "{path}.{wrong}: not allowed in an {dir} rule; an {dir} rule names its peers with {right}"
-                )));
-            }
-        }
-        known(path, self.unknown)?;
-        if let Some(a) = self.authentication {
-            known(&format!("{path}.authentication"), &a.unknown)?;
-        }
         let authentication = match self.authentication.map(|a| a.mode.as_str()) {
             None | Some("disabled") => AuthMode::Disabled,
             Some("required") => AuthMode::Required,
@@ -165,7 +137,6 @@ fn ports(path: &str, list: &[crd::PortRule]) -> Result<Vec<PortProtocol>, Invali
     let mut out = Vec::new();
     for (i, rule) in list.iter().enumerate() {
         let path = format!("{path}[{i}]");
-        known(&path, &rule.unknown)?;
         if rule.ports.is_empty() {
             return Err(invalid(format!(
                 "{path}.ports is missing or empty; list at least one port"
@@ -173,7 +144,6 @@ fn ports(path: &str, list: &[crd::PortRule]) -> Result<Vec<PortProtocol>, Invali
         }
         for (j, raw) in rule.ports.iter().enumerate() {
             let path = format!("{path}.ports[{j}]");
-            known(&path, &raw.unknown)?;
             // `{}` would be every port of every protocol: say so instead.
             if raw.port.is_none() && raw.protocol.is_none() {
                 return Err(invalid(format!(
@@ -257,7 +227,6 @@ fn selector_key(path: &str, key: &str) -> Result<String, InvalidSpec> {
 }
 
 fn selector(path: &str, raw: &crd::LabelSelector) -> Result<Selector, InvalidSpec> {
-    known(path, &raw.unknown)?;
     let mut match_labels = BTreeMap::new();
     for (k, v) in raw.match_labels.iter().flatten() {
         let key = selector_key(&format!("{path}.matchLabels"), k)?;
@@ -272,7 +241,6 @@ fn selector(path: &str, raw: &crd::LabelSelector) -> Result<Selector, InvalidSpe
     let mut match_expressions = Vec::new();
     for (i, raw) in raw.match_expressions.iter().flatten().enumerate() {
         let path = format!("{path}.matchExpressions[{i}]");
-        known(&path, &raw.unknown)?;
         let key = selector_key(&format!("{path}.key"), &raw.key)?;
         let operator = match raw.operator.as_str() {
             "In" => Operator::In,
@@ -361,65 +329,5 @@ ingress:
             "spec.ingress[0].toPorts[0].ports[0].port: \"http\" is not a port number (0-65535, 0 meaning every \
              port; named ports are not supported)"
         );
-    }
-
-    /// The API server keeps what its schema does not know
-    /// (`x-kubernetes-preserve-unknown-fields` on every object of the spec),
-    /// so an object's misspelt or foreign field reaches the validator, which
-    /// refuses it instead of enforcing what is left.
-    #[test]
-    fn an_objects_unknown_field_is_refused_not_dropped() {
-        let cases = [
-            (
-                serde_json::json!({ "endpointSelector": {}, "ingress": [{
-                    "fromEndpoint": [{ "matchLabels": { "app": "api" } }],
-                    "toPorts": [{ "ports": [{ "port": "5432" }] }],
-                }] }),
-                "spec.ingress[0]: unknown field `fromEndpoint`",
-            ),
-            (
-                serde_json::json!({ "endpointSelector": {}, "egress": [{ "toFQDNs": [{ "matchName": "x" }] }] }),
-                "spec.egress[0]: unknown field `toFQDNs`",
-            ),
-            (
-                serde_json::json!({ "endpointSelector": {}, "ingress": [{
-                    "toPorts": [{ "ports": [{ "port": "80" }], "rules": { "http": [{ "method": "GET" }] } }],
-                }] }),
-                "spec.ingress[0].toPorts[0]: unknown field `rules`",
-            ),
-            (
-                serde_json::json!({ "endpointSelector": { "matchExpressions": [{ "key": "a", "operator": "In", "value": ["x"] }] } }),
-                "spec.endpointSelector.matchExpressions[0]: unknown field `value`",
-            ),
-            (
-                serde_json::json!({ "endpointSelector": {}, "ingress": [{ "toEndpoints": [{}] }] }),
-                "spec.ingress[0].toEndpoints: not allowed in an ingress rule; an ingress rule names its peers with fromEndpoints",
-            ),
-        ];
-        for (object, want) in cases {
-            let raw: crd::KeywayNetworkPolicySpec = serde_json::from_value(object.clone()).unwrap();
-            let e = PolicySpec::try_from(&raw).unwrap_err().to_string();
-            assert_eq!(e, want, "{object}");
-        }
-        // And the schema keeps every object's unknown fields for this check.
-        let crd = serde_json::to_value(<crd::KeywayNetworkPolicy as kube::CustomResourceExt>::crd()).unwrap();
-        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        let rule = &spec["properties"]["ingress"]["items"];
-        for (what, schema) in [
-            ("spec", spec),
-            ("a rule", rule),
-            ("a selector", &rule["properties"]["fromEndpoints"]["items"]),
-            ("a port rule", &rule["properties"]["toPorts"]["items"]),
-            (
-                "a port",
-                &rule["properties"]["toPorts"]["items"]["properties"]["ports"]["items"],
-            ),
-        ] {
-            assert_eq!(
-                schema["x-kubernetes-preserve-unknown-fields"],
-                serde_json::json!(true),
-                "{what}: {schema}"
-            );
-        }
     }
 }
