@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::datapath::{DatapathStatus, Flow, FlowKind, monotonic_ns};
 use crate::explain::protocol_name;
-use crate::mutual_auth::{AuthRecord, Via, pairs};
+use crate::mutual_auth::{AuthRecord, Via};
 use crate::state::NodeState;
 use keyway_identity::lock::Recover;
 
@@ -136,11 +136,7 @@ pub fn enrich(
         } else {
             (f.dst_identity, f.src_identity, f.src)
         };
-        let mut peer_node = node_of(state, remote_ip);
-        if peer_node == 0 {
-            peer_node = status.local_node_id;
-        }
-        let key = pairs::key(local, remote, peer_node);
+        let key = keyway_common::auth_key(local, remote, node_of(state, remote_ip), status.local_node_id);
         match auth.iter().find(|r| r.key == key) {
             Some(r) if r.via != Via::Answered && r.authenticated_at <= at => "pre-authenticated",
             _ => "authenticated",

@@ -37,7 +37,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn below(&mut self, n: usize) -> usize {
@@ -87,10 +90,11 @@ fn random_state(r: &mut Lcg) -> NodeState {
         synced: true,
         ..Default::default()
     };
-    let ipcache = LOCAL
-        .iter()
-        .map(|&(id, ip)| (id, ip, NODE_ID))
-        .chain([(REMOTE.0, REMOTE.1, REMOTE_NODE_ID)]);
+    let ipcache =
+        LOCAL
+            .iter()
+            .map(|&(id, ip)| (id, ip, NODE_ID))
+            .chain([(REMOTE.0, REMOTE.1, REMOTE_NODE_ID)]);
     for (id, ip, node) in ipcache {
         let cidr = format!("{ip}/32");
         s.ipcache.insert(
@@ -119,17 +123,23 @@ fn random_state(r: &mut Lcg) -> NodeState {
     for &(subject, _) in &LOCAL {
         for direction in [0u32, 1] {
             if r.chance(20) {
-                let (k, e) = node_agent::state::port_entry((subject, 0, 0, 0, direction), false, "default-allow");
+                let (k, e) =
+                    node_agent::state::port_entry((subject, 0, 0, 0, direction), false, "default-allow");
                 s.policy.insert(k, e);
                 continue;
             }
             for n in 0..1 + r.below(6) {
                 let peer = r.pick(&peers);
-                let port = if r.chance(30) { 0 } else { u32::from(r.pick(&PORTS)) };
+                let port = if r.chance(30) {
+                    0
+                } else {
+                    u32::from(r.pick(&PORTS))
+                };
                 let proto = r.pick(&[6u32, 17]);
                 let auth = r.chance(40);
                 let rule = format!("s{subject}-d{direction}-{n}");
-                let (k, e) = node_agent::state::port_entry((subject, peer, port, proto, direction), auth, &rule);
+                let (k, e) =
+                    node_agent::state::port_entry((subject, peer, port, proto, direction), auth, &rule);
                 s.policy.insert(k, e);
             }
         }
@@ -261,7 +271,11 @@ fn explain_and_the_kernel_agree_on_randomised_tables() {
                     (subject_ip, peer_ip)
                 };
                 let proto = r.pick(&[6u8, 17]);
-                let port = if r.chance(80) { r.pick(&PORTS) } else { 1 + r.below(65000) as u16 };
+                let port = if r.chance(80) {
+                    r.pick(&PORTS)
+                } else {
+                    1 + r.below(65000) as u16
+                };
                 sport = sport.wrapping_add(1).max(20_000);
                 let before = drops(&counters);
                 let prog = if at == hook::TO_POD { &to_pod } else { &from_pod };
@@ -309,8 +323,13 @@ fn explain_and_the_kernel_agree_on_randomised_tables() {
         drop(dp);
     }
     eprintln!("{checked} packets agreed; by drop reason: {by_reason:?}");
+    eprintln!("{checked} packets agreed; by drop reason: {by_reason:?}");
     // The tables were random enough to reach every outcome.
-    for reason in [drop_reason::NONE, drop_reason::POLICY_DENIED, drop_reason::AUTH_REQUIRED] {
+    for reason in [
+        drop_reason::NONE,
+        drop_reason::POLICY_DENIED,
+        drop_reason::AUTH_REQUIRED,
+    ] {
         assert!(
             by_reason.get(&reason).is_some_and(|n| *n >= 50),
             "{checked} packets, too few with reason {reason}: {by_reason:?}"

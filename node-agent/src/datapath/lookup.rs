@@ -12,8 +12,8 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use keyway_common::{
     AuthKey, AuthValue, Config, EndpointInfo, IpcacheValue, Ipv4LpmKey, Ipv6Key, PolicyKey, PolicyProbe,
-    PolicyValue, auth_key, direction, drop_reason, hook, identity, maps, policy_probes, probe_index,
-    resolve_policy, skipped_probes,
+    PolicyValue, auth_key, direction, drop_reason, hook, identity, maps, policy_probes, resolve_policy,
+    skipped_probes,
 };
 
 use super::tables::{Tables, ip_key, ip6_key, masked};
@@ -283,18 +283,28 @@ pub fn lookup_policy(
     dir: u8,
     skipped: u8,
 ) -> Result<Option<PolicyHit>, DatapathError> {
-    // What each probe found, by its index: the entry that decided is one.
-    let mut seen = [None; 4];
+    // What the lookup found, key by key: the entry that decided is one. (By
+    // key, not by shape: with identity 0 as the peer, the exact and any-peer
+    // probes are the same key.)
+    let mut seen: Vec<(PolicyKey, PolicyValue)> = Vec::with_capacity(4);
     let decision = resolve_policy(subject, peer, port, proto, dir, skipped, |key| {
         let value = t.policy(key)?;
-        seen[usize::from(probe_index(key.peer, key.port_block))] = value.map(|v| (*key, v));
+        if let Some(v) = value {
+            seen.push((*key, v));
+        }
         Ok::<_, DatapathError>(value)
     })?;
     let Some(d) = decision else {
         return Ok(None);
     };
-    let (found, value) = seen[usize::from(d.probe)].expect("the deciding probe found its entry");
-    let (probe, key, _) = policy_probes(subject, peer, port, proto, dir)[usize::from(d.origin) & 3];
+    let probes = policy_probes(subject, peer, port, proto, dir);
+    let found = probes[usize::from(d.probe) & 3].1;
+    let Some(&(_, value)) = seen.iter().find(|(k, _)| *k == found) else {
+        return Err(DatapathError::Load(format!(
+            "policy lookup: the deciding entry {found:?} was not among those read"
+        )));
+    };
+    let (probe, key, _) = probes[usize::from(d.origin) & 3];
     Ok(Some(PolicyHit {
         probe,
         key,
@@ -426,4 +436,33 @@ pub fn evaluate(
         e.reason = drop_reason::AUTH_REQUIRED;
     }
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With identity 0 as the peer, the exact and any-peer probes are one
+    /// key: the entry that decided is still named (it once made `explain`
+    /// panic, looking the entry up by shape).
+    #[test]
+    fn a_peer_with_identity_zero_is_explained() {
+        let mut memory = MemoryLookup::default();
+        let (key, bit) = keyway_common::policy_probe(400, identity::UNKNOWN, 8080, 6, direction::INGRESS, 0);
+        let mut allowed = keyway_common::PortBits::NONE;
+        allowed.set(bit);
+        let value = PolicyValue {
+            rule_id: 7,
+            origins: [2, 0, 0],
+            allowed,
+            first: allowed,
+            ..PolicyValue::default()
+        };
+        memory.tables.policy.insert(key, value);
+        let hit = lookup_policy(&memory, 400, identity::UNKNOWN, 8080, 6, direction::INGRESS, 0)
+            .unwrap()
+            .expect("allowed");
+        assert_eq!((hit.rule_id, hit.found, hit.value), (7, key, value));
+        assert!(!hit.auth_required);
+    }
 }

@@ -8,15 +8,10 @@ use keyway_common::{AuthKey, auth_type, identity};
 
 use crate::state::NodeState;
 
-/// The auth key for (local, remote, remote node).
+/// The auth key for (local, remote, remote node): the kernel's
+/// ([`keyway_common::auth_key`]), for a peer whose node is known.
 pub fn key(local: u32, remote: u32, remote_node: u16) -> AuthKey {
-    AuthKey {
-        local_id: local,
-        remote_id: remote,
-        remote_node_id: remote_node,
-        auth_type: auth_type::MTLS_SPIFFE,
-        _pad: 0,
-    }
+    keyway_common::auth_key(local, remote, remote_node, remote_node)
 }
 
 /// This node's id, once the control plane has told it.
