@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -39,9 +39,7 @@ use keyway_tests::bench::{median, percentile, source_version};
 use keyway_tests::mesh::MeshAgent;
 use keyway_tests::netns::{Cluster, Pod, in_netns, require_root, tcp_retransmits};
 use keyway_tests::{InProcess, Options, TD, bin, wait_until, workload_yaml};
-use node_agent::datapath::{
-    self, AuthMap, Datapath, DatapathConfig, MissingAuth, PinnedAuthMap, monotonic_ns,
-};
+use node_agent::datapath::{AuthMap, Datapath, DatapathConfig, MissingAuth, PinnedAuthMap, monotonic_ns};
 use node_agent::mutual_auth::handshake::{self, Accepted, LocalCerts, PeerDirectory};
 use node_agent::mutual_auth::pairs;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -178,32 +176,7 @@ struct Handshakes {
     map_entries: usize,
 }
 
-/// Removes everything the datapath pinned, also when the benchmark panics.
-#[derive(Debug)]
-struct PinGuard(PathBuf);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        let _ = datapath::uninstall(&self.0);
-    }
-}
-
 const PIN_PREFIX: &str = "keyway-authbench-";
-
-/// Pin directories of earlier runs that were killed before their guards ran.
-fn remove_stale_pin_dirs() {
-    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix(PIN_PREFIX)
-            && !Path::new("/proc").join(pid).exists()
-        {
-            drop(PinGuard(e.path()));
-        }
-    }
-}
 
 /// Stock rustls configs for the reference: a P-256 CA, a P-256 leaf per
 /// side signed by it (DNS SAN, as WebPKI name checks want), the ring
@@ -364,9 +337,8 @@ async fn handshakes_on_this_thread(
     svid_r: Svid,
     bundle: Arc<keyway_identity::TrustBundle>,
 ) -> Handshakes {
-    remove_stale_pin_dirs();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{PIN_PREFIX}{}", std::process::id()));
-    let guard = PinGuard(pin_dir.clone());
+    let guard = keyway_tests::pinned::PinDir::new(PIN_PREFIX);
+    let pin_dir = guard.path().to_path_buf();
     let mut cfg = DatapathConfig::new(&pin_dir, "node-a");
     cfg.flow_capture = false;
     let dp = Datapath::load(cfg).expect("loading the datapath (root, bpffs)");

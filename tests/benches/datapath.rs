@@ -27,6 +27,7 @@ use keyway_common::{
 };
 use keyway_tests::bench::{median, percentile, source_version};
 use keyway_tests::netns::{Topology, in_netns, ipv6_packet, require_root, run, v6_of};
+use keyway_tests::pinned::{PinDir, open_hash};
 use node_agent::datapath::tables::Entry;
 use node_agent::datapath::{self, AuthMap, ConfigSlot, Datapath, DatapathConfig};
 use node_agent::state::NodeState;
@@ -327,12 +328,6 @@ fn filler_auth(r: &mut Rng, n: usize) -> Vec<AuthKey> {
     out
 }
 
-fn open_hash<K: Pod, V: Pod>(pin_dir: &Path, name: &'static str) -> aya::maps::HashMap<MapData, K, V> {
-    let data = MapData::from_pin(pin_dir.join(name)).unwrap_or_else(|e| panic!("opening {name}: {e}"));
-    let map = Map::from_map_data(data).unwrap_or_else(|e| panic!("{name}: {e}"));
-    aya::maps::HashMap::try_from(map).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
 fn insert_all<K: Pod, V: Pod>(map: &mut aya::maps::HashMap<MapData, K, V>, entries: &[(K, V)], what: &str) {
     for (k, v) in entries {
         map.insert(k, v, 0)
@@ -433,45 +428,6 @@ fn prog_run(prog: &Path, data: &Path, repeat: u32) -> (i64, f64) {
         .as_f64()
         .unwrap_or_else(|| panic!("no duration in {out}"));
     (retval, ns)
-}
-
-/// Removes the program pins, then everything the datapath pinned, also
-/// when the benchmark panics.
-#[derive(Debug)]
-struct PinGuard {
-    pin_dir: PathBuf,
-    progs: PathBuf,
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Ok(dir) = std::fs::read_dir(&self.progs) {
-            for e in dir.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.progs);
-        let _ = datapath::uninstall(&self.pin_dir);
-    }
-}
-
-/// Pin directories of earlier runs that were killed before their guards ran.
-fn remove_stale_pin_dirs() {
-    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("keyway-bench-") else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            drop(PinGuard {
-                progs: e.path().join("progs"),
-                pin_dir: e.path(),
-            });
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -701,17 +657,12 @@ fn set_cache(config: &ConfigSlot, cache: Cache, capture: bool) {
 }
 
 fn micro() -> Micro {
-    remove_stale_pin_dirs();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/keyway-bench-{}", std::process::id()));
-    let progs = pin_dir.join("progs");
-    let guard = PinGuard {
-        pin_dir: pin_dir.clone(),
-        progs: progs.clone(),
-    };
+    let guard = PinDir::new("keyway-bench-");
+    let pin_dir = guard.path().to_path_buf();
     let mut cfg = DatapathConfig::new(&pin_dir, NODE);
     cfg.flow_capture = false;
     let mut dp = Datapath::load(cfg).expect("loading the datapath (root, bpffs)");
-    std::fs::create_dir_all(&progs).expect("program pin dir");
+    let progs = guard.progs();
     let empty = progs.join("empty");
     let to_pod = progs.join("to_pod");
     let from_pod = progs.join("from_pod");

@@ -9,6 +9,7 @@ pub mod http;
 pub mod kube;
 pub mod mesh;
 pub mod netns;
+pub mod pinned;
 pub mod store_contract;
 
 use std::path::{Path, PathBuf};

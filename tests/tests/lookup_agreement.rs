@@ -13,10 +13,10 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use keyway_common::{config_flags, drop_reason, hook, identity};
+use keyway_tests::pinned::{PinDir, open_hash};
 use node_agent::datapath::drops::DropCounters;
 use node_agent::datapath::lookup::{PinnedLookup, evaluate};
 use node_agent::datapath::{self, AuthMap, DatapathConfig};
@@ -64,22 +64,6 @@ const LOCAL: [(u32, Ipv4Addr); 4] = [
 ];
 const REMOTE: (u32, Ipv4Addr) = (410, Ipv4Addr::new(10, 202, 9, 1));
 const WORLD_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-
-/// Unpins what the test pinned, also when it fails.
-struct PinGuard(PathBuf);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Ok(dir) = std::fs::read_dir(self.0.join("progs")) {
-            for e in dir.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(self.0.join("progs"));
-        let _ = datapath::uninstall(&self.0);
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 /// Random policy over the pods: entries of every shape (exact, any port,
 /// any peer, any peer and port) in both directions, some requiring
@@ -174,8 +158,8 @@ fn frame(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec
     f
 }
 
-fn pinned_program(dp: &mut datapath::Datapath, pin_dir: &Path, name: &str) -> SchedClassifier {
-    let path = pin_dir.join("progs").join(name);
+fn pinned_program(dp: &mut datapath::Datapath, pins: &PinDir, name: &str) -> SchedClassifier {
+    let path = pins.progs().join(name);
     dp.pin_program(name, &path)
         .unwrap_or_else(|e| panic!("pinning {name}: {e}"));
     SchedClassifier::from_pin(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -191,31 +175,20 @@ fn explain_and_the_kernel_agree_on_randomised_tables() {
     let mut r = Lcg(0x6b65_7977_6179_0006);
     let (mut checked, mut by_reason) = (0, BTreeMap::<u8, usize>::new());
     for fold_limit in [datapath::tables::FOLD_LIMIT, 0] {
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/keyway-agree-{}-{fold_limit}",
-            std::process::id()
-        ));
-        let _guard = PinGuard(pin_dir.clone());
+        let pins = PinDir::new(&format!("keyway-agree-{fold_limit}-"));
+        let pin_dir = pins.path().to_path_buf();
         let mut cfg = DatapathConfig::new(&pin_dir, NODE);
         cfg.flow_capture = false;
         cfg.policy_fold_limit = fold_limit;
         let mut dp = datapath::Datapath::load(cfg).expect("loading the datapath (root, bpffs)");
-        std::fs::create_dir_all(pin_dir.join("progs")).expect("program pin dir");
-        let to_pod = pinned_program(&mut dp, &pin_dir, "keyway_to_pod");
-        let from_pod = pinned_program(&mut dp, &pin_dir, "keyway_from_pod");
+        let to_pod = pinned_program(&mut dp, &pins, "keyway_to_pod");
+        let from_pod = pinned_program(&mut dp, &pins, "keyway_from_pod");
         // Every packet judged from the tables, none from a cache.
         dp.config()
             .update(|c| c.flags |= config_flags::NO_VERDICT_CACHE | config_flags::NO_SUBJECT_MEMO)
             .expect("config");
         let mut endpoints: aya::maps::HashMap<aya::maps::MapData, u32, keyway_common::EndpointInfo> =
-            aya::maps::HashMap::try_from(
-                aya::maps::Map::from_map_data(
-                    aya::maps::MapData::from_pin(pin_dir.join(keyway_common::maps::ENDPOINTS))
-                        .expect("endpoints pin"),
-                )
-                .expect("endpoints"),
-            )
-            .expect("endpoints");
+            open_hash(&pin_dir, keyway_common::maps::ENDPOINTS);
         for &(id, ip) in &LOCAL {
             let ep = keyway_common::EndpointInfo {
                 ifindex: TEST_RUN_IFINDEX,

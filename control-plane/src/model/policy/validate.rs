@@ -22,42 +22,10 @@ impl TryFrom<&crd::KeywayNetworkPolicySpec> for PolicySpec {
     type Error = InvalidSpec;
 
     fn try_from(raw: &crd::KeywayNetworkPolicySpec) -> Result<Self, InvalidSpec> {
-        let ingress = raw.ingress.as_ref().map(|rules| {
-            rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    RuleParts {
-                        direction: Direction::Ingress,
-                        authentication: r.authentication.as_ref(),
-                        endpoints: r.from_endpoints.as_deref(),
-                        entities: r.from_entities.as_deref(),
-                        to_ports: r.to_ports.as_deref(),
-                    }
-                    .validate(&format!("spec.ingress[{i}]"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        });
-        let egress = raw.egress.as_ref().map(|rules| {
-            rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    RuleParts {
-                        direction: Direction::Egress,
-                        authentication: r.authentication.as_ref(),
-                        endpoints: r.to_endpoints.as_deref(),
-                        entities: r.to_entities.as_deref(),
-                        to_ports: r.to_ports.as_deref(),
-                    }
-                    .validate(&format!("spec.egress[{i}]"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        });
         Ok(PolicySpec {
             endpoint_selector: selector("spec.endpointSelector", &raw.endpoint_selector)?,
-            ingress: ingress.transpose()?,
-            egress: egress.transpose()?,
+            ingress: rules("spec.ingress", raw.ingress.as_deref(), RuleParts::ingress)?,
+            egress: rules("spec.egress", raw.egress.as_deref(), RuleParts::egress)?,
         })
     }
 }
@@ -75,7 +43,43 @@ struct RuleParts<'a> {
     to_ports: Option<&'a [crd::PortRule]>,
 }
 
-impl RuleParts<'_> {
+/// A direction's rules, each read as its [`RuleParts`]; `None` stays `None`
+/// (no rules is not the same as an empty list).
+fn rules<'a, R>(
+    path: &str,
+    list: Option<&'a [R]>,
+    parts: impl Fn(&'a R) -> RuleParts<'a>,
+) -> Result<Option<Vec<Rule>>, InvalidSpec> {
+    list.map(|list| {
+        list.iter()
+            .enumerate()
+            .map(|(i, r)| parts(r).validate(&format!("{path}[{i}]")))
+            .collect()
+    })
+    .transpose()
+}
+
+impl<'a> RuleParts<'a> {
+    fn ingress(r: &'a crd::IngressRule) -> Self {
+        RuleParts {
+            direction: Direction::Ingress,
+            authentication: r.authentication.as_ref(),
+            endpoints: r.from_endpoints.as_deref(),
+            entities: r.from_entities.as_deref(),
+            to_ports: r.to_ports.as_deref(),
+        }
+    }
+
+    fn egress(r: &'a crd::EgressRule) -> Self {
+        RuleParts {
+            direction: Direction::Egress,
+            authentication: r.authentication.as_ref(),
+            endpoints: r.to_endpoints.as_deref(),
+            entities: r.to_entities.as_deref(),
+            to_ports: r.to_ports.as_deref(),
+        }
+    }
+
     fn validate(&self, path: &str) -> Result<Rule, InvalidSpec> {
         let (peers, entities) = match self.direction {
             Direction::Ingress => ("fromEndpoints", "fromEntities"),
