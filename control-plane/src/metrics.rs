@@ -1,14 +1,20 @@
 //! The control plane's Prometheus metrics (`keyway_` prefix) and the
-//! readiness components `/readyz` waits for. Label sets are the enums below,
-//! so a label value cannot be misspelt at a call site.
+//! readiness components `/readyz` waits for. Label sets are the structs
+//! below over the enums below, so a label cannot be left out or misspelt at
+//! a call site.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyway_identity::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, LogLimiter, Readiness, Registry};
+use keyway_serve::telemetry::{LogLimiter, Readiness, Registry, latency_histogram};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Who an X509-SVID was issued to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IssuedKind {
     Workload,
     Node,
@@ -28,7 +34,7 @@ impl IssuedKind {
 }
 
 /// Why an attestation or SVID request from an agent was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
     /// A malformed request: a bad node name or SPIFFE ID, an empty token,
     /// no attestation method.
@@ -83,7 +89,7 @@ impl Refusal {
 }
 
 /// A CA rotation step, as the rotations counter labels it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RotationStep {
     Prepare,
     Activate,
@@ -100,6 +106,31 @@ impl RotationStep {
     }
 }
 
+keyway_serve::label_values_by_as_str!(IssuedKind, Refusal, RotationStep);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: IssuedKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: Refusal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StepLabels {
+    step: RotationStep,
+}
+
+/// One signing CA in the bundle: its id, and `prepared`, `active` or
+/// `retired`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct CaLabels {
+    pub ca_id: String,
+    pub phase: &'static str,
+}
+
 /// Readiness components of the control plane.
 pub const READY_STORE: &str = "store";
 pub const READY_CA: &str = "ca";
@@ -112,11 +143,11 @@ pub const READY_KUBERNETES_CACHES: &str = "kubernetes_caches";
 pub struct Metrics {
     pub registry: Arc<Registry>,
     pub readiness: Arc<Readiness>,
-    svids_issued: Counter,
-    refused: Counter,
-    issuance_seconds: Histogram,
-    pub(crate) ca_expiry: Gauge,
-    ca_rotations: Counter,
+    svids_issued: Family<KindLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
+    issuance_seconds: Family<KindLabels, Histogram>,
+    pub(crate) ca_expiry: Family<CaLabels, Gauge>,
+    ca_rotations: Family<StepLabels, Counter>,
     sync_streams: Gauge,
     pub(crate) registry_revision: Gauge,
     pub(crate) is_leader: Gauge,
@@ -142,108 +173,118 @@ impl Metrics {
     pub fn new(registry: Arc<Registry>, readiness: Arc<Readiness>) -> Self {
         let r = &registry;
         let m = Self {
-            svids_issued: r.counter(
-                "keyway_svids_issued_total",
+            svids_issued: r.register(
+                "keyway_svids_issued",
                 "X509-SVIDs issued, by who they were issued to.",
-                &["kind"],
+                Family::default(),
             ),
-            refused: r.counter(
-                "keyway_svid_requests_refused_total",
+            refused: r.register(
+                "keyway_svid_requests_refused",
                 "Attestations and SVID requests refused, by reason.",
-                &["reason"],
+                Family::default(),
             ),
-            issuance_seconds: r.histogram(
+            issuance_seconds: r.register(
                 "keyway_svid_issuance_seconds",
                 "Time to check a CSR, sign it and log the issuance.",
-                &["kind"],
-                LATENCY_BUCKETS,
+                Family::new_with_constructor(latency_histogram),
             ),
-            ca_expiry: r.gauge(
+            ca_expiry: r.register(
                 "keyway_ca_expiry_timestamp_seconds",
                 "When each signing CA in the bundle expires (Unix seconds), by id and phase.",
-                &["ca_id", "phase"],
+                Family::default(),
             ),
-            ca_rotations: r.counter(
-                "keyway_ca_rotations_total",
+            ca_rotations: r.register(
+                "keyway_ca_rotations",
                 "CA rotation steps this process ran.",
-                &["step"],
+                Family::default(),
             ),
-            sync_streams: r.gauge("keyway_sync_streams", "Open agent Sync streams.", &[]),
-            registry_revision: r.gauge(
+            sync_streams: r.register(
+                "keyway_sync_streams",
+                "Open agent Sync streams.",
+                Gauge::default(),
+            ),
+            registry_revision: r.register(
                 "keyway_registry_revision",
                 "Revision of the registry (workloads, policies, nodes) this process serves.",
-                &[],
+                Gauge::default(),
             ),
-            is_leader: r.gauge(
+            is_leader: r.register(
                 "keyway_is_leader",
                 "1 when this replica leads (rotates the CA, reconciles), else 0.",
-                &[],
+                Gauge::default(),
             ),
-            issuance_log_records: r.gauge(
+            issuance_log_records: r.register(
                 "keyway_issuance_log_records",
                 "Records the issuance log holds after the leader's last prune.",
-                &[],
+                Gauge::default(),
             ),
-            issuance_log_bytes: r.gauge(
+            issuance_log_bytes: r.register(
                 "keyway_issuance_log_bytes",
                 "Bytes of records the issuance log holds after the leader's last prune.",
-                &[],
+                Gauge::default(),
             ),
-            issuance_log_pruned: r.counter(
-                "keyway_issuance_log_pruned_total",
+            issuance_log_pruned: r.register(
+                "keyway_issuance_log_pruned",
                 "Issuance records dropped by retention (expired past the margin, or over the caps).",
-                &[],
+                Counter::default(),
             ),
             refusal_log: Arc::new(LogLimiter::per_minute()),
             listeners: keyway_serve::ListenerMetrics::register(r),
             registry,
             readiness,
         };
+        // Every kind and step reads 0 from the start.
         for kind in [
             IssuedKind::Workload,
             IssuedKind::Node,
             IssuedKind::ControlPlane,
             IssuedKind::Admin,
         ] {
-            m.svids_issued.inc_by(&[kind.as_str()], 0);
+            m.svids_issued.get_or_create(&KindLabels { kind }).inc_by(0);
         }
         for step in [
             RotationStep::Prepare,
             RotationStep::Activate,
             RotationStep::Retire,
         ] {
-            m.ca_rotations.inc_by(&[step.as_str()], 0);
+            m.ca_rotations.get_or_create(&StepLabels { step }).inc_by(0);
         }
-        m.issuance_log_pruned.inc_by(&[], 0);
         m
     }
 
     pub fn issued(&self, kind: IssuedKind, started: Instant) {
-        self.svids_issued.inc(&[kind.as_str()]);
+        let labels = KindLabels { kind };
+        self.svids_issued.get_or_create(&labels).inc();
         self.issuance_seconds
-            .observe(&[kind.as_str()], started.elapsed().as_secs_f64());
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// What the issuance log holds after a prune, and what it dropped.
     pub fn issuance_log(&self, out: &crate::store::PruneOutcome) {
-        self.issuance_log_records.set(&[], out.kept as f64);
-        self.issuance_log_bytes.set(&[], out.kept_bytes as f64);
-        self.issuance_log_pruned.inc_by(&[], out.removed as u64);
+        self.issuance_log_records.set(saturating_i64(out.kept));
+        self.issuance_log_bytes.set(saturating_i64(out.kept_bytes));
+        self.issuance_log_pruned.inc_by(out.removed as u64);
     }
 
     pub fn refused(&self, reason: Refusal) {
-        self.refused.inc(&[reason.as_str()]);
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn rotated(&self, step: RotationStep) {
-        self.ca_rotations.inc(&[step.as_str()]);
+        self.ca_rotations.get_or_create(&StepLabels { step }).inc();
     }
 
     /// Counts an open Sync stream until the guard drops.
     pub fn sync_stream(&self) -> SyncStreamGuard {
-        self.sync_streams.add(&[], 1.0);
+        self.sync_streams.inc();
         SyncStreamGuard(self.sync_streams.clone())
     }
+}
+
+/// A count as a gauge value.
+pub(crate) fn saturating_i64(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 /// One open Sync stream (see [`Metrics::sync_stream`]).
@@ -252,6 +293,6 @@ pub struct SyncStreamGuard(Gauge);
 
 impl Drop for SyncStreamGuard {
     fn drop(&mut self) {
-        self.0.add(&[], -1.0);
+        self.0.dec();
     }
 }

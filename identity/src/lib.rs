@@ -13,7 +13,6 @@ pub mod duration;
 pub mod jitter;
 pub mod jwt;
 pub mod lock;
-pub mod metrics;
 pub mod pem;
 pub mod spiffe_id;
 pub mod svid;

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
 use keyway_identity::{Svid, TrustBundle, TrustDomain};
@@ -19,7 +20,11 @@ use crate::state::NodeState;
 use crate::svid_cache::{SvidCache, renew_after};
 use crate::telemetry::Telemetry;
 use keyway_identity::lock::Recover;
-use keyway_identity::metrics::{Counter, Gauge, Registry};
+use keyway_serve::telemetry::Registry;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Validated `node-agent run` configuration.
 #[derive(Debug, Clone)]
@@ -341,42 +346,47 @@ impl Link {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SvidLabels {
+    spiffe_id: String,
+}
+
 /// The agent core's metric families: the workload SVIDs held (their
 /// expiry) and their renewals, and how current the view from Sync is.
 /// Registered before the metrics listener binds, so `/metrics` lists them
 /// while the agent is still attesting.
 #[derive(Debug, Clone)]
 pub struct CoreMetrics {
-    expiry: Gauge,
+    expiry: Family<SvidLabels, Gauge>,
     rotated: Counter,
-    sync_lag: Gauge,
-    last_applied: Gauge,
+    sync_lag: Gauge<f64, AtomicU64>,
+    last_applied: Gauge<f64, AtomicU64>,
 }
 
 impl CoreMetrics {
     pub fn register(r: &Registry) -> Self {
         Self {
-            expiry: r.gauge(
+            expiry: r.register(
                 "keyway_svid_expiry_timestamp_seconds",
                 "When each workload X509-SVID this agent holds expires (Unix seconds).",
-                &["spiffe_id"],
+                Family::default(),
             ),
-            rotated: r.counter(
-                "keyway_svid_rotations_total",
+            rotated: r.register(
+                "keyway_svid_rotations",
                 "Workload X509-SVIDs renewed (replaced before expiry).",
-                &[],
+                Counter::default(),
             ),
-            sync_lag: r.gauge(
+            sync_lag: r.register(
                 "keyway_sync_lag_seconds",
                 "0 while the Sync stream is connected and its last complete update is applied; \
                  otherwise seconds since this agent's view was last known current (the connection \
                  loss, or start-up before the first complete snapshot).",
-                &[],
+                Gauge::default(),
             ),
-            last_applied: r.gauge(
+            last_applied: r.register(
                 "keyway_sync_last_applied_timestamp_seconds",
                 "When the last complete Sync update was applied (Unix seconds; 0 before the first).",
-                &[],
+                Gauge::default(),
             ),
         }
     }
@@ -398,14 +408,18 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
     let svids = handles.svids.clone();
     r.on_scrape(move || {
         let held = svids.borrow().clone();
-        expiry.retain(|labels| held.contains_key(&labels[0]));
+        // Scrapes are one at a time: no scrape sees the family cleared.
+        expiry.clear();
         for (id, svid) in held.iter() {
             let at = svid
                 .not_after()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
-            expiry.set(&[id], at);
+                .map_or(0, |d| d.as_secs().try_into().unwrap_or(i64::MAX));
+            expiry
+                .get_or_create(&SvidLabels {
+                    spiffe_id: id.clone(),
+                })
+                .set(at);
         }
     });
     // A rotation is a held SVID replaced by a newer one for the same ID
@@ -424,7 +438,7 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
                 .iter()
                 .filter(|(id, svid)| held.get(*id).is_some_and(|old| old.serial() != svid.serial()))
                 .count();
-            rotated.inc_by(&[], renewed as u64);
+            rotated.inc_by(renewed as u64);
             held = next;
         }
     });
@@ -433,7 +447,7 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
         let lag = lag.clone();
         move || {
             let secs = lag.locked().seconds(std::time::Instant::now());
-            sync_lag.set(&[], secs);
+            sync_lag.set(secs);
         }
     });
     let mut state = handles.state.clone();
@@ -452,7 +466,7 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
                             .duration_since(std::time::UNIX_EPOCH)
                             .map(|d| d.as_secs_f64())
                             .unwrap_or(0.0);
-                        last_applied.set(&[], now);
+                        last_applied.set(now);
                         let connected = client.borrow().is_some();
                         lag.locked().applied(connected);
                     }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use keyway_identity::metrics::{Readiness, Registry};
+use keyway_serve::telemetry::{Readiness, Registry};
 
 /// The registry, readiness and listener metrics of one agent. Cheap to clone.
 #[derive(Debug, Clone)]

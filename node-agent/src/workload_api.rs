@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::Stream;
-use keyway_identity::metrics::{Gauge, Registry};
+use keyway_serve::telemetry::Registry;
+use prometheus_client::metrics::gauge::Gauge;
 use proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use proto::workload::{self as pb};
 use tokio::net::UnixListener;
@@ -204,10 +205,10 @@ impl Default for StreamMetrics {
 impl StreamMetrics {
     pub fn register(r: &Registry, listeners: keyway_serve::ListenerMetrics) -> Self {
         Self {
-            streams: r.gauge(
+            streams: r.register(
                 "keyway_workload_api_streams",
                 "Open Workload API streams (X.509 SVIDs, bundles, JWT bundles).",
-                &[],
+                Gauge::default(),
             ),
             listeners,
         }
@@ -215,7 +216,7 @@ impl StreamMetrics {
 
     /// Counts an open Workload API stream until the guard drops.
     pub fn stream(&self) -> StreamGuard {
-        self.streams.add(&[], 1.0);
+        self.streams.inc();
         StreamGuard(self.streams.clone())
     }
 }
@@ -226,7 +227,7 @@ pub struct StreamGuard(Gauge);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.add(&[], -1.0);
+        self.0.dec();
     }
 }
 

@@ -9,9 +9,9 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use crate::telemetry::{Format, Readiness, Registry};
 use hyper::{Method, Response, StatusCode, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use keyway_identity::metrics::{CONTENT_TYPE, Readiness, Registry};
 use tokio::sync::watch;
 
 use crate::limits::{Gate, Limits, PeerKey};
@@ -105,7 +105,14 @@ fn respond(
         );
     }
     match req.uri().path() {
-        "/metrics" => (StatusCode::OK, CONTENT_TYPE, registry.render()),
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
+            (StatusCode::OK, format.content_type(), registry.encode(format))
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => {
             // Ready: every component; not ready: those still waited for.

@@ -17,12 +17,14 @@
 //!   start; [`unix::serve`] serves one with the caller attested at connect,
 //!   and with [`authority`] accepting the `:authority` values that gRPC
 //!   clients send on unix sockets.
-//! - [`http::serve`] is the metrics and health endpoint (HTTP/1.1).
+//! - [`http::serve`] is the metrics and health endpoint (HTTP/1.1), serving
+//!   what [`telemetry`] holds: the metrics registry and readiness.
 
 pub mod authority;
 pub mod grpc;
 pub mod http;
 mod limits;
+pub mod telemetry;
 pub mod unix;
 
 pub use limits::{Gate, Limits, ListenerMetrics, PeerKey, Permit, Refused};

@@ -6,7 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyway_identity::lock::Recover;
-use keyway_identity::metrics::{Counter, Gauge, LogLimiter, Registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::telemetry::{LogLimiter, Registry};
 
 /// What one listener allows. Every field has a default fit for a listener
 /// that untrusted local or network peers can reach; the binaries tighten or
@@ -93,7 +98,7 @@ impl std::fmt::Display for PeerKey {
 }
 
 /// Why a connection was refused at accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refused {
     /// The listener holds `max_connections`.
     ConnectionLimit,
@@ -110,31 +115,52 @@ impl Refused {
     }
 }
 
+crate::label_values_by_as_str!(Refused);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: &'static str,
+    reason: Refused,
+}
+
+/// Why the server closed a connection: `accept-error`, `header-timeout`,
+/// `idle`, `body-timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
 /// Listener metrics, registered once per process and shared by its gates.
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
-    connections: Gauge,
-    refused: Counter,
-    closed: Counter,
+    connections: Family<ListenerLabels, Gauge>,
+    refused: Family<RefusedLabels, Counter>,
+    closed: Family<ClosedLabels, Counter>,
 }
 
 impl ListenerMetrics {
     pub fn register(registry: &Registry) -> Self {
         Self {
-            connections: registry.gauge(
+            connections: registry.register(
                 "keyway_listener_connections",
                 "Connections a listener holds now.",
-                &["listener"],
+                Family::default(),
             ),
-            refused: registry.counter(
-                "keyway_listener_refused_total",
+            refused: registry.register(
+                "keyway_listener_refused",
                 "Connections closed at accept: connection-limit, peer-limit.",
-                &["listener", "reason"],
+                Family::default(),
             ),
-            closed: registry.counter(
-                "keyway_listener_closed_total",
+            closed: registry.register(
+                "keyway_listener_closed",
                 "Connections the server closed: header-timeout (no request in time), idle, body-timeout.",
-                &["listener", "reason"],
+                Family::default(),
             ),
         }
     }
@@ -152,6 +178,8 @@ pub struct Gate {
     limits: Limits,
     state: Mutex<Counts>,
     metrics: ListenerMetrics,
+    /// This listener's series of `metrics.connections`.
+    connections: Gauge,
     log: LogLimiter,
 }
 
@@ -163,12 +191,16 @@ struct Counts {
 
 impl Gate {
     pub fn new(name: &'static str, limits: Limits, metrics: ListenerMetrics) -> Arc<Self> {
-        metrics.connections.set(&[name], 0.0);
+        let connections = metrics
+            .connections
+            .get_or_create_owned(&ListenerLabels { listener: name });
+        connections.set(0);
         Arc::new(Self {
             name,
             limits,
             state: Mutex::new(Counts::default()),
             metrics,
+            connections,
             log: LogLimiter::per_minute(),
         })
     }
@@ -202,7 +234,7 @@ impl Gate {
             self.refuse(&peer, why);
             return Err(why);
         }
-        self.metrics.connections.add(&[self.name], 1.0);
+        self.connections.inc();
         Ok(Permit {
             gate: self.clone(),
             peer,
@@ -210,7 +242,13 @@ impl Gate {
     }
 
     fn refuse(&self, peer: &PeerKey, why: Refused) {
-        self.metrics.refused.inc(&[self.name, why.as_str()]);
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                listener: self.name,
+                reason: why,
+            })
+            .inc();
         if self.log.should_warn(&format!("{peer}/{}", why.as_str())) {
             tracing::warn!(
                 listener = self.name,
@@ -227,7 +265,7 @@ impl Gate {
     /// most once a minute per kind of error, and counts it. The caller
     /// backs off before accepting again.
     pub fn accept_failed(&self, e: &std::io::Error) {
-        self.metrics.closed.inc(&[self.name, "accept-error"]);
+        self.closed("accept-error");
         if self.log.should_warn(&format!("accept/{:?}", e.kind())) {
             tracing::warn!(
                 listener = self.name,
@@ -239,7 +277,13 @@ impl Gate {
 
     /// Counts a connection the server closed, by reason.
     pub fn closed(&self, reason: &'static str) {
-        self.metrics.closed.inc(&[self.name, reason]);
+        self.metrics
+            .closed
+            .get_or_create(&ClosedLabels {
+                listener: self.name,
+                reason,
+            })
+            .inc();
     }
 
     /// Connections held now.
@@ -297,7 +341,7 @@ impl Drop for Permit {
             }
         }
         drop(c);
-        self.gate.metrics.connections.add(&[self.gate.name], -1.0);
+        self.gate.connections.dec();
     }
 }
 

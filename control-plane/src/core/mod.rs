@@ -26,7 +26,7 @@ use crate::attest::{Method, NodeAttestor, Refused};
 use crate::ca::{self, Authority, CaConfig, Issued, Step};
 use crate::config::Config;
 use crate::csr;
-use crate::metrics::{IssuedKind, Metrics, Refusal, RotationStep};
+use crate::metrics::{CaLabels, IssuedKind, Metrics, Refusal, RotationStep, saturating_i64};
 use std::collections::{HashMap, HashSet};
 
 use crate::model::{
@@ -223,14 +223,18 @@ impl ControlPlane {
             let Some(inner) = weak.upgrade() else { return };
             let cp = ControlPlane { inner };
             let authority = cp.authority();
-            m.ca_expiry.retain(|_| false);
+            // Scrapes are one at a time: no scrape sees the family cleared.
+            m.ca_expiry.clear();
             for a in &authority.state().authorities {
-                m.ca_expiry
-                    .set(&[&a.id, Self::phase_name(a.phase)], a.not_after as f64);
+                let labels = CaLabels {
+                    ca_id: a.id.clone(),
+                    phase: Self::phase_name(a.phase),
+                };
+                m.ca_expiry.get_or_create(&labels).set(a.not_after);
             }
             m.registry_revision
-                .set(&[], cp.inner.cluster.borrow().records.revision as f64);
-            m.is_leader.set(&[], if cp.is_leader() { 1.0 } else { 0.0 });
+                .set(saturating_i64(cp.inner.cluster.borrow().records.revision));
+            m.is_leader.set(i64::from(cp.is_leader()));
         });
     }
 

@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use keyway_identity::metrics::{Counter, Gauge, Registry};
+use keyway_serve::telemetry::Registry;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
 
 use super::DatapathStatus;
@@ -12,43 +16,63 @@ use super::drops::DropCounters;
 use super::endpoints::Withheld;
 use super::events::{MissingAuth, SignalCounts};
 
+/// A drop reason, as `keyway_common::drop_reason::name` spells it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+/// `queued`, or `queue_full`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SignalLabels {
+    result: &'static str,
+}
+
+/// `placed`, `waiting` or `withheld`, and for `withheld` why
+/// ([`Withheld::REASONS`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    state: &'static str,
+    reason: &'static str,
+}
+
 /// The datapath's families, registered whether or not the datapath runs
 /// (so `/metrics` lists them either way); filled once it does. Cheap to
 /// clone.
 #[derive(Debug, Clone)]
 pub struct DatapathMetrics {
-    drops: Counter,
+    drops: Family<DropLabels, Counter>,
     signal_queue_depth: Gauge,
-    signals: Counter,
-    endpoints: Gauge,
+    signals: Family<SignalLabels, Counter>,
+    endpoints: Family<EndpointLabels, Gauge>,
     registry: Arc<Registry>,
 }
 
 impl DatapathMetrics {
     pub fn register(r: &Arc<Registry>) -> Self {
         Self {
-            drops: r.counter(
-                "keyway_datapath_drops_total",
+            drops: r.register(
+                "keyway_datapath_drops",
                 "Packets the datapath dropped, by reason (read from the kernel's per-CPU counters).",
-                &["reason"],
+                Family::default(),
             ),
-            signal_queue_depth: r.gauge(
+            signal_queue_depth: r.register(
                 "keyway_signal_queue_depth",
                 "Missing-auth signals from the datapath waiting for the handshake driver.",
-                &[],
+                Gauge::default(),
             ),
-            signals: r.counter(
-                "keyway_datapath_signals_total",
+            signals: r.register(
+                "keyway_datapath_signals",
                 "Missing-auth signals read from the datapath, by result (queued for the handshake \
                  driver, or queue_full: dropped until the kernel signals the pair again).",
-                &["result"],
+                Family::default(),
             ),
-            endpoints: r.gauge(
+            endpoints: r.register(
                 "keyway_datapath_endpoints",
                 "This node's workload addresses by state: placed (in the endpoint map, judged at their \
                  interface), waiting (no interface leads to them yet: the pod is being made), or \
                  withheld (behind a bridge, refused a port; the reason label says why).",
-                &["state", "reason"],
+                Family::default(),
             ),
             registry: r.clone(),
         }
@@ -69,16 +93,27 @@ impl DatapathMetrics {
         self.registry.on_scrape(move || {
             if let Ok(totals) = drops.read() {
                 for (reason, total) in totals {
-                    counter.set_total(&[keyway_common::drop_reason::name(reason)], total);
+                    let reason = keyway_common::drop_reason::name(reason);
+                    counter
+                        .get_or_create(&DropLabels { reason })
+                        .inner()
+                        .store(total, Relaxed);
                 }
             }
             let d = signal_queue
                 .upgrade()
                 .map(|s| s.max_capacity() - s.capacity())
                 .unwrap_or(0);
-            depth.set(&[], d as f64);
-            signals.set_total(&["queued"], signal_counts.queued.load(Relaxed));
-            signals.set_total(&["queue_full"], signal_counts.queue_full.load(Relaxed));
+            depth.set(d.try_into().unwrap_or(i64::MAX));
+            for (result, n) in [
+                ("queued", &signal_counts.queued),
+                ("queue_full", &signal_counts.queue_full),
+            ] {
+                signals
+                    .get_or_create(&SignalLabels { result })
+                    .inner()
+                    .store(n.load(Relaxed), Relaxed);
+            }
         });
     }
 
@@ -88,16 +123,24 @@ impl DatapathMetrics {
         let gauge = self.endpoints.clone();
         self.registry.on_scrape(move || {
             let s = status.borrow();
-            gauge.set(&["placed", ""], s.endpoints.len() as f64);
+            let set = |state, reason, n: usize| {
+                gauge
+                    .get_or_create(&EndpointLabels { state, reason })
+                    .set(n.try_into().unwrap_or(i64::MAX))
+            };
+            set("placed", "", s.endpoints.len());
             let waiting = s
                 .unresolved
                 .iter()
                 .filter(|ip| !s.withheld.contains_key(ip))
                 .count();
-            gauge.set(&["waiting", ""], waiting as f64);
+            set("waiting", "", waiting);
             for reason in Withheld::REASONS {
-                let n = s.withheld.values().filter(|w| w.reason() == reason).count();
-                gauge.set(&["withheld", reason], n as f64);
+                set(
+                    "withheld",
+                    reason,
+                    s.withheld.values().filter(|w| w.reason() == reason).count(),
+                );
             }
         });
     }

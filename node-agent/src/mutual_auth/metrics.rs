@@ -4,13 +4,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyway_identity::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, LogLimiter, Registry};
+use keyway_serve::telemetry::{LogLimiter, Registry, latency_histogram};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 
 use super::AuthRecord;
 
 /// Which side of a mutual-auth handshake this agent was on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HandshakeRole {
     /// This agent dialled the peer agent.
     Dial,
@@ -27,11 +32,25 @@ impl HandshakeRole {
     }
 }
 
+keyway_serve::label_values_by_as_str!(HandshakeRole);
+
+/// A handshake's role, and `ok` or the error kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandshakeLabels {
+    role: HandshakeRole,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RoleLabels {
+    role: HandshakeRole,
+}
+
 /// Mutual auth's metrics, registered once per registry. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuthMetrics {
-    handshakes: Counter,
-    handshake_seconds: Histogram,
+    handshakes: Family<HandshakeLabels, Counter>,
+    handshake_seconds: Family<RoleLabels, Histogram>,
     auth_map_entries: Gauge,
     /// Failed handshakes answered for peers are logged once per peer and
     /// reason per minute.
@@ -53,45 +72,53 @@ impl AuthMetrics {
     pub fn register(r: &Arc<Registry>, listeners: keyway_serve::ListenerMetrics) -> Self {
         let m = Self {
             registry: r.clone(),
-            handshakes: r.counter(
-                "keyway_handshakes_total",
+            handshakes: r.register(
+                "keyway_handshakes",
                 "Mutual-auth handshakes, by role (dial, answer) and result (ok or the error kind).",
-                &["role", "result"],
+                Family::default(),
             ),
-            handshake_seconds: r.histogram(
+            handshake_seconds: r.register(
                 "keyway_handshake_seconds",
                 "Duration of mutual-auth handshakes, successful or not.",
-                &["role"],
-                LATENCY_BUCKETS,
+                Family::new_with_constructor(latency_histogram),
             ),
-            auth_map_entries: r.gauge(
+            auth_map_entries: r.register(
                 "keyway_auth_map_entries",
                 "Mutual-auth entries this agent holds (what it writes to the auth map).",
-                &[],
+                Gauge::default(),
             ),
             handshake_log: Arc::new(LogLimiter::per_minute()),
             listeners,
         };
-        m.handshakes.inc_by(&[HandshakeRole::Dial.as_str(), "ok"], 0);
+        m.handshakes
+            .get_or_create(&HandshakeLabels {
+                role: HandshakeRole::Dial,
+                result: "ok",
+            })
+            .inc_by(0);
         m
     }
 
     /// Records one handshake: `result` is `Ok` or the error kind.
     pub fn handshake(&self, role: HandshakeRole, result: Result<(), &'static str>, started: Instant) {
-        let r = match result {
+        let result = match result {
             Ok(()) => "ok",
             Err(kind) => kind,
         };
-        self.handshakes.inc(&[role.as_str(), r]);
+        self.handshakes
+            .get_or_create(&HandshakeLabels { role, result })
+            .inc();
         self.handshake_seconds
-            .observe(&[role.as_str()], started.elapsed().as_secs_f64());
+            .get_or_create(&RoleLabels { role })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Mirrors the number of auth entries held, at scrape time.
     pub(super) fn watch_entries(&self, entries: watch::Receiver<Arc<Vec<AuthRecord>>>) {
         let gauge = self.auth_map_entries.clone();
-        self.registry
-            .on_scrape(move || gauge.set(&[], entries.borrow().len() as f64));
+        self.registry.on_scrape(move || {
+            gauge.set(entries.borrow().len().try_into().unwrap_or(i64::MAX));
+        });
     }
 }
 
