@@ -14,11 +14,17 @@
 //!   identities, not CIDRs, and a pod's named ports are not in its identity):
 //!   such a peer or port is left out, which fails closed. A rule left with no
 //!   peer or no port allows nothing.
+//! - A policy the validator refuses is not dropped, which would leave its
+//!   pods open: it selects what its `podSelector` selects (every pod of its
+//!   namespace when that cannot be read either) and allows nothing in the
+//!   directions it names, until it is fixed ([`network_policy`]).
 //!
 //! The translator is security-relevant: what it widens and what it refuses
 //! is pinned by the tests below, one per case.
 
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as K8sSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -26,27 +32,75 @@ use tracing::warn;
 
 use crate::crd;
 use crate::model::PolicyRecord;
-use crate::model::policy::{InvalidSpec, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, PolicySpec};
+use crate::model::policy::{
+    InvalidSpec, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, PolicySpec, is_pseudo_label,
+};
 
 /// Prefix of the store names of policies that come from a networking.k8s.io
 /// NetworkPolicy. `:` cannot appear in a Kubernetes object name, so these
 /// never collide with a KeywayNetworkPolicy of the same name.
 pub const NETWORK_POLICY_PREFIX: &str = "networkpolicy:";
 
-/// The policy record a NetworkPolicy stands for, or why it is refused (then
-/// it is not enforced at all, and the caller says so).
-pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
-    let namespace = np.namespace().unwrap_or_default();
-    let name = np.name_any();
+/// The policy record a NetworkPolicy stands for, and why it is refused when
+/// it is: then the record fails closed (see the module docs), and the caller
+/// says why.
+pub fn network_policy(np: &NetworkPolicy) -> (PolicyRecord, Option<InvalidSpec>) {
+    let record = |spec| PolicyRecord {
+        namespace: np.namespace().unwrap_or_default(),
+        name: format!("{NETWORK_POLICY_PREFIX}{}", np.name_any()),
+        spec,
+    };
+    match translate(np) {
+        Ok(spec) => (record(spec), None),
+        Err(e) => (record(allow_nothing(np)), Some(e)),
+    }
+}
+
+/// What `policyTypes` says, or what the API server defaults it to.
+fn policy_types(spec: &NetworkPolicySpec) -> Vec<&str> {
+    match &spec.policy_types {
+        Some(types) => types.iter().map(String::as_str).collect(),
+        None if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) => vec!["Ingress", "Egress"],
+        None => vec!["Ingress"],
+    }
+}
+
+/// A refused policy's stand-in: its pods, or every pod of its namespace when
+/// its pod selector is what cannot be read, allowed nothing in the
+/// directions it names (ingress alone when it has no spec).
+fn allow_nothing(np: &NetworkPolicy) -> PolicySpec {
+    let types = np.spec.as_ref().map_or_else(|| vec!["Ingress"], policy_types);
+    let nothing = |direction| types.contains(&direction).then(Vec::new);
+    let endpoint_selector = np
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_selector.as_ref())
+        .filter(|sel| pseudo_label_key(sel).is_none())
+        .map(|sel| selector(Some(sel), None))
+        .and_then(|raw| {
+            PolicySpec::try_from(&crd::KeywayNetworkPolicySpec {
+                endpoint_selector: raw,
+                ingress: None,
+                egress: None,
+            })
+            .ok()
+        })
+        .map(|s| s.endpoint_selector)
+        .unwrap_or_default();
+    PolicySpec {
+        endpoint_selector,
+        ingress: nothing("Ingress"),
+        egress: nothing("Egress"),
+    }
+}
+
+fn translate(np: &NetworkPolicy) -> Result<PolicySpec, InvalidSpec> {
     let spec = np
         .spec
         .as_ref()
         .ok_or_else(|| InvalidSpec("spec is missing".into()))?;
-    let types: Vec<&str> = match &spec.policy_types {
-        Some(types) => types.iter().map(String::as_str).collect(),
-        None if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) => vec!["Ingress", "Egress"],
-        None => vec!["Ingress"],
-    };
+    pod_label_keys(spec)?;
+    let types = policy_types(spec);
     let ingress = types.contains(&"Ingress").then(|| {
         spec.ingress
             .iter()
@@ -82,11 +136,40 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<PolicyRecord, InvalidSpec> {
         ingress,
         egress,
     };
-    Ok(PolicyRecord {
-        namespace,
-        name: format!("{NETWORK_POLICY_PREFIX}{name}"),
-        spec: PolicySpec::try_from(&raw)?,
-    })
+    PolicySpec::try_from(&raw)
+}
+
+/// Refuses a pod selector that names a key spelt like a pseudo label
+/// (`io.kubernetes.pod.namespace...`, `io.kubernetes.pod.serviceaccount`).
+/// Kubernetes matches it against the pod's own labels, which Keyway never
+/// takes such a key from (a pod could otherwise claim another namespace's
+/// labels), and next to a namespace selector it would merge with the
+/// namespace's labels: either way not what the policy says.
+fn pod_label_keys(spec: &NetworkPolicySpec) -> Result<(), InvalidSpec> {
+    let ingress_peers = spec.ingress.iter().flatten().filter_map(|r| r.from.as_ref());
+    let egress_peers = spec.egress.iter().flatten().filter_map(|r| r.to.as_ref());
+    let selectors = ingress_peers
+        .chain(egress_peers)
+        .flatten()
+        .filter_map(|p| p.pod_selector.as_ref())
+        .chain(spec.pod_selector.as_ref());
+    match selectors.filter_map(pseudo_label_key).next() {
+        Some(key) => Err(InvalidSpec(format!(
+            "podSelector: {key:?} is spelt like a Keyway pseudo label, which is never taken from a pod's \
+             labels; select namespaces with namespaceSelector"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The first key of `sel` spelt like a pseudo label.
+fn pseudo_label_key(sel: &K8sSelector) -> Option<&String> {
+    sel.match_labels
+        .iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .chain(sel.match_expressions.iter().flatten().map(|r| &r.key))
+        .find(|k| is_pseudo_label(k))
 }
 
 /// A rule's peers (as endpoint selectors or entities) and ports, or `None`
@@ -199,9 +282,9 @@ fn selector(pods: Option<&K8sSelector>, namespaces: Option<&K8sSelector>) -> crd
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::policy::{Entity, Operator, PortProtocol, Protocol, Rule};
+    use crate::model::policy::{Entity, Operator, PortProtocol, Protocol, Rule, Selector};
 
-    fn translate(spec: serde_json::Value) -> Result<PolicyRecord, InvalidSpec> {
+    fn translate(spec: serde_json::Value) -> (PolicyRecord, Option<InvalidSpec>) {
         let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
@@ -212,8 +295,12 @@ mod tests {
         network_policy(&np)
     }
 
+    /// What an accepted policy compiles to.
     fn spec(spec: serde_json::Value) -> PolicySpec {
-        translate(spec).unwrap().spec
+        match translate(spec) {
+            (record, None) => record.spec,
+            (_, Some(e)) => panic!("refused: {e}"),
+        }
     }
 
     fn only_rule(rules: Option<&[Rule]>) -> &Rule {
@@ -225,8 +312,9 @@ mod tests {
 
     #[test]
     fn the_record_is_named_apart_from_keyway_policies_and_selects_in_its_namespace() {
-        let record =
-            translate(serde_json::json!({ "podSelector": { "matchLabels": { "app": "db" } } })).unwrap();
+        let (record, refused) =
+            translate(serde_json::json!({ "podSelector": { "matchLabels": { "app": "db" } } }));
+        assert!(refused.is_none());
         assert_eq!(record.key(), "shop/networkpolicy:np");
         assert_eq!(record.spec.endpoint_selector.match_labels["app"], "db");
         assert!(!record.spec.endpoint_selector.constrains_namespace());
@@ -379,28 +467,68 @@ mod tests {
     }
 
     #[test]
-    fn what_the_validator_refuses_refuses_the_whole_policy() {
+    fn a_refused_policy_fails_closed_with_its_reason() {
+        // (spec, what the reason names, what the stand-in selects, which
+        // directions it isolates)
+        let db = || Selector {
+            match_labels: [("app".to_string(), "db".to_string())].into(),
+            match_expressions: vec![],
+        };
         let cases = [
             (
                 serde_json::json!({ "podSelector": { "matchExpressions": [{ "key": "app", "operator": "Equals", "values": ["x"] }] } }),
                 "spec.endpointSelector.matchExpressions[0].operator",
+                // The pod selector itself is what cannot be read: every pod
+                // of the namespace.
+                Selector::default(),
+                (true, false),
             ),
             (
-                serde_json::json!({ "podSelector": {}, "ingress": [{ "ports": [{ "port": 70000 }] }] }),
+                serde_json::json!({ "podSelector": { "matchLabels": { "app": "db" } }, "ingress": [{ "ports": [{ "port": 70000 }] }] }),
                 "spec.ingress[0].toPorts[0].ports[0].port: 70000 is not a port number",
+                db(),
+                (true, false),
             ),
             (
-                serde_json::json!({ "podSelector": {}, "egress": [{ "ports": [{ "port": 80, "protocol": "HTTP" }] }] }),
+                serde_json::json!({ "podSelector": { "matchLabels": { "app": "db" } }, "egress": [{ "ports": [{ "port": 80, "protocol": "HTTP" }] }] }),
                 "spec.egress[0].toPorts[0].ports[0].protocol: \"HTTP\"",
+                db(),
+                (true, true),
             ),
             (
-                serde_json::json!({ "podSelector": {}, "ingress": [{ "from": [{ "podSelector": { "matchExpressions": [{ "key": "app", "operator": "In" }] } }] }] }),
+                serde_json::json!({ "podSelector": { "matchLabels": { "app": "db" } }, "policyTypes": ["Egress"], "egress": [{ "to": [{ "podSelector": { "matchExpressions": [{ "key": "app", "operator": "In" }] } }] }] }),
                 "In needs at least one value",
+                db(),
+                (false, true),
+            ),
+            (
+                // A pod label spelt like a namespace label, next to a
+                // namespace selector naming the same key otherwise.
+                serde_json::json!({ "podSelector": {}, "ingress": [{ "from": [{
+                    "podSelector": { "matchLabels": { "io.kubernetes.pod.namespace.labels.team": "a" } },
+                    "namespaceSelector": { "matchLabels": { "team": "b" } },
+                }] }] }),
+                "\"io.kubernetes.pod.namespace.labels.team\" is spelt like a Keyway pseudo label",
+                Selector::default(),
+                (true, false),
+            ),
+            (
+                // The policy's own pod selector: Kubernetes would select pods
+                // carrying that label; no identity does.
+                serde_json::json!({ "podSelector": { "matchExpressions": [{ "key": "io.kubernetes.pod.serviceaccount", "operator": "Exists" }] } }),
+                "\"io.kubernetes.pod.serviceaccount\" is spelt like",
+                Selector::default(),
+                (true, false),
             ),
         ];
-        for (spec, want) in cases {
-            let e = translate(spec.clone()).unwrap_err().to_string();
+        for (spec, want, selects, (ingress, egress)) in cases {
+            let (record, refused) = translate(spec.clone());
+            let e = refused.unwrap_or_else(|| panic!("{spec} accepted")).to_string();
             assert!(e.contains(want), "{spec}: {e:?} does not mention {want:?}");
+            assert_eq!(record.key(), "shop/networkpolicy:np");
+            assert_eq!(record.spec.endpoint_selector, selects, "{spec}");
+            assert_eq!(record.spec.ingress, ingress.then(Vec::new), "{spec}");
+            assert_eq!(record.spec.egress, egress.then(Vec::new), "{spec}");
         }
         let np = NetworkPolicy {
             metadata: kube::api::ObjectMeta {
@@ -410,6 +538,9 @@ mod tests {
             },
             spec: None,
         };
-        assert_eq!(network_policy(&np).unwrap_err().to_string(), "spec is missing");
+        let (record, refused) = network_policy(&np);
+        assert_eq!(refused.unwrap().to_string(), "spec is missing");
+        assert_eq!(record.spec.endpoint_selector, Selector::default());
+        assert_eq!((record.spec.ingress, record.spec.egress), (Some(vec![]), None));
     }
 }

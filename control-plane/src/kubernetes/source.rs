@@ -38,7 +38,7 @@ use super::network_policy::{NETWORK_POLICY_PREFIX, network_policy};
 use crate::core::{ControlPlane, SourcedChanges};
 use crate::crd::{Condition, KeywayNetworkPolicy, KeywayNetworkPolicyStatus};
 use crate::error::ApiError;
-use crate::model::policy::{NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, PolicySpec, SERVICE_ACCOUNT_LABEL};
+use crate::model::policy::{NAMESPACE_LABELS_PREFIX, PolicySpec, is_pseudo_label};
 use crate::model::{PolicyRecord, WorkloadRecord};
 use keyway_identity::lock::Recover;
 
@@ -150,12 +150,9 @@ fn identity_labels(
     pod: &std::collections::BTreeMap<String, String>,
     namespace: &std::collections::BTreeMap<String, String>,
 ) -> std::collections::BTreeMap<String, String> {
-    let reserved = |k: &str| {
-        k == NAMESPACE_LABEL || k == SERVICE_ACCOUNT_LABEL || k.starts_with(NAMESPACE_LABELS_PREFIX)
-    };
     let mut labels: std::collections::BTreeMap<String, String> = pod
         .iter()
-        .filter(|(k, _)| !reserved(k))
+        .filter(|(k, _)| !is_pseudo_label(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (k, v) in namespace {
@@ -791,13 +788,18 @@ async fn process(
             .get(&reflector::ObjectRef::new(name).within(ns));
         let namespace_exists = caches.namespaces.get(&reflector::ObjectRef::new(ns)).is_some();
         let record = match np {
-            Some(np) if namespace_exists => match network_policy(&np) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    warn!(policy = %format!("{ns}/{name}"), reason = %e, "NetworkPolicy not enforced");
-                    None
+            Some(np) if namespace_exists => {
+                let (record, refused) = network_policy(&np);
+                if let Some(e) = refused {
+                    warn!(
+                        policy = %format!("{ns}/{name}"),
+                        reason = %e,
+                        "NetworkPolicy refused: until it is fixed, the pods it selects allow nothing in the \
+                         directions it names"
+                    );
                 }
-            },
+                Some(record)
+            }
             _ => None,
         };
         changes

@@ -22,6 +22,13 @@ pub const NAMESPACE_LABELS_PREFIX: &str = "io.kubernetes.pod.namespace.labels.";
 /// Pseudo label: the identity's service account.
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.kubernetes.pod.serviceaccount";
 
+/// Whether `key` is spelt like a pseudo label (or a namespace label): what
+/// the control plane sets from the pod's namespace and service account, so
+/// never taken from the pod's own labels.
+pub fn is_pseudo_label(key: &str) -> bool {
+    key == NAMESPACE_LABEL || key == SERVICE_ACCOUNT_LABEL || key.starts_with(NAMESPACE_LABELS_PREFIX)
+}
+
 /// Which way traffic flows, seen from the subject endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
