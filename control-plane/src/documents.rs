@@ -640,6 +640,15 @@ spec:
                 &["matchLabels", "fromEntities"],
             ),
             (
+                "matchLabels: { app: frontend }",
+                "matchLabels: { io.cilium.k8s.policy.serviceaccount: web }",
+                &[
+                    "fromEndpoints[0].matchLabels",
+                    "Cilium's spelling",
+                    "k8s:io.kubernetes.pod.serviceaccount",
+                ],
+            ),
+            (
                 "endpointSelector:",
                 "podSelector:",
                 &["unknown field `podSelector`"],

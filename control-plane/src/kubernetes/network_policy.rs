@@ -155,7 +155,7 @@ fn pod_label_keys(spec: &NetworkPolicySpec) -> Result<(), InvalidSpec> {
         .chain(spec.pod_selector.as_ref());
     match selectors.filter_map(pseudo_label_key).next() {
         Some(key) => Err(InvalidSpec(format!(
-            "podSelector: {key:?} is spelt like a Keyway pseudo label, which is never taken from a pod's \
+            "podSelector: {key:?} is spelt like a pseudo label (Keyway's or Cilium's), which is never taken from a pod's \
              labels; select namespaces with namespaceSelector"
         ))),
         None => Ok(()),
@@ -508,7 +508,7 @@ mod tests {
                     "podSelector": { "matchLabels": { "io.kubernetes.pod.namespace.labels.team": "a" } },
                     "namespaceSelector": { "matchLabels": { "team": "b" } },
                 }] }] }),
-                "\"io.kubernetes.pod.namespace.labels.team\" is spelt like a Keyway pseudo label",
+                "\"io.kubernetes.pod.namespace.labels.team\" is spelt like a pseudo label",
                 Selector::default(),
                 (true, false),
             ),

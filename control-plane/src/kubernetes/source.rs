@@ -142,7 +142,8 @@ struct Lookups<'a> {
 
 /// A pod's identity labels: its own, and its namespace's under
 /// [`NAMESPACE_LABELS_PREFIX`] (what a `namespaceSelector` matches). A pod
-/// label that spells a namespace label, or a pseudo label, is dropped: a pod
+/// label that spells a namespace label, or a pseudo label (Keyway's or
+/// Cilium's), is dropped: a pod
 /// in a namespace without label `team` could otherwise label itself
 /// `io.kubernetes.pod.namespace.labels.team: payments` and be let in by a
 /// policy admitting namespace `team: payments`.
@@ -1054,6 +1055,8 @@ mod tests {
             ("io.kubernetes.pod.namespace.labels.team", "payments"),
             ("io.kubernetes.pod.namespace", "payments"),
             ("io.kubernetes.pod.serviceaccount", "payer"),
+            ("io.cilium.k8s.policy.serviceaccount", "payer"),
+            ("io.cilium.k8s.namespace.labels.team", "payments"),
         ]);
         let got = identity_labels(&forged, &labels(&[("env", "dev")]));
         assert_eq!(

@@ -22,11 +22,21 @@ pub const NAMESPACE_LABELS_PREFIX: &str = "io.kubernetes.pod.namespace.labels.";
 /// Pseudo label: the identity's service account.
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.kubernetes.pod.serviceaccount";
 
-/// Whether `key` is spelt like a pseudo label (or a namespace label): what
-/// the control plane sets from the pod's namespace and service account, so
-/// never taken from the pod's own labels.
+/// Prefix of Cilium's own pseudo labels (`io.cilium.k8s.policy.serviceaccount`,
+/// `io.cilium.k8s.namespace.labels.<key>`, ...). Keyway spells those
+/// [`SERVICE_ACCOUNT_LABEL`] and [`NAMESPACE_LABELS_PREFIX`]; a selector
+/// naming Cilium's spelling is refused, so that a policy copied from Cilium
+/// cannot end up matching a label any pod can give itself.
+pub const CILIUM_LABELS_PREFIX: &str = "io.cilium.k8s.";
+
+/// Whether `key` is spelt like a pseudo label (Keyway's, a namespace label,
+/// or Cilium's): what the control plane sets from the pod's namespace and
+/// service account, so never taken from the pod's own labels.
 pub fn is_pseudo_label(key: &str) -> bool {
-    key == NAMESPACE_LABEL || key == SERVICE_ACCOUNT_LABEL || key.starts_with(NAMESPACE_LABELS_PREFIX)
+    key == NAMESPACE_LABEL
+        || key == SERVICE_ACCOUNT_LABEL
+        || key.starts_with(NAMESPACE_LABELS_PREFIX)
+        || key.starts_with(CILIUM_LABELS_PREFIX)
 }
 
 /// Which way traffic flows, seen from the subject endpoint.

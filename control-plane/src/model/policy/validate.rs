@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use crate::crd;
 
 use super::{
-    AuthMode, Direction, Entity, NAMESPACE_LABEL, Operator, PolicySpec, PortProtocol, Protocol, Requirement,
-    Rule, SERVICE_ACCOUNT_LABEL, Selector,
+    AuthMode, CILIUM_LABELS_PREFIX, Direction, Entity, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, Operator,
+    PolicySpec, PortProtocol, Protocol, Requirement, Rule, SERVICE_ACCOUNT_LABEL, Selector,
 };
 
 /// Why a policy spec was refused. The message starts with the field's path
@@ -220,6 +220,13 @@ fn selector_key(path: &str, key: &str) -> Result<String, InvalidSpec> {
         return Err(invalid(format!(
             "{path}: {key:?}: reserved identities are selected with fromEntities/toEntities ({})",
             Entity::NAMES
+        )));
+    }
+    if plain.starts_with(CILIUM_LABELS_PREFIX) {
+        return Err(invalid(format!(
+            "{path}: {key:?} is Cilium's spelling, which no Keyway identity carries; use \
+             k8s:{SERVICE_ACCOUNT_LABEL} for the service account and k8s:{NAMESPACE_LABELS_PREFIX}<key> for \
+             namespace labels"
         )));
     }
     if plain.is_empty() || plain.contains(':') || plain.len() > 317 {
