@@ -124,7 +124,7 @@ struct StepLabels {
 }
 
 /// One signing CA in the bundle: its id, and `prepared`, `active` or
-/// `retired`.
+/// `old`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct CaLabels {
     pub ca_id: String,

@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::telemetry::{Format, Readiness, Registry};
+use crate::telemetry::{CONTENT_TYPE, Readiness, Registry};
 use hyper::{Method, Response, StatusCode, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
@@ -39,6 +39,10 @@ pub async fn serve(
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let scrapes = Arc::new(Scrapes {
+        registry,
+        turn: tokio::sync::Mutex::new(()),
+    });
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -54,20 +58,22 @@ pub async fn serve(
         let Ok(permit) = gate.admit(PeerKey::ip(addr.ip())) else {
             continue;
         };
-        let registry = registry.clone();
+        let scrapes = scrapes.clone();
         let readiness = readiness.clone();
         let gate = gate.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (status, ctype, body) = respond(&req, &registry, &readiness);
-                std::future::ready(
+                let scrapes = scrapes.clone();
+                let readiness = readiness.clone();
+                async move {
+                    let (status, ctype, body) = respond(&req, &scrapes, &readiness).await;
                     Response::builder()
                         .status(status)
                         .header("content-type", ctype)
-                        .body(body),
-                )
+                        .body(body)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -92,9 +98,25 @@ pub async fn serve(
     }
 }
 
-fn respond(
+/// The registry, and whose turn it is to encode it: scrapes wait their
+/// turn without holding a runtime worker, and are encoded one at a time on
+/// the blocking pool, so a flood of scrapes costs at most one thread.
+struct Scrapes {
+    registry: Arc<Registry>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Scrapes {
+    async fn render(&self) -> Option<String> {
+        let _turn = self.turn.lock().await;
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.render()).await.ok()
+    }
+}
+
+async fn respond(
     req: &hyper::Request<hyper::body::Incoming>,
-    registry: &Registry,
+    scrapes: &Scrapes,
     readiness: &Readiness,
 ) -> (StatusCode, &'static str, String) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -105,14 +127,14 @@ fn respond(
         );
     }
     match req.uri().path() {
-        "/metrics" => {
-            let accept = req
-                .headers()
-                .get(hyper::header::ACCEPT)
-                .and_then(|v| v.to_str().ok());
-            let format = Format::negotiate(accept);
-            (StatusCode::OK, format.content_type(), registry.encode(format))
-        }
+        "/metrics" => match scrapes.render().await {
+            Some(text) => (StatusCode::OK, CONTENT_TYPE, text),
+            None => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "the metrics could not be encoded\n".to_owned(),
+            ),
+        },
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => {
             // Ready: every component; not ready: those still waited for.

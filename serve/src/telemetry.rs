@@ -8,10 +8,11 @@
 //! `watch` channel) are copied in by hooks registered with
 //! [`Registry::on_scrape`], run before each scrape is encoded.
 //!
-//! A scrape is encoded in whichever format the scraper asks for
-//! ([`Format::negotiate`]): OpenMetrics 1.0 when its `Accept` header asks
-//! for it, as Prometheus does, and the Prometheus text format 0.0.4
-//! otherwise (curl, older scrapers). The sample names are the same in both.
+//! Scrapes are the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]), whatever
+//! the scraper's `Accept` header prefers: the crate's OpenMetrics encoder
+//! spells histogram bounds `le="1.0"` where 0.0.4 has `le="1"`, and
+//! Prometheus 2 stores the label as written, so serving OpenMetrics to it
+//! would rename every bucket series under existing queries and dashboards.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -64,23 +65,27 @@ impl Registry {
 
     /// Registers `metric` (a counter, gauge, histogram or a `Family` of
     /// them) as `name` and hands it back for recording. A counter's `name`
-    /// leaves out `_total`: the encoders add it. `help` is one sentence; the
-    /// encoders end it with a full stop.
+    /// leaves out `_total`: the encoder adds it. `help` is one sentence; the
+    /// encoder ends it with a full stop.
     ///
     /// # Panics
     /// When the exposed name is taken or is not a Prometheus metric name: a
     /// programming error, found by the first test that registers it.
     pub fn register<M: Metric + Clone>(&self, name: &str, help: &str, metric: M) -> M {
-        let exposed = match metric.metric_type() {
-            MetricType::Counter => format!("{name}_total"),
-            _ => name.to_owned(),
+        // The sample names it writes (a histogram's all three).
+        let exposed: Vec<String> = match metric.metric_type() {
+            MetricType::Counter => vec![format!("{name}_total")],
+            MetricType::Histogram => ["", "_bucket", "_sum", "_count"]
+                .iter()
+                .map(|suffix| format!("{name}{suffix}"))
+                .collect(),
+            _ => vec![name.to_owned()],
         };
         assert!(valid_name(name), "bad metric name {name:?}");
         let mut families = self.families.locked();
-        assert!(
-            families.exposed.insert(exposed.clone()),
-            "metric {exposed} registered twice"
-        );
+        for n in exposed {
+            assert!(families.exposed.insert(n.clone()), "metric {n} registered twice");
+        }
         families
             .registry
             .register(name, help.trim_end_matches('.'), Listed(metric.clone()));
@@ -93,10 +98,11 @@ impl Registry {
         self.hooks.locked().push(Box::new(hook));
     }
 
-    /// Every family, current, in `format`. Scrapes are encoded one at a
-    /// time, hooks included, so a hook may clear a family and fill it again
-    /// without another scrape seeing it empty.
-    pub fn encode(&self, format: Format) -> String {
+    /// Every family, current, in the text format 0.0.4. Scrapes are encoded
+    /// one at a time, hooks included, so a hook may clear a family and fill
+    /// it again without another scrape seeing it empty. Blocks: the endpoint
+    /// calls it on the blocking pool.
+    pub fn render(&self) -> String {
         let hooks = self.hooks.locked();
         for hook in hooks.iter() {
             hook();
@@ -105,21 +111,14 @@ impl Registry {
         let mut out = String::new();
         // Writing to a String cannot fail, and every value type registered
         // here encodes without error.
-        let encoded = match format {
-            Format::Text => {
-                prometheus_client::encoding::prometheus_text::encode(&mut out, &families.registry)
-            }
-            Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &families.registry),
-        };
+        let encoded = prometheus_client::encoding::prometheus_text::encode(&mut out, &families.registry);
         debug_assert!(encoded.is_ok(), "encoding metrics failed: {encoded:?}");
         out
     }
-
-    /// [`Registry::encode`] in the text format 0.0.4 (tests, tools).
-    pub fn render(&self) -> String {
-        self.encode(Format::Text)
-    }
 }
+
+/// The content type of [`Registry::render`].
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Implements `EncodeLabelValue` for enums with an `as_str(self) -> &'static str`,
 /// the label values they are spelt as.
@@ -158,63 +157,6 @@ fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// The exposition formats `/metrics` speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// The Prometheus text format 0.0.4.
-    Text,
-    /// OpenMetrics 1.0 text.
-    OpenMetrics,
-}
-
-impl Format {
-    /// The format a scraper's `Accept` header prefers: OpenMetrics when it
-    /// names `application/openmetrics-text` with a quality above zero and no
-    /// lower than the text format's, else the text format 0.0.4 (which is
-    /// also the answer to no header, `*/*`, or anything unparseable).
-    pub fn negotiate(accept: Option<&str>) -> Self {
-        let Some(accept) = accept else {
-            return Format::Text;
-        };
-        let (mut openmetrics, mut text) = (0.0_f32, 0.0_f32);
-        for range in accept.split(',') {
-            let mut parts = range.split(';').map(str::trim);
-            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
-            let mut q = 1.0_f32;
-            let mut version = None;
-            for p in parts {
-                match p.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-                    Some((k, v)) if k.eq_ignore_ascii_case("q") => q = v.parse().unwrap_or(0.0),
-                    Some((k, v)) if k.eq_ignore_ascii_case("version") => version = Some(v.to_owned()),
-                    _ => {}
-                }
-            }
-            match media.as_str() {
-                "application/openmetrics-text"
-                    if matches!(version.as_deref(), None | Some("1.0.0" | "0.0.1")) =>
-                {
-                    openmetrics = openmetrics.max(q)
-                }
-                "text/plain" if matches!(version.as_deref(), None | Some("0.0.4")) => text = text.max(q),
-                "text/*" | "*/*" => text = text.max(q),
-                _ => {}
-            }
-        }
-        if openmetrics > 0.0 && openmetrics >= text {
-            Format::OpenMetrics
-        } else {
-            Format::Text
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Text => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        }
-    }
 }
 
 /// Which components have reported ready. `/readyz` answers 200 only when
@@ -371,17 +313,6 @@ mod tests {
     }
 
     #[test]
-    fn openmetrics_names_the_counter_family_without_total_and_ends_with_eof() {
-        let r = Registry::new();
-        let c = r.register("keyway_things", "Things.", Counter::<u64>::default());
-        c.inc_by(2);
-        assert_eq!(
-            r.encode(Format::OpenMetrics),
-            "# HELP keyway_things Things.\n# TYPE keyway_things counter\nkeyway_things_total 2\n# EOF\n"
-        );
-    }
-
-    #[test]
     fn unlabelled_metrics_exist_from_the_start_and_empty_families_are_listed() {
         let r = Registry::new();
         let _c = r.register("keyway_a", "A.", Counter::<u64>::default());
@@ -444,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "registered twice")]
+    #[should_panic(expected = "keyway_x_total registered twice")]
     fn exposed_names_are_unique() {
         let r = Registry::new();
         r.register("keyway_x", "X.", Counter::<u64>::default());
@@ -452,33 +383,11 @@ mod tests {
     }
 
     #[test]
-    fn the_scraper_chooses_the_format() {
-        use Format::*;
-        for (accept, want) in [
-            (None, Text),
-            (Some("*/*"), Text),
-            (Some("text/plain"), Text),
-            // Prometheus 2.x's default.
-            (
-                Some(
-                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
-                     text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
-                ),
-                OpenMetrics,
-            ),
-            // A scraper configured to prefer the text format.
-            (
-                Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;version=1.0.0;q=0.5"),
-                Text,
-            ),
-            (Some("application/openmetrics-text; q=0"), Text),
-            // An OpenMetrics version this encoder does not write.
-            (Some("application/openmetrics-text;version=2.0.0"), Text),
-            (Some("application/protobuf"), Text),
-            (Some(";;,=,q=x"), Text),
-        ] {
-            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
-        }
+    #[should_panic(expected = "keyway_op_seconds_count registered twice")]
+    fn a_histograms_sample_names_are_taken_too() {
+        let r = Registry::new();
+        r.register("keyway_op_seconds", "Op.", Histogram::new([1.0]));
+        r.register("keyway_op_seconds_count", "Ops.", Gauge::<i64>::default());
     }
 
     #[test]

@@ -56,12 +56,13 @@ pub fn network_policy(np: &NetworkPolicy) -> (PolicyRecord, Option<InvalidSpec>)
     }
 }
 
-/// What `policyTypes` says, or what the API server defaults it to.
+/// What `policyTypes` says, or what the API server defaults it to (when it
+/// is left out or empty).
 fn policy_types(spec: &NetworkPolicySpec) -> Vec<&str> {
     match &spec.policy_types {
-        Some(types) => types.iter().map(String::as_str).collect(),
-        None if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) => vec!["Ingress", "Egress"],
-        None => vec!["Ingress"],
+        Some(types) if !types.is_empty() => types.iter().map(String::as_str).collect(),
+        _ if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) => vec!["Ingress", "Egress"],
+        _ => vec!["Ingress"],
     }
 }
 
@@ -99,8 +100,8 @@ fn translate(np: &NetworkPolicy) -> Result<PolicySpec, InvalidSpec> {
         .spec
         .as_ref()
         .ok_or_else(|| InvalidSpec("spec is missing".into()))?;
-    pod_label_keys(spec)?;
     let types = policy_types(spec);
+    pod_label_keys(spec, &types)?;
     let ingress = types.contains(&"Ingress").then(|| {
         spec.ingress
             .iter()
@@ -145,9 +146,13 @@ fn translate(np: &NetworkPolicy) -> Result<PolicySpec, InvalidSpec> {
 /// takes such a key from (a pod could otherwise claim another namespace's
 /// labels), and next to a namespace selector it would merge with the
 /// namespace's labels: either way not what the policy says.
-fn pod_label_keys(spec: &NetworkPolicySpec) -> Result<(), InvalidSpec> {
-    let ingress_peers = spec.ingress.iter().flatten().filter_map(|r| r.from.as_ref());
-    let egress_peers = spec.egress.iter().flatten().filter_map(|r| r.to.as_ref());
+/// Only the directions the policy names (`types`) are read, as Kubernetes
+/// reads them.
+fn pod_label_keys(spec: &NetworkPolicySpec, types: &[&str]) -> Result<(), InvalidSpec> {
+    let ingress_peers = (spec.ingress.iter().flatten().filter_map(|r| r.from.as_ref()))
+        .filter(|_| types.contains(&"Ingress"));
+    let egress_peers =
+        (spec.egress.iter().flatten().filter_map(|r| r.to.as_ref())).filter(|_| types.contains(&"Egress"));
     let selectors = ingress_peers
         .chain(egress_peers)
         .flatten()
@@ -341,6 +346,17 @@ mod tests {
         }));
         assert_eq!(s.ingress, None);
         assert_eq!(s.egress, Some(vec![]));
+        // An empty list is defaulted, as the API server does: it isolates.
+        let s = spec(serde_json::json!({ "podSelector": {}, "policyTypes": [] }));
+        assert_eq!((s.ingress, s.egress), (Some(vec![]), None));
+        // A direction the policy does not name is not read at all, a pod
+        // selector Keyway would refuse included.
+        let s = spec(serde_json::json!({
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "ingress": [{ "from": [{ "podSelector": { "matchLabels": { "io.kubernetes.pod.serviceaccount": "x" } } }] }],
+        }));
+        assert_eq!((s.ingress, s.egress), (None, Some(vec![])));
     }
 
     #[test]
