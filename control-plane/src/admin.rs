@@ -92,7 +92,7 @@ impl AdminService {
                 .iter()
                 .map(|a| pb::CaInfo {
                     id: a.id.clone(),
-                    state: ControlPlane::phase_name(a.phase).into(),
+                    state: a.phase.as_str().into(),
                     not_before_unix: a.not_before,
                     not_after_unix: a.not_after,
                     upstream_signed: !state.upstream_chain.is_empty(),

@@ -102,7 +102,7 @@ pub async fn serve(
                     return;
                 }
                 Err(_) => {
-                    gate.closed("handshake-timeout");
+                    gate.closed(keyway_serve::Closed::HandshakeTimeout);
                     debug!(%addr, "TLS handshake timed out");
                     return;
                 }
@@ -302,14 +302,14 @@ async fn stream_sync(
         () = cp.view_ready() => {}
         () = tx.closed() => return,
     }
-    let mut registry = cp.subscribe_cluster();
+    let mut clusters = cp.subscribe_cluster();
     let mut bundle = cp.subscribe_bundle();
-    let mut stream = sync::Stream::open(&registry.borrow(), &node);
+    let mut stream = sync::Stream::open(&clusters.borrow(), &node);
     if send_snapshot(
         &cp,
         &node,
         serial_tag,
-        &mut registry,
+        &mut clusters,
         &mut bundle,
         &mut stream,
         &tx,
@@ -322,10 +322,10 @@ async fn stream_sync(
     debug!(node, "sync snapshot sent");
     loop {
         tokio::select! {
-            r = registry.changed() => {
+            r = clusters.changed() => {
                 if r.is_err() { return; }
                 let (revision, out) = {
-                    let cluster = registry.borrow_and_update().clone();
+                    let cluster = clusters.borrow_and_update().clone();
                     if let Err(e) = cp.authenticate_node(&node, serial_tag) {
                         info!(node, "closing the Sync stream of a revoked node");
                         let _ = tx.send(Err(e.into())).await;
@@ -339,7 +339,7 @@ async fn stream_sync(
                     sync::Outgoing::Delta(updates) => send_updates(revision, false, updates, &tx).await,
                     sync::Outgoing::Snapshot => {
                         debug!(node, "sync stream fell behind the change history: sending a snapshot");
-                        send_snapshot(&cp, &node, serial_tag, &mut registry, &mut bundle, &mut stream, &tx).await
+                        send_snapshot(&cp, &node, serial_tag, &mut clusters, &mut bundle, &mut stream, &tx).await
                     }
                 };
                 if sent.is_err() {
@@ -349,7 +349,7 @@ async fn stream_sync(
             r = bundle.changed() => {
                 if r.is_err() { return; }
                 let update = sync::bundle_update(&bundle.borrow_and_update());
-                let revision = registry.borrow().records.revision;
+                let revision = clusters.borrow().records.revision;
                 if send_updates(revision, false, vec![update], &tx).await.is_err() {
                     return;
                 }
@@ -376,7 +376,7 @@ async fn send_snapshot(
     cp: &ControlPlane,
     node: &str,
     serial_tag: Option<u32>,
-    registry: &mut watch::Receiver<Arc<sync::Cluster>>,
+    clusters: &mut watch::Receiver<Arc<sync::Cluster>>,
     bundle: &mut watch::Receiver<Arc<keyway_identity::TrustBundle>>,
     stream: &mut sync::Stream,
     tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
@@ -387,7 +387,7 @@ async fn send_snapshot(
             let _ = tx.send(Err(e.into())).await;
             return Err(());
         }
-        let pinned = (attempt >= SNAPSHOT_RESTARTS).then(|| registry.borrow_and_update().clone());
+        let pinned = (attempt >= SNAPSHOT_RESTARTS).then(|| clusters.borrow_and_update().clone());
         if pinned.is_some() {
             debug!(
                 node,
@@ -396,7 +396,7 @@ async fn send_snapshot(
         }
         match &pinned {
             Some(c) => stream.reopen(c),
-            None => stream.reopen(&registry.borrow_and_update()),
+            None => stream.reopen(&clusters.borrow_and_update()),
         }
         let mut cursor = sync::SnapshotCursor::default();
         let mut first = Some(sync::bundle_update(&bundle.borrow_and_update()));
@@ -404,7 +404,7 @@ async fn send_snapshot(
             let (revision, mut updates, catch_up) = {
                 let cluster = match &pinned {
                     Some(c) => c.clone(),
-                    None => registry.borrow_and_update().clone(),
+                    None => clusters.borrow_and_update().clone(),
                 };
                 let mut updates: Vec<pb::Update> = first.iter().cloned().collect();
                 let room = sync::UPDATES_PER_MESSAGE - updates.len();

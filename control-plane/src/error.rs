@@ -1,6 +1,7 @@
 //! The error every control-plane operation returns: why a call was refused,
-//! as the gRPC code the SPIFFE specs use. A leaf: the core, its servers and
-//! the attestors all use it, and it uses none of them.
+//! as the gRPC code the SPIFFE specs use. Below the core, its servers and
+//! the attestors, which all use it; it uses only the errors it converts
+//! from (`ca`, `csr`, `store`).
 
 use crate::{ca, csr, store::StoreError};
 

@@ -5,18 +5,18 @@
 //! Module map, roughly from the leaves up (`make lint` fails on a cycle
 //! between modules; `scripts/module-cycles.py --graph control-plane/src`
 //! prints the graph):
-//! - `crd` (the KeywayNetworkPolicy resource: the one raw shape of a policy,
-//!   a leaf), `model` (the records the control plane stores and reads, and
-//!   the validated policy they carry, made from `crd`'s spec by `TryFrom`),
-//!   `clock` (wall-clock seconds, read
-//!   in one place), `error` (`ApiError`), `config`, `metrics` (Prometheus
-//!   families and readiness), `rate_limit`;
-//! - `ca` (authorities, issuance, rotation schedule), `jwt`, `csr` (CA-side
-//!   CSR checks), `store` (the `Store` trait, its rules in `store::rules`, the
-//!   sled and Kubernetes stores), `policy` (compilation of policies to
-//!   datapath entries), `documents` (standalone YAML documents), `sync` (per-node
-//!   views and deltas), `attest` (the `NodeAttestor` trait), `tokens` (join
-//!   tokens, one attestor);
+//! - leaves: `crd` (the KeywayNetworkPolicy resource: the one raw shape of a
+//!   policy), `clock` (wall-clock seconds, read in one place), `jwt`, `csr`
+//!   (CA-side CSR checks), `rate_limit`;
+//! - `model` (the records the control plane stores and reads, and the
+//!   validated policy they carry, made from `crd`'s spec by `TryFrom`), `ca`
+//!   (authorities, issuance, rotation schedule), `store` (the `Store` trait,
+//!   its rules in `store::rules`, the sled and Kubernetes stores), `policy`
+//!   (compilation of policies to datapath entries), `documents` (standalone
+//!   YAML documents), `sync` (per-node views and deltas), `config`,
+//!   `metrics` (Prometheus families and readiness components), `error`
+//!   (`ApiError`, over the errors it converts from), `attest` (the
+//!   `NodeAttestor` trait), `tokens` (join tokens, one attestor);
 //! - `core` (the control plane as one value: `attest` nodes and their
 //!   registration, `issue` SVIDs, CA `rotation`, the `registry` of workloads,
 //!   identities and policies, published as a `sync::Cluster`), then what

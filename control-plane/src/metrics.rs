@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use keyway_serve::telemetry::{LogLimiter, Readiness, Registry, latency_histogram};
+
+use crate::model::CaPhase;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -106,7 +108,7 @@ impl RotationStep {
     }
 }
 
-keyway_serve::label_values_by_as_str!(IssuedKind, Refusal, RotationStep);
+keyway_serve::label_values_by_as_str!(IssuedKind, Refusal, RotationStep, CaPhase);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabels {
@@ -128,7 +130,7 @@ struct StepLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct CaLabels {
     pub ca_id: String,
-    pub phase: &'static str,
+    pub phase: CaPhase,
 }
 
 /// Readiness components of the control plane.

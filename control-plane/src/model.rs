@@ -58,7 +58,7 @@ mod b64_vec {
 }
 
 /// Where a signing authority is in its life (DESIGN.md section 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CaPhase {
     /// In the bundle, not signing yet.
@@ -67,6 +67,17 @@ pub enum CaPhase {
     Active,
     /// Replaced; stays in the bundle until nothing it signed can be valid.
     Old,
+}
+
+impl CaPhase {
+    /// As `ca status` prints it and the CA expiry metric labels it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaPhase::Prepared => "prepared",
+            CaPhase::Active => "active",
+            CaPhase::Old => "old",
+        }
+    }
 }
 
 /// One X.509 signing authority and the JWT key that rotates with it.

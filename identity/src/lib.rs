@@ -3,9 +3,13 @@
 //! checks, trust bundles, and rustls verifiers that authenticate peers by SPIFFE
 //! ID instead of DNS name.
 //!
+//! Also the two small rules both binaries follow everywhere: how retries and
+//! renewals are spread ([`jitter`]) and what a poisoned lock means
+//! ([`lock`]).
+//!
 //! Kept narrow on purpose: no network, no servers, no storage (the one file
-//! writer is the SVID directory both CLIs produce). Listeners live in
-//! `keyway-serve`.
+//! writer is the SVID directory both CLIs produce). Listeners, metrics and
+//! readiness live in `keyway-serve`.
 
 pub mod bundle;
 pub mod csr;

@@ -25,7 +25,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
-use crate::limits::Gate;
+use crate::limits::{Closed, Gate};
 
 /// How long a closing connection gets to finish the streams it has.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -95,9 +95,13 @@ pub async fn serve_connection<I, C>(
     };
     if let Some(reason) = closing {
         gate.closed(reason);
-        tracing::debug!(listener = gate.name(), reason, "closing connection");
+        tracing::debug!(
+            listener = gate.name(),
+            reason = reason.as_str(),
+            "closing connection"
+        );
     }
-    let drain = if closing == Some("header-timeout") {
+    let drain = if closing == Some(Closed::HeaderTimeout) {
         FIRST_REQUEST_DRAIN
     } else {
         DRAIN
@@ -116,8 +120,8 @@ struct Activity {
 
 impl Activity {
     /// Resolves when the connection should close: no request within `first`
-    /// of `opened` (`header-timeout`), or none in flight for `idle`.
-    async fn idle(&self, opened: Instant, first: Duration, idle: Duration) -> &'static str {
+    /// of `opened` ([`Closed::HeaderTimeout`]), or none in flight for `idle`.
+    async fn idle(&self, opened: Instant, first: Duration, idle: Duration) -> Closed {
         let mut since = opened;
         loop {
             let changed = self.changed.notified();
@@ -129,9 +133,9 @@ impl Activity {
                 continue;
             }
             let (limit, reason) = if self.started.load(Ordering::Acquire) == 0 {
-                (first, "header-timeout")
+                (first, Closed::HeaderTimeout)
             } else {
-                (idle, "idle")
+                (idle, Closed::Idle)
             };
             tokio::select! {
                 _ = tokio::time::sleep_until(since + limit) => return reason,
@@ -267,7 +271,7 @@ mod tests {
         assert_eq!(
             a.idle(Instant::now(), Duration::from_secs(10), Duration::from_secs(300))
                 .await,
-            "header-timeout"
+            Closed::HeaderTimeout
         );
         assert_eq!(t.elapsed(), Duration::from_secs(10));
     }
@@ -317,7 +321,7 @@ mod tests {
         assert!(!watcher.is_finished());
         drop(first);
         let (reason, after) = watcher.await.unwrap();
-        assert_eq!(reason, "idle");
+        assert_eq!(reason, Closed::Idle);
         assert_eq!(after, Duration::from_secs(3660));
     }
 }

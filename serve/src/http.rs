@@ -84,7 +84,7 @@ pub async fn serve(
             let stopping = tokio::select! {
                 r = conn.as_mut() => {
                     if r.as_ref().is_err_and(|e| e.is_timeout()) {
-                        gate.closed("header-timeout");
+                        gate.closed(crate::Closed::HeaderTimeout);
                     }
                     false
                 }

@@ -27,7 +27,7 @@ mod limits;
 pub mod telemetry;
 pub mod unix;
 
-pub use limits::{Gate, Limits, ListenerMetrics, PeerKey, Permit, Refused};
+pub use limits::{Closed, Gate, Limits, ListenerMetrics, PeerKey, Permit, Refused};
 
 /// Raises the soft open-files limit to the hard one (as Go programs do at
 /// start): the listeners' connection caps are sized in thousands, and a

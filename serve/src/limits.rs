@@ -128,12 +128,36 @@ struct RefusedLabels {
     reason: Refused,
 }
 
-/// Why the server closed a connection: `accept-error`, `header-timeout`,
-/// `idle`, `body-timeout`.
+/// Why the server closed a connection (or never had one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Closed {
+    /// Accepting failed (most often: out of file descriptors).
+    AcceptError,
+    /// No complete request headers within the header timeout.
+    HeaderTimeout,
+    /// The TLS handshake did not finish within the header timeout.
+    HandshakeTimeout,
+    /// No request in flight for the idle timeout.
+    Idle,
+}
+
+impl Closed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closed::AcceptError => "accept-error",
+            Closed::HeaderTimeout => "header-timeout",
+            Closed::HandshakeTimeout => "handshake-timeout",
+            Closed::Idle => "idle",
+        }
+    }
+}
+
+crate::label_values_by_as_str!(Closed);
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ClosedLabels {
     listener: &'static str,
-    reason: &'static str,
+    reason: Closed,
 }
 
 /// Listener metrics, registered once per process and shared by its gates.
@@ -159,7 +183,8 @@ impl ListenerMetrics {
             ),
             closed: registry.register(
                 "keyway_listener_closed",
-                "Connections the server closed: header-timeout (no request in time), idle, body-timeout.",
+                "Connections the server closed: header-timeout (no request in time), handshake-timeout, idle, \
+                 accept-error (accepting failed).",
                 Family::default(),
             ),
         }
@@ -265,7 +290,7 @@ impl Gate {
     /// most once a minute per kind of error, and counts it. The caller
     /// backs off before accepting again.
     pub fn accept_failed(&self, e: &std::io::Error) {
-        self.closed("accept-error");
+        self.closed(Closed::AcceptError);
         if self.log.should_warn(&format!("accept/{:?}", e.kind())) {
             tracing::warn!(
                 listener = self.name,
@@ -276,7 +301,7 @@ impl Gate {
     }
 
     /// Counts a connection the server closed, by reason.
-    pub fn closed(&self, reason: &'static str) {
+    pub fn closed(&self, reason: Closed) {
         self.metrics
             .closed
             .get_or_create(&ClosedLabels {

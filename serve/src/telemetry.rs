@@ -331,6 +331,31 @@ mod tests {
     }
 
     #[test]
+    fn series_go_when_removed_or_cleared_and_the_family_stays_listed() {
+        let r = Registry::new();
+        let g = r.register(
+            "keyway_expiry_timestamp_seconds",
+            "E.",
+            Family::<IdLabels, Gauge>::default(),
+        );
+        let id = |s: &str| IdLabels { spiffe_id: s.into() };
+        g.get_or_create(&id("spiffe://td/a")).set(1_700_000_000);
+        g.get_or_create(&id("spiffe://td/b")).set(2);
+        g.remove(&id("spiffe://td/a"));
+        let text = r.render();
+        assert!(!text.contains("td/a"), "{text}");
+        assert!(
+            text.contains("keyway_expiry_timestamp_seconds{spiffe_id=\"spiffe://td/b\"} 2\n"),
+            "{text}"
+        );
+        g.clear();
+        assert_eq!(
+            r.render(),
+            "# HELP keyway_expiry_timestamp_seconds E.\n# TYPE keyway_expiry_timestamp_seconds gauge\n"
+        );
+    }
+
+    #[test]
     fn histograms_render_cumulative_buckets_sum_and_count() {
         let r = Registry::new();
         let h = r.register(

@@ -30,7 +30,7 @@ use crate::metrics::{CaLabels, IssuedKind, Metrics, Refusal, RotationStep, satur
 use std::collections::{HashMap, HashSet};
 
 use crate::model::{
-    CaPhase, CaState, DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, NodeRecord, PolicyRecord,
+    CaState, DocumentKind, DocumentRef, IssuanceRecord, JoinTokenRecord, NodeRecord, PolicyRecord,
     WorkloadRecord,
 };
 use crate::store::{ApplyOutcome, RegistrySnapshot, Store, StoreError};
@@ -228,7 +228,7 @@ impl ControlPlane {
             for a in &authority.state().authorities {
                 let labels = CaLabels {
                     ca_id: a.id.clone(),
-                    phase: Self::phase_name(a.phase),
+                    phase: a.phase,
                 };
                 m.ca_expiry.get_or_create(&labels).set(a.not_after);
             }
@@ -327,14 +327,5 @@ impl ControlPlane {
     /// Counts a refusal the caller found (unauthenticated, not attested).
     pub fn count_refusal(&self, reason: Refusal) {
         self.inner.metrics.refused(reason);
-    }
-
-    /// Phase names as `ca status` prints them.
-    pub fn phase_name(phase: CaPhase) -> &'static str {
-        match phase {
-            CaPhase::Prepared => "prepared",
-            CaPhase::Active => "active",
-            CaPhase::Old => "old",
-        }
     }
 }

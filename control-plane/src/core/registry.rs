@@ -362,7 +362,7 @@ impl ControlPlane {
         self.inner
             .sourced_waiting
             .store(out.waiting, std::sync::atomic::Ordering::Relaxed);
-        self.publish_registry(records);
+        self.publish_cluster(records);
         self.inner
             .sourced_published
             .store(generation, std::sync::atomic::Ordering::Relaxed);
@@ -425,11 +425,11 @@ impl ControlPlane {
         self.inner
             .sourced_waiting
             .store(unresolved.len(), std::sync::atomic::Ordering::Relaxed);
-        self.publish_registry(records);
+        self.publish_cluster(records);
         Ok(())
     }
 
-    pub(super) fn publish_registry(&self, records: RegistrySnapshot) {
+    pub(super) fn publish_cluster(&self, records: RegistrySnapshot) {
         if self.inner.cluster.borrow().records == records {
             return;
         }

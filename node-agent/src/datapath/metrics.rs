@@ -22,17 +22,52 @@ struct DropLabels {
     reason: &'static str,
 }
 
-/// `queued`, or `queue_full`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct SignalLabels {
-    result: &'static str,
+/// What became of a missing-auth signal read from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SignalResult {
+    Queued,
+    /// Dropped: the kernel signals the pair again.
+    QueueFull,
 }
 
-/// `placed`, `waiting` or `withheld`, and for `withheld` why
-/// ([`Withheld::REASONS`]).
+impl SignalResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            SignalResult::Queued => "queued",
+            SignalResult::QueueFull => "queue_full",
+        }
+    }
+}
+
+/// Where one of this node's workload addresses is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum EndpointState {
+    Placed,
+    Waiting,
+    Withheld,
+}
+
+impl EndpointState {
+    fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Placed => "placed",
+            EndpointState::Waiting => "waiting",
+            EndpointState::Withheld => "withheld",
+        }
+    }
+}
+
+keyway_serve::label_values_by_as_str!(SignalResult, EndpointState);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SignalLabels {
+    result: SignalResult,
+}
+
+/// A state, and for `withheld` why ([`Withheld::REASONS`]; empty otherwise).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndpointLabels {
-    state: &'static str,
+    state: EndpointState,
     reason: &'static str,
 }
 
@@ -106,8 +141,8 @@ impl DatapathMetrics {
                 .unwrap_or(0);
             depth.set(d.try_into().unwrap_or(i64::MAX));
             for (result, n) in [
-                ("queued", &signal_counts.queued),
-                ("queue_full", &signal_counts.queue_full),
+                (SignalResult::Queued, &signal_counts.queued),
+                (SignalResult::QueueFull, &signal_counts.queue_full),
             ] {
                 signals
                     .get_or_create(&SignalLabels { result })
@@ -128,16 +163,16 @@ impl DatapathMetrics {
                     .get_or_create(&EndpointLabels { state, reason })
                     .set(n.try_into().unwrap_or(i64::MAX))
             };
-            set("placed", "", s.endpoints.len());
+            set(EndpointState::Placed, "", s.endpoints.len());
             let waiting = s
                 .unresolved
                 .iter()
                 .filter(|ip| !s.withheld.contains_key(ip))
                 .count();
-            set("waiting", "", waiting);
+            set(EndpointState::Waiting, "", waiting);
             for reason in Withheld::REASONS {
                 set(
-                    "withheld",
+                    EndpointState::Withheld,
                     reason,
                     s.withheld.values().filter(|w| w.reason() == reason).count(),
                 );
