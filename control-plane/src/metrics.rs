@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyway_serve::telemetry::{LogLimiter, Readiness, Registry, latency_histogram};
+use keyway_serve::telemetry::{LogLimiter, Readiness, Registry, gauge_value, latency_histogram};
 
 use crate::model::CaPhase;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -264,8 +264,8 @@ impl Metrics {
 
     /// What the issuance log holds after a prune, and what it dropped.
     pub fn issuance_log(&self, out: &crate::store::PruneOutcome) {
-        self.issuance_log_records.set(saturating_i64(out.kept));
-        self.issuance_log_bytes.set(saturating_i64(out.kept_bytes));
+        self.issuance_log_records.set(gauge_value(out.kept));
+        self.issuance_log_bytes.set(gauge_value(out.kept_bytes));
         self.issuance_log_pruned.inc_by(out.removed as u64);
     }
 
@@ -282,11 +282,6 @@ impl Metrics {
         self.sync_streams.inc();
         SyncStreamGuard(self.sync_streams.clone())
     }
-}
-
-/// A count as a gauge value.
-pub(crate) fn saturating_i64(n: impl TryInto<i64>) -> i64 {
-    n.try_into().unwrap_or(i64::MAX)
 }
 
 /// One open Sync stream (see [`Metrics::sync_stream`]).

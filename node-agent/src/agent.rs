@@ -20,7 +20,7 @@ use crate::state::NodeState;
 use crate::svid_cache::{SvidCache, renew_after};
 use crate::telemetry::Telemetry;
 use keyway_identity::lock::Recover;
-use keyway_serve::telemetry::Registry;
+use keyway_serve::telemetry::{Registry, gauge_value};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -414,7 +414,7 @@ fn watch_for_telemetry(handles: &AgentHandles, metrics: CoreMetrics, shutdown: w
             let at = svid
                 .not_after()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs().try_into().unwrap_or(i64::MAX));
+                .map_or(0, |d| gauge_value(d.as_secs()));
             expiry
                 .get_or_create(&SvidLabels {
                     spiffe_id: id.clone(),

@@ -117,6 +117,11 @@ impl Registry {
     }
 }
 
+/// A count or a timestamp as an integer gauge's value, saturating.
+pub fn gauge_value(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
 /// The content type of [`Registry::render`].
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 

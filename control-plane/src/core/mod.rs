@@ -26,7 +26,8 @@ use crate::attest::{Method, NodeAttestor, Refused};
 use crate::ca::{self, Authority, CaConfig, Issued, Step};
 use crate::config::Config;
 use crate::csr;
-use crate::metrics::{CaLabels, IssuedKind, Metrics, Refusal, RotationStep, saturating_i64};
+use crate::metrics::{CaLabels, IssuedKind, Metrics, Refusal, RotationStep};
+use keyway_serve::telemetry::gauge_value;
 use std::collections::{HashMap, HashSet};
 
 use crate::model::{
@@ -233,7 +234,7 @@ impl ControlPlane {
                 m.ca_expiry.get_or_create(&labels).set(a.not_after);
             }
             m.registry_revision
-                .set(saturating_i64(cp.inner.cluster.borrow().records.revision));
+                .set(gauge_value(cp.inner.cluster.borrow().records.revision));
             m.is_leader.set(i64::from(cp.is_leader()));
         });
     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use keyway_serve::telemetry::Registry;
+use keyway_serve::telemetry::{Registry, gauge_value};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -139,7 +139,7 @@ impl DatapathMetrics {
                 .upgrade()
                 .map(|s| s.max_capacity() - s.capacity())
                 .unwrap_or(0);
-            depth.set(d.try_into().unwrap_or(i64::MAX));
+            depth.set(gauge_value(d));
             for (result, n) in [
                 (SignalResult::Queued, &signal_counts.queued),
                 (SignalResult::QueueFull, &signal_counts.queue_full),
@@ -161,7 +161,7 @@ impl DatapathMetrics {
             let set = |state, reason, n: usize| {
                 gauge
                     .get_or_create(&EndpointLabels { state, reason })
-                    .set(n.try_into().unwrap_or(i64::MAX))
+                    .set(gauge_value(n))
             };
             set(EndpointState::Placed, "", s.endpoints.len());
             let waiting = s

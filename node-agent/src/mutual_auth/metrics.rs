@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyway_serve::telemetry::{LogLimiter, Registry, latency_histogram};
+use keyway_serve::telemetry::{LogLimiter, Registry, gauge_value, latency_histogram};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -117,7 +117,7 @@ impl AuthMetrics {
     pub(super) fn watch_entries(&self, entries: watch::Receiver<Arc<Vec<AuthRecord>>>) {
         let gauge = self.auth_map_entries.clone();
         self.registry.on_scrape(move || {
-            gauge.set(entries.borrow().len().try_into().unwrap_or(i64::MAX));
+            gauge.set(gauge_value(entries.borrow().len()));
         });
     }
 }
